@@ -1,0 +1,58 @@
+# calibflow: `make run` runs the pipeline on the embedded default data, `make test` runs the tests.
+# Both set up what is missing first: a venv with the exact versions of requirements.lock.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+export PATH := $(abspath $(BIN)):$(PATH)
+# No telemetry from any library: these machines have no way out, and users may not want it.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY := false
+export PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+
+.PHONY: run test setup data ui prefect-ui lock bench clean
+
+run: $(STAMP) data
+	calibflow run $(ARGS)
+
+test: $(STAMP)
+	pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "calibflow needs Python 3.11 (PYTHON=...)"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# The default dataset is a DVC stage output: rebuilt when missing, a no-op when up to date.
+data: $(STAMP)
+	dvc repro prepare
+
+ui: $(STAMP)
+	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+
+prefect-ui: $(STAMP)
+	prefect server start --host 127.0.0.1 --port 4200
+
+# Re-resolve the pinned versions from pyproject.toml's direct dependencies (needs the registries).
+lock:
+	rm -rf /tmp/calibflow-lock && $(PYTHON) -m venv /tmp/calibflow-lock
+	/tmp/calibflow-lock/bin/pip install --quiet -e '.[test]'
+	{ echo "# Exact versions resolved together on Python 3.11 (x86_64). Regenerate: make lock"; \
+	  /tmp/calibflow-lock/bin/pip freeze --exclude-editable; } > requirements.lock
+
+bench: $(STAMP)
+	python benchmarks/run_timing.py
+
+clean:
+	rm -rf .calibflow reports/metrics.json

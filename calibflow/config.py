@@ -1,0 +1,292 @@
+"""The one run configuration: params.yaml loaded into frozen, typed dataclasses.
+
+Unknown keys are an error that names the key (a typo in a gate threshold must never be silently
+ignored), every value is type-checked, and `params_hash` identifies the resolved config so a
+registered model can say exactly which settings built it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SPLIT_NAMES = ("train", "val", "calibration", "test")
+
+
+class ConfigError(ValueError):
+    """params.yaml or an override is wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/digits"
+    min_per_class: int = 10
+    # "WxH" strings; empty means "every image has the same size as the most common one".
+    allowed_sizes: tuple[str, ...] = ()
+    # PIL modes ("L", "RGB"); empty means "every image has the most common mode".
+    allowed_modes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float = 0.6
+    val: float = 0.1
+    calibration: float = 0.15
+    test: float = 0.15
+
+    def fractions(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in SPLIT_NAMES}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["small_cnn", "resnet18"] = "small_cnn"
+    width: int = 32  # channels of the first conv block (small_cnn only)
+    # Optional state_dict a user has put on disk; nothing is ever downloaded.
+    weights_path: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: bool = True  # random translation by up to 1/8 of the image side
+    hflip: bool = False  # horizontal flips: right for CIFAR-like data, wrong for digits
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    method: Literal["temperature"] = "temperature"
+    # Search range for T. An optimum on the boundary means no interior minimum exists (for
+    # example every calibration prediction is right with a wide margin): that is an error.
+    min_temperature: float = 0.05
+    max_temperature: float = 20.0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    n_bins: int = 15
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    max_ece: float = 0.05  # after calibration, on the test split
+    min_accuracy: float = 0.9
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "calibflow-digits"
+    experiment: str = "calibflow"
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys, the form MLflow params and `--set` use."""
+        return _flatten(self.to_dict())
+
+    @property
+    def params_hash(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load params.yaml (or defaults when `path` is None), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"params file {path} not found: run from the repository root or pass --params PATH")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(Config, raw, prefix="")
+    _check(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not KEY=VALUE (for example train.epochs=3)")
+    parts = key.strip().split(".")
+    _resolve_key(parts)  # unknown keys fail here, naming the key
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _resolve_key(parts: list[str]) -> None:
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise ConfigError(f"unknown key {'.'.join(parts)!r}: {'.'.join(parts[:depth])} is a value, not a section")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(_unknown_key_message(".".join(parts[: depth + 1]), part, hints))
+        cls = hints[part]
+
+
+def _unknown_key_message(dotted: str, key: str, hints: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(hints), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    known = ", ".join(sorted(hints))
+    return f"unknown key {dotted!r}{hint}; known keys here: {known}"
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in hints]
+    if unknown:
+        raise ConfigError(_unknown_key_message(prefix + str(unknown[0]), str(unknown[0]), hints))
+    values = {}
+    for name, hint in hints.items():
+        if name not in raw:
+            continue
+        dotted = prefix + name
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], dotted + ".")
+        else:
+            values[name] = _coerce(raw[name], hint, dotted)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, dotted)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{dotted} = {value!r}: expected {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{dotted} = {value!r}: must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{dotted} = {value!r}: expected a list")
+        return tuple(_coerce(item, args[0], f"{dotted}[{i}]") for i, item in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted} = {value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted} = {value!r}: expected an integer")
+        return value
+    if hint is float:
+        # YAML reads 5e-4 as a string (it wants 5.0e-4); accept the form people write.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted} = {value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted} = {value!r}: expected a string")
+        return value
+    raise ConfigError(f"{dotted}: unsupported type {hint}")  # a programming error in this module
+
+
+def _check(config: Config) -> None:
+    fractions = config.split.fractions()
+    for name, value in fractions.items():
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"split.{name} = {value}: each split fraction must be in (0, 1)")
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ConfigError(f"split fractions sum to {sum(fractions.values()):.4f}; they must sum to 1")
+    positive = {
+        "data.min_per_class": config.data.min_per_class,
+        "model.width": config.model.width,
+        "train.epochs": config.train.epochs,
+        "train.batch_size": config.train.batch_size,
+        "train.lr": config.train.lr,
+        "evaluation.n_bins": config.evaluation.n_bins,
+        "evaluation.batch_size": config.evaluation.batch_size,
+        "calibration.min_temperature": config.calibration.min_temperature,
+    }
+    for dotted, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{dotted} = {value}: must be positive")
+    if config.calibration.max_temperature <= config.calibration.min_temperature:
+        raise ConfigError("calibration.max_temperature must be above calibration.min_temperature")
+    if not 0.0 <= config.gates.max_ece <= 1.0:
+        raise ConfigError(f"gates.max_ece = {config.gates.max_ece}: must be in [0, 1]")
+    if not 0.0 <= config.gates.min_accuracy <= 1.0:
+        raise ConfigError(f"gates.min_accuracy = {config.gates.min_accuracy}: must be in [0, 1]")
+    for size in config.data.allowed_sizes:
+        width, x, height = size.partition("x")
+        if not (x and width.isdigit() and height.isdigit()):
+            raise ConfigError(f"data.allowed_sizes: {size!r} is not WIDTHxHEIGHT (for example 32x32)")
+    if config.train.device != "auto" and not (config.train.device == "cpu" or config.train.device.startswith("cuda")):
+        raise ConfigError(f"train.device = {config.train.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat

@@ -14,8 +14,11 @@ import numpy as np
 from PIL import Image
 
 
-def write_digits(out_dir: str | Path) -> int:
-    """Write the 1,797 8x8 digits as `out_dir/<class>/<n>.png` (8-bit grayscale); returns the count."""
+def write_digits(out_dir: str | Path, classes: tuple[int, ...] | None = None, per_class: int | None = None) -> int:
+    """Write the 1,797 8x8 digits as `out_dir/<class>/<n>.png` (8-bit grayscale); returns the count.
+
+    `classes` and `per_class` select a subset (the first images of each class), for small tests.
+    """
     from sklearn.datasets import load_digits
 
     out_dir = Path(out_dir)
@@ -24,12 +27,16 @@ def write_digits(out_dir: str | Path) -> int:
     digits = load_digits()
     # Pixel values are 0..16; stretch them to the full 8-bit range, as a scanned image would be.
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    written: dict[int, int] = {}
     for n, (image, label) in enumerate(zip(pixels, digits.target)):
+        if (classes is not None and label not in classes) or written.get(label, 0) == (per_class or -1):
+            continue
+        written[label] = written.get(label, 0) + 1
         class_dir = out_dir / str(label)
         class_dir.mkdir(parents=True, exist_ok=True)
         # optimize=False and no metadata: the same pixels always give the same bytes, so the DVC hash is stable.
         Image.fromarray(image).save(class_dir / f"{n:04d}.png", optimize=False)
-    return len(pixels)
+    return sum(written.values())
 
 
 def main() -> None:

@@ -1,0 +1,207 @@
+"""The training loop and logit collection.
+
+In the spirit of airbench and nanoGPT: the data is one uint8 tensor resident on the device, an
+epoch is a random permutation, augmentation is batched tensor indexing, and the loop never calls
+`.item()` per step (that would stall the GPU pipeline on every batch); losses accumulate on the
+device and are read once per epoch.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from calibflow.config import TrainConfig
+from calibflow.images import channel_stats
+from calibflow.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the math runs; `resolve_runtime` picks it from train.device / train.precision."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: plain fp32
+    channels_last: bool
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device = {device!r} but torch sees no CUDA device: use train.device=auto or cpu")
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    if precision == "auto":
+        # bf16 keeps fp32's exponent range, so no loss scaler is needed; CPUs without AMX run it
+        # slower than fp32, hence fp32 there.
+        precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return Runtime(device=dev, autocast_dtype=torch.bfloat16 if precision == "bf16" else None, channels_last=on_cuda)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    learning_rate: float
+    images_per_second: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def to_device(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.on_cuda:
+        # Pinned host memory lets the copy run asynchronously (non_blocking) with compute.
+        return tensor.pin_memory().to(runtime.device, non_blocking=True)
+    return tensor.to(runtime.device)
+
+
+def random_translate(images: torch.Tensor, max_shift: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to `max_shift` pixels (zero fill) and optionally mirror it: one
+    gather for the whole batch instead of a Python loop over images."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
+    dy = torch.randint(0, 2 * max_shift + 1, (n, 1), device=device, generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n, 1), device=device, generator=generator)
+    rows = dy + torch.arange(h, device=device)  # (n, h)
+    cols = dx + torch.arange(w, device=device)  # (n, w)
+    if hflip:
+        flip = torch.rand((n, 1), device=device, generator=generator) < 0.5
+        cols = torch.where(flip, cols.flip(1), cols)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    chan = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def train_classifier(
+    spec: ModelSpec,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    config: TrainConfig,
+    seed: int,
+    runtime: Runtime | None = None,
+    weights_path: str | None = None,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+    progress: bool = True,
+) -> tuple[ImageClassifier, list[EpochStats]]:
+    """Build `spec`, train it with SGD + one-cycle LR on the train split, report val accuracy per epoch."""
+    runtime = runtime or resolve_runtime(config.device, config.precision)
+    seed_everything(seed)
+    mean, std = channel_stats(train_images)
+    model = build_model(spec, mean, std)
+    if weights_path:
+        load_pretrained_weights(model, weights_path)
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    x_train, y_train = to_device(train_images, runtime), to_device(train_labels.long(), runtime)
+    x_val, y_val = to_device(val_images, runtime), to_device(val_labels.long(), runtime)
+    n = len(x_train)
+    steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size > 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                                weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
+                                                   pct_start=0.25)
+    generator = torch.Generator(device=runtime.device).manual_seed(seed)
+    max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
+
+    history: list[EpochStats] = []
+    bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress, leave=True)
+    for epoch in bar:
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=runtime.device)
+        seen = 0
+        order = torch.randperm(n, device=runtime.device, generator=generator)
+        for batch_index in order.split(config.batch_size):
+            if len(batch_index) < 2:  # BatchNorm cannot train on a single sample
+                continue
+            images = x_train[batch_index]
+            if config.augment:
+                images = random_translate(images, max_shift, config.hflip, generator)
+            if runtime.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
+                                enabled=runtime.autocast_dtype is not None):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), y_train[batch_index], label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach() * len(batch_index)
+            seen += len(batch_index)
+        val_accuracy = accuracy_of(model, x_val, y_val, runtime)
+        stats = EpochStats(
+            epoch=epoch,
+            train_loss=(loss_sum / max(seen, 1)).item(),  # the one host sync of the epoch
+            val_accuracy=val_accuracy,
+            learning_rate=schedule.get_last_lr()[0],
+            images_per_second=seen / (time.perf_counter() - started),
+        )
+        history.append(stats)
+        bar.set_postfix(loss=f"{stats.train_loss:.4f}", val_acc=f"{val_accuracy:.4f}", img_s=f"{stats.images_per_second:,.0f}")
+        if on_epoch_end is not None:
+            on_epoch_end(stats)
+    model.eval()
+    return model.cpu(), history
+
+
+def _batch_sizes(n: int, batch_size: int) -> list[int]:
+    full, rest = divmod(n, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+@torch.no_grad()
+def accuracy_of(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
+                batch_size: int = 1024) -> float:
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(runtime.device, non_blocking=True)
+        if runtime.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
+                            enabled=runtime.autocast_dtype is not None):
+            predictions = model(batch).argmax(dim=1)
+        correct += (predictions == labels[start:start + batch_size].to(runtime.device)).sum()
+    model.train(was_training)
+    return correct.item() / max(len(images), 1)
+
+
+@torch.no_grad()
+def collect_logits(model: ImageClassifier, images: torch.Tensor, batch_size: int = 512,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits of `images` in fp32, under eval() (BatchNorm running stats, no dropout) and no_grad.
+
+    Always fp32, even where training used bf16: the temperature is fitted to these logits and
+    the registered model serves fp32 logits, so both must be the same numbers.
+    """
+    model.eval()
+    model.to(device)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        outputs.append(model(batch).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0, 0)

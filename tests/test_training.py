@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from calibflow.config import TrainConfig
+from calibflow.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from calibflow.training import Runtime, collect_logits, random_translate, resolve_runtime, train_classifier
+
+
+def blobs(n_per_class=40, classes=3, size=8, seed=0):
+    """Images whose class is the position of a bright square: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for k in range(classes):
+        base = torch.zeros(n_per_class, 1, size, size)
+        base[:, :, 1 + 2 * k:3 + 2 * k, 2:6] = 200
+        images.append((base + torch.rand(base.shape, generator=g) * 40).to(torch.uint8))
+        labels.append(torch.full((n_per_class,), k))
+    return torch.cat(images), torch.cat(labels)
+
+
+SPEC = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=8)
+FAST = TrainConfig(epochs=4, batch_size=16, lr=0.05)
+
+
+def test_auto_runtime_on_a_cpu_machine_is_fp32_without_channels_last():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    runtime = resolve_runtime("auto", "auto")
+    assert runtime.device.type == "cpu" and runtime.autocast_dtype is None and not runtime.channels_last
+
+
+def test_asking_for_cuda_without_one_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_runtime("cuda", "auto")
+
+
+def test_training_learns_and_reports_each_epoch():
+    x, y = blobs()
+    seen = []
+    model, history = train_classifier(SPEC, x, y, x, y, FAST, seed=0, on_epoch_end=seen.append, progress=False)
+    assert [h.epoch for h in history] == [1, 2, 3, 4] and seen == history
+    assert history[-1].val_accuracy > 0.9  # chance is 1/3
+    assert history[-1].train_loss < history[0].train_loss
+
+
+def test_same_seed_gives_the_same_weights():
+    x, y = blobs()
+    a, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=5, progress=False)
+    b, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=5, progress=False)
+    c, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=6, progress=False)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not all(torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in a.state_dict())
+
+
+def test_cuda_code_path_bf16_autocast_and_channels_last_runs_on_cpu():
+    """The GPU path's numerics (bf16 autocast, channels_last) exercised where they run: on the CPU."""
+    x, y = blobs()
+    runtime = Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16, channels_last=True)
+    model, history = train_classifier(SPEC, x, y, x, y, FAST, seed=0, runtime=runtime, progress=False)
+    assert all(torch.isfinite(torch.tensor(h.train_loss)) for h in history)
+    assert history[-1].val_accuracy > 0.8
+    # Parameters stay fp32 under autocast (only the matmuls/convs run in bf16).
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_collect_logits_uses_eval_mode_and_no_grad():
+    x, y = blobs()
+    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    model.train()  # the trap: BatchNorm in train mode would use batch statistics
+    logits = collect_logits(model, x, batch_size=7)
+    assert not model.training
+    assert not logits.requires_grad and logits.dtype == torch.float32
+    with torch.no_grad():
+        expected = model.eval()(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_random_translate_moves_content_without_inventing_it():
+    x, _ = blobs(n_per_class=8)
+    g = torch.Generator().manual_seed(0)
+    shifted = random_translate(x, max_shift=1, hflip=False, generator=g)
+    assert shifted.shape == x.shape and shifted.dtype == torch.uint8
+    assert not torch.equal(shifted, x)
+    # Zero fill: a shift can only drop pixels at the border, never add intensity.
+    assert (shifted.flatten(1).sum(1) <= x.flatten(1).sum(1)).all()
+
+
+@pytest.mark.parametrize("arch, size, channels", [("small_cnn", 28, 1), ("resnet18", 8, 1), ("resnet18", 32, 3)])
+def test_models_take_uint8_images_of_small_sizes(arch, size, channels):
+    spec = ModelSpec(arch=arch, in_channels=channels, num_classes=10, image_height=size, image_width=size)
+    model = build_model(spec).eval()
+    images = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
+    assert model(images).shape == (2, 10)
+
+
+def test_checkpoint_round_trip_gives_the_same_logits(tmp_path):
+    x, y = blobs()
+    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    path = save_checkpoint(tmp_path / "c.pt", model, SPEC, ["a", "b", "c"], "L")
+    loaded = load_checkpoint(path)
+    assert loaded.classes == ["a", "b", "c"] and loaded.image_mode == "L" and loaded.spec == SPEC
+    torch.testing.assert_close(collect_logits(loaded.model, x), collect_logits(model, x))

@@ -1,0 +1,247 @@
+"""The pipeline's steps as plain functions over files.
+
+Each step reads the files the previous ones wrote and returns a small record (paths, hashes,
+numbers), never tensors or DataFrames: Prefect tasks wrap these one-to-one, and the records are
+what crosses task boundaries. Nothing here knows about Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from calibflow.calibration import TemperatureFit, fit_temperature
+from calibflow.config import CalibrationConfig, Config, DataConfig, SplitConfig
+from calibflow.gates import GateVerdict
+from calibflow.images import load_images
+from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
+from calibflow.metrics import calibration_report, reliability_bins, calibrated_probabilities, top_label
+from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
+from calibflow.plots import confidence_histogram, reliability_diagram
+from calibflow.splits import Split, stratified_split
+from calibflow.training import EpochStats, collect_logits, resolve_runtime, train_classifier
+from calibflow.validation import ValidationReport, validate_manifest
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    path: str
+    fingerprint: str
+    n_images: int
+    classes: tuple[str, ...]
+    class_counts: dict[str, int] = field(default_factory=dict)
+
+
+def write_manifest(data_dir: str, out_path: str) -> ManifestRecord:
+    """One row per file: path, label, size, mode, content hash, whether it decodes."""
+    classes = list_classes(data_dir)
+    manifest = build_manifest(data_dir)
+    save_manifest(manifest, out_path)
+    return ManifestRecord(path=str(out_path), fingerprint=manifest_fingerprint(manifest), n_images=len(manifest),
+                          classes=tuple(classes), class_counts=class_counts(manifest))
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    path: str
+    digest: str
+    sizes: dict[str, int]
+
+
+def write_split(manifest_path: str, split: SplitConfig, seed: int, out_path: str) -> SplitRecord:
+    manifest = load_manifest(manifest_path)
+    result = stratified_split(manifest["label_index"].to_numpy(), manifest["sha256"].to_numpy(), split.fractions(), seed,
+                              manifest_fingerprint(manifest))
+    result.save(out_path)
+    return SplitRecord(path=str(out_path), digest=result.digest, sizes={k: len(v) for k, v in result.indices.items()})
+
+
+def validate_data(manifest_path: str, split_path: str, classes: tuple[str, ...], data: DataConfig,
+                  out_path: str) -> ValidationReport:
+    """Run the Great Expectations suite; the full GX result is written to `out_path` either way."""
+    manifest = load_manifest(manifest_path)
+    manifest["split"] = Split.load(split_path).assignment(len(manifest))
+    report = validate_manifest(manifest, list(classes), data.min_per_class, data.allowed_sizes, data.allowed_modes)
+    Path(out_path).write_text(json.dumps(report.result, indent=1, default=str))
+    return report
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    mode: str
+    width: int
+    height: int
+
+    @property
+    def channels(self) -> int:
+        return len(self.mode)  # "L" -> 1, "RGB" -> 3 (the modes validation lets through)
+
+
+def image_format(manifest_path: str, data: DataConfig) -> ImageFormat:
+    """The mode and size the model is built for: the first allowed one, else the most common
+    (validation has already rejected any other)."""
+    manifest = load_manifest(manifest_path)
+    decodable = manifest[manifest["decodable"]]
+    mode = data.allowed_modes[0] if data.allowed_modes else Counter(decodable["mode"]).most_common(1)[0][0]
+    size = data.allowed_sizes[0] if data.allowed_sizes else Counter(decodable["size"]).most_common(1)[0][0]
+    width, height = (int(v) for v in size.split("x"))
+    return ImageFormat(mode=mode, width=width, height=height)
+
+
+def load_split_images(data_dir: str, manifest_path: str, split_path: str, split_name: str, fmt: ImageFormat,
+                      limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """uint8 images (N, C, H, W), labels and manifest row indices of one split (its first `limit`)."""
+    manifest = load_manifest(manifest_path)
+    indices = Split.load(split_path).indices[split_name][:limit]
+    rows = manifest.iloc[indices]
+    images = load_images(data_dir, rows["path"].tolist(), fmt.mode, (fmt.width, fmt.height))
+    labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
+    return images, labels, indices
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    checkpoint: str
+    device: str
+    precision: str
+    epochs: int
+    final_train_loss: float
+    final_val_accuracy: float
+    images_per_second: float
+
+
+def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config: Config, out_dir: str,
+                on_epoch_end: Callable[[EpochStats], None] | None = None) -> TrainedModel:
+    fmt = image_format(manifest.path, config.data)
+    train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
+    val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
+    spec = ModelSpec(arch=config.model.arch, in_channels=fmt.channels, num_classes=len(manifest.classes),
+                     image_height=fmt.height, image_width=fmt.width, width=config.model.width)
+    runtime = resolve_runtime(config.train.device, config.train.precision)
+    model, history = train_classifier(spec, train_x, train_y, val_x, val_y, config.train, config.seed, runtime,
+                                      weights_path=config.model.weights_path, on_epoch_end=on_epoch_end)
+    checkpoint = save_checkpoint(Path(out_dir) / "checkpoint.pt", model, spec, list(manifest.classes), fmt.mode)
+    last = history[-1]
+    return TrainedModel(checkpoint=str(checkpoint), device=str(runtime.device),
+                        precision=str(runtime.autocast_dtype or torch.float32).removeprefix("torch."),
+                        epochs=len(history), final_train_loss=last.train_loss, final_val_accuracy=last.val_accuracy,
+                        images_per_second=float(np.median([h.images_per_second for h in history])))
+
+
+def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, split_name: str,
+                       out_path: str, batch_size: int = 512, device: str = "auto") -> str:
+    """Collect a split's logits once (eval mode, no_grad, fp32) and save them with labels and row indices."""
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt)
+    logits = collect_logits(loaded.model, images, batch_size, resolve_runtime(device).device)
+    np.savez(out_path, logits=logits.numpy(), labels=labels.numpy(), indices=indices)
+    return str(out_path)
+
+
+def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as saved:
+        return saved["logits"], saved["labels"]
+
+
+def fit_calibration(logits_path: str, calibration: CalibrationConfig) -> TemperatureFit:
+    logits, labels = load_logits(logits_path)
+    return fit_temperature(logits, labels, calibration.min_temperature, calibration.max_temperature)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    before: dict[str, float]
+    after: dict[str, float]
+    reliability_diagram: str
+    confidence_histogram: str
+
+
+def evaluate_calibration(logits_path: str, temperature: float, n_bins: int, out_dir: str) -> Evaluation:
+    """Test-split metrics before (T = 1) and after calibration, and the two diagnostic plots."""
+    logits, labels = load_logits(logits_path)
+    before = calibration_report(logits, labels, 1.0, n_bins)
+    after = calibration_report(logits, labels, temperature, n_bins)
+    bins = {name: reliability_bins(calibrated_probabilities(logits, t), labels, n_bins)
+            for name, t in (("before", 1.0), ("after", temperature))}
+    out = Path(out_dir)
+    diagram = reliability_diagram(bins["before"], bins["after"], out / "reliability_diagram.png",
+                                  title=f"test split, T = {temperature:.3f}")
+    panels = {}
+    for name, t in (("before", 1.0), ("after", temperature)):
+        confidence, prediction = top_label(calibrated_probabilities(logits, t))
+        panels[name] = (confidence.numpy(), (prediction.numpy() == labels))
+    histogram = confidence_histogram(panels, out / "confidence_histogram.png", title="top-label confidence, test split")
+    return Evaluation(before=before, after=after, reliability_diagram=str(diagram), confidence_histogram=str(histogram))
+
+
+def write_metrics_report(path: str, evaluation: Evaluation, fit: TemperatureFit, verdict: GateVerdict) -> str:
+    """reports/metrics.json (a DVC metric). Written to a temporary file and renamed, so a crash
+    mid-write never leaves a truncated report behind."""
+    report = {
+        "temperature": fit.temperature,
+        "calibration": {"nll_before": fit.nll_before, "nll_after": fit.nll_after},
+        "test": {"before": evaluation.before, "after": evaluation.after},
+        "gates_passed": verdict.passed,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(report, handle, indent=2)
+    os.replace(handle.name, target)
+    return str(target)
+
+
+def input_example(data_dir: str, manifest_path: str, split_path: str, checkpoint: str, n: int = 2) -> np.ndarray:
+    """A few test images as the served model takes them: uint8 (N, H, W, C)."""
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, _, _ = load_split_images(data_dir, manifest_path, split_path, "test", fmt, limit=n)
+    return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def as_dict(record) -> dict:
+    return asdict(record)
+
+
+def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Config, git_commit: str,
+                 fit: TemperatureFit, evaluation: Evaluation) -> dict[str, str]:
+    """What a registered version carries: its lineage and the numbers its gate read (floats as
+    repr, so they survive the round trip through a string tag exactly)."""
+    return {
+        "data_hash": data.dvc_hash, "data_path": data.path, "data_rev": data.rev, "git_commit": git_commit,
+        "params_hash": config.params_hash, "seed": str(config.seed), "split_digest": split.digest,
+        "manifest_fingerprint": manifest.fingerprint, "n_bins": str(config.evaluation.n_bins),
+        "temperature": repr(fit.temperature),
+        "ece_pre": repr(evaluation.before["ece"]), "ece_post": repr(evaluation.after["ece"]),
+        "accuracy": repr(evaluation.after["accuracy"]), "nll_pre": repr(evaluation.before["nll"]),
+        "nll_post": repr(evaluation.after["nll"]), "brier_post": repr(evaluation.after["brier"]),
+        "mce_post": repr(evaluation.after["mce"]),
+    }
+
+
+def summary_markdown(run_id: str, tracking_uri: str, outcome: str, evaluation: Evaluation | None,
+                     fit: TemperatureFit | None, verdict: GateVerdict | None, version=None) -> str:
+    lines = [f"# calibflow run: {outcome}", "", f"MLflow run `{run_id}` at `{tracking_uri}`", ""]
+    if fit is not None:
+        lines += [f"Temperature **{fit.temperature:.4f}** (calibration NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})", ""]
+    if evaluation is not None:
+        lines += ["| test split | before | after |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {evaluation.before[name]:.4f} | {evaluation.after[name]:.4f} |" for name in evaluation.after]
+        lines.append("")
+    if verdict is not None:
+        lines += ["| gate | value | threshold | verdict |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c.name} | {c.value:.4f} | {c.comparison} {c.threshold:.4f} | {'pass' if c.passed else 'FAIL'} |"
+                  for c in verdict.checks]
+        lines.append("")
+    if version is not None:
+        lines.append(f"Registered **{version.name}** version {version.version} as `@{version.alias}`.")
+    return "\n".join(lines)

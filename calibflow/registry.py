@@ -1,0 +1,234 @@
+"""Everything that talks to MLflow: run tracking, the calibrated pyfunc model, the registry.
+
+This is the only module of the library that imports MLflow. Calls take an explicit run id
+rather than relying on MLflow's "active run", because Prefect may run tasks on other threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+STATUS_TAG = "calibflow.status"
+
+# The tags every registered version carries: enough to rebuild it and to gate it again.
+LINEAGE_TAGS = ("data_hash", "data_path", "data_rev", "git_commit", "params_hash", "seed", "split_digest",
+                "manifest_fingerprint")
+METRIC_TAGS = ("ece_pre", "ece_post", "accuracy", "temperature", "nll_pre", "nll_post", "brier_post", "mce_post")
+
+
+_DEFAULT_URI_SET: str | None = None  # mlflow.set_tracking_uri also exports the URI to the environment
+
+
+def configure_tracking(repo_root: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI when the user set it; otherwise MLflow 3's default store,
+    sqlite:///mlflow.db, pinned to the repository root (not the current directory) so every
+    command sees the same registry. The registry URI follows the tracking URI unless
+    MLFLOW_REGISTRY_URI says otherwise (MLflow reads that itself)."""
+    global _DEFAULT_URI_SET
+    from_user = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_user and from_user != _DEFAULT_URI_SET:
+        uri = from_user
+    else:
+        uri = _DEFAULT_URI_SET = f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracking
+
+
+def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    c = client()
+    found = c.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else c.create_experiment(experiment)
+    run = c.create_run(experiment_id, run_name=run_name, tags={STATUS_TAG: "running", **(tags or {})})
+    return run.info.run_id
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    # MLflow caps a param value at 6000 characters; ours are short scalars and lists.
+    batch = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    for start in range(0, len(batch), 100):  # log_batch accepts at most 100 params per call
+        client().log_batch(run_id, params=batch[start:start + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, succeeded: bool, reason: str = "") -> None:
+    c = client()
+    status_tags = {STATUS_TAG: "succeeded" if succeeded else "failed"}
+    if reason:
+        status_tags["calibflow.failure"] = reason[:4000]
+    set_tags(run_id, status_tags)
+    c.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+
+def download_run_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(destination)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The served model
+
+
+# MLflow suggests type hints on predict() for its own input conversion; the explicit tensor
+# signature below is the contract we want, so the suggestion is noise here.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+
+
+class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
+    """pyfunc: a batch of uint8 images (N, H, W, C) in, calibrated class probabilities
+    softmax(logits / T) (N, K) out, float64."""
+
+    def load_context(self, context) -> None:
+        from calibflow.models import load_checkpoint
+
+        checkpoint = load_checkpoint(context.artifacts["checkpoint"])
+        self.model = checkpoint.model
+        self.classes = checkpoint.classes
+        self.image_mode = checkpoint.image_mode
+        self.image_size = (checkpoint.spec.image_width, checkpoint.spec.image_height)
+        self.temperature = float(json.loads(Path(context.artifacts["calibration"]).read_text())["temperature"])
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        import torch
+
+        from calibflow.metrics import calibrated_probabilities
+        from calibflow.training import collect_logits
+
+        images = np.asarray(model_input, dtype=np.uint8)
+        if images.ndim != 4:
+            raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
+        logits = collect_logits(self.model, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+        return calibrated_probabilities(logits, self.temperature).numpy()
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    alias: str
+    model_uri: str
+
+
+def log_calibrated_model(run_id: str, checkpoint_path: str | Path, temperature: float, input_example: np.ndarray,
+                         work_dir: str | Path) -> str:
+    """Log the pyfunc (checkpoint + temperature + the calibflow code) to the run; return its URI."""
+    import torch
+    import torchvision
+
+    import calibflow
+
+    calibration_path = Path(work_dir) / "calibration.json"
+    calibration_path.write_text(json.dumps({"method": "temperature", "temperature": temperature}))
+    model = CalibratedImageClassifier()
+    artifacts = {"checkpoint": str(checkpoint_path), "calibration": str(calibration_path)}
+    # Build the signature from a real prediction so input and output specs are exact.
+    model.load_context(type("Context", (), {"artifacts": artifacts})())
+    signature = infer_signature(input_example, model.predict(None, input_example))
+    version = lambda v: v.split("+")[0]  # noqa: E731  local builds ("+cu130") are not on PyPI
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=model,
+            artifacts=artifacts,
+            code_paths=[str(Path(calibflow.__file__).parent)],
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=[f"torch=={version(torch.__version__)}", f"torchvision=={version(torchvision.__version__)}",
+                              f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}", "pillow"],
+            metadata={"classes": model.classes, "image_mode": model.image_mode,
+                      "image_size": list(model.image_size), "temperature": temperature,
+                      "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)"},
+        )
+    return info.model_uri
+
+
+def register_version(model_uri: str, model_name: str, tags: Mapping[str, Any]) -> RegisteredVersion:
+    """Register the logged model with all its tags in one call, then give it an alias: champion
+    when the model has none yet, else challenger. The alias is the last write; if it fails, the
+    new version is deleted again, so no half-registered version is left behind."""
+    c = client()
+    version = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+    try:
+        alias = CHALLENGER if alias_version(model_name, CHAMPION) else CHAMPION
+        c.set_registered_model_alias(model_name, alias, version.version)
+    except Exception:
+        c.delete_model_version(model_name, version.version)
+        raise
+    return RegisteredVersion(model_name, str(version.version), alias, f"models:/{model_name}@{alias}")
+
+
+def alias_version(model_name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None when the model or the alias does not exist."""
+    try:
+        aliases = client().get_registered_model(model_name).aliases
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    version = aliases.get(alias)
+    return None if version is None else str(version)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+
+def resolve_model_uri(model_uri: str) -> VersionRecord:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` to the registry's record of that version."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"{model_uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = model_uri.removeprefix("models:/")
+    c = client()
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = c.get_model_version_by_alias(name, alias)
+        else:
+            name, number = rest.rsplit("/", 1)
+            version = c.get_model_version(name, number)
+    except MlflowException as error:
+        raise LookupError(f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {error.message}") from error
+    return VersionRecord(name=version.name, version=str(version.version), run_id=version.run_id, tags=dict(version.tags))
+
+
+def load_model(model_uri: str):
+    return mlflow.pyfunc.load_model(model_uri)

@@ -1,0 +1,91 @@
+"""Rebuild a registered model's test split and recompute its metrics in a fresh process.
+
+Everything comes from the registry: the version's tags name the data (path, DVC hash, git
+revision), the run's artifacts hold the split indices, and the served pyfunc produces the
+probabilities. Matching the logged numbers shows the gate read what the registry serves.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibflow import registry
+from calibflow.images import decode_image, load_images
+from calibflow.manifest import build_manifest, manifest_fingerprint
+from calibflow.metrics import brier_score, expected_calibration_error, maximum_calibration_error
+from calibflow.splits import Split
+from calibflow.versioning import resolve_recorded_data
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    model_uri: str
+    version: str
+    recomputed: dict[str, float]
+    logged: dict[str, float]
+
+    def mismatches(self, ece_tolerance: float = 1e-6) -> list[str]:
+        problems = []
+        if abs(self.recomputed["ece"] - self.logged["ece"]) > ece_tolerance:
+            problems.append(f"ece {self.recomputed['ece']!r} != logged {self.logged['ece']!r}")
+        if self.recomputed["accuracy"] != self.logged["accuracy"]:
+            problems.append(f"accuracy {self.recomputed['accuracy']!r} != logged {self.logged['accuracy']!r}")
+        return problems
+
+
+def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    picked = probabilities[np.arange(len(labels)), labels]
+    return {
+        "accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
+        "nll": float(-np.mean(np.log(np.clip(picked, np.finfo(np.float64).tiny, None)))),
+        "brier": brier_score(probabilities, labels),
+        "ece": expected_calibration_error(probabilities, labels, n_bins),
+        "mce": maximum_calibration_error(probabilities, labels, n_bins),
+    }
+
+
+def predict_in_batches(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    return np.concatenate([model.predict(images_nhwc[i:i + batch_size]) for i in range(0, len(images_nhwc), batch_size)])
+
+
+def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
+    record = registry.resolve_model_uri(model_uri)
+    tags = record.tags
+    data = resolve_recorded_data(repo_root, tags["data_path"], tags["data_rev"], tags["data_hash"])
+    with tempfile.TemporaryDirectory() as tmp:
+        split = Split.load(registry.download_run_artifact(record.run_id, "data/splits.json", tmp))
+    manifest = build_manifest(data.local_dir)
+    if manifest_fingerprint(manifest) != split.manifest_fingerprint:
+        raise ValueError(f"the manifest of {data.path} at {data.rev} no longer matches the one the split was made on")
+    model = registry.load_model(model_uri)
+    meta = model.metadata.metadata
+    rows = manifest.iloc[split.indices["test"]]
+    images = load_images(data.local_dir, rows["path"].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    probabilities = predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
+    recomputed = metrics_from_probabilities(probabilities, rows["label_index"].to_numpy(), int(tags.get("n_bins", 15)))
+    logged = {"ece": float(tags["ece_post"]), "accuracy": float(tags["accuracy"]), "nll": float(tags["nll_post"]),
+              "brier": float(tags["brier_post"]), "mce": float(tags["mce_post"])}
+    return Reproduction(model_uri=model_uri, version=record.version, recomputed=recomputed, logged=logged)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    label: str
+    probability: float
+
+
+def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
+    model = registry.load_model(model_uri)
+    meta = model.metadata.metadata
+    images = np.stack([decode_image(p, meta["image_mode"], tuple(meta["image_size"])) for p in paths])
+    probabilities = predict_in_batches(model, images)
+    top = probabilities.argmax(axis=1)
+    return [Prediction(path=p, label=meta["classes"][k], probability=float(probabilities[i, k]))
+            for i, (p, k) in enumerate(zip(paths, top))]

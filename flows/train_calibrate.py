@@ -1,0 +1,56 @@
+"""The calibflow pipeline as a Prefect flow, top to bottom:
+
+DVC-pinned images -> manifest -> stratified split -> Great Expectations checks -> train ->
+logits (calibration, test) -> temperature -> evaluate before/after -> gates -> MLflow registry.
+
+A run that fails anywhere (bad data, a gate, a store) is tagged failed in MLflow, registers
+nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from calibflow.config import load_config
+from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
+from tasks.modeling import apply_gates, collect_logits, evaluate_calibration, fit_temperature, train_model
+from tasks.tracking import finish_run, publish_summary, register_model, start_run, write_metrics_report
+
+
+class GatesFailed(RuntimeError):
+    """The calibrated model did not pass params.yaml's gates; it was not registered."""
+
+
+@flow(name="calibflow-train", log_prints=True)
+def train_calibrate_register(params_path: str = "params.yaml", overrides: list[str] | None = None,
+                             data_rev: str | None = None, repo_root: str = ".") -> dict:
+    overrides = list(overrides or [])
+    config = load_config(f"{repo_root}/{params_path}" if not params_path.startswith("/") else params_path, overrides)
+    run = start_run(config, repo_root, overrides)
+    evaluation = fit = verdict = None
+    try:
+        data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
+        manifest = build_manifest(data, run.work_dir, run.run_id)
+        split = split_dataset(manifest, config, run.work_dir, run.run_id)
+        validate_data(manifest, split, config, run.work_dir, run.run_id)
+
+        trained = train_model(data, manifest, split, config, run.work_dir, run.run_id)
+        calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
+        test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
+
+        fit = fit_temperature(calibration_logits, config, run.run_id)
+        evaluation = evaluate_calibration(test_logits, fit, config, run.work_dir, run.run_id)
+        verdict = apply_gates(evaluation, config, run.work_dir, run.run_id)
+        if not verdict.passed:
+            raise GatesFailed(verdict.summary())
+
+        version = register_model(run, trained, fit, evaluation, data, manifest, split, config)
+        write_metrics_report(repo_root, evaluation, fit, verdict)
+    except Exception as error:
+        finish_run(run, succeeded=False, reason=f"{type(error).__name__}: {error}")
+        publish_summary(run, f"failed ({type(error).__name__})", evaluation, fit, verdict)
+        raise
+    finish_run(run, succeeded=True)
+    publish_summary(run, "registered", evaluation, fit, verdict, version)
+    return {"run_id": run.run_id, "model_name": version.name, "version": version.version, "alias": version.alias,
+            "temperature": fit.temperature, "test_before": evaluation.before, "test_after": evaluation.after}

@@ -1,0 +1,53 @@
+"""Data tasks: pin the DVC version, build the manifest, split, validate with Great Expectations."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from calibflow import pipeline, registry
+from calibflow.config import Config
+from calibflow.validation import DataValidationError
+from calibflow.versioning import DataVersion, resolve_data
+from tasks import retry_transient_only
+
+
+@task(name="pin-data-version", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
+      cache_policy=NO_CACHE)
+def pin_data_version(repo_root: str, data_path: str, data_rev: str | None, run_id: str) -> DataVersion:
+    version = resolve_data(repo_root, data_path, data_rev)
+    registry.set_tags(run_id, {"data_path": version.path, "data_hash": version.dvc_hash, "data_rev": version.rev})
+    get_run_logger().info("data %s at %s: DVC hash %s", version.path, version.rev, version.dvc_hash)
+    return version
+
+
+@task(name="build-manifest", cache_policy=NO_CACHE)
+def build_manifest(data: DataVersion, work_dir: str, run_id: str) -> pipeline.ManifestRecord:
+    record = pipeline.write_manifest(data.local_dir, f"{work_dir}/manifest.csv")
+    registry.log_artifact(run_id, record.path, "data")
+    registry.set_tags(run_id, {"manifest_fingerprint": record.fingerprint})
+    get_run_logger().info("manifest: %d files in %d classes", record.n_images, len(record.classes))
+    return record
+
+
+@task(name="split-dataset", cache_policy=NO_CACHE)
+def split_dataset(manifest: pipeline.ManifestRecord, config: Config, work_dir: str, run_id: str) -> pipeline.SplitRecord:
+    record = pipeline.write_split(manifest.path, config.split, config.seed, f"{work_dir}/splits.json")
+    registry.log_artifact(run_id, record.path, "data")
+    registry.set_tags(run_id, {"split_digest": record.digest})
+    registry.log_params(run_id, {f"split_size.{name}": size for name, size in record.sizes.items()})
+    get_run_logger().info("split %s: %s", record.digest, record.sizes)
+    return record
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_data(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
+                  run_id: str) -> dict:
+    result_path = f"{work_dir}/data_validation.json"
+    report = pipeline.validate_data(manifest.path, split.path, manifest.classes, config.data, result_path)
+    registry.log_artifact(run_id, result_path, "validation")
+    registry.set_tags(run_id, {"data_validation": "passed" if report.success else "failed"})
+    if not report.success:
+        raise DataValidationError(report)
+    get_run_logger().info("data validation passed: %s", report.statistics)
+    return report.statistics

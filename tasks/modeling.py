@@ -1,0 +1,78 @@
+"""Model tasks: train, collect logits once, fit the temperature, evaluate, check the gates."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from calibflow import pipeline, registry
+from calibflow.calibration import TemperatureFit
+from calibflow.config import Config
+from calibflow.gates import GateVerdict, check_gates
+from calibflow.training import EpochStats
+from calibflow.versioning import DataVersion
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
+                work_dir: str, run_id: str) -> pipeline.TrainedModel:
+    history: list[EpochStats] = []
+
+    def log_epoch(stats: EpochStats) -> None:
+        history.append(stats)  # one MLflow call per epoch, never per step
+        registry.log_metrics(run_id, {"train_loss": stats.train_loss, "val_accuracy": stats.val_accuracy,
+                                      "learning_rate": stats.learning_rate,
+                                      "images_per_second": stats.images_per_second}, step=stats.epoch)
+
+    trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch)
+    registry.log_artifact(run_id, trained.checkpoint, "checkpoint")
+    registry.set_tags(run_id, {"device": trained.device, "precision": trained.precision})
+    get_run_logger().info("trained %d epochs on %s (%s): val accuracy %.4f, %.0f images/s", trained.epochs,
+                          trained.device, trained.precision, trained.final_val_accuracy, trained.images_per_second)
+    return trained
+
+
+@task(name="collect-logits", cache_policy=NO_CACHE)
+def collect_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
+                   split: pipeline.SplitRecord, split_name: str, config: Config, work_dir: str) -> str:
+    return pipeline.write_split_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, split_name,
+                                       f"{work_dir}/logits_{split_name}.npz", config.evaluation.batch_size,
+                                       config.train.device)
+
+
+@task(name="fit-temperature", cache_policy=NO_CACHE)
+def fit_temperature(calibration_logits: str, config: Config, run_id: str) -> TemperatureFit:
+    fit = pipeline.fit_calibration(calibration_logits, config.calibration)
+    registry.log_metrics(run_id, {"temperature": fit.temperature, "calibration_nll_before": fit.nll_before,
+                                  "calibration_nll_after": fit.nll_after})
+    get_run_logger().info("temperature %.4f: calibration NLL %.4f -> %.4f (%d iterations)", fit.temperature,
+                          fit.nll_before, fit.nll_after, fit.iterations)
+    return fit
+
+
+@task(name="evaluate-calibration", cache_policy=NO_CACHE)
+def evaluate_calibration(test_logits: str, fit: TemperatureFit, config: Config, work_dir: str,
+                         run_id: str) -> pipeline.Evaluation:
+    evaluation = pipeline.evaluate_calibration(test_logits, fit.temperature, config.evaluation.n_bins, work_dir)
+    registry.log_metrics(run_id, {f"test_{name}_{when}": value
+                                  for when, metrics in (("before", evaluation.before), ("after", evaluation.after))
+                                  for name, value in metrics.items()})
+    registry.log_artifact(run_id, evaluation.reliability_diagram, "plots")
+    registry.log_artifact(run_id, evaluation.confidence_histogram, "plots")
+    get_run_logger().info("test ECE %.4f -> %.4f, accuracy %.4f", evaluation.before["ece"], evaluation.after["ece"],
+                          evaluation.after["accuracy"])
+    return evaluation
+
+
+@task(name="check-gates", cache_policy=NO_CACHE)
+def apply_gates(evaluation: pipeline.Evaluation, config: Config, work_dir: str, run_id: str) -> GateVerdict:
+    verdict = check_gates(evaluation.after, config.gates)
+    path = f"{work_dir}/gates.json"
+    with open(path, "w") as handle:
+        json.dump(verdict.to_json(), handle, indent=2)
+    registry.log_artifact(run_id, path, "gates")
+    registry.set_tags(run_id, {"gates": "passed" if verdict.passed else "failed"})
+    get_run_logger().info(verdict.summary())
+    return verdict

@@ -1,0 +1,81 @@
+"""Tracking tasks: the MLflow run, the registry, the run summary. All of them talk to a store,
+so they retry transient failures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from calibflow import pipeline, registry
+from calibflow.calibration import TemperatureFit
+from calibflow.config import Config
+from calibflow.gates import GateVerdict
+from calibflow.versioning import DataVersion, code_commit
+from tasks import retry_transient_only
+
+STORE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient_only,
+                     cache_policy=NO_CACHE)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    run_id: str
+    work_dir: str
+    tracking_uri: str
+    git_commit: str
+
+
+@task(name="start-mlflow-run", **STORE_RETRIES)
+def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContext:
+    tracking_uri = registry.configure_tracking(repo_root)
+    commit, dirty = code_commit(repo_root)
+    run_id = registry.start_run(config.registry.experiment, run_name=flow_run.get_name(), tags={
+        "git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": config.params_hash,
+        "seed": str(config.seed), "prefect.flow_run_id": str(flow_run.get_id()), "overrides": " ".join(overrides)})
+    work_dir = Path(repo_root).resolve() / ".calibflow" / "runs" / run_id
+    work_dir.mkdir(parents=True, exist_ok=True)
+    registry.log_params(run_id, config.flat())
+    resolved = work_dir / "config.yaml"
+    resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    registry.log_artifact(run_id, resolved)
+    get_run_logger().info("MLflow run %s at %s (params %s)", run_id, tracking_uri, config.params_hash)
+    return RunContext(run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit)
+
+
+@task(name="register-model", **STORE_RETRIES)
+def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: TemperatureFit,
+                   evaluation: pipeline.Evaluation, data: DataVersion, manifest: pipeline.ManifestRecord,
+                   split: pipeline.SplitRecord, config: Config) -> registry.RegisteredVersion:
+    example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
+    model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.temperature, example, run.work_dir)
+    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation)
+    version = registry.register_version(model_uri, config.registry.model_name, tags)
+    registry.set_tags(run.run_id, {"registered_version": version.version, "registered_alias": version.alias})
+    get_run_logger().info("registered %s version %s as @%s", version.name, version.version, version.alias)
+    return version
+
+
+@task(name="write-metrics-report", cache_policy=NO_CACHE)
+def write_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: TemperatureFit,
+                         verdict: GateVerdict) -> str:
+    return pipeline.write_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict)
+
+
+@task(name="finish-mlflow-run", **STORE_RETRIES)
+def finish_run(run: RunContext, succeeded: bool, reason: str = "") -> None:
+    registry.end_run(run.run_id, succeeded, reason)
+
+
+@task(name="publish-run-summary", cache_policy=NO_CACHE)
+def publish_summary(run: RunContext, outcome: str, evaluation: pipeline.Evaluation | None = None,
+                    fit: TemperatureFit | None = None, verdict: GateVerdict | None = None,
+                    version: registry.RegisteredVersion | None = None) -> None:
+    create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary",
+                             markdown=pipeline.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit,
+                                                                verdict, version))

@@ -1,0 +1,83 @@
+"""Shared fixtures. The end-to-end tests build a real git + DVC repository in a temporary
+directory, with a small ImageFolder cut from scikit-learn's digits, and run the real flow on it:
+real DVC, Great Expectations, MLflow (a SQLite store inside that repository) and Prefect (its
+temporary local API)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from calibflow.environment import apply_quiet_defaults  # noqa: E402
+
+apply_quiet_defaults()
+# Prefect's home for the tests: kept between runs (its temporary server starts faster with a
+# warm database) but apart from the user's ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", str(REPO / ".calibflow" / "prefect-home-tests"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+for variable, value in {"GIT_AUTHOR_NAME": "calibflow tests", "GIT_AUTHOR_EMAIL": "tests@calibflow.invalid",
+                        "GIT_COMMITTER_NAME": "calibflow tests", "GIT_COMMITTER_EMAIL": "tests@calibflow.invalid"}.items():
+    os.environ.setdefault(variable, value)
+
+TINY_PARAMS = """\
+seed: 0
+data:
+  path: data/tiny
+  min_per_class: 10
+split: {train: 0.6, val: 0.1, calibration: 0.15, test: 0.15}
+model: {arch: small_cnn, width: 8}
+train: {epochs: 6, batch_size: 32, lr: 0.05}
+gates: {max_ece: 0.25, min_accuracy: 0.6}
+registry: {model_name: tiny-digits, experiment: tiny}
+"""
+
+
+def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run(str(Path(sys.executable).parent / "dvc"), *args, cwd=cwd)
+
+
+def make_repo(root: Path, classes=(0, 1, 2, 3, 4), per_class: int = 60) -> Path:
+    """A git + DVC repository holding data/tiny (an ImageFolder of digits) and params.yaml."""
+    from calibflow.prepare import write_digits
+
+    root.mkdir(parents=True, exist_ok=True)
+    run("git", "init", "-q", "-b", "main", cwd=root)
+    dvc("init", "-q", cwd=root)
+    dvc("config", "core.analytics", "false", cwd=root)
+    write_digits(root / "data" / "tiny", classes=tuple(classes), per_class=per_class)
+    (root / "params.yaml").write_text(TINY_PARAMS)
+    (root / "dvc.yaml").write_text("metrics:\n  - reports/metrics.json\n")
+    (root / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n.calibflow/\nreports/metrics.json\n")
+    dvc("add", "-q", "data/tiny", cwd=root)
+    run("git", "add", "-A", cwd=root)
+    run("git", "commit", "-qm", "tiny digits", cwd=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_repo_template(tmp_path_factory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("template") / "repo")
+
+
+@pytest.fixture
+def tiny_repo(tiny_repo_template, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the template repository (DVC cache included), with no MLflow store yet."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo_template, repo, symlinks=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # use the embedded default store
+    return repo

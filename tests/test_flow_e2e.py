@@ -1,0 +1,169 @@
+"""End-to-end runs of the real flow on a tiny digits ImageFolder in a temporary git + DVC repo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from calibflow import registry
+from calibflow.cli import main as calibflow
+from calibflow.config import load_config
+from tests.conftest import dvc, run
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-digits"
+CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
+REQUIRED_TAGS = ("ece_pre", "ece_post", "accuracy", "temperature", "data_hash", "git_commit", "params_hash", "seed")
+
+
+def mlflow_client(repo: Path) -> MlflowClient:
+    registry.configure_tracking(repo)
+    return MlflowClient()
+
+
+def dvc_hash(repo: Path, name: str = "tiny") -> str:
+    return yaml.safe_load((repo / "data" / f"{name}.dvc").read_text())["outs"][0]["md5"]
+
+
+def head(repo: Path, rev: str = "HEAD") -> str:
+    return run("git", "rev-parse", rev, cwd=repo).stdout.strip()
+
+
+def commit_data_change(repo: Path, message: str) -> None:
+    dvc("add", "-q", "data/tiny", cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", message, cwd=repo)
+
+
+def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tiny_repo, tmp_path):
+    from flows.train_calibrate import train_calibrate_register
+
+    result = train_calibrate_register(repo_root=str(tiny_repo))
+    assert (tiny_repo / "mlflow.db").is_file()  # MLflow 3's default store, at the repository root
+
+    client = mlflow_client(tiny_repo)
+    assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    tags = version.tags
+    assert set(REQUIRED_TAGS) <= set(tags)
+    assert tags["data_hash"] == dvc_hash(tiny_repo)
+    assert tags["git_commit"] == head(tiny_repo) and tags["data_rev"] == head(tiny_repo)
+    assert tags["params_hash"] == load_config(tiny_repo / "params.yaml").params_hash
+    assert tags["seed"] == "0"
+    assert float(tags["temperature"]) == pytest.approx(result["temperature"])
+    assert float(tags["ece_post"]) == result["test_after"]["ece"]
+
+    mlflow_run = client.get_run(version.run_id)
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["calibflow.status"] == "succeeded"
+    assert mlflow_run.data.params["train.epochs"] == "6"  # the resolved config is logged
+    assert len(client.get_metric_history(version.run_id, "val_accuracy")) == 6  # once per epoch
+    artifacts = {a.path for folder in ("", "plots", "data", "validation", "checkpoint", "gates")
+                 for a in client.list_artifacts(version.run_id, folder or None)}
+    assert {"config.yaml", "plots/reliability_diagram.png", "plots/confidence_histogram.png", "data/splits.json",
+            "data/manifest.csv", "validation/data_validation.json", "checkpoint/checkpoint.pt",
+            "gates/gates.json"} <= artifacts
+    split_record = json.loads(Path(registry.download_run_artifact(version.run_id, "data/splits.json", tmp_path)).read_text())
+    assert split_record["digest"] == tags["split_digest"] == mlflow_run.data.tags["split_digest"]
+
+    metrics = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
+    assert metrics["test"]["after"]["ece"] == float(tags["ece_post"])
+    shown = dvc("metrics", "show", cwd=tiny_repo).stdout
+    assert "reports/metrics.json" in shown and "temperature" in shown
+
+    # The Prefect side: named tasks and the markdown summary, on the temporary local API.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        summaries = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["calibflow-run-summary"])))
+    assert any(result["run_id"] in (a.data or "") for a in summaries)
+
+    # A fresh process loads models:/tiny-digits@champion and recomputes the logged numbers.
+    out = tmp_path / "evaluate.json"
+    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
+                                "--json", str(out)], capture_output=True, text=True, cwd=tiny_repo)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(out.read_text())
+    assert abs(report["recomputed"]["ece"] - float(tags["ece_post"])) <= 1e-6
+    assert report["recomputed"]["accuracy"] == float(tags["accuracy"])
+
+    images = sorted(str(p) for p in (tiny_repo / "data" / "tiny" / "3").glob("*.png"))[:2]
+    predicted = subprocess.run([CALIBFLOW, "predict", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
+                                *images], capture_output=True, text=True, cwd=tiny_repo)
+    assert predicted.returncode == 0, predicted.stderr
+    lines = [line.split("\t") for line in predicted.stdout.strip().splitlines()]
+    assert [line[0] for line in lines] == images
+    assert all(line[1] in {"0", "1", "2", "3", "4"} and 0.2 <= float(line[2]) <= 1.0 for line in lines)
+
+
+def test_run_at_an_older_data_revision_records_it_and_becomes_challenger(tiny_repo):
+    first_hash, first_commit = dvc_hash(tiny_repo), head(tiny_repo)
+    for path in sorted((tiny_repo / "data" / "tiny" / "0").glob("*.png"))[:5]:
+        path.unlink()
+    commit_data_change(tiny_repo, "drop five zeros")
+    assert dvc_hash(tiny_repo) != first_hash
+
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    assert calibflow(["run", "--repo", str(tiny_repo), "--data-rev", "HEAD~1", "--set", "seed=1"]) == 0
+
+    client = mlflow_client(tiny_repo)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    challenger = client.get_model_version_by_alias(MODEL, "challenger")
+    assert (str(champion.version), str(challenger.version)) == ("1", "2")
+    assert champion.tags["data_hash"] == dvc_hash(tiny_repo)
+    assert challenger.tags["data_hash"] == first_hash and challenger.tags["data_rev"] == first_commit
+    assert challenger.tags["seed"] == "1"
+    assert client.get_run(challenger.run_id).data.params["seed"] == "1"  # the override is in the logged config
+
+
+def test_failing_gate_registers_nothing_and_moves_no_alias(tiny_repo, capsys):
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    report_before = (tiny_repo / "reports" / "metrics.json").read_text()
+
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "gates.max_ece=0.0", "--set", "seed=3"]) == 1
+    message = capsys.readouterr().err
+    assert "nothing registered" in message and "max_ece" in message and "FAIL" in message
+
+    client = mlflow_client(tiny_repo)
+    assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
+    assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {"champion": "1"}
+    failed = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], order_by=["start_time DESC"])[0]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["calibflow.status"] == "failed" and failed.data.tags["gates"] == "failed"
+    assert (tiny_repo / "reports" / "metrics.json").read_text() == report_before  # the good report stays
+
+
+def test_corrupt_image_fails_validation_before_training_and_registers_nothing(tiny_repo, capsys):
+    (tiny_repo / "data" / "tiny" / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    commit_data_change(tiny_repo, "a corrupt file")
+
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 1
+    message = capsys.readouterr().err
+    assert "nothing registered" in message and "decodes" in message and "corrupt.png" in message
+
+    client = mlflow_client(tiny_repo)
+    assert client.search_registered_models(f"name='{MODEL}'") == []
+    failed = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
+    assert failed.info.status == "FAILED" and failed.data.tags["data_validation"] == "failed"
+    saved = {a.path for folder in ("validation", "checkpoint") for a in client.list_artifacts(failed.info.run_id, folder)}
+    assert "validation/data_validation.json" in saved  # the GX result is kept
+    assert not any(p.startswith("checkpoint") for p in saved)  # nothing was trained
+    assert not (tiny_repo / "reports" / "metrics.json").exists()
+
+
+def test_data_changed_but_not_recorded_by_dvc_is_refused(tiny_repo, capsys):
+    next((tiny_repo / "data" / "tiny" / "1").glob("*.png")).unlink()
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 2
+    assert "dvc add data/tiny" in capsys.readouterr().err
+
+
+def test_unknown_override_key_is_refused_before_anything_runs(tiny_repo, capsys):
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "train.epoch=3"]) == 2
+    assert "unknown key 'train.epoch'" in capsys.readouterr().err
+    assert not (tiny_repo / "mlflow.db").exists()

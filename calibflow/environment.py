@@ -17,6 +17,7 @@ QUIET_DEFAULTS = {
     # The temporary local API starts in ~10 s on a cold cache; give a loaded CI machine room.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "GIT_PYTHON_REFRESH": "quiet",

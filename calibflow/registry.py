@@ -59,10 +59,18 @@ def client() -> MlflowClient:
 # Tracking
 
 
-def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+              repo_root: str | Path = ".") -> str:
     c = client()
     found = c.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else c.create_experiment(experiment)
+    if found:
+        experiment_id = found.experiment_id
+    else:
+        # With the embedded store, MLflow would put artifacts in ./mlruns of whatever directory the
+        # command ran from; pin them next to mlflow.db. A tracking server chooses its own.
+        embedded = mlflow.get_tracking_uri() == _DEFAULT_URI_SET
+        location = (Path(repo_root).resolve() / "mlruns").as_uri() if embedded else None
+        experiment_id = c.create_experiment(experiment, artifact_location=location)
     run = c.create_run(experiment_id, run_name=run_name, tags={STATUS_TAG: "running", **(tags or {})})
     return run.info.run_id
 

@@ -10,6 +10,7 @@ nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flo
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from calibflow.config import load_config
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
@@ -52,5 +53,5 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         raise
     finish_run(run, succeeded=True)
     publish_summary(run, "registered", evaluation, fit, verdict, version)
-    return {"run_id": run.run_id, "model_name": version.name, "version": version.version, "alias": version.alias,
+    return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name, "version": version.version, "alias": version.alias,
             "temperature": fit.temperature, "test_before": evaluation.before, "test_after": evaluation.after}

@@ -37,7 +37,8 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     commit, dirty = code_commit(repo_root)
     run_id = registry.start_run(config.registry.experiment, run_name=flow_run.get_name(), tags={
         "git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": config.params_hash,
-        "seed": str(config.seed), "prefect.flow_run_id": str(flow_run.get_id()), "overrides": " ".join(overrides)})
+        "seed": str(config.seed), "prefect.flow_run_id": str(flow_run.get_id()), "overrides": " ".join(overrides)},
+        repo_root=repo_root)
     work_dir = Path(repo_root).resolve() / ".calibflow" / "runs" / run_id
     work_dir.mkdir(parents=True, exist_ok=True)
     registry.log_params(run_id, config.flat())

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a param for this run, e.g. --set train.epochs=3 (repeatable)")
     run.add_argument("--data-rev", default=None, help="git revision to read the dataset at (default: the working tree)")
     run.add_argument("--repo", default=".", help="repository root (default: current directory)")
+    run.add_argument("--force", action="store_true",
+                     help="retrain even when @champion was built from the same data, params and code")
 
     evaluate = commands.add_parser("evaluate", help="recompute a registered model's test metrics in this process")
     evaluate.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -62,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         result = train_calibrate_register(params_path=args.params, overrides=args.overrides, data_rev=args.data_rev,
-                                          repo_root=args.repo)
+                                          repo_root=args.repo, force=args.force)
     except (DataValidationError, GatesFailed) as error:
         print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
         return EXIT_REJECTED

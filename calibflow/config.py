@@ -86,8 +86,32 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class GatesConfig:
-    max_ece: float = 0.05  # after calibration, on the test split
+    # Absolute gates, on the test split after calibration. ECE passes only when the upper
+    # confidence bound of the candidate's ECE is below max_ece (accuracy: the lower bound).
+    max_ece: float = 0.05
     min_accuracy: float = 0.9
+    max_nll: float | None = None
+    # Relative to the champion, on the same test images (paired bootstrap).
+    max_ece_increase: float | None = 0.01
+    max_accuracy_drop: float | None = 0.01
+    confidence: float = 0.95  # one-sided level of every bound
+    n_resamples: int = 1000  # bootstrap resamples
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    # true: a run that passes every gate moves @champion itself; false: it stops at @challenger
+    # and CD decides with `calibflow gate` / `calibflow promote`.
+    auto: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    deployment: str = "nightly-retrain"
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    work_pool: str = "calibflow"
+    data_rev: str | None = None  # None: the working tree of the served checkout
 
 
 @dataclass(frozen=True)
@@ -106,7 +130,9 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -264,6 +290,12 @@ def _check(config: Config) -> None:
         raise ConfigError("calibration.max_temperature must be above calibration.min_temperature")
     if not 0.0 <= config.gates.max_ece <= 1.0:
         raise ConfigError(f"gates.max_ece = {config.gates.max_ece}: must be in [0, 1]")
+    if not 0.5 <= config.gates.confidence < 1.0:
+        raise ConfigError(f"gates.confidence = {config.gates.confidence}: must be in [0.5, 1)")
+    if config.gates.n_resamples < 100:
+        raise ConfigError(f"gates.n_resamples = {config.gates.n_resamples}: use at least 100 bootstrap resamples")
+    if len(config.schedule.cron.split()) != 5:
+        raise ConfigError(f"schedule.cron = {config.schedule.cron!r}: use five cron fields, e.g. '0 2 * * *'")
     if not 0.0 <= config.gates.min_accuracy <= 1.0:
         raise ConfigError(f"gates.min_accuracy = {config.gates.min_accuracy}: must be in [0, 1]")
     for size in config.data.allowed_sizes:

@@ -212,6 +212,15 @@ def as_dict(record) -> dict:
     return asdict(record)
 
 
+def unchanged_build(champion_tags: dict[str, str], data_hash: str, params_hash: str, git_commit: str,
+                    git_dirty: bool) -> bool:
+    """True when the champion was built from exactly this data, these params and this code, so
+    retraining would spend compute to reproduce it (a dirty working tree never counts as the same
+    code)."""
+    return (not git_dirty and champion_tags.get("data_hash") == data_hash
+            and champion_tags.get("params_hash") == params_hash and champion_tags.get("git_commit") == git_commit)
+
+
 def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Config, git_commit: str,
                  fit: TemperatureFit, evaluation: Evaluation) -> dict[str, str]:
     """What a registered version carries: its lineage and the numbers its gate read (floats as

@@ -95,13 +95,13 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
     client().log_artifact(run_id, str(path), artifact_path)
 
 
-def end_run(run_id: str, succeeded: bool, reason: str = "") -> None:
-    c = client()
-    status_tags = {STATUS_TAG: "succeeded" if succeeded else "failed"}
+def end_run(run_id: str, outcome: str, reason: str = "") -> None:
+    """Close the run: outcome "succeeded", "skipped" (nothing to do) or "failed", with why."""
+    status_tags = {STATUS_TAG: outcome}
     if reason:
-        status_tags["calibflow.failure"] = reason[:4000]
+        status_tags["calibflow.reason"] = reason[:4000]
     set_tags(run_id, status_tags)
-    c.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+    client().set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
 
 
 def download_run_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
@@ -218,6 +218,11 @@ class VersionRecord:
     version: str
     run_id: str
     tags: dict[str, str]
+
+
+def alias_record(model_name: str, alias: str) -> VersionRecord | None:
+    version = alias_version(model_name, alias)
+    return None if version is None else resolve_model_uri(f"models:/{model_name}/{version}")
 
 
 def resolve_model_uri(model_uri: str) -> VersionRecord:

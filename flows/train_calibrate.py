@@ -15,7 +15,8 @@ from prefect.runtime import flow_run
 from calibflow.config import load_config
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import apply_gates, collect_logits, evaluate_calibration, fit_temperature, train_model
-from tasks.tracking import finish_run, publish_summary, register_model, start_run, write_metrics_report
+from tasks.tracking import (find_unchanged_champion, finish_run, publish_summary, register_model, start_run,
+                            write_metrics_report)
 
 
 class GatesFailed(RuntimeError):
@@ -24,13 +25,21 @@ class GatesFailed(RuntimeError):
 
 @flow(name="calibflow-train", log_prints=True)
 def train_calibrate_register(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                             data_rev: str | None = None, repo_root: str = ".") -> dict:
+                             data_rev: str | None = None, repo_root: str = ".", force: bool = False) -> dict:
     overrides = list(overrides or [])
     config = load_config(f"{repo_root}/{params_path}" if not params_path.startswith("/") else params_path, overrides)
     run = start_run(config, repo_root, overrides)
     evaluation = fit = verdict = None
     try:
         data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
+        unchanged = None if force else find_unchanged_champion(run, data, config)
+        if unchanged:
+            reason = (f"@champion (version {unchanged}) was built from the same data ({data.dvc_hash}), params "
+                      f"({config.params_hash}) and code ({run.git_commit[:12]}); nothing to retrain (use --force)")
+            finish_run(run, "skipped", reason)
+            publish_summary(run, f"skipped: {reason}")
+            print(reason)
+            return {"run_id": run.run_id, "skipped": True, "reason": reason, "champion_version": unchanged}
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id)
@@ -48,10 +57,10 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         version = register_model(run, trained, fit, evaluation, data, manifest, split, config)
         write_metrics_report(repo_root, evaluation, fit, verdict)
     except Exception as error:
-        finish_run(run, succeeded=False, reason=f"{type(error).__name__}: {error}")
+        finish_run(run, "failed", reason=f"{type(error).__name__}: {error}")
         publish_summary(run, f"failed ({type(error).__name__})", evaluation, fit, verdict)
         raise
-    finish_run(run, succeeded=True)
+    finish_run(run, "succeeded")
     publish_summary(run, "registered", evaluation, fit, verdict, version)
     return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name, "version": version.version, "alias": version.alias,
             "temperature": fit.temperature, "test_before": evaluation.before, "test_after": evaluation.after}

@@ -29,6 +29,7 @@ class RunContext:
     work_dir: str
     tracking_uri: str
     git_commit: str
+    git_dirty: bool
 
 
 @task(name="start-mlflow-run", **STORE_RETRIES)
@@ -46,7 +47,18 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     registry.log_artifact(run_id, resolved)
     get_run_logger().info("MLflow run %s at %s (params %s)", run_id, tracking_uri, config.params_hash)
-    return RunContext(run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit)
+    return RunContext(run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit,
+                      git_dirty=dirty)
+
+
+@task(name="find-unchanged-champion", **STORE_RETRIES)
+def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) -> str | None:
+    """The champion's version when it was built from this data, params and code; else None."""
+    champion = registry.alias_record(config.registry.model_name, registry.CHAMPION)
+    if champion and pipeline.unchanged_build(champion.tags, data.dvc_hash, config.params_hash, run.git_commit,
+                                             run.git_dirty):
+        return champion.version
+    return None
 
 
 @task(name="register-model", **STORE_RETRIES)
@@ -69,8 +81,8 @@ def write_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: T
 
 
 @task(name="finish-mlflow-run", **STORE_RETRIES)
-def finish_run(run: RunContext, succeeded: bool, reason: str = "") -> None:
-    registry.end_run(run.run_id, succeeded, reason)
+def finish_run(run: RunContext, outcome: str, reason: str = "") -> None:
+    registry.end_run(run.run_id, outcome, reason)
 
 
 @task(name="publish-run-summary", cache_policy=NO_CACHE)

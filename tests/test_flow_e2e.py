@@ -167,3 +167,18 @@ def test_unknown_override_key_is_refused_before_anything_runs(tiny_repo, capsys)
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "train.epoch=3"]) == 2
     assert "unknown key 'train.epoch'" in capsys.readouterr().err
     assert not (tiny_repo / "mlflow.db").exists()
+
+
+def test_unchanged_retrain_is_skipped_unless_forced(tiny_repo, capsys):
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    assert "nothing to retrain" in capsys.readouterr().out
+
+    client = mlflow_client(tiny_repo)
+    assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
+    skipped = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], order_by=["start_time DESC"])[0]
+    assert skipped.data.tags["calibflow.status"] == "skipped" and skipped.info.status == "FINISHED"
+    assert client.list_artifacts(skipped.info.run_id, "checkpoint") == []  # nothing was trained
+
+    assert calibflow(["run", "--repo", str(tiny_repo), "--force"]) == 0
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]

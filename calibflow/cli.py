@@ -1,8 +1,9 @@
 """The `calibflow` command line.
 
-Exit codes, for CD: 0 success; 1 the model was rejected (data validation, gates, or a registry
-model whose metrics do not reproduce); 2 the command could not run as asked (bad params or
-override, data not pinned by DVC, model not found).
+Exit codes, for CD: 0 success (gate passed, model registered or promoted); 1 the model was
+rejected (data validation, a gate, or a registry model whose metrics do not reproduce); 2 the
+command could not decide or run as asked (bad params, data not pinned by DVC, a version or the
+data at its recorded revision not found, the registry unreachable, a promotion that lost a race).
 """
 
 from __future__ import annotations
@@ -40,11 +41,52 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--repo", default=".")
     predict.add_argument("images", nargs="+")
 
+    gate = commands.add_parser("gate", help="may this version replace the champion? exit 0 pass, 1 fail, 2 undecided")
+    _add_gate_arguments(gate)
+    gate.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
+
+    promote = commands.add_parser("promote", help="gate the candidate, then move @champion to it if it passes")
+    _add_gate_arguments(promote)
+    promote.add_argument("--force", action="store_true", help="promote even if the gate fails (needs --reason)")
+    promote.add_argument("--reason", default=None, help="why a failed gate is overridden (recorded on the version)")
+
+    rollback = commands.add_parser("rollback", help="move @champion back to the version it replaced")
+    rollback.add_argument("--model", required=True)
+    rollback.add_argument("--repo", default=".")
+
+    status = commands.add_parser("status", help="versions with their aliases, ECE, accuracy, temperature, data hash")
+    status.add_argument("--model", required=True)
+    status.add_argument("--repo", default=".")
+
     prepare = commands.add_parser("prepare-digits", help="write scikit-learn's digits as an ImageFolder of PNGs")
     prepare.add_argument("--out", default="data/digits")
 
+    schedule = commands.add_parser(
+        "schedule", help="serve the scheduled retraining deployment (params.yaml `schedule:`) from this machine, "
+                         "or register it with a work pool (--deploy); needs a Prefect server (PREFECT_API_URL)")
+    schedule.add_argument("--repo", default=".", help="the checkout scheduled runs use (stored as an absolute path)")
+    schedule.add_argument("--params", default="params.yaml", help="params file, relative to --repo")
+    schedule.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="schedule.* keys shape the deployment; other keys are passed to every run (repeatable)")
+    schedule.add_argument("--deploy", action="store_true",
+                          help="register with the work pool schedule.work_pool and exit; a worker runs the flow runs")
+
+    data = commands.add_parser("data", help="manage the DVC-tracked datasets under data/")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_add = data_commands.add_parser(
+        "add", help="copy an ImageFolder into data/NAME, `dvc add` it and commit the .dvc file with git")
+    data_add.add_argument("source", metavar="PATH", help="an ImageFolder directory (<class>/<image>)")
+    data_add.add_argument("--name", required=True, help="the dataset's name: it becomes data/NAME (data.path)")
+    data_add.add_argument("--repo", default=".", help="repository root (default: current directory)")
+    data_add.add_argument("--message", "-m", default=None, help="git commit message")
+    data_add.add_argument("--replace", action="store_true",
+                          help="replace an existing, different data/NAME (its new version gets a new commit)")
+    data_add.add_argument("--push", action="store_true", help="also `dvc push` it to the default DVC remote")
+
     args = parser.parse_args(argv)
-    handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "prepare-digits": _prepare}[args.command]
+    handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
+               "rollback": _rollback, "status": _status, "prepare-digits": _prepare,
+               "schedule": _schedule, "data": _data}[args.command]
     return handler(args)
 
 
@@ -114,6 +156,165 @@ def _predict(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for prediction in predictions:
         print(f"{prediction.path}\t{prediction.label}\t{prediction.probability:.4f}")
+    return EXIT_OK
+
+
+def _add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="registered model name")
+    parser.add_argument("--candidate", required=True, help="VERSION or @alias, e.g. 7 or @challenger")
+    parser.add_argument("--against", default="@champion", help="VERSION or @alias to compare with (default @champion)")
+    parser.add_argument("--params", default="params.yaml", help="where the gates: thresholds are read (relative to --repo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--repo", default=".")
+
+
+def _run_gate(args: argparse.Namespace):
+    """The gate report, or an exit code when the gate could not decide (printed to stderr)."""
+    from mlflow.exceptions import MlflowException
+
+    from calibflow import registry
+    from calibflow.config import ConfigError, load_config
+    from calibflow.promotion import GateUndecided, gate_version
+
+    try:
+        config = load_config(f"{args.repo}/{args.params}", args.overrides)
+        registry.configure_tracking(args.repo)
+        return gate_version(args.model, args.candidate, config.gates, args.against, args.repo,
+                            config.evaluation.n_bins)
+    except (ConfigError, GateUndecided, LookupError) as error:
+        print(f"calibflow gate: could not decide: {error}", file=sys.stderr)
+    except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
+        print(f"calibflow gate: could not decide, the registry did not answer: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _print_gate(report) -> None:
+    against = f"champion version {report.champion}" if report.champion else "no champion"
+    print(f"{report.model}: candidate version {report.candidate} against {against}; "
+          f"{report.verdict.n_samples} test images ({report.excluded_seen_by_champion} seen by the champion left out)")
+    print(report.verdict.table())
+    print(", ".join(f"{k} {v:.4f}" for k, v in report.verdict.estimates.items()))
+    print("PASS" if report.passed else "FAIL: " + "; ".join(c.name for c in report.verdict.checks if not c.passed))
+
+
+def _gate(args: argparse.Namespace) -> int:
+    report = _run_gate(args)
+    if isinstance(report, int):
+        return report
+    _print_gate(report)
+    if args.json_path:
+        report.save(args.json_path)
+    return EXIT_OK if report.passed else EXIT_REJECTED
+
+
+def _promote(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from calibflow import registry
+    from calibflow.promotion import promote
+
+    if args.force and not args.reason:
+        print("calibflow promote: --force needs --reason \"why the gate is overridden\"", file=sys.stderr)
+        return EXIT_USAGE
+    report = _run_gate(args)
+    if isinstance(report, int):
+        return report
+    _print_gate(report)
+    if not report.passed and not args.force:
+        print(f"calibflow promote: gate failed, @champion not moved", file=sys.stderr)
+        return EXIT_REJECTED
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            moved = promote(args.model, report.candidate, report.champion, report.save(f"{tmp}/gate_report.json"),
+                            force_reason=args.reason if (args.force and not report.passed) else None)
+        except registry.PromotionConflict as error:
+            print(f"calibflow promote: {error}", file=sys.stderr)
+            return EXIT_USAGE
+    print(f"@champion of {moved.model} is now version {moved.champion} (was {moved.previous_champion})"
+          + (" [forced]" if moved.forced else ""))
+    return EXIT_OK
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from calibflow import registry
+    from calibflow.promotion import rollback
+
+    registry.configure_tracking(args.repo)
+    try:
+        moved = rollback(args.model)
+    except (LookupError, registry.PromotionConflict) as error:
+        print(f"calibflow rollback: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"@champion of {moved.model} is back at version {moved.champion} (was {moved.previous_champion})")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from calibflow import registry
+    from calibflow.promotion import STATUS_COLUMNS, status
+
+    registry.configure_tracking(args.repo)
+    try:
+        rows = status(args.model)
+    except MlflowException as error:
+        print(f"calibflow status: {error.message}", file=sys.stderr)
+        return EXIT_USAGE
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in STATUS_COLUMNS}
+    print("  ".join(c.ljust(widths[c]) for c in STATUS_COLUMNS))
+    for row in rows:
+        print("  ".join(row[c].ljust(widths[c]) for c in STATUS_COLUMNS))
+    return EXIT_OK
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from calibflow.config import ConfigError, load_config
+
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()  # the environment or the active Prefect profile
+    if not api:
+        print("calibflow: a schedule needs a Prefect server (Prefect's temporary API runs no scheduler), and "
+              "PREFECT_API_URL is not set: start one (`make prefect-ui` or `prefect server start`) and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_config(f"{args.repo}/{args.params}", args.overrides)
+        from flows.deployment import build_deployment, deploy, full_name, serve
+
+        deployment = build_deployment(config, args.repo, args.params, args.overrides)
+    except (ConfigError, ValueError) as error:  # ValueError: a cron or timezone Prefect refuses
+        print(f"calibflow: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    pool = config.schedule.work_pool
+    where = f"work pool {pool!r} (workers: prefect worker start --pool {pool})" if args.deploy else "this process"
+    print(f"{full_name(deployment)}: cron {config.schedule.cron!r} ({config.schedule.timezone}), runs in {where}, "
+          f"repo {deployment.parameters['repo_root']}, Prefect API {api}", flush=True)
+    if not args.deploy:
+        serve(deployment)  # until interrupted
+        return EXIT_OK
+    try:
+        deploy(deployment, pool)
+    except ValueError as error:  # the work pool does not exist
+        print(f"calibflow: {error} (create it: prefect work-pool create {pool} --type process)", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _data(args: argparse.Namespace) -> int:
+    from calibflow.datasets import DatasetError, add_dataset
+
+    try:
+        added = add_dataset(args.repo, args.source, args.name, message=args.message, replace=args.replace,
+                            push=args.push)
+    except DatasetError as error:
+        print(f"calibflow: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    recorded = f"committed {added.commit[:12]}" if added.commit else "already recorded at HEAD, nothing to commit"
+    print(f"{added.path}: {added.n_images} images in {added.n_classes} classes, DVC {added.dvc_hash}; {recorded}"
+          f"{'; pushed to the DVC remote' if added.pushed else ''}")
+    print(f"train on it: calibflow run --set data.path={added.path}")
     return EXIT_OK
 
 

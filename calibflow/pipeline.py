@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from calibflow.calibration import TemperatureFit, fit_temperature
-from calibflow.config import CalibrationConfig, Config, DataConfig, SplitConfig
+from calibflow.config import CalibrationConfig, Config, DataConfig, GatesConfig, SplitConfig
 from calibflow.gates import GateVerdict
 from calibflow.images import load_images
 from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import calibration_report, reliability_bins, calibrated_probabilities, top_label
 from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
 from calibflow.plots import confidence_histogram, reliability_diagram
+from calibflow.promotion import GateReport, gate_logits
 from calibflow.splits import Split, stratified_split
 from calibflow.training import EpochStats, collect_logits, resolve_runtime, train_classifier
 from calibflow.validation import ValidationReport, validate_manifest
@@ -147,6 +148,14 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     return str(out_path)
 
 
+def gate_run(model_name: str, test_logits_path: str, temperature: float, data_dir: str, manifest_path: str,
+             split_path: str, gates: GatesConfig, n_bins: int) -> GateReport:
+    """The run's gate step: `calibflow gate`'s implementation on this run's cached test logits."""
+    with np.load(test_logits_path) as saved:
+        logits, rows = saved["logits"], saved["indices"]
+    return gate_logits(model_name, logits, temperature, rows, data_dir, manifest_path, split_path, gates, n_bins)
+
+
 def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as saved:
         return saved["logits"], saved["labels"]
@@ -247,9 +256,10 @@ def summary_markdown(run_id: str, tracking_uri: str, outcome: str, evaluation: E
         lines += [f"| {name} | {evaluation.before[name]:.4f} | {evaluation.after[name]:.4f} |" for name in evaluation.after]
         lines.append("")
     if verdict is not None:
-        lines += ["| gate | value | threshold | verdict |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c.name} | {c.value:.4f} | {c.comparison} {c.threshold:.4f} | {'pass' if c.passed else 'FAIL'} |"
-                  for c in verdict.checks]
+        lines += [f"Gates at one-sided {verdict.confidence:.0%} confidence on {verdict.n_samples} test images:", "",
+                  "| gate | value | bound | threshold | verdict |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c.name} | {c.value:.4f} | {c.bound:.4f} | {c.comparison} {c.threshold:.4f} | "
+                  f"{'pass' if c.passed else 'FAIL'} |" for c in verdict.checks]
         lines.append("")
     if version is not None:
         lines.append(f"Registered **{version.name}** version {version.version} as `@{version.alias}`.")

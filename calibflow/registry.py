@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -110,11 +110,6 @@ def download_run_artifact(run_id: str, artifact_path: str, destination: str | Pa
 
 # ---------------------------------------------------------------------------------------------
 # The served model
-
-
-# MLflow suggests type hints on predict() for its own input conversion; the explicit tensor
-# signature below is the contract we want, so the suggestion is noise here.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
@@ -245,3 +240,112 @@ def resolve_model_uri(model_uri: str) -> VersionRecord:
 
 def load_model(model_uri: str):
     return mlflow.pyfunc.load_model(model_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Promotion: aliases moved under a registry-wide lock, all or nothing
+
+PREVIOUS_CHAMPION = "previous-champion"
+LOCK_SUFFIX = "--promotion-lock"
+
+
+class PromotionConflict(RuntimeError):
+    """Another promotion holds the lock, or the champion moved since the gate ran."""
+
+
+@contextmanager
+def promotion_lock(model_name: str, holder: str, wait_s: float = 30.0, stale_after_s: float = 900.0):
+    """Exclusive lock on a model's aliases, made of the registry's own uniqueness rule: creating a
+    registered model whose name exists fails atomically in every MLflow store (a unique key in
+    SQL), so whoever creates `<name>--promotion-lock` holds the lock until it deletes it. Works
+    across processes and machines that share the tracking server. A lock older than
+    `stale_after_s` (a crashed holder) is broken."""
+    c = client()
+    lock_name = model_name + LOCK_SUFFIX
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            c.create_registered_model(lock_name, tags={"holder": holder, "acquired_at": str(time.time())},
+                                      description=f"promotion lock of {model_name}; delete it only if its holder died")
+            break
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            held = _lock_info(lock_name)
+            if held and time.time() - float(held.get("acquired_at", "inf")) > stale_after_s:
+                _delete_quietly(lock_name)
+                continue
+            if time.monotonic() > deadline:
+                raise PromotionConflict(f"another promotion of {model_name} holds the lock ({held or 'unknown holder'}); "
+                                        f"try again when it is done") from error
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        _delete_quietly(lock_name)
+
+
+def _lock_info(lock_name: str) -> dict[str, str] | None:
+    try:
+        return dict(client().get_registered_model(lock_name).tags)
+    except MlflowException:
+        return None
+
+
+def _delete_quietly(lock_name: str) -> None:
+    try:
+        client().delete_registered_model(lock_name)
+    except MlflowException:
+        pass
+
+
+def aliases(model_name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client().get_registered_model(model_name).aliases.items()}
+
+
+def apply_aliases(model_name: str, target: Mapping[str, str | None]) -> None:
+    """Move aliases to `target` (None deletes one). Any failure restores every alias as it was."""
+    c = client()
+    before = aliases(model_name)
+    try:
+        for alias, version in target.items():
+            if version is None:
+                if alias in before:
+                    c.delete_registered_model_alias(model_name, alias)
+            else:
+                c.set_registered_model_alias(model_name, alias, version)
+    except Exception:
+        _restore_aliases(model_name, before, target)
+        raise
+
+
+def _restore_aliases(model_name: str, before: Mapping[str, str], touched: Mapping[str, str | None]) -> None:
+    c = client()
+    for alias in touched:
+        try:
+            if alias in before:
+                c.set_registered_model_alias(model_name, alias, before[alias])
+            else:
+                c.delete_registered_model_alias(model_name, alias)
+        except MlflowException:
+            pass  # never set in the first place
+
+
+def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(model_name, version, key, str(value))
+
+
+def list_versions(model_name: str) -> list[VersionRecord]:
+    found = client().search_model_versions(f"name='{model_name}'")
+    return sorted((VersionRecord(v.name, str(v.version), v.run_id, dict(v.tags)) for v in found),
+                  key=lambda r: int(r.version))
+
+
+def log_audit_run(experiment: str, run_name: str, tags: Mapping[str, Any], report_path: str | Path) -> str:
+    """An MLflow run recording a gate or promotion decision, with its report as an artifact."""
+    run_id = start_run(experiment, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    log_artifact(run_id, report_path)
+    end_run(run_id, str(tags.get("decision", "recorded")))
+    return run_id

@@ -1,9 +1,13 @@
-"""Stratified, seeded, group-aware train / val / calibration / test split.
+"""Stratified, seeded, group-aware, stable train / val / calibration / test split.
 
 Written here rather than taken from scikit-learn because we need four disjoint parts at once,
-exact per-class counts (largest remainder, so a class of 12 images still gets its share), and
-grouping by content hash: byte-identical images always land in the same split, so duplicated
-files cannot leak a test image into training.
+exact per-class counts (largest remainder, so a class of 12 images still gets its share),
+grouping by content hash (byte-identical images always land in the same split, so duplicated
+files cannot leak a test image into training), and stability: within a class, images are
+ordered by a seeded hash of their content and cut at the fractions, so adding images to a
+dataset moves only a few old ones across a split boundary. A retrain on new data then shares
+most of its test split with the champion's, which is what the gates against the champion
+compare them on.
 """
 
 from __future__ import annotations
@@ -85,7 +89,6 @@ def stratified_split(
     groups = np.asarray(groups)
     if labels.shape != groups.shape:
         raise ValueError("labels and groups must have one entry per manifest row")
-    rng = np.random.default_rng(seed)
     group_ids, first_row, group_of_row = np.unique(groups, return_index=True, return_inverse=True)
     group_label = labels[first_row]
     names = list(SPLIT_NAMES)
@@ -93,13 +96,19 @@ def stratified_split(
     split_of_group = np.empty(len(group_ids), dtype=np.int64)
     for label in np.unique(group_label):
         members = np.flatnonzero(group_label == label)
-        members = members[rng.permutation(len(members))]
+        members = members[np.argsort(_keyed_hashes(group_ids[members], seed), kind="stable")]
         counts = _largest_remainder(len(members), weights)
         split_of_group[members] = np.repeat(np.arange(len(names)), counts)
     split_of_row = split_of_group[group_of_row]
     indices = {name: np.flatnonzero(split_of_row == k) for k, name in enumerate(names)}
     return Split(indices=indices, seed=seed, fractions=dict(zip(names, weights.tolist())),
                  manifest_fingerprint=manifest_fingerprint)
+
+
+def _keyed_hashes(group_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random sort key per group that depends on nothing else (not on the other
+    images), which is what makes the split stable as data is added."""
+    return np.array([hashlib.blake2b(f"{seed}:{g}".encode(), digest_size=8).digest() for g in group_ids], dtype="S8")
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:

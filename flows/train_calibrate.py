@@ -3,6 +3,10 @@
 DVC-pinned images -> manifest -> stratified split -> Great Expectations checks -> train ->
 logits (calibration, test) -> temperature -> evaluate before/after -> gates -> MLflow registry.
 
+Absolute gates decide registration; the gates against the champion decide promotion: with
+promotion.auto a run that passes them all becomes @champion, otherwise it stays @challenger
+and CD decides with `calibflow gate` / `calibflow promote`.
+
 A run that fails anywhere (bad data, a gate, a store) is tagged failed in MLflow, registers
 nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed.
 """
@@ -15,8 +19,9 @@ from prefect.runtime import flow_run
 from calibflow.config import load_config
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import apply_gates, collect_logits, evaluate_calibration, fit_temperature, train_model
-from tasks.tracking import (find_unchanged_champion, finish_run, publish_summary, register_model, start_run,
-                            write_metrics_report)
+from calibflow.registry import CHALLENGER
+from tasks.tracking import (find_unchanged_champion, finish_run, promote_to_champion, publish_summary, register_model,
+                            start_run, write_metrics_report)
 
 
 class GatesFailed(RuntimeError):
@@ -50,11 +55,14 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
 
         fit = fit_temperature(calibration_logits, config, run.run_id)
         evaluation = evaluate_calibration(test_logits, fit, config, run.work_dir, run.run_id)
-        verdict = apply_gates(evaluation, config, run.work_dir, run.run_id)
-        if not verdict.passed:
+        gate = apply_gates(test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id)
+        verdict = gate.verdict
+        if not verdict.absolute_passed:
             raise GatesFailed(verdict.summary())
 
         version = register_model(run, trained, fit, evaluation, data, manifest, split, config)
+        if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
+            promote_to_champion(version, gate, run.work_dir)
         write_metrics_report(repo_root, evaluation, fit, verdict)
     except Exception as error:
         finish_run(run, "failed", reason=f"{type(error).__name__}: {error}")

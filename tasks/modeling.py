@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from calibflow import pipeline, registry
 from calibflow.calibration import TemperatureFit
 from calibflow.config import Config
-from calibflow.gates import GateVerdict, check_gates
+from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
 from calibflow.versioning import DataVersion
+from tasks import retry_transient_only
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
@@ -66,13 +65,15 @@ def evaluate_calibration(test_logits: str, fit: TemperatureFit, config: Config, 
     return evaluation
 
 
-@task(name="check-gates", cache_policy=NO_CACHE)
-def apply_gates(evaluation: pipeline.Evaluation, config: Config, work_dir: str, run_id: str) -> GateVerdict:
-    verdict = check_gates(evaluation.after, config.gates)
-    path = f"{work_dir}/gates.json"
-    with open(path, "w") as handle:
-        json.dump(verdict.to_json(), handle, indent=2)
-    registry.log_artifact(run_id, path, "gates")
-    registry.set_tags(run_id, {"gates": "passed" if verdict.passed else "failed"})
-    get_run_logger().info(verdict.summary())
-    return verdict
+@task(name="check-gates", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
+      cache_policy=NO_CACHE)
+def apply_gates(test_logits: str, fit: TemperatureFit, data: DataVersion, manifest: pipeline.ManifestRecord,
+                split: pipeline.SplitRecord, config: Config, work_dir: str, run_id: str) -> GateReport:
+    report = pipeline.gate_run(config.registry.model_name, test_logits, fit.temperature, data.local_dir, manifest.path,
+                               split.path, config.gates, config.evaluation.n_bins)
+    registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
+    registry.set_tags(run_id, {"gates": "passed" if report.passed else "failed",
+                               "gates_absolute": "passed" if report.verdict.absolute_passed else "failed",
+                               "gated_against": report.champion or ""})
+    get_run_logger().info(report.verdict.summary())
+    return report

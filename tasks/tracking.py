@@ -3,6 +3,7 @@ so they retry transient failures."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,14 +13,34 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from calibflow import pipeline, registry
+from calibflow import pipeline, promotion, registry
 from calibflow.calibration import TemperatureFit
 from calibflow.config import Config
 from calibflow.gates import GateVerdict
+from calibflow.promotion import GateReport
 from calibflow.versioning import DataVersion, code_commit
 from tasks import retry_transient_only
 
-STORE_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient_only,
+
+def store_retry_delays(default: tuple[float, ...] = (2, 5, 10)) -> list[float]:
+    """Seconds between a store task's attempts, one per retry: CALIBFLOW_STORE_RETRY_DELAYS
+    ("2,5,10", read at import) or the default. Each attempt also has MLflow's own HTTP retries
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 with exponential back-off by default) inside it."""
+    raw = os.environ.get("CALIBFLOW_STORE_RETRY_DELAYS", "").strip()
+    if not raw:
+        return list(default)
+    try:
+        delays = [float(part) for part in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"CALIBFLOW_STORE_RETRY_DELAYS={raw!r}: expected seconds separated by commas, "
+                         "e.g. 2,5,10") from None
+    if any(delay < 0 for delay in delays):
+        raise ValueError(f"CALIBFLOW_STORE_RETRY_DELAYS={raw!r}: delays must not be negative")
+    return delays
+
+
+_DELAYS = store_retry_delays()
+STORE_RETRIES = dict(retries=len(_DELAYS), retry_delay_seconds=_DELAYS, retry_condition_fn=retry_transient_only,
                      cache_policy=NO_CACHE)
 
 
@@ -72,6 +93,15 @@ def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: Tempera
     registry.set_tags(run.run_id, {"registered_version": version.version, "registered_alias": version.alias})
     get_run_logger().info("registered %s version %s as @%s", version.name, version.version, version.alias)
     return version
+
+
+@task(name="promote-to-champion", **STORE_RETRIES)
+def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport, work_dir: str) -> promotion.Promotion:
+    """promotion.auto: the gate passed against the champion, so move @champion (compare-and-swap)."""
+    moved = promotion.promote(version.name, version.version, gate.champion, gate.save(f"{work_dir}/gates.json"))
+    get_run_logger().info("promoted %s version %s to @champion (was %s)", moved.model, moved.champion,
+                          moved.previous_champion)
+    return moved
 
 
 @task(name="write-metrics-report", cache_policy=NO_CACHE)

@@ -60,3 +60,14 @@ def test_save_load_round_trip_and_tamper_detection(tmp_path):
     path.write_text(path.read_text().replace('"test": [', '"test": [0, '))
     with pytest.raises(ValueError, match="digest"):
         Split.load(path)
+
+
+def test_adding_images_moves_few_old_ones_to_another_split():
+    labels = make_labels([200, 200, 200])
+    groups = np.array([f"h{i}" for i in range(len(labels))])
+    before = stratified_split(labels, groups, FRACTIONS, seed=0).assignment(len(labels))
+    more_labels = np.concatenate([labels, make_labels([10, 10, 10])])
+    more_groups = np.concatenate([groups, [f"new{i}" for i in range(30)]])
+    after = stratified_split(more_labels, more_groups, FRACTIONS, seed=0).assignment(len(more_labels))
+    kept = np.mean(before == after[: len(labels)])
+    assert kept > 0.95, kept  # a shuffled split would keep about 0.6^2 + 0.1^2 + 2 * 0.15^2 = 41%

@@ -1,0 +1,247 @@
+"""May this version replace the champion? Gate, promote, roll back, with numbers from the registry.
+
+The test images a gate reads are pinned: the candidate's own test split, rebuilt from its
+recorded data revision and split indices. The absolute gates read all of it; the comparison with
+the champion reads the part the champion was not fitted on (its train, val and calibration
+splits, matched by content hash), so neither model is judged on images it learned from. Both
+models are the registered pyfuncs, loaded from the registry; the numbers are recomputed here,
+never read from tags.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from calibflow import registry
+from calibflow.config import GatesConfig
+from calibflow.gates import GateVerdict, Predictions, evaluate_gates
+from calibflow.images import load_images
+from calibflow.manifest import build_manifest, load_manifest, manifest_fingerprint
+from calibflow.metrics import calibrated_probabilities
+from calibflow.reproduce import predict_in_batches
+from calibflow.splits import Split
+from calibflow.versioning import resolve_recorded_data
+
+AUDIT_EXPERIMENT = "calibflow-promotions"
+FIT_SPLITS = ("train", "val", "calibration")
+# Where CI systems put the id of the job that is running (first one found wins).
+CI_JOB_VARIABLES = ("GITHUB_RUN_ID", "CI_JOB_ID", "BUILD_ID", "BUILDKITE_BUILD_ID", "CIRCLE_WORKFLOW_JOB_ID", "JOB_ID")
+
+
+class GateUndecided(RuntimeError):
+    """The gate could not run (version, data or store missing): neither pass nor fail."""
+
+
+def resolve_ref(model_name: str, ref: str) -> registry.VersionRecord:
+    """`@alias` or a version number to the registry's record."""
+    uri = f"models:/{model_name}@{ref[1:]}" if ref.startswith("@") else f"models:/{model_name}/{ref}"
+    return registry.resolve_model_uri(uri)
+
+
+def seen_by(record: registry.VersionRecord) -> set[str]:
+    """Content hashes of every image the version was fitted on (train, val, calibration)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = load_manifest(registry.download_run_artifact(record.run_id, "data/manifest.csv", tmp))
+        split = Split.load(registry.download_run_artifact(record.run_id, "data/splits.json", tmp))
+    rows = np.concatenate([split.indices[name] for name in FIT_SPLITS])
+    return set(manifest["sha256"].iloc[rows])
+
+
+def unseen_test_rows(manifest: pd.DataFrame, split: Split, seen: set[str]) -> tuple[np.ndarray, int]:
+    """The test rows whose content the champion never saw, and how many were dropped."""
+    test = split.indices["test"]
+    keep = ~manifest["sha256"].iloc[test].isin(seen).to_numpy()
+    return test[keep], int((~keep).sum())
+
+
+def predict_rows(model_uri: str, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """A registered model's calibrated probabilities on manifest rows, decoded its own way."""
+    model = registry.load_model(model_uri)
+    meta = model.metadata.metadata
+    images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    return predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
+
+
+@dataclass(frozen=True)
+class GateReport:
+    model: str
+    candidate: str
+    champion: str | None
+    excluded_seen_by_champion: int
+    verdict: GateVerdict
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    @property
+    def may_promote(self) -> bool:
+        """Every gate passed, and against the champion when there is one."""
+        return self.passed and (self.champion is None or self.verdict.n_shared > 0)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "candidate": self.candidate, "champion": self.champion,
+                "excluded_seen_by_champion": self.excluded_seen_by_champion, **self.verdict.to_json()}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return path
+
+
+def _champion_for(model_name: str, against: str | None, candidate_version: str) -> registry.VersionRecord | None:
+    """The version to compare with: `against` (an alias that may not exist yet, or a version that
+    must), or None when there is none or it is the candidate itself."""
+    if against is None:
+        return None
+    if against.startswith("@") and registry.alias_version(model_name, against[1:]) is None:
+        return None
+    champion = resolve_ref(model_name, against)
+    return None if champion.version == candidate_version else champion
+
+
+def _comparison(model_name: str, champion: registry.VersionRecord | None, candidate_probs: np.ndarray,
+                test_rows: np.ndarray, manifest: pd.DataFrame, split: Split, data_dir: str,
+                required: bool = True) -> tuple[tuple[Predictions, Predictions] | None, int]:
+    """(candidate, champion) predictions on the test rows the champion was not fitted on. With
+    none left: GateUndecided, or (not `required`) no comparison, which never promotes."""
+    if champion is None:
+        return None, 0
+    shared, excluded = unseen_test_rows(manifest, split, seen_by(champion))
+    if len(shared) == 0:
+        if not required:
+            return None, excluded
+        raise GateUndecided(f"champion version {champion.version} was fitted on every test image of the candidate; "
+                            f"there is nothing to compare them on (retrain with the champion's seed to share its split)")
+    keep = np.isin(test_rows, shared)
+    labels = manifest["label_index"].to_numpy()[test_rows[keep]]
+    champion_probs = predict_rows(f"models:/{model_name}/{champion.version}", data_dir, manifest, test_rows[keep])
+    return (Predictions(candidate_probs[keep], labels), Predictions(champion_probs, labels)), excluded
+
+
+def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
+                 repo_root: str | Path = ".", n_bins: int = 15) -> GateReport:
+    """`calibflow gate`: both models from the registry, on the pinned test images."""
+    try:
+        candidate = resolve_ref(model_name, candidate_ref)
+        champion = _champion_for(model_name, against, candidate.version)
+    except LookupError as error:
+        raise GateUndecided(str(error)) from error
+    tags = candidate.tags
+    try:
+        data = resolve_recorded_data(repo_root, tags["data_path"], tags["data_rev"], tags["data_hash"])
+    except Exception as error:  # DataVersionError, or a DVC error reading the revision
+        raise GateUndecided(f"candidate {candidate.version}'s data cannot be rebuilt: {error}") from error
+    with tempfile.TemporaryDirectory() as tmp:
+        split = Split.load(registry.download_run_artifact(candidate.run_id, "data/splits.json", tmp))
+    manifest = build_manifest(data.local_dir)
+    if manifest_fingerprint(manifest) != split.manifest_fingerprint:
+        raise GateUndecided(f"the manifest of {data.path} at {data.rev} does not match candidate {candidate.version}'s split")
+    test_rows = split.indices["test"]
+    labels = manifest["label_index"].to_numpy()[test_rows]
+    candidate_probs = predict_rows(f"models:/{model_name}/{candidate.version}", data.local_dir, manifest, test_rows)
+    comparison, excluded = _comparison(model_name, champion, candidate_probs, test_rows, manifest, split, data.local_dir)
+    verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
+    return GateReport(model_name, candidate.version, champion.version if champion else None, excluded, verdict)
+
+
+def gate_logits(model_name: str, test_logits: np.ndarray, temperature: float, test_rows: np.ndarray,
+                data_dir: str, manifest_path: str, split_path: str, gates: GatesConfig,
+                n_bins: int = 15) -> GateReport:
+    """The flow's gate step: the candidate is not registered yet, so its probabilities come from
+    its cached test logits (the same numbers its pyfunc serves, as `calibflow evaluate` checks);
+    the champion comes from the registry. Same evaluation set and the same `evaluate_gates`."""
+    manifest = load_manifest(manifest_path)
+    champion = registry.alias_record(model_name, registry.CHAMPION)
+    labels = manifest["label_index"].to_numpy()[test_rows]
+    candidate_probs = calibrated_probabilities(test_logits, temperature).numpy()
+    comparison, excluded = _comparison(model_name, champion, candidate_probs, test_rows, manifest,
+                                       Split.load(split_path), data_dir, required=False)
+    verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
+    return GateReport(model_name, "this run", champion.version if champion else None, excluded, verdict)
+
+
+def who() -> dict[str, str]:
+    ci_job = next((f"{name}={os.environ[name]}" for name in CI_JOB_VARIABLES if os.environ.get(name)), "")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {"user": user, "ci_job": ci_job}
+
+
+@dataclass(frozen=True)
+class Promotion:
+    model: str
+    champion: str
+    previous_champion: str | None
+    forced: bool
+
+
+def promote(model_name: str, candidate_version: str, gated_against: str | None, report_path: str | Path | None,
+            force_reason: str | None = None) -> Promotion:
+    """Move @champion to the candidate, compare-and-swap style: under the registry lock, and only
+    if @champion is still the version the gate compared against (else PromotionConflict, and
+    nothing moves). The old champion becomes @previous-champion; the new one is tagged with who
+    promoted it, from what, and why; the gate report is kept in an audit run."""
+    actor = who()
+    holder = f"{actor['user']} {actor['ci_job']} pid {os.getpid()}".strip()
+    with registry.promotion_lock(model_name, holder):
+        current = registry.alias_version(model_name, registry.CHAMPION)
+        if current != gated_against:
+            raise registry.PromotionConflict(
+                f"@champion of {model_name} is now {current}, not {gated_against} as when the gate ran: another "
+                f"promotion won; gate version {candidate_version} again against the new champion")
+        registry.set_version_tags(model_name, candidate_version, {
+            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "promoted_by": actor["user"],
+            "promoted_ci_job": actor["ci_job"], "promoted_from": current or "",
+            **({"promotion_forced_reason": force_reason} if force_reason else {})})
+        target: dict[str, str | None] = {registry.CHAMPION: candidate_version}
+        if current:
+            target[registry.PREVIOUS_CHAMPION] = current
+        if registry.alias_version(model_name, registry.CHALLENGER) == candidate_version:
+            target[registry.CHALLENGER] = None  # it is the champion now
+        registry.apply_aliases(model_name, target)
+    if report_path:
+        registry.log_audit_run(AUDIT_EXPERIMENT, f"promote {model_name} v{candidate_version}", {
+            "model": model_name, "candidate": candidate_version, "previous_champion": current or "",
+            "decision": "forced" if force_reason else "promoted", "reason": force_reason or "", **actor}, report_path)
+    return Promotion(model_name, candidate_version, current, forced=force_reason is not None)
+
+
+def rollback(model_name: str) -> Promotion:
+    """Move @champion back to the version it was promoted from (the chain of `promoted_from`
+    tags, so repeated rollbacks walk further back)."""
+    actor = who()
+    with registry.promotion_lock(model_name, f"{actor['user']} rollback pid {os.getpid()}"):
+        current = registry.alias_record(model_name, registry.CHAMPION)
+        if current is None:
+            raise LookupError(f"{model_name} has no @champion to roll back")
+        previous = current.tags.get("promoted_from") or registry.alias_version(model_name, registry.PREVIOUS_CHAMPION)
+        if not previous:
+            raise LookupError(f"@champion (version {current.version}) of {model_name} has no previous champion")
+        before_previous = resolve_ref(model_name, previous).tags.get("promoted_from") or None
+        registry.set_version_tags(model_name, current.version, {
+            "rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rolled_back_by": actor["user"]})
+        registry.apply_aliases(model_name, {registry.CHAMPION: previous, registry.PREVIOUS_CHAMPION: before_previous})
+    return Promotion(model_name, previous, current.version, forced=False)
+
+
+STATUS_COLUMNS = ("version", "aliases", "ece_post", "accuracy", "temperature", "data_hash", "promoted_from")
+
+
+def status(model_name: str) -> list[dict[str, str]]:
+    by_version: dict[str, list[str]] = {}
+    for alias, version in registry.aliases(model_name).items():
+        by_version.setdefault(version, []).append("@" + alias)
+    return [{"version": r.version, "aliases": " ".join(sorted(by_version.get(r.version, []))),
+             **{k: r.tags.get(k, "") for k in STATUS_COLUMNS[2:]}} for r in registry.list_versions(model_name)]

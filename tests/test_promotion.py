@@ -1,0 +1,176 @@
+"""calibflow gate / promote / rollback / status on a real MLflow registry with real models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from calibflow import registry
+from calibflow.cli import main as calibflow
+from calibflow.promotion import AUDIT_EXPERIMENT
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-digits"
+CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
+LOOSE = ["--set", "gates.max_ece=0.9", "--set", "gates.min_accuracy=0.1", "--set", "gates.max_ece_increase=0.9",
+         "--set", "gates.max_accuracy_drop=0.9"]
+
+
+@pytest.fixture(scope="module")
+def registry_template(tiny_repo_template, tmp_path_factory) -> Path:
+    """Three registered versions of the same model (seeds 0, 1, 2): v1 @champion, v3 @challenger."""
+    repo = tmp_path_factory.mktemp("promotion") / "repo"
+    shutil.copytree(tiny_repo_template, repo, symlinks=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for seed in (0, 1, 2):
+            assert calibflow(["run", "--repo", str(repo), "--set", f"seed={seed}"]) == 0
+    return repo
+
+
+@pytest.fixture
+def repo(registry_template, tmp_path, monkeypatch) -> Path:
+    """A private copy of the registry (aliases are per test); artifacts stay in the template."""
+    copy = tmp_path / "repo"
+    shutil.copytree(registry_template, copy, symlinks=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.configure_tracking(copy)
+    return copy
+
+
+def aliases(repo: Path) -> dict[str, str]:
+    registry.configure_tracking(repo)
+    return registry.aliases(MODEL)
+
+
+def gate(repo: Path, *args: str) -> int:
+    return calibflow(["gate", "--model", MODEL, "--repo", str(repo), *args])
+
+
+def test_registered_versions_start_as_champion_and_challengers(repo):
+    assert aliases(repo) == {"champion": "1", "challenger": "3"}
+
+
+def test_gate_passes_with_exit_0_and_reports_each_check_against_the_champion(repo, tmp_path):
+    out = tmp_path / "report.json"
+    assert gate(repo, "--candidate", "@challenger", "--json", str(out), *LOOSE) == 0
+    report = json.loads(out.read_text())
+    assert report["candidate"] == "3" and report["champion"] == "1" and report["passed"]
+    names = [c["name"] for c in report["checks"]]
+    assert names == ["max_ece", "min_accuracy", "max_ece_increase", "max_accuracy_drop"]
+    for check in report["checks"]:
+        assert check["low"] <= check["value"] <= check["high"]
+        assert check["bound"] == (check["high"] if check["comparison"] == "<=" else check["low"])
+    # Different seeds split differently: test images the champion trained on are left out.
+    assert report["excluded_seen_by_champion"] > 0
+    assert {"ece_plugin", "ece_debiased_l2"} <= set(report["estimates"])
+
+
+def test_candidate_passing_on_its_point_estimate_but_not_its_upper_bound_fails_with_exit_1(repo, tmp_path):
+    out = tmp_path / "report.json"
+    assert gate(repo, "--candidate", "2", "--json", str(out), *LOOSE) == 0
+    ece = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_ece")
+    assert ece["value"] < ece["bound"]
+    between = (ece["value"] + ece["bound"]) / 2
+    assert gate(repo, "--candidate", "2", "--json", str(out), *LOOSE, "--set", f"gates.max_ece={between}") == 1
+    failed = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_ece")
+    assert failed["value"] < between < failed["bound"] and not failed["passed"]
+
+
+def test_relative_gate_fails_when_no_worsening_is_allowed(repo):
+    strict = LOOSE + ["--set", "gates.max_accuracy_drop=-0.5"]  # candidate must beat the champion by 50 points
+    assert gate(repo, "--candidate", "@challenger", *strict) == 1
+
+
+def test_gate_cannot_decide_exit_2(repo, capsys, monkeypatch, tmp_path):
+    assert gate(repo, "--candidate", "99") == 2
+    assert "could not decide" in capsys.readouterr().err
+
+    # Data at the recorded revision is gone (no working copy, no DVC cache, no remote).
+    shutil.rmtree(repo / "data" / "tiny")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    assert gate(repo, "--candidate", "2") == 2
+    assert "data cannot be rebuilt" in capsys.readouterr().err
+
+
+def test_gate_with_the_registry_unreachable_exits_2(repo, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    assert gate(repo, "--candidate", "2") == 2
+    assert "could not decide" in capsys.readouterr().err
+
+
+def test_promote_moves_champion_records_who_and_keeps_the_report_then_rollback_moves_it_back(repo, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.setenv("GITHUB_RUN_ID", "4242")
+    assert calibflow(["promote", "--model", MODEL, "--candidate", "@challenger", "--repo", str(repo), *LOOSE]) == 0
+    assert aliases(repo) == {"champion": "3", "previous-champion": "1"}  # challenger alias moved on
+    tags = MlflowClient().get_model_version(MODEL, "3").tags
+    assert tags["promoted_from"] == "1" and tags["promoted_ci_job"] == "GITHUB_RUN_ID=4242" and tags["promoted_by"]
+    client = MlflowClient()
+    audit = client.search_runs([client.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id])
+    assert audit[0].data.tags["decision"] == "promoted" and audit[0].data.tags["candidate"] == "3"
+    assert [a.path for a in client.list_artifacts(audit[0].info.run_id)] == ["gate_report.json"]
+
+    assert calibflow(["status", "--model", MODEL, "--repo", str(repo)]) == 0
+    table = capsys.readouterr().out
+    assert "@champion" in table and "@previous-champion" in table and "temperature" in table
+
+    assert calibflow(["rollback", "--model", MODEL, "--repo", str(repo)]) == 0
+    assert aliases(repo) == {"champion": "1"}
+    assert calibflow(["rollback", "--model", MODEL, "--repo", str(repo)]) == 2  # v1 replaced nobody
+
+
+def test_failed_gate_does_not_promote_unless_forced_with_a_reason(repo, capsys):
+    strict = ["--set", "gates.max_ece=0.0"]
+    assert calibflow(["promote", "--model", MODEL, "--candidate", "2", "--repo", str(repo), *strict]) == 1
+    assert aliases(repo)["champion"] == "1"
+    assert calibflow(["promote", "--model", MODEL, "--candidate", "2", "--repo", str(repo), *strict, "--force"]) == 2
+    assert "--reason" in capsys.readouterr().err
+    assert calibflow(["promote", "--model", MODEL, "--candidate", "2", "--repo", str(repo), *strict, "--force",
+                      "--reason", "hotfix for a mislabelled class"]) == 0
+    assert aliases(repo)["champion"] == "2"
+    assert MlflowClient().get_model_version(MODEL, "2").tags["promotion_forced_reason"] == "hotfix for a mislabelled class"
+
+
+def test_two_racing_promotions_leave_one_champion_and_a_clear_failure(repo):
+    commands = [[CALIBFLOW, "promote", "--model", MODEL, "--candidate", candidate, "--against", "1", "--repo", str(repo),
+                 *LOOSE] for candidate in ("2", "3")]
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "another promotion" in loser
+    final = aliases(repo)
+    assert final["champion"] in {"2", "3"} and final["previous-champion"] == "1"
+    assert MlflowClient().search_registered_models(f"name='{MODEL}{registry.LOCK_SUFFIX}'") == []  # lock released
+
+
+def test_registry_error_midway_leaves_the_aliases_as_they_were(repo, monkeypatch):
+    from calibflow import promotion
+
+    before = aliases(repo)
+    calls = []
+    real = MlflowClient.set_registered_model_alias
+
+    def fail_on_second_write(self, name, alias, version):
+        calls.append(alias)
+        if len(calls) == 2:
+            raise ConnectionError("registry went away")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fail_on_second_write)
+    with pytest.raises(ConnectionError):
+        promotion.promote(MODEL, "3", "1", report_path=None)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    assert len(calls) >= 2
+    assert aliases(repo) == before
+    assert MlflowClient().search_registered_models(f"name='{MODEL}{registry.LOCK_SUFFIX}'") == []

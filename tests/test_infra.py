@@ -434,3 +434,13 @@ def test_no_committed_secrets_under_infra():
         for finding in _secret_findings(path.read_text(errors="replace")):
             findings.append(f"{path.relative_to(REPO)} {finding}")
     assert not findings, "literal secrets under infra/:\n" + "\n".join(findings)
+
+
+def test_cd_workflow_gates_then_promotes_only_on_exit_0():
+    workflow = yaml.safe_load((INFRA / "cd" / "promote.yml").read_text())
+    steps = workflow["jobs"]["gate-and-promote"]["steps"]
+    gate = next(s for s in steps if s.get("id") == "gate")
+    promote = next(s for s in steps if "calibflow promote" in s.get("run", ""))
+    assert "calibflow gate" in gate["run"] and "--json" in gate["run"]
+    assert promote["if"] == "${{ steps.gate.outputs.code == '0' }}"
+    assert 'exit 2' in gate["run"]  # an undecided gate fails the job

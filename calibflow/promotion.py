@@ -24,12 +24,10 @@ import pandas as pd
 from calibflow import registry
 from calibflow.config import GatesConfig
 from calibflow.gates import GateVerdict, Predictions, evaluate_gates
-from calibflow.images import load_images
-from calibflow.manifest import build_manifest, load_manifest, manifest_fingerprint
+from calibflow.manifest import load_manifest
 from calibflow.metrics import calibrated_probabilities
-from calibflow.reproduce import predict_in_batches
+from calibflow.reproduce import predict_rows, rebuild_test_split
 from calibflow.splits import Split
-from calibflow.versioning import resolve_recorded_data
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
 FIT_SPLITS = ("train", "val", "calibration")
@@ -61,14 +59,6 @@ def unseen_test_rows(manifest: pd.DataFrame, split: Split, seen: set[str]) -> tu
     test = split.indices["test"]
     keep = ~manifest["sha256"].iloc[test].isin(seen).to_numpy()
     return test[keep], int((~keep).sum())
-
-
-def predict_rows(model_uri: str, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    """A registered model's calibrated probabilities on manifest rows, decoded its own way."""
-    model = registry.load_model(model_uri)
-    meta = model.metadata.metadata
-    images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
-    return predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
 
 
 @dataclass(frozen=True)
@@ -136,16 +126,11 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
         champion = _champion_for(model_name, against, candidate.version)
     except LookupError as error:
         raise GateUndecided(str(error)) from error
-    tags = candidate.tags
     try:
-        data = resolve_recorded_data(repo_root, tags["data_path"], tags["data_rev"], tags["data_hash"])
-    except Exception as error:  # DataVersionError, or a DVC error reading the revision
-        raise GateUndecided(f"candidate {candidate.version}'s data cannot be rebuilt: {error}") from error
-    with tempfile.TemporaryDirectory() as tmp:
-        split = Split.load(registry.download_run_artifact(candidate.run_id, "data/splits.json", tmp))
-    manifest = build_manifest(data.local_dir)
-    if manifest_fingerprint(manifest) != split.manifest_fingerprint:
-        raise GateUndecided(f"the manifest of {data.path} at {data.rev} does not match candidate {candidate.version}'s split")
+        rebuilt = rebuild_test_split(candidate, repo_root)
+    except Exception as error:  # DataVersionError, a DVC error reading the revision, a changed manifest
+        raise GateUndecided(f"candidate {candidate.version}'s test data cannot be rebuilt: {error}") from error
+    data, manifest, split = rebuilt.data, rebuilt.manifest, rebuilt.split
     test_rows = split.indices["test"]
     labels = manifest["label_index"].to_numpy()[test_rows]
     candidate_probs = predict_rows(f"models:/{model_name}/{candidate.version}", data.local_dir, manifest, test_rows)

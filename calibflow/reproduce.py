@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from calibflow import registry
 from calibflow.images import decode_image, load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint
 from calibflow.metrics import brier_score, expected_calibration_error, maximum_calibration_error
 from calibflow.splits import Split
-from calibflow.versioning import resolve_recorded_data
+from calibflow.versioning import DataVersion, resolve_recorded_data
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,16 @@ def predict_in_batches(model, images_nhwc: np.ndarray, batch_size: int = 1024) -
     return np.concatenate([model.predict(images_nhwc[i:i + batch_size]) for i in range(0, len(images_nhwc), batch_size)])
 
 
-def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
-    record = registry.resolve_model_uri(model_uri)
+@dataclass(frozen=True)
+class RebuiltTestSplit:
+    data: DataVersion
+    manifest: pd.DataFrame
+    split: Split
+
+
+def rebuild_test_split(record: registry.VersionRecord, repo_root: str | Path = ".") -> RebuiltTestSplit:
+    """The data a registered version was trained on, at its recorded revision (checked against its
+    DVC hash), with the manifest and split indices of its run (checked against each other)."""
     tags = record.tags
     data = resolve_recorded_data(repo_root, tags["data_path"], tags["data_rev"], tags["data_hash"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,12 +72,25 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     manifest = build_manifest(data.local_dir)
     if manifest_fingerprint(manifest) != split.manifest_fingerprint:
         raise ValueError(f"the manifest of {data.path} at {data.rev} no longer matches the one the split was made on")
+    return RebuiltTestSplit(data, manifest, split)
+
+
+def predict_rows(model_uri: str, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """A registered model's calibrated probabilities on manifest rows, decoded its own way."""
     model = registry.load_model(model_uri)
     meta = model.metadata.metadata
-    rows = manifest.iloc[split.indices["test"]]
-    images = load_images(data.local_dir, rows["path"].tolist(), meta["image_mode"], tuple(meta["image_size"]))
-    probabilities = predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
-    recomputed = metrics_from_probabilities(probabilities, rows["label_index"].to_numpy(), int(tags.get("n_bins", 15)))
+    images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    return predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
+
+
+def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
+    record = registry.resolve_model_uri(model_uri)
+    rebuilt = rebuild_test_split(record, repo_root)
+    rows = rebuilt.split.indices["test"]
+    probabilities = predict_rows(model_uri, rebuilt.data.local_dir, rebuilt.manifest, rows)
+    labels = rebuilt.manifest["label_index"].to_numpy()[rows]
+    tags = record.tags
+    recomputed = metrics_from_probabilities(probabilities, labels, int(tags.get("n_bins", 15)))
     logged = {"ece": float(tags["ece_post"]), "accuracy": float(tags["accuracy"]), "nll": float(tags["nll_post"]),
               "brier": float(tags["brier_post"]), "mce": float(tags["mce_post"])}
     return Reproduction(model_uri=model_uri, version=record.version, recomputed=recomputed, logged=logged)

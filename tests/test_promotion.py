@@ -96,7 +96,7 @@ def test_gate_cannot_decide_exit_2(repo, capsys, monkeypatch, tmp_path):
     shutil.rmtree(repo / "data" / "tiny")
     shutil.rmtree(repo / ".dvc" / "cache")
     assert gate(repo, "--candidate", "2") == 2
-    assert "data cannot be rebuilt" in capsys.readouterr().err
+    assert "test data cannot be rebuilt" in capsys.readouterr().err
 
 
 def test_gate_with_the_registry_unreachable_exits_2(repo, capsys, monkeypatch):

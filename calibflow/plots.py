@@ -1,4 +1,5 @@
-"""Calibration figures: reliability diagrams (before/after temperature scaling) and confidence histograms.
+"""Calibration figures: reliability diagrams (before/after temperature scaling), confidence histograms
+(overall and by true class) and, for binary tasks, the score distributions of positives and negatives.
 
 Figures are written as PNG with matplotlib's Agg backend, so they render on headless CI machines
 and inside flow workers without a display.
@@ -13,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: no display on servers and workers
 
+import matplotlib.lines  # noqa: E402
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -97,18 +100,21 @@ def reliability_diagram(
     after: ReliabilityBins,
     path: str | Path,
     title: str = "",
+    panel_titles: tuple[str, str] = ("before temperature scaling", "after temperature scaling"),
 ) -> Path:
     """Side-by-side reliability diagrams before / after temperature scaling (Guo et al. 2017, fig. 1).
 
     Each panel shows per-bin accuracy bars, the gap to the bin's mean confidence (red hatched),
     the diagonal, ECE (``sum_b n_b/N |acc_b - conf_b|`` from the bins) in the title, and per-bin
-    sample counts in a strip underneath. Writes a PNG to ``path`` and returns it.
+    sample counts in a strip underneath. ``panel_titles`` names the two panels (e.g.
+    ``("uncalibrated", "after vector scaling")`` for another calibrator). Writes a PNG to ``path``
+    and returns it.
     """
     fig, axes = plt.subplots(
         2, 2, figsize=(11, 6.2), sharex="col", gridspec_kw={"height_ratios": [4, 1]}, layout="constrained"
     )
-    _reliability_panel(axes[0, 0], axes[1, 0], before, "before temperature scaling")
-    _reliability_panel(axes[0, 1], axes[1, 1], after, "after temperature scaling")
+    _reliability_panel(axes[0, 0], axes[1, 0], before, panel_titles[0])
+    _reliability_panel(axes[0, 1], axes[1, 1], after, panel_titles[1])
     if title:
         fig.suptitle(title, fontsize=12)
     return _save(fig, path)
@@ -166,4 +172,180 @@ def confidence_histogram(
         _histogram_panel(ax, confidence, correct, str(label), n_bins)
     if title:
         fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-class and binary score figures
+# --------------------------------------------------------------------------------------------
+
+
+def _probs_labels_numpy(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    p = _to_numpy(probs).astype(np.float64)
+    y = _to_numpy(labels).reshape(-1)
+    if p.ndim != 2 or p.shape[0] != y.shape[0] or p.shape[0] == 0:
+        raise ValueError(f"probs must be (N, K) and labels (N,) with N > 0; got {p.shape} and {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices; got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        raise ValueError(f"labels must lie in [0, {p.shape[1]}); got min {y.min()}, max {y.max()}")
+    return p, y.astype(np.int64)
+
+
+def class_confidence_histograms(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    path: str | Path,
+    class_names: list[str] | None = None,
+    max_classes: int = 10,
+    n_bins: int = 20,
+    title: str = "",
+) -> Path:
+    """Top-label confidence histograms by true class, stacked into correct and wrong (small multiples).
+
+    One panel per true class k: the top-label confidence of the samples labelled k, green where
+    the prediction is right and red where it is wrong, with the class's accuracy (dashed) and mean
+    confidence (dotted); the distance between the two lines is that class's over-/under-confidence,
+    which a single global histogram averages away. With more than ``max_classes`` classes present,
+    the ``max_classes`` with the largest ``|accuracy - mean confidence|`` are shown, worst first.
+    Writes a PNG to ``path`` and returns it.
+    """
+    p, y = _probs_labels_numpy(probs, labels)
+    k = p.shape[1]
+    if class_names is not None and len(class_names) != k:
+        raise ValueError(f"class_names has {len(class_names)} entries for {k} classes")
+    if isinstance(max_classes, bool) or not isinstance(max_classes, int) or max_classes < 1:
+        raise ValueError(f"max_classes must be a positive integer; got {max_classes!r}")
+    names = [str(c) for c in class_names] if class_names is not None else [f"class {c}" for c in range(k)]
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+
+    present = np.flatnonzero(np.bincount(y, minlength=k) > 0)
+    acc = np.array([correct[y == c].mean() for c in present])
+    mean_conf = np.array([conf[y == c].mean() for c in present])
+    gap = mean_conf - acc
+    if present.size > max_classes:
+        keep = np.argsort(-np.abs(gap), kind="stable")[:max_classes]
+        subtitle = f"{max_classes} of {present.size} classes with the largest |accuracy - mean confidence|"
+    else:
+        keep = np.arange(present.size)
+        absent = k - present.size
+        subtitle = f"all {present.size} classes present" + (f" ({absent} of {k} absent)" if absent else "")
+
+    n_panels = keep.size
+    ncols = min(5, n_panels)
+    nrows = -(-n_panels // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.3 * ncols, 2.7 * nrows + 0.9), squeeze=False, sharex=True, layout="constrained"
+    )
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for ax, j in zip(axes.flat, keep):
+        c = int(present[j])
+        members = y == c
+        ax.hist(
+            [conf[members & correct], conf[members & ~correct]],
+            bins=edges,
+            stacked=True,
+            color=[_CORRECT_COLOR, _WRONG_COLOR],
+            edgecolor="black",
+            linewidth=0.3,
+        )
+        ax.axvline(acc[j], color="black", linestyle="--", linewidth=1.1)
+        ax.axvline(mean_conf[j], color="gray", linestyle=":", linewidth=1.6)
+        sign = "over" if gap[j] > 0 else "under"
+        ax.set_title(
+            f"{names[c]}  (n = {int(members.sum())})\n"
+            f"acc {acc[j]:.2f}, conf {mean_conf[j]:.2f} ({sign} {abs(gap[j]):.2f})",
+            fontsize=8.5,
+        )
+        ax.tick_params(labelsize=7)
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # counts
+        ax.set_xlim(0, 1)
+    for ax in list(axes.flat)[n_panels:]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("confidence (top-label)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("count", fontsize=8)
+    handles = [
+        matplotlib.patches.Patch(facecolor=_CORRECT_COLOR, edgecolor="black", label="correct"),
+        matplotlib.patches.Patch(facecolor=_WRONG_COLOR, edgecolor="black", label="wrong"),
+        matplotlib.lines.Line2D([], [], color="black", linestyle="--", label="class accuracy"),
+        matplotlib.lines.Line2D([], [], color="gray", linestyle=":", linewidth=1.6, label="mean confidence"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    fig.suptitle((f"{title}\n" if title else "") + f"Confidence by true class: {subtitle}", fontsize=10)
+    return _save(fig, path)
+
+
+def _best_accuracy_threshold(score: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
+    """Threshold t maximising the accuracy of ``score > t`` on these samples, and that accuracy."""
+    order = np.argsort(score, kind="stable")
+    s, pos = score[order], positive[order].astype(np.int64)
+    n = s.size
+    # Cut after sorted position i (predict negative for s[:i+1]); only cuts between distinct scores count.
+    neg_below = np.cumsum(1 - pos)
+    pos_above = pos.sum() - np.cumsum(pos)
+    acc = (neg_below + pos_above) / n
+    valid = np.append(s[1:] > s[:-1], True)
+    acc_all_pos = pos.sum() / n  # t below every score
+    i = int(np.argmax(np.where(valid, acc, -1.0)))
+    if acc_all_pos >= acc[i]:
+        return float(s[0]) - 1e-12, float(acc_all_pos)
+    t = float(s[i]) if i == n - 1 else float(0.5 * (s[i] + s[i + 1]))
+    return t, float(acc[i])
+
+
+def binary_score_distributions(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    path: str | Path,
+    n_bins: int = 40,
+    title: str = "",
+) -> Path:
+    """Distribution of the positive-class score ``p_1`` for positives and for negatives, on one axis (K = 2).
+
+    The overlap of the two histograms is where a decision threshold trades false positives for
+    false negatives; the default threshold 0.5 (dashed) and the threshold that maximises accuracy
+    on these samples (dotted) are marked. ``probs`` is ``(N, 2)`` (or ``(N,)`` positive-class scores).
+    Counts are on a log scale when one class outnumbers the other more than 5 to 1, so the minority
+    class stays visible. Writes a PNG to ``path`` and returns it.
+    """
+    arr = _to_numpy(probs).astype(np.float64)
+    if arr.ndim == 1:
+        arr = np.stack([1.0 - arr, arr], axis=1)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(
+            f"binary_score_distributions is for binary tasks: probs must be (N, 2) or (N,); got shape {arr.shape}"
+        )
+    p, y = _probs_labels_numpy(arr, labels)
+    score, positive = p[:, 1], y == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+
+    fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for mask, colour, label in ((~positive, "#3b6fb6", f"negatives (y = 0, n = {n_neg})"),
+                                (positive, "#e07b00", f"positives (y = 1, n = {n_pos})")):
+        if mask.any():
+            ax.hist(score[mask], bins=edges, color=colour, alpha=0.45, label=label)
+            ax.hist(score[mask], bins=edges, histtype="step", color=colour, linewidth=1.4)
+    acc_half = np.mean((score > 0.5) == positive)
+    ax.axvline(0.5, color="black", linestyle="--", linewidth=1.1, label=f"threshold 0.5 (acc {acc_half:.3f})")
+    if n_pos and n_neg:
+        t, best = _best_accuracy_threshold(score, positive)
+        ax.axvline(min(max(t, 0.0), 1.0), color="#2ca02c", linestyle=":", linewidth=2.0,
+                   label=f"best-accuracy threshold {t:.3f} (acc {best:.3f})")
+    # Headroom above the tallest bar keeps the legend off the histograms.
+    bottom, top = ax.get_ylim()
+    if min(n_pos, n_neg) > 0 and max(n_pos, n_neg) > 5 * min(n_pos, n_neg):
+        ax.set_yscale("log")
+        ax.set_ylim(0.7, top * 6)
+        ax.set_ylabel("count (log)")
+    else:
+        ax.set_ylim(bottom, top * 1.35)
+        ax.set_ylabel("count")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("positive-class score  p(y = 1)")
+    ax.set_title(title or "Positive-class score by true class")
+    ax.legend(loc="upper center", fontsize=8)
     return _save(fig, path)

@@ -10,7 +10,12 @@ import torch
 from PIL import Image
 
 from calibflow.metrics import ReliabilityBins, calibrated_probabilities, reliability_bins, top_label
-from calibflow.plots import confidence_histogram, reliability_diagram
+from calibflow.plots import (
+    binary_score_distributions,
+    class_confidence_histograms,
+    confidence_histogram,
+    reliability_diagram,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +80,60 @@ def test_confidence_histogram_rejects_bad_input(tmp_path: Path) -> None:
         confidence_histogram((np.array([0.9]), np.array([True])), tmp_path / "x.png")
     with pytest.raises(ValueError, match="differ in length"):
         confidence_histogram({"test": (np.array([0.9, 0.8]), np.array([True]))}, tmp_path / "y.png")
+
+
+def test_class_confidence_histograms_small_multiples(tmp_path: Path, logits_labels) -> None:
+    z, y = logits_labels
+    probs = calibrated_probabilities(z, 1.0)
+    names = [f"digit {c}" for c in range(10)]
+    out = class_confidence_histograms(probs, y, tmp_path / "by_class.png", class_names=names)
+    img = _check_png(out, min_size=(1200, 500))
+    assert img.width > img.height  # a 5 x 2 grid of panels
+    # a numpy input with many classes shows only max_classes panels: a smaller figure
+    g = torch.Generator().manual_seed(1)
+    z100 = torch.randn(3000, 100, generator=g, dtype=torch.float64) * 4
+    y100 = torch.multinomial(torch.softmax(z100 / 2.5, dim=1), 1, generator=g).squeeze(1)
+    few = class_confidence_histograms(torch.softmax(z100, 1).numpy(), y100.numpy(), tmp_path / "few.png", max_classes=4)
+    with Image.open(few) as small:
+        assert small.width < img.width and small.height < img.height
+
+
+def test_class_confidence_histograms_rejects_bad_input(tmp_path: Path) -> None:
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    with pytest.raises(ValueError, match="class_names"):
+        class_confidence_histograms(probs, np.array([0, 1]), tmp_path / "x.png", class_names=["a"])
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        class_confidence_histograms(probs, np.array([0, 2]), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="max_classes"):
+        class_confidence_histograms(probs, np.array([0, 1]), tmp_path / "x.png", max_classes=0)
+
+
+def test_binary_score_distributions(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(3000, 2, generator=g, dtype=torch.float64) * 2
+    y = torch.multinomial(torch.softmax(z / 1.5, dim=1), 1, generator=g).squeeze(1)
+    probs = torch.softmax(z, dim=1)
+    _check_png(binary_score_distributions(probs, y, tmp_path / "scores.png"), min_size=(800, 450))
+    # imbalanced (log scale) and 1-D positive-class scores
+    keep = (y == 0) | (torch.rand(3000, generator=g) < 0.1)
+    _check_png(binary_score_distributions(probs[keep, 1].numpy(), y[keep].numpy(), tmp_path / "imb.png"), (800, 450))
+    with pytest.raises(ValueError, match="binary"):
+        binary_score_distributions(np.full((4, 3), 1 / 3), np.array([0, 1, 2, 0]), tmp_path / "k3.png")
+
+
+def test_best_accuracy_threshold() -> None:
+    from calibflow.plots import _best_accuracy_threshold
+
+    score = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    positive = np.array([False, False, True, False, True, True])
+    t, acc = _best_accuracy_threshold(score, positive)
+    # brute force over every cut
+    best = max(np.mean((score > c) == positive) for c in np.concatenate([[0.0], score]))
+    assert acc == pytest.approx(best) and np.mean((score > t) == positive) == pytest.approx(best)
+
+
+def test_reliability_diagram_panel_titles_for_other_calibrators(tmp_path: Path, logits_labels) -> None:
+    z, y = logits_labels
+    bins = reliability_bins(calibrated_probabilities(z, 1.0), y)
+    out = reliability_diagram(bins, bins, tmp_path / "vector.png", panel_titles=("uncalibrated", "after vector scaling"))
+    _check_png(out, min_size=(1000, 600))

@@ -17,7 +17,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: run test setup data ui prefect-ui lock bench clean
+.PHONY: run test setup data ui prefect-ui serve lock bench clean
 
 run: $(STAMP) data
 	calibflow run $(ARGS)
@@ -43,6 +43,11 @@ ui: $(STAMP)
 
 prefect-ui: $(STAMP)
 	prefect server start --host 127.0.0.1 --port 4200
+
+# Serve the scheduled retraining deployment (params.yaml `schedule:`) from this checkout until
+# stopped. Needs a Prefect server: `make prefect-ui` in another terminal is the default one.
+serve: $(STAMP) data
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} calibflow schedule $(ARGS)
 
 # Re-resolve the pinned versions from pyproject.toml's direct dependencies (needs the registries).
 lock:

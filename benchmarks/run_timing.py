@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORK_TASKS = ("train-model", "collect-logits", "fit-temperature", "evaluate-calibration")
+WORK_TASKS = ("train-model", "collect-logits", "fit-calibration", "evaluate-calibration")
 
 
 def import_seconds() -> float:

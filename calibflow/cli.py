@@ -99,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"calibflow: {error}", file=sys.stderr)
         return EXIT_USAGE
 
+    from mlflow.exceptions import MlflowException
+
     from calibflow.manifest import ManifestError
     from calibflow.validation import DataValidationError
     from calibflow.versioning import DataVersionError
@@ -112,6 +114,12 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     except (DataVersionError, ManifestError, ConfigError) as error:
         print(f"\ncalibflow: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
+        from calibflow import registry
+
+        print(f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
+              f"alias moved. {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(result, indent=2))
     return EXIT_OK

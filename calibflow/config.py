@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 
 SPLIT_NAMES = ("train", "val", "calibration", "test")
+# Sections that decide what happens to a model, not what model is built (left out of params_hash).
+OPERATIONAL_SECTIONS = ("gates", "promotion", "registry", "schedule")
 
 
 class ConfigError(ValueError):
@@ -71,7 +73,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    method: Literal["temperature"] = "temperature"
+    # auto: the method with the best cross-validated NLL on the calibration split (one-SE rule,
+    # so temperature unless a richer method is clearly better); platt and beta: binary tasks only.
+    method: Literal["temperature", "vector", "matrix", "histogram", "isotonic", "platt", "beta", "auto"] = "temperature"
     # Search range for T. An optimum on the boundary means no interior minimum exists (for
     # example every calibration prediction is right with a wide margin): that is an error.
     min_temperature: float = 0.05
@@ -143,7 +147,11 @@ class Config:
 
     @property
     def params_hash(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Hash of the sections that shape the model (seed, data, split, model, train, calibration,
+        evaluation): two runs with the same hash, data and code build the same model, whatever
+        their gates, promotion policy, registry names or schedule."""
+        shaping = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
+        canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

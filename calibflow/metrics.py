@@ -303,6 +303,15 @@ def calibration_report(
     }
 
 
+def probability_report(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_N_BINS) -> dict[str, float]:
+    """``accuracy``, ``nll`` (:func:`probability_nll`), ``brier``, ``ece`` and ``mce`` of probabilities:
+    what the flow logs for any calibrator, and what a registered model's predictions are checked
+    against, so both sides compute the same numbers the same way."""
+    p, y = _probs_and_labels(probs, labels)
+    return {"accuracy": accuracy(p, y), "nll": probability_nll(p, y), "brier": brier_score(p, y),
+            "ece": expected_calibration_error(p, y, n_bins), "mce": maximum_calibration_error(p, y, n_bins)}
+
+
 def probability_nll(probs: ArrayLike, labels: ArrayLike, eps: float | None = None) -> float:
     """Mean negative log-likelihood of probabilities, ``-(1/N) sum_i log clip(p_iy_i, eps, 1 - eps)``.
 

@@ -18,14 +18,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from calibflow.calibration import TemperatureFit, fit_temperature
+from calibflow.calibration import CalibrationError
+from calibflow.calibrators import calibrator_from_state, fit_calibrator
 from calibflow.config import CalibrationConfig, Config, DataConfig, GatesConfig, SplitConfig
 from calibflow.gates import GateVerdict
 from calibflow.images import load_images
 from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
-from calibflow.metrics import calibration_report, reliability_bins, calibrated_probabilities, top_label
+from calibflow.metrics import calibrated_probabilities, probability_nll, probability_report, reliability_bins, top_label
 from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
-from calibflow.plots import confidence_histogram, reliability_diagram
+from calibflow.plots import (binary_score_distributions, class_confidence_histograms, confidence_histogram,
+                             reliability_diagram)
 from calibflow.promotion import GateReport, gate_logits
 from calibflow.splits import Split, stratified_split
 from calibflow.training import EpochStats, collect_logits, resolve_runtime, train_classifier
@@ -148,12 +150,13 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     return str(out_path)
 
 
-def gate_run(model_name: str, test_logits_path: str, temperature: float, data_dir: str, manifest_path: str,
-             split_path: str, gates: GatesConfig, n_bins: int) -> GateReport:
+def gate_run(model_name: str, test_logits_path: str, calibration: CalibrationRecord, data_dir: str,
+             manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int) -> GateReport:
     """The run's gate step: `calibflow gate`'s implementation on this run's cached test logits."""
     with np.load(test_logits_path) as saved:
         logits, rows = saved["logits"], saved["indices"]
-    return gate_logits(model_name, logits, temperature, rows, data_dir, manifest_path, split_path, gates, n_bins)
+    probabilities = load_calibrator(calibration.state_path).transform(logits).numpy()
+    return gate_logits(model_name, probabilities, rows, data_dir, manifest_path, split_path, gates, n_bins)
 
 
 def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -161,41 +164,77 @@ def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
         return saved["logits"], saved["labels"]
 
 
-def fit_calibration(logits_path: str, calibration: CalibrationConfig) -> TemperatureFit:
+@dataclass(frozen=True)
+class CalibrationRecord:
+    method: str
+    state_path: str  # the fitted calibrator (calibrator_from_state), saved with the model
+    temperature: float | None  # temperature scaling's T, None for other methods
+    nll_before: float  # calibration split, uncalibrated softmax
+    nll_after: float  # calibration split, calibrated
+    selection: tuple[dict, ...] = ()  # method auto: the cross-validation comparison
+
+
+def fit_calibration(logits_path: str, calibration: CalibrationConfig, out_path: str) -> CalibrationRecord:
+    """Fit `calibration.method` on the calibration logits. Whatever the method, a fit that does not
+    lower the calibration NLL is an error, not a model."""
     logits, labels = load_logits(logits_path)
-    return fit_temperature(logits, labels, calibration.min_temperature, calibration.max_temperature)
+    options = ({"min_temperature": calibration.min_temperature, "max_temperature": calibration.max_temperature}
+               if calibration.method == "temperature" else {})
+    calibrator = fit_calibrator(calibration.method, logits, labels, **options)
+    nll_before = probability_nll(calibrated_probabilities(logits, 1.0), labels)
+    nll_after = probability_nll(calibrator.transform(logits), labels)
+    if not nll_after <= nll_before + 1e-12:
+        raise CalibrationError(f"{calibrator.method} calibration raised the calibration NLL ({nll_before:.6f} -> "
+                               f"{nll_after:.6f}); use calibration.method=temperature or enlarge the calibration split")
+    Path(out_path).write_text(json.dumps(calibrator.to_state()))
+    return CalibrationRecord(method=calibrator.method, state_path=str(out_path),
+                             temperature=getattr(calibrator, "temperature", None), nll_before=nll_before,
+                             nll_after=nll_after, selection=tuple(calibrator.selection or ()))
+
+
+def load_calibrator(state_path: str):
+    return calibrator_from_state(json.loads(Path(state_path).read_text()))
 
 
 @dataclass(frozen=True)
 class Evaluation:
     before: dict[str, float]
     after: dict[str, float]
-    reliability_diagram: str
-    confidence_histogram: str
+    plots: tuple[str, ...]
 
 
-def evaluate_calibration(logits_path: str, temperature: float, n_bins: int, out_dir: str) -> Evaluation:
-    """Test-split metrics before (T = 1) and after calibration, and the two diagnostic plots."""
+def evaluate_calibration(logits_path: str, calibration: CalibrationRecord, n_bins: int, out_dir: str,
+                         class_names: tuple[str, ...] = ()) -> Evaluation:
+    """Test-split metrics before (plain softmax) and after calibration, and the diagnostic plots."""
     logits, labels = load_logits(logits_path)
-    before = calibration_report(logits, labels, 1.0, n_bins)
-    after = calibration_report(logits, labels, temperature, n_bins)
-    bins = {name: reliability_bins(calibrated_probabilities(logits, t), labels, n_bins)
-            for name, t in (("before", 1.0), ("after", temperature))}
+    probabilities = {"before": calibrated_probabilities(logits, 1.0),
+                     "after": load_calibrator(calibration.state_path).transform(logits)}
+    before, after = (probability_report(probabilities[k], labels, n_bins) for k in ("before", "after"))
+    bins = {k: reliability_bins(p, labels, n_bins) for k, p in probabilities.items()}
     out = Path(out_dir)
-    diagram = reliability_diagram(bins["before"], bins["after"], out / "reliability_diagram.png",
-                                  title=f"test split, T = {temperature:.3f}")
+    described = f"T = {calibration.temperature:.3f}" if calibration.temperature else calibration.method
+    plots = [reliability_diagram(bins["before"], bins["after"], out / "reliability_diagram.png",
+                                 title=f"test split, {described}",
+                                 panel_titles=("before calibration", f"after {calibration.method} calibration"))]
     panels = {}
-    for name, t in (("before", 1.0), ("after", temperature)):
-        confidence, prediction = top_label(calibrated_probabilities(logits, t))
+    for name, p in probabilities.items():
+        confidence, prediction = top_label(p)
         panels[name] = (confidence.numpy(), (prediction.numpy() == labels))
-    histogram = confidence_histogram(panels, out / "confidence_histogram.png", title="top-label confidence, test split")
-    return Evaluation(before=before, after=after, reliability_diagram=str(diagram), confidence_histogram=str(histogram))
+    plots.append(confidence_histogram(panels, out / "confidence_histogram.png", title="top-label confidence, test split"))
+    plots.append(class_confidence_histograms(probabilities["after"], labels, out / "class_confidence_histograms.png",
+                                             class_names=list(class_names) or None,
+                                             title="calibrated confidence by true class, test split"))
+    if logits.shape[1] == 2:
+        plots.append(binary_score_distributions(probabilities["after"], labels, out / "binary_score_distributions.png",
+                                                title="calibrated positive-class score, test split"))
+    return Evaluation(before=before, after=after, plots=tuple(str(p) for p in plots))
 
 
-def write_metrics_report(path: str, evaluation: Evaluation, fit: TemperatureFit, verdict: GateVerdict) -> str:
+def write_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationRecord, verdict: GateVerdict) -> str:
     """reports/metrics.json (a DVC metric). Written to a temporary file and renamed, so a crash
     mid-write never leaves a truncated report behind."""
     report = {
+        "calibration_method": fit.method,
         "temperature": fit.temperature,
         "calibration": {"nll_before": fit.nll_before, "nll_after": fit.nll_after},
         "test": {"before": evaluation.before, "after": evaluation.after},
@@ -231,14 +270,14 @@ def unchanged_build(champion_tags: dict[str, str], data_hash: str, params_hash: 
 
 
 def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Config, git_commit: str,
-                 fit: TemperatureFit, evaluation: Evaluation) -> dict[str, str]:
+                 fit: CalibrationRecord, evaluation: Evaluation) -> dict[str, str]:
     """What a registered version carries: its lineage and the numbers its gate read (floats as
     repr, so they survive the round trip through a string tag exactly)."""
     return {
         "data_hash": data.dvc_hash, "data_path": data.path, "data_rev": data.rev, "git_commit": git_commit,
         "params_hash": config.params_hash, "seed": str(config.seed), "split_digest": split.digest,
         "manifest_fingerprint": manifest.fingerprint, "n_bins": str(config.evaluation.n_bins),
-        "temperature": repr(fit.temperature),
+        "calibration_method": fit.method, "temperature": repr(fit.temperature) if fit.temperature else "",
         "ece_pre": repr(evaluation.before["ece"]), "ece_post": repr(evaluation.after["ece"]),
         "accuracy": repr(evaluation.after["accuracy"]), "nll_pre": repr(evaluation.before["nll"]),
         "nll_post": repr(evaluation.after["nll"]), "brier_post": repr(evaluation.after["brier"]),
@@ -247,10 +286,11 @@ def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Con
 
 
 def summary_markdown(run_id: str, tracking_uri: str, outcome: str, evaluation: Evaluation | None,
-                     fit: TemperatureFit | None, verdict: GateVerdict | None, version=None) -> str:
+                     fit: CalibrationRecord | None, verdict: GateVerdict | None, version=None) -> str:
     lines = [f"# calibflow run: {outcome}", "", f"MLflow run `{run_id}` at `{tracking_uri}`", ""]
     if fit is not None:
-        lines += [f"Temperature **{fit.temperature:.4f}** (calibration NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})", ""]
+        what = f"temperature **{fit.temperature:.4f}**" if fit.temperature else f"**{fit.method}** calibration"
+        lines += [f"Calibrated with {what} (calibration NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})", ""]
     if evaluation is not None:
         lines += ["| test split | before | after |", "| --- | --- | --- |"]
         lines += [f"| {name} | {evaluation.before[name]:.4f} | {evaluation.after[name]:.4f} |" for name in evaluation.after]

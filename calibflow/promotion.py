@@ -25,7 +25,6 @@ from calibflow import registry
 from calibflow.config import GatesConfig
 from calibflow.gates import GateVerdict, Predictions, evaluate_gates
 from calibflow.manifest import load_manifest
-from calibflow.metrics import calibrated_probabilities
 from calibflow.reproduce import predict_rows, rebuild_test_split
 from calibflow.splits import Split
 
@@ -139,16 +138,15 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
     return GateReport(model_name, candidate.version, champion.version if champion else None, excluded, verdict)
 
 
-def gate_logits(model_name: str, test_logits: np.ndarray, temperature: float, test_rows: np.ndarray,
-                data_dir: str, manifest_path: str, split_path: str, gates: GatesConfig,
-                n_bins: int = 15) -> GateReport:
+def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndarray, data_dir: str,
+                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = 15) -> GateReport:
     """The flow's gate step: the candidate is not registered yet, so its probabilities come from
-    its cached test logits (the same numbers its pyfunc serves, as `calibflow evaluate` checks);
-    the champion comes from the registry. Same evaluation set and the same `evaluate_gates`."""
+    its cached test logits and fitted calibrator (the same numbers its pyfunc serves, as
+    `calibflow evaluate` checks); the champion comes from the registry. Same evaluation set and
+    the same `evaluate_gates`."""
     manifest = load_manifest(manifest_path)
     champion = registry.alias_record(model_name, registry.CHAMPION)
     labels = manifest["label_index"].to_numpy()[test_rows]
-    candidate_probs = calibrated_probabilities(test_logits, temperature).numpy()
     comparison, excluded = _comparison(model_name, champion, candidate_probs, test_rows, manifest,
                                        Split.load(split_path), data_dir, required=False)
     verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)

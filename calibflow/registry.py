@@ -27,11 +27,6 @@ CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 STATUS_TAG = "calibflow.status"
 
-# The tags every registered version carries: enough to rebuild it and to gate it again.
-LINEAGE_TAGS = ("data_hash", "data_path", "data_rev", "git_commit", "params_hash", "seed", "split_digest",
-                "manifest_fingerprint")
-METRIC_TAGS = ("ece_pre", "ece_post", "accuracy", "temperature", "nll_pre", "nll_post", "brier_post", "mce_post")
-
 
 _DEFAULT_URI_SET: str | None = None  # mlflow.set_tracking_uri also exports the URI to the environment
 
@@ -49,6 +44,10 @@ def configure_tracking(repo_root: str | Path = ".") -> str:
         uri = _DEFAULT_URI_SET = f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
 
 
 def client() -> MlflowClient:
@@ -113,10 +112,12 @@ def download_run_artifact(run_id: str, artifact_path: str, destination: str | Pa
 
 
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc: a batch of uint8 images (N, H, W, C) in, calibrated class probabilities
-    softmax(logits / T) (N, K) out, float64."""
+    """pyfunc: a batch of uint8 images (N, H, W, C) in, calibrated class probabilities (N, K)
+    out, float64: the network's fp32 logits through the fitted calibrator (softmax(logits / T)
+    for temperature scaling)."""
 
     def load_context(self, context) -> None:
+        from calibflow.calibrators import calibrator_from_state
         from calibflow.models import load_checkpoint
 
         checkpoint = load_checkpoint(context.artifacts["checkpoint"])
@@ -124,19 +125,18 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         self.classes = checkpoint.classes
         self.image_mode = checkpoint.image_mode
         self.image_size = (checkpoint.spec.image_width, checkpoint.spec.image_height)
-        self.temperature = float(json.loads(Path(context.artifacts["calibration"]).read_text())["temperature"])
+        self.calibrator = calibrator_from_state(json.loads(Path(context.artifacts["calibration"]).read_text()))
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         import torch
 
-        from calibflow.metrics import calibrated_probabilities
         from calibflow.training import collect_logits
 
         images = np.asarray(model_input, dtype=np.uint8)
         if images.ndim != 4:
             raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
         logits = collect_logits(self.model, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
-        return calibrated_probabilities(logits, self.temperature).numpy()
+        return self.calibrator.transform(logits).numpy()
 
 
 @dataclass(frozen=True)
@@ -147,18 +147,16 @@ class RegisteredVersion:
     model_uri: str
 
 
-def log_calibrated_model(run_id: str, checkpoint_path: str | Path, temperature: float, input_example: np.ndarray,
-                         work_dir: str | Path) -> str:
-    """Log the pyfunc (checkpoint + temperature + the calibflow code) to the run; return its URI."""
+def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_state_path: str | Path,
+                         input_example: np.ndarray) -> str:
+    """Log the pyfunc (checkpoint + fitted calibrator + the calibflow code) to the run; return its URI."""
     import torch
     import torchvision
 
     import calibflow
 
-    calibration_path = Path(work_dir) / "calibration.json"
-    calibration_path.write_text(json.dumps({"method": "temperature", "temperature": temperature}))
     model = CalibratedImageClassifier()
-    artifacts = {"checkpoint": str(checkpoint_path), "calibration": str(calibration_path)}
+    artifacts = {"checkpoint": str(checkpoint_path), "calibration": str(calibrator_state_path)}
     # Build the signature from a real prediction so input and output specs are exact.
     model.load_context(type("Context", (), {"artifacts": artifacts})())
     signature = infer_signature(input_example, model.predict(None, input_example))
@@ -174,7 +172,9 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, temperature: 
             pip_requirements=[f"torch=={version(torch.__version__)}", f"torchvision=={version(torchvision.__version__)}",
                               f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}", "pillow"],
             metadata={"classes": model.classes, "image_mode": model.image_mode,
-                      "image_size": list(model.image_size), "temperature": temperature,
+                      "calibration_method": model.calibrator.method,
+                      "image_size": list(model.image_size),
+                      "temperature": getattr(model.calibrator, "temperature", None),
                       "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)"},
         )
     return info.model_uri

@@ -17,7 +17,7 @@ import pandas as pd
 from calibflow import registry
 from calibflow.images import decode_image, load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint
-from calibflow.metrics import brier_score, expected_calibration_error, maximum_calibration_error
+from calibflow.metrics import probability_report
 from calibflow.splits import Split
 from calibflow.versioning import DataVersion, resolve_recorded_data
 
@@ -36,19 +36,6 @@ class Reproduction:
         if self.recomputed["accuracy"] != self.logged["accuracy"]:
             problems.append(f"accuracy {self.recomputed['accuracy']!r} != logged {self.logged['accuracy']!r}")
         return problems
-
-
-def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    labels = np.asarray(labels)
-    picked = probabilities[np.arange(len(labels)), labels]
-    return {
-        "accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
-        "nll": float(-np.mean(np.log(np.clip(picked, np.finfo(np.float64).tiny, None)))),
-        "brier": brier_score(probabilities, labels),
-        "ece": expected_calibration_error(probabilities, labels, n_bins),
-        "mce": maximum_calibration_error(probabilities, labels, n_bins),
-    }
 
 
 def predict_in_batches(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -90,7 +77,7 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     probabilities = predict_rows(model_uri, rebuilt.data.local_dir, rebuilt.manifest, rows)
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     tags = record.tags
-    recomputed = metrics_from_probabilities(probabilities, labels, int(tags.get("n_bins", 15)))
+    recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", 15)))
     logged = {"ece": float(tags["ece_post"]), "accuracy": float(tags["accuracy"]), "nll": float(tags["nll_post"]),
               "brier": float(tags["brier_post"]), "mce": float(tags["mce_post"])}
     return Reproduction(model_uri=model_uri, version=record.version, recomputed=recomputed, logged=logged)

@@ -1,7 +1,8 @@
 """The calibflow pipeline as a Prefect flow, top to bottom:
 
 DVC-pinned images -> manifest -> stratified split -> Great Expectations checks -> train ->
-logits (calibration, test) -> temperature -> evaluate before/after -> gates -> MLflow registry.
+logits (calibration, test) -> calibrator (temperature by default) -> evaluate before/after -> gates
+-> MLflow registry.
 
 Absolute gates decide registration; the gates against the champion decide promotion: with
 promotion.auto a run that passes them all becomes @champion, otherwise it stays @challenger
@@ -18,7 +19,7 @@ from prefect.runtime import flow_run
 
 from calibflow.config import load_config
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
-from tasks.modeling import apply_gates, collect_logits, evaluate_calibration, fit_temperature, train_model
+from tasks.modeling import apply_gates, collect_logits, evaluate_calibration, fit_calibration, train_model
 from calibflow.registry import CHALLENGER
 from tasks.tracking import (find_unchanged_champion, finish_run, promote_to_champion, publish_summary, register_model,
                             start_run, write_metrics_report)
@@ -26,6 +27,17 @@ from tasks.tracking import (find_unchanged_champion, finish_run, promote_to_cham
 
 class GatesFailed(RuntimeError):
     """The calibrated model did not pass params.yaml's gates; it was not registered."""
+
+
+def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
+    """Tag the MLflow run failed and publish the summary, best effort: when the store itself is
+    what failed, these fail too, and the error to report is still the original one."""
+    try:
+        finish_run(run, "failed", reason=f"{type(error).__name__}: {error}")
+        publish_summary(run, f"failed ({type(error).__name__})", evaluation, fit, verdict)
+    except Exception as secondary:
+        print(f"could not record the failure in MLflow ({type(secondary).__name__}: {secondary}); "
+              f"the MLflow run {run.run_id} may still show as running")
 
 
 @flow(name="calibflow-train", log_prints=True)
@@ -53,8 +65,8 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
         test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
 
-        fit = fit_temperature(calibration_logits, config, run.run_id)
-        evaluation = evaluate_calibration(test_logits, fit, config, run.work_dir, run.run_id)
+        fit = fit_calibration(calibration_logits, config, run.work_dir, run.run_id)
+        evaluation = evaluate_calibration(test_logits, fit, manifest, config, run.work_dir, run.run_id)
         gate = apply_gates(test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id)
         verdict = gate.verdict
         if not verdict.absolute_passed:
@@ -65,10 +77,10 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
             promote_to_champion(version, gate, run.work_dir)
         write_metrics_report(repo_root, evaluation, fit, verdict)
     except Exception as error:
-        finish_run(run, "failed", reason=f"{type(error).__name__}: {error}")
-        publish_summary(run, f"failed ({type(error).__name__})", evaluation, fit, verdict)
+        record_failure(run, error, evaluation, fit, verdict)
         raise
     finish_run(run, "succeeded")
     publish_summary(run, "registered", evaluation, fit, verdict, version)
     return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name, "version": version.version, "alias": version.alias,
-            "temperature": fit.temperature, "test_before": evaluation.before, "test_after": evaluation.after}
+            "calibration_method": fit.method, "temperature": fit.temperature, "test_before": evaluation.before,
+            "test_after": evaluation.after}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from calibflow import pipeline, registry
-from calibflow.calibration import TemperatureFit
 from calibflow.config import Config
 from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
@@ -41,25 +42,35 @@ def collect_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: 
                                        config.train.device)
 
 
-@task(name="fit-temperature", cache_policy=NO_CACHE)
-def fit_temperature(calibration_logits: str, config: Config, run_id: str) -> TemperatureFit:
-    fit = pipeline.fit_calibration(calibration_logits, config.calibration)
-    registry.log_metrics(run_id, {"temperature": fit.temperature, "calibration_nll_before": fit.nll_before,
-                                  "calibration_nll_after": fit.nll_after})
-    get_run_logger().info("temperature %.4f: calibration NLL %.4f -> %.4f (%d iterations)", fit.temperature,
-                          fit.nll_before, fit.nll_after, fit.iterations)
+@task(name="fit-calibration", cache_policy=NO_CACHE)
+def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_id: str) -> pipeline.CalibrationRecord:
+    fit = pipeline.fit_calibration(calibration_logits, config.calibration, f"{work_dir}/calibration.json")
+    metrics = {"calibration_nll_before": fit.nll_before, "calibration_nll_after": fit.nll_after}
+    if fit.temperature:
+        metrics["temperature"] = fit.temperature
+    metrics.update({f"cv_nll_{row['method']}": row["cv_nll_mean"] for row in fit.selection
+                    if row.get("cv_nll_mean") is not None})
+    registry.log_metrics(run_id, metrics)
+    registry.set_tags(run_id, {"calibration_method": fit.method})
+    if fit.selection:  # method auto: keep the comparison table with the run
+        selection = f"{work_dir}/calibration_selection.json"
+        with open(selection, "w") as handle:
+            json.dump(list(fit.selection), handle, indent=2, default=str)
+        registry.log_artifact(run_id, selection, "calibration")
+    get_run_logger().info("%s calibration%s: calibration NLL %.4f -> %.4f", fit.method,
+                          f" (T = {fit.temperature:.4f})" if fit.temperature else "", fit.nll_before, fit.nll_after)
     return fit
 
 
 @task(name="evaluate-calibration", cache_policy=NO_CACHE)
-def evaluate_calibration(test_logits: str, fit: TemperatureFit, config: Config, work_dir: str,
-                         run_id: str) -> pipeline.Evaluation:
-    evaluation = pipeline.evaluate_calibration(test_logits, fit.temperature, config.evaluation.n_bins, work_dir)
+def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, manifest: pipeline.ManifestRecord,
+                         config: Config, work_dir: str, run_id: str) -> pipeline.Evaluation:
+    evaluation = pipeline.evaluate_calibration(test_logits, fit, config.evaluation.n_bins, work_dir, manifest.classes)
     registry.log_metrics(run_id, {f"test_{name}_{when}": value
                                   for when, metrics in (("before", evaluation.before), ("after", evaluation.after))
                                   for name, value in metrics.items()})
-    registry.log_artifact(run_id, evaluation.reliability_diagram, "plots")
-    registry.log_artifact(run_id, evaluation.confidence_histogram, "plots")
+    for plot in evaluation.plots:
+        registry.log_artifact(run_id, plot, "plots")
     get_run_logger().info("test ECE %.4f -> %.4f, accuracy %.4f", evaluation.before["ece"], evaluation.after["ece"],
                           evaluation.after["accuracy"])
     return evaluation
@@ -67,9 +78,10 @@ def evaluate_calibration(test_logits: str, fit: TemperatureFit, config: Config, 
 
 @task(name="check-gates", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
       cache_policy=NO_CACHE)
-def apply_gates(test_logits: str, fit: TemperatureFit, data: DataVersion, manifest: pipeline.ManifestRecord,
-                split: pipeline.SplitRecord, config: Config, work_dir: str, run_id: str) -> GateReport:
-    report = pipeline.gate_run(config.registry.model_name, test_logits, fit.temperature, data.local_dir, manifest.path,
+def apply_gates(test_logits: str, fit: pipeline.CalibrationRecord, data: DataVersion,
+                manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
+                run_id: str) -> GateReport:
+    report = pipeline.gate_run(config.registry.model_name, test_logits, fit, data.local_dir, manifest.path,
                                split.path, config.gates, config.evaluation.n_bins)
     registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
     registry.set_tags(run_id, {"gates": "passed" if report.passed else "failed",

@@ -14,7 +14,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from calibflow import pipeline, promotion, registry
-from calibflow.calibration import TemperatureFit
 from calibflow.config import Config
 from calibflow.gates import GateVerdict
 from calibflow.promotion import GateReport
@@ -83,11 +82,11 @@ def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) 
 
 
 @task(name="register-model", **STORE_RETRIES)
-def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: TemperatureFit,
+def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipeline.CalibrationRecord,
                    evaluation: pipeline.Evaluation, data: DataVersion, manifest: pipeline.ManifestRecord,
                    split: pipeline.SplitRecord, config: Config) -> registry.RegisteredVersion:
     example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
-    model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.temperature, example, run.work_dir)
+    model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example)
     tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation)
     version = registry.register_version(model_uri, config.registry.model_name, tags)
     registry.set_tags(run.run_id, {"registered_version": version.version, "registered_alias": version.alias})
@@ -105,7 +104,7 @@ def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport, w
 
 
 @task(name="write-metrics-report", cache_policy=NO_CACHE)
-def write_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: TemperatureFit,
+def write_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: pipeline.CalibrationRecord,
                          verdict: GateVerdict) -> str:
     return pipeline.write_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict)
 
@@ -117,7 +116,7 @@ def finish_run(run: RunContext, outcome: str, reason: str = "") -> None:
 
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
 def publish_summary(run: RunContext, outcome: str, evaluation: pipeline.Evaluation | None = None,
-                    fit: TemperatureFit | None = None, verdict: GateVerdict | None = None,
+                    fit: pipeline.CalibrationRecord | None = None, verdict: GateVerdict | None = None,
                     version: registry.RegisteredVersion | None = None) -> None:
     create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary",
                              markdown=pipeline.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit,

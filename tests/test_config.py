@@ -77,3 +77,10 @@ def test_flat_view_uses_dotted_keys():
 def test_missing_params_file_says_where(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_params_hash_ignores_what_happens_to_the_model_after_it_is_built():
+    base = load_config("params.yaml").params_hash
+    for override in ("gates.max_ece=0.2", "promotion.auto=true", "schedule.cron=0 3 * * *", "registry.model_name=x"):
+        assert load_config("params.yaml", [override]).params_hash == base, override
+    assert load_config("params.yaml", ["calibration.max_temperature=10"]).params_hash != base

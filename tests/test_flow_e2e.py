@@ -182,3 +182,25 @@ def test_unchanged_retrain_is_skipped_unless_forced(tiny_repo, capsys):
 
     assert calibflow(["run", "--repo", str(tiny_repo), "--force"]) == 0
     assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]
+
+
+def test_other_calibrators_are_registered_and_served_and_auto_logs_its_comparison(tiny_repo, tmp_path):
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.method=vector"]) == 0
+    client = mlflow_client(tiny_repo)
+    vector = client.get_model_version_by_alias(MODEL, "champion")
+    assert vector.tags["calibration_method"] == "vector" and vector.tags["temperature"] == ""
+    # The served pyfunc applies the saved vector-scaling calibrator: a fresh process reproduces the metrics.
+    out = tmp_path / "evaluate.json"
+    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
+                                "--json", str(out)], capture_output=True, text=True, cwd=tiny_repo)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(out.read_text())["mismatches"] == []
+
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.method=auto", "--set", "seed=1"]) == 0
+    auto = client.get_model_version_by_alias(MODEL, "challenger")
+    table = json.loads(Path(registry.download_run_artifact(auto.run_id, "calibration/calibration_selection.json",
+                                                           tmp_path)).read_text())
+    methods = {row["method"] for row in table}
+    assert {"temperature", "vector", "matrix", "histogram", "isotonic"} <= methods
+    assert auto.tags["calibration_method"] in methods
+    assert sum(bool(row["selected"]) for row in table) == 1

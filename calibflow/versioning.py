@@ -93,13 +93,17 @@ def resolve_data(repo_root: str | Path, data_path: str, rev: str | None = None, 
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_root))
         try:
             fs.get(data_path, str(staging / "data"), recursive=True)
+            os.replace(staging / "data", target)
         except FileNotFoundError as error:
-            shutil.rmtree(staging, ignore_errors=True)
             raise DataVersionError(
                 f"the files of {data_path!r} at {rev} (DVC hash {dvc_hash}) are in neither the local DVC cache nor a "
                 f"remote: run `dvc fetch --rev {rev}` (or `dvc pull`) with a remote configured") from error
-        os.replace(staging / "data", target)
-        shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process materialised the same version first; content-addressed, so identical.
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return DataVersion(path=data_path, local_dir=str(target), dvc_hash=dvc_hash, rev=commit, requested_rev=rev)
 
 
@@ -135,7 +139,16 @@ def _workspace_rev(repo_root: Path, data_path: str, dvc_hash: str) -> str:
 
 
 def resolve_recorded_data(repo_root: str | Path, data_path: str, rev: str, dvc_hash: str) -> DataVersion:
-    """Materialise the data a run recorded and check it is byte-for-byte the same version."""
+    """Materialise the data a run recorded and check it is byte-for-byte the same version. When
+    the working tree holds exactly that version (same DVC hash, nothing uncommitted), it is read
+    in place rather than copied out of the cache."""
+    if rev != WORKSPACE:
+        try:
+            in_place = resolve_data(repo_root, data_path, None)
+        except DataVersionError:
+            in_place = None
+        if in_place is not None and in_place.dvc_hash == dvc_hash:
+            return DataVersion(in_place.path, in_place.local_dir, dvc_hash, rev, rev)
     version = resolve_data(repo_root, data_path, None if rev == WORKSPACE else rev)
     if version.dvc_hash != dvc_hash:
         raise DataVersionError(

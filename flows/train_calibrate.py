@@ -18,9 +18,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from calibflow.config import load_config
+from calibflow.registry import CHALLENGER
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import apply_gates, collect_logits, evaluate_calibration, fit_calibration, train_model
-from calibflow.registry import CHALLENGER
 from tasks.tracking import (find_unchanged_champion, finish_run, promote_to_champion, publish_summary, register_model,
                             start_run, write_metrics_report)
 
@@ -81,6 +81,6 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         raise
     finish_run(run, "succeeded")
     publish_summary(run, "registered", evaluation, fit, verdict, version)
-    return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name, "version": version.version, "alias": version.alias,
-            "calibration_method": fit.method, "temperature": fit.temperature, "test_before": evaluation.before,
+    return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name,
+            "version": version.version, "alias": version.alias, "calibration_method": fit.method, "temperature": fit.temperature, "test_before": evaluation.before,
             "test_after": evaluation.after}

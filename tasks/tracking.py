@@ -95,9 +95,16 @@ def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipelin
 
 
 @task(name="promote-to-champion", **STORE_RETRIES)
-def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport, work_dir: str) -> promotion.Promotion:
-    """promotion.auto: the gate passed against the champion, so move @champion (compare-and-swap)."""
-    moved = promotion.promote(version.name, version.version, gate.champion, gate.save(f"{work_dir}/gates.json"))
+def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport,
+                        work_dir: str) -> promotion.Promotion | None:
+    """promotion.auto: the gate passed against the champion, so move @champion (compare-and-swap).
+    If another promotion moved it meanwhile, this version stays @challenger for CD to gate again:
+    the run itself succeeded, and its registered version is valid."""
+    try:
+        moved = promotion.promote(version.name, version.version, gate.champion, gate.save(f"{work_dir}/gates.json"))
+    except registry.PromotionConflict as conflict:
+        get_run_logger().warning("not promoted, stays @challenger: %s", conflict)
+        return None
     get_run_logger().info("promoted %s version %s to @champion (was %s)", moved.model, moved.champion,
                           moved.previous_champion)
     return moved

@@ -204,3 +204,19 @@ def test_other_calibrators_are_registered_and_served_and_auto_logs_its_compariso
     assert {"temperature", "vector", "matrix", "histogram", "isotonic"} <= methods
     assert auto.tags["calibration_method"] in methods
     assert sum(bool(row["selected"]) for row in table) == 1
+
+
+def test_promotion_auto_moves_the_champion_only_when_every_gate_passes(tiny_repo):
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    strict = ["--set", "promotion.auto=true", "--set", "gates.max_accuracy_drop=-0.5"]  # must beat v1 by 50 points
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "seed=1", *strict]) == 0
+    client = mlflow_client(tiny_repo)
+    assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {
+        "champion": "1", "challenger": "2"}  # registered (absolute gates pass), not promoted
+
+    loose = ["--set", "promotion.auto=true", "--set", "gates.max_accuracy_drop=0.9", "--set", "gates.max_ece_increase=0.9"]
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "seed=2", *loose]) == 0
+    # v3 was registered as @challenger (the alias moved from v2), then took @champion.
+    assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {
+        "champion": "3", "previous-champion": "1"}
+    assert client.get_model_version(MODEL, "3").tags["promoted_from"] == "1"

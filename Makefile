@@ -56,8 +56,11 @@ lock:
 	{ echo "# Exact versions resolved together on Python 3.11 (x86_64). Regenerate: make lock"; \
 	  /tmp/calibflow-lock/bin/pip freeze --exclude-editable; } > requirements.lock
 
+# Where a run's time goes, and calibration speed against netcal/torchmetrics (about 1 minute).
+# The gate's false-promotion/false-rejection rates: python benchmarks/gate_soundness.py (~20 min).
 bench: $(STAMP)
 	python benchmarks/run_timing.py
+	python benchmarks/calibration_speed.py
 
 clean:
 	rm -rf .calibflow reports/metrics.json

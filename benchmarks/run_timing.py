@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     total = imports + flow_wall
 
     print(f"\nmain job on {result['model_name']} (version {result['version']}, @{result['alias']}):")
-    print(f"| part | seconds | share of total |\n| --- | ---: | ---: |")
+    print("| part | seconds | share of total |\n| --- | ---: | ---: |")
     rows = [("imports (fresh interpreter)", imports),
             ("Prefect temporary API start + flow run bookkeeping", server_start),
             *[(f"task {name}", seconds) for name, seconds in sorted(per_task.items(), key=lambda kv: -kv[1])],

@@ -229,7 +229,7 @@ def _promote(args: argparse.Namespace) -> int:
         return report
     _print_gate(report)
     if not report.passed and not args.force:
-        print(f"calibflow promote: gate failed, @champion not moved", file=sys.stderr)
+        print("calibflow promote: gate failed, @champion not moved", file=sys.stderr)
         return EXIT_REJECTED
     with tempfile.TemporaryDirectory() as tmp:
         try:

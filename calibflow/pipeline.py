@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -254,10 +254,6 @@ def input_example(data_dir: str, manifest_path: str, split_path: str, checkpoint
     fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
     images, _, _ = load_split_images(data_dir, manifest_path, split_path, "test", fmt, limit=n)
     return images.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def as_dict(record) -> dict:
-    return asdict(record)
 
 
 def unchanged_build(champion_tags: dict[str, str], data_hash: str, params_hash: str, git_commit: str,

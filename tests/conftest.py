@@ -22,6 +22,9 @@ apply_quiet_defaults()
 # Prefect's home for the tests: kept between runs (its temporary server starts faster with a
 # warm database) but apart from the user's ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", str(REPO / ".calibflow" / "prefect-home-tests"))
+# Prefect creates its SQLite file but not missing parent folders: on a fresh clone .calibflow/
+# does not exist yet, and the temporary API server would fail to open its database.
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 for variable, value in {"GIT_AUTHOR_NAME": "calibflow tests", "GIT_AUTHOR_EMAIL": "tests@calibflow.invalid",
                         "GIT_COMMITTER_NAME": "calibflow tests", "GIT_COMMITTER_EMAIL": "tests@calibflow.invalid"}.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from calibflow.manifest import build_manifest, list_classes
 from calibflow.validation import (
@@ -19,6 +17,7 @@ from calibflow.validation import (
     ValidationReport,
     validate_manifest,
 )
+from tests.test_manifest import png_bytes
 
 CLASSES = ("0", "1", "2")
 PER_CLASS = 12
@@ -32,17 +31,6 @@ CHECK_LABELS = "labels equal the class folders"
 CHECK_MIN = f"every class has at least {MIN_PER_CLASS} images"
 CHECK_LEAK = "no image content appears in two splits"
 CHECK_CONFLICT = "no image content carries two labels"
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (8, 8), mode: str = "L") -> bytes:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    shape = (h, w) if mode == "L" else (h, w, len(mode))
-    arr = rng.integers(0, 256, shape, dtype=np.uint8)
-    arr.reshape(-1)[:4] = np.frombuffer(seed.to_bytes(4, "little"), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -125,7 +125,11 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         self.classes = checkpoint.classes
         self.image_mode = checkpoint.image_mode
         self.image_size = (checkpoint.spec.image_width, checkpoint.spec.image_height)
-        self.calibrator = calibrator_from_state(json.loads(Path(context.artifacts["calibration"]).read_text()))
+        state = json.loads(Path(context.artifacts["calibration"]).read_text())
+        # Versions registered before calibrators were pluggable saved {"method": "temperature",
+        # "temperature": T} only; the class count they lack is the network's.
+        state.setdefault("n_classes", checkpoint.spec.num_classes)
+        self.calibrator = calibrator_from_state(state)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         import torch

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,22 @@ def test_checkpoint_round_trip_gives_the_same_logits(tmp_path):
     loaded = load_checkpoint(path)
     assert loaded.classes == ["a", "b", "c"] and loaded.image_mode == "L" and loaded.spec == SPEC
     torch.testing.assert_close(collect_logits(loaded.model, x), collect_logits(model, x))
+
+
+def test_served_model_loads_the_temperature_only_calibration_state_of_older_versions(tmp_path):
+    """Registered versions from before pluggable calibrators saved {"method", "temperature"} only."""
+    import json
+
+    from calibflow.metrics import calibrated_probabilities
+    from calibflow.registry import CalibratedImageClassifier
+
+    x, y = blobs()
+    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    checkpoint = save_checkpoint(tmp_path / "c.pt", model, SPEC, ["a", "b", "c"], "L")
+    legacy = tmp_path / "calibration.json"
+    legacy.write_text(json.dumps({"method": "temperature", "temperature": 1.7}))
+    served = CalibratedImageClassifier()
+    served.load_context(type("Context", (), {"artifacts": {"checkpoint": str(checkpoint), "calibration": str(legacy)}})())
+    images = x[:5].permute(0, 2, 3, 1).numpy()
+    expected = calibrated_probabilities(collect_logits(model, x[:5]), 1.7).numpy()
+    np.testing.assert_allclose(served.predict(None, images), expected, rtol=1e-12)

@@ -30,10 +30,11 @@ def test_quick_benchmark_runs_and_agrees_with_peers(tmp_path: Path, capsys: pyte
     # netcal fits T by L-BFGS-B with numerical gradients at scipy's default tolerances
     assert t["rel_diff"] < 1e-3, t
     assert 1.5 < t["T_ours"] < 2.5  # labels were drawn at T = 2: an interior optimum
+    assert t["rel_diff_bracketed"] < 1e-9, t  # the ablation solves the same problem
     e = results["ece"]
     # torchmetrics bins float32 confidences on float32 linspace edges: agreement to float32 precision
     assert e["abs_diff"] < 1e-6, e
     ci = results["bootstrap"]["ci"]
     assert ci["low"] <= ci["estimate"] <= ci["high"]
-    for key in ("ours_s", "netcal_s"):
+    for key in ("ours_s", "netcal_s", "bracketed_s"):
         assert t[key] > 0

@@ -70,6 +70,9 @@ def test_matches_scipy_reference_and_is_a_minimum(seed: int, t_true: float, k: i
     fit = fit_temperature(z, y)
     ref = _reference_temperature(z.numpy(), y.numpy())
     assert fit.temperature == pytest.approx(ref, rel=1e-3)
+    # post-calibration NLL: ours is the reference fit's, or lower (Brent stops at xatol)
+    ref_nll = negative_log_likelihood(z, y, ref)
+    assert fit.nll_after == pytest.approx(ref_nll, rel=1e-3) and fit.nll_after <= ref_nll + 1e-15
 
     # Reported NLLs are the metric's NLL at T=1 and at the fit, and the fit lowers it.
     assert fit.nll_before == pytest.approx(negative_log_likelihood(z, y, 1.0), rel=1e-12)
@@ -123,7 +126,11 @@ def test_matches_netcal_temperature_scaling() -> None:
     ts = TemperatureScaling()
     ts.fit(torch.softmax(z, dim=1).numpy(), y.numpy())
     netcal_t = 1.0 / float(np.asarray(ts.temperature).reshape(-1)[0])
-    assert fit_temperature(z, y).temperature == pytest.approx(netcal_t, rel=1e-3)
+    fit = fit_temperature(z, y)
+    assert fit.temperature == pytest.approx(netcal_t, rel=1e-3)
+    # post-calibration NLL: netcal's calibrated probabilities score the same as ours
+    netcal_nll = float(-np.log(ts.transform(torch.softmax(z, dim=1).numpy())[np.arange(len(y)), y.numpy()]).mean())
+    assert fit.nll_after == pytest.approx(netcal_nll, rel=1e-3)
 
 
 def test_shift_invariance_and_scale_equivariance() -> None:

@@ -131,7 +131,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         state.setdefault("n_classes", checkpoint.spec.num_classes)
         self.calibrator = calibrator_from_state(state)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch
 
         from calibflow.training import collect_logits

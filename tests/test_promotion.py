@@ -174,3 +174,12 @@ def test_registry_error_midway_leaves_the_aliases_as_they_were(repo, monkeypatch
     assert len(calls) >= 2
     assert aliases(repo) == before
     assert MlflowClient().search_registered_models(f"name='{MODEL}{registry.LOCK_SUFFIX}'") == []
+
+
+def test_served_model_class_satisfies_mlflow_type_hint_check() -> None:
+    # MLflow 3 warns at class definition when PythonModel.predict has no input type hint; the hint
+    # (np.ndarray) must not make it infer a signature either: the logged one is built from a real
+    # prediction. A fresh interpreter, because the warning fires once, at import.
+    result = subprocess.run([sys.executable, "-W", "always", "-c", "import calibflow.registry"],
+                            capture_output=True, text=True, check=True)
+    assert "Add type hints to the `predict` method" not in result.stderr, result.stderr

@@ -153,9 +153,10 @@ def _constant_rows_error() -> CalibrationError:
 class _Objective:
     """Mean NLL of softmax(beta * z) and its beta-derivatives, one blocked pass over the logits per call.
 
-    Each block is shifted by its rows' maxima (``zc = z - max``): softmax, ``E_p[z] - z_y`` and ``Var_p[z]`` are
-    invariant to a per-row shift, and with ``zc <= 0`` (max exactly 0) ``exp(beta * zc)`` cannot
-    overflow and its row sum is >= 1, so ``log`` of it is safe without a logsumexp pass.
+    Each block is shifted by its rows' maxima (``zc = z - max``): softmax, ``E_p[z] - z_y`` and the
+    central moments of z are invariant to a per-row shift, and with ``zc <= 0`` (max exactly 0)
+    ``exp(beta * zc)`` cannot overflow and its row sum is >= 1, so ``log`` of it is safe without a
+    logsumexp pass.
     """
 
     def __init__(self, z: torch.Tensor, y: torch.Tensor, row_max: torch.Tensor) -> None:
@@ -218,10 +219,10 @@ class _Objective:
         if third:
             # E[(zc - mu)^3] = E[zc^3] - 3 mu E[zc^2] + 2 mu^3
             cube.div_(norm).div_(beta**3)
-            skew = (cube - 3.0 * mean * second + 2.0 * mean * mean_sq).mean()
+            third_central = (cube - 3.0 * mean * second + 2.0 * mean * mean_sq).mean()
         terms = [norm.log_().mean() - beta * self.mean_zc_y, mean.mean() - self.mean_zc_y, var.mean()]
         if third:
-            terms.append(skew)
+            terms.append(third_central)
         # One device->host transfer per pass on CUDA.
         return tuple(torch.stack(terms).tolist())
 

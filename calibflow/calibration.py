@@ -86,7 +86,7 @@ class TemperatureFit:
     temperature: float
     nll_before: float  # mean NLL at T = 1
     nll_after: float  # mean NLL at the fitted T
-    iterations: int  # Newton/bisection steps on the full split (one pass over the logits each)
+    iterations: int  # solver steps on the full split (Halley, Newton or bisection; one pass each)
 
 
 def _checked(logits: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,7 +263,7 @@ def _upper_bound_error(min_t: float, max_t: float) -> CalibrationError:
 class _Root:
     t: float  # log T
     nll: float  # mean NLL at t
-    iterations: int  # full passes after the first
+    iterations: int  # steps taken, as in TemperatureFit.iterations
     nll_at_one: float | None  # NLL(T=1) when the solve evaluated it on the way
 
 

@@ -163,8 +163,8 @@ class _Objective:
         n, k = z.shape
         self.z = z
         self.row_max = row_max.to(torch.float64).unsqueeze(1)
-        self.zc_y = z.gather(1, y[:, None]).squeeze(1).to(torch.float64) - self.row_max.squeeze(1)
-        self.mean_zc_y = float(self.zc_y.mean())
+        zc_y = z.gather(1, y[:, None]).squeeze(1).to(torch.float64) - self.row_max.squeeze(1)
+        self.mean_zc_y = float(zc_y.mean())  # the only use of the labels: the linear term of the NLL
         self.block_rows = n if z.device.type != "cpu" else max(1, min(n, BLOCK_ELEMENTS // k))
         f64 = {"dtype": torch.float64, "device": z.device}
         # Reused by every block of every pass: allocating (and page-faulting) fresh buffers costs
@@ -385,7 +385,7 @@ def fit_temperature(
 
     Solves ``dNLL/dbeta = 0`` (``beta = 1/T``) for ``t = log T`` in
     ``[log min_temperature, log max_temperature]`` in float64 on the logits' device: on splits of
-    at least ``WARM_START_MIN_ROWS`` rows by Newton from a subsample's fit, otherwise (and whenever
+    at least ``WARM_START_MIN_ROWS`` rows by Halley's method from a subsample's fit, otherwise (and whenever
     that does not converge cleanly) by safeguarded Newton (rtsafe) from T = 1, which stops when the
     Newton step in ``t`` falls below ``tol``. Raises :class:`CalibrationError` on bad input (empty,
     shape mismatch, labels out of range, non-finite logits), when the optimum lies on (within 1e-6

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,15 @@ import yaml
 SPLIT_NAMES = ("train", "val", "calibration", "test")
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
 OPERATIONAL_SECTIONS = ("gates", "promotion", "registry", "schedule")
+# Sizes past these are mistakes, and the process would be OOM-killed long before it said so:
+# thousands of reliability bins on a test split of thousands of images measure nothing, and a
+# first block of more than 1024 channels is far beyond what images of this size need.
+MAX_N_BINS = 1000
+MAX_MODEL_WIDTH = 1024
+# Fewer than 100 resamples cannot place a 95% bound; more than 100,000 add no precision to it and
+# run for hours.
+MIN_N_RESAMPLES, MAX_N_RESAMPLES = 100, 100_000
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -100,6 +111,9 @@ class GatesConfig:
     max_accuracy_drop: float | None = 0.01
     confidence: float = 0.95  # one-sided level of every bound
     n_resamples: int = 1000  # bootstrap resamples
+    # Which calibration error max_ece and max_ece_increase read: "ece" (15 equal-width bins) or
+    # "smooth_ece" (Blasiok & Nakkiran, 2023).
+    metric: Literal["ece", "smooth_ece"] = "ece"
 
 
 @dataclass(frozen=True)
@@ -162,7 +176,9 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"params file {path} not found: run from the repository root or pass --params PATH")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path)
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
@@ -185,7 +201,64 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = _parse_yaml(text, f"override {override!r}") if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not YAML ({_yaml_problem(error)})") from error
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so a second `max_ece:` further down would quietly replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line}); "
+                                          f"keep one")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"params file {path} is not UTF-8 text (byte {error.start}): it must be a YAML file "
+                          f"like the repository's params.yaml") from error
+    except OSError as error:
+        raise ConfigError(f"params file {path} cannot be read: {error.strerror or error}") from error
+    try:
+        return _parse_yaml(text, str(path))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"params file {path} is not valid YAML: {_yaml_problem(error)}") from error
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: what is wrong and where."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{error.problem or error.context}{where}"
+    return " ".join(str(error).split())
 
 
 def _resolve_key(parts: list[str]) -> None:
@@ -275,6 +348,13 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
 
 
 def _check(config: Config) -> None:
+    """Values a type check lets through but a run cannot use. Each error names the key, the value
+    and what is allowed, so a mistake is a clear exit 2 before anything starts, never a crash, an
+    OOM kill or a gate that silently always fails (which CD would read as a rejected model)."""
+    for dotted, value in config.flat().items():
+        # `nan <= 0` is False, so NaN would slip through every range check below.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{dotted} = {value}: must be a finite number")
     fractions = config.split.fractions()
     for name, value in fractions.items():
         if not 0.0 < value < 1.0:
@@ -283,35 +363,53 @@ def _check(config: Config) -> None:
         raise ConfigError(f"split fractions sum to {sum(fractions.values()):.4f}; they must sum to 1")
     positive = {
         "data.min_per_class": config.data.min_per_class,
-        "model.width": config.model.width,
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,
         "train.lr": config.train.lr,
-        "evaluation.n_bins": config.evaluation.n_bins,
         "evaluation.batch_size": config.evaluation.batch_size,
         "calibration.min_temperature": config.calibration.min_temperature,
     }
     for dotted, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{dotted} = {value}: must be positive")
+    not_negative = {
+        "train.weight_decay": config.train.weight_decay,
+        "gates.max_nll": config.gates.max_nll,
+        "gates.max_ece_increase": config.gates.max_ece_increase,
+        "gates.max_accuracy_drop": config.gates.max_accuracy_drop,
+    }
+    for dotted, value in not_negative.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"{dotted} = {value}: must be 0 or more")
+    in_range = {  # key: (value, low, high, whether high itself is allowed)
+        "seed": (config.seed, 0, 2**32 - 1, True),  # what numpy's seed accepts
+        "model.width": (config.model.width, 1, MAX_MODEL_WIDTH, True),
+        "evaluation.n_bins": (config.evaluation.n_bins, 1, MAX_N_BINS, True),
+        "gates.n_resamples": (config.gates.n_resamples, MIN_N_RESAMPLES, MAX_N_RESAMPLES, True),
+        "train.momentum": (config.train.momentum, 0, 1, False),
+        "train.label_smoothing": (config.train.label_smoothing, 0, 1, False),
+        "gates.max_ece": (config.gates.max_ece, 0, 1, True),
+        "gates.min_accuracy": (config.gates.min_accuracy, 0, 1, True),
+    }
+    for dotted, (value, low, high, closed) in in_range.items():
+        if not (low <= value <= high if closed else low <= value < high):
+            raise ConfigError(f"{dotted} = {value}: must be in [{low}, {high}{']' if closed else ')'}")
+    if not 0.5 < config.gates.confidence < 1.0:
+        raise ConfigError(f"gates.confidence = {config.gates.confidence}: must be in (0.5, 1), e.g. 0.95")
     if config.calibration.max_temperature <= config.calibration.min_temperature:
-        raise ConfigError("calibration.max_temperature must be above calibration.min_temperature")
-    if not 0.0 <= config.gates.max_ece <= 1.0:
-        raise ConfigError(f"gates.max_ece = {config.gates.max_ece}: must be in [0, 1]")
-    if not 0.5 <= config.gates.confidence < 1.0:
-        raise ConfigError(f"gates.confidence = {config.gates.confidence}: must be in [0.5, 1)")
-    if config.gates.n_resamples < 100:
-        raise ConfigError(f"gates.n_resamples = {config.gates.n_resamples}: use at least 100 bootstrap resamples")
+        raise ConfigError(f"calibration.max_temperature = {config.calibration.max_temperature}: must be above "
+                          f"calibration.min_temperature ({config.calibration.min_temperature})")
     if len(config.schedule.cron.split()) != 5:
         raise ConfigError(f"schedule.cron = {config.schedule.cron!r}: use five cron fields, e.g. '0 2 * * *'")
-    if not 0.0 <= config.gates.min_accuracy <= 1.0:
-        raise ConfigError(f"gates.min_accuracy = {config.gates.min_accuracy}: must be in [0, 1]")
     for size in config.data.allowed_sizes:
         width, x, height = size.partition("x")
         if not (x and width.isdigit() and height.isdigit()):
             raise ConfigError(f"data.allowed_sizes: {size!r} is not WIDTHxHEIGHT (for example 32x32)")
-    if config.train.device != "auto" and not (config.train.device == "cpu" or config.train.device.startswith("cuda")):
-        raise ConfigError(f"train.device = {config.train.device!r}: use auto, cpu, cuda or cuda:N")
+    if not DEVICE_PATTERN.fullmatch(config.train.device):
+        raise ConfigError(f"train.device = {config.train.device!r}: use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
+    name = config.registry.model_name
+    if not name.strip() or "/" in name or ":" in name:  # what MLflow refuses, found before training
+        raise ConfigError(f"registry.model_name = {name!r}: must be non-empty, without '/' or ':'")
 
 
 def _plain(value: Any) -> Any:

@@ -84,3 +84,76 @@ def test_params_hash_ignores_what_happens_to_the_model_after_it_is_built():
     for override in ("gates.max_ece=0.2", "promotion.auto=true", "schedule.cron=0 3 * * *", "registry.model_name=x"):
         assert load_config("params.yaml", [override]).params_hash == base, override
     assert load_config("params.yaml", ["calibration.max_temperature=10"]).params_hash != base
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.momentum=-3", r"train.momentum = -3.0: must be in \[0, 1\)"),
+    ("train.momentum=1", r"train.momentum = 1.0: must be in \[0, 1\)"),
+    ("train.label_smoothing=5", r"train.label_smoothing = 5.0: must be in \[0, 1\)"),
+    ("seed=-1", r"seed = -1: must be in \[0, 4294967295\]"),
+    ("train.lr=.nan", "train.lr = nan: must be a finite number"),
+    ("train.lr=.inf", "train.lr = inf: must be a finite number"),
+    ("train.weight_decay=.nan", "train.weight_decay = nan: must be a finite number"),
+    ("train.weight_decay=-1e-4", "train.weight_decay = -0.0001: must be 0 or more"),
+    ("calibration.max_temperature=.inf", "calibration.max_temperature = inf: must be a finite number"),
+    ("calibration.min_temperature=.nan", "calibration.min_temperature = nan: must be a finite number"),
+    ("train.device=cuda:abc", "train.device = 'cuda:abc': use auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:-1", "train.device = 'cuda:-1': use auto, cpu, cuda or cuda:N"),
+    ("train.device=cudafoo", "train.device = 'cudafoo': use auto, cpu, cuda or cuda:N"),
+    ("evaluation.n_bins=1000000000", r"evaluation.n_bins = 1000000000: must be in \[1, 1000\]"),
+    ("model.width=100000", r"model.width = 100000: must be in \[1, 1024\]"),
+    ("gates.max_ece_increase=-0.01", "gates.max_ece_increase = -0.01: must be 0 or more"),
+    ("gates.max_accuracy_drop=-0.5", "gates.max_accuracy_drop = -0.5: must be 0 or more"),
+    ("gates.max_nll=-1", "gates.max_nll = -1.0: must be 0 or more"),
+    ("gates.max_nll=.nan", "gates.max_nll = nan: must be a finite number"),
+    ("gates.max_ece=.nan", "gates.max_ece = nan: must be a finite number"),
+    ("gates.confidence=0.5", r"gates.confidence = 0.5: must be in \(0.5, 1\)"),
+    ("gates.confidence=1", r"gates.confidence = 1.0: must be in \(0.5, 1\)"),
+    ("gates.n_resamples=99", r"gates.n_resamples = 99: must be in \[100, 100000\]"),
+    ("gates.n_resamples=1000000000", r"gates.n_resamples = 1000000000: must be in \[100, 100000\]"),
+    ("gates.metric=mce", "gates.metric = 'mce': must be one of 'ece', 'smooth_ece'"),
+    ("registry.model_name=a/b", "registry.model_name = 'a/b': must be non-empty, without '/' or ':'"),
+    ("train.epochs=[", "override 'train.epochs=\\[': the value is not YAML"),
+])
+def test_values_a_run_cannot_use_are_refused_naming_key_value_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config("params.yaml", [override])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("override", ["train.device=cuda:0", "train.device=cuda:12", "train.device=cuda",
+                                      "seed=4294967295", "train.momentum=0", "gates.max_ece_increase=0",
+                                      "gates.max_nll=2.5", "gates.metric=smooth_ece", "evaluation.n_bins=1000",
+                                      "model.width=1024", "registry.model_name=it's-digits"])
+def test_edge_values_that_a_run_can_use_are_accepted(override):
+    load_config("params.yaml", [override])
+
+
+def test_gates_metric_defaults_to_the_binned_ece():
+    assert load_config("params.yaml").gates.metric == "ece"
+    assert load_config(None).gates.metric == "ece"
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path):
+    text = "gates:\n  max_ece: 0.05\n  min_accuracy: 0.9\n  max_ece: 0.5\n"
+    with pytest.raises(ConfigError, match=r"key 'max_ece' is given twice \(lines 2 and 4\)"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match="key 'seed' is given twice"):
+        load_config(write(tmp_path, "seed: 0\ntrain: {epochs: 3}\nseed: 1\n"))
+    with pytest.raises(ConfigError, match="key 'epochs' is given twice"):
+        load_config("params.yaml", ["train={epochs: 3, epochs: 4}"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not UTF-8 text"),
+    (b"seed: 0\ntrain: [epochs: 3\n", "is not valid YAML: .* at line"),
+    (b"seed: 0\n\tepochs: 3\n", "is not valid YAML"),
+    (b"seed: !!python/object/apply:os.system ['true']\n", "is not valid YAML"),
+    (b"- just\n- a list\n", "must hold a mapping of sections"),
+])
+def test_a_params_file_that_is_not_yaml_is_a_config_error_on_one_line(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)

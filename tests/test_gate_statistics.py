@@ -1,0 +1,210 @@
+"""The gate bounds against slow references, and their coverage by simulation against known truth."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from calibflow import gate_statistics as gs
+from calibflow.metrics import expected_calibration_error
+
+
+def spread_binary(n, gap, rng):
+    conf = 0.5 + 0.5 * rng.beta(5.0, 2.0, n)
+    return conf, rng.random(n) < conf - gap
+
+
+# ------------------------------------------------------------------ accuracy
+
+
+@pytest.mark.parametrize("k,n", [(0, 20), (3, 200), (190, 200), (200, 200), (9_400, 10_000)])
+def test_accuracy_lower_bound_is_the_exact_clopper_pearson_bound(k, n):
+    correct = np.zeros(n, bool)
+    correct[:k] = True
+    reference = stats.binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").low  # one-sided 95%
+    bound = gs.accuracy_lower_bound(correct, 0.95)
+    assert bound.estimate == k / n
+    assert bound.bound == pytest.approx(reference, abs=1e-12)
+
+
+# ------------------------------------------------------------------ paired accuracy drop
+
+
+@pytest.mark.parametrize("n10,n01,n,delta", [(5, 2, 200, 0.01), (0, 0, 200, 0.01), (0, 7, 300, 0.02),
+                                              (40, 35, 1000, -0.01), (3, 0, 50, 0.1), (0, 4, 100, -0.02)])
+def test_null_cell_probability_is_the_constrained_maximum_likelihood(n10, n01, n, delta):
+    n00 = n - n10 - n01
+
+    def negative_loglik(q):
+        cells = [(n10, q + delta), (n01, q), (n00, 1 - 2 * q - delta)]
+        return -sum(c * math.log(p) for c, p in cells if c) if all(p > 0 for c, p in cells if c) else math.inf
+
+    lo, hi = max(0.0, -delta), (1 - delta) / 2
+    reference = optimize.minimize_scalar(negative_loglik, bounds=(lo + 1e-12, hi - 1e-12), method="bounded",
+                                         options={"xatol": 1e-12}).x
+    q = gs._paired_null_p01(n10, n01, n, delta)
+    assert negative_loglik(q) <= negative_loglik(reference) + 1e-7
+    assert q == pytest.approx(reference, abs=1e-5)
+
+
+def test_accuracy_drop_bound_is_the_first_delta_the_score_test_rejects():
+    rng = np.random.default_rng(0)
+    champion = rng.random(400) < 0.9
+    candidate = champion.copy()
+    candidate[rng.choice(400, 12, replace=False)] ^= True
+    bound = gs.accuracy_drop_upper_bound(champion, candidate, 0.95)
+    n10, n01 = int(np.sum(champion & ~candidate)), int(np.sum(~champion & candidate))
+    assert bound.estimate == (n10 - n01) / 400
+
+    def score_passes(delta):  # the test written out once more, slowly
+        q = gs._paired_null_p01(n10, n01, 400, delta)
+        return delta - bound.estimate - 0.5 / 400 >= 1.6448536 * math.sqrt((2 * q + delta - delta**2) / 400)
+
+    grid = np.arange(bound.estimate, 0.3, 1e-5)
+    first = grid[np.argmax([score_passes(d) for d in grid])]
+    assert bound.bound == pytest.approx(first, abs=2e-5)
+
+
+def test_no_discordant_pairs_is_not_certainty():
+    # 200 images, both models right or wrong together: a bootstrap's interval is [0, 0]; the true
+    # drop could still be 0.01 (P(no one-way discordant pair | 0.01) = 0.99^200 = 13%).
+    same = np.random.default_rng(1).random(200) < 0.9
+    bound = gs.accuracy_drop_upper_bound(same, same, 0.95)
+    assert bound.estimate == 0.0 and bound.bound > 0.01
+    assert gs.accuracy_drop_upper_bound(np.ones(2000, bool), np.ones(2000, bool), 0.95).bound < 0.01
+
+
+@pytest.mark.parametrize("base", [0.0, 0.05])
+def test_accuracy_drop_on_the_tolerance_passes_at_most_five_percent(base):
+    rng, n, tolerance, trials = np.random.default_rng(2), 200, 0.01, 2000
+    passes = 0
+    for _ in range(trials):
+        u = rng.random(n)
+        champion = rng.random(n) < 0.9
+        candidate = champion.copy()
+        champion_only, candidate_only = u < base + tolerance, (u >= base + tolerance) & (u < 2 * base + tolerance)
+        champion[champion_only], candidate[champion_only] = True, False
+        champion[candidate_only], candidate[candidate_only] = False, True
+        passes += gs.accuracy_drop_upper_bound(champion, candidate, 0.95).bound <= tolerance
+    assert passes / trials <= 0.05 + 1.96 * math.sqrt(0.05 * 0.95 / trials)
+
+
+# ------------------------------------------------------------------ NLL: a skewed mean
+
+
+@pytest.mark.parametrize("n", [100, 200])
+def test_hall_bound_covers_a_skewed_mean_where_the_t_bound_does_not(n):
+    rng, trials = np.random.default_rng(3), 4000
+    samples = rng.exponential(1.0, (trials, n))  # skewness 2, true mean 1
+    hall = np.array([gs.mean_upper_bound(x, 0.95).bound for x in samples])
+    t_bound = samples.mean(1) + stats.t.ppf(0.95, n - 1) * samples.std(1, ddof=1) / math.sqrt(n)
+    hall_miss, t_miss = np.mean(hall < 1.0), np.mean(t_bound < 1.0)
+    assert t_miss > 0.065  # the textbook bound under-covers a right-skewed mean
+    assert hall_miss < t_miss - 0.01 and abs(hall_miss - 0.05) < 0.012
+
+
+def test_hall_bound_is_the_normal_bound_for_symmetric_data():
+    x = np.array([-2.0, -1.0, 0.0, 1.0, 2.0] * 20)  # skewness exactly 0
+    bound = gs.mean_upper_bound(x, 0.95)
+    assert bound.bound == pytest.approx(x.mean() + stats.t.ppf(0.95, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+
+
+# ------------------------------------------------------------------ calibration error
+
+
+def test_binned_estimate_is_calibflow_ece_and_the_largest_signed_functional():
+    rng = np.random.default_rng(4)
+    conf, correct = spread_binary(3000, 0.02, rng)
+    probs = np.stack([conf, 1 - conf], 1)
+    labels = np.where(correct, 0, 1)
+    bins = gs.EqualWidthBins(15)
+    bound = gs.calibration_error_upper_bound(conf, correct, bins, 0.95)
+    assert bound.estimate == pytest.approx(expected_calibration_error(probs, labels, 15), abs=1e-12)
+
+    few = gs.EqualWidthBins(5)  # every sign pattern of 5 bins, by brute force
+    residual = conf - correct
+    per_bin = few.project(conf, residual)
+    largest = max(np.dot(s, per_bin) for s in itertools.product((-1.0, 1.0), repeat=5)) / conf.size
+    assert gs.calibration_error_upper_bound(conf, correct, few, 0.95).estimate == pytest.approx(largest, abs=1e-12)
+
+
+def test_bins_match_calibflow_metrics_on_the_edges():
+    from calibflow.metrics import bin_indices
+
+    conf = np.array([0.0, 1 / 15, 0.2, 0.55, 14 / 15, 1.0, np.nextafter(0.2, 1)])
+    assert gs.EqualWidthBins(15).index(conf).tolist() == bin_indices(conf, 15).tolist()
+
+
+def test_smooth_kernel_is_relplots_smooth_ece_and_its_adjoint_is_exact():
+    from relplot.metrics import smooth_ece
+
+    rng = np.random.default_rng(5)
+    conf, correct = spread_binary(2000, 0.03, rng)
+    value, sigma = gs.smooth_ece(conf, correct)
+    kernel = gs.SmoothKernel(sigma)
+    assert kernel.error(conf, conf - correct) == pytest.approx(value, abs=1e-9)
+    assert value == pytest.approx(smooth_ece(conf, correct.astype(float), sigma), abs=1e-12)
+    x, signs = rng.normal(size=conf.size), rng.normal(size=kernel.t.size)
+    assert np.dot(kernel.project(conf, x), signs) == pytest.approx(np.dot(x, kernel.adjoint(conf, signs)), rel=1e-10)
+
+
+@pytest.mark.parametrize("profile", [gs.EqualWidthBins(15), gs.SmoothKernel(0.05)], ids=["bins", "smooth"])
+def test_weights_reproduce_the_estimate(profile):
+    conf, correct = spread_binary(1500, 0.04, np.random.default_rng(6))
+    residual = conf - correct
+    signs = gs._signs(profile.project(conf, residual))
+    assert np.mean(profile.weights(conf, signs) * residual) == pytest.approx(profile.error(conf, residual), abs=1e-12)
+
+
+def test_calibration_bound_is_above_the_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(7)
+    widths = []
+    for n in (300, 3000, 30000):
+        conf, correct = spread_binary(n, 0.01, rng)
+        bound = gs.calibration_error_upper_bound(conf, correct, gs.EqualWidthBins(15), 0.95)
+        assert bound.bound > bound.estimate
+        widths.append(bound.bound - bound.estimate)
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_confident_model_with_few_errors_is_not_promoted_on_the_threshold():
+    # 200 images, mean confidence 0.98, accuracy 0.95: about 10 errors, ECE exactly 0.03. The
+    # percentile bootstrap passed this 9% of the time; the bound must keep it near 5% or below.
+    rng, trials, passes = np.random.default_rng(8), 600, 0
+    for _ in range(trials):
+        conf = 1 - rng.beta(2.0, 98.0, 200)
+        correct = rng.random(200) < conf - 0.03
+        passes += gs.calibration_error_upper_bound(conf, correct, gs.EqualWidthBins(15), 0.95).bound <= 0.03
+    assert passes / trials <= 0.05
+
+
+def test_increase_bound_parts():
+    rng = np.random.default_rng(9)
+    conf, correct = spread_binary(4000, 0.0, rng)
+    bins = gs.EqualWidthBins(15)
+    same, parts = gs.calibration_error_increase_upper_bound(conf, correct, conf, correct, bins, 0.95)
+    assert same.estimate == 0.0 and same.bound == pytest.approx(0.5 / 4000)  # identical models: no noise at all
+    worse = np.clip(conf + 0.05, 0, 1)
+    bound, parts = gs.calibration_error_increase_upper_bound(worse, correct, conf, correct, bins, 0.95)
+    ece_a, ece_b = bins.error(worse, worse - correct), bins.error(conf, conf - correct)
+    assert bound.estimate == pytest.approx(ece_a - ece_b)
+    assert bound.bound == min(parts.values()) and bound.bound > 0.03
+
+
+def test_increase_bound_on_the_tolerance_with_a_calibrated_champion():
+    # The case the old paired bootstrap passed 91% of the time at n = 10,000 (issue 10).
+    rng, n, tolerance, trials, passes = np.random.default_rng(10), 2000, 0.01, 300, 0
+    for trial in range(trials):
+        conf = 0.5 + 0.45 * rng.beta(5.0, 2.0, n)
+        correct = rng.random(n) < conf
+        bound, _ = gs.calibration_error_increase_upper_bound(conf + tolerance, correct, conf, correct,
+                                                             gs.EqualWidthBins(15), 0.95, seed=trial)
+        passes += bound.bound <= tolerance
+    assert passes / trials <= 0.05 + 1.96 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def test_first_crossing_finds_the_first_of_several():
+    assert gs._first_crossing(lambda x: 0.3 <= x <= 0.4 or x >= 0.8, 0.0, 1.0) == pytest.approx(0.3, abs=1e-6)
+    assert gs._first_crossing(lambda x: False, 0.0, 1.0) == 1.0

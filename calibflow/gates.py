@@ -1,23 +1,23 @@
 """Promotion gates: decisions with stated confidence, not point estimates.
 
-ECE estimated from a few hundred test images is noisy and biased upward (Kumar, Liang & Ma, 2019,
-"Verified Uncertainty Calibration"), so a gate that compares a raw estimate with a threshold
-promotes or rejects by luck. Every check here reads a one-sided bootstrap confidence bound at
-`gates.confidence`:
+Every gate passes only when a one-sided confidence bound at `gates.confidence` clears its
+threshold, and each bound is built so that a model whose true value sits exactly on the
+threshold passes at most 1 - confidence of the time, including where a bootstrap of a plug-in
+estimate does not (a confident model with few errors, a champion better calibrated than the
+candidate, two models that disagree on few images). The bounds are in
+`calibflow.gate_statistics`; what each one certifies, and under which assumptions, is in
+docs/gates.md, and benchmarks/gate_soundness.py measures it by simulation against known truth.
 
-- absolute gates: the *upper* bound of ECE (and NLL) must be below the threshold, the *lower*
-  bound of accuracy above it;
-- relative gates (against the champion, on the same test images): the upper bound of the paired
-  bootstrap difference (candidate ECE - champion ECE; champion accuracy - candidate accuracy)
-  must be below the allowed increase or drop.
+| gate | passes when | bound |
+| --- | --- | --- |
+| max_ece | calibration error (gates.metric) <= threshold | intersection-union score bound |
+| min_accuracy | accuracy >= threshold | Clopper-Pearson |
+| max_nll | NLL <= threshold | Hall's skew-corrected t |
+| max_ece_increase | error(candidate) - error(champion) <= tolerance | min of paired and cross-fit bounds |
+| max_accuracy_drop | accuracy(champion) - accuracy(candidate) <= tolerance | paired score (Tango) |
 
-A one-sided bound at level c is an end of the two-sided (2c - 1) percentile interval. The
-debiased ECE estimate is reported beside the plug-in one (information; the gate reads the
-plug-in upper bound, which the bias only makes more conservative: see
-benchmarks/gate_soundness.py for the measured false-promotion and false-rejection rates).
-
-This module is the one gate implementation: the flow's gate step and `calibflow gate` both call
-`evaluate_gates`.
+This module is the one gate implementation: the flow's gate step, `calibflow gate`,
+`calibflow gate plan` and the benchmark all call `evaluate_gates`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from calibflow import gate_statistics as gs
 from calibflow.config import GatesConfig
-from calibflow.metrics import (bootstrap_ci, debiased_calibration_error, expected_calibration_error,
-                               paired_bootstrap_ci)
+
+METRICS = ("ece", "smooth_ece")
+
+
+class GateInputError(ValueError):
+    """The predictions handed to the gates cannot be gated (NaN, not probabilities, no images)."""
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,12 @@ class Predictions:
 class GateCheck:
     name: str  # the params.yaml key
     metric: str  # what was measured
-    value: float  # point estimate
-    low: float  # two-sided (2c - 1) interval; the verdict reads `bound`, one of its ends
-    high: float
-    bound: float
+    value: float  # point estimate (information)
+    bound: float  # the one-sided confidence bound the verdict reads
     threshold: float
-    comparison: str  # "<=" (bound is the upper end) or ">=" (bound is the lower end)
+    comparison: str  # "<=" (bound is an upper bound) or ">=" (a lower bound)
     passed: bool
+    method: str = ""  # how the bound was made (docs/gates.md)
 
     def describe(self, confidence: float) -> str:
         side = "upper" if self.comparison == "<=" else "lower"
@@ -71,6 +75,9 @@ class GateVerdict:
     def absolute_passed(self) -> bool:
         return all(c.passed for c in self.checks if c.name in ABSOLUTE_GATES)
 
+    def check(self, name: str) -> GateCheck:
+        return next(c for c in self.checks if c.name == name)
+
     def summary(self) -> str:
         failed = [c for c in self.checks if not c.passed]
         head = "gates passed" if self.passed else "gates failed"
@@ -83,10 +90,10 @@ class GateVerdict:
         return "\n".join(lines)
 
     def table(self) -> str:
-        rows = [f"{'check':<18} {'value':>8} {'interval':>19} {'bound':>8} {'threshold':>12}  verdict"]
+        rows = [f"{'check':<18} {'value':>8} {'bound':>8} {'threshold':>12}  {'verdict':<7}  method"]
         for c in self.checks:
-            rows.append(f"{c.name:<18} {c.value:>8.4f} [{c.low:>7.4f}, {c.high:>7.4f}] {c.bound:>8.4f} "
-                        f"{c.comparison:>3} {c.threshold:>8.4f}  {'pass' if c.passed else 'FAIL'}")
+            rows.append(f"{c.name:<18} {c.value:>8.4f} {c.bound:>8.4f} {c.comparison:>3} {c.threshold:>8.4f}  "
+                        f"{'pass' if c.passed else 'FAIL':<7}  {c.method}")
         return "\n".join(rows)
 
     def to_json(self) -> dict:
@@ -98,47 +105,107 @@ class GateVerdict:
 ABSOLUTE_GATES = ("max_ece", "min_accuracy", "max_nll")
 
 
-def _upper_check(name: str, metric: str, interval, threshold: float) -> GateCheck:
-    return GateCheck(name, metric, interval.estimate, interval.low, interval.high, interval.high, threshold, "<=",
-                     bool(interval.high <= threshold))
+@dataclass(frozen=True)
+class _TopLabel:
+    confidence: np.ndarray  # (N,) top-label probability
+    correct: np.ndarray  # (N,) bool
+    true_class_probability: np.ndarray  # (N,) for the NLL
+
+
+def _top_label(predictions: Predictions, who: str) -> _TopLabel:
+    probs = np.asarray(predictions.probabilities, dtype=np.float64)
+    labels = np.asarray(predictions.labels)
+    if probs.ndim != 2 or labels.ndim != 1 or probs.shape[0] != labels.shape[0]:
+        raise GateInputError(f"{who}: probabilities must be (N, K) and labels (N,); got {probs.shape} and "
+                             f"{labels.shape}")
+    if probs.shape[0] == 0:
+        raise GateInputError(f"{who}: no test images to gate on; the test split (or the images shared with the "
+                             f"champion) is empty: add images to the dataset or compare --against another version")
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        raise GateInputError(f"{who}: {int(bad.sum())} of {len(bad)} rows of probabilities are NaN or infinite "
+                             f"(first at row {int(np.argmax(bad))}); the model or its calibrator is broken: refit it")
+    if (probs < 0).any() or (probs > 1).any() or np.abs(probs.sum(axis=1) - 1.0).max() > 1e-3:
+        raise GateInputError(f"{who}: probabilities must lie in [0, 1] and each row sum to 1 (largest deviation "
+                             f"{np.abs(probs.sum(axis=1) - 1.0).max():.3g}); pass calibrated probabilities, not logits")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise GateInputError(f"{who}: labels must be integers in [0, {probs.shape[1]})")
+    predicted = probs.argmax(axis=1)
+    rows = np.arange(len(labels))
+    return _TopLabel(probs[rows, predicted], predicted == labels, probs[rows, labels])
+
+
+def _nll_values(top: _TopLabel) -> np.ndarray:
+    eps = np.finfo(np.float64).eps  # calibflow.metrics.probability_nll's clip for float64
+    return -np.log(np.clip(top.true_class_probability, eps, 1.0 - eps))
+
+
+def _profile(metric: str, n_bins: int, *samples: _TopLabel) -> gs.ResidualProfile:
+    """The calibration measure `gates.metric` names; smooth ECE at the smallest of the samples'
+    own bandwidths, so that two models are compared on one kernel."""
+    if metric == "ece":
+        return gs.EqualWidthBins(n_bins)
+    if metric == "smooth_ece":
+        return gs.SmoothKernel(min(gs.smooth_ece(s.confidence, s.correct)[1] for s in samples))
+    raise GateInputError(f"gates.metric = {metric!r}: use one of {', '.join(METRICS)}")
+
+
+def _check(name: str, metric: str, bound: gs.Bound, threshold: float, comparison: str) -> GateCheck:
+    passed = bound.bound <= threshold if comparison == "<=" else bound.bound >= threshold
+    return GateCheck(name, metric, bound.estimate, bound.bound, threshold, comparison, bool(passed), bound.method)
 
 
 def evaluate_gates(candidate: Predictions, gates: GatesConfig,
                    comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = 15,
-                   seed: int = 0) -> GateVerdict:
+                   seed: int = 0, report_estimates: bool = True) -> GateVerdict:
     """Every gate of params.yaml. The absolute gates read `candidate` (its whole test split); the
     relative ones read `comparison` = (candidate, champion) on the test images neither model was
-    fitted on, which must be the same images (equal labels)."""
-    probs, labels = candidate.probabilities, candidate.labels
-    if len(labels) == 0:
-        raise ValueError("no test images to gate on")
-    two_sided = 2.0 * gates.confidence - 1.0
-    common = dict(n_resamples=gates.n_resamples, confidence=two_sided, seed=seed, n_bins=n_bins)
+    fitted on, which must be the same images (equal labels) with the same class order.
 
-    ece = bootstrap_ci("ece", probs, labels, **common)
-    accuracy = bootstrap_ci("accuracy", probs, labels, **common)
+    `seed` only fixes the cross-fitting halves of the champion comparison. `report_estimates`
+    adds the plug-in, debiased and smooth ECE of the candidate as information (not gated); the
+    simulations of benchmarks/gate_soundness.py turn it off for speed, nothing else changes."""
+    metric = getattr(gates, "metric", "ece")
+    top = _top_label(candidate, "candidate")
+    confidence = gates.confidence
+    profile = _profile(metric, n_bins, top)
     checks = [
-        _upper_check("max_ece", "ECE (test, calibrated)", ece, gates.max_ece),
-        GateCheck("min_accuracy", "accuracy (test)", accuracy.estimate, accuracy.low, accuracy.high, accuracy.low,
-                  gates.min_accuracy, ">=", bool(accuracy.low >= gates.min_accuracy)),
+        _check("max_ece", profile.name, gs.calibration_error_upper_bound(top.confidence, top.correct, profile,
+                                                                          confidence), gates.max_ece, "<="),
+        _check("min_accuracy", "accuracy", gs.accuracy_lower_bound(top.correct, confidence), gates.min_accuracy,
+               ">="),
     ]
     if gates.max_nll is not None:
-        checks.append(_upper_check("max_nll", "NLL (test, calibrated)", bootstrap_ci("nll", probs, labels, **common),
-                                   gates.max_nll))
+        checks.append(_check("max_nll", "NLL", gs.mean_upper_bound(_nll_values(top), confidence), gates.max_nll,
+                             "<="))
+    n_shared = 0
     if comparison is not None:
         mine, champion = comparison
-        if not np.array_equal(champion.labels, mine.labels):
-            raise ValueError("the champion must be evaluated on the same test images as the candidate")
+        ours, theirs = _top_label(mine, "candidate (shared images)"), _top_label(champion, "champion")
+        if not np.array_equal(np.asarray(champion.labels), np.asarray(mine.labels)):
+            raise GateInputError("the champion must be evaluated on the same test images as the candidate")
+        if np.shape(champion.probabilities)[1] != np.shape(mine.probabilities)[1]:
+            raise GateInputError("not comparable: the candidate and the champion have a different number of classes")
+        n_shared = int(len(mine.labels))
         if gates.max_ece_increase is not None:
-            increase = paired_bootstrap_ci("ece", mine.probabilities, champion.probabilities, mine.labels, **common)
-            checks.append(_upper_check("max_ece_increase", "ECE candidate - champion", increase,
-                                       gates.max_ece_increase))
+            shared_profile = _profile(metric, n_bins, ours, theirs)
+            increase, _ = gs.calibration_error_increase_upper_bound(
+                ours.confidence, ours.correct, theirs.confidence, theirs.correct, shared_profile, confidence, seed)
+            checks.append(_check("max_ece_increase", f"{shared_profile.name}: candidate - champion", increase,
+                                 gates.max_ece_increase, "<="))
         if gates.max_accuracy_drop is not None:
-            drop = paired_bootstrap_ci("accuracy", champion.probabilities, mine.probabilities, mine.labels, **common)
-            checks.append(_upper_check("max_accuracy_drop", "accuracy champion - candidate", drop,
-                                       gates.max_accuracy_drop))
-    estimates = {"ece_plugin": expected_calibration_error(probs, labels, n_bins),
-                 "ece_debiased_l2": debiased_calibration_error(probs, labels, n_bins)}
-    return GateVerdict(passed=all(c.passed for c in checks), checks=tuple(checks), confidence=gates.confidence,
-                       n_samples=int(len(labels)), estimates=estimates,
-                       n_shared=int(len(comparison[0].labels)) if comparison else 0)
+            drop = gs.accuracy_drop_upper_bound(theirs.correct, ours.correct, confidence)
+            checks.append(_check("max_accuracy_drop", "accuracy: champion - candidate", drop, gates.max_accuracy_drop,
+                                 "<="))
+    estimates = _estimates(candidate, top, n_bins) if report_estimates else {}
+    return GateVerdict(passed=all(c.passed for c in checks), checks=tuple(checks), confidence=confidence,
+                       n_samples=int(len(top.correct)), n_shared=n_shared, estimates=estimates)
+
+
+def _estimates(candidate: Predictions, top: _TopLabel, n_bins: int) -> dict[str, float]:
+    from calibflow.metrics import debiased_calibration_error
+
+    smooth, sigma = gs.smooth_ece(top.confidence, top.correct)
+    return {"ece_plugin": gs.EqualWidthBins(n_bins).error(top.confidence, top.confidence - top.correct),
+            "ece_debiased_l2": debiased_calibration_error(candidate.probabilities, candidate.labels, n_bins),
+            "smooth_ece": smooth, "smooth_ece_sigma": sigma}

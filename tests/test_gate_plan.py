@@ -1,0 +1,56 @@
+"""`calibflow gate plan`: the planned size is checked by simulating at it from the true model."""
+
+import numpy as np
+import pytest
+
+from calibflow.config import GatesConfig
+from calibflow.gate_plan import plan_from_thresholds, plan_sample_size, smallest_passable
+from calibflow.gates import Predictions, evaluate_gates
+
+GATES = GatesConfig(max_ece=0.03, min_accuracy=0.8, max_ece_increase=None, max_accuracy_drop=None)
+
+
+def true_model(n, rng, gap=0.01):
+    """Spread confidences, right with probability c - gap: a known reliability curve."""
+    conf = 0.5 + 0.5 * rng.beta(5.0, 2.0, n)
+    right = rng.random(n) < conf - gap
+    probs = np.stack([conf, 1 - conf], 1)
+    return Predictions(probs, np.where(right, 0, 1))
+
+
+def pass_rate(n, trials, rng, gates=GATES):
+    return np.mean([evaluate_gates(true_model(n, rng), gates, report_estimates=False).passed for _ in range(trials)])
+
+
+def test_planned_size_gives_the_planned_power_on_the_true_model():
+    rng = np.random.default_rng(0)
+    measured = true_model(4000, rng)  # what the candidate's test split showed
+    plan = plan_sample_size(measured, GATES, simulations=150, seed=1)
+    assert plan.needed is not None and 1_000 < plan.needed < 20_000
+    # fresh test sets from the *true* model, not the plan's estimate of it
+    at_plan = pass_rate(plan.needed, 200, rng)
+    assert 0.65 <= at_plan <= 0.97
+    assert pass_rate(plan.needed // 4, 200, rng) < at_plan - 0.25
+
+
+def test_a_model_beyond_a_threshold_gets_no_size():
+    measured = true_model(3000, np.random.default_rng(2), gap=0.06)  # ECE 0.06 > 0.03: no n will do
+    plan = plan_sample_size(measured, GATES, simulations=40, seed=0, sizes=(1_000, 10_000, 50_000))
+    assert plan.needed is None and "no size up to 50,000" in plan.describe()
+
+
+def test_thresholds_only_plan_for_the_default_gates_exceeds_the_digits_test_split():
+    plan = plan_from_thresholds(GatesConfig(), n_classes=10, simulations=100)
+    assert plan.needed is not None and plan.needed > 267  # the default digits split: the flow warns
+    assert "halfway inside the thresholds" in plan.assumptions
+    assert {"max_ece", "min_accuracy"} == set(plan.rows[0].gate_pass_rates)
+
+
+def test_smallest_passable_says_when_no_model_could_pass():
+    assert smallest_passable(GatesConfig(), 267, 10)
+    assert not smallest_passable(GatesConfig(max_ece=0.005, min_accuracy=0.999), 267, 10)
+
+
+def test_power_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="power"):
+        plan_sample_size(true_model(100, np.random.default_rng(3)), GATES, power=1.0)

@@ -198,3 +198,22 @@ def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: i
     perfect = Predictions(probs, np.zeros(n_test, dtype=int))
     absolute = replace(gates, max_ece_increase=None, max_accuracy_drop=None)
     return evaluate_gates(perfect, absolute, n_bins=n_bins, report_estimates=False).passed
+
+
+def small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_bins: int = 15, power: float = 0.8,
+                       simulations: int = 100) -> str | None:
+    """A warning, before anything trains, when the test split is too small for the gates: None
+    when a model halfway inside every threshold passes them with `power` on n_test images."""
+    advice = "add test images (more data, or a larger split.test) or loosen the gates; `calibflow gate plan` says more"
+    if not smallest_passable(gates, n_test, n_classes, n_bins):
+        return (f"no model can pass the gates on the {n_test} images of the test split: even a perfect one (always "
+                f"right, with confidence 1) fails them; {advice}")
+    here = plan_from_thresholds(gates, n_classes, n_bins, power, simulations, sizes=(n_test,))
+    if here.needed is not None:
+        return None
+    needed = plan_from_thresholds(gates, n_classes, n_bins, power, simulations).needed
+    wanted = f"about {needed:,}" if needed else f"more than {SIZES[-1]:,}"
+    return (f"the test split has {n_test} images: a model halfway inside every threshold (calibration error "
+            f"{gates.max_ece / 2:.3f}, accuracy {(gates.min_accuracy + 1) / 2:.3f}) passes the gates only "
+            f"{here.rows[0].pass_rate:.0%} of the time on that many, and needs {wanted} for {power:.0%}; expect good "
+            f"models to be rejected: {advice}")

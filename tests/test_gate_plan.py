@@ -54,3 +54,13 @@ def test_smallest_passable_says_when_no_model_could_pass():
 def test_power_out_of_range_is_refused():
     with pytest.raises(ValueError, match="power"):
         plan_sample_size(true_model(100, np.random.default_rng(3)), GATES, power=1.0)
+
+
+def test_the_flow_warns_on_a_test_split_too_small_for_the_gates():
+    from calibflow.gate_plan import small_test_split_warning
+
+    warning = small_test_split_warning(267, 10, GatesConfig())  # the default digits split and gates
+    assert warning is not None and "267 images" in warning and "gate plan" in warning
+    assert small_test_split_warning(20_000, 10, GatesConfig()) is None
+    impossible = small_test_split_warning(100, 10, GatesConfig(max_ece=0.005, min_accuracy=0.999))
+    assert impossible is not None and "no model can pass" in impossible

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def resolve_data(repo_root: str | Path, data_path: str, rev: str | None = None, 
             raise DataVersionError(
                 f"data.path {data_path!r} differs from its DVC-tracked version ({changes}): record it with "
                 f"`dvc add {data_path}` (or `dvc commit`) so the run can name the data it trained on")
+        _verify_recorded_bytes(repo_root, data_path, dvc_hash)
         return DataVersion(path=data_path, local_dir=str(repo_root / data_path), dvc_hash=dvc_hash,
                            rev=_workspace_rev(repo_root, data_path, dvc_hash), requested_rev=None)
 
@@ -123,6 +125,52 @@ def _uncommitted_data_changes(repo_root: Path, data_path: str) -> str:
                 if Path(out).as_posix().rstrip("/") == data_path:
                     changes.append(f"{out}: {state}")
     return "; ".join(changes)
+
+
+def _verify_recorded_bytes(repo_root: Path, data_path: str, dvc_hash: str) -> None:
+    """Hash every file of the working-tree dataset and compare with DVC's per-file record.
+
+    `dvc status` trusts its state cache (inode, size, mtime): bytes rewritten in place with the
+    size and mtime restored look unchanged to it, and a model would then name data it was not
+    trained on. It reads every file once more; md5 is cheap next to the manifest's full decode.
+    """
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash import fobj_md5
+    from dvc_data.hashfile.tree import Tree
+
+    data_dir = repo_root / data_path
+    with Repo(str(repo_root)) as repo:
+        out = next((o for o in repo.index.outs
+                    if Path(o.fs_path) == data_dir and o.hash_info and o.hash_info.value == dvc_hash), None)
+        if out is None:  # DVCFileSystem named this hash, so this is not expected; refuse rather than trust
+            raise DataVersionError(f"data.path {data_path!r}: no DVC output records hash {dvc_hash}: run `dvc add {data_path}`")
+        try:
+            tree = Tree.load(out.cache, out.hash_info)
+        except Exception as error:  # noqa: BLE001 - the .dir object is missing or unreadable
+            raise DataVersionError(
+                f"data.path {data_path!r}: DVC's file list {dvc_hash} is not in the local cache, so the files cannot "
+                f"be checked against it: run `dvc fetch {data_path}` (or `dvc add {data_path}` if these files "
+                f"are the new version)") from error
+        hash_name = out.hash_name  # md5, or md5-dos2unix for data added by DVC 2
+        recorded = {"/".join(key): hash_info.value for key, _, hash_info in tree}
+
+    def differs(rel: str) -> bool:
+        try:
+            with open(data_dir / rel, "rb") as handle:
+                return fobj_md5(handle, name=hash_name) != recorded[rel]
+        except OSError:
+            return True
+
+    # hashlib releases the GIL on large buffers: threads help on big images, cost little on small ones.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        changed = [rel for rel, bad in zip(recorded, pool.map(differs, recorded)) if bad]
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise DataVersionError(
+            f"data.path {data_path!r}: {len(changed)} file(s) no longer hold the bytes DVC recorded ({shown}), "
+            f"though their size and modification time look unchanged (so DVC's state cache still trusts them): "
+            f"`touch` them and `dvc add {data_path}` to record them as a new version, or delete them and "
+            f"`dvc checkout {data_path}` to restore the recorded bytes")
 
 
 def _workspace_rev(repo_root: Path, data_path: str, dvc_hash: str) -> str:

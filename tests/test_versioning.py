@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +50,46 @@ def test_a_recorded_hash_that_the_revision_does_not_hold_is_refused(two_versions
     repo, first = two_versions
     with pytest.raises(DataVersionError, match="trained on"):
         resolve_recorded_data(repo, "data/tiny", "HEAD", first.dvc_hash)
+
+
+def swap_same_size_files_in_place(data_dir):
+    """Exchange the bytes of two different, same-size images and restore their mtimes: what DVC's
+    state cache (inode, size, mtime) cannot see."""
+    by_size = {}
+    for path in sorted(data_dir.rglob("*.png")):
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    a, b = next((a, b) for group in by_size.values() for a, b in zip(group, group[1:])
+                if a.read_bytes() != b.read_bytes())
+    stat_a, stat_b = a.stat(), b.stat()
+    bytes_a, bytes_b = a.read_bytes(), b.read_bytes()
+    with open(a, "r+b") as handle:  # in place: same inode
+        handle.write(bytes_b)
+    with open(b, "r+b") as handle:
+        handle.write(bytes_a)
+    os.utime(a, ns=(stat_a.st_atime_ns, stat_a.st_mtime_ns))
+    os.utime(b, ns=(stat_b.st_atime_ns, stat_b.st_mtime_ns))
+    assert (a.stat().st_ino, a.stat().st_size, a.stat().st_mtime_ns) == (stat_a.st_ino, stat_a.st_size,
+                                                                         stat_a.st_mtime_ns)
+    return a, b
+
+
+def test_bytes_swapped_in_place_with_size_and_mtime_kept_are_refused(tiny_repo_template, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo_template, repo, symlinks=True)
+    resolve_data(repo, "data/tiny")  # DVC's state cache now knows every file's inode, size and mtime
+    a, b = swap_same_size_files_in_place(repo / "data" / "tiny")
+    dvc_status = run(str(Path(sys.executable).parent / "dvc"), "status", "data/tiny.dvc", cwd=repo).stdout
+    assert "up to date" in dvc_status  # DVC alone is fooled
+
+    with pytest.raises(DataVersionError) as refused:
+        resolve_data(repo, "data/tiny")
+    message = str(refused.value)
+    assert "2 file(s) no longer hold the bytes DVC recorded" in message
+    assert str(a.relative_to(repo / "data" / "tiny")) in message and str(b.relative_to(repo / "data" / "tiny")) in message
+    assert "dvc add data/tiny" in message and "dvc checkout data/tiny" in message
+
+    # The fix the message names works: delete them and check them out again.
+    a.unlink()
+    b.unlink()
+    dvc("checkout", "-q", "data/tiny", cwd=repo)
+    assert resolve_data(repo, "data/tiny").dvc_hash

@@ -52,24 +52,34 @@ def add_dataset(repo_root: str | Path, source: str | Path, name: str, message: s
     if not NAME_PATTERN.match(name) or name.endswith(".dvc"):
         raise DatasetError(f"dataset name {name!r}: use letters, digits, '.', '_' and '-' (for example cifar10-v2)")
     source = Path(source).resolve()
+    refuse_links(source)  # first: counting images would already follow a link to a directory
     classes, n_images = check_image_folder(source)
 
     rel = f"data/{name}"
     target = root / rel
-    copied = False
-    if source != target.resolve():  # else the files are already in place: track them as they are
-        identical = target.exists() and same_tree(source, target)
-        if target.exists() and not identical and not replace:
-            raise DatasetError(
-                f"{rel} already exists and differs from {source}: pass --replace to record the new files "
-                f"as the next version of {rel} (the old one stays reachable from git history), or pick "
-                f"another --name")
-        if not identical:
-            _copy_tree(source, target)
-            copied = True
-
     dvc_file = f"{rel}.dvc"
-    _dvc_add(root, target)
+    # source == target: the files are already in data/NAME, tracked as they are.
+    copy = source != target.resolve() and not (target.exists() and same_tree(source, target))
+    if copy and target.exists() and not replace:
+        raise DatasetError(
+            f"{rel} already exists and differs from {source}: pass --replace to record the new files "
+            f"as the next version of {rel} (the old one stays reachable from git history), or pick "
+            f"another --name")
+    dvc_file_existed = (root / dvc_file).exists()
+    previous = _copy_tree(source, target) if copy else None
+    try:
+        _dvc_add(root, target)
+    except DatasetError:
+        if copy:  # put data/NAME back as it was: files DVC did not record must not pass for a dataset
+            shutil.rmtree(target, ignore_errors=True)
+            if previous is not None:
+                os.replace(previous, target)
+            elif not dvc_file_existed:
+                (root / dvc_file).unlink(missing_ok=True)
+        raise
+    finally:
+        if previous is not None:
+            shutil.rmtree(previous.parent, ignore_errors=True)
     dvc_hash = _recorded_hash(root / dvc_file)
     paths = [dvc_file, "data/.gitignore"]
     if push:
@@ -82,7 +92,7 @@ def add_dataset(repo_root: str | Path, source: str | Path, name: str, message: s
         _git(root, "commit", "-q", "-m", text, "--", *paths)
         commit = _git(root, "rev-parse", "HEAD")
     return AddedDataset(path=rel, dvc_file=dvc_file, dvc_hash=dvc_hash, n_classes=len(classes), n_images=n_images,
-                        copied=copied, commit=commit, pushed=push)
+                        copied=copy, commit=commit, pushed=push)
 
 
 def check_image_folder(root: Path) -> tuple[list[str], int]:
@@ -118,18 +128,51 @@ def _files(root: Path):
                 yield Path(directory) / file_name
 
 
-def _copy_tree(source: Path, target: Path) -> None:
+def _copy_tree(source: Path, target: Path) -> Path | None:
     """Copy into a hidden staging directory beside `target`, then swap it in: an interrupted copy
-    never passes for the dataset."""
+    never passes for the dataset. A previous `target` is moved into the staging directory and its
+    path returned, so a failed `dvc add` can put it back; the caller removes it (its parent)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    previous = None
     try:
-        shutil.copytree(source, staging / "data", ignore=shutil.ignore_patterns(".*"))
+        # symlinks=True: never follow a link out of the source (refuse_links has refused them already).
+        shutil.copytree(source, staging / "data", ignore=shutil.ignore_patterns(".*"), symlinks=True)
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / "data", target)
-    finally:
+            previous = staging / "previous"
+            os.replace(target, previous)
+        try:
+            os.replace(staging / "data", target)
+        except OSError:
+            if previous is not None:
+                os.replace(previous, target)
+            raise
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is None:
+        shutil.rmtree(staging, ignore_errors=True)
+    return previous
+
+
+def refuse_links(source: Path) -> None:
+    """DatasetError naming every symbolic link under `source` (hidden entries aside, which are
+    not copied). A link can point anywhere, out of the folder (a whole repository with its
+    mlflow.db, someone's private files): DVC would follow it into its cache and on to the remote."""
+    links = []
+    for directory, subdirs, names in os.walk(source):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for entry in [*subdirs, *names]:
+            path = Path(directory) / entry
+            if not entry.startswith(".") and path.is_symlink():
+                links.append(path)
+    if links:
+        shown = ", ".join(f"{link.relative_to(source)} -> {os.readlink(link)}" for link in links[:5])
+        more = f" and {len(links) - 5} more" if len(links) > 5 else ""
+        raise DatasetError(
+            f"{source} holds {len(links)} symbolic link(s) ({shown}{more}): calibflow copies no links, as one "
+            f"can point out of the folder and DVC would follow it into its cache and remote; replace each "
+            f"with the file it points to (copy it in) or remove it")
 
 
 def _repo_root(repo_root: str | Path) -> Path:

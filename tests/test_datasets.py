@@ -135,3 +135,38 @@ def test_push_sends_the_files_to_the_dvc_remote_before_committing(tiny_repo, ima
     assert (remote / "files" / "md5" / digest[:2] / digest[2:]).is_file()  # the directory listing
     contents = {hashlib.md5(p.read_bytes()).hexdigest() for p in images.rglob("*.png")}
     assert sum(1 for p in (remote / "files" / "md5").rglob("*") if p.is_file()) == len(contents) + 1  # every image
+
+
+def test_a_png_link_to_a_file_outside_the_folder_is_refused_and_nothing_is_copied(tiny_repo, images, tmp_path,
+                                                                                 capsys):
+    secret = tmp_path / "private.png"
+    secret.write_bytes((images / "5" / sorted(p.name for p in (images / "5").iterdir())[0]).read_bytes())
+    (images / "5" / "innocent.png").symlink_to(secret)
+    before = head(tiny_repo)
+
+    assert calibflow(["data", "add", str(images), "--name", "linked", "--repo", str(tiny_repo)]) == 2
+    error = capsys.readouterr().err
+    assert "symbolic link" in error and f"5/innocent.png -> {secret}" in error and "\n" not in error.strip()
+    assert not (tiny_repo / "data" / "linked").exists() and not (tiny_repo / "data" / "linked.dvc").exists()
+    assert head(tiny_repo) == before
+
+
+def test_a_link_to_a_directory_outside_the_folder_is_refused(tiny_repo, images, capsys):
+    (images / "6" / "everything").symlink_to(tiny_repo, target_is_directory=True)  # the repository, mlflow.db and all
+    assert calibflow(["data", "add", str(images), "--name", "linked", "--repo", str(tiny_repo)]) == 2
+    assert f"6/everything -> {tiny_repo}" in capsys.readouterr().err
+    assert not (tiny_repo / "data" / "linked").exists()
+
+
+def test_a_failed_dvc_add_leaves_data_name_as_it_was(tiny_repo, images, tmp_path, capsys):
+    (tiny_repo / ".dvcignore").write_text("data/fresh\ndata/tiny\n")  # dvc add refuses ignored paths
+    assert calibflow(["data", "add", str(images), "--name", "fresh", "--repo", str(tiny_repo)]) == 2
+    assert "dvc add data/fresh failed" in capsys.readouterr().err
+    assert not (tiny_repo / "data" / "fresh").exists() and not (tiny_repo / "data" / "fresh.dvc").exists()
+    assert not [p.name for p in (tiny_repo / "data").iterdir() if p.name.startswith(".fresh")]  # no staging left
+
+    # Replacing an existing dataset: the old files come back.
+    old_files = sorted(p.relative_to(tiny_repo) for p in (tiny_repo / "data" / "tiny").rglob("*.png"))
+    assert calibflow(["data", "add", str(images), "--name", "tiny", "--repo", str(tiny_repo), "--replace"]) == 2
+    assert sorted(p.relative_to(tiny_repo) for p in (tiny_repo / "data" / "tiny").rglob("*.png")) == old_files
+    assert not [p.name for p in (tiny_repo / "data").iterdir() if p.name.startswith(".tiny")]

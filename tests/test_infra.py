@@ -444,3 +444,16 @@ def test_cd_workflow_gates_then_promotes_only_on_exit_0():
     assert "calibflow gate" in gate["run"] and "--json" in gate["run"]
     assert promote["if"] == "${{ steps.gate.outputs.code == '0' }}"
     assert 'exit 2' in gate["run"]  # an undecided gate fails the job
+
+
+def test_cd_workflow_passes_inputs_to_the_shell_only_through_the_environment():
+    # `${{ inputs.x }}` inside `run:` is substituted into the script text before bash parses it:
+    # a crafted input would run as code. Through `env:` it is only ever a value.
+    workflow = yaml.safe_load((INFRA / "cd" / "promote.yml").read_text())
+    steps = workflow["jobs"]["gate-and-promote"]["steps"]
+    for step in steps:
+        assert "${{" not in step.get("run", ""), step
+    for step in steps:
+        if "--candidate" in step.get("run", ""):
+            assert '--candidate "$CANDIDATE"' in step["run"]
+            assert "inputs.candidate" in step["env"]["CANDIDATE"]

@@ -113,7 +113,8 @@ def _comparison(model_name: str, champion: registry.VersionRecord | None, candid
                             f"there is nothing to compare them on (retrain with the champion's seed to share its split)")
     keep = np.isin(test_rows, shared)
     labels = manifest["label_index"].to_numpy()[test_rows[keep]]
-    champion_probs = predict_rows(f"models:/{model_name}/{champion.version}", data_dir, manifest, test_rows[keep])
+    champion_model = registry.load_model(f"models:/{model_name}/{champion.version}")
+    champion_probs = predict_rows(champion_model, data_dir, manifest, test_rows[keep])
     return (Predictions(candidate_probs[keep], labels), Predictions(champion_probs, labels)), excluded
 
 
@@ -132,7 +133,8 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
     data, manifest, split = rebuilt.data, rebuilt.manifest, rebuilt.split
     test_rows = split.indices["test"]
     labels = manifest["label_index"].to_numpy()[test_rows]
-    candidate_probs = predict_rows(f"models:/{model_name}/{candidate.version}", data.local_dir, manifest, test_rows)
+    candidate_model = registry.load_model(f"models:/{model_name}/{candidate.version}")
+    candidate_probs = predict_rows(candidate_model, data.local_dir, manifest, test_rows)
     comparison, excluded = _comparison(model_name, champion, candidate_probs, test_rows, manifest, split, data.local_dir)
     verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
     return GateReport(model_name, candidate.version, champion.version if champion else None, excluded, verdict)

@@ -6,11 +6,13 @@ rather than relying on MLflow's "active run", because Prefect may run tasks on o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -109,27 +111,53 @@ def download_run_artifact(run_id: str, artifact_path: str, destination: str | Pa
 
 # ---------------------------------------------------------------------------------------------
 # The served model
+#
+# Stored so that loading it unpickles nothing: the network's weights are a state dict read with
+# torch.load(weights_only=True), its shape, classes and calibrator are JSON, and the pyfunc is
+# built by running calibflow/served_model.py (MLflow's models-from-code) rather than by
+# unpickling a python_model.pkl. Every file of the stored model is hashed at registration
+# (DIGEST_TAG), and load_model checks a downloaded copy against that hash before MLflow reads
+# any of it; infra/TRUST.md says what that protects against.
+
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+DIGEST_TAG = "artifacts_sha256"
+CLASSES_TAG = "classes"  # JSON list of the class folder names, in the order of the output columns
+
+
+class UnverifiedModel(LookupError):
+    """A registered version calibflow will not load: it has no recorded digest (registered before
+    calibflow stored models safely), or its stored files no longer match it."""
+
+
+class ModelArtifactsChanged(UnverifiedModel):
+    """The files of a registered version differ from those hashed when it was registered."""
 
 
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc: a batch of uint8 images (N, H, W, C) in, calibrated class probabilities (N, K)
     out, float64: the network's fp32 logits through the fitted calibrator (softmax(logits / T)
-    for temperature scaling)."""
+    for temperature scaling). Column k is the class `classes[k]`."""
 
     def load_context(self, context) -> None:
-        from calibflow.calibrators import calibrator_from_state
-        from calibflow.models import load_checkpoint
+        self.load(context.artifacts)
 
-        checkpoint = load_checkpoint(context.artifacts["checkpoint"])
-        self.model = checkpoint.model
-        self.classes = checkpoint.classes
-        self.image_mode = checkpoint.image_mode
-        self.image_size = (checkpoint.spec.image_width, checkpoint.spec.image_height)
-        state = json.loads(Path(context.artifacts["calibration"]).read_text())
-        # Versions registered before calibrators were pluggable saved {"method": "temperature",
-        # "temperature": T} only; the class count they lack is the network's.
-        state.setdefault("n_classes", checkpoint.spec.num_classes)
-        self.calibrator = calibrator_from_state(state)
+    def load(self, artifacts: Mapping[str, str]) -> None:
+        import torch
+
+        from calibflow.calibrators import calibrator_from_state
+        from calibflow.models import ModelSpec, build_model
+
+        network = json.loads(Path(artifacts["network"]).read_text())
+        spec = ModelSpec(**network["spec"])
+        self.classes = [str(name) for name in json.loads(Path(artifacts["classes"]).read_text())]
+        if len(self.classes) != spec.num_classes:
+            raise ValueError(f"the model lists {len(self.classes)} classes but its network has {spec.num_classes} outputs")
+        self.model = build_model(spec)
+        self.model.load_state_dict(torch.load(artifacts["weights"], map_location="cpu", weights_only=True))
+        self.model.eval()
+        self.image_mode = network["image_mode"]
+        self.image_size = (spec.image_width, spec.image_height)
+        self.calibrator = calibrator_from_state(json.loads(Path(artifacts["calibration"]).read_text()))
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch
@@ -139,8 +167,34 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         images = np.asarray(model_input, dtype=np.uint8)
         if images.ndim != 4:
             raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
+        if len(images) == 0:  # an empty batch has an empty answer, not an error
+            return np.zeros((0, len(self.classes)), dtype=np.float64)
         logits = collect_logits(self.model, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
         return self.calibrator.transform(logits).numpy()
+
+
+def declare_served_model() -> None:
+    """Called by calibflow/served_model.py when MLflow runs it to build the pyfunc."""
+    mlflow.models.set_model(CalibratedImageClassifier())
+
+
+def write_model_files(checkpoint_path: str | Path, calibrator_state_path: str | Path,
+                      out_dir: str | Path) -> dict[str, str]:
+    """The served model's files, from a training checkpoint and a fitted calibrator: name -> path."""
+    import torch
+
+    from calibflow.models import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / filename for name, filename in (("weights", "weights.pt"), ("network", "network.json"),
+                                                         ("classes", "classes.json"), ("calibration", "calibration.json"))}
+    torch.save({k: v.detach().cpu() for k, v in checkpoint.model.state_dict().items()}, files["weights"])
+    files["network"].write_text(json.dumps({"spec": asdict(checkpoint.spec), "image_mode": checkpoint.image_mode}))
+    files["classes"].write_text(json.dumps(list(checkpoint.classes)))
+    files["calibration"].write_text(Path(calibrator_state_path).read_text())
+    return {name: str(path) for name, path in files.items()}
 
 
 @dataclass(frozen=True)
@@ -153,35 +207,78 @@ class RegisteredVersion:
 
 def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_state_path: str | Path,
                          input_example: np.ndarray) -> str:
-    """Log the pyfunc (checkpoint + fitted calibrator + the calibflow code) to the run; return its URI."""
+    """Log the pyfunc (weights, network, classes, fitted calibrator, the calibflow code) to the run;
+    return its URI."""
     import torch
     import torchvision
 
     import calibflow
 
-    model = CalibratedImageClassifier()
-    artifacts = {"checkpoint": str(checkpoint_path), "calibration": str(calibrator_state_path)}
-    # Build the signature from a real prediction so input and output specs are exact.
-    model.load_context(type("Context", (), {"artifacts": artifacts})())
-    signature = infer_signature(input_example, model.predict(None, input_example))
     version = lambda v: v.split("+")[0]  # noqa: E731  local builds ("+cu130") are not on PyPI
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=model,
-            artifacts=artifacts,
-            code_paths=[str(Path(calibflow.__file__).parent)],
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=[f"torch=={version(torch.__version__)}", f"torchvision=={version(torchvision.__version__)}",
-                              f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}", "pillow"],
-            metadata={"classes": model.classes, "image_mode": model.image_mode,
-                      "calibration_method": model.calibrator.method,
-                      "image_size": list(model.image_size),
-                      "temperature": getattr(model.calibrator, "temperature", None),
-                      "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)"},
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_model_files(checkpoint_path, calibrator_state_path, tmp)
+        model = CalibratedImageClassifier()
+        model.load(artifacts)
+        # Build the signature from a real prediction so input and output specs are exact.
+        signature = infer_signature(input_example, model.predict(None, input_example))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=str(SERVED_MODEL_CODE),
+                artifacts=artifacts,
+                code_paths=[str(Path(calibflow.__file__).parent)],
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=[f"torch=={version(torch.__version__)}",
+                                  f"torchvision=={version(torchvision.__version__)}", f"numpy=={np.__version__}",
+                                  f"mlflow=={mlflow.__version__}", "pillow"],
+                metadata={"classes": model.classes, "image_mode": model.image_mode,
+                          "calibration_method": model.calibrator.method,
+                          "image_size": list(model.image_size),
+                          "temperature": getattr(model.calibrator, "temperature", None),
+                          "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)"},
+            )
     return info.model_uri
+
+
+def artifacts_digest(directory: str | Path) -> str:
+    """sha256 over every file under `directory`, in order of relative path: the path, what it
+    is (file or link) and the sha256 of its bytes (or link target). Changing, adding, removing or
+    renaming any file changes it."""
+    root = Path(directory)
+    entries = []
+    for folder, subfolders, files in os.walk(root):  # does not follow links
+        for name in subfolders + files:
+            path = Path(folder) / name
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                entries.append((relative, "link", hashlib.sha256(os.readlink(path).encode()).hexdigest()))
+            elif path.is_file():
+                entries.append((relative, "file", _file_sha256(path)))
+    digest = hashlib.sha256()
+    for relative, kind, content in sorted(entries):
+        digest.update(f"{relative}\0{kind}\0{content}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stored_model_tags(model_uri: str) -> dict[str, str]:
+    """What registration records about a logged model's files (`models:/<model id>`, as
+    log_calibrated_model returns): their digest and the class list."""
+    # Downloaded from where the files are stored, not through the models:/ URI: that route adds a
+    # registered_model_meta file of its own to the local copy.
+    with tempfile.TemporaryDirectory() as tmp:
+        location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
+        classes = json.loads((local / "artifacts" / "classes.json").read_text())
+        return {DIGEST_TAG: artifacts_digest(local), CLASSES_TAG: json.dumps(classes)}
 
 
 def register_version(model_uri: str, model_name: str, tags: Mapping[str, Any]) -> RegisteredVersion:
@@ -189,7 +286,8 @@ def register_version(model_uri: str, model_name: str, tags: Mapping[str, Any]) -
     when the model has none yet, else challenger. The alias is the last write; if it fails, the
     new version is deleted again, so no half-registered version is left behind."""
     c = client()
-    version = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+    tags = {**{k: str(v) for k, v in tags.items()}, **stored_model_tags(model_uri)}
+    version = mlflow.register_model(model_uri, model_name, tags=tags)
     try:
         alias = CHALLENGER if alias_version(model_name, CHAMPION) else CHAMPION
         c.set_registered_model_alias(model_name, alias, version.version)
@@ -243,7 +341,28 @@ def resolve_model_uri(model_uri: str) -> VersionRecord:
 
 
 def load_model(model_uri: str):
-    return mlflow.pyfunc.load_model(model_uri)
+    """The registered pyfunc at `model_uri` (models:/NAME@ALIAS or models:/NAME/VERSION), loaded
+    from a local copy of its files only after their digest matched the one recorded at
+    registration: until then nothing of it is unpickled, imported or run. UnverifiedModel (a
+    LookupError) when there is no digest to check or it does not match."""
+    record = resolve_model_uri(model_uri)
+    expected = record.tags.get(DIGEST_TAG)
+    if not expected:
+        raise UnverifiedModel(
+            f"version {record.version} of {record.name} has no {DIGEST_TAG} tag: it was registered before calibflow "
+            f"stored models without pickles and recorded their digest, so calibflow will not load it (its "
+            f"python_model.pkl would run as code); use a version registered since (infra/TRUST.md says how to retire "
+            f"such a version from @champion)")
+    with tempfile.TemporaryDirectory() as tmp:
+        location = client().get_model_version_download_uri(record.name, record.version)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
+        found = artifacts_digest(local)
+        if found != expected:
+            raise ModelArtifactsChanged(
+                f"model artifacts changed since registration: the files of version {record.version} of {record.name} "
+                f"at {location} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
+                f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)")
+        return mlflow.pyfunc.load_model(local)
 
 
 # ---------------------------------------------------------------------------------------------

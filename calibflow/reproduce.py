@@ -62,9 +62,14 @@ def rebuild_test_split(record: registry.VersionRecord, repo_root: str | Path = "
     return RebuiltTestSplit(data, manifest, split)
 
 
-def predict_rows(model_uri: str, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    """A registered model's calibrated probabilities on manifest rows, decoded its own way."""
-    model = registry.load_model(model_uri)
+def served_classes(model) -> list[str]:
+    """The class names of a loaded model's probability columns, in column order."""
+    return [str(name) for name in model.metadata.metadata["classes"]]
+
+
+def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """A loaded model's (registry.load_model) calibrated probabilities on manifest rows, decoded
+    its own way. Columns in the model's class order (served_classes)."""
     meta = model.metadata.metadata
     images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
     return predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
@@ -74,7 +79,9 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     record = registry.resolve_model_uri(model_uri)
     rebuilt = rebuild_test_split(record, repo_root)
     rows = rebuilt.split.indices["test"]
-    probabilities = predict_rows(model_uri, rebuilt.data.local_dir, rebuilt.manifest, rows)
+    # The version just resolved, even if the alias moves meanwhile.
+    model = registry.load_model(f"models:/{record.name}/{record.version}")
+    probabilities = predict_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rows)
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     tags = record.tags
     recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", 15)))
@@ -96,5 +103,6 @@ def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
     images = np.stack([decode_image(p, meta["image_mode"], tuple(meta["image_size"])) for p in paths])
     probabilities = predict_in_batches(model, images)
     top = probabilities.argmax(axis=1)
-    return [Prediction(path=p, label=meta["classes"][k], probability=float(probabilities[i, k]))
+    classes = served_classes(model)
+    return [Prediction(path=p, label=classes[k], probability=float(probabilities[i, k]))
             for i, (p, k) in enumerate(zip(paths, top))]

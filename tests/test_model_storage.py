@@ -1,0 +1,217 @@
+"""How a registered model is stored and loaded: a state dict and JSON, the pyfunc from code (no
+pickle), a digest of its files recorded at registration and checked before anything of it is
+loaded, so a file swapped into the artifact store never runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from calibflow import registry
+from calibflow.calibrators import fit_calibrator
+from calibflow.cli import main as calibflow
+from calibflow.models import ModelSpec, build_model, save_checkpoint
+from calibflow.pipeline import load_calibrator
+
+MODEL = "tiny-digits"
+CHANGED = "model artifacts changed since registration"
+
+
+def test_digest_changes_with_any_change_to_the_files_and_only_then(tmp_path):
+    root = tmp_path / "model"
+    (root / "artifacts").mkdir(parents=True)
+    (root / "MLmodel").write_text("flavors: {}\n")
+    (root / "artifacts" / "weights.pt").write_bytes(b"\x00\x01\x02")
+    digest = registry.artifacts_digest(root)
+    assert registry.artifacts_digest(root) == digest and len(digest) == 64
+
+    (root / "artifacts" / "weights.pt").write_bytes(b"\x00\x01\x03")  # one byte
+    assert registry.artifacts_digest(root) != digest
+    (root / "artifacts" / "weights.pt").write_bytes(b"\x00\x01\x02")
+    assert registry.artifacts_digest(root) == digest
+
+    (root / "python_model.pkl").write_bytes(b"")  # an added file, even an empty one
+    assert registry.artifacts_digest(root) != digest
+    (root / "python_model.pkl").unlink()
+
+    (root / "artifacts" / "weights.pt").rename(root / "artifacts" / "weights2.pt")  # same bytes, other name
+    assert registry.artifacts_digest(root) != digest
+    (root / "artifacts" / "weights2.pt").rename(root / "artifacts" / "weights.pt")
+
+    os.symlink("/etc/hostname", root / "artifacts" / "link")  # a link is recorded, never followed
+    assert registry.artifacts_digest(root) != digest
+
+
+def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batch(tmp_path):
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
+    network = build_model(spec).eval()
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", network, spec, ["cat", "dog", "eel"], "L")
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = network(images)
+    # Labels that mostly agree with the network, so the temperature has an interior optimum.
+    labels = torch.where(torch.arange(40) % 4 == 0, torch.arange(40) % 3, logits.argmax(dim=1))
+    state = tmp_path / "calibration.json"
+    state.write_text(json.dumps(fit_calibrator("temperature", logits, labels).to_state()))
+
+    files = registry.write_model_files(checkpoint, state, tmp_path / "served")
+    assert set(files) == {"weights", "network", "classes", "calibration"}
+    assert json.loads(Path(files["classes"]).read_text()) == ["cat", "dog", "eel"]
+    weights = torch.load(files["weights"], weights_only=True)  # a plain state dict: no code in it
+    assert set(weights) == set(network.state_dict())
+
+    served = registry.CalibratedImageClassifier()
+    served.load(files)
+    batch = images.permute(0, 2, 3, 1).numpy()  # served as (N, H, W, C)
+    expected = load_calibrator(str(state)).transform(logits).numpy()
+    np.testing.assert_allclose(served.predict(None, batch), expected, rtol=0, atol=1e-12)
+
+    empty = served.predict(None, np.zeros((0, 8, 8, 1), dtype=np.uint8))
+    assert empty.shape == (0, 3) and empty.dtype == np.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# On a real registry
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_repo_template, tmp_path_factory) -> Path:
+    """One version of the tiny model, registered by the real flow (one epoch: its numbers do not matter)."""
+    repo = tmp_path_factory.mktemp("storage") / "repo"
+    shutil.copytree(tiny_repo_template, repo, symlinks=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert calibflow(["run", "--repo", str(repo), "--set", "train.epochs=1", "--set", "gates.min_accuracy=0.0",
+                          "--set", "gates.max_ece=1.0"]) == 0
+    return repo
+
+
+@pytest.fixture
+def repo(registered, monkeypatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.configure_tracking(registered)
+    return registered
+
+
+def stored_files(repo: Path) -> Path:
+    """Where the artifact store keeps version 1's files (a folder of the local store)."""
+    registry.configure_tracking(repo)
+    location = registry.client().get_model_version_download_uri(MODEL, "1")
+    assert location.startswith("file://"), location
+    return Path(location.removeprefix("file://"))
+
+
+@pytest.fixture
+def tampered(repo, tmp_path):
+    """The stored files of version 1, put back as they were after the test changes them."""
+    stored = stored_files(repo)
+    backup = tmp_path / "backup"
+    shutil.copytree(stored, backup)
+    yield stored
+    shutil.rmtree(stored)
+    shutil.copytree(backup, stored)
+
+
+@pytest.mark.e2e
+def test_registered_version_stores_no_pickle_and_records_its_digest_and_classes(repo, tmp_path):
+    version = registry.client().get_model_version(MODEL, "1")
+    stored = stored_files(repo)
+    assert version.tags[registry.DIGEST_TAG] == registry.artifacts_digest(stored)
+    assert json.loads(version.tags[registry.CLASSES_TAG]) == ["0", "1", "2", "3", "4"]
+    assert json.loads((stored / "artifacts" / "classes.json").read_text()) == ["0", "1", "2", "3", "4"]
+    assert not list(stored.rglob("*.pkl"))
+    pyfunc = yaml.safe_load((stored / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("served_model.py")
+
+    # A clean load serves exactly what the run's gate read: its test logits through its calibrator.
+    run_dir = repo / ".calibflow" / "runs" / version.run_id
+    with np.load(run_dir / "logits_test.npz") as saved:
+        logits, rows = saved["logits"], saved["indices"]
+    from calibflow.manifest import load_manifest
+    from calibflow.reproduce import predict_rows
+
+    manifest = load_manifest(run_dir / "manifest.csv")
+    served = predict_rows(registry.load_model(f"models:/{MODEL}/1"), str(repo / "data" / "tiny"), manifest, rows)
+    expected = load_calibrator(str(run_dir / "calibration.json")).transform(logits).numpy()
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
+
+
+class RunsACommand:
+    """Pickled, it runs `touch MARKER` when unpickled: what a crafted python_model.pkl does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def swap_in_a_pickle(stored: Path, marker: Path) -> None:
+    """The attack of issue 17: a python_model.pkl that runs a command, and an MLmodel that tells
+    MLflow to unpickle it instead of running the model's code."""
+    (stored / "python_model.pkl").write_bytes(pickle.dumps(RunsACommand(marker)))
+    mlmodel = yaml.safe_load((stored / "MLmodel").read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    pyfunc.pop("model_code_path")
+    pyfunc.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")
+    (stored / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
+def swap_in_code(stored: Path, marker: Path) -> None:
+    code = stored / "served_model.py"
+    code.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n" + code.read_text())
+
+
+def change_a_weight(stored: Path, marker: Path) -> None:
+    weights = stored / "artifacts" / "weights.pt"
+    state = torch.load(weights, weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1.0
+    torch.save(state, weights)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("tamper", [swap_in_a_pickle, swap_in_code, change_a_weight])
+def test_changed_artifacts_are_refused_before_any_code_from_them_runs(tamper, tampered, repo, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    tamper(tampered, marker)
+    if tamper is not change_a_weight:  # the attack is live: MLflow itself would run it
+        import mlflow
+
+        try:
+            mlflow.pyfunc.load_model(str(tampered))
+        except Exception:
+            pass
+        assert marker.exists()
+        marker.unlink()
+
+    image = str(next((repo / "data" / "tiny" / "3").glob("*.png")))
+    for command in (["evaluate", "--model", f"models:/{MODEL}@champion"], ["gate", "--model", MODEL, "--candidate", "1"],
+                    ["predict", "--model", f"models:/{MODEL}/1", image]):
+        assert calibflow([*command, "--repo", str(repo)]) == 2, command
+        assert CHANGED in capsys.readouterr().err, command
+        assert not marker.exists(), command
+
+
+@pytest.mark.e2e
+def test_a_version_without_a_digest_is_not_loaded(repo, tampered, tmp_path, capsys):
+    # What a version registered before calibflow recorded digests looks like (its files pickled).
+    marker = tmp_path / "marker"
+    swap_in_a_pickle(tampered, marker)
+    digest = registry.client().get_model_version(MODEL, "1").tags[registry.DIGEST_TAG]
+    registry.client().delete_model_version_tag(MODEL, "1", registry.DIGEST_TAG)
+    try:
+        assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 2
+        assert f"no {registry.DIGEST_TAG} tag" in capsys.readouterr().err
+        assert not marker.exists()
+    finally:
+        registry.client().set_model_version_tag(MODEL, "1", registry.DIGEST_TAG, digest)

@@ -24,8 +24,8 @@ import pandas as pd
 from calibflow import registry
 from calibflow.config import GatesConfig
 from calibflow.gates import GateVerdict, Predictions, evaluate_gates
-from calibflow.manifest import load_manifest
-from calibflow.reproduce import predict_rows, rebuild_test_split
+from calibflow.manifest import list_classes, load_manifest
+from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes
 from calibflow.splits import Split
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
@@ -36,6 +36,16 @@ CI_JOB_VARIABLES = ("GITHUB_RUN_ID", "CI_JOB_ID", "BUILD_ID", "BUILDKITE_BUILD_I
 
 class GateUndecided(RuntimeError):
     """The gate could not run (version, data or store missing): neither pass nor fail."""
+
+
+class NotComparable(GateUndecided, LookupError):
+    """The candidate and the champion do not predict the same classes, or the champion's classes
+    are unknown: their probabilities cannot be compared. A LookupError too, so Prefect's retry
+    condition (tasks.PERMANENT_ERRORS) does not retry it."""
+
+
+class AlreadyChampion(registry.PromotionConflict):
+    """The candidate of a promotion already is @champion: there is nothing to move."""
 
 
 def resolve_ref(model_name: str, ref: str) -> registry.VersionRecord:
@@ -98,13 +108,46 @@ def _champion_for(model_name: str, against: str | None, candidate_version: str) 
     return None if champion.version == candidate_version else champion
 
 
+def class_order(candidate_classes: list[str], champion_classes: list[str], champion_version: str) -> np.ndarray:
+    """Column indices that put the champion's probabilities in the candidate's class order
+    (`champion_probs[:, order]`), matching classes by name, not position. NotComparable when the
+    two models do not predict the same set of classes."""
+    if sorted(candidate_classes) != sorted(champion_classes):
+        only_candidate = sorted(set(candidate_classes) - set(champion_classes))
+        only_champion = sorted(set(champion_classes) - set(candidate_classes))
+        raise NotComparable(
+            f"not comparable: classes differ: the candidate has {candidate_classes}, champion version "
+            f"{champion_version} has {champion_classes} (only the candidate: {only_candidate}; only the champion: "
+            f"{only_champion}). A model of other classes is another model: train it under another "
+            f"registry.model_name, or move @champion to it by hand if replacing the served classes is intended")
+    column = {name: k for k, name in enumerate(champion_classes)}
+    return np.array([column[name] for name in candidate_classes], dtype=np.int64)
+
+
+def _comparable_champion(model_name: str, champion: registry.VersionRecord, candidate_classes: list[str]):
+    """The champion's model, verified and loaded, and the column order that matches its classes
+    to the candidate's (class_order); NotComparable before anything is predicted when they differ."""
+    if registry.CLASSES_TAG not in champion.tags or registry.DIGEST_TAG not in champion.tags:
+        raise NotComparable(
+            f"not comparable: champion version {champion.version} of {model_name} was registered before calibflow "
+            f"recorded a model's classes and artifact digest (tags {registry.CLASSES_TAG}, {registry.DIGEST_TAG}), so "
+            f"its classes are unknown and calibflow will not load it. Gate against a version registered since "
+            f"(--against VERSION), or retire it: a person deletes its @champion alias once, and the next run's "
+            f"version becomes the champion on the absolute gates (infra/TRUST.md)")
+    model = registry.load_model(f"models:/{model_name}/{champion.version}")
+    return model, class_order(candidate_classes, served_classes(model), champion.version)
+
+
 def _comparison(model_name: str, champion: registry.VersionRecord | None, candidate_probs: np.ndarray,
-                test_rows: np.ndarray, manifest: pd.DataFrame, split: Split, data_dir: str,
-                required: bool = True) -> tuple[tuple[Predictions, Predictions] | None, int]:
-    """(candidate, champion) predictions on the test rows the champion was not fitted on. With
-    none left: GateUndecided, or (not `required`) no comparison, which never promotes."""
+                candidate_classes: list[str], test_rows: np.ndarray, manifest: pd.DataFrame, split: Split,
+                data_dir: str, required: bool = True) -> tuple[tuple[Predictions, Predictions] | None, int]:
+    """(candidate, champion) predictions on the test rows the champion was not fitted on, the
+    champion's columns in the candidate's class order. Models of different classes: NotComparable,
+    before anything is compared. With no rows left: GateUndecided, or (not `required`) no
+    comparison, which never promotes."""
     if champion is None:
         return None, 0
+    champion_model, champion_columns = _comparable_champion(model_name, champion, candidate_classes)
     shared, excluded = unseen_test_rows(manifest, split, seen_by(champion))
     if len(shared) == 0:
         if not required:
@@ -113,8 +156,7 @@ def _comparison(model_name: str, champion: registry.VersionRecord | None, candid
                             f"there is nothing to compare them on (retrain with the champion's seed to share its split)")
     keep = np.isin(test_rows, shared)
     labels = manifest["label_index"].to_numpy()[test_rows[keep]]
-    champion_model = registry.load_model(f"models:/{model_name}/{champion.version}")
-    champion_probs = predict_rows(champion_model, data_dir, manifest, test_rows[keep])
+    champion_probs = predict_rows(champion_model, data_dir, manifest, test_rows[keep])[:, champion_columns]
     return (Predictions(candidate_probs[keep], labels), Predictions(champion_probs, labels)), excluded
 
 
@@ -135,7 +177,8 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
     labels = manifest["label_index"].to_numpy()[test_rows]
     candidate_model = registry.load_model(f"models:/{model_name}/{candidate.version}")
     candidate_probs = predict_rows(candidate_model, data.local_dir, manifest, test_rows)
-    comparison, excluded = _comparison(model_name, champion, candidate_probs, test_rows, manifest, split, data.local_dir)
+    comparison, excluded = _comparison(model_name, champion, candidate_probs, served_classes(candidate_model),
+                                       test_rows, manifest, split, data.local_dir)
     verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
     return GateReport(model_name, candidate.version, champion.version if champion else None, excluded, verdict)
 
@@ -149,8 +192,9 @@ def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndar
     manifest = load_manifest(manifest_path)
     champion = registry.alias_record(model_name, registry.CHAMPION)
     labels = manifest["label_index"].to_numpy()[test_rows]
-    comparison, excluded = _comparison(model_name, champion, candidate_probs, test_rows, manifest,
-                                       Split.load(split_path), data_dir, required=False)
+    # The candidate's classes are its data's class folders, as its checkpoint records them.
+    comparison, excluded = _comparison(model_name, champion, candidate_probs, list_classes(data_dir), test_rows,
+                                       manifest, Split.load(split_path), data_dir, required=False)
     verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
     return GateReport(model_name, "this run", champion.version if champion else None, excluded, verdict)
 
@@ -182,6 +226,9 @@ def promote(model_name: str, candidate_version: str, gated_against: str | None, 
     holder = f"{actor['user']} {actor['ci_job']} pid {os.getpid()}".strip()
     with registry.promotion_lock(model_name, holder):
         current = registry.alias_version(model_name, registry.CHAMPION)
+        if current == candidate_version:
+            raise AlreadyChampion(f"version {candidate_version} already is @champion of {model_name}: nothing to "
+                                  f"promote (gate another version, e.g. --candidate @challenger)")
         if current != gated_against:
             raise registry.PromotionConflict(
                 f"@champion of {model_name} is now {current}, not {gated_against} as when the gate ran: another "

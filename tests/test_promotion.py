@@ -14,12 +14,14 @@ from mlflow import MlflowClient
 from calibflow import registry
 from calibflow.cli import main as calibflow
 from calibflow.promotion import AUDIT_EXPERIMENT
+from tests.conftest import dvc, run
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
 CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
 LOOSE = ["--set", "gates.max_ece=0.9", "--set", "gates.min_accuracy=0.1", "--set", "gates.max_ece_increase=0.9",
          "--set", "gates.max_accuracy_drop=0.9"]
+QUICK = ["--set", "train.epochs=2", "--set", "gates.min_accuracy=0.0"]  # a run whose model's quality does not matter
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +185,76 @@ def test_served_model_class_satisfies_mlflow_type_hint_check() -> None:
     result = subprocess.run([sys.executable, "-W", "always", "-c", "import calibflow.registry"],
                             capture_output=True, text=True, check=True)
     assert "Add type hints to the `predict` method" not in result.stderr, result.stderr
+
+
+def versions(repo: Path) -> list[str]:
+    registry.configure_tracking(repo)
+    return [r.version for r in registry.list_versions(MODEL)]
+
+
+def commit_data(repo: Path, message: str) -> None:
+    dvc("add", "-q", "data/tiny", cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", message, cwd=repo)
+
+
+@pytest.mark.parametrize("change, named", [
+    ("rename", ["only the candidate: ['zero']", "only the champion: ['0']"]),  # mv data/tiny/0 data/tiny/zero
+    ("drop", ["only the champion: ['4']"]),  # 4 classes, not 5
+])
+def test_run_on_data_of_other_classes_is_refused_before_any_comparison(repo, capsys, change, named):
+    tiny = repo / "data" / "tiny"
+    if change == "rename":
+        (tiny / "0").rename(tiny / "zero")
+    else:
+        shutil.rmtree(tiny / "4")
+    commit_data(repo, f"{change} a class")
+    before, registered = aliases(repo), versions(repo)
+
+    # Compared by position, the renamed data passed both relative gates and replaced @champion;
+    # with a class fewer the run crashed on labels out of range.
+    assert calibflow(["run", "--repo", str(repo), *QUICK, *LOOSE, "--set", "promotion.auto=true"]) == 2
+    err = capsys.readouterr().err
+    assert "not comparable: classes differ" in err and all(name in err for name in named), err[-3000:]
+    assert aliases(repo) == before and versions(repo) == registered
+
+
+def test_gate_and_promote_refuse_a_registered_candidate_of_other_classes(repo, capsys):
+    tiny = repo / "data" / "tiny"
+    (tiny / "0").rename(tiny / "zero")
+    commit_data(repo, "rename class 0")
+    client = MlflowClient()
+    client.delete_registered_model_alias(MODEL, "champion")  # no champion: nothing to compare, it registers
+    assert calibflow(["run", "--repo", str(repo), *QUICK, *LOOSE]) == 0
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    assert json.loads(client.get_model_version(MODEL, "4").tags[registry.CLASSES_TAG]) == ["1", "2", "3", "4", "zero"]
+    before = aliases(repo)
+    capsys.readouterr()
+
+    assert gate(repo, "--candidate", "4", *LOOSE) == 2
+    assert "not comparable: classes differ" in capsys.readouterr().err
+    assert calibflow(["promote", "--model", MODEL, "--candidate", "4", "--repo", str(repo), *LOOSE]) == 2
+    assert "not comparable: classes differ" in capsys.readouterr().err
+    assert aliases(repo) == before
+
+
+def test_champion_registered_without_a_class_list_is_not_compared(repo, capsys):
+    # What a version registered before calibflow recorded classes and digests looks like.
+    MlflowClient().delete_model_version_tag(MODEL, "1", registry.CLASSES_TAG)
+    assert gate(repo, "--candidate", "@challenger", *LOOSE) == 2
+    err = capsys.readouterr().err
+    assert "not comparable" in err and "classes are unknown" in err and "--against" in err
+    assert aliases(repo) == {"champion": "1", "challenger": "3"}
+
+
+def test_promoting_the_champion_says_it_already_is_the_champion(repo, capsys):
+    assert calibflow(["promote", "--model", MODEL, "--candidate", "@champion", "--repo", str(repo), *LOOSE]) == 2
+    err = capsys.readouterr().err
+    assert "version 1 already is @champion" in err and "another promotion" not in err
+    assert aliases(repo) == {"champion": "1", "challenger": "3"}
+
+
+def test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged(repo, capsys):
+    MlflowClient().set_model_version_tag(MODEL, "1", "ece_post", "0.5")  # not what version 1 measures
+    assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 1
+    assert "differ from the logged ones" in capsys.readouterr().err

@@ -86,7 +86,8 @@ def test_candidate_passing_on_its_point_estimate_but_not_its_upper_bound_fails_w
 
 
 def test_relative_gate_fails_when_no_worsening_is_allowed(repo):
-    strict = LOOSE + ["--set", "gates.max_accuracy_drop=-0.5"]  # candidate must beat the champion by 50 points
+    # Provably no worse than the champion in accuracy and in ECE: two models this alike never are.
+    strict = LOOSE + ["--set", "gates.max_accuracy_drop=0", "--set", "gates.max_ece_increase=0"]
     assert gate(repo, "--candidate", "@challenger", *strict) == 1
 
 
@@ -252,6 +253,12 @@ def test_promoting_the_champion_says_it_already_is_the_champion(repo, capsys):
     err = capsys.readouterr().err
     assert "version 1 already is @champion" in err and "another promotion" not in err
     assert aliases(repo) == {"champion": "1", "challenger": "3"}
+
+
+def test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged(repo, capsys):
+    MlflowClient().set_model_version_tag(MODEL, "1", "ece_post", "0.5")  # not what version 1 measures
+    assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 1
+    assert "differ from the logged ones" in capsys.readouterr().err
 
 
 def test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged(repo, capsys):

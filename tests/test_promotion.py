@@ -259,9 +259,3 @@ def test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged(rep
     MlflowClient().set_model_version_tag(MODEL, "1", "ece_post", "0.5")  # not what version 1 measures
     assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 1
     assert "differ from the logged ones" in capsys.readouterr().err
-
-
-def test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged(repo, capsys):
-    MlflowClient().set_model_version_tag(MODEL, "1", "ece_post", "0.5")  # not what version 1 measures
-    assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 1
-    assert "differ from the logged ones" in capsys.readouterr().err

@@ -140,9 +140,13 @@ def test_registered_version_stores_no_pickle_and_records_its_digest_and_classes(
     from calibflow.reproduce import predict_rows
 
     manifest = load_manifest(run_dir / "manifest.csv")
-    served = predict_rows(registry.load_model(f"models:/{MODEL}/1"), str(repo / "data" / "tiny"), manifest, rows)
+    model = registry.load_model(f"models:/{MODEL}/1")
+    served = predict_rows(model, str(repo / "data" / "tiny"), manifest, rows)
     expected = load_calibrator(str(run_dir / "calibration.json")).transform(logits).numpy()
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
+    # Through MLflow's pyfunc (its signature check included), an empty batch is an empty answer.
+    empty = model.predict(np.zeros((0, 8, 8, 1), dtype=np.uint8))
+    assert empty.shape == (0, 5) and empty.dtype == np.float64
 
 
 class RunsACommand:

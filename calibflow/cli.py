@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+from pathlib import Path
 
 from calibflow.environment import apply_quiet_defaults
 
@@ -83,24 +85,54 @@ def main(argv: list[str] | None = None) -> int:
                           help="replace an existing, different data/NAME (its new version gets a new commit)")
     data_add.add_argument("--push", action="store_true", help="also `dvc push` it to the default DVC remote")
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a usage error exits 2 here (argparse's own code)
+    repo = getattr(args, "repo", None)
+    if repo is not None and not Path(repo).is_dir():
+        print(f"calibflow {args.command}: --repo {repo} is not a directory: run in the repository root or pass "
+              f"--repo PATH", file=sys.stderr)
+        return EXIT_USAGE
     handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
                "rollback": _rollback, "status": _status, "prepare-digits": _prepare,
                "schedule": _schedule, "data": _data}[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except Exception as error:  # noqa: BLE001
+        # Python exits 1 on an uncaught exception, and CD reads 1 as "rejected, keep the
+        # champion". An error nobody anticipated decided nothing: exit 2, with the traceback,
+        # because it is a bug to report rather than a user mistake.
+        traceback.print_exc()
+        print(f"calibflow {args.command}: unexpected {type(error).__name__}, nothing decided (exit 2); please "
+              f"report it with the traceback above: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (MLflow's and DVC's can span several)."""
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return " ".join(str(message).split())
+
+
+def _store_failed(command: str, error: Exception) -> int:
+    """A registry error (a missing model, version or alias, or a tracking server that failed) on
+    stderr as one line; exit 2: nothing could be decided."""
+    from calibflow import registry
+
+    print(f"calibflow {command}: {_one_line(error)} (MLflow registry at {registry.tracking_uri()})", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _run(args: argparse.Namespace) -> int:
     from calibflow.config import ConfigError, load_config
 
     try:  # fail on a bad key before Prefect and MLflow start
-        load_config(f"{args.repo}/{args.params}", args.overrides)
+        load_config(Path(args.repo) / args.params, args.overrides)
     except ConfigError as error:
         print(f"calibflow: {error}", file=sys.stderr)
         return EXIT_USAGE
 
     from mlflow.exceptions import MlflowException
 
+    from calibflow.calibration import CalibrationError
     from calibflow.manifest import ManifestError
     from calibflow.validation import DataValidationError
     from calibflow.versioning import DataVersionError
@@ -112,8 +144,8 @@ def _run(args: argparse.Namespace) -> int:
     except (DataValidationError, GatesFailed) as error:
         print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
         return EXIT_REJECTED
-    except (DataVersionError, ManifestError, ConfigError) as error:
-        print(f"\ncalibflow: {error}", file=sys.stderr)
+    except (DataVersionError, ManifestError, ConfigError, CalibrationError) as error:
+        print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
         from calibflow import registry
@@ -126,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from calibflow import registry
     from calibflow.reproduce import reproduce
     from calibflow.versioning import DataVersionError
@@ -134,8 +168,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         result = reproduce(args.model, args.repo)
     except (LookupError, ValueError, DataVersionError) as error:
-        print(f"calibflow: {error}", file=sys.stderr)
+        print(f"calibflow: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        return _store_failed("evaluate", error)
     report = {"model": result.model_uri, "version": result.version, "recomputed": result.recomputed,
               "logged": result.logged, "mismatches": result.mismatches()}
     print(f"{'metric':<10} {'logged':>20} {'recomputed':>20}")
@@ -143,8 +179,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{name:<10} {result.logged.get(name, float('nan')):>20.12f} {value:>20.12f}")
     print(json.dumps(report))
     if args.json_path:
-        with open(args.json_path, "w") as handle:
-            json.dump(report, handle, indent=2)
+        try:
+            with open(args.json_path, "w") as handle:
+                json.dump(report, handle, indent=2)
+        except OSError as error:
+            print(f"calibflow evaluate: cannot write --json {args.json_path}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_USAGE
     if report["mismatches"]:
         print("calibflow: recomputed metrics differ from the logged ones: " + "; ".join(report["mismatches"]),
               file=sys.stderr)
@@ -153,15 +193,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from calibflow import registry
     from calibflow.reproduce import predict_files
 
     registry.configure_tracking(args.repo)
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:  # before the model loads: a typo in a path should not cost a model load
+        print(f"calibflow predict: no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         predictions = predict_files(args.model, args.images)
-    except (LookupError, FileNotFoundError, OSError) as error:
-        print(f"calibflow: {error}", file=sys.stderr)
+    except (LookupError, ValueError, OSError) as error:  # OSError: also an image Pillow cannot read
+        print(f"calibflow predict: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except MlflowException as error:  # the model, its version or its alias is not in the registry
+        return _store_failed("predict", error)
     for prediction in predictions:
         print(f"{prediction.path}\t{prediction.label}\t{prediction.probability:.4f}")
     return EXIT_OK
@@ -185,7 +233,7 @@ def _run_gate(args: argparse.Namespace):
     from calibflow.promotion import GateUndecided, gate_version
 
     try:
-        config = load_config(f"{args.repo}/{args.params}", args.overrides)
+        config = load_config(Path(args.repo) / args.params, args.overrides)
         registry.configure_tracking(args.repo)
         return gate_version(args.model, args.candidate, config.gates, args.against, args.repo,
                             config.evaluation.n_bins)
@@ -211,12 +259,18 @@ def _gate(args: argparse.Namespace) -> int:
         return report
     _print_gate(report)
     if args.json_path:
-        report.save(args.json_path)
+        try:
+            report.save(args.json_path)
+        except OSError as error:  # CD reads the file: without it the job has no decision to act on
+            print(f"calibflow gate: cannot write --json {args.json_path}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_USAGE
     return EXIT_OK if report.passed else EXIT_REJECTED
 
 
 def _promote(args: argparse.Namespace) -> int:
     import tempfile
+
+    from mlflow.exceptions import MlflowException
 
     from calibflow import registry
     from calibflow.promotion import promote
@@ -236,14 +290,18 @@ def _promote(args: argparse.Namespace) -> int:
             moved = promote(args.model, report.candidate, report.champion, report.save(f"{tmp}/gate_report.json"),
                             force_reason=args.reason if (args.force and not report.passed) else None)
         except registry.PromotionConflict as error:
-            print(f"calibflow promote: {error}", file=sys.stderr)
+            print(f"calibflow promote: {_one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
+        except (MlflowException, OSError) as error:  # the aliases were restored (registry.apply_aliases)
+            return _store_failed("promote", error)
     print(f"@champion of {moved.model} is now version {moved.champion} (was {moved.previous_champion})"
           + (" [forced]" if moved.forced else ""))
     return EXIT_OK
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from calibflow import registry
     from calibflow.promotion import rollback
 
@@ -251,8 +309,10 @@ def _rollback(args: argparse.Namespace) -> int:
     try:
         moved = rollback(args.model)
     except (LookupError, registry.PromotionConflict) as error:
-        print(f"calibflow rollback: {error}", file=sys.stderr)
+        print(f"calibflow rollback: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        return _store_failed("rollback", error)
     print(f"@champion of {moved.model} is back at version {moved.champion} (was {moved.previous_champion})")
     return EXIT_OK
 
@@ -266,9 +326,8 @@ def _status(args: argparse.Namespace) -> int:
     registry.configure_tracking(args.repo)
     try:
         rows = status(args.model)
-    except MlflowException as error:
-        print(f"calibflow status: {error.message}", file=sys.stderr)
-        return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        return _store_failed("status", error)
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in STATUS_COLUMNS}
     print("  ".join(c.ljust(widths[c]) for c in STATUS_COLUMNS))
     for row in rows:
@@ -279,6 +338,12 @@ def _status(args: argparse.Namespace) -> int:
 def _schedule(args: argparse.Namespace) -> int:
     from calibflow.config import ConfigError, load_config
 
+    try:  # a bad params file is the first thing to say, whatever else is missing
+        config = load_config(Path(args.repo) / args.params, args.overrides)
+    except ConfigError as error:
+        print(f"calibflow: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()  # the environment or the active Prefect profile
@@ -288,7 +353,6 @@ def _schedule(args: argparse.Namespace) -> int:
               "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
         return EXIT_USAGE
     try:
-        config = load_config(f"{args.repo}/{args.params}", args.overrides)
         from flows.deployment import build_deployment, deploy, full_name, serve
 
         deployment = build_deployment(config, args.repo, args.params, args.overrides)
@@ -316,8 +380,8 @@ def _data(args: argparse.Namespace) -> int:
     try:
         added = add_dataset(args.repo, args.source, args.name, message=args.message, replace=args.replace,
                             push=args.push)
-    except DatasetError as error:
-        print(f"calibflow: {error}", file=sys.stderr)
+    except (DatasetError, OSError) as error:  # OSError: a file that cannot be read or written while copying
+        print(f"calibflow data add: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     recorded = f"committed {added.commit[:12]}" if added.commit else "already recorded at HEAD, nothing to commit"
     print(f"{added.path}: {added.n_images} images in {added.n_classes} classes, DVC {added.dvc_hash}; {recorded}"
@@ -329,7 +393,12 @@ def _data(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from calibflow.prepare import write_digits
 
-    print(f"wrote {write_digits(args.out)} images to {args.out}")
+    try:
+        written = write_digits(args.out)
+    except OSError as error:
+        print(f"calibflow prepare-digits: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {written} images to {args.out}")
     return EXIT_OK
 
 

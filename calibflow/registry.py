@@ -461,9 +461,21 @@ def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> 
 
 
 def list_versions(model_name: str) -> list[VersionRecord]:
-    found = client().search_model_versions(f"name='{model_name}'")
-    return sorted((VersionRecord(v.name, str(v.version), v.run_id, dict(v.tags)) for v in found),
-                  key=lambda r: int(r.version))
+    found = client().search_model_versions(_name_filter(model_name))
+    return sorted((VersionRecord(v.name, str(v.version), v.run_id, dict(v.tags)) for v in found
+                   if v.name == model_name), key=lambda r: int(r.version))
+
+
+def _name_filter(model_name: str) -> str:
+    """An MLflow filter string selecting `model_name`. Its parser has no escape for a quote inside
+    a quoted value (a name like "it's" broke `name='...'`), so the name is quoted with the quote
+    it lacks; a name holding both is matched with LIKE, each quote a one-character wildcard, and
+    callers keep only the exact name."""
+    if "'" not in model_name:
+        return f"name='{model_name}'"
+    if '"' not in model_name:
+        return f'name="{model_name}"'
+    return "name LIKE '" + model_name.replace("'", "_").replace('"', "_") + "'"
 
 
 def log_audit_run(experiment: str, run_name: str, tags: Mapping[str, Any], report_path: str | Path) -> str:

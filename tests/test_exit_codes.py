@@ -1,0 +1,207 @@
+"""The README's exit-code table, walked: every code it promises for every command is produced,
+here (the cheap paths, on a real MLflow registry whose versions are created directly, without
+training) or by a named end-to-end test elsewhere. CD reads 1 as "rejected, keep the champion"
+and 2 as "could not run, look at it", so a user mistake must never exit 1 nor print a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from calibflow import registry
+from calibflow.cli import main as calibflow
+from tests.conftest import REPO, TINY_PARAMS
+
+CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
+QUOTED = "it's-digits"  # a name with a quote: MLflow registers it; `status` must list it
+SOLO = "solo"  # one version, @champion, promoted from nothing
+
+
+def readme_exit_codes() -> dict[str, set[int]]:
+    """{command: exit codes} from the README's command-line table ("data add" for `calibflow data
+    add PATH ...`; the codes are the digits that open each `;`-separated part of the last cell)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## The command line"):]
+    section = section[:section.index("\n## ", 1)]
+    table: dict[str, set[int]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `calibflow "):
+            continue
+        usage = line.split("`")[1].split()[1:]
+        words = []
+        for word in usage:
+            if not re.fullmatch(r"[a-z][a-z-]*", word):
+                break
+            words.append(word)
+        codes = {int(code) for code in re.findall(r"(?:^|;)\s*([0-9])\b", line.rstrip(" |").rsplit("|", 1)[1])}
+        table[" ".join(words)] = codes
+    return table
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str  # as the README names it
+    code: int
+    argv: tuple[str, ...]  # {repo}, {tmp}, {bad_params}, {tiny_repo}, {images}, {image} are filled in
+    says: str = ""  # part of the one line on stderr (or stdout for exit 0)
+
+
+CASES = [
+    Case("run", 2, ("run", "--repo", "{repo}", "--params", "{bad_params}"), "is not UTF-8 text"),
+    Case("run", 2, ("run", "--repo", "{repo}", "--set", "train.momentum=-3"), "train.momentum = -3.0"),
+    Case("run", 2, ("run", "--repo", "{tmp}/nowhere"), "is not a directory"),
+    Case("evaluate", 2, ("evaluate", "--model", "models:/nope@champion", "--repo", "{repo}"), "nope"),
+    Case("evaluate", 2, ("evaluate", "--model", f"models:/{SOLO}@nope", "--repo", "{repo}"), "alias nope"),
+    Case("evaluate", 2, ("evaluate", "--model", SOLO, "--repo", "{repo}"), "is not a registry URI"),
+    Case("predict", 2, ("predict", "--model", "models:/nope@champion", "--repo", "{repo}", "{image}"),
+         "nope"),
+    Case("predict", 2, ("predict", "--model", f"models:/{SOLO}@nope", "--repo", "{repo}", "{image}"),
+         "alias nope"),
+    Case("predict", 2, ("predict", "--model", f"models:/{SOLO}@champion", "--repo", "{repo}", "{tmp}/missing.png"),
+         "no such file"),
+    Case("gate", 2, ("gate", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "could not decide"),
+    Case("gate", 2, ("gate", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--set", "gates.max_nll=-1"),
+         "gates.max_nll = -1.0"),
+    Case("promote", 2, ("promote", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--force"), "--reason"),
+    Case("promote", 2, ("promote", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "could not decide"),
+    Case("promote", 2, ("promote", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--params",
+                        "../bad.yaml"), "is not UTF-8 text"),
+    Case("rollback", 0, ("rollback", "--model", QUOTED, "--repo", "{repo}"), "back at version 1"),
+    Case("rollback", 2, ("rollback", "--model", SOLO, "--repo", "{repo}"), "no previous champion"),
+    Case("rollback", 2, ("rollback", "--model", "nope", "--repo", "{repo}"), "nope"),
+    Case("status", 0, ("status", "--model", QUOTED, "--repo", "{repo}"), "@champion"),
+    Case("status", 2, ("status", "--model", "nope", "--repo", "{repo}"), "nope"),
+    Case("data add", 0, ("data", "add", "{images}", "--name", "fives", "--repo", "{tiny_repo}"), "300 images"),
+    Case("data add", 2, ("data", "add", "{tmp}", "--name", "x", "--repo", "{tiny_repo}"), "is not an ImageFolder"),
+    Case("data add", 2, ("data", "add", "{images}", "--name", "x", "--repo", "{repo}"), "not the root of a DVC"),
+    Case("schedule", 2, ("schedule", "--repo", "{repo}", "--params", "../bad.yaml"), "is not UTF-8 text"),
+    Case("schedule", 2, ("schedule", "--repo", "{repo}"), "needs a Prefect server"),
+    Case("prepare-digits", 0, ("prepare-digits", "--out", "{tmp}/digits"), "wrote 1797 images"),
+    Case("prepare-digits", 2, ("prepare-digits", "--out", "{bad_params}/digits"), "cannot write"),
+]
+
+# Codes that need a trained model or running servers: the end-to-end tests that produce them.
+ELSEWHERE = {
+    ("run", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",
+    ("run", 1): "tests/test_flow_e2e.py::test_failing_gate_registers_nothing_and_moves_no_alias",
+    ("evaluate", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",
+    ("evaluate", 1): "tests/test_promotion.py::test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged",
+    ("predict", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",
+    ("gate", 0): "tests/test_promotion.py::test_gate_passes_with_exit_0_and_reports_each_check_against_the_champion",
+    ("gate", 1): "tests/test_promotion.py::test_candidate_passing_on_its_point_estimate_but_not_its_upper_bound_fails_with_exit_1",
+    ("promote", 0): "tests/test_promotion.py::test_promote_moves_champion_records_who_and_keeps_the_report_then_rollback_moves_it_back",
+    ("promote", 1): "tests/test_promotion.py::test_failed_gate_does_not_promote_unless_forced_with_a_reason",
+    ("schedule", 0): "tests/test_servers.py::test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retrain_is_skipped",
+}
+
+
+def test_every_exit_code_the_readme_promises_is_exercised():
+    documented = {(command, code) for command, codes in readme_exit_codes().items() for code in codes}
+    assert {"run", "evaluate", "predict", "gate", "promote", "rollback", "status", "data add", "schedule",
+            "prepare-digits"} <= {command for command, _ in documented}
+    exercised = {(case.command, case.code) for case in CASES} | set(ELSEWHERE)
+    assert documented == exercised
+    for node in ELSEWHERE.values():
+        path, name = node.split("::")
+        assert f"def {name}(" in (REPO / path).read_text(), f"{node} does not exist"
+
+
+@pytest.fixture(scope="module")
+def registry_world(tmp_path_factory) -> Path:
+    """A directory with params.yaml, a non-YAML bad.yaml beside it, and a real MLflow registry:
+    QUOTED with two versions (v2 @champion, promoted from v1), SOLO with one (@champion). The
+    versions are created directly (no training): these commands read only the registry."""
+    world = tmp_path_factory.mktemp("exit-codes")
+    repo = world / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text(TINY_PARAMS)
+    (world / "bad.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8")
+    from calibflow.prepare import write_digits
+
+    write_digits(world / "images", classes=(5, 6, 7, 8, 9), per_class=60)  # read, never written, by the cases
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        registry.configure_tracking(repo)
+        client = MlflowClient()
+        experiment = client.create_experiment("exit-codes")
+        run = client.create_run(experiment)
+        client.set_terminated(run.info.run_id)
+        for name, versions in ((QUOTED, 2), (SOLO, 1)):
+            client.create_registered_model(name)
+            for _ in range(versions):
+                version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+                for key, value in {"ece_post": "0.01", "accuracy": "0.99", "temperature": "1.1"}.items():
+                    client.set_model_version_tag(name, version.version, key, value)
+        client.set_model_version_tag(QUOTED, "2", "promoted_from", "1")
+        client.set_registered_model_alias(QUOTED, "champion", "2")
+        client.set_registered_model_alias(SOLO, "champion", "1")
+    return world
+
+
+@pytest.fixture
+def world(registry_world, tmp_path, monkeypatch) -> dict[str, str]:
+    """A private copy of the registry world (rollback moves aliases) and the paths cases use."""
+    copy = tmp_path / "world"
+    shutil.copytree(registry_world / "repo", copy / "repo")
+    shutil.copy(registry_world / "bad.yaml", copy / "bad.yaml")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    images = registry_world / "images"
+    return {"repo": str(copy / "repo"), "bad_params": str(copy / "bad.yaml"), "tmp": str(scratch),
+            "images": str(images), "image": str(min((images / "5").iterdir()))}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.command}-{c.code}-{c.says}" for c in CASES])
+def test_exit_code(case, world, request, capsys):
+    if "{tiny_repo}" in case.argv:
+        world = {**world, "tiny_repo": str(request.getfixturevalue("tiny_repo"))}
+    argv = [part.format(**world) for part in case.argv]
+    assert calibflow(argv) == case.code, capsys.readouterr()
+    out, err = capsys.readouterr()
+    if case.code == 0:
+        assert case.says in out
+    else:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and case.says in lines[0], err  # one line, no traceback
+
+
+def test_status_lists_the_versions_of_a_model_whose_name_has_a_quote(world, capsys):
+    assert calibflow(["status", "--model", QUOTED, "--repo", world["repo"]]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["1", "2"]
+    assert "@champion" in rows[1] and "0.99" in rows[1]
+
+
+def test_an_unanticipated_error_exits_2_not_1_with_its_traceback(world, monkeypatch, capsys):
+    from calibflow import prepare
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug nobody anticipated")
+
+    monkeypatch.setattr(prepare, "write_digits", broken)
+    assert calibflow(["prepare-digits", "--out", f"{world['tmp']}/digits"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "unexpected RuntimeError" in err and "a bug nobody anticipated" in err
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["run", "--params", "../bad.yaml"], 2, "is not UTF-8 text"),
+    (["predict", "--model", f"models:/{SOLO}@nope", "{image}"], 2, "alias nope"),
+], ids=["run-bad-params", "predict-missing-alias"])
+def test_in_a_separate_process_a_user_mistake_exits_2_with_one_line_and_no_traceback(world, argv, code, says):
+    argv = [part.format(**world) for part in argv]
+    result = subprocess.run([CALIBFLOW, *argv, "--repo", world["repo"]], capture_output=True, text=True,
+                            cwd=world["repo"])
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr, result.stderr

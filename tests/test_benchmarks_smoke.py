@@ -5,6 +5,7 @@ makes them meaningless as pass/fail criteria)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,24 @@ def test_quick_benchmark_runs_and_agrees_with_peers(tmp_path: Path, capsys: pyte
     assert ci["low"] <= ci["estimate"] <= ci["high"]
     for key in ("ours_s", "netcal_s", "bracketed_s"):
         assert t[key] > 0
+
+
+def test_gate_soundness_benchmark_writes_one_record_per_cell(tmp_path: Path, monkeypatch) -> None:
+    spec = importlib.util.spec_from_file_location("gate_soundness", BENCH.parent / "gate_soundness.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gate_soundness", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cells.json"
+    rows = bench.main(["--quick", "--sizes", "200", "--boundary-trials", "12", "--power-trials", "4", "--workers", "1",
+                       "--json", str(out)])
+    import json
+
+    records = json.loads(out.read_text())
+    assert records == rows and len(records) == len({(r["gate"], r["metric"], r["scenario"], r["true_value"],
+                                                     r["limit"], r["n"]) for r in records})
+    gates = {r["gate"] for r in records}
+    assert gates == {"max_ece", "min_accuracy", "max_nll", "max_ece_increase", "max_accuracy_drop"}
+    for r in records:
+        assert {"scenario", "gate", "n", "true_value", "limit", "trials", "passes", "rate", "wilson_low",
+                "wilson_high"} <= set(r)
+        assert r["wilson_low"] <= r["rate"] <= r["wilson_high"]

@@ -23,7 +23,20 @@ QUIET_DEFAULTS = {
     "GIT_PYTHON_REFRESH": "quiet",
 }
 
+# How long one MLflow request may keep trying a tracking server that does not answer. MLflow's own
+# defaults (7 retries, back-off factor 2, 120 s timeout) are sized for a rate-limiting SaaS and
+# make a dead server cost about 4 minutes per request, several requests per command. These give
+# up on a refused connection after about 6-8 s (back-off 0, 2 and 4 s, plus up to 1 s of jitter on the last two),
+# and on a server that accepts but never answers after 4 x 20 s: a command fails within 2
+# minutes either way, and still rides out a server restart of a few seconds. Raise the timeout
+# for large model artifacts behind a slow artifact store.
+STORE_PATIENCE_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
 
 def apply_quiet_defaults() -> None:
-    for key, value in QUIET_DEFAULTS.items():
+    for key, value in {**QUIET_DEFAULTS, **STORE_PATIENCE_DEFAULTS}.items():
         os.environ.setdefault(key, value)

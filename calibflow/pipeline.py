@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from calibflow.calibrators import calibrator_from_state, fit_calibrator
 from calibflow.config import CalibrationConfig, Config, DataConfig, GatesConfig, SplitConfig
 from calibflow.gates import GateVerdict
 from calibflow.images import load_images
+from calibflow.leftovers import ProcessId, alive, this_process
 from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import calibrated_probabilities, probability_nll, probability_report, reliability_bins, top_label
 from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
@@ -230,9 +230,20 @@ def evaluate_calibration(logits_path: str, calibration: CalibrationRecord, n_bin
     return Evaluation(before=before, after=after, plots=tuple(str(p) for p in plots))
 
 
-def write_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationRecord, verdict: GateVerdict) -> str:
-    """reports/metrics.json (a DVC metric). Written to a temporary file and renamed, so a crash
-    mid-write never leaves a truncated report behind."""
+class ReportError(RuntimeError):
+    """reports/metrics.json cannot be written where it goes."""
+
+
+@dataclass(frozen=True)
+class StagedReport:
+    path: str  # where it goes: reports/metrics.json
+    staged: str  # its new content, written beside it, not in place yet
+
+
+def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationRecord, verdict: GateVerdict) -> StagedReport:
+    """Write the new reports/metrics.json (a DVC metric) beside the old one, before anything is
+    registered: a report that cannot be written fails the run while the registry is untouched,
+    and the previous report stays in place until publish_report renames this one over it."""
     report = {
         "calibration_method": fit.method,
         "temperature": fit.temperature,
@@ -241,11 +252,68 @@ def write_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationReco
         "gates_passed": verdict.passed,
     }
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(handle.name, target)
-    return str(target)
+    if target.exists() and not target.is_file():
+        raise ReportError(f"{target} is a {'directory' if target.is_dir() else 'special file'}, not a file: remove "
+                          f"it, as the run writes its metrics report (the DVC metric) there")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_stages(target)
+        staged = _write_beside(target, json.dumps(report, indent=2))
+    except OSError as error:
+        raise ReportError(f"cannot write {target}: {error}") from error
+    return StagedReport(path=str(target), staged=staged)
+
+
+def publish_report(report: StagedReport) -> str:
+    """Put the staged report in place: one rename, so readers see the old report or the new one,
+    never a mix or a truncated file."""
+    try:
+        os.replace(report.staged, report.path)
+    except OSError as error:
+        discard_report(report)
+        raise ReportError(f"cannot replace {report.path}: {error}") from error
+    return report.path
+
+
+def discard_report(report: StagedReport) -> None:
+    Path(report.staged).unlink(missing_ok=True)
+
+
+def _stage_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def _write_beside(target: Path, text: str) -> str:
+    """A new file beside `target` holding `text`, named after this process (pid and start time:
+    see _remove_abandoned_stages). os.open with mode 0o666 lets the umask decide its permissions,
+    as for any file the user's tools create (tempfile's are 0600: only the owner could read the
+    report)."""
+    me = this_process()
+    owner = f"{me.pid}-{me.started}" if me else str(os.getpid())
+    for attempt in range(1000):
+        candidate = target.with_name(f"{_stage_prefix(target)}{owner}.{attempt}.tmp")
+        try:
+            descriptor = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(text)
+        except BaseException:
+            candidate.unlink(missing_ok=True)
+            raise
+        return str(candidate)
+    raise ReportError(f"cannot stage {target}: 1000 staged copies of it already exist beside it")
+
+
+def _remove_abandoned_stages(target: Path) -> None:
+    """Staged reports of runs whose process is gone (killed between staging and publishing);
+    those of a run still going on beside this one stay."""
+    for staged in target.parent.glob(f"{_stage_prefix(target)}*.tmp"):
+        owner = staged.name.removeprefix(_stage_prefix(target)).split(".")[0]
+        pid, _, started = owner.partition("-")
+        if pid.isdigit() and started and not alive(ProcessId(int(pid), started)):
+            staged.unlink(missing_ok=True)
 
 
 def input_example(data_dir: str, manifest_path: str, split_path: str, checkpoint: str, n: int = 2) -> np.ndarray:

@@ -53,7 +53,74 @@ def tracking_uri() -> str:
 
 
 def client() -> MlflowClient:
-    return MlflowClient()
+    """An MlflowClient whose calls raise StoreUnreachable, saying how long they waited, when the
+    tracking server does not answer."""
+    return _AnsweringClient(MlflowClient())  # type: ignore[return-value]  # same methods
+
+
+class StoreUnreachable(MlflowException):
+    """The tracking server did not answer within MLflow's HTTP retries (bounded by
+    calibflow.environment.STORE_PATIENCE_DEFAULTS). Already retried: retrying again only waits longer."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """True when `error` (or what it was raised from) is a connection failure, a timeout or a
+    server that kept failing through MLflow's HTTP retries, not an answer."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (StoreUnreachable, requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def store_wait():
+    """Turn a tracking server that did not answer the calls in this block into StoreUnreachable,
+    whose message says which server, how long the block waited and what the retry settings were."""
+    started = time.monotonic()
+    try:
+        yield
+    except MlflowException as error:
+        if isinstance(error, StoreUnreachable) or not unreachable(error):
+            raise
+        waited = time.monotonic() - started
+        settings = ", ".join(f"{name}={os.environ.get(name, 'MLflow default')}" for name in (
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"))
+        raise StoreUnreachable(f"the MLflow tracking server at {mlflow.get_tracking_uri()} did not answer: gave up "
+                               f"after waiting {waited:.1f} s ({settings}); is it running? ({_root_cause(error)})") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost reason of a failed request, e.g. "... [Errno 111] Connection refused"."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, requests.RequestException):
+            reason = getattr(seen.args[0], "reason", None) if seen.args else None
+            return str(reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    return str(error)
+
+
+class _AnsweringClient:
+    """MlflowClient, each of whose calls runs under store_wait()."""
+
+    def __init__(self, wrapped: MlflowClient):
+        self._wrapped = wrapped
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._wrapped, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            with store_wait():
+                return attribute(*args, **kwargs)
+        return call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,13 +163,27 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
     client().log_artifact(run_id, str(path), artifact_path)
 
 
+RUN_STATUS = {"failed": "FAILED", "killed": "KILLED"}  # MLflow's run status of an outcome; others FINISHED
+
+
 def end_run(run_id: str, outcome: str, reason: str = "") -> None:
-    """Close the run: outcome "succeeded", "skipped" (nothing to do) or "failed", with why."""
+    """Close the run: outcome "succeeded", "skipped" (nothing to do), "failed" or "killed" (its
+    process died without closing it), or an audit run's decision, with why."""
     status_tags = {STATUS_TAG: outcome}
     if reason:
         status_tags["calibflow.reason"] = reason[:4000]
     set_tags(run_id, status_tags)
-    client().set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
+    client().set_terminated(run_id, RUN_STATUS.get(outcome, "FINISHED"))
+
+
+def running_runs(experiment: str) -> list[tuple[str, dict[str, str]]]:
+    """(run id, tags) of the experiment's runs whose status is still RUNNING."""
+    c = client()
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = c.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return [(r.info.run_id, dict(r.data.tags)) for r in runs]
 
 
 def download_run_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
@@ -203,6 +284,7 @@ class RegisteredVersion:
     version: str
     alias: str
     model_uri: str
+    replaced: str | None = None  # the version `alias` pointed to before this one took it
 
 
 def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_state_path: str | Path,
@@ -284,17 +366,45 @@ def stored_model_tags(model_uri: str) -> dict[str, str]:
 def register_version(model_uri: str, model_name: str, tags: Mapping[str, Any]) -> RegisteredVersion:
     """Register the logged model with all its tags in one call, then give it an alias: champion
     when the model has none yet, else challenger. The alias is the last write; if it fails, the
-    new version is deleted again, so no half-registered version is left behind."""
+    new version is deleted again, so no half-registered version is left behind (or, when even
+    that fails, RegistrationLeftBehind says so)."""
     c = client()
     tags = {**{k: str(v) for k, v in tags.items()}, **stored_model_tags(model_uri)}
-    version = mlflow.register_model(model_uri, model_name, tags=tags)
+    with store_wait():
+        number = str(mlflow.register_model(model_uri, model_name, tags=tags).version)
     try:
-        alias = CHALLENGER if alias_version(model_name, CHAMPION) else CHAMPION
-        c.set_registered_model_alias(model_name, alias, version.version)
-    except Exception:
-        c.delete_model_version(model_name, version.version)
+        # Decided under the lock `promote` takes: two first registrations at once would otherwise
+        # both see no champion, both report @champion, and leave one of them bare.
+        with promotion_lock(model_name, _holder(f"registration of version {number}")):
+            before = aliases(model_name)
+            alias = CHALLENGER if before.get(CHAMPION) else CHAMPION
+            c.set_registered_model_alias(model_name, alias, number)
+    except Exception as error:
+        _delete_version(model_name, number, error)
         raise
-    return RegisteredVersion(model_name, str(version.version), alias, f"models:/{model_name}@{alias}")
+    return RegisteredVersion(model_name, number, alias, f"models:/{model_name}@{alias}", replaced=before.get(alias))
+
+
+class RegistrationLeftBehind(RuntimeError):
+    """A run failed after registering a version, and taking that version back failed too: the
+    message names the version and its aliases, and how to remove it."""
+
+
+def _delete_version(model_name: str, version: str, cause: BaseException) -> None:
+    try:
+        client().delete_model_version(model_name, version)
+    except Exception as error:
+        raise RegistrationLeftBehind(
+            f"version {version} of {model_name} was registered, then the run failed ({type(cause).__name__}: "
+            f"{cause}), and deleting it failed too ({type(error).__name__}: {error}); it may still be registered, "
+            f"with an alias: check `calibflow status --model {model_name}` and delete it in the MLflow UI, or with "
+            f"MlflowClient().delete_model_version({model_name!r}, {version!r}), once the store answers") from cause
+
+
+def _holder(what: str) -> str:
+    import socket
+
+    return f"{what}, pid {os.getpid()} on {socket.gethostname()}"
 
 
 def alias_version(model_name: str, alias: str) -> str | None:
@@ -452,6 +562,44 @@ def _restore_aliases(model_name: str, before: Mapping[str, str], touched: Mappin
                 c.delete_registered_model_alias(model_name, alias)
         except MlflowException:
             pass  # never set in the first place
+
+
+def undo_registration(version: RegisteredVersion) -> None:
+    """Take back a version that a failed run registered, and its promotion to @champion if it got
+    one. Under the promotion lock, each alias the version moved goes back where it was unless
+    another process has moved it since (compare-and-swap: a later registration's @challenger
+    stays); then the version is deleted. Any failure raises RegistrationLeftBehind, which says
+    what may be left."""
+    name, number = version.name, version.version
+    try:
+        with promotion_lock(name, _holder(f"undoing the registration of version {number}")):
+            current = aliases(name)
+            # alias -> (where it pointed before this version, where this version left it); None: unset
+            moved: dict[str, tuple[str | None, str | None]] = {version.alias: (version.replaced, number)}
+            if version.alias == CHALLENGER and current.get(CHAMPION) == number:
+                # Promoted since (`promote`, by this run or by CD): @champion goes back to the version
+                # it replaced, now @previous-champion, and @previous-champion to where that one was
+                # promoted from, as `rollback` does; @challenger, which `promote` dropped, comes back.
+                replaced = current.get(PREVIOUS_CHAMPION)
+                moved.update({CHAMPION: (replaced, number), CHALLENGER: (version.replaced, None)})
+                if replaced:
+                    before = resolve_model_uri(f"models:/{name}/{replaced}").tags.get("promoted_from") or None
+                    moved[PREVIOUS_CHAMPION] = (before, replaced)
+            c = client()
+            for alias, (before, left) in moved.items():
+                if current.get(alias) != left or before == left:
+                    continue  # moved by someone else since, or nothing to undo
+                if before is None:
+                    c.delete_registered_model_alias(name, alias)
+                else:
+                    c.set_registered_model_alias(name, alias, before)
+            c.delete_model_version(name, number)  # also drops any alias still on it
+    except Exception as error:
+        raise RegistrationLeftBehind(
+            f"version {number} of {name} was registered as @{version.alias}, then the run failed, and taking it back "
+            f"failed ({type(error).__name__}: {error}): it may still be registered and aliased; check `calibflow status "
+            f"--model {name}` and delete it in the MLflow UI, or with MlflowClient().delete_model_version({name!r}, "
+            f"{number!r}), once the store answers") from error
 
 
 def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> None:

@@ -9,7 +9,9 @@ promotion.auto a run that passes them all becomes @champion, otherwise it stays 
 and CD decides with `calibflow gate` / `calibflow promote`.
 
 A run that fails anywhere (bad data, a gate, a store) is tagged failed in MLflow, registers
-nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed.
+nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed. Every
+local file is written before the registry is touched, and a failure after registration takes the
+version back (registry.undo_registration); when even that fails, RegistrationLeftBehind says so.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from calibflow.config import load_config
-from calibflow.registry import CHALLENGER
+from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
-from tasks.modeling import apply_gates, collect_logits, evaluate_calibration, fit_calibration, train_model
-from tasks.tracking import (find_unchanged_champion, finish_run, promote_to_champion, publish_summary, register_model,
-                            start_run, write_metrics_report)
+from tasks.modeling import (apply_gates, check_gate_power, collect_logits, evaluate_calibration, fit_calibration,
+                            train_model)
+from tasks.tracking import (discard_metrics_report, end_leftovers_of_killed_runs, find_unchanged_champion, finish_run,
+                            promote_to_champion, publish_metrics_report, publish_summary, register_model,
+                            stage_metrics_report, start_run, undo_registration)
 
 
 class GatesFailed(RuntimeError):
@@ -40,13 +44,24 @@ def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
               f"the MLflow run {run.run_id} may still show as running")
 
 
+def take_back(version, error: Exception) -> Exception:
+    """Undo the registration of a run that failed after it; the error to report: the run's own
+    when the registry is back as it was, else what is left behind and why."""
+    try:
+        undo_registration(version)
+    except RegistrationLeftBehind as left:
+        return RegistrationLeftBehind(f"{left}. The run failed on: {type(error).__name__}: {error}")
+    return error
+
+
 @flow(name="calibflow-train", log_prints=True)
 def train_calibrate_register(params_path: str = "params.yaml", overrides: list[str] | None = None,
                              data_rev: str | None = None, repo_root: str = ".", force: bool = False) -> dict:
     overrides = list(overrides or [])
     config = load_config(f"{repo_root}/{params_path}" if not params_path.startswith("/") else params_path, overrides)
     run = start_run(config, repo_root, overrides)
-    evaluation = fit = verdict = None
+    end_leftovers_of_killed_runs(run, config, repo_root)
+    evaluation = fit = verdict = report = version = None
     try:
         data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
         unchanged = None if force else find_unchanged_champion(run, data, config)
@@ -60,6 +75,7 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id)
+        check_gate_power(manifest, split, config, run.run_id)
 
         trained = train_model(data, manifest, split, config, run.work_dir, run.run_id)
         calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
@@ -72,15 +88,22 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         if not verdict.absolute_passed:
             raise GatesFailed(verdict.summary())
 
+        report = stage_metrics_report(repo_root, evaluation, fit, verdict)  # beside the old one, not over it yet
         version = register_model(run, trained, fit, evaluation, data, manifest, split, config)
+        alias = version.alias
         if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
-            promote_to_champion(version, gate, run.work_dir)
-        write_metrics_report(repo_root, evaluation, fit, verdict)
+            alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias
+        finish_run(run, "succeeded", tags={"registered_version": version.version, "registered_alias": alias})
+        publish_metrics_report(report)
     except Exception as error:
-        record_failure(run, error, evaluation, fit, verdict)
-        raise
-    finish_run(run, "succeeded")
+        if report is not None:
+            discard_metrics_report(report)
+        failure = error if version is None else take_back(version, error)
+        record_failure(run, failure, evaluation, fit, verdict)
+        if failure is error:
+            raise
+        raise failure from error
     publish_summary(run, "registered", evaluation, fit, verdict, version)
     return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name,
-            "version": version.version, "alias": version.alias, "calibration_method": fit.method, "temperature": fit.temperature, "test_before": evaluation.before,
-            "test_after": evaluation.after}
+            "version": version.version, "alias": alias, "calibration_method": fit.method, "temperature": fit.temperature,
+            "test_before": evaluation.before, "test_after": evaluation.after}

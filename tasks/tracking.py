@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from calibflow import pipeline, promotion, registry
+from calibflow import leftovers, pipeline, promotion, registry
 from calibflow.config import Config
 from calibflow.gates import GateVerdict
 from calibflow.promotion import GateReport
@@ -23,8 +23,9 @@ from tasks import retry_transient_only
 
 def store_retry_delays(default: tuple[float, ...] = (2, 5, 10)) -> list[float]:
     """Seconds between a store task's attempts, one per retry: CALIBFLOW_STORE_RETRY_DELAYS
-    ("2,5,10", read at import) or the default. Each attempt also has MLflow's own HTTP retries
-    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 with exponential back-off by default) inside it."""
+    ("2,5,10", read at import) or the default. A tracking server that does not answer is not
+    retried here: MLflow's own HTTP retries (calibflow.environment.STORE_PATIENCE_DEFAULTS) have
+    done that inside the attempt (see tasks.retry_transient_only)."""
     raw = os.environ.get("CALIBFLOW_STORE_RETRY_DELAYS", "").strip()
     if not raw:
         return list(default)
@@ -58,8 +59,8 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     commit, dirty = code_commit(repo_root)
     run_id = registry.start_run(config.registry.experiment, run_name=flow_run.get_name(), tags={
         "git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": config.params_hash,
-        "seed": str(config.seed), "prefect.flow_run_id": str(flow_run.get_id()), "overrides": " ".join(overrides)},
-        repo_root=repo_root)
+        "seed": str(config.seed), "prefect.flow_run_id": str(flow_run.get_id()), "overrides": " ".join(overrides),
+        **leftovers.run_tags()}, repo_root=repo_root)
     work_dir = Path(repo_root).resolve() / ".calibflow" / "runs" / run_id
     work_dir.mkdir(parents=True, exist_ok=True)
     registry.log_params(run_id, config.flat())
@@ -69,6 +70,26 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     get_run_logger().info("MLflow run %s at %s (params %s)", run_id, tracking_uri, config.params_hash)
     return RunContext(run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit,
                       git_dirty=dirty)
+
+
+@task(name="end-leftovers-of-killed-runs", cache_policy=NO_CACHE)
+def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str) -> None:
+    """Stop the Prefect temporary API servers that killed runs left running, record this run's,
+    and mark the experiment's RUNNING MLflow runs whose process is gone KILLED (calibflow.leftovers).
+    Housekeeping: when it fails, the run goes on and says so."""
+    logger = get_run_logger()
+    servers = Path(repo_root).resolve() / ".calibflow" / "servers"
+    try:
+        for stopped in leftovers.end_orphaned_servers(servers):
+            logger.warning("stopped %s", stopped)
+        leftovers.record_temporary_servers(servers)
+        for run_id, tags in registry.running_runs(config.registry.experiment):
+            reason = leftovers.orphaned_run_reason(tags)
+            if reason and run_id != run.run_id:
+                registry.end_run(run_id, "killed", f"{reason}; marked killed by run {run.run_id}")
+                logger.warning("MLflow run %s marked KILLED: %s", run_id, reason)
+    except Exception as error:  # noqa: BLE001  a leftover is no reason to stop this run
+        logger.warning("could not clean up after killed runs (%s: %s)", type(error).__name__, error)
 
 
 @task(name="find-unchanged-champion", **STORE_RETRIES)
@@ -85,13 +106,21 @@ def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) 
 def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipeline.CalibrationRecord,
                    evaluation: pipeline.Evaluation, data: DataVersion, manifest: pipeline.ManifestRecord,
                    split: pipeline.SplitRecord, config: Config) -> registry.RegisteredVersion:
+    """Retried safely: a failure within register_version deletes the version it created first."""
     example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
-    model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example)
     tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation)
-    version = registry.register_version(model_uri, config.registry.model_name, tags)
-    registry.set_tags(run.run_id, {"registered_version": version.version, "registered_alias": version.alias})
+    with registry.store_wait():  # logging and registering the model use MLflow beyond registry.client()
+        model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example)
+        version = registry.register_version(model_uri, config.registry.model_name, tags)
     get_run_logger().info("registered %s version %s as @%s", version.name, version.version, version.alias)
     return version
+
+
+@task(name="undo-registration", cache_policy=NO_CACHE)
+def undo_registration(version: registry.RegisteredVersion) -> None:
+    registry.undo_registration(version)
+    get_run_logger().warning("took back %s version %s: the run failed after registering it", version.name,
+                             version.version)
 
 
 @task(name="promote-to-champion", **STORE_RETRIES)
@@ -110,14 +139,26 @@ def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport,
     return moved
 
 
-@task(name="write-metrics-report", cache_policy=NO_CACHE)
-def write_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: pipeline.CalibrationRecord,
-                         verdict: GateVerdict) -> str:
-    return pipeline.write_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict)
+@task(name="stage-metrics-report", cache_policy=NO_CACHE)
+def stage_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: pipeline.CalibrationRecord,
+                         verdict: GateVerdict) -> pipeline.StagedReport:
+    return pipeline.stage_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict)
+
+
+@task(name="publish-metrics-report", cache_policy=NO_CACHE)
+def publish_metrics_report(report: pipeline.StagedReport) -> str:
+    return pipeline.publish_report(report)
+
+
+@task(name="discard-metrics-report", cache_policy=NO_CACHE)
+def discard_metrics_report(report: pipeline.StagedReport) -> None:
+    pipeline.discard_report(report)
 
 
 @task(name="finish-mlflow-run", **STORE_RETRIES)
-def finish_run(run: RunContext, outcome: str, reason: str = "") -> None:
+def finish_run(run: RunContext, outcome: str, reason: str = "", tags: dict[str, str] | None = None) -> None:
+    if tags:
+        registry.set_tags(run.run_id, tags)
     registry.end_run(run.run_id, outcome, reason)
 
 

@@ -6,8 +6,13 @@
   server, with its lineage tags and @champion.
 - The same deployment registered with a work pool (`calibflow schedule --deploy`) is run by a
   process worker; as data, params and code equal @champion's, the retrain is skipped.
-- The MLflow server dies right before registration: the register task retries, the run fails
-  naming the server, and once the server is back nothing was registered and no alias moved.
+- The MLflow server dies right before registration: MLflow's own HTTP retries give up (the task
+  does not retry them again), the run fails naming the server and how long it waited, and once
+  the server is back nothing was registered and no alias moved.
+- A tracking server that is not there at all: `calibflow status` and `calibflow run` exit 2
+  within 2 minutes, saying how long they waited.
+- A run killed with SIGKILL leaves Prefect's temporary API server running and its MLflow run
+  RUNNING; the next run stops that server and marks that run KILLED.
 
 Both servers are fixtures of this module (`prefect_server`, `mlflow_server`): each is started in
 its own process group, waited for on its health endpoint, and stopped with every process it
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,7 +38,9 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from calibflow import leftovers
 from calibflow.config import load_config
+from calibflow.environment import STORE_PATIENCE_DEFAULTS
 from tests.conftest import make_repo, run
 
 pytestmark = pytest.mark.e2e
@@ -346,7 +354,7 @@ DRIVER = textwrap.dedent("""\
 
 
 @pytest.mark.timeout(300)
-def test_tracking_server_down_at_registration_retries_then_fails_with_nothing_registered(
+def test_tracking_server_down_at_registration_fails_once_retried_with_nothing_registered(
         prefect_server, mlflow_server, repo, tmp_path):
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     before = registry_state(client)  # a champion when the served run above registered one
@@ -355,8 +363,8 @@ def test_tracking_server_down_at_registration_retries_then_fails_with_nothing_re
     env = client_env(PREFECT_API_URL=prefect_server.api_url, MLFLOW_TRACKING_URI=mlflow_server.url,
                      PREFECT_HOME=str(tmp_path / "prefect-client"), MLFLOW_SERVER_PGID=str(mlflow_server.process.pid),
                      CALLS_FILE=str(calls_file),
-                     # Short waits for the test: calibflow's store retries, and MLflow's own HTTP retries
-                     # (by default 7 per request with exponential back-off, minutes against a dead server).
+                     # Short waits for the test: calibflow's task retries (which must not repeat
+                     # MLflow's for a server that is gone), and MLflow's own HTTP retries.
                      CALIBFLOW_STORE_RETRY_DELAYS="0.1,0.2,0.3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                      MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     started = time.monotonic()
@@ -369,9 +377,12 @@ def test_tracking_server_down_at_registration_retries_then_fails_with_nothing_re
     output = result.stdout + result.stderr
 
     assert result.returncode != 0, output
-    assert json.loads(calls_file.read_text()) == {"log_calibrated_model": 4, "register_version": 1}  # 1 + 3 retries
+    # MLflow's HTTP client has retried the server already: the task tries once, not 1 + 3 times.
+    assert json.loads(calls_file.read_text()) == {"log_calibrated_model": 1, "register_version": 1}
     server = mlflow_server.url.removeprefix("http://")
-    assert server in output.strip().splitlines()[-1], output[-3000:]  # the last word names the server
+    last_line = output.strip().splitlines()[-1]
+    assert server in last_line and "did not answer" in last_line, output[-3000:]  # the last word names the server
+    assert re.search(r"gave up after waiting [\d.]+ s", last_line), last_line  # and how long it waited
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -382,9 +393,88 @@ def test_tracking_server_down_at_registration_retries_then_fails_with_nothing_re
         assert flow_run.state.is_failed(), flow_run.state
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     [register] = [t for t in task_runs if t.name.startswith("register-model")]
-    assert register.state.is_failed() and register.run_count == 4
+    assert register.state.is_failed() and register.run_count == 1
     assert server in flow_run.state.message  # the Prefect UI says which server did not answer
 
     mlflow_server.start()  # same port, same store
     assert registry_state(client) == before
     print(f"\nfailed in {failed_s:.1f} s after start; state message: {flow_run.state.message}")
+
+
+@pytest.mark.timeout(300)
+def test_dead_tracking_server_ends_status_and_run_with_exit_2_within_two_minutes_saying_how_long(repo, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = client_env(MLFLOW_TRACKING_URI=dead)
+    for name in STORE_PATIENCE_DEFAULTS:  # calibflow's own defaults, as a user gets them
+        env.pop(name, None)
+    commands = {"status": [str(BIN / "calibflow"), "status", "--model", MODEL, "--repo", str(repo)],
+                "run": [str(BIN / "calibflow"), "run", "--repo", str(repo), "--force"]}
+    started = time.monotonic()
+    processes = {name: subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, start_new_session=True) for name, command in commands.items()}
+    ended: dict[str, tuple[int, float, str]] = {}
+    try:
+        while len(ended) < len(processes) and time.monotonic() - started < 150:
+            for name, process in processes.items():
+                if name not in ended and process.poll() is not None:
+                    ended[name] = (process.returncode, time.monotonic() - started, process.communicate()[1])
+            time.sleep(0.2)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert set(ended) == set(processes), f"still running after 150 s: {set(processes) - set(ended)}"
+    for name, (code, seconds, err) in ended.items():
+        assert code == 2, (name, err[-3000:])
+        assert seconds < 120, (name, seconds)
+        [said] = [line for line in err.splitlines() if line.startswith(("calibflow:", f"calibflow {name}:"))]  # its line
+        assert dead in said and "did not answer" in said, (name, err[-3000:])
+        waited = float(re.search(r"gave up after waiting ([\d.]+) s", said).group(1))
+        assert 0 < waited <= seconds, (name, said)
+        print(f"\n{name}: exit 2 after {seconds:.1f} s; {said}")
+
+
+def server_records(repo: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in (repo / ".calibflow" / "servers").glob("*.json")]
+
+
+@pytest.mark.timeout(300)
+def test_killed_run_leaves_a_server_and_a_running_run_that_the_next_run_ends(tiny_repo, tmp_path, monkeypatch):
+    from calibflow import registry
+    from calibflow.cli import main as calibflow
+
+    log = tmp_path / "killed-run.log"
+    with open(log, "wb") as out:  # no PREFECT_API_URL: the run starts Prefect's temporary API server
+        killed = subprocess.Popen([str(BIN / "calibflow"), "run", "--repo", str(tiny_repo)], env=client_env(),
+                                  cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        started = time.monotonic()
+        while not server_records(tiny_repo):  # written once its MLflow run exists
+            assert killed.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() - started < 180, log.read_text()[-4000:]
+            time.sleep(0.2)
+        os.kill(killed.pid, signal.SIGKILL)  # the run's own process only, as the OOM killer does
+        killed.wait(timeout=30)
+        [record] = server_records(tiny_repo)
+        server = leftovers.ProcessId(**record["server"])
+        [killed_run_id] = [p.name for p in (tiny_repo / ".calibflow" / "runs").iterdir()]
+        assert leftovers.alive(server)  # what the issue saw: the server outlives its run
+
+        # The next run: one that ends early (data changed without `dvc add`), after its housekeeping.
+        next((tiny_repo / "data" / "tiny" / "1").glob("*.png")).unlink()
+        assert calibflow(["run", "--repo", str(tiny_repo)]) == 2
+        deadline = time.monotonic() + 10
+        while leftovers.alive(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not leftovers.alive(server)
+        assert record not in server_records(tiny_repo)  # forgotten; this process's own server is recorded now
+
+        registry.configure_tracking(tiny_repo)
+        marked = MlflowClient().get_run(killed_run_id)
+        assert marked.info.status == "KILLED" and marked.data.tags["calibflow.status"] == "killed"
+        assert f"pid {killed.pid}" in marked.data.tags["calibflow.reason"]
+    finally:
+        try:
+            os.killpg(killed.pid, signal.SIGKILL)  # whatever is left of the killed run's group
+        except ProcessLookupError:
+            pass

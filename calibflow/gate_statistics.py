@@ -160,6 +160,28 @@ def mean_upper_bound(values: np.ndarray, confidence: float) -> Bound:
     return Bound(mean, mean - s * float(theta), "hall-t")
 
 
+def nll_upper_bound(top_loss: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: float,
+                    max_loss: float) -> Bound:
+    """Upper bound of the expected NLL, built around its rare large terms.
+
+    An image's loss is its top-label loss -log c_i when the top label is right, and that plus an
+    excess when it is wrong. So NLL = E[-log c] + P(error) E[excess | error], and a bound of each
+    factor at level 1 - alpha/3 bounds NLL at 1 - alpha (Bonferroni; all terms are >= 0):
+    Hall's bound for the two means, Clopper-Pearson for the error rate. Where the excess comes
+    from a few dozen errors (a confident model), a bound of the plain mean misses more often
+    than stated (6.2% at n = 1,000 in the benchmark, for Hall's and the bootstrap-t alike): the
+    count of errors is what varies, and the exact binomial bound takes that part."""
+    level = 1.0 - (1.0 - confidence) / 3.0
+    n = loss.size
+    errors = ~np.asarray(correct, bool)
+    k = int(errors.sum())
+    rate = 1.0 if k == n else float(stats.beta.ppf(level, k + 1, n - k))
+    excess = loss[errors] - top_loss[errors]
+    excess_bound = mean_upper_bound(excess, level).bound if k >= 2 else max_loss
+    bound = mean_upper_bound(top_loss, level).bound + rate * min(excess_bound, max_loss)
+    return Bound(float(loss.mean()), float(bound), "error-rate x excess (Clopper-Pearson, Hall)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration error: binned (equal-width) or smooth (relplot's kernel), as linear functionals
 # ---------------------------------------------------------------------------------------------

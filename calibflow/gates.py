@@ -12,7 +12,7 @@ docs/gates.md, and benchmarks/gate_soundness.py measures it by simulation agains
 | --- | --- | --- |
 | max_ece | calibration error (gates.metric) <= threshold | intersection-union score bound |
 | min_accuracy | accuracy >= threshold | Clopper-Pearson |
-| max_nll | NLL <= threshold | Hall's skew-corrected t |
+| max_nll | NLL <= threshold | error rate (Clopper-Pearson) x excess loss (Hall) |
 | max_ece_increase | error(candidate) - error(champion) <= tolerance | min of paired and cross-fit bounds |
 | max_accuracy_drop | accuracy(champion) - accuracy(candidate) <= tolerance | paired score (Tango) |
 
@@ -135,9 +135,11 @@ def _top_label(predictions: Predictions, who: str) -> _TopLabel:
     return _TopLabel(probs[rows, predicted], predicted == labels, probs[rows, labels])
 
 
-def _nll_values(top: _TopLabel) -> np.ndarray:
-    eps = np.finfo(np.float64).eps  # calibflow.metrics.probability_nll's clip for float64
-    return -np.log(np.clip(top.true_class_probability, eps, 1.0 - eps))
+NLL_EPS = np.finfo(np.float64).eps  # calibflow.metrics.probability_nll's clip for float64
+
+
+def _nll_values(probability: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(probability, NLL_EPS, 1.0 - NLL_EPS))
 
 
 def _profile(metric: str, n_bins: int, *samples: _TopLabel) -> gs.ResidualProfile:
@@ -176,8 +178,9 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
                ">="),
     ]
     if gates.max_nll is not None:
-        checks.append(_check("max_nll", "NLL", gs.mean_upper_bound(_nll_values(top), confidence), gates.max_nll,
-                             "<="))
+        nll = gs.nll_upper_bound(_nll_values(top.confidence), _nll_values(top.true_class_probability), top.correct,
+                                 confidence, max_loss=-float(np.log(NLL_EPS)))
+        checks.append(_check("max_nll", "NLL", nll, gates.max_nll, "<="))
     n_shared = 0
     if comparison is not None:
         mine, champion = comparison

@@ -208,3 +208,32 @@ def test_increase_bound_on_the_tolerance_with_a_calibrated_champion():
 def test_first_crossing_finds_the_first_of_several():
     assert gs._first_crossing(lambda x: 0.3 <= x <= 0.4 or x >= 0.8, 0.0, 1.0) == pytest.approx(0.3, abs=1e-6)
     assert gs._first_crossing(lambda x: False, 0.0, 1.0) == 1.0
+
+
+def confident_losses(n, rng, gap=0.02, k=10):
+    conf = 1.0 - rng.beta(2.0, 98.0, n)
+    correct = rng.random(n) < conf - gap
+    loss = np.where(correct, -np.log(conf), -np.log((1 - conf) / (k - 1)))
+    return -np.log(conf), loss, correct
+
+
+def test_nll_bound_covers_a_mean_made_of_rare_large_losses():
+    # ~40 errors in 1,000 at ~6 nats each: Hall's bound of the plain mean misses 6.3% here
+    rng = np.random.default_rng(11)
+    big = confident_losses(4_000_000, rng)[1]
+    truth = big.mean()  # the expected NLL, to about 3e-4
+    trials, hall_miss, miss = 1500, 0, 0
+    for _ in range(trials):
+        top, loss, correct = confident_losses(1000, rng)
+        hall_miss += gs.mean_upper_bound(loss, 0.95).bound < truth
+        miss += gs.nll_upper_bound(top, loss, correct, 0.95, 36.04).bound < truth
+    assert miss / trials <= 0.05 and miss < hall_miss
+
+
+def test_nll_bound_without_errors_charges_the_largest_loss_at_the_error_rates_bound():
+    conf = np.full(300, 0.99)
+    top = -np.log(conf)
+    bound = gs.nll_upper_bound(top, top, np.ones(300, bool), 0.95, 36.04)
+    rate = stats.beta.ppf(1 - 0.05 / 3, 1, 300)  # Clopper-Pearson upper bound of 0 errors in 300
+    assert bound.estimate == pytest.approx(-np.log(0.99))
+    assert bound.bound == pytest.approx(-np.log(0.99) + rate * 36.04)

@@ -113,7 +113,7 @@ def test_every_gate_reports_its_key_and_method():
     verdict = evaluate_gates(champion, gates, comparison=(champion, champion))
     assert [c.name for c in verdict.checks] == ["max_ece", "min_accuracy", "max_nll", "max_ece_increase",
                                                 "max_accuracy_drop"]
-    assert {c.method for c in verdict.checks} == {"intersection-union score", "clopper-pearson", "hall-t",
+    assert {c.method for c in verdict.checks} == {"intersection-union score", "clopper-pearson", "error-rate x excess (Clopper-Pearson, Hall)",
                                                   "min of paired and cross-fit bounds", "paired score (Tango)"}
     assert set(verdict.estimates) == {"ece_plugin", "ece_debiased_l2", "smooth_ece", "smooth_ece_sigma"}
 

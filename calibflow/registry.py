@@ -356,7 +356,7 @@ def stored_model_tags(model_uri: str) -> dict[str, str]:
     log_calibrated_model returns): their digest and the class list."""
     # Downloaded from where the files are stored, not through the models:/ URI: that route adds a
     # registered_model_meta file of its own to the local copy.
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, store_wait():
         location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
         classes = json.loads((local / "artifacts" / "classes.json").read_text())
@@ -465,7 +465,8 @@ def load_model(model_uri: str):
             f"such a version from @champion)")
     with tempfile.TemporaryDirectory() as tmp:
         location = client().get_model_version_download_uri(record.name, record.version)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
+        with store_wait():
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
         found = artifacts_digest(local)
         if found != expected:
             raise ModelArtifactsChanged(

@@ -21,6 +21,11 @@ EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 
 def main(argv: list[str] | None = None) -> int:
     apply_quiet_defaults()  # before Prefect, MLflow, DVC or GX is imported
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["gate", "plan"]:  # a form of `gate` with arguments of its own
+        args, handler = _gate_plan_parser().parse_args(argv[2:]), _gate_plan
+        args.command = "gate plan"
+        return _dispatch(handler, args)
     parser = argparse.ArgumentParser(prog="calibflow", description="Train, calibrate, gate and register image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -43,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--repo", default=".")
     predict.add_argument("images", nargs="+")
 
-    gate = commands.add_parser("gate", help="may this version replace the champion? exit 0 pass, 1 fail, 2 undecided")
+    gate = commands.add_parser("gate", help="may this version replace the champion? exit 0 pass, 1 fail, 2 undecided "
+                                            "(`calibflow gate plan --help`: how many test images the gates need)")
     _add_gate_arguments(gate)
     gate.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
 
@@ -86,14 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     data_add.add_argument("--push", action="store_true", help="also `dvc push` it to the default DVC remote")
 
     args = parser.parse_args(argv)  # a usage error exits 2 here (argparse's own code)
+    handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
+               "rollback": _rollback, "status": _status, "prepare-digits": _prepare,
+               "schedule": _schedule, "data": _data}[args.command]
+    return _dispatch(handler, args)
+
+
+def _dispatch(handler, args: argparse.Namespace) -> int:
     repo = getattr(args, "repo", None)
     if repo is not None and not Path(repo).is_dir():
         print(f"calibflow {args.command}: --repo {repo} is not a directory: run in the repository root or pass "
               f"--repo PATH", file=sys.stderr)
         return EXIT_USAGE
-    handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
-               "rollback": _rollback, "status": _status, "prepare-digits": _prepare,
-               "schedule": _schedule, "data": _data}[args.command]
     try:
         return handler(args)
     except Exception as error:  # noqa: BLE001
@@ -132,8 +142,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from mlflow.exceptions import MlflowException
 
+    from calibflow import registry
     from calibflow.calibration import CalibrationError
     from calibflow.manifest import ManifestError
+    from calibflow.pipeline import ReportError
+    from calibflow.promotion import GateUndecided
     from calibflow.validation import DataValidationError
     from calibflow.versioning import DataVersionError
     from flows.train_calibrate import GatesFailed, train_calibrate_register
@@ -144,12 +157,15 @@ def _run(args: argparse.Namespace) -> int:
     except (DataValidationError, GatesFailed) as error:
         print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
         return EXIT_REJECTED
-    except (DataVersionError, ManifestError, ConfigError, CalibrationError) as error:
+    # GateUndecided: e.g. the champion's classes differ; LookupError: its artifacts changed, or were
+    # registered before calibflow recorded their digest; ReportError: reports/ cannot be written (checked
+    # before registering); RegistrationLeftBehind: an undo that could not finish says what is left;
+    # PromotionConflict: the registry lock was not freed in time
+    except (DataVersionError, ManifestError, ConfigError, CalibrationError, GateUndecided, LookupError, ReportError,
+            registry.RegistrationLeftBehind, registry.PromotionConflict) as error:
         print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
-        from calibflow import registry
-
         print(f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
               f"alias moved. {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -242,6 +258,64 @@ def _run_gate(args: argparse.Namespace):
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
         print(f"calibflow gate: could not decide, the registry did not answer: {error}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _gate_plan_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calibflow gate plan",
+        description="How many test images the configured gates need to pass a model with the given power, by "
+                    "simulation: under a registered version's own estimated calibration (--model, --candidate), or "
+                    "for a model halfway inside every threshold (--thresholds).")
+    parser.add_argument("--model", help="registered model name")
+    parser.add_argument("--candidate", help="VERSION or @alias, e.g. @champion")
+    parser.add_argument("--against", default="@champion", help="VERSION or @alias to compare with (default @champion)")
+    parser.add_argument("--thresholds", action="store_true", help="plan from the thresholds alone, no model")
+    parser.add_argument("--classes", type=int, default=10, help="classes of the --thresholds model (default 10)")
+    parser.add_argument("--power", type=float, default=0.8, help="wanted pass rate (default 0.8)")
+    parser.add_argument("--params", default="params.yaml", help="where the gates: thresholds are read (relative to --repo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--repo", default=".")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the plan to this file")
+    return parser
+
+
+def _gate_plan(args: argparse.Namespace) -> int:
+    """`calibflow gate plan`: how many test images the configured gates need to pass a model."""
+    if args.thresholds == bool(args.model or args.candidate) or (args.model is None) != (args.candidate is None):
+        print("calibflow gate plan: give --model NAME --candidate REF, or --thresholds", file=sys.stderr)
+        return EXIT_USAGE
+
+    from mlflow.exceptions import MlflowException
+
+    from calibflow import registry
+    from calibflow.config import ConfigError, load_config
+    from calibflow.gate_plan import plan_from_thresholds
+    from calibflow.promotion import GateUndecided, plan_version
+
+    try:
+        config = load_config(Path(args.repo) / args.params, args.overrides)
+        if args.thresholds:
+            plan = plan_from_thresholds(config.gates, args.classes, config.evaluation.n_bins, args.power,
+                                        config.gates.n_resamples)
+        else:
+            registry.configure_tracking(args.repo)
+            plan = plan_version(args.model, args.candidate, config.gates, args.against, args.repo,
+                                config.evaluation.n_bins, args.power)
+    except (ConfigError, GateUndecided, LookupError, ValueError) as error:
+        print(f"calibflow gate plan: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        print(f"calibflow gate plan: the registry did not answer: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(plan.describe())
+    if args.json_path:
+        try:
+            Path(args.json_path).write_text(json.dumps(plan.to_json(), indent=2))
+        except OSError as error:
+            print(f"calibflow gate plan: cannot write --json {args.json_path}: {error.strerror or error}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    return EXIT_OK
 
 
 def _print_gate(report) -> None:

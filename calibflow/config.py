@@ -106,11 +106,12 @@ class GatesConfig:
     max_ece: float = 0.05
     min_accuracy: float = 0.9
     max_nll: float | None = None
-    # Relative to the champion, on the same test images (paired bootstrap).
+    # Relative to the champion, on the same test images (paired bounds, docs/gates.md).
     max_ece_increase: float | None = 0.01
     max_accuracy_drop: float | None = 0.01
     confidence: float = 0.95  # one-sided level of every bound
-    n_resamples: int = 1000  # bootstrap resamples
+    # Simulated test sets per size in `calibflow gate plan`; the gates themselves resample nothing.
+    n_resamples: int = 200
     # Which calibration error max_ece and max_ece_increase read: "ece" (15 equal-width bins) or
     # "smooth_ece" (Blasiok & Nakkiran, 2023).
     metric: Literal["ece", "smooth_ece"] = "ece"

@@ -114,6 +114,10 @@ class _Simulator:
 
 def _simulate(simulator, gates: GatesConfig, n_bins: int, power: float, simulations: int, seed: int,
               sizes, assumptions: str) -> Plan:
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power = {power}: must be in (0, 1), e.g. 0.8")
+    if simulations < 1:
+        raise ValueError(f"simulations = {simulations}: must be at least 1")
     rng = np.random.default_rng(seed)
 
     def at(n: int) -> PlanRow:
@@ -148,8 +152,6 @@ def plan_sample_size(candidate: Predictions, gates: GatesConfig,
                      power: float = 0.8, simulations: int = 200, seed: int = 0, sizes=SIZES) -> Plan:
     """Smallest n at which the configured gates pass this model with `power`, by simulation under
     its estimated calibration (module docstring)."""
-    if not 0.0 < power < 1.0:
-        raise ValueError(f"power = {power}: must be in (0, 1)")
     what = (f"simulated from the candidate's {len(candidate.labels):,} test predictions, per-bin calibration gaps "
             f"shrunk by one standard error" + (f"; champion comparison on {len(comparison[0].labels):,} shared "
                                                f"images, resampled jointly" if comparison else ""))

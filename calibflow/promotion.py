@@ -23,7 +23,7 @@ import pandas as pd
 
 from calibflow import registry
 from calibflow.config import GatesConfig
-from calibflow.gates import GateVerdict, Predictions, evaluate_gates
+from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
 from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes
 from calibflow.splits import Split
@@ -160,9 +160,21 @@ def _comparison(model_name: str, champion: registry.VersionRecord | None, candid
     return (Predictions(candidate_probs[keep], labels), Predictions(champion_probs, labels)), excluded
 
 
-def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
-                 repo_root: str | Path = ".", n_bins: int = 15) -> GateReport:
-    """`calibflow gate`: both models from the registry, on the pinned test images."""
+@dataclass(frozen=True)
+class EvaluationSet:
+    """What the gates of a registered candidate read: its test split, and the images it shares
+    with the champion (neither model fitted on them), both models' probabilities recomputed."""
+
+    candidate: registry.VersionRecord
+    champion: registry.VersionRecord | None
+    predictions: Predictions
+    comparison: tuple[Predictions, Predictions] | None
+    excluded_seen_by_champion: int
+
+
+def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@champion",
+                   repo_root: str | Path = ".") -> EvaluationSet:
+    """Both models from the registry, on the candidate's pinned test images."""
     try:
         candidate = resolve_ref(model_name, candidate_ref)
         champion = _champion_for(model_name, against, candidate.version)
@@ -179,8 +191,33 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
     candidate_probs = predict_rows(candidate_model, data.local_dir, manifest, test_rows)
     comparison, excluded = _comparison(model_name, champion, candidate_probs, served_classes(candidate_model),
                                        test_rows, manifest, split, data.local_dir)
-    verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
-    return GateReport(model_name, candidate.version, champion.version if champion else None, excluded, verdict)
+    return EvaluationSet(candidate, champion, Predictions(candidate_probs, labels), comparison, excluded)
+
+
+def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
+                 repo_root: str | Path = ".", n_bins: int = 15) -> GateReport:
+    """`calibflow gate`: both models from the registry, on the pinned test images."""
+    inputs = evaluation_set(model_name, candidate_ref, against, repo_root)
+    try:
+        verdict = evaluate_gates(inputs.predictions, gates, inputs.comparison, n_bins=n_bins)
+    except GateInputError as error:
+        raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
+    return GateReport(model_name, inputs.candidate.version, inputs.champion.version if inputs.champion else None,
+                      inputs.excluded_seen_by_champion, verdict)
+
+
+def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
+                 repo_root: str | Path = ".", n_bins: int = 15, power: float = 0.8):
+    """`calibflow gate plan`: how many test images the gates need to pass this version with
+    `power`, simulated under its own estimated calibration (calibflow.gate_plan)."""
+    from calibflow.gate_plan import plan_sample_size
+
+    inputs = evaluation_set(model_name, candidate_ref, against, repo_root)
+    try:
+        return plan_sample_size(inputs.predictions, gates, inputs.comparison, n_bins=n_bins, power=power,
+                                simulations=gates.n_resamples)
+    except GateInputError as error:
+        raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
 
 
 def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndarray, data_dir: str,
@@ -195,7 +232,10 @@ def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndar
     # The candidate's classes are its data's class folders, as its checkpoint records them.
     comparison, excluded = _comparison(model_name, champion, candidate_probs, list_classes(data_dir), test_rows,
                                        manifest, Split.load(split_path), data_dir, required=False)
-    verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
+    try:
+        verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
+    except GateInputError as error:
+        raise GateUndecided(f"this run's model cannot be gated: {error}") from error
     return GateReport(model_name, "this run", champion.version if champion else None, excluded, verdict)
 
 

@@ -70,6 +70,11 @@ CASES = [
     Case("gate", 2, ("gate", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "could not decide"),
     Case("gate", 2, ("gate", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--set", "gates.max_nll=-1"),
          "gates.max_nll = -1.0"),
+    Case("gate plan", 0, ("gate", "plan", "--thresholds", "--repo", "{repo}", "--set", "gates.n_resamples=100"),
+         "test images give the configured gates 80% power"),
+    Case("gate plan", 2, ("gate", "plan", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "nope"),
+    Case("gate plan", 2, ("gate", "plan", "--thresholds", "--power", "2", "--repo", "{repo}"), "power = 2.0"),
+    Case("gate plan", 2, ("gate", "plan", "--model", SOLO, "--repo", "{repo}"), "--candidate REF, or --thresholds"),
     Case("promote", 2, ("promote", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--force"), "--reason"),
     Case("promote", 2, ("promote", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "could not decide"),
     Case("promote", 2, ("promote", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--params",
@@ -105,8 +110,8 @@ ELSEWHERE = {
 
 def test_every_exit_code_the_readme_promises_is_exercised():
     documented = {(command, code) for command, codes in readme_exit_codes().items() for code in codes}
-    assert {"run", "evaluate", "predict", "gate", "promote", "rollback", "status", "data add", "schedule",
-            "prepare-digits"} <= {command for command, _ in documented}
+    assert {"run", "evaluate", "predict", "gate", "gate plan", "promote", "rollback", "status", "data add",
+            "schedule", "prepare-digits"} <= {command for command, _ in documented}
     exercised = {(case.command, case.code) for case in CASES} | set(ELSEWHERE)
     assert documented == exercised
     for node in ELSEWHERE.values():

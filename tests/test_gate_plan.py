@@ -54,6 +54,8 @@ def test_smallest_passable_says_when_no_model_could_pass():
 def test_power_out_of_range_is_refused():
     with pytest.raises(ValueError, match="power"):
         plan_sample_size(true_model(100, np.random.default_rng(3)), GATES, power=1.0)
+    with pytest.raises(ValueError, match="power"):
+        plan_from_thresholds(GATES, power=2.0)
 
 
 def test_the_flow_warns_on_a_test_split_too_small_for_the_gates():

@@ -67,8 +67,9 @@ def test_gate_passes_with_exit_0_and_reports_each_check_against_the_champion(rep
     names = [c["name"] for c in report["checks"]]
     assert names == ["max_ece", "min_accuracy", "max_ece_increase", "max_accuracy_drop"]
     for check in report["checks"]:
-        assert check["low"] <= check["value"] <= check["high"]
-        assert check["bound"] == (check["high"] if check["comparison"] == "<=" else check["low"])
+        assert (check["value"] <= check["bound"]) if check["comparison"] == "<=" else (check["bound"] <= check["value"])
+        assert check["passed"] == (check["bound"] <= check["threshold"] if check["comparison"] == "<="
+                                   else check["bound"] >= check["threshold"]) and check["method"]
     # Different seeds split differently: test images the champion trained on are left out.
     assert report["excluded_seen_by_champion"] > 0
     assert {"ece_plugin", "ece_debiased_l2"} <= set(report["estimates"])
@@ -83,6 +84,19 @@ def test_candidate_passing_on_its_point_estimate_but_not_its_upper_bound_fails_w
     assert gate(repo, "--candidate", "2", "--json", str(out), *LOOSE, "--set", f"gates.max_ece={between}") == 1
     failed = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_ece")
     assert failed["value"] < between < failed["bound"] and not failed["passed"]
+
+
+def test_gate_plan_answers_for_a_registered_version(repo, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = calibflow(["gate", "plan", "--model", MODEL, "--candidate", "@challenger", "--repo", str(repo),
+                      "--set", "gates.n_resamples=100", "--json", str(out)])
+    assert code == 0
+    plan = json.loads(out.read_text())
+    assert plan["rows"] and {"max_ece", "min_accuracy", "max_ece_increase", "max_accuracy_drop"} <= set(plan["rows"][0])
+    assert "champion comparison on" in plan["assumptions"]
+    assert ("test images give the configured gates 80% power" in capsys.readouterr().out) == (plan["needed"] is not None)
+    assert calibflow(["gate", "plan", "--model", MODEL, "--candidate", "99", "--repo", str(repo)]) == 2
+    assert calibflow(["gate", "plan", "--model", MODEL, "--repo", str(repo)]) == 2  # a model needs its candidate
 
 
 def test_relative_gate_fails_when_no_worsening_is_allowed(repo):

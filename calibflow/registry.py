@@ -238,7 +238,11 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         self.model.eval()
         self.image_mode = network["image_mode"]
         self.image_size = (spec.image_width, spec.image_height)
-        self.calibrator = calibrator_from_state(json.loads(Path(artifacts["calibration"]).read_text()))
+        state = json.loads(Path(artifacts["calibration"]).read_text())
+        # States from before pluggable calibrators are {"method": "temperature", "temperature": T}
+        # only; the class count they lack is the network's.
+        state.setdefault("n_classes", spec.num_classes)
+        self.calibrator = calibrator_from_state(state)
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch

@@ -120,8 +120,11 @@ def train_classifier(
     steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size > 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
                                 weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                   pct_start=0.25)
+    total_steps = config.epochs * steps_per_epoch
+    # OneCycleLR divides by its warm-up's last step, pct_start * total_steps - 1: that is 0 for
+    # exactly 4 steps at 0.25 (a tiny dataset trained for one epoch), so warm up a little longer there.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                   pct_start=0.3 if total_steps == 4 else 0.25)
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
 

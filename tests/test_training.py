@@ -46,6 +46,15 @@ def test_training_learns_and_reports_each_epoch():
     assert history[-1].train_loss < history[0].train_loss
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 4])
+def test_any_number_of_scheduler_steps_trains(epochs):
+    # 4 images a class, batches of 3: 4 steps an epoch; one epoch of 4 steps once divided by zero
+    x, y = blobs(n_per_class=4)
+    _, history = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=epochs, batch_size=3, lr=0.05), seed=0,
+                                  progress=False)
+    assert len(history) == epochs and all(np.isfinite(h.train_loss) for h in history)
+
+
 def test_same_seed_gives_the_same_weights():
     x, y = blobs()
     a, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=5, progress=False)
@@ -110,7 +119,7 @@ def test_served_model_loads_the_temperature_only_calibration_state_of_older_vers
     import json
 
     from calibflow.metrics import calibrated_probabilities
-    from calibflow.registry import CalibratedImageClassifier
+    from calibflow.registry import CalibratedImageClassifier, write_model_files
 
     x, y = blobs()
     model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
@@ -118,7 +127,8 @@ def test_served_model_loads_the_temperature_only_calibration_state_of_older_vers
     legacy = tmp_path / "calibration.json"
     legacy.write_text(json.dumps({"method": "temperature", "temperature": 1.7}))
     served = CalibratedImageClassifier()
-    served.load_context(type("Context", (), {"artifacts": {"checkpoint": str(checkpoint), "calibration": str(legacy)}})())
+    artifacts = write_model_files(checkpoint, legacy, tmp_path / "model")  # what registration stores
+    served.load_context(type("Context", (), {"artifacts": artifacts})())
     images = x[:5].permute(0, 2, 3, 1).numpy()
     expected = calibrated_probabilities(collect_logits(model, x[:5]), 1.7).numpy()
     np.testing.assert_allclose(served.predict(None, images), expected, rtol=1e-12)

@@ -163,22 +163,19 @@ def gates_for(s: Scenario) -> GatesConfig:
 
 def boundary_scenarios() -> list[Scenario]:
     nll = {"nll spread binary": nll_truth(*SPREAD_PDF, 2, 0.02), "nll confident K=10": nll_truth(*CONFIDENT_PDF, 10, 0.02)}
+    ece = [Scenario(name, "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion", metric)
+           for metric in ("ece", "smooth_ece")
+           for name in ("spread binary", "confident K=10, over-confident", "confident K=10, under-confident",
+                        "spread K=100")]
+    increase = [Scenario(name, "max_ece_increase", INCREASE_LIMIT, INCREASE_LIMIT, "false promotion", metric)
+                for metric in ("ece", "smooth_ece")
+                for name in ("increase, well-calibrated champion", "increase, over-confident champion")]
     cells = [
-        Scenario("spread binary", "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion"),
-        Scenario("confident K=10, over-confident", "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion"),
-        Scenario("confident K=10, under-confident", "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion"),
-        Scenario("spread K=100", "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion"),
-        Scenario("spread binary", "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion", "smooth_ece"),
-        Scenario("confident K=10, over-confident", "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion", "smooth_ece"),
+        *ece,
         Scenario("accuracy K=10", "min_accuracy", 0.8, 0.8, "false promotion"),
         Scenario("accuracy K=10, few errors", "min_accuracy", 0.98, 0.98, "false promotion"),
         *[Scenario(name, "max_nll", value, value, "false promotion") for name, value in nll.items()],
-        Scenario("increase, well-calibrated champion", "max_ece_increase", INCREASE_LIMIT, INCREASE_LIMIT,
-                 "false promotion"),
-        Scenario("increase, over-confident champion", "max_ece_increase", INCREASE_LIMIT, INCREASE_LIMIT,
-                 "false promotion"),
-        Scenario("increase, well-calibrated champion", "max_ece_increase", INCREASE_LIMIT, INCREASE_LIMIT,
-                 "false promotion", "smooth_ece"),
+        *increase,
         Scenario("drop, one-way", "max_accuracy_drop", DROP_LIMIT, DROP_LIMIT, "false promotion"),
         Scenario("drop, two-way", "max_accuracy_drop", DROP_LIMIT, DROP_LIMIT, "false promotion"),
     ]
@@ -207,7 +204,7 @@ def information_scenarios() -> list[Scenario]:
     return [Scenario("staircase binary", "max_ece", ECE_LIMIT, ECE_LIMIT, "passes (pointwise error = limit)", m)
             for m in ("ece", "smooth_ece")] + [
         Scenario("increase, candidate fixes an over-confident champion", "max_ece_increase", -0.04, INCREASE_LIMIT,
-                 "false rejection")]
+                 "false rejection", m) for m in ("ece", "smooth_ece")]
 
 
 # ------------------------------------------------------------------ running

@@ -6,9 +6,10 @@ calibration, every simulated set goes through `calibflow.gates.evaluate_gates` (
 implementation), and the answer is the smallest n whose pass rate reaches `power` (0.8).
 
 The simulated model: rows of the candidate's test probabilities drawn with replacement, each
-right with probability c_i - g_b, where g_b is its bin's calibration gap shrunk by one standard
-error towards 0 (a soft threshold: the raw per-bin gaps of a few hundred images are mostly noise,
-and planning with them would plan for a worse model than the one measured). A wrong row gets a
+right with probability c_i - g_b, where g_b is its bin's calibration gap shrunk towards the
+model's overall gap (James-Stein: the raw per-bin gaps of a few hundred images are mostly
+noise, and planning with them would plan for a worse model than the one measured, while
+shrinking them towards 0 would plan for a better one). A wrong row gets a
 label drawn from its other classes in proportion to their probabilities. Against a champion, the
 shared rows are drawn jointly with their observed labels (the empirical joint distribution,
 which plans for the plug-in calibration error of the pair: on the pessimistic side).
@@ -67,13 +68,21 @@ class Plan:
 
 
 def _shrunk_gaps(conf: np.ndarray, correct: np.ndarray, bins: EqualWidthBins) -> np.ndarray:
+    """Per-bin calibration gaps shrunk towards the model's overall gap (James-Stein, positive
+    part): the overall gap (mean confidence - accuracy) is measured precisely, the per-bin
+    deviations from it are mostly noise on a few hundred images; shrinking towards 0 instead
+    would plan for a better-calibrated model than the one measured."""
     idx = bins.index(conf)
     count = np.bincount(idx, minlength=bins.n_bins)
     safe = np.maximum(count, 1)
+    weight = count / count.sum()
     accuracy = np.bincount(idx, weights=correct, minlength=bins.n_bins) / safe
     gap = np.bincount(idx, weights=conf, minlength=bins.n_bins) / safe - accuracy
-    noise = np.sqrt(np.clip(accuracy * (1 - accuracy), 0.25 / safe, None) / safe)
-    return np.sign(gap) * np.maximum(np.abs(gap) - noise, 0.0)
+    overall = float(np.sum(weight * gap))
+    noise = np.clip(accuracy * (1 - accuracy), 0.25 / safe, None) / safe  # variance of each bin's gap
+    spread = float(np.sum(weight * (gap - overall) ** 2))
+    keep = max(0.0, 1.0 - float(np.sum(weight * noise)) / spread) if spread > 0 else 0.0
+    return overall + keep * (gap - overall)
 
 
 def _relabel(probs: np.ndarray, correct: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -153,7 +162,7 @@ def plan_sample_size(candidate: Predictions, gates: GatesConfig,
     """Smallest n at which the configured gates pass this model with `power`, by simulation under
     its estimated calibration (module docstring)."""
     what = (f"simulated from the candidate's {len(candidate.labels):,} test predictions, per-bin calibration gaps "
-            f"shrunk by one standard error" + (f"; champion comparison on {len(comparison[0].labels):,} shared "
+            f"shrunk towards the overall gap" + (f"; champion comparison on {len(comparison[0].labels):,} shared "
                                                f"images, resampled jointly" if comparison else ""))
     return _simulate(_Simulator(candidate, comparison, n_bins), gates, n_bins, power, simulations, seed, sizes, what)
 

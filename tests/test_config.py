@@ -129,9 +129,9 @@ def test_edge_values_that_a_run_can_use_are_accepted(override):
     load_config("params.yaml", [override])
 
 
-def test_gates_metric_defaults_to_the_binned_ece():
-    assert load_config("params.yaml").gates.metric == "ece"
-    assert load_config(None).gates.metric == "ece"
+def test_gates_metric_defaults_to_the_smooth_ece():
+    assert load_config("params.yaml").gates.metric == "smooth_ece"
+    assert load_config(None).gates.metric == "smooth_ece"
 
 
 def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path):

@@ -79,7 +79,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(f"[{done}/{len(jobs)}] {row['gate']} {row['scenario']} n={row['n']} truth={row['true_value']:.4g}: "
                   f"{row['kind']} {row['rate']:.1%}", file=sys.stderr, flush=True)
-    print(f"| gate | scenario | true value | limit | measured | " + " | ".join(f"n={n:,} ({args.rev})" for n in args.sizes)
+    print("| gate | scenario | true value | limit | measured | " + " | ".join(f"n={n:,} ({args.rev})" for n in args.sizes)
           + " |")
     print("| --- | --- | ---: | ---: | --- |" + " ---: |" * len(args.sizes))
     cells: dict[tuple, dict[int, dict]] = {}

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,38 @@ def tiny_repo(tiny_repo_template, tmp_path, monkeypatch) -> Path:
     shutil.copytree(tiny_repo_template, repo, symlinks=True)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # use the embedded default store
     return repo
+
+
+@dataclass(frozen=True)
+class UntrainedModel:
+    """A 3-class small_cnn on 8x8 grayscale, untrained, with a temperature fitted to its logits:
+    what a registry or a served model needs to hold, when the model's quality does not matter."""
+
+    network: object  # the torch module, in eval mode
+    checkpoint: Path
+    calibration_state: Path
+    images: object  # (40, 1, 8, 8) uint8 tensor
+    logits: object  # the network's logits of `images`
+
+
+def untrained_model(work: Path, classes=("a", "b", "c")) -> UntrainedModel:
+    import json
+
+    import torch
+
+    from calibflow.calibrators import fit_calibrator
+    from calibflow.models import ModelSpec, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
+    network = build_model(spec).eval()
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = save_checkpoint(work / "checkpoint.pt", network, spec, list(classes), "L")
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = network(images)
+    # Labels that mostly agree with the network, so the temperature has an interior optimum.
+    labels = torch.where(torch.arange(40) % 4 == 0, torch.arange(40) % 3, logits.argmax(dim=1))
+    state = work / "calibration.json"
+    state.write_text(json.dumps(fit_calibrator("temperature", logits, labels).to_state()))
+    return UntrainedModel(network, checkpoint, state, images, logits)

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from calibflow import pipeline, registry
 from calibflow.cli import main as calibflow
 from calibflow.config import load_config
-from tests.conftest import REPO, dvc, run
+from tests.conftest import REPO, dvc, run, untrained_model
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
@@ -183,25 +183,11 @@ def test_failure_after_registration_takes_the_version_and_its_alias_back(tiny_re
 
 
 def log_untrained_model(repo: Path, work: Path) -> str:
-    import torch
-
-    from calibflow.calibrators import fit_calibrator
-    from calibflow.models import ModelSpec, build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    spec = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
-    network = build_model(spec).eval()
-    work.mkdir(parents=True, exist_ok=True)
-    checkpoint = save_checkpoint(work / "checkpoint.pt", network, spec, ["a", "b", "c"], "L")
-    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
-    with torch.no_grad():
-        logits = network(images)
-    labels = torch.where(torch.arange(40) % 4 == 0, torch.arange(40) % 3, logits.argmax(dim=1))
-    state = work / "calibration.json"
-    state.write_text(json.dumps(fit_calibrator("temperature", logits, labels).to_state()))
+    model = untrained_model(work)
     registry.configure_tracking(repo)
     run_id = registry.start_run("registration-tests", repo_root=repo)
-    return registry.log_calibrated_model(run_id, checkpoint, state, images[:2].permute(0, 2, 3, 1).numpy())
+    return registry.log_calibrated_model(run_id, model.checkpoint, model.calibration_state,
+                                         model.images[:2].permute(0, 2, 3, 1).numpy())
 
 
 RACER = textwrap.dedent("""\

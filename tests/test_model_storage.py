@@ -16,10 +16,9 @@ import torch
 import yaml
 
 from calibflow import registry
-from calibflow.calibrators import fit_calibrator
 from calibflow.cli import main as calibflow
-from calibflow.models import ModelSpec, build_model, save_checkpoint
 from calibflow.pipeline import load_calibrator
+from tests.conftest import untrained_model
 
 MODEL = "tiny-digits"
 CHANGED = "model artifacts changed since registration"
@@ -51,17 +50,9 @@ def test_digest_changes_with_any_change_to_the_files_and_only_then(tmp_path):
 
 
 def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batch(tmp_path):
-    torch.manual_seed(0)
-    spec = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
-    network = build_model(spec).eval()
-    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", network, spec, ["cat", "dog", "eel"], "L")
-    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
-    with torch.no_grad():
-        logits = network(images)
-    # Labels that mostly agree with the network, so the temperature has an interior optimum.
-    labels = torch.where(torch.arange(40) % 4 == 0, torch.arange(40) % 3, logits.argmax(dim=1))
-    state = tmp_path / "calibration.json"
-    state.write_text(json.dumps(fit_calibrator("temperature", logits, labels).to_state()))
+    model = untrained_model(tmp_path, classes=("cat", "dog", "eel"))
+    network, checkpoint, state, images, logits = (model.network, model.checkpoint, model.calibration_state,
+                                                  model.images, model.logits)
 
     files = registry.write_model_files(checkpoint, state, tmp_path / "served")
     assert set(files) == {"weights", "network", "classes", "calibration"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from calibflow.environment import apply_quiet_defaults  # noqa: E402
 apply_quiet_defaults()
 # Prefect's home for the tests: kept between runs (its temporary server starts faster with a
 # warm database) but apart from the user's ~/.prefect.
+# A test session started from a background job (`cmd &` in a script) inherits SIGINT ignored, and
+# so would every process it starts; the served-deployment test stops `calibflow schedule` with the
+# Ctrl-C a terminal would send. A Python handler (unlike SIG_IGN) becomes the default after exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("PREFECT_HOME", str(REPO / ".calibflow" / "prefect-home-tests"))
 # Prefect creates its SQLite file but not missing parent folders: on a fresh clone .calibflow/
 # does not exist yet, and the temporary API server would fail to open its database.

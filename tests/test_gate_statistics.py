@@ -185,7 +185,10 @@ def test_increase_bound_parts():
     conf, correct = spread_binary(4000, 0.0, rng)
     bins = gs.EqualWidthBins(15)
     same, parts = gs.calibration_error_increase_upper_bound(conf, correct, conf, correct, bins, 0.95)
-    assert same.estimate == 0.0 and same.bound == pytest.approx(0.5 / 4000)  # identical models: no noise at all
+    # identical models: no spread, but 4,000 images cannot rule out unseen disagreements at the
+    # Clopper-Pearson rate of 0 in 4,000, each worth up to 2 (|m| = 1 for both models)
+    unseen = stats.beta.ppf(1 - 0.05 / 2 / 3, 1, 4000) * 2
+    assert same.estimate == 0.0 and same.bound == pytest.approx(0.5 / 4000 + unseen)
     worse = np.clip(conf + 0.05, 0, 1)
     bound, parts = gs.calibration_error_increase_upper_bound(worse, correct, conf, correct, bins, 0.95)
     ece_a, ece_b = bins.error(worse, worse - correct), bins.error(conf, conf - correct)
@@ -237,3 +240,27 @@ def test_nll_bound_without_errors_charges_the_largest_loss_at_the_error_rates_bo
     rate = stats.beta.ppf(1 - 0.05 / 3, 1, 300)  # Clopper-Pearson upper bound of 0 errors in 300
     assert bound.estimate == pytest.approx(-np.log(0.99))
     assert bound.bound == pytest.approx(-np.log(0.99) + rate * 36.04)
+
+
+@pytest.mark.parametrize("n", [200, 1000])
+def test_increase_bound_with_rare_disagreements_on_the_tolerance(n):
+    # A confident candidate wrong wherever its calibrated champion is, and on 1% more images: the
+    # increase is exactly 0.01. A sample missing those images has no spread at all; the
+    # studentized bound passed this 25% (n = 200) and 11.5% (n = 1,000) of the time.
+    rng, tolerance, trials, passes = np.random.default_rng(12), 0.01, 300, 0
+    for trial in range(trials):
+        conf = 1 - rng.beta(2.0, 98.0, n)
+        champion = rng.random(n) < conf
+        candidate = champion & (rng.random(n) >= tolerance / conf)
+        bound, _ = gs.calibration_error_increase_upper_bound(conf, candidate, conf, champion, gs.EqualWidthBins(15),
+                                                             0.95, seed=trial)
+        passes += bound.bound <= tolerance
+    assert passes / trials <= 0.05
+
+
+def test_paired_mean_bound_charges_unseen_large_values_by_their_rate():
+    values = np.zeros(1000)
+    bound = gs.paired_mean_upper_bound(values, 0.95, largest=1.0)
+    assert bound == pytest.approx(0.5 / 1000 + stats.beta.ppf(1 - 0.05 / 3, 1, 1000))
+    values[:3] = -1.0  # three large negative values only lower it
+    assert gs.paired_mean_upper_bound(values, 0.95, largest=1.0) < bound

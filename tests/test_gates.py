@@ -51,7 +51,7 @@ def test_relative_checks_compare_with_the_champion_on_the_same_images():
     champion = synthetic(3_000, gap=0.0, seed=2)
     same = evaluate_gates(champion, GATES, comparison=(champion, champion))
     increase = same.check("max_ece_increase")
-    assert increase.value == 0.0 and increase.bound == pytest.approx(0.5 / 3_000) and same.passed
+    assert increase.value == 0.0 and 0.0 < increase.bound < 0.01 and same.passed
 
     worse = Predictions(synthetic(3_000, gap=0.1, seed=2).probabilities, champion.labels)
     verdict = evaluate_gates(worse, GATES, comparison=(worse, champion))

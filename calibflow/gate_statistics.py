@@ -390,9 +390,8 @@ def calibration_error_increase_upper_bound(
     a_profile = profile.project(a_conf, a_res) / profile.mass(a_conf)
     b_profile = profile.project(b_conf, b_res) / profile.mass(b_conf)
     difference_signs = _signs(a_profile - b_profile)
-    paired = (profile.weights(a_conf, difference_signs) * a_res
-              - profile.weights(b_conf, difference_signs) * b_res)
     a_weights, b_weights = profile.weights(a_conf, difference_signs), profile.weights(b_conf, difference_signs)
+    paired = a_weights * a_res - b_weights * b_res
     largest = float(np.max(np.abs(a_weights)) + np.max(np.abs(b_weights)))  # |r| <= 1
     bound_a = paired_mean_upper_bound(paired, 1.0 - (1.0 - confidence) / 2.0, largest)
 

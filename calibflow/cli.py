@@ -144,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from calibflow import registry
     from calibflow.calibration import CalibrationError
+    from calibflow.decisions import DecisionInfeasible, DecisionSettingsError
     from calibflow.manifest import ManifestError
     from calibflow.pipeline import ReportError
     from calibflow.promotion import GateUndecided
@@ -154,7 +155,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = train_calibrate_register(params_path=args.params, overrides=args.overrides, data_rev=args.data_rev,
                                           repo_root=args.repo, force=args.force)
-    except (DataValidationError, GatesFailed) as error:
+    # DecisionInfeasible: the trained model cannot meet a certified decision target on the
+    # calibration split, a property of the model like a failed gate
+    except (DataValidationError, GatesFailed, DecisionInfeasible) as error:
         print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
         return EXIT_REJECTED
     # GateUndecided: e.g. the champion's classes differ; LookupError: its artifacts changed, or were
@@ -162,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     # before registering); RegistrationLeftBehind: an undo that could not finish says what is left;
     # PromotionConflict: the registry lock was not freed in time
     except (DataVersionError, ManifestError, ConfigError, CalibrationError, GateUndecided, LookupError, ReportError,
-            registry.RegistrationLeftBehind, registry.PromotionConflict) as error:
+            DecisionSettingsError, registry.RegistrationLeftBehind, registry.PromotionConflict) as error:
         print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
@@ -227,8 +230,14 @@ def _predict(args: argparse.Namespace) -> int:
     except MlflowException as error:  # the model, its version or its alias is not in the registry
         return _store_failed("predict", error)
     for prediction in predictions:
-        print(f"{prediction.path}\t{prediction.label}\t{prediction.probability:.4f}")
+        extra = "".join(f"\t{name}={_shown(value)}" for name, value in prediction.decisions.items())
+        print(f"{prediction.path}\t{prediction.label}\t{prediction.probability:.4f}{extra}")
     return EXIT_OK
+
+
+def _shown(value) -> str:
+    """A decision as predict prints it: a prediction set as {a,b}, anything else as itself."""
+    return "{" + ",".join(map(str, value)) + "}" if isinstance(value, list) else str(value)
 
 
 def _add_gate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -116,6 +116,49 @@ class GatesConfig:
     # 2023; consistent, and no bin edges to be noisy at: benchmarks/gate_soundness.py measures it
     # keeping its confidence with far more power against a champion) or "ece" (15 equal-width bins).
     metric: Literal["ece", "smooth_ece"] = "smooth_ece"
+    # Decision gates (need the matching decision: rule), read at the served thresholds on the
+    # test split: the upper bound of the selective risk, the lower bound of the sets' coverage.
+    max_selective_risk: float | None = None
+    min_conformal_coverage: float | None = None
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    """What the served model decides with its calibrated probabilities, fitted on the calibration
+    split (calibflow.decisions; docs/decisions.md). Every rule is off by default."""
+
+    # Binary decisions (K = 2, or one class against the rest): the class folder name that counts as
+    # positive, and one rule: both costs (Bayes threshold c_fp / (c_fp + c_fn)), or a precision or
+    # recall target certified on the calibration split.
+    positive_class: str | None = None
+    cost_fp: float | None = None
+    cost_fn: float | None = None
+    min_precision: float | None = None
+    min_recall: float | None = None
+    # Abstain below the confidence whose selective risk (error rate of the kept predictions) is
+    # certified at most this.
+    max_risk: float | None = None
+    # Prediction sets that hold the true class with probability >= 1 - alpha (split conformal).
+    conformal_alpha: float | None = None
+    conformal_score: Literal["lac", "aps", "raps"] = "aps"
+    raps_lambda: float = 0.01  # RAPS's penalty per label past raps_k_reg (Angelopoulos et al. 2021)
+    raps_k_reg: int = 1
+    # The certified rules (min_precision, min_recall, max_risk) hold with probability >= 1 - delta.
+    delta: float = 0.05
+
+    @property
+    def binary_rule(self) -> str | None:
+        if self.cost_fp is not None or self.cost_fn is not None:
+            return "cost"
+        if self.min_precision is not None:
+            return "min_precision"
+        if self.min_recall is not None:
+            return "min_recall"
+        return None
+
+    @property
+    def any_rule(self) -> bool:
+        return self.binary_rule is not None or self.max_risk is not None or self.conformal_alpha is not None
 
 
 @dataclass(frozen=True)
@@ -149,6 +192,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -343,6 +387,10 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
             raise ConfigError(f"{dotted} = {value!r}: expected a number")
         return float(value)
     if hint is str:
+        # YAML reads a class folder named 8 (`decision.positive_class=8`) as a number; a whole
+        # number means its digits, while 1.0 or true could mean several strings and stay errors.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{dotted} = {value!r}: expected a string")
         return value
@@ -409,9 +457,51 @@ def _check(config: Config) -> None:
             raise ConfigError(f"data.allowed_sizes: {size!r} is not WIDTHxHEIGHT (for example 32x32)")
     if not DEVICE_PATTERN.fullmatch(config.train.device):
         raise ConfigError(f"train.device = {config.train.device!r}: use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
+    _check_decision(config.decision, config.gates)
     name = config.registry.model_name
     if not name.strip() or "/" in name or ":" in name:  # what MLflow refuses, found before training
         raise ConfigError(f"registry.model_name = {name!r}: must be non-empty, without '/' or ':'")
+
+
+def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:
+    """One binary rule at most, each value in its range, and no decision gate without its rule."""
+    rules = [name for name, value in (("cost_fp/cost_fn", decision.cost_fp if decision.cost_fp is not None
+                                        else decision.cost_fn),
+                                       ("min_precision", decision.min_precision), ("min_recall", decision.min_recall))
+             if value is not None]
+    if len(rules) > 1:
+        raise ConfigError(f"decision: {' and '.join(rules)} are each a rule for the binary threshold; set one")
+    if (decision.cost_fp is None) != (decision.cost_fn is None):
+        given = "decision.cost_fp" if decision.cost_fp is not None else "decision.cost_fn"
+        missing = "decision.cost_fn" if decision.cost_fp is not None else "decision.cost_fp"
+        raise ConfigError(f"{given} is set but {missing} is not: the cost threshold needs both costs")
+    for key in ("cost_fp", "cost_fn"):
+        value = getattr(decision, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"decision.{key} = {value}: costs must be positive (the cost of one false "
+                              f"{'positive' if key == 'cost_fp' else 'negative'})")
+    open_unit = {"decision.min_precision": decision.min_precision, "decision.min_recall": decision.min_recall,
+                 "decision.max_risk": decision.max_risk, "decision.conformal_alpha": decision.conformal_alpha,
+                 "decision.delta": decision.delta, "gates.max_selective_risk": gates.max_selective_risk,
+                 "gates.min_conformal_coverage": gates.min_conformal_coverage}
+    for dotted, value in open_unit.items():
+        if value is not None and not 0.0 < value < 1.0:
+            raise ConfigError(f"{dotted} = {value}: must be in (0, 1)")
+    if decision.binary_rule and not decision.positive_class:
+        raise ConfigError(f"decision.{rules[0].split('/')[0]} needs decision.positive_class: the class folder name "
+                          f"whose probability the threshold reads")
+    if decision.positive_class is not None and not decision.binary_rule:
+        raise ConfigError("decision.positive_class is set but no rule uses it: add decision.cost_fp and cost_fn, "
+                          "decision.min_precision or decision.min_recall (or remove positive_class)")
+    if decision.raps_lambda < 0 or decision.raps_k_reg < 0:
+        raise ConfigError(f"decision.raps_lambda = {decision.raps_lambda}, decision.raps_k_reg = "
+                          f"{decision.raps_k_reg}: both must be 0 or more")
+    if gates.max_selective_risk is not None and decision.max_risk is None:
+        raise ConfigError("gates.max_selective_risk needs decision.max_risk: the gate reads the abstention "
+                          "threshold that rule fits")
+    if gates.min_conformal_coverage is not None and decision.conformal_alpha is None:
+        raise ConfigError("gates.min_conformal_coverage needs decision.conformal_alpha: the gate reads the "
+                          "prediction sets that rule fits")
 
 
 def _plain(value: Any) -> Any:

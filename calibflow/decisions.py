@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -96,19 +96,26 @@ def cost_threshold(cost_fp: float, cost_fn: float) -> ChosenThreshold:
 KEPT_COUNT_RATIO = 1.5
 
 
+def fewest_certifying(max_risk: float, delta: float) -> int:
+    """The fewest error-free images whose Clopper-Pearson upper bound at level 1 - delta is below
+    max_risk: 1 - delta^(1/j) < max_risk. No rule can certify max_risk on fewer."""
+    return math.floor(math.log(delta) / math.log(1.0 - max_risk)) + 1
+
+
 def kept_counts(n: int, max_risk: float, delta: float, ratio: float = KEPT_COUNT_RATIO) -> list[int]:
     """The numbers of most-confident calibration images whose thresholds are tested: a geometric
-    grid from the fewest that could ever pass (zero errors) up to n. It depends on n, the target and
-    delta only, never on the data, so a union bound over it is exact."""
-    tests = 1
+    grid from the fewest that could ever pass (zero errors) up to n; empty when n is too few. It
+    depends on n, the target and delta only, never on the data, so a union bound over it is exact."""
+    tests, counts = 1, []
     for _ in range(64):  # the grid's size and its first count depend on each other; settles in a few rounds
-        fewest = math.ceil(math.log(delta / tests) / math.log(1.0 - max_risk))
-        counts, k = [], fewest
+        k = fewest_certifying(max_risk, delta / tests)
+        if k > n:
+            return []
+        counts = []
         while k < n:
             counts.append(k)
             k = max(k + 1, math.ceil(k * ratio))
         counts.append(n)
-        counts = sorted({c for c in counts if c >= 1})
         if len(counts) == tests:
             break
         tests = len(counts)
@@ -137,7 +144,7 @@ def selective_threshold(confidence: Any, correct: Any, max_risk: float, delta: f
     order = np.argsort(-conf, kind="stable")
     descending = conf[order]
     counts = kept_counts(n, max_risk, delta)
-    level = 1.0 - delta / len(counts)
+    level = 1.0 - delta / max(len(counts), 1)
     best: tuple[float, float] | None = None
     for j in counts:
         # Keep what lies strictly above u, the (j+1)-th highest confidence: with ties at u that is
@@ -150,8 +157,8 @@ def selective_threshold(confidence: Any, correct: Any, max_risk: float, delta: f
     if best is None:
         raise DecisionInfeasible(
             f"no confidence threshold certifies a selective risk <= {max_risk} at delta {delta} on {n} calibration "
-            f"images: even a model that is right on its {counts[0]} most confident images would need more of them. "
-            f"Raise decision.max_risk, give the calibration split more images, or train a better model")
+            f"images (even a model that is never wrong needs at least {fewest_certifying(max_risk, delta)} of them, "
+            f"and more when it errs). Raise decision.max_risk, give the calibration split more images, or train a better model")
     return ChosenThreshold(best[0], "max_risk", max_risk, delta, best[1], n)
 
 
@@ -330,3 +337,184 @@ def risk_coverage_curve(confidence_scores: Any, correct: Any) -> tuple[np.ndarra
     order = np.argsort(-conf, kind="stable")
     kept = np.arange(1, conf.size + 1)
     return kept / conf.size, np.cumsum(wrong[order]) / kept
+
+
+# ---------------------------------------------------------------------------------------------
+# The fitted policy: what the served model decides
+# ---------------------------------------------------------------------------------------------
+
+
+class DecisionSettingsError(ValueError):
+    """decision: settings that cannot work with this data (a positive class it does not have, a
+    calibration split too small for a rule); found before training."""
+
+
+@dataclass(frozen=True)
+class ConformalRule:
+    alpha: float
+    score: str
+    qhat: float  # a label is in the set when its nonconformity is <= qhat
+    raps_lambda: float
+    raps_k_reg: int
+    n_calibration: int
+
+    def sets(self, probabilities: Any) -> np.ndarray:
+        return prediction_sets(probabilities, self.qhat, self.score, self.raps_lambda, self.raps_k_reg)
+
+
+@dataclass(frozen=True)
+class DecisionPolicy:
+    """The decisions fitted on the calibration split and served beside the probabilities. Columns
+    of the probabilities are `classes` in order; an empty policy decides nothing but the label."""
+
+    classes: tuple[str, ...]
+    positive_class: str | None = None
+    positive: ChosenThreshold | None = None  # predict positive when P(positive_class) >= threshold
+    abstain: ChosenThreshold | None = None  # keep the top label when its probability >= threshold
+    conformal: ConformalRule | None = None
+    schema_version: int = DECISION_SCHEMA_VERSION
+
+    @property
+    def positive_index(self) -> int | None:
+        return None if self.positive_class is None else self.classes.index(self.positive_class)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> "DecisionPolicy":
+        version = state.get("schema_version", DECISION_SCHEMA_VERSION)
+        if version > DECISION_SCHEMA_VERSION:
+            raise ValueError(f"decision policy schema {version} is newer than this calibflow's "
+                             f"({DECISION_SCHEMA_VERSION}): upgrade calibflow to serve this model")
+        return cls(classes=tuple(state["classes"]), positive_class=state.get("positive_class"),
+                   positive=ChosenThreshold(**state["positive"]) if state.get("positive") else None,
+                   abstain=ChosenThreshold(**state["abstain"]) if state.get("abstain") else None,
+                   conformal=ConformalRule(**state["conformal"]) if state.get("conformal") else None,
+                   schema_version=version)
+
+    def save(self, path: str) -> str:
+        with open(path, "w") as handle:
+            json.dump(self.to_json(), handle, indent=2)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "DecisionPolicy":
+        with open(path) as handle:
+            return cls.from_json(json.load(handle))
+
+    def decide(self, probabilities: Any) -> dict[str, Any]:
+        """Per image: `label` (the top class, or "abstain" below the abstention threshold),
+        `confidence` (its calibrated probability); with the rules that are fitted, `abstained`,
+        `positive` (P(positive_class) >= threshold) and `prediction_set` (class names)."""
+        p = _check_probabilities(probabilities)
+        if p.shape[1] != len(self.classes):
+            raise ValueError(f"probabilities have {p.shape[1]} columns but the policy has {len(self.classes)} classes")
+        top = p.argmax(axis=1)
+        confidence = p[np.arange(len(p)), top]
+        names = np.asarray(self.classes, dtype=object)
+        out: dict[str, Any] = {"label": names[top], "confidence": confidence}
+        if self.abstain is not None:
+            abstained = confidence < self.abstain.threshold
+            out["label"] = np.where(abstained, ABSTAIN, out["label"])
+            out["abstained"] = abstained
+        if self.positive is not None:
+            out["positive"] = p[:, self.positive_index] >= self.positive.threshold
+        if self.conformal is not None:
+            members = self.conformal.sets(p)
+            out["prediction_set"] = [list(names[row]) for row in members]
+        return out
+
+
+def _rule_sizes(decision, n: int) -> dict[str, int]:
+    """The fewest calibration images each configured rule can work with, on a split of n."""
+    needs = {}
+    if decision.min_precision is not None:
+        needs["decision.min_precision"] = fewest_certifying(1.0 - decision.min_precision, decision.delta)
+    if decision.max_risk is not None:
+        needs["decision.max_risk"] = fewest_certifying(decision.max_risk, decision.delta)
+    if decision.conformal_alpha is not None:
+        needs["decision.conformal_alpha"] = math.ceil(1.0 / decision.conformal_alpha) - 1
+    return needs
+
+
+def check_decision_settings(decision, classes: tuple[str, ...], calibration_class_counts: dict[str, int]) -> None:
+    """Before training: what the params and the split's class counts already tell. The counts
+    are the least a rule needs even for a perfect model; a real one may need more, which the fit
+    says after training (DecisionInfeasible)."""
+    if decision.positive_class is not None and decision.positive_class not in classes:
+        raise DecisionSettingsError(f"decision.positive_class = {decision.positive_class!r} is not a class of the data; "
+                                    f"its classes are {list(classes)}")
+    n = sum(calibration_class_counts.values())
+    for key, fewest in _rule_sizes(decision, n).items():
+        if n < fewest:
+            raise DecisionSettingsError(f"{key} needs at least {fewest} calibration images and the split has {n}: "
+                                        f"relax {key}, raise split.calibration, or add images")
+    if decision.min_recall is not None:
+        positives = calibration_class_counts.get(decision.positive_class, 0)
+        fewest = math.ceil(math.log(decision.delta) / math.log(decision.min_recall))
+        if positives < fewest:
+            raise DecisionSettingsError(
+                f"decision.min_recall = {decision.min_recall} needs at least {fewest} calibration images of "
+                f"{decision.positive_class!r} and the split has {positives}: lower it, raise split.calibration, or "
+                f"add images of that class")
+
+
+def fit_policy(probabilities: Any, labels: Any, classes: tuple[str, ...], decision) -> DecisionPolicy:
+    """Fit every configured rule (a calibflow.config.DecisionConfig) on the calibrated
+    probabilities of the calibration split. DecisionInfeasible when a certified rule cannot be
+    met there."""
+    p = _check_probabilities(probabilities)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if p.shape[1] != len(classes):
+        raise ValueError(f"probabilities have {p.shape[1]} columns for {len(classes)} classes")
+    positive = abstain = conformal = None
+    rule = decision.binary_rule
+    if rule is not None:
+        if decision.positive_class not in classes:
+            raise DecisionSettingsError(f"decision.positive_class = {decision.positive_class!r} is not a class of "
+                                        f"the data; its classes are {list(classes)}")
+        k = classes.index(decision.positive_class)
+        scores, is_positive = p[:, k], y == k
+        if rule == "cost":
+            positive = cost_threshold(decision.cost_fp, decision.cost_fn)
+        elif rule == "min_precision":
+            positive = min_precision_threshold(scores, is_positive, decision.min_precision, decision.delta)
+        else:
+            positive = min_recall_threshold(scores, is_positive, decision.min_recall, decision.delta)
+    if decision.max_risk is not None:
+        top = p.argmax(axis=1)
+        abstain = selective_threshold(p[np.arange(len(p)), top], top == y, decision.max_risk, decision.delta)
+    if decision.conformal_alpha is not None:
+        options = dict(score=decision.conformal_score, raps_lambda=decision.raps_lambda, raps_k_reg=decision.raps_k_reg)
+        qhat = conformal_quantile(conformal_scores(p, y, **options), decision.conformal_alpha)
+        conformal = ConformalRule(decision.conformal_alpha, decision.conformal_score, qhat, decision.raps_lambda,
+                                  decision.raps_k_reg, int(len(y)))
+    return DecisionPolicy(tuple(classes), decision.positive_class if rule else None, positive, abstain, conformal)
+
+
+def evaluate_policy(policy: DecisionPolicy, probabilities: Any, labels: Any, confidence: float) -> dict[str, Any]:
+    """The policy's decisions on a labelled split, each rate with its one-sided Clopper-Pearson
+    bound at `confidence` (flat keys, the form of metrics and tags)."""
+    p = _check_probabilities(probabilities)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    out: dict[str, Any] = {}
+    if policy.positive is not None:
+        k = policy.positive_index
+        for key, value in precision_recall_at(p[:, k], y == k, policy.positive.threshold, confidence).items():
+            out[f"positive_{key}"] = value
+        out["positive_threshold"] = policy.positive.threshold
+    top = p.argmax(axis=1)
+    conf, correct = p[np.arange(len(p)), top], top == y
+    if policy.abstain is not None:
+        for key, value in selective_risk_at(conf, correct, policy.abstain.threshold, confidence).items():
+            out[f"selective_{key}"] = value
+        out["selective_threshold"] = policy.abstain.threshold
+    if policy.conformal is not None:
+        coverage = set_coverage(policy.conformal.sets(p), y, confidence)
+        for key in ("coverage", "coverage_lower", "mean_size", "empty_rate"):
+            out[f"set_{key}"] = coverage[key]
+        for name, value in zip(policy.classes, coverage["classwise_coverage"]):
+            out[f"set_coverage_class_{name}"] = value
+        out["set_qhat"] = policy.conformal.qhat
+    return out

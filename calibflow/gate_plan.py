@@ -121,8 +121,15 @@ class _Simulator:
         return Predictions(probs, labels), pair
 
 
+def _plannable(gates: GatesConfig) -> GatesConfig:
+    """The gates a simulated test set can be put through: the decision gates read thresholds fitted
+    on the calibration split (calibflow.decisions), which a resampled test split does not have."""
+    return replace(gates, max_selective_risk=None, min_conformal_coverage=None)
+
+
 def _simulate(simulator, gates: GatesConfig, n_bins: int, power: float, simulations: int, seed: int,
               sizes, assumptions: str) -> Plan:
+    gates = _plannable(gates)
     if not 0.0 < power < 1.0:
         raise ValueError(f"power = {power}: must be in (0, 1), e.g. 0.8")
     if simulations < 1:
@@ -207,7 +214,7 @@ def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: i
     probs = np.zeros((n_test, n_classes))
     probs[:, 0] = 1.0
     perfect = Predictions(probs, np.zeros(n_test, dtype=int))
-    absolute = replace(gates, max_ece_increase=None, max_accuracy_drop=None)
+    absolute = replace(_plannable(gates), max_ece_increase=None, max_accuracy_drop=None)
     return evaluate_gates(perfect, absolute, n_bins=n_bins, report_estimates=False).passed
 
 

@@ -15,6 +15,8 @@ docs/gates.md, and benchmarks/gate_soundness.py measures it by simulation agains
 | max_nll | NLL <= threshold | error rate (Clopper-Pearson) x excess loss (Hall) |
 | max_ece_increase | error(candidate) - error(champion) <= tolerance | min of paired and cross-fit bounds |
 | max_accuracy_drop | accuracy(champion) - accuracy(candidate) <= tolerance | paired score (Tango) |
+| max_selective_risk | error rate of the predictions kept by the served abstention threshold <= threshold | Clopper-Pearson |
+| min_conformal_coverage | share of served prediction sets that hold the true class >= threshold | Clopper-Pearson |
 
 This module is the one gate implementation: the flow's gate step, `calibflow gate`,
 `calibflow gate plan` and the benchmark all call `evaluate_gates`.
@@ -28,6 +30,7 @@ import numpy as np
 
 from calibflow import gate_statistics as gs
 from calibflow.config import GatesConfig
+from calibflow.decisions import DecisionPolicy, evaluate_policy
 
 METRICS = ("ece", "smooth_ece")
 
@@ -102,7 +105,7 @@ class GateVerdict:
                 "estimates": dict(self.estimates), "checks": [asdict(c) for c in self.checks]}
 
 
-ABSOLUTE_GATES = ("max_ece", "min_accuracy", "max_nll")
+ABSOLUTE_GATES = ("max_ece", "min_accuracy", "max_nll", "max_selective_risk", "min_conformal_coverage")
 
 
 @dataclass(frozen=True)
@@ -158,14 +161,16 @@ def _check(name: str, metric: str, bound: gs.Bound, threshold: float, comparison
 
 def evaluate_gates(candidate: Predictions, gates: GatesConfig,
                    comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = 15,
-                   seed: int = 0, report_estimates: bool = True) -> GateVerdict:
+                   seed: int = 0, report_estimates: bool = True,
+                   decisions: DecisionPolicy | None = None) -> GateVerdict:
     """Every gate of params.yaml. The absolute gates read `candidate` (its whole test split); the
     relative ones read `comparison` = (candidate, champion) on the test images neither model was
     fitted on, which must be the same images (equal labels) with the same class order.
 
     `seed` only fixes the cross-fitting halves of the champion comparison. `report_estimates`
     adds the plug-in, debiased and smooth ECE of the candidate as information (not gated); the
-    simulations of benchmarks/gate_soundness.py turn it off for speed, nothing else changes."""
+    simulations of benchmarks/gate_soundness.py turn it off for speed, nothing else changes.
+    `decisions` is the candidate's fitted decision policy, which the decision gates read."""
     metric = getattr(gates, "metric", "ece")
     top = _top_label(candidate, "candidate")
     confidence = gates.confidence
@@ -182,6 +187,7 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
         nll = gs.nll_upper_bound(_nll_values(top.confidence), _nll_values(top.true_class_probability), top.correct,
                                  confidence, max_loss=-float(np.log(NLL_EPS)))
         checks.append(_check("max_nll", "NLL", nll, gates.max_nll, "<="))
+    checks += _decision_checks(candidate, decisions, gates)
     n_shared = 0
     if comparison is not None:
         mine, champion = comparison
@@ -207,6 +213,32 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
     estimates = _estimates(candidate, top, n_bins, smooth) if report_estimates else {}
     return GateVerdict(passed=all(c.passed for c in checks), checks=tuple(checks), confidence=confidence,
                        n_samples=int(len(top.correct)), n_shared=n_shared, estimates=estimates)
+
+
+def _decision_checks(candidate: Predictions, policy: DecisionPolicy | None, gates: GatesConfig) -> list[GateCheck]:
+    """The decision gates, at the thresholds the model serves: a certified rule was fitted on the
+    calibration split; these check it again on the test split, with a bound, not a point value."""
+    wanted = [name for name in ("max_selective_risk", "min_conformal_coverage") if getattr(gates, name) is not None]
+    if not wanted:
+        return []
+    needs = {"max_selective_risk": "abstain", "min_conformal_coverage": "conformal"}
+    missing = [name for name in wanted if policy is None or getattr(policy, needs[name]) is None]
+    if missing:
+        raise GateInputError(f"gates.{missing[0]} is set but the model has no fitted "
+                             f"{'abstention threshold (decision.max_risk)' if needs[missing[0]] == 'abstain' else 'prediction sets (decision.conformal_alpha)'}"
+                             f" to gate")
+    measured = evaluate_policy(policy, candidate.probabilities, candidate.labels, gates.confidence)
+    checks = []
+    if gates.max_selective_risk is not None:
+        risk = measured["selective_risk"]
+        checks.append(_check("max_selective_risk", f"selective risk at coverage {measured['selective_coverage']:.3f}",
+                             gs.Bound(0.0 if np.isnan(risk) else risk, measured["selective_risk_upper"],
+                                      "clopper-pearson"), gates.max_selective_risk, "<="))
+    if gates.min_conformal_coverage is not None:
+        checks.append(_check("min_conformal_coverage", f"set coverage (mean size {measured['set_mean_size']:.2f})",
+                             gs.Bound(measured["set_coverage"], measured["set_coverage_lower"], "clopper-pearson"),
+                             gates.min_conformal_coverage, ">="))
+    return checks
 
 
 def _estimates(candidate: Predictions, top: _TopLabel, n_bins: int, smooth_and_sigma: tuple[float, float]

@@ -19,7 +19,8 @@ import torch
 
 from calibflow.calibration import CalibrationError
 from calibflow.calibrators import calibrator_from_state, fit_calibrator
-from calibflow.config import CalibrationConfig, Config, DataConfig, GatesConfig, SplitConfig
+from calibflow.config import CalibrationConfig, Config, DataConfig, DecisionConfig, GatesConfig, SplitConfig
+from calibflow.decisions import DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
 from calibflow.gates import GateVerdict
 from calibflow.images import load_images
 from calibflow.leftovers import ProcessId, alive, this_process
@@ -27,7 +28,8 @@ from calibflow.manifest import build_manifest, class_counts, list_classes, load_
 from calibflow.metrics import calibrated_probabilities, probability_nll, probability_report, reliability_bins, top_label
 from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
 from calibflow.plots import (binary_score_distributions, class_confidence_histograms, confidence_histogram,
-                             reliability_diagram)
+                             decision_score_histograms, reliability_diagram)
+from calibflow.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.promotion import GateReport, gate_logits
 from calibflow.splits import Split, stratified_split
 from calibflow.training import EpochStats, collect_logits, resolve_runtime, train_classifier
@@ -65,6 +67,13 @@ def write_split(manifest_path: str, split: SplitConfig, seed: int, out_path: str
                               manifest_fingerprint(manifest))
     result.save(out_path)
     return SplitRecord(path=str(out_path), digest=result.digest, sizes={k: len(v) for k, v in result.indices.items()})
+
+
+def split_class_counts(manifest_path: str, split_path: str, split_name: str) -> dict[str, int]:
+    """Images per class name in one split."""
+    manifest = load_manifest(manifest_path)
+    rows = manifest.iloc[Split.load(split_path).indices[split_name]]
+    return {str(k): int(v) for k, v in Counter(rows["label"]).items()}
 
 
 def validate_data(manifest_path: str, split_path: str, classes: tuple[str, ...], data: DataConfig,
@@ -151,12 +160,14 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
 
 
 def gate_run(model_name: str, test_logits_path: str, calibration: CalibrationRecord, data_dir: str,
-             manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int) -> GateReport:
+             manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int,
+             decisions_path: str | None = None) -> GateReport:
     """The run's gate step: `calibflow gate`'s implementation on this run's cached test logits."""
     with np.load(test_logits_path) as saved:
         logits, rows = saved["logits"], saved["indices"]
     probabilities = load_calibrator(calibration.state_path).transform(logits).numpy()
-    return gate_logits(model_name, probabilities, rows, data_dir, manifest_path, split_path, gates, n_bins)
+    policy = DecisionPolicy.load(decisions_path) if decisions_path else None
+    return gate_logits(model_name, probabilities, rows, data_dir, manifest_path, split_path, gates, n_bins, policy)
 
 
 def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +241,50 @@ def evaluate_calibration(logits_path: str, calibration: CalibrationRecord, n_bin
     return Evaluation(before=before, after=after, plots=tuple(str(p) for p in plots))
 
 
+def fit_decisions(logits_path: str, calibration: CalibrationRecord, classes: tuple[str, ...], decision: DecisionConfig,
+                  out_path: str) -> str:
+    """Fit the decision rules of params.yaml on the calibrated probabilities of the calibration
+    split and save the policy the served model applies (an empty one when no rule is set, so every
+    model serves the same output schema). DecisionInfeasible when a certified rule cannot be met."""
+    logits, labels = load_logits(logits_path)
+    probabilities = load_calibrator(calibration.state_path).transform(logits).numpy()
+    return fit_policy(probabilities, labels, classes, decision).save(out_path)
+
+
+@dataclass(frozen=True)
+class DecisionEvaluation:
+    metrics: dict[str, float]  # evaluate_policy's, on the test split
+    plots: tuple[str, ...]
+
+
+def evaluate_decisions(logits_path: str, calibration: CalibrationRecord, decisions_path: str, confidence: float,
+                       out_dir: str) -> DecisionEvaluation:
+    """The served decisions on the test split, each rate with its one-sided bound, and their plots:
+    the class-conditional score histograms before and after calibration (binary rules) and the
+    risk-coverage curve (abstention)."""
+    policy = DecisionPolicy.load(decisions_path)
+    logits, labels = load_logits(logits_path)
+    probabilities = load_calibrator(calibration.state_path).transform(logits).numpy()
+    metrics = evaluate_policy(policy, probabilities, labels, confidence)
+    out, plots = Path(out_dir), []
+    if policy.positive is not None:
+        k = policy.positive_index
+        raw = calibrated_probabilities(logits, 1.0).numpy()[:, k]
+        plots.append(decision_score_histograms(
+            {"before calibration (softmax)": raw, f"after {calibration.method} calibration": probabilities[:, k]},
+            labels == k, out / "decision_score_histograms.png", policy.positive.threshold, policy.positive_class,
+            title=f"P({policy.positive_class}) by true class, test split ({policy.positive.rule} threshold)"))
+    if policy.abstain is not None:
+        top = probabilities.argmax(axis=1)
+        confidence_scores = probabilities[np.arange(len(top)), top]
+        coverage, risk = risk_coverage_curve(confidence_scores, top == labels)
+        served = (metrics["selective_coverage"], metrics["selective_risk"])
+        plots.append(plot_risk_coverage(coverage, risk, out / "risk_coverage.png",
+                                        served=None if np.isnan(served[1]) else served,
+                                        max_risk=policy.abstain.target, title="risk-coverage, test split"))
+    return DecisionEvaluation(metrics=metrics, plots=tuple(str(p) for p in plots))
+
+
 class ReportError(RuntimeError):
     """reports/metrics.json cannot be written where it goes."""
 
@@ -240,7 +295,8 @@ class StagedReport:
     staged: str  # its new content, written beside it, not in place yet
 
 
-def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationRecord, verdict: GateVerdict) -> StagedReport:
+def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationRecord, verdict: GateVerdict,
+                         decisions: DecisionEvaluation | None = None) -> StagedReport:
     """Write the new reports/metrics.json (a DVC metric) beside the old one, before anything is
     registered: a report that cannot be written fails the run while the registry is untouched,
     and the previous report stays in place until publish_report renames this one over it."""
@@ -251,6 +307,8 @@ def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationReco
         "test": {"before": evaluation.before, "after": evaluation.after},
         "gates_passed": verdict.passed,
     }
+    if decisions is not None and decisions.metrics:
+        report["test"]["decisions"] = decisions.metrics
     target = Path(path)
     if target.exists() and not target.is_file():
         raise ReportError(f"{target} is a {'directory' if target.is_dir() else 'special file'}, not a file: remove "

@@ -349,3 +349,68 @@ def binary_score_distributions(
     ax.set_title(title or "Positive-class score by true class")
     ax.legend(loc="upper center", fontsize=8)
     return _save(fig, path)
+
+
+def decision_score_histograms(
+    scores: Mapping[str, ArrayLike],
+    is_positive: ArrayLike,
+    path: str | Path,
+    threshold: float | None = None,
+    positive_name: str = "positive",
+    n_bins: int = 40,
+    title: str = "",
+) -> Path:
+    """Class-conditional histograms of the positive-class probability, one panel per entry of
+    ``scores`` (e.g. before and after calibration), with the served threshold marked in the
+    calibrated panel. Counts on a log scale: the two classes' tails, where the threshold sits, are
+    a few images each, and a linear axis shows only the peaks at 0 and 1."""
+    positive = _to_numpy(is_positive).astype(bool).reshape(-1)
+    names = list(scores)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), layout="constrained", squeeze=False)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for ax, name in zip(axes[0], names):
+        score = _to_numpy(scores[name]).astype(np.float64).reshape(-1)
+        for mask, colour, label in ((~positive, "#3b6fb6", f"not {positive_name} (n = {int((~positive).sum())})"),
+                                    (positive, "#e07b00", f"{positive_name} (n = {int(positive.sum())})")):
+            if mask.any():
+                ax.hist(score[mask], bins=edges, color=colour, alpha=0.45, label=label)
+                ax.hist(score[mask], bins=edges, histtype="step", color=colour, linewidth=1.4)
+        if threshold is not None and name == names[-1]:
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"served threshold {threshold:.3f}")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_xlim(0.0, 1.0)
+        ax.set_xlabel(f"P({positive_name})")
+        ax.set_ylabel("images (symlog)")
+        ax.set_title(name)
+        ax.legend(fontsize=8, loc="upper center")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def risk_coverage_curve(
+    coverage: ArrayLike,
+    risk: ArrayLike,
+    path: str | Path,
+    served: tuple[float, float] | None = None,
+    max_risk: float | None = None,
+    title: str = "",
+) -> Path:
+    """Selective risk (error rate of the kept predictions) against coverage (the share kept), the
+    most confident first; the served threshold's point and the risk target marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    ax.plot(_to_numpy(coverage), _to_numpy(risk), color=_ACC_COLOR, linewidth=1.6, label="keep the most confident")
+    if max_risk is not None:
+        ax.axhline(max_risk, color=_GAP_COLOR, linestyle="--", linewidth=1.1, label=f"risk target {max_risk:g}")
+    if served is not None:
+        ax.plot([served[0]], [served[1]], marker="o", color="black", linestyle="none",
+                label=f"served threshold: coverage {served[0]:.3f}, risk {served[1]:.3f}")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(bottom=0.0)
+    ax.set_xlabel("coverage (share of predictions kept)")
+    ax.set_ylabel("selective risk (error rate of the kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

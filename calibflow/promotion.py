@@ -25,7 +25,8 @@ from calibflow import registry
 from calibflow.config import GatesConfig
 from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
-from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes
+from calibflow.decisions import DecisionPolicy
+from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes, served_policy
 from calibflow.splits import Split
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
@@ -170,6 +171,7 @@ class EvaluationSet:
     predictions: Predictions
     comparison: tuple[Predictions, Predictions] | None
     excluded_seen_by_champion: int
+    decisions: DecisionPolicy | None = None  # the candidate's served decision policy
 
 
 def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@champion",
@@ -191,7 +193,8 @@ def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@
     candidate_probs = predict_rows(candidate_model, data.local_dir, manifest, test_rows)
     comparison, excluded = _comparison(model_name, champion, candidate_probs, served_classes(candidate_model),
                                        test_rows, manifest, split, data.local_dir)
-    return EvaluationSet(candidate, champion, Predictions(candidate_probs, labels), comparison, excluded)
+    return EvaluationSet(candidate, champion, Predictions(candidate_probs, labels), comparison, excluded,
+                         served_policy(candidate_model))
 
 
 def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
@@ -199,7 +202,8 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
     """`calibflow gate`: both models from the registry, on the pinned test images."""
     inputs = evaluation_set(model_name, candidate_ref, against, repo_root)
     try:
-        verdict = evaluate_gates(inputs.predictions, gates, inputs.comparison, n_bins=n_bins)
+        verdict = evaluate_gates(inputs.predictions, gates, inputs.comparison, n_bins=n_bins,
+                                 decisions=inputs.decisions)
     except GateInputError as error:
         raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
     return GateReport(model_name, inputs.candidate.version, inputs.champion.version if inputs.champion else None,
@@ -221,7 +225,8 @@ def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
 
 
 def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndarray, data_dir: str,
-                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = 15) -> GateReport:
+                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = 15,
+                decisions: DecisionPolicy | None = None) -> GateReport:
     """The flow's gate step: the candidate is not registered yet, so its probabilities come from
     its cached test logits and fitted calibrator (the same numbers its pyfunc serves, as
     `calibflow evaluate` checks); the champion comes from the registry. Same evaluation set and
@@ -233,7 +238,8 @@ def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndar
     comparison, excluded = _comparison(model_name, champion, candidate_probs, list_classes(data_dir), test_rows,
                                        manifest, Split.load(split_path), data_dir, required=False)
     try:
-        verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins)
+        verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins,
+                                 decisions=decisions)
     except GateInputError as error:
         raise GateUndecided(f"this run's model cannot be gated: {error}") from error
     return GateReport(model_name, "this run", champion.version if champion else None, excluded, verdict)

@@ -214,10 +214,21 @@ class ModelArtifactsChanged(UnverifiedModel):
     """The files of a registered version differ from those hashed when it was registered."""
 
 
+# What the served model returns, chosen with MLflow's inference params ({"output": ...}), declared
+# in its signature. The default stays the probabilities, so clients written before decisions
+# existed read the same array; the decision columns are docs/decisions.md's schema, versioned by
+# calibflow.decisions.DECISION_SCHEMA_VERSION.
+OUTPUT_PARAM = "output"
+OUTPUTS = ("probabilities", "decisions")
+
+
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc: a batch of uint8 images (N, H, W, C) in, calibrated class probabilities (N, K)
-    out, float64: the network's fp32 logits through the fitted calibrator (softmax(logits / T)
-    for temperature scaling). Column k is the class `classes[k]`."""
+    """pyfunc: a batch of uint8 images (N, H, W, C) in. Out, by default: calibrated class
+    probabilities (N, K), float64, the network's fp32 logits through the fitted calibrator
+    (softmax(logits / T) for temperature scaling); column k is the class `classes[k]`. With
+    params={"output": "decisions"}: a DataFrame, one row per image, of the fitted decision
+    policy's answers (label, confidence, and abstained / positive / prediction_set when those
+    rules are fitted) beside one column per class probability."""
 
     def load_context(self, context) -> None:
         self.load(context.artifacts)
@@ -226,6 +237,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         import torch
 
         from calibflow.calibrators import calibrator_from_state
+        from calibflow.decisions import DecisionPolicy
         from calibflow.models import ModelSpec, build_model
 
         network = json.loads(Path(artifacts["network"]).read_text())
@@ -243,19 +255,40 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         # only; the class count they lack is the network's.
         state.setdefault("n_classes", spec.num_classes)
         self.calibrator = calibrator_from_state(state)
+        # Versions registered before decisions have no policy: they decide the label only.
+        self.decision_policy = (DecisionPolicy.load(artifacts["decisions"]) if "decisions" in artifacts
+                                else DecisionPolicy(tuple(self.classes)))
 
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
         import torch
 
         from calibflow.training import collect_logits
 
-        images = np.asarray(model_input, dtype=np.uint8)
+        images = np.asarray(images, dtype=np.uint8)
         if images.ndim != 4:
             raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
         if len(images) == 0:  # an empty batch has an empty answer, not an error
             return np.zeros((0, len(self.classes)), dtype=np.float64)
         logits = collect_logits(self.model, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
         return self.calibrator.transform(logits).numpy()
+
+    def predict(self, context, model_input: np.ndarray, params=None):
+        output = (params or {}).get(OUTPUT_PARAM, OUTPUTS[0])
+        if output not in OUTPUTS:
+            raise ValueError(f"params {{'{OUTPUT_PARAM}': {output!r}}}: use one of {', '.join(OUTPUTS)}")
+        probabilities = self.probabilities(model_input)
+        if output == "probabilities":
+            return probabilities
+        return self.decisions(probabilities)
+
+    def decisions(self, probabilities: np.ndarray):
+        import pandas as pd
+
+        frame = pd.DataFrame(self.decision_policy.decide(probabilities)) if len(probabilities) else pd.DataFrame(
+            {"label": pd.Series(dtype=object), "confidence": pd.Series(dtype=np.float64)})
+        for k, name in enumerate(self.classes):
+            frame[f"p_{name}"] = probabilities[:, k]
+        return frame
 
 
 def declare_served_model() -> None:
@@ -264,8 +297,9 @@ def declare_served_model() -> None:
 
 
 def write_model_files(checkpoint_path: str | Path, calibrator_state_path: str | Path,
-                      out_dir: str | Path) -> dict[str, str]:
-    """The served model's files, from a training checkpoint and a fitted calibrator: name -> path."""
+                      out_dir: str | Path, decisions_path: str | Path | None = None) -> dict[str, str]:
+    """The served model's files, from a training checkpoint, a fitted calibrator and the decision
+    policy (calibflow.decisions; none: the label only): name -> path."""
     import torch
 
     from calibflow.models import load_checkpoint
@@ -279,6 +313,9 @@ def write_model_files(checkpoint_path: str | Path, calibrator_state_path: str | 
     files["network"].write_text(json.dumps({"spec": asdict(checkpoint.spec), "image_mode": checkpoint.image_mode}))
     files["classes"].write_text(json.dumps(list(checkpoint.classes)))
     files["calibration"].write_text(Path(calibrator_state_path).read_text())
+    if decisions_path is not None:
+        files["decisions"] = out / "decisions.json"
+        files["decisions"].write_text(Path(decisions_path).read_text())
     return {name: str(path) for name, path in files.items()}
 
 
@@ -292,7 +329,7 @@ class RegisteredVersion:
 
 
 def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_state_path: str | Path,
-                         input_example: np.ndarray) -> str:
+                         input_example: np.ndarray, decisions_path: str | Path | None = None) -> str:
     """Log the pyfunc (weights, network, classes, fitted calibrator, the calibflow code) to the run;
     return its URI."""
     import torch
@@ -302,11 +339,13 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
 
     version = lambda v: v.split("+")[0]  # noqa: E731  local builds ("+cu130") are not on PyPI
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = write_model_files(checkpoint_path, calibrator_state_path, tmp)
+        artifacts = write_model_files(checkpoint_path, calibrator_state_path, tmp, decisions_path)
         model = CalibratedImageClassifier()
         model.load(artifacts)
-        # Build the signature from a real prediction so input and output specs are exact.
-        signature = infer_signature(input_example, model.predict(None, input_example))
+        # Build the signature from a real prediction so input and output specs are exact; the
+        # output param is declared so MLflow accepts it, with the probabilities as its default.
+        signature = infer_signature(input_example, model.predict(None, input_example),
+                                    params={OUTPUT_PARAM: OUTPUTS[0]})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
@@ -322,7 +361,11 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
                           "calibration_method": model.calibrator.method,
                           "image_size": list(model.image_size),
                           "temperature": getattr(model.calibrator, "temperature", None),
-                          "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)"},
+                          "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)",
+                          "outputs": {"probabilities": "calibrated probabilities (N, K), float64 (the default)",
+                                      "decisions": "one row per image: label, confidence, abstained, positive, "
+                                                   "prediction_set (the fitted rules), p_<class>; docs/decisions.md"},
+                          "decision_schema_version": model.decision_policy.schema_version},
             )
     return info.model_uri
 

@@ -8,13 +8,14 @@ probabilities. Matching the logged numbers shows the gate read what the registry
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from calibflow import registry
+from calibflow.decisions import DecisionPolicy
 from calibflow.images import decode_image, load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint
 from calibflow.metrics import probability_report
@@ -67,6 +68,11 @@ def served_classes(model) -> list[str]:
     return [str(name) for name in model.metadata.metadata["classes"]]
 
 
+def served_policy(model) -> DecisionPolicy | None:
+    """The decision policy a loaded model serves; None for versions registered before decisions."""
+    return getattr(model.unwrap_python_model(), "decision_policy", None)
+
+
 def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
     """A loaded model's (registry.load_model) calibrated probabilities on manifest rows, decoded
     its own way. Columns in the model's class order (served_classes)."""
@@ -93,8 +99,9 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
 @dataclass(frozen=True)
 class Prediction:
     path: str
-    label: str
-    probability: float
+    label: str  # the top class, or "abstain" when the model's abstention rule holds it back
+    probability: float  # the top class's calibrated probability
+    decisions: dict = field(default_factory=dict)  # the other fitted rules' answers (positive, prediction_set)
 
 
 def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
@@ -102,7 +109,13 @@ def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
     meta = model.metadata.metadata
     images = np.stack([decode_image(p, meta["image_mode"], tuple(meta["image_size"])) for p in paths])
     probabilities = predict_in_batches(model, images)
-    top = probabilities.argmax(axis=1)
-    classes = served_classes(model)
-    return [Prediction(path=p, label=classes[k], probability=float(probabilities[i, k]))
-            for i, (p, k) in enumerate(zip(paths, top))]
+    policy = served_policy(model) or DecisionPolicy(tuple(served_classes(model)))
+    decided = policy.decide(probabilities)
+    extra = [name for name in ("positive", "prediction_set") if name in decided]
+    return [Prediction(path=p, label=str(decided["label"][i]), probability=float(decided["confidence"][i]),
+                       decisions={name: _plain(decided[name][i]) for name in extra})
+            for i, p in enumerate(paths)]
+
+
+def _plain(value):
+    return bool(value) if isinstance(value, np.bool_) else value

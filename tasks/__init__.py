@@ -5,6 +5,7 @@ from __future__ import annotations
 from calibflow import registry
 from calibflow.calibration import CalibrationError
 from calibflow.config import ConfigError
+from calibflow.decisions import DecisionInfeasible, DecisionSettingsError
 from calibflow.manifest import ManifestError
 from calibflow.pipeline import ReportError
 from calibflow.validation import DataValidationError
@@ -12,7 +13,7 @@ from calibflow.versioning import DataVersionError
 
 # Errors that name a problem in the user's data or settings: retrying cannot fix them.
 PERMANENT_ERRORS = (ConfigError, DataVersionError, DataValidationError, CalibrationError, ManifestError, LookupError,
-                    ReportError)
+                    ReportError, DecisionInfeasible, DecisionSettingsError)
 # Errors that already waited their turn: a tracking server that did not answer through MLflow's own
 # HTTP retries (a task retry would repeat them all, so a dead server took 20 minutes to report), a
 # promotion lock not freed within its wait, a registration that could not be taken back (a retry

@@ -29,6 +29,15 @@ def check_gate_power(manifest: pipeline.ManifestRecord, split: pipeline.SplitRec
     return warning
 
 
+@task(name="check-decision-settings", cache_policy=NO_CACHE)
+def check_decision_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
+    """Before training: a positive class the data lacks, or a calibration split too small for a
+    decision rule, is a settings error now rather than after the whole training."""
+    from calibflow.decisions import check_decision_settings as check
+    if config.decision.any_rule:
+        check(config.decision, manifest.classes, pipeline.split_class_counts(manifest.path, split.path, "calibration"))
+
+
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
                 work_dir: str, run_id: str) -> pipeline.TrainedModel:
@@ -90,13 +99,36 @@ def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, mani
     return evaluation
 
 
+@task(name="fit-decisions", cache_policy=NO_CACHE)
+def fit_decisions(calibration_logits: str, fit: pipeline.CalibrationRecord, manifest: pipeline.ManifestRecord,
+                  config: Config, work_dir: str, run_id: str) -> str:
+    path = pipeline.fit_decisions(calibration_logits, fit, manifest.classes, config.decision,
+                                  f"{work_dir}/decisions.json")
+    registry.log_artifact(run_id, path, "decisions")
+    return path
+
+
+@task(name="evaluate-decisions", cache_policy=NO_CACHE)
+def evaluate_decisions(test_logits: str, fit: pipeline.CalibrationRecord, decisions: str, config: Config,
+                       work_dir: str, run_id: str) -> pipeline.DecisionEvaluation:
+    evaluation = pipeline.evaluate_decisions(test_logits, fit, decisions, config.gates.confidence, work_dir)
+    registry.log_metrics(run_id, {f"test_decision_{name}": value for name, value in evaluation.metrics.items()
+                                  if value == value})  # NaN (nothing kept, no positive) is not a metric
+    for plot in evaluation.plots:
+        registry.log_artifact(run_id, plot, "plots")
+    if evaluation.metrics:
+        get_run_logger().info("decisions on the test split: %s", ", ".join(
+            f"{name} {value:.4f}" for name, value in evaluation.metrics.items() if "class_" not in name))
+    return evaluation
+
+
 @task(name="check-gates", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
       cache_policy=NO_CACHE)
 def apply_gates(test_logits: str, fit: pipeline.CalibrationRecord, data: DataVersion,
                 manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
-                run_id: str) -> GateReport:
+                run_id: str, decisions: str | None = None) -> GateReport:
     report = pipeline.gate_run(config.registry.model_name, test_logits, fit, data.local_dir, manifest.path,
-                               split.path, config.gates, config.evaluation.n_bins)
+                               split.path, config.gates, config.evaluation.n_bins, decisions)
     registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
     registry.set_tags(run_id, {"gates": "passed" if report.passed else "failed",
                                "gates_absolute": "passed" if report.verdict.absolute_passed else "failed",

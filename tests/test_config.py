@@ -53,7 +53,8 @@ def test_override_into_a_value_is_rejected():
     ("split.train=0.9", "sum to"),
     ("gates.max_ece=2", r"must be in \[0, 1\]"),
     ("data.allowed_sizes=[32by32]", "WIDTHxHEIGHT"),
-    ("data.allowed_sizes=[32]", "expected a string"),
+    ("data.allowed_sizes=[32]", "WIDTHxHEIGHT"),  # a number is read as its digits, still not a size
+    ("registry.model_name=[a]", "expected a string"),
     ("train.device=tpu", "use auto, cpu"),
     ("noequals", "KEY=VALUE"),
 ])

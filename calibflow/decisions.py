@@ -29,6 +29,7 @@ from scipy import stats
 DECISION_SCHEMA_VERSION = 1
 CONFORMAL_SCORES = ("lac", "aps", "raps")
 ABSTAIN = "abstain"  # the label served for an input below the abstention threshold
+DECISION_TAG_PREFIX = "decision_"  # version tags of the served decisions' test-split numbers
 
 
 class DecisionInfeasible(ValueError):
@@ -266,7 +267,9 @@ def conformal_quantile(calibration_scores: Any, alpha: float) -> float:
     _check_level("alpha", alpha)
     scores = np.sort(_as_scores(calibration_scores, "conformal scores"))
     n = scores.size
-    rank = math.ceil((n + 1) * (1.0 - alpha))
+    # (n + 1)(1 - alpha) is often a whole number that floating point lands a hair above
+    # (20 * 0.9 = 18.000000000000004 for some alphas): ceil would then take one score too many.
+    rank = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
     if rank > n:
         raise DecisionInfeasible(
             f"conformal sets at alpha {alpha} need at least {math.ceil(1.0 / alpha) - 1} calibration images, the "

@@ -20,7 +20,7 @@ import torch
 from calibflow.calibration import CalibrationError
 from calibflow.calibrators import calibrator_from_state, fit_calibrator
 from calibflow.config import CalibrationConfig, Config, DataConfig, DecisionConfig, GatesConfig, SplitConfig
-from calibflow.decisions import DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
+from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
 from calibflow.gates import GateVerdict
 from calibflow.images import load_images
 from calibflow.leftovers import ProcessId, alive, this_process
@@ -391,11 +391,23 @@ def unchanged_build(champion_tags: dict[str, str], data_hash: str, params_hash: 
             and champion_tags.get("params_hash") == params_hash and champion_tags.get("git_commit") == git_commit)
 
 
+def decision_tags(decided: DecisionEvaluation | None, confidence: float) -> dict[str, str]:
+    """The served decisions' test-split numbers as version tags, for `calibflow evaluate` to
+    recompute: the rates and bounds, not the per-class coverages (evaluate_policy's keys)."""
+    if decided is None or not decided.metrics:
+        return {}
+    tags = {f"{DECISION_TAG_PREFIX}{name}": repr(float(value)) for name, value in decided.metrics.items()
+            if "_class_" not in name}
+    tags[f"{DECISION_TAG_PREFIX}confidence"] = repr(confidence)
+    return tags
+
+
 def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Config, git_commit: str,
-                 fit: CalibrationRecord, evaluation: Evaluation) -> dict[str, str]:
+                 fit: CalibrationRecord, evaluation: Evaluation,
+                 decided: DecisionEvaluation | None = None) -> dict[str, str]:
     """What a registered version carries: its lineage and the numbers its gate read (floats as
     repr, so they survive the round trip through a string tag exactly)."""
-    return {
+    return {**decision_tags(decided, config.gates.confidence),
         "data_hash": data.dvc_hash, "data_path": data.path, "data_rev": data.rev, "git_commit": git_commit,
         "params_hash": config.params_hash, "seed": str(config.seed), "split_digest": split.digest,
         "manifest_fingerprint": manifest.fingerprint, "n_bins": str(config.evaluation.n_bins),

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from calibflow import registry
-from calibflow.decisions import DecisionPolicy
+from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
 from calibflow.images import decode_image, load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint
 from calibflow.metrics import probability_report
@@ -31,12 +31,20 @@ class Reproduction:
     logged: dict[str, float]
 
     def mismatches(self, ece_tolerance: float = 1e-6) -> list[str]:
-        problems = []
+        """ECE to `ece_tolerance` (the served pyfunc recomputes the logits in another process);
+        accuracy and every decision number exactly (counts of images, and thresholds read back
+        from the model's own files)."""
+        problems = [f"{name} {self.recomputed.get(name)!r} != logged {logged!r}" for name, logged in self.logged.items()
+                    if name.startswith(DECISION_TAG_PREFIX) and not _same(self.recomputed.get(name), logged)]
         if abs(self.recomputed["ece"] - self.logged["ece"]) > ece_tolerance:
             problems.append(f"ece {self.recomputed['ece']!r} != logged {self.logged['ece']!r}")
         if self.recomputed["accuracy"] != self.logged["accuracy"]:
             problems.append(f"accuracy {self.recomputed['accuracy']!r} != logged {self.logged['accuracy']!r}")
         return problems
+
+
+def _same(a: float | None, b: float) -> bool:
+    return a is not None and (a == b or (np.isnan(a) and np.isnan(b)))
 
 
 def predict_in_batches(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -93,6 +101,13 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", 15)))
     logged = {"ece": float(tags["ece_post"]), "accuracy": float(tags["accuracy"]), "nll": float(tags["nll_post"]),
               "brier": float(tags["brier_post"]), "mce": float(tags["mce_post"])}
+    decided = {name: float(value) for name, value in tags.items() if name.startswith(DECISION_TAG_PREFIX)}
+    policy = served_policy(model)
+    if decided and policy is not None:
+        confidence = decided.pop(f"{DECISION_TAG_PREFIX}confidence")
+        logged.update(decided)
+        recomputed.update({f"{DECISION_TAG_PREFIX}{name}": float(value) for name, value in
+                           evaluate_policy(policy, probabilities, labels, confidence).items() if "_class_" not in name})
     return Reproduction(model_uri=model_uri, version=record.version, recomputed=recomputed, logged=logged)
 
 

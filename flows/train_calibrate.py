@@ -92,7 +92,7 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
             raise GatesFailed(verdict.summary())
 
         report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided)  # beside the old one, not over it yet
-        version = register_model(run, trained, fit, evaluation, data, manifest, split, config, decisions)
+        version = register_model(run, trained, fit, evaluation, data, manifest, split, config, decisions, decided)
         alias = version.alias
         if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
             alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias

@@ -320,6 +320,17 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     assert sum(answer["positive"]) >= 4  # images of the positive class, at a recall-0.9 threshold
     assert all(set(s) <= {"3", "8"} for s in answer["sets"])
 
+    # `calibflow evaluate` recomputes every decision number from the registry's files, exactly.
+    out = tmp_path / "evaluate.json"
+    evaluated = subprocess.run([str(Path(sys.executable).parent / "calibflow"), "evaluate", "--model",
+                                "models:/tiny-digits@champion", "--repo", str(repo), "--json", str(out)],
+                               capture_output=True, text=True, cwd=repo)
+    assert evaluated.returncode == 0, evaluated.stderr
+    reproduced = json.loads(out.read_text())
+    assert reproduced["mismatches"] == []
+    assert reproduced["logged"]["decision_selective_risk_upper"] == reproduced["recomputed"]["decision_selective_risk_upper"]
+    assert {"decision_positive_recall_lower", "decision_set_coverage_lower"} <= set(reproduced["recomputed"])
+
     # The registry gate recomputes the decision gates from the served policy.
     assert calibflow(["gate", "--model", "tiny-digits", "--repo", str(repo), "--candidate", "1", *rules]) in (0, 1)
     shown = capsys.readouterr().out

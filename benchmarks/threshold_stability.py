@@ -10,7 +10,11 @@ on the same calibration half, as the pipeline does), and applied to the test hal
 
 - cost, c_FP = c_FN: the threshold is 0.5 whatever the seed;
 - cost, c_FP = 1, c_FN = 4 (a missed dog costs four false alarms): threshold 0.2;
-- min_precision 0.9 and min_recall 0.95 at delta = 0.05: the threshold is learnt from the data.
+- min_precision 0.85 and min_recall 0.95 at delta = 0.05: the threshold is learnt from the data.
+
+Two recipes (benchmarks/real_logits.py): ``catdog`` (augmented, 6 epochs on 9,000 images: a
+network that is nearly calibrated as trained) and ``catdog_overfit`` (2,000 images, no
+augmentation, 12 epochs: over-confident, the condition of the issue's complaint).
 
 The spread across seeds (std, range) of the threshold, of the realised test precision/recall,
 of the positive-decision rate and of the realised cost is the answer. The std of the same figures
@@ -23,7 +27,7 @@ before and after calibration, and a rule that only ranks the calibration scores 
 min_recall) picks the same decisions too, just under another number. Calibration can only move
 the decisions of a fixed threshold other than 0.5 (the asymmetric cost).
 
-    .venv/bin/python benchmarks/threshold_stability.py [--json PATH] [--quick] [--noise-splits 100]
+    .venv/bin/python benchmarks/threshold_stability.py [--pools catdog catdog_overfit] [--json PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from real_logits import load_pool, synthetic_pool  # noqa: E402
 DELTA = 0.05
 POSITIVE = 1  # dog
 RULES = (("cost 1:1", "cost", (1.0, 1.0)), ("cost 1:4", "cost", (1.0, 4.0)),
-         ("precision >= 0.9", "min_precision", 0.9), ("recall >= 0.95", "min_recall", 0.95))
+         ("precision >= 0.85", "min_precision", 0.85), ("recall >= 0.95", "min_recall", 0.95))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -95,26 +99,11 @@ def spread(values: list[float]) -> dict:
             "range": float(a.max() - a.min())}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration/test split")
-    parser.add_argument("--noise-splits", type=int, default=100, help="random splits of seed 0 for the noise floor")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="synthetic logits (no training), 10 noise splits")
-    args = parser.parse_args(argv)
-    command = "benchmarks/threshold_stability.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    started = time.perf_counter()
-    if args.quick:
-        pool = synthetic_pool(2000, 2, seed=3, seeds=5)
-        # different over-confidence per "seed": the raw histograms move, the calibrated ones should not
-        pool["logits"] = pool["logits"] * np.linspace(0.6, 1.6, 5)[:, None, None]
-        noise_splits = min(args.noise_splits, 10)
-    else:
-        pool = load_pool("catdog")
-        noise_splits = args.noise_splits
+def stability(pool: dict, split_seed: int, noise_splits: int) -> dict:
+    """Every seed on one shared calibration/test split, and seed 0 on `noise_splits` random splits."""
     logits_by_seed, labels = pool["logits"], pool["labels"]
     n = len(labels)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(split_seed)
     perm = rng.permutation(n)
     cal, test = perm[: n // 2], perm[n // 2:]
     per_seed = [evaluate(z, labels, cal, test) for z in logits_by_seed]
@@ -122,8 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(noise_splits):
         p = rng.permutation(n)
         noise.append(evaluate(logits_by_seed[0], labels, p[: n // 2], p[n // 2:]))
-    wall = time.perf_counter() - started
-
     rows = []
     for mode in ("raw", "calibrated"):
         for name, _, _ in RULES:
@@ -137,19 +124,24 @@ def main(argv: list[str] | None = None) -> dict:
                 if len(floor) > 1:
                     row[metric + "_split_std"] = float(np.std([c[metric] for c in floor], ddof=1))
             rows.append(row)
+    return {"seeds": [int(s) for s in pool["seeds"]], "per_seed": per_seed, "rows": rows, "n_cal": len(cal),
+            "n_test": len(test), "noise_splits": noise_splits}
 
-    print(f"$ .venv/bin/python {command}")
-    print(f"{len(per_seed)} seeds, calibration {len(cal)} / test {len(test)} images (the same for every seed); "
-          f"noise floor: std over {noise_splits} random splits of seed 0\n")
-    print("| seed | test accuracy | T | raw mean p(dog): cats / dogs | calibrated mean p(dog): cats / dogs |")
-    print("| --- | --- | --- | --- | --- |")
-    for seed, s in zip(pool["seeds"], per_seed):
-        print(f"| {seed} | {s['accuracy']:.3f} | {s['T']:.3f} | {s['raw:mean_p_cat']:.3f} / {s['raw:mean_p_dog']:.3f} "
-              f"| {s['calibrated:mean_p_cat']:.3f} / {s['calibrated:mean_p_dog']:.3f} |")
-    print("\nAcross seeds: mean, std (range); in brackets the std over random splits of one seed\n")
-    print("| rule | probabilities | threshold | test precision | test recall | positive rate | cost per image |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
+
+def markdown(name: str, result: dict) -> str:
+    lines = [f"#### {name}: {len(result['seeds'])} seeds, calibration {result['n_cal']} / test {result['n_test']} images "
+             f"(the same for every seed)", "",
+             "| seed | test accuracy | T | raw mean p(dog): cats / dogs | calibrated mean p(dog): cats / dogs |",
+             "| --- | --- | --- | --- | --- |"]
+    for seed, s in zip(result["seeds"], result["per_seed"]):
+        lines.append(f"| {seed} | {s['accuracy']:.3f} | {s['T']:.3f} | {s['raw:mean_p_cat']:.3f} / "
+                     f"{s['raw:mean_p_dog']:.3f} | {s['calibrated:mean_p_cat']:.3f} / {s['calibrated:mean_p_dog']:.3f} |")
+    lines += ["", f"Across seeds: mean, std (range); in brackets the std over {result['noise_splits']} random "
+              "calibration/test splits of seed 0 (the split-noise floor). Cost per image: at the rule's costs for "
+              "the cost rules, the error rate (1:1) for the others.", "",
+              "| rule | probabilities | threshold | test precision | test recall | positive rate | cost per image |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
         cells = []
         for metric in ("threshold", "precision", "recall", "rate", "cost"):
             if metric not in row:
@@ -157,16 +149,42 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             m = row[metric]
             floor = row.get(metric + "_split_std")
-            cells.append(f"{m['mean']:.3f}, {m['std']:.3f} ({m['range']:.3f})" + (f" [{floor:.3f}]" if floor is not None else ""))
-        extra = f" ({row['infeasible']} infeasible)" if row["infeasible"] else ""
-        print(f"| {row['rule']}{extra} | {row['mode']} | " + " | ".join(cells) + " |")
-    print(f"\nwall time {wall:.0f} s")
-    result = {"command": command, "wall_s": wall, "per_seed": per_seed, "rows": rows,
-              "n_cal": len(cal), "n_test": len(test), "noise_splits": noise_splits}
+            cells.append(f"{m['mean']:.3f}, {m['std']:.3f} ({m['range']:.3f})"
+                         + (f" [{floor:.3f}]" if floor is not None else ""))
+        extra = f" ({row['infeasible']} of 5 infeasible)" if row["infeasible"] else ""
+        lines.append(f"| {row['rule']}{extra} | {row['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration/test split")
+    parser.add_argument("--noise-splits", type=int, default=100, help="random splits of seed 0 for the noise floor")
+    parser.add_argument("--pools", nargs="*", default=["catdog", "catdog_overfit"],
+                        help="logit pools of benchmarks/real_logits.py (built on first use)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="synthetic logits (no training), 10 noise splits")
+    args = parser.parse_args(argv)
+    command = "benchmarks/threshold_stability.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    started = time.perf_counter()
+    results = {}
+    if args.quick:
+        pool = synthetic_pool(2000, 2, seed=3, seeds=5)
+        # different over-confidence per "seed": the raw histograms move, the calibrated ones should not
+        pool["logits"] = pool["logits"] * np.linspace(0.6, 1.6, 5)[:, None, None]
+        results["synthetic"] = stability(pool, args.seed, min(args.noise_splits, 10))
+    else:
+        for name in args.pools:
+            results[name] = stability(load_pool(name), args.seed, args.noise_splits)
+    wall = time.perf_counter() - started
+    print(f"$ .venv/bin/python {command}\n")
+    for name, result in results.items():
+        print(markdown(name, result) + "\n")
+    print(f"wall time {wall:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
+        args.json.write_text(json.dumps({"command": command, "wall_s": wall, "pools": results}, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -105,12 +105,12 @@ def test_decision_guarantees_quick_run_reports_every_rule_and_score(tmp_path: Pa
 
 def test_threshold_stability_quick_run_compares_raw_and_calibrated(tmp_path: Path, monkeypatch, capsys) -> None:
     bench = _load("threshold_stability", monkeypatch)
-    result = bench.main(["--quick", "--json", str(tmp_path / "stability.json")])
+    result = bench.main(["--quick", "--json", str(tmp_path / "stability.json")])["synthetic"]
     printed = capsys.readouterr().out
     assert "| rule | probabilities |" in printed and (tmp_path / "stability.json").is_file()
     rows = {(r["mode"], r["rule"]): r for r in result["rows"]}
     assert set(rows) == {(m, r) for m in ("raw", "calibrated")
-                         for r in ("cost 1:1", "cost 1:4", "precision >= 0.9", "recall >= 0.95")}
+                         for r in ("cost 1:1", "cost 1:4", "precision >= 0.85", "recall >= 0.95")}
     # the cost threshold is fixed by the costs: no spread across seeds, before or after calibration
     for mode in ("raw", "calibrated"):
         assert rows[(mode, "cost 1:1")]["threshold"]["std"] == 0.0

@@ -76,6 +76,32 @@ def test_lac_sets_equal_crepes(n_cal, alpha, grain):
         assert (theirs >= ours).all()
 
 
+def test_lac_sets_equal_crepes_where_n_plus_one_times_alpha_is_whole():
+    """(n + 1)(1 - alpha) is a whole number for decimal alphas at many n, and floating point can
+    land a hair above it (150 * (1 - 0.18) = 123.00000000000001): ceil must not take one score too
+    many. crepes' p-value (#{cal >= s} + 1) / (n + 1) compared with alpha is exact there (both sides
+    round to the same double), so it is the referee."""
+    from crepes import ConformalClassifier  # noqa: F401  (the peer; skip-free: it is a test extra)
+    from crepes.extras import hinge
+
+    rng = np.random.default_rng(5)
+    checked = 0
+    for alpha in (0.05, 0.1, 0.15, 0.18, 0.2, 0.3, 0.35, 0.45):
+        for n_cal in range(19, 400):
+            whole = (n_cal + 1) * alpha
+            if abs(whole - round(whole)) > 1e-9 or checked > 400:
+                continue
+            checked += 1
+            probs = rng.dirichlet(np.ones(4), size=n_cal + 50)
+            labels = rng.integers(0, 4, n_cal + 50)
+            cal_scores = hinge(probs[:n_cal], np.arange(4), labels[:n_cal])
+            p_values = ConformalClassifier().fit(cal_scores).predict_p(hinge(probs[n_cal:]), smoothing=False)
+            qhat = D.conformal_quantile(D.conformal_scores(probs[:n_cal], labels[:n_cal], score="lac"), alpha)
+            ours = D.prediction_sets(probs[n_cal:], qhat, score="lac")
+            assert np.array_equal(ours, p_values > alpha), (n_cal, alpha)
+    assert checked > 50
+
+
 def test_conformal_quantile_is_the_ceil_order_statistic_and_refuses_tiny_n():
     scores = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])  # n = 9
     assert D.conformal_quantile(scores, 0.1) == 0.9  # ceil(10 * 0.9) = 9th smallest

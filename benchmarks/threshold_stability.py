@@ -10,7 +10,7 @@ on the same calibration half, as the pipeline does), and applied to the test hal
 
 - cost, c_FP = c_FN: the threshold is 0.5 whatever the seed;
 - cost, c_FP = 1, c_FN = 4 (a missed dog costs four false alarms): threshold 0.2;
-- min_precision 0.85 and min_recall 0.95 at delta = 0.05: the threshold is learnt from the data.
+- min_precision 0.8 and min_recall 0.95 at delta = 0.05: the threshold is learnt from the data.
 
 Two recipes (benchmarks/real_logits.py): ``catdog`` (augmented, 6 epochs on 9,000 images: a
 network that is nearly calibrated as trained) and ``catdog_overfit`` (2,000 images, no
@@ -51,7 +51,7 @@ from real_logits import load_pool, synthetic_pool  # noqa: E402
 DELTA = 0.05
 POSITIVE = 1  # dog
 RULES = (("cost 1:1", "cost", (1.0, 1.0)), ("cost 1:4", "cost", (1.0, 4.0)),
-         ("precision >= 0.85", "min_precision", 0.85), ("recall >= 0.95", "min_recall", 0.95))
+         ("precision >= 0.8", "min_precision", 0.8), ("recall >= 0.95", "min_recall", 0.95))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -110,7 +110,7 @@ def test_threshold_stability_quick_run_compares_raw_and_calibrated(tmp_path: Pat
     assert "| rule | probabilities |" in printed and (tmp_path / "stability.json").is_file()
     rows = {(r["mode"], r["rule"]): r for r in result["rows"]}
     assert set(rows) == {(m, r) for m in ("raw", "calibrated")
-                         for r in ("cost 1:1", "cost 1:4", "precision >= 0.85", "recall >= 0.95")}
+                         for r in ("cost 1:1", "cost 1:4", "precision >= 0.8", "recall >= 0.95")}
     # the cost threshold is fixed by the costs: no spread across seeds, before or after calibration
     for mode in ("raw", "calibrated"):
         assert rows[(mode, "cost 1:1")]["threshold"]["std"] == 0.0

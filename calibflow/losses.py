@@ -121,17 +121,15 @@ class BatchMixer:
     generator, which the training loop seeds."""
 
     def __init__(self, mix: str, alpha: float, n_classes: int):
-        from torchvision.transforms import v2
-
         self.mix = mix
-        if mix == "mixup":
-            self.transform = v2.MixUp(alpha=alpha, num_classes=n_classes)
-        elif mix == "cutmix":
-            self.transform = v2.CutMix(alpha=alpha, num_classes=n_classes)
-        elif mix == "none":
-            self.transform = None
-        else:
+        if mix not in MIXES:
             raise ValueError(f"unknown train.mix {mix!r}: use one of {', '.join(MIXES)}")
+        self.transform = None
+        if mix != "none":
+            # Imported only when used: transforms.v2 adds to every run's start-up otherwise.
+            from torchvision.transforms import v2
+
+            self.transform = (v2.MixUp if mix == "mixup" else v2.CutMix)(alpha=alpha, num_classes=n_classes)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.transform is None:

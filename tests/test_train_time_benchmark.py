@@ -47,7 +47,11 @@ def test_table_is_written_between_the_markers_only(tmp_path, monkeypatch):
     row = {"method": "cross_entropy", "n_train": 10, "n_calibration": 5, "n_test": 7, "temperatures": [1.5],
            "final_train_loss": 0.2, "wall_seconds": 3.0, "predict_ms_per_image": 0.5, "before": metrics,
            "after": {**metrics, "ece": 0.01}}
-    bench.write_doc([row], "python benchmarks/train_time_calibration.py")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.SHORT_BEGIN}\nold\n{bench.SHORT_END}\nrest\n")
+    bench.write_doc([row], "python benchmarks/train_time_calibration.py", readme=readme)
+    assert readme.read_text() == (f"intro\n{bench.SHORT_BEGIN}\n{bench.summary_table([row])}\n{bench.SHORT_END}\nrest\n")
+    assert "| cross-entropy | 0.500 | 10.00% -> 1.00% (1.50) | 4.35% -> 1.35% (2.5) |" in readme.read_text()
     text = doc.read_text()
     assert "old table" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n")
     assert "| cross-entropy | 0.500 | 10.00% ± 0.77 | 1.00% ± 0.77 |" in text

@@ -5,7 +5,8 @@ Shapes: a single network's logits are (N, K), as everywhere else in calibflow. A
 members gives (N, M, K), one row of logits per member, so that each member gets its own
 calibrator (fitted on its own calibration logits) and the served probabilities are the mean of
 the members' calibrated probabilities (Lakshminarayanan et al. 2017 average probabilities; each
-member is calibrated first, as Ovadia et al. 2019 do for their ensembles).
+member is calibrated first). With temperature scaling the members share one T, fitted on the
+NLL of their mean: calibrated one by one, their mean is under-confident (see EnsembleCalibrator.fit).
 
 MC dropout (Gal & Ghahramani 2016) draws S dropout masks on the features that enter the
 classifier head, one mask per pass shared by every image: that is one sampled weight matrix per
@@ -23,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from calibflow.calibrators import Calibrator, calibrator_from_state, fit_calibrator
+from calibflow.calibration import CalibrationError
+from calibflow.calibrators import Calibrator, TemperatureCalibrator, calibrator_from_state, fit_calibrator
 from calibflow.metrics import ArrayLike
 from calibflow.models import DropoutHead, ImageClassifier
 from calibflow.training import collect_logits
@@ -118,9 +120,23 @@ class EnsembleCalibrator:
 
     @classmethod
     def fit(cls, method: str, logits: ArrayLike, labels: ArrayLike, **options: Any) -> EnsembleCalibrator:
+        """temperature: one T for every member, fitted on the NLL of the members' mean, so the served
+        mean of calibrated probabilities is itself calibrated. Each member scaled to its own
+        optimum makes an under-confident mean (averaging already softens it): on the over-confident
+        CIFAR-10 recipe, 3 members so fitted raised the calibration NLL 1.2492 -> 1.2548 and the run
+        was refused. Other methods: one fit per member."""
         z = torch.as_tensor(np.asarray(logits))
         if z.ndim != 3:
             raise ValueError(f"ensemble logits must be (N, members, K); got shape {tuple(z.shape)}")
+        if method == "temperature":
+            temperature = fit_shared_temperature(z, labels, options.get("min_temperature", 0.05),
+                                                 options.get("max_temperature", 20.0))
+            members = []
+            for _ in range(z.shape[1]):
+                member = TemperatureCalibrator(**options)
+                member.temperature, member.n_classes = temperature, int(z.shape[2])
+                members.append(member)
+            return cls(members)
         return cls([fit_calibrator(method, z[:, m], labels, **options) for m in range(z.shape[1])])
 
     def transform(self, logits: ArrayLike) -> torch.Tensor:
@@ -136,6 +152,31 @@ class EnsembleCalibrator:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EnsembleCalibrator:
         return cls([calibrator_from_state(member) for member in state["members"]])
+
+
+def ensemble_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    """NLL of the mean over members of softmax(logits / T), logits (N, M, K), in float64."""
+    p = torch.softmax(logits.double() / temperature, dim=-1).mean(dim=1)
+    return float(-p[torch.arange(len(labels)), labels].clamp_min(SMALLEST_PROBABILITY).log().mean())
+
+
+def fit_shared_temperature(logits: ArrayLike, labels: ArrayLike, min_temperature: float = 0.05,
+                           max_temperature: float = 20.0) -> float:
+    """The T minimising ensemble_nll, by a bounded 1-D search on log T (scipy). An optimum on an
+    end of the range is an error, as for a single network's fit."""
+    from scipy.optimize import minimize_scalar
+
+    z = torch.as_tensor(np.asarray(logits)).double()
+    y = torch.as_tensor(np.asarray(labels)).long()
+    low, high = np.log(min_temperature), np.log(max_temperature)
+    result = minimize_scalar(lambda log_t: ensemble_nll(z, y, float(np.exp(log_t))), bounds=(low, high),
+                             method="bounded", options={"xatol": 1e-7})
+    edge = 1e-4 * (high - low)
+    if not result.success or result.x < low + edge or result.x > high - edge:
+        raise CalibrationError(f"no interior temperature optimum for the ensemble in [{min_temperature}, "
+                               f"{max_temperature}] (found T = {np.exp(result.x):.4g}); check the calibration "
+                               f"split, or widen calibration.min_temperature / max_temperature")
+    return float(np.exp(result.x))
 
 
 def fit_model_calibrator(method: str, logits: ArrayLike, labels: ArrayLike, **options: Any):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibflow.ensembles import (EnsembleCalibrator, mc_dropout_logits, model_calibrator_from_state, predictive_logits,
+from calibflow.ensembles import (EnsembleCalibrator, ensemble_nll, fit_shared_temperature, mc_dropout_logits, model_calibrator_from_state, predictive_logits,
                                  served_probabilities, uncalibrated_probabilities)
 from calibflow.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
@@ -41,12 +41,34 @@ def test_ensemble_serves_the_mean_of_its_members_calibrated_probabilities():
     assert logits.shape == (len(x), 3, 4)
     calibrator = EnsembleCalibrator.fit("temperature", logits, y)
     temperatures = [c.temperature for c in calibrator.members]
-    assert len(set(temperatures)) == 3  # each member has its own fit
+    assert len(set(temperatures)) == 1  # one T shared by the members, fitted on their mean
     expected = np.mean([torch.softmax(m(x).double() / t, 1).detach().numpy()
                         for m, t in zip(models, temperatures)], axis=0)
     served = served_probabilities(models, calibrator, x).numpy()
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(served.sum(1), 1.0, rtol=1e-9)
+
+
+def test_shared_temperature_minimises_the_nll_of_the_members_mean():
+    _, models = members(3)
+    x = images(200)
+    logits = predictive_logits(models, x).double()
+    y = informative_labels(logits)
+    t = fit_shared_temperature(logits, y)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 4001))
+    best = grid[np.argmin([ensemble_nll(logits, y, g) for g in grid])]
+    assert t == pytest.approx(best, rel=2e-3)
+    assert ensemble_nll(logits, y, t) <= ensemble_nll(logits, y, 1.0)
+
+
+def test_per_member_methods_other_than_temperature_are_fitted_one_by_one():
+    _, models = members(2)
+    x = images(200)
+    logits = predictive_logits(models, x)
+    calibrator = EnsembleCalibrator.fit("vector", logits, informative_labels(logits))
+    assert [c.method for c in calibrator.members] == ["vector", "vector"]
+    expected = (calibrator.members[0].transform(logits[:, 0]) + calibrator.members[1].transform(logits[:, 1])) / 2
+    torch.testing.assert_close(calibrator.transform(logits), expected)
 
 
 def test_ensemble_calibrator_state_round_trips_through_json():

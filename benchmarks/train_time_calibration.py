@@ -93,7 +93,8 @@ def manifest_of(data_dir: Path, work: Path):
     return manifest
 
 
-def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bins: int = 15) -> dict:
+def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bins: int = 15,
+               reuse_checkpoint: bool = False) -> dict:
     import torch
 
     from calibflow import pipeline
@@ -109,9 +110,13 @@ def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bi
     started = time.perf_counter()
     manifest = manifest_of(data_dir, work)
     split = pipeline.write_split(manifest.path, config.split, config.seed, str(work / "splits.json"))
-    trained = pipeline.train_model(str(data_dir), manifest, split.path, config, str(out))
-    train_seconds = time.perf_counter() - started
-    logits = {s: pipeline.write_split_logits(trained.checkpoint, str(data_dir), manifest.path, split.path, s,
+    checkpoint = out / "checkpoint.pt"
+    if reuse_checkpoint and checkpoint.is_file():  # e.g. a run that trained, then failed after training
+        train_seconds = final_train_loss = None
+    else:
+        trained = pipeline.train_model(str(data_dir), manifest, split.path, config, str(out))
+        train_seconds, final_train_loss = time.perf_counter() - started, trained.final_train_loss
+    logits = {s: pipeline.write_split_logits(str(checkpoint), str(data_dir), manifest.path, split.path, s,
                                              str(out / f"logits_{s}.npz"), config.evaluation.batch_size, "cpu")
               for s in ("calibration", "test")}
     fit = pipeline.fit_calibration(logits["calibration"], config.calibration, str(out / "calibration.json"))
@@ -121,7 +126,7 @@ def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bi
 
     row = {"method": name, "overrides": overrides, "n_train": split.sizes["train"], "n_test": int(len(labels)),
            "n_calibration": split.sizes["calibration"], "train_seconds": train_seconds,
-           "final_train_loss": trained.final_train_loss,
+           "final_train_loss": final_train_loss, "reused_checkpoint": train_seconds is None,
            "temperatures": [m["temperature"] for m in json.loads(Path(fit.state_path).read_text()).get("members", [])]
            or [fit.temperature]}
     for when, probs in (("before", uncalibrated_probabilities(z)), ("after", calibrator.transform(z))):
@@ -131,7 +136,7 @@ def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bi
         smooth, _ = smooth_ece(confidence.numpy(), (predicted.numpy() == labels).astype(float))
         row[when] = {**report, "ece_low": interval.low, "ece_high": interval.high, "smooth_ece": smooth}
     # The served model's predict time: the function the registered pyfunc calls, on 1,000 test images.
-    loaded = load_checkpoint(trained.checkpoint)
+    loaded = load_checkpoint(checkpoint)
     fmt = pipeline.ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
     images, _, _ = pipeline.load_split_images(str(data_dir), manifest.path, split.path, "test", fmt, limit=1000)
     with torch.no_grad():
@@ -141,6 +146,10 @@ def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bi
         row["predict_ms_per_image"] = 1000 * (time.perf_counter() - tick) / len(images)
     row["wall_seconds"] = time.perf_counter() - started
     return row
+
+
+def _number(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def table(rows: list[dict]) -> str:
@@ -162,7 +171,8 @@ def table(rows: list[dict]) -> str:
             f"| {labels.get(r['method'], r['method'])} | {a['accuracy']:.3f} | "
             f"{spread(b)} | {spread(a)} | "
             f"{100 * b['smooth_ece']:.2f}% / {100 * a['smooth_ece']:.2f}% | {b['nll']:.3f} / {a['nll']:.3f} | "
-            f"{b['brier']:.3f} / {a['brier']:.3f} | {temps} | {r['final_train_loss']:.3f} | {r['wall_seconds']:.0f} | "
+            f"{b['brier']:.3f} / {a['brier']:.3f} | {temps} | {_number(r['final_train_loss'], '.3f')} | "
+            f"{_number(r['wall_seconds'], '.0f')}{' (checkpoint reused)' if r.get('reused_checkpoint') else ''} | "
             f"{r['predict_ms_per_image']:.2f} |")
     return "\n".join(lines)
 
@@ -208,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subset-only", action="store_true", help="only build the recipe's ImageFolder at --out")
     parser.add_argument("--out", type=Path, help="where --subset-only writes the ImageFolder")
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/ alone")
+    parser.add_argument("--reuse-checkpoints", action="store_true",
+                        help="evaluate a method's checkpoint left in the work dir instead of training it again")
     args = parser.parse_args(argv)
 
     from calibflow.environment import apply_quiet_defaults
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         if name not in wanted or name in done:
             continue
         print(f"{label}: running", flush=True)
-        row = run_method(name, overrides, data_dir, args.work)
+        row = run_method(name, overrides, data_dir, args.work, reuse_checkpoint=args.reuse_checkpoints)
         rows.append(row)
         results_path.write_text(json.dumps(rows, indent=1))
         print(f"{label}: accuracy {row['after']['accuracy']:.3f}, ECE {row['before']['ece']:.4f} -> "
@@ -235,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     rows.sort(key=lambda r: order.index(r["method"]))
     print(table(rows))
     if not args.no_doc and rows:
-        write_doc(rows, "python benchmarks/train_time_calibration.py" + (" --resume" if args.resume else ""))
+        flags = [flag for flag, on in ((" --resume", args.resume), (" --reuse-checkpoints", args.reuse_checkpoints)) if on]
+        write_doc(rows, "python benchmarks/train_time_calibration.py" + "".join(flags))
 
 
 if __name__ == "__main__":

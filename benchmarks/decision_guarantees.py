@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     judged = family_verdicts(rows)
     wall = time.perf_counter() - started
     print(f"$ .venv/bin/python {command}")
-    print(f"pools: " + ", ".join(f"{k} (n={v['n']}, top-1 accuracy {v['accuracy']:.3f})" for k, v in pools.items()))
+    print("pools: " + ", ".join(f"{k} (n={v['n']}, top-1 accuracy {v['accuracy']:.3f})" for k, v in pools.items()))
     print(f"{splits} calibration draws per case and variant; delta = {DELTA}, test-bound confidence {CONFIDENCE}; "
           f"verdicts: FAIL when the one-sided interval at family-wise 95% (Bonferroni over {judged} judged rows) "
           f"lies above the level, watch when only the point estimate does\n")

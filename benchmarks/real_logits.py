@@ -98,8 +98,6 @@ def _load(root: Path, split: str, classes: tuple[str, ...], start: int, count: i
 
 
 def build_pool(recipe: Recipe, verbose: bool = True) -> dict[str, np.ndarray]:
-    import torch
-
     from calibflow.config import TrainConfig
     from calibflow.models import ModelSpec
     from calibflow.training import collect_logits, train_classifier

@@ -32,6 +32,10 @@ MAX_MODEL_WIDTH = 1024
 # Fewer than 100 resamples cannot place a 95% bound; more than 100,000 add no precision to it and
 # run for hours.
 MIN_N_RESAMPLES, MAX_N_RESAMPLES = 100, 100_000
+# Deep ensembles stop gaining past a handful of members (Lakshminarayanan et al. 2017 use 5; Ovadia
+# et al. 2019 see little beyond 10), and each member is a full training run; MC dropout likewise
+# converges within tens of passes, each a full forward pass at serving time.
+MAX_ENSEMBLE, MAX_MC_SAMPLES = 32, 256
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -66,6 +70,13 @@ class ModelConfig:
     width: int = 32  # channels of the first conv block (small_cnn only)
     # Optional state_dict a user has put on disk; nothing is ever downloaded.
     weights_path: str | None = None
+    # Deep ensemble (Lakshminarayanan et al. 2017): members trained one after the other with seeds
+    # seed, seed+1, ...; the served probabilities are the mean of the members' calibrated ones.
+    ensemble: int = 1
+    # Dropout before the classifier head (0: none). With mc_dropout S > 1 it stays on at inference
+    # and the model serves the mean of S stochastic passes (Gal & Ghahramani 2016), seeded.
+    dropout: float = 0.0
+    mc_dropout: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,13 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True  # random translation by up to 1/8 of the image side
     hflip: bool = False  # horizontal flips: right for CIFAR-like data, wrong for digits
+    # Train-time calibration (calibflow/losses.py): each composes with label_smoothing and mix.
+    loss: Literal["cross_entropy", "focal", "flsd53", "confidence_penalty", "mmce"] = "cross_entropy"
+    focal_gamma: float = 3.0  # loss focal: (1 - p)^gamma; 0 is cross-entropy (flsd53 picks its own)
+    confidence_penalty: float = 0.1  # loss confidence_penalty: beta in CE - beta * H(p) (Pereyra et al. 2017)
+    mmce_weight: float = 2.0  # loss mmce: lambda in CE + lambda * MMCE (Kumar et al. 2018)
+    mix: Literal["none", "mixup", "cutmix"] = "none"  # torchvision.transforms.v2 MixUp / CutMix
+    mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); must be positive
 
 
 @dataclass(frozen=True)
@@ -421,12 +439,18 @@ def _check(config: Config) -> None:
         "train.lr": config.train.lr,
         "evaluation.batch_size": config.evaluation.batch_size,
         "calibration.min_temperature": config.calibration.min_temperature,
+        "train.mix_alpha": config.train.mix_alpha,
+        "model.ensemble": config.model.ensemble,
+        "model.mc_dropout": config.model.mc_dropout,
     }
     for dotted, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{dotted} = {value}: must be positive")
     not_negative = {
         "train.weight_decay": config.train.weight_decay,
+        "train.focal_gamma": config.train.focal_gamma,
+        "train.confidence_penalty": config.train.confidence_penalty,
+        "train.mmce_weight": config.train.mmce_weight,
         "gates.max_nll": config.gates.max_nll,
         "gates.max_ece_increase": config.gates.max_ece_increase,
         "gates.max_accuracy_drop": config.gates.max_accuracy_drop,
@@ -441,12 +465,18 @@ def _check(config: Config) -> None:
         "gates.n_resamples": (config.gates.n_resamples, MIN_N_RESAMPLES, MAX_N_RESAMPLES, True),
         "train.momentum": (config.train.momentum, 0, 1, False),
         "train.label_smoothing": (config.train.label_smoothing, 0, 1, False),
+        "model.dropout": (config.model.dropout, 0, 1, False),
+        "model.ensemble": (config.model.ensemble, 1, MAX_ENSEMBLE, True),
+        "model.mc_dropout": (config.model.mc_dropout, 1, MAX_MC_SAMPLES, True),
         "gates.max_ece": (config.gates.max_ece, 0, 1, True),
         "gates.min_accuracy": (config.gates.min_accuracy, 0, 1, True),
     }
     for dotted, (value, low, high, closed) in in_range.items():
         if not (low <= value <= high if closed else low <= value < high):
             raise ConfigError(f"{dotted} = {value}: must be in [{low}, {high}{']' if closed else ')'}")
+    if config.model.mc_dropout > 1 and config.model.dropout == 0:
+        raise ConfigError(f"model.mc_dropout = {config.model.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
+                          f"passes would all be the same")
     if not 0.5 < config.gates.confidence < 1.0:
         raise ConfigError(f"gates.confidence = {config.gates.confidence}: must be in (0.5, 1), e.g. 0.95")
     if config.calibration.max_temperature <= config.calibration.min_temperature:

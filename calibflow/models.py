@@ -25,6 +25,7 @@ class ModelSpec:
     image_height: int
     image_width: int
     width: int = 32
+    dropout: float = 0.0  # before the classifier head; 0 builds no dropout layer (older checkpoints)
 
 
 class ImageClassifier(nn.Module):
@@ -39,7 +40,7 @@ class ImageClassifier(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
-def small_cnn(in_channels: int, num_classes: int, width: int = 32) -> nn.Module:
+def small_cnn(in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> nn.Module:
     """Three conv stages for tiny images (8x8 digits upward); global pooling makes it size-agnostic."""
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -50,24 +51,39 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 32) -> nn.Module:
         *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
         *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
         *block(2 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), *_head(4 * w, num_classes, dropout),
     )
 
 
-def small_image_resnet18(in_channels: int, num_classes: int) -> nn.Module:
+class DropoutHead(nn.Sequential):
+    """Dropout, then the linear classifier: where MC dropout samples its masks
+    (calibflow/ensembles.py finds it by this type)."""
+
+
+def _head(features: int, num_classes: int, dropout: float) -> list[nn.Module]:
+    # Without dropout, the bare Linear: the state dict keys of models built before dropout existed
+    # stay the same.
+    if dropout > 0:
+        return [DropoutHead(nn.Dropout(dropout), nn.Linear(features, num_classes))]
+    return [nn.Linear(features, num_classes)]
+
+
+def small_image_resnet18(in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """torchvision's resnet18 with the CIFAR-style stem: a 3x3 stride-1 first conv and no max-pool,
     since the ImageNet stem would shrink a 32x32 (let alone 8x8) image to nothing."""
     net = resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
+    if dropout > 0:
+        net.fc = _head(net.fc.in_features, num_classes, dropout)[0]
     return net
 
 
 def build_model(spec: ModelSpec, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> ImageClassifier:
     if spec.arch == "small_cnn":
-        backbone = small_cnn(spec.in_channels, spec.num_classes, spec.width)
+        backbone = small_cnn(spec.in_channels, spec.num_classes, spec.width, spec.dropout)
     elif spec.arch == "resnet18":
-        backbone = small_image_resnet18(spec.in_channels, spec.num_classes)
+        backbone = small_image_resnet18(spec.in_channels, spec.num_classes, spec.dropout)
     else:
         raise ValueError(f"unknown model.arch {spec.arch!r}: use small_cnn or resnet18")
     mean = torch.zeros(spec.in_channels) if mean is None else mean
@@ -91,25 +107,39 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
         print(f"weights from {path}: left {len(missing)} tensors at their initial values (e.g. {missing[:3]})")
 
 
-def save_checkpoint(path: str | Path, model: ImageClassifier, spec: ModelSpec, classes: list[str], image_mode: str) -> Path:
+def state_dict_of(model: ImageClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str | Path, model: ImageClassifier, spec: ModelSpec, classes: list[str], image_mode: str,
+                    more_members: tuple[ImageClassifier, ...] = (), mc_samples: int = 1, mc_seed: int = 0) -> Path:
+    """`model`, and for an ensemble its other members; mc_samples > 1: serve MC dropout (seeded mc_seed)."""
     path = Path(path)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"spec": asdict(spec), "classes": list(classes), "image_mode": image_mode, "state_dict": state}, path)
+    torch.save({"spec": asdict(spec), "classes": list(classes), "image_mode": image_mode,
+                "state_dict": state_dict_of(model), "more_members": [state_dict_of(m) for m in more_members],
+                "mc_samples": mc_samples, "mc_seed": mc_seed}, path)
     return path
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    model: ImageClassifier
+    model: ImageClassifier  # the first (or only) member
     spec: ModelSpec
     classes: list[str]
     image_mode: str
+    members: tuple[ImageClassifier, ...] = ()  # every member, `model` first
+    mc_samples: int = 1
+    mc_seed: int = 0
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     record = torch.load(Path(path), map_location="cpu", weights_only=True)
     spec = ModelSpec(**record["spec"])
-    model = build_model(spec)
-    model.load_state_dict(record["state_dict"])
-    model.to(device).eval()
-    return Checkpoint(model=model, spec=spec, classes=list(record["classes"]), image_mode=record["image_mode"])
+    members = []
+    for state in [record["state_dict"], *record.get("more_members", [])]:
+        model = build_model(spec)
+        model.load_state_dict(state)
+        members.append(model.to(device).eval())
+    return Checkpoint(model=members[0], spec=spec, classes=list(record["classes"]), image_mode=record["image_mode"],
+                      members=tuple(members), mc_samples=int(record.get("mc_samples", 1)),
+                      mc_seed=int(record.get("mc_seed", 0)))

@@ -7,6 +7,7 @@ what crosses task boundaries. Nothing here knows about Prefect or MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -18,21 +19,22 @@ import numpy as np
 import torch
 
 from calibflow.calibration import CalibrationError
-from calibflow.calibrators import calibrator_from_state, fit_calibrator
 from calibflow.config import CalibrationConfig, Config, DataConfig, DecisionConfig, GatesConfig, SplitConfig
 from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
+from calibflow.ensembles import (fit_model_calibrator, member_seeds, model_calibrator_from_state, predictive_logits,
+                                 uncalibrated_probabilities)
 from calibflow.gates import GateVerdict
 from calibflow.images import load_images
 from calibflow.leftovers import ProcessId, alive, this_process
 from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
-from calibflow.metrics import calibrated_probabilities, probability_nll, probability_report, reliability_bins, top_label
+from calibflow.metrics import probability_nll, probability_report, reliability_bins, top_label
 from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
 from calibflow.plots import (binary_score_distributions, class_confidence_histograms, confidence_histogram,
                              decision_score_histograms, reliability_diagram)
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.promotion import GateReport, gate_logits
 from calibflow.splits import Split, stratified_split
-from calibflow.training import EpochStats, collect_logits, resolve_runtime, train_classifier
+from calibflow.training import EpochStats, resolve_runtime, train_classifier
 from calibflow.validation import ValidationReport, validate_manifest
 
 
@@ -136,11 +138,22 @@ def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config
     train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
     val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
     spec = ModelSpec(arch=config.model.arch, in_channels=fmt.channels, num_classes=len(manifest.classes),
-                     image_height=fmt.height, image_width=fmt.width, width=config.model.width)
+                     image_height=fmt.height, image_width=fmt.width, width=config.model.width,
+                     dropout=config.model.dropout)
     runtime = resolve_runtime(config.train.device, config.train.precision)
-    model, history = train_classifier(spec, train_x, train_y, val_x, val_y, config.train, config.seed, runtime,
-                                      weights_path=config.model.weights_path, on_epoch_end=on_epoch_end)
-    checkpoint = save_checkpoint(Path(out_dir) / "checkpoint.pt", model, spec, list(manifest.classes), fmt.mode)
+    members, history = [], []
+    for index, seed in enumerate(member_seeds(config.seed, config.model.ensemble)):
+        # One member after the other; their epochs are numbered on, so each logged curve is whole.
+        offset = index * config.train.epochs
+        report = None if on_epoch_end is None else (
+            lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
+        model, member_history = train_classifier(spec, train_x, train_y, val_x, val_y, config.train, seed, runtime,
+                                                 weights_path=config.model.weights_path, on_epoch_end=report)
+        members.append(model)
+        history += member_history
+    checkpoint = save_checkpoint(Path(out_dir) / "checkpoint.pt", members[0], spec, list(manifest.classes), fmt.mode,
+                                 more_members=tuple(members[1:]), mc_samples=config.model.mc_dropout,
+                                 mc_seed=config.seed)
     last = history[-1]
     return TrainedModel(checkpoint=str(checkpoint), device=str(runtime.device),
                         precision=str(runtime.autocast_dtype or torch.float32).removeprefix("torch."),
@@ -154,7 +167,9 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     loaded = load_checkpoint(checkpoint)
     fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt)
-    logits = collect_logits(loaded.model, images, batch_size, resolve_runtime(device).device)
+    # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
+    logits = predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
+                               resolve_runtime(device).device)
     np.savez(out_path, logits=logits.numpy(), labels=labels.numpy(), indices=indices)
     return str(out_path)
 
@@ -191,8 +206,8 @@ def fit_calibration(logits_path: str, calibration: CalibrationConfig, out_path: 
     logits, labels = load_logits(logits_path)
     options = ({"min_temperature": calibration.min_temperature, "max_temperature": calibration.max_temperature}
                if calibration.method == "temperature" else {})
-    calibrator = fit_calibrator(calibration.method, logits, labels, **options)
-    nll_before = probability_nll(calibrated_probabilities(logits, 1.0), labels)
+    calibrator = fit_model_calibrator(calibration.method, logits, labels, **options)
+    nll_before = probability_nll(uncalibrated_probabilities(logits), labels)
     nll_after = probability_nll(calibrator.transform(logits), labels)
     if not nll_after <= nll_before + 1e-12:
         raise CalibrationError(f"{calibrator.method} calibration raised the calibration NLL ({nll_before:.6f} -> "
@@ -204,7 +219,7 @@ def fit_calibration(logits_path: str, calibration: CalibrationConfig, out_path: 
 
 
 def load_calibrator(state_path: str):
-    return calibrator_from_state(json.loads(Path(state_path).read_text()))
+    return model_calibrator_from_state(json.loads(Path(state_path).read_text()))
 
 
 @dataclass(frozen=True)
@@ -218,7 +233,7 @@ def evaluate_calibration(logits_path: str, calibration: CalibrationRecord, n_bin
                          class_names: tuple[str, ...] = ()) -> Evaluation:
     """Test-split metrics before (plain softmax) and after calibration, and the diagnostic plots."""
     logits, labels = load_logits(logits_path)
-    probabilities = {"before": calibrated_probabilities(logits, 1.0),
+    probabilities = {"before": uncalibrated_probabilities(logits),
                      "after": load_calibrator(calibration.state_path).transform(logits)}
     before, after = (probability_report(probabilities[k], labels, n_bins) for k in ("before", "after"))
     bins = {k: reliability_bins(p, labels, n_bins) for k, p in probabilities.items()}
@@ -235,7 +250,7 @@ def evaluate_calibration(logits_path: str, calibration: CalibrationRecord, n_bin
     plots.append(class_confidence_histograms(probabilities["after"], labels, out / "class_confidence_histograms.png",
                                              class_names=list(class_names) or None,
                                              title="calibrated confidence by true class, test split"))
-    if logits.shape[1] == 2:
+    if logits.shape[-1] == 2:
         plots.append(binary_score_distributions(probabilities["after"], labels, out / "binary_score_distributions.png",
                                                 title="calibrated positive-class score, test split"))
     return Evaluation(before=before, after=after, plots=tuple(str(p) for p in plots))
@@ -269,7 +284,7 @@ def evaluate_decisions(logits_path: str, calibration: CalibrationRecord, decisio
     out, plots = Path(out_dir), []
     if policy.positive is not None:
         k = policy.positive_index
-        raw = calibrated_probabilities(logits, 1.0).numpy()[:, k]
+        raw = uncalibrated_probabilities(logits).numpy()[:, k]
         plots.append(decision_score_histograms(
             {"before calibration (softmax)": raw, f"after {calibration.method} calibration": probabilities[:, k]},
             labels == k, out / "decision_score_histograms.png", policy.positive.threshold, policy.positive_class,

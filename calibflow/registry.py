@@ -225,7 +225,8 @@ OUTPUTS = ("probabilities", "decisions")
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc: a batch of uint8 images (N, H, W, C) in. Out, by default: calibrated class
     probabilities (N, K), float64, the network's fp32 logits through the fitted calibrator
-    (softmax(logits / T) for temperature scaling); column k is the class `classes[k]`. With
+    (softmax(logits / T) for temperature scaling; an ensemble's or MC dropout's mean of calibrated
+    probabilities, calibflow.ensembles); column k is the class `classes[k]`. With
     params={"output": "decisions"}: a DataFrame, one row per image, of the fitted decision
     policy's answers (label, confidence, and abstained / positive / prediction_set when those
     rules are fitted) beside one column per class probability."""
@@ -236,8 +237,8 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     def load(self, artifacts: Mapping[str, str]) -> None:
         import torch
 
-        from calibflow.calibrators import calibrator_from_state
         from calibflow.decisions import DecisionPolicy
+        from calibflow.ensembles import model_calibrator_from_state
         from calibflow.models import ModelSpec, build_model
 
         network = json.loads(Path(artifacts["network"]).read_text())
@@ -245,16 +246,22 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         self.classes = [str(name) for name in json.loads(Path(artifacts["classes"]).read_text())]
         if len(self.classes) != spec.num_classes:
             raise ValueError(f"the model lists {len(self.classes)} classes but its network has {spec.num_classes} outputs")
-        self.model = build_model(spec)
-        self.model.load_state_dict(torch.load(artifacts["weights"], map_location="cpu", weights_only=True))
-        self.model.eval()
+        weights = torch.load(artifacts["weights"], map_location="cpu", weights_only=True)
+        # An ensemble's weights file holds {"members": [state dict, ...]}; a single network's is its state dict.
+        self.members = []
+        for state in weights["members"] if "members" in weights else [weights]:
+            member = build_model(spec)
+            member.load_state_dict(state)
+            self.members.append(member.eval())
+        self.model = self.members[0]
+        self.mc_samples, self.mc_seed = int(network.get("mc_samples", 1)), int(network.get("mc_seed", 0))
         self.image_mode = network["image_mode"]
         self.image_size = (spec.image_width, spec.image_height)
         state = json.loads(Path(artifacts["calibration"]).read_text())
         # States from before pluggable calibrators are {"method": "temperature", "temperature": T}
         # only; the class count they lack is the network's.
         state.setdefault("n_classes", spec.num_classes)
-        self.calibrator = calibrator_from_state(state)
+        self.calibrator = model_calibrator_from_state(state)
         # Versions registered before decisions have no policy: they decide the label only.
         self.decision_policy = (DecisionPolicy.load(artifacts["decisions"]) if "decisions" in artifacts
                                 else DecisionPolicy(tuple(self.classes)))
@@ -262,15 +269,15 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from calibflow.training import collect_logits
+        from calibflow.ensembles import served_probabilities
 
         images = np.asarray(images, dtype=np.uint8)
         if images.ndim != 4:
             raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
         if len(images) == 0:  # an empty batch has an empty answer, not an error
             return np.zeros((0, len(self.classes)), dtype=np.float64)
-        logits = collect_logits(self.model, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
-        return self.calibrator.transform(logits).numpy()
+        return served_probabilities(self.members, self.calibrator, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                                    self.mc_samples, self.mc_seed).numpy()
 
     def predict(self, context, model_input: np.ndarray, params=None):
         output = (params or {}).get(OUTPUT_PARAM, OUTPUTS[0])
@@ -309,8 +316,11 @@ def write_model_files(checkpoint_path: str | Path, calibrator_state_path: str | 
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / filename for name, filename in (("weights", "weights.pt"), ("network", "network.json"),
                                                          ("classes", "classes.json"), ("calibration", "calibration.json"))}
-    torch.save({k: v.detach().cpu() for k, v in checkpoint.model.state_dict().items()}, files["weights"])
-    files["network"].write_text(json.dumps({"spec": asdict(checkpoint.spec), "image_mode": checkpoint.image_mode}))
+    states = [{k: v.detach().cpu() for k, v in member.state_dict().items()} for member in checkpoint.members]
+    torch.save(states[0] if len(states) == 1 else {"members": states}, files["weights"])
+    files["network"].write_text(json.dumps({"spec": asdict(checkpoint.spec), "image_mode": checkpoint.image_mode,
+                                            "members": len(states), "mc_samples": checkpoint.mc_samples,
+                                            "mc_seed": checkpoint.mc_seed}))
     files["classes"].write_text(json.dumps(list(checkpoint.classes)))
     files["calibration"].write_text(Path(calibrator_state_path).read_text())
     if decisions_path is not None:

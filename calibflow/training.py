@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from calibflow.config import TrainConfig
 from calibflow.images import channel_stats
+from calibflow.losses import BatchMixer, training_loss
 from calibflow.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
 
 
@@ -127,6 +128,7 @@ def train_classifier(
                                                    pct_start=0.3 if total_steps == 4 else 0.25)
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
+    mixer = BatchMixer(config.mix, config.mix_alpha, spec.num_classes)
 
     history: list[EpochStats] = []
     bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress, leave=True)
@@ -139,15 +141,19 @@ def train_classifier(
         for batch_index in order.split(config.batch_size):
             if len(batch_index) < 2:  # BatchNorm cannot train on a single sample
                 continue
-            images = x_train[batch_index]
+            images, targets = x_train[batch_index], y_train[batch_index]
             if config.augment:
                 images = random_translate(images, max_shift, config.hflip, generator)
+            if config.mix != "none":
+                # Blending needs floats; the model reads float images on the [0, 1] scale.
+                images, targets = mixer(images.float().div_(255.0), targets)
             if runtime.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
                                 enabled=runtime.autocast_dtype is not None):
                 logits = model(images)
-            loss = F.cross_entropy(logits.float(), y_train[batch_index], label_smoothing=config.label_smoothing)
+            loss = training_loss(logits, targets, config.loss, config.label_smoothing, config.focal_gamma,
+                                 config.confidence_penalty, config.mmce_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -158,3 +158,30 @@ def test_a_params_file_that_is_not_yaml_is_a_config_error_on_one_line(tmp_path, 
     with pytest.raises(ConfigError, match=message) as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.loss=hinge", "train.loss = 'hinge': must be one of 'cross_entropy', 'focal', 'flsd53'"),
+    ("train.mix=mixcut", "train.mix = 'mixcut': must be one of 'none', 'mixup', 'cutmix'"),
+    ("train.focal_gamma=-1", "train.focal_gamma = -1.0: must be 0 or more"),
+    ("train.confidence_penalty=-0.1", "train.confidence_penalty = -0.1: must be 0 or more"),
+    ("train.mmce_weight=-2", "train.mmce_weight = -2.0: must be 0 or more"),
+    ("train.mix_alpha=0", "train.mix_alpha = 0.0: must be positive"),
+    ("train.mix_alpha=-0.2", "train.mix_alpha = -0.2: must be positive"),
+    ("model.ensemble=0", "model.ensemble = 0: must be positive"),
+    ("model.ensemble=1000", r"model.ensemble = 1000: must be in \[1, 32\]"),
+    ("model.mc_dropout=0", "model.mc_dropout = 0: must be positive"),
+    ("model.dropout=1", r"model.dropout = 1.0: must be in \[0, 1\)"),
+    ("model.mc_dropout=10", "model.mc_dropout = 10: needs model.dropout > 0"),
+])
+def test_train_time_calibration_keys_refuse_what_a_run_cannot_use(override, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config("params.yaml", [override])
+    assert "\n" not in str(caught.value)
+
+
+def test_train_time_calibration_keys_compose():
+    config = load_config("params.yaml", ["train.loss=flsd53", "train.mix=cutmix", "train.mix_alpha=0.3",
+                                         "train.label_smoothing=0.1", "model.ensemble=3", "model.dropout=0.2",
+                                         "model.mc_dropout=8", "calibration.method=vector"])
+    assert (config.train.loss, config.train.mix, config.model.ensemble, config.model.mc_dropout) == ("flsd53", "cutmix", 3, 8)

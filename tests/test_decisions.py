@@ -349,3 +349,25 @@ def test_a_target_the_trained_model_cannot_meet_is_a_rejection_that_registers_no
     client = mlflow_client(tiny_repo)
     assert client.search_registered_models("name='tiny-digits'") == []
     assert not (tiny_repo / "reports" / "metrics.json").exists()
+
+
+@pytest.mark.e2e
+def test_an_ensemble_serves_decisions_fitted_on_its_averaged_calibrated_probabilities(tiny_repo, tmp_path):
+    from calibflow import registry
+    from calibflow.cli import main as calibflow
+    from calibflow.decisions import DecisionPolicy
+
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "model.ensemble=2", "--set",
+                      "decision.conformal_alpha=0.2", "--set", "decision.max_risk=0.3"]) == 0
+    registry.configure_tracking(tiny_repo)
+    model = registry.load_model("models:/tiny-digits@champion")
+    wrapped = model.unwrap_python_model()
+    assert len(wrapped.members) == 2 and wrapped.decision_policy.conformal is not None
+    images = np.stack([np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("L"))[..., None]
+                       for p in sorted((tiny_repo / "data" / "tiny" / "2").glob("*.png"))[:5]])
+    frame = model.predict(images, params={"output": "decisions"})
+    probabilities = model.predict(images)
+    # The sets are the policy's, applied to the ensemble's served (averaged, calibrated) probabilities.
+    expected = DecisionPolicy.from_json(wrapped.decision_policy.to_json()).decide(probabilities)
+    assert frame["prediction_set"].tolist() == expected["prediction_set"]
+    assert frame["abstained"].tolist() == expected["abstained"].tolist()

@@ -399,3 +399,30 @@ def test_promotion_auto_moves_the_champion_only_when_every_gate_passes(tiny_repo
     assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {
         "champion": "3", "previous-champion": "1"}
     assert client.get_model_version(MODEL, "3").tags["promoted_from"] == "1"
+
+
+@pytest.mark.parametrize("options", [
+    ["train.loss=focal", "train.focal_gamma=2", "train.mix=mixup", "train.mix_alpha=0.4"],
+    ["train.loss=flsd53", "train.mix=cutmix", "train.label_smoothing=0.1"],
+    ["train.loss=confidence_penalty", "calibration.method=vector"],
+    ["train.loss=mmce"],
+    ["model.ensemble=2"],
+    ["model.dropout=0.3", "model.mc_dropout=4"],
+], ids=["focal+mixup", "flsd53+cutmix+smoothing", "confidence_penalty+vector", "mmce", "ensemble", "mc_dropout"])
+def test_train_time_calibration_options_register_a_model_served_calibrated_in_a_fresh_process(options, tiny_repo, tmp_path):
+    argv = ["run", "--repo", str(tiny_repo)]
+    for option in options:
+        argv += ["--set", option]
+    assert calibflow(argv) == 0
+    version = mlflow_client(tiny_repo).get_model_version_by_alias(MODEL, "champion")
+    # A fresh process loads the registered pyfunc (mlflow.pyfunc.load_model after the digest check)
+    # and recomputes the logged test metrics from its calibrated probabilities.
+    out = tmp_path / "evaluate.json"
+    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
+                                "--json", str(out)], capture_output=True, text=True, cwd=tiny_repo)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(out.read_text())
+    assert report["mismatches"] == []
+    assert abs(report["recomputed"]["ece"] - float(version.tags["ece_post"])) <= 1e-6
+    if "model.ensemble=2" in options:
+        assert version.tags["calibration_method"] == "ensemble"

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +46,31 @@ def code_commit(repo_root: str | Path) -> tuple[str, bool]:
     return commit, dirty
 
 
+# DVC keeps its state (file hashes, the data index) in SQLite files under .dvc/tmp; two processes
+# reading the same repository at once (two `calibflow promote` in one CD run) can find one locked
+# for longer than SQLite's own wait. The lock is held for a moment: wait and read again.
+LOCKED_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 def resolve_data(repo_root: str | Path, data_path: str, rev: str | None = None, cache_root: str | Path | None = None) -> DataVersion:
     """Pin `data_path` to a DVC hash at `rev` (None: the working tree) and say where to read it.
 
     At a revision the files are materialised from the DVC cache (or remote) into
     `cache_root/<hash>`, written to a temporary directory first and renamed, so an interrupted
-    copy never passes for a complete one.
+    copy never passes for a complete one. A DVC state database locked by another process is
+    waited for (LOCKED_RETRY_DELAYS_S), not reported as a failure.
     """
+    for delay in (*LOCKED_RETRY_DELAYS_S, None):
+        try:
+            return _resolve_data(repo_root, data_path, rev, cache_root)
+        except Exception as error:  # noqa: BLE001  sqlite3.OperationalError, raw or wrapped by DVC
+            if delay is None or "database is locked" not in str(error):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _resolve_data(repo_root: str | Path, data_path: str, rev: str | None, cache_root: str | Path | None) -> DataVersion:
     from dvc.api import DVCFileSystem  # imported here: DVC's import is slow and not always needed
     from dvc.scm import RevError
 

@@ -93,3 +93,38 @@ def test_bytes_swapped_in_place_with_size_and_mtime_kept_are_refused(tiny_repo_t
     b.unlink()
     dvc("checkout", "-q", "data/tiny", cwd=repo)
     assert resolve_data(repo, "data/tiny").dvc_hash
+
+
+def test_a_dvc_state_database_locked_by_another_process_is_waited_for_not_reported(monkeypatch):
+    import sqlite3
+
+    from calibflow import versioning
+
+    calls = []
+
+    def locked_twice(*args):
+        calls.append(args)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return "resolved"
+
+    monkeypatch.setattr(versioning, "LOCKED_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(versioning, "_resolve_data", locked_twice)
+    assert versioning.resolve_data("repo", "data/x") == "resolved" and len(calls) == 3
+
+    calls.clear()
+    monkeypatch.setattr(versioning, "_resolve_data", lambda *args: calls.append(args) or (_ for _ in ()).throw(
+        sqlite3.OperationalError("database is locked")))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # still locked after every wait: reported
+        versioning.resolve_data("repo", "data/x")
+    assert len(calls) == 4
+
+    def other_error(*args):
+        calls.append(args)
+        raise versioning.DataVersionError("not tracked by DVC")
+
+    calls.clear()
+    monkeypatch.setattr(versioning, "_resolve_data", other_error)
+    with pytest.raises(versioning.DataVersionError):
+        versioning.resolve_data("repo", "data/x")
+    assert len(calls) == 1  # anything else is not retried

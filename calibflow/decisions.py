@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from calibflow.gate_statistics import clopper_pearson_lower, clopper_pearson_upper
+
 # The served output's schema: bump it when a field of `DecisionPolicy.decide` changes meaning.
 DECISION_SCHEMA_VERSION = 1
 CONFORMAL_SCORES = ("lac", "aps", "raps")
@@ -45,20 +47,6 @@ class ChosenThreshold:
     delta: float  # the target holds with probability >= 1 - delta over calibration splits (0: no claim)
     calibration_bound: float | None  # the certified bound at the threshold, on the calibration split
     n_calibration: int  # calibration images the rule read
-
-
-def _upper(errors: int, n: int, level: float) -> float:
-    """Clopper-Pearson upper bound of a binomial rate at one-sided `level`; 1 when n = 0."""
-    if n == 0 or errors >= n:
-        return 1.0
-    return float(stats.beta.ppf(level, errors + 1, n - errors))
-
-
-def _lower(successes: int, n: int, level: float) -> float:
-    """Clopper-Pearson lower bound of a binomial rate at one-sided `level`; 0 when n = 0."""
-    if n == 0 or successes == 0:
-        return 0.0
-    return float(stats.beta.ppf(1.0 - level, successes, n - successes + 1))
 
 
 def _check_level(name: str, value: float, low_open: float = 0.0, high_open: float = 1.0) -> None:
@@ -144,7 +132,7 @@ def selective_threshold(confidence: Any, correct: Any, max_risk: float, delta: f
         raise ValueError(f"{conf.size} confidences but {wrong.size} outcomes")
     n = conf.size
     order = np.argsort(-conf, kind="stable")
-    descending = conf[order]
+    descending, wrong_descending = conf[order], wrong[order]
     counts = kept_counts(n, max_risk, delta)
     level = 1.0 - delta / max(len(counts), 1)
     best: tuple[float, float] | None = None
@@ -153,7 +141,7 @@ def selective_threshold(confidence: Any, correct: Any, max_risk: float, delta: f
         # fewer than j images, and the test counts exactly the images the threshold keeps.
         threshold = float(np.nextafter(descending[j], np.inf)) if j < n else 0.0
         kept = descending >= threshold
-        bound = _upper(int(np.sum(wrong[order][kept])), int(np.sum(kept)), level)
+        bound = clopper_pearson_upper(int(np.sum(wrong_descending[kept])), int(np.sum(kept)), level)
         if bound < max_risk and (best is None or threshold < best[0]):
             best = (threshold, bound)
     if best is None:
@@ -298,9 +286,9 @@ def precision_recall_at(scores: Any, is_positive: Any, threshold: float, confide
     tp, n_called, n_positive = int(np.sum(called & positive)), int(np.sum(called)), int(np.sum(positive))
     return {
         "precision": tp / n_called if n_called else float("nan"),
-        "precision_lower": _lower(tp, n_called, confidence),
+        "precision_lower": clopper_pearson_lower(tp, n_called, confidence),
         "recall": tp / n_positive if n_positive else float("nan"),
-        "recall_lower": _lower(tp, n_positive, confidence),
+        "recall_lower": clopper_pearson_lower(tp, n_positive, confidence),
         "positive_rate": n_called / values.size if values.size else float("nan"),
         "n_predicted_positive": n_called,
         "n_positive": n_positive,
@@ -315,7 +303,7 @@ def selective_risk_at(confidence_scores: Any, correct: Any, threshold: float, co
     return {
         "coverage": n_kept / conf.size if conf.size else float("nan"),
         "risk": errors / n_kept if n_kept else float("nan"),
-        "risk_upper": _upper(errors, n_kept, confidence),
+        "risk_upper": clopper_pearson_upper(errors, n_kept, confidence),
         "n_accepted": n_kept,
     }
 
@@ -327,7 +315,7 @@ def set_coverage(sets: Any, labels: Any, confidence: float) -> dict[str, Any]:
     classwise = [float(covered[y == k].mean()) if np.any(y == k) else float("nan") for k in range(members.shape[1])]
     return {
         "coverage": float(covered.mean()),
-        "coverage_lower": _lower(int(covered.sum()), int(covered.size), confidence),
+        "coverage_lower": clopper_pearson_lower(int(covered.sum()), int(covered.size), confidence),
         "mean_size": float(members.sum(axis=1).mean()),
         "empty_rate": float(np.mean(members.sum(axis=1) == 0)),
         "classwise_coverage": classwise,
@@ -377,6 +365,11 @@ class DecisionPolicy:
     abstain: ChosenThreshold | None = None  # keep the top label when its probability >= threshold
     conformal: ConformalRule | None = None
     schema_version: int = DECISION_SCHEMA_VERSION
+
+    @property
+    def is_empty(self) -> bool:
+        """No rule fitted: the policy decides the label only."""
+        return self.positive is None and self.abstain is None and self.conformal is None
 
     @property
     def positive_index(self) -> int | None:
@@ -445,7 +438,9 @@ def _rule_sizes(decision, n: int) -> dict[str, int]:
 def check_decision_settings(decision, classes: tuple[str, ...], calibration_class_counts: dict[str, int]) -> None:
     """Before training: what the params and the split's class counts already tell. The counts
     are the least a rule needs even for a perfect model; a real one may need more, which the fit
-    says after training (DecisionInfeasible)."""
+    says after training (DecisionInfeasible). Nothing to check when no rule is set."""
+    if not decision.any_rule:
+        return
     if decision.positive_class is not None and decision.positive_class not in classes:
         raise DecisionSettingsError(f"decision.positive_class = {decision.positive_class!r} is not a class of the data; "
                                     f"its classes are {list(classes)}")

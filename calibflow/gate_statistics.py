@@ -74,11 +74,26 @@ def _first_crossing(passes: Callable[[float], bool], low: float, high: float, gr
 # ---------------------------------------------------------------------------------------------
 
 
+def clopper_pearson_lower(successes: int, n: int, level: float) -> float:
+    """Exact one-sided lower bound at `level` of a binomial rate from `successes` of n; 0 when
+    there is nothing to bound (no success, or n = 0)."""
+    if n == 0 or successes == 0:
+        return 0.0
+    return float(stats.beta.ppf(1.0 - level, successes, n - successes + 1))
+
+
+def clopper_pearson_upper(failures: int, n: int, level: float) -> float:
+    """Exact one-sided upper bound at `level` of a binomial rate from `failures` of n; 1 when
+    every outcome failed or n = 0."""
+    if failures >= n:
+        return 1.0
+    return float(stats.beta.ppf(level, failures + 1, n - failures))
+
+
 def accuracy_lower_bound(correct: np.ndarray, confidence: float) -> Bound:
     """Clopper-Pearson lower bound of the accuracy: exact for n independent Bernoulli outcomes."""
     n, k = int(correct.size), int(np.sum(correct))
-    low = 0.0 if k == 0 else float(stats.beta.ppf(1.0 - confidence, k, n - k + 1))
-    return Bound(k / n, low, "clopper-pearson")
+    return Bound(k / n, clopper_pearson_lower(k, n, confidence), "clopper-pearson")
 
 
 def _paired_null_p01(n10: int, n01: int, n: int, delta: float) -> float:
@@ -175,7 +190,7 @@ def nll_upper_bound(top_loss: np.ndarray, loss: np.ndarray, correct: np.ndarray,
     n = loss.size
     errors = ~np.asarray(correct, bool)
     k = int(errors.sum())
-    rate = 1.0 if k == n else float(stats.beta.ppf(level, k + 1, n - k))
+    rate = clopper_pearson_upper(k, n, level)
     excess = loss[errors] - top_loss[errors]
     excess_bound = mean_upper_bound(excess, level).bound if k >= 2 else max_loss
     bound = mean_upper_bound(top_loss, level).bound + rate * min(excess_bound, max_loss)
@@ -358,12 +373,12 @@ def paired_mean_upper_bound(values: np.ndarray, confidence: float, largest: floa
     bound = float(small.mean() + stats.t.ppf(level, n - 1) * small.std(ddof=1) / math.sqrt(n) + CONTINUITY / n)
     positive = values[values >= LARGE]
     k = positive.size
-    rate = 1.0 if k == n else float(stats.beta.ppf(level, k + 1, n - k))
+    rate = clopper_pearson_upper(k, n, level)
     size = mean_upper_bound(positive, level).bound if k >= 2 else largest
     bound += rate * min(size, largest)
     j = int(np.sum(values <= -LARGE))
     if j:
-        bound -= LARGE * float(stats.beta.ppf(1.0 - level, j, n - j + 1))
+        bound -= LARGE * clopper_pearson_lower(j, n, level)
     return bound
 
 

@@ -498,10 +498,9 @@ def _check(config: Config) -> None:
 
 def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:
     """One binary rule at most, each value in its range, and no decision gate without its rule."""
-    rules = [name for name, value in (("cost_fp/cost_fn", decision.cost_fp if decision.cost_fp is not None
-                                        else decision.cost_fn),
-                                       ("min_precision", decision.min_precision), ("min_recall", decision.min_recall))
-             if value is not None]
+    given = {"cost_fp/cost_fn": decision.cost_fp is not None or decision.cost_fn is not None,
+             "min_precision": decision.min_precision is not None, "min_recall": decision.min_recall is not None}
+    rules = [name for name, set_ in given.items() if set_]
     if len(rules) > 1:
         raise ConfigError(f"decision: {' and '.join(rules)} are each a rule for the binary threshold; set one")
     if (decision.cost_fp is None) != (decision.cost_fn is None):

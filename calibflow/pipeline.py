@@ -74,8 +74,7 @@ def write_split(manifest_path: str, split: SplitConfig, seed: int, out_path: str
 def split_class_counts(manifest_path: str, split_path: str, split_name: str) -> dict[str, int]:
     """Images per class name in one split."""
     manifest = load_manifest(manifest_path)
-    rows = manifest.iloc[Split.load(split_path).indices[split_name]]
-    return {str(k): int(v) for k, v in Counter(rows["label"]).items()}
+    return class_counts(manifest.iloc[Split.load(split_path).indices[split_name]])
 
 
 def validate_data(manifest_path: str, split_path: str, classes: tuple[str, ...], data: DataConfig,
@@ -261,6 +260,8 @@ def fit_decisions(logits_path: str, calibration: CalibrationRecord, classes: tup
     """Fit the decision rules of params.yaml on the calibrated probabilities of the calibration
     split and save the policy the served model applies (an empty one when no rule is set, so every
     model serves the same output schema). DecisionInfeasible when a certified rule cannot be met."""
+    if not decision.any_rule:  # the default: nothing to fit, so no logits to read
+        return DecisionPolicy(tuple(classes)).save(out_path)
     logits, labels = load_logits(logits_path)
     probabilities = load_calibrator(calibration.state_path).transform(logits).numpy()
     return fit_policy(probabilities, labels, classes, decision).save(out_path)
@@ -278,6 +279,8 @@ def evaluate_decisions(logits_path: str, calibration: CalibrationRecord, decisio
     the class-conditional score histograms before and after calibration (binary rules) and the
     risk-coverage curve (abstention)."""
     policy = DecisionPolicy.load(decisions_path)
+    if policy.is_empty:  # the default: nothing decided, nothing to measure
+        return DecisionEvaluation(metrics={}, plots=())
     logits, labels = load_logits(logits_path)
     probabilities = load_calibrator(calibration.state_path).transform(logits).numpy()
     metrics = evaluate_policy(policy, probabilities, labels, confidence)

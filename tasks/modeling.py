@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from calibflow import pipeline, registry
+from calibflow import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
@@ -33,9 +34,8 @@ def check_gate_power(manifest: pipeline.ManifestRecord, split: pipeline.SplitRec
 def check_decision_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
     """Before training: a positive class the data lacks, or a calibration split too small for a
     decision rule, is a settings error now rather than after the whole training."""
-    from calibflow.decisions import check_decision_settings as check
-    if config.decision.any_rule:
-        check(config.decision, manifest.classes, pipeline.split_class_counts(manifest.path, split.path, "calibration"))
+    decision_rules.check_decision_settings(config.decision, manifest.classes,
+                                           pipeline.split_class_counts(manifest.path, split.path, "calibration"))
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
@@ -104,7 +104,8 @@ def fit_decisions(calibration_logits: str, fit: pipeline.CalibrationRecord, mani
                   config: Config, work_dir: str, run_id: str) -> str:
     path = pipeline.fit_decisions(calibration_logits, fit, manifest.classes, config.decision,
                                   f"{work_dir}/decisions.json")
-    registry.log_artifact(run_id, path, "decisions")
+    if config.decision.any_rule:  # the empty default travels with the model's files only
+        registry.log_artifact(run_id, path, "decisions")
     return path
 
 

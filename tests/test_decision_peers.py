@@ -209,19 +209,29 @@ def selective_sample(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
 TRIALS, DELTA = 400, 0.05
 
 
-@pytest.mark.parametrize("n, most_infeasible", [(300, 0.9), (1000, 0.5)])
-def test_min_precision_threshold_keeps_its_guarantee_on_a_known_truth(n, most_infeasible):
-    rng = np.random.default_rng(n)
+def simulate(draw, fit, violated, rng: np.random.Generator) -> tuple[int, int]:
+    """(violations, infeasible fits) over TRIALS samples `draw(rng)` of a known truth; `fit` returns
+    the chosen threshold, `violated(chosen)` reads the truth at it."""
     violations = infeasible = 0
     for _ in range(TRIALS):
-        s, y = binary_sample(n, rng)
         try:
-            chosen = D.min_precision_threshold(s, y, 0.75, DELTA)
+            chosen = fit(*draw(rng))
         except D.DecisionInfeasible:
             infeasible += 1
             continue
+        violations += bool(violated(chosen))
+    return violations, infeasible
+
+
+@pytest.mark.parametrize("n, most_infeasible", [(300, 0.9), (1000, 0.5)])
+def test_min_precision_threshold_keeps_its_guarantee_on_a_known_truth(n, most_infeasible):
+    def fit(s, y):
+        chosen = D.min_precision_threshold(s, y, 0.75, DELTA)
         assert chosen.rule == "min_precision" and chosen.delta == DELTA
-        violations += true_precision(chosen.threshold) < 0.75
+        return chosen
+
+    violations, infeasible = simulate(lambda rng: binary_sample(n, rng), fit,
+                                      lambda chosen: true_precision(chosen.threshold) < 0.75, np.random.default_rng(n))
     # precision(t) = 0.75 at t ~ 0.61 (a third of the scores above it): a rule that never finds it
     # is useless; on 300 images a union bound over thresholds leaves it feasible on a minority only
     assert infeasible < most_infeasible * TRIALS, infeasible
@@ -244,17 +254,14 @@ def test_min_recall_threshold_keeps_its_guarantee_on_a_known_truth(n):
 
 @pytest.mark.parametrize("n", [300, 2000])
 def test_selective_threshold_keeps_its_guarantee_on_a_known_truth(n):
-    rng = np.random.default_rng(20 + n)
-    violations = infeasible = 0
-    for _ in range(TRIALS):
-        c, correct = selective_sample(n, rng)
-        try:
-            chosen = D.selective_threshold(c, correct, 0.1, DELTA)
-        except D.DecisionInfeasible:
-            infeasible += 1
-            continue
+    def fit(c, correct):
+        chosen = D.selective_threshold(c, correct, 0.1, DELTA)
         assert chosen.rule == "max_risk" and chosen.calibration_bound <= 0.1 + 1e-12
-        violations += true_selective_risk(chosen.threshold) > 0.1
+        return chosen
+
+    violations, infeasible = simulate(lambda rng: selective_sample(n, rng), fit,
+                                      lambda chosen: true_selective_risk(chosen.threshold) > 0.1,
+                                      np.random.default_rng(20 + n))
     assert infeasible < TRIALS / 2
     assert wilson_low(violations, TRIALS) <= DELTA, (violations, TRIALS)
 

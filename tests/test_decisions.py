@@ -71,6 +71,61 @@ def test_selective_threshold_moves_up_past_confident_errors_and_its_bound_is_the
     assert chosen.calibration_bound < 0.1 and 0.3 < chosen.threshold < 1.0
 
 
+def test_a_confident_model_saturated_at_probability_one_gets_no_threshold_above_its_ties():
+    # Float32 softmax saturates: 600 calibration images at exactly 1.0, 60 of them wrong. No
+    # threshold can separate the tied images, so a 5% risk is not certifiable (a threshold above
+    # 1.0 keeps nothing and proves nothing), and a 20% one keeps the whole tie, errors included.
+    rng = np.random.default_rng(7)
+    conf = np.concatenate([np.ones(600), rng.uniform(0.3, 0.99, 400)])
+    correct = np.concatenate([np.arange(600) >= 60, rng.random(400) < 0.5])
+    with pytest.raises(d.DecisionInfeasible):
+        d.selective_threshold(conf, correct, max_risk=0.05, delta=0.05)
+    chosen = d.selective_threshold(conf, correct, max_risk=0.2, delta=0.05)
+    kept = conf >= chosen.threshold
+    assert chosen.threshold <= 1.0 and kept.sum() >= 600
+    assert chosen.calibration_bound >= 1 - correct[kept].mean()  # the bound counts the tied errors
+
+
+def test_selective_threshold_keeps_its_guarantee_with_a_hundred_classes():
+    # Calibrated by construction, so the true risk above t is the mean of 1 - confidence there,
+    # read off a large fresh sample.
+    p, _ = calibrated_sample(200_000, 100, seed=8, sharpness=2.5)
+    population = np.sort(p.max(axis=1))[::-1]
+    risk_above = np.cumsum(1 - population) / np.arange(1, population.size + 1)
+
+    def true_risk(threshold: float) -> float:
+        return float(risk_above[np.searchsorted(-population, -threshold, side="right") - 1])
+
+    violations = trials = 0
+    for seed in range(150):
+        q, y = calibrated_sample(1500, 100, seed=100 + seed, sharpness=2.5)
+        top = q.argmax(axis=1)
+        try:
+            chosen = d.selective_threshold(q.max(axis=1), top == y, max_risk=0.3, delta=0.05)
+        except d.DecisionInfeasible:
+            continue
+        trials += 1
+        violations += true_risk(chosen.threshold) > 0.3
+    # Risk 0.3 is reached at 15% coverage (about 230 of 1,500 kept): feasible in most draws. A
+    # plug-in threshold (empirical risk <= 0.3, no bound) violates in about half of them.
+    assert trials >= 80, trials
+    low = stats.binomtest(violations, trials).proportion_ci(0.95, method="wilson").low
+    assert low <= 0.05, (violations, trials)
+
+
+def test_conformal_sets_keep_their_coverage_with_a_hundred_classes():
+    coverage = {score: [] for score in d.CONFORMAL_SCORES}
+    for seed in range(40):
+        p, y = calibrated_sample(3000, 100, seed=1000 + seed, sharpness=2.5)
+        for score in d.CONFORMAL_SCORES:
+            qhat = d.conformal_quantile(d.conformal_scores(p[:1000], y[:1000], score), 0.1)
+            coverage[score].append(d.set_coverage(d.prediction_sets(p[1000:], qhat, score), y[1000:], 0.95)["coverage"])
+    for score, values in coverage.items():
+        # Marginal coverage is in [0.9, 0.9 + 1/1001]; 40 draws of one-draw sd ~0.012 put the mean
+        # within about 0.006 of it.
+        assert 0.894 <= np.mean(values) <= 0.908, (score, np.mean(values))
+
+
 def test_min_recall_threshold_is_the_largest_order_statistic_the_binomial_tail_allows():
     scores = np.arange(1, 101) / 101.0  # 100 positives, distinct scores
     positive = np.ones(100, bool)

@@ -17,10 +17,15 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: run test setup data ui prefect-ui serve lock bench clean
+.PHONY: run test setup data ui prefect-ui prefect-stop serve lock bench clean
+
+# A long-lived local Prefect server, started on first use and reused by every later run: a
+# temporary API per command cost ~5 s of each run (issue 16). PREFECT_API_URL set by the user wins.
+# `make prefect-stop` stops it; without one (port taken), runs fall back to the temporary API.
+LOCAL_PREFECT = api=$${PREFECT_API_URL:-$$(python -m flows.local_server ensure)}
 
 run: $(STAMP) data
-	calibflow run $(ARGS)
+	@$(LOCAL_PREFECT); env $${api:+PREFECT_API_URL=$$api} calibflow run $(ARGS)
 
 test: $(STAMP)
 	pytest $(PYTEST_ARGS)
@@ -41,13 +46,17 @@ data: $(STAMP)
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
+# The Prefect UI: the local server `make run` uses (started here when none runs yet).
 prefect-ui: $(STAMP)
-	prefect server start --host 127.0.0.1 --port 4200
+	@$(LOCAL_PREFECT); echo "Prefect UI: $${api%/api}"
+
+prefect-stop:
+	python -m flows.local_server stop
 
 # Serve the scheduled retraining deployment (params.yaml `schedule:`) from this checkout until
-# stopped. Needs a Prefect server: `make prefect-ui` in another terminal is the default one.
+# stopped, against the local Prefect server (started here when none runs) or PREFECT_API_URL.
 serve: $(STAMP) data
-	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} calibflow schedule $(ARGS)
+	@$(LOCAL_PREFECT); PREFECT_API_URL=$$api calibflow schedule $(ARGS)
 
 # Re-resolve the pinned versions from pyproject.toml's direct dependencies (needs the registries).
 lock:
@@ -62,5 +71,5 @@ bench: $(STAMP)
 	python benchmarks/run_timing.py
 	python benchmarks/calibration_speed.py
 
-clean:
+clean: prefect-stop
 	rm -rf .calibflow reports/metrics.json

@@ -1,80 +1,151 @@
-"""Where the main job's time goes: the flow's fixed cost against the training and calibration work.
+"""Where the main job's time goes: the fixed cost of `calibflow run --force` over its work.
 
-Runs the real flow once in this process on the repository's params.yaml (the embedded digits by
-default), then reads each task run's start and end from Prefect's API. Reported as shares of the
-same run's wall time, so the figures compare within one measurement on a noisy shared machine.
+Runs the real command, `calibflow run --force` on the repository's params.yaml (the embedded
+digits by default), in a fresh process as a user or a scheduler would, and measures its wall time
+from spawn to exit. The flow's task runs are then read back from Prefect's API (both modes write
+to the same Prefect database): the work is training, logit collection, the calibration fit and
+its evaluation; the fixed cost is everything else (interpreter start and imports, Prefect's API
+and bookkeeping, the DVC pin, GX validation, the gate power check, MLflow tracking and
+registration, interpreter exit).
 
-    python benchmarks/run_timing.py [--set KEY=VALUE ...]
+Two ways of reaching Prefect, interleaved (A B A B ...) so that a busy shared machine weighs on
+both alike:
+- `temporary`: no PREFECT_API_URL, so Prefect starts its temporary API in a subprocess for the
+  command and stops it at the end (what `calibflow run` alone did before issue 16);
+- `local server`: the long-lived local server `make run` starts once and reuses
+  (flows/local_server.py).
+
+    python benchmarks/run_timing.py [--repeats 3] [--modes temporary,local-server] [--set KEY=VALUE ...]
+
+Prints one table per mode (median over repeats, and the range) and the fixed cost's ratio to
+the work; `--json PATH` also writes every measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
 import subprocess
 import sys
 import time
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 WORK_TASKS = ("train-model", "collect-logits", "fit-calibration", "evaluate-calibration")
+MODES = ("temporary", "local-server")
+FIXED_COST_TARGET_S = 10.0
 
 
-def import_seconds() -> float:
-    """Cold import of everything the CLI pulls in, in a fresh interpreter."""
-    code = ("import calibflow.environment as e; e.apply_quiet_defaults(); import torch, mlflow, prefect, dvc.api, "
-            "great_expectations; import flows.train_calibrate")
+def _calibflow() -> list[str]:
+    beside = Path(sys.executable).with_name("calibflow")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "calibflow.cli"]
+
+
+def _environment(mode: str, server_url: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    if mode == "local-server":
+        env["PREFECT_API_URL"] = server_url
+    return env
+
+
+def timed_run(mode: str, server_url: str | None, overrides: list[str]) -> dict:
+    """One `calibflow run --force` in a fresh process: wall time and the flow run's id."""
+    command = [*_calibflow(), "run", "--force", *(arg for o in overrides for arg in ("--set", o))]
+    spawned = time.time()
+    finished = subprocess.run(command, cwd=REPO, env=_environment(mode, server_url), capture_output=True, text=True)
+    exited = time.time()
+    if finished.returncode != 0:
+        raise SystemExit(f"`{' '.join(command)}` exited {finished.returncode}:\n{finished.stderr[-3000:]}")
+    result = json.loads(finished.stdout[finished.stdout.index("{\n"):])
+    return {"mode": mode, "spawned": spawned, "exited": exited, "wall": exited - spawned,
+            "flow_run_id": result["prefect_flow_run_id"]}
+
+
+def task_seconds(client, flow_run_id: str) -> tuple[dict[str, float], datetime, datetime]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run = client.read_flow_run(flow_run_id)
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    per_task: dict[str, float] = defaultdict(float)
+    for task_run in task_runs:
+        if task_run.start_time and task_run.end_time:
+            per_task[task_run.name.rsplit("-", 1)[0]] += (task_run.end_time - task_run.start_time).total_seconds()
+    return dict(per_task), flow_run.start_time, flow_run.end_time
+
+
+def breakdown(run: dict, per_task: dict[str, float], flow_start: datetime, flow_end: datetime) -> dict[str, float]:
+    work = sum(per_task.get(name, 0.0) for name in WORK_TASKS)
+    parts = {
+        "interpreter, imports, Prefect API start, flow run creation": flow_start.timestamp() - run["spawned"],
+        **{f"task {name}": seconds for name, seconds in per_task.items() if name not in WORK_TASKS},
+        "flow body outside tasks (Prefect task bookkeeping)":
+            (flow_end - flow_start).total_seconds() - sum(per_task.values()),
+        "after the flow (API stop, interpreter exit)": run["exited"] - flow_end.timestamp(),
+    }
+    return {"wall": run["wall"], "work": work, "fixed": run["wall"] - work, **parts}
+
+
+def cold_import_seconds(module: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", f"import calibflow.environment as e; e.apply_quiet_defaults(); import {module}"],
+                   cwd=REPO, check=True, capture_output=True)
     return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown or args.repeats < 1:
+        parser.error(f"unknown modes {sorted(unknown)}" if unknown else "--repeats must be at least 1")
 
     from calibflow.environment import apply_quiet_defaults
 
     apply_quiet_defaults()
-    imports = import_seconds()
-    started = time.perf_counter()
-    from flows.train_calibrate import train_calibrate_register
+    from flows.local_server import DEFAULT_API_URL, ensure
+
+    server_url = os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL
+    ensure(server_url)  # also where the results are read back from
+    runs = [timed_run(mode, server_url, args.overrides) for _ in range(args.repeats) for mode in modes]
+
+    os.environ["PREFECT_API_URL"] = server_url
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    in_process_imports = time.perf_counter() - started
-    flow_started = time.perf_counter()
-    result = train_calibrate_register(overrides=args.overrides, repo_root=str(REPO))
-    flow_wall = time.perf_counter() - flow_started
-
+    measured: dict[str, list[dict[str, float]]] = defaultdict(list)
     with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(result["prefect_flow_run_id"])
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    per_task: dict[str, float] = defaultdict(float)
-    for task_run in task_runs:
-        if task_run.start_time and task_run.end_time:
-            per_task[task_run.name.rsplit("-", 1)[0]] += (
-                task_run.end_time - task_run.start_time).total_seconds()
-    flow_body = (flow_run.end_time - flow_run.start_time).total_seconds()
-    server_start = flow_wall - flow_body  # temporary API start, flow run creation and teardown
-    work = sum(per_task[name] for name in WORK_TASKS)
-    total = imports + flow_wall
+        for run in runs:
+            measured[run["mode"]].append(breakdown(run, *task_seconds(client, run["flow_run_id"])))
 
-    print(f"\nmain job on {result['model_name']} (version {result['version']}, @{result['alias']}):")
-    print("| part | seconds | share of total |\n| --- | ---: | ---: |")
-    rows = [("imports (fresh interpreter)", imports),
-            ("Prefect temporary API start + flow run bookkeeping", server_start),
-            *[(f"task {name}", seconds) for name, seconds in sorted(per_task.items(), key=lambda kv: -kv[1])],
-            ("flow body outside tasks", flow_body - sum(per_task.values()))]
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.1f} | {seconds / total:.0%} |")
-    print(f"| **total** | **{total:.1f}** | 100% |")
-    print(f"\ntraining + calibration work: {work:.1f} s ({work / total:.0%}); "
-          f"fixed cost (imports, Prefect, MLflow, data checks): {total - work:.1f} s ({(total - work) / total:.0%})"
-          f"  [in-process import of the flow module: {in_process_imports:.1f} s]")
+    load = os.getloadavg()[0]
+    print(f"\n`calibflow run --force` in a fresh process, {args.repeats} runs per mode interleaved; median "
+          f"[min-max] seconds; load average {load:.1f} on {os.cpu_count()} CPUs")
+    for mode, rows in measured.items():
+        names = list(dict.fromkeys(name for row in rows for name in row))
+        print(f"\n**{mode}**\n\n| part | seconds |\n| --- | ---: |")
+        for name in names:
+            values = [row.get(name, 0.0) for row in rows]
+            if name in ("wall", "work", "fixed") or statistics.median(values) >= 0.05:
+                print(f"| {name} | {statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}] |")
+        fixed = statistics.median(row["fixed"] for row in rows)
+        work = statistics.median(row["work"] for row in rows)
+        print(f"\n{mode}: fixed cost {fixed:.1f} s over {work:.1f} s of work (ratio {fixed / work:.2f}); "
+              f"target <= {FIXED_COST_TARGET_S:.0f} s: {'met' if fixed <= FIXED_COST_TARGET_S else 'NOT met'}")
+    imports = {module: cold_import_seconds(module) for module in ("flows.train_calibrate", "calibflow.cli")}
+    print("\ncold import in a fresh interpreter: " + ", ".join(f"{m} {s:.1f} s" for m, s in imports.items()))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"load": load, "runs": measured, "imports": imports}, indent=2))
 
 
 if __name__ == "__main__":

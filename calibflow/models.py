@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,8 @@ def _head(features: int, num_classes: int, dropout: float) -> list[nn.Module]:
 def small_image_resnet18(in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """torchvision's resnet18 with the CIFAR-style stem: a 3x3 stride-1 first conv and no max-pool,
     since the ImageNet stem would shrink a 32x32 (let alone 8x8) image to nothing."""
+    from torchvision.models import resnet18  # here, not at the top: torchvision costs ~1.5 s to import
+
     net = resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()

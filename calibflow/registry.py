@@ -342,8 +342,9 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
                          input_example: np.ndarray, decisions_path: str | Path | None = None) -> str:
     """Log the pyfunc (weights, network, classes, fitted calibrator, the calibflow code) to the run;
     return its URI."""
+    from importlib.metadata import version as installed
+
     import torch
-    import torchvision
 
     import calibflow
 
@@ -365,7 +366,7 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
                 signature=signature,
                 input_example=input_example,
                 pip_requirements=[f"torch=={version(torch.__version__)}",
-                                  f"torchvision=={version(torchvision.__version__)}", f"numpy=={np.__version__}",
+                                  f"torchvision=={version(installed('torchvision'))}", f"numpy=={np.__version__}",
                                   f"mlflow=={mlflow.__version__}", "pillow"],
                 metadata={"classes": model.classes, "image_mode": model.image_mode,
                           "calibration_method": model.calibrator.method,

@@ -21,7 +21,8 @@ min_accuracy and 1, confidences drawn so that mean confidence = accuracy + gap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -219,9 +220,25 @@ def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: i
 
 
 def small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_bins: int = 15, power: float = 0.8,
-                       simulations: int = 100) -> str | None:
+                             simulations: int = 100, cache_directory: str | Path | None = None) -> str | None:
     """A warning, before anything trains, when the test split is too small for the gates: None
-    when a model halfway inside every threshold passes them with `power` on n_test images."""
+    when a model halfway inside every threshold passes them with `power` on n_test images.
+
+    The answer depends on the settings and the gate code alone (the simulation is seeded), and
+    takes seconds: with `cache_directory`, a rerun with the same settings reads it from there."""
+    from importlib.metadata import version
+
+    from calibflow import disk_cache, gate_statistics, gates as gates_module
+
+    key = {"n_test": n_test, "n_classes": n_classes, "gates": asdict(gates), "n_bins": n_bins, "power": power,
+           "simulations": simulations, "numpy": np.__version__, "relplot": version("relplot"),
+           "code": disk_cache.source_digest([__file__, gates_module.__file__, gate_statistics.__file__])}
+    return disk_cache.cached(cache_directory, "gate_power", key, lambda: _small_test_split_warning(
+        n_test, n_classes, gates, n_bins, power, simulations))
+
+
+def _small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_bins: int, power: float,
+                              simulations: int) -> str | None:
     advice = "add test images (more data, or a larger split.test) or loosen the gates; `calibflow gate plan` says more"
     if not smallest_passable(gates, n_test, n_classes, n_bins):
         return (f"no model can pass the gates on the {n_test} images of the test split: even a perfect one (always "

@@ -74,8 +74,8 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
             return {"run_id": run.run_id, "skipped": True, "reason": reason, "champion_version": unchanged}
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
-        validate_data(manifest, split, config, run.work_dir, run.run_id)
-        check_gate_power(manifest, split, config, run.run_id)
+        validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root)
+        check_gate_power(manifest, split, config, run.run_id, repo_root)
         check_decision_settings(manifest, split, config)
 
         trained = train_model(data, manifest, split, config, run.work_dir, run.run_id)

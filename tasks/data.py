@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from calibflow import pipeline, registry
 from calibflow.config import Config
+from calibflow.disk_cache import cache_dir
 from calibflow.validation import DataValidationError
 from calibflow.versioning import DataVersion, resolve_data
 from tasks import retry_transient_only
@@ -42,11 +43,15 @@ def split_dataset(manifest: pipeline.ManifestRecord, config: Config, work_dir: s
 
 @task(name="validate-data", cache_policy=NO_CACHE)
 def validate_data(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
-                  run_id: str) -> dict:
+                  run_id: str, repo_root: str) -> dict:
     result_path = f"{work_dir}/data_validation.json"
-    report = pipeline.validate_data(manifest.path, split.path, manifest.classes, config.data, result_path)
+    report = pipeline.validate_data(manifest.path, split.path, manifest.classes, config.data, result_path,
+                                    cache_directory=cache_dir(repo_root))
     registry.log_artifact(run_id, result_path, "validation")
-    registry.set_tags(run_id, {"data_validation": "passed" if report.success else "failed"})
+    reused = bool(report.statistics.get("reused_from_cache"))
+    registry.set_tags(run_id, {"data_validation": "passed" if report.success else "failed",
+                               # the GX suite passed on these same bytes before; its result is reused
+                               "data_validation_reused": str(reused).lower()})
     if not report.success:
         raise DataValidationError(report)
     get_run_logger().info("data validation passed: %s", report.statistics)

@@ -18,12 +18,13 @@ from tasks import retry_transient_only
 
 @task(name="check-gate-power", cache_policy=NO_CACHE)
 def check_gate_power(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
-                     run_id: str) -> str | None:
+                     run_id: str, repo_root: str) -> str | None:
     """Before training: warn when the test split is too small for the gates to pass a good model."""
+    from calibflow.disk_cache import cache_dir
     from calibflow.gate_plan import small_test_split_warning
 
     warning = small_test_split_warning(split.sizes["test"], len(manifest.classes), config.gates,
-                                       config.evaluation.n_bins)
+                                       config.evaluation.n_bins, cache_directory=cache_dir(repo_root))
     if warning:
         get_run_logger().warning(warning)
         registry.set_tags(run_id, {"gate_power_warning": warning[:5000]})

@@ -43,8 +43,9 @@ FIXED_COST_TARGET_S = 10.0
 
 
 def _calibflow() -> list[str]:
-    beside = Path(sys.executable).with_name("calibflow")
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "calibflow.cli"]
+    """The console script's path (`python -m calibflow.cli` runs what `calibflow` runs) for the
+    code of REPO, whichever checkout the interpreter's editable install points at."""
+    return [sys.executable, "-m", "calibflow.cli"]
 
 
 def _environment(mode: str, server_url: str | None) -> dict[str, str]:

@@ -312,14 +312,3 @@ def rollback(model_name: str) -> Promotion:
             "rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rolled_back_by": actor["user"]})
         registry.apply_aliases(model_name, {registry.CHAMPION: previous, registry.PREVIOUS_CHAMPION: before_previous})
     return Promotion(model_name, previous, current.version, forced=False)
-
-
-STATUS_COLUMNS = ("version", "aliases", "ece_post", "accuracy", "temperature", "data_hash", "promoted_from")
-
-
-def status(model_name: str) -> list[dict[str, str]]:
-    by_version: dict[str, list[str]] = {}
-    for alias, version in registry.aliases(model_name).items():
-        by_version.setdefault(version, []).append("@" + alias)
-    return [{"version": r.version, "aliases": " ".join(sorted(by_version.get(r.version, []))),
-             **{k: r.tags.get(k, "") for k in STATUS_COLUMNS[2:]}} for r in registry.list_versions(model_name)]

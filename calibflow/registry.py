@@ -531,7 +531,47 @@ def load_model(model_uri: str):
                 f"model artifacts changed since registration: the files of version {record.version} of {record.name} "
                 f"at {location} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
                 f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)")
-        return mlflow.pyfunc.load_model(local)
+        warn_requirement_mismatches(local)
+        # MLflow's own check of the same requirements resolves every installed package's import
+        # names from its file list: 2.5 s of every model load here, for the four pins we write.
+        return mlflow.pyfunc.load_model(local, suppress_warnings=True)
+
+
+def requirement_mismatches(model_dir: str | Path) -> list[str]:
+    """The model's pinned requirements (requirements.txt, `name==version`, as
+    log_calibrated_model writes them) and Python version that this environment does not have."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from mlflow.models import Model
+
+    found = []
+    requirements = Path(model_dir) / "requirements.txt"
+    for line in requirements.read_text().splitlines() if requirements.exists() else []:
+        name, _, pinned = line.strip().partition("==")
+        if not pinned or name.startswith(("#", "-")):
+            continue
+        try:
+            here = installed(name).split("+")[0]
+        except PackageNotFoundError:
+            here = "not installed"
+        if here != pinned.split("+")[0]:
+            found.append(f"{name}=={pinned} (here {here})")
+    flavor = Model.load(str(Path(model_dir) / "MLmodel")).flavors.get("python_function", {})
+    python = flavor.get("python_version")
+    if python and python.rsplit(".", 1)[0] != platform.python_version().rsplit(".", 1)[0]:
+        found.append(f"python {python} (here {platform.python_version()})")
+    return found
+
+
+def warn_requirement_mismatches(model_dir: str | Path) -> None:
+    import logging
+
+    mismatches = requirement_mismatches(model_dir)
+    if mismatches:
+        logging.getLogger(__name__).warning(
+            "the model was logged with %s; its predictions may differ here", ", ".join(mismatches))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,3 +731,16 @@ def log_audit_run(experiment: str, run_name: str, tags: Mapping[str, Any], repor
     log_artifact(run_id, report_path)
     end_run(run_id, str(tags.get("decision", "recorded")))
     return run_id
+
+
+# What `calibflow status` shows: here beside the registry rather than in calibflow.promotion,
+# which imports torch and scipy for the gates; a status needs only the registry (under 2 s cold).
+STATUS_COLUMNS = ("version", "aliases", "ece_post", "accuracy", "temperature", "data_hash", "promoted_from")
+
+
+def status(model_name: str) -> list[dict[str, str]]:
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases(model_name).items():
+        by_version.setdefault(version, []).append("@" + alias)
+    return [{"version": r.version, "aliases": " ".join(sorted(by_version.get(r.version, []))),
+             **{k: r.tags.get(k, "") for k in STATUS_COLUMNS[2:]}} for r in list_versions(model_name)]

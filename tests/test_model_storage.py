@@ -210,3 +210,19 @@ def test_a_version_without_a_digest_is_not_loaded(repo, tampered, tmp_path, caps
         assert not marker.exists()
     finally:
         registry.client().set_model_version_tag(MODEL, "1", registry.DIGEST_TAG, digest)
+
+
+@pytest.mark.e2e
+def test_a_stored_model_pinned_to_other_versions_is_named_in_a_warning_when_loaded(repo, tmp_path, caplog):
+    """MLflow's own requirement check is skipped for its cost (2.5 s a load); ours reads the pins."""
+    local = tmp_path / "copy"
+    shutil.copytree(stored_files(repo), local)
+    assert registry.requirement_mismatches(local) == []  # registered here: every pin matches
+    pins = (local / "requirements.txt").read_text()
+    assert "torch==" in pins and "numpy==" in pins
+    (local / "requirements.txt").write_text(pins.replace("numpy==", "numpy==0.0.1+").replace("mlflow==", "mlflow==0."))
+    mismatches = registry.requirement_mismatches(local)
+    assert len(mismatches) == 2 and any(m.startswith("numpy==0.0.1") and "(here " in m for m in mismatches)
+    with caplog.at_level("WARNING", logger="calibflow.registry"):
+        registry.warn_requirement_mismatches(local)
+    assert "numpy==0.0.1" in caplog.text and "predictions may differ" in caplog.text

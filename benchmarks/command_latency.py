@@ -40,7 +40,8 @@ def commands(model: str, image: str) -> dict[str, list[str]]:
 
 
 def timed(code_dir: Path, arguments: list[str]) -> float:
-    env = {**os.environ, "PYTHONPATH": str(code_dir)}
+    # PYTHONSAFEPATH: the working directory (REPO) must not shadow code_dir on sys.path
+    env = {**os.environ, "PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
     started = time.perf_counter()
     finished = subprocess.run([sys.executable, "-m", "calibflow.cli", *arguments], cwd=REPO, env=env,
                               capture_output=True, text=True)

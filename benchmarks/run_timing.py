@@ -15,7 +15,11 @@ both alike:
 - `local server`: the long-lived local server `make run` starts once and reuses
   (flows/local_server.py).
 
-    python benchmarks/run_timing.py [--repeats 3] [--modes temporary,local-server] [--set KEY=VALUE ...]
+    python benchmarks/run_timing.py [--repeats 3] [--modes temporary,local-server] [--baseline DIR]
+                                    [--set KEY=VALUE ...]
+
+`--baseline DIR` (a checkout of another commit: `git worktree add --detach /tmp/before REV`) adds
+that code's runs, with the temporary API, to the interleaving: before and after in one command.
 
 Prints one table per mode (median over repeats, and the range) and the fixed cost's ratio to
 the work; `--json PATH` also writes every measurement.
@@ -56,16 +60,19 @@ def _environment(mode: str, server_url: str | None) -> dict[str, str]:
     return env
 
 
-def timed_run(mode: str, server_url: str | None, overrides: list[str]) -> dict:
-    """One `calibflow run --force` in a fresh process: wall time and the flow run's id."""
+def timed_run(label: str, code_dir: Path, mode: str, server_url: str | None, overrides: list[str]) -> dict:
+    """One `calibflow run --force` of the code in code_dir, in a fresh process: wall time and the
+    flow run's id."""
     command = [*_calibflow(), "run", "--force", *(arg for o in overrides for arg in ("--set", o))]
+    # PYTHONSAFEPATH: the working directory (REPO) must not shadow code_dir on sys.path
+    env = {**_environment(mode, server_url), "PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
     spawned = time.time()
-    finished = subprocess.run(command, cwd=REPO, env=_environment(mode, server_url), capture_output=True, text=True)
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     exited = time.time()
     if finished.returncode != 0:
         raise SystemExit(f"`{' '.join(command)}` exited {finished.returncode}:\n{finished.stderr[-3000:]}")
     result = json.loads(finished.stdout[finished.stdout.index("{\n"):])
-    return {"mode": mode, "spawned": spawned, "exited": exited, "wall": exited - spawned,
+    return {"mode": label, "spawned": spawned, "exited": exited, "wall": exited - spawned,
             "flow_run_id": result["prefect_flow_run_id"]}
 
 
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout of the code to compare with")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
@@ -119,7 +127,11 @@ def main(argv: list[str] | None = None) -> None:
 
     server_url = os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL
     ensure(server_url)  # also where the results are read back from
-    runs = [timed_run(mode, server_url, args.overrides) for _ in range(args.repeats) for mode in modes]
+    variants = [(f"this code, {mode}", REPO, mode) for mode in modes]
+    if args.baseline:
+        variants.insert(0, ("baseline, temporary", args.baseline.resolve(), "temporary"))
+    runs = [timed_run(label, code, mode, server_url, args.overrides)
+            for _ in range(args.repeats) for label, code, mode in variants]
 
     os.environ["PREFECT_API_URL"] = server_url
     from prefect.client.orchestration import get_client
@@ -130,19 +142,30 @@ def main(argv: list[str] | None = None) -> None:
             measured[run["mode"]].append(breakdown(run, *task_seconds(client, run["flow_run_id"])))
 
     load = os.getloadavg()[0]
-    print(f"\n`calibflow run --force` in a fresh process, {args.repeats} runs per mode interleaved; median "
-          f"[min-max] seconds; load average {load:.1f} on {os.cpu_count()} CPUs")
-    for mode, rows in measured.items():
-        names = list(dict.fromkeys(name for row in rows for name in row))
-        print(f"\n**{mode}**\n\n| part | seconds |\n| --- | ---: |")
-        for name in names:
-            values = [row.get(name, 0.0) for row in rows]
-            if name in ("wall", "work", "fixed") or statistics.median(values) >= 0.05:
-                print(f"| {name} | {statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}] |")
-        fixed = statistics.median(row["fixed"] for row in rows)
-        work = statistics.median(row["work"] for row in rows)
-        print(f"\n{mode}: fixed cost {fixed:.1f} s over {work:.1f} s of work (ratio {fixed / work:.2f}); "
+    print(f"\n`calibflow run --force` in a fresh process, {args.repeats} runs of each interleaved; median seconds "
+          f"[min-max]; load average {load:.1f} on {os.cpu_count()} CPUs\n")
+    labels = list(measured)
+    names = list(dict.fromkeys(name for rows in measured.values() for row in rows for name in row))
+    print("| part | " + " | ".join(labels) + " |\n| --- |" + " ---: |" * len(labels))
+    for name in names:
+        cells = []
+        for label in labels:
+            values = [row.get(name, 0.0) for row in measured[label]]
+            cells.append(f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]")
+        if name in ("wall", "work", "fixed") or any(not cell.startswith("0.0 [0.0") for cell in cells):
+            print(f"| {'**' + name + '**' if name in ('wall', 'work', 'fixed') else name} | " + " | ".join(cells) + " |")
+    print()
+    for label in labels:
+        fixed = statistics.median(row["fixed"] for row in measured[label])
+        work = statistics.median(row["work"] for row in measured[label])
+        print(f"{label}: fixed cost {fixed:.1f} s over {work:.1f} s of work (fixed / work {fixed / work:.2f}); "
               f"target <= {FIXED_COST_TARGET_S:.0f} s: {'met' if fixed <= FIXED_COST_TARGET_S else 'NOT met'}")
+    if args.baseline:
+        base = statistics.median(row["fixed"] for row in measured[labels[0]])
+        for label in labels[1:]:
+            ratios = [b["fixed"] / a["fixed"] for a, b in zip(measured[label], measured[labels[0]])]
+            print(f"baseline fixed cost / {label}'s, run by run: {statistics.median(ratios):.1f}x "
+                  f"[{min(ratios):.1f}-{max(ratios):.1f}] (baseline median {base:.1f} s)")
     imports = {module: cold_import_seconds(module) for module in ("flows.train_calibrate", "calibflow.cli")}
     print("\ncold import in a fresh interpreter: " + ", ".join(f"{m} {s:.1f} s" for m, s in imports.items()))
     if args.json_path:

@@ -65,10 +65,13 @@ lock:
 	{ echo "# Exact versions resolved together on Python 3.11 (x86_64). Regenerate: make lock"; \
 	  /tmp/calibflow-lock/bin/pip freeze --exclude-editable; } > requirements.lock
 
-# Where a run's time goes, and calibration speed against netcal/torchmetrics (about 1 minute).
+# Where a run's time goes (fixed cost vs work), how fast each command answers, and calibration
+# speed against netcal/torchmetrics (about 6 minutes on 2 cores). Compare with another commit:
+# git worktree add --detach /tmp/before REV, then the scripts' --baseline /tmp/before.
 # The gate's false-promotion/false-rejection rates: python benchmarks/gate_soundness.py (~20 min).
-bench: $(STAMP)
+bench: $(STAMP) data
 	python benchmarks/run_timing.py
+	python benchmarks/command_latency.py
 	python benchmarks/calibration_speed.py
 
 clean: prefect-stop

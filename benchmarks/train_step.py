@@ -113,15 +113,57 @@ def images_per_epoch(n: int, batch_size: int) -> int:
     return n - (1 if n % batch_size == 1 else 0)
 
 
+def _busy_ticks() -> int | None:
+    """Clock ticks every CPU of the machine has spent busy (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def _process_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class Background:
+    """CPU cores that processes other than this one (and its burners) kept busy over a span: the
+    load a measurement on a shared machine ran beside, which it cannot control but can report."""
+
+    def __init__(self, burner_pids: list[int]):
+        self.pids = burner_pids
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __enter__(self) -> "Background":
+        self.cores = None
+        self.start = (time.perf_counter(), _busy_ticks(), sum(os.times()[:2]),
+                      sum(_process_ticks(pid) for pid in self.pids))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, busy, ours, burners_ = self.start
+        busy_now = _busy_ticks()
+        if busy is None or busy_now is None:
+            return
+        others = ((busy_now - busy) / self.tick - (sum(os.times()[:2]) - ours)
+                  - (sum(_process_ticks(pid) for pid in self.pids) - burners_) / self.tick)
+        self.cores = max(0.0, others / (time.perf_counter() - wall))
+
+
 @contextlib.contextmanager
 def burners(count: int):
-    """`count` CPU-burning processes for the duration of the block, stopped after it."""
+    """`count` CPU-burning processes for the duration of the block (their pids yielded), stopped after it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     processes = [subprocess.Popen([sys.executable, "-c", BURNER], env=env) for _ in range(count)]
     try:
         if processes:
             time.sleep(1.0)  # past numpy's import: burning when the timed work starts
-        yield
+        yield [process.pid for process in processes]
     finally:
         for process in processes:
             process.terminate()
@@ -187,24 +229,30 @@ def measure_threads(data: Data, config: Config, thread_counts: list[int], busy: 
     every cell, alternating the order of thread counts."""
     images = config.train.epochs * images_per_epoch(len(data.train_x), config.train.batch_size)
     loads = [0, busy] if busy else [0]
-    cells = {(load, t): {"train": [], "logits": []} for load in loads for t in thread_counts}
+    cells = {(load, t): {"train": [], "logits": [], "background": []} for load in loads for t in thread_counts}
     model, _ = train_classifier(data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train,
                                 config.seed, progress=False)
     # Logit collection's unit of work: every training image, a few times (one pass is milliseconds).
     passes, batch = 10, config.evaluation.batch_size
     for repeat in range(repeats):
         for load in loads:
-            with burners(load):
+            with burners(load) as pids:
                 for t in (thread_counts if repeat % 2 == 0 else thread_counts[::-1]):
                     run = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=t))
-                    cells[(load, t)]["train"].append(images / time_project(data, run)[0])
-                    with intra_op_threads(t):
-                        started = time.perf_counter()
-                        for _ in range(passes):
-                            collect_logits(model, data.train_x, batch)
-                        cells[(load, t)]["logits"].append(passes * len(data.train_x) / (time.perf_counter() - started))
+                    with Background(pids) as background:
+                        cells[(load, t)]["train"].append(images / time_project(data, run)[0])
+                        with intra_op_threads(t):
+                            started = time.perf_counter()
+                            for _ in range(passes):
+                                collect_logits(model, data.train_x, batch)
+                            cells[(load, t)]["logits"].append(passes * len(data.train_x)
+                                                              / (time.perf_counter() - started))
+                    if background.cores is not None:
+                        cells[(load, t)]["background"].append(background.cores)
     return [{"busy_processes": load, "threads": t, "train_images_per_second": summary(v["train"]),
-             "logits_images_per_second": summary(v["logits"])} for (load, t), v in cells.items()]
+             "logits_images_per_second": summary(v["logits"]),
+             "background_cores": summary(v["background"]) if v["background"] else None}
+            for (load, t), v in cells.items()]
 
 
 def print_ratio(result: dict, config: Config, repeats: int) -> None:
@@ -212,6 +260,8 @@ def print_ratio(result: dict, config: Config, repeats: int) -> None:
     print(f"train_classifier vs bare loop: {config.model.arch} (width {config.model.width}), {config.train.epochs} epochs "
           f"of {result['train_images']} images, batch {config.train.batch_size}, threads {config.train.threads}, "
           f"{result['busy_processes']} busy processes; {repeats} repeats; same weights: {result['same_weights']}")
+    if result["background_cores"] is not None:
+        print(f"other processes kept {result['background_cores']:.1f} cores busy on average meanwhile")
     print(f"| arm | img/s (median, range) | ratio to bare, wall (median, range) | ratio to bare, CPU time |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| bare loop | {b['median']:,.0f} ({b['low']:,.0f}-{b['high']:,.0f}) | 1 | 1 |")
@@ -222,12 +272,14 @@ def print_ratio(result: dict, config: Config, repeats: int) -> None:
 
 
 def print_threads(rows: list[dict]) -> None:
-    print("| busy processes | threads | training img/s (median, range) | logit collection img/s (median, range) |")
-    print("| ---: | ---: | ---: | ---: |")
+    print("| busy processes | threads | training img/s (median, range) | logit collection img/s (median, range) "
+          "| other processes' load, cores (median, range) |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        t, lg = row["train_images_per_second"], row["logits_images_per_second"]
+        t, lg, bg = row["train_images_per_second"], row["logits_images_per_second"], row["background_cores"]
+        load = f"{bg['median']:.1f} ({bg['low']:.1f}-{bg['high']:.1f})" if bg else "n/a"
         print(f"| {row['busy_processes']} | {row['threads']} | {t['median']:,.0f} ({t['low']:,.0f}-{t['high']:,.0f}) "
-              f"| {lg['median']:,.0f} ({lg['low']:,.0f}-{lg['high']:,.0f}) |")
+              f"| {lg['median']:,.0f} ({lg['low']:,.0f}-{lg['high']:,.0f}) | {load} |")
 
 
 def exit_code(results: dict, check: bool) -> int:
@@ -256,10 +308,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(config)
     print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs), torch default threads "
           f"{torch.get_num_threads()}", flush=True)
-    with burners(args.busy):
+    with burners(args.busy) as pids:
         arms = [config.train.val_every, *(v for v in args.val_every if v != config.train.val_every)]
-        ratio = measure_ratio(data, config, args.repeats, arms)
+        with Background(pids) as background:
+            ratio = measure_ratio(data, config, args.repeats, arms)
         ratio.update(same_weights=same_weights(data, config), busy_processes=args.busy,
+                     background_cores=background.cores,
                      train_images=images_per_epoch(len(data.train_x), config.train.batch_size))
     print_ratio(ratio, config, args.repeats)
     results = {"ratio": ratio, "config": {"epochs": config.train.epochs, "threads": config.train.threads,

@@ -148,6 +148,7 @@ def test_train_step_benchmark_pairs_the_project_with_a_bare_loop_doing_the_same_
         assert len(row["ratio"]["values"]) == 2 and row["ratio"]["low"] <= row["ratio"]["median"] <= row["ratio"]["high"]
     assert {(row["busy_processes"], row["threads"]) for row in results["threads"]} == {(0, 1), (0, 2), (1, 1), (1, 2)}
     assert all(row["logits_images_per_second"]["median"] > 0 for row in results["threads"])
+    assert "background_cores" in ratio and all("background_cores" in row for row in results["threads"])
     assert torch.get_num_threads() == before
     assert bench.exit_code(results, check=False) == 0
     slow = {"ratio": {"project": [{"ratio": {"median": 0.9}}]}}

@@ -107,9 +107,11 @@ class TrainConfig:
     val_every: int = 5
     # torch intra-op threads for training and for collecting logits (restored afterwards), or
     # "auto" for torch's own choice (one per physical core, or OMP_NUM_THREADS). 1 by default:
-    # on a 2-core machine that another process shares, 2 threads fall to a fraction of 1 thread's
-    # speed (README, "Threads"), and a fixed count keeps the trained weights the same on any
-    # machine (gradient sums are split across threads, so the count changes their rounding).
+    # on a 2-core machine that another process shares, 2 threads fall far below 1 thread (1
+    # thread 4,361 img/s, 2 threads 1,744 beside one busy process; 1,501 and 155 beside ~2.3 busy
+    # cores), while an idle one gives 2 threads 1.6x (README, "Training loop and threads"). A fixed count also
+    # keeps the trained weights the same on any machine: gradient sums are split across threads,
+    # so the count changes their rounding. Logits are the same on any count (tested).
     threads: int | Literal["auto"] = 1
 
 

@@ -101,9 +101,10 @@ class TrainConfig:
     mix: Literal["none", "mixup", "cutmix"] = "none"  # torchvision.transforms.v2 MixUp / CutMix
     mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); must be positive
     # Epochs between validation passes; the last epoch always validates. A pass over the val split
-    # costs about 6.5% of an epoch on the default digits, which held every epoch to 0.947x a bare
-    # training loop (issue 16); every 5th keeps it above 0.97x (benchmarks/train_step.py). The
-    # weights do not depend on it: validation draws no random numbers and changes no state.
+    # costs 4-6.5% of an epoch on the default digits, which held every epoch to 0.947x a bare
+    # training loop (issue 16); every 5th measured 0.977x (benchmarks/train_step.py; 10 was no
+    # faster within the noise and leaves half the points on the val curve). The weights do not
+    # depend on it: validation draws no random numbers and changes no state.
     val_every: int = 5
     # torch intra-op threads for training and for collecting logits (restored afterwards), or
     # "auto" for torch's own choice (one per physical core, or OMP_NUM_THREADS). 1 by default:

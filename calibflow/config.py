@@ -36,6 +36,8 @@ MIN_N_RESAMPLES, MAX_N_RESAMPLES = 100, 100_000
 # et al. 2019 see little beyond 10), and each member is a full training run; MC dropout likewise
 # converges within tens of passes, each a full forward pass at serving time.
 MAX_ENSEMBLE, MAX_MC_SAMPLES = 32, 256
+# torch starts one OS thread per intra-op thread: thousands are a typo, not a machine.
+MAX_THREADS = 1024
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -98,6 +100,20 @@ class TrainConfig:
     mmce_weight: float = 2.0  # loss mmce: lambda in CE + lambda * MMCE (Kumar et al. 2018)
     mix: Literal["none", "mixup", "cutmix"] = "none"  # torchvision.transforms.v2 MixUp / CutMix
     mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); must be positive
+    # Epochs between validation passes; the last epoch always validates. A pass over the val split
+    # costs 4-6.5% of an epoch on the default digits, which held every epoch to 0.947x a bare
+    # training loop (issue 16); every 5th measured 0.977x (benchmarks/train_step.py; 10 was no
+    # faster within the noise and leaves half the points on the val curve). The weights do not
+    # depend on it: validation draws no random numbers and changes no state.
+    val_every: int = 5
+    # torch intra-op threads for training and for collecting logits (restored afterwards), or
+    # "auto" for torch's own choice (one per physical core, or OMP_NUM_THREADS). 1 by default:
+    # on a 2-core machine that another process shares, 2 threads fall far below 1 thread (1
+    # thread 4,361 img/s, 2 threads 1,744 beside one busy process; 1,501 and 155 beside ~2.3 busy
+    # cores), while an idle one gives 2 threads 1.6x (README, "Training loop and threads"). A fixed count also
+    # keeps the trained weights the same on any machine: gradient sums are split across threads,
+    # so the count changes their rounding. Logits are the same on any count (tested).
+    threads: int | Literal["auto"] = 1
 
 
 @dataclass(frozen=True)
@@ -442,6 +458,7 @@ def _check(config: Config) -> None:
         "train.mix_alpha": config.train.mix_alpha,
         "model.ensemble": config.model.ensemble,
         "model.mc_dropout": config.model.mc_dropout,
+        "train.val_every": config.train.val_every,
     }
     for dotted, value in positive.items():
         if value <= 0:
@@ -474,6 +491,10 @@ def _check(config: Config) -> None:
     for dotted, (value, low, high, closed) in in_range.items():
         if not (low <= value <= high if closed else low <= value < high):
             raise ConfigError(f"{dotted} = {value}: must be in [{low}, {high}{']' if closed else ')'}")
+    threads = config.train.threads
+    if threads != "auto" and not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"train.threads = {threads}: use a number of threads in [1, {MAX_THREADS}] or auto "
+                          f"(torch's default: one per physical core)")
     if config.model.mc_dropout > 1 and config.model.dropout == 0:
         raise ConfigError(f"model.mc_dropout = {config.model.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
                           f"passes would all be the same")

@@ -34,7 +34,7 @@ from calibflow.plots import (binary_score_distributions, class_confidence_histog
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.promotion import GateReport, gate_logits
 from calibflow.splits import Split, stratified_split
-from calibflow.training import EpochStats, resolve_runtime, train_classifier
+from calibflow.training import EpochStats, intra_op_threads, resolve_runtime, train_classifier
 from calibflow.validation import ValidationReport, validate_manifest
 
 
@@ -194,14 +194,18 @@ def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config
 
 
 def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, split_name: str,
-                       out_path: str, batch_size: int = 512, device: str = "auto") -> str:
-    """Collect a split's logits once (eval mode, no_grad, fp32) and save them with labels and row indices."""
+                       out_path: str, batch_size: int = 512, device: str = "auto",
+                       threads: int | str | None = None) -> str:
+    """Collect a split's logits once (eval mode, no_grad, fp32) and save them with labels and row
+    indices, with `threads` intra-op threads (train.threads: the same machine-sharing reasoning as
+    training's; a forward pass gives the same logits on any count, so this changes speed only)."""
     loaded = load_checkpoint(checkpoint)
     fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt)
     # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
-    logits = predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
-                               resolve_runtime(device).device)
+    with intra_op_threads(threads):
+        logits = predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
+                                   resolve_runtime(device).device)
     np.savez(out_path, logits=logits.numpy(), labels=labels.numpy(), indices=indices)
     return str(out_path)
 

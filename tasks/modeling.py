@@ -46,9 +46,11 @@ def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pip
 
     def log_epoch(stats: EpochStats) -> None:
         history.append(stats)  # one MLflow call per epoch, never per step
-        registry.log_metrics(run_id, {"train_loss": stats.train_loss, "val_accuracy": stats.val_accuracy,
-                                      "learning_rate": stats.learning_rate,
-                                      "images_per_second": stats.images_per_second}, step=stats.epoch)
+        metrics = {"train_loss": stats.train_loss, "learning_rate": stats.learning_rate,
+                   "images_per_second": stats.images_per_second}  # training steps alone, validation excluded
+        if stats.validated:  # train.val_every: the val curve has a point only where one was measured
+            metrics["val_accuracy"] = stats.val_accuracy
+        registry.log_metrics(run_id, metrics, step=stats.epoch)
 
     trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch)
     registry.log_artifact(run_id, trained.checkpoint, "checkpoint")
@@ -63,7 +65,7 @@ def collect_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: 
                    split: pipeline.SplitRecord, split_name: str, config: Config, work_dir: str) -> str:
     return pipeline.write_split_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, split_name,
                                        f"{work_dir}/logits_{split_name}.npz", config.evaluation.batch_size,
-                                       config.train.device)
+                                       config.train.device, config.train.threads)
 
 
 @task(name="fit-calibration", cache_policy=NO_CACHE)

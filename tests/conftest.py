@@ -44,7 +44,7 @@ data:
   min_per_class: 10
 split: {train: 0.5, val: 0.1, calibration: 0.2, test: 0.2}
 model: {arch: small_cnn, width: 8}
-train: {epochs: 5, batch_size: 32, lr: 0.05}
+train: {epochs: 5, batch_size: 32, lr: 0.05, val_every: 2}
 calibration: {min_temperature: 0.01}
 gates: {max_ece: 0.3, min_accuracy: 0.5}
 registry: {model_name: tiny-digits, experiment: tiny}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_speed.py"
 
@@ -121,3 +122,34 @@ def test_threshold_stability_quick_run_compares_raw_and_calibrated(tmp_path: Pat
     # the synthetic seeds differ only in over-confidence (x0.6 .. x1.6): calibration undoes it, so
     # the asymmetric-cost decisions spread less across seeds after it than before
     assert rows[("calibrated", "cost 1:4")]["rate"]["std"] < rows[("raw", "cost 1:4")]["rate"]["std"]
+
+
+def test_train_step_benchmark_pairs_the_project_with_a_bare_loop_doing_the_same_work(tmp_path: Path, capsys,
+                                                                                      monkeypatch) -> None:
+    """Tiny settings: the structure of the report and that the bare loop trains the same weights;
+    no speed is asserted (benchmarks/train_step.py measures that on the default job)."""
+    from calibflow.prepare import write_digits
+
+    spec = importlib.util.spec_from_file_location("train_step", BENCH.parent / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_step", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    write_digits(tmp_path / "digits", classes=(0, 1, 2), per_class=30)
+    before = torch.get_num_threads()
+    results = bench.main(["--set", f"data.path={tmp_path / 'digits'}", "--set", "train.epochs=2",
+                          "--set", "model.width=4", "--repeats", "2", "--val-every", "1", "--threads-table",
+                          "--table-epochs", "1", "--busy", "1", "--json", str(tmp_path / "train_step.json")])
+    out = capsys.readouterr().out
+    assert "| bare loop |" in out and "| train_classifier, val_every 5 |" in out and "| busy processes |" in out
+    ratio = results["ratio"]
+    assert ratio["same_weights"] is True  # the bare loop is the same training, minus the project's extras
+    assert [row["val_every"] for row in ratio["project"]] == [5, 1]
+    for row in ratio["project"]:
+        assert len(row["ratio"]["values"]) == 2 and row["ratio"]["low"] <= row["ratio"]["median"] <= row["ratio"]["high"]
+    assert {(row["busy_processes"], row["threads"]) for row in results["threads"]} == {(0, 1), (0, 2), (1, 1), (1, 2)}
+    assert all(row["logits_images_per_second"]["median"] > 0 for row in results["threads"])
+    assert "background_cores" in ratio and all("background_cores" in row for row in results["threads"])
+    assert torch.get_num_threads() == before
+    assert bench.exit_code(results, check=False) == 0
+    slow = {"ratio": {"project": [{"ratio": {"median": 0.9}}]}}
+    assert bench.exit_code(slow, check=True) == 1 and bench.exit_code(slow, check=False) == 0

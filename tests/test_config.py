@@ -185,3 +185,34 @@ def test_train_time_calibration_keys_compose():
                                          "train.label_smoothing=0.1", "model.ensemble=3", "model.dropout=0.2",
                                          "model.mc_dropout=8", "calibration.method=vector"])
     assert (config.train.loss, config.train.mix, config.model.ensemble, config.model.mc_dropout) == ("flsd53", "cutmix", 3, 8)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.val_every=0", "train.val_every = 0: must be positive"),
+    ("train.val_every=-3", "train.val_every = -3: must be positive"),
+    ("train.val_every=2.5", "train.val_every = 2.5: expected an integer"),
+    ("train.val_every=true", "train.val_every = True: expected an integer"),
+    ("train.threads=0", r"train.threads = 0: use a number of threads in \[1, 1024\] or auto"),
+    ("train.threads=-1", r"train.threads = -1: use a number of threads in \[1, 1024\] or auto"),
+    ("train.threads=100000", r"train.threads = 100000: use a number of threads in \[1, 1024\] or auto"),
+    ("train.threads=two", "train.threads = 'two': expected"),
+    ("train.threads=1.5", "train.threads = 1.5: expected"),
+])
+def test_speed_keys_refuse_what_a_run_cannot_use(override, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config("params.yaml", [override])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.val_every=1", "val_every", 1), ("train.val_every=1000", "val_every", 1000),
+    ("train.threads=2", "threads", 2), ("train.threads=auto", "threads", "auto"),
+])
+def test_speed_keys_accept_what_a_run_can_use(override, key, value):
+    assert getattr(load_config("params.yaml", [override]).train, key) == value
+
+
+def test_speed_keys_say_the_same_default_in_params_yaml_and_the_code():
+    """params.yaml spells the defaults out for users; the dataclass is where they are decided."""
+    from_file, built_in = load_config("params.yaml").train, load_config(None).train
+    assert (from_file.val_every, from_file.threads) == (built_in.val_every, built_in.threads)

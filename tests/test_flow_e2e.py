@@ -66,7 +66,11 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     mlflow_run = client.get_run(version.run_id)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["calibflow.status"] == "succeeded"
     assert mlflow_run.data.params["train.epochs"] == "5"  # the resolved config is logged
-    assert len(client.get_metric_history(version.run_id, "val_accuracy")) == 5  # once per epoch
+    def steps(metric: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(version.run_id, metric))
+
+    assert steps("train_loss") == steps("images_per_second") == [1, 2, 3, 4, 5]  # once per epoch
+    assert steps("val_accuracy") == [2, 4, 5]  # train.val_every = 2, and always the last epoch
     artifacts = {a.path for folder in ("", "plots", "data", "validation", "checkpoint", "gates")
                  for a in client.list_artifacts(version.run_id, folder or None)}
     assert {"config.yaml", "plots/reliability_diagram.png", "plots/confidence_histogram.png", "data/splits.json",

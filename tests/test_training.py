@@ -4,7 +4,10 @@ import torch
 
 from calibflow.config import TrainConfig
 from calibflow.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
-from calibflow.training import Runtime, collect_logits, random_translate, resolve_runtime, train_classifier
+import dataclasses
+
+from calibflow.training import (Runtime, collect_logits, intra_op_threads, random_translate, resolve_runtime,
+                             train_classifier, validates_after)
 
 
 def blobs(n_per_class=40, classes=3, size=8, seed=0):
@@ -132,3 +135,67 @@ def test_served_model_loads_the_temperature_only_calibration_state_of_older_vers
     images = x[:5].permute(0, 2, 3, 1).numpy()
     expected = calibrated_probabilities(collect_logits(model, x[:5]), 1.7).numpy()
     np.testing.assert_allclose(served.predict(None, images), expected, rtol=1e-12)
+
+
+def test_validation_runs_every_val_every_epochs_and_after_the_last():
+    assert [e for e in range(1, 8) if validates_after(e, 7, 3)] == [3, 6, 7]
+    assert [e for e in range(1, 7) if validates_after(e, 6, 3)] == [3, 6]
+    assert [e for e in range(1, 5) if validates_after(e, 4, 1)] == [1, 2, 3, 4]
+    assert [e for e in range(1, 5) if validates_after(e, 4, 10)] == [4]  # longer than the run: the last only
+
+
+def test_skipping_validation_leaves_the_trained_weights_bit_identical():
+    """Validation reads the model under eval() and draws no random numbers: skipping it must not
+    move the data order, the augmentation, BatchNorm's running statistics or any weight."""
+    x, y = blobs()
+    config = dataclasses.replace(FAST, epochs=7, threads=1)
+    every, every_epoch = train_classifier(SPEC, x, y, x, y, dataclasses.replace(config, val_every=1), seed=3,
+                                          progress=False)
+    third, every_third = train_classifier(SPEC, x, y, x, y, dataclasses.replace(config, val_every=3), seed=3,
+                                          progress=False)
+    a, b = every.state_dict(), third.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # buffers too: running stats
+    assert [h.train_loss for h in every_epoch] == [h.train_loss for h in every_third]
+    assert [h.epoch for h in every_third if h.validated] == [3, 6, 7]
+    assert all(h.val_accuracy is None for h in every_third if h.epoch not in (3, 6, 7))
+    for epoch in (3, 6, 7):  # the same number where both validated
+        assert every_third[epoch - 1].val_accuracy == every_epoch[epoch - 1].val_accuracy
+    assert all(h.images_per_second > 0 for h in every_third)
+
+
+def test_training_runs_on_train_threads_and_restores_the_callers_count():
+    x, y = blobs(n_per_class=10)
+    before = torch.get_num_threads()
+    outside = 3 if before != 3 else 2
+    seen = []
+    try:
+        torch.set_num_threads(outside)
+        train_classifier(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=2, threads=1), seed=0,
+                         on_epoch_end=lambda stats: seen.append(torch.get_num_threads()), progress=False)
+        assert seen == [1, 1] and torch.get_num_threads() == outside
+        train_classifier(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=1, threads="auto"), seed=0,
+                         on_epoch_end=lambda stats: seen.append(torch.get_num_threads()), progress=False)
+        assert seen[-1] == outside  # auto leaves torch's count alone
+
+        def fail(stats):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):  # an interrupted run restores it too
+            train_classifier(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=2, threads=1), seed=0,
+                             on_epoch_end=fail, progress=False)
+        assert torch.get_num_threads() == outside
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_logits_do_not_depend_on_the_thread_count():
+    """write_split_logits collects on train.threads while the served model, in `calibflow evaluate`,
+    runs on torch's default: the logged numbers are reproduced exactly only if a forward pass gives
+    the same logits on either count."""
+    x, y = blobs()
+    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    with intra_op_threads(1):
+        one = collect_logits(model, x, batch_size=64)
+    with intra_op_threads(2):
+        two = collect_logits(model, x, batch_size=64)
+    assert torch.equal(one, two)

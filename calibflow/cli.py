@@ -132,6 +132,17 @@ def _imports_done() -> None:
         _COLLECTOR_PAUSED = False
 
 
+def _model_threads(threads=None):
+    """torch's threads while a command runs a registered model: train.threads (its default when
+    the command reads no params), as the pipeline collected the logits being reproduced. Beside
+    another busy process, torch's default of one thread per core is several times slower (README,
+    "Training loop and threads"); the logits are the same at any count."""
+    from calibflow.config import TrainConfig
+    from calibflow.training import intra_op_threads
+
+    return intra_op_threads(TrainConfig.threads if threads is None else threads)
+
+
 def _dispatch(handler, args: argparse.Namespace) -> int:
     repo = getattr(args, "repo", None)
     if repo is not None and not Path(repo).is_dir():
@@ -220,7 +231,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     registry.configure_tracking(args.repo)
     try:
-        result = reproduce(args.model, args.repo)
+        with _model_threads():
+            result = reproduce(args.model, args.repo)
     except (LookupError, ValueError, DataVersionError) as error:
         print(f"calibflow: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
@@ -258,7 +270,8 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"calibflow predict: no such file: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        predictions = predict_files(args.model, args.images)
+        with _model_threads():
+            predictions = predict_files(args.model, args.images)
     except (LookupError, ValueError, OSError) as error:  # OSError: also an image Pillow cannot read
         print(f"calibflow predict: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
@@ -295,8 +308,9 @@ def _run_gate(args: argparse.Namespace):
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
         registry.configure_tracking(args.repo)
-        return gate_version(args.model, args.candidate, config.gates, args.against, args.repo,
-                            config.evaluation.n_bins)
+        with _model_threads(config.train.threads):
+            return gate_version(args.model, args.candidate, config.gates, args.against, args.repo,
+                                config.evaluation.n_bins)
     except (ConfigError, GateUndecided, LookupError) as error:
         print(f"calibflow gate: could not decide: {error}", file=sys.stderr)
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server

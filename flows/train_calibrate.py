@@ -75,10 +75,16 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root)
-        check_gate_power(manifest, split, config, run.run_id, repo_root)
         check_decision_settings(manifest, split, config)
 
-        trained = train_model(data, manifest, split, config, run.work_dir, run.run_id)
+        # A warning, never a refusal: its simulation (~7 s on a first run) runs on the core that
+        # training (train.threads) leaves free, and both release the GIL.
+        gate_power = check_gate_power.submit(manifest, split, config, run.run_id, repo_root)
+        try:
+            trained = train_model(data, manifest, split, config, run.work_dir, run.run_id)
+        finally:
+            gate_power.wait()  # its tag lands before a failed run is closed, too
+        gate_power.result()
         calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
         test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
 

@@ -98,6 +98,10 @@ class TrainConfig:
     mmce_weight: float = 2.0  # loss mmce: lambda in CE + lambda * MMCE (Kumar et al. 2018)
     mix: Literal["none", "mixup", "cutmix"] = "none"  # torchvision.transforms.v2 MixUp / CutMix
     mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); must be positive
+    # Outlier exposure (Hendrycks, Mazeika & Dietterich 2019): a DVC-tracked folder of auxiliary
+    # outlier images (flat or <class>/<image>, resized to the model's input); each step adds 0.5 x
+    # the cross-entropy from the uniform distribution to the softmax of as many outliers.
+    outlier_exposure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,12 @@ class CalibrationConfig:
     # example every calibration prediction is right with a wide margin): that is an error.
     min_temperature: float = 0.05
     max_temperature: float = 20.0
+    # Tomani et al. 2021 ("Post-hoc calibration of neural networks by perturbation"): fit on the
+    # calibration split plus copies of it corrupted by `shift_corruptions` at severities 1-5, so
+    # the calibrator sees the confidence a model has on harder images. The default corruption is
+    # not in the default `shift:` suite, so the suite measures shifts the calibrator never saw.
+    shift_aware: bool = False
+    shift_corruptions: tuple[str, ...] = ("speckle_noise",)
 
 
 @dataclass(frozen=True)
@@ -533,7 +543,13 @@ def _check(config: Config) -> None:
     if not DEVICE_PATTERN.fullmatch(config.train.device):
         raise ConfigError(f"train.device = {config.train.device!r}: use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
     _check_decision(config.decision, config.gates)
-    _check_shift(config.shift, config.ood, config.gates)
+    _check_shift(config.shift, config.ood, config.gates, config.calibration)
+    if config.train.outlier_exposure is not None:
+        if not config.train.outlier_exposure.strip():
+            raise ConfigError("train.outlier_exposure is empty: name a DVC-tracked folder of outlier images, or null")
+        if config.ood.path and Path(config.train.outlier_exposure) == Path(config.ood.path):
+            raise ConfigError(f"train.outlier_exposure and ood.path are both {config.ood.path!r}: the OOD evaluation "
+                              f"must use outliers the model was not trained on; use another folder for one of them")
     name = config.registry.model_name
     if not name.strip() or "/" in name or ":" in name:  # what MLflow refuses, found before training
         raise ConfigError(f"registry.model_name = {name!r}: must be non-empty, without '/' or ':'")
@@ -579,9 +595,9 @@ def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:
                           "prediction sets that rule fits")
 
 
-def _check_shift(shift: ShiftConfig, ood: OODConfig, gates: GatesConfig) -> None:
+def _check_shift(shift: ShiftConfig, ood: OODConfig, gates: GatesConfig, calibration: CalibrationConfig) -> None:
     """Known corruptions and severities, each once, and no shift or OOD gate without its suite."""
-    for name in shift.corruptions:
+    for name in shift.corruptions + calibration.shift_corruptions:
         if name not in CORRUPTION_NAMES:
             close = difflib.get_close_matches(name, CORRUPTION_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -592,6 +608,8 @@ def _check_shift(shift: ShiftConfig, ood: OODConfig, gates: GatesConfig) -> None
     for severity in shift.severities:
         if not 1 <= severity <= 5:
             raise ConfigError(f"shift.severities: {severity} is not a severity; use integers from 1 to 5")
+    if calibration.shift_aware and not calibration.shift_corruptions:
+        raise ConfigError("calibration.shift_aware needs calibration.shift_corruptions (e.g. [speckle_noise])")
     if bool(shift.corruptions) != bool(shift.severities):
         raise ConfigError("shift.corruptions and shift.severities must both be set (a suite) or both be [] (none)")
     for gate in ("max_shift_ece", "max_shift_ece_increase"):

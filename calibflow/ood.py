@@ -44,31 +44,36 @@ def _listed(root: Path) -> list[str]:
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str], max_images: int) -> OODData:
-    """Pin `path` with DVC and check it can serve as OOD images; OODDataError otherwise."""
+def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str], max_images: int,
+                     key: str = "ood.path", other_hashes: set[str] = frozenset(), other: str = "") -> OODData:
+    """Pin `path` (params.yaml's `key`) with DVC and check it can serve as out-of-distribution
+    images; OODDataError otherwise. `other_hashes`: images it must not share either (the OOD
+    evaluation folder, for the outlier-exposure one), named `other`."""
     from PIL import Image, UnidentifiedImageError
 
     from calibflow.versioning import DataVersionError, resolve_data
 
     local = Path(repo_root) / path
     if not local.exists():
-        raise OODDataError(f"ood.path {path!r} does not exist: add a folder of out-of-distribution images there "
-                           f"(`dvc add {path}`), or set ood.path to null")
+        raise OODDataError(f"{key} {path!r} does not exist: add a folder of out-of-distribution images there "
+                           f"(`dvc add {path}`), or set {key} to null")
     if not local.is_dir():
-        raise OODDataError(f"ood.path {path!r} is a file: it must be a folder of images (flat, or <class>/<image>)")
+        raise OODDataError(f"{key} {path!r} is a file: it must be a folder of images (flat, or <class>/<image>)")
     files = _listed(local)
     if not files:
-        raise OODDataError(f"ood.path {path!r} is empty: put out-of-distribution images in it and `dvc add {path}`")
+        raise OODDataError(f"{key} {path!r} is empty: put out-of-distribution images in it and `dvc add {path}`")
     try:
         version = resolve_data(repo_root, path, None)
     except DataVersionError as error:
-        raise OODDataError(str(error).replace("data.path", "ood.path")) from error
+        raise OODDataError(str(error).replace("data.path", key)) from error
     root = Path(version.local_dir)
-    not_images, overlapping = [], []
+    not_images, overlapping, shared = [], [], []
     for relative in files:
-        data = (root / relative).read_bytes()
-        if hashlib.sha256(data).hexdigest() in training_hashes:
+        digest = hashlib.sha256((root / relative).read_bytes()).hexdigest()
+        if digest in training_hashes:
             overlapping.append(relative)
+        if digest in other_hashes:
+            shared.append(relative)
         try:
             with Image.open(root / relative) as image:
                 image.load()
@@ -76,15 +81,27 @@ def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str]
             not_images.append(relative)
     if not_images:
         shown = ", ".join(not_images[:5]) + (f" and {len(not_images) - 5} more" if len(not_images) > 5 else "")
-        raise OODDataError(f"ood.path {path!r}: {len(not_images)} of {len(files)} files are not images ({shown}): "
+        raise OODDataError(f"{key} {path!r}: {len(not_images)} of {len(files)} files are not images ({shown}): "
                            f"remove them and `dvc add {path}`")
+    if shared:
+        raise OODDataError(f"{key} {path!r}: {len(shared)} image(s) have the same bytes as images of {other} "
+                           f"(e.g. {shared[0]}): training on them would leak into the OOD evaluation; remove them")
     if overlapping:
         shown = ", ".join(overlapping[:5]) + (f" and {len(overlapping) - 5} more" if len(overlapping) > 5 else "")
-        raise OODDataError(f"ood.path {path!r}: {len(overlapping)} image(s) have the same bytes as images of data.path "
+        raise OODDataError(f"{key} {path!r}: {len(overlapping)} image(s) have the same bytes as images of data.path "
                            f"({shown}), so they are not out of distribution: remove them from {path} and "
                            f"`dvc add {path}`")
     return OODData(path=version.path, local_dir=str(root), dvc_hash=version.dvc_hash,
                    files=tuple(files[:max_images]))
+
+
+def folder_hashes(data: OODData) -> set[str]:
+    return {hashlib.sha256((Path(data.local_dir) / r).read_bytes()).hexdigest() for r in data.files}
+
+
+def load_ood_data(path: str | Path) -> OODData:
+    raw = json.loads(Path(path).read_text())
+    return OODData(raw["path"], raw["local_dir"], raw["dvc_hash"], tuple(raw["files"]))
 
 
 def save_ood_data(data: OODData, out_path: str | Path) -> str:

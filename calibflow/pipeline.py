@@ -133,10 +133,16 @@ class TrainedModel:
 
 
 def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config: Config, out_dir: str,
-                on_epoch_end: Callable[[EpochStats], None] | None = None) -> TrainedModel:
+                on_epoch_end: Callable[[EpochStats], None] | None = None,
+                outliers_path: str | None = None) -> TrainedModel:
+    """`outliers_path`: check_ood_data's record of train.outlier_exposure's folder."""
     fmt = image_format(manifest.path, config.data)
     train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
     val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
+    outliers = None
+    if outliers_path:
+        record = json.loads(Path(outliers_path).read_text())
+        outliers = load_images(record["local_dir"], record["files"], fmt.mode, (fmt.width, fmt.height))
     spec = ModelSpec(arch=config.model.arch, in_channels=fmt.channels, num_classes=len(manifest.classes),
                      image_height=fmt.height, image_width=fmt.width, width=config.model.width,
                      dropout=config.model.dropout)
@@ -148,7 +154,8 @@ def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config
         report = None if on_epoch_end is None else (
             lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
         model, member_history = train_classifier(spec, train_x, train_y, val_x, val_y, config.train, seed, runtime,
-                                                 weights_path=config.model.weights_path, on_epoch_end=report)
+                                                 weights_path=config.model.weights_path, on_epoch_end=report,
+                                                 outlier_images=outliers)
         members.append(model)
         history += member_history
     checkpoint = save_checkpoint(Path(out_dir) / "checkpoint.pt", members[0], spec, list(manifest.classes), fmt.mode,
@@ -194,6 +201,33 @@ def write_shift_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
     np.savez(out_path, labels=labels.numpy(), indices=indices, suite=np.array(suite.to_json()),
              **{f"cell__{key}": value for key, value in logits.items()})
+    return str(out_path)
+
+
+def write_shift_aware_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str,
+                             calibration_logits_path: str, corruptions: tuple[str, ...], seed: int, out_path: str,
+                             batch_size: int = 512, device: str = "auto", cache_dir: str | None = None) -> str:
+    """What a shift-aware calibrator is fitted on (Tomani et al. 2021): the calibration split's
+    logits and those of its copies corrupted by `corruptions` at severities 1-5, one file in the
+    format of write_split_logits (labels and rows repeated per copy). The decision rules are still
+    fitted on the clean calibration logits."""
+    suite = Suite(tuple(corruptions), (1, 2, 3, 4, 5), 10**9, seed)
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, _, _ = load_split_images(data_dir, manifest_path, split_path, "calibration", fmt)
+    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir)
+    run_on = resolve_runtime(device).device
+
+    def logits_of(batch: np.ndarray) -> np.ndarray:
+        return predictive_logits(loaded.members, torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
+                                 loaded.mc_samples, loaded.mc_seed, batch_size, run_on).numpy()
+
+    logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+    with np.load(calibration_logits_path) as saved:
+        clean, labels, rows = saved["logits"], saved["labels"], saved["indices"]
+    copies = 1 + len(suite.keys)
+    np.savez(out_path, logits=np.concatenate([clean, *(logits[k] for k in suite.keys)]),
+             labels=np.tile(labels, copies), indices=np.tile(rows, copies))
     return str(out_path)
 
 
@@ -249,13 +283,18 @@ class OODEvaluation:
     plots: tuple[str, ...]
 
 
-def check_ood_data(repo_root: str, manifest_path: str, path: str, max_images: int, out_path: str) -> str:
-    """Before training: pin ood.path with DVC and refuse it when missing, empty, not images, or
-    holding images of the dataset; the checked list of files is written to `out_path`."""
-    from calibflow.ood import check_ood_folder, save_ood_data
+def check_ood_data(repo_root: str, manifest_path: str, path: str, max_images: int, out_path: str,
+                   key: str = "ood.path", not_in: str | None = None) -> str:
+    """Before training: pin `path` (params.yaml's `key`: ood.path or train.outlier_exposure) with
+    DVC and refuse it when missing, empty, not images, or holding images of the dataset (or of the
+    folder checked into `not_in`); the checked list of files is written to `out_path`."""
+    from calibflow.ood import check_ood_folder, folder_hashes, load_ood_data, save_ood_data
 
     hashes = set(load_manifest(manifest_path)["sha256"])
-    return save_ood_data(check_ood_folder(repo_root, path, hashes, max_images), out_path)
+    other = load_ood_data(not_in) if not_in else None
+    return save_ood_data(check_ood_folder(repo_root, path, hashes, max_images, key,
+                                          folder_hashes(other) if other else frozenset(),
+                                          f"ood.path ({other.path})" if other else ""), out_path)
 
 
 def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, calibration: CalibrationRecord,

@@ -23,9 +23,10 @@ from prefect.runtime import flow_run
 from calibflow.config import load_config
 from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
-from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, collect_logits,
-                            collect_shift_logits, evaluate_calibration, evaluate_decisions, evaluate_ood,
-                            evaluate_shift, fit_calibration, fit_decisions, train_model)
+from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, check_outlier_data,
+                            collect_logits, collect_shift_aware_logits, collect_shift_logits, evaluate_calibration,
+                            evaluate_decisions, evaluate_ood, evaluate_shift, fit_calibration, fit_decisions,
+                            train_model)
 from tasks.tracking import (discard_metrics_report, end_leftovers_of_killed_runs, find_unchanged_champion, finish_run,
                             promote_to_champion, publish_metrics_report, publish_summary, register_model,
                             stage_metrics_report, start_run, undo_registration)
@@ -80,12 +81,14 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         check_gate_power(manifest, split, config, run.run_id)
         check_decision_settings(manifest, split, config)
         ood_data = check_ood_data(repo_root, manifest, config, run.work_dir, run.run_id)
+        outliers = check_outlier_data(repo_root, manifest, ood_data, config, run.work_dir, run.run_id)
 
-        trained = train_model(data, manifest, split, config, run.work_dir, run.run_id)
+        trained = train_model(data, manifest, split, config, run.work_dir, run.run_id, outliers)
         calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
         test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
 
-        fit = fit_calibration(calibration_logits, config, run.work_dir, run.run_id)
+        fit_logits = collect_shift_aware_logits(trained, data, manifest, split, calibration_logits, config, run.work_dir)
+        fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id)
         decisions = fit_decisions(calibration_logits, fit, manifest, config, run.work_dir, run.run_id)
         evaluation = evaluate_calibration(test_logits, fit, manifest, config, run.work_dir, run.run_id)
         decided = evaluate_decisions(test_logits, fit, decisions, config, run.work_dir, run.run_id)

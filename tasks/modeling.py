@@ -50,9 +50,22 @@ def check_ood_data(repo_root: str, manifest: pipeline.ManifestRecord, config: Co
     return path
 
 
+@task(name="check-outlier-data", cache_policy=NO_CACHE)
+def check_outlier_data(repo_root: str, manifest: pipeline.ManifestRecord, ood_data: str | None, config: Config,
+                       work_dir: str, run_id: str) -> str | None:
+    """Before training: train.outlier_exposure's folder pinned by DVC, images of no trained class,
+    none shared with ood.path's (None: not set)."""
+    if not config.train.outlier_exposure:
+        return None
+    path = pipeline.check_ood_data(repo_root, manifest.path, config.train.outlier_exposure, 10**9,
+                                   f"{work_dir}/outlier_exposure_data.json", "train.outlier_exposure", ood_data)
+    registry.log_artifact(run_id, path, "ood")
+    return path
+
+
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
-                work_dir: str, run_id: str) -> pipeline.TrainedModel:
+                work_dir: str, run_id: str, outliers: str | None = None) -> pipeline.TrainedModel:
     history: list[EpochStats] = []
 
     def log_epoch(stats: EpochStats) -> None:
@@ -61,7 +74,8 @@ def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pip
                                       "learning_rate": stats.learning_rate,
                                       "images_per_second": stats.images_per_second}, step=stats.epoch)
 
-    trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch)
+    trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch,
+                                   outliers_path=outliers)
     registry.log_artifact(run_id, trained.checkpoint, "checkpoint")
     registry.set_tags(run_id, {"device": trained.device, "precision": trained.precision})
     get_run_logger().info("trained %d epochs on %s (%s): val accuracy %.4f, %.0f images/s", trained.epochs,
@@ -75,6 +89,26 @@ def collect_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: 
     return pipeline.write_split_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, split_name,
                                        f"{work_dir}/logits_{split_name}.npz", config.evaluation.batch_size,
                                        config.train.device)
+
+
+@task(name="collect-shift-aware-logits", cache_policy=NO_CACHE)
+def collect_shift_aware_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
+                               split: pipeline.SplitRecord, calibration_logits: str, config: Config,
+                               work_dir: str) -> str:
+    """The logits the calibrator is fitted on: the calibration split's, plus (calibration.shift_aware)
+    those of its corrupted copies."""
+    if not config.calibration.shift_aware:
+        return calibration_logits
+    from pathlib import Path
+
+    cache = Path(work_dir).parents[1] / "cache" / "shift"
+    path = pipeline.write_shift_aware_logits(trained.checkpoint, data.local_dir, manifest.path, split.path,
+                                             calibration_logits, config.calibration.shift_corruptions, config.seed,
+                                             f"{work_dir}/logits_calibration_shift_aware.npz",
+                                             config.evaluation.batch_size, config.train.device, str(cache))
+    get_run_logger().info("shift-aware calibration: fitting on the calibration split and its copies corrupted by %s "
+                          "at severities 1-5", ", ".join(config.calibration.shift_corruptions))
+    return path
 
 
 @task(name="fit-calibration", cache_policy=NO_CACHE)

@@ -247,3 +247,46 @@ def test_ood_gate_passes_a_separable_model_and_fails_one_that_is_not():
     assert "max_ood_fpr95" in {c["name"] for c in bad.to_json()["checks"]}
     tiny = fpr_at_tpr_upper_bound(np.arange(10.0), np.arange(10.0) - 100, 0.95, 0.95)
     assert tiny.bound == 1.0  # 10 in-distribution images cannot place a 95%-TPR threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# Outlier exposure
+
+
+def test_outlier_exposure_loss_is_cross_entropy_to_uniform():
+    import torch
+
+    from calibflow.losses import outlier_exposure_loss
+
+    # minimum log K, at a uniform softmax
+    assert float(outlier_exposure_loss(torch.zeros(4, 10))) == pytest.approx(np.log(10), abs=1e-6)
+    assert float(outlier_exposure_loss(torch.full((3, 5), 7.0))) == pytest.approx(np.log(5), abs=1e-6)
+    assert float(outlier_exposure_loss(torch.tensor([[0.1, 0.0, 0.0]]))) > np.log(3)
+    z = torch.tensor([[3.0, 0.0, -1.0]])
+    p = torch.softmax(z, dim=1)
+    assert float(outlier_exposure_loss(z)) == pytest.approx(float(-(torch.log(p) / 3).sum()), rel=1e-6)
+
+
+def test_outlier_exposure_lowers_confidence_on_outliers_and_keeps_accuracy():
+    """Three classes of blobs; outliers are images of a fourth kind. Trained with them, the model's
+    top softmax probability on held-out outliers drops; on its own classes it stays accurate."""
+    import torch
+
+    from calibflow.config import TrainConfig
+    from calibflow.models import ModelSpec
+    from calibflow.training import collect_logits, train_classifier
+    from tests.test_training import blobs
+
+    x, y = blobs(classes=4, n_per_class=60)
+    inside, outside = y < 3, y == 3
+    x_in, y_in, x_out = x[inside], y[inside], x[outside]
+    spec = ModelSpec(arch="small_cnn", in_channels=x.shape[1], num_classes=3, image_height=8, image_width=8, width=8)
+    config = TrainConfig(epochs=6, batch_size=32, lr=0.05, augment=False)
+    plain, _ = train_classifier(spec, x_in, y_in, x_in, y_in, config, seed=0, progress=False)
+    exposed, history = train_classifier(spec, x_in, y_in, x_in, y_in, config, seed=0, progress=False,
+                                        outlier_images=x_out[:30])
+    held_out = x_out[30:]
+    msp = {name: torch.softmax(collect_logits(model, held_out), 1).max(1).values.mean().item()
+           for name, model in (("plain", plain), ("exposed", exposed))}
+    assert msp["exposed"] < msp["plain"] - 0.1, msp
+    assert history[-1].val_accuracy > 0.9

@@ -27,12 +27,12 @@ def client_of(repo: Path) -> MlflowClient:
     return MlflowClient()
 
 
-def add_ood_folder(repo: Path, name: str = "ood", flat: bool = True) -> str:
+def add_ood_folder(repo: Path, name: str = "ood", flat: bool = True, classes=(5, 6, 7, 8, 9)) -> str:
     """Digits of classes the tiny repo lacks (5-9), flat or as an ImageFolder, tracked by DVC."""
     from calibflow.prepare import write_digits
 
     folder = repo / "data" / name
-    write_digits(folder, classes=(5, 6, 7, 8, 9), per_class=12)
+    write_digits(folder, classes=tuple(classes), per_class=12)
     if flat:
         for image in sorted(folder.glob("*/*.png")):
             image.rename(folder / f"{image.parent.name}_{image.name}")
@@ -174,3 +174,47 @@ def test_a_failing_shift_gate_exits_1_with_the_check_in_its_json(tiny_repo, caps
                       "--set", "gates.max_shift_ece_increase=0.0", "--json", str(out)]) == 1
     check = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_shift_ece_increase")
     assert not check["passed"] and check["bound"] == pytest.approx(increase["bound"])  # the same numbers
+
+
+def test_shift_aware_calibration_fits_on_corrupted_copies_and_is_served(tiny_repo, tmp_path):
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.shift_aware=true"]) == 0
+    client = client_of(tiny_repo)
+    plain = client.get_model_version_by_alias(MODEL, "champion")
+    aware = client.get_model_version_by_alias(MODEL, "challenger")
+    # the same network (same seed and data), a temperature fitted on more, harder images
+    assert float(aware.tags["temperature"]) != float(plain.tags["temperature"])
+    runs = tiny_repo / ".calibflow" / "runs"
+    import numpy as np
+
+    with np.load(runs / aware.run_id / "logits_calibration_shift_aware.npz") as fitted, \
+            np.load(runs / aware.run_id / "logits_calibration.npz") as clean:
+        assert len(fitted["labels"]) == 6 * len(clean["labels"])  # clean + speckle noise at severities 1-5
+        np.testing.assert_array_equal(fitted["logits"][:len(clean["labels"])], clean["logits"])
+    out = tmp_path / "evaluate.json"
+    assert calibflow(["evaluate", "--model", f"models:/{MODEL}/{aware.version}", "--repo", str(tiny_repo),
+                      "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mismatches"] == []
+
+
+def test_outlier_exposure_trains_on_its_folder_and_never_on_the_ood_one(tiny_repo, capsys):
+    ood = add_ood_folder(tiny_repo, "ood", classes=(8, 9))
+    exposure = add_ood_folder(tiny_repo, "oe", flat=False, classes=(5, 6, 7))
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}",
+                      "--set", f"train.outlier_exposure={exposure}"]) == 0
+    client = client_of(tiny_repo)
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert {"ood/outlier_exposure_data.json", "ood/ood_data.json"} <= {
+        a.path for a in client.list_artifacts(version.run_id, "ood")}
+    assert client.get_run(version.run_id).data.params["train.outlier_exposure"] == exposure
+
+    # the same images in both folders: refused before training
+    leak = tiny_repo / "data" / "oe" / "8"
+    leak.mkdir()
+    for image in sorted((tiny_repo / "data" / "ood").glob("*.png"))[:2]:
+        (leak / image.name).write_bytes(image.read_bytes())
+    track(tiny_repo, "data/oe")
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}",
+                      "--set", f"train.outlier_exposure={exposure}", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "train.outlier_exposure 'data/oe'" in err and "same bytes as images of ood.path" in err

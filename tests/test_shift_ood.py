@@ -290,3 +290,16 @@ def test_outlier_exposure_lowers_confidence_on_outliers_and_keeps_accuracy():
            for name, model in (("plain", plain), ("exposed", exposed))}
     assert msp["exposed"] < msp["plain"] - 0.1, msp
     assert history[-1].val_accuracy > 0.9
+
+
+def test_params_yaml_documents_the_new_keys_at_their_defaults():
+    from calibflow.config import Config
+    from tests.conftest import REPO
+
+    documented, defaults = load_config(REPO / "params.yaml"), Config()
+    assert documented.shift == defaults.shift and documented.ood == defaults.ood
+    assert documented.train.outlier_exposure is None
+    assert (documented.calibration.shift_aware, documented.calibration.shift_corruptions) == (
+        defaults.calibration.shift_aware, defaults.calibration.shift_corruptions)
+    for gate in ("max_shift_ece", "max_shift_ece_increase", "max_ood_fpr95"):
+        assert getattr(documented.gates, gate) is None

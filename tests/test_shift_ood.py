@@ -303,3 +303,23 @@ def test_params_yaml_documents_the_new_keys_at_their_defaults():
         defaults.calibration.shift_aware, defaults.calibration.shift_corruptions)
     for gate in ("max_shift_ece", "max_shift_ece_increase", "max_ood_fpr95"):
         assert getattr(documented.gates, gate) is None
+
+
+def test_the_benchmarks_jigsaw_outliers_are_permuted_patches_of_the_image():
+    import importlib.util
+
+    import torch
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("shift_and_ood", REPO / "benchmarks" / "shift_and_ood.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    jigsaw = bench.jigsaw
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    shuffled = jigsaw(images, seed=0)
+    assert shuffled.shape == images.shape and not torch.equal(shuffled, images)
+    patches = lambda x: sorted(x[:, r:r + 8, c:c + 8].flatten().tolist() for r in range(0, 32, 8)  # noqa: E731
+                               for c in range(0, 32, 8))
+    assert all(patches(a) == patches(b) for a, b in zip(images, shuffled))
+    assert torch.equal(jigsaw(images, seed=0), shuffled)

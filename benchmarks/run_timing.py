@@ -6,7 +6,8 @@ from spawn to exit. The flow's task runs are then read back from Prefect's API (
 to the same Prefect database): the work is training, logit collection, the calibration fit and
 its evaluation; the fixed cost is everything else (interpreter start and imports, Prefect's API
 and bookkeeping, the DVC pin, GX validation, the gate power check, MLflow tracking and
-registration, interpreter exit).
+registration, interpreter exit). The corruption suite and the OOD evaluation count as work: they
+evaluate calibration, under shift and on out-of-distribution images.
 
 Two ways of reaching Prefect, interleaved (A B A B ...) so that a busy shared machine weighs on
 both alike:
@@ -44,7 +45,10 @@ sys.path.insert(0, str(REPO))
 
 from calibflow.disk_cache import cache_dir  # noqa: E402
 
-WORK_TASKS = ("train-model", "collect-logits", "fit-calibration", "evaluate-calibration")
+# The training and calibration work; the corruption suite and the OOD evaluation (issue 11) measure
+# calibration too. Everything else is fixed cost.
+WORK_TASKS = ("train-model", "collect-logits", "collect-shift-aware-logits", "fit-calibration", "evaluate-calibration",
+              "collect-shift-logits", "evaluate-shift", "evaluate-ood")
 BESIDE_TRAINING = ("check-gate-power",)  # submitted to run concurrently with train-model
 MODES = ("temporary", "local-server")
 FIXED_COST_TARGET_S = 10.0

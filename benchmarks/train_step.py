@@ -262,7 +262,7 @@ def print_ratio(result: dict, config: Config, repeats: int) -> None:
           f"{result['busy_processes']} busy processes; {repeats} repeats; same weights: {result['same_weights']}")
     if result["background_cores"] is not None:
         print(f"other processes kept {result['background_cores']:.1f} cores busy on average meanwhile")
-    print(f"| arm | img/s (median, range) | ratio to bare, wall (median, range) | ratio to bare, CPU time |")
+    print("| arm | img/s (median, range) | ratio to bare, wall (median, range) | ratio to bare, CPU time |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| bare loop | {b['median']:,.0f} ({b['low']:,.0f}-{b['high']:,.0f}) | 1 | 1 |")
     for row in result["project"]:

@@ -240,9 +240,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _store_failed("evaluate", error)
     report = {"model": result.model_uri, "version": result.version, "recomputed": result.recomputed,
               "logged": result.logged, "mismatches": result.mismatches()}
-    print(f"{'metric':<10} {'logged':>20} {'recomputed':>20}")
+    width = max(10, *(len(name) for name in result.recomputed))
+    print(f"{'metric':<{width}} {'logged':>20} {'recomputed':>20}")
     for name, value in result.recomputed.items():
-        print(f"{name:<10} {result.logged.get(name, float('nan')):>20.12f} {value:>20.12f}")
+        print(f"{name:<{width}} {result.logged.get(name, float('nan')):>20.12f} {value:>20.12f}")
     print(json.dumps(report))
     if args.json_path:
         try:

@@ -114,6 +114,10 @@ class TrainConfig:
     # keeps the trained weights the same on any machine: gradient sums are split across threads,
     # so the count changes their rounding. Logits are the same on any count (tested).
     threads: int | Literal["auto"] = 1
+    # Outlier exposure (Hendrycks, Mazeika & Dietterich 2019): a DVC-tracked folder of auxiliary
+    # outlier images (flat or <class>/<image>, resized to the model's input); each step adds 0.5 x
+    # the cross-entropy from the uniform distribution to the softmax of as many outliers.
+    outlier_exposure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,12 @@ class CalibrationConfig:
     # example every calibration prediction is right with a wide margin): that is an error.
     min_temperature: float = 0.05
     max_temperature: float = 20.0
+    # Tomani et al. 2021 ("Post-hoc calibration of neural networks by perturbation"): fit on the
+    # calibration split plus copies of it corrupted by `shift_corruptions` at severities 1-5, so
+    # the calibrator sees the confidence a model has on harder images. The default corruption is
+    # not in the default `shift:` suite, so the suite measures shifts the calibrator never saw.
+    shift_aware: bool = False
+    shift_corruptions: tuple[str, ...] = ("speckle_noise",)
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,15 @@ class GatesConfig:
     # 2023; consistent, and no bin edges to be noisy at: benchmarks/gate_soundness.py measures it
     # keeping its confidence with far more power against a champion) or "ece" (15 equal-width bins).
     metric: Literal["ece", "smooth_ece"] = "smooth_ece"
+    # Shift gates (need a `shift:` suite), read on the corrupted copies of the test split: the mean
+    # over the suite's cells of each cell's upper bound of the calibration error (`metric`), each
+    # at the Bonferroni level 1 - (1 - confidence) / cells, so all hold at once at `confidence`.
+    max_shift_ece: float | None = None
+    # ... and of the increase over the champion's, on the corrupted shared test images.
+    max_shift_ece_increase: float | None = None
+    # Out-of-distribution gate (needs ood.path): upper bound of the share of OOD images scored as
+    # in-distribution at the threshold that keeps 95% of the test split (docs/shift_and_ood.md).
+    max_ood_fpr95: float | None = None
     # Decision gates (need the matching decision: rule), read at the served thresholds on the
     # test split: the upper bound of the selective risk, the lower bound of the sets' coverage.
     max_selective_risk: float | None = None
@@ -198,6 +217,34 @@ class DecisionConfig:
         return self.binary_rule is not None or self.max_risk is not None or self.conformal_alpha is not None
 
 
+# The corruptions of calibflow.corruptions (CIFAR-10-C's formulas and severities).
+CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur", "contrast",
+                    "brightness", "pixelate", "jpeg_compression")
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """The corruption suite run on the test split after calibration (calibflow.shift). Each
+    corruption at each severity is one cell; every cell is a corrupted copy of the same test images,
+    seeded per image, so a rerun (or `calibflow evaluate`) rebuilds the same pixels."""
+
+    # Empty: no suite. The default is fast (3 x 3 cells on at most 500 images: about a second on
+    # the digits); the full suite is every name of CORRUPTION_NAMES at severities 1-5.
+    corruptions: tuple[str, ...] = ("gaussian_noise", "gaussian_blur", "contrast")
+    severities: tuple[int, ...] = (1, 3, 5)
+    max_images: int = 500  # the first N test images (all of them when fewer)
+
+
+@dataclass(frozen=True)
+class OODConfig:
+    """Out-of-distribution evaluation (calibflow.ood): a DVC-tracked folder of images of no trained
+    class (an ImageFolder or a flat folder), resized to the model's input."""
+
+    path: str | None = None
+    score: Literal["energy", "msp"] = "energy"  # what gates.max_ood_fpr95 reads
+    max_images: int = 2000
+
+
 @dataclass(frozen=True)
 class PromotionConfig:
     # true: a run that passes every gate moves @champion itself; false: it stops at @challenger
@@ -230,6 +277,8 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+    ood: OODConfig = field(default_factory=OODConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -459,6 +508,8 @@ def _check(config: Config) -> None:
         "model.ensemble": config.model.ensemble,
         "model.mc_dropout": config.model.mc_dropout,
         "train.val_every": config.train.val_every,
+        "shift.max_images": config.shift.max_images,
+        "ood.max_images": config.ood.max_images,
     }
     for dotted, value in positive.items():
         if value <= 0:
@@ -471,6 +522,7 @@ def _check(config: Config) -> None:
         "gates.max_nll": config.gates.max_nll,
         "gates.max_ece_increase": config.gates.max_ece_increase,
         "gates.max_accuracy_drop": config.gates.max_accuracy_drop,
+        "gates.max_shift_ece_increase": config.gates.max_shift_ece_increase,
     }
     for dotted, value in not_negative.items():
         if value is not None and value < 0:
@@ -512,6 +564,13 @@ def _check(config: Config) -> None:
     if not DEVICE_PATTERN.fullmatch(config.train.device):
         raise ConfigError(f"train.device = {config.train.device!r}: use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
     _check_decision(config.decision, config.gates)
+    _check_shift(config.shift, config.ood, config.gates, config.calibration)
+    if config.train.outlier_exposure is not None:
+        if not config.train.outlier_exposure.strip():
+            raise ConfigError("train.outlier_exposure is empty: name a DVC-tracked folder of outlier images, or null")
+        if config.ood.path and Path(config.train.outlier_exposure) == Path(config.ood.path):
+            raise ConfigError(f"train.outlier_exposure and ood.path are both {config.ood.path!r}: the OOD evaluation "
+                              f"must use outliers the model was not trained on; use another folder for one of them")
     name = config.registry.model_name
     if not name.strip() or "/" in name or ":" in name:  # what MLflow refuses, found before training
         raise ConfigError(f"registry.model_name = {name!r}: must be non-empty, without '/' or ':'")
@@ -555,6 +614,35 @@ def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:
     if gates.min_conformal_coverage is not None and decision.conformal_alpha is None:
         raise ConfigError("gates.min_conformal_coverage needs decision.conformal_alpha: the gate reads the "
                           "prediction sets that rule fits")
+
+
+def _check_shift(shift: ShiftConfig, ood: OODConfig, gates: GatesConfig, calibration: CalibrationConfig) -> None:
+    """Known corruptions and severities, each once, and no shift or OOD gate without its suite."""
+    for name in shift.corruptions + calibration.shift_corruptions:
+        if name not in CORRUPTION_NAMES:
+            close = difflib.get_close_matches(name, CORRUPTION_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"shift.corruptions: unknown corruption {name!r}{hint}; known: {', '.join(CORRUPTION_NAMES)}")
+    for key, values in (("corruptions", shift.corruptions), ("severities", shift.severities)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"shift.{key} = {list(values)}: each must appear once")
+    for severity in shift.severities:
+        if not 1 <= severity <= 5:
+            raise ConfigError(f"shift.severities: {severity} is not a severity; use integers from 1 to 5")
+    if calibration.shift_aware and not calibration.shift_corruptions:
+        raise ConfigError("calibration.shift_aware needs calibration.shift_corruptions (e.g. [speckle_noise])")
+    if bool(shift.corruptions) != bool(shift.severities):
+        raise ConfigError("shift.corruptions and shift.severities must both be set (a suite) or both be [] (none)")
+    for gate in ("max_shift_ece", "max_shift_ece_increase"):
+        if getattr(gates, gate) is not None and not shift.corruptions:
+            raise ConfigError(f"gates.{gate} needs a corruption suite: set shift.corruptions and shift.severities")
+    for dotted, value in (("gates.max_shift_ece", gates.max_shift_ece), ("gates.max_ood_fpr95", gates.max_ood_fpr95)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{dotted} = {value}: must be in [0, 1]")
+    if gates.max_ood_fpr95 is not None and not ood.path:
+        raise ConfigError("gates.max_ood_fpr95 needs ood.path: a DVC-tracked folder of out-of-distribution images")
+    if ood.path is not None and not ood.path.strip():
+        raise ConfigError("ood.path is empty: name a DVC-tracked folder of images, or null for no OOD evaluation")
 
 
 def _plain(value: Any) -> Any:

@@ -124,8 +124,10 @@ class _Simulator:
 
 def _plannable(gates: GatesConfig) -> GatesConfig:
     """The gates a simulated test set can be put through: the decision gates read thresholds fitted
-    on the calibration split (calibflow.decisions), which a resampled test split does not have."""
-    return replace(gates, max_selective_risk=None, min_conformal_coverage=None)
+    on the calibration split (calibflow.decisions), which a resampled test split does not have, and
+    the shift and OOD gates read corrupted copies and OOD images, which it does not have either."""
+    return replace(gates, max_selective_risk=None, min_conformal_coverage=None, max_shift_ece=None,
+                   max_shift_ece_increase=None, max_ood_fpr95=None)
 
 
 def _simulate(simulator, gates: GatesConfig, n_bins: int, power: float, simulations: int, seed: int,
@@ -202,7 +204,7 @@ def plan_from_thresholds(gates: GatesConfig, n_classes: int = 10, n_bins: int = 
     if n_classes < 2:
         raise ValueError(f"n_classes = {n_classes}: a classifier has at least 2 classes")
     model = _ThresholdModel(gates, n_classes)
-    absolute = replace(gates, max_ece_increase=None, max_accuracy_drop=None)
+    absolute = replace(_plannable(gates), max_ece_increase=None, max_accuracy_drop=None)
     what = (f"a {n_classes}-class model halfway inside the thresholds: calibration error {model.gap:.4f} "
             f"(max_ece / 2), accuracy {model.accuracy:.4f} (halfway from min_accuracy to 1); the gates against a "
             f"champion need a champion and are left out")

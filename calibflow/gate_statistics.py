@@ -426,3 +426,42 @@ def calibration_error_increase_upper_bound(
     estimate = float(np.abs(a_profile).sum() - np.abs(b_profile).sum())
     parts = {"paired_profile_distance": bound_a, "candidate_minus_crossfit_champion": bound_b}
     return Bound(estimate, min(bound_a, bound_b), "min of paired and cross-fit bounds"), parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-distribution detection
+# ---------------------------------------------------------------------------------------------
+
+
+def empirical_tpr_threshold(inside: np.ndarray, tpr: float) -> float:
+    """The largest observed score that keeps (score >= it) at least `tpr` of the in-distribution
+    scores."""
+    ordered = np.sort(np.asarray(inside, np.float64))
+    return float(ordered[int(math.floor((1.0 - tpr) * ordered.size + 1e-9))])
+
+
+def fpr_at_tpr_upper_bound(inside: np.ndarray, outside: np.ndarray, tpr: float, confidence: float) -> Bound:
+    """Upper bound of FPR(t*) = P(OOD score >= t*), where t* is the largest threshold keeping at
+    least `tpr` of in-distribution images (FPR95 for tpr = 0.95); scores: higher = in-distribution.
+
+    Two steps at 1 - alpha/2 each (Bonferroni). (1) A threshold below t*: the j-th smallest of n
+    in-distribution scores is <= t* as soon as j of them are <= t*; their count is at least
+    Binomial(n, 1 - tpr) (P(S <= t*) >= 1 - tpr, ties included), so j is the largest with
+    P(Binomial(n, 1 - tpr) < j) <= alpha/2. (2) FPR is falling in the threshold, so FPR(t_j) >=
+    FPR(t*), and the OOD images are independent of t_j: a Clopper-Pearson upper bound of the share
+    of OOD scores >= t_j bounds FPR(t*). With too few in-distribution images for (1) the bound is 1."""
+    inside = np.asarray(inside, np.float64)
+    outside = np.asarray(outside, np.float64)
+    n, m = inside.size, outside.size
+    if n == 0 or m == 0:
+        raise ValueError("FPR at a TPR needs in-distribution and out-of-distribution scores")
+    estimate = float(np.mean(outside >= empirical_tpr_threshold(inside, tpr)))
+    half = 1.0 - (1.0 - confidence) / 2.0
+    # largest j with cdf(j - 1) <= alpha / 2; binom.ppf gives the smallest k with cdf(k) >= alpha / 2
+    k = int(stats.binom.ppf(1.0 - half, n, 1.0 - tpr))
+    j = k if stats.binom.cdf(k, n, 1.0 - tpr) > 1.0 - half else k + 1
+    if j < 1:
+        return Bound(estimate, 1.0, "order statistic + clopper-pearson (too few in-distribution images)")
+    threshold = float(np.sort(inside)[j - 1])
+    kept = int(np.sum(outside >= threshold))
+    return Bound(estimate, clopper_pearson_upper(kept, m, half), "order statistic + clopper-pearson")

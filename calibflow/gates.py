@@ -17,6 +17,9 @@ docs/gates.md, and benchmarks/gate_soundness.py measures it by simulation agains
 | max_accuracy_drop | accuracy(champion) - accuracy(candidate) <= tolerance | paired score (Tango) |
 | max_selective_risk | error rate of the predictions kept by the served abstention threshold <= threshold | Clopper-Pearson |
 | min_conformal_coverage | share of served prediction sets that hold the true class >= threshold | Clopper-Pearson |
+| max_shift_ece | mean over the corruption suite's cells of the calibration error <= threshold | mean of per-cell bounds, Bonferroni |
+| max_shift_ece_increase | that mean, candidate - champion, on shared corrupted images <= tolerance | mean of per-cell bounds, Bonferroni |
+| max_ood_fpr95 | share of OOD images kept at the 95%-TPR threshold <= threshold | order statistic + Clopper-Pearson |
 
 This module is the one gate implementation: the flow's gate step, `calibflow gate`,
 `calibflow gate plan` and the benchmark all call `evaluate_gates`.
@@ -24,6 +27,7 @@ This module is the one gate implementation: the flow's gate step, `calibflow gat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -105,7 +109,18 @@ class GateVerdict:
                 "estimates": dict(self.estimates), "checks": [asdict(c) for c in self.checks]}
 
 
-ABSOLUTE_GATES = ("max_ece", "min_accuracy", "max_nll", "max_selective_risk", "min_conformal_coverage")
+ABSOLUTE_GATES = ("max_ece", "min_accuracy", "max_nll", "max_selective_risk", "min_conformal_coverage",
+                  "max_shift_ece", "max_ood_fpr95")
+
+
+@dataclass(frozen=True)
+class OODScores:
+    """An OOD score (higher: more in-distribution, e.g. MSP or minus the energy) on the test split
+    and on the out-of-distribution images."""
+
+    inside: np.ndarray
+    outside: np.ndarray
+    name: str = "score"
 
 
 @dataclass(frozen=True)
@@ -162,7 +177,9 @@ def _check(name: str, metric: str, bound: gs.Bound, threshold: float, comparison
 def evaluate_gates(candidate: Predictions, gates: GatesConfig,
                    comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = 15,
                    seed: int = 0, report_estimates: bool = True,
-                   decisions: DecisionPolicy | None = None) -> GateVerdict:
+                   decisions: DecisionPolicy | None = None, shift: Mapping[str, Predictions] | None = None,
+                   shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None = None,
+                   ood: OODScores | None = None) -> GateVerdict:
     """Every gate of params.yaml. The absolute gates read `candidate` (its whole test split); the
     relative ones read `comparison` = (candidate, champion) on the test images neither model was
     fitted on, which must be the same images (equal labels) with the same class order.
@@ -170,7 +187,10 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
     `seed` only fixes the cross-fitting halves of the champion comparison. `report_estimates`
     adds the plug-in, debiased and smooth ECE of the candidate as information (not gated); the
     simulations of benchmarks/gate_soundness.py turn it off for speed, nothing else changes.
-    `decisions` is the candidate's fitted decision policy, which the decision gates read."""
+    `decisions` is the candidate's fitted decision policy, which the decision gates read.
+    `shift` are the candidate's predictions on each cell of the corruption suite and
+    `shift_comparison` (candidate, champion) on the cells' shared images, which the shift gates
+    read; `ood` the scores the OOD gate reads."""
     metric = getattr(gates, "metric", "ece")
     top = _top_label(candidate, "candidate")
     confidence = gates.confidence
@@ -188,6 +208,13 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
                                  confidence, max_loss=-float(np.log(NLL_EPS)))
         checks.append(_check("max_nll", "NLL", nll, gates.max_nll, "<="))
     checks += _decision_checks(candidate, decisions, gates)
+    checks += _shift_checks(shift, gates, metric, n_bins)
+    if gates.max_ood_fpr95 is not None:
+        if ood is None:
+            raise GateInputError("gates.max_ood_fpr95 is set but there are no OOD scores to gate: set ood.path")
+        checks.append(_check("max_ood_fpr95", f"FPR at 95% TPR ({ood.name})",
+                             gs.fpr_at_tpr_upper_bound(ood.inside, ood.outside, 0.95, confidence),
+                             gates.max_ood_fpr95, "<="))
     n_shared = 0
     if comparison is not None:
         mine, champion = comparison
@@ -210,9 +237,64 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
             drop = gs.accuracy_drop_upper_bound(theirs.correct, ours.correct, confidence)
             checks.append(_check("max_accuracy_drop", "accuracy: champion - candidate", drop, gates.max_accuracy_drop,
                                  "<="))
+        if gates.max_shift_ece_increase is not None:
+            checks.append(_shift_increase_check(shift_comparison, gates, metric, n_bins, seed))
     estimates = _estimates(candidate, top, n_bins, smooth) if report_estimates else {}
     return GateVerdict(passed=all(c.passed for c in checks), checks=tuple(checks), confidence=confidence,
                        n_samples=int(len(top.correct)), n_shared=n_shared, estimates=estimates)
+
+
+def _cell_level(confidence: float, cells: int) -> float:
+    """Each of `cells` bounds at this level holds, all at once, with probability >= confidence
+    (Bonferroni), whatever their dependence: the cells share their images."""
+    return 1.0 - (1.0 - confidence) / cells
+
+
+def _shift_checks(shift: Mapping[str, Predictions] | None, gates: GatesConfig, metric: str,
+                  n_bins: int) -> list[GateCheck]:
+    """max_shift_ece: the mean over cells of each cell's upper bound. When every cell's bound holds
+    (probability >= confidence), their mean bounds the mean of the cells' true errors."""
+    if gates.max_shift_ece is None:
+        return []
+    if not shift:
+        raise GateInputError("gates.max_shift_ece is set but the model has no corruption suite to gate: set "
+                             "shift.corruptions and shift.severities")
+    level = _cell_level(gates.confidence, len(shift))
+    bounds = []
+    for key, predictions in shift.items():
+        top = _top_label(predictions, f"corruption {key}")
+        smooth = gs.smooth_ece(top.confidence, top.correct) if metric == "smooth_ece" else None
+        profile = _profile(metric, n_bins, smooth[1] if smooth else None)
+        bounds.append(gs.calibration_error_upper_bound(top.confidence, top.correct, profile, level))
+    mean = gs.Bound(float(np.mean([b.estimate for b in bounds])), float(np.mean([b.bound for b in bounds])),
+                    f"mean of {len(bounds)} cell bounds at {level:.4f} (Bonferroni)")
+    return [_check("max_shift_ece", f"{profile.name}, mean over {len(bounds)} corruption cells", mean,
+                   gates.max_shift_ece, "<=")]
+
+
+def _shift_increase_check(shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None,
+                          gates: GatesConfig, metric: str, n_bins: int, seed: int) -> GateCheck:
+    """max_shift_ece_increase: the mean over cells of each cell's bound of error(candidate) -
+    error(champion) on the same corrupted images, each at the Bonferroni level."""
+    if not shift_comparison:
+        raise GateInputError("gates.max_shift_ece_increase is set but there are no corrupted images shared with the "
+                             "champion to compare on: set shift.corruptions and shift.severities")
+    level = _cell_level(gates.confidence, len(shift_comparison))
+    bounds = []
+    for key, (mine, champion) in shift_comparison.items():
+        ours, theirs = _top_label(mine, f"candidate, corruption {key}"), _top_label(champion, f"champion, {key}")
+        if not np.array_equal(np.asarray(champion.labels), np.asarray(mine.labels)):
+            raise GateInputError(f"corruption {key}: the champion must be evaluated on the same images as the candidate")
+        bandwidth = (min(gs.smooth_ece(t.confidence, t.correct)[1] for t in (ours, theirs))
+                     if metric == "smooth_ece" else None)
+        profile = _profile(metric, n_bins, bandwidth)
+        bound, _ = gs.calibration_error_increase_upper_bound(ours.confidence, ours.correct, theirs.confidence,
+                                                             theirs.correct, profile, level, seed)
+        bounds.append(bound)
+    mean = gs.Bound(float(np.mean([b.estimate for b in bounds])), float(np.mean([b.bound for b in bounds])),
+                    f"mean of {len(bounds)} cell bounds at {level:.4f} (Bonferroni)")
+    return _check("max_shift_ece_increase", f"{profile.name} under shift: candidate - champion", mean,
+                  gates.max_shift_ece_increase, "<=")
 
 
 def _decision_checks(candidate: Predictions, policy: DecisionPolicy | None, gates: GatesConfig) -> list[GateCheck]:

@@ -114,6 +114,17 @@ def training_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str = "cros
     raise ValueError(f"unknown train.loss {loss!r}: use one of {', '.join(LOSSES)}")
 
 
+OUTLIER_EXPOSURE_WEIGHT = 0.5  # Hendrycks, Mazeika & Dietterich 2019 (lambda = 0.5 for vision)
+
+
+def outlier_exposure_loss(outlier_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy from the uniform distribution to the softmax of outliers' logits, averaged
+    over them: mean_i (logsumexp(z_i) - mean_k z_ik). Its minimum, log K, is reached exactly
+    when every outlier's softmax is uniform."""
+    z = outlier_logits.float()
+    return (torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean()
+
+
 class BatchMixer:
     """train.mix: mixup or CutMix of a batch of float images in [0, 1] and their labels, by
     torchvision.transforms.v2. Returns the mixed images and probability targets (N, K); "none"

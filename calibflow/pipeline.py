@@ -32,7 +32,8 @@ from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
 from calibflow.plots import (binary_score_distributions, class_confidence_histograms, confidence_histogram,
                              decision_score_histograms, reliability_diagram)
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
-from calibflow.promotion import GateReport, gate_logits
+from calibflow.promotion import GateReport, ShiftedPredictions, gate_logits
+from calibflow.shift import Suite, corrupted_images, evaluate_suite, file_sha256, suite_logits
 from calibflow.splits import Split, stratified_split
 from calibflow.training import EpochStats, intra_op_threads, resolve_runtime, train_classifier
 from calibflow.validation import ValidationReport, validate_manifest
@@ -165,10 +166,16 @@ class TrainedModel:
 
 
 def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config: Config, out_dir: str,
-                on_epoch_end: Callable[[EpochStats], None] | None = None) -> TrainedModel:
+                on_epoch_end: Callable[[EpochStats], None] | None = None,
+                outliers_path: str | None = None) -> TrainedModel:
+    """`outliers_path`: check_ood_data's record of train.outlier_exposure's folder."""
     fmt = image_format(manifest.path, config.data)
     train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
     val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
+    outliers = None
+    if outliers_path:
+        record = json.loads(Path(outliers_path).read_text())
+        outliers = load_images(record["local_dir"], record["files"], fmt.mode, (fmt.width, fmt.height))
     spec = ModelSpec(arch=config.model.arch, in_channels=fmt.channels, num_classes=len(manifest.classes),
                      image_height=fmt.height, image_width=fmt.width, width=config.model.width,
                      dropout=config.model.dropout)
@@ -180,7 +187,8 @@ def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config
         report = None if on_epoch_end is None else (
             lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
         model, member_history = train_classifier(spec, train_x, train_y, val_x, val_y, config.train, seed, runtime,
-                                                 weights_path=config.model.weights_path, on_epoch_end=report)
+                                                 weights_path=config.model.weights_path, on_epoch_end=report,
+                                                 outlier_images=outliers)
         members.append(model)
         history += member_history
     checkpoint = save_checkpoint(Path(out_dir) / "checkpoint.pt", members[0], spec, list(manifest.classes), fmt.mode,
@@ -210,15 +218,183 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     return str(out_path)
 
 
+def write_shift_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, suite: Suite,
+                       out_path: str, batch_size: int = 512, device: str = "auto",
+                       cache_dir: str | None = None) -> str:
+    """The network's logits on every cell of the corruption suite (the first suite.max_images test
+    images, corrupted), saved with their labels and manifest rows; corrupted images and logits are
+    cached by content in `cache_dir`."""
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, "test", fmt,
+                                                limit=suite.max_images)
+    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir)
+    run_on = resolve_runtime(device).device
+
+    def logits_of(batch: np.ndarray) -> np.ndarray:
+        return predictive_logits(loaded.members, torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
+                                 loaded.mc_samples, loaded.mc_seed, batch_size, run_on).numpy()
+
+    logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+    np.savez(out_path, labels=labels.numpy(), indices=indices, suite=np.array(suite.to_json()),
+             **{f"cell__{key}": value for key, value in logits.items()})
+    return str(out_path)
+
+
+def write_shift_aware_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str,
+                             calibration_logits_path: str, corruptions: tuple[str, ...], seed: int, out_path: str,
+                             batch_size: int = 512, device: str = "auto", cache_dir: str | None = None) -> str:
+    """What a shift-aware calibrator is fitted on (Tomani et al. 2021): the calibration split's
+    logits and those of its copies corrupted by `corruptions` at severities 1-5, one file in the
+    format of write_split_logits (labels and rows repeated per copy). The decision rules are still
+    fitted on the clean calibration logits."""
+    suite = Suite(tuple(corruptions), (1, 2, 3, 4, 5), 10**9, seed)
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, _, _ = load_split_images(data_dir, manifest_path, split_path, "calibration", fmt)
+    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir)
+    run_on = resolve_runtime(device).device
+
+    def logits_of(batch: np.ndarray) -> np.ndarray:
+        return predictive_logits(loaded.members, torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
+                                 loaded.mc_samples, loaded.mc_seed, batch_size, run_on).numpy()
+
+    logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+    with np.load(calibration_logits_path) as saved:
+        clean, labels, rows = saved["logits"], saved["labels"], saved["indices"]
+    copies = 1 + len(suite.keys)
+    np.savez(out_path, logits=np.concatenate([clean, *(logits[k] for k in suite.keys)]),
+             labels=np.tile(labels, copies), indices=np.tile(rows, copies))
+    return str(out_path)
+
+
+def load_shift_logits(path: str) -> tuple[Suite, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(suite, cell key -> logits, labels, manifest rows) of write_shift_logits' file."""
+    with np.load(path) as saved:
+        suite = Suite.from_json(str(saved["suite"]))
+        return suite, {key: saved[f"cell__{key}"] for key in suite.keys}, saved["labels"], saved["indices"]
+
+
+@dataclass(frozen=True)
+class ShiftEvaluation:
+    result_path: str  # SuiteResult.to_json(), a run artifact that `calibflow evaluate` checks against
+    metrics: dict[str, float]  # SuiteResult.flat_metrics(): what MLflow logs
+    mean: dict[str, dict[str, float]]  # before / after -> accuracy, ece, nll, over the suite
+    suite_json: str
+    plots: tuple[str, ...]
+
+
+def evaluate_shift(shift_logits_path: str, test_logits_path: str, calibration: CalibrationRecord, n_bins: int,
+                   out_dir: str) -> ShiftEvaluation:
+    """Accuracy, ECE and NLL of every cell before and after calibration, their means, the same test
+    images uncorrupted for reference, and the severity plot."""
+    suite, cells, labels, rows = load_shift_logits(shift_logits_path)
+    with np.load(test_logits_path) as saved:
+        clean_logits, test_rows = saved["logits"], saved["indices"]
+    if not np.array_equal(test_rows[:len(rows)], rows):
+        raise ValueError("the corruption suite's images are not the first test images")  # a bug, not a user error
+    calibrator = load_calibrator(calibration.state_path)
+    clean = clean_logits[:len(rows)]
+    result = evaluate_suite(suite, {k: uncalibrated_probabilities(z) for k, z in cells.items()},
+                            {k: calibrator.transform(z) for k, z in cells.items()},
+                            uncalibrated_probabilities(clean), calibrator.transform(clean), labels, n_bins)
+    out = Path(out_dir)
+    result_path = out / "shift_metrics.json"
+    result_path.write_text(json.dumps(result.to_json(), indent=1))
+    from calibflow.plots import shift_curves
+
+    described = f"T = {calibration.temperature:.3f}" if calibration.temperature else calibration.method
+    plot = shift_curves(result.to_json(), out / "shift_curves.png",
+                        title=f"corruption suite on {result.n_images} test images ({described})")
+    return ShiftEvaluation(result_path=str(result_path), metrics=result.flat_metrics(), mean=result.mean,
+                           suite_json=suite.to_json(), plots=(str(plot),))
+
+
+@dataclass(frozen=True)
+class OODEvaluation:
+    scores_path: str  # npz: in-distribution ("inside_<score>") and OOD ("outside_<score>") scores
+    metrics: dict[str, float]  # ood_<score>_<auroc|aupr|fpr95>
+    score: str  # what gates.max_ood_fpr95 reads
+    dvc_hash: str
+    n_images: int
+    plots: tuple[str, ...]
+
+
+def check_ood_data(repo_root: str, manifest_path: str, path: str, max_images: int, out_path: str,
+                   key: str = "ood.path", not_in: str | None = None) -> str:
+    """Before training: pin `path` (params.yaml's `key`: ood.path or train.outlier_exposure) with
+    DVC and refuse it when missing, empty, not images, or holding images of the dataset (or of the
+    folder checked into `not_in`); the checked list of files is written to `out_path`."""
+    from calibflow.ood import check_ood_folder, folder_hashes, load_ood_data, save_ood_data
+
+    hashes = set(load_manifest(manifest_path)["sha256"])
+    other = load_ood_data(not_in) if not_in else None
+    return save_ood_data(check_ood_folder(repo_root, path, hashes, max_images, key,
+                                          folder_hashes(other) if other else frozenset(),
+                                          f"ood.path ({other.path})" if other else ""), out_path)
+
+
+def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, calibration: CalibrationRecord,
+                 score: str, out_dir: str, batch_size: int = 512, device: str = "auto") -> OODEvaluation:
+    """MSP and energy on the test split and on the OOD images (decoded in the model's mode and
+    size), AUROC, AUPR and FPR95 of each, and their histograms."""
+    from calibflow.ood import detection_metrics, in_distribution_score, ood_scores
+    from calibflow.plots import ood_score_histograms
+
+    ood = json.loads(Path(ood_data_path).read_text())
+    loaded = load_checkpoint(checkpoint)
+    images = load_images(ood["local_dir"], ood["files"], loaded.image_mode,
+                         (loaded.spec.image_width, loaded.spec.image_height))
+    calibrator = load_calibrator(calibration.state_path)
+    outside = ood_scores(predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
+                                           resolve_runtime(device).device).numpy(), calibrator)
+    test_logits, _ = load_logits(test_logits_path)
+    inside = ood_scores(test_logits, calibrator)
+    metrics = {}
+    for name in ("msp", "energy"):
+        for key, value in detection_metrics(in_distribution_score(name, inside),
+                                            in_distribution_score(name, outside)).items():
+            metrics[f"ood_{name}_{key}"] = value
+    out = Path(out_dir)
+    scores_path = out / "ood_scores.npz"
+    np.savez(scores_path, **{f"inside_{k}": v for k, v in inside.items()},
+             **{f"outside_{k}": v for k, v in outside.items()})
+    plot = ood_score_histograms({"max softmax probability (calibrated)": (inside["msp"], outside["msp"]),
+                                 "energy (-T logsumexp(z/T))": (inside["energy"], outside["energy"])},
+                                out / "ood_score_histograms.png",
+                                title=f"test split vs {ood['path']} ({len(ood['files'])} images)")
+    return OODEvaluation(scores_path=str(scores_path), metrics=metrics, score=score, dvc_hash=ood["dvc_hash"],
+                         n_images=len(ood["files"]), plots=(str(plot),))
+
+
+def ood_gate_scores(ood: OODEvaluation):
+    from calibflow.gates import OODScores
+    from calibflow.ood import in_distribution_score
+
+    with np.load(ood.scores_path) as saved:
+        inside = {k: saved[f"inside_{k}"] for k in ("msp", "energy")}
+        outside = {k: saved[f"outside_{k}"] for k in ("msp", "energy")}
+    name = "MSP" if ood.score == "msp" else "minus energy"
+    return OODScores(in_distribution_score(ood.score, inside), in_distribution_score(ood.score, outside), name)
+
+
 def gate_run(model_name: str, test_logits_path: str, calibration: CalibrationRecord, data_dir: str,
              manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int,
-             decisions_path: str | None = None) -> GateReport:
-    """The run's gate step: `calibflow gate`'s implementation on this run's cached test logits."""
+             decisions_path: str | None = None, shift_logits_path: str | None = None,
+             ood: OODEvaluation | None = None) -> GateReport:
+    """The run's gate step: `calibflow gate`'s implementation on this run's cached test logits (and
+    the suite's cached logits, for the shift gates)."""
     with np.load(test_logits_path) as saved:
         logits, rows = saved["logits"], saved["indices"]
-    probabilities = load_calibrator(calibration.state_path).transform(logits).numpy()
+    calibrator = load_calibrator(calibration.state_path)
+    probabilities = calibrator.transform(logits).numpy()
     policy = DecisionPolicy.load(decisions_path) if decisions_path else None
-    return gate_logits(model_name, probabilities, rows, data_dir, manifest_path, split_path, gates, n_bins, policy)
+    shift = None
+    if shift_logits_path is not None:
+        suite, cells, _, shift_rows = load_shift_logits(shift_logits_path)
+        shift = ShiftedPredictions(suite, shift_rows, {k: calibrator.transform(z).numpy() for k, z in cells.items()})
+    return gate_logits(model_name, probabilities, rows, data_dir, manifest_path, split_path, gates, n_bins, policy,
+                       shift, ood_gate_scores(ood) if ood is not None else None)
 
 
 def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +527,8 @@ class StagedReport:
 
 
 def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationRecord, verdict: GateVerdict,
-                         decisions: DecisionEvaluation | None = None) -> StagedReport:
+                         decisions: DecisionEvaluation | None = None, shifted: ShiftEvaluation | None = None,
+                         ood: OODEvaluation | None = None) -> StagedReport:
     """Write the new reports/metrics.json (a DVC metric) beside the old one, before anything is
     registered: a report that cannot be written fails the run while the registry is untouched,
     and the previous report stays in place until publish_report renames this one over it."""
@@ -364,6 +541,12 @@ def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationReco
     }
     if decisions is not None and decisions.metrics:
         report["test"]["decisions"] = decisions.metrics
+    if shifted is not None:
+        result = json.loads(Path(shifted.result_path).read_text())
+        report["shift"] = {"mean": result["mean"], "n_images": result["n_images"],
+                           "cells": {key: cell["after"] for key, cell in result["cells"].items()}}
+    if ood is not None:
+        report["ood"] = {"n_images": ood.n_images, **ood.metrics}
     target = Path(path)
     if target.exists() and not target.is_file():
         raise ReportError(f"{target} is a {'directory' if target.is_dir() else 'special file'}, not a file: remove "
@@ -457,12 +640,23 @@ def decision_tags(decided: DecisionEvaluation | None, confidence: float) -> dict
     return tags
 
 
+def shift_tags(shifted: ShiftEvaluation | None) -> dict[str, str]:
+    """The suite a version was measured on (for `calibflow evaluate` and `calibflow gate` to rebuild
+    it) and its means after calibration."""
+    from calibflow.shift import SUITE_TAG
+
+    if shifted is None:
+        return {}
+    return {SUITE_TAG: shifted.suite_json, **{f"shift_mean_{name}": repr(value)
+                                             for name, value in shifted.mean["after"].items()}}
+
+
 def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Config, git_commit: str,
                  fit: CalibrationRecord, evaluation: Evaluation,
-                 decided: DecisionEvaluation | None = None) -> dict[str, str]:
+                 decided: DecisionEvaluation | None = None, shifted: ShiftEvaluation | None = None) -> dict[str, str]:
     """What a registered version carries: its lineage and the numbers its gate read (floats as
     repr, so they survive the round trip through a string tag exactly)."""
-    return {**decision_tags(decided, config.gates.confidence),
+    return {**decision_tags(decided, config.gates.confidence), **shift_tags(shifted),
         "data_hash": data.dvc_hash, "data_path": data.path, "data_rev": data.rev, "git_commit": git_commit,
         "params_hash": config.params_hash, "seed": str(config.seed), "split_digest": split.digest,
         "manifest_fingerprint": manifest.fingerprint, "n_bins": str(config.evaluation.n_bins),

@@ -414,3 +414,54 @@ def risk_coverage_curve(
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def shift_curves(result: dict, path: str | Path, title: str = "") -> Path:
+    """ECE and accuracy against corruption severity, one line per corruption (severity 0: the same
+    test images uncorrupted), before and after calibration; `result` is shift.SuiteResult.to_json()."""
+    suite = result["suite"]
+    severities = [0, *suite["severities"]]
+    fig, axes = plt.subplots(2, 2, figsize=(10.0, 7.0), sharex=True, sharey="row", layout="constrained")
+    colors = plt.get_cmap("tab10")
+    for column, when in enumerate(("before", "after")):
+        for row, metric in enumerate(("ece", "accuracy")):
+            ax = axes[row, column]
+            for i, corruption in enumerate(suite["corruptions"]):
+                values = [result["clean"][when][metric]] + [
+                    result["cells"][f"{corruption}_s{s}"][when][metric] for s in suite["severities"]]
+                ax.plot(severities, values, marker="o", color=colors(i % 10), linewidth=1.4, label=corruption)
+            mean = [result["clean"][when][metric]] + [
+                float(np.mean([result["cells"][f"{c}_s{s}"][when][metric] for c in suite["corruptions"]]))
+                for s in suite["severities"]]
+            ax.plot(severities, mean, color="black", linestyle="--", linewidth=1.8, label="mean")
+            ax.set_ylabel("ECE (15 bins)" if metric == "ece" else "accuracy")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title("before calibration (softmax)" if when == "before" else "after calibration")
+            if row == 1:
+                ax.set_xlabel("severity (0: uncorrupted)")
+                ax.set_xticks(severities)
+    axes[0, 0].set_ylim(bottom=0.0)
+    axes[1, 0].set_ylim(0.0, 1.0)
+    axes[0, 1].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or f"corruption suite on {result['n_images']} test images")
+    return _save(fig, path)
+
+
+def ood_score_histograms(scores: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path, title: str = "") -> Path:
+    """One panel per OOD score: its histogram on the test split (in-distribution) and on the
+    out-of-distribution images. `scores`: name -> (in-distribution, out-of-distribution)."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(5.2 * len(scores), 4.0), layout="constrained", squeeze=False)
+    for ax, (name, (inside, outside)) in zip(axes[0], scores.items()):
+        inside, outside = _to_numpy(inside), _to_numpy(outside)
+        low, high = float(min(inside.min(), outside.min())), float(max(inside.max(), outside.max()))
+        edges = np.linspace(low, high if high > low else low + 1.0, 31)
+        ax.hist(inside, bins=edges, alpha=0.6, color=_CORRECT_COLOR, density=True, label=f"test split ({len(inside)})")
+        ax.hist(outside, bins=edges, alpha=0.6, color=_WRONG_COLOR, density=True, label=f"OOD ({len(outside)})")
+        ax.set_xlabel(name)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

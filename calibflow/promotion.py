@@ -23,10 +23,10 @@ import pandas as pd
 
 from calibflow import registry
 from calibflow.config import GatesConfig
-from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
+from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
 from calibflow.decisions import DecisionPolicy
-from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes, served_policy
+from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes, served_policy, shift_predictions
 from calibflow.splits import Split
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
@@ -162,6 +162,41 @@ def _comparison(model_name: str, champion: registry.VersionRecord | None, candid
 
 
 @dataclass(frozen=True)
+class ShiftedPredictions:
+    """A candidate's calibrated probabilities on each cell of its corruption suite (shift.Suite),
+    on the first test images (manifest `rows`)."""
+
+    suite: object  # calibflow.shift.Suite
+    rows: np.ndarray
+    probabilities: dict[str, np.ndarray]
+
+    def predictions(self, manifest: pd.DataFrame) -> dict[str, Predictions]:
+        labels = manifest["label_index"].to_numpy()[self.rows]
+        return {key: Predictions(p, labels) for key, p in self.probabilities.items()}
+
+
+def _shift_comparison(model_name: str, champion: registry.VersionRecord, shifted: ShiftedPredictions,
+                      candidate_classes: list[str], manifest: pd.DataFrame, split: Split, data_dir: str
+                      ) -> dict[str, tuple[Predictions, Predictions]] | None:
+    """(candidate, champion) on every cell, on the suite's images the champion was not fitted on,
+    corrupted the same way (each image seeded by its own bytes); None when there are none."""
+    champion_model, columns = _comparable_champion(model_name, champion, candidate_classes)
+    shared, _ = unseen_test_rows(manifest, split, seen_by(champion))
+    keep = np.isin(shifted.rows, shared)
+    if not keep.any():
+        return None
+    rows = shifted.rows[keep]
+    labels = manifest["label_index"].to_numpy()[rows]
+    theirs = shift_predictions(champion_model, data_dir, manifest, rows, shifted.suite)
+    return {key: (Predictions(p[keep], labels), Predictions(theirs[key][:, columns], labels))
+            for key, p in shifted.probabilities.items()}
+
+
+def _wants_shift(gates: GatesConfig) -> bool:
+    return gates.max_shift_ece is not None or gates.max_shift_ece_increase is not None
+
+
+@dataclass(frozen=True)
 class EvaluationSet:
     """What the gates of a registered candidate read: its test split, and the images it shares
     with the champion (neither model fitted on them), both models' probabilities recomputed."""
@@ -172,10 +207,12 @@ class EvaluationSet:
     comparison: tuple[Predictions, Predictions] | None
     excluded_seen_by_champion: int
     decisions: DecisionPolicy | None = None  # the candidate's served decision policy
+    shift: dict[str, Predictions] | None = None  # the candidate on its corruption suite (when a gate reads it)
+    shift_comparison: dict[str, tuple[Predictions, Predictions]] | None = None
 
 
 def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@champion",
-                   repo_root: str | Path = ".") -> EvaluationSet:
+                   repo_root: str | Path = ".", with_shift: bool = False) -> EvaluationSet:
     """Both models from the registry, on the candidate's pinned test images."""
     try:
         candidate = resolve_ref(model_name, candidate_ref)
@@ -193,17 +230,37 @@ def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@
     candidate_probs = predict_rows(candidate_model, data.local_dir, manifest, test_rows)
     comparison, excluded = _comparison(model_name, champion, candidate_probs, served_classes(candidate_model),
                                        test_rows, manifest, split, data.local_dir)
+    shift = shift_comparison = None
+    if with_shift:
+        from calibflow.shift import SUITE_TAG, Suite
+
+        if not candidate.tags.get(SUITE_TAG):
+            raise GateUndecided(f"candidate {candidate.version} was registered without a corruption suite, so the "
+                                f"shift gates have nothing to read: unset gates.max_shift_ece and "
+                                f"gates.max_shift_ece_increase, or retrain with a shift: suite")
+        suite = Suite.from_json(candidate.tags[SUITE_TAG])
+        rows = test_rows[:suite.max_images]
+        shifted = ShiftedPredictions(suite, rows, shift_predictions(candidate_model, data.local_dir, manifest, rows,
+                                                                    suite))
+        shift = shifted.predictions(manifest)
+        if comparison is not None:
+            shift_comparison = _shift_comparison(model_name, champion, shifted, served_classes(candidate_model),
+                                                 manifest, split, data.local_dir)
     return EvaluationSet(candidate, champion, Predictions(candidate_probs, labels), comparison, excluded,
-                         served_policy(candidate_model))
+                         served_policy(candidate_model), shift, shift_comparison)
 
 
 def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
                  repo_root: str | Path = ".", n_bins: int = 15) -> GateReport:
     """`calibflow gate`: both models from the registry, on the pinned test images."""
-    inputs = evaluation_set(model_name, candidate_ref, against, repo_root)
+    if gates.max_ood_fpr95 is not None:
+        raise GateUndecided("gates.max_ood_fpr95 is read by the run that trains the model (its ood.path), not by "
+                            "`calibflow gate`: pass --set gates.max_ood_fpr95=null")
+    inputs = evaluation_set(model_name, candidate_ref, against, repo_root, with_shift=_wants_shift(gates))
     try:
         verdict = evaluate_gates(inputs.predictions, gates, inputs.comparison, n_bins=n_bins,
-                                 decisions=inputs.decisions)
+                                 decisions=inputs.decisions, shift=inputs.shift,
+                                 shift_comparison=inputs.shift_comparison)
     except GateInputError as error:
         raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
     return GateReport(model_name, inputs.candidate.version, inputs.champion.version if inputs.champion else None,
@@ -226,7 +283,8 @@ def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
 
 def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndarray, data_dir: str,
                 manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = 15,
-                decisions: DecisionPolicy | None = None) -> GateReport:
+                decisions: DecisionPolicy | None = None, shifted: ShiftedPredictions | None = None,
+                ood: OODScores | None = None) -> GateReport:
     """The flow's gate step: the candidate is not registered yet, so its probabilities come from
     its cached test logits and fitted calibrator (the same numbers its pyfunc serves, as
     `calibflow evaluate` checks); the champion comes from the registry. Same evaluation set and
@@ -235,11 +293,17 @@ def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndar
     champion = registry.alias_record(model_name, registry.CHAMPION)
     labels = manifest["label_index"].to_numpy()[test_rows]
     # The candidate's classes are its data's class folders, as its checkpoint records them.
+    split = Split.load(split_path)
     comparison, excluded = _comparison(model_name, champion, candidate_probs, list_classes(data_dir), test_rows,
-                                       manifest, Split.load(split_path), data_dir, required=False)
+                                       manifest, split, data_dir, required=False)
+    shift = shifted.predictions(manifest) if shifted is not None else None
+    shift_comparison = None
+    if shifted is not None and comparison is not None and gates.max_shift_ece_increase is not None:
+        shift_comparison = _shift_comparison(model_name, champion, shifted, list_classes(data_dir), manifest, split,
+                                             data_dir)
     try:
         verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins,
-                                 decisions=decisions)
+                                 decisions=decisions, shift=shift, shift_comparison=shift_comparison, ood=ood)
     except GateInputError as error:
         raise GateUndecided(f"this run's model cannot be gated: {error}") from error
     return GateReport(model_name, "this run", champion.version if champion else None, excluded, verdict)

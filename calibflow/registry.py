@@ -219,7 +219,7 @@ class ModelArtifactsChanged(UnverifiedModel):
 # existed read the same array; the decision columns are docs/decisions.md's schema, versioned by
 # calibflow.decisions.DECISION_SCHEMA_VERSION.
 OUTPUT_PARAM = "output"
-OUTPUTS = ("probabilities", "decisions")
+OUTPUTS = ("probabilities", "decisions", "ood")
 
 
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
@@ -229,7 +229,10 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     probabilities, calibflow.ensembles); column k is the class `classes[k]`. With
     params={"output": "decisions"}: a DataFrame, one row per image, of the fitted decision
     policy's answers (label, confidence, and abstained / positive / prediction_set when those
-    rules are fitted) beside one column per class probability."""
+    rules are fitted) beside one column per class probability. With params={"output": "ood"}: a
+    DataFrame of the out-of-distribution scores, `msp` (the top calibrated probability) and
+    `energy` (-T logsumexp(z / T), lower = more in-distribution; calibflow.ood), beside the
+    class probabilities."""
 
     def load_context(self, context) -> None:
         self.load(context.artifacts)
@@ -266,27 +269,52 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         self.decision_policy = (DecisionPolicy.load(artifacts["decisions"]) if "decisions" in artifacts
                                 else DecisionPolicy(tuple(self.classes)))
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def logits(self, images: np.ndarray) -> np.ndarray | None:
+        """The network's logits (N, K), or (N, M, K) for an ensemble; None for an empty batch."""
         import torch
 
-        from calibflow.ensembles import served_probabilities
+        from calibflow.ensembles import predictive_logits
 
         images = np.asarray(images, dtype=np.uint8)
         if images.ndim != 4:
             raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
         if len(images) == 0:  # an empty batch has an empty answer, not an error
+            return None
+        return predictive_logits(self.members, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                                 self.mc_samples, self.mc_seed).numpy()
+
+    def probabilities(self, images: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        logits = self.logits(images) if logits is None else logits
+        if logits is None:
             return np.zeros((0, len(self.classes)), dtype=np.float64)
-        return served_probabilities(self.members, self.calibrator, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                                    self.mc_samples, self.mc_seed).numpy()
+        return self.calibrator.transform(logits).numpy()
 
     def predict(self, context, model_input: np.ndarray, params=None):
         output = (params or {}).get(OUTPUT_PARAM, OUTPUTS[0])
         if output not in OUTPUTS:
             raise ValueError(f"params {{'{OUTPUT_PARAM}': {output!r}}}: use one of {', '.join(OUTPUTS)}")
+        if output == "ood":
+            return self.ood(model_input)
         probabilities = self.probabilities(model_input)
         if output == "probabilities":
             return probabilities
         return self.decisions(probabilities)
+
+    def ood(self, images: np.ndarray):
+        import pandas as pd
+
+        from calibflow.ood import ood_scores
+
+        logits = self.logits(images)
+        if logits is None:
+            frame = pd.DataFrame({"msp": pd.Series(dtype=np.float64), "energy": pd.Series(dtype=np.float64)})
+            probabilities = np.zeros((0, len(self.classes)))
+        else:
+            frame = pd.DataFrame(ood_scores(logits, self.calibrator))
+            probabilities = self.probabilities(images, logits)
+        for k, name in enumerate(self.classes):
+            frame[f"p_{name}"] = probabilities[:, k]
+        return frame
 
     def decisions(self, probabilities: np.ndarray):
         import pandas as pd
@@ -375,7 +403,9 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
                           "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)",
                           "outputs": {"probabilities": "calibrated probabilities (N, K), float64 (the default)",
                                       "decisions": "one row per image: label, confidence, abstained, positive, "
-                                                   "prediction_set (the fitted rules), p_<class>; docs/decisions.md"},
+                                                   "prediction_set (the fitted rules), p_<class>; docs/decisions.md",
+                                      "ood": "one row per image: msp, energy (-T logsumexp(z/T)), p_<class>; "
+                                             "docs/shift_and_ood.md"},
                           "decision_schema_version": model.decision_policy.schema_version},
             )
     return info.model_uri

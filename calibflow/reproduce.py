@@ -40,6 +40,11 @@ class Reproduction:
             problems.append(f"ece {self.recomputed['ece']!r} != logged {self.logged['ece']!r}")
         if self.recomputed["accuracy"] != self.logged["accuracy"]:
             problems.append(f"accuracy {self.recomputed['accuracy']!r} != logged {self.logged['accuracy']!r}")
+        # the corruption suite's cells: accuracy exactly, ECE and NLL to the same tolerance
+        problems += [f"{name} {self.recomputed.get(name)!r} != logged {logged!r}" for name, logged in self.logged.items()
+                     if name.startswith("shift_") and not (
+                         self.recomputed.get(name) == logged if name.endswith("_accuracy")
+                         else abs(self.recomputed.get(name, np.inf) - logged) <= ece_tolerance)]
         return problems
 
 
@@ -89,6 +94,47 @@ def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray)
     return predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
 
 
+def decode_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W, C) of manifest rows, decoded as a loaded model takes them."""
+    meta = model.metadata.metadata
+    images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray, suite) -> dict[str, np.ndarray]:
+    """A loaded model's calibrated probabilities on every cell of a corruption suite, on the
+    manifest rows (corrupted as in the run: seeded by each image's bytes, so the same pixels)."""
+    from calibflow.shift import corrupted_images
+
+    if len(rows) == 0:
+        return {key: np.zeros((0, len(served_classes(model)))) for key in suite.keys}
+    corrupted = corrupted_images(decode_rows(model, data_dir, manifest, rows), suite)
+    return {key: predict_in_batches(model, images) for key, images in corrupted.items()}
+
+
+def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestSplit) -> tuple[dict, dict]:
+    """(recomputed, logged) per-cell accuracy, ECE and NLL after calibration of the version's
+    corruption suite: the run's shift/shift_metrics.json against the served pyfunc on the
+    rebuilt, re-corrupted test images."""
+    import json
+
+    from calibflow.shift import SUITE_TAG, Suite, cell_report
+
+    suite = Suite.from_json(record.tags[SUITE_TAG])
+    with tempfile.TemporaryDirectory() as tmp:
+        logged_result = json.loads(Path(registry.download_run_artifact(record.run_id, "shift/shift_metrics.json",
+                                                                       tmp)).read_text())
+    rows = rebuilt.split.indices["test"][:suite.max_images]
+    labels = rebuilt.manifest["label_index"].to_numpy()[rows]
+    n_bins = int(record.tags.get("n_bins", 15))
+    recomputed, logged = {}, {}
+    for key, probabilities in shift_predictions(model, rebuilt.data.local_dir, rebuilt.manifest, rows, suite).items():
+        for name, value in cell_report(probabilities, labels, n_bins).items():
+            recomputed[f"shift_{key}_{name}"] = value
+            logged[f"shift_{key}_{name}"] = float(logged_result["cells"][key]["after"][name])
+    return recomputed, logged
+
+
 def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     record = registry.resolve_model_uri(model_uri)
     rebuilt = rebuild_test_split(record, repo_root)
@@ -108,6 +154,12 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
         logged.update(decided)
         recomputed.update({f"{DECISION_TAG_PREFIX}{name}": float(value) for name, value in
                            evaluate_policy(policy, probabilities, labels, confidence).items() if "_class_" not in name})
+    from calibflow.shift import SUITE_TAG
+
+    if tags.get(SUITE_TAG):
+        shift_recomputed, shift_logged = reproduce_shift(model, record, rebuilt)
+        recomputed.update(shift_recomputed)
+        logged.update(shift_logged)
     return Reproduction(model_uri=model_uri, version=record.version, recomputed=recomputed, logged=logged)
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from calibflow.config import TrainConfig
 from calibflow.images import channel_stats
-from calibflow.losses import BatchMixer, training_loss
+from calibflow.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
 
 
@@ -133,20 +133,25 @@ def train_classifier(
     weights_path: str | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     progress: bool = True,
+    outlier_images: torch.Tensor | None = None,
 ) -> tuple[ImageClassifier, list[EpochStats]]:
     """Build `spec`, train it with SGD + one-cycle LR on the train split, with `config.threads`
     intra-op threads; report each epoch, with val accuracy every `config.val_every` epochs and
-    after the last."""
+    after the last.
+
+    With `outlier_images` (train.outlier_exposure), each step also draws as many outliers as the
+    batch holds, forwards them in the same pass (one set of BatchNorm statistics, as Hendrycks et
+    al. 2019 do) and adds OUTLIER_EXPOSURE_WEIGHT times their cross-entropy to the uniform."""
     with intra_op_threads(config.threads):
         return _train_classifier(spec, train_images, train_labels, val_images, val_labels, config, seed, runtime,
-                                 weights_path, on_epoch_end, progress)
+                                 weights_path, on_epoch_end, progress, outlier_images)
 
 
 def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels: torch.Tensor,
                       val_images: torch.Tensor, val_labels: torch.Tensor, config: TrainConfig, seed: int,
                       runtime: Runtime | None, weights_path: str | None,
                       on_epoch_end: Callable[[EpochStats], None] | None,
-                      progress: bool) -> tuple[ImageClassifier, list[EpochStats]]:
+                      progress: bool, outlier_images: torch.Tensor | None) -> tuple[ImageClassifier, list[EpochStats]]:
     runtime = runtime or resolve_runtime(config.device, config.precision)
     seed_everything(seed)
     mean, std = channel_stats(train_images)
@@ -159,6 +164,7 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
 
     x_train, y_train = to_device(train_images, runtime), to_device(train_labels.long(), runtime)
     x_val, y_val = to_device(val_images, runtime), to_device(val_labels.long(), runtime)
+    x_out = to_device(outlier_images, runtime) if outlier_images is not None and len(outlier_images) else None
     n = len(x_train)
     steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size > 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
@@ -189,13 +195,24 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
             if config.mix != "none":
                 # Blending needs floats; the model reads float images on the [0, 1] scale.
                 images, targets = mixer(images.float().div_(255.0), targets)
+            n_in = len(images)
+            if x_out is not None:
+                drawn = torch.randint(len(x_out), (n_in,), device=runtime.device, generator=generator)
+                outliers = x_out[drawn]
+                if config.augment:
+                    outliers = random_translate(outliers, max_shift, config.hflip, generator)
+                # after mixing the batch is float on [0, 1]; the model reads uint8 or that scale
+                images = torch.cat([images, outliers if images.dtype == outliers.dtype
+                                    else outliers.float().div_(255.0)])
             if runtime.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
                                 enabled=runtime.autocast_dtype is not None):
                 logits = model(images)
-            loss = training_loss(logits, targets, config.loss, config.label_smoothing, config.focal_gamma,
+            loss = training_loss(logits[:n_in], targets, config.loss, config.label_smoothing, config.focal_gamma,
                                  config.confidence_penalty, config.mmce_weight)
+            if x_out is not None:
+                loss = loss + OUTLIER_EXPOSURE_WEIGHT * outlier_exposure_loss(logits[n_in:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

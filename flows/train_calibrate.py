@@ -2,7 +2,8 @@
 
 DVC-pinned images -> manifest -> stratified split -> Great Expectations checks -> train ->
 logits (calibration, test) -> calibrator (temperature by default) -> decision rules (thresholds,
-abstention, prediction sets) -> evaluate before/after -> gates -> MLflow registry.
+abstention, prediction sets) -> evaluate before/after: test split, corruption suite, out-of-distribution
+folder -> gates -> MLflow registry.
 
 Absolute gates decide registration; the gates against the champion decide promotion: with
 promotion.auto a run that passes them all becomes @champion, otherwise it stays @challenger
@@ -22,8 +23,10 @@ from prefect.runtime import flow_run
 from calibflow.config import load_config
 from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
-from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, collect_logits,
-                            evaluate_calibration, evaluate_decisions, fit_calibration, fit_decisions, train_model)
+from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, check_outlier_data,
+                            collect_logits, collect_shift_aware_logits, collect_shift_logits, evaluate_calibration,
+                            evaluate_decisions, evaluate_ood, evaluate_shift, fit_calibration, fit_decisions,
+                            train_model)
 from tasks.tracking import (discard_metrics_report, end_leftovers_of_killed_runs, find_unchanged_champion, finish_run,
                             promote_to_champion, publish_metrics_report, publish_summary, register_model,
                             stage_metrics_report, start_run, undo_registration)
@@ -76,29 +79,37 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root)
         check_decision_settings(manifest, split, config)
+        ood_data = check_ood_data(repo_root, manifest, config, run.work_dir, run.run_id)
+        outliers = check_outlier_data(repo_root, manifest, ood_data, config, run.work_dir, run.run_id)
 
         # A warning, never a refusal: its simulation (~7 s on a first run) runs on the core that
         # training (train.threads) leaves free, and both release the GIL.
         gate_power = check_gate_power.submit(manifest, split, config, run.run_id, repo_root)
         try:
-            trained = train_model(data, manifest, split, config, run.work_dir, run.run_id)
+            trained = train_model(data, manifest, split, config, run.work_dir, run.run_id, outliers)
         finally:
             gate_power.wait()  # its tag lands before a failed run is closed, too
         gate_power.result()
         calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
         test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
 
-        fit = fit_calibration(calibration_logits, config, run.work_dir, run.run_id)
+        fit_logits = collect_shift_aware_logits(trained, data, manifest, split, calibration_logits, config, run.work_dir)
+        fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id)
         decisions = fit_decisions(calibration_logits, fit, manifest, config, run.work_dir, run.run_id)
         evaluation = evaluate_calibration(test_logits, fit, manifest, config, run.work_dir, run.run_id)
         decided = evaluate_decisions(test_logits, fit, decisions, config, run.work_dir, run.run_id)
-        gate = apply_gates(test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id, decisions)
+        shift_logits = collect_shift_logits(trained, data, manifest, split, config, run.work_dir)
+        shifted = evaluate_shift(shift_logits, test_logits, fit, config, run.work_dir, run.run_id)
+        ood = evaluate_ood(trained, ood_data, test_logits, fit, config, run.work_dir, run.run_id)
+        gate = apply_gates(test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id, decisions,
+                           shift_logits, ood)
         verdict = gate.verdict
         if not verdict.absolute_passed:
             raise GatesFailed(verdict.summary())
 
-        report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided)  # beside the old one, not over it yet
-        version = register_model(run, trained, fit, evaluation, data, manifest, split, config, decisions, decided)
+        report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided, shifted, ood)  # beside the old one
+        version = register_model(run, trained, fit, evaluation, data, manifest, split, config, decisions, decided,
+                                 shifted)
         alias = version.alias
         if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
             alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias

@@ -39,9 +39,34 @@ def check_decision_settings(manifest: pipeline.ManifestRecord, split: pipeline.S
                                            pipeline.split_class_counts(manifest.path, split.path, "calibration"))
 
 
+@task(name="check-ood-data", cache_policy=NO_CACHE)
+def check_ood_data(repo_root: str, manifest: pipeline.ManifestRecord, config: Config, work_dir: str,
+                   run_id: str) -> str | None:
+    """Before training: ood.path pinned by DVC, and images of no trained class (None: not set)."""
+    if not config.ood.path:
+        return None
+    path = pipeline.check_ood_data(repo_root, manifest.path, config.ood.path, config.ood.max_images,
+                                   f"{work_dir}/ood_data.json")
+    registry.log_artifact(run_id, path, "ood")
+    return path
+
+
+@task(name="check-outlier-data", cache_policy=NO_CACHE)
+def check_outlier_data(repo_root: str, manifest: pipeline.ManifestRecord, ood_data: str | None, config: Config,
+                       work_dir: str, run_id: str) -> str | None:
+    """Before training: train.outlier_exposure's folder pinned by DVC, images of no trained class,
+    none shared with ood.path's (None: not set)."""
+    if not config.train.outlier_exposure:
+        return None
+    path = pipeline.check_ood_data(repo_root, manifest.path, config.train.outlier_exposure, 10**9,
+                                   f"{work_dir}/outlier_exposure_data.json", "train.outlier_exposure", ood_data)
+    registry.log_artifact(run_id, path, "ood")
+    return path
+
+
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
-                work_dir: str, run_id: str) -> pipeline.TrainedModel:
+                work_dir: str, run_id: str, outliers: str | None = None) -> pipeline.TrainedModel:
     history: list[EpochStats] = []
 
     def log_epoch(stats: EpochStats) -> None:
@@ -52,7 +77,8 @@ def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pip
             metrics["val_accuracy"] = stats.val_accuracy
         registry.log_metrics(run_id, metrics, step=stats.epoch)
 
-    trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch)
+    trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch,
+                                   outliers_path=outliers)
     registry.log_artifact(run_id, trained.checkpoint, "checkpoint")
     registry.set_tags(run_id, {"device": trained.device, "precision": trained.precision})
     get_run_logger().info("trained %d epochs on %s (%s): val accuracy %.4f, %.0f images/s", trained.epochs,
@@ -66,6 +92,26 @@ def collect_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: 
     return pipeline.write_split_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, split_name,
                                        f"{work_dir}/logits_{split_name}.npz", config.evaluation.batch_size,
                                        config.train.device, config.train.threads)
+
+
+@task(name="collect-shift-aware-logits", cache_policy=NO_CACHE)
+def collect_shift_aware_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
+                               split: pipeline.SplitRecord, calibration_logits: str, config: Config,
+                               work_dir: str) -> str:
+    """The logits the calibrator is fitted on: the calibration split's, plus (calibration.shift_aware)
+    those of its corrupted copies."""
+    if not config.calibration.shift_aware:
+        return calibration_logits
+    from pathlib import Path
+
+    cache = Path(work_dir).parents[1] / "cache" / "shift"
+    path = pipeline.write_shift_aware_logits(trained.checkpoint, data.local_dir, manifest.path, split.path,
+                                             calibration_logits, config.calibration.shift_corruptions, config.seed,
+                                             f"{work_dir}/logits_calibration_shift_aware.npz",
+                                             config.evaluation.batch_size, config.train.device, str(cache))
+    get_run_logger().info("shift-aware calibration: fitting on the calibration split and its copies corrupted by %s "
+                          "at severities 1-5", ", ".join(config.calibration.shift_corruptions))
+    return path
 
 
 @task(name="fit-calibration", cache_policy=NO_CACHE)
@@ -102,6 +148,59 @@ def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, mani
     return evaluation
 
 
+@task(name="collect-shift-logits", cache_policy=NO_CACHE)
+def collect_shift_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
+                         split: pipeline.SplitRecord, config: Config, work_dir: str) -> str | None:
+    """The network's logits on the corruption suite (None when `shift:` is empty), cached by content
+    under .calibflow/cache/shift."""
+    from pathlib import Path
+
+    from calibflow.shift import suite_of
+
+    suite = suite_of(config.shift, config.seed)
+    if suite is None:
+        return None
+    cache = Path(work_dir).parents[1] / "cache" / "shift"  # <repo>/.calibflow/cache/shift
+    return pipeline.write_shift_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, suite,
+                                       f"{work_dir}/logits_shift.npz", config.evaluation.batch_size,
+                                       config.train.device, str(cache))
+
+
+@task(name="evaluate-shift", cache_policy=NO_CACHE)
+def evaluate_shift(shift_logits: str | None, test_logits: str, fit: pipeline.CalibrationRecord, config: Config,
+                   work_dir: str, run_id: str) -> pipeline.ShiftEvaluation | None:
+    if shift_logits is None:
+        return None
+    shifted = pipeline.evaluate_shift(shift_logits, test_logits, fit, config.evaluation.n_bins, work_dir)
+    registry.log_metrics(run_id, shifted.metrics)
+    registry.log_artifact(run_id, shifted.result_path, "shift")
+    for plot in shifted.plots:
+        registry.log_artifact(run_id, plot, "plots")
+    get_run_logger().info("corruption suite: mean ECE %.4f -> %.4f, mean accuracy %.4f",
+                          shifted.mean["before"]["ece"], shifted.mean["after"]["ece"],
+                          shifted.mean["after"]["accuracy"])
+    return shifted
+
+
+@task(name="evaluate-ood", cache_policy=NO_CACHE)
+def evaluate_ood(trained: pipeline.TrainedModel, ood_data: str | None, test_logits: str,
+                 fit: pipeline.CalibrationRecord, config: Config, work_dir: str,
+                 run_id: str) -> pipeline.OODEvaluation | None:
+    if ood_data is None:
+        return None
+    ood = pipeline.evaluate_ood(trained.checkpoint, ood_data, test_logits, fit, config.ood.score, work_dir,
+                                config.evaluation.batch_size, config.train.device)
+    registry.log_metrics(run_id, ood.metrics)
+    registry.set_tags(run_id, {"ood_data_hash": ood.dvc_hash, "ood_path": config.ood.path})
+    registry.log_artifact(run_id, ood.scores_path, "ood")
+    for plot in ood.plots:
+        registry.log_artifact(run_id, plot, "plots")
+    get_run_logger().info("OOD (%d images): MSP AUROC %.4f FPR95 %.4f, energy AUROC %.4f FPR95 %.4f", ood.n_images,
+                          ood.metrics["ood_msp_auroc"], ood.metrics["ood_msp_fpr95"], ood.metrics["ood_energy_auroc"],
+                          ood.metrics["ood_energy_fpr95"])
+    return ood
+
+
 @task(name="fit-decisions", cache_policy=NO_CACHE)
 def fit_decisions(calibration_logits: str, fit: pipeline.CalibrationRecord, manifest: pipeline.ManifestRecord,
                   config: Config, work_dir: str, run_id: str) -> str:
@@ -130,9 +229,10 @@ def evaluate_decisions(test_logits: str, fit: pipeline.CalibrationRecord, decisi
       cache_policy=NO_CACHE)
 def apply_gates(test_logits: str, fit: pipeline.CalibrationRecord, data: DataVersion,
                 manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
-                run_id: str, decisions: str | None = None) -> GateReport:
+                run_id: str, decisions: str | None = None, shift_logits: str | None = None,
+                ood: pipeline.OODEvaluation | None = None) -> GateReport:
     report = pipeline.gate_run(config.registry.model_name, test_logits, fit, data.local_dir, manifest.path,
-                               split.path, config.gates, config.evaluation.n_bins, decisions)
+                               split.path, config.gates, config.evaluation.n_bins, decisions, shift_logits, ood)
     registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
     registry.set_tags(run_id, {"gates": "passed" if report.passed else "failed",
                                "gates_absolute": "passed" if report.verdict.absolute_passed else "failed",

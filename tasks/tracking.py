@@ -106,10 +106,11 @@ def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) 
 def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipeline.CalibrationRecord,
                    evaluation: pipeline.Evaluation, data: DataVersion, manifest: pipeline.ManifestRecord,
                    split: pipeline.SplitRecord, config: Config, decisions: str,
-                   decided: pipeline.DecisionEvaluation | None = None) -> registry.RegisteredVersion:
+                   decided: pipeline.DecisionEvaluation | None = None,
+                   shifted: pipeline.ShiftEvaluation | None = None) -> registry.RegisteredVersion:
     """Retried safely: a failure within register_version deletes the version it created first."""
     example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
-    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided)
+    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted)
     with registry.store_wait():  # logging and registering the model use MLflow beyond registry.client()
         model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example, decisions)
         version = registry.register_version(model_uri, config.registry.model_name, tags)
@@ -142,9 +143,11 @@ def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport,
 
 @task(name="stage-metrics-report", cache_policy=NO_CACHE)
 def stage_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: pipeline.CalibrationRecord,
-                         verdict: GateVerdict, decisions: pipeline.DecisionEvaluation | None = None
-                         ) -> pipeline.StagedReport:
-    return pipeline.stage_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict, decisions)
+                         verdict: GateVerdict, decisions: pipeline.DecisionEvaluation | None = None,
+                         shifted: pipeline.ShiftEvaluation | None = None,
+                         ood: pipeline.OODEvaluation | None = None) -> pipeline.StagedReport:
+    return pipeline.stage_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict, decisions,
+                                         shifted, ood)
 
 
 @task(name="publish-metrics-report", cache_policy=NO_CACHE)

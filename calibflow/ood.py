@@ -1,0 +1,149 @@
+"""Out-of-distribution inputs: the folder they come from, the scores, and how well they separate.
+
+Scores, from the logits the served model computes (z) and its fitted calibrator:
+- MSP, the maximum calibrated softmax probability (Hendrycks & Gimpel 2017);
+- energy, -T log sum_k exp(z_k / T) (Liu et al. 2020) with the fitted temperature T (T = 1 for
+  other calibrators; an ensemble's is the mean of its members'). Lower energy = more in-distribution.
+Detection metrics treat the test split as positives and score "in-distribution-ness" (MSP, and
+minus the energy): AUROC, AUPR (in-distribution positive) and FPR at 95% TPR, the share of OOD
+images at or above the threshold that keeps 95% of the test split.
+
+The OOD folder (`ood.path`) is pinned by DVC like the data, read as an ImageFolder or a flat
+folder (every file under it, at any depth), and refused before training when it is missing,
+empty, holds files that are not images, or holds images of the training data (same bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibflow.manifest import ManifestError
+
+SCORES = ("msp", "energy")
+
+
+class OODDataError(ManifestError):
+    """ood.path cannot be used as out-of-distribution images; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class OODData:
+    path: str  # ood.path, relative to the repository root
+    local_dir: str
+    dvc_hash: str
+    files: tuple[str, ...]  # relative paths of the images used (the first ood.max_images, sorted)
+
+
+def _listed(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str], max_images: int,
+                     key: str = "ood.path", other_hashes: set[str] = frozenset(), other: str = "") -> OODData:
+    """Pin `path` (params.yaml's `key`) with DVC and check it can serve as out-of-distribution
+    images; OODDataError otherwise. `other_hashes`: images it must not share either (the OOD
+    evaluation folder, for the outlier-exposure one), named `other`."""
+    from PIL import Image, UnidentifiedImageError
+
+    from calibflow.versioning import DataVersionError, resolve_data
+
+    local = Path(repo_root) / path
+    if not local.exists():
+        raise OODDataError(f"{key} {path!r} does not exist: add a folder of out-of-distribution images there "
+                           f"(`dvc add {path}`), or set {key} to null")
+    if not local.is_dir():
+        raise OODDataError(f"{key} {path!r} is a file: it must be a folder of images (flat, or <class>/<image>)")
+    files = _listed(local)
+    if not files:
+        raise OODDataError(f"{key} {path!r} is empty: put out-of-distribution images in it and `dvc add {path}`")
+    try:
+        version = resolve_data(repo_root, path, None)
+    except DataVersionError as error:
+        raise OODDataError(str(error).replace("data.path", key)) from error
+    root = Path(version.local_dir)
+    not_images, overlapping, shared = [], [], []
+    for relative in files:
+        digest = hashlib.sha256((root / relative).read_bytes()).hexdigest()
+        if digest in training_hashes:
+            overlapping.append(relative)
+        if digest in other_hashes:
+            shared.append(relative)
+        try:
+            with Image.open(root / relative) as image:
+                image.load()
+        except (UnidentifiedImageError, OSError, ValueError):
+            not_images.append(relative)
+    if not_images:
+        shown = ", ".join(not_images[:5]) + (f" and {len(not_images) - 5} more" if len(not_images) > 5 else "")
+        raise OODDataError(f"{key} {path!r}: {len(not_images)} of {len(files)} files are not images ({shown}): "
+                           f"remove them and `dvc add {path}`")
+    if shared:
+        raise OODDataError(f"{key} {path!r}: {len(shared)} image(s) have the same bytes as images of {other} "
+                           f"(e.g. {shared[0]}): training on them would leak into the OOD evaluation; remove them")
+    if overlapping:
+        shown = ", ".join(overlapping[:5]) + (f" and {len(overlapping) - 5} more" if len(overlapping) > 5 else "")
+        raise OODDataError(f"{key} {path!r}: {len(overlapping)} image(s) have the same bytes as images of data.path "
+                           f"({shown}), so they are not out of distribution: remove them from {path} and "
+                           f"`dvc add {path}`")
+    return OODData(path=version.path, local_dir=str(root), dvc_hash=version.dvc_hash,
+                   files=tuple(files[:max_images]))
+
+
+def folder_hashes(data: OODData) -> set[str]:
+    return {hashlib.sha256((Path(data.local_dir) / r).read_bytes()).hexdigest() for r in data.files}
+
+
+def load_ood_data(path: str | Path) -> OODData:
+    raw = json.loads(Path(path).read_text())
+    return OODData(raw["path"], raw["local_dir"], raw["dvc_hash"], tuple(raw["files"]))
+
+
+def save_ood_data(data: OODData, out_path: str | Path) -> str:
+    Path(out_path).write_text(json.dumps({"path": data.path, "local_dir": data.local_dir, "dvc_hash": data.dvc_hash,
+                                          "files": list(data.files)}, indent=1))
+    return str(out_path)
+
+
+def _temperature(calibrator) -> float:
+    members = getattr(calibrator, "members", None)
+    if members:
+        return float(np.mean([getattr(m, "temperature", None) or 1.0 for m in members]))
+    return float(getattr(calibrator, "temperature", None) or 1.0)
+
+
+def energy(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """-T log sum_k exp(z_k / T) per image; the mean over members for an ensemble's (N, M, K)."""
+    from scipy.special import logsumexp
+
+    z = np.asarray(logits, np.float64)
+    e = -temperature * logsumexp(z / temperature, axis=-1)
+    return e.mean(axis=1) if e.ndim == 2 else e
+
+
+def ood_scores(logits: np.ndarray, calibrator) -> dict[str, np.ndarray]:
+    """{"msp": max calibrated probability, "energy": -T logsumexp(z / T)} per image."""
+    probabilities = np.asarray(calibrator.transform(logits), np.float64)
+    return {"msp": probabilities.max(axis=1), "energy": energy(logits, _temperature(calibrator))}
+
+
+def in_distribution_score(name: str, scores: dict[str, np.ndarray]) -> np.ndarray:
+    """Higher = more in-distribution: MSP itself, minus the energy."""
+    return scores["msp"] if name == "msp" else -scores["energy"]
+
+
+def detection_metrics(inside: np.ndarray, outside: np.ndarray) -> dict[str, float]:
+    """AUROC, AUPR (in-distribution positive) and FPR at 95% TPR of an in-distribution score."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from calibflow.gate_statistics import empirical_tpr_threshold
+
+    y = np.concatenate([np.ones(len(inside)), np.zeros(len(outside))])
+    s = np.concatenate([inside, outside])
+    return {"auroc": float(roc_auc_score(y, s)), "aupr": float(average_precision_score(y, s)),
+            "fpr95": float(np.mean(np.asarray(outside) >= empirical_tpr_threshold(inside, 0.95)))}

@@ -1,0 +1,158 @@
+"""The corruption suite: the calibrated model on corrupted copies of the test split.
+
+A suite is `shift.corruptions` x `shift.severities` (calibflow.corruptions), each a cell, on the
+first `shift.max_images` test images. The corrupted images and the network's logits on them are
+cached by content under `.calibflow/cache/shift/` (the images by the test images' bytes, the cell
+and the seed; the logits also by the checkpoint's bytes), so a rerun on the same data and weights
+computes nothing twice. What is measured per cell, before and after calibration: accuracy, ECE
+(15 bins) and NLL, and their means over the cells (Ovadia et al. 2019 report the mean over
+corruptions per severity; the mean over the whole suite is the number the shift gate reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from calibflow.corruptions import CORRUPTION_VERSION, corrupt_batch
+
+SUITE_TAG = "shift_suite"  # the registered version's suite (JSON), for `calibflow evaluate` and `calibflow gate`
+METRICS = ("accuracy", "ece", "nll")
+
+
+@dataclass(frozen=True)
+class Suite:
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+    max_images: int
+    seed: int
+
+    @property
+    def cells(self) -> list[tuple[str, int]]:
+        return [(c, s) for c in self.corruptions for s in self.severities]
+
+    @staticmethod
+    def key(corruption: str, severity: int) -> str:
+        return f"{corruption}_s{severity}"
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.key(c, s) for c, s in self.cells]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Suite:
+        raw = json.loads(text)
+        return cls(tuple(raw["corruptions"]), tuple(int(s) for s in raw["severities"]), int(raw["max_images"]),
+                   int(raw["seed"]))
+
+
+def suite_of(shift, seed: int) -> Suite | None:
+    """The suite params.yaml's `shift:` section asks for, or None when it is empty."""
+    if not shift.corruptions:
+        return None
+    return Suite(tuple(shift.corruptions), tuple(shift.severities), int(shift.max_images), int(seed))
+
+
+def _digest(*parts: bytes | str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached(path: Path | None, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """np.load(path) when it is there, else compute, save (written aside and renamed, so a killed
+    run never leaves half a file for the next one to trust) and return."""
+    if path is not None and path.is_file():
+        with np.load(path) as saved:
+            return saved["array"]
+    array = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{id(array)}.partial.npz")
+        np.savez(partial, array=array)
+        partial.replace(path)
+    return array
+
+
+def corrupted_images(images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Path | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Each cell's corrupted copy of uint8 images (N, H, W, C), cached by their bytes."""
+    images = np.ascontiguousarray(images_nhwc)
+    content = _digest(str(images.shape), images.tobytes())
+    out = {}
+    for corruption, severity in suite.cells:
+        key = suite.key(corruption, severity)
+        path = (Path(cache_dir) / "images" / f"{_digest(content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
+                if cache_dir else None)
+        out[key] = _cached(path, lambda c=corruption, s=severity: corrupt_batch(images, c, s, suite.seed))
+    return out
+
+
+def suite_logits(corrupted: Mapping[str, np.ndarray], logits_of: Callable[[np.ndarray], np.ndarray],
+                 model_digest: str, cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The network's logits on each cell's images, cached by the images' bytes and `model_digest`."""
+    out = {}
+    for key, images in corrupted.items():
+        path = (Path(cache_dir) / "logits" / f"{_digest(model_digest, str(images.shape), images.tobytes())}.npz"
+                if cache_dir else None)
+        out[key] = _cached(path, lambda images=images: np.asarray(logits_of(images)))
+    return out
+
+
+def cell_report(probabilities: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
+    """accuracy, ECE and NLL of one cell, computed as for the test split (metrics.probability_report)."""
+    from calibflow.metrics import probability_report
+
+    report = probability_report(probabilities, labels, n_bins)
+    return {name: report[name] for name in METRICS}
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    suite: Suite
+    n_images: int
+    cells: dict[str, dict[str, dict[str, float]]]  # key -> "before" / "after" -> metric -> value
+    clean: dict[str, dict[str, float]]  # the same images uncorrupted, before / after
+
+    @property
+    def mean(self) -> dict[str, dict[str, float]]:
+        return {when: {m: float(np.mean([cell[when][m] for cell in self.cells.values()])) for m in METRICS}
+                for when in ("before", "after")}
+
+    def flat_metrics(self) -> dict[str, float]:
+        """MLflow metric names: shift_<corruption>_s<severity>_<metric>_<before|after>, shift_mean_..."""
+        flat = {f"shift_{key}_{m}_{when}": v for key, cell in self.cells.items() for when, ms in cell.items()
+                for m, v in ms.items()}
+        flat.update({f"shift_mean_{m}_{when}": v for when, ms in self.mean.items() for m, v in ms.items()})
+        return flat
+
+    def to_json(self) -> dict:
+        return {"suite": json.loads(self.suite.to_json()), "n_images": self.n_images, "clean": self.clean,
+                "cells": self.cells, "mean": self.mean}
+
+
+def evaluate_suite(suite: Suite, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
+                   clean_before: np.ndarray, clean_after: np.ndarray, labels: np.ndarray, n_bins: int) -> SuiteResult:
+    """Each cell's metrics from its probabilities before (plain softmax) and after calibration."""
+    cells = {key: {"before": cell_report(before[key], labels, n_bins), "after": cell_report(after[key], labels, n_bins)}
+             for key in suite.keys}
+    clean = {"before": cell_report(clean_before, labels, n_bins), "after": cell_report(clean_after, labels, n_bins)}
+    return SuiteResult(suite, int(len(labels)), cells, clean)

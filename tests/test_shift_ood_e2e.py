@@ -1,0 +1,220 @@
+"""End-to-end: the corruption suite and the OOD folder in the real flow, reproduced and served from
+the registry in a fresh process, and a bad ood.path refused before training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from calibflow import registry
+from calibflow.cli import main as calibflow
+from tests.conftest import dvc, run
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-digits"
+CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
+
+
+def client_of(repo: Path) -> MlflowClient:
+    registry.configure_tracking(repo)
+    return MlflowClient()
+
+
+def add_ood_folder(repo: Path, name: str = "ood", flat: bool = True, classes=(5, 6, 7, 8, 9)) -> str:
+    """Digits of classes the tiny repo lacks (5-9), flat or as an ImageFolder, tracked by DVC."""
+    from calibflow.prepare import write_digits
+
+    folder = repo / "data" / name
+    write_digits(folder, classes=tuple(classes), per_class=12)
+    if flat:
+        for image in sorted(folder.glob("*/*.png")):
+            image.rename(folder / f"{image.parent.name}_{image.name}")
+        for sub in [p for p in folder.iterdir() if p.is_dir()]:
+            sub.rmdir()
+    track(repo, f"data/{name}")
+    return f"data/{name}"
+
+
+def track(repo: Path, path: str) -> None:
+    dvc("add", "-q", path, cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", f"add {path}", cwd=repo)
+
+
+def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_repo, tmp_path):
+    ood_path = add_ood_folder(tiny_repo)
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood_path}",
+                      "--set", "gates.max_ood_fpr95=1.0", "--set", "gates.max_shift_ece=1.0"]) == 0
+
+    client = client_of(tiny_repo)
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    mlflow_run = client.get_run(version.run_id)
+    metrics = mlflow_run.data.metrics
+    for name in ("ood_msp_auroc", "ood_msp_aupr", "ood_msp_fpr95", "ood_energy_auroc", "ood_energy_fpr95",
+                 "shift_mean_ece_after", "shift_mean_accuracy_before", "shift_contrast_s5_ece_after"):
+        assert name in metrics, name
+    assert 0.0 <= metrics["ood_energy_fpr95"] <= 1.0 and 0.0 <= metrics["ood_msp_auroc"] <= 1.0
+    plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
+    assert {"plots/shift_curves.png", "plots/ood_score_histograms.png"} <= plots
+    gates = json.loads(Path(registry.download_run_artifact(version.run_id, "gates/gates.json", tmp_path)).read_text())
+    assert {"max_shift_ece", "max_ood_fpr95"} <= {c["name"] for c in gates["checks"]}
+    report = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
+    assert report["ood"]["ood_energy_auroc"] == metrics["ood_energy_auroc"]
+    assert report["shift"]["mean"]["after"]["ece"] == metrics["shift_mean_ece_after"]
+    assert json.loads(version.tags["shift_suite"])["corruptions"] == ["gaussian_noise", "gaussian_blur", "contrast"]
+
+    # `calibflow evaluate` in a fresh process: every cell of the suite from the served pyfunc
+    out = tmp_path / "evaluate.json"
+    result = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
+                             "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(out.read_text())
+    assert evaluated["mismatches"] == []
+    cells = [k for k in evaluated["recomputed"] if k.startswith("shift_")]
+    assert len(cells) == 3 * 3 * 3  # 3 corruptions x 3 severities x (accuracy, ece, nll)
+
+    # the served model: probabilities by default, MSP and energy with params={"output": "ood"}
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from calibflow import registry
+        from calibflow.images import decode_image
+        registry.configure_tracking({str(tiny_repo)!r})
+        model = registry.load_model("models:/{MODEL}@champion")
+        files = sorted(__import__("pathlib").Path({str(tiny_repo / ood_path)!r}).glob("*.png"))[:4]
+        images = np.stack([decode_image(f, "L", (8, 8)) for f in files])
+        probabilities = model.predict(images)
+        scores = model.predict(images, params={{"output": "ood"}})
+        print(json.dumps({{"probabilities": np.asarray(probabilities).tolist(), "columns": list(scores.columns),
+                          "msp": scores["msp"].tolist(), "energy": scores["energy"].tolist()}}))
+    """)
+    served = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tiny_repo)
+    assert served.returncode == 0, served.stderr
+    answer = json.loads(served.stdout.strip().splitlines()[-1])
+    assert len(answer["probabilities"]) == 4 and answer["columns"][:2] == ["msp", "energy"]
+    assert answer["msp"] == pytest.approx([max(row) for row in answer["probabilities"]], abs=1e-12)
+    assert all(e < 0 or e == e for e in answer["energy"])  # finite numbers
+
+
+def make_bad_ood(repo: Path, problem: str) -> str:
+    folder = repo / "data" / "ood"
+    if problem == "missing":
+        return "data/nowhere"
+    folder.mkdir(parents=True)
+    if problem == "empty":
+        return "data/ood"
+    if problem == "not images":
+        (folder / "notes.txt").write_text("not an image")
+        (folder / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    if problem == "overlapping":
+        for source in sorted((repo / "data" / "tiny" / "2").glob("*.png"))[:3]:
+            shutil.copy(source, folder / f"copy_{source.name}")
+    if problem == "not tracked":
+        from calibflow.prepare import write_digits
+
+        write_digits(folder, classes=(7,), per_class=5)
+        return "data/ood"
+    track(repo, "data/ood")
+    return "data/ood"
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "does not exist"),
+    ("empty", "is empty"),
+    ("not images", "are not images"),
+    ("overlapping", "same bytes as images of data.path"),
+    ("not tracked", "ood.path 'data/ood' is not tracked by DVC"),
+])
+def test_bad_ood_path_is_refused_before_training_and_nothing_is_registered(tiny_repo, capsys, problem, message):
+    path = make_bad_ood(tiny_repo, problem)
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={path}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+    client = client_of(tiny_repo)
+    assert client.search_registered_models(f"name='{MODEL}'") == []
+    failed = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
+    assert failed.info.status == "FAILED"
+    assert client.list_artifacts(failed.info.run_id, "checkpoint") == []  # nothing was trained
+
+
+def test_a_failing_shift_gate_exits_1_with_the_check_in_its_json(tiny_repo, capsys, tmp_path):
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "gates.max_shift_ece=0.0"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing registered" in err and "max_shift_ece" in err and "FAIL" in err
+    client = client_of(tiny_repo)
+    assert client.search_registered_models(f"name='{MODEL}'") == []
+
+    # passing run, then `calibflow gate` reads the suite from the registry: exit 1 and JSON
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    out = tmp_path / "gate.json"
+    assert calibflow(["gate", "--model", MODEL, "--candidate", "@champion", "--repo", str(tiny_repo),
+                      "--set", "gates.max_shift_ece=0.0", "--json", str(out)]) == 1
+    check = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_shift_ece")
+    assert not check["passed"] and check["bound"] >= check["value"] > 0
+    assert calibflow(["gate", "--model", MODEL, "--candidate", "@champion", "--repo", str(tiny_repo),
+                      "--set", "gates.max_shift_ece=1.0"]) == 0
+
+    # against the champion: the flow and `calibflow gate` corrupt the shared images for both models
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "seed=1",
+                      "--set", "gates.max_shift_ece_increase=1.0"]) == 0
+    challenger = client.get_model_version_by_alias(MODEL, "challenger")
+    gates = json.loads(Path(registry.download_run_artifact(challenger.run_id, "gates/gates.json", tmp_path)).read_text())
+    increase = next(c for c in gates["checks"] if c["name"] == "max_shift_ece_increase")
+    # a bound, not a point value: on the few test images the two splits share it is wide
+    assert gates["n_shared"] > 0 and increase["bound"] >= increase["value"]
+    assert calibflow(["gate", "--model", MODEL, "--candidate", "@challenger", "--repo", str(tiny_repo),
+                      "--set", "gates.max_shift_ece_increase=0.0", "--json", str(out)]) == 1
+    check = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_shift_ece_increase")
+    assert not check["passed"] and check["bound"] == pytest.approx(increase["bound"])  # the same numbers
+
+
+def test_shift_aware_calibration_fits_on_corrupted_copies_and_is_served(tiny_repo, tmp_path):
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.shift_aware=true"]) == 0
+    client = client_of(tiny_repo)
+    plain = client.get_model_version_by_alias(MODEL, "champion")
+    aware = client.get_model_version_by_alias(MODEL, "challenger")
+    # the same network (same seed and data), a temperature fitted on more, harder images
+    assert float(aware.tags["temperature"]) != float(plain.tags["temperature"])
+    runs = tiny_repo / ".calibflow" / "runs"
+    import numpy as np
+
+    with np.load(runs / aware.run_id / "logits_calibration_shift_aware.npz") as fitted, \
+            np.load(runs / aware.run_id / "logits_calibration.npz") as clean:
+        assert len(fitted["labels"]) == 6 * len(clean["labels"])  # clean + speckle noise at severities 1-5
+        np.testing.assert_array_equal(fitted["logits"][:len(clean["labels"])], clean["logits"])
+    out = tmp_path / "evaluate.json"
+    assert calibflow(["evaluate", "--model", f"models:/{MODEL}/{aware.version}", "--repo", str(tiny_repo),
+                      "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mismatches"] == []
+
+
+def test_outlier_exposure_trains_on_its_folder_and_never_on_the_ood_one(tiny_repo, capsys):
+    ood = add_ood_folder(tiny_repo, "ood", classes=(8, 9))
+    exposure = add_ood_folder(tiny_repo, "oe", flat=False, classes=(5, 6, 7))
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}",
+                      "--set", f"train.outlier_exposure={exposure}"]) == 0
+    client = client_of(tiny_repo)
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert {"ood/outlier_exposure_data.json", "ood/ood_data.json"} <= {
+        a.path for a in client.list_artifacts(version.run_id, "ood")}
+    assert client.get_run(version.run_id).data.params["train.outlier_exposure"] == exposure
+
+    # the same images in both folders: refused before training
+    leak = tiny_repo / "data" / "oe" / "8"
+    leak.mkdir()
+    for image in sorted((tiny_repo / "data" / "ood").glob("*.png"))[:2]:
+        (leak / image.name).write_bytes(image.read_bytes())
+    track(tiny_repo, "data/oe")
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}",
+                      "--set", f"train.outlier_exposure={exposure}", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "train.outlier_exposure 'data/oe'" in err and "same bytes as images of ood.path" in err

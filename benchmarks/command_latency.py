@@ -40,6 +40,8 @@ def commands(model: str, image: str) -> dict[str, list[str]]:
 
 
 def timed(code_dir: Path, arguments: list[str]) -> float:
+    if code_dir != REPO and arguments[0] == "gate":  # a baseline reads its own params: ours may hold newer keys
+        arguments = [*arguments, "--params", str(code_dir / "params.yaml")]
     # PYTHONSAFEPATH: the working directory (REPO) must not shadow code_dir on sys.path
     env = {**os.environ, "PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
     started = time.perf_counter()

@@ -85,7 +85,7 @@ def timed_run(label: str, code_dir: Path, mode: str, server_url: str | None, ove
     if finished.returncode != 0:
         raise SystemExit(f"`{' '.join(command)}` exited {finished.returncode}:\n{finished.stderr[-3000:]}")
     result = json.loads(finished.stdout[finished.stdout.index("{\n"):])
-    return {"mode": label, "spawned": spawned, "exited": exited, "wall": exited - spawned,
+    return {"mode": label, "code": str(code_dir), "spawned": spawned, "exited": exited, "wall": exited - spawned,
             "flow_run_id": result["prefect_flow_run_id"]}
 
 
@@ -103,12 +103,13 @@ def task_seconds(client, flow_run_id: str) -> tuple[dict[str, float], datetime, 
 
 def breakdown(run: dict, per_task: dict[str, float], flow_start: datetime, flow_end: datetime) -> dict[str, float]:
     work = sum(per_task.get(name, 0.0) for name in WORK_TASKS)
-    serial = {name: seconds for name, seconds in per_task.items() if name not in BESIDE_TRAINING}
+    beside = BESIDE_TRAINING if run["code"] == str(REPO) else ()  # a baseline may run them in series
+    serial = {name: seconds for name, seconds in per_task.items() if name not in beside}
     parts = {
         "interpreter, imports, Prefect API start, flow run creation": flow_start.timestamp() - run["spawned"],
         **{f"task {name}": seconds for name, seconds in serial.items() if name not in WORK_TASKS},
         **{f"task {name} (beside training: not in the wall time)": per_task[name]
-           for name in BESIDE_TRAINING if name in per_task},
+           for name in beside if name in per_task},
         "flow body outside tasks (Prefect task bookkeeping)":
             (flow_end - flow_start).total_seconds() - sum(serial.values()),
         "after the flow (API stop, interpreter exit)": run["exited"] - flow_end.timestamp(),

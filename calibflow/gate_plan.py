@@ -234,7 +234,7 @@ def small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_
 
     key = {"n_test": n_test, "n_classes": n_classes, "gates": asdict(gates), "n_bins": n_bins, "power": power,
            "simulations": simulations, "numpy": np.__version__, "relplot": version("relplot"),
-           "code": disk_cache.source_digest([__file__, gates_module.__file__, gate_statistics.__file__])}
+           "code": disk_cache.files_digest([__file__, gates_module.__file__, gate_statistics.__file__])}
     return disk_cache.cached(cache_directory, "gate_power", key, lambda: _small_test_split_warning(
         n_test, n_classes, gates, n_bins, power, simulations))
 

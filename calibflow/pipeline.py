@@ -33,7 +33,8 @@ from calibflow.plots import (binary_score_distributions, class_confidence_histog
                              decision_score_histograms, reliability_diagram)
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.promotion import GateReport, ShiftedPredictions, gate_logits
-from calibflow.shift import Suite, corrupted_images, evaluate_suite, file_sha256, suite_logits
+from calibflow.disk_cache import file_sha256
+from calibflow.shift import Suite, corrupted_images, evaluate_suite, suite_logits
 from calibflow.splits import Split, stratified_split
 from calibflow.training import EpochStats, intra_op_threads, resolve_runtime, train_classifier
 from calibflow.validation import ValidationReport, validate_manifest
@@ -92,33 +93,23 @@ def validate_data(manifest_path: str, split_path: str, classes: tuple[str, ...],
 
     from calibflow import disk_cache, validation
 
-    key = {"manifest": disk_cache.source_digest([manifest_path]), "split": disk_cache.source_digest([split_path]),
-           "classes": list(classes), "min_per_class": data.min_per_class, "allowed_sizes": list(data.allowed_sizes),
+    key = {"manifest_and_split": disk_cache.files_digest([manifest_path, split_path]), "classes": list(classes),
+           "min_per_class": data.min_per_class, "allowed_sizes": list(data.allowed_sizes),
            "allowed_modes": list(data.allowed_modes), "great_expectations": version("great-expectations"),
-           "code": disk_cache.source_digest([validation.__file__])}
-    ran = []
-
-    def run_suite() -> dict:
+           "code": disk_cache.file_sha256(validation.__file__)}
+    stored = disk_cache.load(cache_directory, "data_validation", key)
+    if stored is not None:
+        report = ValidationReport(success=True, failures=(), result=stored["result"],
+                                  statistics={**stored["statistics"], "reused_from_cache": True})
+    else:
         manifest = load_manifest(manifest_path)
         manifest["split"] = Split.load(split_path).assignment(len(manifest))
-        ran.append(validate_manifest(manifest, list(classes), data.min_per_class, data.allowed_sizes,
-                                     data.allowed_modes))
-        if not ran[0].success:
-            raise _NotStored()
-        return {"statistics": ran[0].statistics, "result": ran[0].result}
-
-    try:
-        stored = disk_cache.cached(cache_directory, "data_validation", key, run_suite)
-        report = ran[0] if ran else ValidationReport(success=True, failures=(), result=stored["result"],
-                                                     statistics={**stored["statistics"], "reused_from_cache": True})
-    except _NotStored:
-        report = ran[0]
+        report = validate_manifest(manifest, list(classes), data.min_per_class, data.allowed_sizes, data.allowed_modes)
+        if report.success:
+            disk_cache.store(cache_directory, "data_validation", key,
+                             {"statistics": report.statistics, "result": report.result})
     Path(out_path).write_text(json.dumps(report.result, indent=1, default=str))
     return report
-
-
-class _NotStored(Exception):
-    """A failed validation: returned to the caller, never kept in the cache."""
 
 
 @dataclass(frozen=True)
@@ -218,16 +209,15 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     return str(out_path)
 
 
-def write_shift_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, suite: Suite,
-                       out_path: str, batch_size: int = 512, device: str = "auto",
-                       cache_dir: str | None = None) -> str:
-    """The network's logits on every cell of the corruption suite (the first suite.max_images test
-    images, corrupted), saved with their labels and manifest rows; corrupted images and logits are
-    cached by content in `cache_dir`."""
+def _suite_logits_of_split(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, split_name: str,
+                           suite: Suite, batch_size: int, device: str, threads: int | str | None,
+                           cache_dir: str | None, limit: int | None = None):
+    """The network's logits on every cell of `suite` applied to a split's images (the first
+    `limit`), with the images' labels and manifest rows; corrupted images and logits cached by
+    content in `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint)
     fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
-    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, "test", fmt,
-                                                limit=suite.max_images)
+    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
     corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir)
     run_on = resolve_runtime(device).device
 
@@ -235,7 +225,18 @@ def write_shift_logits(checkpoint: str, data_dir: str, manifest_path: str, split
         return predictive_logits(loaded.members, torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
                                  loaded.mc_samples, loaded.mc_seed, batch_size, run_on).numpy()
 
-    logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+    with intra_op_threads(threads):
+        logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+    return logits, labels, indices
+
+
+def write_shift_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, suite: Suite,
+                       out_path: str, batch_size: int = 512, device: str = "auto",
+                       cache_dir: str | None = None, threads: int | str | None = None) -> str:
+    """The network's logits on every cell of the corruption suite (the first suite.max_images test
+    images, corrupted), saved with their labels and manifest rows."""
+    logits, labels, indices = _suite_logits_of_split(checkpoint, data_dir, manifest_path, split_path, "test", suite,
+                                                     batch_size, device, threads, cache_dir, limit=suite.max_images)
     np.savez(out_path, labels=labels.numpy(), indices=indices, suite=np.array(suite.to_json()),
              **{f"cell__{key}": value for key, value in logits.items()})
     return str(out_path)
@@ -243,23 +244,15 @@ def write_shift_logits(checkpoint: str, data_dir: str, manifest_path: str, split
 
 def write_shift_aware_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str,
                              calibration_logits_path: str, corruptions: tuple[str, ...], seed: int, out_path: str,
-                             batch_size: int = 512, device: str = "auto", cache_dir: str | None = None) -> str:
+                             batch_size: int = 512, device: str = "auto", cache_dir: str | None = None,
+                             threads: int | str | None = None) -> str:
     """What a shift-aware calibrator is fitted on (Tomani et al. 2021): the calibration split's
     logits and those of its copies corrupted by `corruptions` at severities 1-5, one file in the
     format of write_split_logits (labels and rows repeated per copy). The decision rules are still
     fitted on the clean calibration logits."""
     suite = Suite(tuple(corruptions), (1, 2, 3, 4, 5), 10**9, seed)
-    loaded = load_checkpoint(checkpoint)
-    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
-    images, _, _ = load_split_images(data_dir, manifest_path, split_path, "calibration", fmt)
-    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir)
-    run_on = resolve_runtime(device).device
-
-    def logits_of(batch: np.ndarray) -> np.ndarray:
-        return predictive_logits(loaded.members, torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
-                                 loaded.mc_samples, loaded.mc_seed, batch_size, run_on).numpy()
-
-    logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+    logits, _, _ = _suite_logits_of_split(checkpoint, data_dir, manifest_path, split_path, "calibration", suite,
+                                          batch_size, device, threads, cache_dir)
     with np.load(calibration_logits_path) as saved:
         clean, labels, rows = saved["logits"], saved["labels"], saved["indices"]
     copies = 1 + len(suite.keys)
@@ -335,7 +328,8 @@ def check_ood_data(repo_root: str, manifest_path: str, path: str, max_images: in
 
 
 def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, calibration: CalibrationRecord,
-                 score: str, out_dir: str, batch_size: int = 512, device: str = "auto") -> OODEvaluation:
+                 score: str, out_dir: str, batch_size: int = 512, device: str = "auto",
+                 threads: int | str | None = None) -> OODEvaluation:
     """MSP and energy on the test split and on the OOD images (decoded in the model's mode and
     size), AUROC, AUPR and FPR95 of each, and their histograms."""
     from calibflow.ood import detection_metrics, in_distribution_score, ood_scores
@@ -346,8 +340,10 @@ def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, cal
     images = load_images(ood["local_dir"], ood["files"], loaded.image_mode,
                          (loaded.spec.image_width, loaded.spec.image_height))
     calibrator = load_calibrator(calibration.state_path)
-    outside = ood_scores(predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
-                                           resolve_runtime(device).device).numpy(), calibrator)
+    with intra_op_threads(threads):
+        outside_logits = predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
+                                           resolve_runtime(device).device).numpy()
+    outside = ood_scores(outside_logits, calibrator)
     test_logits, _ = load_logits(test_logits_path)
     inside = ood_scores(test_logits, calibrator)
     metrics = {}

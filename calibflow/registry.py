@@ -24,6 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from calibflow.disk_cache import file_sha256
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
@@ -424,18 +426,10 @@ def artifacts_digest(directory: str | Path) -> str:
             if path.is_symlink():
                 entries.append((relative, "link", hashlib.sha256(os.readlink(path).encode()).hexdigest()))
             elif path.is_file():
-                entries.append((relative, "file", _file_sha256(path)))
+                entries.append((relative, "file", file_sha256(path)))
     digest = hashlib.sha256()
     for relative, kind, content in sorted(entries):
         digest.update(f"{relative}\0{kind}\0{content}\n".encode())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

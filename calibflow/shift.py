@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from calibflow.corruptions import CORRUPTION_VERSION, corrupt_batch
+from calibflow.disk_cache import cached_array
 
 SUITE_TAG = "shift_suite"  # the registered version's suite (JSON), for `calibflow evaluate` and `calibflow gate`
 METRICS = ("accuracy", "ece", "nll")
@@ -69,29 +70,6 @@ def _digest(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _cached(path: Path | None, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """np.load(path) when it is there, else compute, save (written aside and renamed, so a killed
-    run never leaves half a file for the next one to trust) and return."""
-    if path is not None and path.is_file():
-        with np.load(path) as saved:
-            return saved["array"]
-    array = compute()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{id(array)}.partial.npz")
-        np.savez(partial, array=array)
-        partial.replace(path)
-    return array
-
-
 def corrupted_images(images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Path | None = None
                      ) -> dict[str, np.ndarray]:
     """Each cell's corrupted copy of uint8 images (N, H, W, C), cached by their bytes."""
@@ -102,7 +80,7 @@ def corrupted_images(images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Pat
         key = suite.key(corruption, severity)
         path = (Path(cache_dir) / "images" / f"{_digest(content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
                 if cache_dir else None)
-        out[key] = _cached(path, lambda c=corruption, s=severity: corrupt_batch(images, c, s, suite.seed))
+        out[key] = cached_array(path, lambda c=corruption, s=severity: corrupt_batch(images, c, s, suite.seed))
     return out
 
 
@@ -113,7 +91,7 @@ def suite_logits(corrupted: Mapping[str, np.ndarray], logits_of: Callable[[np.nd
     for key, images in corrupted.items():
         path = (Path(cache_dir) / "logits" / f"{_digest(model_digest, str(images.shape), images.tobytes())}.npz"
                 if cache_dir else None)
-        out[key] = _cached(path, lambda images=images: np.asarray(logits_of(images)))
+        out[key] = cached_array(path, lambda images=images: np.asarray(logits_of(images)))
     return out
 
 

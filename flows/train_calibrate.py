@@ -93,12 +93,13 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
         test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
 
-        fit_logits = collect_shift_aware_logits(trained, data, manifest, split, calibration_logits, config, run.work_dir)
+        fit_logits = collect_shift_aware_logits(trained, data, manifest, split, calibration_logits, config, run.work_dir,
+                                                repo_root)
         fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id)
         decisions = fit_decisions(calibration_logits, fit, manifest, config, run.work_dir, run.run_id)
         evaluation = evaluate_calibration(test_logits, fit, manifest, config, run.work_dir, run.run_id)
         decided = evaluate_decisions(test_logits, fit, decisions, config, run.work_dir, run.run_id)
-        shift_logits = collect_shift_logits(trained, data, manifest, split, config, run.work_dir)
+        shift_logits = collect_shift_logits(trained, data, manifest, split, config, run.work_dir, repo_root)
         shifted = evaluate_shift(shift_logits, test_logits, fit, config, run.work_dir, run.run_id)
         ood = evaluate_ood(trained, ood_data, test_logits, fit, config, run.work_dir, run.run_id)
         gate = apply_gates(test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id, decisions,

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from calibflow import pipeline, registry
 from calibflow import decisions as decision_rules
 from calibflow.config import Config
+from calibflow.disk_cache import cache_dir
 from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
 from calibflow.versioning import DataVersion
@@ -20,7 +21,6 @@ from tasks import retry_transient_only
 def check_gate_power(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
                      run_id: str, repo_root: str) -> str | None:
     """Before training: warn when the test split is too small for the gates to pass a good model."""
-    from calibflow.disk_cache import cache_dir
     from calibflow.gate_plan import small_test_split_warning
 
     warning = small_test_split_warning(split.sizes["test"], len(manifest.classes), config.gates,
@@ -97,18 +97,16 @@ def collect_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: 
 @task(name="collect-shift-aware-logits", cache_policy=NO_CACHE)
 def collect_shift_aware_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
                                split: pipeline.SplitRecord, calibration_logits: str, config: Config,
-                               work_dir: str) -> str:
+                               work_dir: str, repo_root: str) -> str:
     """The logits the calibrator is fitted on: the calibration split's, plus (calibration.shift_aware)
     those of its corrupted copies."""
     if not config.calibration.shift_aware:
         return calibration_logits
-    from pathlib import Path
-
-    cache = Path(work_dir).parents[1] / "cache" / "shift"
     path = pipeline.write_shift_aware_logits(trained.checkpoint, data.local_dir, manifest.path, split.path,
                                              calibration_logits, config.calibration.shift_corruptions, config.seed,
                                              f"{work_dir}/logits_calibration_shift_aware.npz",
-                                             config.evaluation.batch_size, config.train.device, str(cache))
+                                             config.evaluation.batch_size, config.train.device,
+                                             str(cache_dir(repo_root) / "shift"), config.train.threads)
     get_run_logger().info("shift-aware calibration: fitting on the calibration split and its copies corrupted by %s "
                           "at severities 1-5", ", ".join(config.calibration.shift_corruptions))
     return path
@@ -150,20 +148,17 @@ def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, mani
 
 @task(name="collect-shift-logits", cache_policy=NO_CACHE)
 def collect_shift_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
-                         split: pipeline.SplitRecord, config: Config, work_dir: str) -> str | None:
+                         split: pipeline.SplitRecord, config: Config, work_dir: str, repo_root: str) -> str | None:
     """The network's logits on the corruption suite (None when `shift:` is empty), cached by content
     under .calibflow/cache/shift."""
-    from pathlib import Path
-
     from calibflow.shift import suite_of
 
     suite = suite_of(config.shift, config.seed)
     if suite is None:
         return None
-    cache = Path(work_dir).parents[1] / "cache" / "shift"  # <repo>/.calibflow/cache/shift
     return pipeline.write_shift_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, suite,
                                        f"{work_dir}/logits_shift.npz", config.evaluation.batch_size,
-                                       config.train.device, str(cache))
+                                       config.train.device, str(cache_dir(repo_root) / "shift"), config.train.threads)
 
 
 @task(name="evaluate-shift", cache_policy=NO_CACHE)
@@ -189,7 +184,7 @@ def evaluate_ood(trained: pipeline.TrainedModel, ood_data: str | None, test_logi
     if ood_data is None:
         return None
     ood = pipeline.evaluate_ood(trained.checkpoint, ood_data, test_logits, fit, config.ood.score, work_dir,
-                                config.evaluation.batch_size, config.train.device)
+                                config.evaluation.batch_size, config.train.device, config.train.threads)
     registry.log_metrics(run_id, ood.metrics)
     registry.set_tags(run_id, {"ood_data_hash": ood.dvc_hash, "ood_path": config.ood.path})
     registry.log_artifact(run_id, ood.scores_path, "ood")

@@ -90,7 +90,7 @@ def test_the_gate_power_cache_key_covers_the_gate_code(tmp_path, monkeypatch):
     from calibflow import disk_cache, gate_plan
 
     gate_plan.small_test_split_warning(267, 10, GatesConfig(), cache_directory=tmp_path)
-    monkeypatch.setattr(disk_cache, "source_digest", lambda paths: "edited gate code")
+    monkeypatch.setattr(disk_cache, "files_digest", lambda paths: "edited gate code")
     calls = []
     compute = gate_plan._small_test_split_warning
     monkeypatch.setattr(gate_plan, "_small_test_split_warning", lambda *a: calls.append(a) or compute(*a))

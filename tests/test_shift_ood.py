@@ -187,6 +187,57 @@ def test_shift_gate_keeps_its_confidence_on_the_threshold_and_passes_at_a_third_
     assert pass_rate(0.05 / 3, 2000, 40) >= 0.8
 
 
+
+def paired_cells(rng, n: int, increase: float, champion_offset: float = 0.0, jitter: float = 0.0,
+                 cells: int = 3) -> dict[str, tuple[Predictions, Predictions]]:
+    """(candidate, champion) on the same images with known truth. Both call class 0; the champion's
+    confidence p ~ U(0.6, 0.94) and the label is 0 with probability p - champion_offset, so the
+    champion's true ECE is champion_offset (0: calibrated). The candidate says p + increase (+ noise
+    of sd `jitter`, which averages out within a bin): its true ECE is champion_offset + increase."""
+    out = {}
+    for c in range(cells):
+        p = rng.uniform(0.6, 0.94, n)
+        labels = np.where(rng.random(n) < p - champion_offset, 0, 1)
+        candidate = np.clip(p + increase + rng.normal(0.0, jitter, n) * (jitter > 0), 0.5, 1.0)
+        out[f"c{c}"] = tuple(Predictions(np.column_stack([conf, 1 - conf]), labels) for conf in (candidate, p))
+    return out
+
+
+@pytest.mark.parametrize("champion_offset", [0.0, 0.02], ids=["calibrated-champion", "overconfident-champion"])
+def test_shift_increase_gate_keeps_its_confidence_on_the_tolerance(champion_offset):
+    """Simulation against known truth: the candidate is worse than the champion by exactly the
+    tolerance (0.03) in every cell, against a perfectly calibrated champion (the hard case: its
+    estimated error is biased upward, which flatters the candidate) and an over-confident one. The
+    gate may pass at most 1 - confidence = 5% of these; the Wilson interval's lower end must be
+    below it."""
+    rng = np.random.default_rng(21)
+    gates = GatesConfig(max_ece=1.0, min_accuracy=0.0, metric="ece", max_ece_increase=None, max_accuracy_drop=None,
+                        max_shift_ece_increase=0.03)
+    clean = Predictions(np.array([[0.9, 0.1]]), np.array([0]))
+    trials = 200
+    passed = sum(evaluate_gates(clean, gates, (clean, clean),
+                                shift_comparison=paired_cells(rng, 1000, 0.03, champion_offset),
+                                report_estimates=False).check("max_shift_ece_increase").passed for _ in range(trials))
+    low = stats.binomtest(passed, trials).proportion_ci(0.95, method="wilson").low
+    assert low <= 0.05, f"passed {passed} of {trials} candidates worse by the full tolerance"
+
+
+def test_shift_increase_gate_passes_a_candidate_as_good_as_the_champion_given_enough_images():
+    """Power: a retrain whose confidences differ from the champion's by noise (sd 0.01, same true
+    ECE) passes most of the time with 8,000 corrupted images a cell (with 1,000 a cell it almost never
+    does: docs/shift_and_ood.md, the suite's size decides what the increase gate can show)."""
+    rng = np.random.default_rng(22)
+    gates = GatesConfig(max_ece=1.0, min_accuracy=0.0, metric="ece", max_ece_increase=None, max_accuracy_drop=None,
+                        max_shift_ece_increase=0.03)
+    clean = Predictions(np.array([[0.9, 0.1]]), np.array([0]))
+
+    def pass_rate(n: int, trials: int) -> float:
+        return np.mean([evaluate_gates(clean, gates, (clean, clean), shift_comparison=paired_cells(rng, n, 0.0, jitter=0.01),
+                                       report_estimates=False).check("max_shift_ece_increase").passed
+                        for _ in range(trials)])
+
+    assert pass_rate(8000, 20) >= 0.75
+
 # ---------------------------------------------------------------------------------------------
 # OOD: scores, metrics and the FPR95 bound
 

@@ -37,6 +37,7 @@ class OODData:
     local_dir: str
     dvc_hash: str
     files: tuple[str, ...]  # relative paths of the images used (the first ood.max_images, sorted)
+    rev: str = "workspace"  # the git commit the folder was read at, or "workspace" (versioning.DataVersion.rev)
 
 
 def _listed(root: Path) -> list[str]:
@@ -92,7 +93,7 @@ def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str]
                            f"({shown}), so they are not out of distribution: remove them from {path} and "
                            f"`dvc add {path}`")
     return OODData(path=version.path, local_dir=str(root), dvc_hash=version.dvc_hash,
-                   files=tuple(files[:max_images]))
+                   files=tuple(files[:max_images]), rev=version.rev)
 
 
 def folder_hashes(data: OODData) -> set[str]:
@@ -101,13 +102,27 @@ def folder_hashes(data: OODData) -> set[str]:
 
 def load_ood_data(path: str | Path) -> OODData:
     raw = json.loads(Path(path).read_text())
-    return OODData(raw["path"], raw["local_dir"], raw["dvc_hash"], tuple(raw["files"]))
+    return OODData(raw["path"], raw["local_dir"], raw["dvc_hash"], tuple(raw["files"]), raw.get("rev", "workspace"))
 
 
 def save_ood_data(data: OODData, out_path: str | Path) -> str:
     Path(out_path).write_text(json.dumps({"path": data.path, "local_dir": data.local_dir, "dvc_hash": data.dvc_hash,
-                                          "files": list(data.files)}, indent=1))
+                                          "rev": data.rev, "files": list(data.files)}, indent=1))
     return str(out_path)
+
+
+# The version tag that names the OOD folder a version was measured on, so `calibflow gate` can
+# score the same images again: {"path", "rev", "dvc_hash", "n_images", "score"}.
+OOD_TAG = "ood_data"
+
+
+def recorded_ood_files(repo_root: str | Path, recorded: dict) -> tuple[str, list[str]]:
+    """(local_dir, files) of the OOD folder a version recorded (OOD_TAG), checked byte for byte
+    against its DVC hash: the same first `n_images` files, sorted, that the run scored."""
+    from calibflow.versioning import resolve_recorded_data
+
+    version = resolve_recorded_data(repo_root, recorded["path"], recorded["rev"], recorded["dvc_hash"])
+    return version.local_dir, _listed(Path(version.local_dir))[:int(recorded["n_images"])]
 
 
 def _temperature(calibrator) -> float:

@@ -311,6 +311,8 @@ class OODEvaluation:
     dvc_hash: str
     n_images: int
     plots: tuple[str, ...]
+    path: str = ""  # ood.path
+    rev: str = "workspace"  # where DVC read it (versioning.DataVersion.rev)
 
 
 def check_ood_data(repo_root: str, manifest_path: str, path: str, max_images: int, out_path: str,
@@ -360,7 +362,8 @@ def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, cal
                                 out / "ood_score_histograms.png",
                                 title=f"test split vs {ood['path']} ({len(ood['files'])} images)")
     return OODEvaluation(scores_path=str(scores_path), metrics=metrics, score=score, dvc_hash=ood["dvc_hash"],
-                         n_images=len(ood["files"]), plots=(str(plot),))
+                         n_images=len(ood["files"]), plots=(str(plot),), path=ood["path"],
+                         rev=ood.get("rev", "workspace"))
 
 
 def ood_gate_scores(ood: OODEvaluation):
@@ -647,12 +650,23 @@ def shift_tags(shifted: ShiftEvaluation | None) -> dict[str, str]:
                                              for name, value in shifted.mean["after"].items()}}
 
 
+def ood_tags(ood: OODEvaluation | None) -> dict[str, str]:
+    """The OOD folder a version was measured on, for `calibflow gate` to score again."""
+    from calibflow.ood import OOD_TAG
+
+    if ood is None:
+        return {}
+    return {OOD_TAG: json.dumps({"path": ood.path, "rev": ood.rev, "dvc_hash": ood.dvc_hash, "n_images": ood.n_images,
+                                 "score": ood.score})}
+
+
 def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Config, git_commit: str,
                  fit: CalibrationRecord, evaluation: Evaluation,
-                 decided: DecisionEvaluation | None = None, shifted: ShiftEvaluation | None = None) -> dict[str, str]:
+                 decided: DecisionEvaluation | None = None, shifted: ShiftEvaluation | None = None,
+                 ood: OODEvaluation | None = None) -> dict[str, str]:
     """What a registered version carries: its lineage and the numbers its gate read (floats as
     repr, so they survive the round trip through a string tag exactly)."""
-    return {**decision_tags(decided, config.gates.confidence), **shift_tags(shifted),
+    return {**decision_tags(decided, config.gates.confidence), **shift_tags(shifted), **ood_tags(ood),
         "data_hash": data.dvc_hash, "data_path": data.path, "data_rev": data.rev, "git_commit": git_commit,
         "params_hash": config.params_hash, "seed": str(config.seed), "split_digest": split.digest,
         "manifest_fingerprint": manifest.fingerprint, "n_bins": str(config.evaluation.n_bins),

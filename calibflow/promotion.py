@@ -26,7 +26,8 @@ from calibflow.config import GatesConfig
 from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
 from calibflow.decisions import DecisionPolicy
-from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes, served_policy, shift_predictions
+from calibflow.reproduce import (predict_rows, rebuild_test_split, recorded_ood_scores, served_classes, served_policy,
+                                 shift_predictions)
 from calibflow.splits import Split
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
@@ -209,10 +210,27 @@ class EvaluationSet:
     decisions: DecisionPolicy | None = None  # the candidate's served decision policy
     shift: dict[str, Predictions] | None = None  # the candidate on its corruption suite (when a gate reads it)
     shift_comparison: dict[str, tuple[Predictions, Predictions]] | None = None
+    ood: OODScores | None = None  # the candidate's OOD scores on its test split and its OOD folder
+
+
+def _ood_gate_scores(candidate: registry.VersionRecord, model, rebuilt, repo_root: str | Path) -> OODScores:
+    """The score the run gated on (ood.score), recomputed by the served pyfunc on the test split
+    and on the OOD folder the version recorded, re-read at its revision and DVC hash."""
+    from calibflow.ood import OOD_TAG, in_distribution_score
+
+    if not candidate.tags.get(OOD_TAG):
+        raise GateUndecided(f"candidate {candidate.version} was registered without an OOD folder (ood.path), so "
+                            f"gates.max_ood_fpr95 has nothing to read: unset it, or retrain with ood.path set")
+    try:
+        score, inside, outside = recorded_ood_scores(model, candidate, rebuilt, repo_root)
+    except Exception as error:  # DataVersionError, a DVC error reading the revision, an unreadable image
+        raise GateUndecided(f"candidate {candidate.version}'s OOD folder cannot be read back: {error}") from error
+    return OODScores(in_distribution_score(score, inside), in_distribution_score(score, outside),
+                     "MSP" if score == "msp" else "minus energy")
 
 
 def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@champion",
-                   repo_root: str | Path = ".", with_shift: bool = False) -> EvaluationSet:
+                   repo_root: str | Path = ".", with_shift: bool = False, with_ood: bool = False) -> EvaluationSet:
     """Both models from the registry, on the candidate's pinned test images."""
     try:
         candidate = resolve_ref(model_name, candidate_ref)
@@ -246,21 +264,20 @@ def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@
         if comparison is not None:
             shift_comparison = _shift_comparison(model_name, champion, shifted, served_classes(candidate_model),
                                                  manifest, split, data.local_dir)
+    ood = _ood_gate_scores(candidate, candidate_model, rebuilt, repo_root) if with_ood else None
     return EvaluationSet(candidate, champion, Predictions(candidate_probs, labels), comparison, excluded,
-                         served_policy(candidate_model), shift, shift_comparison)
+                         served_policy(candidate_model), shift, shift_comparison, ood)
 
 
 def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
                  repo_root: str | Path = ".", n_bins: int = 15) -> GateReport:
     """`calibflow gate`: both models from the registry, on the pinned test images."""
-    if gates.max_ood_fpr95 is not None:
-        raise GateUndecided("gates.max_ood_fpr95 is read by the run that trains the model (its ood.path), not by "
-                            "`calibflow gate`: pass --set gates.max_ood_fpr95=null")
-    inputs = evaluation_set(model_name, candidate_ref, against, repo_root, with_shift=_wants_shift(gates))
+    inputs = evaluation_set(model_name, candidate_ref, against, repo_root, with_shift=_wants_shift(gates),
+                            with_ood=gates.max_ood_fpr95 is not None)
     try:
         verdict = evaluate_gates(inputs.predictions, gates, inputs.comparison, n_bins=n_bins,
                                  decisions=inputs.decisions, shift=inputs.shift,
-                                 shift_comparison=inputs.shift_comparison)
+                                 shift_comparison=inputs.shift_comparison, ood=inputs.ood)
     except GateInputError as error:
         raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
     return GateReport(model_name, inputs.candidate.version, inputs.champion.version if inputs.champion else None,

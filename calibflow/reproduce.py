@@ -112,6 +112,34 @@ def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.nda
     return {key: predict_in_batches(model, images) for key, images in corrupted.items()}
 
 
+def ood_scores_of(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """A loaded model's out-of-distribution scores ({"msp", "energy"}) on uint8 images (N, H, W, C),
+    from the served pyfunc (params={"output": "ood"})."""
+    frames = [model.predict(images_nhwc[i:i + batch_size], params={registry.OUTPUT_PARAM: "ood"})
+              for i in range(0, len(images_nhwc), batch_size)]
+    return {name: np.concatenate([np.asarray(f[name], np.float64) for f in frames]) for name in ("msp", "energy")}
+
+
+def recorded_ood_scores(model, record: registry.VersionRecord, rebuilt: RebuiltTestSplit,
+                        repo_root: str | Path = ".") -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(score name, scores on the test split, scores on the OOD images) of a version registered
+    with an OOD folder (ood.OOD_TAG): the folder re-read at its recorded revision and checked
+    against its DVC hash, both sets scored by the served pyfunc. KeyError when the version has no
+    OOD folder."""
+    import json
+
+    from calibflow.ood import OOD_TAG, recorded_ood_files
+
+    recorded = json.loads(record.tags[OOD_TAG])
+    meta = model.metadata.metadata
+    local_dir, files = recorded_ood_files(repo_root, recorded)
+    outside_images = load_images(local_dir, files, meta["image_mode"], tuple(meta["image_size"]))
+    outside = ood_scores_of(model, outside_images.permute(0, 2, 3, 1).contiguous().numpy())
+    inside = ood_scores_of(model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest,
+                                              rebuilt.split.indices["test"]))
+    return recorded["score"], inside, outside
+
+
 def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestSplit) -> tuple[dict, dict]:
     """(recomputed, logged) per-cell accuracy, ECE and NLL after calibration of the version's
     corruption suite: the run's shift/shift_metrics.json against the served pyfunc on the

@@ -110,7 +110,7 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
 
         report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided, shifted, ood)  # beside the old one
         version = register_model(run, trained, fit, evaluation, data, manifest, split, config, decisions, decided,
-                                 shifted)
+                                 shifted, ood)
         alias = version.alias
         if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
             alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias

@@ -107,10 +107,12 @@ def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipelin
                    evaluation: pipeline.Evaluation, data: DataVersion, manifest: pipeline.ManifestRecord,
                    split: pipeline.SplitRecord, config: Config, decisions: str,
                    decided: pipeline.DecisionEvaluation | None = None,
-                   shifted: pipeline.ShiftEvaluation | None = None) -> registry.RegisteredVersion:
+                   shifted: pipeline.ShiftEvaluation | None = None,
+                   ood: pipeline.OODEvaluation | None = None) -> registry.RegisteredVersion:
     """Retried safely: a failure within register_version deletes the version it created first."""
     example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
-    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted)
+    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted,
+                                 ood)
     with registry.store_wait():  # logging and registering the model use MLflow beyond registry.client()
         model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example, decisions)
         version = registry.register_version(model_uri, config.registry.model_name, tags)

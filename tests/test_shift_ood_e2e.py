@@ -218,3 +218,84 @@ def test_outlier_exposure_trains_on_its_folder_and_never_on_the_ood_one(tiny_rep
                       "--set", f"train.outlier_exposure={exposure}", "--force"]) == 2
     err = capsys.readouterr().err
     assert "train.outlier_exposure 'data/oe'" in err and "same bytes as images of ood.path" in err
+
+
+
+def add_lookalike_folder(repo: Path) -> str:
+    """Digits of the classes the model was trained on (0-4) that are not images of data/tiny:
+    in-distribution images filed as OOD, which no score can separate (FPR95 near 0.95)."""
+    from calibflow.prepare import write_digits
+
+    folder = repo / "data" / "lookalike"
+    write_digits(folder, classes=(0, 1, 2, 3, 4))
+    for image in sorted(folder.glob("*/*.png")):
+        if (repo / "data" / "tiny" / image.parent.name / image.name).exists():  # the same digit, same bytes
+            image.unlink()
+    track(repo, "data/lookalike")
+    return "data/lookalike"
+
+
+def add_noise_frames(repo: Path, n: int = 300) -> str:
+    """Uniform noise frames (a sensor fault): far from every digit."""
+    import numpy as np
+    from PIL import Image
+
+    folder = repo / "data" / "noise"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    track(repo, "data/noise")
+    return "data/noise"
+
+
+def ood_check(path: Path) -> dict:
+    return next(c for c in json.loads(Path(path).read_text())["checks"] if c["name"] == "max_ood_fpr95")
+
+
+def last_run_gate(client: MlflowClient, out: Path) -> dict:
+    """The max_ood_fpr95 check of the experiment's latest run (gates/gates.json, logged pass or fail)."""
+    latest = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return ood_check(registry.download_run_artifact(latest.info.run_id, "gates/gates.json", out))
+
+
+def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_registry(tmp_path, monkeypatch):
+    """A real model (750 digits, 15 epochs): the gate refuses it against an OOD folder it cannot
+    tell from its own classes and passes it against noise frames; `calibflow gate` re-reads the
+    recorded folder from the registry and finds the same bound."""
+    from tests.conftest import make_repo
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    repo = make_repo(tmp_path / "repo", per_class=150)
+    lookalike, noise = add_lookalike_folder(repo), add_noise_frames(repo)
+    # 225 test images: the FPR95 bound needs >= 72 in-distribution images to be below 1, and with
+    # 225 its threshold sits near the 98th percentile, so a loose 0.7 is what this size can certify
+    settings = ["--repo", str(repo), "--set", "split.train=0.4", "--set", "split.test=0.3", "--set", "train.epochs=15",
+                "--set", "ood.max_images=300", "--set", "gates.max_ood_fpr95=0.7"]
+    assert calibflow(["run", *settings, "--set", f"ood.path={lookalike}"]) == 1
+    client = client_of(repo)
+    refused = last_run_gate(client, tmp_path / "refused")
+    assert not refused["passed"] and refused["value"] > 0.8 and refused["bound"] >= refused["value"]
+    assert client.search_registered_models(f"name='{MODEL}'") == []
+
+    assert calibflow(["run", *settings, "--set", f"ood.path={noise}"]) == 0
+    passed = last_run_gate(client, tmp_path / "passed")
+    assert passed["passed"] and passed["value"] <= passed["bound"] <= 0.7
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert json.loads(version.tags["ood_data"])["path"] == noise
+
+    # `calibflow gate` scores the recorded folder again with the served pyfunc: the same bound
+    gate_json = tmp_path / "gate.json"
+    gate = ["gate", "--model", MODEL, "--candidate", "@champion", "--repo", str(repo), "--set", f"ood.path={noise}"]
+    assert calibflow([*gate, "--set", "gates.max_ood_fpr95=0.7", "--json", str(gate_json)]) == 0
+    regated = ood_check(gate_json)
+    assert regated["bound"] == pytest.approx(passed["bound"], abs=1e-9) and regated["passed"]
+    assert calibflow([*gate, "--set", "gates.max_ood_fpr95=0.0", "--json", str(gate_json)]) == 1
+    assert not ood_check(gate_json)["passed"]
+
+    # a version measured on no OOD folder cannot be gated on one: undecided, exit 2
+    assert calibflow(["run", "--repo", str(repo), "--set", "split.train=0.4", "--set", "split.test=0.3",
+                      "--set", "train.epochs=1", "--set", "gates.max_ece=1", "--set", "gates.min_accuracy=0",
+                      "--set", "gates.max_ece_increase=null", "--set", "gates.max_accuracy_drop=null"]) == 0
+    assert calibflow([*gate[:4], "@challenger", *gate[5:], "--set", "gates.max_ood_fpr95=0.7"]) == 2

@@ -5,7 +5,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pytest
+import torch
 from PIL import Image
 
 from calibflow.prepare import NOISE_SD, write_digits
@@ -63,4 +63,13 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
     assert fit.temperature > 1.25
     assert evaluation.before["ece"] >= 0.05
     assert evaluation.after["ece"] <= 0.6 * evaluation.before["ece"]
-    assert evaluation.after["accuracy"] > config.gates.min_accuracy
+    # The default gates tell the two apart: the softmax fails max_ece, the calibrated model passes.
+    from calibflow.gates import Predictions, evaluate_gates
+
+    test_logits, labels = pipeline.load_logits(logits["test"])
+    softmax = torch.softmax(torch.as_tensor(test_logits, dtype=torch.float64), dim=1).numpy()
+    calibrated = np.asarray(pipeline.load_calibrator(fit.state_path).transform(test_logits))
+    verdicts = {name: evaluate_gates(Predictions(probabilities=p, labels=labels), config.gates, report_estimates=False)
+                for name, p in (("softmax", softmax), ("calibrated", calibrated))}
+    assert not verdicts["softmax"].passed and [c.name for c in verdicts["softmax"].checks if not c.passed] == ["max_ece"]
+    assert verdicts["calibrated"].passed

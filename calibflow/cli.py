@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--model", required=True)
     status.add_argument("--repo", default=".")
 
-    prepare = commands.add_parser("prepare-digits", help="write scikit-learn's digits as an ImageFolder of PNGs")
+    prepare = commands.add_parser("prepare-digits",
+                                  help="write the default dataset: scikit-learn's digits with pixel noise, as PNGs")
     prepare.add_argument("--out", default="data/digits")
 
     schedule = commands.add_parser(
@@ -525,10 +526,10 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from calibflow.prepare import write_digits
+    from calibflow.prepare import NOISE_SD, write_digits
 
     try:
-        written = write_digits(args.out)
+        written = write_digits(args.out, noise_sd=NOISE_SD)
     except OSError as error:
         print(f"calibflow prepare-digits: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE

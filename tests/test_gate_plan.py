@@ -39,9 +39,11 @@ def test_a_model_beyond_a_threshold_gets_no_size():
     assert plan.needed is None and "no size up to 50,000" in plan.describe()
 
 
-def test_thresholds_only_plan_for_the_default_gates_exceeds_the_digits_test_split():
+def test_thresholds_only_plan_for_the_default_gates_fits_the_default_digits_test_split():
     plan = plan_from_thresholds(GatesConfig(), n_classes=10, simulations=100)
-    assert plan.needed is not None and plan.needed > 267  # the default digits split: the flow warns
+    # More than the 267 test images of the former default split (the flow warned), no more than
+    # the 720 of today's (the flow does not).
+    assert plan.needed is not None and 267 < plan.needed <= 720
     assert "halfway inside the thresholds" in plan.assumptions
     assert {"max_ece", "min_accuracy"} == set(plan.rows[0].gate_pass_rates)
 
@@ -61,8 +63,9 @@ def test_power_out_of_range_is_refused():
 def test_the_flow_warns_on_a_test_split_too_small_for_the_gates():
     from calibflow.gate_plan import small_test_split_warning
 
-    warning = small_test_split_warning(267, 10, GatesConfig())  # the default digits split and gates
+    warning = small_test_split_warning(267, 10, GatesConfig())  # the default gates, on too few images
     assert warning is not None and "267 images" in warning and "gate plan" in warning
+    assert small_test_split_warning(720, 10, GatesConfig()) is None  # the default digits test split
     assert small_test_split_warning(20_000, 10, GatesConfig()) is None
     impossible = small_test_split_warning(100, 10, GatesConfig(max_ece=0.005, min_accuracy=0.999))
     assert impossible is not None and "no model can pass" in impossible

@@ -1,0 +1,75 @@
+"""The embedded default dataset (the `prepare` stage) and what the default run shows on it: an
+over-confident model that temperature scaling corrects (issue 12, point 5)."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from calibflow.prepare import NOISE_SD, write_digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+
+
+def test_the_default_data_is_the_same_bytes_every_time_and_a_subset_keeps_its_images(tmp_path):
+    full, again, subset = tmp_path / "full", tmp_path / "again", tmp_path / "subset"
+    assert write_digits(full, noise_sd=NOISE_SD) == 1797
+    write_digits(again, noise_sd=NOISE_SD)
+    write_digits(subset, classes=(3, 8), per_class=5, noise_sd=NOISE_SD)
+    digests = _digests(full)
+    assert _digests(again) == digests  # DVC's hash of data/digits is stable
+    assert set(_digests(subset).items()) <= set(digests.items())
+    assert len(set(digests.values())) == 1797  # no two images alike, so no content hash under two labels
+
+
+def test_noise_changes_the_pixels_and_zero_noise_writes_the_scanned_digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    write_digits(tmp_path / "scanned", classes=(0,), per_class=3)
+    write_digits(tmp_path / "noisy", classes=(0,), per_class=3, noise_sd=NOISE_SD)
+    scanned = load_digits().images[0] * (255.0 / 16.0)
+    (name,) = [p.name for p in sorted((tmp_path / "scanned" / "0").iterdir())][:1]
+    clean = np.asarray(Image.open(tmp_path / "scanned" / "0" / name), dtype=float)
+    noisy = np.asarray(Image.open(tmp_path / "noisy" / "0" / name), dtype=float)
+    assert np.array_equal(clean, np.rint(scanned))
+    # Clipping to 0-255 shrinks the spread on the black background, so it is below NOISE_SD but far above 0.
+    assert 0.4 * NOISE_SD < np.std(noisy - clean) <= NOISE_SD
+
+
+def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling_corrects(tmp_path):
+    """The default data, params.yaml's split, recipe and seed, through the flow's library steps:
+    the softmax is over-confident (T well above 1, test ECE high) and scaling lowers the ECE."""
+    from calibflow import pipeline
+    from calibflow.config import load_config
+
+    config = load_config(REPO / "params.yaml")
+    data = tmp_path / "digits"
+    write_digits(data, noise_sd=NOISE_SD)
+    manifest = pipeline.write_manifest(str(data), str(tmp_path / "manifest.csv"))
+    split = pipeline.write_split(manifest.path, config.split, config.seed, str(tmp_path / "splits.json"))
+    assert split.sizes["test"] >= 700 and split.sizes["calibration"] >= 400
+    trained = pipeline.train_model(str(data), manifest, split.path, config, str(tmp_path))
+    logits = {name: pipeline.write_split_logits(trained.checkpoint, str(data), manifest.path, split.path, name,
+                                                str(tmp_path / f"{name}.npz"), device="cpu", threads=1)
+              for name in ("calibration", "test")}
+    fit = pipeline.fit_calibration(logits["calibration"], config.calibration, str(tmp_path / "calibrator.json"))
+    evaluation = pipeline.evaluate_calibration(logits["test"], fit, config.evaluation.n_bins, str(tmp_path))
+    assert fit.temperature > 1.25
+    assert evaluation.before["ece"] >= 0.05
+    assert evaluation.after["ece"] <= 0.6 * evaluation.before["ece"]
+    # The default gates tell the two apart: the softmax fails max_ece, the calibrated model passes.
+    from calibflow.gates import Predictions, evaluate_gates
+
+    test_logits, labels = pipeline.load_logits(logits["test"])
+    softmax = torch.softmax(torch.as_tensor(test_logits, dtype=torch.float64), dim=1).numpy()
+    calibrated = np.asarray(pipeline.load_calibrator(fit.state_path).transform(test_logits))
+    verdicts = {name: evaluate_gates(Predictions(probabilities=p, labels=labels), config.gates, report_estimates=False)
+                for name, p in (("softmax", softmax), ("calibrated", calibrated))}
+    assert not verdicts["softmax"].passed and [c.name for c in verdicts["softmax"].checks if not c.passed] == ["max_ece"]
+    assert verdicts["calibrated"].passed

@@ -193,6 +193,7 @@ def _run(args: argparse.Namespace) -> int:
     from calibflow.manifest import ManifestError
     from calibflow.pipeline import ReportError
     from calibflow.promotion import GateUndecided
+    from calibflow.resume import CheckpointError
     from calibflow.validation import DataValidationError
     from calibflow.versioning import DataVersionError
     from flows.train_calibrate import GatesFailed, train_calibrate_register
@@ -209,9 +210,11 @@ def _run(args: argparse.Namespace) -> int:
     # GateUndecided: e.g. the champion's classes differ; LookupError: its artifacts changed, or were
     # registered before calibflow recorded their digest; ReportError: reports/ cannot be written (checked
     # before registering); RegistrationLeftBehind: an undo that could not finish says what is left;
-    # PromotionConflict: the registry lock was not freed in time
+    # PromotionConflict: the registry lock was not freed in time; CheckpointError: a killed run's
+    # checkpoint is corrupted (the message says which and how to start afresh)
     except (DataVersionError, ManifestError, ConfigError, CalibrationError, GateUndecided, LookupError, ReportError,
-            DecisionSettingsError, registry.RegistrationLeftBehind, registry.PromotionConflict) as error:
+            DecisionSettingsError, registry.RegistrationLeftBehind, registry.PromotionConflict,
+            CheckpointError) as error:
         print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server

@@ -77,6 +77,13 @@ class EpochCheckpoints:
 
     directory: Path
 
+    def completed_epoch(self) -> int:
+        """The last epoch saved here (0: none), read from latest.json alone; load() checks it."""
+        try:
+            return int(json.loads((self.directory / LATEST).read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def load(self) -> dict[str, Any] | None:
         """The last complete epoch's state, or None when this training has none."""
         latest = self.directory / LATEST

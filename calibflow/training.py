@@ -148,14 +148,12 @@ def train_classifier(
 
     With `checkpoints` (calibflow.resume), each completed epoch's full state is saved there, and a
     training that finds one continues after that epoch (replaying the saved epochs through
-    `on_epoch_end`), ending with the weights an uninterrupted training would have; the
-    checkpoints are deleted once the last epoch is done."""
+    `on_epoch_end`), ending with the weights an uninterrupted training would have. The last
+    epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
+    them when the whole training is done."""
     with intra_op_threads(config.threads):
-        model, history = _train_classifier(spec, train_images, train_labels, val_images, val_labels, config, seed,
-                                           runtime, weights_path, on_epoch_end, progress, outlier_images, checkpoints)
-    if checkpoints is not None:
-        checkpoints.clear()
-    return model, history
+        return _train_classifier(spec, train_images, train_labels, val_images, val_labels, config, seed, runtime,
+                                 weights_path, on_epoch_end, progress, outlier_images, checkpoints)
 
 
 def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels: torch.Tensor,

@@ -57,7 +57,19 @@ def test_a_training_killed_after_any_epoch_resumes_to_the_same_weights(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm buffers too
     assert [h.train_loss for h in history] == [h.train_loss for h in reference_history]
     assert [h.epoch for h in replayed] == list(range(1, config.epochs + 1))  # the saved epochs replayed, then the rest
-    assert not (tmp_path / "ckpt").exists()  # a finished training leaves no checkpoint behind
+    assert checkpoints.completed_epoch() == config.epochs
+
+
+def test_a_finished_training_is_not_trained_again(tmp_path):
+    """An ensemble member done before the kill: its last epoch's state is the trained model."""
+    x, y = blobs()
+    checkpoints = EpochCheckpoints(tmp_path / "ckpt")
+    first, _ = train_classifier(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False, checkpoints=checkpoints)
+    replayed = []
+    again, history = train_classifier(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False,
+                                      checkpoints=checkpoints, on_epoch_end=replayed.append)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
+    assert len(history) == len(replayed) == CONFIGS["plain"].epochs
 
 
 def test_a_half_written_checkpoint_is_never_read(tmp_path):

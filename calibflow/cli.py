@@ -63,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("--model", required=True)
     rollback.add_argument("--repo", default=".")
 
+    monitor = commands.add_parser("monitor", help="has a registered model drifted on new images? exit 0 fine, "
+                                                  "1 calibration drifted, 3 accuracy drifted, 2 undecided")
+    monitor.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    monitor.add_argument("--data", required=True, help="a DVC-tracked folder: <class>/<image> (labeled) or flat")
+    monitor.add_argument("--params", default="params.yaml", help="monitor: tolerances, gates.confidence (relative to --repo)")
+    monitor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    monitor.add_argument("--repo", default=".")
+    monitor.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
+
     status = commands.add_parser("status", help="versions with their aliases, ECE, accuracy, temperature, data hash")
     status.add_argument("--model", required=True)
     status.add_argument("--repo", default=".")
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)  # a usage error exits 2 here (argparse's own code)
     handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
-               "rollback": _rollback, "status": _status, "prepare-digits": _prepare,
+               "rollback": _rollback, "status": _status, "monitor": _monitor, "prepare-digits": _prepare,
                "schedule": _schedule, "data": _data}[args.command]
     return _dispatch(handler, args)
 
@@ -451,6 +460,33 @@ def _rollback(args: argparse.Namespace) -> int:
         return _store_failed("rollback", error)
     print(f"@champion of {moved.model} is back at version {moved.champion} (was {moved.previous_champion})")
     return EXIT_OK
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    """`calibflow monitor`: the verdict's exit code (calibflow.monitor), 2 when it cannot run."""
+    from mlflow.exceptions import MlflowException
+
+    from calibflow import registry
+    from calibflow.config import ConfigError, load_config
+    from calibflow.monitor import MonitorDataError, log_monitor_run, monitor_version
+    from calibflow.versioning import DataVersionError
+
+    try:
+        config = load_config(Path(args.repo) / args.params, args.overrides)
+        registry.configure_tracking(args.repo)
+        with _model_threads(config.train.threads):
+            report = monitor_version(args.model, args.data, config, args.repo)
+        run_id = log_monitor_run(report, args.repo)
+    except (ConfigError, MonitorDataError, DataVersionError, LookupError, ValueError) as error:
+        print(f"calibflow monitor: could not decide: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        return _store_failed("monitor", error)
+    print(report.summary())
+    print(f"logged as MLflow run {run_id} (experiment calibflow-monitoring)")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({**report.to_json(), "run_id": run_id}, indent=2))
+    return report.exit_code
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import yaml
 
 SPLIT_NAMES = ("train", "val", "calibration", "test")
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
-OPERATIONAL_SECTIONS = ("gates", "promotion", "registry", "schedule")
+OPERATIONAL_SECTIONS = ("gates", "promotion", "monitor", "registry", "schedule")
 # Sizes past these are mistakes, and the process would be OOM-killed long before it said so:
 # thousands of reliability bins on a test split of thousands of images measure nothing, and a
 # first block of more than 1024 channels is far beyond what images of this size need.
@@ -253,6 +253,16 @@ class PromotionConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """`calibflow monitor`: how far a registered model may move from what it recorded at
+    registration before it is called drifted (calibflow.monitor), read at gates.confidence."""
+
+    max_accuracy_drop: float = 0.05  # exit 3 (retrain) when accuracy is shown below recorded - this
+    max_ece_increase: float = 0.03  # exit 1 (recalibrate) when the ECE is shown above recorded + this
+    drift_alpha: float = 0.05  # unlabeled: the KS test's level for "the confidence distribution drifted"
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     deployment: str = "nightly-retrain"
     cron: str = "0 2 * * *"
@@ -281,6 +291,7 @@ class Config:
     ood: OODConfig = field(default_factory=OODConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -523,10 +534,14 @@ def _check(config: Config) -> None:
         "gates.max_ece_increase": config.gates.max_ece_increase,
         "gates.max_accuracy_drop": config.gates.max_accuracy_drop,
         "gates.max_shift_ece_increase": config.gates.max_shift_ece_increase,
+        "monitor.max_accuracy_drop": config.monitor.max_accuracy_drop,
+        "monitor.max_ece_increase": config.monitor.max_ece_increase,
     }
     for dotted, value in not_negative.items():
         if value is not None and value < 0:
             raise ConfigError(f"{dotted} = {value}: must be 0 or more")
+    if not 0.0 < config.monitor.drift_alpha < 1.0:
+        raise ConfigError(f"monitor.drift_alpha = {config.monitor.drift_alpha}: must be in (0, 1)")
     in_range = {  # key: (value, low, high, whether high itself is allowed)
         "seed": (config.seed, 0, 2**32 - 1, True),  # what numpy's seed accepts
         "model.width": (config.model.width, 1, MAX_MODEL_WIDTH, True),

@@ -525,10 +525,11 @@ def _schedule(args: argparse.Namespace) -> int:
               "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
         return EXIT_USAGE
     try:
-        from flows.deployment import build_deployment, deploy, full_name, serve
+        from flows.deployment import build_deployment, build_monitor_deployment, deploy, full_name, serve
 
         _imports_done()  # serving runs for days: the collector must run
         deployment = build_deployment(config, args.repo, args.params, args.overrides)
+        monitoring = build_monitor_deployment(config, args.repo, args.params, args.overrides)
     except (ConfigError, ValueError) as error:  # ValueError: a cron or timezone Prefect refuses
         print(f"calibflow: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -536,11 +537,16 @@ def _schedule(args: argparse.Namespace) -> int:
     where = f"work pool {pool!r} (workers: prefect worker start --pool {pool})" if args.deploy else "this process"
     print(f"{full_name(deployment)}: cron {config.schedule.cron!r} ({config.schedule.timezone}), runs in {where}, "
           f"repo {deployment.parameters['repo_root']}, Prefect API {api}", flush=True)
+    if monitoring is not None:
+        print(f"{full_name(monitoring)}: cron {config.schedule.monitor_cron!r} on {config.schedule.monitor_data}",
+              flush=True)
+    deployments = [deployment] + ([monitoring] if monitoring is not None else [])
     if not args.deploy:
-        serve(deployment)  # until interrupted
+        serve(*deployments)  # until interrupted
         return EXIT_OK
     try:
-        deploy(deployment, pool)
+        for each in deployments:
+            deploy(each, pool)
     except ValueError as error:  # the work pool does not exist
         print(f"calibflow: {error} (create it: prefect work-pool create {pool} --type process)", file=sys.stderr)
         return EXIT_USAGE

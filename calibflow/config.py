@@ -269,6 +269,10 @@ class ScheduleConfig:
     timezone: str = "UTC"
     work_pool: str = "calibflow"
     data_rev: str | None = None  # None: the working tree of the served checkout
+    # `calibflow monitor` on a cron, beside the retraining (flows/monitor.py): off while null
+    monitor_cron: str | None = None
+    monitor_data: str | None = None  # the DVC-tracked folder of new images it reads (labeled or flat)
+    monitor_model: str = "@champion"  # the alias or version of registry.model_name it checks
 
 
 @dataclass(frozen=True)
@@ -540,6 +544,9 @@ def _check(config: Config) -> None:
     for dotted, value in not_negative.items():
         if value is not None and value < 0:
             raise ConfigError(f"{dotted} = {value}: must be 0 or more")
+    if config.schedule.monitor_cron is not None and not config.schedule.monitor_data:
+        raise ConfigError("schedule.monitor_cron needs schedule.monitor_data: the DVC-tracked folder of new images "
+                          "to monitor")
     if not 0.0 < config.monitor.drift_alpha < 1.0:
         raise ConfigError(f"monitor.drift_alpha = {config.monitor.drift_alpha}: must be in (0, 1)")
     in_range = {  # key: (value, low, high, whether high itself is allowed)

@@ -120,3 +120,26 @@ def test_monitor_refuses_data_it_cannot_read_with_exit_2(tiny_repo, capsys, prob
                       "--repo", str(tiny_repo)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_monitor_runs_as_a_prefect_flow_and_deploys_on_its_own_cron(tiny_repo):
+    from calibflow.config import ConfigError, load_config
+    from flows.deployment import build_monitor_deployment
+    from flows.monitor import monitor_model
+
+    assert build_monitor_deployment(load_config(tiny_repo / "params.yaml")) is None  # off by default
+    with pytest.raises(ConfigError, match="schedule.monitor_cron needs schedule.monitor_data"):
+        load_config(tiny_repo / "params.yaml", ["schedule.monitor_cron=0 6 * * *"])
+    config = load_config(tiny_repo / "params.yaml", ["schedule.monitor_cron=0 6 * * *",
+                                                     "schedule.monitor_data=data/new_fine"])
+    deployment = build_monitor_deployment(config, tiny_repo, overrides=["schedule.monitor_cron=0 6 * * *",
+                                                                        "monitor.max_accuracy_drop=0.3"])
+    assert deployment.name == "nightly-retrain-monitor" and deployment.schedules[0].schedule.cron == "0 6 * * *"
+    assert deployment.parameters["data"] == "data/new_fine" and deployment.parameters["model"] == "@champion"
+    assert deployment.parameters["overrides"] == ["monitor.max_accuracy_drop=0.3"]  # schedule.* shapes the deployment
+
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    images, labels = unseen_digits()
+    data = add_folder(tiny_repo, "new_fine", images, labels)
+    result = monitor_model(repo_root=str(tiny_repo), overrides=[t for t in TOLERANCES if t != "--set"], data=data)
+    assert result["exit_code"] == 0 and result["verdict"] == "fine" and result["run_id"]

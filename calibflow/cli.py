@@ -72,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     monitor.add_argument("--repo", default=".")
     monitor.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
 
+    recal = commands.add_parser("recalibrate", help="fit a new calibrator for a registered network on newly labeled "
+                                                    "images, gate it, register it: exit 0 registered, 1 rejected, "
+                                                    "2 could not run")
+    recal.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    recal.add_argument("--data", required=True, help="a DVC-tracked ImageFolder of newly labeled images")
+    recal.add_argument("--against", default="@champion", help="VERSION or @alias the relative gates compare with")
+    recal.add_argument("--params", default="params.yaml", help="calibration:, gates: (relative to --repo)")
+    recal.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    recal.add_argument("--repo", default=".")
+
     status = commands.add_parser("status", help="versions with their aliases, ECE, accuracy, temperature, data hash")
     status.add_argument("--model", required=True)
     status.add_argument("--repo", default=".")
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)  # a usage error exits 2 here (argparse's own code)
     handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
-               "rollback": _rollback, "status": _status, "monitor": _monitor, "prepare-digits": _prepare,
+               "rollback": _rollback, "status": _status, "monitor": _monitor, "recalibrate": _recalibrate, "prepare-digits": _prepare,
                "schedule": _schedule, "data": _data}[args.command]
     return _dispatch(handler, args)
 
@@ -487,6 +497,36 @@ def _monitor(args: argparse.Namespace) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({**report.to_json(), "run_id": run_id}, indent=2))
     return report.exit_code
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from calibflow import registry
+    from calibflow.calibration import CalibrationError
+    from calibflow.config import ConfigError, load_config
+    from calibflow.recalibrate import RecalibrationError, recalibrate
+    from calibflow.versioning import DataVersionError
+
+    try:
+        config = load_config(Path(args.repo) / args.params, args.overrides)
+        registry.configure_tracking(args.repo)
+        with _model_threads(config.train.threads):
+            result = recalibrate(args.model, args.data, config, args.repo, args.against)
+    except (ConfigError, RecalibrationError, CalibrationError, DataVersionError, LookupError) as error:
+        print(f"calibflow recalibrate: nothing registered: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        return _store_failed("recalibrate", error)
+    shift = f"ECE {result.before['ece']:.4f} -> {result.after['ece']:.4f} on the new test half"
+    if not result.registered:
+        print(f"calibflow recalibrate: rejected, nothing registered ({shift}).\n{result.verdict.summary()}",
+              file=sys.stderr)
+        return EXIT_REJECTED
+    print(f"{result.version.name} version {result.version.version} (@{result.version.alias}): version "
+          f"{result.source.version}'s network recalibrated, {shift}, in {result.seconds:.1f} s; MLflow run "
+          f"{result.run_id}\n{result.verdict.summary()}")
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 
 from calibflow import registry
 from calibflow.config import Config
-from calibflow.gates import GateVerdict, Predictions, evaluate_gates
+from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
 from calibflow.images import load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint, save_manifest
 from calibflow.reproduce import served_classes, served_policy
@@ -58,6 +58,40 @@ class Recalibration:
     @property
     def registered(self) -> bool:
         return self.version is not None
+
+
+def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, config: Config, champion, source):
+    """The corruption suite (shift:) on the new test half, when a shift gate reads it: the
+    candidate's probabilities per cell, the champion's beside them for the increase gate, and the
+    suite tag that lets `calibflow gate` rebuild it. The OOD gate reads a folder recorded by a
+    training run; a recalibration has none."""
+    from calibflow.shift import SUITE_TAG, corrupted_images, suite_of
+
+    gates = config.gates
+    if gates.max_ood_fpr95 is not None:
+        raise RecalibrationError("gates.max_ood_fpr95 reads the OOD folder of the run that trained the network; a "
+                                 "recalibration has none: pass --set gates.max_ood_fpr95=null, or retrain")
+    if gates.max_shift_ece is None and gates.max_shift_ece_increase is None:
+        return None, None, {}, None
+    from calibflow.shift import cell_report
+
+    suite = suite_of(config.shift, config.seed)
+    rows = slice(0, suite.max_images)
+    cells = corrupted_images(images[rows], suite)
+    logits = {key: served.logits(x) for key, x in cells.items()}
+    shift = {key: Predictions(calibrator.transform(z).numpy(), labels[rows]) for key, z in logits.items()}
+    n_bins = config.evaluation.n_bins
+    # what `calibflow evaluate` reproduces (reproduce.reproduce_shift), as the run's shift/shift_metrics.json
+    metrics = {"suite": json.loads(suite.to_json()), "cells": {
+        key: {"before": cell_report(served.calibrator.transform(z).numpy(), labels[rows], n_bins),
+              "after": cell_report(shift[key].probabilities, labels[rows], n_bins)} for key, z in logits.items()}}
+    comparison = None
+    if champion is not None and gates.max_shift_ece_increase is not None:
+        champion_model = (served if champion.version == source.version else
+                          registry.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model())
+        comparison = {key: (shift[key], Predictions(champion_model.probabilities(x), labels[rows]))
+                      for key, x in cells.items()}
+    return shift, comparison, {SUITE_TAG: suite.to_json()}, metrics
 
 
 def _split_logits(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray, path: Path) -> str:
@@ -118,7 +152,14 @@ def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str |
             theirs = (source_probabilities if champion.version == source.version else
                       registry.load_model(f"models:/{source.name}/{champion.version}").predict(images[test_rows]))
             comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
-        verdict = evaluate_gates(ours, config.gates, comparison, n_bins=config.evaluation.n_bins)
+        shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(served, pipeline.load_calibrator(fit.state_path),
+                                                            images[test_rows], labels[test_rows], config, champion,
+                                                            source)
+        try:
+            verdict = evaluate_gates(ours, config.gates, comparison, n_bins=config.evaluation.n_bins, shift=shift,
+                                     shift_comparison=shift_comparison)
+        except GateInputError as error:
+            raise RecalibrationError(f"the gates cannot read a recalibration: {error}") from error
 
         run_id = registry.start_run(config.registry.experiment, f"recalibrate v{source.version}",
                                     {"recalibrated_from": source.version, "recalibration_data_path": data.path,
@@ -130,7 +171,12 @@ def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str |
         split.save(work / "data" / "splits.json")
         (work / "gates").mkdir()
         (work / "gates" / "gates.json").write_text(json.dumps(verdict.to_json(), indent=1))
-        for folder in ("data", "gates"):
+        if shift_metrics is not None:
+            (work / "shift").mkdir()
+            (work / "shift" / "shift_metrics.json").write_text(json.dumps(shift_metrics, indent=1))
+        for folder in ("data", "gates", "shift"):
+            if not (work / folder).is_dir():
+                continue
             for file in (work / folder).iterdir():
                 registry.log_artifact(run_id, file, folder)
         result = Recalibration(source, run_id, verdict, before, after, 0.0)
@@ -148,7 +194,7 @@ def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str |
                 "nll_pre": repr(before["nll"]), "nll_post": repr(after["nll"]), "brier_post": repr(after["brier"]),
                 "mce_post": repr(after["mce"]), "recalibrated_from": source.version,
                 "recalibration_data_path": data.path, "recalibration_data_rev": data.rev,
-                "recalibration_data_hash": data.dvc_hash}
+                "recalibration_data_hash": data.dvc_hash, **suite_tags}
         try:
             result.version = registry.register_version(logged, source.name, tags)
         except Exception as error:

@@ -42,7 +42,7 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     data = add_folder(tiny_repo, "relabeled", harsher, labels)
     capsys.readouterr()
     assert calibflow(["recalibrate", "--model", f"models:/{MODEL}@champion", "--data", data,
-                      "--repo", str(tiny_repo)]) == 0
+                      "--repo", str(tiny_repo), "--set", "gates.max_shift_ece=1.0"]) == 0
     out = capsys.readouterr().out
     assert "version 2 (@challenger): version 1's network recalibrated" in out
 
@@ -50,6 +50,9 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     client = MlflowClient()
     new = client.get_model_version_by_alias(MODEL, "challenger")
     assert new.tags["recalibrated_from"] == "1" and new.tags["recalibration_data_path"] == data
+    assert json.loads(new.tags["shift_suite"])["corruptions"]  # the suite ran on the new test half, recorded
+    gates = json.loads(registry.download_run_artifact(new.run_id, "gates/gates.json", tmp_path).read_text())
+    assert "max_shift_ece" in {c["name"] for c in gates["checks"]}
     old = client.get_model_version(MODEL, "1")
     for lineage in ("data_hash", "params_hash", "git_commit", "seed"):
         assert new.tags[lineage] == old.tags[lineage]
@@ -69,19 +72,22 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
 
 
-@pytest.mark.parametrize("problem", ["too small", "classes differ"])
+@pytest.mark.parametrize("problem", ["too small", "classes differ", "ood gate"])
 def test_recalibrate_refuses_what_it_cannot_use_and_registers_nothing(tiny_repo, capsys, problem):
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
     images, labels = unseen_digits()
     if problem == "too small":
         keep = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(5)])
         data, message = add_folder(tiny_repo, "few", images[keep], labels[keep]), "too small to recalibrate on"
-    else:
+    elif problem == "classes differ":
         keep = labels < 4
         data, message = add_folder(tiny_repo, "fewer_classes", images[keep], labels[keep]), "has the classes 0, 1, 2, 3"
+    else:
+        data, message = add_folder(tiny_repo, "relabeled", images, labels), "a recalibration has none"
+    extra = ["--set", "ood.path=data/relabeled", "--set", "gates.max_ood_fpr95=0.5"] if problem == "ood gate" else []
     capsys.readouterr()
     assert calibflow(["recalibrate", "--model", f"models:/{MODEL}@champion", "--data", data,
-                      "--repo", str(tiny_repo)]) == 2
+                      "--repo", str(tiny_repo), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "nothing registered" in err and "Traceback" not in err
     registry.configure_tracking(tiny_repo)

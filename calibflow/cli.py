@@ -63,6 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("--model", required=True)
     rollback.add_argument("--repo", default=".")
 
+    monitor = commands.add_parser("monitor", help="has a registered model drifted on new images? exit 0 fine, "
+                                                  "1 calibration drifted, 3 accuracy drifted, 2 undecided")
+    monitor.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    monitor.add_argument("--data", required=True, help="a DVC-tracked folder: <class>/<image> (labeled) or flat")
+    monitor.add_argument("--params", default="params.yaml", help="monitor: tolerances, gates.confidence (relative to --repo)")
+    monitor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    monitor.add_argument("--repo", default=".")
+    monitor.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
+
+    recal = commands.add_parser("recalibrate", help="fit a new calibrator for a registered network on newly labeled "
+                                                    "images, gate it, register it: exit 0 registered, 1 rejected, "
+                                                    "2 could not run")
+    recal.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    recal.add_argument("--data", required=True, help="a DVC-tracked ImageFolder of newly labeled images")
+    recal.add_argument("--against", default="@champion", help="VERSION or @alias the relative gates compare with")
+    recal.add_argument("--params", default="params.yaml", help="calibration:, gates: (relative to --repo)")
+    recal.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    recal.add_argument("--repo", default=".")
+
     status = commands.add_parser("status", help="versions with their aliases, ECE, accuracy, temperature, data hash")
     status.add_argument("--model", required=True)
     status.add_argument("--repo", default=".")
@@ -95,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)  # a usage error exits 2 here (argparse's own code)
     handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
-               "rollback": _rollback, "status": _status, "prepare-digits": _prepare,
+               "rollback": _rollback, "status": _status, "monitor": _monitor, "recalibrate": _recalibrate, "prepare-digits": _prepare,
                "schedule": _schedule, "data": _data}[args.command]
     return _dispatch(handler, args)
 
@@ -194,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     from calibflow.manifest import ManifestError
     from calibflow.pipeline import ReportError
     from calibflow.promotion import GateUndecided
+    from calibflow.resume import CheckpointError
     from calibflow.validation import DataValidationError
     from calibflow.versioning import DataVersionError
     from flows.train_calibrate import GatesFailed, train_calibrate_register
@@ -210,9 +230,11 @@ def _run(args: argparse.Namespace) -> int:
     # GateUndecided: e.g. the champion's classes differ; LookupError: its artifacts changed, or were
     # registered before calibflow recorded their digest; ReportError: reports/ cannot be written (checked
     # before registering); RegistrationLeftBehind: an undo that could not finish says what is left;
-    # PromotionConflict: the registry lock was not freed in time
+    # PromotionConflict: the registry lock was not freed in time; CheckpointError: a killed run's
+    # checkpoint is corrupted (the message says which and how to start afresh)
     except (DataVersionError, ManifestError, ConfigError, CalibrationError, GateUndecided, LookupError, ReportError,
-            DecisionSettingsError, registry.RegistrationLeftBehind, registry.PromotionConflict) as error:
+            DecisionSettingsError, registry.RegistrationLeftBehind, registry.PromotionConflict,
+            CheckpointError) as error:
         print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
@@ -451,6 +473,63 @@ def _rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    """`calibflow monitor`: the verdict's exit code (calibflow.monitor), 2 when it cannot run."""
+    from mlflow.exceptions import MlflowException
+
+    from calibflow import registry
+    from calibflow.config import ConfigError, load_config
+    from calibflow.monitor import MonitorDataError, log_monitor_run, monitor_version
+    from calibflow.versioning import DataVersionError
+
+    try:
+        config = load_config(Path(args.repo) / args.params, args.overrides)
+        registry.configure_tracking(args.repo)
+        with _model_threads(config.train.threads):
+            report = monitor_version(args.model, args.data, config, args.repo)
+        run_id = log_monitor_run(report, args.repo)
+    except (ConfigError, MonitorDataError, DataVersionError, LookupError, ValueError) as error:
+        print(f"calibflow monitor: could not decide: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        return _store_failed("monitor", error)
+    print(report.summary())
+    print(f"logged as MLflow run {run_id} (experiment calibflow-monitoring)")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({**report.to_json(), "run_id": run_id}, indent=2))
+    return report.exit_code
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from calibflow import registry
+    from calibflow.calibration import CalibrationError
+    from calibflow.config import ConfigError, load_config
+    from calibflow.recalibrate import RecalibrationError, recalibrate
+    from calibflow.versioning import DataVersionError
+
+    try:
+        config = load_config(Path(args.repo) / args.params, args.overrides)
+        registry.configure_tracking(args.repo)
+        with _model_threads(config.train.threads):
+            result = recalibrate(args.model, args.data, config, args.repo, args.against)
+    except (ConfigError, RecalibrationError, CalibrationError, DataVersionError, LookupError) as error:
+        print(f"calibflow recalibrate: nothing registered: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MlflowException, OSError) as error:
+        return _store_failed("recalibrate", error)
+    shift = f"ECE {result.before['ece']:.4f} -> {result.after['ece']:.4f} on the new test half"
+    if not result.registered:
+        print(f"calibflow recalibrate: rejected, nothing registered ({shift}).\n{result.verdict.summary()}",
+              file=sys.stderr)
+        return EXIT_REJECTED
+    print(f"{result.version.name} version {result.version.version} (@{result.version.alias}): version "
+          f"{result.source.version}'s network recalibrated, {shift}, in {result.seconds:.1f} s; MLflow run "
+          f"{result.run_id}\n{result.verdict.summary()}")
+    return EXIT_OK
+
+
 def _status(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
@@ -487,10 +566,11 @@ def _schedule(args: argparse.Namespace) -> int:
               "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
         return EXIT_USAGE
     try:
-        from flows.deployment import build_deployment, deploy, full_name, serve
+        from flows.deployment import build_deployment, build_monitor_deployment, deploy, full_name, serve
 
         _imports_done()  # serving runs for days: the collector must run
         deployment = build_deployment(config, args.repo, args.params, args.overrides)
+        monitoring = build_monitor_deployment(config, args.repo, args.params, args.overrides)
     except (ConfigError, ValueError) as error:  # ValueError: a cron or timezone Prefect refuses
         print(f"calibflow: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -498,11 +578,16 @@ def _schedule(args: argparse.Namespace) -> int:
     where = f"work pool {pool!r} (workers: prefect worker start --pool {pool})" if args.deploy else "this process"
     print(f"{full_name(deployment)}: cron {config.schedule.cron!r} ({config.schedule.timezone}), runs in {where}, "
           f"repo {deployment.parameters['repo_root']}, Prefect API {api}", flush=True)
+    if monitoring is not None:
+        print(f"{full_name(monitoring)}: cron {config.schedule.monitor_cron!r} on {config.schedule.monitor_data}",
+              flush=True)
+    deployments = [deployment] + ([monitoring] if monitoring is not None else [])
     if not args.deploy:
-        serve(deployment)  # until interrupted
+        serve(*deployments)  # until interrupted
         return EXIT_OK
     try:
-        deploy(deployment, pool)
+        for each in deployments:
+            deploy(each, pool)
     except ValueError as error:  # the work pool does not exist
         print(f"calibflow: {error} (create it: prefect work-pool create {pool} --type process)", file=sys.stderr)
         return EXIT_USAGE

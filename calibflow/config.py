@@ -23,7 +23,7 @@ import yaml
 
 SPLIT_NAMES = ("train", "val", "calibration", "test")
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
-OPERATIONAL_SECTIONS = ("gates", "promotion", "registry", "schedule")
+OPERATIONAL_SECTIONS = ("gates", "promotion", "monitor", "registry", "schedule")
 # Sizes past these are mistakes, and the process would be OOM-killed long before it said so:
 # thousands of reliability bins on a test split of thousands of images measure nothing, and a
 # first block of more than 1024 channels is far beyond what images of this size need.
@@ -255,12 +255,26 @@ class PromotionConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """`calibflow monitor`: how far a registered model may move from what it recorded at
+    registration before it is called drifted (calibflow.monitor), read at gates.confidence."""
+
+    max_accuracy_drop: float = 0.05  # exit 3 (retrain) when accuracy is shown below recorded - this
+    max_ece_increase: float = 0.03  # exit 1 (recalibrate) when the ECE is shown above recorded + this
+    drift_alpha: float = 0.05  # unlabeled: the KS test's level for "the confidence distribution drifted"
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     deployment: str = "nightly-retrain"
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
     work_pool: str = "calibflow"
     data_rev: str | None = None  # None: the working tree of the served checkout
+    # `calibflow monitor` on a cron, beside the retraining (flows/monitor.py): off while null
+    monitor_cron: str | None = None
+    monitor_data: str | None = None  # the DVC-tracked folder of new images it reads (labeled or flat)
+    monitor_model: str = "@champion"  # the alias or version of registry.model_name it checks
 
 
 @dataclass(frozen=True)
@@ -283,6 +297,7 @@ class Config:
     ood: OODConfig = field(default_factory=OODConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -525,10 +540,17 @@ def _check(config: Config) -> None:
         "gates.max_ece_increase": config.gates.max_ece_increase,
         "gates.max_accuracy_drop": config.gates.max_accuracy_drop,
         "gates.max_shift_ece_increase": config.gates.max_shift_ece_increase,
+        "monitor.max_accuracy_drop": config.monitor.max_accuracy_drop,
+        "monitor.max_ece_increase": config.monitor.max_ece_increase,
     }
     for dotted, value in not_negative.items():
         if value is not None and value < 0:
             raise ConfigError(f"{dotted} = {value}: must be 0 or more")
+    if config.schedule.monitor_cron is not None and not config.schedule.monitor_data:
+        raise ConfigError("schedule.monitor_cron needs schedule.monitor_data: the DVC-tracked folder of new images "
+                          "to monitor")
+    if not 0.0 < config.monitor.drift_alpha < 1.0:
+        raise ConfigError(f"monitor.drift_alpha = {config.monitor.drift_alpha}: must be in (0, 1)")
     in_range = {  # key: (value, low, high, whether high itself is allowed)
         "seed": (config.seed, 0, 2**32 - 1, True),  # what numpy's seed accepts
         "model.width": (config.model.width, 1, MAX_MODEL_WIDTH, True),

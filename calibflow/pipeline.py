@@ -34,6 +34,7 @@ from calibflow.plots import (binary_score_distributions, class_confidence_histog
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.promotion import GateReport, ShiftedPredictions, gate_logits
 from calibflow.disk_cache import file_sha256
+from calibflow.resume import EpochCheckpoints
 from calibflow.shift import Suite, corrupted_images, evaluate_suite, suite_logits
 from calibflow.splits import Split, stratified_split
 from calibflow.training import EpochStats, intra_op_threads, resolve_runtime, train_classifier
@@ -154,12 +155,35 @@ class TrainedModel:
     final_train_loss: float
     final_val_accuracy: float
     images_per_second: float
+    resumed_from_epoch: int = 0  # the last epoch a killed run had completed (0: trained from the start)
+
+
+# The code a training's numbers come from: a change here starts a killed training afresh.
+TRAINING_CODE = ("training.py", "models.py", "losses.py", "images.py", "resume.py")
+
+
+def training_checkpoints(checkpoint_dir: str, manifest: ManifestRecord, split_path: str, config: Config,
+                         member_seed: int, outliers_path: str | None) -> EpochCheckpoints:
+    """Where one member's per-epoch checkpoints live, keyed by what its weights depend on."""
+    from calibflow.disk_cache import files_digest
+    from calibflow.resume import training_key
+
+    package = Path(__file__).parent
+    outliers = json.loads(Path(outliers_path).read_text())["dvc_hash"] if outliers_path else None
+    # val_every changes what is measured, never the weights (tests/test_training.py)
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k != "val_every"}
+    key = training_key(manifest=manifest.fingerprint, split=file_sha256(split_path), model=dataclasses.asdict(config.model),
+                       train=train, seed=member_seed, outliers=outliers,
+                       code=files_digest(package / name for name in TRAINING_CODE), torch=torch.__version__)
+    return EpochCheckpoints(Path(checkpoint_dir) / key)
 
 
 def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config: Config, out_dir: str,
                 on_epoch_end: Callable[[EpochStats], None] | None = None,
-                outliers_path: str | None = None) -> TrainedModel:
-    """`outliers_path`: check_ood_data's record of train.outlier_exposure's folder."""
+                outliers_path: str | None = None, checkpoint_dir: str | None = None) -> TrainedModel:
+    """`outliers_path`: check_ood_data's record of train.outlier_exposure's folder. With
+    `checkpoint_dir`, each member checkpoints every epoch there and a killed run started again with
+    the same inputs resumes from its last complete epoch (calibflow.resume)."""
     fmt = image_format(manifest.path, config.data)
     train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
     val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
@@ -171,17 +195,24 @@ def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config
                      image_height=fmt.height, image_width=fmt.width, width=config.model.width,
                      dropout=config.model.dropout)
     runtime = resolve_runtime(config.train.device, config.train.precision)
-    members, history = [], []
+    members, history, done, resumed_from = [], [], [], 0
     for index, seed in enumerate(member_seeds(config.seed, config.model.ensemble)):
+        checkpoints = (training_checkpoints(checkpoint_dir, manifest, split_path, config, seed, outliers_path)
+                       if checkpoint_dir else None)
+        if checkpoints is not None:
+            done.append(checkpoints)
+            resumed_from = max(resumed_from, index * config.train.epochs + checkpoints.completed_epoch())
         # One member after the other; their epochs are numbered on, so each logged curve is whole.
         offset = index * config.train.epochs
         report = None if on_epoch_end is None else (
             lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
         model, member_history = train_classifier(spec, train_x, train_y, val_x, val_y, config.train, seed, runtime,
                                                  weights_path=config.model.weights_path, on_epoch_end=report,
-                                                 outlier_images=outliers)
+                                                 outlier_images=outliers, checkpoints=checkpoints)
         members.append(model)
         history += member_history
+    for checkpoints in done:  # the weights are the run's artifact from here on
+        checkpoints.clear()
     checkpoint = save_checkpoint(Path(out_dir) / "checkpoint.pt", members[0], spec, list(manifest.classes), fmt.mode,
                                  more_members=tuple(members[1:]), mc_samples=config.model.mc_dropout,
                                  mc_seed=config.seed)
@@ -189,7 +220,8 @@ def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config
     return TrainedModel(checkpoint=str(checkpoint), device=str(runtime.device),
                         precision=str(runtime.autocast_dtype or torch.float32).removeprefix("torch."),
                         epochs=len(history), final_train_loss=last.train_loss, final_val_accuracy=last.val_accuracy,
-                        images_per_second=float(np.median([h.images_per_second for h in history])))
+                        images_per_second=float(np.median([h.images_per_second for h in history])),
+                        resumed_from_epoch=resumed_from)
 
 
 def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, split_name: str,

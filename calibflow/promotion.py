@@ -62,7 +62,11 @@ def seen_by(record: registry.VersionRecord) -> set[str]:
         manifest = load_manifest(registry.download_run_artifact(record.run_id, "data/manifest.csv", tmp))
         split = Split.load(registry.download_run_artifact(record.run_id, "data/splits.json", tmp))
     rows = np.concatenate([split.indices[name] for name in FIT_SPLITS])
-    return set(manifest["sha256"].iloc[rows])
+    seen = set(manifest["sha256"].iloc[rows])
+    source = record.tags.get("recalibrated_from")
+    if source:  # its network learned from the source's images too
+        seen |= seen_by(registry.resolve_model_uri(f"models:/{record.name}/{source}"))
+    return seen
 
 
 def unseen_test_rows(manifest: pd.DataFrame, split: Split, seen: set[str]) -> tuple[np.ndarray, int]:

@@ -67,7 +67,9 @@ def rebuild_test_split(record: registry.VersionRecord, repo_root: str | Path = "
     """The data a registered version was trained on, at its recorded revision (checked against its
     DVC hash), with the manifest and split indices of its run (checked against each other)."""
     tags = record.tags
-    data = resolve_recorded_data(repo_root, tags["data_path"], tags["data_rev"], tags["data_hash"])
+    # A recalibrated version (calibflow.recalibrate) was measured on the new images it was fitted on.
+    prefix = "recalibration_data" if "recalibration_data_hash" in tags else "data"
+    data = resolve_recorded_data(repo_root, tags[f"{prefix}_path"], tags[f"{prefix}_rev"], tags[f"{prefix}_hash"])
     with tempfile.TemporaryDirectory() as tmp:
         split = Split.load(registry.download_run_artifact(record.run_id, "data/splits.json", tmp))
     manifest = build_manifest(data.local_dir)

@@ -8,6 +8,7 @@ device and are read once per epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from calibflow.config import TrainConfig
 from calibflow.images import channel_stats
 from calibflow.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
+from calibflow.resume import EpochCheckpoints, random_states, restore_random_states
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def train_classifier(
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     progress: bool = True,
     outlier_images: torch.Tensor | None = None,
+    checkpoints: EpochCheckpoints | None = None,
 ) -> tuple[ImageClassifier, list[EpochStats]]:
     """Build `spec`, train it with SGD + one-cycle LR on the train split, with `config.threads`
     intra-op threads; report each epoch, with val accuracy every `config.val_every` epochs and
@@ -141,17 +144,24 @@ def train_classifier(
 
     With `outlier_images` (train.outlier_exposure), each step also draws as many outliers as the
     batch holds, forwards them in the same pass (one set of BatchNorm statistics, as Hendrycks et
-    al. 2019 do) and adds OUTLIER_EXPOSURE_WEIGHT times their cross-entropy to the uniform."""
+    al. 2019 do) and adds OUTLIER_EXPOSURE_WEIGHT times their cross-entropy to the uniform.
+
+    With `checkpoints` (calibflow.resume), each completed epoch's full state is saved there, and a
+    training that finds one continues after that epoch (replaying the saved epochs through
+    `on_epoch_end`), ending with the weights an uninterrupted training would have. The last
+    epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
+    them when the whole training is done."""
     with intra_op_threads(config.threads):
         return _train_classifier(spec, train_images, train_labels, val_images, val_labels, config, seed, runtime,
-                                 weights_path, on_epoch_end, progress, outlier_images)
+                                 weights_path, on_epoch_end, progress, outlier_images, checkpoints)
 
 
 def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels: torch.Tensor,
                       val_images: torch.Tensor, val_labels: torch.Tensor, config: TrainConfig, seed: int,
                       runtime: Runtime | None, weights_path: str | None,
                       on_epoch_end: Callable[[EpochStats], None] | None,
-                      progress: bool, outlier_images: torch.Tensor | None) -> tuple[ImageClassifier, list[EpochStats]]:
+                      progress: bool, outlier_images: torch.Tensor | None,
+                      checkpoints: EpochCheckpoints | None = None) -> tuple[ImageClassifier, list[EpochStats]]:
     runtime = runtime or resolve_runtime(config.device, config.precision)
     seed_everything(seed)
     mean, std = channel_stats(train_images)
@@ -179,7 +189,18 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
     mixer = BatchMixer(config.mix, config.mix_alpha, spec.num_classes)
 
     history: list[EpochStats] = []
-    bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress, leave=True)
+    saved = checkpoints.load() if checkpoints is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        restore_random_states(generator, saved["random"])
+        history = [EpochStats(**stats) for stats in saved["history"]]
+        for stats in history if on_epoch_end is not None else ():
+            on_epoch_end(stats)  # the resumed run's curves are whole
+    first_epoch = len(history) + 1
+    bar = tqdm(range(first_epoch, config.epochs + 1), desc="train", unit="epoch", disable=not progress, leave=True,
+               initial=first_epoch - 1, total=config.epochs)
     for epoch in bar:
         started = time.perf_counter()
         model.train()
@@ -234,6 +255,10 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
             images_per_second=seen / max(train_seconds, 1e-9),
         )
         history.append(stats)
+        if checkpoints is not None:
+            checkpoints.save(epoch, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "schedule": schedule.state_dict(), "random": random_states(generator),
+                                     "history": [dataclasses.asdict(h) for h in history]})
         postfix = {"loss": f"{stats.train_loss:.4f}", "img_s": f"{stats.images_per_second:,.0f}"}
         if stats.validated:
             postfix["val_acc"] = f"{stats.val_accuracy:.4f}"

@@ -60,17 +60,40 @@ def build_deployment(config: Config, repo_root: str | Path = ".", params_path: s
     )
 
 
+def build_monitor_deployment(config: Config, repo_root: str | Path = ".", params_path: str = "params.yaml",
+                             overrides: list[str] | tuple[str, ...] = ()) -> RunnerDeployment | None:
+    """`calibflow monitor` on schedule.monitor_cron (None when it is not set), served beside the
+    retraining deployment by the same process or work pool."""
+    from flows.monitor import monitor_model
+
+    schedule = config.schedule
+    if schedule.monitor_cron is None:
+        return None
+    _, run_overrides = split_overrides(overrides)
+    return monitor_model.to_deployment(
+        name=f"{schedule.deployment}-monitor",
+        schedules=[Cron(schedule.monitor_cron, timezone=schedule.timezone)],
+        parameters={"repo_root": str(Path(repo_root).resolve()), "params_path": params_path,
+                    "overrides": run_overrides, "model": schedule.monitor_model, "data": schedule.monitor_data},
+        concurrency_limit=1,
+        description="Check the registered model for drift on new images (calibflow monitor)",
+        tags=["calibflow", "monitor"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
 def full_name(deployment: RunnerDeployment) -> str:
     """`flow/deployment`, the name `prefect deployment run` and `run_deployment` take."""
     return f"{deployment.flow_name}/{deployment.name}"
 
 
-def serve(deployment: RunnerDeployment) -> None:
-    """Register the deployment and run its flow runs in this process's children until interrupted.
-    On shutdown Prefect pauses the schedule, so no runs pile up while nothing serves them."""
+def serve(*deployments: RunnerDeployment) -> None:
+    """Register the deployments and run their flow runs in this process's children until
+    interrupted. On shutdown Prefect pauses the schedules, so no runs pile up while nothing serves
+    them."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(deployment, limit=1)
+    prefect_serve(*deployments, limit=1)
 
 
 def deploy(deployment: RunnerDeployment, work_pool: str) -> str:

@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from calibflow.config import load_config
+from calibflow.resume import checkpoint_root
 from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, check_outlier_data,
@@ -86,7 +87,8 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         # training (train.threads) leaves free, and both release the GIL.
         gate_power = check_gate_power.submit(manifest, split, config, run.run_id, repo_root)
         try:
-            trained = train_model(data, manifest, split, config, run.work_dir, run.run_id, outliers)
+            trained = train_model(data, manifest, split, config, run.work_dir, run.run_id, outliers,
+                                  str(checkpoint_root(repo_root)))
         finally:
             gate_power.wait()  # its tag lands before a failed run is closed, too
         gate_power.result()

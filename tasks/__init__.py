@@ -8,12 +8,13 @@ from calibflow.config import ConfigError
 from calibflow.decisions import DecisionInfeasible, DecisionSettingsError
 from calibflow.manifest import ManifestError
 from calibflow.pipeline import ReportError
+from calibflow.resume import CheckpointError
 from calibflow.validation import DataValidationError
 from calibflow.versioning import DataVersionError
 
 # Errors that name a problem in the user's data or settings: retrying cannot fix them.
 PERMANENT_ERRORS = (ConfigError, DataVersionError, DataValidationError, CalibrationError, ManifestError, LookupError,
-                    ReportError, DecisionInfeasible, DecisionSettingsError)
+                    ReportError, DecisionInfeasible, DecisionSettingsError, CheckpointError)
 # Errors that already waited their turn: a tracking server that did not answer through MLflow's own
 # HTTP retries (a task retry would repeat them all, so a dead server took 20 minutes to report), a
 # promotion lock not freed within its wait, a registration that could not be taken back (a retry

@@ -66,7 +66,8 @@ def check_outlier_data(repo_root: str, manifest: pipeline.ManifestRecord, ood_da
 
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
-                work_dir: str, run_id: str, outliers: str | None = None) -> pipeline.TrainedModel:
+                work_dir: str, run_id: str, outliers: str | None = None,
+                checkpoint_dir: str | None = None) -> pipeline.TrainedModel:
     history: list[EpochStats] = []
 
     def log_epoch(stats: EpochStats) -> None:
@@ -78,9 +79,13 @@ def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pip
         registry.log_metrics(run_id, metrics, step=stats.epoch)
 
     trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch,
-                                   outliers_path=outliers)
+                                   outliers_path=outliers, checkpoint_dir=checkpoint_dir)
     registry.log_artifact(run_id, trained.checkpoint, "checkpoint")
-    registry.set_tags(run_id, {"device": trained.device, "precision": trained.precision})
+    registry.set_tags(run_id, {"device": trained.device, "precision": trained.precision,
+                               "resumed_from_epoch": str(trained.resumed_from_epoch)})
+    if trained.resumed_from_epoch:
+        get_run_logger().info("resumed training after epoch %d, the last one a killed run completed",
+                              trained.resumed_from_epoch)
     get_run_logger().info("trained %d epochs on %s (%s): val accuracy %.4f, %.0f images/s", trained.epochs,
                           trained.device, trained.precision, trained.final_val_accuracy, trained.images_per_second)
     return trained

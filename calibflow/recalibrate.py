@@ -1,0 +1,205 @@
+"""`calibflow recalibrate`: a new calibrator for a registered network, on newly labeled images.
+
+When monitoring says the calibration drifted but the accuracy held (`calibflow monitor` exit 1),
+retraining is not needed: the network's logits on newly labeled images (a DVC-pinned ImageFolder
+with the model's classes) are split, stratified and seeded, into a calibration half and a test half;
+`calibration.method` is fitted on the first; the gates read the second, the relative ones against
+the version being recalibrated (the champion, by default) on the same images. A version that
+passes the absolute gates is registered with the network's weights byte for byte (the served
+`weights.pt` is written from the source run's checkpoint, as the source's was), the new calibrator,
+tag `recalibrated_from`, the source's lineage tags (data_hash, params_hash, git_commit, ...) and
+the new data's as `recalibration_data_*`. It gets @challenger; `calibflow promote` moves
+@champion as for any candidate, reading the new test half (reproduce.rebuild_test_split follows
+`recalibration_data_*`). No training: the cost is one forward pass over the new images.
+
+Not supported yet: a source whose served decision rules (decision:) were fitted to its old
+calibrator; those thresholds would be stale, so such a version must be retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibflow import registry
+from calibflow.config import Config
+from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
+from calibflow.images import load_images
+from calibflow.manifest import build_manifest, manifest_fingerprint, save_manifest
+from calibflow.reproduce import served_classes, served_policy
+from calibflow.splits import stratified_split
+from calibflow.versioning import resolve_data
+
+# What a recalibrated version keeps from its source: the network's lineage.
+LINEAGE_TAGS = ("data_hash", "data_path", "data_rev", "git_commit", "params_hash", "seed", "split_digest",
+                "manifest_fingerprint")
+RECALIBRATION_FRACTIONS = {"train": 0.0, "val": 0.0, "calibration": 0.5, "test": 0.5}
+
+
+class RecalibrationError(ValueError):
+    """The version or the data cannot be recalibrated as asked; the message says why and the fix."""
+
+
+@dataclass
+class Recalibration:
+    source: registry.VersionRecord
+    run_id: str
+    verdict: GateVerdict
+    before: dict[str, float]  # the source's calibrator on the new test half
+    after: dict[str, float]  # the new calibrator on it
+    seconds: float
+    version: registry.RegisteredVersion | None = None  # None: rejected by the gates
+
+    @property
+    def registered(self) -> bool:
+        return self.version is not None
+
+
+def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, config: Config, champion, source):
+    """The corruption suite (shift:) on the new test half, when a shift gate reads it: the
+    candidate's probabilities per cell, the champion's beside them for the increase gate, and the
+    suite tag that lets `calibflow gate` rebuild it. The OOD gate reads a folder recorded by a
+    training run; a recalibration has none."""
+    from calibflow.shift import SUITE_TAG, corrupted_images, suite_of
+
+    gates = config.gates
+    if gates.max_ood_fpr95 is not None:
+        raise RecalibrationError("gates.max_ood_fpr95 reads the OOD folder of the run that trained the network; a "
+                                 "recalibration has none: pass --set gates.max_ood_fpr95=null, or retrain")
+    if gates.max_shift_ece is None and gates.max_shift_ece_increase is None:
+        return None, None, {}, None
+    from calibflow.shift import cell_report
+
+    suite = suite_of(config.shift, config.seed)
+    rows = slice(0, suite.max_images)
+    cells = corrupted_images(images[rows], suite)
+    logits = {key: served.logits(x) for key, x in cells.items()}
+    shift = {key: Predictions(calibrator.transform(z).numpy(), labels[rows]) for key, z in logits.items()}
+    n_bins = config.evaluation.n_bins
+    # what `calibflow evaluate` reproduces (reproduce.reproduce_shift), as the run's shift/shift_metrics.json
+    metrics = {"suite": json.loads(suite.to_json()), "cells": {
+        key: {"before": cell_report(served.calibrator.transform(z).numpy(), labels[rows], n_bins),
+              "after": cell_report(shift[key].probabilities, labels[rows], n_bins)} for key, z in logits.items()}}
+    comparison = None
+    if champion is not None and gates.max_shift_ece_increase is not None:
+        champion_model = (served if champion.version == source.version else
+                          registry.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model())
+        comparison = {key: (shift[key], Predictions(champion_model.probabilities(x), labels[rows]))
+                      for key, x in cells.items()}
+    return shift, comparison, {SUITE_TAG: suite.to_json()}, metrics
+
+
+def _split_logits(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray, path: Path) -> str:
+    np.savez(path, logits=logits[rows], labels=labels[rows], indices=rows)
+    return str(path)
+
+
+def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".",
+                against: str | None = "@champion") -> Recalibration:
+    from calibflow import pipeline
+    from calibflow.gate_plan import small_test_split_warning
+
+    started = time.perf_counter()
+    source = registry.resolve_model_uri(model_uri)
+    model = registry.load_model(f"models:/{source.name}/{source.version}")
+    served = model.unwrap_python_model()
+    if not served_policy(model).is_empty:
+        raise RecalibrationError(f"{source.name} version {source.version} serves decision rules fitted to its "
+                                 f"calibrator, which a new calibrator would leave stale: retrain it (calibflow run)")
+    classes = served_classes(model)
+    data = resolve_data(repo_root, data_path, None)
+    manifest = build_manifest(data.local_dir)
+    found = sorted(manifest["label"].unique().tolist())
+    if found != classes:
+        raise RecalibrationError(f"{data_path} has the classes {', '.join(found)} but the model predicts "
+                                 f"{', '.join(classes)}: recalibration needs labeled images of every class the "
+                                 f"model predicts, in folders named like them")
+    split = stratified_split(manifest["label_index"].to_numpy(), manifest["sha256"].to_numpy(),
+                             RECALIBRATION_FRACTIONS, config.seed, manifest_fingerprint(manifest))
+    n_test = len(split.indices["test"])
+    warning = small_test_split_warning(n_test, len(classes), config.gates, config.evaluation.n_bins)
+    if warning:
+        raise RecalibrationError(f"{data_path} is too small to recalibrate on: its test half has {n_test} images. "
+                                 f"{warning}")
+    meta = model.metadata.metadata
+    images = load_images(data.local_dir, manifest["path"].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    logits = np.concatenate([served.logits(images[i:i + 1024]) for i in range(0, len(images), 1024)])
+    labels = manifest["label_index"].to_numpy()
+    test_rows = split.indices["test"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        fit = pipeline.fit_calibration(_split_logits(logits, labels, split.indices["calibration"],
+                                                     work / "logits_calibration.npz"),
+                                       config.calibration, str(work / "calibration.json"))
+        candidate = pipeline.load_calibrator(fit.state_path).transform(logits[test_rows]).numpy()
+        source_probabilities = served.calibrator.transform(logits[test_rows]).numpy()
+        from calibflow.metrics import probability_report
+
+        before = probability_report(source_probabilities, labels[test_rows], config.evaluation.n_bins)
+        after = probability_report(candidate, labels[test_rows], config.evaluation.n_bins)
+        ours = Predictions(candidate, labels[test_rows])
+        comparison = None
+        champion = registry.alias_record(source.name, against[1:]) if against and against.startswith("@") else (
+            registry.resolve_model_uri(f"models:/{source.name}/{against}") if against else None)
+        if champion is not None:
+            theirs = (source_probabilities if champion.version == source.version else
+                      registry.load_model(f"models:/{source.name}/{champion.version}").predict(images[test_rows]))
+            comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
+        shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(served, pipeline.load_calibrator(fit.state_path),
+                                                            images[test_rows], labels[test_rows], config, champion,
+                                                            source)
+        try:
+            verdict = evaluate_gates(ours, config.gates, comparison, n_bins=config.evaluation.n_bins, shift=shift,
+                                     shift_comparison=shift_comparison)
+        except GateInputError as error:
+            raise RecalibrationError(f"the gates cannot read a recalibration: {error}") from error
+
+        run_id = registry.start_run(config.registry.experiment, f"recalibrate v{source.version}",
+                                    {"recalibrated_from": source.version, "recalibration_data_path": data.path,
+                                     "recalibration_data_hash": data.dvc_hash}, repo_root)
+        registry.log_metrics(run_id, {**{f"test/source/{k}": v for k, v in before.items()},
+                                      **{f"test/recalibrated/{k}": v for k, v in after.items()}})
+        (work / "data").mkdir()
+        save_manifest(manifest, work / "data" / "manifest.csv")
+        split.save(work / "data" / "splits.json")
+        (work / "gates").mkdir()
+        (work / "gates" / "gates.json").write_text(json.dumps(verdict.to_json(), indent=1))
+        if shift_metrics is not None:
+            (work / "shift").mkdir()
+            (work / "shift" / "shift_metrics.json").write_text(json.dumps(shift_metrics, indent=1))
+        for folder in ("data", "gates", "shift"):
+            if not (work / folder).is_dir():
+                continue
+            for file in (work / folder).iterdir():
+                registry.log_artifact(run_id, file, folder)
+        result = Recalibration(source, run_id, verdict, before, after, 0.0)
+        if not verdict.absolute_passed:
+            registry.end_run(run_id, "failed", verdict.summary())
+            result.seconds = time.perf_counter() - started
+            return result
+        checkpoint = registry.download_run_artifact(source.run_id, "checkpoint/checkpoint.pt", work / "source")
+        logged = registry.log_calibrated_model(run_id, checkpoint, fit.state_path, images[test_rows[:2]])
+        registry.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
+        tags = {**{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},
+                "n_bins": str(config.evaluation.n_bins), "calibration_method": fit.method,
+                "temperature": repr(fit.temperature) if fit.temperature else "",
+                "ece_pre": repr(before["ece"]), "ece_post": repr(after["ece"]), "accuracy": repr(after["accuracy"]),
+                "nll_pre": repr(before["nll"]), "nll_post": repr(after["nll"]), "brier_post": repr(after["brier"]),
+                "mce_post": repr(after["mce"]), "recalibrated_from": source.version,
+                "recalibration_data_path": data.path, "recalibration_data_rev": data.rev,
+                "recalibration_data_hash": data.dvc_hash, **suite_tags}
+        try:
+            result.version = registry.register_version(logged, source.name, tags)
+        except Exception as error:
+            registry.end_run(run_id, "failed", f"registration failed: {error}")
+            raise
+        registry.end_run(run_id, "succeeded")
+    result.seconds = time.perf_counter() - started
+    return result

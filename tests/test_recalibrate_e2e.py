@@ -1,0 +1,94 @@
+"""End-to-end: `calibflow recalibrate` fits a new calibrator for the champion's network on newly
+labeled images, gates it and registers it with the same weights byte for byte; bad input is exit 2
+with nothing registered."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from calibflow import registry
+from calibflow.cli import main as calibflow
+from tests.test_monitor_e2e import add_folder, unseen_digits
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-digits"
+CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
+# this checkout's code in the child processes, whatever the environment installed
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def served_files(version: str, out: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version}", dst_path=str(out))) / "artifacts"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo, tmp_path, capsys):
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    images, labels = unseen_digits()
+    harsher = (255 * (images / 255.0) ** 2).astype(np.uint8)  # the new camera: calibration drifted (monitor exit 1)
+    data = add_folder(tiny_repo, "relabeled", harsher, labels)
+    capsys.readouterr()
+    assert calibflow(["recalibrate", "--model", f"models:/{MODEL}@champion", "--data", data,
+                      "--repo", str(tiny_repo), "--set", "gates.max_shift_ece=1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "version 2 (@challenger): version 1's network recalibrated" in out
+
+    registry.configure_tracking(tiny_repo)
+    client = MlflowClient()
+    new = client.get_model_version_by_alias(MODEL, "challenger")
+    assert new.tags["recalibrated_from"] == "1" and new.tags["recalibration_data_path"] == data
+    assert json.loads(new.tags["shift_suite"])["corruptions"]  # the suite ran on the new test half, recorded
+    gates = json.loads(registry.download_run_artifact(new.run_id, "gates/gates.json", tmp_path).read_text())
+    assert "max_shift_ece" in {c["name"] for c in gates["checks"]}
+    old = client.get_model_version(MODEL, "1")
+    for lineage in ("data_hash", "params_hash", "git_commit", "seed"):
+        assert new.tags[lineage] == old.tags[lineage]
+    assert float(new.tags["nll_post"]) < float(new.tags["nll_pre"])  # fitted to the new images: a better NLL there
+    a, b = served_files("1", tmp_path / "v1"), served_files("2", tmp_path / "v2")
+    assert sha256(a / "weights.pt") == sha256(b / "weights.pt")  # the network, byte for byte
+    assert json.loads((a / "calibration.json").read_text()) != json.loads((b / "calibration.json").read_text())
+    assert client.get_run(new.run_id).data.tags["recalibrated_from"] == "1"
+
+    # the registry can gate and reproduce it like any version: on the new test half
+    gate = subprocess.run([CALIBFLOW, "gate", "--model", MODEL, "--candidate", "@challenger", "--repo", str(tiny_repo)],
+                          capture_output=True, text=True, timeout=600, env=CHILD_ENV)
+    assert gate.returncode in (0, 1), gate.stderr
+    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@challenger",
+                                "--repo", str(tiny_repo)], capture_output=True, text=True, timeout=600,
+                               env=CHILD_ENV)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+
+
+@pytest.mark.parametrize("problem", ["too small", "classes differ", "ood gate"])
+def test_recalibrate_refuses_what_it_cannot_use_and_registers_nothing(tiny_repo, capsys, problem):
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
+    images, labels = unseen_digits()
+    if problem == "too small":
+        keep = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(5)])
+        data, message = add_folder(tiny_repo, "few", images[keep], labels[keep]), "too small to recalibrate on"
+    elif problem == "classes differ":
+        keep = labels < 4
+        data, message = add_folder(tiny_repo, "fewer_classes", images[keep], labels[keep]), "has the classes 0, 1, 2, 3"
+    else:
+        data, message = add_folder(tiny_repo, "relabeled", images, labels), "a recalibration has none"
+    extra = ["--set", "ood.path=data/relabeled", "--set", "gates.max_ood_fpr95=0.5"] if problem == "ood gate" else []
+    capsys.readouterr()
+    assert calibflow(["recalibrate", "--model", f"models:/{MODEL}@champion", "--data", data,
+                      "--repo", str(tiny_repo), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing registered" in err and "Traceback" not in err
+    registry.configure_tracking(tiny_repo)
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL}'")] == ["1"]

@@ -120,11 +120,13 @@ def test_the_reliability_diagram_marks_sparse_bins(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or original(fig, path))
     path = plots.reliability_diagram(bins, bins, tmp_path / "reliability.png")
     assert path.stat().st_size > 0
-    axes = drawn[0].axes[0]
-    legend = [text.get_text() for text in axes.get_legend().get_texts()]
-    assert sorted(legend) == ["accuracy", f"accuracy, bin of < {plots.SPARSE_BIN_COUNT} images (noise)",
-                              "gap to mean confidence", "perfect calibration"]
-    assert "sparse" in axes.get_title()
+    figure = drawn[0]
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["accuracy", f"accuracy of a bin of < {plots.SPARSE_BIN_COUNT} images (noise)",
+                      "gap to mean confidence", "perfect calibration", f"{plots.SPARSE_BIN_COUNT} images (counts)"]
+    filled = bins.counts[bins.counts > 0]
+    sparse = int((filled < plots.SPARSE_BIN_COUNT).sum())
+    assert sparse >= 3 and f"{sparse} of {len(filled)} filled bins sparse" in figure.axes[0].get_title()
     plt.close("all")
 
 

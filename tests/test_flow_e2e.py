@@ -145,7 +145,7 @@ def current_umask() -> int:
 def test_metrics_report_is_staged_beside_its_target_with_the_umask_and_published_by_one_rename(tmp_path):
     evaluation = pipeline.Evaluation(before={"ece": 0.2}, after={"ece": 0.1}, plots=())
     fit = pipeline.CalibrationRecord("temperature", "", 1.5, 0.9, 0.8)
-    verdict = type("Verdict", (), {"passed": True})()
+    verdict = type("Verdict", (), {"passed": True, "checks": ()})()
     target = tmp_path / "reports" / "metrics.json"
     target.parent.mkdir()
     target.write_text("the previous report")
@@ -158,7 +158,7 @@ def test_metrics_report_is_staged_beside_its_target_with_the_umask_and_published
     assert Path(staged.staged).parent == target.parent
     assert stat.S_IMODE(Path(staged.staged).stat().st_mode) == 0o640  # the umask's, not tempfile's 0600
     pipeline.publish_report(staged)
-    assert json.loads(target.read_text())["temperature"] == 1.5
+    assert json.loads(target.read_text())["calibration"]["temperature"] == 1.5
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
 
     discarded = pipeline.stage_metrics_report(str(target), evaluation, fit, verdict)
@@ -394,7 +394,7 @@ def test_other_calibrators_are_registered_and_served_and_auto_logs_its_compariso
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.method=vector"]) == 0
     client = mlflow_client(tiny_repo)
     vector = client.get_model_version_by_alias(MODEL, "champion")
-    assert vector.tags["calibration_method"] == "vector" and vector.tags["temperature"] == ""
+    assert vector.tags["calibration/method"] == "vector" and vector.tags["calibration/temperature"] == ""
     # The served pyfunc applies the saved vector-scaling calibrator: a fresh process reproduces the metrics.
     out = tmp_path / "evaluate.json"
     evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
@@ -408,7 +408,7 @@ def test_other_calibrators_are_registered_and_served_and_auto_logs_its_compariso
                                                            tmp_path)).read_text())
     methods = {row["method"] for row in table}
     assert {"temperature", "vector", "matrix", "histogram", "isotonic"} <= methods
-    assert auto.tags["calibration_method"] in methods
+    assert auto.tags["calibration/method"] in methods
     assert sum(bool(row["selected"]) for row in table) == 1
 
 
@@ -453,4 +453,4 @@ def test_train_time_calibration_options_register_a_model_served_calibrated_in_a_
     assert report["mismatches"] == []
     assert abs(report["recomputed"]["ece"] - float(version.tags["test/calibrated/ece"])) <= 1e-6
     if "model.ensemble=2" in options:
-        assert version.tags["calibration_method"] == "ensemble"
+        assert version.tags["calibration/method"] == "ensemble"

@@ -183,7 +183,7 @@ def test_shift_aware_calibration_fits_on_corrupted_copies_and_is_served(tiny_rep
     plain = client.get_model_version_by_alias(MODEL, "champion")
     aware = client.get_model_version_by_alias(MODEL, "challenger")
     # the same network (same seed and data), a temperature fitted on more, harder images
-    assert float(aware.tags["temperature"]) != float(plain.tags["temperature"])
+    assert float(aware.tags["calibration/temperature"]) != float(plain.tags["calibration/temperature"])
     runs = tiny_repo / ".calibflow" / "runs"
     import numpy as np
 

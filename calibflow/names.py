@@ -23,6 +23,7 @@ STAGES = (UNCALIBRATED, CALIBRATED)
 
 TEMPERATURE = "calibration/temperature"
 CALIBRATION_METHOD = "calibration/method"
+CALIBRATION_WARNING = "calibration/warning"  # a run tag, set when calibration made the test ECE or NLL worse
 
 
 def on_test(stage: str, name: str) -> str:

@@ -606,6 +606,11 @@ def publish_report(report: StagedReport) -> str:
 def discard_report(report: StagedReport) -> None:
     for staged in (report.staged, *(staged for staged, _ in report.plots)):
         Path(staged).unlink(missing_ok=True)
+    for folder in {Path(staged).parent for staged, _ in report.plots}:
+        try:  # the plots folder staging created, when nothing else is in it: a failed run leaves no trace
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _stage_prefix(target: Path) -> str:

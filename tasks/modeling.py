@@ -12,7 +12,7 @@ from calibflow import pipeline, registry
 from calibflow import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
-from calibflow.names import CALIBRATION_METHOD, ood_metric
+from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
 from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
 from calibflow.versioning import DataVersion
@@ -141,6 +141,10 @@ def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, mani
         registry.log_artifact(run_id, plot, "plots")
     get_run_logger().info("test ECE %.4f -> %.4f, accuracy %.4f", evaluation.before["ece"], evaluation.after["ece"],
                           evaluation.after["accuracy"])
+    warning = pipeline.calibration_warning(evaluation, fit)
+    if warning:  # also the description's second line (publish_summary)
+        get_run_logger().warning(warning)
+        registry.set_tags(run_id, {CALIBRATION_WARNING: warning})
     return evaluation
 
 

@@ -24,6 +24,7 @@ import yaml
 SPLIT_NAMES = ("train", "val", "calibration", "test")
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
 OPERATIONAL_SECTIONS = ("gates", "promotion", "monitor", "registry", "schedule")
+NOT_HYPERPARAMETERS = ("registry", "schedule")  # not MLflow params: where a model goes and when, not what it is
 # Sizes past these are mistakes, and the process would be OOM-killed long before it said so:
 # thousands of reliability bins on a test split of thousands of images measure nothing, and a
 # first block of more than 1024 channels is far beyond what images of this size need.
@@ -307,6 +308,11 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Dotted keys, the form MLflow params and `--set` use."""
         return _flatten(self.to_dict())
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What a run logs as MLflow params: flat(), less where it is registered and when it is
+        scheduled (NOT_HYPERPARAMETERS), which config.yaml keeps."""
+        return {k: v for k, v in self.flat().items() if k.split(".")[0] not in NOT_HYPERPARAMETERS}
 
     @property
     def params_hash(self) -> str:

@@ -37,6 +37,7 @@ from calibflow.config import Config
 from calibflow.gate_statistics import EqualWidthBins, calibration_error_lower_bound, calibration_error_upper_bound
 from calibflow.images import load_images
 from calibflow.manifest import is_image_file
+from calibflow.names import CALIBRATED, on_test, version_tag
 from calibflow.reproduce import decode_rows, predict_in_batches, rebuild_test_split, served_classes
 from calibflow.versioning import resolve_data
 
@@ -110,10 +111,11 @@ def read_monitoring_folder(local_dir: str | Path, classes: list[str], data_path:
 
 
 def _recorded(tags: dict[str, str]) -> dict[str, float]:
-    accuracy = tags.get("accuracy")
-    ece = tags.get("ece_post")
+    accuracy = version_tag(tags, on_test(CALIBRATED, "accuracy"))
+    ece = version_tag(tags, on_test(CALIBRATED, "ece"))
     if accuracy is None or ece is None:
-        raise LookupError("the version has no recorded test accuracy and ECE (tags accuracy, ece_post) to compare with")
+        raise LookupError(f"the version has no recorded test accuracy and ECE (tags {on_test(CALIBRATED, 'accuracy')}, "
+                          f"{on_test(CALIBRATED, 'ece')}) to compare with")
     return {"accuracy": float(accuracy), "ece": float(ece)}
 
 

@@ -29,6 +29,9 @@ from calibflow.leftovers import ProcessId, alive, this_process
 from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import probability_nll, probability_report, reliability_bins, top_label
 from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
+from calibflow.names import (CALIBRATED, CALIBRATION_METHOD, GATE_ABSOLUTE, GATE_AGAINST, GATE_VERDICT, TEMPERATURE,
+                             UNCALIBRATED, calibration_metric, gate_metric, gate_tag, nested, on_test, ood_metric,
+                             shift_metric)
 from calibflow.plots import (binary_score_distributions, class_confidence_histograms, confidence_histogram,
                              decision_score_histograms, reliability_diagram)
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
@@ -156,6 +159,7 @@ class TrainedModel:
     final_val_accuracy: float
     images_per_second: float
     resumed_from_epoch: int = 0  # the last epoch a killed run had completed (0: trained from the start)
+    curves: tuple[str, ...] = ()  # train.csv and val.csv: the per-epoch curves, for `dvc plots show`
 
 
 # The code a training's numbers come from: a change here starts a killed training afresh.
@@ -176,6 +180,27 @@ def training_checkpoints(checkpoint_dir: str, manifest: ManifestRecord, split_pa
                        train=train, seed=member_seed, outliers=outliers,
                        code=files_digest(package / name for name in TRAINING_CODE), torch=torch.__version__)
     return EpochCheckpoints(Path(checkpoint_dir) / key)
+
+
+def write_training_curves(history: list[EpochStats], out_dir: str | Path) -> tuple[str, str]:
+    """train.csv (epoch, loss, learning_rate, images_per_second: every epoch) and val.csv (epoch,
+    accuracy, nll, ece: the epochs that validated), the columns of train/ and val/ metrics."""
+    import csv
+
+    out = Path(out_dir)
+    rows = {"train": [{"epoch": h.epoch, "loss": h.train_loss, "learning_rate": h.learning_rate,
+                       "images_per_second": h.images_per_second} for h in history],
+            "val": [{"epoch": h.epoch, "accuracy": h.val_accuracy, "nll": h.val_nll, "ece": h.val_ece}
+                    for h in history if h.validated]}
+    paths = []
+    for name, table in rows.items():
+        path = out / f"{name}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["epoch"])
+            writer.writeheader()
+            writer.writerows(table)
+        paths.append(str(path))
+    return paths[0], paths[1]
 
 
 def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config: Config, out_dir: str,
@@ -221,7 +246,7 @@ def train_model(data_dir: str, manifest: ManifestRecord, split_path: str, config
                         precision=str(runtime.autocast_dtype or torch.float32).removeprefix("torch."),
                         epochs=len(history), final_train_loss=last.train_loss, final_val_accuracy=last.val_accuracy,
                         images_per_second=float(np.median([h.images_per_second for h in history])),
-                        resumed_from_epoch=resumed_from)
+                        resumed_from_epoch=resumed_from, curves=write_training_curves(history, out_dir))
 
 
 def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split_path: str, split_name: str,
@@ -338,7 +363,7 @@ def evaluate_shift(shift_logits_path: str, test_logits_path: str, calibration: C
 @dataclass(frozen=True)
 class OODEvaluation:
     scores_path: str  # npz: in-distribution ("inside_<score>") and OOD ("outside_<score>") scores
-    metrics: dict[str, float]  # ood_<score>_<auroc|aupr|fpr95>
+    metrics: dict[str, float]  # ood/<score>/<auroc|aupr|fpr95> (calibflow.names)
     score: str  # what gates.max_ood_fpr95 reads
     dvc_hash: str
     n_images: int
@@ -384,7 +409,7 @@ def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, cal
     for name in ("msp", "energy"):
         for key, value in detection_metrics(in_distribution_score(name, inside),
                                             in_distribution_score(name, outside)).items():
-            metrics[f"ood_{name}_{key}"] = value
+            metrics[ood_metric(name, key)] = value
     out = Path(out_dir)
     scores_path = out / "ood_scores.npz"
     np.savez(scores_path, **{f"inside_{k}": v for k, v in inside.items()},
@@ -555,29 +580,27 @@ class ReportError(RuntimeError):
 class StagedReport:
     path: str  # where it goes: reports/metrics.json
     staged: str  # its new content, written beside it, not in place yet
+    plots: tuple[tuple[str, str], ...] = ()  # (staged, where it goes): dvc.yaml's plots, published with it
 
 
 def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationRecord, verdict: GateVerdict,
                          decisions: DecisionEvaluation | None = None, shifted: ShiftEvaluation | None = None,
-                         ood: OODEvaluation | None = None) -> StagedReport:
+                         ood: OODEvaluation | None = None, plots: dict[str, str] | None = None) -> StagedReport:
     """Write the new reports/metrics.json (a DVC metric) beside the old one, before anything is
     registered: a report that cannot be written fails the run while the registry is untouched,
     and the previous report stays in place until publish_report renames this one over it."""
-    report = {
-        "calibration_method": fit.method,
-        "temperature": fit.temperature,
-        "calibration": {"nll_before": fit.nll_before, "nll_after": fit.nll_after},
-        "test": {"before": evaluation.before, "after": evaluation.after},
-        "gates_passed": verdict.passed,
-    }
+    report = nested({**test_metrics(evaluation), **fit_metrics(fit), **gate_metrics(verdict)})
+    report["calibration"]["method"] = fit.method
+    report.setdefault("gate", {})["passed"] = verdict.passed
     if decisions is not None and decisions.metrics:
-        report["test"]["decisions"] = decisions.metrics
+        report["test"]["decision"] = decisions.metrics
     if shifted is not None:
         result = json.loads(Path(shifted.result_path).read_text())
-        report["shift"] = {"mean": result["mean"], "n_images": result["n_images"],
-                           "cells": {key: cell["after"] for key, cell in result["cells"].items()}}
+        # the means before and after, each cell after calibration (the run's metrics hold every number)
+        kept = {k: v for k, v in shifted.metrics.items() if k.startswith(f"shift/{CALIBRATED}/") or "/mean_" in k}
+        report["shift"] = {**nested(kept)["shift"], "n_images": result["n_images"]}
     if ood is not None:
-        report["ood"] = {"n_images": ood.n_images, **ood.metrics}
+        report["ood"] = {"n_images": ood.n_images, **nested(ood.metrics)["ood"]}
     target = Path(path)
     if target.exists() and not target.is_file():
         raise ReportError(f"{target} is a {'directory' if target.is_dir() else 'special file'}, not a file: remove "
@@ -588,13 +611,25 @@ def stage_metrics_report(path: str, evaluation: Evaluation, fit: CalibrationReco
         staged = _write_beside(target, json.dumps(report, indent=2))
     except OSError as error:
         raise ReportError(f"cannot write {target}: {error}") from error
-    return StagedReport(path=str(target), staged=staged)
+    staged_plots = []
+    try:  # dvc.yaml's plots (`plots`: where it goes -> this run's file), staged the same way
+        for destination, source in (plots or {}).items():
+            plot = Path(destination)
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned_stages(plot)
+            staged_plots.append((_write_beside(plot, Path(source).read_bytes()), str(plot)))
+    except OSError as error:
+        discard_report(StagedReport(str(target), staged, tuple(staged_plots)))
+        raise ReportError(f"cannot write {destination}: {error}") from error
+    return StagedReport(path=str(target), staged=staged, plots=tuple(staged_plots))
 
 
 def publish_report(report: StagedReport) -> str:
     """Put the staged report in place: one rename, so readers see the old report or the new one,
     never a mix or a truncated file."""
     try:
+        for staged, destination in report.plots:
+            os.replace(staged, destination)
         os.replace(report.staged, report.path)
     except OSError as error:
         discard_report(report)
@@ -603,14 +638,20 @@ def publish_report(report: StagedReport) -> str:
 
 
 def discard_report(report: StagedReport) -> None:
-    Path(report.staged).unlink(missing_ok=True)
+    for staged in (report.staged, *(staged for staged, _ in report.plots)):
+        Path(staged).unlink(missing_ok=True)
+    for folder in {Path(staged).parent for staged, _ in report.plots}:
+        try:  # the plots folder staging created, when nothing else is in it: a failed run leaves no trace
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _stage_prefix(target: Path) -> str:
     return f".{target.name}."
 
 
-def _write_beside(target: Path, text: str) -> str:
+def _write_beside(target: Path, text: str | bytes) -> str:
     """A new file beside `target` holding `text`, named after this process (pid and start time:
     see _remove_abandoned_stages). os.open with mode 0o666 lets the umask decide its permissions,
     as for any file the user's tools create (tempfile's are 0600: only the owner could read the
@@ -624,7 +665,7 @@ def _write_beside(target: Path, text: str) -> str:
         except FileExistsError:
             continue
         try:
-            with os.fdopen(descriptor, "w") as handle:
+            with os.fdopen(descriptor, "wb" if isinstance(text, bytes) else "w") as handle:
                 handle.write(text)
         except BaseException:
             candidate.unlink(missing_ok=True)
@@ -678,7 +719,7 @@ def shift_tags(shifted: ShiftEvaluation | None) -> dict[str, str]:
 
     if shifted is None:
         return {}
-    return {SUITE_TAG: shifted.suite_json, **{f"shift_mean_{name}": repr(value)
+    return {SUITE_TAG: shifted.suite_json, **{shift_metric("mean", CALIBRATED, name): repr(value)
                                              for name, value in shifted.mean["after"].items()}}
 
 
@@ -702,22 +743,117 @@ def version_tags(data, manifest: ManifestRecord, split: SplitRecord, config: Con
         "data_hash": data.dvc_hash, "data_path": data.path, "data_rev": data.rev, "git_commit": git_commit,
         "params_hash": config.params_hash, "seed": str(config.seed), "split_digest": split.digest,
         "manifest_fingerprint": manifest.fingerprint, "n_bins": str(config.evaluation.n_bins),
-        "calibration_method": fit.method, "temperature": repr(fit.temperature) if fit.temperature else "",
-        "ece_pre": repr(evaluation.before["ece"]), "ece_post": repr(evaluation.after["ece"]),
-        "accuracy": repr(evaluation.after["accuracy"]), "nll_pre": repr(evaluation.before["nll"]),
-        "nll_post": repr(evaluation.after["nll"]), "brier_post": repr(evaluation.after["brier"]),
-        "mce_post": repr(evaluation.after["mce"]),
+        CALIBRATION_METHOD: fit.method, TEMPERATURE: repr(fit.temperature) if fit.temperature else "",
+        **{name: repr(value) for name, value in test_metrics(evaluation).items()},
     }
+
+
+STAGE_OF = {"before": UNCALIBRATED, "after": CALIBRATED}  # Evaluation's fields -> calibflow.names' stages
+
+
+def test_metrics(evaluation: Evaluation) -> dict[str, float]:
+    """The test split's metrics before and after calibration under their calibflow.names paths
+    (test/uncalibrated/ece, test/calibrated/ece, ...): metric, version tag and metrics.json key."""
+    return {on_test(STAGE_OF[when], name): float(value)
+            for when, values in (("before", evaluation.before), ("after", evaluation.after))
+            for name, value in values.items()}
+
+
+def fit_metrics(fit: CalibrationRecord) -> dict[str, float]:
+    """The calibration split's NLL before and after the fit, and T for temperature scaling."""
+    metrics = {calibration_metric(UNCALIBRATED, "nll"): fit.nll_before,
+               calibration_metric(CALIBRATED, "nll"): fit.nll_after}
+    if fit.temperature:
+        metrics[TEMPERATURE] = fit.temperature
+    return metrics
+
+
+def gate_metrics(verdict: GateVerdict) -> dict[str, float]:
+    """gate/<check>/value, bound and threshold of every check, so that the run's charts show how far
+    each bound is from its threshold (a bound that could not be computed is left out)."""
+    metrics = {}
+    for check in verdict.checks:
+        for part, value in (("value", check.value), ("bound", check.bound), ("threshold", check.threshold)):
+            if np.isfinite(value):
+                metrics[gate_metric(check.name, part)] = float(value)
+    return metrics
+
+
+def _bound_text(check, confidence: float) -> str:
+    side = "upper" if check.comparison == "<=" else "lower"
+    return f"{confidence:.0%} {side} {check.bound:.4f} {check.comparison} {check.threshold:g}"
+
+
+def gate_tags(verdict: GateVerdict, champion: str | None) -> dict[str, str]:
+    """A run tag per check, e.g. gate/max_ece = "passed: smooth ECE 0.0110, 95% upper 0.0235 <= 0.05",
+    the overall verdicts, and the champion the relative gates compared with (or why none)."""
+    tags = {GATE_VERDICT: "passed" if verdict.passed else "failed",
+            GATE_ABSOLUTE: "passed" if verdict.absolute_passed else "failed",
+            GATE_AGAINST: f"version {champion}" if champion else "none: no @champion to compare with"}
+    for check in verdict.checks:
+        tags[gate_tag(check.name)] = (f"{'passed' if check.passed else 'FAILED'}: {check.metric} {check.value:.4f}, "
+                                      f"{_bound_text(check, verdict.confidence)}")
+    return tags
+
+
+def calibration_warning(evaluation: Evaluation, fit: CalibrationRecord | None = None) -> str | None:
+    """What calibration made worse on the test split (ECE or NLL), or None: a fit that lowers the
+    calibration split's NLL can still raise the test split's, which nobody should learn from a chart."""
+    worse = [f"{label} {evaluation.before[key]:.4f} -> {evaluation.after[key]:.4f}"
+             for key, label in (("ece", "ECE"), ("nll", "NLL")) if evaluation.after[key] > evaluation.before[key]]
+    if not worse:
+        return None
+    fitted = (f" (T = {fit.temperature:.3f})" if fit is not None and fit.temperature
+              else f" ({fit.method})" if fit is not None else "")
+    return (f"WARNING: calibration{fitted} made the test split worse: {', '.join(worse)}. The uncalibrated model "
+            f"was already well calibrated, or the calibration split is too small to fit on.")
+
+
+def verdict_line(evaluation: Evaluation, fit: CalibrationRecord | None, verdict: GateVerdict) -> str:
+    """One line: the verdict, test ECE before -> after with the gate's bound, accuracy with its bound,
+    T, and each other check that failed, e.g.
+    "PASSED · ECE 0.0120 -> 0.0123 (95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956"."""
+    head = ("PASSED" if verdict.passed else "FAILED" if not verdict.absolute_passed
+            else "PASSED, NOT PROMOTABLE (fails against @champion)")
+    parts = [head]
+    by_name = {c.name: c for c in verdict.checks}
+    ece = by_name.get("max_ece")
+    text = f"ECE {evaluation.before['ece']:.4f} -> {evaluation.after['ece']:.4f}"
+    if ece is not None:
+        measure = ece.metric.split(" (")[0]  # "smooth ECE (sigma 0.0146)": the bandwidth is in the gate's tag
+        text += f" ({'' if ece.passed else 'FAIL '}{measure} {_bound_text(ece, verdict.confidence)})"
+    parts.append(text)
+    accuracy = by_name.get("min_accuracy")
+    text = f"acc {evaluation.after['accuracy']:.3f}"
+    if accuracy is not None:
+        text += (f" ({'' if accuracy.passed else 'FAIL '}lower {accuracy.bound:.3f} {accuracy.comparison} "
+                 f"{accuracy.threshold:g})")
+    parts.append(text)
+    if fit is not None:
+        parts.append(f"T {fit.temperature:.3f}" if fit.temperature else fit.method)
+    parts += [f"FAIL {c.name} ({_bound_text(c, verdict.confidence)})" for c in verdict.checks
+              if not c.passed and c.name not in ("max_ece", "min_accuracy")]
+    return " · ".join(parts)
 
 
 def summary_markdown(run_id: str, tracking_uri: str, outcome: str, evaluation: Evaluation | None,
                      fit: CalibrationRecord | None, verdict: GateVerdict | None, version=None) -> str:
-    lines = [f"# calibflow run: {outcome}", "", f"MLflow run `{run_id}` at `{tracking_uri}`", ""]
+    """The run's description in MLflow (and the Prefect run summary): the verdict line first, then a
+    warning when calibration made the test split worse, then the numbers."""
+    lines = []
+    if verdict is not None and evaluation is not None:
+        lines += [verdict_line(evaluation, fit, verdict), ""]
+    else:
+        lines += [outcome.upper() if outcome in ("registered", "failed") else outcome, ""]
+    warning = calibration_warning(evaluation, fit) if evaluation is not None else None
+    if warning:
+        lines += [f"> **{warning}**", ""]
+    lines += [f"## calibflow run: {outcome}", "", f"MLflow run `{run_id}` at `{tracking_uri}`", ""]
     if fit is not None:
         what = f"temperature **{fit.temperature:.4f}**" if fit.temperature else f"**{fit.method}** calibration"
         lines += [f"Calibrated with {what} (calibration NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})", ""]
     if evaluation is not None:
-        lines += ["| test split | before | after |", "| --- | --- | --- |"]
+        lines += [f"| test split | {UNCALIBRATED} | {CALIBRATED} |", "| --- | --- | --- |"]
         lines += [f"| {name} | {evaluation.before[name]:.4f} | {evaluation.after[name]:.4f} |" for name in evaluation.after]
         lines.append("")
     if verdict is not None:

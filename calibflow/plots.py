@@ -43,51 +43,58 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return out
 
 
+_SPARSE_ALPHA = 0.3
+# A bin with fewer images than this has an accuracy too noisy to read against its confidence
+# (one wrong image in five moves it by 0.2): it is drawn pale and named in the legend.
+SPARSE_BIN_COUNT = 20
+
+
 def _reliability_panel(ax: plt.Axes, ax_counts: plt.Axes, bins: ReliabilityBins, label: str) -> None:
-    """Accuracy bars, red hatched gap to each bin's mean confidence, diagonal, and counts underneath."""
+    """Accuracy bars, red hatched gap to each bin's mean confidence, diagonal, and counts underneath.
+    Bins holding fewer than SPARSE_BIN_COUNT images are pale: their accuracy is mostly noise."""
     lo, hi = bins.edges[:-1], bins.edges[1:]
     centres, width = (lo + hi) / 2, hi - lo
     nonempty = bins.counts > 0
+    sparse = nonempty & (bins.counts < SPARSE_BIN_COUNT)
+    dense = nonempty & ~sparse
     acc = np.where(nonempty, bins.accuracy, 0.0)
     conf = np.where(nonempty, bins.mean_confidence, 0.0)
 
-    ax.bar(centres, acc, width=width, color=_ACC_COLOR, edgecolor="black", linewidth=0.6, label="accuracy")
+    ax.bar(centres[dense], acc[dense], width=width[dense], color=_ACC_COLOR, edgecolor="black", linewidth=0.6)
+    ax.bar(centres[sparse], acc[sparse], width=width[sparse], color=_ACC_COLOR, alpha=_SPARSE_ALPHA, edgecolor="gray",
+           linewidth=0.6)
     # Gap bar spans accuracy -> mean confidence: above the bar means over-confident bin, inside it
-    # means under-confident.
-    ax.bar(
-        centres[nonempty],
-        (conf - acc)[nonempty],
-        bottom=acc[nonempty],
-        width=width[nonempty],
-        color=_GAP_COLOR,
-        alpha=0.35,
-        edgecolor=_GAP_COLOR,
-        hatch="//",
-        linewidth=0.6,
-        label="gap to confidence",
-    )
+    # means under-confident. Hatched outline, no fill: a translucent fill over the blue bar would
+    # blend into a purple the legend does not show. Pale, too, where the bin is sparse.
+    for where, alpha in ((dense, 1.0), (sparse, _SPARSE_ALPHA)):
+        ax.bar(centres[where], (conf - acc)[where], bottom=acc[where], width=width[where], facecolor="none",
+               edgecolor=_GAP_COLOR, hatch="///", linewidth=0.8, alpha=alpha)
     # The gap bar covers the accuracy bar in under-confident bins; redraw each bar's top so the
     # accuracy level stays readable there.
     ax.hlines(acc[nonempty], lo[nonempty], hi[nonempty], color="black", linewidth=1.4, zorder=4)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.2, label="perfect calibration")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1.2)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("auto")
     ax.set_ylabel("accuracy")
     ece = bins.ece
     ece_text = "n/a" if np.isnan(ece) else f"{ece:.4f}"
-    ax.set_title(f"{label}\nECE = {ece_text}   (N = {bins.total}, {bins.n_bins} bins)")
-    ax.legend(loc="upper left", fontsize=8, frameon=True)
+    ax.set_title(f"{label}\nECE = {ece_text}   (N = {bins.total}, {bins.n_bins} bins, "
+                 f"{int(sparse.sum())} of {int(nonempty.sum())} filled bins sparse)")
     ax.tick_params(labelbottom=False)
 
-    ax_counts.bar(centres, bins.counts, width=width, color="gray", edgecolor="black", linewidth=0.4)
+    ax_counts.bar(centres[dense], bins.counts[dense], width=width[dense], color="gray", edgecolor="black", linewidth=0.4)
+    ax_counts.bar(centres[sparse], bins.counts[sparse], width=width[sparse], color="gray", alpha=0.35,
+                  edgecolor="black", linewidth=0.4)
+    ax_counts.axhline(SPARSE_BIN_COUNT, color="gray", linestyle=":", linewidth=0.8)
     ax_counts.set_xlim(0, 1)
     ax_counts.set_xlabel("confidence (top-label)")
     ax_counts.set_ylabel("count (log)")
     if nonempty.any():
         # Log scale: a good model puts most samples in the top bin, which would flatten the rest.
+        # The axis starts at 0.5 so that a bin of one image still has a visible bar.
         ax_counts.set_yscale("log")
-        ax_counts.set_ylim(0.8, int(bins.counts.max()) * 8)
+        ax_counts.set_ylim(0.5, int(bins.counts.max()) * 8)
         ax_counts.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for x, n in zip(centres[nonempty], bins.counts[nonempty]):
         ax_counts.annotate(
@@ -115,6 +122,16 @@ def reliability_diagram(
     )
     _reliability_panel(axes[0, 0], axes[1, 0], before, panel_titles[0])
     _reliability_panel(axes[0, 1], axes[1, 1], after, panel_titles[1])
+    # One legend for both panels, below them: inside a panel it would cover the bars it explains.
+    handles = [
+        matplotlib.patches.Patch(facecolor=_ACC_COLOR, edgecolor="black", label="accuracy"),
+        matplotlib.patches.Patch(facecolor=_ACC_COLOR, alpha=_SPARSE_ALPHA, edgecolor="gray",
+                                 label=f"accuracy of a bin of < {SPARSE_BIN_COUNT} images (noise)"),
+        matplotlib.patches.Patch(facecolor="none", edgecolor=_GAP_COLOR, hatch="///", label="gap to mean confidence"),
+        matplotlib.lines.Line2D([], [], linestyle="--", color="gray", label="perfect calibration"),
+        matplotlib.lines.Line2D([], [], linestyle=":", color="gray", label=f"{SPARSE_BIN_COUNT} images (counts)"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=12)
     return _save(fig, path)
@@ -143,7 +160,11 @@ def _histogram_panel(ax: plt.Axes, confidence: ArrayLike, correct: ArrayLike, la
         )
     ax.set_xlim(0, 1)
     ax.set_xlabel("confidence (top-label)")
-    ax.set_ylabel("count")
+    # Log counts: a good model puts nearly every image in the top bin, and on a linear axis the
+    # wrong predictions spread over the others would not show at all. From 0.5: one image shows.
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)
+    ax.set_ylabel("count (log)")
     ax.set_title(label)
     ax.legend(loc="upper left", fontsize=8)
 

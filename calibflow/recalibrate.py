@@ -31,6 +31,7 @@ from calibflow.config import Config
 from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
 from calibflow.images import load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint, save_manifest
+from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.reproduce import served_classes, served_policy
 from calibflow.splits import stratified_split
 from calibflow.versioning import resolve_data
@@ -144,6 +145,8 @@ def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str |
 
         before = probability_report(source_probabilities, labels[test_rows], config.evaluation.n_bins)
         after = probability_report(candidate, labels[test_rows], config.evaluation.n_bins)
+        softmax = probability_report(pipeline.uncalibrated_probabilities(logits[test_rows]), labels[test_rows],
+                                     config.evaluation.n_bins)
         ours = Predictions(candidate, labels[test_rows])
         comparison = None
         champion = registry.alias_record(source.name, against[1:]) if against and against.startswith("@") else (
@@ -188,11 +191,11 @@ def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str |
         logged = registry.log_calibrated_model(run_id, checkpoint, fit.state_path, images[test_rows[:2]])
         registry.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
         tags = {**{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},
-                "n_bins": str(config.evaluation.n_bins), "calibration_method": fit.method,
-                "temperature": repr(fit.temperature) if fit.temperature else "",
-                "ece_pre": repr(before["ece"]), "ece_post": repr(after["ece"]), "accuracy": repr(after["accuracy"]),
-                "nll_pre": repr(before["nll"]), "nll_post": repr(after["nll"]), "brier_post": repr(after["brier"]),
-                "mce_post": repr(after["mce"]), "recalibrated_from": source.version,
+                "n_bins": str(config.evaluation.n_bins), CALIBRATION_METHOD: fit.method,
+                TEMPERATURE: repr(fit.temperature) if fit.temperature else "",
+                **{on_test(UNCALIBRATED, k): repr(float(v)) for k, v in softmax.items()},
+                **{on_test(CALIBRATED, k): repr(float(v)) for k, v in after.items()},
+                "recalibrated_from": source.version,
                 "recalibration_data_path": data.path, "recalibration_data_rev": data.rev,
                 "recalibration_data_hash": data.dvc_hash, **suite_tags}
         try:

@@ -25,10 +25,10 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from calibflow.disk_cache import file_sha256
+from calibflow.names import CALIBRATED, TEMPERATURE, on_test, version_tag
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-MODEL_ARTIFACT = "model"
 STATUS_TAG = "calibflow.status"
 
 
@@ -129,8 +129,38 @@ class _AnsweringClient:
 # Tracking
 
 
+@dataclass(frozen=True)
+class RunSource:
+    """What MLflow's run page shows as "Created by" and "Source" (its standard mlflow.* tags, which
+    MlflowClient.create_run does not set itself)."""
+    name: str  # the entry point, e.g. flows/train_calibrate.py
+    git_commit: str | None = None
+    git_branch: str | None = None
+    git_repo_url: str | None = None
+
+
+def source_tags(source: RunSource) -> dict[str, str]:
+    import getpass
+
+    from mlflow.entities import SourceType
+    from mlflow.utils import mlflow_tags
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001  no login name (a container without one): MLflow's own fallback
+        user = "unknown"
+    tags = {mlflow_tags.MLFLOW_USER: user, mlflow_tags.MLFLOW_SOURCE_NAME: source.name,
+            mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
+    for key, value in ((mlflow_tags.MLFLOW_GIT_COMMIT, source.git_commit),
+                       (mlflow_tags.MLFLOW_GIT_BRANCH, source.git_branch),
+                       (mlflow_tags.MLFLOW_GIT_REPO_URL, source.git_repo_url)):
+        if value:
+            tags[key] = value
+    return tags
+
+
 def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-              repo_root: str | Path = ".") -> str:
+              repo_root: str | Path = ".", source: RunSource | None = None) -> str:
     c = client()
     found = c.get_experiment_by_name(experiment)
     if found:
@@ -141,8 +171,33 @@ def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, s
         embedded = mlflow.get_tracking_uri() == _DEFAULT_URI_SET
         location = (Path(repo_root).resolve() / "mlruns").as_uri() if embedded else None
         experiment_id = c.create_experiment(experiment, artifact_location=location)
-    run = c.create_run(experiment_id, run_name=run_name, tags={STATUS_TAG: "running", **(tags or {})})
+    standard = source_tags(source) if source is not None else {}
+    run = c.create_run(experiment_id, run_name=run_name, tags={STATUS_TAG: "running", **standard, **(tags or {})})
     return run.info.run_id
+
+
+DESCRIPTION_TAG = "mlflow.note.content"  # what MLflow's UI shows as a run's description
+
+
+def set_run_description(run_id: str, text: str) -> None:
+    set_tags(run_id, {DESCRIPTION_TAG: text})
+
+
+def set_version_description(model_name: str, version: str, text: str) -> None:
+    client().update_model_version(model_name, version, description=text)
+
+
+def log_dataset(run_id: str, name: str, source_uri: str, digest: str, context: str,
+                profile: Mapping[str, Any] | None = None) -> None:
+    """Record the data a run read as an MLflow dataset input (the run page's "Datasets" and the
+    experiment's dataset filter): `digest` is the DVC hash, `source_uri` where it lives."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    # MLflow's own record of a local folder: source type "local", source {"uri": ...}
+    entity = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source_uri}),
+                     profile=json.dumps(dict(profile)) if profile is not None else None)
+    client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
@@ -369,7 +424,8 @@ class RegisteredVersion:
 
 
 def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_state_path: str | Path,
-                         input_example: np.ndarray, decisions_path: str | Path | None = None) -> str:
+                         input_example: np.ndarray, decisions_path: str | Path | None = None,
+                         name: str = "calibrated_classifier") -> str:
     """Log the pyfunc (weights, network, classes, fitted calibrator, the calibflow code) to the run;
     return its URI."""
     from importlib.metadata import version as installed
@@ -389,7 +445,7 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
                                     params={OUTPUT_PARAM: OUTPUTS[0]})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT,
+                name=name,
                 python_model=str(SERVED_MODEL_CODE),
                 artifacts=artifacts,
                 code_paths=[str(Path(calibflow.__file__).parent)],
@@ -759,7 +815,11 @@ def log_audit_run(experiment: str, run_name: str, tags: Mapping[str, Any], repor
 
 # What `calibflow status` shows: here beside the registry rather than in calibflow.promotion,
 # which imports torch and scipy for the gates; a status needs only the registry (under 2 s cold).
-STATUS_COLUMNS = ("version", "aliases", "ece_post", "accuracy", "temperature", "data_hash", "promoted_from")
+# The calibrated test ECE, accuracy and T under short column names, read with calibflow.names.version_tag
+# so that versions registered before calibflow.names (tags ece_post, accuracy, temperature) show too.
+STATUS_TAGS = {"ece": on_test(CALIBRATED, "ece"), "accuracy": on_test(CALIBRATED, "accuracy"),
+               "temperature": TEMPERATURE, "data_hash": "data_hash", "promoted_from": "promoted_from"}
+STATUS_COLUMNS = ("version", "aliases", *STATUS_TAGS)
 
 
 def status(model_name: str) -> list[dict[str, str]]:
@@ -767,4 +827,5 @@ def status(model_name: str) -> list[dict[str, str]]:
     for alias, version in aliases(model_name).items():
         by_version.setdefault(version, []).append("@" + alias)
     return [{"version": r.version, "aliases": " ".join(sorted(by_version.get(r.version, []))),
-             **{k: r.tags.get(k, "") for k in STATUS_COLUMNS[2:]}} for r in list_versions(model_name)]
+             **{column: version_tag(r.tags, tag, "") for column, tag in STATUS_TAGS.items()}}
+            for r in list_versions(model_name)]

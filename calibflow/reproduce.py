@@ -19,6 +19,7 @@ from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_po
 from calibflow.images import decode_image, load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint
 from calibflow.metrics import probability_report
+from calibflow.names import CALIBRATED, on_test, version_tag
 from calibflow.splits import Split
 from calibflow.versioning import DataVersion, resolve_recorded_data
 
@@ -175,8 +176,9 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     tags = record.tags
     recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", 15)))
-    logged = {"ece": float(tags["ece_post"]), "accuracy": float(tags["accuracy"]), "nll": float(tags["nll_post"]),
-              "brier": float(tags["brier_post"]), "mce": float(tags["mce_post"])}
+    # calibflow.names' tags (test/calibrated/ece, ...), or a version registered before them (ece_post, ...)
+    logged = {name: float(version_tag(tags, on_test(CALIBRATED, name)))
+              for name in ("ece", "accuracy", "nll", "brier", "mce")}
     decided = {name: float(value) for name, value in tags.items() if name.startswith(DECISION_TAG_PREFIX)}
     policy = served_policy(model)
     if decided and policy is not None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from calibflow.corruptions import CORRUPTION_VERSION, corrupt_batch
 from calibflow.disk_cache import cached_array
+from calibflow.names import CALIBRATED, UNCALIBRATED, shift_metric
 
 SUITE_TAG = "shift_suite"  # the registered version's suite (JSON), for `calibflow evaluate` and `calibflow gate`
 METRICS = ("accuracy", "ece", "nll")
@@ -116,10 +117,12 @@ class SuiteResult:
                 for when in ("before", "after")}
 
     def flat_metrics(self) -> dict[str, float]:
-        """MLflow metric names: shift_<corruption>_s<severity>_<metric>_<before|after>, shift_mean_..."""
-        flat = {f"shift_{key}_{m}_{when}": v for key, cell in self.cells.items() for when, ms in cell.items()
+        """MLflow metric names (calibflow.names): shift/<stage>/<corruption>_s<severity>_<metric> and
+        shift/<stage>/mean_<metric>, stage uncalibrated or calibrated."""
+        stage = {"before": UNCALIBRATED, "after": CALIBRATED}
+        flat = {shift_metric(key, stage[when], m): v for key, cell in self.cells.items() for when, ms in cell.items()
                 for m, v in ms.items()}
-        flat.update({f"shift_mean_{m}_{when}": v for when, ms in self.mean.items() for m, v in ms.items()})
+        flat.update({shift_metric("mean", stage[when], m): v for when, ms in self.mean.items() for m, v in ms.items()})
         return flat
 
     def to_json(self) -> dict:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from calibflow.config import TrainConfig
 from calibflow.images import channel_stats
 from calibflow.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
+from calibflow.metrics import expected_calibration_error
 from calibflow.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
 from calibflow.resume import EpochCheckpoints, random_states, restore_random_states
 
@@ -80,6 +81,10 @@ class EpochStats:
     # Images per second of the epoch's training steps alone (augmentation, forward, backward,
     # optimiser and schedule), validation excluded: the speed of training, whatever val_every is.
     images_per_second: float
+    # NLL and 15-bin ECE of the uncalibrated softmax on the validation split, beside its accuracy:
+    # how over-confident the network grows while it trains (None where val_accuracy is None).
+    val_nll: float | None = None
+    val_ece: float | None = None
 
     @property
     def validated(self) -> bool:
@@ -247,12 +252,15 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
         # Validation reads the weights under eval() and draws no random numbers, so skipping it
         # changes nothing that training computes.
         validated = validates_after(epoch, config.epochs, config.val_every)
+        val = validation_metrics(model, x_val, y_val, runtime) if validated else {}
         stats = EpochStats(
             epoch=epoch,
             train_loss=train_loss,
-            val_accuracy=accuracy_of(model, x_val, y_val, runtime) if validated else None,
+            val_accuracy=val.get("accuracy"),
             learning_rate=schedule.get_last_lr()[0],
             images_per_second=seen / max(train_seconds, 1e-9),
+            val_nll=val.get("nll"),
+            val_ece=val.get("ece"),
         )
         history.append(stats)
         if checkpoints is not None:
@@ -275,21 +283,27 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def accuracy_of(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
-                batch_size: int = 1024) -> float:
+def validation_metrics(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
+                       batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy, NLL and 15-bin ECE of the model's plain softmax on `images`, under eval()."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    logits = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
                             enabled=runtime.autocast_dtype is not None):
-            predictions = model(batch).argmax(dim=1)
-        correct += (predictions == labels[start:start + batch_size].to(runtime.device)).sum()
+            logits.append(model(batch).float())
     model.train(was_training)
-    return correct.item() / max(len(images), 1)
+    if not logits:
+        return {"accuracy": 0.0, "nll": float("nan"), "ece": float("nan")}
+    z = torch.cat(logits).cpu().double()
+    y = labels.cpu().long()
+    return {"accuracy": (z.argmax(dim=1) == y).double().mean().item(),
+            "nll": F.cross_entropy(z, y).item(),
+            "ece": expected_calibration_error(torch.softmax(z, dim=1), y)}
 
 
 @torch.no_grad()

@@ -46,6 +46,16 @@ def code_commit(repo_root: str | Path) -> tuple[str, bool]:
     return commit, dirty
 
 
+def code_origin(repo_root: str | Path) -> tuple[str | None, str | None]:
+    """HEAD's branch (None when detached) and the `origin` remote's URL (None without one)."""
+    found = []
+    for args in (("rev-parse", "--abbrev-ref", "HEAD"), ("remote", "get-url", "origin")):
+        result = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True)
+        value = result.stdout.strip() if result.returncode == 0 else ""
+        found.append(value if value and value != "HEAD" else None)
+    return found[0], found[1]
+
+
 # DVC keeps its state (file hashes, the data index) in SQLite files under .dvc/tmp; two processes
 # reading the same repository at once (two `calibflow promote` in one CD run) can find one locked
 # for longer than SQLite's own wait. The lock is held for a moment: wait and read again.

@@ -110,7 +110,8 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         if not verdict.absolute_passed:
             raise GatesFailed(verdict.summary())
 
-        report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided, shifted, ood)  # beside the old one
+        # reports/metrics.json and reports/plots, staged beside the old ones
+        report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided, shifted, ood, trained)
         version = register_model(run, trained, fit, evaluation, data, manifest, split, config, decisions, decided,
                                  shifted, ood)
         alias = version.alias

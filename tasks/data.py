@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -18,6 +20,9 @@ from tasks import retry_transient_only
 def pin_data_version(repo_root: str, data_path: str, data_rev: str | None, run_id: str) -> DataVersion:
     version = resolve_data(repo_root, data_path, data_rev)
     registry.set_tags(run_id, {"data_path": version.path, "data_hash": version.dvc_hash, "data_rev": version.rev})
+    registry.log_dataset(run_id, name=version.path, source_uri=str(Path(repo_root).resolve() / version.path),
+                         digest=version.dvc_hash, context="training",
+                         profile={"dvc_hash": version.dvc_hash, "rev": version.rev})
     get_run_logger().info("data %s at %s: DVC hash %s", version.path, version.rev, version.dvc_hash)
     return version
 

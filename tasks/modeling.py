@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from prefect import get_run_logger, task
@@ -11,6 +12,7 @@ from calibflow import pipeline, registry
 from calibflow import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
+from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
 from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
 from calibflow.versioning import DataVersion
@@ -72,10 +74,10 @@ def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pip
 
     def log_epoch(stats: EpochStats) -> None:
         history.append(stats)  # one MLflow call per epoch, never per step
-        metrics = {"train_loss": stats.train_loss, "learning_rate": stats.learning_rate,
-                   "images_per_second": stats.images_per_second}  # training steps alone, validation excluded
-        if stats.validated:  # train.val_every: the val curve has a point only where one was measured
-            metrics["val_accuracy"] = stats.val_accuracy
+        metrics = {"train/loss": stats.train_loss, "train/learning_rate": stats.learning_rate,
+                   "train/images_per_second": stats.images_per_second}  # training steps alone, validation excluded
+        if stats.validated:  # train.val_every: the val curves have a point only where one was measured
+            metrics.update({"val/accuracy": stats.val_accuracy, "val/nll": stats.val_nll, "val/ece": stats.val_ece})
         registry.log_metrics(run_id, metrics, step=stats.epoch)
 
     trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch,
@@ -120,13 +122,11 @@ def collect_shift_aware_logits(trained: pipeline.TrainedModel, data: DataVersion
 @task(name="fit-calibration", cache_policy=NO_CACHE)
 def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_id: str) -> pipeline.CalibrationRecord:
     fit = pipeline.fit_calibration(calibration_logits, config.calibration, f"{work_dir}/calibration.json")
-    metrics = {"calibration_nll_before": fit.nll_before, "calibration_nll_after": fit.nll_after}
-    if fit.temperature:
-        metrics["temperature"] = fit.temperature
-    metrics.update({f"cv_nll_{row['method']}": row["cv_nll_mean"] for row in fit.selection
+    metrics = pipeline.fit_metrics(fit)
+    metrics.update({f"calibration/cv_nll/{row['method']}": row["cv_nll_mean"] for row in fit.selection
                     if row.get("cv_nll_mean") is not None})
     registry.log_metrics(run_id, metrics)
-    registry.set_tags(run_id, {"calibration_method": fit.method})
+    registry.set_tags(run_id, {CALIBRATION_METHOD: fit.method})
     if fit.selection:  # method auto: keep the comparison table with the run
         selection = f"{work_dir}/calibration_selection.json"
         with open(selection, "w") as handle:
@@ -141,13 +141,15 @@ def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_
 def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, manifest: pipeline.ManifestRecord,
                          config: Config, work_dir: str, run_id: str) -> pipeline.Evaluation:
     evaluation = pipeline.evaluate_calibration(test_logits, fit, config.evaluation.n_bins, work_dir, manifest.classes)
-    registry.log_metrics(run_id, {f"test_{name}_{when}": value
-                                  for when, metrics in (("before", evaluation.before), ("after", evaluation.after))
-                                  for name, value in metrics.items()})
+    registry.log_metrics(run_id, pipeline.test_metrics(evaluation))
     for plot in evaluation.plots:
         registry.log_artifact(run_id, plot, "plots")
     get_run_logger().info("test ECE %.4f -> %.4f, accuracy %.4f", evaluation.before["ece"], evaluation.after["ece"],
                           evaluation.after["accuracy"])
+    warning = pipeline.calibration_warning(evaluation, fit)
+    if warning:  # also the description's second line (publish_summary)
+        get_run_logger().warning(warning)
+        registry.set_tags(run_id, {CALIBRATION_WARNING: warning})
     return evaluation
 
 
@@ -196,8 +198,8 @@ def evaluate_ood(trained: pipeline.TrainedModel, ood_data: str | None, test_logi
     for plot in ood.plots:
         registry.log_artifact(run_id, plot, "plots")
     get_run_logger().info("OOD (%d images): MSP AUROC %.4f FPR95 %.4f, energy AUROC %.4f FPR95 %.4f", ood.n_images,
-                          ood.metrics["ood_msp_auroc"], ood.metrics["ood_msp_fpr95"], ood.metrics["ood_energy_auroc"],
-                          ood.metrics["ood_energy_fpr95"])
+                          ood.metrics[ood_metric("msp", "auroc")], ood.metrics[ood_metric("msp", "fpr95")],
+                          ood.metrics[ood_metric("energy", "auroc")], ood.metrics[ood_metric("energy", "fpr95")])
     return ood
 
 
@@ -215,7 +217,7 @@ def fit_decisions(calibration_logits: str, fit: pipeline.CalibrationRecord, mani
 def evaluate_decisions(test_logits: str, fit: pipeline.CalibrationRecord, decisions: str, config: Config,
                        work_dir: str, run_id: str) -> pipeline.DecisionEvaluation:
     evaluation = pipeline.evaluate_decisions(test_logits, fit, decisions, config.gates.confidence, work_dir)
-    registry.log_metrics(run_id, {f"test_decision_{name}": value for name, value in evaluation.metrics.items()
+    registry.log_metrics(run_id, {f"test/decision/{name}": value for name, value in evaluation.metrics.items()
                                   if value == value})  # NaN (nothing kept, no positive) is not a metric
     for plot in evaluation.plots:
         registry.log_artifact(run_id, plot, "plots")
@@ -233,9 +235,9 @@ def apply_gates(test_logits: str, fit: pipeline.CalibrationRecord, data: DataVer
                 ood: pipeline.OODEvaluation | None = None) -> GateReport:
     report = pipeline.gate_run(config.registry.model_name, test_logits, fit, data.local_dir, manifest.path,
                                split.path, config.gates, config.evaluation.n_bins, decisions, shift_logits, ood)
+    report = dataclasses.replace(report, candidate=f"run {run_id}")
     registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
-    registry.set_tags(run_id, {"gates": "passed" if report.passed else "failed",
-                               "gates_absolute": "passed" if report.verdict.absolute_passed else "failed",
-                               "gated_against": report.champion or ""})
+    registry.log_metrics(run_id, pipeline.gate_metrics(report.verdict))
+    registry.set_tags(run_id, pipeline.gate_tags(report.verdict, report.champion))
     get_run_logger().info(report.verdict.summary())
     return report

@@ -17,7 +17,7 @@ from calibflow import leftovers, pipeline, promotion, registry
 from calibflow.config import Config
 from calibflow.gates import GateVerdict
 from calibflow.promotion import GateReport
-from calibflow.versioning import DataVersion, code_commit
+from calibflow.versioning import DataVersion, code_commit, code_origin
 from tasks import retry_transient_only
 
 
@@ -57,13 +57,15 @@ class RunContext:
 def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContext:
     tracking_uri = registry.configure_tracking(repo_root)
     commit, dirty = code_commit(repo_root)
+    branch, remote = code_origin(repo_root)
+    source = registry.RunSource("flows/train_calibrate.py", git_commit=commit, git_branch=branch, git_repo_url=remote)
     run_id = registry.start_run(config.registry.experiment, run_name=flow_run.get_name(), tags={
         "git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": config.params_hash,
         "seed": str(config.seed), "prefect.flow_run_id": str(flow_run.get_id()), "overrides": " ".join(overrides),
-        **leftovers.run_tags()}, repo_root=repo_root)
+        **leftovers.run_tags()}, repo_root=repo_root, source=source)
     work_dir = Path(repo_root).resolve() / ".calibflow" / "runs" / run_id
     work_dir.mkdir(parents=True, exist_ok=True)
-    registry.log_params(run_id, config.flat())
+    registry.log_params(run_id, config.hyperparameters())
     resolved = work_dir / "config.yaml"
     resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     registry.log_artifact(run_id, resolved)
@@ -114,7 +116,8 @@ def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipelin
     tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted,
                                  ood)
     with registry.store_wait():  # logging and registering the model use MLflow beyond registry.client()
-        model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example, decisions)
+        model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example, decisions,
+                                                  name=config.registry.model_name)
         version = registry.register_version(model_uri, config.registry.model_name, tags)
     get_run_logger().info("registered %s version %s as @%s", version.name, version.version, version.alias)
     return version
@@ -147,9 +150,14 @@ def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport,
 def stage_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: pipeline.CalibrationRecord,
                          verdict: GateVerdict, decisions: pipeline.DecisionEvaluation | None = None,
                          shifted: pipeline.ShiftEvaluation | None = None,
-                         ood: pipeline.OODEvaluation | None = None) -> pipeline.StagedReport:
+                         ood: pipeline.OODEvaluation | None = None,
+                         trained: pipeline.TrainedModel | None = None) -> pipeline.StagedReport:
+    """reports/metrics.json, and dvc.yaml's plots under reports/plots: the per-epoch curves and the
+    reliability diagram."""
+    plots = {f"{repo_root}/reports/plots/{Path(curve).name}": curve for curve in (trained.curves if trained else ())}
+    plots[f"{repo_root}/reports/plots/reliability_diagram.png"] = evaluation.plots[0]
     return pipeline.stage_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict, decisions,
-                                         shifted, ood)
+                                         shifted, ood, plots)
 
 
 @task(name="publish-metrics-report", cache_policy=NO_CACHE)
@@ -173,6 +181,13 @@ def finish_run(run: RunContext, outcome: str, reason: str = "", tags: dict[str, 
 def publish_summary(run: RunContext, outcome: str, evaluation: pipeline.Evaluation | None = None,
                     fit: pipeline.CalibrationRecord | None = None, verdict: GateVerdict | None = None,
                     version: registry.RegisteredVersion | None = None) -> None:
-    create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary",
-                             markdown=pipeline.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit,
-                                                                verdict, version))
+    summary = pipeline.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit, verdict, version)
+    create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary", markdown=summary)
+    # The same text, verdict line first, as the MLflow run's and version's description. Best effort:
+    # the run's outcome is decided and recorded already, a description is no reason to undo it.
+    try:
+        registry.set_run_description(run.run_id, summary)
+        if version is not None:
+            registry.set_version_description(version.name, version.version, summary)
+    except Exception as error:  # noqa: BLE001
+        get_run_logger().warning("could not write the MLflow description (%s: %s)", type(error).__name__, error)

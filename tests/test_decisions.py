@@ -344,9 +344,9 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     metrics = client.get_run(version.run_id).data.metrics
     for name in ("positive_threshold", "positive_recall_lower", "selective_threshold", "selective_risk_upper",
                  "set_coverage_lower", "set_mean_size"):
-        assert f"test_decision_{name}" in metrics, name
-    report = json.loads((repo / "reports" / "metrics.json").read_text())["test"]["decisions"]
-    assert report["positive_threshold"] == metrics["test_decision_positive_threshold"]
+        assert f"test/decision/{name}" in metrics, name
+    report = json.loads((repo / "reports" / "metrics.json").read_text())["test"]["decision"]
+    assert report["positive_threshold"] == metrics["test/decision/positive_threshold"]
     gates = json.loads(Path(registry.download_run_artifact(version.run_id, "gates/gates.json", tmp_path)).read_text())
     assert {"max_selective_risk", "min_conformal_coverage"} <= {c["name"] for c in gates["checks"]}
     plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}

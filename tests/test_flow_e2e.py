@@ -23,7 +23,8 @@ from tests.conftest import REPO, dvc, run, untrained_model
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
 CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
-REQUIRED_TAGS = ("ece_pre", "ece_post", "accuracy", "temperature", "data_hash", "git_commit", "params_hash", "seed")
+REQUIRED_TAGS = ("test/uncalibrated/ece", "test/calibrated/ece", "test/calibrated/accuracy", "calibration/temperature",
+                 "data_hash", "git_commit", "params_hash", "seed")
 
 
 def mlflow_client(repo: Path) -> MlflowClient:
@@ -60,8 +61,8 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     assert tags["git_commit"] == head(tiny_repo) and tags["data_rev"] == head(tiny_repo)
     assert tags["params_hash"] == load_config(tiny_repo / "params.yaml").params_hash
     assert tags["seed"] == "0"
-    assert float(tags["temperature"]) == pytest.approx(result["temperature"])
-    assert float(tags["ece_post"]) == result["test_after"]["ece"]
+    assert float(tags["calibration/temperature"]) == pytest.approx(result["temperature"])
+    assert float(tags["test/calibrated/ece"]) == result["test_after"]["ece"]
 
     mlflow_run = client.get_run(version.run_id)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["calibflow.status"] == "succeeded"
@@ -69,8 +70,9 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     def steps(metric: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(version.run_id, metric))
 
-    assert steps("train_loss") == steps("images_per_second") == [1, 2, 3, 4, 5]  # once per epoch
-    assert steps("val_accuracy") == [2, 4, 5]  # train.val_every = 2, and always the last epoch
+    assert steps("train/loss") == steps("train/images_per_second") == [1, 2, 3, 4, 5]  # once per epoch
+    # train.val_every = 2, and always the last epoch
+    assert steps("val/accuracy") == steps("val/nll") == steps("val/ece") == [2, 4, 5]
     artifacts = {a.path for folder in ("", "plots", "data", "validation", "checkpoint", "gates")
                  for a in client.list_artifacts(version.run_id, folder or None)}
     assert {"config.yaml", "plots/reliability_diagram.png", "plots/confidence_histogram.png", "data/splits.json",
@@ -80,11 +82,33 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     assert split_record["digest"] == tags["split_digest"] == mlflow_run.data.tags["split_digest"]
 
     metrics = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
-    assert metrics["test"]["after"]["ece"] == float(tags["ece_post"])
+    assert metrics["test"]["calibrated"]["ece"] == float(tags["test/calibrated/ece"])  # one name, / or nested
     assert stat.S_IMODE((tiny_repo / "reports" / "metrics.json").stat().st_mode) == 0o666 & ~current_umask()
-    assert sorted(p.name for p in (tiny_repo / "reports").iterdir()) == ["metrics.json"]  # nothing staged is left
+    assert sorted(p.name for p in (tiny_repo / "reports").iterdir()) == ["metrics.json", "plots"]  # nothing staged
+    assert sorted(p.name for p in (tiny_repo / "reports" / "plots").iterdir()) == [
+        "reliability_diagram.png", "train.csv", "val.csv"]
     shown = dvc("metrics", "show", cwd=tiny_repo).stdout
-    assert "reports/metrics.json" in shown and "temperature" in shown
+    assert "reports/metrics.json" in shown and "test.calibrated.ece" in shown
+
+    # The run page (issue 15): verdict line first, in the run's and the version's description
+    description = mlflow_run.data.tags["mlflow.note.content"]
+    verdict = description.splitlines()[0]
+    assert verdict.startswith("PASSED · ECE ") and " · acc " in verdict and " · T " in verdict, verdict
+    assert f"-> {result['test_after']['ece']:.4f}" in verdict and "95% upper" in verdict
+    assert client.get_model_version(MODEL, "1").description == description
+    run_tags = mlflow_run.data.tags
+    assert run_tags["gate/verdict"] == "passed" and run_tags["gate/max_ece"].startswith("passed: ")
+    assert run_tags["gate/against"].startswith("none")
+    assert run_tags["mlflow.source.git.commit"] == head(tiny_repo) and run_tags["mlflow.user"]
+    assert run_tags["mlflow.source.name"] == "flows/train_calibrate.py"
+    logged = set(mlflow_run.data.metrics)
+    assert {"test/uncalibrated/ece", "test/calibrated/ece", "test/calibrated/nll", "gate/max_ece_bound",
+            "gate/max_ece_threshold", "gate/min_accuracy_bound", "calibration/temperature", "val/ece"} <= logged
+    assert all("/" in name for name in logged), sorted(n for n in logged if "/" not in n)  # every chart grouped
+    assert not [k for k in mlflow_run.data.params if k.startswith(("schedule.", "registry."))]
+    (dataset,) = mlflow_run.inputs.dataset_inputs
+    assert dataset.dataset.digest == dvc_hash(tiny_repo) and dataset.dataset.name == "data/tiny"
+    assert client.get_logged_model(version.source.removeprefix("models:/")).name == MODEL
 
     # The Prefect side: named tasks and the markdown summary, on the temporary local API.
     from prefect.client.orchestration import get_client
@@ -100,8 +124,8 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
                                 "--json", str(out)], capture_output=True, text=True, cwd=tiny_repo)
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(out.read_text())
-    assert abs(report["recomputed"]["ece"] - float(tags["ece_post"])) <= 1e-6
-    assert report["recomputed"]["accuracy"] == float(tags["accuracy"])
+    assert abs(report["recomputed"]["ece"] - float(tags["test/calibrated/ece"])) <= 1e-6
+    assert report["recomputed"]["accuracy"] == float(tags["test/calibrated/accuracy"])
 
     images = sorted(str(p) for p in (tiny_repo / "data" / "tiny" / "3").glob("*.png"))[:2]
     predicted = subprocess.run([CALIBFLOW, "predict", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
@@ -121,7 +145,7 @@ def current_umask() -> int:
 def test_metrics_report_is_staged_beside_its_target_with_the_umask_and_published_by_one_rename(tmp_path):
     evaluation = pipeline.Evaluation(before={"ece": 0.2}, after={"ece": 0.1}, plots=())
     fit = pipeline.CalibrationRecord("temperature", "", 1.5, 0.9, 0.8)
-    verdict = type("Verdict", (), {"passed": True})()
+    verdict = type("Verdict", (), {"passed": True, "checks": ()})()
     target = tmp_path / "reports" / "metrics.json"
     target.parent.mkdir()
     target.write_text("the previous report")
@@ -134,7 +158,7 @@ def test_metrics_report_is_staged_beside_its_target_with_the_umask_and_published
     assert Path(staged.staged).parent == target.parent
     assert stat.S_IMODE(Path(staged.staged).stat().st_mode) == 0o640  # the umask's, not tempfile's 0600
     pipeline.publish_report(staged)
-    assert json.loads(target.read_text())["temperature"] == 1.5
+    assert json.loads(target.read_text())["calibration"]["temperature"] == 1.5
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
 
     discarded = pipeline.stage_metrics_report(str(target), evaluation, fit, verdict)
@@ -317,7 +341,7 @@ def test_failing_gate_registers_nothing_and_moves_no_alias(tiny_repo, capsys):
     assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {"champion": "1"}
     failed = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], order_by=["start_time DESC"])[0]
     assert failed.info.status == "FAILED"
-    assert failed.data.tags["calibflow.status"] == "failed" and failed.data.tags["gates"] == "failed"
+    assert failed.data.tags["calibflow.status"] == "failed" and failed.data.tags["gate/verdict"] == "failed"
     assert (tiny_repo / "reports" / "metrics.json").read_text() == report_before  # the good report stays
 
 
@@ -370,7 +394,7 @@ def test_other_calibrators_are_registered_and_served_and_auto_logs_its_compariso
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.method=vector"]) == 0
     client = mlflow_client(tiny_repo)
     vector = client.get_model_version_by_alias(MODEL, "champion")
-    assert vector.tags["calibration_method"] == "vector" and vector.tags["temperature"] == ""
+    assert vector.tags["calibration/method"] == "vector" and vector.tags["calibration/temperature"] == ""
     # The served pyfunc applies the saved vector-scaling calibrator: a fresh process reproduces the metrics.
     out = tmp_path / "evaluate.json"
     evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
@@ -384,7 +408,7 @@ def test_other_calibrators_are_registered_and_served_and_auto_logs_its_compariso
                                                            tmp_path)).read_text())
     methods = {row["method"] for row in table}
     assert {"temperature", "vector", "matrix", "histogram", "isotonic"} <= methods
-    assert auto.tags["calibration_method"] in methods
+    assert auto.tags["calibration/method"] in methods
     assert sum(bool(row["selected"]) for row in table) == 1
 
 
@@ -427,6 +451,6 @@ def test_train_time_calibration_options_register_a_model_served_calibrated_in_a_
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(out.read_text())
     assert report["mismatches"] == []
-    assert abs(report["recomputed"]["ece"] - float(version.tags["ece_post"])) <= 1e-6
+    assert abs(report["recomputed"]["ece"] - float(version.tags["test/calibrated/ece"])) <= 1e-6
     if "model.ensemble=2" in options:
-        assert version.tags["calibration_method"] == "ensemble"
+        assert version.tags["calibration/method"] == "ensemble"

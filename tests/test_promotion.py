@@ -270,6 +270,6 @@ def test_promoting_the_champion_says_it_already_is_the_champion(repo, capsys):
 
 
 def test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged(repo, capsys):
-    MlflowClient().set_model_version_tag(MODEL, "1", "ece_post", "0.5")  # not what version 1 measures
+    MlflowClient().set_model_version_tag(MODEL, "1", "test/calibrated/ece", "0.5")  # not what version 1 measures
     assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 1
     assert "differ from the logged ones" in capsys.readouterr().err

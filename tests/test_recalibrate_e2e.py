@@ -56,7 +56,9 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     old = client.get_model_version(MODEL, "1")
     for lineage in ("data_hash", "params_hash", "git_commit", "seed"):
         assert new.tags[lineage] == old.tags[lineage]
-    assert float(new.tags["nll_post"]) < float(new.tags["nll_pre"])  # fitted to the new images: a better NLL there
+    metrics = client.get_run(new.run_id).data.metrics  # fitted to the new images: a better NLL there
+    assert metrics["test/recalibrated/nll"] < metrics["test/source/nll"]
+    assert float(new.tags["test/calibrated/nll"]) == pytest.approx(metrics["test/recalibrated/nll"])
     a, b = served_files("1", tmp_path / "v1"), served_files("2", tmp_path / "v2")
     assert sha256(a / "weights.pt") == sha256(b / "weights.pt")  # the network, byte for byte
     assert json.loads((a / "calibration.json").read_text()) != json.loads((b / "calibration.json").read_text())

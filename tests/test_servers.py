@@ -48,7 +48,7 @@ BIN = Path(sys.executable).parent
 MODEL = "tiny-digits"
 SCHEDULE = {"deployment": "test-retrain", "cron": "15 3 * * 1", "timezone": "Europe/Paris", "work_pool": "calibflow",
             "data_rev": None}
-REQUIRED_TAGS = ("data_hash", "git_commit", "params_hash", "seed", "ece_post", "temperature")
+REQUIRED_TAGS = ("data_hash", "git_commit", "params_hash", "seed", "test/calibrated/ece", "calibration/temperature")
 
 
 def free_port() -> int:
@@ -260,7 +260,7 @@ def test_served_deployment_runs_on_the_prefect_server_and_registers_on_the_mlflo
     assert version.tags["git_commit"] == run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
     assert version.tags["params_hash"] == load_config(repo / "params.yaml").params_hash
     assert version.tags["seed"] == "0"
-    assert 0 <= float(version.tags["ece_post"]) <= 0.25 and float(version.tags["temperature"]) > 0
+    assert 0 <= float(version.tags["test/calibrated/ece"]) <= 0.25 and float(version.tags["calibration/temperature"]) > 0
     mlflow_run = client.get_run(version.run_id)
     assert mlflow_run.data.tags["prefect.flow_run_id"] == str(flow_run.id)  # Prefect run <-> MLflow run
     assert mlflow_run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied by the server

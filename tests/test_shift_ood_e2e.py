@@ -57,17 +57,17 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
     version = client.get_model_version_by_alias(MODEL, "champion")
     mlflow_run = client.get_run(version.run_id)
     metrics = mlflow_run.data.metrics
-    for name in ("ood_msp_auroc", "ood_msp_aupr", "ood_msp_fpr95", "ood_energy_auroc", "ood_energy_fpr95",
-                 "shift_mean_ece_after", "shift_mean_accuracy_before", "shift_contrast_s5_ece_after"):
+    for name in ("ood/msp/auroc", "ood/msp/aupr", "ood/msp/fpr95", "ood/energy/auroc", "ood/energy/fpr95",
+                 "shift/calibrated/mean_ece", "shift/uncalibrated/mean_accuracy", "shift/calibrated/contrast_s5_ece"):
         assert name in metrics, name
-    assert 0.0 <= metrics["ood_energy_fpr95"] <= 1.0 and 0.0 <= metrics["ood_msp_auroc"] <= 1.0
+    assert 0.0 <= metrics["ood/energy/fpr95"] <= 1.0 and 0.0 <= metrics["ood/msp/auroc"] <= 1.0
     plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
     assert {"plots/shift_curves.png", "plots/ood_score_histograms.png"} <= plots
     gates = json.loads(Path(registry.download_run_artifact(version.run_id, "gates/gates.json", tmp_path)).read_text())
     assert {"max_shift_ece", "max_ood_fpr95"} <= {c["name"] for c in gates["checks"]}
     report = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
-    assert report["ood"]["ood_energy_auroc"] == metrics["ood_energy_auroc"]
-    assert report["shift"]["mean"]["after"]["ece"] == metrics["shift_mean_ece_after"]
+    assert report["ood"]["energy"]["auroc"] == metrics["ood/energy/auroc"]
+    assert report["shift"]["calibrated"]["mean_ece"] == metrics["shift/calibrated/mean_ece"]
     assert json.loads(version.tags["shift_suite"])["corruptions"] == ["gaussian_noise", "gaussian_blur", "contrast"]
 
     # `calibflow evaluate` in a fresh process: every cell of the suite from the served pyfunc
@@ -183,7 +183,7 @@ def test_shift_aware_calibration_fits_on_corrupted_copies_and_is_served(tiny_rep
     plain = client.get_model_version_by_alias(MODEL, "champion")
     aware = client.get_model_version_by_alias(MODEL, "challenger")
     # the same network (same seed and data), a temperature fitted on more, harder images
-    assert float(aware.tags["temperature"]) != float(plain.tags["temperature"])
+    assert float(aware.tags["calibration/temperature"]) != float(plain.tags["calibration/temperature"])
     runs = tiny_repo / ".calibflow" / "runs"
     import numpy as np
 

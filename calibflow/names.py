@@ -1,0 +1,102 @@
+"""One vocabulary for what a run measures.
+
+An MLflow metric, a registered version's tag and a key of reports/metrics.json name the same
+quantity with the same slash-separated path: `test/calibrated/ece` is the metric, the version tag,
+and `test.calibrated.ece` in `dvc metrics show` (metrics.json nests the path; DVC prints it with
+dots). MLflow 3 groups a run's charts by the part before the last `/`, so the paths are chosen to
+give one chart section each: `train/`, `val/`, `calibration/`, `test/uncalibrated/`,
+`test/calibrated/`, `test/decision/`, `gate/`, `shift/uncalibrated/`, `shift/calibrated/`,
+`ood/msp/`, `ood/energy/`.
+
+Versions registered before this vocabulary carry their numbers under older tags (`ece_post`,
+`accuracy`, ...); version_tag reads either, so `calibflow status`, `evaluate` and the gates keep
+working on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+UNCALIBRATED = "uncalibrated"  # the network's plain softmax
+CALIBRATED = "calibrated"  # after the fitted calibrator (temperature scaling by default)
+STAGES = (UNCALIBRATED, CALIBRATED)
+
+TEMPERATURE = "calibration/temperature"
+CALIBRATION_METHOD = "calibration/method"
+CALIBRATION_WARNING = "calibration/warning"  # a run tag, set when calibration made the test ECE or NLL worse
+
+
+def on_test(stage: str, name: str) -> str:
+    """`test/<uncalibrated|calibrated>/<name>`: a test-split metric before or after calibration."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: use one of {', '.join(STAGES)}")
+    return f"test/{stage}/{name}"
+
+
+def gate_metric(check: str, part: str) -> str:
+    """`gate/<check>_<value|bound|threshold>`: what a gate read, the bound it decided on, the limit
+    (one `gate` chart section for all of them)."""
+    return f"gate/{check}_{part}"
+
+
+def calibration_metric(stage: str, name: str) -> str:
+    """`calibration/<stage>_<name>`: the calibration split's numbers, one chart section with T."""
+    return f"calibration/{stage}_{name}"
+
+
+def gate_tag(check: str) -> str:
+    """`gate/<check>`: a run tag per gate, its verdict with the bound, e.g. "passed: upper 0.0235 <= 0.05"."""
+    return f"gate/{check}"
+
+
+GATE_VERDICT = "gate/verdict"  # passed | failed (every gate)
+GATE_ABSOLUTE = "gate/absolute"  # passed | failed (the gates that decide registration)
+GATE_AGAINST = "gate/against"  # the champion version the relative gates compared with, or why none
+
+
+def shift_metric(cell: str, stage: str, name: str) -> str:
+    """`shift/<stage>/<corruption>_s<severity>_<name>` or `shift/<stage>/mean_<name>`: a chart
+    section per stage rather than one per cell."""
+    return f"shift/{stage}/{cell}_{name}"
+
+
+def ood_metric(score: str, name: str) -> str:
+    """`ood/<msp|energy>/<auroc|aupr|fpr95>`."""
+    return f"ood/{score}/{name}"
+
+
+def nested(flat: Mapping[str, object]) -> dict:
+    """{"test/calibrated/ece": 0.01} -> {"test": {"calibrated": {"ece": 0.01}}}: metrics.json's shape."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+# The tags of versions registered before this vocabulary: new name -> old name.
+LEGACY_VERSION_TAGS = {
+    on_test(UNCALIBRATED, "ece"): "ece_pre",
+    on_test(CALIBRATED, "ece"): "ece_post",
+    on_test(CALIBRATED, "accuracy"): "accuracy",
+    on_test(UNCALIBRATED, "nll"): "nll_pre",
+    on_test(CALIBRATED, "nll"): "nll_post",
+    on_test(CALIBRATED, "brier"): "brier_post",
+    on_test(CALIBRATED, "mce"): "mce_post",
+    TEMPERATURE: "temperature",
+    CALIBRATION_METHOD: "calibration_method",
+    **{shift_metric("mean", CALIBRATED, m): f"shift_mean_{m}" for m in ("accuracy", "ece", "nll")},
+}
+
+
+def version_tag(tags: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    """The version tag `name`, or, for a version registered before this vocabulary, its old tag."""
+    if name in tags:
+        return tags[name]
+    legacy = LEGACY_VERSION_TAGS.get(name)
+    if legacy is not None and legacy in tags:
+        return tags[legacy]
+    return default

@@ -1,0 +1,204 @@
+"""What a run shows in the MLflow UI (issue 15): the verdict line and warning of its description,
+one vocabulary for metrics, version tags and metrics.json, tags per gate, and the reliability
+diagram. The flow's own run is checked in tests/test_flow_e2e.py; the page in a real browser in
+test_run_page_in_a_browser (skipped without chromium)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibflow import names, pipeline
+from calibflow.gates import GateCheck, GateVerdict
+
+BEFORE = {"accuracy": 0.9888, "nll": 0.0410, "brier": 0.0170, "ece": 0.0120, "mce": 0.31}
+AFTER = {"accuracy": 0.9888, "nll": 0.0432, "brier": 0.0171, "ece": 0.0123, "mce": 0.30}
+
+
+def evaluation(before=BEFORE, after=AFTER) -> pipeline.Evaluation:
+    return pipeline.Evaluation(before=dict(before), after=dict(after), plots=())
+
+
+FIT = pipeline.CalibrationRecord(method="temperature", state_path="", temperature=0.9561, nll_before=0.05,
+                                 nll_after=0.049)
+
+
+def verdict(ece_bound: float = 0.0235) -> GateVerdict:
+    checks = (GateCheck("max_ece", "smooth ECE", 0.0110, ece_bound, 0.05, "<=", ece_bound <= 0.05),
+              GateCheck("min_accuracy", "accuracy", 0.9888, 0.9781, 0.9, ">=", True))
+    return GateVerdict(passed=all(c.passed for c in checks), checks=checks, confidence=0.95, n_samples=267)
+
+
+def test_the_verdict_line_states_the_verdict_each_bound_and_t():
+    assert pipeline.verdict_line(evaluation(), FIT, verdict()) == (
+        "PASSED · ECE 0.0120 -> 0.0123 (smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) "
+        "· T 0.956")
+    failed = pipeline.verdict_line(evaluation(), FIT, verdict(ece_bound=0.07))
+    assert failed.startswith("FAILED · ") and "FAIL smooth ECE 95% upper 0.0700 <= 0.05" in failed
+
+
+def test_the_description_starts_with_the_verdict_then_warns_when_calibration_made_things_worse():
+    text = pipeline.summary_markdown("run-1", "sqlite:///mlflow.db", "registered", evaluation(), FIT, verdict())
+    lines = text.splitlines()
+    assert lines[0] == pipeline.verdict_line(evaluation(), FIT, verdict())
+    assert "WARNING" in lines[2] and "ECE 0.0120 -> 0.0123" in lines[2] and "NLL 0.0410 -> 0.0432" in lines[2]
+    better = evaluation(after={**AFTER, "ece": 0.0100, "nll": 0.0400})
+    assert pipeline.calibration_warning(better, FIT) is None
+    assert "WARNING" not in pipeline.summary_markdown("run-1", "uri", "registered", better, FIT, verdict())
+    # a run that failed before any gate still says so on its first line
+    assert pipeline.summary_markdown("run-1", "uri", "failed", None, None, None).splitlines()[0] == "FAILED"
+
+
+def test_gate_metrics_and_tags_name_each_check_its_bound_and_the_champion():
+    assert pipeline.gate_metrics(verdict()) == {
+        "gate/max_ece_value": 0.0110, "gate/max_ece_bound": 0.0235, "gate/max_ece_threshold": 0.05,
+        "gate/min_accuracy_value": 0.9888, "gate/min_accuracy_bound": 0.9781, "gate/min_accuracy_threshold": 0.9}
+    tags = pipeline.gate_tags(verdict(), champion=None)
+    assert tags["gate/max_ece"] == "passed: smooth ECE 0.0110, 95% upper 0.0235 <= 0.05"
+    assert tags["gate/verdict"] == tags["gate/absolute"] == "passed"
+    assert tags["gate/against"].startswith("none") and pipeline.gate_tags(verdict(), "3")["gate/against"] == "version 3"
+
+
+def test_metrics_version_tags_and_metrics_json_share_one_vocabulary(tmp_path):
+    metrics = pipeline.test_metrics(evaluation())
+    assert metrics["test/uncalibrated/ece"] == 0.0120 and metrics["test/calibrated/ece"] == 0.0123
+    assert pipeline.fit_metrics(FIT) == {"calibration/uncalibrated_nll": 0.05, "calibration/calibrated_nll": 0.049,
+                                         "calibration/temperature": 0.9561}
+    state = tmp_path / "calibration.json"
+    state.write_text("{}")
+    staged = pipeline.stage_metrics_report(str(tmp_path / "reports" / "metrics.json"), evaluation(), FIT, verdict())
+    report = __import__("json").loads(Path(pipeline.publish_report(staged)).read_text())
+    assert report["test"]["calibrated"]["ece"] == metrics["test/calibrated/ece"]
+    assert report["calibration"]["temperature"] == 0.9561 and report["calibration"]["method"] == "temperature"
+    assert report["gate"]["max_ece_bound"] == 0.0235 and report["gate"]["passed"] is True
+
+
+def test_versions_registered_under_the_old_tag_names_still_read():
+    old = {"ece_post": "0.01", "accuracy": "0.99", "temperature": "1.1", "shift_mean_ece": "0.2"}
+    assert names.version_tag(old, "test/calibrated/ece") == "0.01"
+    assert names.version_tag(old, "test/calibrated/accuracy") == "0.99"
+    assert names.version_tag(old, names.TEMPERATURE) == "1.1"
+    assert names.version_tag(old, "shift/calibrated/mean_ece") == "0.2"
+    assert names.version_tag({**old, "test/calibrated/ece": "0.02"}, "test/calibrated/ece") == "0.02"  # new wins
+    assert names.version_tag(old, "test/calibrated/nll", "") == ""
+
+
+def test_shift_and_ood_metrics_are_grouped_under_their_prefix():
+    from calibflow.shift import Suite, SuiteResult
+
+    suite = Suite(corruptions=("contrast",), severities=(5,), max_images=4, seed=0)
+    cell = {"before": {"accuracy": 0.5, "ece": 0.2, "nll": 1.0}, "after": {"accuracy": 0.5, "ece": 0.1, "nll": 0.9}}
+    flat = SuiteResult(suite, 4, {"contrast_s5": cell}, cell).flat_metrics()
+    assert flat["shift/calibrated/contrast_s5_ece"] == 0.1 and flat["shift/uncalibrated/mean_ece"] == 0.2
+    assert names.ood_metric("energy", "fpr95") == "ood/energy/fpr95"
+
+
+def test_the_reliability_diagram_marks_sparse_bins(tmp_path, monkeypatch):
+    """259 of 267 images in the top bin (the default run): the other bins are named sparse."""
+    import matplotlib.pyplot as plt
+
+    from calibflow import plots
+    from calibflow.metrics import reliability_bins
+
+    rng = np.random.default_rng(0)
+    confidence = np.concatenate([rng.uniform(0.97, 1.0, 259), rng.uniform(0.3, 0.9, 8)])
+    probabilities = np.stack([confidence, 1 - confidence], axis=1)
+    labels = np.zeros(267, dtype=np.int64)
+    labels[-3:] = 1
+    bins = reliability_bins(probabilities, labels, 15)
+    drawn = []
+    original = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or original(fig, path))
+    path = plots.reliability_diagram(bins, bins, tmp_path / "reliability.png")
+    assert path.stat().st_size > 0
+    figure = drawn[0]
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["accuracy", f"accuracy of a bin of < {plots.SPARSE_BIN_COUNT} images (noise)",
+                      "gap to mean confidence", "perfect calibration", f"{plots.SPARSE_BIN_COUNT} images (counts)"]
+    filled = bins.counts[bins.counts > 0]
+    sparse = int((filled < plots.SPARSE_BIN_COUNT).sum())
+    assert sparse >= 3 and f"{sparse} of {len(filled)} filled bins sparse" in figure.axes[0].get_title()
+    plt.close("all")
+
+
+def browser() -> str | None:
+    return next((found for name in ("chromium", "chromium-browser", "google-chrome")
+                 if (found := shutil.which(name))), None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rendered(url: str, chromium: str) -> str:
+    """The page's DOM after its scripts ran (MLflow's UI is a single-page app)."""
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=25000",
+                             "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(browser() is None, reason="no chromium: `apt-get install chromium` to check the run page")
+def test_run_page_in_a_browser(tmp_path, monkeypatch):
+    """A run recorded the way the flow records it, served by `mlflow server` and rendered by headless
+    Chromium: the Overview shows the verdict line, the source and the dataset; Model metrics groups
+    the charts by prefix."""
+    import html
+
+    from calibflow import registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = registry.configure_tracking(tmp_path)
+    run_id = registry.start_run("run-page", run_name="browser-check", repo_root=tmp_path,
+                                source=registry.RunSource("flows/train_calibrate.py", git_commit="0" * 40))
+    description = pipeline.summary_markdown(run_id, uri, "registered", evaluation(), FIT, verdict())
+    registry.set_run_description(run_id, description)
+    registry.log_dataset(run_id, "data/digits", str(tmp_path / "data" / "digits"), "c3361a1dd7b1f82c5e42dcea69cd4949.dir",
+                         "training")
+    registry.log_metrics(run_id, {**pipeline.test_metrics(evaluation()), **pipeline.fit_metrics(FIT),
+                                  **pipeline.gate_metrics(verdict())})
+    for epoch in (1, 2, 3):
+        registry.log_metrics(run_id, {"train/loss": 1.0 / epoch, "val/nll": 0.5 / epoch}, step=epoch)
+    registry.set_tags(run_id, pipeline.gate_tags(verdict(), None))
+    registry.end_run(run_id, "succeeded")
+    experiment = registry.client().get_run(run_id).info.experiment_id
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        page = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{run_id}"
+        overview = html.unescape(rendered(page, browser()))
+        assert pipeline.verdict_line(evaluation(), FIT, verdict()) in overview
+        assert "WARNING: calibration (T = 0.956) made the test split worse" in overview
+        assert "train_calibrate.py" in overview and "data/digits (c3361a1dd7b1f82c5e42dcea69cd4949.dir)" in overview
+        charts = html.unescape(rendered(page + "/model-metrics", browser()))
+        for section in ("test/uncalibrated", "test/calibrated", "gate", "calibration", "train", "val"):
+            assert f">{section}<" in charts, section
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

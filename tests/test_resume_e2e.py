@@ -75,7 +75,7 @@ def test_a_run_killed_mid_training_resumes_and_registers_the_uninterrupted_weigh
     first = client.get_model_version_by_alias(MODEL, "champion")
     run = client.get_run(first.run_id)
     assert int(run.data.tags["resumed_from_epoch"]) >= at_kill
-    assert len(client.get_metric_history(first.run_id, "train_loss")) == 12  # the curve is whole
+    assert len(client.get_metric_history(first.run_id, "train/loss")) == 12  # the curve is whole
 
     # the same run never interrupted (--force: the champion was built from these very inputs)
     fresh = subprocess.run([*command, "--force"], env=env, capture_output=True, text=True, timeout=900)

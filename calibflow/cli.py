@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 
 from calibflow.environment import apply_quiet_defaults
-
-EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+from calibflow.errors import EXIT_OK, EXIT_REJECTED, EXIT_USAGE
+from calibflow.errors import one_line as _one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--repo", default=".", help="repository root (default: current directory)")
     run.add_argument("--force", action="store_true",
                      help="retrain even when @champion was built from the same data, params and code")
+    run.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                     help="the result as JSON: on stdout instead of the summary, or written to PATH")
 
     evaluate = commands.add_parser("evaluate", help="recompute a registered model's test metrics in this process")
     evaluate.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -161,12 +163,6 @@ def _dispatch(handler, args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line (MLflow's and DVC's can span several)."""
-    message = getattr(error, "message", None) or str(error) or type(error).__name__
-    return " ".join(str(message).split())
-
-
 def _store_failed(command: str, error: Exception) -> int:
     """A registry error (a missing model, version or alias, or a tracking server that failed) on
     stderr as one line; exit 2: nothing could be decided."""
@@ -185,41 +181,59 @@ def _run(args: argparse.Namespace) -> int:
         print(f"calibflow: {error}", file=sys.stderr)
         return EXIT_USAGE
 
-    from mlflow.exceptions import MlflowException
-
-    from calibflow import registry
-    from calibflow.calibration import CalibrationError
-    from calibflow.decisions import DecisionInfeasible, DecisionSettingsError
-    from calibflow.manifest import ManifestError
-    from calibflow.pipeline import ReportError
-    from calibflow.promotion import GateUndecided
-    from calibflow.validation import DataValidationError
-    from calibflow.versioning import DataVersionError
-    from flows.train_calibrate import GatesFailed, train_calibrate_register
+    from calibflow import errors, registry
+    from flows.train_calibrate import train_calibrate_register
 
     _imports_done()
     try:
         result = train_calibrate_register(params_path=args.params, overrides=args.overrides, data_rev=args.data_rev,
                                           repo_root=args.repo, force=args.force)
-    # DecisionInfeasible: the trained model cannot meet a certified decision target on the
-    # calibration split, a property of the model like a failed gate
-    except (DataValidationError, GatesFailed, DecisionInfeasible) as error:
-        print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
-        return EXIT_REJECTED
-    # GateUndecided: e.g. the champion's classes differ; LookupError: its artifacts changed, or were
-    # registered before calibflow recorded their digest; ReportError: reports/ cannot be written (checked
-    # before registering); RegistrationLeftBehind: an undo that could not finish says what is left;
-    # PromotionConflict: the registry lock was not freed in time
-    except (DataVersionError, ManifestError, ConfigError, CalibrationError, GateUndecided, LookupError, ReportError,
-            DecisionSettingsError, registry.RegistrationLeftBehind, registry.PromotionConflict) as error:
-        print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
-        print(f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
-              f"alias moved. {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(result, indent=2))
+    except Exception as error:
+        policy = errors.policy_of(error)  # which errors are refusals, and their exit codes
+        if policy is None:
+            raise  # unexpected: _dispatch prints the traceback and exits 2
+        if policy.exit_code == EXIT_REJECTED:  # the whole message: a failed gate's lists every check
+            print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
+        elif policy.refusal:
+            print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
+        else:
+            print(f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
+                  f"alias moved. {type(error).__name__}: {error}", file=sys.stderr)
+        return policy.exit_code
+    if args.json is None:
+        print("\n" + run_summary(result))
+    elif args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        try:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        except OSError as error:  # the run itself succeeded: say so, and exit 2 for the missing file
+            print(run_summary(result))
+            print(f"calibflow run: cannot write --json {args.json}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_USAGE
+        print("\n" + run_summary(result))
     return EXIT_OK
+
+
+def run_summary(result: dict) -> str:
+    """`calibflow run`'s closing lines: the verdict, what moved, the calibration, where to look."""
+    if result.get("skipped"):
+        return f"calibflow run: skipped. {result['reason']}"
+    before, after = result["test_before"], result["test_after"]
+    checks = {check["name"]: check for check in result.get("gates", {}).get("checks", [])}
+    lines = [f"calibflow run: gates passed; {result['model_name']} version {result['version']} is @{result['alias']}"]
+    ece = f"test ECE {before['ece']:.4f} -> {after['ece']:.4f}"
+    if "max_ece" in checks:
+        gate = checks["max_ece"]
+        ece += (f" ({result['gates']['confidence']:.0%} upper bound {gate['bound']:.4f}, gate "
+                f"{gate['comparison']} {gate['threshold']:.4f})")
+    lines.append(f"  {ece}; accuracy {after['accuracy']:.4f}")
+    method = result["calibration_method"]
+    lines.append(f"  calibration: {method}" + (f", T = {result['temperature']:.4f}" if result.get("temperature") else ""))
+    lines.append(f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} "
+                 f"(make ui); reports/metrics.json; every check: calibflow gate --model {result['model_name']} "
+                 f"--candidate {result['version']}")
+    return "\n".join(lines)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

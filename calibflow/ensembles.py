@@ -51,13 +51,13 @@ def dropout_head(model: ImageClassifier) -> DropoutHead:
 
 @torch.no_grad()
 def mc_dropout_logits(model: ImageClassifier, images: torch.Tensor, samples: int, seed: int, batch_size: int = 512,
-                      device: str | torch.device = "cpu") -> torch.Tensor:
+                      device: str | torch.device = "cpu", progress: str | None = None) -> torch.Tensor:
     """log of the mean softmax of `samples` passes with dropout on (N, K), float32."""
     head = dropout_head(model)
     features: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0].float().cpu()))
     try:
-        collect_logits(model, images, batch_size, device)  # eval mode: one deterministic pass to the head
+        collect_logits(model, images, batch_size, device, progress)  # eval mode: one deterministic pass to the head
     finally:
         hook.remove()
     if not features:
@@ -75,15 +75,18 @@ def mc_dropout_logits(model: ImageClassifier, images: torch.Tensor, samples: int
 
 
 def predictive_logits(members: Sequence[ImageClassifier], images: torch.Tensor, mc_samples: int = 1, seed: int = 0,
-                      batch_size: int = 512, device: str | torch.device = "cpu") -> torch.Tensor:
+                      batch_size: int = 512, device: str | torch.device = "cpu",
+                      progress: str | None = None) -> torch.Tensor:
     """The logits a model of these members gives `images`: (N, K) for one member, (N, M, K) for M.
-    With mc_samples > 1 each member's are its MC dropout logits (member i's masks seeded seed + i)."""
+    With mc_samples > 1 each member's are its MC dropout logits (member i's masks seeded seed + i).
+    `progress`: the label of a progress bar per member (on a terminal only)."""
     outputs = []
     for i, member in enumerate(members):
+        label = progress if progress is None or len(members) == 1 else f"{progress} (member {i + 1}/{len(members)})"
         if mc_samples > 1:
-            outputs.append(mc_dropout_logits(member, images, mc_samples, seed + i, batch_size, device))
+            outputs.append(mc_dropout_logits(member, images, mc_samples, seed + i, batch_size, device, label))
         else:
-            outputs.append(collect_logits(member, images, batch_size, device))
+            outputs.append(collect_logits(member, images, batch_size, device, label))
     return outputs[0] if len(outputs) == 1 else torch.stack(outputs, dim=1)
 
 

@@ -43,12 +43,30 @@ class GateInputError(ValueError):
     """The predictions handed to the gates cannot be gated (NaN, not probabilities, no images)."""
 
 
+class GatesFailed(RuntimeError):
+    """The calibrated model did not pass params.yaml's gates; it was not registered."""
+
+
 @dataclass(frozen=True)
 class Predictions:
     """Calibrated probabilities (N, K) of one model on the pinned test images, and their labels."""
 
     probabilities: np.ndarray
     labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShiftedPredictions:
+    """A candidate's calibrated probabilities on each cell of its corruption suite (shift.Suite),
+    on the first test images (manifest `rows`)."""
+
+    suite: object  # calibflow.shift.Suite
+    rows: np.ndarray
+    probabilities: dict[str, np.ndarray]
+
+    def predictions(self, manifest) -> dict[str, Predictions]:
+        labels = manifest["label_index"].to_numpy()[self.rows]
+        return {key: Predictions(p, labels) for key, p in self.probabilities.items()}
 
 
 @dataclass(frozen=True)

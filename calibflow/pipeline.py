@@ -23,7 +23,7 @@ from calibflow.config import CalibrationConfig, Config, DataConfig, DecisionConf
 from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
 from calibflow.ensembles import (fit_model_calibrator, member_seeds, model_calibrator_from_state, predictive_logits,
                                  uncalibrated_probabilities)
-from calibflow.gates import GateVerdict
+from calibflow.gates import GateVerdict, OODScores, ShiftedPredictions
 from calibflow.images import load_images
 from calibflow.leftovers import ProcessId, alive, this_process
 from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
@@ -32,7 +32,6 @@ from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
 from calibflow.plots import (binary_score_distributions, class_confidence_histograms, confidence_histogram,
                              decision_score_histograms, reliability_diagram)
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
-from calibflow.promotion import GateReport, ShiftedPredictions, gate_logits
 from calibflow.disk_cache import file_sha256
 from calibflow.shift import Suite, corrupted_images, evaluate_suite, suite_logits
 from calibflow.splits import Split, stratified_split
@@ -204,7 +203,7 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
     with intra_op_threads(threads):
         logits = predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
-                                   resolve_runtime(device).device)
+                                   resolve_runtime(device).device, progress=f"logits {split_name}")
     np.savez(out_path, logits=logits.numpy(), labels=labels.numpy(), indices=indices)
     return str(out_path)
 
@@ -218,7 +217,8 @@ def _suite_logits_of_split(checkpoint: str, data_dir: str, manifest_path: str, s
     loaded = load_checkpoint(checkpoint)
     fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
-    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir)
+    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir,
+                                 progress=f"corrupt {split_name}")
     run_on = resolve_runtime(device).device
 
     def logits_of(batch: np.ndarray) -> np.ndarray:
@@ -226,7 +226,8 @@ def _suite_logits_of_split(checkpoint: str, data_dir: str, manifest_path: str, s
                                  loaded.mc_samples, loaded.mc_seed, batch_size, run_on).numpy()
 
     with intra_op_threads(threads):
-        logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+        logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir,
+                              progress=f"logits {split_name}, {len(suite.cells)} corrupted copies")
     return logits, labels, indices
 
 
@@ -363,8 +364,7 @@ def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, cal
                          n_images=len(ood["files"]), plots=(str(plot),))
 
 
-def ood_gate_scores(ood: OODEvaluation):
-    from calibflow.gates import OODScores
+def ood_gate_scores(ood: OODEvaluation) -> OODScores:
     from calibflow.ood import in_distribution_score
 
     with np.load(ood.scores_path) as saved:
@@ -374,12 +374,24 @@ def ood_gate_scores(ood: OODEvaluation):
     return OODScores(in_distribution_score(ood.score, inside), in_distribution_score(ood.score, outside), name)
 
 
-def gate_run(model_name: str, test_logits_path: str, calibration: CalibrationRecord, data_dir: str,
-             manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int,
-             decisions_path: str | None = None, shift_logits_path: str | None = None,
-             ood: OODEvaluation | None = None) -> GateReport:
-    """The run's gate step: `calibflow gate`'s implementation on this run's cached test logits (and
-    the suite's cached logits, for the shift gates)."""
+@dataclass(frozen=True)
+class CandidatePredictions:
+    """What the gates read of this run's model, ready: calibrated test probabilities with their
+    manifest rows, its decision rules, its corruption suite's probabilities and its OOD scores.
+    The champion's side comes from the registry, in the task layer (promotion.gate_logits)."""
+
+    probabilities: np.ndarray
+    rows: np.ndarray
+    decisions: DecisionPolicy | None = None
+    shifted: ShiftedPredictions | None = None
+    ood: OODScores | None = None
+
+
+def candidate_predictions(test_logits_path: str, calibration: CalibrationRecord, decisions_path: str | None = None,
+                          shift_logits_path: str | None = None, ood: OODEvaluation | None = None
+                          ) -> CandidatePredictions:
+    """The run's candidate as the gates see it, from its cached test logits (and the suite's cached
+    logits, for the shift gates) through its fitted calibrator: the numbers its pyfunc serves."""
     with np.load(test_logits_path) as saved:
         logits, rows = saved["logits"], saved["indices"]
     calibrator = load_calibrator(calibration.state_path)
@@ -389,8 +401,7 @@ def gate_run(model_name: str, test_logits_path: str, calibration: CalibrationRec
     if shift_logits_path is not None:
         suite, cells, _, shift_rows = load_shift_logits(shift_logits_path)
         shift = ShiftedPredictions(suite, shift_rows, {k: calibrator.transform(z).numpy() for k, z in cells.items()})
-    return gate_logits(model_name, probabilities, rows, data_dir, manifest_path, split_path, gates, n_bins, policy,
-                       shift, ood_gate_scores(ood) if ood is not None else None)
+    return CandidatePredictions(probabilities, rows, policy, shift, ood_gate_scores(ood) if ood is not None else None)
 
 
 def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:

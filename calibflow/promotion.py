@@ -23,7 +23,7 @@ import pandas as pd
 
 from calibflow import registry
 from calibflow.config import GatesConfig
-from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, evaluate_gates
+from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
 from calibflow.decisions import DecisionPolicy
 from calibflow.reproduce import predict_rows, rebuild_test_split, served_classes, served_policy, shift_predictions
@@ -42,7 +42,7 @@ class GateUndecided(RuntimeError):
 class NotComparable(GateUndecided, LookupError):
     """The candidate and the champion do not predict the same classes, or the champion's classes
     are unknown: their probabilities cannot be compared. A LookupError too, so Prefect's retry
-    condition (tasks.PERMANENT_ERRORS) does not retry it."""
+    condition (calibflow.errors) does not retry it."""
 
 
 class AlreadyChampion(registry.PromotionConflict):
@@ -159,20 +159,6 @@ def _comparison(model_name: str, champion: registry.VersionRecord | None, candid
     labels = manifest["label_index"].to_numpy()[test_rows[keep]]
     champion_probs = predict_rows(champion_model, data_dir, manifest, test_rows[keep])[:, champion_columns]
     return (Predictions(candidate_probs[keep], labels), Predictions(champion_probs, labels)), excluded
-
-
-@dataclass(frozen=True)
-class ShiftedPredictions:
-    """A candidate's calibrated probabilities on each cell of its corruption suite (shift.Suite),
-    on the first test images (manifest `rows`)."""
-
-    suite: object  # calibflow.shift.Suite
-    rows: np.ndarray
-    probabilities: dict[str, np.ndarray]
-
-    def predictions(self, manifest: pd.DataFrame) -> dict[str, Predictions]:
-        labels = manifest["label_index"].to_numpy()[self.rows]
-        return {key: Predictions(p, labels) for key, p in self.probabilities.items()}
 
 
 def _shift_comparison(model_name: str, champion: registry.VersionRecord, shifted: ShiftedPredictions,

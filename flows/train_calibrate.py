@@ -10,17 +10,25 @@ promotion.auto a run that passes them all becomes @champion, otherwise it stays 
 and CD decides with `calibflow gate` / `calibflow promote`.
 
 A run that fails anywhere (bad data, a gate, a store) is tagged failed in MLflow, registers
-nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed. Every
+nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed. An
+expected refusal (calibflow.errors: bad data, a failed gate, bad params) ends it by returning a
+Failed state that carries the error, so Prefect logs the message and no traceback; calling the
+flow still raises that error. Every
 local file is written before the registry is touched, and a failure after registration takes the
 version back (registry.undo_registration); when even that fails, RegistrationLeftBehind says so.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
-from calibflow.config import load_config
+from calibflow import errors
+from calibflow.config import ConfigError, load_config
+from calibflow.gates import GatesFailed
 from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, check_outlier_data,
@@ -32,8 +40,10 @@ from tasks.tracking import (discard_metrics_report, end_leftovers_of_killed_runs
                             stage_metrics_report, start_run, undo_registration)
 
 
-class GatesFailed(RuntimeError):
-    """The calibrated model did not pass params.yaml's gates; it was not registered."""
+def refused(error: Exception):
+    """The flow's end on an expected refusal: a Failed state with the message (Prefect's log shows
+    no traceback), whose result raises `error` for the caller (the CLI's exit code)."""
+    return Failed(message=f"{type(error).__name__}: {errors.one_line(error)}", data=error)
 
 
 def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
@@ -61,7 +71,10 @@ def take_back(version, error: Exception) -> Exception:
 def train_calibrate_register(params_path: str = "params.yaml", overrides: list[str] | None = None,
                              data_rev: str | None = None, repo_root: str = ".", force: bool = False) -> dict:
     overrides = list(overrides or [])
-    config = load_config(f"{repo_root}/{params_path}" if not params_path.startswith("/") else params_path, overrides)
+    try:
+        config = load_config(Path(repo_root) / params_path, overrides)  # an absolute params_path stays as it is
+    except ConfigError as error:
+        return refused(error)
     run = start_run(config, repo_root, overrides)
     end_leftovers_of_killed_runs(run, config, repo_root)
     evaluation = fit = verdict = report = version = None
@@ -121,6 +134,10 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
             discard_metrics_report(report)
         failure = error if version is None else take_back(version, error)
         record_failure(run, failure, evaluation, fit, verdict)
+        if errors.is_refusal(failure):
+            if failure is not error:
+                failure.__cause__ = error
+            return refused(failure)
         if failure is error:
             raise
         raise failure from error

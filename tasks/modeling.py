@@ -11,6 +11,7 @@ from calibflow import pipeline, registry
 from calibflow import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
+from calibflow import promotion
 from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
 from calibflow.versioning import DataVersion
@@ -226,8 +227,11 @@ def apply_gates(test_logits: str, fit: pipeline.CalibrationRecord, data: DataVer
                 manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
                 run_id: str, decisions: str | None = None, shift_logits: str | None = None,
                 ood: pipeline.OODEvaluation | None = None) -> GateReport:
-    report = pipeline.gate_run(config.registry.model_name, test_logits, fit, data.local_dir, manifest.path,
-                               split.path, config.gates, config.evaluation.n_bins, decisions, shift_logits, ood)
+    candidate = pipeline.candidate_predictions(test_logits, fit, decisions, shift_logits, ood)
+    # The champion's side of the relative gates comes from the registry: here, not in the library.
+    report = promotion.gate_logits(config.registry.model_name, candidate.probabilities, candidate.rows,
+                                   data.local_dir, manifest.path, split.path, config.gates, config.evaluation.n_bins,
+                                   candidate.decisions, candidate.shifted, candidate.ood)
     registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
     registry.set_tags(run_id, {"gates": "passed" if report.passed else "failed",
                                "gates_absolute": "passed" if report.verdict.absolute_passed else "failed",

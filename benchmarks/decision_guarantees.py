@@ -275,7 +275,7 @@ def family_verdicts(rows: list[dict]) -> int:
 
 def summarise(case: Case, variant: str, trials: list[dict]) -> list[dict]:
     rows = []
-    for name, target, what in (("min_precision", case.min_precision, "precision"),
+    for name, target, _what in (("min_precision", case.min_precision, "precision"),
                                ("min_recall", case.min_recall, "recall"),
                                ("max_risk", case.max_risk, "risk")):
         chosen = [t[name] for t in trials if t[name] is not None]

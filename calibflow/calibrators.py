@@ -47,6 +47,7 @@ import torch
 from scipy.optimize import minimize
 
 from calibflow.calibration import CalibrationError, _validated, fit_temperature
+from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.metrics import ArrayLike, calibrated_probabilities, expected_calibration_error, probability_nll
 
 STATE_VERSION = 1
@@ -265,7 +266,8 @@ class TemperatureCalibrator(Calibrator):
 
     method = "temperature"
 
-    def __init__(self, min_temperature: float = 0.05, max_temperature: float = 20.0) -> None:
+    def __init__(self, min_temperature: float = DEFAULT_MIN_TEMPERATURE,
+                 max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> None:
         super().__init__()
         self.min_temperature = float(min_temperature)
         self.max_temperature = float(max_temperature)
@@ -291,7 +293,8 @@ class TemperatureCalibrator(Calibrator):
 
     @classmethod
     def _from_params(cls, state: dict[str, Any]) -> TemperatureCalibrator:
-        cal = cls(state.get("min_temperature", 0.05), state.get("max_temperature", 20.0))
+        cal = cls(state.get("min_temperature", DEFAULT_MIN_TEMPERATURE),
+                  state.get("max_temperature", DEFAULT_MAX_TEMPERATURE))
         cal.temperature = float(state["temperature"])
         return cal
 
@@ -797,6 +800,11 @@ def calibrator_from_state(state: dict[str, Any]) -> Calibrator:
     return cal
 
 
+def binary_only(method: str) -> bool:
+    """Does `method` calibrate two-class models only (platt, beta)?"""
+    return method in _CLASSES and _CLASSES[method].binary_only
+
+
 def default_methods(n_classes: int) -> tuple[str, ...]:
     """Candidate methods for ``select_calibrator``, simplest first: binary-only ones only for K = 2."""
     if n_classes == 2:
@@ -831,6 +839,7 @@ def select_calibrator(
     n_folds: int = 5,
     seed: int = 0,
     rule: str = "one_se",
+    method_options: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Choose a calibration method by stratified K-fold cross-validated NLL on the calibration split.
 
@@ -849,7 +858,8 @@ def select_calibrator(
     Returns ``(method, rows)``; each row has ``method``, ``cv_nll_mean``, ``cv_nll_std`` (across
     folds), ``cv_ece_mean``, ``folds`` (folds scored), ``fold_nll`` (list), ``selected`` and
     ``error`` (the message when fitting failed, else ``""``; such a method gets ``inf`` and is never
-    picked). Raises CalibrationError when every method fails.
+    picked). Raises CalibrationError when every method fails. ``method_options``: constructor
+    options per method (e.g. temperature's search range), the same in every fold.
     """
     z, y = _fit_inputs(logits, labels)
     k = int(z.shape[1])
@@ -876,7 +886,7 @@ def select_calibrator(
             train = torch.as_tensor(np.setdiff1d(all_idx, test), device=z.device)
             test_t = torch.as_tensor(test, device=z.device)
             try:
-                cal = make_calibrator(m).fit(z[train], y[train])
+                cal = make_calibrator(m, **(method_options or {}).get(m, {})).fit(z[train], y[train])
                 q = cal.transform(z[test_t])
             except CalibrationError as exc:
                 error = f"{type(exc).__name__}: {exc}"
@@ -922,12 +932,17 @@ def fit_calibrator(method: str, logits: ArrayLike, labels: ArrayLike, **options:
 
     For a named method, ``options`` go to its constructor (e.g. ``regularisation`` for ``matrix``,
     ``n_bins`` for ``histogram``). For ``"auto"``, ``options`` go to :func:`select_calibrator`
-    (``methods``, ``n_folds``, ``seed``, ``rule``); the chosen method is refitted on all the data
-    with its defaults, and the comparison rows are kept on the result as ``.selection``.
+    (``methods``, ``n_folds``, ``seed``, ``rule``, ``method_options``), and temperature's
+    ``min_temperature`` / ``max_temperature`` to temperature scaling wherever it is fitted; the
+    chosen method is refitted on all the data with its options, and the comparison rows are kept
+    on the result as ``.selection``.
     """
     if method == "auto":
-        chosen, rows = select_calibrator(logits, labels, **options)
-        cal = make_calibrator(chosen).fit(logits, labels)
+        method_options = dict(options.pop("method_options", None) or {})
+        temperature_range = {key: options.pop(key) for key in ("min_temperature", "max_temperature") if key in options}
+        method_options["temperature"] = {**temperature_range, **method_options.get("temperature", {})}
+        chosen, rows = select_calibrator(logits, labels, method_options=method_options, **options)
+        cal = make_calibrator(chosen, **method_options.get(chosen, {})).fit(logits, labels)
         cal.selection = rows
         return cal
     return make_calibrator(method, **options).fit(logits, labels)

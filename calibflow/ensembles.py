@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from calibflow.calibration import CalibrationError
+from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.calibrators import Calibrator, TemperatureCalibrator, calibrator_from_state, fit_calibrator
 from calibflow.metrics import ArrayLike
 from calibflow.models import DropoutHead, ImageClassifier
@@ -132,8 +133,8 @@ class EnsembleCalibrator:
         if z.ndim != 3:
             raise ValueError(f"ensemble logits must be (N, members, K); got shape {tuple(z.shape)}")
         if method == "temperature":
-            temperature = fit_shared_temperature(z, labels, options.get("min_temperature", 0.05),
-                                                 options.get("max_temperature", 20.0))
+            temperature = fit_shared_temperature(z, labels, options.get("min_temperature", DEFAULT_MIN_TEMPERATURE),
+                                                 options.get("max_temperature", DEFAULT_MAX_TEMPERATURE))
             members = []
             for _ in range(z.shape[1]):
                 member = TemperatureCalibrator(**options)
@@ -163,8 +164,8 @@ def ensemble_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float)
     return float(-p[torch.arange(len(labels)), labels].clamp_min(SMALLEST_PROBABILITY).log().mean())
 
 
-def fit_shared_temperature(logits: ArrayLike, labels: ArrayLike, min_temperature: float = 0.05,
-                           max_temperature: float = 20.0) -> float:
+def fit_shared_temperature(logits: ArrayLike, labels: ArrayLike, min_temperature: float = DEFAULT_MIN_TEMPERATURE,
+                           max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> float:
     """The T minimising ensemble_nll, by a bounded 1-D search on log T (scipy). An optimum on an
     end of the range is an error, as for a single network's fit."""
     from scipy.optimize import minimize_scalar

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from calibflow import gate_statistics as gs
-from calibflow.config import GatesConfig
+from calibflow.config import DEFAULT_N_BINS, GatesConfig
 from calibflow.decisions import DecisionPolicy, evaluate_policy
 
 METRICS = ("ece", "smooth_ece")
@@ -193,7 +193,7 @@ def _check(name: str, metric: str, bound: gs.Bound, threshold: float, comparison
 
 
 def evaluate_gates(candidate: Predictions, gates: GatesConfig,
-                   comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = 15,
+                   comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = DEFAULT_N_BINS,
                    seed: int = 0, report_estimates: bool = True,
                    decisions: DecisionPolicy | None = None, shift: Mapping[str, Predictions] | None = None,
                    shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None = None,

@@ -25,10 +25,10 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
+from calibflow.config import DEFAULT_N_BINS
+
 # Tensors (kept on their device), numpy arrays, or nested python sequences.
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[Any]
-
-DEFAULT_N_BINS = 15
 
 
 # --------------------------------------------------------------------------------------------

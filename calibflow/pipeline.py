@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from calibflow.calibration import CalibrationError
-from calibflow.config import CalibrationConfig, Config, DataConfig, DecisionConfig, GatesConfig, SplitConfig
+from calibflow.calibration import NLL_SLACK, CalibrationError
+from calibflow.config import CalibrationConfig, Config, ConfigError, DataConfig, DecisionConfig, SplitConfig
 from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
 from calibflow.ensembles import (fit_model_calibrator, member_seeds, model_calibrator_from_state, predictive_logits,
                                  uncalibrated_probabilities)
@@ -70,6 +70,40 @@ def write_split(manifest_path: str, split: SplitConfig, seed: int, out_path: str
                               manifest_fingerprint(manifest))
     result.save(out_path)
     return SplitRecord(path=str(out_path), digest=result.digest, sizes={k: len(v) for k, v in result.indices.items()})
+
+
+# The fewest calibration images select_calibrator's cross-validation (calibration.method auto) folds.
+AUTO_CALIBRATION_FOLDS = 5
+
+
+def check_run_settings(config: Config, classes: tuple[str, ...], split_sizes: dict[str, int]) -> None:
+    """Before training: what the params and the manifest already say cannot work, as a ConfigError
+    (exit 2) instead of a failure after the whole training: a two-class calibrator on more classes,
+    splits too small to train or fit on, and gates that no model can pass on the test split (not
+    even a perfect one, always right with confidence 1)."""
+    from calibflow.calibrators import binary_only, default_methods
+    from calibflow.gate_plan import smallest_passable
+    from calibflow.gates import GateInputError
+
+    method, n_classes = config.calibration.method, len(classes)
+    if binary_only(method) and n_classes != 2:
+        raise ConfigError(f"calibration.method = {method} calibrates two-class models and the data has {n_classes} "
+                          f"classes: choose one of {', '.join(default_methods(n_classes))} or auto")
+    fewest = {"train": 2, "calibration": AUTO_CALIBRATION_FOLDS if method == "auto" else 2, "test": 1}
+    for name, needed in fewest.items():
+        if split_sizes.get(name, 0) < needed:
+            raise ConfigError(f"the {name} split has {split_sizes.get(name, 0)} images and needs at least {needed}"
+                              f"{' (calibration.method auto cross-validates)' if name == 'calibration' else ''}: "
+                              f"raise split.{name} or add images")
+    try:
+        passable = smallest_passable(config.gates, split_sizes["test"], n_classes, config.evaluation.n_bins)
+    except GateInputError:
+        passable = False
+    if not passable:
+        raise ConfigError(f"no model can pass the gates on the {split_sizes['test']} images of the test split, not "
+                          f"even a perfect one (always right, with confidence 1): add test images (more data, or a "
+                          f"larger split.test) or loosen the gates (`calibflow gate plan --thresholds` says how many "
+                          f"images they need)")
 
 
 def split_class_counts(manifest_path: str, split_path: str, split_name: str) -> dict[str, int]:
@@ -423,12 +457,13 @@ def fit_calibration(logits_path: str, calibration: CalibrationConfig, out_path: 
     """Fit `calibration.method` on the calibration logits. Whatever the method, a fit that does not
     lower the calibration NLL is an error, not a model."""
     logits, labels = load_logits(logits_path)
+    # the temperature range holds wherever temperature scaling is fitted: auto's candidates too
     options = ({"min_temperature": calibration.min_temperature, "max_temperature": calibration.max_temperature}
-               if calibration.method == "temperature" else {})
+               if calibration.method in ("temperature", "auto") else {})
     calibrator = fit_model_calibrator(calibration.method, logits, labels, **options)
     nll_before = probability_nll(uncalibrated_probabilities(logits), labels)
     nll_after = probability_nll(calibrator.transform(logits), labels)
-    if not nll_after <= nll_before + 1e-12:
+    if not nll_after <= nll_before + NLL_SLACK:
         raise CalibrationError(f"{calibrator.method} calibration raised the calibration NLL ({nll_before:.6f} -> "
                                f"{nll_after:.6f}); use calibration.method=temperature or enlarge the calibration split")
     Path(out_path).write_text(json.dumps(calibrator.to_state()))

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from calibflow import registry
-from calibflow.config import GatesConfig
+from calibflow.config import DEFAULT_N_BINS, GatesConfig
 from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
 from calibflow.decisions import DecisionPolicy
@@ -237,7 +237,7 @@ def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@
 
 
 def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
-                 repo_root: str | Path = ".", n_bins: int = 15) -> GateReport:
+                 repo_root: str | Path = ".", n_bins: int = DEFAULT_N_BINS) -> GateReport:
     """`calibflow gate`: both models from the registry, on the pinned test images."""
     if gates.max_ood_fpr95 is not None:
         raise GateUndecided("gates.max_ood_fpr95 is read by the run that trains the model (its ood.path), not by "
@@ -254,7 +254,7 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
 
 
 def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
-                 repo_root: str | Path = ".", n_bins: int = 15, power: float = 0.8):
+                 repo_root: str | Path = ".", n_bins: int = DEFAULT_N_BINS, power: float = 0.8):
     """`calibflow gate plan`: how many test images the gates need to pass this version with
     `power`, simulated under its own estimated calibration (calibflow.gate_plan)."""
     from calibflow.gate_plan import plan_sample_size
@@ -268,7 +268,7 @@ def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
 
 
 def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndarray, data_dir: str,
-                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = 15,
+                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = DEFAULT_N_BINS,
                 decisions: DecisionPolicy | None = None, shifted: ShiftedPredictions | None = None,
                 ood: OODScores | None = None) -> GateReport:
     """The flow's gate step: the candidate is not registered yet, so its probabilities come from

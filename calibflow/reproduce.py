@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from calibflow import registry
+from calibflow.config import DEFAULT_N_BINS
 from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
 from calibflow.images import decode_image, load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint
@@ -126,7 +127,7 @@ def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestS
                                                                        tmp)).read_text())
     rows = rebuilt.split.indices["test"][:suite.max_images]
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
-    n_bins = int(record.tags.get("n_bins", 15))
+    n_bins = int(record.tags.get("n_bins", DEFAULT_N_BINS))
     recomputed, logged = {}, {}
     for key, probabilities in shift_predictions(model, rebuilt.data.local_dir, rebuilt.manifest, rows, suite).items():
         for name, value in cell_report(probabilities, labels, n_bins).items():
@@ -144,7 +145,7 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     probabilities = predict_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rows)
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     tags = record.tags
-    recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", 15)))
+    recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", DEFAULT_N_BINS)))
     logged = {"ece": float(tags["ece_post"]), "accuracy": float(tags["accuracy"]), "nll": float(tags["nll_post"]),
               "brier": float(tags["brier_post"]), "mce": float(tags["mce_post"])}
     decided = {name: float(value) for name, value in tags.items() if name.startswith(DECISION_TAG_PREFIX)}

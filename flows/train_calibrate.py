@@ -32,9 +32,9 @@ from calibflow.gates import GatesFailed
 from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, check_outlier_data,
-                            collect_logits, collect_shift_aware_logits, collect_shift_logits, evaluate_calibration,
-                            evaluate_decisions, evaluate_ood, evaluate_shift, fit_calibration, fit_decisions,
-                            train_model)
+                            check_run_settings, collect_logits, collect_shift_aware_logits, collect_shift_logits,
+                            evaluate_calibration, evaluate_decisions, evaluate_ood, evaluate_shift, fit_calibration,
+                            fit_decisions, train_model)
 from tasks.tracking import (discard_metrics_report, end_leftovers_of_killed_runs, find_unchanged_champion, finish_run,
                             promote_to_champion, publish_metrics_report, publish_summary, register_model,
                             stage_metrics_report, start_run, undo_registration)
@@ -91,6 +91,7 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root)
+        check_run_settings(manifest, split, config)
         check_decision_settings(manifest, split, config)
         ood_data = check_ood_data(repo_root, manifest, config, run.work_dir, run.run_id)
         outliers = check_outlier_data(repo_root, manifest, ood_data, config, run.work_dir, run.run_id)
@@ -144,4 +145,5 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
     publish_summary(run, "registered", evaluation, fit, verdict, version)
     return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name,
             "version": version.version, "alias": alias, "calibration_method": fit.method, "temperature": fit.temperature,
-            "test_before": evaluation.before, "test_after": evaluation.after}
+            "test_before": evaluation.before, "test_after": evaluation.after, "gates": verdict.to_json(),
+            "tracking_uri": run.tracking_uri}

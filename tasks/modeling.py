@@ -32,6 +32,12 @@ def check_gate_power(manifest: pipeline.ManifestRecord, split: pipeline.SplitRec
     return warning
 
 
+@task(name="check-run-settings", cache_policy=NO_CACHE)
+def check_run_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
+    """Before training: a calibrator, split sizes or gates that cannot work on this data."""
+    pipeline.check_run_settings(config, manifest.classes, split.sizes)
+
+
 @task(name="check-decision-settings", cache_policy=NO_CACHE)
 def check_decision_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
     """Before training: a positive class the data lacks, or a calibration split too small for a

@@ -447,3 +447,17 @@ def test_cuda_matches_cpu() -> None:
         q = gpu.transform(z.cuda())
         assert q.device.type == "cuda"
         torch.testing.assert_close(q.cpu(), cpu.transform(z), rtol=0, atol=1e-6)
+
+
+def test_auto_honours_the_temperature_search_range_in_its_folds_and_its_refit() -> None:
+    # overconfident by 3: the optimum T is about 3, outside [0.05, 2], so temperature scaling can
+    # only fail there (an optimum on the boundary); auto must search the configured range, not its own
+    z, y = _overconfident(seed=3, n=2000, k=4)
+    unbounded = CB.fit_calibrator("auto", z, y)
+    assert not next(r for r in unbounded.selection if r["method"] == "temperature")["error"]
+    bounded = CB.fit_calibrator("auto", z, y, min_temperature=0.05, max_temperature=2.0)
+    temperature_row = next(r for r in bounded.selection if r["method"] == "temperature")
+    assert "boundary" in temperature_row["error"] or "range" in temperature_row["error"], temperature_row["error"]
+    assert bounded.method != "temperature"
+    wide = CB.fit_calibrator("auto", z, y, min_temperature=0.5, max_temperature=10.0, methods=("temperature",))
+    assert wide.method == "temperature" and (wide.min_temperature, wide.max_temperature) == (0.5, 10.0)

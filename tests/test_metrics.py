@@ -461,7 +461,7 @@ def test_bootstrap_ci_named_equals_callable() -> None:
     probs = torch.softmax(z, dim=1)
     for name, fn in (("ece", M.expected_calibration_error), ("adaptive_ece", M.adaptive_calibration_error)):
         named = M.bootstrap_ci(name, probs, y, n_resamples=60, seed=2)
-        called = M.bootstrap_ci(lambda p, t: fn(p, t), probs, y, n_resamples=60, seed=2)
+        called = M.bootstrap_ci(lambda p, t: fn(p, t), probs, y, n_resamples=60, seed=2)  # noqa: B023 (called here)
         assert named.estimate == pytest.approx(called.estimate, abs=1e-12)
         assert named.low == pytest.approx(called.low, abs=1e-12)
         assert named.high == pytest.approx(called.high, abs=1e-12)

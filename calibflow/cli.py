@@ -216,23 +216,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run_summary(result: dict) -> str:
-    """`calibflow run`'s closing lines: the verdict, what moved, the calibration, where to look."""
+    """`calibflow run`'s closing lines: what was registered, the calibration and the gate that
+    reads it, where to look. The whole result: --json."""
     if result.get("skipped"):
         return f"calibflow run: skipped. {result['reason']}"
-    before, after = result["test_before"], result["test_after"]
-    checks = {check["name"]: check for check in result.get("gates", {}).get("checks", [])}
-    lines = [f"calibflow run: gates passed; {result['model_name']} version {result['version']} is @{result['alias']}"]
-    ece = f"test ECE {before['ece']:.4f} -> {after['ece']:.4f}"
-    if "max_ece" in checks:
-        gate = checks["max_ece"]
-        ece += (f" ({result['gates']['confidence']:.0%} upper bound {gate['bound']:.4f}, gate "
-                f"{gate['comparison']} {gate['threshold']:.4f})")
-    lines.append(f"  {ece}; accuracy {after['accuracy']:.4f}")
-    method = result["calibration_method"]
-    lines.append(f"  calibration: {method}" + (f", T = {result['temperature']:.4f}" if result.get("temperature") else ""))
-    lines.append(f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} "
-                 f"(make ui); reports/metrics.json; every check: calibflow gate --model {result['model_name']} "
-                 f"--candidate {result['version']}")
+    before, after, gates = result["test_before"], result["test_after"], result.get("gates", {})
+    verdict = ("every gate passed" if gates.get("passed") else
+               "the absolute gates passed, not those against the champion: CD decides (calibflow promote)")
+    lines = [f"calibflow run: registered {result['model_name']} version {result['version']} as @{result['alias']}; "
+             f"{verdict}",
+             f"  test ECE {before['ece']:.4f} -> {after['ece']:.4f}, accuracy {after['accuracy']:.4f}; calibration "
+             f"{result['calibration_method']}" + (f", T = {result['temperature']:.4f}" if result.get("temperature") else "")]
+    for check in gates.get("checks", []):
+        if check["name"] == "max_ece":  # the calibration gate: its bound, not only its estimate
+            lines.append(f"  gate max_ece: {check['metric']} {check['value']:.4f}, {gates['confidence']:.0%} upper "
+                         f"bound {check['bound']:.4f} {check['comparison']} {check['threshold']:.4f}")
+    lines.append(f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} (make ui); "
+                 f"reports/metrics.json; every check: calibflow gate --model {result['model_name']} --candidate "
+                 f"{result['version']}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ def _count_full_passes(monkeypatch: pytest.MonkeyPatch, n_rows: int) -> list[int
     return calls
 
 
+@pytest.mark.slow
 def test_both_solvers_agree_and_warm_start_saves_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     # A split as large as the benchmark's: the warm-started solve (the default from
     # WARM_START_MIN_ROWS rows) lands on the bracketed solve's root and NLLs in fewer full passes.

@@ -371,6 +371,7 @@ def test_auto_picks_temperature_for_a_global_temperature() -> None:
     json.dumps(rows)
 
 
+@pytest.mark.slow
 def test_auto_picks_a_richer_map_for_class_dependent_miscalibration() -> None:
     z, y = _class_dependent(seed=23, n=3000, k=5)
     chosen, rows = CB.select_calibrator(z, y, n_folds=5, seed=0)
@@ -449,6 +450,7 @@ def test_cuda_matches_cpu() -> None:
         torch.testing.assert_close(q.cpu(), cpu.transform(z), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_auto_honours_the_temperature_search_range_in_its_folds_and_its_refit() -> None:
     # overconfident by 3: the optimum T is about 3, outside [0.05, 2], so temperature scaling can
     # only fail there (an optimum on the boundary); auto must search the configured range, not its own

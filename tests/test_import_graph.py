@@ -12,6 +12,7 @@ Python over files, MLflow lives in calibflow/registry.py, Prefect in tasks/ and 
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def _module_level(tree: ast.Module):
             pending.extend(node.body)
 
 
+@cache
 def import_graph(package_dir: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """({module: names imported anywhere in it}, {module: names imported at module level})."""
     anywhere, on_import = {}, {}

@@ -476,6 +476,7 @@ def _population(seed: int = 0, n: int = 200_000, k: int = 10) -> tuple[torch.Ten
     return torch.softmax(z, dim=1), y
 
 
+@pytest.mark.slow
 def test_bootstrap_ci_contains_population_value() -> None:
     probs, y = _population()
     g = torch.Generator().manual_seed(1)

@@ -68,8 +68,9 @@ def test_an_absolute_params_path_is_read_as_it_is(tiny_repo, tmp_path, capsys):
 def test_a_passing_run_prints_a_summary_and_json_on_request(tiny_repo, capsys):
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
     out = capsys.readouterr().out
-    assert "gates passed; tiny-digits version 1 is @champion" in out
-    assert "test ECE" in out and "upper bound" in out and "T = " in out and "MLflow run" in out
+    assert "calibflow run: registered tiny-digits version 1 as @champion; every gate passed" in out
+    assert "test ECE" in out and "T = " in out and "MLflow run" in out
+    assert "gate max_ece:" in out and "95% upper bound" in out
     assert calibflow(["run", "--repo", str(tiny_repo), "--json"]) == 0  # unchanged: skipped, said as JSON
     result = json.loads(capsys.readouterr().out)
     assert result["skipped"] is True and result["champion_version"] == "1"

@@ -10,7 +10,7 @@ Every calibrator maps a model's logits ``(N, K)`` to calibrated probabilities:
 
 Methods (``CALIBRATION_METHODS``):
 
-* ``temperature`` -- ``softmax(z / T)`` via :func:`calibflow.calibration.fit_temperature` (Guo et al. 2017)
+* ``temperature`` -- ``softmax(z / T)`` via :func:`calibflow.temperature.fit_temperature` (Guo et al. 2017)
 * ``vector``      -- ``softmax(w * z + b)``, per-class scale and bias (Guo et al. 2017)
 * ``matrix``      -- ``softmax(W z + b)`` with off-diagonal and intercept L2, ODIR (Kull et al. 2019)
 * ``histogram``   -- one-vs-rest histogram binning of ``softmax(z)``, renormalised (Zadrozny & Elkan 2001)
@@ -30,7 +30,7 @@ loaded 2-core box. Where that happens, call them under ``torch.set_num_threads(1
 the thread count is process-wide state that belongs to the caller).
 
 Errors: bad calibration data (empty, shape mismatch, labels out of range, non-finite logits) and a
-solver that does not converge raise :class:`calibflow.calibration.CalibrationError`; asking for an
+solver that does not converge raise :class:`calibflow.temperature.CalibrationError`; asking for an
 unknown method, a binary-only method with K > 2, or transforming logits with the wrong number of
 classes raises ``ValueError``.
 """
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from calibflow.calibration import CalibrationError, _validated, fit_temperature
+from calibflow.temperature import CalibrationError, _validated, fit_temperature
 from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.metrics import ArrayLike, calibrated_probabilities, expected_calibration_error, probability_nll
 
@@ -260,7 +260,7 @@ class TemperatureCalibrator(Calibrator):
     """Temperature scaling, ``q = softmax(z / T)`` (Guo et al. 2017, "On Calibration of Modern Neural
     Networks", section 4.2).
 
-    A thin wrapper of :func:`calibflow.calibration.fit_temperature` (exact safeguarded-Newton solve
+    A thin wrapper of :func:`calibflow.temperature.fit_temperature` (exact safeguarded-Newton solve
     of the 1-D convex NLL in log T), so T, the search range and every error are the pipeline's own.
     """
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from calibflow.calibration import CalibrationError
+from calibflow.temperature import CalibrationError
 from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.calibrators import Calibrator, TemperatureCalibrator, calibrator_from_state, fit_calibrator
 from calibflow.metrics import ArrayLike

@@ -39,7 +39,7 @@ def policies() -> tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...
     """(error classes, policy), first match wins: subclasses come before the classes they refine.
     Imported here, on first use, so that the CLI reads its exit codes without importing MLflow."""
     from calibflow import registry
-    from calibflow.calibration import CalibrationError
+    from calibflow.temperature import CalibrationError
     from calibflow.config import ConfigError
     from calibflow.decisions import DecisionInfeasible, DecisionSettingsError
     from calibflow.gates import GatesFailed

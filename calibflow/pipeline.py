@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from calibflow.calibration import NLL_SLACK, CalibrationError
+from calibflow.temperature import NLL_SLACK, CalibrationError
 from calibflow.config import CalibrationConfig, Config, ConfigError, DataConfig, DecisionConfig, SplitConfig
 from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
 from calibflow.ensembles import (fit_model_calibrator, member_seeds, model_calibrator_from_state, predictive_logits,

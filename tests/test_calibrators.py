@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from calibflow import calibrators as CB
-from calibflow.calibration import CalibrationError, fit_temperature
+from calibflow.temperature import CalibrationError, fit_temperature
 from calibflow.metrics import expected_calibration_error, probability_nll
 
 

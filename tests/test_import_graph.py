@@ -56,12 +56,18 @@ def _module_level(tree: ast.Module):
 def import_graph(package_dir: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """({module: names imported anywhere in it}, {module: names imported at module level})."""
     anywhere, on_import = {}, {}
-    for path in sorted(package_dir.glob("*.py")):
-        name = f"{package_dir.name}.{path.stem}" if path.stem != "__init__" else package_dir.name
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         tree = ast.parse(path.read_text(), str(path))
-        anywhere[name] = {m for node in ast.walk(tree) for m in _imported(node, name)}
-        on_import[name] = {m for node in _module_level(tree) for m in _imported(node, name)}
+        anywhere[name] = _with_parents({m for node in ast.walk(tree) for m in _imported(node, name)})
+        on_import[name] = _with_parents({m for node in _module_level(tree) for m in _imported(node, name)})
     return anywhere, on_import
+
+
+def _with_parents(modules: set[str]) -> set[str]:
+    """Importing a.b.c runs a/__init__ and a/b/__init__ first."""
+    return {".".join(m.split(".")[:i]) for m in modules for i in range(1, len(m.split(".")) + 1)}
 
 
 def loads_on_import(module: str, on_import: dict[str, set[str]]) -> set[str]:
@@ -108,6 +114,6 @@ def test_the_scan_sees_an_import_through_another_module_and_ignores_one_inside_a
     (package / "helper.py").write_text("try:\n    import mlflow.pyfunc\nexcept ImportError:\n    pass\n")
     (package / "lazy.py").write_text("def load():\n    from prefect import flow\n")
     anywhere, on_import = import_graph(package)
-    assert _frameworks(loads_on_import("lib.core", on_import)) == {"mlflow.pyfunc"}
+    assert _frameworks(loads_on_import("lib.core", on_import)) == {"mlflow", "mlflow.pyfunc"}
     assert _frameworks(loads_on_import("lib.lazy", on_import)) == set()
     assert _frameworks(anywhere["lib.lazy"]) == {"prefect", "prefect.flow"}

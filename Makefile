@@ -1,4 +1,5 @@
-# calibflow: `make run` runs the pipeline on the embedded default data, `make test` runs the tests.
+# calibflow: `make run` runs the pipeline on the embedded default data, `make test` runs the fast tests,
+# `make test-all` (CI) the linter and every test.
 # Both set up what is missing first: a venv with the exact versions of requirements.lock.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -17,7 +18,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: run test setup data ui prefect-ui prefect-stop serve lock bench clean
+.PHONY: run test test-all lint setup data ui prefect-ui prefect-stop serve lock bench clean
 
 # A long-lived local Prefect server, started on first use and reused by every later run: a
 # temporary API per command cost ~5 s of each run (issue 16). PREFECT_API_URL set by the user wins.
@@ -27,8 +28,16 @@ LOCAL_PREFECT = api=$${PREFECT_API_URL:-$$(python -m flows.local_server ensure)}
 run: $(STAMP) data
 	@$(LOCAL_PREFECT); env $${api:+PREFECT_API_URL=$$api} calibflow run $(ARGS)
 
+# The fast tests: no end-to-end flow runs (marker e2e) and no minute-long ones (marker slow).
 test: $(STAMP)
+	pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+
+# What CI runs: the linter, then every test.
+test-all: $(STAMP) lint
 	pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	ruff check .
 
 setup: $(STAMP)
 

@@ -3,7 +3,7 @@
     python benchmarks/calibration_speed.py            # 50,000 x 100 logits, 5 repeats
     python benchmarks/calibration_speed.py --quick    # small smoke version (seconds)
 
-(a) ``calibflow.calibration.fit_temperature`` vs netcal's ``TemperatureScaling().fit`` (netcal takes
+(a) ``calibflow.temperature.fit_temperature`` vs netcal's ``TemperatureScaling().fit`` (netcal takes
     probabilities, and its ``temperature`` property is the logit *multiplier* 1/T); and, as an
     ablation, our fit with the warm-started Halley solve switched off (bracketed Newton from T = 1
     on every row, what splits below ``WARM_START_MIN_ROWS`` get);
@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from calibflow import calibration  # noqa: E402
-from calibflow.calibration import fit_temperature  # noqa: E402
+from calibflow import temperature  # noqa: E402
+from calibflow.temperature import fit_temperature  # noqa: E402
 from calibflow.metrics import bootstrap_ci, expected_calibration_error  # noqa: E402
 
 
@@ -76,12 +76,12 @@ def run(n: int, k: int, repeats: int, seed: int, boot_n: int, boot_k: int, boot_
         return 1.0 / float(np.asarray(ts.temperature).reshape(-1)[0])
 
     def bracketed_fit():
-        warm_start_min_rows = calibration.WARM_START_MIN_ROWS
-        calibration.WARM_START_MIN_ROWS = n + 1
+        warm_start_min_rows = temperature.WARM_START_MIN_ROWS
+        temperature.WARM_START_MIN_ROWS = n + 1
         try:
             return fit_temperature(z, y)
         finally:
-            calibration.WARM_START_MIN_ROWS = warm_start_min_rows
+            temperature.WARM_START_MIN_ROWS = warm_start_min_rows
 
     t_ours_s, fit = median_time(lambda: fit_temperature(z, y), repeats)
     t_bracketed_s, bracketed = median_time(bracketed_fit, repeats)

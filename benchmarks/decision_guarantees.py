@@ -3,7 +3,7 @@
 Issue 13's acceptance: the precision/recall threshold, the selective-risk threshold (Geifman and
 El-Yaniv's SGR) and the split-conformal prediction sets must keep their stated level over many
 random calibration/test splits of real logits. This benchmark replays the pipeline's exact
-procedure on each split: fit the temperature on the calibration part (calibflow.calibration), then
+procedure on each split: fit the temperature on the calibration part (calibflow.temperature), then
 choose the thresholds and the conformal quantile ON THE SAME calibration part with that
 temperature (calibflow.decisions), so that any damage from reusing the split is measured.
 
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calibflow import decisions as D  # noqa: E402
-from calibflow.calibration import fit_temperature  # noqa: E402
+from calibflow.temperature import fit_temperature  # noqa: E402
 from real_logits import load_pool, synthetic_pool  # noqa: E402
 
 DELTA = 0.05  # the PAC rules' failure probability
@@ -275,7 +275,7 @@ def family_verdicts(rows: list[dict]) -> int:
 
 def summarise(case: Case, variant: str, trials: list[dict]) -> list[dict]:
     rows = []
-    for name, target, what in (("min_precision", case.min_precision, "precision"),
+    for name, target, _what in (("min_precision", case.min_precision, "precision"),
                                ("min_recall", case.min_recall, "recall"),
                                ("max_risk", case.max_risk, "risk")):
         chosen = [t[name] for t in trials if t[name] is not None]

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calibflow import decisions as D  # noqa: E402
-from calibflow.calibration import fit_temperature  # noqa: E402
+from calibflow.temperature import fit_temperature  # noqa: E402
 from real_logits import load_pool, synthetic_pool  # noqa: E402
 
 DELTA = 0.05

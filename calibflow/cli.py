@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 
 from calibflow.environment import apply_quiet_defaults
-
-EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+from calibflow.errors import EXIT_OK, EXIT_REJECTED, EXIT_USAGE
+from calibflow.errors import one_line as _one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--repo", default=".", help="repository root (default: current directory)")
     run.add_argument("--force", action="store_true",
                      help="retrain even when @champion was built from the same data, params and code")
+    run.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                     help="the result as JSON: on stdout instead of the summary, or written to PATH")
 
     evaluate = commands.add_parser("evaluate", help="recompute a registered model's test metrics in this process")
     evaluate.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -181,12 +183,6 @@ def _dispatch(handler, args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line (MLflow's and DVC's can span several)."""
-    message = getattr(error, "message", None) or str(error) or type(error).__name__
-    return " ".join(str(message).split())
-
-
 def _store_failed(command: str, error: Exception) -> int:
     """A registry error (a missing model, version or alias, or a tracking server that failed) on
     stderr as one line; exit 2: nothing could be decided."""
@@ -205,44 +201,60 @@ def _run(args: argparse.Namespace) -> int:
         print(f"calibflow: {error}", file=sys.stderr)
         return EXIT_USAGE
 
-    from mlflow.exceptions import MlflowException
-
-    from calibflow import registry
-    from calibflow.calibration import CalibrationError
-    from calibflow.decisions import DecisionInfeasible, DecisionSettingsError
-    from calibflow.manifest import ManifestError
-    from calibflow.pipeline import ReportError
-    from calibflow.promotion import GateUndecided
-    from calibflow.resume import CheckpointError
-    from calibflow.validation import DataValidationError
-    from calibflow.versioning import DataVersionError
-    from flows.train_calibrate import GatesFailed, train_calibrate_register
+    from calibflow import errors, registry
+    from flows.train_calibrate import train_calibrate_register
 
     _imports_done()
     try:
         result = train_calibrate_register(params_path=args.params, overrides=args.overrides, data_rev=args.data_rev,
                                           repo_root=args.repo, force=args.force)
-    # DecisionInfeasible: the trained model cannot meet a certified decision target on the
-    # calibration split, a property of the model like a failed gate
-    except (DataValidationError, GatesFailed, DecisionInfeasible) as error:
-        print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
-        return EXIT_REJECTED
-    # GateUndecided: e.g. the champion's classes differ; LookupError: its artifacts changed, or were
-    # registered before calibflow recorded their digest; ReportError: reports/ cannot be written (checked
-    # before registering); RegistrationLeftBehind: an undo that could not finish says what is left;
-    # PromotionConflict: the registry lock was not freed in time; CheckpointError: a killed run's
-    # checkpoint is corrupted (the message says which and how to start afresh)
-    except (DataVersionError, ManifestError, ConfigError, CalibrationError, GateUndecided, LookupError, ReportError,
-            DecisionSettingsError, registry.RegistrationLeftBehind, registry.PromotionConflict,
-            CheckpointError) as error:
-        print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
-        print(f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
-              f"alias moved. {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(result, indent=2))
+    except Exception as error:
+        policy = errors.policy_of(error)  # which errors are refusals, and their exit codes
+        if policy is None:
+            raise  # unexpected: _dispatch prints the traceback and exits 2
+        if policy.exit_code == EXIT_REJECTED:  # the whole message: a failed gate's lists every check
+            print(f"\ncalibflow: model rejected, nothing registered.\n{error}", file=sys.stderr)
+        elif policy.refusal:
+            print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
+        else:
+            print(f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
+                  f"alias moved. {type(error).__name__}: {error}", file=sys.stderr)
+        return policy.exit_code
+    if args.json is None:
+        print("\n" + run_summary(result))
+    elif args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        try:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        except OSError as error:  # the run itself succeeded: say so, and exit 2 for the missing file
+            print(run_summary(result))
+            print(f"calibflow run: cannot write --json {args.json}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_USAGE
+        print("\n" + run_summary(result))
     return EXIT_OK
+
+
+def run_summary(result: dict) -> str:
+    """`calibflow run`'s closing lines: what was registered, the calibration and the gate that
+    reads it, where to look. The whole result: --json."""
+    if result.get("skipped"):
+        return f"calibflow run: skipped. {result['reason']}"
+    before, after, gates = result["test_before"], result["test_after"], result.get("gates", {})
+    verdict = ("every gate passed" if gates.get("passed") else
+               "the absolute gates passed, not those against the champion: CD decides (calibflow promote)")
+    lines = [f"calibflow run: registered {result['model_name']} version {result['version']} as @{result['alias']}; "
+             f"{verdict}",
+             f"  test ECE {before['ece']:.4f} -> {after['ece']:.4f}, accuracy {after['accuracy']:.4f}; calibration "
+             f"{result['calibration_method']}" + (f", T = {result['temperature']:.4f}" if result.get("temperature") else "")]
+    for check in gates.get("checks", []):
+        if check["name"] == "max_ece":  # the calibration gate: its bound, not only its estimate
+            lines.append(f"  gate max_ece: {check['metric']} {check['value']:.4f}, {gates['confidence']:.0%} upper "
+                         f"bound {check['bound']:.4f} {check['comparison']} {check['threshold']:.4f}")
+    lines.append(f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} (make ui); "
+                 f"reports/metrics.json; every check: calibflow gate --model {result['model_name']} --candidate "
+                 f"{result['version']}")
+    return "\n".join(lines)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -504,7 +516,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from calibflow import registry
-    from calibflow.calibration import CalibrationError
+    from calibflow.temperature import CalibrationError
     from calibflow.config import ConfigError, load_config
     from calibflow.recalibrate import RecalibrationError, recalibrate
     from calibflow.versioning import DataVersionError

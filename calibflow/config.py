@@ -29,6 +29,11 @@ NOT_HYPERPARAMETERS = ("registry", "schedule")  # not MLflow params: where a mod
 # thousands of reliability bins on a test split of thousands of images measure nothing, and a
 # first block of more than 1024 channels is far beyond what images of this size need.
 MAX_N_BINS = 1000
+# Defaults that library functions share with params.yaml's keys, each typed once here:
+# evaluation.n_bins (equal-width reliability bins of ECE/MCE, Guo et al. 2017's 15), and
+# calibration.min_temperature / max_temperature (temperature scaling's search range).
+DEFAULT_N_BINS = 15
+DEFAULT_MIN_TEMPERATURE, DEFAULT_MAX_TEMPERATURE = 0.05, 20.0
 MAX_MODEL_WIDTH = 1024
 # Fewer than 100 resamples cannot place a 95% bound; more than 100,000 add no precision to it and
 # run for hours.
@@ -130,8 +135,8 @@ class CalibrationConfig:
     method: Literal["temperature", "vector", "matrix", "histogram", "isotonic", "platt", "beta", "auto"] = "temperature"
     # Search range for T. An optimum on the boundary means no interior minimum exists (for
     # example every calibration prediction is right with a wide margin): that is an error.
-    min_temperature: float = 0.05
-    max_temperature: float = 20.0
+    min_temperature: float = DEFAULT_MIN_TEMPERATURE
+    max_temperature: float = DEFAULT_MAX_TEMPERATURE
     # Tomani et al. 2021 ("Post-hoc calibration of neural networks by perturbation"): fit on the
     # calibration split plus copies of it corrupted by `shift_corruptions` at severities 1-5, so
     # the calibrator sees the confidence a model has on harder images. The default corruption is
@@ -142,7 +147,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    n_bins: int = 15
+    n_bins: int = DEFAULT_N_BINS
     batch_size: int = 512
 
 

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from calibflow.calibration import CalibrationError
+from calibflow.temperature import CalibrationError
+from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.calibrators import Calibrator, TemperatureCalibrator, calibrator_from_state, fit_calibrator
 from calibflow.metrics import ArrayLike
 from calibflow.models import DropoutHead, ImageClassifier
@@ -51,13 +52,13 @@ def dropout_head(model: ImageClassifier) -> DropoutHead:
 
 @torch.no_grad()
 def mc_dropout_logits(model: ImageClassifier, images: torch.Tensor, samples: int, seed: int, batch_size: int = 512,
-                      device: str | torch.device = "cpu") -> torch.Tensor:
+                      device: str | torch.device = "cpu", progress: str | None = None) -> torch.Tensor:
     """log of the mean softmax of `samples` passes with dropout on (N, K), float32."""
     head = dropout_head(model)
     features: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0].float().cpu()))
     try:
-        collect_logits(model, images, batch_size, device)  # eval mode: one deterministic pass to the head
+        collect_logits(model, images, batch_size, device, progress)  # eval mode: one deterministic pass to the head
     finally:
         hook.remove()
     if not features:
@@ -75,15 +76,18 @@ def mc_dropout_logits(model: ImageClassifier, images: torch.Tensor, samples: int
 
 
 def predictive_logits(members: Sequence[ImageClassifier], images: torch.Tensor, mc_samples: int = 1, seed: int = 0,
-                      batch_size: int = 512, device: str | torch.device = "cpu") -> torch.Tensor:
+                      batch_size: int = 512, device: str | torch.device = "cpu",
+                      progress: str | None = None) -> torch.Tensor:
     """The logits a model of these members gives `images`: (N, K) for one member, (N, M, K) for M.
-    With mc_samples > 1 each member's are its MC dropout logits (member i's masks seeded seed + i)."""
+    With mc_samples > 1 each member's are its MC dropout logits (member i's masks seeded seed + i).
+    `progress`: the label of a progress bar per member (on a terminal only)."""
     outputs = []
     for i, member in enumerate(members):
+        label = progress if progress is None or len(members) == 1 else f"{progress} (member {i + 1}/{len(members)})"
         if mc_samples > 1:
-            outputs.append(mc_dropout_logits(member, images, mc_samples, seed + i, batch_size, device))
+            outputs.append(mc_dropout_logits(member, images, mc_samples, seed + i, batch_size, device, label))
         else:
-            outputs.append(collect_logits(member, images, batch_size, device))
+            outputs.append(collect_logits(member, images, batch_size, device, label))
     return outputs[0] if len(outputs) == 1 else torch.stack(outputs, dim=1)
 
 
@@ -129,8 +133,8 @@ class EnsembleCalibrator:
         if z.ndim != 3:
             raise ValueError(f"ensemble logits must be (N, members, K); got shape {tuple(z.shape)}")
         if method == "temperature":
-            temperature = fit_shared_temperature(z, labels, options.get("min_temperature", 0.05),
-                                                 options.get("max_temperature", 20.0))
+            temperature = fit_shared_temperature(z, labels, options.get("min_temperature", DEFAULT_MIN_TEMPERATURE),
+                                                 options.get("max_temperature", DEFAULT_MAX_TEMPERATURE))
             members = []
             for _ in range(z.shape[1]):
                 member = TemperatureCalibrator(**options)
@@ -160,8 +164,8 @@ def ensemble_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float)
     return float(-p[torch.arange(len(labels)), labels].clamp_min(SMALLEST_PROBABILITY).log().mean())
 
 
-def fit_shared_temperature(logits: ArrayLike, labels: ArrayLike, min_temperature: float = 0.05,
-                           max_temperature: float = 20.0) -> float:
+def fit_shared_temperature(logits: ArrayLike, labels: ArrayLike, min_temperature: float = DEFAULT_MIN_TEMPERATURE,
+                           max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> float:
     """The T minimising ensemble_nll, by a bounded 1-D search on log T (scipy). An optimum on an
     end of the range is an error, as for a single network's fit."""
     from scipy.optimize import minimize_scalar

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibflow.config import GatesConfig
+from calibflow.config import DEFAULT_N_BINS, GatesConfig
 from calibflow.gate_statistics import EqualWidthBins
 from calibflow.gates import Predictions, evaluate_gates
 
@@ -167,7 +167,7 @@ def _simulate(simulator, gates: GatesConfig, n_bins: int, power: float, simulati
 
 
 def plan_sample_size(candidate: Predictions, gates: GatesConfig,
-                     comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = 15,
+                     comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = DEFAULT_N_BINS,
                      power: float = 0.8, simulations: int = 200, seed: int = 0, sizes=SIZES) -> Plan:
     """Smallest n at which the configured gates pass this model with `power`, by simulation under
     its estimated calibration (module docstring)."""
@@ -198,7 +198,7 @@ class _ThresholdModel:
         return Predictions(probs, labels), None
 
 
-def plan_from_thresholds(gates: GatesConfig, n_classes: int = 10, n_bins: int = 15, power: float = 0.8,
+def plan_from_thresholds(gates: GatesConfig, n_classes: int = 10, n_bins: int = DEFAULT_N_BINS, power: float = 0.8,
                          simulations: int = 200, seed: int = 0, sizes=SIZES) -> Plan:
     """Smallest n at which a model halfway inside every threshold passes the absolute gates."""
     if n_classes < 2:
@@ -211,7 +211,7 @@ def plan_from_thresholds(gates: GatesConfig, n_classes: int = 10, n_bins: int = 
     return _simulate(model, absolute, n_bins, power, simulations, seed, sizes, what)
 
 
-def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: int = 15) -> bool:
+def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: int = DEFAULT_N_BINS) -> bool:
     """Could any model pass the absolute gates on n_test images? A perfect one (always right, with
     confidence 1) is the easiest case there is."""
     probs = np.zeros((n_test, n_classes))
@@ -221,7 +221,7 @@ def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: i
     return evaluate_gates(perfect, absolute, n_bins=n_bins, report_estimates=False).passed
 
 
-def small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_bins: int = 15, power: float = 0.8,
+def small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_bins: int = DEFAULT_N_BINS, power: float = 0.8,
                              simulations: int = 100, cache_directory: str | Path | None = None) -> str | None:
     """A warning, before anything trains, when the test split is too small for the gates: None
     when a model halfway inside every threshold passes them with `power` on n_test images.

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from calibflow.config import DEFAULT_N_BINS
+
 CONTINUITY = 0.5  # in units of 1/n: half the lattice step of a mean of {0, 1} outcomes
 
 
@@ -307,7 +309,7 @@ def _signs(profile: np.ndarray) -> np.ndarray:
     return np.where(profile >= 0.0, 1.0, -1.0)
 
 
-def _null_accuracy(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> np.ndarray:
+def _null_accuracy(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_N_BINS) -> np.ndarray:
     """Per-image accuracy the null model starts from: its bin's accuracy, shrunk by Jeffreys'
     prior (k + 1/2) / (n + 1) so that a bin with no errors still has a variance."""
     bins = EqualWidthBins(n_bins)

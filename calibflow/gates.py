@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from calibflow import gate_statistics as gs
-from calibflow.config import GatesConfig
+from calibflow.config import DEFAULT_N_BINS, GatesConfig
 from calibflow.decisions import DecisionPolicy, evaluate_policy
 
 METRICS = ("ece", "smooth_ece")
@@ -43,12 +43,30 @@ class GateInputError(ValueError):
     """The predictions handed to the gates cannot be gated (NaN, not probabilities, no images)."""
 
 
+class GatesFailed(RuntimeError):
+    """The calibrated model did not pass params.yaml's gates; it was not registered."""
+
+
 @dataclass(frozen=True)
 class Predictions:
     """Calibrated probabilities (N, K) of one model on the pinned test images, and their labels."""
 
     probabilities: np.ndarray
     labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShiftedPredictions:
+    """A candidate's calibrated probabilities on each cell of its corruption suite (shift.Suite),
+    on the first test images (manifest `rows`)."""
+
+    suite: object  # calibflow.shift.Suite
+    rows: np.ndarray
+    probabilities: dict[str, np.ndarray]
+
+    def predictions(self, manifest) -> dict[str, Predictions]:
+        labels = manifest["label_index"].to_numpy()[self.rows]
+        return {key: Predictions(p, labels) for key, p in self.probabilities.items()}
 
 
 @dataclass(frozen=True)
@@ -175,7 +193,7 @@ def _check(name: str, metric: str, bound: gs.Bound, threshold: float, comparison
 
 
 def evaluate_gates(candidate: Predictions, gates: GatesConfig,
-                   comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = 15,
+                   comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = DEFAULT_N_BINS,
                    seed: int = 0, report_estimates: bool = True,
                    decisions: DecisionPolicy | None = None, shift: Mapping[str, Predictions] | None = None,
                    shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None = None,

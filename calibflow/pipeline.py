@@ -18,12 +18,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from calibflow.calibration import CalibrationError
-from calibflow.config import CalibrationConfig, Config, DataConfig, DecisionConfig, GatesConfig, SplitConfig
+from calibflow.temperature import NLL_SLACK, CalibrationError
+from calibflow.config import CalibrationConfig, Config, ConfigError, DataConfig, DecisionConfig, SplitConfig
 from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
 from calibflow.ensembles import (fit_model_calibrator, member_seeds, model_calibrator_from_state, predictive_logits,
                                  uncalibrated_probabilities)
-from calibflow.gates import GateVerdict
+from calibflow.gates import GateVerdict, OODScores, ShiftedPredictions
 from calibflow.images import load_images
 from calibflow.leftovers import ProcessId, alive, this_process
 from calibflow.manifest import build_manifest, class_counts, list_classes, load_manifest, manifest_fingerprint, save_manifest
@@ -35,7 +35,6 @@ from calibflow.names import (CALIBRATED, CALIBRATION_METHOD, GATE_ABSOLUTE, GATE
 from calibflow.plots import (binary_score_distributions, class_confidence_histograms, confidence_histogram,
                              decision_score_histograms, reliability_diagram)
 from calibflow.plots import risk_coverage_curve as plot_risk_coverage
-from calibflow.promotion import GateReport, ShiftedPredictions, gate_logits
 from calibflow.disk_cache import file_sha256
 from calibflow.resume import EpochCheckpoints
 from calibflow.shift import Suite, corrupted_images, evaluate_suite, suite_logits
@@ -75,6 +74,40 @@ def write_split(manifest_path: str, split: SplitConfig, seed: int, out_path: str
                               manifest_fingerprint(manifest))
     result.save(out_path)
     return SplitRecord(path=str(out_path), digest=result.digest, sizes={k: len(v) for k, v in result.indices.items()})
+
+
+# The fewest calibration images select_calibrator's cross-validation (calibration.method auto) folds.
+AUTO_CALIBRATION_FOLDS = 5
+
+
+def check_run_settings(config: Config, classes: tuple[str, ...], split_sizes: dict[str, int]) -> None:
+    """Before training: what the params and the manifest already say cannot work, as a ConfigError
+    (exit 2) instead of a failure after the whole training: a two-class calibrator on more classes,
+    splits too small to train or fit on, and gates that no model can pass on the test split (not
+    even a perfect one, always right with confidence 1)."""
+    from calibflow.calibrators import binary_only, default_methods
+    from calibflow.gate_plan import smallest_passable
+    from calibflow.gates import GateInputError
+
+    method, n_classes = config.calibration.method, len(classes)
+    if binary_only(method) and n_classes != 2:
+        raise ConfigError(f"calibration.method = {method} calibrates two-class models and the data has {n_classes} "
+                          f"classes: choose one of {', '.join(default_methods(n_classes))} or auto")
+    fewest = {"train": 2, "calibration": AUTO_CALIBRATION_FOLDS if method == "auto" else 2, "test": 1}
+    for name, needed in fewest.items():
+        if split_sizes.get(name, 0) < needed:
+            raise ConfigError(f"the {name} split has {split_sizes.get(name, 0)} images and needs at least {needed}"
+                              f"{' (calibration.method auto cross-validates)' if name == 'calibration' else ''}: "
+                              f"raise split.{name} or add images")
+    try:
+        passable = smallest_passable(config.gates, split_sizes["test"], n_classes, config.evaluation.n_bins)
+    except GateInputError:
+        passable = False
+    if not passable:
+        raise ConfigError(f"no model can pass the gates on the {split_sizes['test']} images of the test split, not "
+                          f"even a perfect one (always right, with confidence 1): add test images (more data, or a "
+                          f"larger split.test) or loosen the gates (`calibflow gate plan --thresholds` says how many "
+                          f"images they need)")
 
 
 def split_class_counts(manifest_path: str, split_path: str, split_name: str) -> dict[str, int]:
@@ -261,7 +294,7 @@ def write_split_logits(checkpoint: str, data_dir: str, manifest_path: str, split
     # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
     with intra_op_threads(threads):
         logits = predictive_logits(loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size,
-                                   resolve_runtime(device).device)
+                                   resolve_runtime(device).device, progress=f"logits {split_name}")
     np.savez(out_path, logits=logits.numpy(), labels=labels.numpy(), indices=indices)
     return str(out_path)
 
@@ -275,7 +308,8 @@ def _suite_logits_of_split(checkpoint: str, data_dir: str, manifest_path: str, s
     loaded = load_checkpoint(checkpoint)
     fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
-    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir)
+    corrupted = corrupted_images(images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir,
+                                 progress=f"corrupt {split_name}")
     run_on = resolve_runtime(device).device
 
     def logits_of(batch: np.ndarray) -> np.ndarray:
@@ -283,7 +317,8 @@ def _suite_logits_of_split(checkpoint: str, data_dir: str, manifest_path: str, s
                                  loaded.mc_samples, loaded.mc_seed, batch_size, run_on).numpy()
 
     with intra_op_threads(threads):
-        logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir)
+        logits = suite_logits(corrupted, logits_of, file_sha256(checkpoint), cache_dir,
+                              progress=f"logits {split_name}, {len(suite.cells)} corrupted copies")
     return logits, labels, indices
 
 
@@ -423,8 +458,7 @@ def evaluate_ood(checkpoint: str, ood_data_path: str, test_logits_path: str, cal
                          rev=ood.get("rev", "workspace"))
 
 
-def ood_gate_scores(ood: OODEvaluation):
-    from calibflow.gates import OODScores
+def ood_gate_scores(ood: OODEvaluation) -> OODScores:
     from calibflow.ood import in_distribution_score
 
     with np.load(ood.scores_path) as saved:
@@ -434,12 +468,24 @@ def ood_gate_scores(ood: OODEvaluation):
     return OODScores(in_distribution_score(ood.score, inside), in_distribution_score(ood.score, outside), name)
 
 
-def gate_run(model_name: str, test_logits_path: str, calibration: CalibrationRecord, data_dir: str,
-             manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int,
-             decisions_path: str | None = None, shift_logits_path: str | None = None,
-             ood: OODEvaluation | None = None) -> GateReport:
-    """The run's gate step: `calibflow gate`'s implementation on this run's cached test logits (and
-    the suite's cached logits, for the shift gates)."""
+@dataclass(frozen=True)
+class CandidatePredictions:
+    """What the gates read of this run's model, ready: calibrated test probabilities with their
+    manifest rows, its decision rules, its corruption suite's probabilities and its OOD scores.
+    The champion's side comes from the registry, in the task layer (promotion.gate_logits)."""
+
+    probabilities: np.ndarray
+    rows: np.ndarray
+    decisions: DecisionPolicy | None = None
+    shifted: ShiftedPredictions | None = None
+    ood: OODScores | None = None
+
+
+def candidate_predictions(test_logits_path: str, calibration: CalibrationRecord, decisions_path: str | None = None,
+                          shift_logits_path: str | None = None, ood: OODEvaluation | None = None
+                          ) -> CandidatePredictions:
+    """The run's candidate as the gates see it, from its cached test logits (and the suite's cached
+    logits, for the shift gates) through its fitted calibrator: the numbers its pyfunc serves."""
     with np.load(test_logits_path) as saved:
         logits, rows = saved["logits"], saved["indices"]
     calibrator = load_calibrator(calibration.state_path)
@@ -449,8 +495,7 @@ def gate_run(model_name: str, test_logits_path: str, calibration: CalibrationRec
     if shift_logits_path is not None:
         suite, cells, _, shift_rows = load_shift_logits(shift_logits_path)
         shift = ShiftedPredictions(suite, shift_rows, {k: calibrator.transform(z).numpy() for k, z in cells.items()})
-    return gate_logits(model_name, probabilities, rows, data_dir, manifest_path, split_path, gates, n_bins, policy,
-                       shift, ood_gate_scores(ood) if ood is not None else None)
+    return CandidatePredictions(probabilities, rows, policy, shift, ood_gate_scores(ood) if ood is not None else None)
 
 
 def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -472,12 +517,13 @@ def fit_calibration(logits_path: str, calibration: CalibrationConfig, out_path: 
     """Fit `calibration.method` on the calibration logits. Whatever the method, a fit that does not
     lower the calibration NLL is an error, not a model."""
     logits, labels = load_logits(logits_path)
+    # the temperature range holds wherever temperature scaling is fitted: auto's candidates too
     options = ({"min_temperature": calibration.min_temperature, "max_temperature": calibration.max_temperature}
-               if calibration.method == "temperature" else {})
+               if calibration.method in ("temperature", "auto") else {})
     calibrator = fit_model_calibrator(calibration.method, logits, labels, **options)
     nll_before = probability_nll(uncalibrated_probabilities(logits), labels)
     nll_after = probability_nll(calibrator.transform(logits), labels)
-    if not nll_after <= nll_before + 1e-12:
+    if not nll_after <= nll_before + NLL_SLACK:
         raise CalibrationError(f"{calibrator.method} calibration raised the calibration NLL ({nll_before:.6f} -> "
                                f"{nll_after:.6f}); use calibration.method=temperature or enlarge the calibration split")
     Path(out_path).write_text(json.dumps(calibrator.to_state()))

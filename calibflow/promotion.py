@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from calibflow import registry
-from calibflow.config import GatesConfig
-from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, evaluate_gates
+from calibflow.config import DEFAULT_N_BINS, GatesConfig
+from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
 from calibflow.decisions import DecisionPolicy
 from calibflow.reproduce import (predict_rows, rebuild_test_split, recorded_ood_scores, served_classes, served_policy,
@@ -43,7 +43,7 @@ class GateUndecided(RuntimeError):
 class NotComparable(GateUndecided, LookupError):
     """The candidate and the champion do not predict the same classes, or the champion's classes
     are unknown: their probabilities cannot be compared. A LookupError too, so Prefect's retry
-    condition (tasks.PERMANENT_ERRORS) does not retry it."""
+    condition (calibflow.errors) does not retry it."""
 
 
 class AlreadyChampion(registry.PromotionConflict):
@@ -166,20 +166,6 @@ def _comparison(model_name: str, champion: registry.VersionRecord | None, candid
     return (Predictions(candidate_probs[keep], labels), Predictions(champion_probs, labels)), excluded
 
 
-@dataclass(frozen=True)
-class ShiftedPredictions:
-    """A candidate's calibrated probabilities on each cell of its corruption suite (shift.Suite),
-    on the first test images (manifest `rows`)."""
-
-    suite: object  # calibflow.shift.Suite
-    rows: np.ndarray
-    probabilities: dict[str, np.ndarray]
-
-    def predictions(self, manifest: pd.DataFrame) -> dict[str, Predictions]:
-        labels = manifest["label_index"].to_numpy()[self.rows]
-        return {key: Predictions(p, labels) for key, p in self.probabilities.items()}
-
-
 def _shift_comparison(model_name: str, champion: registry.VersionRecord, shifted: ShiftedPredictions,
                       candidate_classes: list[str], manifest: pd.DataFrame, split: Split, data_dir: str
                       ) -> dict[str, tuple[Predictions, Predictions]] | None:
@@ -274,7 +260,7 @@ def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@
 
 
 def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
-                 repo_root: str | Path = ".", n_bins: int = 15) -> GateReport:
+                 repo_root: str | Path = ".", n_bins: int = DEFAULT_N_BINS) -> GateReport:
     """`calibflow gate`: both models from the registry, on the pinned test images."""
     inputs = evaluation_set(model_name, candidate_ref, against, repo_root, with_shift=_wants_shift(gates),
                             with_ood=gates.max_ood_fpr95 is not None)
@@ -289,7 +275,7 @@ def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
 
 
 def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
-                 repo_root: str | Path = ".", n_bins: int = 15, power: float = 0.8):
+                 repo_root: str | Path = ".", n_bins: int = DEFAULT_N_BINS, power: float = 0.8):
     """`calibflow gate plan`: how many test images the gates need to pass this version with
     `power`, simulated under its own estimated calibration (calibflow.gate_plan)."""
     from calibflow.gate_plan import plan_sample_size
@@ -303,7 +289,7 @@ def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, agains
 
 
 def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndarray, data_dir: str,
-                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = 15,
+                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = DEFAULT_N_BINS,
                 decisions: DecisionPolicy | None = None, shifted: ShiftedPredictions | None = None,
                 ood: OODScores | None = None) -> GateReport:
     """The flow's gate step: the candidate is not registered yet, so its probabilities come from

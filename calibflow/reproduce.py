@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from calibflow import registry
+from calibflow.config import DEFAULT_N_BINS
 from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
 from calibflow.images import decode_image, load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint
@@ -157,7 +158,7 @@ def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestS
                                                                        tmp)).read_text())
     rows = rebuilt.split.indices["test"][:suite.max_images]
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
-    n_bins = int(record.tags.get("n_bins", 15))
+    n_bins = int(record.tags.get("n_bins", DEFAULT_N_BINS))
     recomputed, logged = {}, {}
     for key, probabilities in shift_predictions(model, rebuilt.data.local_dir, rebuilt.manifest, rows, suite).items():
         for name, value in cell_report(probabilities, labels, n_bins).items():
@@ -175,7 +176,7 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     probabilities = predict_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rows)
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     tags = record.tags
-    recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", 15)))
+    recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", DEFAULT_N_BINS)))
     # calibflow.names' tags (test/calibrated/ece, ...), or a version registered before them (ece_post, ...)
     logged = {name: float(version_tag(tags, on_test(CALIBRATED, name)))
               for name in ("ece", "accuracy", "nll", "brier", "mce")}

@@ -22,6 +22,7 @@ import numpy as np
 from calibflow.corruptions import CORRUPTION_VERSION, corrupt_batch
 from calibflow.disk_cache import cached_array
 from calibflow.names import CALIBRATED, UNCALIBRATED, shift_metric
+from calibflow.progress import progress_bar
 
 SUITE_TAG = "shift_suite"  # the registered version's suite (JSON), for `calibflow evaluate` and `calibflow gate`
 METRICS = ("accuracy", "ece", "nll")
@@ -71,28 +72,36 @@ def _digest(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
-def corrupted_images(images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Path | None = None
-                     ) -> dict[str, np.ndarray]:
-    """Each cell's corrupted copy of uint8 images (N, H, W, C), cached by their bytes."""
+def corrupted_images(images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Path | None = None,
+                     progress: str | None = None) -> dict[str, np.ndarray]:
+    """Each cell's corrupted copy of uint8 images (N, H, W, C), cached by their bytes; `progress`:
+    the label of a progress bar over the images of every cell (on a terminal only)."""
     images = np.ascontiguousarray(images_nhwc)
     content = _digest(str(images.shape), images.tobytes())
     out = {}
-    for corruption, severity in suite.cells:
-        key = suite.key(corruption, severity)
-        path = (Path(cache_dir) / "images" / f"{_digest(content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
-                if cache_dir else None)
-        out[key] = cached_array(path, lambda c=corruption, s=severity: corrupt_batch(images, c, s, suite.seed))
+    with progress_bar(len(images) * len(suite.cells), progress or "", enabled=progress is not None) as bar:
+        for corruption, severity in suite.cells:
+            key = suite.key(corruption, severity)
+            path = (Path(cache_dir) / "images" / f"{_digest(content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
+                    if cache_dir else None)
+            out[key] = cached_array(path, lambda c=corruption, s=severity: corrupt_batch(images, c, s, suite.seed))
+            bar.update(len(images))
     return out
 
 
 def suite_logits(corrupted: Mapping[str, np.ndarray], logits_of: Callable[[np.ndarray], np.ndarray],
-                 model_digest: str, cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
-    """The network's logits on each cell's images, cached by the images' bytes and `model_digest`."""
+                 model_digest: str, cache_dir: str | Path | None = None,
+                 progress: str | None = None) -> dict[str, np.ndarray]:
+    """The network's logits on each cell's images, cached by the images' bytes and `model_digest`;
+    `progress`: the label of a progress bar over the images of every cell (on a terminal only)."""
     out = {}
-    for key, images in corrupted.items():
-        path = (Path(cache_dir) / "logits" / f"{_digest(model_digest, str(images.shape), images.tobytes())}.npz"
-                if cache_dir else None)
-        out[key] = cached_array(path, lambda images=images: np.asarray(logits_of(images)))
+    total = sum(len(images) for images in corrupted.values())
+    with progress_bar(total, progress or "", enabled=progress is not None) as bar:
+        for key, images in corrupted.items():
+            path = (Path(cache_dir) / "logits" / f"{_digest(model_digest, str(images.shape), images.tobytes())}.npz"
+                    if cache_dir else None)
+            out[key] = cached_array(path, lambda images=images: np.asarray(logits_of(images)))
+            bar.update(len(images))
     return out
 
 

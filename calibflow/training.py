@@ -18,7 +18,6 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from calibflow.config import TrainConfig
 from calibflow.images import channel_stats
@@ -26,6 +25,7 @@ from calibflow.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposu
 from calibflow.metrics import expected_calibration_error
 from calibflow.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
 from calibflow.resume import EpochCheckpoints, random_states, restore_random_states
+from calibflow.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -184,11 +184,7 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
     steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size > 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
                                 weight_decay=config.weight_decay)
-    total_steps = config.epochs * steps_per_epoch
-    # OneCycleLR divides by its warm-up's last step, pct_start * total_steps - 1: that is 0 for
-    # exactly 4 steps at 0.25 (a tiny dataset trained for one epoch), so warm up a little longer there.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                   pct_start=0.3 if total_steps == 4 else 0.25)
+    schedule = one_cycle_schedule(optimizer, config.lr, config.epochs * steps_per_epoch)
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
     mixer = BatchMixer(config.mix, config.mix_alpha, spec.num_classes)
@@ -204,17 +200,20 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
         for stats in history if on_epoch_end is not None else ():
             on_epoch_end(stats)  # the resumed run's curves are whole
     first_epoch = len(history) + 1
-    bar = tqdm(range(first_epoch, config.epochs + 1), desc="train", unit="epoch", disable=not progress, leave=True,
-               initial=first_epoch - 1, total=config.epochs)
-    for epoch in bar:
+    images_per_epoch = sum(size for size in _batch_sizes(n, config.batch_size) if size > 1)
+    bar = progress_bar(config.epochs * images_per_epoch, "train", enabled=progress, leave=True)
+    bar.update((first_epoch - 1) * images_per_epoch)  # the epochs a killed run completed
+    for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=runtime.device)
         seen = 0
         order = torch.randperm(n, device=runtime.device, generator=generator)
-        for batch_index in order.split(config.batch_size):
+        for step, batch_index in enumerate(order.split(config.batch_size), start=1):
             if len(batch_index) < 2:  # BatchNorm cannot train on a single sample
                 continue
+            bar.set_description_str(f"train epoch {epoch}/{config.epochs} batch {step}/{steps_per_epoch}",
+                                    refresh=False)
             images, targets = x_train[batch_index], y_train[batch_index]
             if config.augment:
                 images = random_translate(images, max_shift, config.hflip, generator)
@@ -245,6 +244,7 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
             schedule.step()
             loss_sum += loss.detach() * len(batch_index)
             seen += len(batch_index)
+            bar.update(len(batch_index))  # no host sync: on a GPU the bar runs ahead of its queue
         # The one host sync of the epoch: it also waits for the GPU's queued steps, so the clock
         # read after it times the training steps alone.
         train_loss = (loss_sum / max(seen, 1)).item()
@@ -273,8 +273,19 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
         bar.set_postfix(postfix)
         if on_epoch_end is not None:
             on_epoch_end(stats)
+    bar.close()
     model.eval()
     return model.cpu(), history
+
+
+def one_cycle_schedule(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int
+                       ) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle learning rate over `total_steps`, warming up over the first quarter. OneCycleLR
+    divides by its warm-up's last step, pct_start * total_steps - 1: that is 0 at exactly 4 steps
+    (e.g. one epoch over at most 256 images), where it raised ZeroDivisionError; warm up a little
+    longer there."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=0.3 if total_steps == 4 else 0.25)
 
 
 def _batch_sizes(n: int, batch_size: int) -> list[int]:
@@ -308,8 +319,9 @@ def validation_metrics(model: ImageClassifier, images: torch.Tensor, labels: tor
 
 @torch.no_grad()
 def collect_logits(model: ImageClassifier, images: torch.Tensor, batch_size: int = 512,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
-    """Logits of `images` in fp32, under eval() (BatchNorm running stats, no dropout) and no_grad.
+                   device: str | torch.device = "cpu", progress: str | None = None) -> torch.Tensor:
+    """Logits of `images` in fp32, under eval() (BatchNorm running stats, no dropout) and no_grad;
+    `progress`: the label of a progress bar (on a terminal only), None for none.
 
     Always fp32, even where training used bf16: the temperature is fitted to these logits and
     the registered model serves fp32 logits, so both must be the same numbers.
@@ -317,7 +329,9 @@ def collect_logits(model: ImageClassifier, images: torch.Tensor, batch_size: int
     model.eval()
     model.to(device)
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
-        outputs.append(model(batch).float().cpu())
+    with progress_bar(len(images), progress or "", enabled=progress is not None) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device)
+            outputs.append(model(batch).float().cpu())
+            bar.update(len(batch))
     return torch.cat(outputs) if outputs else torch.empty(0, 0)

@@ -10,31 +10,41 @@ promotion.auto a run that passes them all becomes @champion, otherwise it stays 
 and CD decides with `calibflow gate` / `calibflow promote`.
 
 A run that fails anywhere (bad data, a gate, a store) is tagged failed in MLflow, registers
-nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed. Every
+nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed. An
+expected refusal (calibflow.errors: bad data, a failed gate, bad params) ends it by returning a
+Failed state that carries the error, so Prefect logs the message and no traceback; calling the
+flow still raises that error. Every
 local file is written before the registry is touched, and a failure after registration takes the
 version back (registry.undo_registration); when even that fails, RegistrationLeftBehind says so.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
-from calibflow.config import load_config
+from calibflow import errors
+from calibflow.config import ConfigError, load_config
+from calibflow.gates import GatesFailed
 from calibflow.resume import checkpoint_root
 from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, check_outlier_data,
-                            collect_logits, collect_shift_aware_logits, collect_shift_logits, evaluate_calibration,
-                            evaluate_decisions, evaluate_ood, evaluate_shift, fit_calibration, fit_decisions,
-                            train_model)
+                            check_run_settings, collect_logits, collect_shift_aware_logits, collect_shift_logits,
+                            evaluate_calibration, evaluate_decisions, evaluate_ood, evaluate_shift, fit_calibration,
+                            fit_decisions, train_model)
 from tasks.tracking import (discard_metrics_report, end_leftovers_of_killed_runs, find_unchanged_champion, finish_run,
                             promote_to_champion, publish_metrics_report, publish_summary, register_model,
                             stage_metrics_report, start_run, undo_registration)
 
 
-class GatesFailed(RuntimeError):
-    """The calibrated model did not pass params.yaml's gates; it was not registered."""
+def refused(error: Exception):
+    """The flow's end on an expected refusal: a Failed state with the message (Prefect's log shows
+    no traceback), whose result raises `error` for the caller (the CLI's exit code)."""
+    return Failed(message=f"{type(error).__name__}: {errors.one_line(error)}", data=error)
 
 
 def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
@@ -62,7 +72,10 @@ def take_back(version, error: Exception) -> Exception:
 def train_calibrate_register(params_path: str = "params.yaml", overrides: list[str] | None = None,
                              data_rev: str | None = None, repo_root: str = ".", force: bool = False) -> dict:
     overrides = list(overrides or [])
-    config = load_config(f"{repo_root}/{params_path}" if not params_path.startswith("/") else params_path, overrides)
+    try:
+        config = load_config(Path(repo_root) / params_path, overrides)  # an absolute params_path stays as it is
+    except ConfigError as error:
+        return refused(error)
     run = start_run(config, repo_root, overrides)
     end_leftovers_of_killed_runs(run, config, repo_root)
     evaluation = fit = verdict = report = version = None
@@ -79,6 +92,7 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root)
+        check_run_settings(manifest, split, config)
         check_decision_settings(manifest, split, config)
         ood_data = check_ood_data(repo_root, manifest, config, run.work_dir, run.run_id)
         outliers = check_outlier_data(repo_root, manifest, ood_data, config, run.work_dir, run.run_id)
@@ -124,10 +138,15 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
             discard_metrics_report(report)
         failure = error if version is None else take_back(version, error)
         record_failure(run, failure, evaluation, fit, verdict)
+        if errors.is_refusal(failure):
+            if failure is not error:
+                failure.__cause__ = error
+            return refused(failure)
         if failure is error:
             raise
         raise failure from error
     publish_summary(run, "registered", evaluation, fit, verdict, version)
     return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name,
             "version": version.version, "alias": alias, "calibration_method": fit.method, "temperature": fit.temperature,
-            "test_before": evaluation.before, "test_after": evaluation.after}
+            "test_before": evaluation.before, "test_after": evaluation.after, "gates": verdict.to_json(),
+            "tracking_uri": run.tracking_uri}

@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-from calibflow import registry
-from calibflow.calibration import CalibrationError
-from calibflow.config import ConfigError
-from calibflow.decisions import DecisionInfeasible, DecisionSettingsError
-from calibflow.manifest import ManifestError
-from calibflow.pipeline import ReportError
-from calibflow.resume import CheckpointError
-from calibflow.validation import DataValidationError
-from calibflow.versioning import DataVersionError
+import logging
 
-# Errors that name a problem in the user's data or settings: retrying cannot fix them.
-PERMANENT_ERRORS = (ConfigError, DataVersionError, DataValidationError, CalibrationError, ManifestError, LookupError,
-                    ReportError, DecisionInfeasible, DecisionSettingsError, CheckpointError)
-# Errors that already waited their turn: a tracking server that did not answer through MLflow's own
-# HTTP retries (a task retry would repeat them all, so a dead server took 20 minutes to report), a
-# promotion lock not freed within its wait, a registration that could not be taken back (a retry
-# would register yet another version).
-ALREADY_RETRIED = (registry.StoreUnreachable, registry.PromotionConflict, registry.RegistrationLeftBehind)
+from calibflow import errors
 
 
 def retry_transient_only(task, task_run, state) -> bool:
     """Prefect retry condition: retry store hiccups (a locked database, an error answer), not the
-    user's mistakes, nor what has been retried already."""
+    user's mistakes, nor what has been retried already (calibflow.errors)."""
     try:
         state.result()
-    except PERMANENT_ERRORS + ALREADY_RETRIED:
-        return False
     except Exception as error:
-        return not registry.unreachable(error)
+        return errors.may_retry(error)
     return True
+
+
+class QuietRefusals(logging.Filter):
+    """Prefect logs every failed task and flow run with its traceback. An expected refusal (data
+    that fails validation, a failed gate, bad params) is a normal outcome: its log line keeps the
+    message and loses the traceback; an unexpected error keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and errors.is_refusal(error):
+            record.msg, record.args = f"{type(error).__name__}: {errors.one_line(error)}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    if not any(isinstance(f, QuietRefusals) for f in logging.getLogger(_name).filters):
+        logging.getLogger(_name).addFilter(QuietRefusals())

@@ -13,6 +13,7 @@ from calibflow import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
 from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
+from calibflow import promotion
 from calibflow.promotion import GateReport
 from calibflow.training import EpochStats
 from calibflow.versioning import DataVersion
@@ -31,6 +32,12 @@ def check_gate_power(manifest: pipeline.ManifestRecord, split: pipeline.SplitRec
         get_run_logger().warning(warning)
         registry.set_tags(run_id, {"gate_power_warning": warning[:5000]})
     return warning
+
+
+@task(name="check-run-settings", cache_policy=NO_CACHE)
+def check_run_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
+    """Before training: a calibrator, split sizes or gates that cannot work on this data."""
+    pipeline.check_run_settings(config, manifest.classes, split.sizes)
 
 
 @task(name="check-decision-settings", cache_policy=NO_CACHE)
@@ -233,8 +240,11 @@ def apply_gates(test_logits: str, fit: pipeline.CalibrationRecord, data: DataVer
                 manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
                 run_id: str, decisions: str | None = None, shift_logits: str | None = None,
                 ood: pipeline.OODEvaluation | None = None) -> GateReport:
-    report = pipeline.gate_run(config.registry.model_name, test_logits, fit, data.local_dir, manifest.path,
-                               split.path, config.gates, config.evaluation.n_bins, decisions, shift_logits, ood)
+    candidate = pipeline.candidate_predictions(test_logits, fit, decisions, shift_logits, ood)
+    # The champion's side of the relative gates comes from the registry: here, not in the library.
+    report = promotion.gate_logits(config.registry.model_name, candidate.probabilities, candidate.rows,
+                                   data.local_dir, manifest.path, split.path, config.gates, config.evaluation.n_bins,
+                                   candidate.decisions, candidate.shifted, candidate.ood)
     report = dataclasses.replace(report, candidate=f"run {run_id}")
     registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
     registry.log_metrics(run_id, pipeline.gate_metrics(report.verdict))

@@ -21,6 +21,7 @@ def _load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_and_agrees_with_peers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _load_benchmark()
     results = bench.main(["--quick", "--json", str(tmp_path / "speed.json")])
@@ -42,6 +43,7 @@ def test_quick_benchmark_runs_and_agrees_with_peers(tmp_path: Path, capsys: pyte
         assert t[key] > 0
 
 
+@pytest.mark.slow
 def test_gate_soundness_benchmark_writes_one_record_per_cell(tmp_path: Path, monkeypatch) -> None:
     spec = importlib.util.spec_from_file_location("gate_soundness", BENCH.parent / "gate_soundness.py")
     bench = importlib.util.module_from_spec(spec)
@@ -71,6 +73,7 @@ def _load(name: str, monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_decision_guarantees_quick_run_reports_every_rule_and_score(tmp_path: Path, monkeypatch, capsys) -> None:
     """Synthetic logits (no CIFAR training), 20 calibration draws per case: the pipeline's procedure
     runs end to end and the report is complete and self-consistent."""
@@ -124,6 +127,7 @@ def test_threshold_stability_quick_run_compares_raw_and_calibrated(tmp_path: Pat
     assert rows[("calibrated", "cost 1:4")]["rate"]["std"] < rows[("raw", "cost 1:4")]["rate"]["std"]
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_pairs_the_project_with_a_bare_loop_doing_the_same_work(tmp_path: Path, capsys,
                                                                                       monkeypatch) -> None:
     """Tiny settings: the structure of the report and that the bare loop trains the same weights;

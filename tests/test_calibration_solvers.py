@@ -1,4 +1,4 @@
-"""The two solves inside calibflow.calibration.fit_temperature, checked against each other and
+"""The two solves inside calibflow.temperature.fit_temperature, checked against each other and
 piece by piece: the warm-started Halley solve large splits get, with its curvature terms, blocked
 passes and fallback, against the bracketed Newton solve."""
 
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from calibflow import calibration as C
-from calibflow.calibration import fit_temperature
-from tests.test_calibration import _reference_temperature, _sample
+from calibflow import temperature as C
+from calibflow.temperature import fit_temperature
+from tests.test_temperature import _reference_temperature, _sample
 
 
 def _count_full_passes(monkeypatch: pytest.MonkeyPatch, n_rows: int) -> list[int]:
@@ -27,6 +27,7 @@ def _count_full_passes(monkeypatch: pytest.MonkeyPatch, n_rows: int) -> list[int
     return calls
 
 
+@pytest.mark.slow
 def test_both_solvers_agree_and_warm_start_saves_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     # A split as large as the benchmark's: the warm-started solve (the default from
     # WARM_START_MIN_ROWS rows) lands on the bracketed solve's root and NLLs in fewer full passes.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from calibflow import calibrators as CB
-from calibflow.calibration import CalibrationError, fit_temperature
+from calibflow.temperature import CalibrationError, fit_temperature
 from calibflow.metrics import expected_calibration_error, probability_nll
 
 
@@ -371,6 +371,7 @@ def test_auto_picks_temperature_for_a_global_temperature() -> None:
     json.dumps(rows)
 
 
+@pytest.mark.slow
 def test_auto_picks_a_richer_map_for_class_dependent_miscalibration() -> None:
     z, y = _class_dependent(seed=23, n=3000, k=5)
     chosen, rows = CB.select_calibrator(z, y, n_folds=5, seed=0)
@@ -447,3 +448,18 @@ def test_cuda_matches_cpu() -> None:
         q = gpu.transform(z.cuda())
         assert q.device.type == "cuda"
         torch.testing.assert_close(q.cpu(), cpu.transform(z), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_auto_honours_the_temperature_search_range_in_its_folds_and_its_refit() -> None:
+    # overconfident by 3: the optimum T is about 3, outside [0.05, 2], so temperature scaling can
+    # only fail there (an optimum on the boundary); auto must search the configured range, not its own
+    z, y = _overconfident(seed=3, n=2000, k=4)
+    unbounded = CB.fit_calibrator("auto", z, y)
+    assert not next(r for r in unbounded.selection if r["method"] == "temperature")["error"]
+    bounded = CB.fit_calibrator("auto", z, y, min_temperature=0.05, max_temperature=2.0)
+    temperature_row = next(r for r in bounded.selection if r["method"] == "temperature")
+    assert "boundary" in temperature_row["error"] or "range" in temperature_row["error"], temperature_row["error"]
+    assert bounded.method != "temperature"
+    wide = CB.fit_calibrator("auto", z, y, min_temperature=0.5, max_temperature=10.0, methods=("temperature",))
+    assert wide.method == "temperature" and (wide.min_temperature, wide.max_temperature) == (0.5, 10.0)

@@ -49,6 +49,7 @@ def test_ensemble_serves_the_mean_of_its_members_calibrated_probabilities():
     np.testing.assert_allclose(served.sum(1), 1.0, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_shared_temperature_minimises_the_nll_of_the_members_mean():
     _, models = members(3)
     x = images(200)
@@ -61,6 +62,7 @@ def test_shared_temperature_minimises_the_nll_of_the_members_mean():
     assert ensemble_nll(logits, y, t) <= ensemble_nll(logits, y, 1.0)
 
 
+@pytest.mark.slow
 def test_per_member_methods_other_than_temperature_are_fitted_one_by_one():
     _, models = members(2)
     x = images(200)

@@ -332,9 +332,11 @@ def test_failing_gate_registers_nothing_and_moves_no_alias(tiny_repo, capsys):
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
     report_before = (tiny_repo / "reports" / "metrics.json").read_text()
 
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "gates.max_ece=0.0", "--set", "seed=3"]) == 1
+    # min_accuracy 0.95 on 60 test images: passable only by a model right on all of them (a
+    # threshold no model could pass, such as max_ece 0, is refused before training with exit 2)
+    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "gates.min_accuracy=0.95", "--set", "seed=3"]) == 1
     message = capsys.readouterr().err
-    assert "nothing registered" in message and "max_ece" in message and "FAIL" in message
+    assert "nothing registered" in message and "min_accuracy" in message and "FAIL" in message
 
     client = mlflow_client(tiny_repo)
     assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]

@@ -22,6 +22,7 @@ def pass_rate(n, trials, rng, gates=GATES):
     return np.mean([evaluate_gates(true_model(n, rng), gates, report_estimates=False).passed for _ in range(trials)])
 
 
+@pytest.mark.slow
 def test_planned_size_gives_the_planned_power_on_the_true_model():
     rng = np.random.default_rng(0)
     measured = true_model(4000, rng)  # what the candidate's test split showed
@@ -39,6 +40,7 @@ def test_a_model_beyond_a_threshold_gets_no_size():
     assert plan.needed is None and "no size up to 50,000" in plan.describe()
 
 
+@pytest.mark.slow
 def test_thresholds_only_plan_for_the_default_gates_fits_the_default_digits_test_split():
     plan = plan_from_thresholds(GatesConfig(), n_classes=10, simulations=100)
     # More than the 267 test images of the former default split (the flow warned), no more than
@@ -60,6 +62,7 @@ def test_power_out_of_range_is_refused():
         plan_from_thresholds(GATES, power=2.0)
 
 
+@pytest.mark.slow
 def test_the_flow_warns_on_a_test_split_too_small_for_the_gates():
     from calibflow.gate_plan import small_test_split_warning
 
@@ -71,6 +74,7 @@ def test_the_flow_warns_on_a_test_split_too_small_for_the_gates():
     assert impossible is not None and "no model can pass" in impossible
 
 
+@pytest.mark.slow
 def test_the_gate_power_warning_is_read_back_for_the_same_settings_and_recomputed_for_others(tmp_path, monkeypatch):
     from calibflow import gate_plan
 
@@ -89,6 +93,7 @@ def test_the_gate_power_warning_is_read_back_for_the_same_settings_and_recompute
     assert len(calls) == 4
 
 
+@pytest.mark.slow
 def test_the_gate_power_cache_key_covers_the_gate_code(tmp_path, monkeypatch):
     from calibflow import disk_cache, gate_plan
 

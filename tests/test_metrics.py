@@ -13,6 +13,7 @@ from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
 from torchmetrics.classification import MulticlassCalibrationError
 
 from calibflow import metrics as M
+from calibflow.metrics import binned, bootstrap
 
 # Five samples, three classes, 5 bins with edges 0, .2, .4, .6, .8, 1 and (lo, hi] bins.
 HAND_PROBS = [
@@ -434,7 +435,7 @@ def test_bootstrap_indices_shape_range_determinism_and_blocks() -> None:
     assert not torch.equal(idx, M.bootstrap_indices(50, 40, seed=4))
     # the CI code draws the same resamples block by block, whatever the block size
     for rows in (1, 7, 40):
-        assert torch.equal(torch.cat(list(M._index_blocks(50, 40, 3, rows, None))), idx)
+        assert torch.equal(torch.cat(list(bootstrap._index_blocks(50, 40, 3, rows, None))), idx)
     with pytest.raises(ValueError, match="n_resamples"):
         M.bootstrap_indices(10, 0, seed=0)
 
@@ -446,12 +447,12 @@ def test_vectorised_resamples_equal_a_loop_over_resamples(k: int) -> None:
     z, y = _random_case(seed=k, n=700, k=k)
     probs = torch.softmax(z, dim=1)
     idx = M.bootstrap_indices(700, 6, seed=1)
-    sample = M._Sample(probs, y, 15)
-    counts = M._counts(idx, 700)
+    sample = binned._Sample(probs, y, 15)
+    counts = bootstrap._counts(idx, 700)
     for name in M.METRIC_NAMES:
-        point = M._point_metric(name, 15)
+        point = bootstrap._point_metric(name, 15)
         looped = np.array([point(probs[r], y[r]) for r in idx])
-        batched = M._batched_metric(name)(sample, counts).numpy()
+        batched = bootstrap._batched_metric(name)(sample, counts).numpy()
         np.testing.assert_allclose(batched, looped, rtol=0, atol=1e-12, err_msg=name)
 
 
@@ -461,7 +462,7 @@ def test_bootstrap_ci_named_equals_callable() -> None:
     probs = torch.softmax(z, dim=1)
     for name, fn in (("ece", M.expected_calibration_error), ("adaptive_ece", M.adaptive_calibration_error)):
         named = M.bootstrap_ci(name, probs, y, n_resamples=60, seed=2)
-        called = M.bootstrap_ci(lambda p, t: fn(p, t), probs, y, n_resamples=60, seed=2)
+        called = M.bootstrap_ci(lambda p, t: fn(p, t), probs, y, n_resamples=60, seed=2)  # noqa: B023 (called here)
         assert named.estimate == pytest.approx(called.estimate, abs=1e-12)
         assert named.low == pytest.approx(called.low, abs=1e-12)
         assert named.high == pytest.approx(called.high, abs=1e-12)
@@ -476,6 +477,7 @@ def _population(seed: int = 0, n: int = 200_000, k: int = 10) -> tuple[torch.Ten
     return torch.softmax(z, dim=1), y
 
 
+@pytest.mark.slow
 def test_bootstrap_ci_contains_population_value() -> None:
     probs, y = _population()
     g = torch.Generator().manual_seed(1)
@@ -483,7 +485,7 @@ def test_bootstrap_ci_contains_population_value() -> None:
     for name in ("ece", "adaptive_ece", "mce", "brier", "nll", "accuracy", "debiased_ece", "classwise_ece"):
         if name == "mce":
             continue  # a max over bins: its sample value is biased and the percentile CI is not valid for it
-        truth = M._point_metric(name, 15)(probs, y)
+        truth = bootstrap._point_metric(name, 15)(probs, y)
         ci = M.bootstrap_ci(name, probs[rows], y[rows], n_resamples=400, confidence=0.99, seed=0)
         assert ci.low <= ci.estimate <= ci.high, name
         assert ci.low <= truth <= ci.high, (name, truth, ci)

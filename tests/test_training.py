@@ -1,3 +1,7 @@
+import io
+import re
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -49,13 +53,41 @@ def test_training_learns_and_reports_each_epoch():
     assert history[-1].train_loss < history[0].train_loss
 
 
-@pytest.mark.parametrize("epochs", [1, 2, 4])
-def test_any_number_of_scheduler_steps_trains(epochs):
-    # 4 images a class, batches of 3: 4 steps an epoch; one epoch of 4 steps once divided by zero
+@pytest.mark.parametrize("steps", range(1, 9))
+def test_any_number_of_scheduler_steps_trains(steps):
+    # one batch of all 12 images an epoch: `steps` epochs are `steps` one-cycle steps; exactly 4
+    # (one epoch over at most 256 images at batch 64) once divided by zero inside OneCycleLR
     x, y = blobs(n_per_class=4)
-    _, history = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=epochs, batch_size=3, lr=0.05), seed=0,
+    _, history = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=steps, batch_size=12, lr=0.05), seed=0,
                                   progress=False)
-    assert len(history) == epochs and all(np.isfinite(h.train_loss) for h in history)
+    assert len(history) == steps and all(np.isfinite(h.train_loss) for h in history)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_training_shows_progress_within_each_epoch_and_logits_their_own(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    x, y = blobs(n_per_class=8)  # 24 images, batches of 8: 3 steps an epoch
+    model, _ = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=2, batch_size=8, lr=0.05), seed=0)
+    collect_logits(model, x, batch_size=10, progress="logits test")
+    shown = terminal.getvalue()
+    # drawn at least at each epoch's end (more often when slower than tqdm's redraw interval)
+    assert "train epoch 1/2 batch 3/3:  50%" in shown and "train epoch 2/2 batch 3/3: 100%" in shown
+    assert "48/48" in shown and "img/s" in shown  # both epochs' images, and their rate
+    assert re.search(r"logits test: +\d+%\|.*\| \d+/24 ", shown)  # cleared when done: a run's log keeps train's
+
+
+def test_off_a_terminal_no_bar_is_drawn(monkeypatch):
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    x, y = blobs(n_per_class=8)
+    model, _ = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=1, batch_size=8, lr=0.05), seed=0)
+    collect_logits(model, x, progress="logits test")
+    assert captured.getvalue() == ""
 
 
 def test_same_seed_gives_the_same_weights():

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.metrics import ArrayLike
 
 # An optimum this close (in log T) to an end of the search range is treated as "on the bound":
@@ -376,8 +377,8 @@ def _halley_from(objective: _Objective, t: float, t_lo: float, t_hi: float, max_
 def fit_temperature(
     logits: ArrayLike,
     labels: ArrayLike,
-    min_temperature: float = 0.05,
-    max_temperature: float = 20.0,
+    min_temperature: float = DEFAULT_MIN_TEMPERATURE,
+    max_temperature: float = DEFAULT_MAX_TEMPERATURE,
     tol: float = 1e-10,
     max_iter: int = 100,
 ) -> TemperatureFit:

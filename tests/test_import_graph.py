@@ -1,0 +1,120 @@
+"""The library's layering, read from the source (no import is executed): calibflow/ is plain
+Python over files, MLflow lives in calibflow/registry.py, Prefect in tasks/ and flows/.
+
+- Only registry.py (and the CLI, for MLflow's exception class and Prefect's API setting) names
+  MLflow or Prefect in an import statement, anywhere in the file.
+- Importing any other module, except the few that are the registry's API for the CLI (REGISTRY_SIDE),
+  does not load MLflow, Prefect or calibflow.registry: the transitive closure of their module-level
+  imports reaches none of them. Imports inside functions run only when called, and are allowed for
+  modules that choose a store on request (errors.py, reading registry's exception classes).
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+FRAMEWORKS = ("mlflow", "prefect")
+MAY_IMPORT_FRAMEWORKS = {"calibflow.registry", "calibflow.cli"}
+# Modules that read or move registered versions on the CLI's behalf: they import registry
+# (monitor and recalibrate: `calibflow monitor` / `recalibrate`, issue 14).
+REGISTRY_SIDE = {"calibflow.registry", "calibflow.cli", "calibflow.promotion", "calibflow.reproduce",
+                 "calibflow.served_model", "calibflow.monitor", "calibflow.recalibrate"}
+
+
+def _imported(node: ast.AST, package: str) -> list[str]:
+    """Module names an import statement loads (`from calibflow import registry` loads calibflow.registry)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:  # relative: from . import x
+            parent = package.split(".")[: len(package.split(".")) - node.level]
+            base = ".".join(parent + ([base] if base else []))
+        return [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return []
+
+
+def _module_level(tree: ast.Module):
+    """Statements that run on import: the module body, into if/try/with blocks, not into functions or classes."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        yield node
+        if isinstance(node, (ast.If, ast.Try, ast.With)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                pending.extend(getattr(node, field, []))
+        elif isinstance(node, ast.ExceptHandler):
+            pending.extend(node.body)
+
+
+@cache
+def import_graph(package_dir: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """({module: names imported anywhere in it}, {module: names imported at module level})."""
+    anywhere, on_import = {}, {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        tree = ast.parse(path.read_text(), str(path))
+        anywhere[name] = _with_parents({m for node in ast.walk(tree) for m in _imported(node, name)})
+        on_import[name] = _with_parents({m for node in _module_level(tree) for m in _imported(node, name)})
+    return anywhere, on_import
+
+
+def _with_parents(modules: set[str]) -> set[str]:
+    """Importing a.b.c runs a/__init__ and a/b/__init__ first."""
+    return {".".join(m.split(".")[:i]) for m in modules for i in range(1, len(m.split(".")) + 1)}
+
+
+def loads_on_import(module: str, on_import: dict[str, set[str]]) -> set[str]:
+    """Every module importing `module` loads: the transitive closure over the package's own modules."""
+    seen, pending = set(), [module]
+    while pending:
+        current = pending.pop()
+        for imported in on_import.get(current, ()):
+            if imported not in seen:
+                seen.add(imported)
+                pending.append(imported)
+    return seen
+
+
+def _frameworks(names: set[str]) -> set[str]:
+    return {n for n in names if n.split(".")[0] in FRAMEWORKS}
+
+
+def test_only_the_registry_and_the_cli_import_mlflow_or_prefect():
+    anywhere, _ = import_graph(REPO / "calibflow")
+    offenders = {module: sorted(_frameworks(names)) for module, names in anywhere.items()
+                 if module not in MAY_IMPORT_FRAMEWORKS and _frameworks(names)}
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("module", sorted(set(import_graph(REPO / "calibflow")[1]) - REGISTRY_SIDE))
+def test_importing_the_library_loads_neither_mlflow_prefect_nor_the_registry(module):
+    _, on_import = import_graph(REPO / "calibflow")
+    loaded = loads_on_import(module, on_import)
+    assert _frameworks(loaded) == set()
+    assert "calibflow.registry" not in loaded
+
+
+def test_the_pipeline_hands_the_gates_ready_predictions_and_never_reads_the_champion():
+    _, on_import = import_graph(REPO / "calibflow")
+    assert not {"calibflow.promotion", "calibflow.reproduce"} & loads_on_import("calibflow.pipeline", on_import)
+
+
+def test_the_scan_sees_an_import_through_another_module_and_ignores_one_inside_a_function(tmp_path):
+    package = tmp_path / "lib"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "core.py").write_text("from lib import helper\n")
+    (package / "helper.py").write_text("try:\n    import mlflow.pyfunc\nexcept ImportError:\n    pass\n")
+    (package / "lazy.py").write_text("def load():\n    from prefect import flow\n")
+    anywhere, on_import = import_graph(package)
+    assert _frameworks(loads_on_import("lib.core", on_import)) == {"mlflow", "mlflow.pyfunc"}
+    assert _frameworks(loads_on_import("lib.lazy", on_import)) == set()
+    assert _frameworks(anywhere["lib.lazy"]) == {"prefect", "prefect.flow"}

@@ -38,6 +38,7 @@ test-all: $(STAMP) lint
 
 lint: $(STAMP)
 	ruff check .
+	ruff format --check .
 
 setup: $(STAMP)
 

@@ -49,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = rebuilt.split.indices["test"]
     order = np.random.default_rng(0).permutation(len(rows))  # the halves, seeded
     half = min(args.max_images, len(rows) // 2)
-    reference_rows, new_rows = rows[order[:half]], rows[order[half:2 * half]]
+    reference_rows, new_rows = rows[order[:half]], rows[order[half : 2 * half]]
     labels = rebuilt.manifest["label_index"].to_numpy()
     reference = predict_in_batches(model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest, reference_rows))
-    thresholds = {score: atc_threshold(reference, labels[reference_rows], score)
-                  for score in ("negative_entropy", "max_probability")}
+    thresholds = {
+        score: atc_threshold(reference, labels[reference_rows], score)
+        for score in ("negative_entropy", "max_probability")
+    }
     new_images = decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest, new_rows)
     truth_labels = labels[new_rows]
 
@@ -63,25 +65,39 @@ def main(argv: list[str] | None = None) -> int:
         images = new_images if corruption == "clean" else corrupt_batch(new_images, corruption, severity, seed=0)
         probabilities = predict_in_batches(model, images)
         truth = float(np.mean(probabilities.argmax(axis=1) == truth_labels))
-        estimates = {"cbpe": cbpe_accuracy(probabilities),
-                     "atc_ne": atc_accuracy(probabilities, thresholds["negative_entropy"], "negative_entropy"),
-                     "atc_mc": atc_accuracy(probabilities, thresholds["max_probability"], "max_probability")}
+        estimates = {
+            "cbpe": cbpe_accuracy(probabilities),
+            "atc_ne": atc_accuracy(probabilities, thresholds["negative_entropy"], "negative_entropy"),
+            "atc_mc": atc_accuracy(probabilities, thresholds["max_probability"], "max_probability"),
+        }
         rows_out.append((corruption, severity, truth, estimates))
-        print(f"{corruption:>17} s{severity} truth {truth:.3f}  " +
-              "  ".join(f"{k} {e.estimate:.3f}" for k, e in estimates.items()), flush=True)
+        print(
+            f"{corruption:>17} s{severity} truth {truth:.3f}  "
+            + "  ".join(f"{k} {e.estimate:.3f}" for k, e in estimates.items()),
+            flush=True,
+        )
 
     methods = ("cbpe", "atc_ne", "atc_mc")
-    lines = [f"{record.name} version {record.version}: {half} reference and {half} new test images, "
-             f"{len(cells)} cells (clean, and {len(CORRUPTION_NAMES)} corruptions at severities "
-             f"{', '.join(map(str, args.severities))}); {time.perf_counter() - started:.0f} s", "",
-             "| method | mean absolute error | max absolute error | mean signed error | 95% interval covered the truth |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"{record.name} version {record.version}: {half} reference and {half} new test images, "
+        f"{len(cells)} cells (clean, and {len(CORRUPTION_NAMES)} corruptions at severities "
+        f"{', '.join(map(str, args.severities))}); {time.perf_counter() - started:.0f} s",
+        "",
+        "| method | mean absolute error | max absolute error | mean signed error | 95% interval covered the truth |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for method in methods:
         errors = np.array([e[method].estimate - truth for _, _, truth, e in rows_out])
         covered = sum(e[method].lower <= truth <= e[method].upper for _, _, truth, e in rows_out)
-        lines.append(f"| {method} | {np.mean(np.abs(errors)):.3f} | {np.max(np.abs(errors)):.3f} | "
-                     f"{np.mean(errors):+.3f} | {covered} of {len(rows_out)} |")
-    lines += ["", "| cell | true accuracy | " + " | ".join(methods) + " |", "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+        lines.append(
+            f"| {method} | {np.mean(np.abs(errors)):.3f} | {np.max(np.abs(errors)):.3f} | "
+            f"{np.mean(errors):+.3f} | {covered} of {len(rows_out)} |"
+        )
+    lines += [
+        "",
+        "| cell | true accuracy | " + " | ".join(methods) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |",
+    ]
     for corruption, severity, truth, estimates in rows_out:
         name = "clean" if corruption == "clean" else f"{corruption} s{severity}"
         lines.append(f"| {name} | {truth:.3f} | " + " | ".join(f"{estimates[m].estimate:.3f}" for m in methods) + " |")

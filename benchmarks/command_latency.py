@@ -45,13 +45,15 @@ def timed(code_dir: Path, arguments: list[str]) -> float:
     # PYTHONSAFEPATH: the working directory (REPO) must not shadow code_dir on sys.path
     env = {**os.environ, "PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
     started = time.perf_counter()
-    finished = subprocess.run([sys.executable, "-m", "calibflow.cli", *arguments], cwd=REPO, env=env,
-                              capture_output=True, text=True)
+    finished = subprocess.run(
+        [sys.executable, "-m", "calibflow.cli", *arguments], cwd=REPO, env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     # gate of @champion against itself exits 0 or 1 by its verdict; anything else is a broken measurement
     if finished.returncode not in (0, 1):
-        raise SystemExit(f"calibflow {' '.join(arguments)} ({code_dir}) exited {finished.returncode}:\n"
-                         f"{finished.stderr[-2000:]}")
+        raise SystemExit(
+            f"calibflow {' '.join(arguments)} ({code_dir}) exited {finished.returncode}:\n{finished.stderr[-2000:]}"
+        )
     return seconds
 
 
@@ -76,16 +78,20 @@ def main(argv: list[str] | None = None) -> None:
                 measured[code].setdefault(name, []).append(timed(directory, arguments))
 
     load = os.getloadavg()[0]
-    print(f"\nfresh process, spawn to exit; median [min-max] of {args.repeats} runs; load average {load:.1f} on "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"\nfresh process, spawn to exit; median [min-max] of {args.repeats} runs; load average {load:.1f} on "
+        f"{os.cpu_count()} CPUs\n"
+    )
     columns = ["command", "this code (s)", *(["baseline (s)", "baseline / this"] if args.baseline else []), "target"]
     print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
     for name, values in measured["this code"].items():
         row = f"| `calibflow {name}` | {statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}] |"
         if args.baseline:
             before = measured["baseline"][name]
-            row += (f" {statistics.median(before):.2f} [{min(before):.2f}-{max(before):.2f}] |"
-                    f" {statistics.median(b / a for a, b in zip(values, before)):.1f}x |")
+            row += (
+                f" {statistics.median(before):.2f} [{min(before):.2f}-{max(before):.2f}] |"
+                f" {statistics.median(b / a for a, b in zip(values, before)):.1f}x |"
+            )
         target = TARGETS_S.get(name)
         row += f" {'< %.0f s: %s' % (target, 'met' if statistics.median(values) < target else 'NOT met') if target else ''} |"
         print(row)

@@ -113,8 +113,11 @@ def get_pool(name: str) -> tuple[np.ndarray, np.ndarray, float]:
 def _binary_truth(scores: np.ndarray, pos: np.ndarray, threshold: float) -> dict:
     pred = scores >= threshold
     n_pred, n_pos, tp = int(pred.sum()), int(pos.sum()), int((pred & pos).sum())
-    return {"precision": tp / n_pred if n_pred else float("nan"), "recall": tp / n_pos if n_pos else float("nan"),
-            "rate": n_pred / len(pred)}
+    return {
+        "precision": tp / n_pred if n_pred else float("nan"),
+        "recall": tp / n_pos if n_pos else float("nan"),
+        "rate": n_pred / len(pred),
+    }
 
 
 def oracle(logits: np.ndarray, labels: np.ndarray, case: Case) -> dict:
@@ -135,15 +138,23 @@ def oracle(logits: np.ndarray, labels: np.ndarray, case: Case) -> dict:
     tp = np.cumsum(pos[order])
     precision, recall = tp / np.arange(1, n + 1), tp / pos.sum()
     ok = np.flatnonzero(precision >= case.min_precision)
-    out["min_precision"] = {"recall": float(recall[ok[-1]]) if ok.size else 0.0,
-                            "rate": (ok[-1] + 1) / n if ok.size else 0.0}
+    out["min_precision"] = {
+        "recall": float(recall[ok[-1]]) if ok.size else 0.0,
+        "rate": (ok[-1] + 1) / n if ok.size else 0.0,
+    }
     first = int(np.flatnonzero(recall >= case.min_recall)[0])
     out["min_recall"] = {"precision": float(precision[first]), "rate": (first + 1) / n}
     return out
 
 
-def one_trial(logits: np.ndarray, labels: np.ndarray, case: Case, variant: str, rng: np.random.Generator,
-              apart: np.random.Generator) -> dict:
+def one_trial(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    case: Case,
+    variant: str,
+    rng: np.random.Generator,
+    apart: np.random.Generator,
+) -> dict:
     """One calibration draw: the pipeline's procedure on it, and the truth of what it chose."""
     n = len(labels)
     if variant in ("pool", "control"):
@@ -156,7 +167,7 @@ def one_trial(logits: np.ndarray, labels: np.ndarray, case: Case, variant: str, 
         fit_rows = apart.integers(0, n, case.n_cal) if variant == "control" else cal
     else:
         perm = rng.permutation(n)
-        cal, evaluate, test = perm[:case.n_cal], perm[case.n_cal:case.n_cal + case.n_test], None
+        cal, evaluate, test = perm[: case.n_cal], perm[case.n_cal : case.n_cal + case.n_test], None
         fit_rows = cal
     temperature = fit_temperature(logits[fit_rows], labels[fit_rows]).temperature
     probs = softmax(logits / temperature)  # all rows with the T fitted on the calibration part
@@ -205,9 +216,14 @@ def one_trial(logits: np.ndarray, labels: np.ndarray, case: Case, variant: str, 
             continue
         sets = D.prediction_sets(probs[e], qhat, score=s)
         hit = sets[np.arange(len(e)), y[e]]
-        out[s] = {"qhat": qhat, "n": len(e), "misses": int((~hit).sum()), "size_sum": int(sets.sum()),
-                  "class_hits": np.bincount(y[e][hit], minlength=classes).tolist(),
-                  "class_n": np.bincount(y[e], minlength=classes).tolist()}
+        out[s] = {
+            "qhat": qhat,
+            "n": len(e),
+            "misses": int((~hit).sum()),
+            "size_sum": int(sets.sum()),
+            "class_hits": np.bincount(y[e][hit], minlength=classes).tolist(),
+            "class_n": np.bincount(y[e], minlength=classes).tolist(),
+        }
         if test is not None:
             population_coverage = float(hit.mean())
             test_sets = D.prediction_sets(probs[test], qhat, score=s)
@@ -275,16 +291,30 @@ def family_verdicts(rows: list[dict]) -> int:
 
 def summarise(case: Case, variant: str, trials: list[dict]) -> list[dict]:
     rows = []
-    for name, target, _what in (("min_precision", case.min_precision, "precision"),
-                               ("min_recall", case.min_recall, "recall"),
-                               ("max_risk", case.max_risk, "risk")):
+    for name, target, _what in (
+        ("min_precision", case.min_precision, "precision"),
+        ("min_recall", case.min_recall, "recall"),
+        ("max_risk", case.max_risk, "risk"),
+    ):
         chosen = [t[name] for t in trials if t[name] is not None]
         k = sum(c["violated"] for c in chosen)
         n = len(trials)  # an infeasible target makes no claim, so it cannot violate one
         low, high = wilson(k, n)
-        row = {"table": "pac", "pool": case.pool, "n_cal": case.n_cal, "variant": variant, "rule": name,
-               "target": target, "delta": DELTA, "trials": n, "infeasible": n - len(chosen), "violations": k,
-               "rate": k / n, "wilson_low": low, "wilson_high": high}
+        row = {
+            "table": "pac",
+            "pool": case.pool,
+            "n_cal": case.n_cal,
+            "variant": variant,
+            "rule": name,
+            "target": target,
+            "delta": DELTA,
+            "trials": n,
+            "infeasible": n - len(chosen),
+            "violations": k,
+            "rate": k / n,
+            "wilson_low": low,
+            "wilson_high": high,
+        }
         if variant in ("pool", "control"):
             # only the pool truth is the population value; a split's test part adds its own noise,
             # so even an exact rule may exceed delta there
@@ -304,8 +334,16 @@ def summarise(case: Case, variant: str, trials: list[dict]) -> list[dict]:
         rows.append(row)
     for s in SCORES:
         done = [t[s] for t in trials if t[s] is not None]
-        row = {"table": "conformal", "pool": case.pool, "n_cal": case.n_cal, "variant": variant, "score": s,
-               "alpha": case.alpha, "trials": len(trials), "infeasible": len(trials) - len(done)}
+        row = {
+            "table": "conformal",
+            "pool": case.pool,
+            "n_cal": case.n_cal,
+            "variant": variant,
+            "score": s,
+            "alpha": case.alpha,
+            "trials": len(trials),
+            "infeasible": len(trials) - len(done),
+        }
         if done:
             misses, points = sum(d["misses"] for d in done), sum(d["n"] for d in done)
             low, high = wilson(misses, points)
@@ -316,16 +354,23 @@ def summarise(case: Case, variant: str, trials: list[dict]) -> list[dict]:
             class_hits = np.sum([d["class_hits"] for d in done], axis=0)
             class_n = np.sum([d["class_n"] for d in done], axis=0)
             classwise = class_hits / np.maximum(class_n, 1)
-            row.update(miscoverage_points=misses / points, wilson_low=low, wilson_high=high,
-                       miscoverage_mean=float(per.mean()), mean_low=float(per.mean() - half),
-                       mean_high=float(per.mean() + half),
-                       coverage_p05=float(np.quantile(1 - per, 0.05)), coverage_p50=float(np.quantile(1 - per, 0.5)),
-                       coverage_p95=float(np.quantile(1 - per, 0.95)),
-                       frac_splits_below=float(np.mean(1 - per < 1 - case.alpha)),
-                       mean_size=sum(d["size_sum"] for d in done) / points,
-                       worst_class=int(np.argmin(classwise)), worst_classwise_coverage=float(classwise.min()),
-                       # the marginal guarantee holds for test parts too (no extra noise in expectation)
-                       verdict=_verdict(float(per.mean() - half), float(per.mean()), case.alpha))
+            row.update(
+                miscoverage_points=misses / points,
+                wilson_low=low,
+                wilson_high=high,
+                miscoverage_mean=float(per.mean()),
+                mean_low=float(per.mean() - half),
+                mean_high=float(per.mean() + half),
+                coverage_p05=float(np.quantile(1 - per, 0.05)),
+                coverage_p50=float(np.quantile(1 - per, 0.5)),
+                coverage_p95=float(np.quantile(1 - per, 0.95)),
+                frac_splits_below=float(np.mean(1 - per < 1 - case.alpha)),
+                mean_size=sum(d["size_sum"] for d in done) / points,
+                worst_class=int(np.argmin(classwise)),
+                worst_classwise_coverage=float(classwise.min()),
+                # the marginal guarantee holds for test parts too (no extra noise in expectation)
+                verdict=_verdict(float(per.mean() - half), float(per.mean()), case.alpha),
+            )
             if "bound_miss" in done[0]:
                 k = sum(d["bound_miss"] for d in done)
                 row["bound_miss"], row["bound_trials"] = k, len(done)
@@ -338,18 +383,43 @@ def summarise(case: Case, variant: str, trials: list[dict]) -> list[dict]:
         vals = [t["bounds"][key] for t in trials if key in t.get("bounds", {})]
         k = sum(vals)
         low, high = wilson(k, len(vals))
-        rows.append({"table": "bounds", "pool": case.pool, "n_cal": case.n_cal, "n_test": case.n_test,
-                     "variant": variant, "bound": key, "trials": len(vals), "misses": k, "rate": k / len(vals),
-                     "wilson_low": low, "wilson_high": high, "verdict": _verdict(low, k / len(vals), 1 - CONFIDENCE)})
+        rows.append(
+            {
+                "table": "bounds",
+                "pool": case.pool,
+                "n_cal": case.n_cal,
+                "n_test": case.n_test,
+                "variant": variant,
+                "bound": key,
+                "trials": len(vals),
+                "misses": k,
+                "rate": k / len(vals),
+                "wilson_low": low,
+                "wilson_high": high,
+                "verdict": _verdict(low, k / len(vals), 1 - CONFIDENCE),
+            }
+        )
     for s in SCORES:
         done = [t[s] for t in trials if t[s] is not None and "bound_miss" in t[s]]
         if done:
             k = sum(d["bound_miss"] for d in done)
             low, high = wilson(k, len(done))
-            rows.append({"table": "bounds", "pool": case.pool, "n_cal": case.n_cal, "n_test": case.n_test,
-                         "variant": variant, "bound": f"{s}:coverage_lower", "trials": len(done), "misses": k,
-                         "rate": k / len(done), "wilson_low": low, "wilson_high": high,
-                         "verdict": _verdict(low, k / len(done), 1 - CONFIDENCE)})
+            rows.append(
+                {
+                    "table": "bounds",
+                    "pool": case.pool,
+                    "n_cal": case.n_cal,
+                    "n_test": case.n_test,
+                    "variant": variant,
+                    "bound": f"{s}:coverage_lower",
+                    "trials": len(done),
+                    "misses": k,
+                    "rate": k / len(done),
+                    "wilson_low": low,
+                    "wilson_high": high,
+                    "verdict": _verdict(low, k / len(done), 1 - CONFIDENCE),
+                }
+            )
     return rows
 
 
@@ -364,25 +434,39 @@ def _ci(rate: float, low: float, high: float) -> str:
 def markdown(rows: list[dict], cases: list[Case]) -> str:
     lines = []
     names = {c.pool: c.positive_name for c in cases}
-    lines += ["### PAC thresholds: violation rate (must be <= delta = 5%), Wilson 95%", "",
-              "oracle: the best the target allows on the pool itself (T fitted on the whole pool), "
-              "i.e. what a rule that knew the population would achieve.", "",
-              "| pool | n_cal | rule (target) | violation, pool truth | control: T fitted apart | violation, split "
-              "test part | infeasible (pool/control/split) | mean threshold | utility (pool truth) | oracle | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "### PAC thresholds: violation rate (must be <= delta = 5%), Wilson 95%",
+        "",
+        "oracle: the best the target allows on the pool itself (T fitted on the whole pool), "
+        "i.e. what a rule that knew the population would achieve.",
+        "",
+        "| pool | n_cal | rule (target) | violation, pool truth | control: T fitted apart | violation, split "
+        "test part | infeasible (pool/control/split) | mean threshold | utility (pool truth) | oracle | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     pac = [r for r in rows if r["table"] == "pac"]
     for r in [r for r in pac if r["variant"] == "pool"]:
-        s, c = (next(x for x in pac if x["variant"] == v and x["pool"] == r["pool"] and x["n_cal"] == r["n_cal"]
-                     and x["rule"] == r["rule"]) for v in ("split", "control"))
+        s, c = (
+            next(
+                x
+                for x in pac
+                if x["variant"] == v and x["pool"] == r["pool"] and x["n_cal"] == r["n_cal"] and x["rule"] == r["rule"]
+            )
+            for v in ("split", "control")
+        )
         if r["rule"] == "max_risk":
             label = f"selective risk <= {r['target']:g}"
-            utility = (f"coverage {_pct(r['mean_coverage'])}, risk {_pct(r['mean_risk'])}" if "mean_coverage" in r
-                       else "-")
+            utility = (
+                f"coverage {_pct(r['mean_coverage'])}, risk {_pct(r['mean_risk'])}" if "mean_coverage" in r else "-"
+            )
         else:
             what = "precision >=" if r["rule"] == "min_precision" else "recall >="
             label = f"{names[r['pool']]} {what} {r['target']:g}"
-            utility = (f"P {r['mean_precision']:.3f}, R {r['mean_recall']:.3f}, positive rate {_pct(r['mean_rate'])}"
-                       if "mean_precision" in r else "-")
+            utility = (
+                f"P {r['mean_precision']:.3f}, R {r['mean_recall']:.3f}, positive rate {_pct(r['mean_rate'])}"
+                if "mean_precision" in r
+                else "-"
+            )
         thr = f"{r['mean_threshold']:.3f}" if "mean_threshold" in r else "-"
         best = r.get("oracle", {})
         if r["rule"] == "max_risk":
@@ -392,32 +476,45 @@ def markdown(rows: list[dict], cases: list[Case]) -> str:
         else:
             best_text = f"P {best['precision']:.3f}, positive rate {_pct(best['rate'])}" if best else "-"
         verdict = r["verdict"]  # the split column carries test noise: shown beside, no verdict of its own
-        lines.append(f"| {r['pool']} | {r['n_cal']} | {label} | {_ci(r['rate'], r['wilson_low'], r['wilson_high'])} "
-                     f"| {_ci(c['rate'], c['wilson_low'], c['wilson_high'])} "
-                     f"| {_ci(s['rate'], s['wilson_low'], s['wilson_high'])} | {r['infeasible']}/{c['infeasible']}/"
-                     f"{s['infeasible']} of "
-                     f"{r['trials']} | {thr} | {utility} | {best_text} | {verdict} |")
-    lines += ["", "### Conformal sets: marginal miscoverage (must be <= alpha = 10%)", "",
-              "| pool | n_cal | variant | score | miscoverage, all points [Wilson 95%] | mean per-split miscoverage "
-              "[CLT 95%] | per-split coverage p5 / p50 / p95 | splits below 90% | mean set size | worst classwise "
-              "coverage | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {r['pool']} | {r['n_cal']} | {label} | {_ci(r['rate'], r['wilson_low'], r['wilson_high'])} "
+            f"| {_ci(c['rate'], c['wilson_low'], c['wilson_high'])} "
+            f"| {_ci(s['rate'], s['wilson_low'], s['wilson_high'])} | {r['infeasible']}/{c['infeasible']}/"
+            f"{s['infeasible']} of "
+            f"{r['trials']} | {thr} | {utility} | {best_text} | {verdict} |"
+        )
+    lines += [
+        "",
+        "### Conformal sets: marginal miscoverage (must be <= alpha = 10%)",
+        "",
+        "| pool | n_cal | variant | score | miscoverage, all points [Wilson 95%] | mean per-split miscoverage "
+        "[CLT 95%] | per-split coverage p5 / p50 / p95 | splits below 90% | mean set size | worst classwise "
+        "coverage | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in [r for r in rows if r["table"] == "conformal" and "mean_size" in r]:
-        lines.append(f"| {r['pool']} | {r['n_cal']} | {r['variant']} | {r['score']} | "
-                     f"{_ci(r['miscoverage_points'], r['wilson_low'], r['wilson_high'])} | "
-                     f"{_ci(r['miscoverage_mean'], r['mean_low'], r['mean_high'])} | "
-                     f"{_pct(r['coverage_p05'])} / {_pct(r['coverage_p50'])} / {_pct(r['coverage_p95'])} | "
-                     f"{_pct(r['frac_splits_below'])} | {r['mean_size']:.2f} | "
-                     f"{_pct(r['worst_classwise_coverage'])} (class {r['worst_class']}) | {r['verdict']} |")
+        lines.append(
+            f"| {r['pool']} | {r['n_cal']} | {r['variant']} | {r['score']} | "
+            f"{_ci(r['miscoverage_points'], r['wilson_low'], r['wilson_high'])} | "
+            f"{_ci(r['miscoverage_mean'], r['mean_low'], r['mean_high'])} | "
+            f"{_pct(r['coverage_p05'])} / {_pct(r['coverage_p50'])} / {_pct(r['coverage_p95'])} | "
+            f"{_pct(r['frac_splits_below'])} | {r['mean_size']:.2f} | "
+            f"{_pct(r['worst_classwise_coverage'])} (class {r['worst_class']}) | {r['verdict']} |"
+        )
     bounds = [r for r in rows if r["table"] == "bounds"]
     if bounds:
-        lines += ["", "### Test-split bounds (what the gates use) against the pool truth: miss rate "
-                  "(must be <= 5%)", "",
-                  "| pool | n_cal | n_test | bound | trials | miss rate [Wilson 95%] | verdict |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "### Test-split bounds (what the gates use) against the pool truth: miss rate (must be <= 5%)",
+            "",
+            "| pool | n_cal | n_test | bound | trials | miss rate [Wilson 95%] | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in bounds:
-            lines.append(f"| {r['pool']} | {r['n_cal']} | {r['n_test']} | {r['bound']} | {r['trials']} | "
-                         f"{_ci(r['rate'], r['wilson_low'], r['wilson_high'])} | {r['verdict']} |")
+            lines.append(
+                f"| {r['pool']} | {r['n_cal']} | {r['n_test']} | {r['bound']} | {r['trials']} | "
+                f"{_ci(r['rate'], r['wilson_low'], r['wilson_high'])} | {r['verdict']} |"
+            )
     return "\n".join(lines)
 
 
@@ -448,16 +545,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     wall = time.perf_counter() - started
     print(f"$ .venv/bin/python {command}")
     print("pools: " + ", ".join(f"{k} (n={v['n']}, top-1 accuracy {v['accuracy']:.3f})" for k, v in pools.items()))
-    print(f"{splits} calibration draws per case and variant; delta = {DELTA}, test-bound confidence {CONFIDENCE}; "
-          f"verdicts: FAIL when the one-sided interval at family-wise 95% (Bonferroni over {judged} judged rows) "
-          f"lies above the level, watch when only the point estimate does\n")
+    print(
+        f"{splits} calibration draws per case and variant; delta = {DELTA}, test-bound confidence {CONFIDENCE}; "
+        f"verdicts: FAIL when the one-sided interval at family-wise 95% (Bonferroni over {judged} judged rows) "
+        f"lies above the level, watch when only the point estimate does\n"
+    )
     print(markdown(rows, cases))
     failed = [r for r in rows if r.get("verdict") == "**FAIL**"]
     print(f"\n{len(failed)} FAIL row(s); wall time {wall:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command, "wall_s": wall, "splits": splits, "pools": pools,
-                                         "cases": [asdict(c) for c in cases], "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "wall_s": wall,
+                    "splits": splits,
+                    "pools": pools,
+                    "cases": [asdict(c) for c in cases],
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     return rows
 
 

@@ -47,6 +47,7 @@ OFF = dict(max_ece=1.0, min_accuracy=0.0, max_nll=None, max_ece_increase=None, m
 
 # ------------------------------------------------------------------ confidence laws and models
 
+
 def spread(n, rng, top=1.0):  # 0.5 + 0.5 Beta(5, 2), scaled into [0.5, top]: the old benchmark's law
     return 0.5 + (top - 0.5) * rng.beta(5.0, 2.0, n)
 
@@ -79,9 +80,11 @@ def predictions(conf, correct, k, rng, labels=None):
 
 def nll_truth(law_pdf, low, high, k, gap):
     """E[-log p_y] for top-label confidence c ~ pdf on [low, high], right with probability c - gap."""
+
     def integrand(c):
         right = c - gap
         return law_pdf(c) * (-right * math.log(c) - (1 - right) * math.log((1 - c) / (k - 1)))
+
     return integrate.quad(integrand, low, high, limit=200)[0]
 
 
@@ -90,6 +93,7 @@ CONFIDENT_PDF = (lambda c: stats.beta.pdf(1 - c, 2, 98), 0.7, 1.0)  # P(c < 0.7)
 
 
 # ------------------------------------------------------------------ scenarios
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -162,14 +166,25 @@ def gates_for(s: Scenario) -> GatesConfig:
 
 
 def boundary_scenarios() -> list[Scenario]:
-    nll = {"nll spread binary": nll_truth(*SPREAD_PDF, 2, 0.02), "nll confident K=10": nll_truth(*CONFIDENT_PDF, 10, 0.02)}
-    ece = [Scenario(name, "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion", metric)
-           for metric in ("ece", "smooth_ece")
-           for name in ("spread binary", "confident K=10, over-confident", "confident K=10, under-confident",
-                        "spread K=100")]
-    increase = [Scenario(name, "max_ece_increase", INCREASE_LIMIT, INCREASE_LIMIT, "false promotion", metric)
-                for metric in ("ece", "smooth_ece")
-                for name in ("increase, well-calibrated champion", "increase, over-confident champion")]
+    nll = {
+        "nll spread binary": nll_truth(*SPREAD_PDF, 2, 0.02),
+        "nll confident K=10": nll_truth(*CONFIDENT_PDF, 10, 0.02),
+    }
+    ece = [
+        Scenario(name, "max_ece", ECE_LIMIT, ECE_LIMIT, "false promotion", metric)
+        for metric in ("ece", "smooth_ece")
+        for name in (
+            "spread binary",
+            "confident K=10, over-confident",
+            "confident K=10, under-confident",
+            "spread K=100",
+        )
+    ]
+    increase = [
+        Scenario(name, "max_ece_increase", INCREASE_LIMIT, INCREASE_LIMIT, "false promotion", metric)
+        for metric in ("ece", "smooth_ece")
+        for name in ("increase, well-calibrated champion", "increase, over-confident champion")
+    ]
     cells = [
         *ece,
         Scenario("accuracy K=10", "min_accuracy", 0.8, 0.8, "false promotion"),
@@ -201,13 +216,24 @@ def information_scenarios() -> list[Scenario]:
     """Rows that show what a pass certifies rather than test a promise."""
     # E|E[y|c] - c| = 0.03, but binned ECE 0.0004 and smooth ECE 0.0126 (measured on 2M draws):
     # each gate certifies its own measure, and neither sees an oscillation this fine in full
-    return [Scenario("staircase binary", "max_ece", ECE_LIMIT, ECE_LIMIT, "passes (pointwise error = limit)", m)
-            for m in ("ece", "smooth_ece")] + [
-        Scenario("increase, candidate fixes an over-confident champion", "max_ece_increase", -0.04, INCREASE_LIMIT,
-                 "false rejection", m) for m in ("ece", "smooth_ece")]
+    return [
+        Scenario("staircase binary", "max_ece", ECE_LIMIT, ECE_LIMIT, "passes (pointwise error = limit)", m)
+        for m in ("ece", "smooth_ece")
+    ] + [
+        Scenario(
+            "increase, candidate fixes an over-confident champion",
+            "max_ece_increase",
+            -0.04,
+            INCREASE_LIMIT,
+            "false rejection",
+            m,
+        )
+        for m in ("ece", "smooth_ece")
+    ]
 
 
 # ------------------------------------------------------------------ running
+
 
 def wilson(passes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
     p = passes / trials
@@ -236,10 +262,21 @@ def run_cell(job: tuple[Scenario, int, int, int, int]) -> dict:
     counts_passes = s.kind != "false rejection"
     rate_of = passes if counts_passes else trials - passes
     rate_low, rate_high = (low, high) if counts_passes else (1 - high, 1 - low)
-    return {"scenario": s.name, "gate": s.gate, "metric": s.metric if s.gate in ("max_ece", "max_ece_increase") else "",
-            "n": n, "true_value": s.truth, "limit": s.limit, "kind": s.kind, "trials": trials, "passes": passes,
-            "rate": rate_of / trials, "wilson_low": rate_low, "wilson_high": rate_high,
-            "seconds": time.perf_counter() - started}
+    return {
+        "scenario": s.name,
+        "gate": s.gate,
+        "metric": s.metric if s.gate in ("max_ece", "max_ece_increase") else "",
+        "n": n,
+        "true_value": s.truth,
+        "limit": s.limit,
+        "kind": s.kind,
+        "trials": trials,
+        "passes": passes,
+        "rate": rate_of / trials,
+        "wilson_low": rate_low,
+        "wilson_high": rate_high,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -265,28 +302,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pool = ProcessPoolExecutor(args.workers) if args.workers > 1 else None
     for done, row in enumerate((pool.map if pool else map)(run_cell, jobs), 1):
         rows.append(row)
-        print(f"[{done}/{len(jobs)}] {row['gate']} {row['metric']} {row['scenario']} n={row['n']}: "
-              f"{row['kind']} {row['rate']:.1%} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"[{done}/{len(jobs)}] {row['gate']} {row['metric']} {row['scenario']} n={row['n']}: "
+            f"{row['kind']} {row['rate']:.1%} ({row['seconds']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     if pool:
         pool.shutdown()
-    print(f"gates at one-sided 95%; limits: max_ece {ECE_LIMIT}, max_ece_increase {INCREASE_LIMIT}, "
-          f"max_accuracy_drop {DROP_LIMIT}; rates with 95% Wilson intervals\n")
-    print("| gate | metric | scenario | true value | limit | measured | n=" + " | n=".join(f"{n:,}" for n in args.sizes)
-          + " |")
+    print(
+        f"gates at one-sided 95%; limits: max_ece {ECE_LIMIT}, max_ece_increase {INCREASE_LIMIT}, "
+        f"max_accuracy_drop {DROP_LIMIT}; rates with 95% Wilson intervals\n"
+    )
+    print(
+        "| gate | metric | scenario | true value | limit | measured | n="
+        + " | n=".join(f"{n:,}" for n in args.sizes)
+        + " |"
+    )
     print("| --- | --- | --- | ---: | ---: | --- |" + " ---: |" * len(args.sizes))
     by_key: dict[tuple, dict[int, dict]] = {}
     for r in rows:
-        by_key.setdefault((r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["kind"]), {})[r["n"]] = r
+        by_key.setdefault((r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["kind"]), {})[
+            r["n"]
+        ] = r
     for (gate, metric, scenario, truth, limit, kind), cells in by_key.items():
-        shown = " | ".join(f"{c['rate']:.1%} [{c['wilson_low']:.1%}, {c['wilson_high']:.1%}]"
-                           for c in (cells[n] for n in args.sizes))
+        shown = " | ".join(
+            f"{c['rate']:.1%} [{c['wilson_low']:.1%}, {c['wilson_high']:.1%}]" for c in (cells[n] for n in args.sizes)
+        )
         print(f"| {gate} | {metric} | {scenario} | {truth:.4g} | {limit:.4g} | {kind} | {shown} |")
     boundary = [r for r in rows if r["kind"] == "false promotion"]
     worst = max(boundary, key=lambda r: r["wilson_low"])
     widest = max(r["wilson_high"] - r["wilson_low"] for r in boundary)
-    print(f"\nboundary cells: {len(boundary)}; highest false-promotion rate {max(r['rate'] for r in boundary):.1%}; "
-          f"highest Wilson lower end {worst['wilson_low']:.1%} ({worst['gate']}, {worst['scenario']}, n={worst['n']}); "
-          f"widest interval {widest:.1%}; {time.perf_counter() - started:.0f} s")
+    print(
+        f"\nboundary cells: {len(boundary)}; highest false-promotion rate {max(r['rate'] for r in boundary):.1%}; "
+        f"highest Wilson lower end {worst['wilson_low']:.1%} ({worst['gate']}, {worst['scenario']}, n={worst['n']}); "
+        f"widest interval {widest:.1%}; {time.perf_counter() - started:.0f} s"
+    )
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1))
     return rows

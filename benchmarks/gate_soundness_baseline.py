@@ -26,13 +26,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gate_soundness as suite  # noqa: E402
 
-OLD_GATES_CONFIG = ("max_ece", "min_accuracy", "max_nll", "max_ece_increase", "max_accuracy_drop", "confidence",
-                    "n_resamples")
+OLD_GATES_CONFIG = (
+    "max_ece",
+    "min_accuracy",
+    "max_nll",
+    "max_ece_increase",
+    "max_accuracy_drop",
+    "confidence",
+    "n_resamples",
+)
 
 
 def old_gates(rev: str) -> types.ModuleType:
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:calibflow/gates.py"], check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:calibflow/gates.py"], check=True, capture_output=True, text=True
+    ).stdout
     module = types.ModuleType("calibflow_gates_old")
     sys.modules[module.__name__] = module  # its dataclasses look their module up there
     exec(compile(source, f"{rev}:calibflow/gates.py", "exec"), module.__dict__)
@@ -53,10 +61,22 @@ def run_cell(job) -> dict:
     low, high = suite.wilson(passes, trials)
     counts_passes = s.kind != "false rejection"
     rate_of = passes if counts_passes else trials - passes
-    return {"scenario": s.name, "gate": s.gate, "metric": "ece", "n": n, "true_value": s.truth, "limit": s.limit,
-            "kind": s.kind, "trials": trials, "passes": passes, "rate": rate_of / trials,
-            "wilson_low": low if counts_passes else 1 - high, "wilson_high": high if counts_passes else 1 - low,
-            "seconds": time.perf_counter() - started, "implementation": rev}
+    return {
+        "scenario": s.name,
+        "gate": s.gate,
+        "metric": "ece",
+        "n": n,
+        "true_value": s.truth,
+        "limit": s.limit,
+        "kind": s.kind,
+        "trials": trials,
+        "passes": passes,
+        "rate": rate_of / trials,
+        "wilson_low": low if counts_passes else 1 - high,
+        "wilson_high": high if counts_passes else 1 - low,
+        "seconds": time.perf_counter() - started,
+        "implementation": rev,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -77,17 +97,27 @@ def main(argv=None) -> list[dict]:
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
         for done, row in enumerate(pool.map(run_cell, jobs), 1):
             rows.append(row)
-            print(f"[{done}/{len(jobs)}] {row['gate']} {row['scenario']} n={row['n']} truth={row['true_value']:.4g}: "
-                  f"{row['kind']} {row['rate']:.1%}", file=sys.stderr, flush=True)
-    print("| gate | scenario | true value | limit | measured | " + " | ".join(f"n={n:,} ({args.rev})" for n in args.sizes)
-          + " |")
+            print(
+                f"[{done}/{len(jobs)}] {row['gate']} {row['scenario']} n={row['n']} truth={row['true_value']:.4g}: "
+                f"{row['kind']} {row['rate']:.1%}",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        "| gate | scenario | true value | limit | measured | "
+        + " | ".join(f"n={n:,} ({args.rev})" for n in args.sizes)
+        + " |"
+    )
     print("| --- | --- | ---: | ---: | --- |" + " ---: |" * len(args.sizes))
     cells: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         cells.setdefault((r["gate"], r["scenario"], r["true_value"], r["limit"], r["kind"]), {})[r["n"]] = r
     for (gate, scenario, truth, limit, kind), by_n in cells.items():
-        print(f"| {gate} | {scenario} | {truth:.4g} | {limit:.4g} | {kind} | "
-              + " | ".join(f"{by_n[n]['rate']:.1%}" for n in args.sizes) + " |")
+        print(
+            f"| {gate} | {scenario} | {truth:.4g} | {limit:.4g} | {kind} | "
+            + " | ".join(f"{by_n[n]['rate']:.1%}" for n in args.sizes)
+            + " |"
+        )
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1))
     return rows

@@ -63,15 +63,43 @@ class Recipe:
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 RECIPES = {
     # ~20k images x 6 epochs at width 16: 2 minutes on two idle cores, 6 under contention; top-1 ~63%
-    "cifar10": Recipe("cifar10", CIFAR10_CLASSES, train_per_class=2000, val_per_class=100, width=16, epochs=6,
-                      batch_size=128, lr=0.05, seeds=(0,)),
+    "cifar10": Recipe(
+        "cifar10",
+        CIFAR10_CLASSES,
+        train_per_class=2000,
+        val_per_class=100,
+        width=16,
+        epochs=6,
+        batch_size=128,
+        lr=0.05,
+        seeds=(0,),
+    ),
     # the hardest CIFAR-10 pair; five seeds of the same recipe for the threshold-stability benchmark
-    "catdog": Recipe("catdog", ("cat", "dog"), train_per_class=4500, val_per_class=250, width=16, epochs=6,
-                     batch_size=128, lr=0.05, seeds=(0, 1, 2, 3, 4)),
+    "catdog": Recipe(
+        "catdog",
+        ("cat", "dog"),
+        train_per_class=4500,
+        val_per_class=250,
+        width=16,
+        epochs=6,
+        batch_size=128,
+        lr=0.05,
+        seeds=(0, 1, 2, 3, 4),
+    ),
     # the issue's complaint needs an over-confident network: 2,000 images, no augmentation, many
     # epochs, so the net memorises its training set and each seed ends up over-confident its own way
-    "catdog_overfit": Recipe("catdog_overfit", ("cat", "dog"), train_per_class=1000, val_per_class=250, width=16,
-                             epochs=12, batch_size=64, lr=0.05, seeds=(0, 1, 2, 3, 4), augment=False),
+    "catdog_overfit": Recipe(
+        "catdog_overfit",
+        ("cat", "dog"),
+        train_per_class=1000,
+        val_per_class=250,
+        width=16,
+        epochs=12,
+        batch_size=64,
+        lr=0.05,
+        seeds=(0, 1, 2, 3, 4),
+        augment=False,
+    ),
 }
 
 
@@ -89,7 +117,7 @@ def _load(root: Path, split: str, classes: tuple[str, ...], start: int, count: i
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(p.name for p in (root / split / name).iterdir())
-        chosen = files[start:] if count is None else files[start:start + count]
+        chosen = files[start:] if count is None else files[start : start + count]
         paths += [f"{split}/{name}/{f}" for f in chosen]
         labels += [label] * len(chosen)
     import torch
@@ -106,10 +134,23 @@ def build_pool(recipe: Recipe, verbose: bool = True) -> dict[str, np.ndarray]:
     x_train, y_train = _load(root, "train", recipe.classes, 0, recipe.train_per_class)
     x_val, y_val = _load(root, "train", recipe.classes, recipe.train_per_class, recipe.val_per_class)
     x_test, y_test = _load(root, "test", recipe.classes, 0, None)
-    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=len(recipe.classes), image_height=32,
-                     image_width=32, width=recipe.width)
-    config = TrainConfig(device="cpu", precision="fp32", epochs=recipe.epochs, batch_size=recipe.batch_size,
-                         lr=recipe.lr, augment=recipe.augment, hflip=recipe.augment)
+    spec = ModelSpec(
+        arch="small_cnn",
+        in_channels=3,
+        num_classes=len(recipe.classes),
+        image_height=32,
+        image_width=32,
+        width=recipe.width,
+    )
+    config = TrainConfig(
+        device="cpu",
+        precision="fp32",
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        augment=recipe.augment,
+        hflip=recipe.augment,
+    )
     all_logits, accuracies = [], []
     for seed in recipe.seeds:
         started = time.perf_counter()
@@ -119,11 +160,18 @@ def build_pool(recipe: Recipe, verbose: bool = True) -> dict[str, np.ndarray]:
         accuracies.append(accuracy)
         all_logits.append(logits)
         if verbose:
-            print(f"[{recipe.name}] seed {seed}: test accuracy {accuracy:.3f}, val {history[-1].val_accuracy:.3f}, "
-                  f"{history[-1].images_per_second:.0f} img/s, {time.perf_counter() - started:.0f} s", flush=True)
-    return {"logits": np.stack(all_logits), "labels": y_test.numpy().astype(np.int64),
-            "seeds": np.array(recipe.seeds), "accuracy": np.array(accuracies),
-            "recipe": np.array(json.dumps(asdict(recipe)))}
+            print(
+                f"[{recipe.name}] seed {seed}: test accuracy {accuracy:.3f}, val {history[-1].val_accuracy:.3f}, "
+                f"{history[-1].images_per_second:.0f} img/s, {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+    return {
+        "logits": np.stack(all_logits),
+        "labels": y_test.numpy().astype(np.int64),
+        "seeds": np.array(recipe.seeds),
+        "accuracy": np.array(accuracies),
+        "recipe": np.array(json.dumps(asdict(recipe))),
+    }
 
 
 def load_pool(name: str, build: bool = True, verbose: bool = True) -> dict[str, np.ndarray]:
@@ -134,8 +182,9 @@ def load_pool(name: str, build: bool = True, verbose: bool = True) -> dict[str, 
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
     if not build:
-        raise FileNotFoundError(f"{path} is missing: build it with `nice -n 10 .venv/bin/python "
-                                f"benchmarks/real_logits.py --pool {name}`")
+        raise FileNotFoundError(
+            f"{path} is missing: build it with `nice -n 10 .venv/bin/python benchmarks/real_logits.py --pool {name}`"
+        )
     pool = build_pool(recipe, verbose=verbose)
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -144,7 +193,9 @@ def load_pool(name: str, build: bool = True, verbose: bool = True) -> dict[str, 
     return pool
 
 
-def synthetic_pool(n: int, classes: int, seed: int, seeds: int = 1, overconfidence: float = 2.0) -> dict[str, np.ndarray]:
+def synthetic_pool(
+    n: int, classes: int, seed: int, seeds: int = 1, overconfidence: float = 2.0
+) -> dict[str, np.ndarray]:
     """A pool that needs no training (for --quick): Gaussian class scores with a known scale, then
     multiplied by `overconfidence` so that temperature scaling has an interior optimum (T ~ 2)."""
     rng = np.random.default_rng(seed)
@@ -154,9 +205,13 @@ def synthetic_pool(n: int, classes: int, seed: int, seeds: int = 1, overconfiden
         margin = rng.uniform(0.5, 3.0, n)[:, None]  # easy and hard images
         z = rng.normal(0.0, 1.0, (n, classes)) + margin * np.eye(classes)[labels]
         out.append(overconfidence * z)
-    return {"logits": np.stack(out), "labels": labels, "seeds": np.arange(seeds),
-            "accuracy": np.array([float((z.argmax(1) == labels).mean()) for z in out]),
-            "recipe": np.array(json.dumps({"name": "synthetic", "n": n, "classes": classes, "seed": seed}))}
+    return {
+        "logits": np.stack(out),
+        "labels": labels,
+        "seeds": np.arange(seeds),
+        "accuracy": np.array([float((z.argmax(1) == labels).mean()) for z in out]),
+        "recipe": np.array(json.dumps({"name": "synthetic", "n": n, "classes": classes, "seed": seed})),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,8 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in RECIPES if args.pool == "all" else [args.pool]:
         started = time.perf_counter()
         pool = load_pool(name)
-        print(f"{name}: logits {pool['logits'].shape}, accuracy {np.round(pool['accuracy'], 3).tolist()}, "
-              f"{time.perf_counter() - started:.0f} s")
+        print(
+            f"{name}: logits {pool['logits'].shape}, accuracy {np.round(pool['accuracy'], 3).tolist()}, "
+            f"{time.perf_counter() - started:.0f} s"
+        )
 
 
 if __name__ == "__main__":

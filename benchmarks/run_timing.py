@@ -47,8 +47,16 @@ from calibflow.disk_cache import cache_dir  # noqa: E402
 
 # The training and calibration work; the corruption suite and the OOD evaluation (issue 11) measure
 # calibration too. Everything else is fixed cost.
-WORK_TASKS = ("train-model", "collect-logits", "collect-shift-aware-logits", "fit-calibration", "evaluate-calibration",
-              "collect-shift-logits", "evaluate-shift", "evaluate-ood")
+WORK_TASKS = (
+    "train-model",
+    "collect-logits",
+    "collect-shift-aware-logits",
+    "fit-calibration",
+    "evaluate-calibration",
+    "collect-shift-logits",
+    "evaluate-shift",
+    "evaluate-ood",
+)
 BESIDE_TRAINING = ("check-gate-power",)  # submitted to run concurrently with train-model
 MODES = ("temporary", "local-server")
 FIXED_COST_TARGET_S = 10.0
@@ -68,8 +76,9 @@ def _environment(mode: str, server_url: str | None) -> dict[str, str]:
     return env
 
 
-def timed_run(label: str, code_dir: Path, mode: str, server_url: str | None, overrides: list[str],
-              cold_cache: bool = False) -> dict:
+def timed_run(
+    label: str, code_dir: Path, mode: str, server_url: str | None, overrides: list[str], cold_cache: bool = False
+) -> dict:
     """One `calibflow run --force` of the code in code_dir, in a fresh process: wall time and the
     flow run's id."""
     if cold_cache:
@@ -84,9 +93,15 @@ def timed_run(label: str, code_dir: Path, mode: str, server_url: str | None, ove
     exited = time.time()
     if finished.returncode != 0:
         raise SystemExit(f"`{' '.join(command)}` exited {finished.returncode}:\n{finished.stderr[-3000:]}")
-    result = json.loads(finished.stdout[finished.stdout.index("{\n"):])
-    return {"mode": label, "code": str(code_dir), "spawned": spawned, "exited": exited, "wall": exited - spawned,
-            "flow_run_id": result["prefect_flow_run_id"]}
+    result = json.loads(finished.stdout[finished.stdout.index("{\n") :])
+    return {
+        "mode": label,
+        "code": str(code_dir),
+        "spawned": spawned,
+        "exited": exited,
+        "wall": exited - spawned,
+        "flow_run_id": result["prefect_flow_run_id"],
+    }
 
 
 def task_seconds(client, flow_run_id: str) -> tuple[dict[str, float], datetime, datetime]:
@@ -108,10 +123,13 @@ def breakdown(run: dict, per_task: dict[str, float], flow_start: datetime, flow_
     parts = {
         "interpreter, imports, Prefect API start, flow run creation": flow_start.timestamp() - run["spawned"],
         **{f"task {name}": seconds for name, seconds in serial.items() if name not in WORK_TASKS},
-        **{f"task {name} (beside training: not in the wall time)": per_task[name]
-           for name in beside if name in per_task},
-        "flow body outside tasks (Prefect task bookkeeping)":
-            (flow_end - flow_start).total_seconds() - sum(serial.values()),
+        **{
+            f"task {name} (beside training: not in the wall time)": per_task[name]
+            for name in beside
+            if name in per_task
+        },
+        "flow body outside tasks (Prefect task bookkeeping)": (flow_end - flow_start).total_seconds()
+        - sum(serial.values()),
         "after the flow (API stop, interpreter exit)": run["exited"] - flow_end.timestamp(),
     }
     return {"wall": run["wall"], "work": work, "fixed": run["wall"] - work, **parts}
@@ -122,9 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout of the code to compare with")
-    parser.add_argument("--cold-cache", action="store_true",
-                        help="empty .calibflow/cache before each run of this code: a first run on new data or "
-                             "settings (the gate power check and the GX suite are computed, not read back)")
+    parser.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="empty .calibflow/cache before each run of this code: a first run on new data or "
+        "settings (the gate power check and the GX suite are computed, not read back)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
@@ -144,8 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     variants = [(f"this code, {mode}{suffix}", REPO, mode) for mode in modes]
     if args.baseline:
         variants.insert(0, ("baseline, temporary", args.baseline.resolve(), "temporary"))
-    runs = [timed_run(label, code, mode, server_url, args.overrides, args.cold_cache and code == REPO)
-            for _ in range(args.repeats) for label, code, mode in variants]
+    runs = [
+        timed_run(label, code, mode, server_url, args.overrides, args.cold_cache and code == REPO)
+        for _ in range(args.repeats)
+        for label, code, mode in variants
+    ]
 
     os.environ["PREFECT_API_URL"] = server_url
     from prefect.client.orchestration import get_client
@@ -156,8 +180,10 @@ def main(argv: list[str] | None = None) -> None:
             measured[run["mode"]].append(breakdown(run, *task_seconds(client, run["flow_run_id"])))
 
     load = os.getloadavg()[0]
-    print(f"\n`calibflow run --force` in a fresh process, {args.repeats} runs of each interleaved; median seconds "
-          f"[min-max]; load average {load:.1f} on {os.cpu_count()} CPUs\n")
+    print(
+        f"\n`calibflow run --force` in a fresh process, {args.repeats} runs of each interleaved; median seconds "
+        f"[min-max]; load average {load:.1f} on {os.cpu_count()} CPUs\n"
+    )
     labels = list(measured)
     names = list(dict.fromkeys(name for rows in measured.values() for row in rows for name in row))
     print("| part | " + " | ".join(labels) + " |\n| --- |" + " ---: |" * len(labels))
@@ -167,19 +193,25 @@ def main(argv: list[str] | None = None) -> None:
             values = [row.get(name, 0.0) for row in measured[label]]
             cells.append(f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]")
         if name in ("wall", "work", "fixed") or any(not cell.startswith("0.0 [0.0") for cell in cells):
-            print(f"| {'**' + name + '**' if name in ('wall', 'work', 'fixed') else name} | " + " | ".join(cells) + " |")
+            print(
+                f"| {'**' + name + '**' if name in ('wall', 'work', 'fixed') else name} | " + " | ".join(cells) + " |"
+            )
     print()
     for label in labels:
         fixed = statistics.median(row["fixed"] for row in measured[label])
         work = statistics.median(row["work"] for row in measured[label])
-        print(f"{label}: fixed cost {fixed:.1f} s over {work:.1f} s of work (fixed / work {fixed / work:.2f}); "
-              f"target <= {FIXED_COST_TARGET_S:.0f} s: {'met' if fixed <= FIXED_COST_TARGET_S else 'NOT met'}")
+        print(
+            f"{label}: fixed cost {fixed:.1f} s over {work:.1f} s of work (fixed / work {fixed / work:.2f}); "
+            f"target <= {FIXED_COST_TARGET_S:.0f} s: {'met' if fixed <= FIXED_COST_TARGET_S else 'NOT met'}"
+        )
     if args.baseline:
         base = statistics.median(row["fixed"] for row in measured[labels[0]])
         for label in labels[1:]:
             ratios = [b["fixed"] / a["fixed"] for a, b in zip(measured[label], measured[labels[0]])]
-            print(f"baseline fixed cost / {label}'s, run by run: {statistics.median(ratios):.1f}x "
-                  f"[{min(ratios):.1f}-{max(ratios):.1f}] (baseline median {base:.1f} s)")
+            print(
+                f"baseline fixed cost / {label}'s, run by run: {statistics.median(ratios):.1f}x "
+                f"[{min(ratios):.1f}-{max(ratios):.1f}] (baseline median {base:.1f} s)"
+            )
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({"load": load, "runs": measured}, indent=2))
 

@@ -45,7 +45,7 @@ def unpack(name: str, where: Path) -> Path:
 def files_of(root: Path, classes: list[str], per_class: int, skip: int = 0) -> tuple[list[str], np.ndarray]:
     paths, labels = [], []
     for k, name in enumerate(classes):
-        chosen = sorted((root / name).iterdir())[skip:skip + per_class]
+        chosen = sorted((root / name).iterdir())[skip : skip + per_class]
         paths += [str(p.relative_to(root)) for p in chosen]
         labels += [k] * len(chosen)
     return paths, np.array(labels)
@@ -88,15 +88,20 @@ def main(argv: list[str] | None = None) -> None:
     classes = sorted(p.name for p in (cifar / "train").iterdir() if p.is_dir())
     take = {}
     offset = 0
-    for name, count in (("train", args.per_class), ("val", 20), ("calibration", args.calibration),
-                        ("test", args.test), ("outliers", args.per_class)):
+    for name, count in (
+        ("train", args.per_class),
+        ("val", 20),
+        ("calibration", args.calibration),
+        ("test", args.test),
+        ("outliers", args.per_class),
+    ):
         take[name] = files_of(cifar / "train", classes, count, offset)
         offset += count
     load = lambda part: load_images(cifar / "train", take[part][0], "RGB", (32, 32))  # noqa: E731
     x = {part: load(part) for part in take}
     y = {part: torch.as_tensor(take[part][1]) for part in take}
     ood_paths = sorted(str(p.relative_to(mnist / "test")) for p in (mnist / "test").rglob("*.png"))
-    ood_paths = [ood_paths[i] for i in np.random.default_rng(0).permutation(len(ood_paths))[:args.ood]]
+    ood_paths = [ood_paths[i] for i in np.random.default_rng(0).permutation(len(ood_paths))[: args.ood]]
     x_ood = load_images(mnist / "test", ood_paths, "RGB", (32, 32))
     outliers = jigsaw(x["outliers"], seed=0)
 
@@ -114,8 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     lines, ood_rows = [], []
     for exposure in (False, True):
         t0 = time.perf_counter()
-        model, history = train_classifier(spec, x["train"], y["train"], x["val"], y["val"], config, seed=0,
-                                          progress=False, outlier_images=outliers if exposure else None)
+        model, history = train_classifier(
+            spec,
+            x["train"],
+            y["train"],
+            x["val"],
+            y["val"],
+            config,
+            seed=0,
+            progress=False,
+            outlier_images=outliers if exposure else None,
+        )
         trained_s = time.perf_counter() - t0
         logits = lambda images: collect_logits(model, images, 512).numpy()  # noqa: E731, B023 (used in this iteration)
         z_cal, z_test, z_ood = logits(x["calibration"]), logits(x["test"]), logits(x_ood)
@@ -128,38 +142,57 @@ def main(argv: list[str] | None = None) -> None:
         if not exposure:
             unseen = [k for k in suite.keys if not k.startswith("speckle_noise")]
             rows = []
-            for name, transform in (("softmax (no calibration)", lambda z: uncalibrated_probabilities(z)),
-                                    (f"temperature scaling (T = {plain.temperature:.3f})", plain.transform),
-                                    (f"shift-aware (T = {aware.temperature:.3f})", aware.transform)):
+            for name, transform in (
+                ("softmax (no calibration)", lambda z: uncalibrated_probabilities(z)),
+                (f"temperature scaling (T = {plain.temperature:.3f})", plain.transform),
+                (f"shift-aware (T = {aware.temperature:.3f})", aware.transform),
+            ):
                 clean = probability_report(transform(z_test), y_test)
                 cells = {k: probability_report(transform(z), y_test) for k, z in z_cells.items()}
-                by_severity = [np.mean([cells[f"{c}_s{s}"]["ece"] for c in CORRUPTION_NAMES if c != "speckle_noise"])
-                               for s in range(1, 6)]
-                rows.append(f"| {name} | {clean['accuracy']:.3f} | {clean['ece']:.4f} | "
-                            f"{np.mean([cells[k]['ece'] for k in unseen]):.4f} | "
-                            + " / ".join(f"{e:.3f}" for e in by_severity)
-                            + f" | {np.mean([cells[k]['accuracy'] for k in unseen]):.3f} | "
-                            f"{np.mean([cells[k]['nll'] for k in unseen]):.3f} |")
-            lines += [f"CIFAR-10, small_cnn width 16, {args.per_class} training images a class, {args.epochs} epochs "
-                      f"(no weight decay, no augmentation), trained in {trained_s:.0f} s on the CPU; "
-                      f"{args.calibration * 10} calibration and {args.test * 10} test images; the suite's mean over "
-                      f"the {len(unseen)} cells of the 8 corruptions other than speckle noise:", "",
-                      "| probabilities | test accuracy | test ECE | mean ECE under the suite | mean ECE by severity 1-5 "
-                      "| mean accuracy under the suite | mean NLL under the suite |",
-                      "| --- | ---: | ---: | ---: | --- | ---: | ---: |", *rows, ""]
+                by_severity = [
+                    np.mean([cells[f"{c}_s{s}"]["ece"] for c in CORRUPTION_NAMES if c != "speckle_noise"])
+                    for s in range(1, 6)
+                ]
+                rows.append(
+                    f"| {name} | {clean['accuracy']:.3f} | {clean['ece']:.4f} | "
+                    f"{np.mean([cells[k]['ece'] for k in unseen]):.4f} | "
+                    + " / ".join(f"{e:.3f}" for e in by_severity)
+                    + f" | {np.mean([cells[k]['accuracy'] for k in unseen]):.3f} | "
+                    f"{np.mean([cells[k]['nll'] for k in unseen]):.3f} |"
+                )
+            lines += [
+                f"CIFAR-10, small_cnn width 16, {args.per_class} training images a class, {args.epochs} epochs "
+                f"(no weight decay, no augmentation), trained in {trained_s:.0f} s on the CPU; "
+                f"{args.calibration * 10} calibration and {args.test * 10} test images; the suite's mean over "
+                f"the {len(unseen)} cells of the 8 corruptions other than speckle noise:",
+                "",
+                "| probabilities | test accuracy | test ECE | mean ECE under the suite | mean ECE by severity 1-5 "
+                "| mean accuracy under the suite | mean NLL under the suite |",
+                "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+                *rows,
+                "",
+            ]
         for score in ("msp", "energy"):
             inside = ood_scores(z_test, plain)
             outside = ood_scores(z_ood, plain)
             sign = 1.0 if score == "msp" else -1.0
             m = detection_metrics(sign * inside[score], sign * outside[score])
-            ood_rows.append(f"| {label} | {score} | {m['auroc']:.3f} | {m['aupr']:.3f} | {m['fpr95']:.3f} | "
-                            f"{history[-1].val_accuracy:.3f} |")
+            ood_rows.append(
+                f"| {label} | {score} | {m['auroc']:.3f} | {m['aupr']:.3f} | {m['fpr95']:.3f} | "
+                f"{history[-1].val_accuracy:.3f} |"
+            )
         print(f"{label}: trained in {trained_s:.0f} s", flush=True)
-    lines += [f"OOD: {args.ood} MNIST test digits as 32x32 RGB against the {args.test * 10} CIFAR-10 test images "
-              f"(scores after temperature scaling; outlier exposure on {args.per_class * 10} jigsaw-shuffled "
-              f"CIFAR-10 images):", "",
-              "| model | score | AUROC | AUPR-In | FPR95 | val accuracy |", "| --- | --- | ---: | ---: | ---: | ---: |",
-              *ood_rows, "", f"total {time.perf_counter() - started:.0f} s"]
+    lines += [
+        f"OOD: {args.ood} MNIST test digits as 32x32 RGB against the {args.test * 10} CIFAR-10 test images "
+        f"(scores after temperature scaling; outlier exposure on {args.per_class * 10} jigsaw-shuffled "
+        f"CIFAR-10 images):",
+        "",
+        "| model | score | AUROC | AUPR-In | FPR95 | val accuracy |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *ood_rows,
+        "",
+        f"total {time.perf_counter() - started:.0f} s",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

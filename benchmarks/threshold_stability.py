@@ -50,8 +50,12 @@ from real_logits import load_pool, synthetic_pool  # noqa: E402
 
 DELTA = 0.05
 POSITIVE = 1  # dog
-RULES = (("cost 1:1", "cost", (1.0, 1.0)), ("cost 1:4", "cost", (1.0, 4.0)),
-         ("precision >= 0.8", "min_precision", 0.8), ("recall >= 0.95", "min_recall", 0.95))
+RULES = (
+    ("cost 1:1", "cost", (1.0, 1.0)),
+    ("cost 1:4", "cost", (1.0, 4.0)),
+    ("precision >= 0.8", "min_precision", 0.8),
+    ("recall >= 0.95", "min_recall", 0.95),
+)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -88,15 +92,23 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, test: np.n
             fp = int((pred & ~pos[test]).sum())
             fn = int((~pred & pos[test]).sum())
             cost_fp, cost_fn = arg if kind == "cost" else (1.0, 1.0)
-            out[key] = {"threshold": threshold, "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1),
-                        "rate": float(pred.mean()), "cost": (cost_fp * fp + cost_fn * fn) / len(test)}
+            out[key] = {
+                "threshold": threshold,
+                "precision": tp / max(tp + fp, 1),
+                "recall": tp / max(tp + fn, 1),
+                "rate": float(pred.mean()),
+                "cost": (cost_fp * fp + cost_fn * fn) / len(test),
+            }
     return out
 
 
 def spread(values: list[float]) -> dict:
     a = np.asarray(values, float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "range": float(a.max() - a.min())}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "range": float(a.max() - a.min()),
+    }
 
 
 def stability(pool: dict, split_seed: int, noise_splits: int) -> dict:
@@ -105,12 +117,12 @@ def stability(pool: dict, split_seed: int, noise_splits: int) -> dict:
     n = len(labels)
     rng = np.random.default_rng(split_seed)
     perm = rng.permutation(n)
-    cal, test = perm[: n // 2], perm[n // 2:]
+    cal, test = perm[: n // 2], perm[n // 2 :]
     per_seed = [evaluate(z, labels, cal, test) for z in logits_by_seed]
     noise = []
     for _ in range(noise_splits):
         p = rng.permutation(n)
-        noise.append(evaluate(logits_by_seed[0], labels, p[: n // 2], p[n // 2:]))
+        noise.append(evaluate(logits_by_seed[0], labels, p[: n // 2], p[n // 2 :]))
     rows = []
     for mode in ("raw", "calibrated"):
         for name, _, _ in RULES:
@@ -124,23 +136,38 @@ def stability(pool: dict, split_seed: int, noise_splits: int) -> dict:
                 if len(floor) > 1:
                     row[metric + "_split_std"] = float(np.std([c[metric] for c in floor], ddof=1))
             rows.append(row)
-    return {"seeds": [int(s) for s in pool["seeds"]], "per_seed": per_seed, "rows": rows, "n_cal": len(cal),
-            "n_test": len(test), "noise_splits": noise_splits}
+    return {
+        "seeds": [int(s) for s in pool["seeds"]],
+        "per_seed": per_seed,
+        "rows": rows,
+        "n_cal": len(cal),
+        "n_test": len(test),
+        "noise_splits": noise_splits,
+    }
 
 
 def markdown(name: str, result: dict) -> str:
-    lines = [f"#### {name}: {len(result['seeds'])} seeds, calibration {result['n_cal']} / test {result['n_test']} images "
-             f"(the same for every seed)", "",
-             "| seed | test accuracy | T | raw mean p(dog): cats / dogs | calibrated mean p(dog): cats / dogs |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"#### {name}: {len(result['seeds'])} seeds, calibration {result['n_cal']} / test {result['n_test']} images "
+        f"(the same for every seed)",
+        "",
+        "| seed | test accuracy | T | raw mean p(dog): cats / dogs | calibrated mean p(dog): cats / dogs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for seed, s in zip(result["seeds"], result["per_seed"]):
-        lines.append(f"| {seed} | {s['accuracy']:.3f} | {s['T']:.3f} | {s['raw:mean_p_cat']:.3f} / "
-                     f"{s['raw:mean_p_dog']:.3f} | {s['calibrated:mean_p_cat']:.3f} / {s['calibrated:mean_p_dog']:.3f} |")
-    lines += ["", f"Across seeds: mean, std (range); in brackets the std over {result['noise_splits']} random "
-              "calibration/test splits of seed 0 (the split-noise floor). Cost per image: at the rule's costs for "
-              "the cost rules, the error rate (1:1) for the others.", "",
-              "| rule | probabilities | threshold | test precision | test recall | positive rate | cost per image |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {seed} | {s['accuracy']:.3f} | {s['T']:.3f} | {s['raw:mean_p_cat']:.3f} / "
+            f"{s['raw:mean_p_dog']:.3f} | {s['calibrated:mean_p_cat']:.3f} / {s['calibrated:mean_p_dog']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Across seeds: mean, std (range); in brackets the std over {result['noise_splits']} random "
+        "calibration/test splits of seed 0 (the split-noise floor). Cost per image: at the rule's costs for "
+        "the cost rules, the error rate (1:1) for the others.",
+        "",
+        "| rule | probabilities | threshold | test precision | test recall | positive rate | cost per image |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in result["rows"]:
         cells = []
         for metric in ("threshold", "precision", "recall", "rate", "cost"):
@@ -149,8 +176,9 @@ def markdown(name: str, result: dict) -> str:
                 continue
             m = row[metric]
             floor = row.get(metric + "_split_std")
-            cells.append(f"{m['mean']:.3f}, {m['std']:.3f} ({m['range']:.3f})"
-                         + (f" [{floor:.3f}]" if floor is not None else ""))
+            cells.append(
+                f"{m['mean']:.3f}, {m['std']:.3f} ({m['range']:.3f})" + (f" [{floor:.3f}]" if floor is not None else "")
+            )
         extra = f" ({row['infeasible']} of 5 infeasible)" if row["infeasible"] else ""
         lines.append(f"| {row['rule']}{extra} | {row['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -160,8 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration/test split")
     parser.add_argument("--noise-splits", type=int, default=100, help="random splits of seed 0 for the noise floor")
-    parser.add_argument("--pools", nargs="*", default=["catdog", "catdog_overfit"],
-                        help="logit pools of benchmarks/real_logits.py (built on first use)")
+    parser.add_argument(
+        "--pools",
+        nargs="*",
+        default=["catdog", "catdog_overfit"],
+        help="logit pools of benchmarks/real_logits.py (built on first use)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="synthetic logits (no training), 10 noise splits")
     args = parser.parse_args(argv)

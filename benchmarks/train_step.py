@@ -47,10 +47,12 @@ from calibflow.training import collect_logits, intra_op_threads, random_translat
 THRESHOLD = 0.97
 # One thread of dense float math, forever: the "another job on the machine" of CI runners and
 # shared workstations, at normal priority.
-BURNER = ("import numpy as np\n"
-          "a = np.random.default_rng(0).standard_normal((256, 256))\n"
-          "while True:\n"
-          "    a = np.tanh(a @ a)\n")
+BURNER = (
+    "import numpy as np\n"
+    "a = np.random.default_rng(0).standard_normal((256, 256))\n"
+    "while True:\n"
+    "    a = np.tanh(a @ a)\n"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +72,21 @@ def load_data(config: Config) -> Data:
         fmt = pipeline.image_format(manifest.path, config.data)
         train_x, train_y, _ = pipeline.load_split_images(config.data.path, manifest.path, split.path, "train", fmt)
         val_x, val_y, _ = pipeline.load_split_images(config.data.path, manifest.path, split.path, "val", fmt)
-    spec = ModelSpec(arch=config.model.arch, in_channels=fmt.channels, num_classes=len(manifest.classes),
-                     image_height=fmt.height, image_width=fmt.width, width=config.model.width,
-                     dropout=config.model.dropout)
+    spec = ModelSpec(
+        arch=config.model.arch,
+        in_channels=fmt.channels,
+        num_classes=len(manifest.classes),
+        image_height=fmt.height,
+        image_width=fmt.width,
+        width=config.model.width,
+        dropout=config.model.dropout,
+    )
     return Data(spec, train_x, train_y, val_x, val_y)
 
 
-def bare_loop(spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
-              seed: int) -> torch.nn.Module:
+def bare_loop(
+    spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, seed: int
+) -> torch.nn.Module:
     """What training needs and nothing more, on the CPU: the same seeds, model, SGD, one-cycle
     schedule and random shifts as train_classifier, in the same order."""
     seed_everything(seed)
@@ -86,11 +95,17 @@ def bare_loop(spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, confi
     labels = labels.long()
     n, size = len(images), config.batch_size
     steps = n // size + (1 if n % size > 1 else 0)  # a last batch of one is skipped (BatchNorm)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
     total = config.epochs * steps
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
-                                                   pct_start=0.3 if total == 4 else 0.25)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total, pct_start=0.3 if total == 4 else 0.25
+    )
     generator = torch.Generator().manual_seed(seed)
     max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
     model.train()
@@ -141,8 +156,12 @@ class Background:
 
     def __enter__(self) -> "Background":
         self.cores = None
-        self.start = (time.perf_counter(), _busy_ticks(), sum(os.times()[:2]),
-                      sum(_process_ticks(pid) for pid in self.pids))
+        self.start = (
+            time.perf_counter(),
+            _busy_ticks(),
+            sum(os.times()[:2]),
+            sum(_process_ticks(pid) for pid in self.pids),
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,8 +169,11 @@ class Background:
         busy_now = _busy_ticks()
         if busy is None or busy_now is None:
             return
-        others = ((busy_now - busy) / self.tick - (sum(os.times()[:2]) - ours)
-                  - (sum(_process_ticks(pid) for pid in self.pids) - burners_) / self.tick)
+        others = (
+            (busy_now - busy) / self.tick
+            - (sum(os.times()[:2]) - ours)
+            - (sum(_process_ticks(pid) for pid in self.pids) - burners_) / self.tick
+        )
         self.cores = max(0.0, others / (time.perf_counter() - wall))
 
 
@@ -174,8 +196,9 @@ def burners(count: int):
 def time_project(data: Data, config: Config) -> tuple[float, float]:
     """(wall, CPU) seconds of one train_classifier call."""
     wall, cpu = time.perf_counter(), time.process_time()
-    train_classifier(data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed,
-                     progress=False)
+    train_classifier(
+        data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed, progress=False
+    )
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -187,8 +210,9 @@ def time_bare(data: Data, config: Config) -> tuple[float, float]:
 
 
 def same_weights(data: Data, config: Config) -> bool:
-    project, _ = train_classifier(data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train,
-                                  config.seed, progress=False)
+    project, _ = train_classifier(
+        data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed, progress=False
+    )
     with intra_op_threads(config.train.threads):
         bare = bare_loop(data.spec, data.train_x, data.train_y, config.train, config.seed)
     a, b = project.state_dict(), bare.state_dict()
@@ -214,14 +238,24 @@ def measure_ratio(data: Data, config: Config, repeats: int, val_every: list[int]
             if arm is None:
                 seconds = time_bare(data, config)
             else:
-                seconds = time_project(data, dataclasses.replace(
-                    config, train=dataclasses.replace(config.train, val_every=arm)))
+                seconds = time_project(
+                    data, dataclasses.replace(config, train=dataclasses.replace(config.train, val_every=arm))
+                )
             wall[arm].append(images / seconds[0])
             cpu[arm].append(images / seconds[1])
-    return {"bare_images_per_second": summary(wall[None]), "bare_images_per_cpu_second": summary(cpu[None]),
-            "project": [{"val_every": arm, "images_per_second": summary(wall[arm]),
-                         "ratio": summary([p / b for p, b in zip(wall[arm], wall[None])]),
-                         "cpu_ratio": summary([p / b for p, b in zip(cpu[arm], cpu[None])])} for arm in val_every]}
+    return {
+        "bare_images_per_second": summary(wall[None]),
+        "bare_images_per_cpu_second": summary(cpu[None]),
+        "project": [
+            {
+                "val_every": arm,
+                "images_per_second": summary(wall[arm]),
+                "ratio": summary([p / b for p, b in zip(wall[arm], wall[None])]),
+                "cpu_ratio": summary([p / b for p, b in zip(cpu[arm], cpu[None])]),
+            }
+            for arm in val_every
+        ],
+    }
 
 
 def measure_threads(data: Data, config: Config, thread_counts: list[int], busy: int, repeats: int) -> list[dict]:
@@ -230,14 +264,15 @@ def measure_threads(data: Data, config: Config, thread_counts: list[int], busy: 
     images = config.train.epochs * images_per_epoch(len(data.train_x), config.train.batch_size)
     loads = [0, busy] if busy else [0]
     cells = {(load, t): {"train": [], "logits": [], "background": []} for load in loads for t in thread_counts}
-    model, _ = train_classifier(data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train,
-                                config.seed, progress=False)
+    model, _ = train_classifier(
+        data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed, progress=False
+    )
     # Logit collection's unit of work: every training image, a few times (one pass is milliseconds).
     passes, batch = 10, config.evaluation.batch_size
     for repeat in range(repeats):
         for load in loads:
             with burners(load) as pids:
-                for t in (thread_counts if repeat % 2 == 0 else thread_counts[::-1]):
+                for t in thread_counts if repeat % 2 == 0 else thread_counts[::-1]:
                     run = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=t))
                     with Background(pids) as background:
                         cells[(load, t)]["train"].append(images / time_project(data, run)[0])
@@ -245,21 +280,30 @@ def measure_threads(data: Data, config: Config, thread_counts: list[int], busy: 
                             started = time.perf_counter()
                             for _ in range(passes):
                                 collect_logits(model, data.train_x, batch)
-                            cells[(load, t)]["logits"].append(passes * len(data.train_x)
-                                                              / (time.perf_counter() - started))
+                            cells[(load, t)]["logits"].append(
+                                passes * len(data.train_x) / (time.perf_counter() - started)
+                            )
                     if background.cores is not None:
                         cells[(load, t)]["background"].append(background.cores)
-    return [{"busy_processes": load, "threads": t, "train_images_per_second": summary(v["train"]),
-             "logits_images_per_second": summary(v["logits"]),
-             "background_cores": summary(v["background"]) if v["background"] else None}
-            for (load, t), v in cells.items()]
+    return [
+        {
+            "busy_processes": load,
+            "threads": t,
+            "train_images_per_second": summary(v["train"]),
+            "logits_images_per_second": summary(v["logits"]),
+            "background_cores": summary(v["background"]) if v["background"] else None,
+        }
+        for (load, t), v in cells.items()
+    ]
 
 
 def print_ratio(result: dict, config: Config, repeats: int) -> None:
     b = result["bare_images_per_second"]
-    print(f"train_classifier vs bare loop: {config.model.arch} (width {config.model.width}), {config.train.epochs} epochs "
-          f"of {result['train_images']} images, batch {config.train.batch_size}, threads {config.train.threads}, "
-          f"{result['busy_processes']} busy processes; {repeats} repeats; same weights: {result['same_weights']}")
+    print(
+        f"train_classifier vs bare loop: {config.model.arch} (width {config.model.width}), {config.train.epochs} epochs "
+        f"of {result['train_images']} images, batch {config.train.batch_size}, threads {config.train.threads}, "
+        f"{result['busy_processes']} busy processes; {repeats} repeats; same weights: {result['same_weights']}"
+    )
     if result["background_cores"] is not None:
         print(f"other processes kept {result['background_cores']:.1f} cores busy on average meanwhile")
     print("| arm | img/s (median, range) | ratio to bare, wall (median, range) | ratio to bare, CPU time |")
@@ -267,19 +311,25 @@ def print_ratio(result: dict, config: Config, repeats: int) -> None:
     print(f"| bare loop | {b['median']:,.0f} ({b['low']:,.0f}-{b['high']:,.0f}) | 1 | 1 |")
     for row in result["project"]:
         p, r, c = row["images_per_second"], row["ratio"], row["cpu_ratio"]
-        print(f"| train_classifier, val_every {row['val_every']} | {p['median']:,.0f} ({p['low']:,.0f}-{p['high']:,.0f}) "
-              f"| {r['median']:.3f} ({r['low']:.3f}-{r['high']:.3f}) | {c['median']:.3f} ({c['low']:.3f}-{c['high']:.3f}) |")
+        print(
+            f"| train_classifier, val_every {row['val_every']} | {p['median']:,.0f} ({p['low']:,.0f}-{p['high']:,.0f}) "
+            f"| {r['median']:.3f} ({r['low']:.3f}-{r['high']:.3f}) | {c['median']:.3f} ({c['low']:.3f}-{c['high']:.3f}) |"
+        )
 
 
 def print_threads(rows: list[dict]) -> None:
-    print("| busy processes | threads | training img/s (median, range) | logit collection img/s (median, range) "
-          "| other processes' load, cores (median, range) |")
+    print(
+        "| busy processes | threads | training img/s (median, range) | logit collection img/s (median, range) "
+        "| other processes' load, cores (median, range) |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         t, lg, bg = row["train_images_per_second"], row["logits_images_per_second"], row["background_cores"]
         load = f"{bg['median']:.1f} ({bg['low']:.1f}-{bg['high']:.1f})" if bg else "n/a"
-        print(f"| {row['busy_processes']} | {row['threads']} | {t['median']:,.0f} ({t['low']:,.0f}-{t['high']:,.0f}) "
-              f"| {lg['median']:,.0f} ({lg['low']:,.0f}-{lg['high']:,.0f}) | {load} |")
+        print(
+            f"| {row['busy_processes']} | {row['threads']} | {t['median']:,.0f} ({t['low']:,.0f}-{t['high']:,.0f}) "
+            f"| {lg['median']:,.0f} ({lg['low']:,.0f}-{lg['high']:,.0f}) | {load} |"
+        )
 
 
 def exit_code(results: dict, check: bool) -> int:
@@ -291,13 +341,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="params.yaml override")
     parser.add_argument("--repeats", type=int, default=5, help="pairs for the ratio, rounds for the thread table")
-    parser.add_argument("--busy", type=int, default=0, help="CPU-burning processes beside the ratio (and the "
-                        "thread table's busy rows: 1 when not given)")
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="CPU-burning processes beside the ratio (and the thread table's busy rows: 1 when not given)",
+    )
     parser.add_argument("--threads-table", action="store_true", help="also measure thread counts idle and busy")
     parser.add_argument("--table-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--table-epochs", type=int, default=10, help="epochs per training in the thread table")
-    parser.add_argument("--val-every", type=int, nargs="*", default=[],
-                        help="also time train_classifier at these train.val_every values (1: the old behaviour)")
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time train_classifier at these train.val_every values (1: the old behaviour)",
+    )
     parser.add_argument("--check", action="store_true", help=f"exit 1 when the median ratio is below {THRESHOLD}")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
@@ -306,18 +365,31 @@ def main(argv: list[str] | None = None) -> dict:
     # params.yaml's data.path is relative to the repository, wherever this is run from.
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(REPO / config.data.path)))
     data = load_data(config)
-    print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs), torch default threads "
-          f"{torch.get_num_threads()}", flush=True)
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs), torch default threads "
+        f"{torch.get_num_threads()}",
+        flush=True,
+    )
     with burners(args.busy) as pids:
         arms = [config.train.val_every, *(v for v in args.val_every if v != config.train.val_every)]
         with Background(pids) as background:
             ratio = measure_ratio(data, config, args.repeats, arms)
-        ratio.update(same_weights=same_weights(data, config), busy_processes=args.busy,
-                     background_cores=background.cores,
-                     train_images=images_per_epoch(len(data.train_x), config.train.batch_size))
+        ratio.update(
+            same_weights=same_weights(data, config),
+            busy_processes=args.busy,
+            background_cores=background.cores,
+            train_images=images_per_epoch(len(data.train_x), config.train.batch_size),
+        )
     print_ratio(ratio, config, args.repeats)
-    results = {"ratio": ratio, "config": {"epochs": config.train.epochs, "threads": config.train.threads,
-                                          "val_every": config.train.val_every, "batch_size": config.train.batch_size}}
+    results = {
+        "ratio": ratio,
+        "config": {
+            "epochs": config.train.epochs,
+            "threads": config.train.threads,
+            "val_every": config.train.val_every,
+            "batch_size": config.train.batch_size,
+        },
+    }
     if args.threads_table:
         table_config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=args.table_epochs))
         results["threads"] = measure_threads(data, table_config, args.table_threads, max(1, args.busy), args.repeats)

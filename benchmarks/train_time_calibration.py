@@ -39,8 +39,12 @@ BEGIN, END = "<!-- BEGIN train_time_calibration table -->", "<!-- END train_time
 SHORT_BEGIN, SHORT_END = "<!-- BEGIN train_time_calibration summary -->", "<!-- END train_time_calibration summary -->"
 # Mukhoti et al. 2020, CIFAR-10 ResNet-50 (Tables 1-2; torrvision/focal_calibration's README): ECE % before
 # and after temperature scaling, and T. Their label smoothing is 0.05, ours 0.1.
-MUKHOTI_RESNET50 = {"cross_entropy": "4.35% -> 1.35% (2.5)", "label_smoothing": "2.96% -> 1.67% (0.9), LS 0.05",
-                    "flsd53": "1.55% -> 0.95% (1.1)", "mmce": "4.56% -> 1.19% (2.6)"}
+MUKHOTI_RESNET50 = {
+    "cross_entropy": "4.35% -> 1.35% (2.5)",
+    "label_smoothing": "2.96% -> 1.67% (0.9), LS 0.05",
+    "flsd53": "1.55% -> 0.95% (1.1)",
+    "mmce": "4.56% -> 1.19% (2.6)",
+}
 PER_CLASS = 1600
 # name, what the table calls it, the overrides of the recipe. Hyper-parameters are the papers':
 # label smoothing 0.1 (Mueller et al. 2019's CIFAR setting), FLSD-53 (Mukhoti et al. 2020), beta
@@ -91,8 +95,9 @@ def manifest_of(data_dir: Path, work: Path):
     return manifest
 
 
-def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bins: int = 15,
-               reuse_checkpoint: bool = False) -> dict:
+def run_method(
+    name: str, overrides: list[str], data_dir: Path, work: Path, n_bins: int = 15, reuse_checkpoint: bool = False
+) -> dict:
     import torch
 
     from calibflow import pipeline
@@ -114,19 +119,36 @@ def run_method(name: str, overrides: list[str], data_dir: Path, work: Path, n_bi
     else:
         trained = pipeline.train_model(str(data_dir), manifest, split.path, config, str(out))
         train_seconds, final_train_loss = time.perf_counter() - started, trained.final_train_loss
-    logits = {s: pipeline.write_split_logits(str(checkpoint), str(data_dir), manifest.path, split.path, s,
-                                             str(out / f"logits_{s}.npz"), config.evaluation.batch_size, "cpu")
-              for s in ("calibration", "test")}
+    logits = {
+        s: pipeline.write_split_logits(
+            str(checkpoint),
+            str(data_dir),
+            manifest.path,
+            split.path,
+            s,
+            str(out / f"logits_{s}.npz"),
+            config.evaluation.batch_size,
+            "cpu",
+        )
+        for s in ("calibration", "test")
+    }
     fit = pipeline.fit_calibration(logits["calibration"], config.calibration, str(out / "calibration.json"))
     z, labels = pipeline.load_logits(logits["test"])
     calibrator = pipeline.load_calibrator(fit.state_path)
     from calibflow.ensembles import uncalibrated_probabilities
 
-    row = {"method": name, "overrides": overrides, "n_train": split.sizes["train"], "n_test": int(len(labels)),
-           "n_calibration": split.sizes["calibration"], "train_seconds": train_seconds,
-           "final_train_loss": final_train_loss, "reused_checkpoint": train_seconds is None,
-           "temperatures": [m["temperature"] for m in json.loads(Path(fit.state_path).read_text()).get("members", [])]
-           or [fit.temperature]}
+    row = {
+        "method": name,
+        "overrides": overrides,
+        "n_train": split.sizes["train"],
+        "n_test": int(len(labels)),
+        "n_calibration": split.sizes["calibration"],
+        "train_seconds": train_seconds,
+        "final_train_loss": final_train_loss,
+        "reused_checkpoint": train_seconds is None,
+        "temperatures": [m["temperature"] for m in json.loads(Path(fit.state_path).read_text()).get("members", [])]
+        or [fit.temperature],
+    }
     for when, probs in (("before", uncalibrated_probabilities(z)), ("after", calibrator.transform(z))):
         report = probability_report(probs, labels, n_bins)
         interval = bootstrap_ci("ece", probs, labels, n_resamples=1000, n_bins=n_bins)
@@ -152,6 +174,7 @@ def _number(value, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     labels = {name: label for name, label, _ in METHODS}
+
     def spread(m: dict) -> str:
         # The stored bounds are the 2.5% and 97.5% quantiles of 1,000 bootstrap plug-in ECEs. Near 0
         # a resample's binned ECE is biased upward, so no interval built from them covers the true
@@ -159,9 +182,11 @@ def table(rows: list[dict]) -> str:
         # size of the noise to read differences against.
         return f"{100 * m['ece']:.2f}% ± {100 * (m['ece_high'] - m['ece_low']) / 3.92:.2f}"
 
-    lines = ["| method | accuracy | ECE before TS (± bootstrap sd) | ECE after TS (± bootstrap sd) | smooth ECE before / after | "
-             "NLL before / after | Brier before / after | T (per member) | final training loss | run s | predict ms/image |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | accuracy | ECE before TS (± bootstrap sd) | ECE after TS (± bootstrap sd) | smooth ECE before / after | "
+        "NLL before / after | Brier before / after | T (per member) | final training loss | run s | predict ms/image |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         b, a = r["before"], r["after"]
         temps = "/".join(f"{t:.2f}" for t in r["temperatures"])
@@ -171,18 +196,24 @@ def table(rows: list[dict]) -> str:
             f"{100 * b['smooth_ece']:.2f}% / {100 * a['smooth_ece']:.2f}% | {b['nll']:.3f} / {a['nll']:.3f} | "
             f"{b['brier']:.3f} / {a['brier']:.3f} | {temps} | {_number(r['final_train_loss'], '.3f')} | "
             f"{_number(r['wall_seconds'], '.0f')}{' (checkpoint reused)' if r.get('reused_checkpoint') else ''} | "
-            f"{r['predict_ms_per_image']:.2f} |")
+            f"{r['predict_ms_per_image']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def summary_table(rows: list[dict]) -> str:
     labels = {name: label for name, label, _ in METHODS}
-    lines = ["| method | accuracy | ECE before -> after TS (T) | Mukhoti et al. 2020, ResNet-50 |", "| --- | --- | --- | --- |"]
+    lines = [
+        "| method | accuracy | ECE before -> after TS (T) | Mukhoti et al. 2020, ResNet-50 |",
+        "| --- | --- | --- | --- |",
+    ]
     for r in rows:
         temps = "/".join(f"{t:.2f}" for t in r["temperatures"])
-        lines.append(f"| {labels.get(r['method'], r['method'])} | {r['after']['accuracy']:.3f} | "
-                     f"{100 * r['before']['ece']:.2f}% -> {100 * r['after']['ece']:.2f}% ({temps}) | "
-                     f"{MUKHOTI_RESNET50.get(r['method'], 'not in their table')} |")
+        lines.append(
+            f"| {labels.get(r['method'], r['method'])} | {r['after']['accuracy']:.3f} | "
+            f"{100 * r['before']['ece']:.2f}% -> {100 * r['after']['ece']:.2f}% ({temps}) | "
+            f"{MUKHOTI_RESNET50.get(r['method'], 'not in their table')} |"
+        )
     return "\n".join(lines)
 
 
@@ -197,9 +228,19 @@ def _replace_between(path: Path, begin: str, end: str, block: str) -> None:
 
 def write_doc(rows: list[dict], command: str, readme: Path | None = None) -> None:
     first = rows[0]
-    block = "\n".join([BEGIN, "", f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-                       f"{first['n_train']} training, {first['n_calibration']} calibration and {first['n_test']} test "
-                       f"images, one seed (0) per method.", "", table(rows), "", END])
+    block = "\n".join(
+        [
+            BEGIN,
+            "",
+            f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"{first['n_train']} training, {first['n_calibration']} calibration and {first['n_test']} test "
+            f"images, one seed (0) per method.",
+            "",
+            table(rows),
+            "",
+            END,
+        ]
+    )
     text = DOC.read_text() if DOC.is_file() else f"# Train-time calibration\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
@@ -216,8 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subset-only", action="store_true", help="only build the recipe's ImageFolder at --out")
     parser.add_argument("--out", type=Path, help="where --subset-only writes the ImageFolder")
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/ alone")
-    parser.add_argument("--reuse-checkpoints", action="store_true",
-                        help="evaluate a method's checkpoint left in the work dir instead of training it again")
+    parser.add_argument(
+        "--reuse-checkpoints",
+        action="store_true",
+        help="evaluate a method's checkpoint left in the work dir instead of training it again",
+    )
     args = parser.parse_args(argv)
 
     from calibflow.environment import apply_quiet_defaults
@@ -239,13 +283,18 @@ def main(argv: list[str] | None = None) -> None:
         row = run_method(name, overrides, data_dir, args.work, reuse_checkpoint=args.reuse_checkpoints)
         rows.append(row)
         results_path.write_text(json.dumps(rows, indent=1))
-        print(f"{label}: accuracy {row['after']['accuracy']:.3f}, ECE {row['before']['ece']:.4f} -> "
-              f"{row['after']['ece']:.4f}, {row['wall_seconds']:.0f} s", flush=True)
+        print(
+            f"{label}: accuracy {row['after']['accuracy']:.3f}, ECE {row['before']['ece']:.4f} -> "
+            f"{row['after']['ece']:.4f}, {row['wall_seconds']:.0f} s",
+            flush=True,
+        )
     order = [name for name, _, _ in METHODS]
     rows.sort(key=lambda r: order.index(r["method"]))
     print(table(rows))
     if not args.no_doc and rows:
-        flags = [flag for flag, on in ((" --resume", args.resume), (" --reuse-checkpoints", args.reuse_checkpoints)) if on]
+        flags = [
+            flag for flag, on in ((" --resume", args.resume), (" --reuse-checkpoints", args.reuse_checkpoints)) if on
+        ]
         write_doc(rows, "python benchmarks/train_time_calibration.py" + "".join(flags))
 
 

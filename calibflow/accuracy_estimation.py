@@ -41,8 +41,13 @@ class AccuracyEstimate:
     level: float
 
     def to_json(self) -> dict:
-        return {"method": self.method, "estimate": self.estimate, "lower": self.lower, "upper": self.upper,
-                "level": self.level}
+        return {
+            "method": self.method,
+            "estimate": self.estimate,
+            "lower": self.lower,
+            "upper": self.upper,
+            "level": self.level,
+        }
 
 
 def _checked(probabilities: np.ndarray, what: str) -> np.ndarray:
@@ -73,8 +78,9 @@ def cbpe_accuracy(probabilities: np.ndarray, level: float = 0.95) -> AccuracyEst
     return AccuracyEstimate("cbpe", estimate, max(0.0, estimate - z * sd), min(1.0, estimate + z * sd), level)
 
 
-def atc_threshold(reference_probabilities: np.ndarray, reference_labels: np.ndarray,
-                  score: str = "negative_entropy") -> float:
+def atc_threshold(
+    reference_probabilities: np.ndarray, reference_labels: np.ndarray, score: str = "negative_entropy"
+) -> float:
     """The threshold t with mean(score > t) = accuracy on the labeled reference images."""
     p = _checked(reference_probabilities, "atc_threshold")
     labels = np.asarray(reference_labels)
@@ -91,14 +97,20 @@ def atc_threshold(reference_probabilities: np.ndarray, reference_labels: np.ndar
     return float(s[k - 1])
 
 
-def atc_accuracy(probabilities: np.ndarray, threshold: float, score: str = "negative_entropy",
-                 level: float = 0.95) -> AccuracyEstimate:
+def atc_accuracy(
+    probabilities: np.ndarray, threshold: float, score: str = "negative_entropy", level: float = 0.95
+) -> AccuracyEstimate:
     """Share of new images whose score is above the reference threshold, with a Wilson interval."""
     s = confidence_score(_checked(probabilities, "atc_accuracy"), score)
     above = int(np.sum(s > threshold))
     interval = stats.binomtest(above, len(s)).proportion_ci(level, method="wilson")
-    return AccuracyEstimate(f"atc_{'ne' if score == 'negative_entropy' else 'mc'}", above / len(s), float(interval.low),
-                            float(interval.high), level)
+    return AccuracyEstimate(
+        f"atc_{'ne' if score == 'negative_entropy' else 'mc'}",
+        above / len(s),
+        float(interval.low),
+        float(interval.high),
+        level,
+    )
 
 
 @dataclass(frozen=True)
@@ -113,10 +125,16 @@ class ConfidenceDrift:
         return dict(self.__dict__)
 
 
-def confidence_drift(reference_probabilities: np.ndarray, probabilities: np.ndarray,
-                     alpha: float = 0.05) -> ConfidenceDrift:
+def confidence_drift(
+    reference_probabilities: np.ndarray, probabilities: np.ndarray, alpha: float = 0.05
+) -> ConfidenceDrift:
     reference = _checked(reference_probabilities, "confidence_drift reference").max(axis=1)
     current = _checked(probabilities, "confidence_drift").max(axis=1)
     test = stats.ks_2samp(reference, current)
-    return ConfidenceDrift(float(test.statistic), float(test.pvalue), bool(test.pvalue < alpha),
-                           float(reference.mean()), float(current.mean()))
+    return ConfidenceDrift(
+        float(test.statistic),
+        float(test.pvalue),
+        bool(test.pvalue < alpha),
+        float(reference.mean()),
+        float(current.mean()),
+    )

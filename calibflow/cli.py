@@ -27,19 +27,34 @@ def main(argv: list[str] | None = None) -> int:
         args, handler = _gate_plan_parser().parse_args(argv[2:]), _gate_plan
         args.command = "gate plan"
         return _dispatch(handler, args)
-    parser = argparse.ArgumentParser(prog="calibflow", description="Train, calibrate, gate and register image classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="calibflow", description="Train, calibrate, gate and register image classifiers."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the pipeline flow (train -> calibrate -> gates -> registry)")
     run.add_argument("--params", default="params.yaml", help="params file, relative to --repo (default params.yaml)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a param for this run, e.g. --set train.epochs=3 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param for this run, e.g. --set train.epochs=3 (repeatable)",
+    )
     run.add_argument("--data-rev", default=None, help="git revision to read the dataset at (default: the working tree)")
     run.add_argument("--repo", default=".", help="repository root (default: current directory)")
-    run.add_argument("--force", action="store_true",
-                     help="retrain even when @champion was built from the same data, params and code")
-    run.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                     help="the result as JSON: on stdout instead of the summary, or written to PATH")
+    run.add_argument(
+        "--force", action="store_true", help="retrain even when @champion was built from the same data, params and code"
+    )
+    run.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="the result as JSON: on stdout instead of the summary, or written to PATH",
+    )
 
     evaluate = commands.add_parser("evaluate", help="recompute a registered model's test metrics in this process")
     evaluate.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -51,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--repo", default=".")
     predict.add_argument("images", nargs="+")
 
-    gate = commands.add_parser("gate", help="may this version replace the champion? exit 0 pass, 1 fail, 2 undecided "
-                                            "(`calibflow gate plan --help`: how many test images the gates need)")
+    gate = commands.add_parser(
+        "gate",
+        help="may this version replace the champion? exit 0 pass, 1 fail, 2 undecided "
+        "(`calibflow gate plan --help`: how many test images the gates need)",
+    )
     _add_gate_arguments(gate)
     gate.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
 
@@ -65,18 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("--model", required=True)
     rollback.add_argument("--repo", default=".")
 
-    monitor = commands.add_parser("monitor", help="has a registered model drifted on new images? exit 0 fine, "
-                                                  "1 calibration drifted, 3 accuracy drifted, 2 undecided")
+    monitor = commands.add_parser(
+        "monitor",
+        help="has a registered model drifted on new images? exit 0 fine, "
+        "1 calibration drifted, 3 accuracy drifted, 2 undecided",
+    )
     monitor.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     monitor.add_argument("--data", required=True, help="a DVC-tracked folder: <class>/<image> (labeled) or flat")
-    monitor.add_argument("--params", default="params.yaml", help="monitor: tolerances, gates.confidence (relative to --repo)")
+    monitor.add_argument(
+        "--params", default="params.yaml", help="monitor: tolerances, gates.confidence (relative to --repo)"
+    )
     monitor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     monitor.add_argument("--repo", default=".")
     monitor.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
 
-    recal = commands.add_parser("recalibrate", help="fit a new calibrator for a registered network on newly labeled "
-                                                    "images, gate it, register it: exit 0 registered, 1 rejected, "
-                                                    "2 could not run")
+    recal = commands.add_parser(
+        "recalibrate",
+        help="fit a new calibrator for a registered network on newly labeled "
+        "images, gate it, register it: exit 0 registered, 1 rejected, "
+        "2 could not run",
+    )
     recal.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     recal.add_argument("--data", required=True, help="a DVC-tracked ImageFolder of newly labeled images")
     recal.add_argument("--against", default="@champion", help="VERSION or @alias the relative gates compare with")
@@ -88,36 +114,63 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--model", required=True)
     status.add_argument("--repo", default=".")
 
-    prepare = commands.add_parser("prepare-digits",
-                                  help="write the default dataset: scikit-learn's digits with pixel noise, as PNGs")
+    prepare = commands.add_parser(
+        "prepare-digits", help="write the default dataset: scikit-learn's digits with pixel noise, as PNGs"
+    )
     prepare.add_argument("--out", default="data/digits")
 
     schedule = commands.add_parser(
-        "schedule", help="serve the scheduled retraining deployment (params.yaml `schedule:`) from this machine, "
-                         "or register it with a work pool (--deploy); needs a Prefect server (PREFECT_API_URL)")
+        "schedule",
+        help="serve the scheduled retraining deployment (params.yaml `schedule:`) from this machine, "
+        "or register it with a work pool (--deploy); needs a Prefect server (PREFECT_API_URL)",
+    )
     schedule.add_argument("--repo", default=".", help="the checkout scheduled runs use (stored as an absolute path)")
     schedule.add_argument("--params", default="params.yaml", help="params file, relative to --repo")
-    schedule.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="schedule.* keys shape the deployment; other keys are passed to every run (repeatable)")
-    schedule.add_argument("--deploy", action="store_true",
-                          help="register with the work pool schedule.work_pool and exit; a worker runs the flow runs")
+    schedule.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="schedule.* keys shape the deployment; other keys are passed to every run (repeatable)",
+    )
+    schedule.add_argument(
+        "--deploy",
+        action="store_true",
+        help="register with the work pool schedule.work_pool and exit; a worker runs the flow runs",
+    )
 
     data = commands.add_parser("data", help="manage the DVC-tracked datasets under data/")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     data_add = data_commands.add_parser(
-        "add", help="copy an ImageFolder into data/NAME, `dvc add` it and commit the .dvc file with git")
+        "add", help="copy an ImageFolder into data/NAME, `dvc add` it and commit the .dvc file with git"
+    )
     data_add.add_argument("source", metavar="PATH", help="an ImageFolder directory (<class>/<image>)")
     data_add.add_argument("--name", required=True, help="the dataset's name: it becomes data/NAME (data.path)")
     data_add.add_argument("--repo", default=".", help="repository root (default: current directory)")
     data_add.add_argument("--message", "-m", default=None, help="git commit message")
-    data_add.add_argument("--replace", action="store_true",
-                          help="replace an existing, different data/NAME (its new version gets a new commit)")
+    data_add.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an existing, different data/NAME (its new version gets a new commit)",
+    )
     data_add.add_argument("--push", action="store_true", help="also `dvc push` it to the default DVC remote")
 
     args = parser.parse_args(argv)  # a usage error exits 2 here (argparse's own code)
-    handler = {"run": _run, "evaluate": _evaluate, "predict": _predict, "gate": _gate, "promote": _promote,
-               "rollback": _rollback, "status": _status, "monitor": _monitor, "recalibrate": _recalibrate, "prepare-digits": _prepare,
-               "schedule": _schedule, "data": _data}[args.command]
+    handler = {
+        "run": _run,
+        "evaluate": _evaluate,
+        "predict": _predict,
+        "gate": _gate,
+        "promote": _promote,
+        "rollback": _rollback,
+        "status": _status,
+        "monitor": _monitor,
+        "recalibrate": _recalibrate,
+        "prepare-digits": _prepare,
+        "schedule": _schedule,
+        "data": _data,
+    }[args.command]
     return _dispatch(handler, args)
 
 
@@ -168,8 +221,11 @@ def _model_threads(threads=None):
 def _dispatch(handler, args: argparse.Namespace) -> int:
     repo = getattr(args, "repo", None)
     if repo is not None and not Path(repo).is_dir():
-        print(f"calibflow {args.command}: --repo {repo} is not a directory: run in the repository root or pass "
-              f"--repo PATH", file=sys.stderr)
+        print(
+            f"calibflow {args.command}: --repo {repo} is not a directory: run in the repository root or pass "
+            f"--repo PATH",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         return handler(args)
@@ -178,8 +234,11 @@ def _dispatch(handler, args: argparse.Namespace) -> int:
         # champion". An error nobody anticipated decided nothing: exit 2, with the traceback,
         # because it is a bug to report rather than a user mistake.
         traceback.print_exc()
-        print(f"calibflow {args.command}: unexpected {type(error).__name__}, nothing decided (exit 2); please "
-              f"report it with the traceback above: {_one_line(error)}", file=sys.stderr)
+        print(
+            f"calibflow {args.command}: unexpected {type(error).__name__}, nothing decided (exit 2); please "
+            f"report it with the traceback above: {_one_line(error)}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
 
@@ -206,8 +265,13 @@ def _run(args: argparse.Namespace) -> int:
 
     _imports_done()
     try:
-        result = train_calibrate_register(params_path=args.params, overrides=args.overrides, data_rev=args.data_rev,
-                                          repo_root=args.repo, force=args.force)
+        result = train_calibrate_register(
+            params_path=args.params,
+            overrides=args.overrides,
+            data_rev=args.data_rev,
+            repo_root=args.repo,
+            force=args.force,
+        )
     except Exception as error:
         policy = errors.policy_of(error)  # which errors are refusals, and their exit codes
         if policy is None:
@@ -217,8 +281,11 @@ def _run(args: argparse.Namespace) -> int:
         elif policy.refusal:
             print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
         else:
-            print(f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
-                  f"alias moved. {type(error).__name__}: {error}", file=sys.stderr)
+            print(
+                f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
+                f"alias moved. {type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
         return policy.exit_code
     if args.json is None:
         print("\n" + run_summary(result))
@@ -241,19 +308,28 @@ def run_summary(result: dict) -> str:
     if result.get("skipped"):
         return f"calibflow run: skipped. {result['reason']}"
     before, after, gates = result["test_before"], result["test_after"], result.get("gates", {})
-    verdict = ("every gate passed" if gates.get("passed") else
-               "the absolute gates passed, not those against the champion: CD decides (calibflow promote)")
-    lines = [f"calibflow run: registered {result['model_name']} version {result['version']} as @{result['alias']}; "
-             f"{verdict}",
-             f"  test ECE {before['ece']:.4f} -> {after['ece']:.4f}, accuracy {after['accuracy']:.4f}; calibration "
-             f"{result['calibration_method']}" + (f", T = {result['temperature']:.4f}" if result.get("temperature") else "")]
+    verdict = (
+        "every gate passed"
+        if gates.get("passed")
+        else "the absolute gates passed, not those against the champion: CD decides (calibflow promote)"
+    )
+    lines = [
+        f"calibflow run: registered {result['model_name']} version {result['version']} as @{result['alias']}; "
+        f"{verdict}",
+        f"  test ECE {before['ece']:.4f} -> {after['ece']:.4f}, accuracy {after['accuracy']:.4f}; calibration "
+        f"{result['calibration_method']}" + (f", T = {result['temperature']:.4f}" if result.get("temperature") else ""),
+    ]
     for check in gates.get("checks", []):
         if check["name"] == "max_ece":  # the calibration gate: its bound, not only its estimate
-            lines.append(f"  gate max_ece: {check['metric']} {check['value']:.4f}, {gates['confidence']:.0%} upper "
-                         f"bound {check['bound']:.4f} {check['comparison']} {check['threshold']:.4f}")
-    lines.append(f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} (make ui); "
-                 f"reports/metrics.json; every check: calibflow gate --model {result['model_name']} --candidate "
-                 f"{result['version']}")
+            lines.append(
+                f"  gate max_ece: {check['metric']} {check['value']:.4f}, {gates['confidence']:.0%} upper "
+                f"bound {check['bound']:.4f} {check['comparison']} {check['threshold']:.4f}"
+            )
+    lines.append(
+        f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} (make ui); "
+        f"reports/metrics.json; every check: calibflow gate --model {result['model_name']} --candidate "
+        f"{result['version']}"
+    )
     return "\n".join(lines)
 
 
@@ -273,8 +349,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except (MlflowException, OSError) as error:
         return _store_failed("evaluate", error)
-    report = {"model": result.model_uri, "version": result.version, "recomputed": result.recomputed,
-              "logged": result.logged, "mismatches": result.mismatches()}
+    report = {
+        "model": result.model_uri,
+        "version": result.version,
+        "recomputed": result.recomputed,
+        "logged": result.logged,
+        "mismatches": result.mismatches(),
+    }
     width = max(10, *(len(name) for name in result.recomputed))
     print(f"{'metric':<{width}} {'logged':>20} {'recomputed':>20}")
     for name, value in result.recomputed.items():
@@ -285,11 +366,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             with open(args.json_path, "w") as handle:
                 json.dump(report, handle, indent=2)
         except OSError as error:
-            print(f"calibflow evaluate: cannot write --json {args.json_path}: {error.strerror or error}", file=sys.stderr)
+            print(
+                f"calibflow evaluate: cannot write --json {args.json_path}: {error.strerror or error}", file=sys.stderr
+            )
             return EXIT_USAGE
     if report["mismatches"]:
-        print("calibflow: recomputed metrics differ from the logged ones: " + "; ".join(report["mismatches"]),
-              file=sys.stderr)
+        print(
+            "calibflow: recomputed metrics differ from the logged ones: " + "; ".join(report["mismatches"]),
+            file=sys.stderr,
+        )
         return EXIT_REJECTED
     return EXIT_OK
 
@@ -328,7 +413,9 @@ def _add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="registered model name")
     parser.add_argument("--candidate", required=True, help="VERSION or @alias, e.g. 7 or @challenger")
     parser.add_argument("--against", default="@champion", help="VERSION or @alias to compare with (default @champion)")
-    parser.add_argument("--params", default="params.yaml", help="where the gates: thresholds are read (relative to --repo)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="where the gates: thresholds are read (relative to --repo)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--repo", default=".")
 
@@ -345,8 +432,9 @@ def _run_gate(args: argparse.Namespace):
         config = load_config(Path(args.repo) / args.params, args.overrides)
         registry.configure_tracking(args.repo)
         with _model_threads(config.train.threads):
-            return gate_version(args.model, args.candidate, config.gates, args.against, args.repo,
-                                config.evaluation.n_bins)
+            return gate_version(
+                args.model, args.candidate, config.gates, args.against, args.repo, config.evaluation.n_bins
+            )
     except (ConfigError, GateUndecided, LookupError) as error:
         print(f"calibflow gate: could not decide: {error}", file=sys.stderr)
     except (MlflowException, OSError) as error:  # OSError covers refused connections to a tracking server
@@ -358,15 +446,18 @@ def _gate_plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calibflow gate plan",
         description="How many test images the configured gates need to pass a model with the given power, by "
-                    "simulation: under a registered version's own estimated calibration (--model, --candidate), or "
-                    "for a model halfway inside every threshold (--thresholds).")
+        "simulation: under a registered version's own estimated calibration (--model, --candidate), or "
+        "for a model halfway inside every threshold (--thresholds).",
+    )
     parser.add_argument("--model", help="registered model name")
     parser.add_argument("--candidate", help="VERSION or @alias, e.g. @champion")
     parser.add_argument("--against", default="@champion", help="VERSION or @alias to compare with (default @champion)")
     parser.add_argument("--thresholds", action="store_true", help="plan from the thresholds alone, no model")
     parser.add_argument("--classes", type=int, default=10, help="classes of the --thresholds model (default 10)")
     parser.add_argument("--power", type=float, default=0.8, help="wanted pass rate (default 0.8)")
-    parser.add_argument("--params", default="params.yaml", help="where the gates: thresholds are read (relative to --repo)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="where the gates: thresholds are read (relative to --repo)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--repo", default=".")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the plan to this file")
@@ -389,12 +480,14 @@ def _gate_plan(args: argparse.Namespace) -> int:
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
         if args.thresholds:
-            plan = plan_from_thresholds(config.gates, args.classes, config.evaluation.n_bins, args.power,
-                                        config.gates.n_resamples)
+            plan = plan_from_thresholds(
+                config.gates, args.classes, config.evaluation.n_bins, args.power, config.gates.n_resamples
+            )
         else:
             registry.configure_tracking(args.repo)
-            plan = plan_version(args.model, args.candidate, config.gates, args.against, args.repo,
-                                config.evaluation.n_bins, args.power)
+            plan = plan_version(
+                args.model, args.candidate, config.gates, args.against, args.repo, config.evaluation.n_bins, args.power
+            )
     except (ConfigError, GateUndecided, LookupError, ValueError) as error:
         print(f"calibflow gate plan: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
@@ -406,16 +499,19 @@ def _gate_plan(args: argparse.Namespace) -> int:
         try:
             Path(args.json_path).write_text(json.dumps(plan.to_json(), indent=2))
         except OSError as error:
-            print(f"calibflow gate plan: cannot write --json {args.json_path}: {error.strerror or error}",
-                  file=sys.stderr)
+            print(
+                f"calibflow gate plan: cannot write --json {args.json_path}: {error.strerror or error}", file=sys.stderr
+            )
             return EXIT_USAGE
     return EXIT_OK
 
 
 def _print_gate(report) -> None:
     against = f"champion version {report.champion}" if report.champion else "no champion"
-    print(f"{report.model}: candidate version {report.candidate} against {against}; "
-          f"{report.verdict.n_samples} test images ({report.excluded_seen_by_champion} seen by the champion left out)")
+    print(
+        f"{report.model}: candidate version {report.candidate} against {against}; "
+        f"{report.verdict.n_samples} test images ({report.excluded_seen_by_champion} seen by the champion left out)"
+    )
     print(report.verdict.table())
     print(", ".join(f"{k} {v:.4f}" for k, v in report.verdict.estimates.items()))
     print("PASS" if report.passed else "FAIL: " + "; ".join(c.name for c in report.verdict.checks if not c.passed))
@@ -444,7 +540,7 @@ def _promote(args: argparse.Namespace) -> int:
     from calibflow.promotion import promote
 
     if args.force and not args.reason:
-        print("calibflow promote: --force needs --reason \"why the gate is overridden\"", file=sys.stderr)
+        print('calibflow promote: --force needs --reason "why the gate is overridden"', file=sys.stderr)
         return EXIT_USAGE
     report = _run_gate(args)
     if isinstance(report, int):
@@ -455,15 +551,22 @@ def _promote(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            moved = promote(args.model, report.candidate, report.champion, report.save(f"{tmp}/gate_report.json"),
-                            force_reason=args.reason if (args.force and not report.passed) else None)
+            moved = promote(
+                args.model,
+                report.candidate,
+                report.champion,
+                report.save(f"{tmp}/gate_report.json"),
+                force_reason=args.reason if (args.force and not report.passed) else None,
+            )
         except registry.PromotionConflict as error:
             print(f"calibflow promote: {_one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
         except (MlflowException, OSError) as error:  # the aliases were restored (registry.apply_aliases)
             return _store_failed("promote", error)
-    print(f"@champion of {moved.model} is now version {moved.champion} (was {moved.previous_champion})"
-          + (" [forced]" if moved.forced else ""))
+    print(
+        f"@champion of {moved.model} is now version {moved.champion} (was {moved.previous_champion})"
+        + (" [forced]" if moved.forced else "")
+    )
     return EXIT_OK
 
 
@@ -533,12 +636,16 @@ def _recalibrate(args: argparse.Namespace) -> int:
         return _store_failed("recalibrate", error)
     shift = f"ECE {result.before['ece']:.4f} -> {result.after['ece']:.4f} on the new test half"
     if not result.registered:
-        print(f"calibflow recalibrate: rejected, nothing registered ({shift}).\n{result.verdict.summary()}",
-              file=sys.stderr)
+        print(
+            f"calibflow recalibrate: rejected, nothing registered ({shift}).\n{result.verdict.summary()}",
+            file=sys.stderr,
+        )
         return EXIT_REJECTED
-    print(f"{result.version.name} version {result.version.version} (@{result.version.alias}): version "
-          f"{result.source.version}'s network recalibrated, {shift}, in {result.seconds:.1f} s; MLflow run "
-          f"{result.run_id}\n{result.verdict.summary()}")
+    print(
+        f"{result.version.name} version {result.version.version} (@{result.version.alias}): version "
+        f"{result.source.version}'s network recalibrated, {shift}, in {result.seconds:.1f} s; MLflow run "
+        f"{result.run_id}\n{result.verdict.summary()}"
+    )
     return EXIT_OK
 
 
@@ -573,9 +680,12 @@ def _schedule(args: argparse.Namespace) -> int:
 
     api = PREFECT_API_URL.value()  # the environment or the active Prefect profile
     if not api:
-        print("calibflow: a schedule needs a Prefect server (Prefect's temporary API runs no scheduler), and "
-              "PREFECT_API_URL is not set: start one (`make prefect-ui` or `prefect server start`) and set "
-              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        print(
+            "calibflow: a schedule needs a Prefect server (Prefect's temporary API runs no scheduler), and "
+            "PREFECT_API_URL is not set: start one (`make prefect-ui` or `prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         from flows.deployment import build_deployment, build_monitor_deployment, deploy, full_name, serve
@@ -588,11 +698,16 @@ def _schedule(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     pool = config.schedule.work_pool
     where = f"work pool {pool!r} (workers: prefect worker start --pool {pool})" if args.deploy else "this process"
-    print(f"{full_name(deployment)}: cron {config.schedule.cron!r} ({config.schedule.timezone}), runs in {where}, "
-          f"repo {deployment.parameters['repo_root']}, Prefect API {api}", flush=True)
+    print(
+        f"{full_name(deployment)}: cron {config.schedule.cron!r} ({config.schedule.timezone}), runs in {where}, "
+        f"repo {deployment.parameters['repo_root']}, Prefect API {api}",
+        flush=True,
+    )
     if monitoring is not None:
-        print(f"{full_name(monitoring)}: cron {config.schedule.monitor_cron!r} on {config.schedule.monitor_data}",
-              flush=True)
+        print(
+            f"{full_name(monitoring)}: cron {config.schedule.monitor_cron!r} on {config.schedule.monitor_data}",
+            flush=True,
+        )
     deployments = [deployment] + ([monitoring] if monitoring is not None else [])
     if not args.deploy:
         serve(*deployments)  # until interrupted
@@ -610,14 +725,17 @@ def _data(args: argparse.Namespace) -> int:
     from calibflow.datasets import DatasetError, add_dataset
 
     try:
-        added = add_dataset(args.repo, args.source, args.name, message=args.message, replace=args.replace,
-                            push=args.push)
+        added = add_dataset(
+            args.repo, args.source, args.name, message=args.message, replace=args.replace, push=args.push
+        )
     except (DatasetError, OSError) as error:  # OSError: a file that cannot be read or written while copying
         print(f"calibflow data add: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     recorded = f"committed {added.commit[:12]}" if added.commit else "already recorded at HEAD, nothing to commit"
-    print(f"{added.path}: {added.n_images} images in {added.n_classes} classes, DVC {added.dvc_hash}; {recorded}"
-          f"{'; pushed to the DVC remote' if added.pushed else ''}")
+    print(
+        f"{added.path}: {added.n_images} images in {added.n_classes} classes, DVC {added.dvc_hash}; {recorded}"
+        f"{'; pushed to the DVC remote' if added.pushed else ''}"
+    )
     print(f"train on it: calibflow run --set data.path={added.path}")
     return EXIT_OK
 

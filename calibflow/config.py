@@ -226,8 +226,17 @@ class DecisionConfig:
 
 
 # The corruptions of calibflow.corruptions (CIFAR-10-C's formulas and severities).
-CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur", "contrast",
-                    "brightness", "pixelate", "jpeg_compression")
+CORRUPTION_NAMES = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "gaussian_blur",
+    "contrast",
+    "brightness",
+    "pixelate",
+    "jpeg_compression",
+)
 
 
 @dataclass(frozen=True)
@@ -381,8 +390,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 try:
                     if key in seen:
-                        raise ConfigError(f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line}); "
-                                          f"keep one")
+                        raise ConfigError(
+                            f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line}); keep one"
+                        )
                     seen[key] = line
                 except TypeError:  # an unhashable key: SafeLoader's own error says so
                     continue
@@ -402,8 +412,10 @@ def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"params file {path} is not UTF-8 text (byte {error.start}): it must be a YAML file "
-                          f"like the repository's params.yaml") from error
+        raise ConfigError(
+            f"params file {path} is not UTF-8 text (byte {error.start}): it must be a YAML file "
+            f"like the repository's params.yaml"
+        ) from error
     except OSError as error:
         raise ConfigError(f"params file {path} cannot be read: {error.strerror or error}") from error
     try:
@@ -558,8 +570,9 @@ def _check(config: Config) -> None:
         if value is not None and value < 0:
             raise ConfigError(f"{dotted} = {value}: must be 0 or more")
     if config.schedule.monitor_cron is not None and not config.schedule.monitor_data:
-        raise ConfigError("schedule.monitor_cron needs schedule.monitor_data: the DVC-tracked folder of new images "
-                          "to monitor")
+        raise ConfigError(
+            "schedule.monitor_cron needs schedule.monitor_data: the DVC-tracked folder of new images to monitor"
+        )
     if not 0.0 < config.monitor.drift_alpha < 1.0:
         raise ConfigError(f"monitor.drift_alpha = {config.monitor.drift_alpha}: must be in (0, 1)")
     in_range = {  # key: (value, low, high, whether high itself is allowed)
@@ -580,16 +593,22 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{dotted} = {value}: must be in [{low}, {high}{']' if closed else ')'}")
     threads = config.train.threads
     if threads != "auto" and not 1 <= threads <= MAX_THREADS:
-        raise ConfigError(f"train.threads = {threads}: use a number of threads in [1, {MAX_THREADS}] or auto "
-                          f"(torch's default: one per physical core)")
+        raise ConfigError(
+            f"train.threads = {threads}: use a number of threads in [1, {MAX_THREADS}] or auto "
+            f"(torch's default: one per physical core)"
+        )
     if config.model.mc_dropout > 1 and config.model.dropout == 0:
-        raise ConfigError(f"model.mc_dropout = {config.model.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
-                          f"passes would all be the same")
+        raise ConfigError(
+            f"model.mc_dropout = {config.model.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
+            f"passes would all be the same"
+        )
     if not 0.5 < config.gates.confidence < 1.0:
         raise ConfigError(f"gates.confidence = {config.gates.confidence}: must be in (0.5, 1), e.g. 0.95")
     if config.calibration.max_temperature <= config.calibration.min_temperature:
-        raise ConfigError(f"calibration.max_temperature = {config.calibration.max_temperature}: must be above "
-                          f"calibration.min_temperature ({config.calibration.min_temperature})")
+        raise ConfigError(
+            f"calibration.max_temperature = {config.calibration.max_temperature}: must be above "
+            f"calibration.min_temperature ({config.calibration.min_temperature})"
+        )
     if len(config.schedule.cron.split()) != 5:
         raise ConfigError(f"schedule.cron = {config.schedule.cron!r}: use five cron fields, e.g. '0 2 * * *'")
     for size in config.data.allowed_sizes:
@@ -604,8 +623,10 @@ def _check(config: Config) -> None:
         if not config.train.outlier_exposure.strip():
             raise ConfigError("train.outlier_exposure is empty: name a DVC-tracked folder of outlier images, or null")
         if config.ood.path and Path(config.train.outlier_exposure) == Path(config.ood.path):
-            raise ConfigError(f"train.outlier_exposure and ood.path are both {config.ood.path!r}: the OOD evaluation "
-                              f"must use outliers the model was not trained on; use another folder for one of them")
+            raise ConfigError(
+                f"train.outlier_exposure and ood.path are both {config.ood.path!r}: the OOD evaluation "
+                f"must use outliers the model was not trained on; use another folder for one of them"
+            )
     name = config.registry.model_name
     if not name.strip() or "/" in name or ":" in name:  # what MLflow refuses, found before training
         raise ConfigError(f"registry.model_name = {name!r}: must be non-empty, without '/' or ':'")
@@ -613,8 +634,11 @@ def _check(config: Config) -> None:
 
 def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:
     """One binary rule at most, each value in its range, and no decision gate without its rule."""
-    given = {"cost_fp/cost_fn": decision.cost_fp is not None or decision.cost_fn is not None,
-             "min_precision": decision.min_precision is not None, "min_recall": decision.min_recall is not None}
+    given = {
+        "cost_fp/cost_fn": decision.cost_fp is not None or decision.cost_fn is not None,
+        "min_precision": decision.min_precision is not None,
+        "min_recall": decision.min_recall is not None,
+    }
     rules = [name for name, set_ in given.items() if set_]
     if len(rules) > 1:
         raise ConfigError(f"decision: {' and '.join(rules)} are each a rule for the binary threshold; set one")
@@ -625,30 +649,46 @@ def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:
     for key in ("cost_fp", "cost_fn"):
         value = getattr(decision, key)
         if value is not None and value <= 0:
-            raise ConfigError(f"decision.{key} = {value}: costs must be positive (the cost of one false "
-                              f"{'positive' if key == 'cost_fp' else 'negative'})")
-    open_unit = {"decision.min_precision": decision.min_precision, "decision.min_recall": decision.min_recall,
-                 "decision.max_risk": decision.max_risk, "decision.conformal_alpha": decision.conformal_alpha,
-                 "decision.delta": decision.delta, "gates.max_selective_risk": gates.max_selective_risk,
-                 "gates.min_conformal_coverage": gates.min_conformal_coverage}
+            raise ConfigError(
+                f"decision.{key} = {value}: costs must be positive (the cost of one false "
+                f"{'positive' if key == 'cost_fp' else 'negative'})"
+            )
+    open_unit = {
+        "decision.min_precision": decision.min_precision,
+        "decision.min_recall": decision.min_recall,
+        "decision.max_risk": decision.max_risk,
+        "decision.conformal_alpha": decision.conformal_alpha,
+        "decision.delta": decision.delta,
+        "gates.max_selective_risk": gates.max_selective_risk,
+        "gates.min_conformal_coverage": gates.min_conformal_coverage,
+    }
     for dotted, value in open_unit.items():
         if value is not None and not 0.0 < value < 1.0:
             raise ConfigError(f"{dotted} = {value}: must be in (0, 1)")
     if decision.binary_rule and not decision.positive_class:
-        raise ConfigError(f"decision.{rules[0].split('/')[0]} needs decision.positive_class: the class folder name "
-                          f"whose probability the threshold reads")
+        raise ConfigError(
+            f"decision.{rules[0].split('/')[0]} needs decision.positive_class: the class folder name "
+            f"whose probability the threshold reads"
+        )
     if decision.positive_class is not None and not decision.binary_rule:
-        raise ConfigError("decision.positive_class is set but no rule uses it: add decision.cost_fp and cost_fn, "
-                          "decision.min_precision or decision.min_recall (or remove positive_class)")
+        raise ConfigError(
+            "decision.positive_class is set but no rule uses it: add decision.cost_fp and cost_fn, "
+            "decision.min_precision or decision.min_recall (or remove positive_class)"
+        )
     if decision.raps_lambda < 0 or decision.raps_k_reg < 0:
-        raise ConfigError(f"decision.raps_lambda = {decision.raps_lambda}, decision.raps_k_reg = "
-                          f"{decision.raps_k_reg}: both must be 0 or more")
+        raise ConfigError(
+            f"decision.raps_lambda = {decision.raps_lambda}, decision.raps_k_reg = "
+            f"{decision.raps_k_reg}: both must be 0 or more"
+        )
     if gates.max_selective_risk is not None and decision.max_risk is None:
-        raise ConfigError("gates.max_selective_risk needs decision.max_risk: the gate reads the abstention "
-                          "threshold that rule fits")
+        raise ConfigError(
+            "gates.max_selective_risk needs decision.max_risk: the gate reads the abstention threshold that rule fits"
+        )
     if gates.min_conformal_coverage is not None and decision.conformal_alpha is None:
-        raise ConfigError("gates.min_conformal_coverage needs decision.conformal_alpha: the gate reads the "
-                          "prediction sets that rule fits")
+        raise ConfigError(
+            "gates.min_conformal_coverage needs decision.conformal_alpha: the gate reads the "
+            "prediction sets that rule fits"
+        )
 
 
 def _check_shift(shift: ShiftConfig, ood: OODConfig, gates: GatesConfig, calibration: CalibrationConfig) -> None:
@@ -657,7 +697,9 @@ def _check_shift(shift: ShiftConfig, ood: OODConfig, gates: GatesConfig, calibra
         if name not in CORRUPTION_NAMES:
             close = difflib.get_close_matches(name, CORRUPTION_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"shift.corruptions: unknown corruption {name!r}{hint}; known: {', '.join(CORRUPTION_NAMES)}")
+            raise ConfigError(
+                f"shift.corruptions: unknown corruption {name!r}{hint}; known: {', '.join(CORRUPTION_NAMES)}"
+            )
     for key, values in (("corruptions", shift.corruptions), ("severities", shift.severities)):
         if len(set(values)) != len(values):
             raise ConfigError(f"shift.{key} = {list(values)}: each must appear once")

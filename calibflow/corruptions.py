@@ -128,11 +128,17 @@ def jpeg_compression(image: np.ndarray, c: int) -> np.ndarray:
 
 # Functions on [0, 1] floats (H, W, C) with a generator; the others work on uint8 images directly.
 _FLOAT_CORRUPTIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
-    "gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impulse_noise": impulse_noise,
-    "speckle_noise": speckle_noise, "gaussian_blur": gaussian_blur, "contrast": contrast, "brightness": brightness,
+    "gaussian_noise": gaussian_noise,
+    "shot_noise": shot_noise,
+    "impulse_noise": impulse_noise,
+    "speckle_noise": speckle_noise,
+    "gaussian_blur": gaussian_blur,
+    "contrast": contrast,
+    "brightness": brightness,
 }
 _UINT8_CORRUPTIONS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    "pixelate": pixelate, "jpeg_compression": jpeg_compression,
+    "pixelate": pixelate,
+    "jpeg_compression": jpeg_compression,
 }
 assert set(_FLOAT_CORRUPTIONS) | set(_UINT8_CORRUPTIONS) == set(CORRUPTION_NAMES) == set(SEVERITY_PARAMETERS)
 
@@ -158,5 +164,8 @@ def corrupt_batch(images: np.ndarray, corruption: str, severity: int, seed: int 
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"expected a batch of images (N, H, W, C), got shape {images.shape}")
-    return np.stack([corrupt_image(image, corruption, severity, seed) for image in images]) if len(images) else \
-        images.copy()
+    return (
+        np.stack([corrupt_image(image, corruption, severity, seed) for image in images])
+        if len(images)
+        else images.copy()
+    )

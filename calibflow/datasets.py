@@ -42,8 +42,14 @@ class AddedDataset:
     pushed: bool
 
 
-def add_dataset(repo_root: str | Path, source: str | Path, name: str, message: str | None = None,
-                replace: bool = False, push: bool = False) -> AddedDataset:
+def add_dataset(
+    repo_root: str | Path,
+    source: str | Path,
+    name: str,
+    message: str | None = None,
+    replace: bool = False,
+    push: bool = False,
+) -> AddedDataset:
     """Copy the ImageFolder `source` into `repo_root/data/name`, `dvc add` it, optionally `dvc push`
     it, and commit `data/name.dvc` and `data/.gitignore` (only those: other staged work stays
     staged). Refuses a `source` that is not an ImageFolder, and an existing, different
@@ -64,7 +70,8 @@ def add_dataset(repo_root: str | Path, source: str | Path, name: str, message: s
         raise DatasetError(
             f"{rel} already exists and differs from {source}: pass --replace to record the new files "
             f"as the next version of {rel} (the old one stays reachable from git history), or pick "
-            f"another --name")
+            f"another --name"
+        )
     dvc_file_existed = (root / dvc_file).exists()
     previous = _copy_tree(source, target) if copy else None
     try:
@@ -91,8 +98,16 @@ def add_dataset(repo_root: str | Path, source: str | Path, name: str, message: s
         text = f"{message}\n\n{rel}: {summary}" if message else f"Data: {rel} ({summary})"
         _git(root, "commit", "-q", "-m", text, "--", *paths)
         commit = _git(root, "rev-parse", "HEAD")
-    return AddedDataset(path=rel, dvc_file=dvc_file, dvc_hash=dvc_hash, n_classes=len(classes), n_images=n_images,
-                        copied=copy, commit=commit, pushed=push)
+    return AddedDataset(
+        path=rel,
+        dvc_file=dvc_file,
+        dvc_hash=dvc_hash,
+        n_classes=len(classes),
+        n_images=n_images,
+        copied=copy,
+        commit=commit,
+        pushed=push,
+    )
 
 
 def check_image_folder(root: Path) -> tuple[list[str], int]:
@@ -108,7 +123,8 @@ def check_image_folder(root: Path) -> tuple[list[str], int]:
     if empty:
         raise DatasetError(
             f"{str(root)!r} is not an ImageFolder: class folder(s) {', '.join(empty)} hold no image "
-            f"(.png, .jpg, ...). Put each class's images in its own subdirectory named after the class.")
+            f"(.png, .jpg, ...). Put each class's images in its own subdirectory named after the class."
+        )
     return classes, sum(counts.values())
 
 
@@ -172,7 +188,8 @@ def refuse_links(source: Path) -> None:
         raise DatasetError(
             f"{source} holds {len(links)} symbolic link(s) ({shown}{more}): calibflow copies no links, as one "
             f"can point out of the folder and DVC would follow it into its cache and remote; replace each "
-            f"with the file it points to (copy it in) or remove it")
+            f"with the file it points to (copy it in) or remove it"
+        )
 
 
 def _repo_root(repo_root: str | Path) -> Path:
@@ -215,7 +232,8 @@ def _dvc_push(root: Path, dvc_file: Path) -> None:
     except NoRemoteError as error:
         raise DatasetError(
             f"dvc push: no DVC remote is configured in {root}: add one with `dvc remote add -d NAME URL` "
-            f"(a directory, or s3://... for S3/MinIO); nothing was committed") from error
+            f"(a directory, or s3://... for S3/MinIO); nothing was committed"
+        ) from error
     except DvcException as error:
         raise DatasetError(f"dvc push {dvc_file.relative_to(root)} failed: {error}; nothing was committed") from error
 

@@ -148,7 +148,8 @@ def selective_threshold(confidence: Any, correct: Any, max_risk: float, delta: f
         raise DecisionInfeasible(
             f"no confidence threshold certifies a selective risk <= {max_risk} at delta {delta} on {n} calibration "
             f"images (even a model that is never wrong needs at least {fewest_certifying(max_risk, delta)} of them, "
-            f"and more when it errs). Raise decision.max_risk, give the calibration split more images, or train a better model")
+            f"and more when it errs). Raise decision.max_risk, give the calibration split more images, or train a better model"
+        )
     return ChosenThreshold(best[0], "max_risk", max_risk, delta, best[1], n)
 
 
@@ -165,9 +166,11 @@ def min_precision_threshold(scores: Any, is_positive: Any, min_precision: float,
         raise DecisionInfeasible(
             f"no threshold certifies precision >= {min_precision} at delta {delta} on {positive.size} calibration "
             f"images ({int(positive.sum())} positive): lower decision.min_precision, give the calibration split more "
-            f"images, or train a better model") from error
-    return ChosenThreshold(chosen.threshold, "min_precision", min_precision, delta, 1.0 - chosen.calibration_bound,
-                           chosen.n_calibration)
+            f"images, or train a better model"
+        ) from error
+    return ChosenThreshold(
+        chosen.threshold, "min_precision", min_precision, delta, 1.0 - chosen.calibration_bound, chosen.n_calibration
+    )
 
 
 def min_recall_threshold(scores: Any, is_positive: Any, min_recall: float, delta: float) -> ChosenThreshold:
@@ -194,7 +197,8 @@ def min_recall_threshold(scores: Any, is_positive: Any, min_recall: float, delta
         raise DecisionInfeasible(
             f"{n} positive calibration images cannot certify recall >= {min_recall} at delta {delta} (at least "
             f"{fewest} are needed, or every image would have to be called positive): lower decision.min_recall or "
-            f"give the calibration split more positive images")
+            f"give the calibration split more positive images"
+        )
     j = int(allowed[-1]) + 1
     threshold = float(positives[j - 1])
     # The certified recall at this threshold: the largest r with P(Bin(n, 1 - r) <= j - 1) <= delta.
@@ -216,7 +220,9 @@ def _check_probabilities(probabilities: Any) -> np.ndarray:
     return p
 
 
-def all_label_scores(probabilities: Any, score: str = "lac", raps_lambda: float = 0.01, raps_k_reg: int = 1) -> np.ndarray:
+def all_label_scores(
+    probabilities: Any, score: str = "lac", raps_lambda: float = 0.01, raps_k_reg: int = 1
+) -> np.ndarray:
     """Nonconformity of every label of every image, (N, K): larger is stranger.
 
     lac: 1 - p_k. aps: the probability mass of the labels ranked at or above k (ties ranked by
@@ -239,8 +245,9 @@ def all_label_scores(probabilities: Any, score: str = "lac", raps_lambda: float 
     return scores
 
 
-def conformal_scores(probabilities: Any, labels: Any, score: str = "lac", raps_lambda: float = 0.01,
-                     raps_k_reg: int = 1) -> np.ndarray:
+def conformal_scores(
+    probabilities: Any, labels: Any, score: str = "lac", raps_lambda: float = 0.01, raps_k_reg: int = 1
+) -> np.ndarray:
     """Nonconformity of each image's true label."""
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
     every = all_label_scores(probabilities, score, raps_lambda, raps_k_reg)
@@ -262,12 +269,14 @@ def conformal_quantile(calibration_scores: Any, alpha: float) -> float:
     if rank > n:
         raise DecisionInfeasible(
             f"conformal sets at alpha {alpha} need at least {math.ceil(1.0 / alpha) - 1} calibration images, the "
-            f"split has {n}: raise decision.conformal_alpha or give the calibration split more images")
+            f"split has {n}: raise decision.conformal_alpha or give the calibration split more images"
+        )
     return float(scores[rank - 1])
 
 
-def prediction_sets(probabilities: Any, qhat: float, score: str = "lac", raps_lambda: float = 0.01,
-                    raps_k_reg: int = 1) -> np.ndarray:
+def prediction_sets(
+    probabilities: Any, qhat: float, score: str = "lac", raps_lambda: float = 0.01, raps_k_reg: int = 1
+) -> np.ndarray:
     """(N, K) booleans: label k is in image i's set when its nonconformity is <= qhat. A set may be
     empty (every label stranger than the calibration split's quantile); that is kept, not padded,
     because padding would change the coverage the quantile was chosen for."""
@@ -382,13 +391,18 @@ class DecisionPolicy:
     def from_json(cls, state: dict[str, Any]) -> "DecisionPolicy":
         version = state.get("schema_version", DECISION_SCHEMA_VERSION)
         if version > DECISION_SCHEMA_VERSION:
-            raise ValueError(f"decision policy schema {version} is newer than this calibflow's "
-                             f"({DECISION_SCHEMA_VERSION}): upgrade calibflow to serve this model")
-        return cls(classes=tuple(state["classes"]), positive_class=state.get("positive_class"),
-                   positive=ChosenThreshold(**state["positive"]) if state.get("positive") else None,
-                   abstain=ChosenThreshold(**state["abstain"]) if state.get("abstain") else None,
-                   conformal=ConformalRule(**state["conformal"]) if state.get("conformal") else None,
-                   schema_version=version)
+            raise ValueError(
+                f"decision policy schema {version} is newer than this calibflow's "
+                f"({DECISION_SCHEMA_VERSION}): upgrade calibflow to serve this model"
+            )
+        return cls(
+            classes=tuple(state["classes"]),
+            positive_class=state.get("positive_class"),
+            positive=ChosenThreshold(**state["positive"]) if state.get("positive") else None,
+            abstain=ChosenThreshold(**state["abstain"]) if state.get("abstain") else None,
+            conformal=ConformalRule(**state["conformal"]) if state.get("conformal") else None,
+            schema_version=version,
+        )
 
     def save(self, path: str) -> str:
         with open(path, "w") as handle:
@@ -442,13 +456,17 @@ def check_decision_settings(decision, classes: tuple[str, ...], calibration_clas
     if not decision.any_rule:
         return
     if decision.positive_class is not None and decision.positive_class not in classes:
-        raise DecisionSettingsError(f"decision.positive_class = {decision.positive_class!r} is not a class of the data; "
-                                    f"its classes are {list(classes)}")
+        raise DecisionSettingsError(
+            f"decision.positive_class = {decision.positive_class!r} is not a class of the data; "
+            f"its classes are {list(classes)}"
+        )
     n = sum(calibration_class_counts.values())
     for key, fewest in _rule_sizes(decision, n).items():
         if n < fewest:
-            raise DecisionSettingsError(f"{key} needs at least {fewest} calibration images and the split has {n}: "
-                                        f"relax {key}, raise split.calibration, or add images")
+            raise DecisionSettingsError(
+                f"{key} needs at least {fewest} calibration images and the split has {n}: "
+                f"relax {key}, raise split.calibration, or add images"
+            )
     if decision.min_recall is not None:
         positives = calibration_class_counts.get(decision.positive_class, 0)
         fewest = math.ceil(math.log(decision.delta) / math.log(decision.min_recall))
@@ -456,7 +474,8 @@ def check_decision_settings(decision, classes: tuple[str, ...], calibration_clas
             raise DecisionSettingsError(
                 f"decision.min_recall = {decision.min_recall} needs at least {fewest} calibration images of "
                 f"{decision.positive_class!r} and the split has {positives}: lower it, raise split.calibration, or "
-                f"add images of that class")
+                f"add images of that class"
+            )
 
 
 def fit_policy(probabilities: Any, labels: Any, classes: tuple[str, ...], decision) -> DecisionPolicy:
@@ -471,8 +490,10 @@ def fit_policy(probabilities: Any, labels: Any, classes: tuple[str, ...], decisi
     rule = decision.binary_rule
     if rule is not None:
         if decision.positive_class not in classes:
-            raise DecisionSettingsError(f"decision.positive_class = {decision.positive_class!r} is not a class of "
-                                        f"the data; its classes are {list(classes)}")
+            raise DecisionSettingsError(
+                f"decision.positive_class = {decision.positive_class!r} is not a class of "
+                f"the data; its classes are {list(classes)}"
+            )
         k = classes.index(decision.positive_class)
         scores, is_positive = p[:, k], y == k
         if rule == "cost":
@@ -487,8 +508,14 @@ def fit_policy(probabilities: Any, labels: Any, classes: tuple[str, ...], decisi
     if decision.conformal_alpha is not None:
         options = dict(score=decision.conformal_score, raps_lambda=decision.raps_lambda, raps_k_reg=decision.raps_k_reg)
         qhat = conformal_quantile(conformal_scores(p, y, **options), decision.conformal_alpha)
-        conformal = ConformalRule(decision.conformal_alpha, decision.conformal_score, qhat, decision.raps_lambda,
-                                  decision.raps_k_reg, int(len(y)))
+        conformal = ConformalRule(
+            decision.conformal_alpha,
+            decision.conformal_score,
+            qhat,
+            decision.raps_lambda,
+            decision.raps_k_reg,
+            int(len(y)),
+        )
     return DecisionPolicy(tuple(classes), decision.positive_class if rule else None, positive, abstain, conformal)
 
 

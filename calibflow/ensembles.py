@@ -51,8 +51,15 @@ def dropout_head(model: ImageClassifier) -> DropoutHead:
 
 
 @torch.no_grad()
-def mc_dropout_logits(model: ImageClassifier, images: torch.Tensor, samples: int, seed: int, batch_size: int = 512,
-                      device: str | torch.device = "cpu", progress: str | None = None) -> torch.Tensor:
+def mc_dropout_logits(
+    model: ImageClassifier,
+    images: torch.Tensor,
+    samples: int,
+    seed: int,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    progress: str | None = None,
+) -> torch.Tensor:
     """log of the mean softmax of `samples` passes with dropout on (N, K), float32."""
     head = dropout_head(model)
     features: list[torch.Tensor] = []
@@ -75,9 +82,15 @@ def mc_dropout_logits(model: ImageClassifier, images: torch.Tensor, samples: int
     return (mean / samples).clamp_min(SMALLEST_PROBABILITY).log().float()
 
 
-def predictive_logits(members: Sequence[ImageClassifier], images: torch.Tensor, mc_samples: int = 1, seed: int = 0,
-                      batch_size: int = 512, device: str | torch.device = "cpu",
-                      progress: str | None = None) -> torch.Tensor:
+def predictive_logits(
+    members: Sequence[ImageClassifier],
+    images: torch.Tensor,
+    mc_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    progress: str | None = None,
+) -> torch.Tensor:
     """The logits a model of these members gives `images`: (N, K) for one member, (N, M, K) for M.
     With mc_samples > 1 each member's are its MC dropout logits (member i's masks seeded seed + i).
     `progress`: the label of a progress bar per member (on a terminal only)."""
@@ -133,8 +146,12 @@ class EnsembleCalibrator:
         if z.ndim != 3:
             raise ValueError(f"ensemble logits must be (N, members, K); got shape {tuple(z.shape)}")
         if method == "temperature":
-            temperature = fit_shared_temperature(z, labels, options.get("min_temperature", DEFAULT_MIN_TEMPERATURE),
-                                                 options.get("max_temperature", DEFAULT_MAX_TEMPERATURE))
+            temperature = fit_shared_temperature(
+                z,
+                labels,
+                options.get("min_temperature", DEFAULT_MIN_TEMPERATURE),
+                options.get("max_temperature", DEFAULT_MAX_TEMPERATURE),
+            )
             members = []
             for _ in range(z.shape[1]):
                 member = TemperatureCalibrator(**options)
@@ -146,8 +163,10 @@ class EnsembleCalibrator:
     def transform(self, logits: ArrayLike) -> torch.Tensor:
         z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
         if z.ndim != 3 or z.shape[1] != len(self.members):
-            raise ValueError(f"expected logits (N, {len(self.members)}, K) for an ensemble of {len(self.members)}; "
-                             f"got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"expected logits (N, {len(self.members)}, K) for an ensemble of {len(self.members)}; "
+                f"got shape {tuple(z.shape)}"
+            )
         return torch.stack([c.transform(z[:, m]) for m, c in enumerate(self.members)]).mean(dim=0)
 
     def to_state(self) -> dict[str, Any]:
@@ -164,8 +183,12 @@ def ensemble_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float)
     return float(-p[torch.arange(len(labels)), labels].clamp_min(SMALLEST_PROBABILITY).log().mean())
 
 
-def fit_shared_temperature(logits: ArrayLike, labels: ArrayLike, min_temperature: float = DEFAULT_MIN_TEMPERATURE,
-                           max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> float:
+def fit_shared_temperature(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    min_temperature: float = DEFAULT_MIN_TEMPERATURE,
+    max_temperature: float = DEFAULT_MAX_TEMPERATURE,
+) -> float:
     """The T minimising ensemble_nll, by a bounded 1-D search on log T (scipy). An optimum on an
     end of the range is an error, as for a single network's fit."""
     from scipy.optimize import minimize_scalar
@@ -173,13 +196,19 @@ def fit_shared_temperature(logits: ArrayLike, labels: ArrayLike, min_temperature
     z = torch.as_tensor(np.asarray(logits)).double()
     y = torch.as_tensor(np.asarray(labels)).long()
     low, high = np.log(min_temperature), np.log(max_temperature)
-    result = minimize_scalar(lambda log_t: ensemble_nll(z, y, float(np.exp(log_t))), bounds=(low, high),
-                             method="bounded", options={"xatol": 1e-7})
+    result = minimize_scalar(
+        lambda log_t: ensemble_nll(z, y, float(np.exp(log_t))),
+        bounds=(low, high),
+        method="bounded",
+        options={"xatol": 1e-7},
+    )
     edge = 1e-4 * (high - low)
     if not result.success or result.x < low + edge or result.x > high - edge:
-        raise CalibrationError(f"no interior temperature optimum for the ensemble in [{min_temperature}, "
-                               f"{max_temperature}] (found T = {np.exp(result.x):.4g}); check the calibration "
-                               f"split, or widen calibration.min_temperature / max_temperature")
+        raise CalibrationError(
+            f"no interior temperature optimum for the ensemble in [{min_temperature}, "
+            f"{max_temperature}] (found T = {np.exp(result.x):.4g}); check the calibration "
+            f"split, or widen calibration.min_temperature / max_temperature"
+        )
     return float(np.exp(result.x))
 
 
@@ -196,9 +225,14 @@ def model_calibrator_from_state(state: dict[str, Any]):
     return calibrator_from_state(state)
 
 
-def served_probabilities(members: Sequence[ImageClassifier], calibrator, images: torch.Tensor, mc_samples: int = 1,
-                         seed: int = 0, batch_size: int = 512) -> torch.Tensor:
+def served_probabilities(
+    members: Sequence[ImageClassifier],
+    calibrator,
+    images: torch.Tensor,
+    mc_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> torch.Tensor:
     """What the registered model serves for uint8 images (N, C, H, W): the calibrated probabilities
     of its members' (MC dropout) logits, averaged over members; float64 (N, K)."""
     return calibrator.transform(predictive_logits(members, images, mc_samples, seed, batch_size))
-

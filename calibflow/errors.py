@@ -64,8 +64,22 @@ def policies() -> tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...
         # GateUndecided: e.g. the champion's classes differ; LookupError: a version or alias missing,
         # or registered artifacts that changed; ReportError: reports/ cannot be written; CheckpointError:
         # a killed run's checkpoint is corrupted (the message names it and how to start afresh).
-        ((ConfigError, DataVersionError, ManifestError, CalibrationError, GateUndecided, LookupError, ReportError,
-          DecisionSettingsError, CheckpointError, MonitorDataError, RecalibrationError), REFUSED),
+        (
+            (
+                ConfigError,
+                DataVersionError,
+                ManifestError,
+                CalibrationError,
+                GateUndecided,
+                LookupError,
+                ReportError,
+                DecisionSettingsError,
+                CheckpointError,
+                MonitorDataError,
+                RecalibrationError,
+            ),
+            REFUSED,
+        ),
         # OSError: also a refused connection to a tracking server
         ((registry.MlflowException, OSError), STORE_FAILED),
     )

@@ -49,23 +49,35 @@ class Plan:
     assumptions: str
 
     def describe(self) -> str:
-        lines = [f"{'test images':>11}  {'all gates pass':>14}  " + "  ".join(f"{k:>17}" for k in self.rows[0].gate_pass_rates)]
+        lines = [
+            f"{'test images':>11}  {'all gates pass':>14}  "
+            + "  ".join(f"{k:>17}" for k in self.rows[0].gate_pass_rates)
+        ]
         for r in self.rows:
-            lines.append(f"{r.n:>11,}  {r.pass_rate:>14.1%}  "
-                         + "  ".join(f"{v:>17.1%}" for v in r.gate_pass_rates.values()))
+            lines.append(
+                f"{r.n:>11,}  {r.pass_rate:>14.1%}  " + "  ".join(f"{v:>17.1%}" for v in r.gate_pass_rates.values())
+            )
         if self.needed is None:
-            verdict = (f"no size up to {self.rows[-1].n:,} test images reaches {self.power:.0%} power: the model as "
-                       f"estimated is too close to (or beyond) a threshold; the gate that fails most is the one to "
-                       f"look at")
+            verdict = (
+                f"no size up to {self.rows[-1].n:,} test images reaches {self.power:.0%} power: the model as "
+                f"estimated is too close to (or beyond) a threshold; the gate that fails most is the one to "
+                f"look at"
+            )
         else:
-            verdict = (f"about {self.needed:,} test images give the configured gates {self.power:.0%} power to pass "
-                       f"this model ({self.simulations} simulated test sets a size)")
+            verdict = (
+                f"about {self.needed:,} test images give the configured gates {self.power:.0%} power to pass "
+                f"this model ({self.simulations} simulated test sets a size)"
+            )
         return "\n".join([self.assumptions, "", *lines, "", verdict])
 
     def to_json(self) -> dict:
-        return {"needed": self.needed, "power": self.power, "simulations": self.simulations,
-                "assumptions": self.assumptions,
-                "rows": [{"n": r.n, "pass_rate": r.pass_rate, **r.gate_pass_rates} for r in self.rows]}
+        return {
+            "needed": self.needed,
+            "power": self.power,
+            "simulations": self.simulations,
+            "assumptions": self.assumptions,
+            "rows": [{"n": r.n, "pass_rate": r.pass_rate, **r.gate_pass_rates} for r in self.rows],
+        }
 
 
 def _shrunk_gaps(conf: np.ndarray, correct: np.ndarray, bins: EqualWidthBins) -> np.ndarray:
@@ -117,8 +129,10 @@ class _Simulator:
             mine, champion = self.comparison
             shared = rng.integers(0, len(mine.labels), n)
             labels_shared = np.asarray(mine.labels)[shared]
-            pair = (Predictions(np.asarray(mine.probabilities)[shared], labels_shared),
-                    Predictions(np.asarray(champion.probabilities)[shared], labels_shared))
+            pair = (
+                Predictions(np.asarray(mine.probabilities)[shared], labels_shared),
+                Predictions(np.asarray(champion.probabilities)[shared], labels_shared),
+            )
         return Predictions(probs, labels), pair
 
 
@@ -126,12 +140,19 @@ def _plannable(gates: GatesConfig) -> GatesConfig:
     """The gates a simulated test set can be put through: the decision gates read thresholds fitted
     on the calibration split (calibflow.decisions), which a resampled test split does not have, and
     the shift and OOD gates read corrupted copies and OOD images, which it does not have either."""
-    return replace(gates, max_selective_risk=None, min_conformal_coverage=None, max_shift_ece=None,
-                   max_shift_ece_increase=None, max_ood_fpr95=None)
+    return replace(
+        gates,
+        max_selective_risk=None,
+        min_conformal_coverage=None,
+        max_shift_ece=None,
+        max_shift_ece_increase=None,
+        max_ood_fpr95=None,
+    )
 
 
-def _simulate(simulator, gates: GatesConfig, n_bins: int, power: float, simulations: int, seed: int,
-              sizes, assumptions: str) -> Plan:
+def _simulate(
+    simulator, gates: GatesConfig, n_bins: int, power: float, simulations: int, seed: int, sizes, assumptions: str
+) -> Plan:
     gates = _plannable(gates)
     if not 0.0 < power < 1.0:
         raise ValueError(f"power = {power}: must be in (0, 1), e.g. 0.8")
@@ -166,14 +187,27 @@ def _simulate(simulator, gates: GatesConfig, n_bins: int, power: float, simulati
     return Plan(needed, power, simulations, tuple(rows), assumptions)
 
 
-def plan_sample_size(candidate: Predictions, gates: GatesConfig,
-                     comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = DEFAULT_N_BINS,
-                     power: float = 0.8, simulations: int = 200, seed: int = 0, sizes=SIZES) -> Plan:
+def plan_sample_size(
+    candidate: Predictions,
+    gates: GatesConfig,
+    comparison: tuple[Predictions, Predictions] | None = None,
+    n_bins: int = DEFAULT_N_BINS,
+    power: float = 0.8,
+    simulations: int = 200,
+    seed: int = 0,
+    sizes=SIZES,
+) -> Plan:
     """Smallest n at which the configured gates pass this model with `power`, by simulation under
     its estimated calibration (module docstring)."""
-    what = (f"simulated from the candidate's {len(candidate.labels):,} test predictions, per-bin calibration gaps "
-            f"shrunk towards the overall gap" + (f"; champion comparison on {len(comparison[0].labels):,} shared "
-                                               f"images, resampled jointly" if comparison else ""))
+    what = (
+        f"simulated from the candidate's {len(candidate.labels):,} test predictions, per-bin calibration gaps "
+        f"shrunk towards the overall gap"
+        + (
+            f"; champion comparison on {len(comparison[0].labels):,} shared images, resampled jointly"
+            if comparison
+            else ""
+        )
+    )
     return _simulate(_Simulator(candidate, comparison, n_bins), gates, n_bins, power, simulations, seed, sizes, what)
 
 
@@ -198,16 +232,25 @@ class _ThresholdModel:
         return Predictions(probs, labels), None
 
 
-def plan_from_thresholds(gates: GatesConfig, n_classes: int = 10, n_bins: int = DEFAULT_N_BINS, power: float = 0.8,
-                         simulations: int = 200, seed: int = 0, sizes=SIZES) -> Plan:
+def plan_from_thresholds(
+    gates: GatesConfig,
+    n_classes: int = 10,
+    n_bins: int = DEFAULT_N_BINS,
+    power: float = 0.8,
+    simulations: int = 200,
+    seed: int = 0,
+    sizes=SIZES,
+) -> Plan:
     """Smallest n at which a model halfway inside every threshold passes the absolute gates."""
     if n_classes < 2:
         raise ValueError(f"n_classes = {n_classes}: a classifier has at least 2 classes")
     model = _ThresholdModel(gates, n_classes)
     absolute = replace(_plannable(gates), max_ece_increase=None, max_accuracy_drop=None)
-    what = (f"a {n_classes}-class model halfway inside the thresholds: calibration error {model.gap:.4f} "
-            f"(max_ece / 2), accuracy {model.accuracy:.4f} (halfway from min_accuracy to 1); the gates against a "
-            f"champion need a champion and are left out")
+    what = (
+        f"a {n_classes}-class model halfway inside the thresholds: calibration error {model.gap:.4f} "
+        f"(max_ece / 2), accuracy {model.accuracy:.4f} (halfway from min_accuracy to 1); the gates against a "
+        f"champion need a champion and are left out"
+    )
     return _simulate(model, absolute, n_bins, power, simulations, seed, sizes, what)
 
 
@@ -221,8 +264,15 @@ def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: i
     return evaluate_gates(perfect, absolute, n_bins=n_bins, report_estimates=False).passed
 
 
-def small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_bins: int = DEFAULT_N_BINS, power: float = 0.8,
-                             simulations: int = 100, cache_directory: str | Path | None = None) -> str | None:
+def small_test_split_warning(
+    n_test: int,
+    n_classes: int,
+    gates: GatesConfig,
+    n_bins: int = DEFAULT_N_BINS,
+    power: float = 0.8,
+    simulations: int = 100,
+    cache_directory: str | Path | None = None,
+) -> str | None:
     """A warning, before anything trains, when the test split is too small for the gates: None
     when a model halfway inside every threshold passes them with `power` on n_test images.
 
@@ -232,25 +282,42 @@ def small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_
 
     from calibflow import disk_cache, gate_statistics, gates as gates_module
 
-    key = {"n_test": n_test, "n_classes": n_classes, "gates": asdict(gates), "n_bins": n_bins, "power": power,
-           "simulations": simulations, "numpy": np.__version__, "relplot": version("relplot"),
-           "code": disk_cache.files_digest([__file__, gates_module.__file__, gate_statistics.__file__])}
-    return disk_cache.cached(cache_directory, "gate_power", key, lambda: _small_test_split_warning(
-        n_test, n_classes, gates, n_bins, power, simulations))
+    key = {
+        "n_test": n_test,
+        "n_classes": n_classes,
+        "gates": asdict(gates),
+        "n_bins": n_bins,
+        "power": power,
+        "simulations": simulations,
+        "numpy": np.__version__,
+        "relplot": version("relplot"),
+        "code": disk_cache.files_digest([__file__, gates_module.__file__, gate_statistics.__file__]),
+    }
+    return disk_cache.cached(
+        cache_directory,
+        "gate_power",
+        key,
+        lambda: _small_test_split_warning(n_test, n_classes, gates, n_bins, power, simulations),
+    )
 
 
-def _small_test_split_warning(n_test: int, n_classes: int, gates: GatesConfig, n_bins: int, power: float,
-                              simulations: int) -> str | None:
+def _small_test_split_warning(
+    n_test: int, n_classes: int, gates: GatesConfig, n_bins: int, power: float, simulations: int
+) -> str | None:
     advice = "add test images (more data, or a larger split.test) or loosen the gates; `calibflow gate plan` says more"
     if not smallest_passable(gates, n_test, n_classes, n_bins):
-        return (f"no model can pass the gates on the {n_test} images of the test split: even a perfect one (always "
-                f"right, with confidence 1) fails them; {advice}")
+        return (
+            f"no model can pass the gates on the {n_test} images of the test split: even a perfect one (always "
+            f"right, with confidence 1) fails them; {advice}"
+        )
     here = plan_from_thresholds(gates, n_classes, n_bins, power, simulations, sizes=(n_test,))
     if here.needed is not None:
         return None
     needed = plan_from_thresholds(gates, n_classes, n_bins, power, simulations).needed
     wanted = f"about {needed:,}" if needed else f"more than {SIZES[-1]:,}"
-    return (f"the test split has {n_test} images: a model halfway inside every threshold (calibration error "
-            f"{gates.max_ece / 2:.3f}, accuracy {(gates.min_accuracy + 1) / 2:.3f}) passes the gates only "
-            f"{here.rows[0].pass_rate:.0%} of the time on that many, and needs {wanted} for {power:.0%}; expect good "
-            f"models to be rejected: {advice}")
+    return (
+        f"the test split has {n_test} images: a model halfway inside every threshold (calibration error "
+        f"{gates.max_ece / 2:.3f}, accuracy {(gates.min_accuracy + 1) / 2:.3f}) passes the gates only "
+        f"{here.rows[0].pass_rate:.0%} of the time on that many, and needs {wanted} for {power:.0%}; expect good "
+        f"models to be rejected: {advice}"
+    )

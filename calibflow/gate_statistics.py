@@ -50,8 +50,9 @@ def z_quantile(confidence: float) -> float:
     return float(stats.norm.ppf(confidence))
 
 
-def _first_crossing(passes: Callable[[float], bool], low: float, high: float, grid: int = 64,
-                    tol: float = 1e-7) -> float:
+def _first_crossing(
+    passes: Callable[[float], bool], low: float, high: float, grid: int = 64, tol: float = 1e-7
+) -> float:
     """Smallest x in [low, high] with passes(x), to `tol`; `high` when none passes before it.
 
     A coarse grid first, so that a test that is not monotone in x still gives its first crossing
@@ -124,8 +125,7 @@ def _paired_null_p01(n10: int, n01: int, n: int, delta: float) -> float:
     return max(feasible, key=loglik)
 
 
-def accuracy_drop_upper_bound(champion_correct: np.ndarray, candidate_correct: np.ndarray,
-                              confidence: float) -> Bound:
+def accuracy_drop_upper_bound(champion_correct: np.ndarray, candidate_correct: np.ndarray, confidence: float) -> Bound:
     """Upper bound of accuracy(champion) - accuracy(candidate) on the same images.
 
     Score-test inversion on the paired table: H0 "drop >= delta" is rejected when
@@ -177,8 +177,9 @@ def mean_upper_bound(values: np.ndarray, confidence: float) -> Bound:
     return Bound(mean, mean - s * float(theta), "hall-t")
 
 
-def nll_upper_bound(top_loss: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: float,
-                    max_loss: float) -> Bound:
+def nll_upper_bound(
+    top_loss: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: float, max_loss: float
+) -> Bound:
     """Upper bound of the expected NLL, built around its rare large terms.
 
     An image's loss is its top-label loss -log c_i when the top label is right, and that plus an
@@ -286,11 +287,11 @@ class SmoothKernel(ResidualProfile):
         # then the two mirrored copies folded back onto the grid
         kernel = self.kernel.kernel_ev(e)
         padded = np.zeros(2 * e - 1)
-        padded[e // 2: e // 2 + e] = g
+        padded[e // 2 : e // 2 + e] = g
         extended = np.convolve(padded, kernel[::-1], "full")
-        v = extended[e - 1: 2 * e - 1].copy()
-        v[1:e] += extended[0: e - 1][::-1]
-        v[0: e - 1] += extended[2 * e - 1:][::-1]
+        v = extended[e - 1 : 2 * e - 1].copy()
+        v[1:e] += extended[0 : e - 1][::-1]
+        v[0 : e - 1] += extended[2 * e - 1 :][::-1]
         # smooth_round_to_grid^T
         bins = (conf * (e - 1)).astype(int).clip(0, e - 2)
         frac_c = conf * (e - 1) - bins
@@ -319,8 +320,9 @@ def _null_accuracy(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_
     return ((right + 0.5) / (count + 1.0))[idx]
 
 
-def calibration_error_upper_bound(conf: np.ndarray, correct: np.ndarray, profile: ResidualProfile,
-                                  confidence: float) -> Bound:
+def calibration_error_upper_bound(
+    conf: np.ndarray, correct: np.ndarray, profile: ResidualProfile, confidence: float
+) -> Bound:
     """Upper bound of the calibration error ||P(r)||_1 / D of one model.
 
     The error is the largest of the linear functionals L_s = <s, P(r)> / D over sign patterns s,
@@ -353,8 +355,9 @@ def calibration_error_upper_bound(conf: np.ndarray, correct: np.ndarray, profile
     return Bound(estimate, _first_crossing(passes, estimate, 1.0), "intersection-union score")
 
 
-def calibration_error_lower_bound(conf: np.ndarray, correct: np.ndarray, profile: ResidualProfile,
-                                  confidence: float, seed: int = 0) -> Bound:
+def calibration_error_lower_bound(
+    conf: np.ndarray, correct: np.ndarray, profile: ResidualProfile, confidence: float, seed: int = 0
+) -> Bound:
     """Lower bound of the calibration error ||P(r)||_1 / D of one model (monitoring: has it drifted?).
 
     For any fixed sign pattern s, <s, P(r)> / D = mean(m_i r_i) is at most the error. With s fitted
@@ -378,8 +381,9 @@ def calibration_error_lower_bound(conf: np.ndarray, correct: np.ndarray, profile
         if n < 2 or not fit.any():
             return Bound(estimate, 0.0, "cross-fit lower bound")
         values = (profile.weights(conf, _signs(profile.project(conf[fit], residual[fit]))) * residual)[use]
-        lowers.append(float(values.mean() - stats.t.ppf(level, n - 1) * values.std(ddof=1) / math.sqrt(n)
-                            - CONTINUITY / n))
+        lowers.append(
+            float(values.mean() - stats.t.ppf(level, n - 1) * values.std(ddof=1) / math.sqrt(n) - CONTINUITY / n)
+        )
     return Bound(estimate, max(0.0, float(np.mean(lowers))), "cross-fit lower bound, two halves")
 
 
@@ -415,8 +419,13 @@ def paired_mean_upper_bound(values: np.ndarray, confidence: float, largest: floa
 
 
 def calibration_error_increase_upper_bound(
-    candidate_conf: np.ndarray, candidate_correct: np.ndarray, champion_conf: np.ndarray,
-    champion_correct: np.ndarray, profile: ResidualProfile, confidence: float, seed: int = 0,
+    candidate_conf: np.ndarray,
+    candidate_correct: np.ndarray,
+    champion_conf: np.ndarray,
+    champion_correct: np.ndarray,
+    profile: ResidualProfile,
+    confidence: float,
+    seed: int = 0,
 ) -> tuple[Bound, dict[str, float]]:
     """Upper bound of error(candidate) - error(champion) on the same images, and its two parts.
 

@@ -83,8 +83,10 @@ class GateCheck:
     def describe(self, confidence: float) -> str:
         side = "upper" if self.comparison == "<=" else "lower"
         verdict = "pass" if self.passed else "FAIL"
-        return (f"{self.name}: {self.metric} = {self.value:.4f}, {confidence:.0%} {side} bound {self.bound:.4f} "
-                f"(must be {self.comparison} {self.threshold:.4f}) {verdict}")
+        return (
+            f"{self.name}: {self.metric} = {self.value:.4f}, {confidence:.0%} {side} bound {self.bound:.4f} "
+            f"(must be {self.comparison} {self.threshold:.4f}) {verdict}"
+        )
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,10 @@ class GateVerdict:
         failed = [c for c in self.checks if not c.passed]
         head = "gates passed" if self.passed else "gates failed"
         shared = f", {self.n_shared} shared with the champion" if self.n_shared else ""
-        lines = [f"{head} ({len(self.checks) - len(failed)} of {len(self.checks)} checks pass, "
-                 f"{self.n_samples} test images{shared}, one-sided {self.confidence:.0%} bounds):"]
+        lines = [
+            f"{head} ({len(self.checks) - len(failed)} of {len(self.checks)} checks pass, "
+            f"{self.n_samples} test images{shared}, one-sided {self.confidence:.0%} bounds):"
+        ]
         lines += [f" - {c.describe(self.confidence)}" for c in (failed or self.checks)]
         if self.estimates:
             lines.append(" - estimates: " + ", ".join(f"{k} {v:.4f}" for k, v in self.estimates.items()))
@@ -117,18 +121,32 @@ class GateVerdict:
     def table(self) -> str:
         rows = [f"{'check':<18} {'value':>8} {'bound':>8} {'threshold':>12}  {'verdict':<7}  method"]
         for c in self.checks:
-            rows.append(f"{c.name:<18} {c.value:>8.4f} {c.bound:>8.4f} {c.comparison:>3} {c.threshold:>8.4f}  "
-                        f"{'pass' if c.passed else 'FAIL':<7}  {c.method}")
+            rows.append(
+                f"{c.name:<18} {c.value:>8.4f} {c.bound:>8.4f} {c.comparison:>3} {c.threshold:>8.4f}  "
+                f"{'pass' if c.passed else 'FAIL':<7}  {c.method}"
+            )
         return "\n".join(rows)
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "confidence": self.confidence, "n_samples": self.n_samples,
-                "n_shared": self.n_shared,
-                "estimates": dict(self.estimates), "checks": [asdict(c) for c in self.checks]}
+        return {
+            "passed": self.passed,
+            "confidence": self.confidence,
+            "n_samples": self.n_samples,
+            "n_shared": self.n_shared,
+            "estimates": dict(self.estimates),
+            "checks": [asdict(c) for c in self.checks],
+        }
 
 
-ABSOLUTE_GATES = ("max_ece", "min_accuracy", "max_nll", "max_selective_risk", "min_conformal_coverage",
-                  "max_shift_ece", "max_ood_fpr95")
+ABSOLUTE_GATES = (
+    "max_ece",
+    "min_accuracy",
+    "max_nll",
+    "max_selective_risk",
+    "min_conformal_coverage",
+    "max_shift_ece",
+    "max_ood_fpr95",
+)
 
 
 @dataclass(frozen=True)
@@ -152,18 +170,25 @@ def _top_label(predictions: Predictions, who: str) -> _TopLabel:
     probs = np.asarray(predictions.probabilities, dtype=np.float64)
     labels = np.asarray(predictions.labels)
     if probs.ndim != 2 or labels.ndim != 1 or probs.shape[0] != labels.shape[0]:
-        raise GateInputError(f"{who}: probabilities must be (N, K) and labels (N,); got {probs.shape} and "
-                             f"{labels.shape}")
+        raise GateInputError(
+            f"{who}: probabilities must be (N, K) and labels (N,); got {probs.shape} and {labels.shape}"
+        )
     if probs.shape[0] == 0:
-        raise GateInputError(f"{who}: no test images to gate on; the test split (or the images shared with the "
-                             f"champion) is empty: add images to the dataset or compare --against another version")
+        raise GateInputError(
+            f"{who}: no test images to gate on; the test split (or the images shared with the "
+            f"champion) is empty: add images to the dataset or compare --against another version"
+        )
     bad = ~np.isfinite(probs).all(axis=1)
     if bad.any():
-        raise GateInputError(f"{who}: {int(bad.sum())} of {len(bad)} rows of probabilities are NaN or infinite "
-                             f"(first at row {int(np.argmax(bad))}); the model or its calibrator is broken: refit it")
+        raise GateInputError(
+            f"{who}: {int(bad.sum())} of {len(bad)} rows of probabilities are NaN or infinite "
+            f"(first at row {int(np.argmax(bad))}); the model or its calibrator is broken: refit it"
+        )
     if (probs < 0).any() or (probs > 1).any() or np.abs(probs.sum(axis=1) - 1.0).max() > 1e-3:
-        raise GateInputError(f"{who}: probabilities must lie in [0, 1] and each row sum to 1 (largest deviation "
-                             f"{np.abs(probs.sum(axis=1) - 1.0).max():.3g}); pass calibrated probabilities, not logits")
+        raise GateInputError(
+            f"{who}: probabilities must lie in [0, 1] and each row sum to 1 (largest deviation "
+            f"{np.abs(probs.sum(axis=1) - 1.0).max():.3g}); pass calibrated probabilities, not logits"
+        )
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise GateInputError(f"{who}: labels must be integers in [0, {probs.shape[1]})")
     predicted = probs.argmax(axis=1)
@@ -192,12 +217,18 @@ def _check(name: str, metric: str, bound: gs.Bound, threshold: float, comparison
     return GateCheck(name, metric, bound.estimate, bound.bound, threshold, comparison, bool(passed), bound.method)
 
 
-def evaluate_gates(candidate: Predictions, gates: GatesConfig,
-                   comparison: tuple[Predictions, Predictions] | None = None, n_bins: int = DEFAULT_N_BINS,
-                   seed: int = 0, report_estimates: bool = True,
-                   decisions: DecisionPolicy | None = None, shift: Mapping[str, Predictions] | None = None,
-                   shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None = None,
-                   ood: OODScores | None = None) -> GateVerdict:
+def evaluate_gates(
+    candidate: Predictions,
+    gates: GatesConfig,
+    comparison: tuple[Predictions, Predictions] | None = None,
+    n_bins: int = DEFAULT_N_BINS,
+    seed: int = 0,
+    report_estimates: bool = True,
+    decisions: DecisionPolicy | None = None,
+    shift: Mapping[str, Predictions] | None = None,
+    shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None = None,
+    ood: OODScores | None = None,
+) -> GateVerdict:
     """Every gate of params.yaml. The absolute gates read `candidate` (its whole test split); the
     relative ones read `comparison` = (candidate, champion) on the test images neither model was
     fitted on, which must be the same images (equal labels) with the same class order.
@@ -216,23 +247,38 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
     smooth = gs.smooth_ece(top.confidence, top.correct) if metric == "smooth_ece" or report_estimates else None
     profile = _profile(metric, n_bins, smooth[1] if smooth else None)
     checks = [
-        _check("max_ece", profile.name, gs.calibration_error_upper_bound(top.confidence, top.correct, profile,
-                                                                          confidence), gates.max_ece, "<="),
-        _check("min_accuracy", "accuracy", gs.accuracy_lower_bound(top.correct, confidence), gates.min_accuracy,
-               ">="),
+        _check(
+            "max_ece",
+            profile.name,
+            gs.calibration_error_upper_bound(top.confidence, top.correct, profile, confidence),
+            gates.max_ece,
+            "<=",
+        ),
+        _check("min_accuracy", "accuracy", gs.accuracy_lower_bound(top.correct, confidence), gates.min_accuracy, ">="),
     ]
     if gates.max_nll is not None:
-        nll = gs.nll_upper_bound(_nll_values(top.confidence), _nll_values(top.true_class_probability), top.correct,
-                                 confidence, max_loss=-float(np.log(NLL_EPS)))
+        nll = gs.nll_upper_bound(
+            _nll_values(top.confidence),
+            _nll_values(top.true_class_probability),
+            top.correct,
+            confidence,
+            max_loss=-float(np.log(NLL_EPS)),
+        )
         checks.append(_check("max_nll", "NLL", nll, gates.max_nll, "<="))
     checks += _decision_checks(candidate, decisions, gates)
     checks += _shift_checks(shift, gates, metric, n_bins)
     if gates.max_ood_fpr95 is not None:
         if ood is None:
             raise GateInputError("gates.max_ood_fpr95 is set but there are no OOD scores to gate: set ood.path")
-        checks.append(_check("max_ood_fpr95", f"FPR at 95% TPR ({ood.name})",
-                             gs.fpr_at_tpr_upper_bound(ood.inside, ood.outside, 0.95, confidence),
-                             gates.max_ood_fpr95, "<="))
+        checks.append(
+            _check(
+                "max_ood_fpr95",
+                f"FPR at 95% TPR ({ood.name})",
+                gs.fpr_at_tpr_upper_bound(ood.inside, ood.outside, 0.95, confidence),
+                gates.max_ood_fpr95,
+                "<=",
+            )
+        )
     n_shared = 0
     if comparison is not None:
         mine, champion = comparison
@@ -244,22 +290,40 @@ def evaluate_gates(candidate: Predictions, gates: GatesConfig,
         n_shared = int(len(mine.labels))
         if gates.max_ece_increase is not None:
             # smooth ECE of both models at one kernel: the smaller of their own bandwidths
-            bandwidth = (min(gs.smooth_ece(t.confidence, t.correct)[1] for t in (ours, theirs))
-                         if metric == "smooth_ece" else None)
+            bandwidth = (
+                min(gs.smooth_ece(t.confidence, t.correct)[1] for t in (ours, theirs))
+                if metric == "smooth_ece"
+                else None
+            )
             shared_profile = _profile(metric, n_bins, bandwidth)
             increase, _ = gs.calibration_error_increase_upper_bound(
-                ours.confidence, ours.correct, theirs.confidence, theirs.correct, shared_profile, confidence, seed)
-            checks.append(_check("max_ece_increase", f"{shared_profile.name}: candidate - champion", increase,
-                                 gates.max_ece_increase, "<="))
+                ours.confidence, ours.correct, theirs.confidence, theirs.correct, shared_profile, confidence, seed
+            )
+            checks.append(
+                _check(
+                    "max_ece_increase",
+                    f"{shared_profile.name}: candidate - champion",
+                    increase,
+                    gates.max_ece_increase,
+                    "<=",
+                )
+            )
         if gates.max_accuracy_drop is not None:
             drop = gs.accuracy_drop_upper_bound(theirs.correct, ours.correct, confidence)
-            checks.append(_check("max_accuracy_drop", "accuracy: champion - candidate", drop, gates.max_accuracy_drop,
-                                 "<="))
+            checks.append(
+                _check("max_accuracy_drop", "accuracy: champion - candidate", drop, gates.max_accuracy_drop, "<=")
+            )
         if gates.max_shift_ece_increase is not None:
             checks.append(_shift_increase_check(shift_comparison, gates, metric, n_bins, seed))
     estimates = _estimates(candidate, top, n_bins, smooth) if report_estimates else {}
-    return GateVerdict(passed=all(c.passed for c in checks), checks=tuple(checks), confidence=confidence,
-                       n_samples=int(len(top.correct)), n_shared=n_shared, estimates=estimates)
+    return GateVerdict(
+        passed=all(c.passed for c in checks),
+        checks=tuple(checks),
+        confidence=confidence,
+        n_samples=int(len(top.correct)),
+        n_shared=n_shared,
+        estimates=estimates,
+    )
 
 
 def _cell_level(confidence: float, cells: int) -> float:
@@ -268,15 +332,18 @@ def _cell_level(confidence: float, cells: int) -> float:
     return 1.0 - (1.0 - confidence) / cells
 
 
-def _shift_checks(shift: Mapping[str, Predictions] | None, gates: GatesConfig, metric: str,
-                  n_bins: int) -> list[GateCheck]:
+def _shift_checks(
+    shift: Mapping[str, Predictions] | None, gates: GatesConfig, metric: str, n_bins: int
+) -> list[GateCheck]:
     """max_shift_ece: the mean over cells of each cell's upper bound. When every cell's bound holds
     (probability >= confidence), their mean bounds the mean of the cells' true errors."""
     if gates.max_shift_ece is None:
         return []
     if not shift:
-        raise GateInputError("gates.max_shift_ece is set but the model has no corruption suite to gate: set "
-                             "shift.corruptions and shift.severities")
+        raise GateInputError(
+            "gates.max_shift_ece is set but the model has no corruption suite to gate: set "
+            "shift.corruptions and shift.severities"
+        )
     level = _cell_level(gates.confidence, len(shift))
     bounds = []
     for key, predictions in shift.items():
@@ -284,35 +351,64 @@ def _shift_checks(shift: Mapping[str, Predictions] | None, gates: GatesConfig, m
         smooth = gs.smooth_ece(top.confidence, top.correct) if metric == "smooth_ece" else None
         profile = _profile(metric, n_bins, smooth[1] if smooth else None)
         bounds.append(gs.calibration_error_upper_bound(top.confidence, top.correct, profile, level))
-    mean = gs.Bound(float(np.mean([b.estimate for b in bounds])), float(np.mean([b.bound for b in bounds])),
-                    f"mean of {len(bounds)} cell bounds at {level:.4f} (Bonferroni)")
-    return [_check("max_shift_ece", f"{profile.name}, mean over {len(bounds)} corruption cells", mean,
-                   gates.max_shift_ece, "<=")]
+    mean = gs.Bound(
+        float(np.mean([b.estimate for b in bounds])),
+        float(np.mean([b.bound for b in bounds])),
+        f"mean of {len(bounds)} cell bounds at {level:.4f} (Bonferroni)",
+    )
+    return [
+        _check(
+            "max_shift_ece",
+            f"{profile.name}, mean over {len(bounds)} corruption cells",
+            mean,
+            gates.max_shift_ece,
+            "<=",
+        )
+    ]
 
 
-def _shift_increase_check(shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None,
-                          gates: GatesConfig, metric: str, n_bins: int, seed: int) -> GateCheck:
+def _shift_increase_check(
+    shift_comparison: Mapping[str, tuple[Predictions, Predictions]] | None,
+    gates: GatesConfig,
+    metric: str,
+    n_bins: int,
+    seed: int,
+) -> GateCheck:
     """max_shift_ece_increase: the mean over cells of each cell's bound of error(candidate) -
     error(champion) on the same corrupted images, each at the Bonferroni level."""
     if not shift_comparison:
-        raise GateInputError("gates.max_shift_ece_increase is set but there are no corrupted images shared with the "
-                             "champion to compare on: set shift.corruptions and shift.severities")
+        raise GateInputError(
+            "gates.max_shift_ece_increase is set but there are no corrupted images shared with the "
+            "champion to compare on: set shift.corruptions and shift.severities"
+        )
     level = _cell_level(gates.confidence, len(shift_comparison))
     bounds = []
     for key, (mine, champion) in shift_comparison.items():
         ours, theirs = _top_label(mine, f"candidate, corruption {key}"), _top_label(champion, f"champion, {key}")
         if not np.array_equal(np.asarray(champion.labels), np.asarray(mine.labels)):
-            raise GateInputError(f"corruption {key}: the champion must be evaluated on the same images as the candidate")
-        bandwidth = (min(gs.smooth_ece(t.confidence, t.correct)[1] for t in (ours, theirs))
-                     if metric == "smooth_ece" else None)
+            raise GateInputError(
+                f"corruption {key}: the champion must be evaluated on the same images as the candidate"
+            )
+        bandwidth = (
+            min(gs.smooth_ece(t.confidence, t.correct)[1] for t in (ours, theirs)) if metric == "smooth_ece" else None
+        )
         profile = _profile(metric, n_bins, bandwidth)
-        bound, _ = gs.calibration_error_increase_upper_bound(ours.confidence, ours.correct, theirs.confidence,
-                                                             theirs.correct, profile, level, seed)
+        bound, _ = gs.calibration_error_increase_upper_bound(
+            ours.confidence, ours.correct, theirs.confidence, theirs.correct, profile, level, seed
+        )
         bounds.append(bound)
-    mean = gs.Bound(float(np.mean([b.estimate for b in bounds])), float(np.mean([b.bound for b in bounds])),
-                    f"mean of {len(bounds)} cell bounds at {level:.4f} (Bonferroni)")
-    return _check("max_shift_ece_increase", f"{profile.name} under shift: candidate - champion", mean,
-                  gates.max_shift_ece_increase, "<=")
+    mean = gs.Bound(
+        float(np.mean([b.estimate for b in bounds])),
+        float(np.mean([b.bound for b in bounds])),
+        f"mean of {len(bounds)} cell bounds at {level:.4f} (Bonferroni)",
+    )
+    return _check(
+        "max_shift_ece_increase",
+        f"{profile.name} under shift: candidate - champion",
+        mean,
+        gates.max_shift_ece_increase,
+        "<=",
+    )
 
 
 def _decision_checks(candidate: Predictions, policy: DecisionPolicy | None, gates: GatesConfig) -> list[GateCheck]:
@@ -324,28 +420,46 @@ def _decision_checks(candidate: Predictions, policy: DecisionPolicy | None, gate
     needs = {"max_selective_risk": "abstain", "min_conformal_coverage": "conformal"}
     missing = [name for name in wanted if policy is None or getattr(policy, needs[name]) is None]
     if missing:
-        raise GateInputError(f"gates.{missing[0]} is set but the model has no fitted "
-                             f"{'abstention threshold (decision.max_risk)' if needs[missing[0]] == 'abstain' else 'prediction sets (decision.conformal_alpha)'}"
-                             f" to gate")
+        raise GateInputError(
+            f"gates.{missing[0]} is set but the model has no fitted "
+            f"{'abstention threshold (decision.max_risk)' if needs[missing[0]] == 'abstain' else 'prediction sets (decision.conformal_alpha)'}"
+            f" to gate"
+        )
     measured = evaluate_policy(policy, candidate.probabilities, candidate.labels, gates.confidence)
     checks = []
     if gates.max_selective_risk is not None:
         risk = measured["selective_risk"]
-        checks.append(_check("max_selective_risk", f"selective risk at coverage {measured['selective_coverage']:.3f}",
-                             gs.Bound(0.0 if np.isnan(risk) else risk, measured["selective_risk_upper"],
-                                      "clopper-pearson"), gates.max_selective_risk, "<="))
+        checks.append(
+            _check(
+                "max_selective_risk",
+                f"selective risk at coverage {measured['selective_coverage']:.3f}",
+                gs.Bound(0.0 if np.isnan(risk) else risk, measured["selective_risk_upper"], "clopper-pearson"),
+                gates.max_selective_risk,
+                "<=",
+            )
+        )
     if gates.min_conformal_coverage is not None:
-        checks.append(_check("min_conformal_coverage", f"set coverage (mean size {measured['set_mean_size']:.2f})",
-                             gs.Bound(measured["set_coverage"], measured["set_coverage_lower"], "clopper-pearson"),
-                             gates.min_conformal_coverage, ">="))
+        checks.append(
+            _check(
+                "min_conformal_coverage",
+                f"set coverage (mean size {measured['set_mean_size']:.2f})",
+                gs.Bound(measured["set_coverage"], measured["set_coverage_lower"], "clopper-pearson"),
+                gates.min_conformal_coverage,
+                ">=",
+            )
+        )
     return checks
 
 
-def _estimates(candidate: Predictions, top: _TopLabel, n_bins: int, smooth_and_sigma: tuple[float, float]
-               ) -> dict[str, float]:
+def _estimates(
+    candidate: Predictions, top: _TopLabel, n_bins: int, smooth_and_sigma: tuple[float, float]
+) -> dict[str, float]:
     from calibflow.metrics import debiased_calibration_error
 
     smooth, sigma = smooth_and_sigma
-    return {"ece_plugin": gs.EqualWidthBins(n_bins).error(top.confidence, top.confidence - top.correct),
-            "ece_debiased_l2": debiased_calibration_error(candidate.probabilities, candidate.labels, n_bins),
-            "smooth_ece": smooth, "smooth_ece_sigma": sigma}
+    return {
+        "ece_plugin": gs.EqualWidthBins(n_bins).error(top.confidence, top.confidence - top.correct),
+        "ece_debiased_l2": debiased_calibration_error(candidate.probabilities, candidate.labels, n_bins),
+        "smooth_ece": smooth,
+        "smooth_ece_sigma": sigma,
+    }

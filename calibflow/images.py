@@ -26,8 +26,9 @@ def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = Non
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def load_images(root: str | Path, relative_paths: Sequence[str], mode: str, size: tuple[int, int] | None = None,
-                workers: int = 8) -> torch.Tensor:
+def load_images(
+    root: str | Path, relative_paths: Sequence[str], mode: str, size: tuple[int, int] | None = None, workers: int = 8
+) -> torch.Tensor:
     """Decode many files (PIL releases the GIL while decoding, so threads help)."""
     root = Path(root)
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -38,7 +38,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()  # the command name, in parentheses, may hold spaces
+    return text[text.rindex(")") + 2 :].split()  # the command name, in parentheses, may hold spaces
 
 
 def process_id(pid: int) -> ProcessId | None:
@@ -72,8 +72,10 @@ def orphaned_run_reason(tags: dict[str, str]) -> str | None:
         return None
     if this_process() is None or alive(ProcessId(int(tags[PID_TAG]), tags[STARTED_TAG])):
         return None
-    return (f"its process (pid {tags[PID_TAG]} on {tags[HOST_TAG]}) ended without closing the run: it was killed "
-            f"(SIGKILL, out of memory), or the tracking server was down when it ended")
+    return (
+        f"its process (pid {tags[PID_TAG]} on {tags[HOST_TAG]}) ended without closing the run: it was killed "
+        f"(SIGKILL, out of memory), or the tracking server was down when it ended"
+    )
 
 
 def _command_line(pid: int) -> str:
@@ -134,8 +136,9 @@ def end_orphaned_servers(state_dir: str | Path, grace_s: float = 5.0) -> list[st
             continue
         if alive(record.server) and PREFECT_SERVER_MARKER in _command_line(record.server.pid):
             _stop(record.server, grace_s)
-            stopped.append(f"Prefect temporary API server pid {record.server.pid} (its run, pid "
-                           f"{record.owner.pid}, was killed)")
+            stopped.append(
+                f"Prefect temporary API server pid {record.server.pid} (its run, pid {record.owner.pid}, was killed)"
+            )
         path.unlink(missing_ok=True)
     return stopped
 

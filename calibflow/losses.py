@@ -44,7 +44,9 @@ def target_distribution(targets: torch.Tensor, n_classes: int, label_smoothing: 
     return t
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float | None, label_smoothing: float = 0.0) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, gamma: float | None, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean focal loss -sum_k t_k (1 - p_k)^gamma log p_k; gamma None: the FLSD-53 schedule."""
     log_p = F.log_softmax(logits.float(), dim=1)
     p = log_p.exp()
@@ -59,8 +61,9 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float | None,
     return -(t * weight * log_p).sum(dim=1).mean()
 
 
-def confidence_penalty_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float,
-                            label_smoothing: float = 0.0) -> torch.Tensor:
+def confidence_penalty_loss(
+    logits: torch.Tensor, targets: torch.Tensor, beta: float, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Pereyra et al. 2017: cross-entropy - beta * H(p), both batch means."""
     log_p = F.log_softmax(logits.float(), dim=1)
     t = target_distribution(targets, logits.shape[1], label_smoothing)
@@ -97,8 +100,15 @@ def mmce_loss(logits: torch.Tensor, targets: torch.Tensor, weight: float, label_
     return cross_entropy + weight * mmce_squared(p, correct).clamp_min(1e-12).sqrt()
 
 
-def training_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str = "cross_entropy", label_smoothing: float = 0.0,
-                  focal_gamma: float = 3.0, confidence_penalty: float = 0.1, mmce_weight: float = 2.0) -> torch.Tensor:
+def training_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: str = "cross_entropy",
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 3.0,
+    confidence_penalty: float = 0.1,
+    mmce_weight: float = 2.0,
+) -> torch.Tensor:
     """The configured training loss (train.loss and its parameters) of a batch, a scalar."""
     if loss == "cross_entropy":
         target = targets.long() if targets.ndim == 1 else targets.float()

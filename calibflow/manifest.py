@@ -88,15 +88,11 @@ def list_classes(root: str | os.PathLike[str]) -> list[str]:
             f"dataset root {str(root)!r} is a file, not a directory: expected an ImageFolder "
             "directory <root>/<class>/<image>. Fix: point data.path at the dataset directory."
         )
-    classes = sorted(
-        entry.name for entry in os.scandir(root) if entry.is_dir() and not _is_hidden(entry.name)
-    )
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _is_hidden(entry.name))
     if not classes:
-        stray = sum(
-            1 for entry in os.scandir(root) if entry.is_file() and not _is_hidden(entry.name)
-        )
-        found = f"found {stray} file(s) directly in the root and no class folders" if stray else (
-            "found no class folders"
+        stray = sum(1 for entry in os.scandir(root) if entry.is_file() and not _is_hidden(entry.name))
+        found = (
+            f"found {stray} file(s) directly in the root and no class folders" if stray else ("found no class folders")
         )
         raise ManifestError(
             f"{str(root)!r} is not an ImageFolder: expected <root>/<class>/<image> with one "
@@ -110,11 +106,7 @@ def _iter_class_files(root: str, rel_dir: str) -> Iterator[str]:
     """Posix paths, relative to root, of every non-hidden regular file under root/rel_dir
     (recursively, following symlinks), skipping hidden files and folders."""
     with os.scandir(os.path.join(root, rel_dir)) as entries:
-        found = sorted(
-            (entry.name, entry.is_dir(), entry.is_file())
-            for entry in entries
-            if not _is_hidden(entry.name)
-        )
+        found = sorted((entry.name, entry.is_dir(), entry.is_file()) for entry in entries if not _is_hidden(entry.name))
     for name, is_dir, is_file in found:
         if is_dir:
             yield from _iter_class_files(root, f"{rel_dir}/{name}")
@@ -209,9 +201,7 @@ def build_manifest(root: str | os.PathLike[str], workers: int | None = None) -> 
     classes = list_classes(root)
     root_str = os.fspath(root)
     jobs: list[tuple[str, str, int]] = [
-        (label, rel, index)
-        for index, label in enumerate(classes)
-        for rel in _iter_class_files(root_str, label)
+        (label, rel, index) for index, label in enumerate(classes) for rel in _iter_class_files(root_str, label)
     ]
     jobs.sort(key=lambda job: (job[2], job[1]))
 
@@ -237,9 +227,7 @@ def build_manifest(root: str | os.PathLike[str], workers: int | None = None) -> 
             seconds.append(time.perf_counter() - start)
         per_file = statistics.median(seconds) if seconds else 0.0
         workers = _default_workers() if per_file >= _THREADS_PAY_OFF_S else 1
-        logger.debug(
-            "manifest: %.0f us per file in the pilot, %d thread(s)", per_file * 1e6, workers
-        )
+        logger.debug("manifest: %.0f us per file in the pilot, %d thread(s)", per_file * 1e6, workers)
     workers = min(workers, max(1, len(jobs) // _MIN_FILES_PER_WORKER))
     if workers == 1:
         rows += describe(jobs)
@@ -277,9 +265,7 @@ def load_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
         )
     bad_bool = sorted(set(df["decodable"]) - {"True", "False"})
     if bad_bool:
-        raise ManifestError(
-            f"manifest {str(path)!r}: column 'decodable' holds {bad_bool[:5]}, expected True/False."
-        )
+        raise ManifestError(f"manifest {str(path)!r}: column 'decodable' holds {bad_bool[:5]}, expected True/False.")
     df["decodable"] = df["decodable"] == "True"
     try:
         return _typed_frame(df)

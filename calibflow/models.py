@@ -47,10 +47,16 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 32, dropout: floa
 
     w = width
     return nn.Sequential(
-        *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
-        *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+        *block(in_channels, w),
+        *block(w, w),
+        nn.MaxPool2d(2),
+        *block(w, 2 * w),
+        *block(2 * w, 2 * w),
+        nn.MaxPool2d(2),
         *block(2 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), *_head(4 * w, num_classes, dropout),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        *_head(4 * w, num_classes, dropout),
     )
 
 
@@ -112,13 +118,30 @@ def state_dict_of(model: ImageClassifier) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(path: str | Path, model: ImageClassifier, spec: ModelSpec, classes: list[str], image_mode: str,
-                    more_members: tuple[ImageClassifier, ...] = (), mc_samples: int = 1, mc_seed: int = 0) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: ImageClassifier,
+    spec: ModelSpec,
+    classes: list[str],
+    image_mode: str,
+    more_members: tuple[ImageClassifier, ...] = (),
+    mc_samples: int = 1,
+    mc_seed: int = 0,
+) -> Path:
     """`model`, and for an ensemble its other members; mc_samples > 1: serve MC dropout (seeded mc_seed)."""
     path = Path(path)
-    torch.save({"spec": asdict(spec), "classes": list(classes), "image_mode": image_mode,
-                "state_dict": state_dict_of(model), "more_members": [state_dict_of(m) for m in more_members],
-                "mc_samples": mc_samples, "mc_seed": mc_seed}, path)
+    torch.save(
+        {
+            "spec": asdict(spec),
+            "classes": list(classes),
+            "image_mode": image_mode,
+            "state_dict": state_dict_of(model),
+            "more_members": [state_dict_of(m) for m in more_members],
+            "mc_samples": mc_samples,
+            "mc_seed": mc_seed,
+        },
+        path,
+    )
     return path
 
 
@@ -141,6 +164,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model = build_model(spec)
         model.load_state_dict(state)
         members.append(model.to(device).eval())
-    return Checkpoint(model=members[0], spec=spec, classes=list(record["classes"]), image_mode=record["image_mode"],
-                      members=tuple(members), mc_samples=int(record.get("mc_samples", 1)),
-                      mc_seed=int(record.get("mc_seed", 0)))
+    return Checkpoint(
+        model=members[0],
+        spec=spec,
+        classes=list(record["classes"]),
+        image_mode=record["image_mode"],
+        members=tuple(members),
+        mc_samples=int(record.get("mc_samples", 1)),
+        mc_seed=int(record.get("mc_seed", 0)),
+    )

@@ -43,8 +43,12 @@ from calibflow.versioning import resolve_data
 
 MONITOR_EXPERIMENT = "calibflow-monitoring"
 EXIT_FINE, EXIT_RECALIBRATE, EXIT_UNDECIDED, EXIT_RETRAIN = 0, 1, 2, 3
-VERDICTS = {EXIT_FINE: "fine", EXIT_RECALIBRATE: "calibration drifted: recalibrate",
-            EXIT_UNDECIDED: "undecided", EXIT_RETRAIN: "accuracy drifted: retrain"}
+VERDICTS = {
+    EXIT_FINE: "fine",
+    EXIT_RECALIBRATE: "calibration drifted: recalibrate",
+    EXIT_UNDECIDED: "undecided",
+    EXIT_RETRAIN: "accuracy drifted: retrain",
+}
 
 
 class MonitorDataError(ValueError):
@@ -74,32 +78,42 @@ class MonitorReport:
 
     def summary(self) -> str:
         kind = "labeled" if self.labeled else "unlabeled"
-        lines = [f"{self.model} version {self.version} on {self.n_images} {kind} images of {self.data_path}: "
-                 f"{self.verdict.upper()} (exit {self.exit_code})"]
+        lines = [
+            f"{self.model} version {self.version} on {self.n_images} {kind} images of {self.data_path}: "
+            f"{self.verdict.upper()} (exit {self.exit_code})"
+        ]
         lines += [f" - {reason}" for reason in self.reasons]
         return "\n".join(lines)
 
 
-def read_monitoring_folder(local_dir: str | Path, classes: list[str], data_path: str) -> tuple[list[str], np.ndarray | None]:
+def read_monitoring_folder(
+    local_dir: str | Path, classes: list[str], data_path: str
+) -> tuple[list[str], np.ndarray | None]:
     """(relative image paths, label indices in the model's class order or None when unlabeled)."""
     root = Path(local_dir)
     entries = [p for p in sorted(root.iterdir()) if not p.name.startswith(".")]
     folders = [p for p in entries if p.is_dir()]
     files = [p for p in entries if p.is_file()]
     if folders and files:
-        raise MonitorDataError(f"{data_path} holds both class folders and loose files ({files[0].name}): use an "
-                               f"ImageFolder (<class>/<image>, labeled) or a flat folder of images (unlabeled)")
+        raise MonitorDataError(
+            f"{data_path} holds both class folders and loose files ({files[0].name}): use an "
+            f"ImageFolder (<class>/<image>, labeled) or a flat folder of images (unlabeled)"
+        )
     if not folders:
         images = [p.name for p in files if is_image_file(p)]
         if not images:
-            raise MonitorDataError(f"{data_path} holds no images: put the new images there (flat for unlabeled, "
-                                   f"<class>/<image> for labeled) and `dvc add {data_path}`")
+            raise MonitorDataError(
+                f"{data_path} holds no images: put the new images there (flat for unlabeled, "
+                f"<class>/<image> for labeled) and `dvc add {data_path}`"
+            )
         return images, None
     unknown = [p.name for p in folders if p.name not in classes]
     if unknown:
-        raise MonitorDataError(f"{data_path}: class folder(s) {', '.join(unknown)} are not classes of the model "
-                               f"({', '.join(classes)}): rename them to the model's class names, or monitor a "
-                               f"model trained on those classes")
+        raise MonitorDataError(
+            f"{data_path}: class folder(s) {', '.join(unknown)} are not classes of the model "
+            f"({', '.join(classes)}): rename them to the model's class names, or monitor a "
+            f"model trained on those classes"
+        )
     paths, labels = [], []
     for folder in folders:
         for image in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p)):
@@ -114,8 +128,10 @@ def _recorded(tags: dict[str, str]) -> dict[str, float]:
     accuracy = version_tag(tags, on_test(CALIBRATED, "accuracy"))
     ece = version_tag(tags, on_test(CALIBRATED, "ece"))
     if accuracy is None or ece is None:
-        raise LookupError(f"the version has no recorded test accuracy and ECE (tags {on_test(CALIBRATED, 'accuracy')}, "
-                          f"{on_test(CALIBRATED, 'ece')}) to compare with")
+        raise LookupError(
+            f"the version has no recorded test accuracy and ECE (tags {on_test(CALIBRATED, 'accuracy')}, "
+            f"{on_test(CALIBRATED, 'ece')}) to compare with"
+        )
     return {"accuracy": float(accuracy), "ece": float(ece)}
 
 
@@ -129,37 +145,73 @@ def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: s
     images = load_images(data.local_dir, paths, meta["image_mode"], tuple(meta["image_size"]))
     probabilities = predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
     settings, confidence = config.monitor, config.gates.confidence
-    report = MonitorReport(record.name, record.version, data.path, data.dvc_hash, len(paths), labels is not None,
-                           confidence, _recorded(record.tags))
+    report = MonitorReport(
+        record.name,
+        record.version,
+        data.path,
+        data.dvc_hash,
+        len(paths),
+        labels is not None,
+        confidence,
+        _recorded(record.tags),
+    )
     floor = report.recorded["accuracy"] - settings.max_accuracy_drop
     if labels is not None:
-        _judge_labeled(report, probabilities, labels, int(record.tags.get("n_bins", 15)), floor,
-                       report.recorded["ece"] + settings.max_ece_increase)
+        _judge_labeled(
+            report,
+            probabilities,
+            labels,
+            int(record.tags.get("n_bins", 15)),
+            floor,
+            report.recorded["ece"] + settings.max_ece_increase,
+        )
     else:
         rebuilt = rebuild_test_split(record, repo_root)
         rows = rebuilt.split.indices["test"]
         reference = predict_in_batches(model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rows))
-        _judge_unlabeled(report, probabilities, reference, rebuilt.manifest["label_index"].to_numpy()[rows], floor,
-                         settings.drift_alpha)
+        _judge_unlabeled(
+            report,
+            probabilities,
+            reference,
+            rebuilt.manifest["label_index"].to_numpy()[rows],
+            floor,
+            settings.drift_alpha,
+        )
     return report
 
 
-def _judge_labeled(report: MonitorReport, probabilities: np.ndarray, labels: np.ndarray, n_bins: int,
-                   accuracy_floor: float, ece_ceiling: float) -> None:
+def _judge_labeled(
+    report: MonitorReport,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    n_bins: int,
+    accuracy_floor: float,
+    ece_ceiling: float,
+) -> None:
     conf, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
     n, k, c = len(correct), int(correct.sum()), report.confidence
     interval = stats.binomtest(k, n).proportion_ci(2 * c - 1, method="exact")  # one-sided c at each end
     profile = EqualWidthBins(n_bins)
     ece_low = calibration_error_lower_bound(conf, correct, profile, c)
     ece_high = calibration_error_upper_bound(conf, correct, profile, c)
-    report.measured = {"accuracy": k / n, "accuracy_lower": float(interval.low), "accuracy_upper": float(interval.high),
-                       "ece": ece_low.estimate, "ece_lower": ece_low.bound, "ece_upper": ece_high.bound,
-                       "nll": float(-np.mean(np.log(np.clip(probabilities[np.arange(n), labels], 1e-12, None))))}
+    report.measured = {
+        "accuracy": k / n,
+        "accuracy_lower": float(interval.low),
+        "accuracy_upper": float(interval.high),
+        "ece": ece_low.estimate,
+        "ece_lower": ece_low.bound,
+        "ece_upper": ece_high.bound,
+        "nll": float(-np.mean(np.log(np.clip(probabilities[np.arange(n), labels], 1e-12, None)))),
+    }
     m, side = report.measured, f"{c:.0%}"
-    accuracy_text = (f"accuracy {m['accuracy']:.4f} ({side} bounds {m['accuracy_lower']:.4f}-{m['accuracy_upper']:.4f}; "
-                     f"recorded {report.recorded['accuracy']:.4f}, floor {accuracy_floor:.4f})")
-    ece_text = (f"ECE {m['ece']:.4f} ({side} bounds {m['ece_lower']:.4f}-{m['ece_upper']:.4f}; recorded "
-                f"{report.recorded['ece']:.4f}, ceiling {ece_ceiling:.4f})")
+    accuracy_text = (
+        f"accuracy {m['accuracy']:.4f} ({side} bounds {m['accuracy_lower']:.4f}-{m['accuracy_upper']:.4f}; "
+        f"recorded {report.recorded['accuracy']:.4f}, floor {accuracy_floor:.4f})"
+    )
+    ece_text = (
+        f"ECE {m['ece']:.4f} ({side} bounds {m['ece_lower']:.4f}-{m['ece_upper']:.4f}; recorded "
+        f"{report.recorded['ece']:.4f}, ceiling {ece_ceiling:.4f})"
+    )
     report.reasons = [accuracy_text, ece_text]
     if m["accuracy_upper"] < accuracy_floor:
         report.exit_code = EXIT_RETRAIN
@@ -172,43 +224,70 @@ def _judge_labeled(report: MonitorReport, probabilities: np.ndarray, labels: np.
         report.reasons.append(f"{n} images cannot show either drift or its absence at {side}: monitor more images")
 
 
-def _judge_unlabeled(report: MonitorReport, probabilities: np.ndarray, reference: np.ndarray,
-                     reference_labels: np.ndarray, accuracy_floor: float, drift_alpha: float) -> None:
+def _judge_unlabeled(
+    report: MonitorReport,
+    probabilities: np.ndarray,
+    reference: np.ndarray,
+    reference_labels: np.ndarray,
+    accuracy_floor: float,
+    drift_alpha: float,
+) -> None:
     c = 2 * report.confidence - 1  # two-sided intervals whose ends are one-sided at gates.confidence
     cbpe = cbpe_accuracy(probabilities, c)
     atc = atc_accuracy(probabilities, atc_threshold(reference, reference_labels), level=c)
     drift = confidence_drift(reference, probabilities, drift_alpha)
-    report.measured = {"cbpe": cbpe.estimate, "cbpe_lower": cbpe.lower, "cbpe_upper": cbpe.upper,
-                       "atc_ne": atc.estimate, "atc_ne_lower": atc.lower, "atc_ne_upper": atc.upper,
-                       "confidence_ks": drift.statistic, "confidence_ks_p": drift.p_value,
-                       "mean_confidence": drift.current_mean, "mean_confidence_test_split": drift.reference_mean}
+    report.measured = {
+        "cbpe": cbpe.estimate,
+        "cbpe_lower": cbpe.lower,
+        "cbpe_upper": cbpe.upper,
+        "atc_ne": atc.estimate,
+        "atc_ne_lower": atc.lower,
+        "atc_ne_upper": atc.upper,
+        "confidence_ks": drift.statistic,
+        "confidence_ks_p": drift.p_value,
+        "mean_confidence": drift.current_mean,
+        "mean_confidence_test_split": drift.reference_mean,
+    }
     report.reasons = [
         f"estimated accuracy: CBPE {cbpe.estimate:.4f} ({cbpe.lower:.4f}-{cbpe.upper:.4f}), ATC-NE {atc.estimate:.4f} "
         f"({atc.lower:.4f}-{atc.upper:.4f}); recorded {report.recorded['accuracy']:.4f}, floor {accuracy_floor:.4f}",
         f"confidence distribution {'DRIFTED' if drift.drifted else 'unchanged'}: mean {drift.current_mean:.4f} vs "
-        f"{drift.reference_mean:.4f} on the test split (KS {drift.statistic:.3f}, p {drift.p_value:.3g})"]
+        f"{drift.reference_mean:.4f} on the test split (KS {drift.statistic:.3f}, p {drift.p_value:.3g})",
+    ]
     if cbpe.upper < accuracy_floor and atc.upper < accuracy_floor:
         report.exit_code = EXIT_RETRAIN
     elif cbpe.lower >= accuracy_floor and atc.lower >= accuracy_floor and not drift.drifted:
         report.exit_code = EXIT_FINE
     else:
         report.exit_code = EXIT_UNDECIDED
-        report.reasons.append("without labels the estimates cannot settle it: label a sample of these images and "
-                              "monitor it as an ImageFolder")
+        report.reasons.append(
+            "without labels the estimates cannot settle it: label a sample of these images and "
+            "monitor it as an ImageFolder"
+        )
 
 
 def log_monitor_run(report: MonitorReport, repo_root: str | Path = ".") -> str:
     """The check as an MLflow run, linked both ways to the model version."""
-    run_id = registry.start_run(MONITOR_EXPERIMENT, f"monitor {report.model} v{report.version}",
-                                {"model_name": report.model, "model_version": report.version,
-                                 "data_path": report.data_path, "data_hash": report.data_hash,
-                                 "labeled": str(report.labeled), "verdict": report.verdict}, repo_root)
+    run_id = registry.start_run(
+        MONITOR_EXPERIMENT,
+        f"monitor {report.model} v{report.version}",
+        {
+            "model_name": report.model,
+            "model_version": report.version,
+            "data_path": report.data_path,
+            "data_hash": report.data_hash,
+            "labeled": str(report.labeled),
+            "verdict": report.verdict,
+        },
+        repo_root,
+    )
     registry.log_metrics(run_id, {f"monitor/{k}": v for k, v in report.measured.items()})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "monitor.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
         registry.log_artifact(run_id, path)
     registry.end_run(run_id, "succeeded", report.verdict)
-    registry.set_version_tags(report.model, report.version, {"last_monitor_run": run_id,
-                                                             "last_monitor_verdict": report.verdict})
+    registry.set_version_tags(
+        report.model, report.version, {"last_monitor_run": run_id, "last_monitor_verdict": report.verdict}
+    )
     return run_id

@@ -41,12 +41,22 @@ class OODData:
 
 
 def _listed(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
-def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str], max_images: int,
-                     key: str = "ood.path", other_hashes: set[str] = frozenset(), other: str = "") -> OODData:
+def check_ood_folder(
+    repo_root: str | Path,
+    path: str,
+    training_hashes: set[str],
+    max_images: int,
+    key: str = "ood.path",
+    other_hashes: set[str] = frozenset(),
+    other: str = "",
+) -> OODData:
     """Pin `path` (params.yaml's `key`) with DVC and check it can serve as out-of-distribution
     images; OODDataError otherwise. `other_hashes`: images it must not share either (the OOD
     evaluation folder, for the outlier-exposure one), named `other`."""
@@ -56,8 +66,10 @@ def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str]
 
     local = Path(repo_root) / path
     if not local.exists():
-        raise OODDataError(f"{key} {path!r} does not exist: add a folder of out-of-distribution images there "
-                           f"(`dvc add {path}`), or set {key} to null")
+        raise OODDataError(
+            f"{key} {path!r} does not exist: add a folder of out-of-distribution images there "
+            f"(`dvc add {path}`), or set {key} to null"
+        )
     if not local.is_dir():
         raise OODDataError(f"{key} {path!r} is a file: it must be a folder of images (flat, or <class>/<image>)")
     files = _listed(local)
@@ -82,18 +94,29 @@ def check_ood_folder(repo_root: str | Path, path: str, training_hashes: set[str]
             not_images.append(relative)
     if not_images:
         shown = ", ".join(not_images[:5]) + (f" and {len(not_images) - 5} more" if len(not_images) > 5 else "")
-        raise OODDataError(f"{key} {path!r}: {len(not_images)} of {len(files)} files are not images ({shown}): "
-                           f"remove them and `dvc add {path}`")
+        raise OODDataError(
+            f"{key} {path!r}: {len(not_images)} of {len(files)} files are not images ({shown}): "
+            f"remove them and `dvc add {path}`"
+        )
     if shared:
-        raise OODDataError(f"{key} {path!r}: {len(shared)} image(s) have the same bytes as images of {other} "
-                           f"(e.g. {shared[0]}): training on them would leak into the OOD evaluation; remove them")
+        raise OODDataError(
+            f"{key} {path!r}: {len(shared)} image(s) have the same bytes as images of {other} "
+            f"(e.g. {shared[0]}): training on them would leak into the OOD evaluation; remove them"
+        )
     if overlapping:
         shown = ", ".join(overlapping[:5]) + (f" and {len(overlapping) - 5} more" if len(overlapping) > 5 else "")
-        raise OODDataError(f"{key} {path!r}: {len(overlapping)} image(s) have the same bytes as images of data.path "
-                           f"({shown}), so they are not out of distribution: remove them from {path} and "
-                           f"`dvc add {path}`")
-    return OODData(path=version.path, local_dir=str(root), dvc_hash=version.dvc_hash,
-                   files=tuple(files[:max_images]), rev=version.rev)
+        raise OODDataError(
+            f"{key} {path!r}: {len(overlapping)} image(s) have the same bytes as images of data.path "
+            f"({shown}), so they are not out of distribution: remove them from {path} and "
+            f"`dvc add {path}`"
+        )
+    return OODData(
+        path=version.path,
+        local_dir=str(root),
+        dvc_hash=version.dvc_hash,
+        files=tuple(files[:max_images]),
+        rev=version.rev,
+    )
 
 
 def folder_hashes(data: OODData) -> set[str]:
@@ -106,8 +129,18 @@ def load_ood_data(path: str | Path) -> OODData:
 
 
 def save_ood_data(data: OODData, out_path: str | Path) -> str:
-    Path(out_path).write_text(json.dumps({"path": data.path, "local_dir": data.local_dir, "dvc_hash": data.dvc_hash,
-                                          "rev": data.rev, "files": list(data.files)}, indent=1))
+    Path(out_path).write_text(
+        json.dumps(
+            {
+                "path": data.path,
+                "local_dir": data.local_dir,
+                "dvc_hash": data.dvc_hash,
+                "rev": data.rev,
+                "files": list(data.files),
+            },
+            indent=1,
+        )
+    )
     return str(out_path)
 
 
@@ -122,7 +155,7 @@ def recorded_ood_files(repo_root: str | Path, recorded: dict) -> tuple[str, list
     from calibflow.versioning import resolve_recorded_data
 
     version = resolve_recorded_data(repo_root, recorded["path"], recorded["rev"], recorded["dvc_hash"])
-    return version.local_dir, _listed(Path(version.local_dir))[:int(recorded["n_images"])]
+    return version.local_dir, _listed(Path(version.local_dir))[: int(recorded["n_images"])]
 
 
 def _temperature(calibrator) -> float:
@@ -160,5 +193,8 @@ def detection_metrics(inside: np.ndarray, outside: np.ndarray) -> dict[str, floa
 
     y = np.concatenate([np.ones(len(inside)), np.zeros(len(outside))])
     s = np.concatenate([inside, outside])
-    return {"auroc": float(roc_auc_score(y, s)), "aupr": float(average_precision_score(y, s)),
-            "fpr95": float(np.mean(np.asarray(outside) >= empirical_tpr_threshold(inside, 0.95)))}
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr": float(average_precision_score(y, s)),
+        "fpr95": float(np.mean(np.asarray(outside) >= empirical_tpr_threshold(inside, 0.95))),
+    }

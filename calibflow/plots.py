@@ -61,14 +61,30 @@ def _reliability_panel(ax: plt.Axes, ax_counts: plt.Axes, bins: ReliabilityBins,
     conf = np.where(nonempty, bins.mean_confidence, 0.0)
 
     ax.bar(centres[dense], acc[dense], width=width[dense], color=_ACC_COLOR, edgecolor="black", linewidth=0.6)
-    ax.bar(centres[sparse], acc[sparse], width=width[sparse], color=_ACC_COLOR, alpha=_SPARSE_ALPHA, edgecolor="gray",
-           linewidth=0.6)
+    ax.bar(
+        centres[sparse],
+        acc[sparse],
+        width=width[sparse],
+        color=_ACC_COLOR,
+        alpha=_SPARSE_ALPHA,
+        edgecolor="gray",
+        linewidth=0.6,
+    )
     # Gap bar spans accuracy -> mean confidence: above the bar means over-confident bin, inside it
     # means under-confident. Hatched outline, no fill: a translucent fill over the blue bar would
     # blend into a purple the legend does not show. Pale, too, where the bin is sparse.
     for where, alpha in ((dense, 1.0), (sparse, _SPARSE_ALPHA)):
-        ax.bar(centres[where], (conf - acc)[where], bottom=acc[where], width=width[where], facecolor="none",
-               edgecolor=_GAP_COLOR, hatch="///", linewidth=0.8, alpha=alpha)
+        ax.bar(
+            centres[where],
+            (conf - acc)[where],
+            bottom=acc[where],
+            width=width[where],
+            facecolor="none",
+            edgecolor=_GAP_COLOR,
+            hatch="///",
+            linewidth=0.8,
+            alpha=alpha,
+        )
     # The gap bar covers the accuracy bar in under-confident bins; redraw each bar's top so the
     # accuracy level stays readable there.
     ax.hlines(acc[nonempty], lo[nonempty], hi[nonempty], color="black", linewidth=1.4, zorder=4)
@@ -79,13 +95,24 @@ def _reliability_panel(ax: plt.Axes, ax_counts: plt.Axes, bins: ReliabilityBins,
     ax.set_ylabel("accuracy")
     ece = bins.ece
     ece_text = "n/a" if np.isnan(ece) else f"{ece:.4f}"
-    ax.set_title(f"{label}\nECE = {ece_text}   (N = {bins.total}, {bins.n_bins} bins, "
-                 f"{int(sparse.sum())} of {int(nonempty.sum())} filled bins sparse)")
+    ax.set_title(
+        f"{label}\nECE = {ece_text}   (N = {bins.total}, {bins.n_bins} bins, "
+        f"{int(sparse.sum())} of {int(nonempty.sum())} filled bins sparse)"
+    )
     ax.tick_params(labelbottom=False)
 
-    ax_counts.bar(centres[dense], bins.counts[dense], width=width[dense], color="gray", edgecolor="black", linewidth=0.4)
-    ax_counts.bar(centres[sparse], bins.counts[sparse], width=width[sparse], color="gray", alpha=0.35,
-                  edgecolor="black", linewidth=0.4)
+    ax_counts.bar(
+        centres[dense], bins.counts[dense], width=width[dense], color="gray", edgecolor="black", linewidth=0.4
+    )
+    ax_counts.bar(
+        centres[sparse],
+        bins.counts[sparse],
+        width=width[sparse],
+        color="gray",
+        alpha=0.35,
+        edgecolor="black",
+        linewidth=0.4,
+    )
     ax_counts.axhline(SPARSE_BIN_COUNT, color="gray", linestyle=":", linewidth=0.8)
     ax_counts.set_xlim(0, 1)
     ax_counts.set_xlabel("confidence (top-label)")
@@ -125,8 +152,12 @@ def reliability_diagram(
     # One legend for both panels, below them: inside a panel it would cover the bars it explains.
     handles = [
         matplotlib.patches.Patch(facecolor=_ACC_COLOR, edgecolor="black", label="accuracy"),
-        matplotlib.patches.Patch(facecolor=_ACC_COLOR, alpha=_SPARSE_ALPHA, edgecolor="gray",
-                                 label=f"accuracy of a bin of < {SPARSE_BIN_COUNT} images (noise)"),
+        matplotlib.patches.Patch(
+            facecolor=_ACC_COLOR,
+            alpha=_SPARSE_ALPHA,
+            edgecolor="gray",
+            label=f"accuracy of a bin of < {SPARSE_BIN_COUNT} images (noise)",
+        ),
         matplotlib.patches.Patch(facecolor="none", edgecolor=_GAP_COLOR, hatch="///", label="gap to mean confidence"),
         matplotlib.lines.Line2D([], [], linestyle="--", color="gray", label="perfect calibration"),
         matplotlib.lines.Line2D([], [], linestyle=":", color="gray", label=f"{SPARSE_BIN_COUNT} images (counts)"),
@@ -345,8 +376,10 @@ def binary_score_distributions(
 
     fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    for mask, colour, label in ((~positive, "#3b6fb6", f"negatives (y = 0, n = {n_neg})"),
-                                (positive, "#e07b00", f"positives (y = 1, n = {n_pos})")):
+    for mask, colour, label in (
+        (~positive, "#3b6fb6", f"negatives (y = 0, n = {n_neg})"),
+        (positive, "#e07b00", f"positives (y = 1, n = {n_pos})"),
+    ):
         if mask.any():
             ax.hist(score[mask], bins=edges, color=colour, alpha=0.45, label=label)
             ax.hist(score[mask], bins=edges, histtype="step", color=colour, linewidth=1.4)
@@ -354,8 +387,13 @@ def binary_score_distributions(
     ax.axvline(0.5, color="black", linestyle="--", linewidth=1.1, label=f"threshold 0.5 (acc {acc_half:.3f})")
     if n_pos and n_neg:
         t, best = _best_accuracy_threshold(score, positive)
-        ax.axvline(min(max(t, 0.0), 1.0), color="#2ca02c", linestyle=":", linewidth=2.0,
-                   label=f"best-accuracy threshold {t:.3f} (acc {best:.3f})")
+        ax.axvline(
+            min(max(t, 0.0), 1.0),
+            color="#2ca02c",
+            linestyle=":",
+            linewidth=2.0,
+            label=f"best-accuracy threshold {t:.3f} (acc {best:.3f})",
+        )
     # Headroom above the tallest bar keeps the legend off the histograms.
     bottom, top = ax.get_ylim()
     if min(n_pos, n_neg) > 0 and max(n_pos, n_neg) > 5 * min(n_pos, n_neg):
@@ -391,13 +429,17 @@ def decision_score_histograms(
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     for ax, name in zip(axes[0], names):
         score = _to_numpy(scores[name]).astype(np.float64).reshape(-1)
-        for mask, colour, label in ((~positive, "#3b6fb6", f"not {positive_name} (n = {int((~positive).sum())})"),
-                                    (positive, "#e07b00", f"{positive_name} (n = {int(positive.sum())})")):
+        for mask, colour, label in (
+            (~positive, "#3b6fb6", f"not {positive_name} (n = {int((~positive).sum())})"),
+            (positive, "#e07b00", f"{positive_name} (n = {int(positive.sum())})"),
+        ):
             if mask.any():
                 ax.hist(score[mask], bins=edges, color=colour, alpha=0.45, label=label)
                 ax.hist(score[mask], bins=edges, histtype="step", color=colour, linewidth=1.4)
         if threshold is not None and name == names[-1]:
-            ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"served threshold {threshold:.3f}")
+            ax.axvline(
+                threshold, color="black", linestyle="--", linewidth=1.2, label=f"served threshold {threshold:.3f}"
+            )
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlim(0.0, 1.0)
         ax.set_xlabel(f"P({positive_name})")
@@ -424,8 +466,14 @@ def risk_coverage_curve(
     if max_risk is not None:
         ax.axhline(max_risk, color=_GAP_COLOR, linestyle="--", linewidth=1.1, label=f"risk target {max_risk:g}")
     if served is not None:
-        ax.plot([served[0]], [served[1]], marker="o", color="black", linestyle="none",
-                label=f"served threshold: coverage {served[0]:.3f}, risk {served[1]:.3f}")
+        ax.plot(
+            [served[0]],
+            [served[1]],
+            marker="o",
+            color="black",
+            linestyle="none",
+            label=f"served threshold: coverage {served[0]:.3f}, risk {served[1]:.3f}",
+        )
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(bottom=0.0)
     ax.set_xlabel("coverage (share of predictions kept)")
@@ -449,11 +497,13 @@ def shift_curves(result: dict, path: str | Path, title: str = "") -> Path:
             ax = axes[row, column]
             for i, corruption in enumerate(suite["corruptions"]):
                 values = [result["clean"][when][metric]] + [
-                    result["cells"][f"{corruption}_s{s}"][when][metric] for s in suite["severities"]]
+                    result["cells"][f"{corruption}_s{s}"][when][metric] for s in suite["severities"]
+                ]
                 ax.plot(severities, values, marker="o", color=colors(i % 10), linewidth=1.4, label=corruption)
             mean = [result["clean"][when][metric]] + [
                 float(np.mean([result["cells"][f"{c}_s{s}"][when][metric] for c in suite["corruptions"]]))
-                for s in suite["severities"]]
+                for s in suite["severities"]
+            ]
             ax.plot(severities, mean, color="black", linestyle="--", linewidth=1.8, label="mean")
             ax.set_ylabel("ECE (15 bins)" if metric == "ece" else "accuracy")
             ax.grid(alpha=0.3)

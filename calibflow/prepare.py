@@ -38,8 +38,9 @@ def add_noise(images: np.ndarray, sd: float, seed: int) -> np.ndarray:
     return np.clip(np.rint(images + noise), 0, 255).astype(np.uint8)
 
 
-def write_digits(out_dir: str | Path, classes: tuple[int, ...] | None = None, per_class: int | None = None,
-                 noise_sd: float = 0.0) -> int:
+def write_digits(
+    out_dir: str | Path, classes: tuple[int, ...] | None = None, per_class: int | None = None, noise_sd: float = 0.0
+) -> int:
     """Write the 1,797 8x8 digits as `out_dir/<class>/<n>.png` (8-bit grayscale); returns the count.
 
     `classes` and `per_class` select a subset (the first images of each class), for small tests.

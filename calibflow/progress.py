@@ -12,5 +12,13 @@ from tqdm.auto import tqdm
 
 def progress_bar(total: int, desc: str, unit: str = "img", enabled: bool = True, leave: bool = False) -> tqdm:
     """A bar over `total` units; `enabled=False` silences it even on a terminal."""
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
-                disable=None if enabled else True, smoothing=0.1, mininterval=0.5)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        leave=leave,
+        disable=None if enabled else True,
+        smoothing=0.1,
+        mininterval=0.5,
+    )

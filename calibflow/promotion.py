@@ -26,8 +26,14 @@ from calibflow.config import DEFAULT_N_BINS, GatesConfig
 from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
 from calibflow.manifest import list_classes, load_manifest
 from calibflow.decisions import DecisionPolicy
-from calibflow.reproduce import (predict_rows, rebuild_test_split, recorded_ood_scores, served_classes, served_policy,
-                                 shift_predictions)
+from calibflow.reproduce import (
+    predict_rows,
+    rebuild_test_split,
+    recorded_ood_scores,
+    served_classes,
+    served_policy,
+    shift_predictions,
+)
 from calibflow.splits import Split
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
@@ -94,8 +100,13 @@ class GateReport:
         return self.passed and (self.champion is None or self.verdict.n_shared > 0)
 
     def to_json(self) -> dict:
-        return {"model": self.model, "candidate": self.candidate, "champion": self.champion,
-                "excluded_seen_by_champion": self.excluded_seen_by_champion, **self.verdict.to_json()}
+        return {
+            "model": self.model,
+            "candidate": self.candidate,
+            "champion": self.champion,
+            "excluded_seen_by_champion": self.excluded_seen_by_champion,
+            **self.verdict.to_json(),
+        }
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -125,7 +136,8 @@ def class_order(candidate_classes: list[str], champion_classes: list[str], champ
             f"not comparable: classes differ: the candidate has {candidate_classes}, champion version "
             f"{champion_version} has {champion_classes} (only the candidate: {only_candidate}; only the champion: "
             f"{only_champion}). A model of other classes is another model: train it under another "
-            f"registry.model_name, or move @champion to it by hand if replacing the served classes is intended")
+            f"registry.model_name, or move @champion to it by hand if replacing the served classes is intended"
+        )
     column = {name: k for k, name in enumerate(champion_classes)}
     return np.array([column[name] for name in candidate_classes], dtype=np.int64)
 
@@ -139,14 +151,23 @@ def _comparable_champion(model_name: str, champion: registry.VersionRecord, cand
             f"recorded a model's classes and artifact digest (tags {registry.CLASSES_TAG}, {registry.DIGEST_TAG}), so "
             f"its classes are unknown and calibflow will not load it. Gate against a version registered since "
             f"(--against VERSION), or retire it: a person deletes its @champion alias once, and the next run's "
-            f"version becomes the champion on the absolute gates (infra/TRUST.md)")
+            f"version becomes the champion on the absolute gates (infra/TRUST.md)"
+        )
     model = registry.load_model(f"models:/{model_name}/{champion.version}")
     return model, class_order(candidate_classes, served_classes(model), champion.version)
 
 
-def _comparison(model_name: str, champion: registry.VersionRecord | None, candidate_probs: np.ndarray,
-                candidate_classes: list[str], test_rows: np.ndarray, manifest: pd.DataFrame, split: Split,
-                data_dir: str, required: bool = True) -> tuple[tuple[Predictions, Predictions] | None, int]:
+def _comparison(
+    model_name: str,
+    champion: registry.VersionRecord | None,
+    candidate_probs: np.ndarray,
+    candidate_classes: list[str],
+    test_rows: np.ndarray,
+    manifest: pd.DataFrame,
+    split: Split,
+    data_dir: str,
+    required: bool = True,
+) -> tuple[tuple[Predictions, Predictions] | None, int]:
     """(candidate, champion) predictions on the test rows the champion was not fitted on, the
     champion's columns in the candidate's class order. Models of different classes: NotComparable,
     before anything is compared. With no rows left: GateUndecided, or (not `required`) no
@@ -158,17 +179,25 @@ def _comparison(model_name: str, champion: registry.VersionRecord | None, candid
     if len(shared) == 0:
         if not required:
             return None, excluded
-        raise GateUndecided(f"champion version {champion.version} was fitted on every test image of the candidate; "
-                            f"there is nothing to compare them on (retrain with the champion's seed to share its split)")
+        raise GateUndecided(
+            f"champion version {champion.version} was fitted on every test image of the candidate; "
+            f"there is nothing to compare them on (retrain with the champion's seed to share its split)"
+        )
     keep = np.isin(test_rows, shared)
     labels = manifest["label_index"].to_numpy()[test_rows[keep]]
     champion_probs = predict_rows(champion_model, data_dir, manifest, test_rows[keep])[:, champion_columns]
     return (Predictions(candidate_probs[keep], labels), Predictions(champion_probs, labels)), excluded
 
 
-def _shift_comparison(model_name: str, champion: registry.VersionRecord, shifted: ShiftedPredictions,
-                      candidate_classes: list[str], manifest: pd.DataFrame, split: Split, data_dir: str
-                      ) -> dict[str, tuple[Predictions, Predictions]] | None:
+def _shift_comparison(
+    model_name: str,
+    champion: registry.VersionRecord,
+    shifted: ShiftedPredictions,
+    candidate_classes: list[str],
+    manifest: pd.DataFrame,
+    split: Split,
+    data_dir: str,
+) -> dict[str, tuple[Predictions, Predictions]] | None:
     """(candidate, champion) on every cell, on the suite's images the champion was not fitted on,
     corrupted the same way (each image seeded by its own bytes); None when there are none."""
     champion_model, columns = _comparable_champion(model_name, champion, candidate_classes)
@@ -179,8 +208,10 @@ def _shift_comparison(model_name: str, champion: registry.VersionRecord, shifted
     rows = shifted.rows[keep]
     labels = manifest["label_index"].to_numpy()[rows]
     theirs = shift_predictions(champion_model, data_dir, manifest, rows, shifted.suite)
-    return {key: (Predictions(p[keep], labels), Predictions(theirs[key][:, columns], labels))
-            for key, p in shifted.probabilities.items()}
+    return {
+        key: (Predictions(p[keep], labels), Predictions(theirs[key][:, columns], labels))
+        for key, p in shifted.probabilities.items()
+    }
 
 
 def _wants_shift(gates: GatesConfig) -> bool:
@@ -209,18 +240,29 @@ def _ood_gate_scores(candidate: registry.VersionRecord, model, rebuilt, repo_roo
     from calibflow.ood import OOD_TAG, in_distribution_score
 
     if not candidate.tags.get(OOD_TAG):
-        raise GateUndecided(f"candidate {candidate.version} was registered without an OOD folder (ood.path), so "
-                            f"gates.max_ood_fpr95 has nothing to read: unset it, or retrain with ood.path set")
+        raise GateUndecided(
+            f"candidate {candidate.version} was registered without an OOD folder (ood.path), so "
+            f"gates.max_ood_fpr95 has nothing to read: unset it, or retrain with ood.path set"
+        )
     try:
         score, inside, outside = recorded_ood_scores(model, candidate, rebuilt, repo_root)
     except Exception as error:  # DataVersionError, a DVC error reading the revision, an unreadable image
         raise GateUndecided(f"candidate {candidate.version}'s OOD folder cannot be read back: {error}") from error
-    return OODScores(in_distribution_score(score, inside), in_distribution_score(score, outside),
-                     "MSP" if score == "msp" else "minus energy")
+    return OODScores(
+        in_distribution_score(score, inside),
+        in_distribution_score(score, outside),
+        "MSP" if score == "msp" else "minus energy",
+    )
 
 
-def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@champion",
-                   repo_root: str | Path = ".", with_shift: bool = False, with_ood: bool = False) -> EvaluationSet:
+def evaluation_set(
+    model_name: str,
+    candidate_ref: str,
+    against: str | None = "@champion",
+    repo_root: str | Path = ".",
+    with_shift: bool = False,
+    with_ood: bool = False,
+) -> EvaluationSet:
     """Both models from the registry, on the candidate's pinned test images."""
     try:
         candidate = resolve_ref(model_name, candidate_ref)
@@ -236,62 +278,124 @@ def evaluation_set(model_name: str, candidate_ref: str, against: str | None = "@
     labels = manifest["label_index"].to_numpy()[test_rows]
     candidate_model = registry.load_model(f"models:/{model_name}/{candidate.version}")
     candidate_probs = predict_rows(candidate_model, data.local_dir, manifest, test_rows)
-    comparison, excluded = _comparison(model_name, champion, candidate_probs, served_classes(candidate_model),
-                                       test_rows, manifest, split, data.local_dir)
+    comparison, excluded = _comparison(
+        model_name,
+        champion,
+        candidate_probs,
+        served_classes(candidate_model),
+        test_rows,
+        manifest,
+        split,
+        data.local_dir,
+    )
     shift = shift_comparison = None
     if with_shift:
         from calibflow.shift import SUITE_TAG, Suite
 
         if not candidate.tags.get(SUITE_TAG):
-            raise GateUndecided(f"candidate {candidate.version} was registered without a corruption suite, so the "
-                                f"shift gates have nothing to read: unset gates.max_shift_ece and "
-                                f"gates.max_shift_ece_increase, or retrain with a shift: suite")
+            raise GateUndecided(
+                f"candidate {candidate.version} was registered without a corruption suite, so the "
+                f"shift gates have nothing to read: unset gates.max_shift_ece and "
+                f"gates.max_shift_ece_increase, or retrain with a shift: suite"
+            )
         suite = Suite.from_json(candidate.tags[SUITE_TAG])
-        rows = test_rows[:suite.max_images]
-        shifted = ShiftedPredictions(suite, rows, shift_predictions(candidate_model, data.local_dir, manifest, rows,
-                                                                    suite))
+        rows = test_rows[: suite.max_images]
+        shifted = ShiftedPredictions(
+            suite, rows, shift_predictions(candidate_model, data.local_dir, manifest, rows, suite)
+        )
         shift = shifted.predictions(manifest)
         if comparison is not None:
-            shift_comparison = _shift_comparison(model_name, champion, shifted, served_classes(candidate_model),
-                                                 manifest, split, data.local_dir)
+            shift_comparison = _shift_comparison(
+                model_name, champion, shifted, served_classes(candidate_model), manifest, split, data.local_dir
+            )
     ood = _ood_gate_scores(candidate, candidate_model, rebuilt, repo_root) if with_ood else None
-    return EvaluationSet(candidate, champion, Predictions(candidate_probs, labels), comparison, excluded,
-                         served_policy(candidate_model), shift, shift_comparison, ood)
+    return EvaluationSet(
+        candidate,
+        champion,
+        Predictions(candidate_probs, labels),
+        comparison,
+        excluded,
+        served_policy(candidate_model),
+        shift,
+        shift_comparison,
+        ood,
+    )
 
 
-def gate_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
-                 repo_root: str | Path = ".", n_bins: int = DEFAULT_N_BINS) -> GateReport:
+def gate_version(
+    model_name: str,
+    candidate_ref: str,
+    gates: GatesConfig,
+    against: str | None = "@champion",
+    repo_root: str | Path = ".",
+    n_bins: int = DEFAULT_N_BINS,
+) -> GateReport:
     """`calibflow gate`: both models from the registry, on the pinned test images."""
-    inputs = evaluation_set(model_name, candidate_ref, against, repo_root, with_shift=_wants_shift(gates),
-                            with_ood=gates.max_ood_fpr95 is not None)
+    inputs = evaluation_set(
+        model_name,
+        candidate_ref,
+        against,
+        repo_root,
+        with_shift=_wants_shift(gates),
+        with_ood=gates.max_ood_fpr95 is not None,
+    )
     try:
-        verdict = evaluate_gates(inputs.predictions, gates, inputs.comparison, n_bins=n_bins,
-                                 decisions=inputs.decisions, shift=inputs.shift,
-                                 shift_comparison=inputs.shift_comparison, ood=inputs.ood)
+        verdict = evaluate_gates(
+            inputs.predictions,
+            gates,
+            inputs.comparison,
+            n_bins=n_bins,
+            decisions=inputs.decisions,
+            shift=inputs.shift,
+            shift_comparison=inputs.shift_comparison,
+            ood=inputs.ood,
+        )
     except GateInputError as error:
         raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
-    return GateReport(model_name, inputs.candidate.version, inputs.champion.version if inputs.champion else None,
-                      inputs.excluded_seen_by_champion, verdict)
+    return GateReport(
+        model_name,
+        inputs.candidate.version,
+        inputs.champion.version if inputs.champion else None,
+        inputs.excluded_seen_by_champion,
+        verdict,
+    )
 
 
-def plan_version(model_name: str, candidate_ref: str, gates: GatesConfig, against: str | None = "@champion",
-                 repo_root: str | Path = ".", n_bins: int = DEFAULT_N_BINS, power: float = 0.8):
+def plan_version(
+    model_name: str,
+    candidate_ref: str,
+    gates: GatesConfig,
+    against: str | None = "@champion",
+    repo_root: str | Path = ".",
+    n_bins: int = DEFAULT_N_BINS,
+    power: float = 0.8,
+):
     """`calibflow gate plan`: how many test images the gates need to pass this version with
     `power`, simulated under its own estimated calibration (calibflow.gate_plan)."""
     from calibflow.gate_plan import plan_sample_size
 
     inputs = evaluation_set(model_name, candidate_ref, against, repo_root)
     try:
-        return plan_sample_size(inputs.predictions, gates, inputs.comparison, n_bins=n_bins, power=power,
-                                simulations=gates.n_resamples)
+        return plan_sample_size(
+            inputs.predictions, gates, inputs.comparison, n_bins=n_bins, power=power, simulations=gates.n_resamples
+        )
     except GateInputError as error:
         raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
 
 
-def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndarray, data_dir: str,
-                manifest_path: str, split_path: str, gates: GatesConfig, n_bins: int = DEFAULT_N_BINS,
-                decisions: DecisionPolicy | None = None, shifted: ShiftedPredictions | None = None,
-                ood: OODScores | None = None) -> GateReport:
+def gate_logits(
+    model_name: str,
+    candidate_probs: np.ndarray,
+    test_rows: np.ndarray,
+    data_dir: str,
+    manifest_path: str,
+    split_path: str,
+    gates: GatesConfig,
+    n_bins: int = DEFAULT_N_BINS,
+    decisions: DecisionPolicy | None = None,
+    shifted: ShiftedPredictions | None = None,
+    ood: OODScores | None = None,
+) -> GateReport:
     """The flow's gate step: the candidate is not registered yet, so its probabilities come from
     its cached test logits and fitted calibrator (the same numbers its pyfunc serves, as
     `calibflow evaluate` checks); the champion comes from the registry. Same evaluation set and
@@ -301,16 +405,34 @@ def gate_logits(model_name: str, candidate_probs: np.ndarray, test_rows: np.ndar
     labels = manifest["label_index"].to_numpy()[test_rows]
     # The candidate's classes are its data's class folders, as its checkpoint records them.
     split = Split.load(split_path)
-    comparison, excluded = _comparison(model_name, champion, candidate_probs, list_classes(data_dir), test_rows,
-                                       manifest, split, data_dir, required=False)
+    comparison, excluded = _comparison(
+        model_name,
+        champion,
+        candidate_probs,
+        list_classes(data_dir),
+        test_rows,
+        manifest,
+        split,
+        data_dir,
+        required=False,
+    )
     shift = shifted.predictions(manifest) if shifted is not None else None
     shift_comparison = None
     if shifted is not None and comparison is not None and gates.max_shift_ece_increase is not None:
-        shift_comparison = _shift_comparison(model_name, champion, shifted, list_classes(data_dir), manifest, split,
-                                             data_dir)
+        shift_comparison = _shift_comparison(
+            model_name, champion, shifted, list_classes(data_dir), manifest, split, data_dir
+        )
     try:
-        verdict = evaluate_gates(Predictions(candidate_probs, labels), gates, comparison, n_bins=n_bins,
-                                 decisions=decisions, shift=shift, shift_comparison=shift_comparison, ood=ood)
+        verdict = evaluate_gates(
+            Predictions(candidate_probs, labels),
+            gates,
+            comparison,
+            n_bins=n_bins,
+            decisions=decisions,
+            shift=shift,
+            shift_comparison=shift_comparison,
+            ood=ood,
+        )
     except GateInputError as error:
         raise GateUndecided(f"this run's model cannot be gated: {error}") from error
     return GateReport(model_name, "this run", champion.version if champion else None, excluded, verdict)
@@ -333,8 +455,13 @@ class Promotion:
     forced: bool
 
 
-def promote(model_name: str, candidate_version: str, gated_against: str | None, report_path: str | Path | None,
-            force_reason: str | None = None) -> Promotion:
+def promote(
+    model_name: str,
+    candidate_version: str,
+    gated_against: str | None,
+    report_path: str | Path | None,
+    force_reason: str | None = None,
+) -> Promotion:
     """Move @champion to the candidate, compare-and-swap style: under the registry lock, and only
     if @champion is still the version the gate compared against (else PromotionConflict, and
     nothing moves). The old champion becomes @previous-champion; the new one is tagged with who
@@ -344,16 +471,26 @@ def promote(model_name: str, candidate_version: str, gated_against: str | None, 
     with registry.promotion_lock(model_name, holder):
         current = registry.alias_version(model_name, registry.CHAMPION)
         if current == candidate_version:
-            raise AlreadyChampion(f"version {candidate_version} already is @champion of {model_name}: nothing to "
-                                  f"promote (gate another version, e.g. --candidate @challenger)")
+            raise AlreadyChampion(
+                f"version {candidate_version} already is @champion of {model_name}: nothing to "
+                f"promote (gate another version, e.g. --candidate @challenger)"
+            )
         if current != gated_against:
             raise registry.PromotionConflict(
                 f"@champion of {model_name} is now {current}, not {gated_against} as when the gate ran: another "
-                f"promotion won; gate version {candidate_version} again against the new champion")
-        registry.set_version_tags(model_name, candidate_version, {
-            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "promoted_by": actor["user"],
-            "promoted_ci_job": actor["ci_job"], "promoted_from": current or "",
-            **({"promotion_forced_reason": force_reason} if force_reason else {})})
+                f"promotion won; gate version {candidate_version} again against the new champion"
+            )
+        registry.set_version_tags(
+            model_name,
+            candidate_version,
+            {
+                "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "promoted_by": actor["user"],
+                "promoted_ci_job": actor["ci_job"],
+                "promoted_from": current or "",
+                **({"promotion_forced_reason": force_reason} if force_reason else {}),
+            },
+        )
         target: dict[str, str | None] = {registry.CHAMPION: candidate_version}
         if current:
             target[registry.PREVIOUS_CHAMPION] = current
@@ -361,9 +498,19 @@ def promote(model_name: str, candidate_version: str, gated_against: str | None, 
             target[registry.CHALLENGER] = None  # it is the champion now
         registry.apply_aliases(model_name, target)
     if report_path:
-        registry.log_audit_run(AUDIT_EXPERIMENT, f"promote {model_name} v{candidate_version}", {
-            "model": model_name, "candidate": candidate_version, "previous_champion": current or "",
-            "decision": "forced" if force_reason else "promoted", "reason": force_reason or "", **actor}, report_path)
+        registry.log_audit_run(
+            AUDIT_EXPERIMENT,
+            f"promote {model_name} v{candidate_version}",
+            {
+                "model": model_name,
+                "candidate": candidate_version,
+                "previous_champion": current or "",
+                "decision": "forced" if force_reason else "promoted",
+                "reason": force_reason or "",
+                **actor,
+            },
+            report_path,
+        )
     return Promotion(model_name, candidate_version, current, forced=force_reason is not None)
 
 
@@ -379,7 +526,10 @@ def rollback(model_name: str) -> Promotion:
         if not previous:
             raise LookupError(f"@champion (version {current.version}) of {model_name} has no previous champion")
         before_previous = resolve_ref(model_name, previous).tags.get("promoted_from") or None
-        registry.set_version_tags(model_name, current.version, {
-            "rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rolled_back_by": actor["user"]})
+        registry.set_version_tags(
+            model_name,
+            current.version,
+            {"rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rolled_back_by": actor["user"]},
+        )
         registry.apply_aliases(model_name, {registry.CHAMPION: previous, registry.PREVIOUS_CHAMPION: before_previous})
     return Promotion(model_name, previous, current.version, forced=False)

@@ -37,8 +37,16 @@ from calibflow.splits import stratified_split
 from calibflow.versioning import resolve_data
 
 # What a recalibrated version keeps from its source: the network's lineage.
-LINEAGE_TAGS = ("data_hash", "data_path", "data_rev", "git_commit", "params_hash", "seed", "split_digest",
-                "manifest_fingerprint")
+LINEAGE_TAGS = (
+    "data_hash",
+    "data_path",
+    "data_rev",
+    "git_commit",
+    "params_hash",
+    "seed",
+    "split_digest",
+    "manifest_fingerprint",
+)
 RECALIBRATION_FRACTIONS = {"train": 0.0, "val": 0.0, "calibration": 0.5, "test": 0.5}
 
 
@@ -70,8 +78,10 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
 
     gates = config.gates
     if gates.max_ood_fpr95 is not None:
-        raise RecalibrationError("gates.max_ood_fpr95 reads the OOD folder of the run that trained the network; a "
-                                 "recalibration has none: pass --set gates.max_ood_fpr95=null, or retrain")
+        raise RecalibrationError(
+            "gates.max_ood_fpr95 reads the OOD folder of the run that trained the network; a "
+            "recalibration has none: pass --set gates.max_ood_fpr95=null, or retrain"
+        )
     if gates.max_shift_ece is None and gates.max_shift_ece_increase is None:
         return None, None, {}, None
     from calibflow.shift import cell_report
@@ -83,15 +93,26 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
     shift = {key: Predictions(calibrator.transform(z).numpy(), labels[rows]) for key, z in logits.items()}
     n_bins = config.evaluation.n_bins
     # what `calibflow evaluate` reproduces (reproduce.reproduce_shift), as the run's shift/shift_metrics.json
-    metrics = {"suite": json.loads(suite.to_json()), "cells": {
-        key: {"before": cell_report(served.calibrator.transform(z).numpy(), labels[rows], n_bins),
-              "after": cell_report(shift[key].probabilities, labels[rows], n_bins)} for key, z in logits.items()}}
+    metrics = {
+        "suite": json.loads(suite.to_json()),
+        "cells": {
+            key: {
+                "before": cell_report(served.calibrator.transform(z).numpy(), labels[rows], n_bins),
+                "after": cell_report(shift[key].probabilities, labels[rows], n_bins),
+            }
+            for key, z in logits.items()
+        },
+    }
     comparison = None
     if champion is not None and gates.max_shift_ece_increase is not None:
-        champion_model = (served if champion.version == source.version else
-                          registry.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model())
-        comparison = {key: (shift[key], Predictions(champion_model.probabilities(x), labels[rows]))
-                      for key, x in cells.items()}
+        champion_model = (
+            served
+            if champion.version == source.version
+            else registry.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model()
+        )
+        comparison = {
+            key: (shift[key], Predictions(champion_model.probabilities(x), labels[rows])) for key, x in cells.items()
+        }
     return shift, comparison, {SUITE_TAG: suite.to_json()}, metrics
 
 
@@ -100,8 +121,9 @@ def _split_logits(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray, path
     return str(path)
 
 
-def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".",
-                against: str | None = "@champion") -> Recalibration:
+def recalibrate(
+    model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".", against: str | None = "@champion"
+) -> Recalibration:
     from calibflow import pipeline
     from calibflow.gate_plan import small_test_split_warning
 
@@ -110,65 +132,108 @@ def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str |
     model = registry.load_model(f"models:/{source.name}/{source.version}")
     served = model.unwrap_python_model()
     if not served_policy(model).is_empty:
-        raise RecalibrationError(f"{source.name} version {source.version} serves decision rules fitted to its "
-                                 f"calibrator, which a new calibrator would leave stale: retrain it (calibflow run)")
+        raise RecalibrationError(
+            f"{source.name} version {source.version} serves decision rules fitted to its "
+            f"calibrator, which a new calibrator would leave stale: retrain it (calibflow run)"
+        )
     classes = served_classes(model)
     data = resolve_data(repo_root, data_path, None)
     manifest = build_manifest(data.local_dir)
     found = sorted(manifest["label"].unique().tolist())
     if found != classes:
-        raise RecalibrationError(f"{data_path} has the classes {', '.join(found)} but the model predicts "
-                                 f"{', '.join(classes)}: recalibration needs labeled images of every class the "
-                                 f"model predicts, in folders named like them")
-    split = stratified_split(manifest["label_index"].to_numpy(), manifest["sha256"].to_numpy(),
-                             RECALIBRATION_FRACTIONS, config.seed, manifest_fingerprint(manifest))
+        raise RecalibrationError(
+            f"{data_path} has the classes {', '.join(found)} but the model predicts "
+            f"{', '.join(classes)}: recalibration needs labeled images of every class the "
+            f"model predicts, in folders named like them"
+        )
+    split = stratified_split(
+        manifest["label_index"].to_numpy(),
+        manifest["sha256"].to_numpy(),
+        RECALIBRATION_FRACTIONS,
+        config.seed,
+        manifest_fingerprint(manifest),
+    )
     n_test = len(split.indices["test"])
     warning = small_test_split_warning(n_test, len(classes), config.gates, config.evaluation.n_bins)
     if warning:
-        raise RecalibrationError(f"{data_path} is too small to recalibrate on: its test half has {n_test} images. "
-                                 f"{warning}")
+        raise RecalibrationError(
+            f"{data_path} is too small to recalibrate on: its test half has {n_test} images. {warning}"
+        )
     meta = model.metadata.metadata
     images = load_images(data.local_dir, manifest["path"].tolist(), meta["image_mode"], tuple(meta["image_size"]))
     images = images.permute(0, 2, 3, 1).contiguous().numpy()
-    logits = np.concatenate([served.logits(images[i:i + 1024]) for i in range(0, len(images), 1024)])
+    logits = np.concatenate([served.logits(images[i : i + 1024]) for i in range(0, len(images), 1024)])
     labels = manifest["label_index"].to_numpy()
     test_rows = split.indices["test"]
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        fit = pipeline.fit_calibration(_split_logits(logits, labels, split.indices["calibration"],
-                                                     work / "logits_calibration.npz"),
-                                       config.calibration, str(work / "calibration.json"))
+        fit = pipeline.fit_calibration(
+            _split_logits(logits, labels, split.indices["calibration"], work / "logits_calibration.npz"),
+            config.calibration,
+            str(work / "calibration.json"),
+        )
         candidate = pipeline.load_calibrator(fit.state_path).transform(logits[test_rows]).numpy()
         source_probabilities = served.calibrator.transform(logits[test_rows]).numpy()
         from calibflow.metrics import probability_report
 
         before = probability_report(source_probabilities, labels[test_rows], config.evaluation.n_bins)
         after = probability_report(candidate, labels[test_rows], config.evaluation.n_bins)
-        softmax = probability_report(pipeline.uncalibrated_probabilities(logits[test_rows]), labels[test_rows],
-                                     config.evaluation.n_bins)
+        softmax = probability_report(
+            pipeline.uncalibrated_probabilities(logits[test_rows]), labels[test_rows], config.evaluation.n_bins
+        )
         ours = Predictions(candidate, labels[test_rows])
         comparison = None
-        champion = registry.alias_record(source.name, against[1:]) if against and against.startswith("@") else (
-            registry.resolve_model_uri(f"models:/{source.name}/{against}") if against else None)
+        champion = (
+            registry.alias_record(source.name, against[1:])
+            if against and against.startswith("@")
+            else (registry.resolve_model_uri(f"models:/{source.name}/{against}") if against else None)
+        )
         if champion is not None:
-            theirs = (source_probabilities if champion.version == source.version else
-                      registry.load_model(f"models:/{source.name}/{champion.version}").predict(images[test_rows]))
+            theirs = (
+                source_probabilities
+                if champion.version == source.version
+                else registry.load_model(f"models:/{source.name}/{champion.version}").predict(images[test_rows])
+            )
             comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
-        shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(served, pipeline.load_calibrator(fit.state_path),
-                                                            images[test_rows], labels[test_rows], config, champion,
-                                                            source)
+        shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(
+            served,
+            pipeline.load_calibrator(fit.state_path),
+            images[test_rows],
+            labels[test_rows],
+            config,
+            champion,
+            source,
+        )
         try:
-            verdict = evaluate_gates(ours, config.gates, comparison, n_bins=config.evaluation.n_bins, shift=shift,
-                                     shift_comparison=shift_comparison)
+            verdict = evaluate_gates(
+                ours,
+                config.gates,
+                comparison,
+                n_bins=config.evaluation.n_bins,
+                shift=shift,
+                shift_comparison=shift_comparison,
+            )
         except GateInputError as error:
             raise RecalibrationError(f"the gates cannot read a recalibration: {error}") from error
 
-        run_id = registry.start_run(config.registry.experiment, f"recalibrate v{source.version}",
-                                    {"recalibrated_from": source.version, "recalibration_data_path": data.path,
-                                     "recalibration_data_hash": data.dvc_hash}, repo_root)
-        registry.log_metrics(run_id, {**{f"test/source/{k}": v for k, v in before.items()},
-                                      **{f"test/recalibrated/{k}": v for k, v in after.items()}})
+        run_id = registry.start_run(
+            config.registry.experiment,
+            f"recalibrate v{source.version}",
+            {
+                "recalibrated_from": source.version,
+                "recalibration_data_path": data.path,
+                "recalibration_data_hash": data.dvc_hash,
+            },
+            repo_root,
+        )
+        registry.log_metrics(
+            run_id,
+            {
+                **{f"test/source/{k}": v for k, v in before.items()},
+                **{f"test/recalibrated/{k}": v for k, v in after.items()},
+            },
+        )
         (work / "data").mkdir()
         save_manifest(manifest, work / "data" / "manifest.csv")
         split.save(work / "data" / "splits.json")
@@ -190,14 +255,19 @@ def recalibrate(model_uri: str, data_path: str, config: Config, repo_root: str |
         checkpoint = registry.download_run_artifact(source.run_id, "checkpoint/checkpoint.pt", work / "source")
         logged = registry.log_calibrated_model(run_id, checkpoint, fit.state_path, images[test_rows[:2]])
         registry.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
-        tags = {**{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},
-                "n_bins": str(config.evaluation.n_bins), CALIBRATION_METHOD: fit.method,
-                TEMPERATURE: repr(fit.temperature) if fit.temperature else "",
-                **{on_test(UNCALIBRATED, k): repr(float(v)) for k, v in softmax.items()},
-                **{on_test(CALIBRATED, k): repr(float(v)) for k, v in after.items()},
-                "recalibrated_from": source.version,
-                "recalibration_data_path": data.path, "recalibration_data_rev": data.rev,
-                "recalibration_data_hash": data.dvc_hash, **suite_tags}
+        tags = {
+            **{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},
+            "n_bins": str(config.evaluation.n_bins),
+            CALIBRATION_METHOD: fit.method,
+            TEMPERATURE: repr(fit.temperature) if fit.temperature else "",
+            **{on_test(UNCALIBRATED, k): repr(float(v)) for k, v in softmax.items()},
+            **{on_test(CALIBRATED, k): repr(float(v)) for k, v in after.items()},
+            "recalibrated_from": source.version,
+            "recalibration_data_path": data.path,
+            "recalibration_data_rev": data.rev,
+            "recalibration_data_hash": data.dvc_hash,
+            **suite_tags,
+        }
         try:
             result.version = registry.register_version(logged, source.name, tags)
         except Exception as error:

@@ -72,7 +72,9 @@ def unreachable(error: BaseException) -> bool:
 
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, (StoreUnreachable, requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+        if isinstance(
+            seen, (StoreUnreachable, requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -89,10 +91,18 @@ def store_wait():
         if isinstance(error, StoreUnreachable) or not unreachable(error):
             raise
         waited = time.monotonic() - started
-        settings = ", ".join(f"{name}={os.environ.get(name, 'MLflow default')}" for name in (
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"))
-        raise StoreUnreachable(f"the MLflow tracking server at {mlflow.get_tracking_uri()} did not answer: gave up "
-                               f"after waiting {waited:.1f} s ({settings}); is it running? ({_root_cause(error)})") from error
+        settings = ", ".join(
+            f"{name}={os.environ.get(name, 'MLflow default')}"
+            for name in (
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT",
+            )
+        )
+        raise StoreUnreachable(
+            f"the MLflow tracking server at {mlflow.get_tracking_uri()} did not answer: gave up "
+            f"after waiting {waited:.1f} s ({settings}); is it running? ({_root_cause(error)})"
+        ) from error
 
 
 def _root_cause(error: BaseException) -> str:
@@ -122,6 +132,7 @@ class _AnsweringClient:
         def call(*args, **kwargs):
             with store_wait():
                 return attribute(*args, **kwargs)
+
         return call
 
 
@@ -133,6 +144,7 @@ class _AnsweringClient:
 class RunSource:
     """What MLflow's run page shows as "Created by" and "Source" (its standard mlflow.* tags, which
     MlflowClient.create_run does not set itself)."""
+
     name: str  # the entry point, e.g. flows/train_calibrate.py
     git_commit: str | None = None
     git_branch: str | None = None
@@ -149,18 +161,28 @@ def source_tags(source: RunSource) -> dict[str, str]:
         user = getpass.getuser()
     except Exception:  # noqa: BLE001  no login name (a container without one): MLflow's own fallback
         user = "unknown"
-    tags = {mlflow_tags.MLFLOW_USER: user, mlflow_tags.MLFLOW_SOURCE_NAME: source.name,
-            mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
-    for key, value in ((mlflow_tags.MLFLOW_GIT_COMMIT, source.git_commit),
-                       (mlflow_tags.MLFLOW_GIT_BRANCH, source.git_branch),
-                       (mlflow_tags.MLFLOW_GIT_REPO_URL, source.git_repo_url)):
+    tags = {
+        mlflow_tags.MLFLOW_USER: user,
+        mlflow_tags.MLFLOW_SOURCE_NAME: source.name,
+        mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+    }
+    for key, value in (
+        (mlflow_tags.MLFLOW_GIT_COMMIT, source.git_commit),
+        (mlflow_tags.MLFLOW_GIT_BRANCH, source.git_branch),
+        (mlflow_tags.MLFLOW_GIT_REPO_URL, source.git_repo_url),
+    ):
         if value:
             tags[key] = value
     return tags
 
 
-def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-              repo_root: str | Path = ".", source: RunSource | None = None) -> str:
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    repo_root: str | Path = ".",
+    source: RunSource | None = None,
+) -> str:
     c = client()
     found = c.get_experiment_by_name(experiment)
     if found:
@@ -187,16 +209,22 @@ def set_version_description(model_name: str, version: str, text: str) -> None:
     client().update_model_version(model_name, version, description=text)
 
 
-def log_dataset(run_id: str, name: str, source_uri: str, digest: str, context: str,
-                profile: Mapping[str, Any] | None = None) -> None:
+def log_dataset(
+    run_id: str, name: str, source_uri: str, digest: str, context: str, profile: Mapping[str, Any] | None = None
+) -> None:
     """Record the data a run read as an MLflow dataset input (the run page's "Datasets" and the
     experiment's dataset filter): `digest` is the DVC hash, `source_uri` where it lives."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     # MLflow's own record of a local folder: source type "local", source {"uri": ...}
-    entity = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source_uri}),
-                     profile=json.dumps(dict(profile)) if profile is not None else None)
+    entity = Dataset(
+        name=name,
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": source_uri}),
+        profile=json.dumps(dict(profile)) if profile is not None else None,
+    )
     client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
@@ -204,7 +232,7 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     # MLflow caps a param value at 6000 characters; ours are short scalars and lists.
     batch = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
     for start in range(0, len(batch), 100):  # log_batch accepts at most 100 params per call
-        client().log_batch(run_id, params=batch[start:start + 100])
+        client().log_batch(run_id, params=batch[start : start + 100])
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -244,7 +272,9 @@ def running_runs(experiment: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def download_run_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(destination)))
+    return Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(destination))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +335,9 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         spec = ModelSpec(**network["spec"])
         self.classes = [str(name) for name in json.loads(Path(artifacts["classes"]).read_text())]
         if len(self.classes) != spec.num_classes:
-            raise ValueError(f"the model lists {len(self.classes)} classes but its network has {spec.num_classes} outputs")
+            raise ValueError(
+                f"the model lists {len(self.classes)} classes but its network has {spec.num_classes} outputs"
+            )
         weights = torch.load(artifacts["weights"], map_location="cpu", weights_only=True)
         # An ensemble's weights file holds {"members": [state dict, ...]}; a single network's is its state dict.
         self.members = []
@@ -323,8 +355,11 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         state.setdefault("n_classes", spec.num_classes)
         self.calibrator = model_calibrator_from_state(state)
         # Versions registered before decisions have no policy: they decide the label only.
-        self.decision_policy = (DecisionPolicy.load(artifacts["decisions"]) if "decisions" in artifacts
-                                else DecisionPolicy(tuple(self.classes)))
+        self.decision_policy = (
+            DecisionPolicy.load(artifacts["decisions"])
+            if "decisions" in artifacts
+            else DecisionPolicy(tuple(self.classes))
+        )
 
     def logits(self, images: np.ndarray) -> np.ndarray | None:
         """The network's logits (N, K), or (N, M, K) for an ensemble; None for an empty batch."""
@@ -337,8 +372,9 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
         if len(images) == 0:  # an empty batch has an empty answer, not an error
             return None
-        return predictive_logits(self.members, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                                 self.mc_samples, self.mc_seed).numpy()
+        return predictive_logits(
+            self.members, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), self.mc_samples, self.mc_seed
+        ).numpy()
 
     def probabilities(self, images: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
         logits = self.logits(images) if logits is None else logits
@@ -376,8 +412,11 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     def decisions(self, probabilities: np.ndarray):
         import pandas as pd
 
-        frame = pd.DataFrame(self.decision_policy.decide(probabilities)) if len(probabilities) else pd.DataFrame(
-            {"label": pd.Series(dtype=object), "confidence": pd.Series(dtype=np.float64)})
+        frame = (
+            pd.DataFrame(self.decision_policy.decide(probabilities))
+            if len(probabilities)
+            else pd.DataFrame({"label": pd.Series(dtype=object), "confidence": pd.Series(dtype=np.float64)})
+        )
         for k, name in enumerate(self.classes):
             frame[f"p_{name}"] = probabilities[:, k]
         return frame
@@ -388,8 +427,12 @@ def declare_served_model() -> None:
     mlflow.models.set_model(CalibratedImageClassifier())
 
 
-def write_model_files(checkpoint_path: str | Path, calibrator_state_path: str | Path,
-                      out_dir: str | Path, decisions_path: str | Path | None = None) -> dict[str, str]:
+def write_model_files(
+    checkpoint_path: str | Path,
+    calibrator_state_path: str | Path,
+    out_dir: str | Path,
+    decisions_path: str | Path | None = None,
+) -> dict[str, str]:
     """The served model's files, from a training checkpoint, a fitted calibrator and the decision
     policy (calibflow.decisions; none: the label only): name -> path."""
     import torch
@@ -399,13 +442,28 @@ def write_model_files(checkpoint_path: str | Path, calibrator_state_path: str | 
     checkpoint = load_checkpoint(checkpoint_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {name: out / filename for name, filename in (("weights", "weights.pt"), ("network", "network.json"),
-                                                         ("classes", "classes.json"), ("calibration", "calibration.json"))}
+    files = {
+        name: out / filename
+        for name, filename in (
+            ("weights", "weights.pt"),
+            ("network", "network.json"),
+            ("classes", "classes.json"),
+            ("calibration", "calibration.json"),
+        )
+    }
     states = [{k: v.detach().cpu() for k, v in member.state_dict().items()} for member in checkpoint.members]
     torch.save(states[0] if len(states) == 1 else {"members": states}, files["weights"])
-    files["network"].write_text(json.dumps({"spec": asdict(checkpoint.spec), "image_mode": checkpoint.image_mode,
-                                            "members": len(states), "mc_samples": checkpoint.mc_samples,
-                                            "mc_seed": checkpoint.mc_seed}))
+    files["network"].write_text(
+        json.dumps(
+            {
+                "spec": asdict(checkpoint.spec),
+                "image_mode": checkpoint.image_mode,
+                "members": len(states),
+                "mc_samples": checkpoint.mc_samples,
+                "mc_seed": checkpoint.mc_seed,
+            }
+        )
+    )
     files["classes"].write_text(json.dumps(list(checkpoint.classes)))
     files["calibration"].write_text(Path(calibrator_state_path).read_text())
     if decisions_path is not None:
@@ -423,9 +481,14 @@ class RegisteredVersion:
     replaced: str | None = None  # the version `alias` pointed to before this one took it
 
 
-def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_state_path: str | Path,
-                         input_example: np.ndarray, decisions_path: str | Path | None = None,
-                         name: str = "calibrated_classifier") -> str:
+def log_calibrated_model(
+    run_id: str,
+    checkpoint_path: str | Path,
+    calibrator_state_path: str | Path,
+    input_example: np.ndarray,
+    decisions_path: str | Path | None = None,
+    name: str = "calibrated_classifier",
+) -> str:
     """Log the pyfunc (weights, network, classes, fitted calibrator, the calibflow code) to the run;
     return its URI."""
     from importlib.metadata import version as installed
@@ -441,8 +504,9 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
         model.load(artifacts)
         # Build the signature from a real prediction so input and output specs are exact; the
         # output param is declared so MLflow accepts it, with the probabilities as its default.
-        signature = infer_signature(input_example, model.predict(None, input_example),
-                                    params={OUTPUT_PARAM: OUTPUTS[0]})
+        signature = infer_signature(
+            input_example, model.predict(None, input_example), params={OUTPUT_PARAM: OUTPUTS[0]}
+        )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
@@ -451,20 +515,29 @@ def log_calibrated_model(run_id: str, checkpoint_path: str | Path, calibrator_st
                 code_paths=[str(Path(calibflow.__file__).parent)],
                 signature=signature,
                 input_example=input_example,
-                pip_requirements=[f"torch=={version(torch.__version__)}",
-                                  f"torchvision=={version(installed('torchvision'))}", f"numpy=={np.__version__}",
-                                  f"mlflow=={mlflow.__version__}", "pillow"],
-                metadata={"classes": model.classes, "image_mode": model.image_mode,
-                          "calibration_method": model.calibrator.method,
-                          "image_size": list(model.image_size),
-                          "temperature": getattr(model.calibrator, "temperature", None),
-                          "input": "uint8 images (N, H, W, C)", "output": "calibrated probabilities (N, K)",
-                          "outputs": {"probabilities": "calibrated probabilities (N, K), float64 (the default)",
-                                      "decisions": "one row per image: label, confidence, abstained, positive, "
-                                                   "prediction_set (the fitted rules), p_<class>; docs/decisions.md",
-                                      "ood": "one row per image: msp, energy (-T logsumexp(z/T)), p_<class>; "
-                                             "docs/shift_and_ood.md"},
-                          "decision_schema_version": model.decision_policy.schema_version},
+                pip_requirements=[
+                    f"torch=={version(torch.__version__)}",
+                    f"torchvision=={version(installed('torchvision'))}",
+                    f"numpy=={np.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                    "pillow",
+                ],
+                metadata={
+                    "classes": model.classes,
+                    "image_mode": model.image_mode,
+                    "calibration_method": model.calibrator.method,
+                    "image_size": list(model.image_size),
+                    "temperature": getattr(model.calibrator, "temperature", None),
+                    "input": "uint8 images (N, H, W, C)",
+                    "output": "calibrated probabilities (N, K)",
+                    "outputs": {
+                        "probabilities": "calibrated probabilities (N, K), float64 (the default)",
+                        "decisions": "one row per image: label, confidence, abstained, positive, "
+                        "prediction_set (the fitted rules), p_<class>; docs/decisions.md",
+                        "ood": "one row per image: msp, energy (-T logsumexp(z/T)), p_<class>; docs/shift_and_ood.md",
+                    },
+                    "decision_schema_version": model.decision_policy.schema_version,
+                },
             )
     return info.model_uri
 
@@ -536,7 +609,8 @@ def _delete_version(model_name: str, version: str, cause: BaseException) -> None
             f"version {version} of {model_name} was registered, then the run failed ({type(cause).__name__}: "
             f"{cause}), and deleting it failed too ({type(error).__name__}: {error}); it may still be registered, "
             f"with an alias: check `calibflow status --model {model_name}` and delete it in the MLflow UI, or with "
-            f"MlflowClient().delete_model_version({model_name!r}, {version!r}), once the store answers") from cause
+            f"MlflowClient().delete_model_version({model_name!r}, {version!r}), once the store answers"
+        ) from cause
 
 
 def _holder(what: str) -> str:
@@ -584,8 +658,12 @@ def resolve_model_uri(model_uri: str) -> VersionRecord:
             name, number = rest.rsplit("/", 1)
             version = c.get_model_version(name, number)
     except MlflowException as error:
-        raise LookupError(f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {error.message}") from error
-    return VersionRecord(name=version.name, version=str(version.version), run_id=version.run_id, tags=dict(version.tags))
+        raise LookupError(
+            f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {error.message}"
+        ) from error
+    return VersionRecord(
+        name=version.name, version=str(version.version), run_id=version.run_id, tags=dict(version.tags)
+    )
 
 
 def load_model(model_uri: str):
@@ -600,7 +678,8 @@ def load_model(model_uri: str):
             f"version {record.version} of {record.name} has no {DIGEST_TAG} tag: it was registered before calibflow "
             f"stored models without pickles and recorded their digest, so calibflow will not load it (its "
             f"python_model.pkl would run as code); use a version registered since (infra/TRUST.md says how to retire "
-            f"such a version from @champion)")
+            f"such a version from @champion)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         location = client().get_model_version_download_uri(record.name, record.version)
         with store_wait():
@@ -610,7 +689,8 @@ def load_model(model_uri: str):
             raise ModelArtifactsChanged(
                 f"model artifacts changed since registration: the files of version {record.version} of {record.name} "
                 f"at {location} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
-                f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)")
+                f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)"
+            )
         warn_requirement_mismatches(local)
         # MLflow's own check of the same requirements resolves every installed package's import
         # names from its file list: 2.5 s of every model load here, for the four pins we write.
@@ -651,7 +731,8 @@ def warn_requirement_mismatches(model_dir: str | Path) -> None:
     mismatches = requirement_mismatches(model_dir)
     if mismatches:
         logging.getLogger(__name__).warning(
-            "the model was logged with %s; its predictions may differ here", ", ".join(mismatches))
+            "the model was logged with %s; its predictions may differ here", ", ".join(mismatches)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,8 +758,11 @@ def promotion_lock(model_name: str, holder: str, wait_s: float = 30.0, stale_aft
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            c.create_registered_model(lock_name, tags={"holder": holder, "acquired_at": str(time.time())},
-                                      description=f"promotion lock of {model_name}; delete it only if its holder died")
+            c.create_registered_model(
+                lock_name,
+                tags={"holder": holder, "acquired_at": str(time.time())},
+                description=f"promotion lock of {model_name}; delete it only if its holder died",
+            )
             break
         except MlflowException as error:
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -688,8 +772,10 @@ def promotion_lock(model_name: str, holder: str, wait_s: float = 30.0, stale_aft
                 _delete_quietly(lock_name)
                 continue
             if time.monotonic() > deadline:
-                raise PromotionConflict(f"another promotion of {model_name} holds the lock ({held or 'unknown holder'}); "
-                                        f"try again when it is done") from error
+                raise PromotionConflict(
+                    f"another promotion of {model_name} holds the lock ({held or 'unknown holder'}); "
+                    f"try again when it is done"
+                ) from error
             time.sleep(0.2)
     try:
         yield
@@ -778,7 +864,8 @@ def undo_registration(version: RegisteredVersion) -> None:
             f"version {number} of {name} was registered as @{version.alias}, then the run failed, and taking it back "
             f"failed ({type(error).__name__}: {error}): it may still be registered and aliased; check `calibflow status "
             f"--model {name}` and delete it in the MLflow UI, or with MlflowClient().delete_model_version({name!r}, "
-            f"{number!r}), once the store answers") from error
+            f"{number!r}), once the store answers"
+        ) from error
 
 
 def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> None:
@@ -789,8 +876,10 @@ def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> 
 
 def list_versions(model_name: str) -> list[VersionRecord]:
     found = client().search_model_versions(_name_filter(model_name))
-    return sorted((VersionRecord(v.name, str(v.version), v.run_id, dict(v.tags)) for v in found
-                   if v.name == model_name), key=lambda r: int(r.version))
+    return sorted(
+        (VersionRecord(v.name, str(v.version), v.run_id, dict(v.tags)) for v in found if v.name == model_name),
+        key=lambda r: int(r.version),
+    )
 
 
 def _name_filter(model_name: str) -> str:
@@ -817,8 +906,13 @@ def log_audit_run(experiment: str, run_name: str, tags: Mapping[str, Any], repor
 # which imports torch and scipy for the gates; a status needs only the registry (under 2 s cold).
 # The calibrated test ECE, accuracy and T under short column names, read with calibflow.names.version_tag
 # so that versions registered before calibflow.names (tags ece_post, accuracy, temperature) show too.
-STATUS_TAGS = {"ece": on_test(CALIBRATED, "ece"), "accuracy": on_test(CALIBRATED, "accuracy"),
-               "temperature": TEMPERATURE, "data_hash": "data_hash", "promoted_from": "promoted_from"}
+STATUS_TAGS = {
+    "ece": on_test(CALIBRATED, "ece"),
+    "accuracy": on_test(CALIBRATED, "accuracy"),
+    "temperature": TEMPERATURE,
+    "data_hash": "data_hash",
+    "promoted_from": "promoted_from",
+}
 STATUS_COLUMNS = ("version", "aliases", *STATUS_TAGS)
 
 
@@ -826,6 +920,11 @@ def status(model_name: str) -> list[dict[str, str]]:
     by_version: dict[str, list[str]] = {}
     for alias, version in aliases(model_name).items():
         by_version.setdefault(version, []).append("@" + alias)
-    return [{"version": r.version, "aliases": " ".join(sorted(by_version.get(r.version, []))),
-             **{column: version_tag(r.tags, tag, "") for column, tag in STATUS_TAGS.items()}}
-            for r in list_versions(model_name)]
+    return [
+        {
+            "version": r.version,
+            "aliases": " ".join(sorted(by_version.get(r.version, []))),
+            **{column: version_tag(r.tags, tag, "") for column, tag in STATUS_TAGS.items()},
+        }
+        for r in list_versions(model_name)
+    ]

@@ -36,17 +36,26 @@ class Reproduction:
         """ECE to `ece_tolerance` (the served pyfunc recomputes the logits in another process);
         accuracy and every decision number exactly (counts of images, and thresholds read back
         from the model's own files)."""
-        problems = [f"{name} {self.recomputed.get(name)!r} != logged {logged!r}" for name, logged in self.logged.items()
-                    if name.startswith(DECISION_TAG_PREFIX) and not _same(self.recomputed.get(name), logged)]
+        problems = [
+            f"{name} {self.recomputed.get(name)!r} != logged {logged!r}"
+            for name, logged in self.logged.items()
+            if name.startswith(DECISION_TAG_PREFIX) and not _same(self.recomputed.get(name), logged)
+        ]
         if abs(self.recomputed["ece"] - self.logged["ece"]) > ece_tolerance:
             problems.append(f"ece {self.recomputed['ece']!r} != logged {self.logged['ece']!r}")
         if self.recomputed["accuracy"] != self.logged["accuracy"]:
             problems.append(f"accuracy {self.recomputed['accuracy']!r} != logged {self.logged['accuracy']!r}")
         # the corruption suite's cells: accuracy exactly, ECE and NLL to the same tolerance
-        problems += [f"{name} {self.recomputed.get(name)!r} != logged {logged!r}" for name, logged in self.logged.items()
-                     if name.startswith("shift_") and not (
-                         self.recomputed.get(name) == logged if name.endswith("_accuracy")
-                         else abs(self.recomputed.get(name, np.inf) - logged) <= ece_tolerance)]
+        problems += [
+            f"{name} {self.recomputed.get(name)!r} != logged {logged!r}"
+            for name, logged in self.logged.items()
+            if name.startswith("shift_")
+            and not (
+                self.recomputed.get(name) == logged
+                if name.endswith("_accuracy")
+                else abs(self.recomputed.get(name, np.inf) - logged) <= ece_tolerance
+            )
+        ]
         return problems
 
 
@@ -55,7 +64,9 @@ def _same(a: float | None, b: float) -> bool:
 
 
 def predict_in_batches(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    return np.concatenate([model.predict(images_nhwc[i:i + batch_size]) for i in range(0, len(images_nhwc), batch_size)])
+    return np.concatenate(
+        [model.predict(images_nhwc[i : i + batch_size]) for i in range(0, len(images_nhwc), batch_size)]
+    )
 
 
 @dataclass(frozen=True)
@@ -119,13 +130,16 @@ def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.nda
 def ood_scores_of(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:
     """A loaded model's out-of-distribution scores ({"msp", "energy"}) on uint8 images (N, H, W, C),
     from the served pyfunc (params={"output": "ood"})."""
-    frames = [model.predict(images_nhwc[i:i + batch_size], params={registry.OUTPUT_PARAM: "ood"})
-              for i in range(0, len(images_nhwc), batch_size)]
+    frames = [
+        model.predict(images_nhwc[i : i + batch_size], params={registry.OUTPUT_PARAM: "ood"})
+        for i in range(0, len(images_nhwc), batch_size)
+    ]
     return {name: np.concatenate([np.asarray(f[name], np.float64) for f in frames]) for name in ("msp", "energy")}
 
 
-def recorded_ood_scores(model, record: registry.VersionRecord, rebuilt: RebuiltTestSplit,
-                        repo_root: str | Path = ".") -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def recorded_ood_scores(
+    model, record: registry.VersionRecord, rebuilt: RebuiltTestSplit, repo_root: str | Path = "."
+) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(score name, scores on the test split, scores on the OOD images) of a version registered
     with an OOD folder (ood.OOD_TAG): the folder re-read at its recorded revision and checked
     against its DVC hash, both sets scored by the served pyfunc. KeyError when the version has no
@@ -139,8 +153,9 @@ def recorded_ood_scores(model, record: registry.VersionRecord, rebuilt: RebuiltT
     local_dir, files = recorded_ood_files(repo_root, recorded)
     outside_images = load_images(local_dir, files, meta["image_mode"], tuple(meta["image_size"]))
     outside = ood_scores_of(model, outside_images.permute(0, 2, 3, 1).contiguous().numpy())
-    inside = ood_scores_of(model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest,
-                                              rebuilt.split.indices["test"]))
+    inside = ood_scores_of(
+        model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rebuilt.split.indices["test"])
+    )
     return recorded["score"], inside, outside
 
 
@@ -154,9 +169,10 @@ def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestS
 
     suite = Suite.from_json(record.tags[SUITE_TAG])
     with tempfile.TemporaryDirectory() as tmp:
-        logged_result = json.loads(Path(registry.download_run_artifact(record.run_id, "shift/shift_metrics.json",
-                                                                       tmp)).read_text())
-    rows = rebuilt.split.indices["test"][:suite.max_images]
+        logged_result = json.loads(
+            Path(registry.download_run_artifact(record.run_id, "shift/shift_metrics.json", tmp)).read_text()
+        )
+    rows = rebuilt.split.indices["test"][: suite.max_images]
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     n_bins = int(record.tags.get("n_bins", DEFAULT_N_BINS))
     recomputed, logged = {}, {}
@@ -178,15 +194,21 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     tags = record.tags
     recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", DEFAULT_N_BINS)))
     # calibflow.names' tags (test/calibrated/ece, ...), or a version registered before them (ece_post, ...)
-    logged = {name: float(version_tag(tags, on_test(CALIBRATED, name)))
-              for name in ("ece", "accuracy", "nll", "brier", "mce")}
+    logged = {
+        name: float(version_tag(tags, on_test(CALIBRATED, name))) for name in ("ece", "accuracy", "nll", "brier", "mce")
+    }
     decided = {name: float(value) for name, value in tags.items() if name.startswith(DECISION_TAG_PREFIX)}
     policy = served_policy(model)
     if decided and policy is not None:
         confidence = decided.pop(f"{DECISION_TAG_PREFIX}confidence")
         logged.update(decided)
-        recomputed.update({f"{DECISION_TAG_PREFIX}{name}": float(value) for name, value in
-                           evaluate_policy(policy, probabilities, labels, confidence).items() if "_class_" not in name})
+        recomputed.update(
+            {
+                f"{DECISION_TAG_PREFIX}{name}": float(value)
+                for name, value in evaluate_policy(policy, probabilities, labels, confidence).items()
+                if "_class_" not in name
+            }
+        )
     from calibflow.shift import SUITE_TAG
 
     if tags.get(SUITE_TAG):
@@ -212,9 +234,15 @@ def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
     policy = served_policy(model) or DecisionPolicy(tuple(served_classes(model)))
     decided = policy.decide(probabilities)
     extra = [name for name in ("positive", "prediction_set") if name in decided]
-    return [Prediction(path=p, label=str(decided["label"][i]), probability=float(decided["confidence"][i]),
-                       decisions={name: _plain(decided[name][i]) for name in extra})
-            for i, p in enumerate(paths)]
+    return [
+        Prediction(
+            path=p,
+            label=str(decided["label"][i]),
+            probability=float(decided["confidence"][i]),
+            decisions={name: _plain(decided[name][i]) for name in extra},
+        )
+        for i, p in enumerate(paths)
+    ]
 
 
 def _plain(value):

@@ -55,8 +55,12 @@ def training_key(**inputs: Any) -> str:
 
 
 def random_states(generator: torch.Generator) -> dict[str, Any]:
-    states = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-              "python": random.getstate()}
+    states = {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -96,13 +100,17 @@ class EpochCheckpoints:
         except (OSError, ValueError, KeyError) as error:
             raise CheckpointError(f"training checkpoint record {latest} cannot be read ({error}): {fix}") from error
         if hashlib.sha256(payload).hexdigest() != record.get("sha256"):
-            raise CheckpointError(f"training checkpoint {self.directory / record['file']} is corrupted (its bytes do "
-                                  f"not match the SHA-256 recorded when it was written): {fix}")
+            raise CheckpointError(
+                f"training checkpoint {self.directory / record['file']} is corrupted (its bytes do "
+                f"not match the SHA-256 recorded when it was written): {fix}"
+            )
         try:
             return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
         except Exception as error:  # noqa: BLE001  the digest matched, so this is a format from other code
-            raise CheckpointError(f"training checkpoint {self.directory / record['file']} cannot be loaded "
-                                  f"({type(error).__name__}: {error}): {fix}") from error
+            raise CheckpointError(
+                f"training checkpoint {self.directory / record['file']} cannot be loaded "
+                f"({type(error).__name__}: {error}): {fix}"
+            ) from error
 
     def save(self, epoch: int, state: dict[str, Any]) -> None:
         """Write epoch `epoch`'s state, then point latest.json at it; earlier epochs are removed."""

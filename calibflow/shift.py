@@ -53,8 +53,12 @@ class Suite:
     @classmethod
     def from_json(cls, text: str) -> Suite:
         raw = json.loads(text)
-        return cls(tuple(raw["corruptions"]), tuple(int(s) for s in raw["severities"]), int(raw["max_images"]),
-                   int(raw["seed"]))
+        return cls(
+            tuple(raw["corruptions"]),
+            tuple(int(s) for s in raw["severities"]),
+            int(raw["max_images"]),
+            int(raw["seed"]),
+        )
 
 
 def suite_of(shift, seed: int) -> Suite | None:
@@ -72,8 +76,9 @@ def _digest(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
-def corrupted_images(images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Path | None = None,
-                     progress: str | None = None) -> dict[str, np.ndarray]:
+def corrupted_images(
+    images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Path | None = None, progress: str | None = None
+) -> dict[str, np.ndarray]:
     """Each cell's corrupted copy of uint8 images (N, H, W, C), cached by their bytes; `progress`:
     the label of a progress bar over the images of every cell (on a terminal only)."""
     images = np.ascontiguousarray(images_nhwc)
@@ -82,24 +87,34 @@ def corrupted_images(images_nhwc: np.ndarray, suite: Suite, cache_dir: str | Pat
     with progress_bar(len(images) * len(suite.cells), progress or "", enabled=progress is not None) as bar:
         for corruption, severity in suite.cells:
             key = suite.key(corruption, severity)
-            path = (Path(cache_dir) / "images" / f"{_digest(content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
-                    if cache_dir else None)
+            path = (
+                Path(cache_dir) / "images" / f"{_digest(content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
+                if cache_dir
+                else None
+            )
             out[key] = cached_array(path, lambda c=corruption, s=severity: corrupt_batch(images, c, s, suite.seed))
             bar.update(len(images))
     return out
 
 
-def suite_logits(corrupted: Mapping[str, np.ndarray], logits_of: Callable[[np.ndarray], np.ndarray],
-                 model_digest: str, cache_dir: str | Path | None = None,
-                 progress: str | None = None) -> dict[str, np.ndarray]:
+def suite_logits(
+    corrupted: Mapping[str, np.ndarray],
+    logits_of: Callable[[np.ndarray], np.ndarray],
+    model_digest: str,
+    cache_dir: str | Path | None = None,
+    progress: str | None = None,
+) -> dict[str, np.ndarray]:
     """The network's logits on each cell's images, cached by the images' bytes and `model_digest`;
     `progress`: the label of a progress bar over the images of every cell (on a terminal only)."""
     out = {}
     total = sum(len(images) for images in corrupted.values())
     with progress_bar(total, progress or "", enabled=progress is not None) as bar:
         for key, images in corrupted.items():
-            path = (Path(cache_dir) / "logits" / f"{_digest(model_digest, str(images.shape), images.tobytes())}.npz"
-                    if cache_dir else None)
+            path = (
+                Path(cache_dir) / "logits" / f"{_digest(model_digest, str(images.shape), images.tobytes())}.npz"
+                if cache_dir
+                else None
+            )
             out[key] = cached_array(path, lambda images=images: np.asarray(logits_of(images)))
             bar.update(len(images))
     return out
@@ -122,27 +137,47 @@ class SuiteResult:
 
     @property
     def mean(self) -> dict[str, dict[str, float]]:
-        return {when: {m: float(np.mean([cell[when][m] for cell in self.cells.values()])) for m in METRICS}
-                for when in ("before", "after")}
+        return {
+            when: {m: float(np.mean([cell[when][m] for cell in self.cells.values()])) for m in METRICS}
+            for when in ("before", "after")
+        }
 
     def flat_metrics(self) -> dict[str, float]:
         """MLflow metric names (calibflow.names): shift/<stage>/<corruption>_s<severity>_<metric> and
         shift/<stage>/mean_<metric>, stage uncalibrated or calibrated."""
         stage = {"before": UNCALIBRATED, "after": CALIBRATED}
-        flat = {shift_metric(key, stage[when], m): v for key, cell in self.cells.items() for when, ms in cell.items()
-                for m, v in ms.items()}
+        flat = {
+            shift_metric(key, stage[when], m): v
+            for key, cell in self.cells.items()
+            for when, ms in cell.items()
+            for m, v in ms.items()
+        }
         flat.update({shift_metric("mean", stage[when], m): v for when, ms in self.mean.items() for m, v in ms.items()})
         return flat
 
     def to_json(self) -> dict:
-        return {"suite": json.loads(self.suite.to_json()), "n_images": self.n_images, "clean": self.clean,
-                "cells": self.cells, "mean": self.mean}
+        return {
+            "suite": json.loads(self.suite.to_json()),
+            "n_images": self.n_images,
+            "clean": self.clean,
+            "cells": self.cells,
+            "mean": self.mean,
+        }
 
 
-def evaluate_suite(suite: Suite, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
-                   clean_before: np.ndarray, clean_after: np.ndarray, labels: np.ndarray, n_bins: int) -> SuiteResult:
+def evaluate_suite(
+    suite: Suite,
+    before: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+    clean_before: np.ndarray,
+    clean_after: np.ndarray,
+    labels: np.ndarray,
+    n_bins: int,
+) -> SuiteResult:
     """Each cell's metrics from its probabilities before (plain softmax) and after calibration."""
-    cells = {key: {"before": cell_report(before[key], labels, n_bins), "after": cell_report(after[key], labels, n_bins)}
-             for key in suite.keys}
+    cells = {
+        key: {"before": cell_report(before[key], labels, n_bins), "after": cell_report(after[key], labels, n_bins)}
+        for key in suite.keys
+    }
     clean = {"before": cell_report(clean_before, labels, n_bins), "after": cell_report(clean_after, labels, n_bins)}
     return SuiteResult(suite, int(len(labels)), cells, clean)

@@ -101,8 +101,12 @@ def stratified_split(
         split_of_group[members] = np.repeat(np.arange(len(names)), counts)
     split_of_row = split_of_group[group_of_row]
     indices = {name: np.flatnonzero(split_of_row == k) for k, name in enumerate(names)}
-    return Split(indices=indices, seed=seed, fractions=dict(zip(names, weights.tolist())),
-                 manifest_fingerprint=manifest_fingerprint)
+    return Split(
+        indices=indices,
+        seed=seed,
+        fractions=dict(zip(names, weights.tolist())),
+        manifest_fingerprint=manifest_fingerprint,
+    )
 
 
 def _keyed_hashes(group_ids: np.ndarray, seed: int) -> np.ndarray:

@@ -157,16 +157,38 @@ def train_classifier(
     epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
     them when the whole training is done."""
     with intra_op_threads(config.threads):
-        return _train_classifier(spec, train_images, train_labels, val_images, val_labels, config, seed, runtime,
-                                 weights_path, on_epoch_end, progress, outlier_images, checkpoints)
+        return _train_classifier(
+            spec,
+            train_images,
+            train_labels,
+            val_images,
+            val_labels,
+            config,
+            seed,
+            runtime,
+            weights_path,
+            on_epoch_end,
+            progress,
+            outlier_images,
+            checkpoints,
+        )
 
 
-def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels: torch.Tensor,
-                      val_images: torch.Tensor, val_labels: torch.Tensor, config: TrainConfig, seed: int,
-                      runtime: Runtime | None, weights_path: str | None,
-                      on_epoch_end: Callable[[EpochStats], None] | None,
-                      progress: bool, outlier_images: torch.Tensor | None,
-                      checkpoints: EpochCheckpoints | None = None) -> tuple[ImageClassifier, list[EpochStats]]:
+def _train_classifier(
+    spec: ModelSpec,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    config: TrainConfig,
+    seed: int,
+    runtime: Runtime | None,
+    weights_path: str | None,
+    on_epoch_end: Callable[[EpochStats], None] | None,
+    progress: bool,
+    outlier_images: torch.Tensor | None,
+    checkpoints: EpochCheckpoints | None = None,
+) -> tuple[ImageClassifier, list[EpochStats]]:
     runtime = runtime or resolve_runtime(config.device, config.precision)
     seed_everything(seed)
     mean, std = channel_stats(train_images)
@@ -182,8 +204,13 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
     x_out = to_device(outlier_images, runtime) if outlier_images is not None and len(outlier_images) else None
     n = len(x_train)
     steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size > 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
     schedule = one_cycle_schedule(optimizer, config.lr, config.epochs * steps_per_epoch)
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
@@ -212,8 +239,9 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
         for step, batch_index in enumerate(order.split(config.batch_size), start=1):
             if len(batch_index) < 2:  # BatchNorm cannot train on a single sample
                 continue
-            bar.set_description_str(f"train epoch {epoch}/{config.epochs} batch {step}/{steps_per_epoch}",
-                                    refresh=False)
+            bar.set_description_str(
+                f"train epoch {epoch}/{config.epochs} batch {step}/{steps_per_epoch}", refresh=False
+            )
             images, targets = x_train[batch_index], y_train[batch_index]
             if config.augment:
                 images = random_translate(images, max_shift, config.hflip, generator)
@@ -227,15 +255,26 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
                 if config.augment:
                     outliers = random_translate(outliers, max_shift, config.hflip, generator)
                 # after mixing the batch is float on [0, 1]; the model reads uint8 or that scale
-                images = torch.cat([images, outliers if images.dtype == outliers.dtype
-                                    else outliers.float().div_(255.0)])
+                images = torch.cat(
+                    [images, outliers if images.dtype == outliers.dtype else outliers.float().div_(255.0)]
+                )
             if runtime.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                                enabled=runtime.autocast_dtype is not None):
+            with torch.autocast(
+                runtime.device.type,
+                dtype=runtime.autocast_dtype or torch.float32,
+                enabled=runtime.autocast_dtype is not None,
+            ):
                 logits = model(images)
-            loss = training_loss(logits[:n_in], targets, config.loss, config.label_smoothing, config.focal_gamma,
-                                 config.confidence_penalty, config.mmce_weight)
+            loss = training_loss(
+                logits[:n_in],
+                targets,
+                config.loss,
+                config.label_smoothing,
+                config.focal_gamma,
+                config.confidence_penalty,
+                config.mmce_weight,
+            )
             if x_out is not None:
                 loss = loss + OUTLIER_EXPOSURE_WEIGHT * outlier_exposure_loss(logits[n_in:])
             optimizer.zero_grad(set_to_none=True)
@@ -264,9 +303,17 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
         )
         history.append(stats)
         if checkpoints is not None:
-            checkpoints.save(epoch, {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "schedule": schedule.state_dict(), "random": random_states(generator),
-                                     "history": [dataclasses.asdict(h) for h in history]})
+            checkpoints.save(
+                epoch,
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "random": random_states(generator),
+                    "history": [dataclasses.asdict(h) for h in history],
+                },
+            )
         postfix = {"loss": f"{stats.train_loss:.4f}", "img_s": f"{stats.images_per_second:,.0f}"}
         if stats.validated:
             postfix["val_acc"] = f"{stats.val_accuracy:.4f}"
@@ -278,14 +325,16 @@ def _train_classifier(spec: ModelSpec, train_images: torch.Tensor, train_labels:
     return model.cpu(), history
 
 
-def one_cycle_schedule(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int
-                       ) -> torch.optim.lr_scheduler.OneCycleLR:
+def one_cycle_schedule(
+    optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle learning rate over `total_steps`, warming up over the first quarter. OneCycleLR
     divides by its warm-up's last step, pct_start * total_steps - 1: that is 0 at exactly 4 steps
     (e.g. one epoch over at most 256 images), where it raised ZeroDivisionError; warm up a little
     longer there."""
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                               pct_start=0.3 if total_steps == 4 else 0.25)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=0.3 if total_steps == 4 else 0.25
+    )
 
 
 def _batch_sizes(n: int, batch_size: int) -> list[int]:
@@ -294,32 +343,43 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def validation_metrics(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
-                       batch_size: int = 1024) -> dict[str, float]:
+def validation_metrics(
+    model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, batch_size: int = 1024
+) -> dict[str, float]:
     """Accuracy, NLL and 15-bin ECE of the model's plain softmax on `images`, under eval()."""
     was_training = model.training
     model.eval()
     logits = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(runtime.device, non_blocking=True)
+        batch = images[start : start + batch_size].to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                            enabled=runtime.autocast_dtype is not None):
+        with torch.autocast(
+            runtime.device.type,
+            dtype=runtime.autocast_dtype or torch.float32,
+            enabled=runtime.autocast_dtype is not None,
+        ):
             logits.append(model(batch).float())
     model.train(was_training)
     if not logits:
         return {"accuracy": 0.0, "nll": float("nan"), "ece": float("nan")}
     z = torch.cat(logits).cpu().double()
     y = labels.cpu().long()
-    return {"accuracy": (z.argmax(dim=1) == y).double().mean().item(),
-            "nll": F.cross_entropy(z, y).item(),
-            "ece": expected_calibration_error(torch.softmax(z, dim=1), y)}
+    return {
+        "accuracy": (z.argmax(dim=1) == y).double().mean().item(),
+        "nll": F.cross_entropy(z, y).item(),
+        "ece": expected_calibration_error(torch.softmax(z, dim=1), y),
+    }
 
 
 @torch.no_grad()
-def collect_logits(model: ImageClassifier, images: torch.Tensor, batch_size: int = 512,
-                   device: str | torch.device = "cpu", progress: str | None = None) -> torch.Tensor:
+def collect_logits(
+    model: ImageClassifier,
+    images: torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    progress: str | None = None,
+) -> torch.Tensor:
     """Logits of `images` in fp32, under eval() (BatchNorm running stats, no dropout) and no_grad;
     `progress`: the label of a progress bar (on a terminal only), None for none.
 
@@ -331,7 +391,7 @@ def collect_logits(model: ImageClassifier, images: torch.Tensor, batch_size: int
     outputs = []
     with progress_bar(len(images), progress or "", enabled=progress is not None) as bar:
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device)
+            batch = images[start : start + batch_size].to(device)
             outputs.append(model(batch).float().cpu())
             bar.update(len(batch))
     return torch.cat(outputs) if outputs else torch.empty(0, 0)

@@ -193,7 +193,8 @@ def _details(key: str, result: dict[str, Any], expected: dict[str, Any]) -> str:
         parts = []
         if missing:
             parts.append(
-                "class folder(s) with no files: " + ", ".join(missing[:EXAMPLES])
+                "class folder(s) with no files: "
+                + ", ".join(missing[:EXAMPLES])
                 + (f" and {len(missing) - EXAMPLES} more" if len(missing) > EXAMPLES else "")
             )
         if extra:
@@ -323,9 +324,7 @@ def validate_manifest(
         "files": (
             files,
             [
-                E.ExpectColumnValuesToBeInSet(
-                    column="decodable", value_set=[True], meta=meta(DECODES)
-                ),
+                E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True], meta=meta(DECODES)),
                 E.ExpectColumnDistinctValuesToEqualSet(
                     column="label", value_set=sorted(set(classes)), meta=meta(LABELS)
                 ),
@@ -335,33 +334,21 @@ def validate_manifest(
         "images": (
             images,
             [
-                E.ExpectColumnValuesToBeInSet(
-                    column="size", value_set=expected[SIZE], meta=meta(SIZE)
-                ),
-                E.ExpectColumnValuesToBeInSet(
-                    column="mode", value_set=expected[MODE], meta=meta(MODE)
-                ),
+                E.ExpectColumnValuesToBeInSet(column="size", value_set=expected[SIZE], meta=meta(SIZE)),
+                E.ExpectColumnValuesToBeInSet(column="mode", value_set=expected[MODE], meta=meta(MODE)),
             ],
             ["path"],
         ),
         "classes": (
             per_class,
-            [
-                E.ExpectColumnValuesToBeBetween(
-                    column="count", min_value=min_per_class, meta=meta(MIN_PER_CLASS)
-                )
-            ],
+            [E.ExpectColumnValuesToBeBetween(column="count", min_value=min_per_class, meta=meta(MIN_PER_CLASS))],
             ["label"],
         ),
         "contents": (
             contents,
             [
-                E.ExpectColumnValuesToBeBetween(
-                    column="n_splits", max_value=1, meta=meta(SPLIT_LEAKAGE)
-                ),
-                E.ExpectColumnValuesToBeBetween(
-                    column="n_labels", max_value=1, meta=meta(LABEL_CONFLICT)
-                ),
+                E.ExpectColumnValuesToBeBetween(column="n_splits", max_value=1, meta=meta(SPLIT_LEAKAGE)),
+                E.ExpectColumnValuesToBeBetween(column="n_labels", max_value=1, meta=meta(LABEL_CONFLICT)),
             ],
             ["files"],
         ),
@@ -373,9 +360,7 @@ def validate_manifest(
     results: dict[str, Any] = {}
     by_key: dict[str, dict[str, Any]] = {}
     for frame_name, (frame, expectations, index_columns) in suites.items():
-        definition = source.add_dataframe_asset(frame_name).add_batch_definition_whole_dataframe(
-            "whole"
-        )
+        definition = source.add_dataframe_asset(frame_name).add_batch_definition_whole_dataframe("whole")
         batch = definition.get_batch(batch_parameters={"dataframe": frame})
         suite = gx.ExpectationSuite(name=f"calibflow.{frame_name}", expectations=expectations)
         outcome = batch.validate(
@@ -416,8 +401,6 @@ def validate_manifest(
         "expected_mode": expected[MODE],
         "seconds": seconds,
     }
-    report = ValidationReport(
-        success=not failures, failures=failures, statistics=statistics, result=results
-    )
+    report = ValidationReport(success=not failures, failures=failures, statistics=statistics, result=results)
     logger.info("%s (%.2fs)", report.summary().splitlines()[0], seconds)
     return report

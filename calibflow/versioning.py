@@ -62,7 +62,9 @@ def code_origin(repo_root: str | Path) -> tuple[str | None, str | None]:
 LOCKED_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def resolve_data(repo_root: str | Path, data_path: str, rev: str | None = None, cache_root: str | Path | None = None) -> DataVersion:
+def resolve_data(
+    repo_root: str | Path, data_path: str, rev: str | None = None, cache_root: str | Path | None = None
+) -> DataVersion:
     """Pin `data_path` to a DVC hash at `rev` (None: the working tree) and say where to read it.
 
     At a revision the files are materialised from the DVC cache (or remote) into
@@ -97,24 +99,34 @@ def _resolve_data(repo_root: str | Path, data_path: str, rev: str | None, cache_
         where = f"at revision {rev}" if rev else "in the working tree"
         raise DataVersionError(
             f"data.path {data_path!r} does not exist {where}: create it (`dvc repro prepare` for the default data) "
-            f"or set data.path to an ImageFolder directory tracked by DVC") from error
+            f"or set data.path to an ImageFolder directory tracked by DVC"
+        ) from error
     dvc_info = info.get("dvc_info") or {}
     dvc_hash = dvc_info.get("md5")
     if not dvc_info.get("isout") or not dvc_hash:
         raise DataVersionError(
-            f"data.path {data_path!r} is not tracked by DVC: run `dvc add {data_path}` and commit the .dvc file")
+            f"data.path {data_path!r} is not tracked by DVC: run `dvc add {data_path}` and commit the .dvc file"
+        )
     if info.get("type") != "directory":
-        raise DataVersionError(f"data.path {data_path!r} is a file; it must be an ImageFolder directory (<class>/<image>)")
+        raise DataVersionError(
+            f"data.path {data_path!r} is a file; it must be an ImageFolder directory (<class>/<image>)"
+        )
 
     if rev is None:
         changes = _uncommitted_data_changes(repo_root, data_path)
         if changes:
             raise DataVersionError(
                 f"data.path {data_path!r} differs from its DVC-tracked version ({changes}): record it with "
-                f"`dvc add {data_path}` (or `dvc commit`) so the run can name the data it trained on")
+                f"`dvc add {data_path}` (or `dvc commit`) so the run can name the data it trained on"
+            )
         _verify_recorded_bytes(repo_root, data_path, dvc_hash)
-        return DataVersion(path=data_path, local_dir=str(repo_root / data_path), dvc_hash=dvc_hash,
-                           rev=_workspace_rev(repo_root, data_path, dvc_hash), requested_rev=None)
+        return DataVersion(
+            path=data_path,
+            local_dir=str(repo_root / data_path),
+            dvc_hash=dvc_hash,
+            rev=_workspace_rev(repo_root, data_path, dvc_hash),
+            requested_rev=None,
+        )
 
     commit = git(repo_root, "rev-parse", "--verify", f"{rev}^{{commit}}")
     cache_root = Path(cache_root or repo_root / ".calibflow" / "data")
@@ -128,7 +140,8 @@ def _resolve_data(repo_root: str | Path, data_path: str, rev: str | None, cache_
         except FileNotFoundError as error:
             raise DataVersionError(
                 f"the files of {data_path!r} at {rev} (DVC hash {dvc_hash}) are in neither the local DVC cache nor a "
-                f"remote: run `dvc fetch --rev {rev}` (or `dvc pull`) with a remote configured") from error
+                f"remote: run `dvc fetch --rev {rev}` (or `dvc pull`) with a remote configured"
+            ) from error
         except OSError:
             if not target.is_dir():
                 raise
@@ -169,17 +182,26 @@ def _verify_recorded_bytes(repo_root: Path, data_path: str, dvc_hash: str) -> No
 
     data_dir = repo_root / data_path
     with Repo(str(repo_root)) as repo:
-        out = next((o for o in repo.index.outs
-                    if Path(o.fs_path) == data_dir and o.hash_info and o.hash_info.value == dvc_hash), None)
+        out = next(
+            (
+                o
+                for o in repo.index.outs
+                if Path(o.fs_path) == data_dir and o.hash_info and o.hash_info.value == dvc_hash
+            ),
+            None,
+        )
         if out is None:  # DVCFileSystem named this hash, so this is not expected; refuse rather than trust
-            raise DataVersionError(f"data.path {data_path!r}: no DVC output records hash {dvc_hash}: run `dvc add {data_path}`")
+            raise DataVersionError(
+                f"data.path {data_path!r}: no DVC output records hash {dvc_hash}: run `dvc add {data_path}`"
+            )
         try:
             tree = Tree.load(out.cache, out.hash_info)
         except Exception as error:  # noqa: BLE001 - the .dir object is missing or unreadable
             raise DataVersionError(
                 f"data.path {data_path!r}: DVC's file list {dvc_hash} is not in the local cache, so the files cannot "
                 f"be checked against it: run `dvc fetch {data_path}` (or `dvc add {data_path}` if these files "
-                f"are the new version)") from error
+                f"are the new version)"
+            ) from error
         hash_name = out.hash_name  # md5, or md5-dos2unix for data added by DVC 2
         recorded = {"/".join(key): hash_info.value for key, _, hash_info in tree}
 
@@ -199,7 +221,8 @@ def _verify_recorded_bytes(repo_root: Path, data_path: str, dvc_hash: str) -> No
             f"data.path {data_path!r}: {len(changed)} file(s) no longer hold the bytes DVC recorded ({shown}), "
             f"though their size and modification time look unchanged (so DVC's state cache still trusts them): "
             f"`touch` them and `dvc add {data_path}` to record them as a new version, or delete them and "
-            f"`dvc checkout {data_path}` to restore the recorded bytes")
+            f"`dvc checkout {data_path}` to restore the recorded bytes"
+        )
 
 
 def _workspace_rev(repo_root: Path, data_path: str, dvc_hash: str) -> str:
@@ -230,5 +253,6 @@ def resolve_recorded_data(repo_root: str | Path, data_path: str, rev: str, dvc_h
     if version.dvc_hash != dvc_hash:
         raise DataVersionError(
             f"data {data_path!r} at {rev} has DVC hash {version.dvc_hash}, but the model was trained on {dvc_hash}: "
-            f"check out the revision that holds it, or `dvc checkout` it")
+            f"check out the revision that holds it, or `dvc checkout` it"
+        )
     return version

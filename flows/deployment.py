@@ -27,8 +27,10 @@ from prefect.types.entrypoint import EntrypointType
 from calibflow.config import Config
 from flows.train_calibrate import train_calibrate_register
 
-DESCRIPTION = ("Retrain, calibrate, gate and register on a schedule (calibflow). Skips when @champion was built "
-               "from the same data, params and code; run with force=true to retrain anyway.")
+DESCRIPTION = (
+    "Retrain, calibrate, gate and register on a schedule (calibflow). Skips when @champion was built "
+    "from the same data, params and code; run with force=true to retrain anyway."
+)
 
 
 def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -38,8 +40,12 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
     return schedule, [o for o in overrides if o not in schedule]
 
 
-def build_deployment(config: Config, repo_root: str | Path = ".", params_path: str = "params.yaml",
-                     overrides: list[str] | tuple[str, ...] = ()) -> RunnerDeployment:
+def build_deployment(
+    config: Config,
+    repo_root: str | Path = ".",
+    params_path: str = "params.yaml",
+    overrides: list[str] | tuple[str, ...] = (),
+) -> RunnerDeployment:
     """The retraining deployment that `config.schedule` describes. `config` is what
     `repo_root/params_path` with `overrides` loads to; the overrides other than `schedule.*` are
     passed to every run."""
@@ -48,8 +54,13 @@ def build_deployment(config: Config, repo_root: str | Path = ".", params_path: s
     return train_calibrate_register.to_deployment(
         name=schedule.deployment,
         schedules=[Cron(schedule.cron, timezone=schedule.timezone)],
-        parameters={"repo_root": str(Path(repo_root).resolve()), "params_path": params_path,
-                    "overrides": run_overrides, "data_rev": schedule.data_rev, "force": False},
+        parameters={
+            "repo_root": str(Path(repo_root).resolve()),
+            "params_path": params_path,
+            "overrides": run_overrides,
+            "data_rev": schedule.data_rev,
+            "force": False,
+        },
         # Two retrains at once would race for the registry's aliases; a late one waits for a slot.
         concurrency_limit=1,
         description=DESCRIPTION,
@@ -60,8 +71,12 @@ def build_deployment(config: Config, repo_root: str | Path = ".", params_path: s
     )
 
 
-def build_monitor_deployment(config: Config, repo_root: str | Path = ".", params_path: str = "params.yaml",
-                             overrides: list[str] | tuple[str, ...] = ()) -> RunnerDeployment | None:
+def build_monitor_deployment(
+    config: Config,
+    repo_root: str | Path = ".",
+    params_path: str = "params.yaml",
+    overrides: list[str] | tuple[str, ...] = (),
+) -> RunnerDeployment | None:
     """`calibflow monitor` on schedule.monitor_cron (None when it is not set), served beside the
     retraining deployment by the same process or work pool."""
     from flows.monitor import monitor_model
@@ -73,8 +88,13 @@ def build_monitor_deployment(config: Config, repo_root: str | Path = ".", params
     return monitor_model.to_deployment(
         name=f"{schedule.deployment}-monitor",
         schedules=[Cron(schedule.monitor_cron, timezone=schedule.timezone)],
-        parameters={"repo_root": str(Path(repo_root).resolve()), "params_path": params_path,
-                    "overrides": run_overrides, "model": schedule.monitor_model, "data": schedule.monitor_data},
+        parameters={
+            "repo_root": str(Path(repo_root).resolve()),
+            "params_path": params_path,
+            "overrides": run_overrides,
+            "model": schedule.monitor_model,
+            "data": schedule.monitor_data,
+        },
         concurrency_limit=1,
         description="Check the registered model for drift on new images (calibflow monitor)",
         tags=["calibflow", "monitor"],
@@ -100,6 +120,7 @@ def deploy(deployment: RunnerDeployment, work_pool: str) -> str:
     """Register the deployment with `work_pool` (which must exist); return its id."""
     from prefect import deploy as prefect_deploy
 
-    [deployment_id] = prefect_deploy(deployment, work_pool_name=work_pool, build=False, push=False,
-                                     ignore_warnings=True)
+    [deployment_id] = prefect_deploy(
+        deployment, work_pool_name=work_pool, build=False, push=False, ignore_warnings=True
+    )
     return str(deployment_id)

@@ -56,15 +56,20 @@ def ensure(api_url: str = DEFAULT_API_URL, state_dir: Path = STATE_DIR, timeout_
         return api_url
     parts = urlsplit(api_url)
     if parts.hostname not in ("127.0.0.1", "localhost") or not parts.port:
-        raise ValueError(f"{api_url} is not a local server with an explicit port: start it yourself, or unset "
-                         f"PREFECT_API_URL to use the local default {DEFAULT_API_URL}")
+        raise ValueError(
+            f"{api_url} is not a local server with an explicit port: start it yourself, or unset "
+            f"PREFECT_API_URL to use the local default {DEFAULT_API_URL}"
+        )
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "server.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [*_prefect_command(), "server", "start", "--host", parts.hostname, "--port", str(parts.port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)  # its own session: Ctrl-C in make's terminal does not stop it
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # its own session: Ctrl-C in make's terminal does not stop it
     (state_dir / "server.pid").write_text(f"{process.pid}\n")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -72,11 +77,15 @@ def ensure(api_url: str = DEFAULT_API_URL, state_dir: Path = STATE_DIR, timeout_
             return api_url
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(f"the Prefect server on port {parts.port} exited with code {process.returncode} (is "
-                               f"the port taken?): {' | '.join(tail)}; see {log_path}")
+            raise RuntimeError(
+                f"the Prefect server on port {parts.port} exited with code {process.returncode} (is "
+                f"the port taken?): {' | '.join(tail)}; see {log_path}"
+            )
         time.sleep(0.25)
     process.terminate()
-    raise TimeoutError(f"the Prefect server on port {parts.port} was not healthy after {timeout_s:.0f} s; see {log_path}")
+    raise TimeoutError(
+        f"the Prefect server on port {parts.port} was not healthy after {timeout_s:.0f} s; see {log_path}"
+    )
 
 
 def stop(state_dir: Path = STATE_DIR) -> bool:

@@ -17,15 +17,22 @@ from tasks.monitoring import check_drift
 
 
 @flow(name="calibflow-monitor", log_prints=False)
-def monitor_model(repo_root: str = ".", params_path: str = "params.yaml", overrides: list[str] | None = None,
-                  model: str = "@champion", data: str = "") -> dict:
+def monitor_model(
+    repo_root: str = ".",
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    model: str = "@champion",
+    data: str = "",
+) -> dict:
     config = load_config(f"{repo_root}/{params_path}", overrides or [])
     registry.configure_tracking(repo_root)
     model_uri = f"models:/{config.registry.model_name}{model if model.startswith('@') else '/' + model}"
     report, run_id = check_drift(model_uri, data, config, repo_root)
-    create_markdown_artifact(key="calibflow-monitor", description="calibflow monitor verdict",
-                             markdown=f"# {report.verdict}\n\n" + "\n".join(f"- {r}" for r in report.reasons)
-                                      + f"\n\nMLflow run `{run_id}`")
+    create_markdown_artifact(
+        key="calibflow-monitor",
+        description="calibflow monitor verdict",
+        markdown=f"# {report.verdict}\n\n" + "\n".join(f"- {r}" for r in report.reasons) + f"\n\nMLflow run `{run_id}`",
+    )
     logger = get_run_logger()
     (logger.warning if report.exit_code else logger.info)("%s", report.summary())
     return {**report.to_json(), "run_id": run_id}

@@ -32,13 +32,37 @@ from calibflow.gates import GatesFailed
 from calibflow.resume import checkpoint_root
 from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
-from tasks.modeling import (apply_gates, check_decision_settings, check_gate_power, check_ood_data, check_outlier_data,
-                            check_run_settings, collect_logits, collect_shift_aware_logits, collect_shift_logits,
-                            evaluate_calibration, evaluate_decisions, evaluate_ood, evaluate_shift, fit_calibration,
-                            fit_decisions, train_model)
-from tasks.tracking import (discard_metrics_report, end_leftovers_of_killed_runs, find_unchanged_champion, finish_run,
-                            promote_to_champion, publish_metrics_report, publish_summary, register_model,
-                            stage_metrics_report, start_run, undo_registration)
+from tasks.modeling import (
+    apply_gates,
+    check_decision_settings,
+    check_gate_power,
+    check_ood_data,
+    check_outlier_data,
+    check_run_settings,
+    collect_logits,
+    collect_shift_aware_logits,
+    collect_shift_logits,
+    evaluate_calibration,
+    evaluate_decisions,
+    evaluate_ood,
+    evaluate_shift,
+    fit_calibration,
+    fit_decisions,
+    train_model,
+)
+from tasks.tracking import (
+    discard_metrics_report,
+    end_leftovers_of_killed_runs,
+    find_unchanged_champion,
+    finish_run,
+    promote_to_champion,
+    publish_metrics_report,
+    publish_summary,
+    register_model,
+    stage_metrics_report,
+    start_run,
+    undo_registration,
+)
 
 
 def refused(error: Exception):
@@ -54,8 +78,10 @@ def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
         finish_run(run, "failed", reason=f"{type(error).__name__}: {error}")
         publish_summary(run, f"failed ({type(error).__name__})", evaluation, fit, verdict)
     except Exception as secondary:
-        print(f"could not record the failure in MLflow ({type(secondary).__name__}: {secondary}); "
-              f"the MLflow run {run.run_id} may still show as running")
+        print(
+            f"could not record the failure in MLflow ({type(secondary).__name__}: {secondary}); "
+            f"the MLflow run {run.run_id} may still show as running"
+        )
 
 
 def take_back(version, error: Exception) -> Exception:
@@ -69,8 +95,13 @@ def take_back(version, error: Exception) -> Exception:
 
 
 @flow(name="calibflow-train", log_prints=True)
-def train_calibrate_register(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                             data_rev: str | None = None, repo_root: str = ".", force: bool = False) -> dict:
+def train_calibrate_register(
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    data_rev: str | None = None,
+    repo_root: str = ".",
+    force: bool = False,
+) -> dict:
     overrides = list(overrides or [])
     try:
         config = load_config(Path(repo_root) / params_path, overrides)  # an absolute params_path stays as it is
@@ -83,8 +114,10 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
         unchanged = None if force else find_unchanged_champion(run, data, config)
         if unchanged:
-            reason = (f"@champion (version {unchanged}) was built from the same data ({data.dvc_hash}), params "
-                      f"({config.params_hash}) and code ({run.git_commit[:12]}); nothing to retrain (use --force)")
+            reason = (
+                f"@champion (version {unchanged}) was built from the same data ({data.dvc_hash}), params "
+                f"({config.params_hash}) and code ({run.git_commit[:12]}); nothing to retrain (use --force)"
+            )
             finish_run(run, "skipped", reason)
             publish_summary(run, f"skipped: {reason}")
             print(reason)
@@ -101,16 +134,18 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         # training (train.threads) leaves free, and both release the GIL.
         gate_power = check_gate_power.submit(manifest, split, config, run.run_id, repo_root)
         try:
-            trained = train_model(data, manifest, split, config, run.work_dir, run.run_id, outliers,
-                                  str(checkpoint_root(repo_root)))
+            trained = train_model(
+                data, manifest, split, config, run.work_dir, run.run_id, outliers, str(checkpoint_root(repo_root))
+            )
         finally:
             gate_power.wait()  # its tag lands before a failed run is closed, too
         gate_power.result()
         calibration_logits = collect_logits(trained, data, manifest, split, "calibration", config, run.work_dir)
         test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
 
-        fit_logits = collect_shift_aware_logits(trained, data, manifest, split, calibration_logits, config, run.work_dir,
-                                                repo_root)
+        fit_logits = collect_shift_aware_logits(
+            trained, data, manifest, split, calibration_logits, config, run.work_dir, repo_root
+        )
         fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id)
         decisions = fit_decisions(calibration_logits, fit, manifest, config, run.work_dir, run.run_id)
         evaluation = evaluate_calibration(test_logits, fit, manifest, config, run.work_dir, run.run_id)
@@ -118,16 +153,18 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
         shift_logits = collect_shift_logits(trained, data, manifest, split, config, run.work_dir, repo_root)
         shifted = evaluate_shift(shift_logits, test_logits, fit, config, run.work_dir, run.run_id)
         ood = evaluate_ood(trained, ood_data, test_logits, fit, config, run.work_dir, run.run_id)
-        gate = apply_gates(test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id, decisions,
-                           shift_logits, ood)
+        gate = apply_gates(
+            test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id, decisions, shift_logits, ood
+        )
         verdict = gate.verdict
         if not verdict.absolute_passed:
             raise GatesFailed(verdict.summary())
 
         # reports/metrics.json and reports/plots, staged beside the old ones
         report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided, shifted, ood, trained)
-        version = register_model(run, trained, fit, evaluation, data, manifest, split, config, decisions, decided,
-                                 shifted, ood)
+        version = register_model(
+            run, trained, fit, evaluation, data, manifest, split, config, decisions, decided, shifted, ood
+        )
         alias = version.alias
         if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
             alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias
@@ -146,7 +183,16 @@ def train_calibrate_register(params_path: str = "params.yaml", overrides: list[s
             raise
         raise failure from error
     publish_summary(run, "registered", evaluation, fit, verdict, version)
-    return {"run_id": run.run_id, "prefect_flow_run_id": str(flow_run.get_id()), "model_name": version.name,
-            "version": version.version, "alias": alias, "calibration_method": fit.method, "temperature": fit.temperature,
-            "test_before": evaluation.before, "test_after": evaluation.after, "gates": verdict.to_json(),
-            "tracking_uri": run.tracking_uri}
+    return {
+        "run_id": run.run_id,
+        "prefect_flow_run_id": str(flow_run.get_id()),
+        "model_name": version.name,
+        "version": version.version,
+        "alias": alias,
+        "calibration_method": fit.method,
+        "temperature": fit.temperature,
+        "test_before": evaluation.before,
+        "test_after": evaluation.after,
+        "gates": verdict.to_json(),
+        "tracking_uri": run.tracking_uri,
+    }

@@ -15,14 +15,24 @@ from calibflow.versioning import DataVersion, resolve_data
 from tasks import retry_transient_only
 
 
-@task(name="pin-data-version", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
-      cache_policy=NO_CACHE)
+@task(
+    name="pin-data-version",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient_only,
+    cache_policy=NO_CACHE,
+)
 def pin_data_version(repo_root: str, data_path: str, data_rev: str | None, run_id: str) -> DataVersion:
     version = resolve_data(repo_root, data_path, data_rev)
     registry.set_tags(run_id, {"data_path": version.path, "data_hash": version.dvc_hash, "data_rev": version.rev})
-    registry.log_dataset(run_id, name=version.path, source_uri=str(Path(repo_root).resolve() / version.path),
-                         digest=version.dvc_hash, context="training",
-                         profile={"dvc_hash": version.dvc_hash, "rev": version.rev})
+    registry.log_dataset(
+        run_id,
+        name=version.path,
+        source_uri=str(Path(repo_root).resolve() / version.path),
+        digest=version.dvc_hash,
+        context="training",
+        profile={"dvc_hash": version.dvc_hash, "rev": version.rev},
+    )
     get_run_logger().info("data %s at %s: DVC hash %s", version.path, version.rev, version.dvc_hash)
     return version
 
@@ -37,7 +47,9 @@ def build_manifest(data: DataVersion, work_dir: str, run_id: str) -> pipeline.Ma
 
 
 @task(name="split-dataset", cache_policy=NO_CACHE)
-def split_dataset(manifest: pipeline.ManifestRecord, config: Config, work_dir: str, run_id: str) -> pipeline.SplitRecord:
+def split_dataset(
+    manifest: pipeline.ManifestRecord, config: Config, work_dir: str, run_id: str
+) -> pipeline.SplitRecord:
     record = pipeline.write_split(manifest.path, config.split, config.seed, f"{work_dir}/splits.json")
     registry.log_artifact(run_id, record.path, "data")
     registry.set_tags(run_id, {"split_digest": record.digest})
@@ -47,16 +59,28 @@ def split_dataset(manifest: pipeline.ManifestRecord, config: Config, work_dir: s
 
 
 @task(name="validate-data", cache_policy=NO_CACHE)
-def validate_data(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
-                  run_id: str, repo_root: str) -> dict:
+def validate_data(
+    manifest: pipeline.ManifestRecord,
+    split: pipeline.SplitRecord,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+    repo_root: str,
+) -> dict:
     result_path = f"{work_dir}/data_validation.json"
-    report = pipeline.validate_data(manifest.path, split.path, manifest.classes, config.data, result_path,
-                                    cache_directory=cache_dir(repo_root))
+    report = pipeline.validate_data(
+        manifest.path, split.path, manifest.classes, config.data, result_path, cache_directory=cache_dir(repo_root)
+    )
     registry.log_artifact(run_id, result_path, "validation")
     reused = bool(report.statistics.get("reused_from_cache"))
-    registry.set_tags(run_id, {"data_validation": "passed" if report.success else "failed",
-                               # the GX suite passed on these same bytes before; its result is reused
-                               "data_validation_reused": str(reused).lower()})
+    registry.set_tags(
+        run_id,
+        {
+            "data_validation": "passed" if report.success else "failed",
+            # the GX suite passed on these same bytes before; its result is reused
+            "data_validation_reused": str(reused).lower(),
+        },
+    )
     if not report.success:
         raise DataValidationError(report)
     get_run_logger().info("data validation passed: %s", report.statistics)

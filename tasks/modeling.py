@@ -21,13 +21,19 @@ from tasks import retry_transient_only
 
 
 @task(name="check-gate-power", cache_policy=NO_CACHE)
-def check_gate_power(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
-                     run_id: str, repo_root: str) -> str | None:
+def check_gate_power(
+    manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, run_id: str, repo_root: str
+) -> str | None:
     """Before training: warn when the test split is too small for the gates to pass a good model."""
     from calibflow.gate_plan import small_test_split_warning
 
-    warning = small_test_split_warning(split.sizes["test"], len(manifest.classes), config.gates,
-                                       config.evaluation.n_bins, cache_directory=cache_dir(repo_root))
+    warning = small_test_split_warning(
+        split.sizes["test"],
+        len(manifest.classes),
+        config.gates,
+        config.evaluation.n_bins,
+        cache_directory=cache_dir(repo_root),
+    )
     if warning:
         get_run_logger().warning(warning)
         registry.set_tags(run_id, {"gate_power_warning": warning[:5000]})
@@ -44,85 +50,160 @@ def check_run_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitR
 def check_decision_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
     """Before training: a positive class the data lacks, or a calibration split too small for a
     decision rule, is a settings error now rather than after the whole training."""
-    decision_rules.check_decision_settings(config.decision, manifest.classes,
-                                           pipeline.split_class_counts(manifest.path, split.path, "calibration"))
+    decision_rules.check_decision_settings(
+        config.decision, manifest.classes, pipeline.split_class_counts(manifest.path, split.path, "calibration")
+    )
 
 
 @task(name="check-ood-data", cache_policy=NO_CACHE)
-def check_ood_data(repo_root: str, manifest: pipeline.ManifestRecord, config: Config, work_dir: str,
-                   run_id: str) -> str | None:
+def check_ood_data(
+    repo_root: str, manifest: pipeline.ManifestRecord, config: Config, work_dir: str, run_id: str
+) -> str | None:
     """Before training: ood.path pinned by DVC, and images of no trained class (None: not set)."""
     if not config.ood.path:
         return None
-    path = pipeline.check_ood_data(repo_root, manifest.path, config.ood.path, config.ood.max_images,
-                                   f"{work_dir}/ood_data.json")
+    path = pipeline.check_ood_data(
+        repo_root, manifest.path, config.ood.path, config.ood.max_images, f"{work_dir}/ood_data.json"
+    )
     registry.log_artifact(run_id, path, "ood")
     return path
 
 
 @task(name="check-outlier-data", cache_policy=NO_CACHE)
-def check_outlier_data(repo_root: str, manifest: pipeline.ManifestRecord, ood_data: str | None, config: Config,
-                       work_dir: str, run_id: str) -> str | None:
+def check_outlier_data(
+    repo_root: str, manifest: pipeline.ManifestRecord, ood_data: str | None, config: Config, work_dir: str, run_id: str
+) -> str | None:
     """Before training: train.outlier_exposure's folder pinned by DVC, images of no trained class,
     none shared with ood.path's (None: not set)."""
     if not config.train.outlier_exposure:
         return None
-    path = pipeline.check_ood_data(repo_root, manifest.path, config.train.outlier_exposure, 10**9,
-                                   f"{work_dir}/outlier_exposure_data.json", "train.outlier_exposure", ood_data)
+    path = pipeline.check_ood_data(
+        repo_root,
+        manifest.path,
+        config.train.outlier_exposure,
+        10**9,
+        f"{work_dir}/outlier_exposure_data.json",
+        "train.outlier_exposure",
+        ood_data,
+    )
     registry.log_artifact(run_id, path, "ood")
     return path
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
-def train_model(data: DataVersion, manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config,
-                work_dir: str, run_id: str, outliers: str | None = None,
-                checkpoint_dir: str | None = None) -> pipeline.TrainedModel:
+def train_model(
+    data: DataVersion,
+    manifest: pipeline.ManifestRecord,
+    split: pipeline.SplitRecord,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+    outliers: str | None = None,
+    checkpoint_dir: str | None = None,
+) -> pipeline.TrainedModel:
     history: list[EpochStats] = []
 
     def log_epoch(stats: EpochStats) -> None:
         history.append(stats)  # one MLflow call per epoch, never per step
-        metrics = {"train/loss": stats.train_loss, "train/learning_rate": stats.learning_rate,
-                   "train/images_per_second": stats.images_per_second}  # training steps alone, validation excluded
+        metrics = {
+            "train/loss": stats.train_loss,
+            "train/learning_rate": stats.learning_rate,
+            "train/images_per_second": stats.images_per_second,
+        }  # training steps alone, validation excluded
         if stats.validated:  # train.val_every: the val curves have a point only where one was measured
             metrics.update({"val/accuracy": stats.val_accuracy, "val/nll": stats.val_nll, "val/ece": stats.val_ece})
         registry.log_metrics(run_id, metrics, step=stats.epoch)
 
-    trained = pipeline.train_model(data.local_dir, manifest, split.path, config, work_dir, on_epoch_end=log_epoch,
-                                   outliers_path=outliers, checkpoint_dir=checkpoint_dir)
+    trained = pipeline.train_model(
+        data.local_dir,
+        manifest,
+        split.path,
+        config,
+        work_dir,
+        on_epoch_end=log_epoch,
+        outliers_path=outliers,
+        checkpoint_dir=checkpoint_dir,
+    )
     registry.log_artifact(run_id, trained.checkpoint, "checkpoint")
-    registry.set_tags(run_id, {"device": trained.device, "precision": trained.precision,
-                               "resumed_from_epoch": str(trained.resumed_from_epoch)})
+    registry.set_tags(
+        run_id,
+        {
+            "device": trained.device,
+            "precision": trained.precision,
+            "resumed_from_epoch": str(trained.resumed_from_epoch),
+        },
+    )
     if trained.resumed_from_epoch:
-        get_run_logger().info("resumed training after epoch %d, the last one a killed run completed",
-                              trained.resumed_from_epoch)
-    get_run_logger().info("trained %d epochs on %s (%s): val accuracy %.4f, %.0f images/s", trained.epochs,
-                          trained.device, trained.precision, trained.final_val_accuracy, trained.images_per_second)
+        get_run_logger().info(
+            "resumed training after epoch %d, the last one a killed run completed", trained.resumed_from_epoch
+        )
+    get_run_logger().info(
+        "trained %d epochs on %s (%s): val accuracy %.4f, %.0f images/s",
+        trained.epochs,
+        trained.device,
+        trained.precision,
+        trained.final_val_accuracy,
+        trained.images_per_second,
+    )
     return trained
 
 
 @task(name="collect-logits", cache_policy=NO_CACHE)
-def collect_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
-                   split: pipeline.SplitRecord, split_name: str, config: Config, work_dir: str) -> str:
-    return pipeline.write_split_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, split_name,
-                                       f"{work_dir}/logits_{split_name}.npz", config.evaluation.batch_size,
-                                       config.train.device, config.train.threads)
+def collect_logits(
+    trained: pipeline.TrainedModel,
+    data: DataVersion,
+    manifest: pipeline.ManifestRecord,
+    split: pipeline.SplitRecord,
+    split_name: str,
+    config: Config,
+    work_dir: str,
+) -> str:
+    return pipeline.write_split_logits(
+        trained.checkpoint,
+        data.local_dir,
+        manifest.path,
+        split.path,
+        split_name,
+        f"{work_dir}/logits_{split_name}.npz",
+        config.evaluation.batch_size,
+        config.train.device,
+        config.train.threads,
+    )
 
 
 @task(name="collect-shift-aware-logits", cache_policy=NO_CACHE)
-def collect_shift_aware_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
-                               split: pipeline.SplitRecord, calibration_logits: str, config: Config,
-                               work_dir: str, repo_root: str) -> str:
+def collect_shift_aware_logits(
+    trained: pipeline.TrainedModel,
+    data: DataVersion,
+    manifest: pipeline.ManifestRecord,
+    split: pipeline.SplitRecord,
+    calibration_logits: str,
+    config: Config,
+    work_dir: str,
+    repo_root: str,
+) -> str:
     """The logits the calibrator is fitted on: the calibration split's, plus (calibration.shift_aware)
     those of its corrupted copies."""
     if not config.calibration.shift_aware:
         return calibration_logits
-    path = pipeline.write_shift_aware_logits(trained.checkpoint, data.local_dir, manifest.path, split.path,
-                                             calibration_logits, config.calibration.shift_corruptions, config.seed,
-                                             f"{work_dir}/logits_calibration_shift_aware.npz",
-                                             config.evaluation.batch_size, config.train.device,
-                                             str(cache_dir(repo_root) / "shift"), config.train.threads)
-    get_run_logger().info("shift-aware calibration: fitting on the calibration split and its copies corrupted by %s "
-                          "at severities 1-5", ", ".join(config.calibration.shift_corruptions))
+    path = pipeline.write_shift_aware_logits(
+        trained.checkpoint,
+        data.local_dir,
+        manifest.path,
+        split.path,
+        calibration_logits,
+        config.calibration.shift_corruptions,
+        config.seed,
+        f"{work_dir}/logits_calibration_shift_aware.npz",
+        config.evaluation.batch_size,
+        config.train.device,
+        str(cache_dir(repo_root) / "shift"),
+        config.train.threads,
+    )
+    get_run_logger().info(
+        "shift-aware calibration: fitting on the calibration split and its copies corrupted by %s at severities 1-5",
+        ", ".join(config.calibration.shift_corruptions),
+    )
     return path
 
 
@@ -130,8 +211,13 @@ def collect_shift_aware_logits(trained: pipeline.TrainedModel, data: DataVersion
 def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_id: str) -> pipeline.CalibrationRecord:
     fit = pipeline.fit_calibration(calibration_logits, config.calibration, f"{work_dir}/calibration.json")
     metrics = pipeline.fit_metrics(fit)
-    metrics.update({f"calibration/cv_nll/{row['method']}": row["cv_nll_mean"] for row in fit.selection
-                    if row.get("cv_nll_mean") is not None})
+    metrics.update(
+        {
+            f"calibration/cv_nll/{row['method']}": row["cv_nll_mean"]
+            for row in fit.selection
+            if row.get("cv_nll_mean") is not None
+        }
+    )
     registry.log_metrics(run_id, metrics)
     registry.set_tags(run_id, {CALIBRATION_METHOD: fit.method})
     if fit.selection:  # method auto: keep the comparison table with the run
@@ -139,20 +225,35 @@ def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_
         with open(selection, "w") as handle:
             json.dump(list(fit.selection), handle, indent=2, default=str)
         registry.log_artifact(run_id, selection, "calibration")
-    get_run_logger().info("%s calibration%s: calibration NLL %.4f -> %.4f", fit.method,
-                          f" (T = {fit.temperature:.4f})" if fit.temperature else "", fit.nll_before, fit.nll_after)
+    get_run_logger().info(
+        "%s calibration%s: calibration NLL %.4f -> %.4f",
+        fit.method,
+        f" (T = {fit.temperature:.4f})" if fit.temperature else "",
+        fit.nll_before,
+        fit.nll_after,
+    )
     return fit
 
 
 @task(name="evaluate-calibration", cache_policy=NO_CACHE)
-def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, manifest: pipeline.ManifestRecord,
-                         config: Config, work_dir: str, run_id: str) -> pipeline.Evaluation:
+def evaluate_calibration(
+    test_logits: str,
+    fit: pipeline.CalibrationRecord,
+    manifest: pipeline.ManifestRecord,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+) -> pipeline.Evaluation:
     evaluation = pipeline.evaluate_calibration(test_logits, fit, config.evaluation.n_bins, work_dir, manifest.classes)
     registry.log_metrics(run_id, pipeline.test_metrics(evaluation))
     for plot in evaluation.plots:
         registry.log_artifact(run_id, plot, "plots")
-    get_run_logger().info("test ECE %.4f -> %.4f, accuracy %.4f", evaluation.before["ece"], evaluation.after["ece"],
-                          evaluation.after["accuracy"])
+    get_run_logger().info(
+        "test ECE %.4f -> %.4f, accuracy %.4f",
+        evaluation.before["ece"],
+        evaluation.after["ece"],
+        evaluation.after["accuracy"],
+    )
     warning = pipeline.calibration_warning(evaluation, fit)
     if warning:  # also the description's second line (publish_summary)
         get_run_logger().warning(warning)
@@ -161,8 +262,15 @@ def evaluate_calibration(test_logits: str, fit: pipeline.CalibrationRecord, mani
 
 
 @task(name="collect-shift-logits", cache_policy=NO_CACHE)
-def collect_shift_logits(trained: pipeline.TrainedModel, data: DataVersion, manifest: pipeline.ManifestRecord,
-                         split: pipeline.SplitRecord, config: Config, work_dir: str, repo_root: str) -> str | None:
+def collect_shift_logits(
+    trained: pipeline.TrainedModel,
+    data: DataVersion,
+    manifest: pipeline.ManifestRecord,
+    split: pipeline.SplitRecord,
+    config: Config,
+    work_dir: str,
+    repo_root: str,
+) -> str | None:
     """The network's logits on the corruption suite (None when `shift:` is empty), cached by content
     under .calibflow/cache/shift."""
     from calibflow.shift import suite_of
@@ -170,14 +278,29 @@ def collect_shift_logits(trained: pipeline.TrainedModel, data: DataVersion, mani
     suite = suite_of(config.shift, config.seed)
     if suite is None:
         return None
-    return pipeline.write_shift_logits(trained.checkpoint, data.local_dir, manifest.path, split.path, suite,
-                                       f"{work_dir}/logits_shift.npz", config.evaluation.batch_size,
-                                       config.train.device, str(cache_dir(repo_root) / "shift"), config.train.threads)
+    return pipeline.write_shift_logits(
+        trained.checkpoint,
+        data.local_dir,
+        manifest.path,
+        split.path,
+        suite,
+        f"{work_dir}/logits_shift.npz",
+        config.evaluation.batch_size,
+        config.train.device,
+        str(cache_dir(repo_root) / "shift"),
+        config.train.threads,
+    )
 
 
 @task(name="evaluate-shift", cache_policy=NO_CACHE)
-def evaluate_shift(shift_logits: str | None, test_logits: str, fit: pipeline.CalibrationRecord, config: Config,
-                   work_dir: str, run_id: str) -> pipeline.ShiftEvaluation | None:
+def evaluate_shift(
+    shift_logits: str | None,
+    test_logits: str,
+    fit: pipeline.CalibrationRecord,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+) -> pipeline.ShiftEvaluation | None:
     if shift_logits is None:
         return None
     shifted = pipeline.evaluate_shift(shift_logits, test_logits, fit, config.evaluation.n_bins, work_dir)
@@ -185,66 +308,120 @@ def evaluate_shift(shift_logits: str | None, test_logits: str, fit: pipeline.Cal
     registry.log_artifact(run_id, shifted.result_path, "shift")
     for plot in shifted.plots:
         registry.log_artifact(run_id, plot, "plots")
-    get_run_logger().info("corruption suite: mean ECE %.4f -> %.4f, mean accuracy %.4f",
-                          shifted.mean["before"]["ece"], shifted.mean["after"]["ece"],
-                          shifted.mean["after"]["accuracy"])
+    get_run_logger().info(
+        "corruption suite: mean ECE %.4f -> %.4f, mean accuracy %.4f",
+        shifted.mean["before"]["ece"],
+        shifted.mean["after"]["ece"],
+        shifted.mean["after"]["accuracy"],
+    )
     return shifted
 
 
 @task(name="evaluate-ood", cache_policy=NO_CACHE)
-def evaluate_ood(trained: pipeline.TrainedModel, ood_data: str | None, test_logits: str,
-                 fit: pipeline.CalibrationRecord, config: Config, work_dir: str,
-                 run_id: str) -> pipeline.OODEvaluation | None:
+def evaluate_ood(
+    trained: pipeline.TrainedModel,
+    ood_data: str | None,
+    test_logits: str,
+    fit: pipeline.CalibrationRecord,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+) -> pipeline.OODEvaluation | None:
     if ood_data is None:
         return None
-    ood = pipeline.evaluate_ood(trained.checkpoint, ood_data, test_logits, fit, config.ood.score, work_dir,
-                                config.evaluation.batch_size, config.train.device, config.train.threads)
+    ood = pipeline.evaluate_ood(
+        trained.checkpoint,
+        ood_data,
+        test_logits,
+        fit,
+        config.ood.score,
+        work_dir,
+        config.evaluation.batch_size,
+        config.train.device,
+        config.train.threads,
+    )
     registry.log_metrics(run_id, ood.metrics)
     registry.set_tags(run_id, {"ood_data_hash": ood.dvc_hash, "ood_path": config.ood.path})
     registry.log_artifact(run_id, ood.scores_path, "ood")
     for plot in ood.plots:
         registry.log_artifact(run_id, plot, "plots")
-    get_run_logger().info("OOD (%d images): MSP AUROC %.4f FPR95 %.4f, energy AUROC %.4f FPR95 %.4f", ood.n_images,
-                          ood.metrics[ood_metric("msp", "auroc")], ood.metrics[ood_metric("msp", "fpr95")],
-                          ood.metrics[ood_metric("energy", "auroc")], ood.metrics[ood_metric("energy", "fpr95")])
+    get_run_logger().info(
+        "OOD (%d images): MSP AUROC %.4f FPR95 %.4f, energy AUROC %.4f FPR95 %.4f",
+        ood.n_images,
+        ood.metrics[ood_metric("msp", "auroc")],
+        ood.metrics[ood_metric("msp", "fpr95")],
+        ood.metrics[ood_metric("energy", "auroc")],
+        ood.metrics[ood_metric("energy", "fpr95")],
+    )
     return ood
 
 
 @task(name="fit-decisions", cache_policy=NO_CACHE)
-def fit_decisions(calibration_logits: str, fit: pipeline.CalibrationRecord, manifest: pipeline.ManifestRecord,
-                  config: Config, work_dir: str, run_id: str) -> str:
-    path = pipeline.fit_decisions(calibration_logits, fit, manifest.classes, config.decision,
-                                  f"{work_dir}/decisions.json")
+def fit_decisions(
+    calibration_logits: str,
+    fit: pipeline.CalibrationRecord,
+    manifest: pipeline.ManifestRecord,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+) -> str:
+    path = pipeline.fit_decisions(
+        calibration_logits, fit, manifest.classes, config.decision, f"{work_dir}/decisions.json"
+    )
     if config.decision.any_rule:  # the empty default travels with the model's files only
         registry.log_artifact(run_id, path, "decisions")
     return path
 
 
 @task(name="evaluate-decisions", cache_policy=NO_CACHE)
-def evaluate_decisions(test_logits: str, fit: pipeline.CalibrationRecord, decisions: str, config: Config,
-                       work_dir: str, run_id: str) -> pipeline.DecisionEvaluation:
+def evaluate_decisions(
+    test_logits: str, fit: pipeline.CalibrationRecord, decisions: str, config: Config, work_dir: str, run_id: str
+) -> pipeline.DecisionEvaluation:
     evaluation = pipeline.evaluate_decisions(test_logits, fit, decisions, config.gates.confidence, work_dir)
-    registry.log_metrics(run_id, {f"test/decision/{name}": value for name, value in evaluation.metrics.items()
-                                  if value == value})  # NaN (nothing kept, no positive) is not a metric
+    registry.log_metrics(
+        run_id, {f"test/decision/{name}": value for name, value in evaluation.metrics.items() if value == value}
+    )  # NaN (nothing kept, no positive) is not a metric
     for plot in evaluation.plots:
         registry.log_artifact(run_id, plot, "plots")
     if evaluation.metrics:
-        get_run_logger().info("decisions on the test split: %s", ", ".join(
-            f"{name} {value:.4f}" for name, value in evaluation.metrics.items() if "class_" not in name))
+        get_run_logger().info(
+            "decisions on the test split: %s",
+            ", ".join(f"{name} {value:.4f}" for name, value in evaluation.metrics.items() if "class_" not in name),
+        )
     return evaluation
 
 
-@task(name="check-gates", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
-      cache_policy=NO_CACHE)
-def apply_gates(test_logits: str, fit: pipeline.CalibrationRecord, data: DataVersion,
-                manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, work_dir: str,
-                run_id: str, decisions: str | None = None, shift_logits: str | None = None,
-                ood: pipeline.OODEvaluation | None = None) -> GateReport:
+@task(
+    name="check-gates", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only, cache_policy=NO_CACHE
+)
+def apply_gates(
+    test_logits: str,
+    fit: pipeline.CalibrationRecord,
+    data: DataVersion,
+    manifest: pipeline.ManifestRecord,
+    split: pipeline.SplitRecord,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+    decisions: str | None = None,
+    shift_logits: str | None = None,
+    ood: pipeline.OODEvaluation | None = None,
+) -> GateReport:
     candidate = pipeline.candidate_predictions(test_logits, fit, decisions, shift_logits, ood)
     # The champion's side of the relative gates comes from the registry: here, not in the library.
-    report = promotion.gate_logits(config.registry.model_name, candidate.probabilities, candidate.rows,
-                                   data.local_dir, manifest.path, split.path, config.gates, config.evaluation.n_bins,
-                                   candidate.decisions, candidate.shifted, candidate.ood)
+    report = promotion.gate_logits(
+        config.registry.model_name,
+        candidate.probabilities,
+        candidate.rows,
+        data.local_dir,
+        manifest.path,
+        split.path,
+        config.gates,
+        config.evaluation.n_bins,
+        candidate.decisions,
+        candidate.shifted,
+        candidate.ood,
+    )
     report = dataclasses.replace(report, candidate=f"run {run_id}")
     registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
     registry.log_metrics(run_id, pipeline.gate_metrics(report.verdict))

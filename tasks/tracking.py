@@ -32,16 +32,18 @@ def store_retry_delays(default: tuple[float, ...] = (2, 5, 10)) -> list[float]:
     try:
         delays = [float(part) for part in raw.split(",")]
     except ValueError:
-        raise ValueError(f"CALIBFLOW_STORE_RETRY_DELAYS={raw!r}: expected seconds separated by commas, "
-                         "e.g. 2,5,10") from None
+        raise ValueError(
+            f"CALIBFLOW_STORE_RETRY_DELAYS={raw!r}: expected seconds separated by commas, e.g. 2,5,10"
+        ) from None
     if any(delay < 0 for delay in delays):
         raise ValueError(f"CALIBFLOW_STORE_RETRY_DELAYS={raw!r}: delays must not be negative")
     return delays
 
 
 _DELAYS = store_retry_delays()
-STORE_RETRIES = dict(retries=len(_DELAYS), retry_delay_seconds=_DELAYS, retry_condition_fn=retry_transient_only,
-                     cache_policy=NO_CACHE)
+STORE_RETRIES = dict(
+    retries=len(_DELAYS), retry_delay_seconds=_DELAYS, retry_condition_fn=retry_transient_only, cache_policy=NO_CACHE
+)
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,21 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     commit, dirty = code_commit(repo_root)
     branch, remote = code_origin(repo_root)
     source = registry.RunSource("flows/train_calibrate.py", git_commit=commit, git_branch=branch, git_repo_url=remote)
-    run_id = registry.start_run(config.registry.experiment, run_name=flow_run.get_name(), tags={
-        "git_commit": commit, "git_dirty": str(dirty).lower(), "params_hash": config.params_hash,
-        "seed": str(config.seed), "prefect.flow_run_id": str(flow_run.get_id()), "overrides": " ".join(overrides),
-        **leftovers.run_tags()}, repo_root=repo_root, source=source)
+    run_id = registry.start_run(
+        config.registry.experiment,
+        run_name=flow_run.get_name(),
+        tags={
+            "git_commit": commit,
+            "git_dirty": str(dirty).lower(),
+            "params_hash": config.params_hash,
+            "seed": str(config.seed),
+            "prefect.flow_run_id": str(flow_run.get_id()),
+            "overrides": " ".join(overrides),
+            **leftovers.run_tags(),
+        },
+        repo_root=repo_root,
+        source=source,
+    )
     work_dir = Path(repo_root).resolve() / ".calibflow" / "runs" / run_id
     work_dir.mkdir(parents=True, exist_ok=True)
     registry.log_params(run_id, config.hyperparameters())
@@ -70,8 +83,9 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     registry.log_artifact(run_id, resolved)
     get_run_logger().info("MLflow run %s at %s (params %s)", run_id, tracking_uri, config.params_hash)
-    return RunContext(run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit,
-                      git_dirty=dirty)
+    return RunContext(
+        run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit, git_dirty=dirty
+    )
 
 
 @task(name="end-leftovers-of-killed-runs", cache_policy=NO_CACHE)
@@ -98,26 +112,35 @@ def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str
 def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) -> str | None:
     """The champion's version when it was built from this data, params and code; else None."""
     champion = registry.alias_record(config.registry.model_name, registry.CHAMPION)
-    if champion and pipeline.unchanged_build(champion.tags, data.dvc_hash, config.params_hash, run.git_commit,
-                                             run.git_dirty):
+    if champion and pipeline.unchanged_build(
+        champion.tags, data.dvc_hash, config.params_hash, run.git_commit, run.git_dirty
+    ):
         return champion.version
     return None
 
 
 @task(name="register-model", **STORE_RETRIES)
-def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipeline.CalibrationRecord,
-                   evaluation: pipeline.Evaluation, data: DataVersion, manifest: pipeline.ManifestRecord,
-                   split: pipeline.SplitRecord, config: Config, decisions: str,
-                   decided: pipeline.DecisionEvaluation | None = None,
-                   shifted: pipeline.ShiftEvaluation | None = None,
-                   ood: pipeline.OODEvaluation | None = None) -> registry.RegisteredVersion:
+def register_model(
+    run: RunContext,
+    trained: pipeline.TrainedModel,
+    fit: pipeline.CalibrationRecord,
+    evaluation: pipeline.Evaluation,
+    data: DataVersion,
+    manifest: pipeline.ManifestRecord,
+    split: pipeline.SplitRecord,
+    config: Config,
+    decisions: str,
+    decided: pipeline.DecisionEvaluation | None = None,
+    shifted: pipeline.ShiftEvaluation | None = None,
+    ood: pipeline.OODEvaluation | None = None,
+) -> registry.RegisteredVersion:
     """Retried safely: a failure within register_version deletes the version it created first."""
     example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
-    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted,
-                                 ood)
+    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted, ood)
     with registry.store_wait():  # logging and registering the model use MLflow beyond registry.client()
-        model_uri = registry.log_calibrated_model(run.run_id, trained.checkpoint, fit.state_path, example, decisions,
-                                                  name=config.registry.model_name)
+        model_uri = registry.log_calibrated_model(
+            run.run_id, trained.checkpoint, fit.state_path, example, decisions, name=config.registry.model_name
+        )
         version = registry.register_version(model_uri, config.registry.model_name, tags)
     get_run_logger().info("registered %s version %s as @%s", version.name, version.version, version.alias)
     return version
@@ -126,13 +149,15 @@ def register_model(run: RunContext, trained: pipeline.TrainedModel, fit: pipelin
 @task(name="undo-registration", cache_policy=NO_CACHE)
 def undo_registration(version: registry.RegisteredVersion) -> None:
     registry.undo_registration(version)
-    get_run_logger().warning("took back %s version %s: the run failed after registering it", version.name,
-                             version.version)
+    get_run_logger().warning(
+        "took back %s version %s: the run failed after registering it", version.name, version.version
+    )
 
 
 @task(name="promote-to-champion", **STORE_RETRIES)
-def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport,
-                        work_dir: str) -> promotion.Promotion | None:
+def promote_to_champion(
+    version: registry.RegisteredVersion, gate: GateReport, work_dir: str
+) -> promotion.Promotion | None:
     """promotion.auto: the gate passed against the champion, so move @champion (compare-and-swap).
     If another promotion moved it meanwhile, this version stays @challenger for CD to gate again:
     the run itself succeeded, and its registered version is valid."""
@@ -141,23 +166,30 @@ def promote_to_champion(version: registry.RegisteredVersion, gate: GateReport,
     except registry.PromotionConflict as conflict:
         get_run_logger().warning("not promoted, stays @challenger: %s", conflict)
         return None
-    get_run_logger().info("promoted %s version %s to @champion (was %s)", moved.model, moved.champion,
-                          moved.previous_champion)
+    get_run_logger().info(
+        "promoted %s version %s to @champion (was %s)", moved.model, moved.champion, moved.previous_champion
+    )
     return moved
 
 
 @task(name="stage-metrics-report", cache_policy=NO_CACHE)
-def stage_metrics_report(repo_root: str, evaluation: pipeline.Evaluation, fit: pipeline.CalibrationRecord,
-                         verdict: GateVerdict, decisions: pipeline.DecisionEvaluation | None = None,
-                         shifted: pipeline.ShiftEvaluation | None = None,
-                         ood: pipeline.OODEvaluation | None = None,
-                         trained: pipeline.TrainedModel | None = None) -> pipeline.StagedReport:
+def stage_metrics_report(
+    repo_root: str,
+    evaluation: pipeline.Evaluation,
+    fit: pipeline.CalibrationRecord,
+    verdict: GateVerdict,
+    decisions: pipeline.DecisionEvaluation | None = None,
+    shifted: pipeline.ShiftEvaluation | None = None,
+    ood: pipeline.OODEvaluation | None = None,
+    trained: pipeline.TrainedModel | None = None,
+) -> pipeline.StagedReport:
     """reports/metrics.json, and dvc.yaml's plots under reports/plots: the per-epoch curves and the
     reliability diagram."""
     plots = {f"{repo_root}/reports/plots/{Path(curve).name}": curve for curve in (trained.curves if trained else ())}
     plots[f"{repo_root}/reports/plots/reliability_diagram.png"] = evaluation.plots[0]
-    return pipeline.stage_metrics_report(f"{repo_root}/reports/metrics.json", evaluation, fit, verdict, decisions,
-                                         shifted, ood, plots)
+    return pipeline.stage_metrics_report(
+        f"{repo_root}/reports/metrics.json", evaluation, fit, verdict, decisions, shifted, ood, plots
+    )
 
 
 @task(name="publish-metrics-report", cache_policy=NO_CACHE)
@@ -178,9 +210,14 @@ def finish_run(run: RunContext, outcome: str, reason: str = "", tags: dict[str, 
 
 
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
-def publish_summary(run: RunContext, outcome: str, evaluation: pipeline.Evaluation | None = None,
-                    fit: pipeline.CalibrationRecord | None = None, verdict: GateVerdict | None = None,
-                    version: registry.RegisteredVersion | None = None) -> None:
+def publish_summary(
+    run: RunContext,
+    outcome: str,
+    evaluation: pipeline.Evaluation | None = None,
+    fit: pipeline.CalibrationRecord | None = None,
+    verdict: GateVerdict | None = None,
+    version: registry.RegisteredVersion | None = None,
+) -> None:
     summary = pipeline.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit, verdict, version)
     create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary", markdown=summary)
     # The same text, verdict line first, as the MLflow run's and version's description. Best effort:

@@ -33,8 +33,12 @@ os.environ.setdefault("PREFECT_HOME", str(REPO / ".calibflow" / "prefect-home-te
 # does not exist yet, and the temporary API server would fail to open its database.
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-for variable, value in {"GIT_AUTHOR_NAME": "calibflow tests", "GIT_AUTHOR_EMAIL": "tests@calibflow.invalid",
-                        "GIT_COMMITTER_NAME": "calibflow tests", "GIT_COMMITTER_EMAIL": "tests@calibflow.invalid"}.items():
+for variable, value in {
+    "GIT_AUTHOR_NAME": "calibflow tests",
+    "GIT_AUTHOR_EMAIL": "tests@calibflow.invalid",
+    "GIT_COMMITTER_NAME": "calibflow tests",
+    "GIT_COMMITTER_EMAIL": "tests@calibflow.invalid",
+}.items():
     os.environ.setdefault(variable, value)
 
 TINY_PARAMS = """\

@@ -15,7 +15,7 @@ def calibrated(rng, n: int, k: int = 10, concentration: float = 0.3, sharpen: fl
     model serves p**sharpen renormalised (1: calibrated; > 1: over-confident)."""
     p = rng.dirichlet(np.full(k, concentration), size=n)
     labels = (rng.random((n, 1)) > np.cumsum(p, axis=1)).sum(axis=1)
-    served = p ** sharpen
+    served = p**sharpen
     return served / served.sum(axis=1, keepdims=True), labels
 
 

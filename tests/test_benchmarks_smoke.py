@@ -50,18 +50,42 @@ def test_gate_soundness_benchmark_writes_one_record_per_cell(tmp_path: Path, mon
     monkeypatch.setitem(sys.modules, "gate_soundness", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     out = tmp_path / "cells.json"
-    rows = bench.main(["--quick", "--sizes", "200", "--boundary-trials", "12", "--power-trials", "4", "--workers", "1",
-                       "--json", str(out)])
+    rows = bench.main(
+        [
+            "--quick",
+            "--sizes",
+            "200",
+            "--boundary-trials",
+            "12",
+            "--power-trials",
+            "4",
+            "--workers",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     import json
 
     records = json.loads(out.read_text())
-    assert records == rows and len(records) == len({(r["gate"], r["metric"], r["scenario"], r["true_value"],
-                                                     r["limit"], r["n"]) for r in records})
+    assert records == rows and len(records) == len(
+        {(r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["n"]) for r in records}
+    )
     gates = {r["gate"] for r in records}
     assert gates == {"max_ece", "min_accuracy", "max_nll", "max_ece_increase", "max_accuracy_drop"}
     for r in records:
-        assert {"scenario", "gate", "n", "true_value", "limit", "trials", "passes", "rate", "wilson_low",
-                "wilson_high"} <= set(r)
+        assert {
+            "scenario",
+            "gate",
+            "n",
+            "true_value",
+            "limit",
+            "trials",
+            "passes",
+            "rate",
+            "wilson_low",
+            "wilson_high",
+        } <= set(r)
         assert r["wilson_low"] <= r["rate"] <= r["wilson_high"]
 
 
@@ -87,8 +111,11 @@ def test_decision_guarantees_quick_run_reports_every_rule_and_score(tmp_path: Pa
     assert json.loads(out.read_text())["rows"] == rows
     pac = [r for r in rows if r["table"] == "pac"]
     assert {(r["pool"], r["variant"], r["rule"]) for r in pac} == {
-        (p, v, rule) for p in ("synthetic10", "synthetic2") for v in ("pool", "control", "split")
-        for rule in ("min_precision", "min_recall", "max_risk")}
+        (p, v, rule)
+        for p in ("synthetic10", "synthetic2")
+        for v in ("pool", "control", "split")
+        for rule in ("min_precision", "min_recall", "max_risk")
+    }
     for r in pac:
         assert r["trials"] == 20 and r["wilson_low"] <= r["rate"] <= r["wilson_high"]
         # a chosen threshold whose own certified bound misses the target is a wrong answer, whatever the luck
@@ -113,8 +140,9 @@ def test_threshold_stability_quick_run_compares_raw_and_calibrated(tmp_path: Pat
     printed = capsys.readouterr().out
     assert "| rule | probabilities |" in printed and (tmp_path / "stability.json").is_file()
     rows = {(r["mode"], r["rule"]): r for r in result["rows"]}
-    assert set(rows) == {(m, r) for m in ("raw", "calibrated")
-                         for r in ("cost 1:1", "cost 1:4", "precision >= 0.8", "recall >= 0.95")}
+    assert set(rows) == {
+        (m, r) for m in ("raw", "calibrated") for r in ("cost 1:1", "cost 1:4", "precision >= 0.8", "recall >= 0.95")
+    }
     # the cost threshold is fixed by the costs: no spread across seeds, before or after calibration
     for mode in ("raw", "calibrated"):
         assert rows[(mode, "cost 1:1")]["threshold"]["std"] == 0.0
@@ -128,8 +156,9 @@ def test_threshold_stability_quick_run_compares_raw_and_calibrated(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_train_step_benchmark_pairs_the_project_with_a_bare_loop_doing_the_same_work(tmp_path: Path, capsys,
-                                                                                      monkeypatch) -> None:
+def test_train_step_benchmark_pairs_the_project_with_a_bare_loop_doing_the_same_work(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     """Tiny settings: the structure of the report and that the bare loop trains the same weights;
     no speed is asserted (benchmarks/train_step.py measures that on the default job)."""
     from calibflow.prepare import write_digits
@@ -140,16 +169,36 @@ def test_train_step_benchmark_pairs_the_project_with_a_bare_loop_doing_the_same_
     spec.loader.exec_module(bench)
     write_digits(tmp_path / "digits", classes=(0, 1, 2), per_class=30)
     before = torch.get_num_threads()
-    results = bench.main(["--set", f"data.path={tmp_path / 'digits'}", "--set", "train.epochs=2",
-                          "--set", "model.width=4", "--repeats", "2", "--val-every", "1", "--threads-table",
-                          "--table-epochs", "1", "--busy", "1", "--json", str(tmp_path / "train_step.json")])
+    results = bench.main(
+        [
+            "--set",
+            f"data.path={tmp_path / 'digits'}",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "model.width=4",
+            "--repeats",
+            "2",
+            "--val-every",
+            "1",
+            "--threads-table",
+            "--table-epochs",
+            "1",
+            "--busy",
+            "1",
+            "--json",
+            str(tmp_path / "train_step.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "| bare loop |" in out and "| train_classifier, val_every 5 |" in out and "| busy processes |" in out
     ratio = results["ratio"]
     assert ratio["same_weights"] is True  # the bare loop is the same training, minus the project's extras
     assert [row["val_every"] for row in ratio["project"]] == [5, 1]
     for row in ratio["project"]:
-        assert len(row["ratio"]["values"]) == 2 and row["ratio"]["low"] <= row["ratio"]["median"] <= row["ratio"]["high"]
+        assert (
+            len(row["ratio"]["values"]) == 2 and row["ratio"]["low"] <= row["ratio"]["median"] <= row["ratio"]["high"]
+        )
     assert {(row["busy_processes"], row["threads"]) for row in results["threads"]} == {(0, 1), (0, 2), (1, 1), (1, 2)}
     assert all(row["logits_images_per_second"]["median"] > 0 for row in results["threads"])
     assert "background_cores" in ratio and all("background_cores" in row for row in results["threads"])

@@ -150,7 +150,8 @@ def test_vector_and_matrix_recover_class_dependent_miscalibration() -> None:
     z_cal, y_cal = _class_dependent(seed=8, n=10_000, k=k)
     z_test, y_test = _class_dependent(seed=9, n=10_000, k=k)
     nll = {
-        m: _nll(CB.fit_calibrator(m, z_cal, y_cal).transform(z_test), y_test) for m in ("temperature", "vector", "matrix")
+        m: _nll(CB.fit_calibrator(m, z_cal, y_cal).transform(z_test), y_test)
+        for m in ("temperature", "vector", "matrix")
     }
     # one global T cannot undo per-class scales between 1/3 and 2: vector and matrix do clearly better
     assert nll["vector"] < nll["temperature"] - 0.03, nll

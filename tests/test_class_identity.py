@@ -24,11 +24,14 @@ def test_champion_columns_in_another_order_are_matched_to_the_candidates_classes
     assert (champion_probs[:, order].argmax(axis=1) == labels).all()
 
 
-@pytest.mark.parametrize("champion_classes, named", [
-    (["0", "1", "2", "3", "4"], ["'zero'", "'0'"]),  # a class folder renamed
-    (["0", "1", "2", "3", "zero", "5"], ["'5'"]),  # a class more
-    (["1", "2", "3"], ["'4'", "'zero'"]),  # classes fewer
-])
+@pytest.mark.parametrize(
+    "champion_classes, named",
+    [
+        (["0", "1", "2", "3", "4"], ["'zero'", "'0'"]),  # a class folder renamed
+        (["0", "1", "2", "3", "zero", "5"], ["'5'"]),  # a class more
+        (["1", "2", "3"], ["'4'", "'zero'"]),  # classes fewer
+    ],
+)
 def test_classes_that_differ_by_name_or_number_are_not_comparable(champion_classes, named):
     candidate_classes = ["1", "2", "3", "4", "zero"]
     with pytest.raises(NotComparable) as refused:

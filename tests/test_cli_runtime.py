@@ -30,7 +30,8 @@ def test_the_script_pauses_the_collector_for_a_short_command_and_freezes_all_bef
         "import calibflow.cli as cli\n"
         "atexit.register(lambda: print('at exit: enabled', gc.isenabled(), 'frozen', gc.get_freeze_count() > 10000))\n"
         f"sys.argv = ['calibflow', 'status', '--model', 'm', '--repo', {str(tmp_path / 'missing')!r}]\n"
-        "cli.entry_point()\n")
+        "cli.entry_point()\n"
+    )
     assert "at exit: enabled False frozen True" in out, out
 
 
@@ -43,6 +44,7 @@ def test_a_long_command_resumes_collecting_after_its_imports():
         "cli._imports_done()\n"
         "print('enabled', gc.isenabled(), 'thresholds', gc.get_threshold(), 'frozen', gc.get_freeze_count() > 10000)\n"
         "cli._imports_done()  # a second call changes nothing\n"
-        "print('again', gc.isenabled())\n")
+        "print('again', gc.isenabled())\n"
+    )
     assert f"enabled True thresholds {cli.YOUNG_COLLECTION_THRESHOLDS} frozen True" in out, out
     assert "again True" in out

@@ -28,8 +28,9 @@ def test_unknown_nested_key_is_an_error_naming_it(tmp_path):
 
 
 def test_override_sets_values_with_yaml_types():
-    config = load_config("params.yaml", ["train.epochs=3", "data.path=data/other", "train.augment=false",
-                                         "data.allowed_sizes=[32x32]"])
+    config = load_config(
+        "params.yaml", ["train.epochs=3", "data.path=data/other", "train.augment=false", "data.allowed_sizes=[32x32]"]
+    )
     assert config.train.epochs == 3
     assert config.data.path == "data/other"
     assert config.train.augment is False
@@ -46,18 +47,21 @@ def test_override_into_a_value_is_rejected():
         load_config("params.yaml", ["train.epochs.x=3"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochs=three", "expected an integer"),
-    ("train.augment=1", "expected true or false"),
-    ("model.arch=vgg", "must be one of"),
-    ("split.train=0.9", "sum to"),
-    ("gates.max_ece=2", r"must be in \[0, 1\]"),
-    ("data.allowed_sizes=[32by32]", "WIDTHxHEIGHT"),
-    ("data.allowed_sizes=[32]", "WIDTHxHEIGHT"),  # a number is read as its digits, still not a size
-    ("registry.model_name=[a]", "expected a string"),
-    ("train.device=tpu", "use auto, cpu"),
-    ("noequals", "KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=three", "expected an integer"),
+        ("train.augment=1", "expected true or false"),
+        ("model.arch=vgg", "must be one of"),
+        ("split.train=0.9", "sum to"),
+        ("gates.max_ece=2", r"must be in \[0, 1\]"),
+        ("data.allowed_sizes=[32by32]", "WIDTHxHEIGHT"),
+        ("data.allowed_sizes=[32]", "WIDTHxHEIGHT"),  # a number is read as its digits, still not a size
+        ("registry.model_name=[a]", "expected a string"),
+        ("train.device=tpu", "use auto, cpu"),
+        ("noequals", "KEY=VALUE"),
+    ],
+)
 def test_bad_values_are_rejected_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("params.yaml", [override])
@@ -87,45 +91,60 @@ def test_params_hash_ignores_what_happens_to_the_model_after_it_is_built():
     assert load_config("params.yaml", ["calibration.max_temperature=10"]).params_hash != base
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.momentum=-3", r"train.momentum = -3.0: must be in \[0, 1\)"),
-    ("train.momentum=1", r"train.momentum = 1.0: must be in \[0, 1\)"),
-    ("train.label_smoothing=5", r"train.label_smoothing = 5.0: must be in \[0, 1\)"),
-    ("seed=-1", r"seed = -1: must be in \[0, 4294967295\]"),
-    ("train.lr=.nan", "train.lr = nan: must be a finite number"),
-    ("train.lr=.inf", "train.lr = inf: must be a finite number"),
-    ("train.weight_decay=.nan", "train.weight_decay = nan: must be a finite number"),
-    ("train.weight_decay=-1e-4", "train.weight_decay = -0.0001: must be 0 or more"),
-    ("calibration.max_temperature=.inf", "calibration.max_temperature = inf: must be a finite number"),
-    ("calibration.min_temperature=.nan", "calibration.min_temperature = nan: must be a finite number"),
-    ("train.device=cuda:abc", "train.device = 'cuda:abc': use auto, cpu, cuda or cuda:N"),
-    ("train.device=cuda:-1", "train.device = 'cuda:-1': use auto, cpu, cuda or cuda:N"),
-    ("train.device=cudafoo", "train.device = 'cudafoo': use auto, cpu, cuda or cuda:N"),
-    ("evaluation.n_bins=1000000000", r"evaluation.n_bins = 1000000000: must be in \[1, 1000\]"),
-    ("model.width=100000", r"model.width = 100000: must be in \[1, 1024\]"),
-    ("gates.max_ece_increase=-0.01", "gates.max_ece_increase = -0.01: must be 0 or more"),
-    ("gates.max_accuracy_drop=-0.5", "gates.max_accuracy_drop = -0.5: must be 0 or more"),
-    ("gates.max_nll=-1", "gates.max_nll = -1.0: must be 0 or more"),
-    ("gates.max_nll=.nan", "gates.max_nll = nan: must be a finite number"),
-    ("gates.max_ece=.nan", "gates.max_ece = nan: must be a finite number"),
-    ("gates.confidence=0.5", r"gates.confidence = 0.5: must be in \(0.5, 1\)"),
-    ("gates.confidence=1", r"gates.confidence = 1.0: must be in \(0.5, 1\)"),
-    ("gates.n_resamples=99", r"gates.n_resamples = 99: must be in \[100, 100000\]"),
-    ("gates.n_resamples=1000000000", r"gates.n_resamples = 1000000000: must be in \[100, 100000\]"),
-    ("gates.metric=mce", "gates.metric = 'mce': must be one of 'ece', 'smooth_ece'"),
-    ("registry.model_name=a/b", "registry.model_name = 'a/b': must be non-empty, without '/' or ':'"),
-    ("train.epochs=[", "override 'train.epochs=\\[': the value is not YAML"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.momentum=-3", r"train.momentum = -3.0: must be in \[0, 1\)"),
+        ("train.momentum=1", r"train.momentum = 1.0: must be in \[0, 1\)"),
+        ("train.label_smoothing=5", r"train.label_smoothing = 5.0: must be in \[0, 1\)"),
+        ("seed=-1", r"seed = -1: must be in \[0, 4294967295\]"),
+        ("train.lr=.nan", "train.lr = nan: must be a finite number"),
+        ("train.lr=.inf", "train.lr = inf: must be a finite number"),
+        ("train.weight_decay=.nan", "train.weight_decay = nan: must be a finite number"),
+        ("train.weight_decay=-1e-4", "train.weight_decay = -0.0001: must be 0 or more"),
+        ("calibration.max_temperature=.inf", "calibration.max_temperature = inf: must be a finite number"),
+        ("calibration.min_temperature=.nan", "calibration.min_temperature = nan: must be a finite number"),
+        ("train.device=cuda:abc", "train.device = 'cuda:abc': use auto, cpu, cuda or cuda:N"),
+        ("train.device=cuda:-1", "train.device = 'cuda:-1': use auto, cpu, cuda or cuda:N"),
+        ("train.device=cudafoo", "train.device = 'cudafoo': use auto, cpu, cuda or cuda:N"),
+        ("evaluation.n_bins=1000000000", r"evaluation.n_bins = 1000000000: must be in \[1, 1000\]"),
+        ("model.width=100000", r"model.width = 100000: must be in \[1, 1024\]"),
+        ("gates.max_ece_increase=-0.01", "gates.max_ece_increase = -0.01: must be 0 or more"),
+        ("gates.max_accuracy_drop=-0.5", "gates.max_accuracy_drop = -0.5: must be 0 or more"),
+        ("gates.max_nll=-1", "gates.max_nll = -1.0: must be 0 or more"),
+        ("gates.max_nll=.nan", "gates.max_nll = nan: must be a finite number"),
+        ("gates.max_ece=.nan", "gates.max_ece = nan: must be a finite number"),
+        ("gates.confidence=0.5", r"gates.confidence = 0.5: must be in \(0.5, 1\)"),
+        ("gates.confidence=1", r"gates.confidence = 1.0: must be in \(0.5, 1\)"),
+        ("gates.n_resamples=99", r"gates.n_resamples = 99: must be in \[100, 100000\]"),
+        ("gates.n_resamples=1000000000", r"gates.n_resamples = 1000000000: must be in \[100, 100000\]"),
+        ("gates.metric=mce", "gates.metric = 'mce': must be one of 'ece', 'smooth_ece'"),
+        ("registry.model_name=a/b", "registry.model_name = 'a/b': must be non-empty, without '/' or ':'"),
+        ("train.epochs=[", "override 'train.epochs=\\[': the value is not YAML"),
+    ],
+)
 def test_values_a_run_cannot_use_are_refused_naming_key_value_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message) as caught:
         load_config("params.yaml", [override])
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("override", ["train.device=cuda:0", "train.device=cuda:12", "train.device=cuda",
-                                      "seed=4294967295", "train.momentum=0", "gates.max_ece_increase=0",
-                                      "gates.max_nll=2.5", "gates.metric=smooth_ece", "evaluation.n_bins=1000",
-                                      "model.width=1024", "registry.model_name=it's-digits"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.device=cuda:0",
+        "train.device=cuda:12",
+        "train.device=cuda",
+        "seed=4294967295",
+        "train.momentum=0",
+        "gates.max_ece_increase=0",
+        "gates.max_nll=2.5",
+        "gates.metric=smooth_ece",
+        "evaluation.n_bins=1000",
+        "model.width=1024",
+        "registry.model_name=it's-digits",
+    ],
+)
 def test_edge_values_that_a_run_can_use_are_accepted(override):
     load_config("params.yaml", [override])
 
@@ -145,13 +164,16 @@ def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path):
         load_config("params.yaml", ["train={epochs: 3, epochs: 4}"])
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not UTF-8 text"),
-    (b"seed: 0\ntrain: [epochs: 3\n", "is not valid YAML: .* at line"),
-    (b"seed: 0\n\tepochs: 3\n", "is not valid YAML"),
-    (b"seed: !!python/object/apply:os.system ['true']\n", "is not valid YAML"),
-    (b"- just\n- a list\n", "must hold a mapping of sections"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not UTF-8 text"),
+        (b"seed: 0\ntrain: [epochs: 3\n", "is not valid YAML: .* at line"),
+        (b"seed: 0\n\tepochs: 3\n", "is not valid YAML"),
+        (b"seed: !!python/object/apply:os.system ['true']\n", "is not valid YAML"),
+        (b"- just\n- a list\n", "must hold a mapping of sections"),
+    ],
+)
 def test_a_params_file_that_is_not_yaml_is_a_config_error_on_one_line(tmp_path, content, message):
     path = tmp_path / "params.yaml"
     path.write_bytes(content)
@@ -160,20 +182,23 @@ def test_a_params_file_that_is_not_yaml_is_a_config_error_on_one_line(tmp_path, 
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.loss=hinge", "train.loss = 'hinge': must be one of 'cross_entropy', 'focal', 'flsd53'"),
-    ("train.mix=mixcut", "train.mix = 'mixcut': must be one of 'none', 'mixup', 'cutmix'"),
-    ("train.focal_gamma=-1", "train.focal_gamma = -1.0: must be 0 or more"),
-    ("train.confidence_penalty=-0.1", "train.confidence_penalty = -0.1: must be 0 or more"),
-    ("train.mmce_weight=-2", "train.mmce_weight = -2.0: must be 0 or more"),
-    ("train.mix_alpha=0", "train.mix_alpha = 0.0: must be positive"),
-    ("train.mix_alpha=-0.2", "train.mix_alpha = -0.2: must be positive"),
-    ("model.ensemble=0", "model.ensemble = 0: must be positive"),
-    ("model.ensemble=1000", r"model.ensemble = 1000: must be in \[1, 32\]"),
-    ("model.mc_dropout=0", "model.mc_dropout = 0: must be positive"),
-    ("model.dropout=1", r"model.dropout = 1.0: must be in \[0, 1\)"),
-    ("model.mc_dropout=10", "model.mc_dropout = 10: needs model.dropout > 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.loss=hinge", "train.loss = 'hinge': must be one of 'cross_entropy', 'focal', 'flsd53'"),
+        ("train.mix=mixcut", "train.mix = 'mixcut': must be one of 'none', 'mixup', 'cutmix'"),
+        ("train.focal_gamma=-1", "train.focal_gamma = -1.0: must be 0 or more"),
+        ("train.confidence_penalty=-0.1", "train.confidence_penalty = -0.1: must be 0 or more"),
+        ("train.mmce_weight=-2", "train.mmce_weight = -2.0: must be 0 or more"),
+        ("train.mix_alpha=0", "train.mix_alpha = 0.0: must be positive"),
+        ("train.mix_alpha=-0.2", "train.mix_alpha = -0.2: must be positive"),
+        ("model.ensemble=0", "model.ensemble = 0: must be positive"),
+        ("model.ensemble=1000", r"model.ensemble = 1000: must be in \[1, 32\]"),
+        ("model.mc_dropout=0", "model.mc_dropout = 0: must be positive"),
+        ("model.dropout=1", r"model.dropout = 1.0: must be in \[0, 1\)"),
+        ("model.mc_dropout=10", "model.mc_dropout = 10: needs model.dropout > 0"),
+    ],
+)
 def test_train_time_calibration_keys_refuse_what_a_run_cannot_use(override, message):
     with pytest.raises(ConfigError, match=message) as caught:
         load_config("params.yaml", [override])
@@ -181,33 +206,56 @@ def test_train_time_calibration_keys_refuse_what_a_run_cannot_use(override, mess
 
 
 def test_train_time_calibration_keys_compose():
-    config = load_config("params.yaml", ["train.loss=flsd53", "train.mix=cutmix", "train.mix_alpha=0.3",
-                                         "train.label_smoothing=0.1", "model.ensemble=3", "model.dropout=0.2",
-                                         "model.mc_dropout=8", "calibration.method=vector"])
-    assert (config.train.loss, config.train.mix, config.model.ensemble, config.model.mc_dropout) == ("flsd53", "cutmix", 3, 8)
+    config = load_config(
+        "params.yaml",
+        [
+            "train.loss=flsd53",
+            "train.mix=cutmix",
+            "train.mix_alpha=0.3",
+            "train.label_smoothing=0.1",
+            "model.ensemble=3",
+            "model.dropout=0.2",
+            "model.mc_dropout=8",
+            "calibration.method=vector",
+        ],
+    )
+    assert (config.train.loss, config.train.mix, config.model.ensemble, config.model.mc_dropout) == (
+        "flsd53",
+        "cutmix",
+        3,
+        8,
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.val_every=0", "train.val_every = 0: must be positive"),
-    ("train.val_every=-3", "train.val_every = -3: must be positive"),
-    ("train.val_every=2.5", "train.val_every = 2.5: expected an integer"),
-    ("train.val_every=true", "train.val_every = True: expected an integer"),
-    ("train.threads=0", r"train.threads = 0: use a number of threads in \[1, 1024\] or auto"),
-    ("train.threads=-1", r"train.threads = -1: use a number of threads in \[1, 1024\] or auto"),
-    ("train.threads=100000", r"train.threads = 100000: use a number of threads in \[1, 1024\] or auto"),
-    ("train.threads=two", "train.threads = 'two': expected"),
-    ("train.threads=1.5", "train.threads = 1.5: expected"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.val_every=0", "train.val_every = 0: must be positive"),
+        ("train.val_every=-3", "train.val_every = -3: must be positive"),
+        ("train.val_every=2.5", "train.val_every = 2.5: expected an integer"),
+        ("train.val_every=true", "train.val_every = True: expected an integer"),
+        ("train.threads=0", r"train.threads = 0: use a number of threads in \[1, 1024\] or auto"),
+        ("train.threads=-1", r"train.threads = -1: use a number of threads in \[1, 1024\] or auto"),
+        ("train.threads=100000", r"train.threads = 100000: use a number of threads in \[1, 1024\] or auto"),
+        ("train.threads=two", "train.threads = 'two': expected"),
+        ("train.threads=1.5", "train.threads = 1.5: expected"),
+    ],
+)
 def test_speed_keys_refuse_what_a_run_cannot_use(override, message):
     with pytest.raises(ConfigError, match=message) as caught:
         load_config("params.yaml", [override])
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("override, key, value", [
-    ("train.val_every=1", "val_every", 1), ("train.val_every=1000", "val_every", 1000),
-    ("train.threads=2", "threads", 2), ("train.threads=auto", "threads", "auto"),
-])
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("train.val_every=1", "val_every", 1),
+        ("train.val_every=1000", "val_every", 1000),
+        ("train.threads=2", "threads", 2),
+        ("train.threads=auto", "threads", "auto"),
+    ],
+)
 def test_speed_keys_accept_what_a_run_can_use(override, key, value):
     assert getattr(load_config("params.yaml", [override]).train, key) == value
 

@@ -47,8 +47,22 @@ def test_data_add_commits_only_the_pointer_and_the_next_run_records_its_hash(tin
     run("git", "add", "notes.txt", cwd=tiny_repo)
     before = head(tiny_repo)
 
-    assert calibflow(["data", "add", str(images), "--name", "fives", "--repo", str(tiny_repo),
-                      "--message", "Digits 5-9, first drop"]) == 0
+    assert (
+        calibflow(
+            [
+                "data",
+                "add",
+                str(images),
+                "--name",
+                "fives",
+                "--repo",
+                str(tiny_repo),
+                "--message",
+                "Digits 5-9, first drop",
+            ]
+        )
+        == 0
+    )
     assert "data/fives: 300 images in 5 classes" in capsys.readouterr().out
     assert same_tree(images, tiny_repo / "data" / "fives")
 
@@ -137,8 +151,7 @@ def test_push_sends_the_files_to_the_dvc_remote_before_committing(tiny_repo, ima
     assert sum(1 for p in (remote / "files" / "md5").rglob("*") if p.is_file()) == len(contents) + 1  # every image
 
 
-def test_a_png_link_to_a_file_outside_the_folder_is_refused_and_nothing_is_copied(tiny_repo, images, tmp_path,
-                                                                                 capsys):
+def test_a_png_link_to_a_file_outside_the_folder_is_refused_and_nothing_is_copied(tiny_repo, images, tmp_path, capsys):
     secret = tmp_path / "private.png"
     secret.write_bytes((images / "5" / sorted(p.name for p in (images / "5").iterdir())[0]).read_bytes())
     (images / "5" / "innocent.png").symlink_to(secret)

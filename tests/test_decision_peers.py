@@ -130,8 +130,9 @@ def reference_scores(probs: np.ndarray, score: str, lam: float, k_reg: int) -> n
     return out
 
 
-@pytest.mark.parametrize("score, lam, k_reg", [("aps", 0.0, 1), ("raps", 0.01, 1), ("raps", 0.1, 2),
-                                               ("raps", 0.25, 0), ("lac", 0.0, 1)])
+@pytest.mark.parametrize(
+    "score, lam, k_reg", [("aps", 0.0, 1), ("raps", 0.01, 1), ("raps", 0.1, 2), ("raps", 0.25, 0), ("lac", 0.0, 1)]
+)
 @pytest.mark.parametrize("n_cal, alpha", [(10, 0.1), (50, 0.2), (400, 0.1)])
 def test_aps_raps_scores_and_sets_match_the_definition(score, lam, k_reg, n_cal, alpha):
     rng = np.random.default_rng(n_cal + 7 * k_reg)
@@ -230,8 +231,12 @@ def test_min_precision_threshold_keeps_its_guarantee_on_a_known_truth(n, most_in
         assert chosen.rule == "min_precision" and chosen.delta == DELTA
         return chosen
 
-    violations, infeasible = simulate(lambda rng: binary_sample(n, rng), fit,
-                                      lambda chosen: true_precision(chosen.threshold) < 0.75, np.random.default_rng(n))
+    violations, infeasible = simulate(
+        lambda rng: binary_sample(n, rng),
+        fit,
+        lambda chosen: true_precision(chosen.threshold) < 0.75,
+        np.random.default_rng(n),
+    )
     # precision(t) = 0.75 at t ~ 0.61 (a third of the scores above it): a rule that never finds it
     # is useless; on 300 images a union bound over thresholds leaves it feasible on a minority only
     assert infeasible < most_infeasible * TRIALS, infeasible
@@ -259,9 +264,12 @@ def test_selective_threshold_keeps_its_guarantee_on_a_known_truth(n):
         assert chosen.rule == "max_risk" and chosen.calibration_bound <= 0.1 + 1e-12
         return chosen
 
-    violations, infeasible = simulate(lambda rng: selective_sample(n, rng), fit,
-                                      lambda chosen: true_selective_risk(chosen.threshold) > 0.1,
-                                      np.random.default_rng(20 + n))
+    violations, infeasible = simulate(
+        lambda rng: selective_sample(n, rng),
+        fit,
+        lambda chosen: true_selective_risk(chosen.threshold) > 0.1,
+        np.random.default_rng(20 + n),
+    )
     assert infeasible < TRIALS / 2
     assert wilson_low(violations, TRIALS) <= DELTA, (violations, TRIALS)
 

@@ -226,18 +226,21 @@ def test_settings_that_cannot_work_are_refused_before_training_with_the_key_and_
     d.check_decision_settings(decision_config(conformal_alpha=0.1), ("cat", "dog"), counts)  # 40 >= 9
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["decision.conformal_alpha=0"], "decision.conformal_alpha = 0.0: must be in \\(0, 1\\)"),
-    (["decision.conformal_alpha=1"], "decision.conformal_alpha = 1.0: must be in \\(0, 1\\)"),
-    (["decision.positive_class=a", "decision.cost_fp=-1", "decision.cost_fn=1"], "decision.cost_fp = -1.0: costs"),
-    (["decision.positive_class=a", "decision.cost_fp=1"], "cost_fn is not"),
-    (["decision.positive_class=a", "decision.min_precision=0.9", "decision.min_recall=0.9"], "set one"),
-    (["decision.min_precision=0.9"], "needs decision.positive_class"),
-    (["decision.positive_class=a"], "no rule uses it"),
-    (["decision.conformal_score=naive"], "decision.conformal_score"),
-    (["gates.min_conformal_coverage=0.8"], "needs decision.conformal_alpha"),
-    (["gates.max_selective_risk=0.1"], "needs decision.max_risk"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["decision.conformal_alpha=0"], "decision.conformal_alpha = 0.0: must be in \\(0, 1\\)"),
+        (["decision.conformal_alpha=1"], "decision.conformal_alpha = 1.0: must be in \\(0, 1\\)"),
+        (["decision.positive_class=a", "decision.cost_fp=-1", "decision.cost_fn=1"], "decision.cost_fp = -1.0: costs"),
+        (["decision.positive_class=a", "decision.cost_fp=1"], "cost_fn is not"),
+        (["decision.positive_class=a", "decision.min_precision=0.9", "decision.min_recall=0.9"], "set one"),
+        (["decision.min_precision=0.9"], "needs decision.positive_class"),
+        (["decision.positive_class=a"], "no rule uses it"),
+        (["decision.conformal_score=naive"], "decision.conformal_score"),
+        (["gates.min_conformal_coverage=0.8"], "needs decision.conformal_alpha"),
+        (["gates.max_selective_risk=0.1"], "needs decision.max_risk"),
+    ],
+)
 def test_bad_decision_settings_are_config_errors_that_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -251,8 +254,14 @@ def test_decision_gates_pass_a_calibrated_policy_and_fail_an_over_confident_one(
     p, y = calibrated_sample(6000, 5, seed=5)
     config = decision_config(max_risk=0.1, conformal_alpha=0.1)
     policy = d.fit_policy(p[:3000], y[:3000], tuple("abcde"), config)
-    gates = GatesConfig(max_ece=1.0, min_accuracy=0.0, max_ece_increase=None, max_accuracy_drop=None,
-                        max_selective_risk=0.13, min_conformal_coverage=0.87)
+    gates = GatesConfig(
+        max_ece=1.0,
+        min_accuracy=0.0,
+        max_ece_increase=None,
+        max_accuracy_drop=None,
+        max_selective_risk=0.13,
+        min_conformal_coverage=0.87,
+    )
     test = Predictions(p[3000:], y[3000:])
     verdict = evaluate_gates(test, gates, decisions=policy, report_estimates=False)
     assert verdict.check("max_selective_risk").passed and verdict.check("min_conformal_coverage").passed
@@ -290,8 +299,11 @@ def served(tmp_path: Path, decisions_path: Path | None):
 
 
 def test_served_output_defaults_to_the_probabilities_and_decisions_are_asked_for_by_param(tmp_path):
-    policy = d.DecisionPolicy(("a", "b", "c"), abstain=d.ChosenThreshold(0.5, "max_risk", 0.1, 0.05, 0.08, 100),
-                              conformal=d.ConformalRule(0.1, "lac", 0.8, 0.01, 1, 100))
+    policy = d.DecisionPolicy(
+        ("a", "b", "c"),
+        abstain=d.ChosenThreshold(0.5, "max_risk", 0.1, 0.05, 0.08, 100),
+        conformal=d.ConformalRule(0.1, "lac", 0.8, 0.01, 1, 100),
+    )
     classifier, images = served(tmp_path, Path(policy.save(str(tmp_path / "decisions.json"))))
     probabilities = classifier.predict(None, images)
     assert isinstance(probabilities, np.ndarray) and probabilities.shape == (40, 3)
@@ -317,17 +329,33 @@ def test_a_model_registered_before_decisions_still_loads_and_decides_the_label(t
 
 
 @pytest.mark.e2e
-def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_gates_them(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_gates_them(
+    tmp_path, monkeypatch, capsys
+):
     from calibflow import registry
     from calibflow.cli import main as calibflow
     from tests.conftest import make_repo
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = make_repo(tmp_path / "binary", classes=(3, 8), per_class=150)
-    rules = ["--set", "decision.positive_class=8", "--set", "decision.min_recall=0.9", "--set", "decision.max_risk=0.1",
-             "--set", "decision.conformal_alpha=0.1", "--set", "gates.max_selective_risk=0.2",
-             "--set", "gates.min_conformal_coverage=0.75", "--set", "model.width=16", "--set", "train.epochs=8"]
+    rules = [
+        "--set",
+        "decision.positive_class=8",
+        "--set",
+        "decision.min_recall=0.9",
+        "--set",
+        "decision.max_risk=0.1",
+        "--set",
+        "decision.conformal_alpha=0.1",
+        "--set",
+        "gates.max_selective_risk=0.2",
+        "--set",
+        "gates.min_conformal_coverage=0.75",
+        "--set",
+        "model.width=16",
+        "--set",
+        "train.epochs=8",
+    ]
 
     # Bad input first: a class the data does not have is refused before training, nothing registered.
     assert calibflow(["run", "--repo", str(repo), *rules, "--set", "decision.positive_class=9"]) == 2
@@ -342,8 +370,14 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     version = client.get_model_version_by_alias("tiny-digits", "champion")
     assert str(version.version) == "1"  # the refused run registered nothing
     metrics = client.get_run(version.run_id).data.metrics
-    for name in ("positive_threshold", "positive_recall_lower", "selective_threshold", "selective_risk_upper",
-                 "set_coverage_lower", "set_mean_size"):
+    for name in (
+        "positive_threshold",
+        "positive_recall_lower",
+        "selective_threshold",
+        "selective_risk_upper",
+        "set_coverage_lower",
+        "set_mean_size",
+    ):
         assert f"test/decision/{name}" in metrics, name
     report = json.loads((repo / "reports" / "metrics.json").read_text())["test"]["decision"]
     assert report["positive_threshold"] == metrics["test/decision/positive_threshold"]
@@ -377,13 +411,28 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
 
     # `calibflow evaluate` recomputes every decision number from the registry's files, exactly.
     out = tmp_path / "evaluate.json"
-    evaluated = subprocess.run([str(Path(sys.executable).parent / "calibflow"), "evaluate", "--model",
-                                "models:/tiny-digits@champion", "--repo", str(repo), "--json", str(out)],
-                               capture_output=True, text=True, cwd=repo)
+    evaluated = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "calibflow"),
+            "evaluate",
+            "--model",
+            "models:/tiny-digits@champion",
+            "--repo",
+            str(repo),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     reproduced = json.loads(out.read_text())
     assert reproduced["mismatches"] == []
-    assert reproduced["logged"]["decision_selective_risk_upper"] == reproduced["recomputed"]["decision_selective_risk_upper"]
+    assert (
+        reproduced["logged"]["decision_selective_risk_upper"]
+        == reproduced["recomputed"]["decision_selective_risk_upper"]
+    )
     assert {"decision_positive_recall_lower", "decision_set_coverage_lower"} <= set(reproduced["recomputed"])
 
     # The registry gate recomputes the decision gates from the served policy.
@@ -398,7 +447,9 @@ def test_a_target_the_trained_model_cannot_meet_is_a_rejection_that_registers_no
     from tests.test_flow_e2e import mlflow_client
 
     # One epoch of a 5-class model: nowhere near 90% right on the 39 most confident images of 60.
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "train.epochs=1", "--set", "decision.max_risk=0.1"]) == 1
+    assert (
+        calibflow(["run", "--repo", str(tiny_repo), "--set", "train.epochs=1", "--set", "decision.max_risk=0.1"]) == 1
+    )
     message = capsys.readouterr().err
     assert "nothing registered" in message and "no confidence threshold certifies a selective risk <= 0.1" in message
     client = mlflow_client(tiny_repo)
@@ -412,14 +463,32 @@ def test_an_ensemble_serves_decisions_fitted_on_its_averaged_calibrated_probabil
     from calibflow.cli import main as calibflow
     from calibflow.decisions import DecisionPolicy
 
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "model.ensemble=2", "--set",
-                      "decision.conformal_alpha=0.2", "--set", "decision.max_risk=0.3"]) == 0
+    assert (
+        calibflow(
+            [
+                "run",
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                "model.ensemble=2",
+                "--set",
+                "decision.conformal_alpha=0.2",
+                "--set",
+                "decision.max_risk=0.3",
+            ]
+        )
+        == 0
+    )
     registry.configure_tracking(tiny_repo)
     model = registry.load_model("models:/tiny-digits@champion")
     wrapped = model.unwrap_python_model()
     assert len(wrapped.members) == 2 and wrapped.decision_policy.conformal is not None
-    images = np.stack([np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("L"))[..., None]
-                       for p in sorted((tiny_repo / "data" / "tiny" / "2").glob("*.png"))[:5]])
+    images = np.stack(
+        [
+            np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("L"))[..., None]
+            for p in sorted((tiny_repo / "data" / "tiny" / "2").glob("*.png"))[:5]
+        ]
+    )
     frame = model.predict(images, params={"output": "decisions"})
     probabilities = model.predict(images)
     # The sets are the policy's, applied to the ensemble's served (averaged, calibrated) probabilities.

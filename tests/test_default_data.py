@@ -55,9 +55,19 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
     split = pipeline.write_split(manifest.path, config.split, config.seed, str(tmp_path / "splits.json"))
     assert split.sizes["test"] >= 700 and split.sizes["calibration"] >= 400
     trained = pipeline.train_model(str(data), manifest, split.path, config, str(tmp_path))
-    logits = {name: pipeline.write_split_logits(trained.checkpoint, str(data), manifest.path, split.path, name,
-                                                str(tmp_path / f"{name}.npz"), device="cpu", threads=1)
-              for name in ("calibration", "test")}
+    logits = {
+        name: pipeline.write_split_logits(
+            trained.checkpoint,
+            str(data),
+            manifest.path,
+            split.path,
+            name,
+            str(tmp_path / f"{name}.npz"),
+            device="cpu",
+            threads=1,
+        )
+        for name in ("calibration", "test")
+    }
     fit = pipeline.fit_calibration(logits["calibration"], config.calibration, str(tmp_path / "calibrator.json"))
     evaluation = pipeline.evaluate_calibration(logits["test"], fit, config.evaluation.n_bins, str(tmp_path))
     assert fit.temperature > 1.25
@@ -69,7 +79,11 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
     test_logits, labels = pipeline.load_logits(logits["test"])
     softmax = torch.softmax(torch.as_tensor(test_logits, dtype=torch.float64), dim=1).numpy()
     calibrated = np.asarray(pipeline.load_calibrator(fit.state_path).transform(test_logits))
-    verdicts = {name: evaluate_gates(Predictions(probabilities=p, labels=labels), config.gates, report_estimates=False)
-                for name, p in (("softmax", softmax), ("calibrated", calibrated))}
-    assert not verdicts["softmax"].passed and [c.name for c in verdicts["softmax"].checks if not c.passed] == ["max_ece"]
+    verdicts = {
+        name: evaluate_gates(Predictions(probabilities=p, labels=labels), config.gates, report_estimates=False)
+        for name, p in (("softmax", softmax), ("calibrated", calibrated))
+    }
+    assert not verdicts["softmax"].passed and [c.name for c in verdicts["softmax"].checks if not c.passed] == [
+        "max_ece"
+    ]
     assert verdicts["calibrated"].passed

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from calibflow.ensembles import (EnsembleCalibrator, ensemble_nll, fit_shared_temperature, mc_dropout_logits, model_calibrator_from_state, predictive_logits,
-                                 served_probabilities, uncalibrated_probabilities)
+from calibflow.ensembles import (
+    EnsembleCalibrator,
+    ensemble_nll,
+    fit_shared_temperature,
+    mc_dropout_logits,
+    model_calibrator_from_state,
+    predictive_logits,
+    served_probabilities,
+    uncalibrated_probabilities,
+)
 from calibflow.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
 
@@ -42,8 +50,9 @@ def test_ensemble_serves_the_mean_of_its_members_calibrated_probabilities():
     calibrator = EnsembleCalibrator.fit("temperature", logits, y)
     temperatures = [c.temperature for c in calibrator.members]
     assert len(set(temperatures)) == 1  # one T shared by the members, fitted on their mean
-    expected = np.mean([torch.softmax(m(x).double() / t, 1).detach().numpy()
-                        for m, t in zip(models, temperatures)], axis=0)
+    expected = np.mean(
+        [torch.softmax(m(x).double() / t, 1).detach().numpy() for m, t in zip(models, temperatures)], axis=0
+    )
     served = served_probabilities(models, calibrator, x).numpy()
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(served.sum(1), 1.0, rtol=1e-9)
@@ -122,8 +131,16 @@ def test_mc_dropout_needs_a_dropout_head():
 
 def test_checkpoint_keeps_every_member_and_the_mc_setting(tmp_path):
     spec, models = members(3, dropout=0.2)
-    path = save_checkpoint(tmp_path / "c.pt", models[0], spec, ["a", "b", "c", "d"], "L", more_members=tuple(models[1:]),
-                           mc_samples=9, mc_seed=4)
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        models[0],
+        spec,
+        ["a", "b", "c", "d"],
+        "L",
+        more_members=tuple(models[1:]),
+        mc_samples=9,
+        mc_seed=4,
+    )
     loaded = load_checkpoint(path)
     assert (len(loaded.members), loaded.mc_samples, loaded.mc_seed) == (3, 9, 4)
     x = images()

@@ -29,8 +29,8 @@ def readme_exit_codes() -> dict[str, set[int]]:
     """{command: exit codes} from the README's command-line table ("data add" for `calibflow data
     add PATH ...`; the codes are the digits that open each `;`-separated part of the last cell)."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## The command line"):]
-    section = section[:section.index("\n## ", 1)]
+    section = text[text.index("## The command line") :]
+    section = section[: section.index("\n## ", 1)]
     table: dict[str, set[int]] = {}
     for line in section.splitlines():
         if not line.startswith("| `calibflow "):
@@ -61,24 +61,38 @@ CASES = [
     Case("evaluate", 2, ("evaluate", "--model", "models:/nope@champion", "--repo", "{repo}"), "nope"),
     Case("evaluate", 2, ("evaluate", "--model", f"models:/{SOLO}@nope", "--repo", "{repo}"), "alias nope"),
     Case("evaluate", 2, ("evaluate", "--model", SOLO, "--repo", "{repo}"), "is not a registry URI"),
-    Case("predict", 2, ("predict", "--model", "models:/nope@champion", "--repo", "{repo}", "{image}"),
-         "nope"),
-    Case("predict", 2, ("predict", "--model", f"models:/{SOLO}@nope", "--repo", "{repo}", "{image}"),
-         "alias nope"),
-    Case("predict", 2, ("predict", "--model", f"models:/{SOLO}@champion", "--repo", "{repo}", "{tmp}/missing.png"),
-         "no such file"),
+    Case("predict", 2, ("predict", "--model", "models:/nope@champion", "--repo", "{repo}", "{image}"), "nope"),
+    Case("predict", 2, ("predict", "--model", f"models:/{SOLO}@nope", "--repo", "{repo}", "{image}"), "alias nope"),
+    Case(
+        "predict",
+        2,
+        ("predict", "--model", f"models:/{SOLO}@champion", "--repo", "{repo}", "{tmp}/missing.png"),
+        "no such file",
+    ),
     Case("gate", 2, ("gate", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "could not decide"),
-    Case("gate", 2, ("gate", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--set", "gates.max_nll=-1"),
-         "gates.max_nll = -1.0"),
-    Case("gate plan", 0, ("gate", "plan", "--thresholds", "--repo", "{repo}", "--set", "gates.n_resamples=100"),
-         "test images give the configured gates 80% power"),
+    Case(
+        "gate",
+        2,
+        ("gate", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--set", "gates.max_nll=-1"),
+        "gates.max_nll = -1.0",
+    ),
+    Case(
+        "gate plan",
+        0,
+        ("gate", "plan", "--thresholds", "--repo", "{repo}", "--set", "gates.n_resamples=100"),
+        "test images give the configured gates 80% power",
+    ),
     Case("gate plan", 2, ("gate", "plan", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "nope"),
     Case("gate plan", 2, ("gate", "plan", "--thresholds", "--power", "2", "--repo", "{repo}"), "power = 2.0"),
     Case("gate plan", 2, ("gate", "plan", "--model", SOLO, "--repo", "{repo}"), "--candidate REF, or --thresholds"),
     Case("promote", 2, ("promote", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--force"), "--reason"),
     Case("promote", 2, ("promote", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "could not decide"),
-    Case("promote", 2, ("promote", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--params",
-                        "../bad.yaml"), "is not UTF-8 text"),
+    Case(
+        "promote",
+        2,
+        ("promote", "--model", SOLO, "--candidate", "1", "--repo", "{repo}", "--params", "../bad.yaml"),
+        "is not UTF-8 text",
+    ),
     Case("rollback", 0, ("rollback", "--model", QUOTED, "--repo", "{repo}"), "back at version 1"),
     Case("rollback", 2, ("rollback", "--model", SOLO, "--repo", "{repo}"), "no previous champion"),
     Case("rollback", 2, ("rollback", "--model", "nope", "--repo", "{repo}"), "nope"),
@@ -98,20 +112,43 @@ ELSEWHERE = {
     ("run", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",
     ("run", 1): "tests/test_flow_e2e.py::test_failing_gate_registers_nothing_and_moves_no_alias",
     ("evaluate", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",
-    ("evaluate", 1): "tests/test_promotion.py::test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged",
+    (
+        "evaluate",
+        1,
+    ): "tests/test_promotion.py::test_evaluate_exits_1_when_the_recomputed_metrics_differ_from_the_logged",
     ("predict", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",
     ("gate", 0): "tests/test_promotion.py::test_gate_passes_with_exit_0_and_reports_each_check_against_the_champion",
-    ("gate", 1): "tests/test_promotion.py::test_candidate_passing_on_its_point_estimate_but_not_its_upper_bound_fails_with_exit_1",
-    ("promote", 0): "tests/test_promotion.py::test_promote_moves_champion_records_who_and_keeps_the_report_then_rollback_moves_it_back",
+    (
+        "gate",
+        1,
+    ): "tests/test_promotion.py::test_candidate_passing_on_its_point_estimate_but_not_its_upper_bound_fails_with_exit_1",
+    (
+        "promote",
+        0,
+    ): "tests/test_promotion.py::test_promote_moves_champion_records_who_and_keeps_the_report_then_rollback_moves_it_back",
     ("promote", 1): "tests/test_promotion.py::test_failed_gate_does_not_promote_unless_forced_with_a_reason",
-    ("schedule", 0): "tests/test_servers.py::test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retrain_is_skipped",
+    (
+        "schedule",
+        0,
+    ): "tests/test_servers.py::test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retrain_is_skipped",
 }
 
 
 def test_every_exit_code_the_readme_promises_is_exercised():
     documented = {(command, code) for command, codes in readme_exit_codes().items() for code in codes}
-    assert {"run", "evaluate", "predict", "gate", "gate plan", "promote", "rollback", "status", "data add",
-            "schedule", "prepare-digits"} <= {command for command, _ in documented}
+    assert {
+        "run",
+        "evaluate",
+        "predict",
+        "gate",
+        "gate plan",
+        "promote",
+        "rollback",
+        "status",
+        "data add",
+        "schedule",
+        "prepare-digits",
+    } <= {command for command, _ in documented}
     exercised = {(case.command, case.code) for case in CASES} | set(ELSEWHERE)
     assert documented == exercised
     for node in ELSEWHERE.values():
@@ -162,8 +199,13 @@ def world(registry_world, tmp_path, monkeypatch) -> dict[str, str]:
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     images = registry_world / "images"
-    return {"repo": str(copy / "repo"), "bad_params": str(copy / "bad.yaml"), "tmp": str(scratch),
-            "images": str(images), "image": str(min((images / "5").iterdir()))}
+    return {
+        "repo": str(copy / "repo"),
+        "bad_params": str(copy / "bad.yaml"),
+        "tmp": str(scratch),
+        "images": str(images),
+        "image": str(min((images / "5").iterdir())),
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.command}-{c.code}-{c.says}" for c in CASES])
@@ -200,14 +242,19 @@ def test_an_unanticipated_error_exits_2_not_1_with_its_traceback(world, monkeypa
     assert "Traceback" in err and "unexpected RuntimeError" in err and "a bug nobody anticipated" in err
 
 
-@pytest.mark.parametrize("argv, code, says", [
-    (["run", "--params", "../bad.yaml"], 2, "is not UTF-8 text"),
-    (["predict", "--model", f"models:/{SOLO}@nope", "{image}"], 2, "alias nope"),
-], ids=["run-bad-params", "predict-missing-alias"])
+@pytest.mark.parametrize(
+    "argv, code, says",
+    [
+        (["run", "--params", "../bad.yaml"], 2, "is not UTF-8 text"),
+        (["predict", "--model", f"models:/{SOLO}@nope", "{image}"], 2, "alias nope"),
+    ],
+    ids=["run-bad-params", "predict-missing-alias"],
+)
 def test_in_a_separate_process_a_user_mistake_exits_2_with_one_line_and_no_traceback(world, argv, code, says):
     argv = [part.format(**world) for part in argv]
-    result = subprocess.run([CALIBFLOW, *argv, "--repo", world["repo"]], capture_output=True, text=True,
-                            cwd=world["repo"])
+    result = subprocess.run(
+        [CALIBFLOW, *argv, "--repo", world["repo"]], capture_output=True, text=True, cwd=world["repo"]
+    )
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr, result.stderr

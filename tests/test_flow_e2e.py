@@ -23,8 +23,16 @@ from tests.conftest import REPO, dvc, run, untrained_model
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
 CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
-REQUIRED_TAGS = ("test/uncalibrated/ece", "test/calibrated/ece", "test/calibrated/accuracy", "calibration/temperature",
-                 "data_hash", "git_commit", "params_hash", "seed")
+REQUIRED_TAGS = (
+    "test/uncalibrated/ece",
+    "test/calibrated/ece",
+    "test/calibrated/accuracy",
+    "calibration/temperature",
+    "data_hash",
+    "git_commit",
+    "params_hash",
+    "seed",
+)
 
 
 def mlflow_client(repo: Path) -> MlflowClient:
@@ -67,18 +75,31 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     mlflow_run = client.get_run(version.run_id)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["calibflow.status"] == "succeeded"
     assert mlflow_run.data.params["train.epochs"] == "5"  # the resolved config is logged
+
     def steps(metric: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(version.run_id, metric))
 
     assert steps("train/loss") == steps("train/images_per_second") == [1, 2, 3, 4, 5]  # once per epoch
     # train.val_every = 2, and always the last epoch
     assert steps("val/accuracy") == steps("val/nll") == steps("val/ece") == [2, 4, 5]
-    artifacts = {a.path for folder in ("", "plots", "data", "validation", "checkpoint", "gates")
-                 for a in client.list_artifacts(version.run_id, folder or None)}
-    assert {"config.yaml", "plots/reliability_diagram.png", "plots/confidence_histogram.png", "data/splits.json",
-            "data/manifest.csv", "validation/data_validation.json", "checkpoint/checkpoint.pt",
-            "gates/gates.json"} <= artifacts
-    split_record = json.loads(Path(registry.download_run_artifact(version.run_id, "data/splits.json", tmp_path)).read_text())
+    artifacts = {
+        a.path
+        for folder in ("", "plots", "data", "validation", "checkpoint", "gates")
+        for a in client.list_artifacts(version.run_id, folder or None)
+    }
+    assert {
+        "config.yaml",
+        "plots/reliability_diagram.png",
+        "plots/confidence_histogram.png",
+        "data/splits.json",
+        "data/manifest.csv",
+        "validation/data_validation.json",
+        "checkpoint/checkpoint.pt",
+        "gates/gates.json",
+    } <= artifacts
+    split_record = json.loads(
+        Path(registry.download_run_artifact(version.run_id, "data/splits.json", tmp_path)).read_text()
+    )
     assert split_record["digest"] == tags["split_digest"] == mlflow_run.data.tags["split_digest"]
 
     metrics = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
@@ -86,7 +107,10 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     assert stat.S_IMODE((tiny_repo / "reports" / "metrics.json").stat().st_mode) == 0o666 & ~current_umask()
     assert sorted(p.name for p in (tiny_repo / "reports").iterdir()) == ["metrics.json", "plots"]  # nothing staged
     assert sorted(p.name for p in (tiny_repo / "reports" / "plots").iterdir()) == [
-        "reliability_diagram.png", "train.csv", "val.csv"]
+        "reliability_diagram.png",
+        "train.csv",
+        "val.csv",
+    ]
     shown = dvc("metrics", "show", cwd=tiny_repo).stdout
     assert "reports/metrics.json" in shown and "test.calibrated.ece" in shown
 
@@ -102,8 +126,16 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     assert run_tags["mlflow.source.git.commit"] == head(tiny_repo) and run_tags["mlflow.user"]
     assert run_tags["mlflow.source.name"] == "flows/train_calibrate.py"
     logged = set(mlflow_run.data.metrics)
-    assert {"test/uncalibrated/ece", "test/calibrated/ece", "test/calibrated/nll", "gate/max_ece_bound",
-            "gate/max_ece_threshold", "gate/min_accuracy_bound", "calibration/temperature", "val/ece"} <= logged
+    assert {
+        "test/uncalibrated/ece",
+        "test/calibrated/ece",
+        "test/calibrated/nll",
+        "gate/max_ece_bound",
+        "gate/max_ece_threshold",
+        "gate/min_accuracy_bound",
+        "calibration/temperature",
+        "val/ece",
+    } <= logged
     assert all("/" in name for name in logged), sorted(n for n in logged if "/" not in n)  # every chart grouped
     assert not [k for k in mlflow_run.data.params if k.startswith(("schedule.", "registry."))]
     (dataset,) = mlflow_run.inputs.dataset_inputs
@@ -115,21 +147,31 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as prefect:
-        summaries = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["calibflow-run-summary"])))
+        summaries = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["calibflow-run-summary"]))
+        )
     assert any(result["run_id"] in (a.data or "") for a in summaries)
 
     # A fresh process loads models:/tiny-digits@champion and recomputes the logged numbers.
     out = tmp_path / "evaluate.json"
-    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
-                                "--json", str(out)], capture_output=True, text=True, cwd=tiny_repo)
+    evaluated = subprocess.run(
+        [CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tiny_repo,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(out.read_text())
     assert abs(report["recomputed"]["ece"] - float(tags["test/calibrated/ece"])) <= 1e-6
     assert report["recomputed"]["accuracy"] == float(tags["test/calibrated/accuracy"])
 
     images = sorted(str(p) for p in (tiny_repo / "data" / "tiny" / "3").glob("*.png"))[:2]
-    predicted = subprocess.run([CALIBFLOW, "predict", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
-                                *images], capture_output=True, text=True, cwd=tiny_repo)
+    predicted = subprocess.run(
+        [CALIBFLOW, "predict", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo), *images],
+        capture_output=True,
+        text=True,
+        cwd=tiny_repo,
+    )
     assert predicted.returncode == 0, predicted.stderr
     lines = [line.split("\t") for line in predicted.stdout.strip().splitlines()]
     assert [line[0] for line in lines] == images
@@ -214,8 +256,9 @@ def log_untrained_model(repo: Path, work: Path) -> str:
     model = untrained_model(work)
     registry.configure_tracking(repo)
     run_id = registry.start_run("registration-tests", repo_root=repo)
-    return registry.log_calibrated_model(run_id, model.checkpoint, model.calibration_state,
-                                         model.images[:2].permute(0, 2, 3, 1).numpy())
+    return registry.log_calibrated_model(
+        run_id, model.checkpoint, model.calibration_state, model.images[:2].permute(0, 2, 3, 1).numpy()
+    )
 
 
 RACER = textwrap.dedent("""\
@@ -243,9 +286,16 @@ def test_first_registrations_racing_in_two_processes_give_one_champion_and_each_
     racer, sync, trials = tmp_path / "racer.py", tmp_path / "sync", 2
     racer.write_text(RACER)
     sync.mkdir()
-    processes = [subprocess.Popen([sys.executable, str(racer), str(tiny_repo), model_uri, str(sync), str(trials), me],
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for me in ("a", "b")]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(racer), str(tiny_repo), model_uri, str(sync), str(trials), me],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for me in ("a", "b")
+    ]
     try:
         for trial in range(trials):
             deadline = time.monotonic() + 120
@@ -359,7 +409,9 @@ def test_corrupt_image_fails_validation_before_training_and_registers_nothing(ti
     assert client.search_registered_models(f"name='{MODEL}'") == []
     failed = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
     assert failed.info.status == "FAILED" and failed.data.tags["data_validation"] == "failed"
-    saved = {a.path for folder in ("validation", "checkpoint") for a in client.list_artifacts(failed.info.run_id, folder)}
+    saved = {
+        a.path for folder in ("validation", "checkpoint") for a in client.list_artifacts(failed.info.run_id, folder)
+    }
     assert "validation/data_validation.json" in saved  # the GX result is kept
     assert not any(p.startswith("checkpoint") for p in saved)  # nothing was trained
     assert not (tiny_repo / "reports" / "metrics.json").exists()
@@ -399,15 +451,22 @@ def test_other_calibrators_are_registered_and_served_and_auto_logs_its_compariso
     assert vector.tags["calibration/method"] == "vector" and vector.tags["calibration/temperature"] == ""
     # The served pyfunc applies the saved vector-scaling calibrator: a fresh process reproduces the metrics.
     out = tmp_path / "evaluate.json"
-    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
-                                "--json", str(out)], capture_output=True, text=True, cwd=tiny_repo)
+    evaluated = subprocess.run(
+        [CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tiny_repo,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(out.read_text())["mismatches"] == []
 
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.method=auto", "--set", "seed=1"]) == 0
     auto = client.get_model_version_by_alias(MODEL, "challenger")
-    table = json.loads(Path(registry.download_run_artifact(auto.run_id, "calibration/calibration_selection.json",
-                                                           tmp_path)).read_text())
+    table = json.loads(
+        Path(
+            registry.download_run_artifact(auto.run_id, "calibration/calibration_selection.json", tmp_path)
+        ).read_text()
+    )
     methods = {row["method"] for row in table}
     assert {"temperature", "vector", "matrix", "histogram", "isotonic"} <= methods
     assert auto.tags["calibration/method"] in methods
@@ -421,25 +480,42 @@ def test_promotion_auto_moves_the_champion_only_when_every_gate_passes(tiny_repo
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "seed=1", *strict]) == 0
     client = mlflow_client(tiny_repo)
     assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {
-        "champion": "1", "challenger": "2"}  # registered (absolute gates pass), not promoted
+        "champion": "1",
+        "challenger": "2",
+    }  # registered (absolute gates pass), not promoted
 
-    loose = ["--set", "promotion.auto=true", "--set", "gates.max_accuracy_drop=0.9", "--set", "gates.max_ece_increase=0.9"]
+    loose = [
+        "--set",
+        "promotion.auto=true",
+        "--set",
+        "gates.max_accuracy_drop=0.9",
+        "--set",
+        "gates.max_ece_increase=0.9",
+    ]
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "seed=2", *loose]) == 0
     # v3 was registered as @challenger (the alias moved from v2), then took @champion.
     assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {
-        "champion": "3", "previous-champion": "1"}
+        "champion": "3",
+        "previous-champion": "1",
+    }
     assert client.get_model_version(MODEL, "3").tags["promoted_from"] == "1"
 
 
-@pytest.mark.parametrize("options", [
-    ["train.loss=focal", "train.focal_gamma=2", "train.mix=mixup", "train.mix_alpha=0.4"],
-    ["train.loss=flsd53", "train.mix=cutmix", "train.label_smoothing=0.1"],
-    ["train.loss=confidence_penalty", "calibration.method=vector"],
-    ["train.loss=mmce"],
-    ["model.ensemble=2"],
-    ["model.dropout=0.3", "model.mc_dropout=4"],
-], ids=["focal+mixup", "flsd53+cutmix+smoothing", "confidence_penalty+vector", "mmce", "ensemble", "mc_dropout"])
-def test_train_time_calibration_options_register_a_model_served_calibrated_in_a_fresh_process(options, tiny_repo, tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["train.loss=focal", "train.focal_gamma=2", "train.mix=mixup", "train.mix_alpha=0.4"],
+        ["train.loss=flsd53", "train.mix=cutmix", "train.label_smoothing=0.1"],
+        ["train.loss=confidence_penalty", "calibration.method=vector"],
+        ["train.loss=mmce"],
+        ["model.ensemble=2"],
+        ["model.dropout=0.3", "model.mc_dropout=4"],
+    ],
+    ids=["focal+mixup", "flsd53+cutmix+smoothing", "confidence_penalty+vector", "mmce", "ensemble", "mc_dropout"],
+)
+def test_train_time_calibration_options_register_a_model_served_calibrated_in_a_fresh_process(
+    options, tiny_repo, tmp_path
+):
     argv = ["run", "--repo", str(tiny_repo)]
     for option in options:
         argv += ["--set", option]
@@ -448,8 +524,12 @@ def test_train_time_calibration_options_register_a_model_served_calibrated_in_a_
     # A fresh process loads the registered pyfunc (mlflow.pyfunc.load_model after the digest check)
     # and recomputes the logged test metrics from its calibrated probabilities.
     out = tmp_path / "evaluate.json"
-    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
-                                "--json", str(out)], capture_output=True, text=True, cwd=tiny_repo)
+    evaluated = subprocess.run(
+        [CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tiny_repo,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(out.read_text())
     assert report["mismatches"] == []

@@ -32,8 +32,17 @@ def test_accuracy_lower_bound_is_the_exact_clopper_pearson_bound(k, n):
 # ------------------------------------------------------------------ paired accuracy drop
 
 
-@pytest.mark.parametrize("n10,n01,n,delta", [(5, 2, 200, 0.01), (0, 0, 200, 0.01), (0, 7, 300, 0.02),
-                                              (40, 35, 1000, -0.01), (3, 0, 50, 0.1), (0, 4, 100, -0.02)])
+@pytest.mark.parametrize(
+    "n10,n01,n,delta",
+    [
+        (5, 2, 200, 0.01),
+        (0, 0, 200, 0.01),
+        (0, 7, 300, 0.02),
+        (40, 35, 1000, -0.01),
+        (3, 0, 50, 0.1),
+        (0, 4, 100, -0.02),
+    ],
+)
 def test_null_cell_probability_is_the_constrained_maximum_likelihood(n10, n01, n, delta):
     n00 = n - n10 - n01
 
@@ -42,8 +51,9 @@ def test_null_cell_probability_is_the_constrained_maximum_likelihood(n10, n01, n
         return -sum(c * math.log(p) for c, p in cells if c) if all(p > 0 for c, p in cells if c) else math.inf
 
     lo, hi = max(0.0, -delta), (1 - delta) / 2
-    reference = optimize.minimize_scalar(negative_loglik, bounds=(lo + 1e-12, hi - 1e-12), method="bounded",
-                                         options={"xatol": 1e-12}).x
+    reference = optimize.minimize_scalar(
+        negative_loglik, bounds=(lo + 1e-12, hi - 1e-12), method="bounded", options={"xatol": 1e-12}
+    ).x
     q = gs._paired_null_p01(n10, n01, n, delta)
     assert negative_loglik(q) <= negative_loglik(reference) + 1e-7
     assert q == pytest.approx(reference, abs=1e-5)
@@ -202,8 +212,9 @@ def test_increase_bound_on_the_tolerance_with_a_calibrated_champion():
     for trial in range(trials):
         conf = 0.5 + 0.45 * rng.beta(5.0, 2.0, n)
         correct = rng.random(n) < conf
-        bound, _ = gs.calibration_error_increase_upper_bound(conf + tolerance, correct, conf, correct,
-                                                             gs.EqualWidthBins(15), 0.95, seed=trial)
+        bound, _ = gs.calibration_error_increase_upper_bound(
+            conf + tolerance, correct, conf, correct, gs.EqualWidthBins(15), 0.95, seed=trial
+        )
         passes += bound.bound <= tolerance
     assert passes / trials <= 0.05 + 1.96 * math.sqrt(0.05 * 0.95 / trials)
 
@@ -252,8 +263,9 @@ def test_increase_bound_with_rare_disagreements_on_the_tolerance(n):
         conf = 1 - rng.beta(2.0, 98.0, n)
         champion = rng.random(n) < conf
         candidate = champion & (rng.random(n) >= tolerance / conf)
-        bound, _ = gs.calibration_error_increase_upper_bound(conf, candidate, conf, champion, gs.EqualWidthBins(15),
-                                                             0.95, seed=trial)
+        bound, _ = gs.calibration_error_increase_upper_bound(
+            conf, candidate, conf, champion, gs.EqualWidthBins(15), 0.95, seed=trial
+        )
         passes += bound.bound <= tolerance
     assert passes / trials <= 0.05
 

@@ -32,8 +32,9 @@ def test_bounds_sit_beyond_the_estimate_and_the_verdict_reads_the_bound():
     verdict = evaluate_gates(synthetic(2_000, gap=0.03), GATES)
     for check in verdict.checks:
         assert (check.bound >= check.value) if check.comparison == "<=" else (check.bound <= check.value)
-        assert check.passed == (check.bound <= check.threshold if check.comparison == "<=" else
-                                check.bound >= check.threshold)
+        assert check.passed == (
+            check.bound <= check.threshold if check.comparison == "<=" else check.bound >= check.threshold
+        )
         assert check.method
 
 
@@ -62,8 +63,9 @@ def test_relative_checks_compare_with_the_champion_on_the_same_images():
 def test_absolute_passed_ignores_the_relative_checks():
     champion = synthetic(3_000, seed=3)
     worse = Predictions(synthetic(3_000, gap=0.04, seed=3).probabilities, champion.labels)
-    verdict = evaluate_gates(worse, GatesConfig(max_ece=0.2, min_accuracy=0.5, max_ece_increase=0.0),
-                             comparison=(worse, champion))
+    verdict = evaluate_gates(
+        worse, GatesConfig(max_ece=0.2, min_accuracy=0.5, max_ece_increase=0.0), comparison=(worse, champion)
+    )
     assert verdict.absolute_passed and not verdict.passed
 
 
@@ -111,10 +113,20 @@ def test_every_gate_reports_its_key_and_method():
     champion = synthetic(3_000, seed=5)
     gates = GatesConfig(max_ece=0.05, min_accuracy=0.5, max_nll=1.0, max_ece_increase=0.02, max_accuracy_drop=0.02)
     verdict = evaluate_gates(champion, gates, comparison=(champion, champion))
-    assert [c.name for c in verdict.checks] == ["max_ece", "min_accuracy", "max_nll", "max_ece_increase",
-                                                "max_accuracy_drop"]
-    assert {c.method for c in verdict.checks} == {"intersection-union score", "clopper-pearson", "error-rate x excess (Clopper-Pearson, Hall)",
-                                                  "min of paired and cross-fit bounds", "paired score (Tango)"}
+    assert [c.name for c in verdict.checks] == [
+        "max_ece",
+        "min_accuracy",
+        "max_nll",
+        "max_ece_increase",
+        "max_accuracy_drop",
+    ]
+    assert {c.method for c in verdict.checks} == {
+        "intersection-union score",
+        "clopper-pearson",
+        "error-rate x excess (Clopper-Pearson, Hall)",
+        "min of paired and cross-fit bounds",
+        "paired score (Tango)",
+    }
     assert set(verdict.estimates) == {"ece_plugin", "ece_debiased_l2", "smooth_ece", "smooth_ece_sigma"}
 
 

@@ -23,8 +23,15 @@ FRAMEWORKS = ("mlflow", "prefect")
 MAY_IMPORT_FRAMEWORKS = {"calibflow.registry", "calibflow.cli"}
 # Modules that read or move registered versions on the CLI's behalf: they import registry
 # (monitor and recalibrate: `calibflow monitor` / `recalibrate`, issue 14).
-REGISTRY_SIDE = {"calibflow.registry", "calibflow.cli", "calibflow.promotion", "calibflow.reproduce",
-                 "calibflow.served_model", "calibflow.monitor", "calibflow.recalibrate"}
+REGISTRY_SIDE = {
+    "calibflow.registry",
+    "calibflow.cli",
+    "calibflow.promotion",
+    "calibflow.reproduce",
+    "calibflow.served_model",
+    "calibflow.monitor",
+    "calibflow.recalibrate",
+}
 
 
 def _imported(node: ast.AST, package: str) -> list[str]:
@@ -89,8 +96,11 @@ def _frameworks(names: set[str]) -> set[str]:
 
 def test_only_the_registry_and_the_cli_import_mlflow_or_prefect():
     anywhere, _ = import_graph(REPO / "calibflow")
-    offenders = {module: sorted(_frameworks(names)) for module, names in anywhere.items()
-                 if module not in MAY_IMPORT_FRAMEWORKS and _frameworks(names)}
+    offenders = {
+        module: sorted(_frameworks(names))
+        for module, names in anywhere.items()
+        if module not in MAY_IMPORT_FRAMEWORKS and _frameworks(names)
+    }
     assert offenders == {}
 
 

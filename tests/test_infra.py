@@ -42,7 +42,8 @@ PLACEHOLDER = "CHANGE-ME"
 docker_compose = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
     docker_compose is None,
-    reason="docker-compose is not installed (Debian: apt-get install -y --no-install-recommends docker-compose)")
+    reason="docker-compose is not installed (Debian: apt-get install -y --no-install-recommends docker-compose)",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +63,12 @@ def _start_config(secrets: dict[str, str], empty_env_file: Path) -> subprocess.P
     # --env-file: an empty file, so a developer's git-ignored infra/.env cannot supply values.
     return subprocess.Popen(
         [docker_compose, "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "config"],
-        env=_compose_env(secrets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        env=_compose_env(secrets),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -77,7 +83,9 @@ def compose_runs(tmp_path_factory) -> dict[str | None, tuple[int, str, str]]:
     a second of CPU, and test_compose_file_reads_every_secret_as_a_required_variable already checks
     that each one is written `${VAR:?...}`; these show that 1.29 enforces it."""
     if docker_compose is None:
-        pytest.skip("docker-compose is not installed (Debian: apt-get install -y --no-install-recommends docker-compose)")
+        pytest.skip(
+            "docker-compose is not installed (Debian: apt-get install -y --no-install-recommends docker-compose)"
+        )
     empty = tmp_path_factory.mktemp("compose") / "empty.env"
     empty.write_text("")
     cases: dict[str | None, dict[str, str]] = {None: dict(DUMMY_SECRETS), "all": {}}
@@ -115,7 +123,8 @@ def test_compose_config_renders_the_topology(rendered):
     assert "--serve-artifacts" in mlflow_command and "--artifacts-destination=s3://mlflow/" in mlflow_command
     assert _environment(services["mlflow"])["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     assert _environment(services["prefect-server"])["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith(
-        "postgresql+asyncpg://")
+        "postgresql+asyncpg://"
+    )
     assert services["prefect-server"]["command"][:3] == ["prefect", "server", "start"]
 
     worker = services["prefect-worker"]
@@ -126,8 +135,12 @@ def test_compose_config_renders_the_topology(rendered):
     assert worker_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker_env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
-    telemetry = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+    telemetry = {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+    }
     for name in ("mlflow", "prefect-server", "prefect-worker"):
         env = _environment(services[name])
         assert {key: env.get(key) for key in telemetry} == telemetry, name
@@ -148,8 +161,10 @@ def test_worker_reserves_a_gpu(rendered):
 @needs_compose
 def test_startup_order_waits_for_health(rendered):
     services = rendered["services"]
-    assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
-                                                "minio-setup": {"condition": "service_completed_successfully"}}
+    assert services["mlflow"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "minio-setup": {"condition": "service_completed_successfully"},
+    }
     assert services["prefect-server"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["minio-setup"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
     worker_deps = services["prefect-worker"]["depends_on"]
@@ -223,8 +238,10 @@ def test_compose_file_reads_every_secret_as_a_required_variable():
 def test_compose_mounts_and_builds_files_that_exist():
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     init = INFRA / "postgres" / "10-create-prefect-db.sh"
-    assert any(volume.startswith("./postgres/10-create-prefect-db.sh:/docker-entrypoint-initdb.d/")
-               for volume in raw["services"]["postgres"]["volumes"])
+    assert any(
+        volume.startswith("./postgres/10-create-prefect-db.sh:/docker-entrypoint-initdb.d/")
+        for volume in raw["services"]["postgres"]["volumes"]
+    )
     assert init.is_file() and os.access(init, os.X_OK)
     assert "CREATE DATABASE" in init.read_text()
     for name in ("mlflow", "prefect-worker"):
@@ -274,8 +291,9 @@ def test_dockerfiles_install_the_project_and_copy_what_exists():
                     if "*" in source:
                         continue
                     assert (REPO / source).exists(), f"{dockerfile}: COPY {source} does not exist"
-                    assert f"!{source.rstrip('/')}" in ignore.replace("/\n", "\n"), \
+                    assert f"!{source.rstrip('/')}" in ignore.replace("/\n", "\n"), (
                         f"{dockerfile}.dockerignore leaves {source} out of the context"
+                    )
         assert not re.search(r"^(ENV|ARG)\s+\S*(PASSWORD|SECRET|ACCESS_KEY)", text, re.MULTILINE | re.IGNORECASE)
 
 
@@ -325,12 +343,15 @@ def test_k8s_documents_have_the_required_fields():
         if document["kind"] == "Service":
             deployments = [d for _, d in documents if d["kind"] == "Deployment"]
             selector = document["spec"]["selector"].items()
-            assert any(selector <= d["spec"]["template"]["metadata"]["labels"].items() for d in deployments), \
+            assert any(selector <= d["spec"]["template"]["metadata"]["labels"].items() for d in deployments), (
                 f"{path.name}: Service {document['metadata']['name']} selects no Deployment"
+            )
 
 
 def test_k8s_worker_requests_a_gpu_and_targets_gpu_nodes():
-    worker = next(d for _, d in _k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "prefect-worker")
+    worker = next(
+        d for _, d in _k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "prefect-worker"
+    )
     container = _containers(worker)[0]
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     pod = worker["spec"]["template"]["spec"]
@@ -366,7 +387,9 @@ def test_k8s_secrets_come_from_secret_key_refs():
                 if SECRET_NAME.search(name):
                     ref = variable.get("valueFrom", {}).get("secretKeyRef")
                     assert ref and "value" not in variable, f"{path.name}: {name} must come from a secretKeyRef"
-                    assert ref["name"] == example["metadata"]["name"] and ref["key"] in secret_keys, f"{path.name}: {ref}"
+                    assert ref["name"] == example["metadata"]["name"] and ref["key"] in secret_keys, (
+                        f"{path.name}: {ref}"
+                    )
                     references += 1
                 for used in re.findall(r"\$\((\w+)\)", variable.get("value", "")):
                     assert used in defined, f"{path.name}: {name} uses $({used}) before it is defined"
@@ -393,10 +416,14 @@ def test_kustomization_lists_the_manifests_but_not_the_example_secret():
 # the placeholder, or the name of something else (a Secret key, a key: line).
 SECRET_ASSIGNMENT = re.compile(
     r"""(?ix) ["']?[\w.-]*(password|passwd|secret[\w-]*key|secret|access[_-]?key[\w-]*|api[_-]?key|token)["']?
-        \s*[:=]\s* ["']?(?P<value>[^\s"'#,}]*)""")
+        \s*[:=]\s* ["']?(?P<value>[^\s"'#,}]*)"""
+)
 ALLOWED_VALUE = re.compile(r"^(|\$.*|CHANGE-ME|valueFrom|true|false|\||>|\.\.\.|<[^>]*>)$")
-KEY_SHAPES = [re.compile(r"AKIA[0-9A-Z]{16}"), re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-              re.compile(r"://[^\s:/@$]+:(?!\$)[^\s@/$]+@")]  # user:password@ in a URL
+KEY_SHAPES = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"://[^\s:/@$]+:(?!\$)[^\s@/$]+@"),
+]  # user:password@ in a URL
 
 
 REFERENCE = re.compile(r"\$\{[^}]*\}|\$\([^)]*\)")  # ${VAR:?msg}, $(VAR), $(command)
@@ -443,7 +470,7 @@ def test_cd_workflow_gates_then_promotes_only_on_exit_0():
     promote = next(s for s in steps if "calibflow promote" in s.get("run", ""))
     assert "calibflow gate" in gate["run"] and "--json" in gate["run"]
     assert promote["if"] == "${{ steps.gate.outputs.code == '0' }}"
-    assert 'exit 2' in gate["run"]  # an undecided gate fails the job
+    assert "exit 2" in gate["run"]  # an undecided gate fails the job
 
 
 def test_cd_workflow_passes_inputs_to_the_shell_only_through_the_environment():

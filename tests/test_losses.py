@@ -6,8 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibflow.losses import (BatchMixer, confidence_penalty_loss, focal_loss, mmce_loss, mmce_squared,
-                              target_distribution, training_loss)
+from calibflow.losses import (
+    BatchMixer,
+    confidence_penalty_loss,
+    focal_loss,
+    mmce_loss,
+    mmce_squared,
+    target_distribution,
+    training_loss,
+)
 
 
 def batch(n=12, k=5, seed=0, scale=3.0):
@@ -18,14 +25,15 @@ def batch(n=12, k=5, seed=0, scale=3.0):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_focal_with_gamma_0_is_cross_entropy(smoothing):
     z, y = batch()
-    torch.testing.assert_close(focal_loss(z, y, 0.0, smoothing),
-                               F.cross_entropy(z.float(), y, label_smoothing=smoothing), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        focal_loss(z, y, 0.0, smoothing), F.cross_entropy(z.float(), y, label_smoothing=smoothing), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_focal_matches_its_formula_per_sample():
     z, y = batch(scale=1.0)
     p = torch.softmax(z, 1)
-    expected = torch.stack([-(1 - p[i, y[i]]) ** 2 * torch.log(p[i, y[i]]) for i in range(len(y))]).mean()
+    expected = torch.stack([-((1 - p[i, y[i]]) ** 2) * torch.log(p[i, y[i]]) for i in range(len(y))]).mean()
     torch.testing.assert_close(focal_loss(z, y, 2.0).double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -34,7 +42,7 @@ def test_flsd53_uses_gamma_5_below_p_0_2_and_3_above():
     # Two samples: p_true = 0.1 and p_true = 0.6 (three classes).
     p = torch.tensor([[0.1, 0.45, 0.45], [0.6, 0.3, 0.1]], dtype=torch.float64)
     z, y = p.log(), torch.tensor([0, 0])
-    expected = (-(0.9 ** 5) * math.log(0.1) - (0.4 ** 3) * math.log(0.6)) / 2
+    expected = (-(0.9**5) * math.log(0.1) - (0.4**3) * math.log(0.6)) / 2
     assert training_loss(z, y, "flsd53").item() == pytest.approx(expected, rel=1e-5)
     # either side of the boundary (exactly 0.2 is not representable after a float32 softmax)
     for p_true, gamma in ((0.201, 3), (0.199, 5)):
@@ -50,7 +58,7 @@ def direct_mmce_squared(r, c):
     for i in range(m):
         for j in range(m):
             total += (c[i] - r[i]) * (c[j] - r[j]) * math.exp(-abs(r[i] - r[j]) / 0.4)
-    return total / m ** 2
+    return total / m**2
 
 
 def test_mmce_matches_a_direct_kernel_computation():

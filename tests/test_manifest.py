@@ -41,9 +41,7 @@ def png_bytes(seed: int, size: tuple[int, int] = (8, 8), mode: str = "L") -> byt
     return buf.getvalue()
 
 
-def make_imagefolder(
-    root: Path, classes=CLASSES, per_class: int = PER_CLASS, seed: int = 0
-) -> Path:
+def make_imagefolder(root: Path, classes=CLASSES, per_class: int = PER_CLASS, seed: int = 0) -> Path:
     for ci, name in enumerate(classes):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
@@ -57,9 +55,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_image_suffixes_are_lowercase_and_complete():
-    assert {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"} == set(
-        IMAGE_SUFFIXES
-    )
+    assert {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"} == set(IMAGE_SUFFIXES)
 
 
 def test_list_classes_sorted_and_ignores_hidden_and_files(folder: Path):
@@ -215,9 +211,7 @@ def test_save_load_round_trip(folder: Path, tmp_path: Path):
     (folder / "2" / "rgb.png").write_bytes(png_bytes(8, mode="RGB"))
     df = build_manifest(folder)
     df.loc[0, "error"] = 'odd, "quoted"\nmulti-line error'
-    df["split"] = ["train", "val", "calibration", "test"] * (len(df) // 4) + ["train"] * (
-        len(df) % 4
-    )
+    df["split"] = ["train", "val", "calibration", "test"] * (len(df) // 4) + ["train"] * (len(df) % 4)
     path = tmp_path / "out" / "manifest.csv"
     save_manifest(df, path)
     back = load_manifest(path)

@@ -309,7 +309,9 @@ def test_classwise_ece_matches_loop_reference(k: int, seed: int) -> None:
 def test_probability_nll_matches_sklearn_log_loss() -> None:
     z, y = _random_case(seed=21, n=2000, k=10)
     probs = torch.softmax(z, dim=1)
-    assert M.probability_nll(probs, y) == pytest.approx(log_loss(y.numpy(), probs.numpy(), labels=np.arange(10)), rel=1e-12)
+    assert M.probability_nll(probs, y) == pytest.approx(
+        log_loss(y.numpy(), probs.numpy(), labels=np.arange(10)), rel=1e-12
+    )
     assert M.probability_nll(probs, y) == pytest.approx(M.negative_log_likelihood(z, y), rel=1e-9)
     # a zero on the true class costs -log(eps), not infinity
     assert M.probability_nll([[1.0, 0.0]], [1]) == pytest.approx(-math.log(np.finfo(np.float64).eps))

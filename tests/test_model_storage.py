@@ -51,8 +51,13 @@ def test_digest_changes_with_any_change_to_the_files_and_only_then(tmp_path):
 
 def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batch(tmp_path):
     model = untrained_model(tmp_path, classes=("cat", "dog", "eel"))
-    network, checkpoint, state, images, logits = (model.network, model.checkpoint, model.calibration_state,
-                                                  model.images, model.logits)
+    network, checkpoint, state, images, logits = (
+        model.network,
+        model.checkpoint,
+        model.calibration_state,
+        model.images,
+        model.logits,
+    )
 
     files = registry.write_model_files(checkpoint, state, tmp_path / "served")
     assert set(files) == {"weights", "network", "classes", "calibration"}
@@ -81,8 +86,22 @@ def registered(tiny_repo_template, tmp_path_factory) -> Path:
     shutil.copytree(tiny_repo_template, repo, symlinks=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        assert calibflow(["run", "--repo", str(repo), "--set", "train.epochs=1", "--set", "gates.min_accuracy=0.0",
-                          "--set", "gates.max_ece=1.0"]) == 0
+        assert (
+            calibflow(
+                [
+                    "run",
+                    "--repo",
+                    str(repo),
+                    "--set",
+                    "train.epochs=1",
+                    "--set",
+                    "gates.min_accuracy=0.0",
+                    "--set",
+                    "gates.max_ece=1.0",
+                ]
+            )
+            == 0
+        )
     return repo
 
 
@@ -190,8 +209,11 @@ def test_changed_artifacts_are_refused_before_any_code_from_them_runs(tamper, ta
         marker.unlink()
 
     image = str(next((repo / "data" / "tiny" / "3").glob("*.png")))
-    for command in (["evaluate", "--model", f"models:/{MODEL}@champion"], ["gate", "--model", MODEL, "--candidate", "1"],
-                    ["predict", "--model", f"models:/{MODEL}/1", image]):
+    for command in (
+        ["evaluate", "--model", f"models:/{MODEL}@champion"],
+        ["gate", "--model", MODEL, "--candidate", "1"],
+        ["predict", "--model", f"models:/{MODEL}/1", image],
+    ):
         assert calibflow([*command, "--repo", str(repo)]) == 2, command
         assert CHANGED in capsys.readouterr().err, command
         assert not marker.exists(), command

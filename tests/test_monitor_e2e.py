@@ -51,8 +51,21 @@ def add_folder(repo: Path, name: str, images: np.ndarray, labels: np.ndarray | N
 
 
 def monitor(repo: Path, data: str, out: Path, *extra: str) -> tuple[int, dict]:
-    code = calibflow(["monitor", "--model", f"models:/{MODEL}@champion", "--data", data, "--repo", str(repo),
-                      *TOLERANCES, *extra, "--json", str(out)])
+    code = calibflow(
+        [
+            "monitor",
+            "--model",
+            f"models:/{MODEL}@champion",
+            "--data",
+            data,
+            "--repo",
+            str(repo),
+            *TOLERANCES,
+            *extra,
+            "--json",
+            str(out),
+        ]
+    )
     return code, (json.loads(out.read_text()) if out.exists() else {})
 
 
@@ -61,11 +74,13 @@ def test_monitor_says_fine_recalibrate_retrain_or_cannot_tell(tiny_repo, tmp_pat
     images, labels = unseen_digits()
     darker = (images * 0.3).astype(np.uint8)  # an under-exposed camera: the model falls apart
     contrast = (255 * (images / 255.0) ** 2).astype(np.uint8)  # harsher contrast: right less often, too sure
-    folders = {"fine": add_folder(tiny_repo, "new_fine", images, labels),
-               "contrast": add_folder(tiny_repo, "new_contrast", contrast, labels),
-               "dark": add_folder(tiny_repo, "new_dark", darker, labels),
-               "unlabeled": add_folder(tiny_repo, "new_unlabeled", images, None),
-               "unlabeled_dark": add_folder(tiny_repo, "new_unlabeled_dark", darker, None)}
+    folders = {
+        "fine": add_folder(tiny_repo, "new_fine", images, labels),
+        "contrast": add_folder(tiny_repo, "new_contrast", contrast, labels),
+        "dark": add_folder(tiny_repo, "new_dark", darker, labels),
+        "unlabeled": add_folder(tiny_repo, "new_unlabeled", images, None),
+        "unlabeled_dark": add_folder(tiny_repo, "new_unlabeled_dark", darker, None),
+    }
 
     code, fine = monitor(tiny_repo, folders["fine"], tmp_path / "fine.json")
     assert (code, fine["verdict"]) == (0, "fine") and fine["labeled"] and fine["n_images"] == len(images)
@@ -116,8 +131,10 @@ def test_monitor_refuses_data_it_cannot_read_with_exit_2(tiny_repo, capsys, prob
         Image.fromarray(images[0]).save(folder / "a.png")
         message = "not tracked by DVC"
     capsys.readouterr()
-    assert calibflow(["monitor", "--model", f"models:/{MODEL}@champion", "--data", "data/new",
-                      "--repo", str(tiny_repo)]) == 2
+    assert (
+        calibflow(["monitor", "--model", f"models:/{MODEL}@champion", "--data", "data/new", "--repo", str(tiny_repo)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -130,10 +147,12 @@ def test_monitor_runs_as_a_prefect_flow_and_deploys_on_its_own_cron(tiny_repo):
     assert build_monitor_deployment(load_config(tiny_repo / "params.yaml")) is None  # off by default
     with pytest.raises(ConfigError, match="schedule.monitor_cron needs schedule.monitor_data"):
         load_config(tiny_repo / "params.yaml", ["schedule.monitor_cron=0 6 * * *"])
-    config = load_config(tiny_repo / "params.yaml", ["schedule.monitor_cron=0 6 * * *",
-                                                     "schedule.monitor_data=data/new_fine"])
-    deployment = build_monitor_deployment(config, tiny_repo, overrides=["schedule.monitor_cron=0 6 * * *",
-                                                                        "monitor.max_accuracy_drop=0.3"])
+    config = load_config(
+        tiny_repo / "params.yaml", ["schedule.monitor_cron=0 6 * * *", "schedule.monitor_data=data/new_fine"]
+    )
+    deployment = build_monitor_deployment(
+        config, tiny_repo, overrides=["schedule.monitor_cron=0 6 * * *", "monitor.max_accuracy_drop=0.3"]
+    )
     assert deployment.name == "nightly-retrain-monitor" and deployment.schedules[0].schedule.cron == "0 6 * * *"
     assert deployment.parameters["data"] == "data/new_fine" and deployment.parameters["model"] == "@champion"
     assert deployment.parameters["overrides"] == ["monitor.max_accuracy_drop=0.3"]  # schedule.* shapes the deployment

@@ -135,5 +135,7 @@ def test_best_accuracy_threshold() -> None:
 def test_reliability_diagram_panel_titles_for_other_calibrators(tmp_path: Path, logits_labels) -> None:
     z, y = logits_labels
     bins = reliability_bins(calibrated_probabilities(z, 1.0), y)
-    out = reliability_diagram(bins, bins, tmp_path / "vector.png", panel_titles=("uncalibrated", "after vector scaling"))
+    out = reliability_diagram(
+        bins, bins, tmp_path / "vector.png", panel_titles=("uncalibrated", "after vector scaling")
+    )
     _check_png(out, min_size=(1000, 600))

@@ -19,8 +19,16 @@ from tests.conftest import dvc, run
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
 CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
-LOOSE = ["--set", "gates.max_ece=0.9", "--set", "gates.min_accuracy=0.1", "--set", "gates.max_ece_increase=0.9",
-         "--set", "gates.max_accuracy_drop=0.9"]
+LOOSE = [
+    "--set",
+    "gates.max_ece=0.9",
+    "--set",
+    "gates.min_accuracy=0.1",
+    "--set",
+    "gates.max_ece_increase=0.9",
+    "--set",
+    "gates.max_accuracy_drop=0.9",
+]
 QUICK = ["--set", "train.epochs=2", "--set", "gates.min_accuracy=0.0"]  # a run whose model's quality does not matter
 
 
@@ -68,8 +76,15 @@ def test_gate_passes_with_exit_0_and_reports_each_check_against_the_champion(rep
     assert names == ["max_ece", "min_accuracy", "max_ece_increase", "max_accuracy_drop"]
     for check in report["checks"]:
         assert (check["value"] <= check["bound"]) if check["comparison"] == "<=" else (check["bound"] <= check["value"])
-        assert check["passed"] == (check["bound"] <= check["threshold"] if check["comparison"] == "<="
-                                   else check["bound"] >= check["threshold"]) and check["method"]
+        assert (
+            check["passed"]
+            == (
+                check["bound"] <= check["threshold"]
+                if check["comparison"] == "<="
+                else check["bound"] >= check["threshold"]
+            )
+            and check["method"]
+        )
     # Different seeds split differently: test images the champion trained on are left out.
     assert report["excluded_seen_by_champion"] > 0
     assert {"ece_plugin", "ece_debiased_l2"} <= set(report["estimates"])
@@ -88,13 +103,29 @@ def test_candidate_passing_on_its_point_estimate_but_not_its_upper_bound_fails_w
 
 def test_gate_plan_answers_for_a_registered_version(repo, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    code = calibflow(["gate", "plan", "--model", MODEL, "--candidate", "@challenger", "--repo", str(repo),
-                      "--set", "gates.n_resamples=100", "--json", str(out)])
+    code = calibflow(
+        [
+            "gate",
+            "plan",
+            "--model",
+            MODEL,
+            "--candidate",
+            "@challenger",
+            "--repo",
+            str(repo),
+            "--set",
+            "gates.n_resamples=100",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     plan = json.loads(out.read_text())
     assert plan["rows"] and {"max_ece", "min_accuracy", "max_ece_increase", "max_accuracy_drop"} <= set(plan["rows"][0])
     assert "champion comparison on" in plan["assumptions"]
-    assert ("test images give the configured gates 80% power" in capsys.readouterr().out) == (plan["needed"] is not None)
+    assert ("test images give the configured gates 80% power" in capsys.readouterr().out) == (
+        plan["needed"] is not None
+    )
     assert calibflow(["gate", "plan", "--model", MODEL, "--candidate", "99", "--repo", str(repo)]) == 2
     assert calibflow(["gate", "plan", "--model", MODEL, "--repo", str(repo)]) == 2  # a model needs its candidate
 
@@ -124,8 +155,7 @@ def test_gate_with_the_registry_unreachable_exits_2(repo, capsys, monkeypatch):
     assert "could not decide" in capsys.readouterr().err
 
 
-def test_promote_moves_champion_records_who_and_keeps_the_report_then_rollback_moves_it_back(repo, monkeypatch,
-                                                                                          capsys):
+def test_promote_moves_champion_records_who_and_keeps_the_report_then_rollback_moves_it_back(repo, monkeypatch, capsys):
     monkeypatch.setenv("GITHUB_RUN_ID", "4242")
     assert calibflow(["promote", "--model", MODEL, "--candidate", "@challenger", "--repo", str(repo), *LOOSE]) == 0
     assert aliases(repo) == {"champion": "3", "previous-champion": "1"}  # challenger alias moved on
@@ -151,15 +181,47 @@ def test_failed_gate_does_not_promote_unless_forced_with_a_reason(repo, capsys):
     assert aliases(repo)["champion"] == "1"
     assert calibflow(["promote", "--model", MODEL, "--candidate", "2", "--repo", str(repo), *strict, "--force"]) == 2
     assert "--reason" in capsys.readouterr().err
-    assert calibflow(["promote", "--model", MODEL, "--candidate", "2", "--repo", str(repo), *strict, "--force",
-                      "--reason", "hotfix for a mislabelled class"]) == 0
+    assert (
+        calibflow(
+            [
+                "promote",
+                "--model",
+                MODEL,
+                "--candidate",
+                "2",
+                "--repo",
+                str(repo),
+                *strict,
+                "--force",
+                "--reason",
+                "hotfix for a mislabelled class",
+            ]
+        )
+        == 0
+    )
     assert aliases(repo)["champion"] == "2"
-    assert MlflowClient().get_model_version(MODEL, "2").tags["promotion_forced_reason"] == "hotfix for a mislabelled class"
+    assert (
+        MlflowClient().get_model_version(MODEL, "2").tags["promotion_forced_reason"] == "hotfix for a mislabelled class"
+    )
 
 
 def test_two_racing_promotions_leave_one_champion_and_a_clear_failure(repo):
-    commands = [[CALIBFLOW, "promote", "--model", MODEL, "--candidate", candidate, "--against", "1", "--repo", str(repo),
-                 *LOOSE] for candidate in ("2", "3")]
+    commands = [
+        [
+            CALIBFLOW,
+            "promote",
+            "--model",
+            MODEL,
+            "--candidate",
+            candidate,
+            "--against",
+            "1",
+            "--repo",
+            str(repo),
+            *LOOSE,
+        ]
+        for candidate in ("2", "3")
+    ]
     processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
     codes = sorted(code for code, _ in results)
@@ -197,8 +259,9 @@ def test_served_model_class_satisfies_mlflow_type_hint_check() -> None:
     # MLflow 3 warns at class definition when PythonModel.predict has no input type hint; the hint
     # (np.ndarray) must not make it infer a signature either: the logged one is built from a real
     # prediction. A fresh interpreter, because the warning fires once, at import.
-    result = subprocess.run([sys.executable, "-W", "always", "-c", "import calibflow.registry"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import calibflow.registry"], capture_output=True, text=True, check=True
+    )
     assert "Add type hints to the `predict` method" not in result.stderr, result.stderr
 
 
@@ -213,10 +276,13 @@ def commit_data(repo: Path, message: str) -> None:
     run("git", "commit", "-qm", message, cwd=repo)
 
 
-@pytest.mark.parametrize("change, named", [
-    ("rename", ["only the candidate: ['zero']", "only the champion: ['0']"]),  # mv data/tiny/0 data/tiny/zero
-    ("drop", ["only the champion: ['4']"]),  # 4 classes, not 5
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("rename", ["only the candidate: ['zero']", "only the champion: ['0']"]),  # mv data/tiny/0 data/tiny/zero
+        ("drop", ["only the champion: ['4']"]),  # 4 classes, not 5
+    ],
+)
 def test_run_on_data_of_other_classes_is_refused_before_any_comparison(repo, capsys, change, named):
     tiny = repo / "data" / "tiny"
     if change == "rename":

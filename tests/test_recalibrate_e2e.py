@@ -41,8 +41,22 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     harsher = (255 * (images / 255.0) ** 2).astype(np.uint8)  # the new camera: calibration drifted (monitor exit 1)
     data = add_folder(tiny_repo, "relabeled", harsher, labels)
     capsys.readouterr()
-    assert calibflow(["recalibrate", "--model", f"models:/{MODEL}@champion", "--data", data,
-                      "--repo", str(tiny_repo), "--set", "gates.max_shift_ece=1.0"]) == 0
+    assert (
+        calibflow(
+            [
+                "recalibrate",
+                "--model",
+                f"models:/{MODEL}@champion",
+                "--data",
+                data,
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                "gates.max_shift_ece=1.0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "version 2 (@challenger): version 1's network recalibrated" in out
 
@@ -65,12 +79,21 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     assert client.get_run(new.run_id).data.tags["recalibrated_from"] == "1"
 
     # the registry can gate and reproduce it like any version: on the new test half
-    gate = subprocess.run([CALIBFLOW, "gate", "--model", MODEL, "--candidate", "@challenger", "--repo", str(tiny_repo)],
-                          capture_output=True, text=True, timeout=600, env=CHILD_ENV)
+    gate = subprocess.run(
+        [CALIBFLOW, "gate", "--model", MODEL, "--candidate", "@challenger", "--repo", str(tiny_repo)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=CHILD_ENV,
+    )
     assert gate.returncode in (0, 1), gate.stderr
-    evaluated = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@challenger",
-                                "--repo", str(tiny_repo)], capture_output=True, text=True, timeout=600,
-                               env=CHILD_ENV)
+    evaluated = subprocess.run(
+        [CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@challenger", "--repo", str(tiny_repo)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=CHILD_ENV,
+    )
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
 
 
@@ -88,8 +111,12 @@ def test_recalibrate_refuses_what_it_cannot_use_and_registers_nothing(tiny_repo,
         data, message = add_folder(tiny_repo, "relabeled", images, labels), "a recalibration has none"
     extra = ["--set", "ood.path=data/relabeled", "--set", "gates.max_ood_fpr95=0.5"] if problem == "ood gate" else []
     capsys.readouterr()
-    assert calibflow(["recalibrate", "--model", f"models:/{MODEL}@champion", "--data", data,
-                      "--repo", str(tiny_repo), *extra]) == 2
+    assert (
+        calibflow(
+            ["recalibrate", "--model", f"models:/{MODEL}@champion", "--data", data, "--repo", str(tiny_repo), *extra]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "nothing registered" in err and "Traceback" not in err
     registry.configure_tracking(tiny_repo)

@@ -23,8 +23,9 @@ CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
 
 def run_cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    return subprocess.run([CALIBFLOW, "run", "--repo", str(repo), *args], capture_output=True, text=True, cwd=repo,
-                          env=env)
+    return subprocess.run(
+        [CALIBFLOW, "run", "--repo", str(repo), *args], capture_output=True, text=True, cwd=repo, env=env
+    )
 
 
 def trained_anything(repo: Path) -> bool:

@@ -24,6 +24,7 @@ def killer(after_epoch: int):
     def on_epoch_end(stats):
         if stats.epoch == after_epoch:
             raise Killed
+
     return on_epoch_end
 
 
@@ -45,14 +46,16 @@ def test_a_training_killed_after_any_epoch_resumes_to_the_same_weights(tmp_path,
 
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
     with pytest.raises(Killed):
-        train_classifier(spec, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints,
-                         on_epoch_end=killer(killed_after))
+        train_classifier(
+            spec, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=killer(killed_after)
+        )
     assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["epoch"] == killed_after
     torch.manual_seed(1234)  # a different process: whatever the global streams hold now is overwritten
 
     replayed = []
-    resumed, history = train_classifier(spec, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints,
-                                        on_epoch_end=replayed.append)
+    resumed, history = train_classifier(
+        spec, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=replayed.append
+    )
     a, b = reference.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm buffers too
     assert [h.train_loss for h in history] == [h.train_loss for h in reference_history]
@@ -66,8 +69,18 @@ def test_a_finished_training_is_not_trained_again(tmp_path):
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
     first, _ = train_classifier(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False, checkpoints=checkpoints)
     replayed = []
-    again, history = train_classifier(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False,
-                                      checkpoints=checkpoints, on_epoch_end=replayed.append)
+    again, history = train_classifier(
+        SPEC,
+        x,
+        y,
+        x,
+        y,
+        CONFIGS["plain"],
+        seed=4,
+        progress=False,
+        checkpoints=checkpoints,
+        on_epoch_end=replayed.append,
+    )
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
     assert len(history) == len(replayed) == CONFIGS["plain"].epochs
 
@@ -78,8 +91,9 @@ def test_a_half_written_checkpoint_is_never_read(tmp_path):
     config = CONFIGS["plain"]
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
     with pytest.raises(Killed):
-        train_classifier(SPEC, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints,
-                         on_epoch_end=killer(2))
+        train_classifier(
+            SPEC, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=killer(2)
+        )
     (tmp_path / "ckpt" / ".epoch-00003.pt.abc.partial").write_bytes(b"\x80\x02half a pickle")
     assert checkpoints.load()["epoch"] == 2
     reference, _ = train_classifier(SPEC, x, y, x, y, config, seed=4, progress=False)
@@ -92,8 +106,9 @@ def test_a_corrupted_checkpoint_is_an_error_that_names_it_and_the_fix(tmp_path, 
     x, y = blobs()
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
     with pytest.raises(Killed):
-        train_classifier(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False, checkpoints=checkpoints,
-                         on_epoch_end=killer(2))
+        train_classifier(
+            SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=killer(2)
+        )
     saved = tmp_path / "ckpt" / "epoch-00002.pt"
     payload = bytearray(saved.read_bytes())
     if damage == "flipped byte":

@@ -25,8 +25,16 @@ CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
 # Wide enough that an epoch takes a noticeable fraction of a second, so the kill lands mid-training.
 # A model this wide makes no mistake on the calibration split, which leaves a temperature with no
 # optimum: histogram binning does not need one (what is tested here is training).
-SLOW = ["--set", "model.width=64", "--set", "train.epochs=12", "--set", "train.threads=1",
-        "--set", "calibration.method=histogram"]
+SLOW = [
+    "--set",
+    "model.width=64",
+    "--set",
+    "train.epochs=12",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "calibration.method=histogram",
+]
 
 
 def completed_epoch(repo: Path) -> int:
@@ -36,7 +44,9 @@ def completed_epoch(repo: Path) -> int:
 
 def weights_of(repo: Path, run_id: str, out: Path) -> dict[str, torch.Tensor]:
     registry.configure_tracking(repo)
-    return load_checkpoint(registry.download_run_artifact(run_id, "checkpoint/checkpoint.pt", out)).members[0].state_dict()
+    return (
+        load_checkpoint(registry.download_run_artifact(run_id, "checkpoint/checkpoint.pt", out)).members[0].state_dict()
+    )
 
 
 def test_a_run_killed_mid_training_resumes_and_registers_the_uninterrupted_weights(tiny_repo, tmp_path):
@@ -45,8 +55,9 @@ def test_a_run_killed_mid_training_resumes_and_registers_the_uninterrupted_weigh
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [CALIBFLOW, "run", "--repo", str(tiny_repo), *SLOW]
     log = tmp_path / "killed.log"
-    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
-                              start_new_session=True)  # its own process group: the kill takes its children too
+    killed = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True
+    )  # its own process group: the kill takes its children too
     deadline = time.monotonic() + 600
     while completed_epoch(tiny_repo) < 3:
         assert killed.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
@@ -64,7 +75,9 @@ def test_a_run_killed_mid_training_resumes_and_registers_the_uninterrupted_weigh
     saved.write_bytes(good[:-64] + bytes(64))
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr.split("calibflow:")[-1]
-    assert f"{saved.name} is corrupted" in refused.stderr and "to train this model from its first epoch" in refused.stderr
+    assert (
+        f"{saved.name} is corrupted" in refused.stderr and "to train this model from its first epoch" in refused.stderr
+    )
     client = (registry.configure_tracking(tiny_repo), MlflowClient())[1]
     assert client.search_registered_models(f"name='{MODEL}'") == []
     saved.write_bytes(good)
@@ -84,4 +97,3 @@ def test_a_run_killed_mid_training_resumes_and_registers_the_uninterrupted_weigh
     assert client.get_run(second.run_id).data.tags["resumed_from_epoch"] == "0"
     a, b = weights_of(tiny_repo, first.run_id, tmp_path / "a"), weights_of(tiny_repo, second.run_id, tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-

@@ -28,20 +28,23 @@ def evaluation(before=BEFORE, after=AFTER) -> pipeline.Evaluation:
     return pipeline.Evaluation(before=dict(before), after=dict(after), plots=())
 
 
-FIT = pipeline.CalibrationRecord(method="temperature", state_path="", temperature=0.9561, nll_before=0.05,
-                                 nll_after=0.049)
+FIT = pipeline.CalibrationRecord(
+    method="temperature", state_path="", temperature=0.9561, nll_before=0.05, nll_after=0.049
+)
 
 
 def verdict(ece_bound: float = 0.0235) -> GateVerdict:
-    checks = (GateCheck("max_ece", "smooth ECE", 0.0110, ece_bound, 0.05, "<=", ece_bound <= 0.05),
-              GateCheck("min_accuracy", "accuracy", 0.9888, 0.9781, 0.9, ">=", True))
+    checks = (
+        GateCheck("max_ece", "smooth ECE", 0.0110, ece_bound, 0.05, "<=", ece_bound <= 0.05),
+        GateCheck("min_accuracy", "accuracy", 0.9888, 0.9781, 0.9, ">=", True),
+    )
     return GateVerdict(passed=all(c.passed for c in checks), checks=checks, confidence=0.95, n_samples=267)
 
 
 def test_the_verdict_line_states_the_verdict_each_bound_and_t():
     assert pipeline.verdict_line(evaluation(), FIT, verdict()) == (
-        "PASSED · ECE 0.0120 -> 0.0123 (smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) "
-        "· T 0.956")
+        "PASSED · ECE 0.0120 -> 0.0123 (smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956"
+    )
     failed = pipeline.verdict_line(evaluation(), FIT, verdict(ece_bound=0.07))
     assert failed.startswith("FAILED · ") and "FAIL smooth ECE 95% upper 0.0700 <= 0.05" in failed
 
@@ -60,8 +63,13 @@ def test_the_description_starts_with_the_verdict_then_warns_when_calibration_mad
 
 def test_gate_metrics_and_tags_name_each_check_its_bound_and_the_champion():
     assert pipeline.gate_metrics(verdict()) == {
-        "gate/max_ece_value": 0.0110, "gate/max_ece_bound": 0.0235, "gate/max_ece_threshold": 0.05,
-        "gate/min_accuracy_value": 0.9888, "gate/min_accuracy_bound": 0.9781, "gate/min_accuracy_threshold": 0.9}
+        "gate/max_ece_value": 0.0110,
+        "gate/max_ece_bound": 0.0235,
+        "gate/max_ece_threshold": 0.05,
+        "gate/min_accuracy_value": 0.9888,
+        "gate/min_accuracy_bound": 0.9781,
+        "gate/min_accuracy_threshold": 0.9,
+    }
     tags = pipeline.gate_tags(verdict(), champion=None)
     assert tags["gate/max_ece"] == "passed: smooth ECE 0.0110, 95% upper 0.0235 <= 0.05"
     assert tags["gate/verdict"] == tags["gate/absolute"] == "passed"
@@ -71,8 +79,11 @@ def test_gate_metrics_and_tags_name_each_check_its_bound_and_the_champion():
 def test_metrics_version_tags_and_metrics_json_share_one_vocabulary(tmp_path):
     metrics = pipeline.test_metrics(evaluation())
     assert metrics["test/uncalibrated/ece"] == 0.0120 and metrics["test/calibrated/ece"] == 0.0123
-    assert pipeline.fit_metrics(FIT) == {"calibration/uncalibrated_nll": 0.05, "calibration/calibrated_nll": 0.049,
-                                         "calibration/temperature": 0.9561}
+    assert pipeline.fit_metrics(FIT) == {
+        "calibration/uncalibrated_nll": 0.05,
+        "calibration/calibrated_nll": 0.049,
+        "calibration/temperature": 0.9561,
+    }
     state = tmp_path / "calibration.json"
     state.write_text("{}")
     staged = pipeline.stage_metrics_report(str(tmp_path / "reports" / "metrics.json"), evaluation(), FIT, verdict())
@@ -122,8 +133,13 @@ def test_the_reliability_diagram_marks_sparse_bins(tmp_path, monkeypatch):
     assert path.stat().st_size > 0
     figure = drawn[0]
     legend = [text.get_text() for text in figure.legends[0].get_texts()]
-    assert legend == ["accuracy", f"accuracy of a bin of < {plots.SPARSE_BIN_COUNT} images (noise)",
-                      "gap to mean confidence", "perfect calibration", f"{plots.SPARSE_BIN_COUNT} images (counts)"]
+    assert legend == [
+        "accuracy",
+        f"accuracy of a bin of < {plots.SPARSE_BIN_COUNT} images (noise)",
+        "gap to mean confidence",
+        "perfect calibration",
+        f"{plots.SPARSE_BIN_COUNT} images (counts)",
+    ]
     filled = bins.counts[bins.counts > 0]
     sparse = int((filled < plots.SPARSE_BIN_COUNT).sum())
     assert sparse >= 3 and f"{sparse} of {len(filled)} filled bins sparse" in figure.axes[0].get_title()
@@ -131,8 +147,9 @@ def test_the_reliability_diagram_marks_sparse_bins(tmp_path, monkeypatch):
 
 
 def browser() -> str | None:
-    return next((found for name in ("chromium", "chromium-browser", "google-chrome")
-                 if (found := shutil.which(name))), None)
+    return next(
+        (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None
+    )
 
 
 def free_port() -> int:
@@ -143,8 +160,12 @@ def free_port() -> int:
 
 def rendered(url: str, chromium: str) -> str:
     """The page's DOM after its scripts ran (MLflow's UI is a single-page app)."""
-    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=25000",
-                             "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=25000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -161,14 +182,20 @@ def test_run_page_in_a_browser(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = registry.configure_tracking(tmp_path)
-    run_id = registry.start_run("run-page", run_name="browser-check", repo_root=tmp_path,
-                                source=registry.RunSource("flows/train_calibrate.py", git_commit="0" * 40))
+    run_id = registry.start_run(
+        "run-page",
+        run_name="browser-check",
+        repo_root=tmp_path,
+        source=registry.RunSource("flows/train_calibrate.py", git_commit="0" * 40),
+    )
     description = pipeline.summary_markdown(run_id, uri, "registered", evaluation(), FIT, verdict())
     registry.set_run_description(run_id, description)
-    registry.log_dataset(run_id, "data/digits", str(tmp_path / "data" / "digits"), "c3361a1dd7b1f82c5e42dcea69cd4949.dir",
-                         "training")
-    registry.log_metrics(run_id, {**pipeline.test_metrics(evaluation()), **pipeline.fit_metrics(FIT),
-                                  **pipeline.gate_metrics(verdict())})
+    registry.log_dataset(
+        run_id, "data/digits", str(tmp_path / "data" / "digits"), "c3361a1dd7b1f82c5e42dcea69cd4949.dir", "training"
+    )
+    registry.log_metrics(
+        run_id, {**pipeline.test_metrics(evaluation()), **pipeline.fit_metrics(FIT), **pipeline.gate_metrics(verdict())}
+    )
     for epoch in (1, 2, 3):
         registry.log_metrics(run_id, {"train/loss": 1.0 / epoch, "val/nll": 0.5 / epoch}, step=epoch)
     registry.set_tags(run_id, pipeline.gate_tags(verdict(), None))
@@ -176,10 +203,24 @@ def test_run_page_in_a_browser(tmp_path, monkeypatch):
     experiment = registry.client().get_run(run_id).info.experiment_id
 
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     try:
         import urllib.request
 

@@ -46,8 +46,13 @@ from tests.conftest import make_repo, run
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 MODEL = "tiny-digits"
-SCHEDULE = {"deployment": "test-retrain", "cron": "15 3 * * 1", "timezone": "Europe/Paris", "work_pool": "calibflow",
-            "data_rev": None}
+SCHEDULE = {
+    "deployment": "test-retrain",
+    "cron": "15 3 * * 1",
+    "timezone": "Europe/Paris",
+    "work_pool": "calibflow",
+    "data_rev": None,
+}
 REQUIRED_TAGS = ("data_hash", "git_commit", "params_hash", "seed", "test/calibrated/ece", "calibration/temperature")
 
 
@@ -66,9 +71,9 @@ def live_members(pgid: int) -> list[str]:
         except OSError:
             continue
         name_end = text.rindex(")")
-        fields = text[name_end + 2:].split()
+        fields = text[name_end + 2 :].split()
         if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(f"{stat.parent.name} {text[text.index('(') + 1:name_end]}")
+            members.append(f"{stat.parent.name} {text[text.index('(') + 1 : name_end]}")
     return members
 
 
@@ -105,8 +110,14 @@ class Server:
     def start(self, timeout_s: float = 120) -> float:
         started = time.monotonic()
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
@@ -146,10 +157,13 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = Server("prefect server", command,
-                    f"http://127.0.0.1:{port}/api/health",
-                    client_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING"),
-                    home / "server.log")
+    server = Server(
+        "prefect server",
+        command,
+        f"http://127.0.0.1:{port}/api/health",
+        client_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING"),
+        home / "server.log",
+    )
     server.api_url = f"http://127.0.0.1:{port}/api"
     server.start()
     try:
@@ -166,12 +180,29 @@ def mlflow_server(tmp_path_factory):
     start it again with `.stop()` / `.start()`: same port, same store."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-               "--artifacts-destination", str(root / "artifacts")]
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
     # The server's job runner (huey consumers for GenAI jobs) is not used by calibflow.
-    server = Server("mlflow server", command, f"http://127.0.0.1:{port}/health",
-                    client_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), root / "server.log")
+    server = Server(
+        "mlflow server",
+        command,
+        f"http://127.0.0.1:{port}/health",
+        client_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        root / "server.log",
+    )
     server.url, server.root = f"http://127.0.0.1:{port}", root
     server.start()
     try:
@@ -210,17 +241,28 @@ def registry_state(client: MlflowClient) -> tuple[list[str], dict[str, str]]:
 
 @pytest.mark.timeout(300)
 def test_served_deployment_runs_on_the_prefect_server_and_registers_on_the_mlflow_server(
-        prefect_server, mlflow_server, repo, tmp_path):
+    prefect_server, mlflow_server, repo, tmp_path
+):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    env = client_env(PREFECT_API_URL=prefect_server.api_url, MLFLOW_TRACKING_URI=mlflow_server.url,
-                     PREFECT_HOME=str(tmp_path / "prefect-client"), PREFECT_RUNNER_POLL_FREQUENCY="1")
+    env = client_env(
+        PREFECT_API_URL=prefect_server.api_url,
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+        PREFECT_HOME=str(tmp_path / "prefect-client"),
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+    )
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:  # from another directory: the deployment carries the absolute repo path
-        serving = subprocess.Popen([str(BIN / "calibflow"), "schedule", "--repo", str(repo)], cwd=tmp_path, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+        serving = subprocess.Popen(
+            [str(BIN / "calibflow"), "schedule", "--repo", str(repo)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     name = f"calibflow-train/{SCHEDULE['deployment']}"
     try:
         started = time.monotonic()
@@ -238,8 +280,13 @@ def test_served_deployment_runs_on_the_prefect_server_and_registers_on_the_mlflo
             assert (schedule.schedule.cron, schedule.schedule.timezone) == (SCHEDULE["cron"], SCHEDULE["timezone"])
             assert schedule.active
             assert deployment.entrypoint == "flows.train_calibrate.train_calibrate_register"
-            assert deployment.parameters == {"repo_root": str(repo.resolve()), "params_path": "params.yaml",
-                                             "overrides": [], "data_rev": None, "force": False}
+            assert deployment.parameters == {
+                "repo_root": str(repo.resolve()),
+                "params_path": "params.yaml",
+                "overrides": [],
+                "data_rev": None,
+                "force": False,
+            }
 
             flow_run = run_deployment(name, timeout=240, poll_interval=1)
             ran_s = time.monotonic() - started - registered_s
@@ -260,7 +307,9 @@ def test_served_deployment_runs_on_the_prefect_server_and_registers_on_the_mlflo
     assert version.tags["git_commit"] == run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
     assert version.tags["params_hash"] == load_config(repo / "params.yaml").params_hash
     assert version.tags["seed"] == "0"
-    assert 0 <= float(version.tags["test/calibrated/ece"]) <= 0.25 and float(version.tags["calibration/temperature"]) > 0
+    assert (
+        0 <= float(version.tags["test/calibrated/ece"]) <= 0.25 and float(version.tags["calibration/temperature"]) > 0
+    )
     mlflow_run = client.get_run(version.run_id)
     assert mlflow_run.data.tags["prefect.flow_run_id"] == str(flow_run.id)  # Prefect run <-> MLflow run
     assert mlflow_run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied by the server
@@ -269,7 +318,8 @@ def test_served_deployment_runs_on_the_prefect_server_and_registers_on_the_mlflo
 
 @pytest.mark.timeout(300)
 def test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retrain_is_skipped(
-        prefect_server, mlflow_server, repo, tmp_path, capsys):
+    prefect_server, mlflow_server, repo, tmp_path, capsys
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
@@ -279,27 +329,59 @@ def test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retra
 
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     before = registry_state(client)  # a champion when the served run above registered one
-    deploy = ["schedule", "--deploy", "--repo", str(repo), "--set", "schedule.deployment=pool-retrain",
-              "--set", "schedule.work_pool=test-pool"]
+    deploy = [
+        "schedule",
+        "--deploy",
+        "--repo",
+        str(repo),
+        "--set",
+        "schedule.deployment=pool-retrain",
+        "--set",
+        "schedule.work_pool=test-pool",
+    ]
     with prefect_api(prefect_server.api_url), get_client(sync_client=True) as prefect:
         assert calibflow(deploy) == 2
         assert "prefect work-pool create test-pool --type process" in capsys.readouterr().err
         # What `prefect work-pool create test-pool --type process` does.
-        prefect.create_work_pool(WorkPoolCreate(name="test-pool", type="process",
-                                                base_job_template=ProcessWorker.get_default_base_job_template()))
+        prefect.create_work_pool(
+            WorkPoolCreate(
+                name="test-pool", type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+            )
+        )
         assert calibflow(deploy) == 0
         deployment = prefect.read_deployment_by_name("calibflow-train/pool-retrain")
         assert deployment.work_pool_name == "test-pool" and deployment.pull_steps in (None, [])
         assert deployment.parameters["overrides"] == []  # schedule.* shaped the deployment, not the runs
 
-        env = client_env(PREFECT_API_URL=prefect_server.api_url, MLFLOW_TRACKING_URI=mlflow_server.url,
-                         PREFECT_HOME=str(tmp_path / "prefect-worker"), PREFECT_WORKER_QUERY_SECONDS="1")
+        env = client_env(
+            PREFECT_API_URL=prefect_server.api_url,
+            MLFLOW_TRACKING_URI=mlflow_server.url,
+            PREFECT_HOME=str(tmp_path / "prefect-worker"),
+            PREFECT_WORKER_QUERY_SECONDS="1",
+        )
         log = tmp_path / "worker.log"
         with open(log, "wb") as out:
-            worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool", "--type",
-                                       "process", "--limit", "1", "--install-policy", "never"], cwd=tmp_path,
-                                      env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+            worker = subprocess.Popen(
+                [
+                    str(BIN / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    "test-pool",
+                    "--type",
+                    "process",
+                    "--limit",
+                    "1",
+                    "--install-policy",
+                    "never",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         try:
             started = time.monotonic()
             flow_run = run_deployment("calibflow-train/pool-retrain", timeout=240, poll_interval=1)
@@ -308,8 +390,10 @@ def test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retra
         finally:
             stop_group(worker, signal.SIGINT)
 
-    [mlflow_run] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
-                                      filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+    [mlflow_run] = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'",
+    )
     if before[1].get("champion"):  # same data, params and code as @champion: nothing to retrain
         assert mlflow_run.data.tags["calibflow.status"] == "skipped"
         assert registry_state(client) == before
@@ -356,22 +440,34 @@ DRIVER = textwrap.dedent("""\
 
 @pytest.mark.timeout(300)
 def test_tracking_server_down_at_registration_fails_once_retried_with_nothing_registered(
-        prefect_server, mlflow_server, repo, tmp_path):
+    prefect_server, mlflow_server, repo, tmp_path
+):
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     before = registry_state(client)  # a champion when the served run above registered one
     driver, calls_file = tmp_path / "driver.py", tmp_path / "calls.json"
     driver.write_text(DRIVER)
-    env = client_env(PREFECT_API_URL=prefect_server.api_url, MLFLOW_TRACKING_URI=mlflow_server.url,
-                     PREFECT_HOME=str(tmp_path / "prefect-client"), MLFLOW_SERVER_PGID=str(mlflow_server.process.pid),
-                     CALLS_FILE=str(calls_file),
-                     # Short waits for the test: calibflow's task retries (which must not repeat
-                     # MLflow's for a server that is gone), and MLflow's own HTTP retries.
-                     CALIBFLOW_STORE_RETRY_DELAYS="0.1,0.2,0.3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                     MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    env = client_env(
+        PREFECT_API_URL=prefect_server.api_url,
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+        PREFECT_HOME=str(tmp_path / "prefect-client"),
+        MLFLOW_SERVER_PGID=str(mlflow_server.process.pid),
+        CALLS_FILE=str(calls_file),
+        # Short waits for the test: calibflow's task retries (which must not repeat
+        # MLflow's for a server that is gone), and MLflow's own HTTP retries.
+        CALIBFLOW_STORE_RETRY_DELAYS="0.1,0.2,0.3",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+    )
     started = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, str(driver), "run", "--repo", str(repo), "--force"], env=env,
-                                cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(
+            [sys.executable, str(driver), "run", "--repo", str(repo), "--force"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     finally:
         mlflow_server.stop()  # already stopped by the driver: reap it, check nothing is left
     failed_s = time.monotonic() - started
@@ -408,11 +504,23 @@ def test_dead_tracking_server_ends_status_and_run_with_exit_2_within_two_minutes
     env = client_env(MLFLOW_TRACKING_URI=dead)
     for name in STORE_PATIENCE_DEFAULTS:  # calibflow's own defaults, as a user gets them
         env.pop(name, None)
-    commands = {"status": [str(BIN / "calibflow"), "status", "--model", MODEL, "--repo", str(repo)],
-                "run": [str(BIN / "calibflow"), "run", "--repo", str(repo), "--force"]}
+    commands = {
+        "status": [str(BIN / "calibflow"), "status", "--model", MODEL, "--repo", str(repo)],
+        "run": [str(BIN / "calibflow"), "run", "--repo", str(repo), "--force"],
+    }
     started = time.monotonic()
-    processes = {name: subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, start_new_session=True) for name, command in commands.items()}
+    processes = {
+        name: subprocess.Popen(
+            command,
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for name, command in commands.items()
+    }
     ended: dict[str, tuple[int, float, str]] = {}
     try:
         while len(ended) < len(processes) and time.monotonic() - started < 150:
@@ -428,7 +536,9 @@ def test_dead_tracking_server_ends_status_and_run_with_exit_2_within_two_minutes
     for name, (code, seconds, err) in ended.items():
         assert code == 2, (name, err[-3000:])
         assert seconds < 120, (name, seconds)
-        [said] = [line for line in err.splitlines() if line.startswith(("calibflow:", f"calibflow {name}:"))]  # its line
+        [said] = [
+            line for line in err.splitlines() if line.startswith(("calibflow:", f"calibflow {name}:"))
+        ]  # its line
         assert dead in said and "did not answer" in said, (name, err[-3000:])
         waited = float(re.search(r"gave up after waiting ([\d.]+) s", said).group(1))
         assert 0 < waited <= seconds, (name, said)
@@ -446,8 +556,14 @@ def test_killed_run_leaves_a_server_and_a_running_run_that_the_next_run_ends(tin
 
     log = tmp_path / "killed-run.log"
     with open(log, "wb") as out:  # no PREFECT_API_URL: the run starts Prefect's temporary API server
-        killed = subprocess.Popen([str(BIN / "calibflow"), "run", "--repo", str(tiny_repo)], env=client_env(),
-                                  cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        killed = subprocess.Popen(
+            [str(BIN / "calibflow"), "run", "--repo", str(tiny_repo)],
+            env=client_env(),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         started = time.monotonic()
         while not server_records(tiny_repo):  # written once its MLflow run exists

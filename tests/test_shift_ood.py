@@ -32,7 +32,9 @@ def test_every_corruption_keeps_shape_dtype_and_range_and_is_deterministic(name,
 @pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"])
 def test_noise_depends_on_the_seed_and_grows_with_severity(name):
     flat = np.full((20, 32, 32, 3), 128, np.uint8)
-    assert not np.array_equal(corruptions.corrupt_batch(flat, name, 3, seed=0), corruptions.corrupt_batch(flat, name, 3, seed=1))
+    assert not np.array_equal(
+        corruptions.corrupt_batch(flat, name, 3, seed=0), corruptions.corrupt_batch(flat, name, 3, seed=1)
+    )
     distortion = [np.abs(corruptions.corrupt_batch(flat, name, s).astype(int) - 128).mean() for s in range(1, 6)]
     assert distortion == sorted(distortion) and distortion[-1] > 2 * distortion[0]
 
@@ -42,8 +44,9 @@ def test_contrast_and_brightness_follow_their_formulas():
     x = image / 255.0
     means = x.mean(axis=(0, 1), keepdims=True)
     expected = np.clip((x - means) * 0.15 + means, 0, 1)
-    np.testing.assert_array_equal(corruptions.corrupt_image(image, "contrast", 5),
-                                  (expected * 255 + 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(
+        corruptions.corrupt_image(image, "contrast", 5), (expected * 255 + 0.5).astype(np.uint8)
+    )
     brighter = corruptions.corrupt_image(image, "brightness", 5).astype(float)
     # HSV value up by 0.3, hue and saturation kept: the channels keep their ratios
     assert brighter[0, 0].max() == pytest.approx(min(200 / 255 + 0.3, 1) * 255, abs=1)
@@ -80,12 +83,15 @@ def test_suite_images_and_logits_are_cached_by_content(tmp_path, monkeypatch):
         shift.corrupted_images(GRAY[:3], suite, tmp_path)  # other images: not in the cache
 
 
-@pytest.mark.parametrize("override, message", [
-    ("shift.corruptions=[fogg]", "unknown corruption 'fogg'"),
-    ("shift.severities=[0, 3]", "not a severity"),
-    ("shift.severities=[3, 3]", "each must appear once"),
-    ("ood.max_images=0", "ood.max_images = 0: must be positive"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("shift.corruptions=[fogg]", "unknown corruption 'fogg'"),
+        ("shift.severities=[0, 3]", "not a severity"),
+        ("shift.severities=[3, 3]", "each must appear once"),
+        ("ood.max_images=0", "ood.max_images = 0: must be positive"),
+    ],
+)
 def test_bad_shift_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -140,11 +146,13 @@ def test_shift_gate_fails_a_model_with_t_far_below_one_and_passes_a_calibrated_o
 
     champion = shift_predictions(cells, 1.0)
     pair = (clean, clean)
-    same = evaluate_gates(clean, gates, pair, shift=champion,
-                          shift_comparison={k: (p, champion[k]) for k, p in champion.items()})
+    same = evaluate_gates(
+        clean, gates, pair, shift=champion, shift_comparison={k: (p, champion[k]) for k, p in champion.items()}
+    )
     worse = shift_predictions(cells, 0.2)
-    worsened = evaluate_gates(clean, gates, pair, shift=worse,
-                              shift_comparison={k: (worse[k], champion[k]) for k in champion})
+    worsened = evaluate_gates(
+        clean, gates, pair, shift=worse, shift_comparison={k: (worse[k], champion[k]) for k in champion}
+    )
     assert same.check("max_shift_ece_increase").passed
     assert not worsened.check("max_shift_ece_increase").passed and not worsened.passed
 
@@ -154,8 +162,11 @@ def test_shift_gates_without_their_inputs_cannot_decide():
     with pytest.raises(GateInputError, match="no corruption suite"):
         evaluate_gates(clean, GatesConfig(max_shift_ece=0.1))
     with pytest.raises(GateInputError, match="no corrupted images shared"):
-        evaluate_gates(clean, GatesConfig(max_shift_ece_increase=0.1, max_ece_increase=None, max_accuracy_drop=None),
-                       (clean, clean))
+        evaluate_gates(
+            clean,
+            GatesConfig(max_shift_ece_increase=0.1, max_ece_increase=None, max_accuracy_drop=None),
+            (clean, clean),
+        )
     with pytest.raises(GateInputError, match="no OOD scores"):
         evaluate_gates(clean, GatesConfig(max_ood_fpr95=0.5))
 
@@ -179,17 +190,23 @@ def test_shift_gate_keeps_its_confidence_on_the_threshold_and_passes_at_a_third_
     clean = Predictions(np.array([[0.9, 0.1]]), np.array([0]))
 
     def pass_rate(ece: float, n: int, trials: int) -> float:
-        return np.mean([evaluate_gates(clean, gates, shift=constant_confidence_cells(rng, n, ece),
-                                       report_estimates=False).check("max_shift_ece").passed for _ in range(trials)])
+        return np.mean(
+            [
+                evaluate_gates(clean, gates, shift=constant_confidence_cells(rng, n, ece), report_estimates=False)
+                .check("max_shift_ece")
+                .passed
+                for _ in range(trials)
+            ]
+        )
 
     on_limit = pass_rate(0.05, 1000, 200)
     assert on_limit <= 0.05, f"passed {on_limit:.1%} of models on the threshold"
     assert pass_rate(0.05 / 3, 2000, 40) >= 0.8
 
 
-
-def paired_cells(rng, n: int, increase: float, champion_offset: float = 0.0, jitter: float = 0.0,
-                 cells: int = 3) -> dict[str, tuple[Predictions, Predictions]]:
+def paired_cells(
+    rng, n: int, increase: float, champion_offset: float = 0.0, jitter: float = 0.0, cells: int = 3
+) -> dict[str, tuple[Predictions, Predictions]]:
     """(candidate, champion) on the same images with known truth. Both call class 0; the champion's
     confidence p ~ U(0.6, 0.94) and the label is 0 with probability p - champion_offset, so the
     champion's true ECE is champion_offset (0: calibrated). The candidate says p + increase (+ noise
@@ -211,13 +228,28 @@ def test_shift_increase_gate_keeps_its_confidence_on_the_tolerance(champion_offs
     gate may pass at most 1 - confidence = 5% of these; the Wilson interval's lower end must be
     below it."""
     rng = np.random.default_rng(21)
-    gates = GatesConfig(max_ece=1.0, min_accuracy=0.0, metric="ece", max_ece_increase=None, max_accuracy_drop=None,
-                        max_shift_ece_increase=0.03)
+    gates = GatesConfig(
+        max_ece=1.0,
+        min_accuracy=0.0,
+        metric="ece",
+        max_ece_increase=None,
+        max_accuracy_drop=None,
+        max_shift_ece_increase=0.03,
+    )
     clean = Predictions(np.array([[0.9, 0.1]]), np.array([0]))
     trials = 200
-    passed = sum(evaluate_gates(clean, gates, (clean, clean),
-                                shift_comparison=paired_cells(rng, 1000, 0.03, champion_offset),
-                                report_estimates=False).check("max_shift_ece_increase").passed for _ in range(trials))
+    passed = sum(
+        evaluate_gates(
+            clean,
+            gates,
+            (clean, clean),
+            shift_comparison=paired_cells(rng, 1000, 0.03, champion_offset),
+            report_estimates=False,
+        )
+        .check("max_shift_ece_increase")
+        .passed
+        for _ in range(trials)
+    )
     low = stats.binomtest(passed, trials).proportion_ci(0.95, method="wilson").low
     assert low <= 0.05, f"passed {passed} of {trials} candidates worse by the full tolerance"
 
@@ -227,16 +259,34 @@ def test_shift_increase_gate_passes_a_candidate_as_good_as_the_champion_given_en
     ECE) passes most of the time with 8,000 corrupted images a cell (with 1,000 a cell it almost never
     does: docs/shift_and_ood.md, the suite's size decides what the increase gate can show)."""
     rng = np.random.default_rng(22)
-    gates = GatesConfig(max_ece=1.0, min_accuracy=0.0, metric="ece", max_ece_increase=None, max_accuracy_drop=None,
-                        max_shift_ece_increase=0.03)
+    gates = GatesConfig(
+        max_ece=1.0,
+        min_accuracy=0.0,
+        metric="ece",
+        max_ece_increase=None,
+        max_accuracy_drop=None,
+        max_shift_ece_increase=0.03,
+    )
     clean = Predictions(np.array([[0.9, 0.1]]), np.array([0]))
 
     def pass_rate(n: int, trials: int) -> float:
-        return np.mean([evaluate_gates(clean, gates, (clean, clean), shift_comparison=paired_cells(rng, n, 0.0, jitter=0.01),
-                                       report_estimates=False).check("max_shift_ece_increase").passed
-                        for _ in range(trials)])
+        return np.mean(
+            [
+                evaluate_gates(
+                    clean,
+                    gates,
+                    (clean, clean),
+                    shift_comparison=paired_cells(rng, n, 0.0, jitter=0.01),
+                    report_estimates=False,
+                )
+                .check("max_shift_ece_increase")
+                .passed
+                for _ in range(trials)
+            ]
+        )
 
     assert pass_rate(8000, 20) >= 0.75
+
 
 # ---------------------------------------------------------------------------------------------
 # OOD: scores, metrics and the FPR95 bound
@@ -334,11 +384,14 @@ def test_outlier_exposure_lowers_confidence_on_outliers_and_keeps_accuracy():
     spec = ModelSpec(arch="small_cnn", in_channels=x.shape[1], num_classes=3, image_height=8, image_width=8, width=8)
     config = TrainConfig(epochs=6, batch_size=32, lr=0.05, augment=False)
     plain, _ = train_classifier(spec, x_in, y_in, x_in, y_in, config, seed=0, progress=False)
-    exposed, history = train_classifier(spec, x_in, y_in, x_in, y_in, config, seed=0, progress=False,
-                                        outlier_images=x_out[:30])
+    exposed, history = train_classifier(
+        spec, x_in, y_in, x_in, y_in, config, seed=0, progress=False, outlier_images=x_out[:30]
+    )
     held_out = x_out[30:]
-    msp = {name: torch.softmax(collect_logits(model, held_out), 1).max(1).values.mean().item()
-           for name, model in (("plain", plain), ("exposed", exposed))}
+    msp = {
+        name: torch.softmax(collect_logits(model, held_out), 1).max(1).values.mean().item()
+        for name, model in (("plain", plain), ("exposed", exposed))
+    }
     assert msp["exposed"] < msp["plain"] - 0.1, msp
     assert history[-1].val_accuracy > 0.9
 
@@ -351,7 +404,9 @@ def test_params_yaml_documents_the_new_keys_at_their_defaults():
     assert documented.shift == defaults.shift and documented.ood == defaults.ood
     assert documented.train.outlier_exposure is None
     assert (documented.calibration.shift_aware, documented.calibration.shift_corruptions) == (
-        defaults.calibration.shift_aware, defaults.calibration.shift_corruptions)
+        defaults.calibration.shift_aware,
+        defaults.calibration.shift_corruptions,
+    )
     for gate in ("max_shift_ece", "max_shift_ece_increase", "max_ood_fpr95"):
         assert getattr(documented.gates, gate) is None
 
@@ -370,7 +425,9 @@ def test_the_benchmarks_jigsaw_outliers_are_permuted_patches_of_the_image():
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     shuffled = jigsaw(images, seed=0)
     assert shuffled.shape == images.shape and not torch.equal(shuffled, images)
-    patches = lambda x: sorted(x[:, r:r + 8, c:c + 8].flatten().tolist() for r in range(0, 32, 8)  # noqa: E731
-                               for c in range(0, 32, 8))
+
+    def patches(x):
+        return sorted(x[:, r : r + 8, c : c + 8].flatten().tolist() for r in range(0, 32, 8) for c in range(0, 32, 8))
+
     assert all(patches(a) == patches(b) for a, b in zip(images, shuffled))
     assert torch.equal(jigsaw(images, seed=0), shuffled)

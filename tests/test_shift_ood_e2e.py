@@ -50,15 +50,37 @@ def track(repo: Path, path: str) -> None:
 
 def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_repo, tmp_path):
     ood_path = add_ood_folder(tiny_repo)
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood_path}",
-                      "--set", "gates.max_ood_fpr95=1.0", "--set", "gates.max_shift_ece=1.0"]) == 0
+    assert (
+        calibflow(
+            [
+                "run",
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                f"ood.path={ood_path}",
+                "--set",
+                "gates.max_ood_fpr95=1.0",
+                "--set",
+                "gates.max_shift_ece=1.0",
+            ]
+        )
+        == 0
+    )
 
     client = client_of(tiny_repo)
     version = client.get_model_version_by_alias(MODEL, "champion")
     mlflow_run = client.get_run(version.run_id)
     metrics = mlflow_run.data.metrics
-    for name in ("ood/msp/auroc", "ood/msp/aupr", "ood/msp/fpr95", "ood/energy/auroc", "ood/energy/fpr95",
-                 "shift/calibrated/mean_ece", "shift/uncalibrated/mean_accuracy", "shift/calibrated/contrast_s5_ece"):
+    for name in (
+        "ood/msp/auroc",
+        "ood/msp/aupr",
+        "ood/msp/fpr95",
+        "ood/energy/auroc",
+        "ood/energy/fpr95",
+        "shift/calibrated/mean_ece",
+        "shift/uncalibrated/mean_accuracy",
+        "shift/calibrated/contrast_s5_ece",
+    ):
         assert name in metrics, name
     assert 0.0 <= metrics["ood/energy/fpr95"] <= 1.0 and 0.0 <= metrics["ood/msp/auroc"] <= 1.0
     plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
@@ -72,8 +94,11 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
 
     # `calibflow evaluate` in a fresh process: every cell of the suite from the served pyfunc
     out = tmp_path / "evaluate.json"
-    result = subprocess.run([CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo),
-                             "--json", str(out)], capture_output=True, text=True)
+    result = subprocess.run(
+        [CALIBFLOW, "evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo), "--json", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     evaluated = json.loads(out.read_text())
     assert evaluated["mismatches"] == []
@@ -125,13 +150,16 @@ def make_bad_ood(repo: Path, problem: str) -> str:
     return "data/ood"
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("missing", "does not exist"),
-    ("empty", "is empty"),
-    ("not images", "are not images"),
-    ("overlapping", "same bytes as images of data.path"),
-    ("not tracked", "ood.path 'data/ood' is not tracked by DVC"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "is empty"),
+        ("not images", "are not images"),
+        ("overlapping", "same bytes as images of data.path"),
+        ("not tracked", "ood.path 'data/ood' is not tracked by DVC"),
+    ],
+)
 def test_bad_ood_path_is_refused_before_training_and_nothing_is_registered(tiny_repo, capsys, problem, message):
     path = make_bad_ood(tiny_repo, problem)
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={path}"]) == 2
@@ -155,23 +183,73 @@ def test_a_failing_shift_gate_exits_1_with_the_check_in_its_json(tiny_repo, caps
     # passing run, then `calibflow gate` reads the suite from the registry: exit 1 and JSON
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
     out = tmp_path / "gate.json"
-    assert calibflow(["gate", "--model", MODEL, "--candidate", "@champion", "--repo", str(tiny_repo),
-                      "--set", "gates.max_shift_ece=0.0", "--json", str(out)]) == 1
+    assert (
+        calibflow(
+            [
+                "gate",
+                "--model",
+                MODEL,
+                "--candidate",
+                "@champion",
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                "gates.max_shift_ece=0.0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 1
+    )
     check = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_shift_ece")
     assert not check["passed"] and check["bound"] >= check["value"] > 0
-    assert calibflow(["gate", "--model", MODEL, "--candidate", "@champion", "--repo", str(tiny_repo),
-                      "--set", "gates.max_shift_ece=1.0"]) == 0
+    assert (
+        calibflow(
+            [
+                "gate",
+                "--model",
+                MODEL,
+                "--candidate",
+                "@champion",
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                "gates.max_shift_ece=1.0",
+            ]
+        )
+        == 0
+    )
 
     # against the champion: the flow and `calibflow gate` corrupt the shared images for both models
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "seed=1",
-                      "--set", "gates.max_shift_ece_increase=1.0"]) == 0
+    assert (
+        calibflow(["run", "--repo", str(tiny_repo), "--set", "seed=1", "--set", "gates.max_shift_ece_increase=1.0"])
+        == 0
+    )
     challenger = client.get_model_version_by_alias(MODEL, "challenger")
-    gates = json.loads(Path(registry.download_run_artifact(challenger.run_id, "gates/gates.json", tmp_path)).read_text())
+    gates = json.loads(
+        Path(registry.download_run_artifact(challenger.run_id, "gates/gates.json", tmp_path)).read_text()
+    )
     increase = next(c for c in gates["checks"] if c["name"] == "max_shift_ece_increase")
     # a bound, not a point value: on the few test images the two splits share it is wide
     assert gates["n_shared"] > 0 and increase["bound"] >= increase["value"]
-    assert calibflow(["gate", "--model", MODEL, "--candidate", "@challenger", "--repo", str(tiny_repo),
-                      "--set", "gates.max_shift_ece_increase=0.0", "--json", str(out)]) == 1
+    assert (
+        calibflow(
+            [
+                "gate",
+                "--model",
+                MODEL,
+                "--candidate",
+                "@challenger",
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                "gates.max_shift_ece_increase=0.0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 1
+    )
     check = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "max_shift_ece_increase")
     assert not check["passed"] and check["bound"] == pytest.approx(increase["bound"])  # the same numbers
 
@@ -187,25 +265,36 @@ def test_shift_aware_calibration_fits_on_corrupted_copies_and_is_served(tiny_rep
     runs = tiny_repo / ".calibflow" / "runs"
     import numpy as np
 
-    with np.load(runs / aware.run_id / "logits_calibration_shift_aware.npz") as fitted, \
-            np.load(runs / aware.run_id / "logits_calibration.npz") as clean:
+    with (
+        np.load(runs / aware.run_id / "logits_calibration_shift_aware.npz") as fitted,
+        np.load(runs / aware.run_id / "logits_calibration.npz") as clean,
+    ):
         assert len(fitted["labels"]) == 6 * len(clean["labels"])  # clean + speckle noise at severities 1-5
-        np.testing.assert_array_equal(fitted["logits"][:len(clean["labels"])], clean["logits"])
+        np.testing.assert_array_equal(fitted["logits"][: len(clean["labels"])], clean["logits"])
     out = tmp_path / "evaluate.json"
-    assert calibflow(["evaluate", "--model", f"models:/{MODEL}/{aware.version}", "--repo", str(tiny_repo),
-                      "--json", str(out)]) == 0
+    assert (
+        calibflow(
+            ["evaluate", "--model", f"models:/{MODEL}/{aware.version}", "--repo", str(tiny_repo), "--json", str(out)]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["mismatches"] == []
 
 
 def test_outlier_exposure_trains_on_its_folder_and_never_on_the_ood_one(tiny_repo, capsys):
     ood = add_ood_folder(tiny_repo, "ood", classes=(8, 9))
     exposure = add_ood_folder(tiny_repo, "oe", flat=False, classes=(5, 6, 7))
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}",
-                      "--set", f"train.outlier_exposure={exposure}"]) == 0
+    assert (
+        calibflow(
+            ["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}", "--set", f"train.outlier_exposure={exposure}"]
+        )
+        == 0
+    )
     client = client_of(tiny_repo)
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert {"ood/outlier_exposure_data.json", "ood/ood_data.json"} <= {
-        a.path for a in client.list_artifacts(version.run_id, "ood")}
+        a.path for a in client.list_artifacts(version.run_id, "ood")
+    }
     assert client.get_run(version.run_id).data.params["train.outlier_exposure"] == exposure
 
     # the same images in both folders: refused before training
@@ -214,11 +303,23 @@ def test_outlier_exposure_trains_on_its_folder_and_never_on_the_ood_one(tiny_rep
     for image in sorted((tiny_repo / "data" / "ood").glob("*.png"))[:2]:
         (leak / image.name).write_bytes(image.read_bytes())
     track(tiny_repo, "data/oe")
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}",
-                      "--set", f"train.outlier_exposure={exposure}", "--force"]) == 2
+    assert (
+        calibflow(
+            [
+                "run",
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                f"ood.path={ood}",
+                "--set",
+                f"train.outlier_exposure={exposure}",
+                "--force",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "train.outlier_exposure 'data/oe'" in err and "same bytes as images of ood.path" in err
-
 
 
 def add_lookalike_folder(repo: Path) -> str:
@@ -255,8 +356,9 @@ def ood_check(path: Path) -> dict:
 
 def last_run_gate(client: MlflowClient, out: Path) -> dict:
     """The max_ood_fpr95 check of the experiment's latest run (gates/gates.json, logged pass or fail)."""
-    latest = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    latest = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
     return ood_check(registry.download_run_artifact(latest.info.run_id, "gates/gates.json", out))
 
 
@@ -271,8 +373,20 @@ def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_regist
     lookalike, noise = add_lookalike_folder(repo), add_noise_frames(repo)
     # 225 test images: the FPR95 bound needs >= 72 in-distribution images to be below 1, and with
     # 225 its threshold sits near the 98th percentile, so a loose 0.7 is what this size can certify
-    settings = ["--repo", str(repo), "--set", "split.train=0.4", "--set", "split.test=0.3", "--set", "train.epochs=15",
-                "--set", "ood.max_images=300", "--set", "gates.max_ood_fpr95=0.7"]
+    settings = [
+        "--repo",
+        str(repo),
+        "--set",
+        "split.train=0.4",
+        "--set",
+        "split.test=0.3",
+        "--set",
+        "train.epochs=15",
+        "--set",
+        "ood.max_images=300",
+        "--set",
+        "gates.max_ood_fpr95=0.7",
+    ]
     assert calibflow(["run", *settings, "--set", f"ood.path={lookalike}"]) == 1
     client = client_of(repo)
     refused = last_run_gate(client, tmp_path / "refused")
@@ -295,7 +409,28 @@ def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_regist
     assert not ood_check(gate_json)["passed"]
 
     # a version measured on no OOD folder cannot be gated on one: undecided, exit 2
-    assert calibflow(["run", "--repo", str(repo), "--set", "split.train=0.4", "--set", "split.test=0.3",
-                      "--set", "train.epochs=1", "--set", "gates.max_ece=1", "--set", "gates.min_accuracy=0",
-                      "--set", "gates.max_ece_increase=null", "--set", "gates.max_accuracy_drop=null"]) == 0
+    assert (
+        calibflow(
+            [
+                "run",
+                "--repo",
+                str(repo),
+                "--set",
+                "split.train=0.4",
+                "--set",
+                "split.test=0.3",
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "gates.max_ece=1",
+                "--set",
+                "gates.min_accuracy=0",
+                "--set",
+                "gates.max_ece_increase=null",
+                "--set",
+                "gates.max_accuracy_drop=null",
+            ]
+        )
+        == 0
+    )
     assert calibflow([*gate[:4], "@challenger", *gate[5:], "--set", "gates.max_ood_fpr95=0.7"]) == 2

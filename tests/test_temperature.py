@@ -253,6 +253,4 @@ def test_fit_that_does_not_lower_nll_is_an_error(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     z, y = _sample(seed=20, n=5000, k=10, t_true=1.5)
-    assert fit_temperature(z.cuda(), y.cuda()).temperature == pytest.approx(
-        fit_temperature(z, y).temperature, rel=1e-9
-    )
+    assert fit_temperature(z.cuda(), y.cuda()).temperature == pytest.approx(fit_temperature(z, y).temperature, rel=1e-9)

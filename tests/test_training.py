@@ -10,8 +10,15 @@ from calibflow.config import TrainConfig
 from calibflow.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 import dataclasses
 
-from calibflow.training import (Runtime, collect_logits, intra_op_threads, random_translate, resolve_runtime,
-                             train_classifier, validates_after)
+from calibflow.training import (
+    Runtime,
+    collect_logits,
+    intra_op_threads,
+    random_translate,
+    resolve_runtime,
+    train_classifier,
+    validates_after,
+)
 
 
 def blobs(n_per_class=40, classes=3, size=8, seed=0):
@@ -20,7 +27,7 @@ def blobs(n_per_class=40, classes=3, size=8, seed=0):
     images, labels = [], []
     for k in range(classes):
         base = torch.zeros(n_per_class, 1, size, size)
-        base[:, :, 1 + 2 * k:3 + 2 * k, 2:6] = 200
+        base[:, :, 1 + 2 * k : 3 + 2 * k, 2:6] = 200
         images.append((base + torch.rand(base.shape, generator=g) * 40).to(torch.uint8))
         labels.append(torch.full((n_per_class,), k))
     return torch.cat(images), torch.cat(labels)
@@ -58,8 +65,9 @@ def test_any_number_of_scheduler_steps_trains(steps):
     # one batch of all 12 images an epoch: `steps` epochs are `steps` one-cycle steps; exactly 4
     # (one epoch over at most 256 images at batch 64) once divided by zero inside OneCycleLR
     x, y = blobs(n_per_class=4)
-    _, history = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=steps, batch_size=12, lr=0.05), seed=0,
-                                  progress=False)
+    _, history = train_classifier(
+        SPEC, x, y, x, y, TrainConfig(epochs=steps, batch_size=12, lr=0.05), seed=0, progress=False
+    )
     assert len(history) == steps and all(np.isfinite(h.train_loss) for h in history)
 
 
@@ -181,10 +189,12 @@ def test_skipping_validation_leaves_the_trained_weights_bit_identical():
     move the data order, the augmentation, BatchNorm's running statistics or any weight."""
     x, y = blobs()
     config = dataclasses.replace(FAST, epochs=7, threads=1)
-    every, every_epoch = train_classifier(SPEC, x, y, x, y, dataclasses.replace(config, val_every=1), seed=3,
-                                          progress=False)
-    third, every_third = train_classifier(SPEC, x, y, x, y, dataclasses.replace(config, val_every=3), seed=3,
-                                          progress=False)
+    every, every_epoch = train_classifier(
+        SPEC, x, y, x, y, dataclasses.replace(config, val_every=1), seed=3, progress=False
+    )
+    third, every_third = train_classifier(
+        SPEC, x, y, x, y, dataclasses.replace(config, val_every=3), seed=3, progress=False
+    )
     a, b = every.state_dict(), third.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # buffers too: running stats
     assert [h.train_loss for h in every_epoch] == [h.train_loss for h in every_third]
@@ -202,19 +212,46 @@ def test_training_runs_on_train_threads_and_restores_the_callers_count():
     seen = []
     try:
         torch.set_num_threads(outside)
-        train_classifier(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=2, threads=1), seed=0,
-                         on_epoch_end=lambda stats: seen.append(torch.get_num_threads()), progress=False)
+        train_classifier(
+            SPEC,
+            x,
+            y,
+            x,
+            y,
+            dataclasses.replace(FAST, epochs=2, threads=1),
+            seed=0,
+            on_epoch_end=lambda stats: seen.append(torch.get_num_threads()),
+            progress=False,
+        )
         assert seen == [1, 1] and torch.get_num_threads() == outside
-        train_classifier(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=1, threads="auto"), seed=0,
-                         on_epoch_end=lambda stats: seen.append(torch.get_num_threads()), progress=False)
+        train_classifier(
+            SPEC,
+            x,
+            y,
+            x,
+            y,
+            dataclasses.replace(FAST, epochs=1, threads="auto"),
+            seed=0,
+            on_epoch_end=lambda stats: seen.append(torch.get_num_threads()),
+            progress=False,
+        )
         assert seen[-1] == outside  # auto leaves torch's count alone
 
         def fail(stats):
             raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):  # an interrupted run restores it too
-            train_classifier(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=2, threads=1), seed=0,
-                             on_epoch_end=fail, progress=False)
+            train_classifier(
+                SPEC,
+                x,
+                y,
+                x,
+                y,
+                dataclasses.replace(FAST, epochs=2, threads=1),
+                seed=0,
+                on_epoch_end=fail,
+                progress=False,
+            )
         assert torch.get_num_threads() == outside
     finally:
         torch.set_num_threads(before)

@@ -233,8 +233,9 @@ def test_manifest_without_split_column_is_a_caller_error(folder: Path):
         validate_manifest(df, list_classes(folder), -1)
 
 
-def test_a_passed_suite_is_reused_for_the_same_bytes_and_a_failed_one_is_always_run_again(folder, tmp_path,
-                                                                                         monkeypatch):
+def test_a_passed_suite_is_reused_for_the_same_bytes_and_a_failed_one_is_always_run_again(
+    folder, tmp_path, monkeypatch
+):
     from calibflow import pipeline
     from calibflow.config import DataConfig, SplitConfig
 
@@ -246,8 +247,9 @@ def test_a_passed_suite_is_reused_for_the_same_bytes_and_a_failed_one_is_always_
     data = DataConfig(min_per_class=MIN_PER_CLASS)
 
     def validate(name: str):
-        return pipeline.validate_data(manifest.path, split.path, manifest.classes, data, str(tmp_path / name),
-                                      cache_directory=cache)
+        return pipeline.validate_data(
+            manifest.path, split.path, manifest.classes, data, str(tmp_path / name), cache_directory=cache
+        )
 
     first, second = validate("first.json"), validate("second.json")
     assert first.success and second.success and len(calls) == 1
@@ -256,8 +258,9 @@ def test_a_passed_suite_is_reused_for_the_same_bytes_and_a_failed_one_is_always_
 
     stricter = DataConfig(min_per_class=PER_CLASS + 1)  # another setting: run again, and it fails
     for _ in range(2):
-        report = pipeline.validate_data(manifest.path, split.path, manifest.classes, stricter,
-                                        str(tmp_path / "strict.json"), cache_directory=cache)
+        report = pipeline.validate_data(
+            manifest.path, split.path, manifest.classes, stricter, str(tmp_path / "strict.json"), cache_directory=cache
+        )
         assert not report.success and CHECK_MIN.replace(str(MIN_PER_CLASS), str(PER_CLASS + 1)) in report.summary()
     assert len(calls) == 3
 

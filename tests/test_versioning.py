@@ -58,8 +58,9 @@ def swap_same_size_files_in_place(data_dir):
     by_size = {}
     for path in sorted(data_dir.rglob("*.png")):
         by_size.setdefault(path.stat().st_size, []).append(path)
-    a, b = next((a, b) for group in by_size.values() for a, b in zip(group, group[1:])
-                if a.read_bytes() != b.read_bytes())
+    a, b = next(
+        (a, b) for group in by_size.values() for a, b in zip(group, group[1:]) if a.read_bytes() != b.read_bytes()
+    )
     stat_a, stat_b = a.stat(), b.stat()
     bytes_a, bytes_b = a.read_bytes(), b.read_bytes()
     with open(a, "r+b") as handle:  # in place: same inode
@@ -68,8 +69,11 @@ def swap_same_size_files_in_place(data_dir):
         handle.write(bytes_a)
     os.utime(a, ns=(stat_a.st_atime_ns, stat_a.st_mtime_ns))
     os.utime(b, ns=(stat_b.st_atime_ns, stat_b.st_mtime_ns))
-    assert (a.stat().st_ino, a.stat().st_size, a.stat().st_mtime_ns) == (stat_a.st_ino, stat_a.st_size,
-                                                                         stat_a.st_mtime_ns)
+    assert (a.stat().st_ino, a.stat().st_size, a.stat().st_mtime_ns) == (
+        stat_a.st_ino,
+        stat_a.st_size,
+        stat_a.st_mtime_ns,
+    )
     return a, b
 
 
@@ -85,7 +89,9 @@ def test_bytes_swapped_in_place_with_size_and_mtime_kept_are_refused(tiny_repo_t
         resolve_data(repo, "data/tiny")
     message = str(refused.value)
     assert "2 file(s) no longer hold the bytes DVC recorded" in message
-    assert str(a.relative_to(repo / "data" / "tiny")) in message and str(b.relative_to(repo / "data" / "tiny")) in message
+    assert (
+        str(a.relative_to(repo / "data" / "tiny")) in message and str(b.relative_to(repo / "data" / "tiny")) in message
+    )
     assert "dvc add data/tiny" in message and "dvc checkout data/tiny" in message
 
     # The fix the message names works: delete them and check them out again.
@@ -113,8 +119,11 @@ def test_a_dvc_state_database_locked_by_another_process_is_waited_for_not_report
     assert versioning.resolve_data("repo", "data/x") == "resolved" and len(calls) == 3
 
     calls.clear()
-    monkeypatch.setattr(versioning, "_resolve_data", lambda *args: calls.append(args) or (_ for _ in ()).throw(
-        sqlite3.OperationalError("database is locked")))
+    monkeypatch.setattr(
+        versioning,
+        "_resolve_data",
+        lambda *args: calls.append(args) or (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")),
+    )
     with pytest.raises(sqlite3.OperationalError, match="locked"):  # still locked after every wait: reported
         versioning.resolve_data("repo", "data/x")
     assert len(calls) == 4

@@ -29,8 +29,9 @@ class TemperatureCalibrator(Calibrator):
 
     method = "temperature"
 
-    def __init__(self, min_temperature: float = DEFAULT_MIN_TEMPERATURE,
-                 max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> None:
+    def __init__(
+        self, min_temperature: float = DEFAULT_MIN_TEMPERATURE, max_temperature: float = DEFAULT_MAX_TEMPERATURE
+    ) -> None:
         super().__init__()
         self.min_temperature = float(min_temperature)
         self.max_temperature = float(max_temperature)
@@ -56,8 +57,9 @@ class TemperatureCalibrator(Calibrator):
 
     @classmethod
     def _from_params(cls, state: dict[str, Any]) -> TemperatureCalibrator:
-        cal = cls(state.get("min_temperature", DEFAULT_MIN_TEMPERATURE),
-                  state.get("max_temperature", DEFAULT_MAX_TEMPERATURE))
+        cal = cls(
+            state.get("min_temperature", DEFAULT_MIN_TEMPERATURE), state.get("max_temperature", DEFAULT_MAX_TEMPERATURE)
+        )
         cal.temperature = float(state["temperature"])
         return cal
 

@@ -134,9 +134,7 @@ def _mce_from_sums(count: torch.Tensor, conf: torch.Tensor, correct: torch.Tenso
     return torch.where(count > 0, gap, torch.full_like(gap, -math.inf)).amax(dim=1)
 
 
-def _debiased_from_sums(
-    count: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, norm: str
-) -> torch.Tensor:
+def _debiased_from_sums(count: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, norm: str) -> torch.Tensor:
     n = count.sum(dim=1)
     nb = count.clamp(min=1.0)
     acc = correct / nb

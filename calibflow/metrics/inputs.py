@@ -50,9 +50,7 @@ def _as_labels(labels: ArrayLike, n: int, k: int, device: torch.device) -> torch
         raise ValueError(f"labels must have shape ({n},) to match the predictions; got {tuple(y.shape)}")
     y = y.to(device=device, dtype=torch.int64)
     if n and (int(y.min()) < 0 or int(y.max()) >= k):
-        raise ValueError(
-            f"labels must lie in [0, {k}) for {k} classes; got min {int(y.min())}, max {int(y.max())}"
-        )
+        raise ValueError(f"labels must lie in [0, {k}) for {k} classes; got min {int(y.min())}, max {int(y.max())}")
     return y
 
 

@@ -100,8 +100,13 @@ def probability_report(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAUL
     against, so both sides compute the same numbers the same way."""
     p, y = _probs_and_labels(probs, labels)
     bins = reliability_bins(p, y, n_bins)  # one binning for ECE and MCE, as in calibration_report
-    return {"accuracy": accuracy(p, y), "nll": probability_nll(p, y), "brier": brier_score(p, y),
-            "ece": bins.ece, "mce": bins.mce}
+    return {
+        "accuracy": accuracy(p, y),
+        "nll": probability_nll(p, y),
+        "brier": brier_score(p, y),
+        "ece": bins.ece,
+        "mce": bins.mce,
+    }
 
 
 def probability_nll(probs: ArrayLike, labels: ArrayLike, eps: float | None = None) -> float:

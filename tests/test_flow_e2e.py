@@ -143,12 +143,19 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     assert client.get_logged_model(version.source.removeprefix("models:/")).name == MODEL
 
     # The Prefect side: named tasks and the markdown summary, on the temporary local API.
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from uuid import UUID
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    # this flow run's artifact: the temporary API's database outlives the test, and a read without
+    # the flow run's id stops at its first 200 artifacts
     with get_client(sync_client=True) as prefect:
         summaries = prefect.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["calibflow-run-summary"]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["calibflow-run-summary"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(result["prefect_flow_run_id"])]),
+            )
         )
     assert any(result["run_id"] in (a.data or "") for a in summaries)
 

@@ -108,7 +108,19 @@ CASES = [
 ]
 
 # Codes that need a trained model or running servers: the end-to-end tests that produce them.
+MONITOR_VERDICTS = "tests/test_monitor_e2e.py::test_monitor_says_fine_recalibrate_retrain_or_cannot_tell"
+RECALIBRATED = "tests/test_recalibrate_e2e.py::test_recalibrate_registers_the_same_network_with_a_new_calibrator"
 ELSEWHERE = {
+    ("monitor", 0): MONITOR_VERDICTS,
+    ("monitor", 1): MONITOR_VERDICTS,
+    ("monitor", 3): MONITOR_VERDICTS,
+    ("monitor", 2): "tests/test_monitor_e2e.py::test_monitor_refuses_data_it_cannot_read_with_exit_2",
+    ("recalibrate", 0): RECALIBRATED,
+    ("recalibrate", 1): RECALIBRATED,
+    (
+        "recalibrate",
+        2,
+    ): "tests/test_recalibrate_e2e.py::test_recalibrate_refuses_what_it_cannot_use_and_registers_nothing",
     ("run", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",
     ("run", 1): "tests/test_flow_e2e.py::test_failing_gate_registers_nothing_and_moves_no_alias",
     ("evaluate", 0): "tests/test_flow_e2e.py::test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process",

@@ -40,7 +40,26 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     images, labels = unseen_digits()
     harsher = (255 * (images / 255.0) ** 2).astype(np.uint8)  # the new camera: calibration drifted (monitor exit 1)
     data = add_folder(tiny_repo, "relabeled", harsher, labels)
-    capsys.readouterr()
+    # the gates read the new test half (and its corrupted copies): a bar it cannot clear is exit 1, nothing registered
+    assert (
+        calibflow(
+            [
+                "recalibrate",
+                "--model",
+                f"models:/{MODEL}@champion",
+                "--data",
+                data,
+                "--repo",
+                str(tiny_repo),
+                "--set",
+                "gates.max_shift_ece=0.05",
+            ]
+        )
+        == 1
+    )
+    assert "rejected, nothing registered" in capsys.readouterr().err
+    registry.configure_tracking(tiny_repo)
+    assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL}'")] == ["1"]
     assert (
         calibflow(
             [

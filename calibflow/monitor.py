@@ -29,12 +29,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from calibflow import registry
 from calibflow.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
 from calibflow.config import Config
-from calibflow.gate_statistics import EqualWidthBins, calibration_error_lower_bound, calibration_error_upper_bound
+from calibflow.gate_statistics import (
+    EqualWidthBins,
+    calibration_error_lower_bound,
+    calibration_error_upper_bound,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+)
 from calibflow.images import load_images
 from calibflow.manifest import is_image_file
 from calibflow.names import CALIBRATED, on_test, version_tag
@@ -190,14 +195,14 @@ def _judge_labeled(
 ) -> None:
     conf, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
     n, k, c = len(correct), int(correct.sum()), report.confidence
-    interval = stats.binomtest(k, n).proportion_ci(2 * c - 1, method="exact")  # one-sided c at each end
+    accuracy_lower, accuracy_upper = clopper_pearson_lower(k, n, c), clopper_pearson_upper(k, n, c)
     profile = EqualWidthBins(n_bins)
     ece_low = calibration_error_lower_bound(conf, correct, profile, c)
     ece_high = calibration_error_upper_bound(conf, correct, profile, c)
     report.measured = {
         "accuracy": k / n,
-        "accuracy_lower": float(interval.low),
-        "accuracy_upper": float(interval.high),
+        "accuracy_lower": accuracy_lower,
+        "accuracy_upper": accuracy_upper,
         "ece": ece_low.estimate,
         "ece_lower": ece_low.bound,
         "ece_upper": ece_high.bound,

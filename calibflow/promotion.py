@@ -114,7 +114,7 @@ class GateReport:
         return path
 
 
-def _champion_for(model_name: str, against: str | None, candidate_version: str) -> registry.VersionRecord | None:
+def champion_for(model_name: str, against: str | None, candidate_version: str) -> registry.VersionRecord | None:
     """The version to compare with: `against` (an alias that may not exist yet, or a version that
     must), or None when there is none or it is the candidate itself."""
     if against is None:
@@ -266,7 +266,7 @@ def evaluation_set(
     """Both models from the registry, on the candidate's pinned test images."""
     try:
         candidate = resolve_ref(model_name, candidate_ref)
-        champion = _champion_for(model_name, against, candidate.version)
+        champion = champion_for(model_name, against, candidate.version)
     except LookupError as error:
         raise GateUndecided(str(error)) from error
     try:

@@ -31,7 +31,9 @@ from calibflow.config import Config
 from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
 from calibflow.images import load_images
 from calibflow.manifest import build_manifest, manifest_fingerprint, save_manifest
+from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
+from calibflow.promotion import champion_for
 from calibflow.reproduce import served_classes, served_policy
 from calibflow.splits import stratified_split
 from calibflow.versioning import resolve_data
@@ -175,8 +177,6 @@ def recalibrate(
         )
         candidate = pipeline.load_calibrator(fit.state_path).transform(logits[test_rows]).numpy()
         source_probabilities = served.calibrator.transform(logits[test_rows]).numpy()
-        from calibflow.metrics import probability_report
-
         before = probability_report(source_probabilities, labels[test_rows], config.evaluation.n_bins)
         after = probability_report(candidate, labels[test_rows], config.evaluation.n_bins)
         softmax = probability_report(
@@ -184,11 +184,7 @@ def recalibrate(
         )
         ours = Predictions(candidate, labels[test_rows])
         comparison = None
-        champion = (
-            registry.alias_record(source.name, against[1:])
-            if against and against.startswith("@")
-            else (registry.resolve_model_uri(f"models:/{source.name}/{against}") if against else None)
-        )
+        champion = champion_for(source.name, against, candidate_version="")  # the new version has no number yet
         if champion is not None:
             theirs = (
                 source_probabilities

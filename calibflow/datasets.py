@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from calibflow.manifest import ManifestError, is_image_file, list_classes
+from calibflow.versioning import DVC_ACCESS
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -214,7 +215,7 @@ def _dvc_add(root: Path, target: Path) -> None:
     from dvc.repo import Repo
 
     try:
-        with Repo(str(root)) as repo:
+        with DVC_ACCESS, Repo(str(root)) as repo:
             repo.scm_context.quiet = True  # no "To track the changes with git, run": we commit here
             repo.add(str(target))
     except DvcException as error:
@@ -227,7 +228,7 @@ def _dvc_push(root: Path, dvc_file: Path) -> None:
     from dvc.repo import Repo
 
     try:
-        with Repo(str(root)) as repo:
+        with DVC_ACCESS, Repo(str(root)) as repo:
             repo.push(targets=[str(dvc_file)])
     except NoRemoteError as error:
         raise DatasetError(

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +62,13 @@ def code_origin(repo_root: str | Path) -> tuple[str | None, str | None]:
 # for longer than SQLite's own wait. The lock is held for a moment: wait and read again.
 LOCKED_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
+# Within one process DVC is not safe to use from several threads at once: fsspec hands every
+# thread asking for the same repository and revision the one cached DVCFileSystem, and a thread
+# that reads it while another is still building its index sees the directory without its DVC
+# record ("not tracked by DVC"; 8 of 25 trials at 8 threads before this lock). Prefect's thread
+# task runner can resolve data from two tasks at once, so every DVC read here takes this lock.
+DVC_ACCESS = threading.RLock()
+
 
 def resolve_data(
     repo_root: str | Path, data_path: str, rev: str | None = None, cache_root: str | Path | None = None
@@ -74,7 +82,8 @@ def resolve_data(
     """
     for delay in (*LOCKED_RETRY_DELAYS_S, None):
         try:
-            return _resolve_data(repo_root, data_path, rev, cache_root)
+            with DVC_ACCESS:
+                return _resolve_data(repo_root, data_path, rev, cache_root)
         except Exception as error:  # noqa: BLE001  sqlite3.OperationalError, raw or wrapped by DVC
             if delay is None or "database is locked" not in str(error):
                 raise

@@ -44,6 +44,8 @@ MIN_N_RESAMPLES, MAX_N_RESAMPLES = 100, 100_000
 MAX_ENSEMBLE, MAX_MC_SAMPLES = 32, 256
 # torch starts one OS thread per intra-op thread: thousands are a typo, not a machine.
 MAX_THREADS = 1024
+# torchrun's own default port for node 0's rendezvous (train.rendezvous without one).
+DEFAULT_RENDEZVOUS_PORT = 29500
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -126,6 +128,15 @@ class TrainConfig:
     # outlier images (flat or <class>/<image>, resized to the model's input); each step adds 0.5 x
     # the cross-entropy from the uniform distribution to the softmax of as many outliers.
     outlier_exposure: str | None = None
+    # Training on more than one process (calibflow/distributed.py): "ddp" runs the training step
+    # under torchrun, DistributedDataParallel with NCCL on GPUs and gloo on the CPU; batch_size is
+    # the global batch. nproc: processes on this node (auto: one per GPU, or per train.threads CPU
+    # cores). nnodes > 1: this node is node 0 and serves the rendezvous at HOST:PORT, which the
+    # other nodes reach (README, "More than one process").
+    distributed: Literal["none", "ddp"] = "none"
+    nproc: int | Literal["auto"] = "auto"
+    nnodes: int = 1
+    rendezvous: str | None = None
 
 
 @dataclass(frozen=True)
@@ -597,6 +608,7 @@ def _check(config: Config) -> None:
             f"train.threads = {threads}: use a number of threads in [1, {MAX_THREADS}] or auto "
             f"(torch's default: one per physical core)"
         )
+    _check_distributed(config.train)
     if config.model.mc_dropout > 1 and config.model.dropout == 0:
         raise ConfigError(
             f"model.mc_dropout = {config.model.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
@@ -630,6 +642,49 @@ def _check(config: Config) -> None:
     name = config.registry.model_name
     if not name.strip() or "/" in name or ":" in name:  # what MLflow refuses, found before training
         raise ConfigError(f"registry.model_name = {name!r}: must be non-empty, without '/' or ':'")
+
+
+def rendezvous_address(rendezvous: str | None) -> tuple[str, int]:
+    """train.rendezvous as (host, port); the port defaults to torchrun's 29500."""
+    host, colon, port = (rendezvous or "").strip().rpartition(":")
+    if not colon:
+        host, port = port, str(DEFAULT_RENDEZVOUS_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"train.rendezvous = {rendezvous!r}: name node 0 as HOST:PORT, an address every node reaches "
+            f"(e.g. calibflow-ddp.calibflow.svc.cluster.local:{DEFAULT_RENDEZVOUS_PORT})"
+        )
+    return host, int(port)
+
+
+def _check_distributed(train: TrainConfig) -> None:
+    """What can be told without the machine; calibflow.distributed.resolve_nproc checks nproc
+    against its cores or GPUs."""
+    if train.distributed == "none":
+        for key, value, default in (("nproc", train.nproc, "auto"), ("nnodes", train.nnodes, 1)):
+            if value != default:
+                raise ConfigError(
+                    f"train.{key} = {value} needs train.distributed = ddp (it is none): set it, or remove train.{key}"
+                )
+        return
+    if train.nproc != "auto" and not 1 <= train.nproc <= MAX_THREADS:
+        raise ConfigError(
+            f"train.nproc = {train.nproc}: use a number of processes per node in [1, {MAX_THREADS}] or auto"
+        )
+    if train.nnodes < 1:
+        raise ConfigError(f"train.nnodes = {train.nnodes}: must be 1 or more")
+    if train.nnodes > 1 and not train.rendezvous:
+        raise ConfigError(
+            f"train.nnodes = {train.nnodes} needs train.rendezvous: HOST:PORT of this node (node 0), which the "
+            f"other nodes reach (README, 'More than one process')"
+        )
+    if train.nnodes > 1:
+        rendezvous_address(train.rendezvous)
+    if ":" in train.device:
+        raise ConfigError(
+            f"train.device = {train.device!r} picks one GPU and train.distributed = ddp uses train.nproc of them "
+            f"(cuda:0 ... cuda:nproc-1, as CUDA_VISIBLE_DEVICES allows): use auto or cuda"
+        )
 
 
 def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:

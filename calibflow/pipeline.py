@@ -69,6 +69,7 @@ from calibflow.disk_cache import file_sha256
 from calibflow.resume import EpochCheckpoints
 from calibflow.shift import Suite, corrupted_images, evaluate_suite, suite_logits
 from calibflow.splits import Split, stratified_split
+from calibflow.distributed import resolve_nproc, train_distributed
 from calibflow.training import EpochStats, intra_op_threads, resolve_runtime, train_classifier
 from calibflow.validation import ValidationReport, validate_manifest
 
@@ -130,6 +131,8 @@ def check_run_settings(config: Config, classes: tuple[str, ...], split_sizes: di
     from calibflow.gates import GateInputError
 
     method, n_classes = config.calibration.method, len(classes)
+    if config.train.distributed == "ddp":
+        resolve_nproc(config.train)  # more processes than this node's cores or GPUs
     if binary_only(method) and n_classes != 2:
         raise ConfigError(
             f"calibration.method = {method} calibrates two-class models and the data has {n_classes} "
@@ -256,10 +259,11 @@ class TrainedModel:
     images_per_second: float
     resumed_from_epoch: int = 0  # the last epoch a killed run had completed (0: trained from the start)
     curves: tuple[str, ...] = ()  # train.csv and val.csv: the per-epoch curves, for `dvc plots show`
+    processes: int = 1  # training processes, all nodes together (train.distributed: ddp)
 
 
 # The code a training's numbers come from: a change here starts a killed training afresh.
-TRAINING_CODE = ("training.py", "models.py", "losses.py", "images.py", "resume.py")
+TRAINING_CODE = ("training.py", "models.py", "losses.py", "images.py", "resume.py", "distributed.py")
 
 
 def training_checkpoints(
@@ -278,6 +282,8 @@ def training_checkpoints(
     outliers = json.loads(Path(outliers_path).read_text())["dvc_hash"] if outliers_path else None
     # val_every changes what is measured, never the weights (tests/test_training.py)
     train = {k: v for k, v in dataclasses.asdict(config.train).items() if k != "val_every"}
+    if config.train.distributed == "ddp":  # the processes' random streams are saved per rank
+        train["nproc"] = resolve_nproc(config.train)
     key = training_key(
         manifest=manifest.fingerprint,
         split=file_sha256(split_path),
@@ -371,20 +377,36 @@ def train_model(
             if on_epoch_end is None
             else (lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
         )
-        model, member_history = train_classifier(
-            spec,
-            train_x,
-            train_y,
-            val_x,
-            val_y,
-            config.train,
-            seed,
-            runtime,
-            weights_path=config.model.weights_path,
-            on_epoch_end=report,
-            outlier_images=outliers,
-            checkpoints=checkpoints,
-        )
+        if config.train.distributed == "ddp":
+            model, member_history = train_distributed(
+                spec,
+                train_x,
+                train_y,
+                val_x,
+                val_y,
+                config.train,
+                seed,
+                out_dir,
+                weights_path=config.model.weights_path,
+                on_epoch_end=report,
+                outlier_images=outliers,
+                checkpoints=checkpoints,
+            )
+        else:
+            model, member_history = train_classifier(
+                spec,
+                train_x,
+                train_y,
+                val_x,
+                val_y,
+                config.train,
+                seed,
+                runtime,
+                weights_path=config.model.weights_path,
+                on_epoch_end=report,
+                outlier_images=outliers,
+                checkpoints=checkpoints,
+            )
         members.append(model)
         history += member_history
     for checkpoints in done:  # the weights are the run's artifact from here on
@@ -410,6 +432,7 @@ def train_model(
         images_per_second=float(np.median([h.images_per_second for h in history])),
         resumed_from_epoch=resumed_from,
         curves=write_training_curves(history, out_dir),
+        processes=resolve_nproc(config.train) * config.train.nnodes if config.train.distributed == "ddp" else 1,
     )
 
 

@@ -128,6 +128,55 @@ def random_translate(images: torch.Tensor, max_shift: int, hflip: bool, generato
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+@dataclass(frozen=True)
+class ProcessGroup:
+    """The processes training one model together: one (the default), or the torch.distributed
+    group that calibflow.distributed started under torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @staticmethod
+    def current() -> "ProcessGroup":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return ProcessGroup(dist.get_rank(), dist.get_world_size())
+        return ProcessGroup()
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+        """`total` and `count` added up over the processes (as they are, for one)."""
+        if self.world_size == 1:
+            return total, count
+        import torch.distributed as dist
+
+        both = torch.stack([total.double(), torch.tensor(float(count), device=total.device, dtype=torch.float64)])
+        dist.all_reduce(both)
+        return both[0], int(both[1].item())
+
+    def from_rank0(self, value):
+        """Rank 0's `value` in every process."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather_to_all(self, value) -> list:
+        """Every process's `value`, by rank, in every process."""
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+
 def train_classifier(
     spec: ModelSpec,
     train_images: torch.Tensor,
@@ -190,6 +239,7 @@ def _train_classifier(
     checkpoints: EpochCheckpoints | None = None,
 ) -> tuple[ImageClassifier, list[EpochStats]]:
     runtime = runtime or resolve_runtime(config.device, config.precision)
+    group = ProcessGroup.current()
     seed_everything(seed)
     mean, std = channel_stats(train_images)
     model = build_model(spec, mean, std)
@@ -198,12 +248,25 @@ def _train_classifier(
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
+    # Under DistributedDataParallel (calibflow.distributed) every process built the same initial
+    # weights from the seed (DDP also broadcasts rank 0's); each then draws its own dropout, mixing
+    # and augmentation, and steps on its share of every global batch. `model` stays the plain
+    # module: validation and the returned weights read it, `forward` trains through DDP.
+    forward = model
+    if group.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        torch.manual_seed(seed + group.rank)
+        forward = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.on_cuda else None)
 
     x_train, y_train = to_device(train_images, runtime), to_device(train_labels.long(), runtime)
     x_val, y_val = to_device(val_images, runtime), to_device(val_labels.long(), runtime)
     x_out = to_device(outlier_images, runtime) if outlier_images is not None and len(outlier_images) else None
     n = len(x_train)
-    steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size > 1))
+    # A global batch trains when every process gets at least two of its images (BatchNorm cannot
+    # train on one): the same rule, and so the same schedule, in every process.
+    smallest_batch = 2 * group.world_size
+    steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size >= smallest_batch))
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -213,21 +276,31 @@ def _train_classifier(
     )
     schedule = one_cycle_schedule(optimizer, config.lr, config.epochs * steps_per_epoch)
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
+    # One process draws the data order and its augmentation from one stream, as it always has.
+    # Several draw the same order (the same seed) and their augmentation from their own stream.
+    draws = generator
+    if group.world_size > 1:
+        draws = torch.Generator(device=runtime.device).manual_seed(seed + 7919 * (group.rank + 1))
     max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
     mixer = BatchMixer(config.mix, config.mix_alpha, spec.num_classes)
 
     history: list[EpochStats] = []
-    saved = checkpoints.load() if checkpoints is not None else None
+    saved = group.from_rank0(checkpoints.load() if checkpoints is not None and group.is_rank0 else None)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-        restore_random_states(generator, saved["random"])
+        if group.world_size > 1:
+            generator.set_state(saved["order"])
+            restore_random_states(draws, saved["random_by_rank"][group.rank])
+        else:
+            restore_random_states(generator, saved["random"])
         history = [EpochStats(**stats) for stats in saved["history"]]
         for stats in history if on_epoch_end is not None else ():
             on_epoch_end(stats)  # the resumed run's curves are whole
     first_epoch = len(history) + 1
-    images_per_epoch = sum(size for size in _batch_sizes(n, config.batch_size) if size > 1)
+    images_per_epoch = sum(size for size in _batch_sizes(n, config.batch_size) if size >= smallest_batch)
+    progress = progress and group.is_rank0
     bar = progress_bar(config.epochs * images_per_epoch, "train", enabled=progress, leave=True)
     bar.update((first_epoch - 1) * images_per_epoch)  # the epochs a killed run completed
     for epoch in range(first_epoch, config.epochs + 1):
@@ -236,24 +309,25 @@ def _train_classifier(
         loss_sum = torch.zeros((), device=runtime.device)
         seen = 0
         order = torch.randperm(n, device=runtime.device, generator=generator)
-        for step, batch_index in enumerate(order.split(config.batch_size), start=1):
-            if len(batch_index) < 2:  # BatchNorm cannot train on a single sample
+        for step, global_batch in enumerate(order.split(config.batch_size), start=1):
+            if len(global_batch) < smallest_batch:  # BatchNorm cannot train on a single sample
                 continue
             bar.set_description_str(
                 f"train epoch {epoch}/{config.epochs} batch {step}/{steps_per_epoch}", refresh=False
             )
+            batch_index = global_batch[group.rank :: group.world_size]  # this process's share
             images, targets = x_train[batch_index], y_train[batch_index]
             if config.augment:
-                images = random_translate(images, max_shift, config.hflip, generator)
+                images = random_translate(images, max_shift, config.hflip, draws)
             if config.mix != "none":
                 # Blending needs floats; the model reads float images on the [0, 1] scale.
                 images, targets = mixer(images.float().div_(255.0), targets)
             n_in = len(images)
             if x_out is not None:
-                drawn = torch.randint(len(x_out), (n_in,), device=runtime.device, generator=generator)
+                drawn = torch.randint(len(x_out), (n_in,), device=runtime.device, generator=draws)
                 outliers = x_out[drawn]
                 if config.augment:
-                    outliers = random_translate(outliers, max_shift, config.hflip, generator)
+                    outliers = random_translate(outliers, max_shift, config.hflip, draws)
                 # after mixing the batch is float on [0, 1]; the model reads uint8 or that scale
                 images = torch.cat(
                     [images, outliers if images.dtype == outliers.dtype else outliers.float().div_(255.0)]
@@ -265,7 +339,7 @@ def _train_classifier(
                 dtype=runtime.autocast_dtype or torch.float32,
                 enabled=runtime.autocast_dtype is not None,
             ):
-                logits = model(images)
+                logits = forward(images)
             loss = training_loss(
                 logits[:n_in],
                 targets,
@@ -283,14 +357,16 @@ def _train_classifier(
             schedule.step()
             loss_sum += loss.detach() * len(batch_index)
             seen += len(batch_index)
-            bar.update(len(batch_index))  # no host sync: on a GPU the bar runs ahead of its queue
+            bar.update(len(global_batch))  # no host sync: on a GPU the bar runs ahead of its queue
         # The one host sync of the epoch: it also waits for the GPU's queued steps, so the clock
-        # read after it times the training steps alone.
+        # read after it times the training steps alone. Several processes add up their shares.
+        loss_sum, seen = group.sum(loss_sum, seen)
         train_loss = (loss_sum / max(seen, 1)).item()
         train_seconds = time.perf_counter() - started
         # Validation reads the weights under eval() and draws no random numbers, so skipping it
-        # changes nothing that training computes.
-        validated = validates_after(epoch, config.epochs, config.val_every)
+        # changes nothing that training computes. Under DDP rank 0 alone validates and reports:
+        # the others hold the same weights and wait for it at the next step's gradient exchange.
+        validated = validates_after(epoch, config.epochs, config.val_every) and group.is_rank0
         val = validation_metrics(model, x_val, y_val, runtime) if validated else {}
         stats = EpochStats(
             epoch=epoch,
@@ -303,17 +379,20 @@ def _train_classifier(
         )
         history.append(stats)
         if checkpoints is not None:
-            checkpoints.save(
-                epoch,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "random": random_states(generator),
-                    "history": [dataclasses.asdict(h) for h in history],
-                },
-            )
+            state = {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "history": [dataclasses.asdict(h) for h in history],
+            }
+            if group.world_size > 1:  # one file, by rank 0, holding every process's random streams
+                state["order"] = generator.get_state()
+                state["random_by_rank"] = group.gather_to_all(random_states(draws))
+            else:
+                state["random"] = random_states(generator)
+            if group.is_rank0:
+                checkpoints.save(epoch, state)
         postfix = {"loss": f"{stats.train_loss:.4f}", "img_s": f"{stats.images_per_second:,.0f}"}
         if stats.validated:
             postfix["val_acc"] = f"{stats.val_accuracy:.4f}"

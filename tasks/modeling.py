@@ -131,6 +131,7 @@ def train_model(
             "device": trained.device,
             "precision": trained.precision,
             "resumed_from_epoch": str(trained.resumed_from_epoch),
+            "training_processes": str(trained.processes),
         },
     )
     if trained.resumed_from_epoch:
@@ -138,9 +139,10 @@ def train_model(
             "resumed training after epoch %d, the last one a killed run completed", trained.resumed_from_epoch
         )
     get_run_logger().info(
-        "trained %d epochs on %s (%s): val accuracy %.4f, %.0f images/s",
+        "trained %d epochs on %s (%s, %d process(es)): val accuracy %.4f, %.0f images/s",
         trained.epochs,
         trained.device,
+        trained.processes,
         trained.precision,
         trained.final_val_accuracy,
         trained.images_per_second,

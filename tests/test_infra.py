@@ -9,6 +9,7 @@ plain file checks. No Docker engine, cluster or GPU is needed: nothing is starte
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -405,6 +406,81 @@ def test_kustomization_lists_the_manifests_but_not_the_example_secret():
         assert (K8S / resource).is_file(), resource
     listed = set(resources) | {"kustomization.yaml", "secret.example.yaml"}
     assert {path.name for path in K8S.glob("*.y*ml")} == listed
+
+
+# Kubernetes 1.28 made the StatefulSet pod-index label the DDP followers read; 1.33 is a release
+# every maintained cluster has reached. strict: a field the API does not have (a typo) fails too.
+KUBERNETES_VERSION = "1.33.0"
+K8S_DDP = K8S / "ddp"
+
+
+def _all_k8s_objects() -> list[tuple[Path, dict]]:
+    """Every Kubernetes API object under infra/k8s (kustomize's own files are not API objects)."""
+    found = []
+    for path in sorted([*K8S.glob("*.y*ml"), *K8S_DDP.glob("*.y*ml")]):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is not None and document.get("kind") != "Kustomization":
+                found.append((path, document))
+    return found
+
+
+def test_every_k8s_manifest_validates_against_the_kubernetes_schema():
+    import kubernetes_validate
+
+    objects = _all_k8s_objects()
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Namespace", "Secret"} <= {
+        d["kind"] for _, d in objects
+    }
+    for path, document in objects:
+        try:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{path.relative_to(REPO)}: {document['kind']} {document['metadata']['name']}: {error.message}")
+
+
+def test_the_schema_check_catches_a_misspelled_field_and_a_wrong_type():
+    import kubernetes_validate
+
+    followers = next(d for _, d in _all_k8s_objects() if d["kind"] == "StatefulSet")
+    typo = copy.deepcopy(followers)
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "IfNotPresent"
+    wrong_type = copy.deepcopy(followers)
+    wrong_type["spec"]["replicas"] = "two"
+    for broken in (typo, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_ddp_followers_join_the_rendezvous_of_the_pod_that_runs_the_flow():
+    from calibflow.config import DEFAULT_RENDEZVOUS_PORT, TrainConfig
+    from calibflow.distributed import launcher_args
+
+    objects = {(d["kind"], d["metadata"]["name"]): d for _, d in _all_k8s_objects()}
+    settings = objects[("ConfigMap", "calibflow-ddp")]["data"]
+    service = objects[("Service", "calibflow-ddp")]
+    worker = objects[("Deployment", "prefect-worker")]
+    followers = objects[("StatefulSet", "calibflow-ddp-follower")]
+    # the rendezvous name resolves to the flow's pod, on the port it serves
+    assert (
+        settings["MASTER_ADDR"] == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    )
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    port = int(settings["MASTER_PORT"])
+    assert port == DEFAULT_RENDEZVOUS_PORT == service["spec"]["ports"][0]["port"]
+    assert port in {p["containerPort"] for p in _containers(worker)[0]["ports"]}
+    # one follower per node after node 0, each running what calibflow.distributed.launcher_args gives
+    assert followers["spec"]["replicas"] == int(settings["NNODES"]) - 1
+    script = _containers(followers)[0]["args"][0]
+    config = TrainConfig(distributed="ddp", nnodes=2, rendezvous=f"host:{port}")
+    for flag in launcher_args(config, 1, node_rank=0):
+        assert flag.split("=")[0] + "=" in script, flag
+    assert "-m calibflow.distributed" in script and "NODE_RANK=$((POD_INDEX + 1))" in script
+    env = {e["name"]: e for e in _containers(followers)[0]["env"]}
+    assert "apps.kubernetes.io/pod-index" in env["POD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    # the ddp kustomization lists exactly its files
+    resources = yaml.safe_load((K8S_DDP / "kustomization.yaml").read_text())["resources"]
+    assert set(resources) | {"kustomization.yaml"} == {path.name for path in K8S_DDP.glob("*.y*ml")}
 
 
 # ---------------------------------------------------------------------------------------------

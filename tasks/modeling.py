@@ -142,8 +142,8 @@ def train_model(
         "trained %d epochs on %s (%s, %d process(es)): val accuracy %.4f, %.0f images/s",
         trained.epochs,
         trained.device,
-        trained.processes,
         trained.precision,
+        trained.processes,
         trained.final_val_accuracy,
         trained.images_per_second,
     )

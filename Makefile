@@ -79,6 +79,7 @@ lock:
 # speed against netcal/torchmetrics (about 6 minutes on 2 cores). Compare with another commit:
 # git worktree add --detach /tmp/before REV, then the scripts' --baseline /tmp/before.
 # The gate's false-promotion/false-rejection rates: python benchmarks/gate_soundness.py (~20 min).
+# DDP against one process at the same global batch: python benchmarks/ddp_accuracy.py (~1 min).
 bench: $(STAMP) data
 	python benchmarks/run_timing.py
 	python benchmarks/command_latency.py

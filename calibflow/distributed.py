@@ -6,18 +6,20 @@ file, starts `torchrun` (`python -m torch.distributed.run`, the same interpreter
 `train.nproc` processes on this node, and waits. Rank 0 reads the file and hands it to the other
 ranks over the process group, so the processes of other nodes need no shared disk; every process
 runs calibflow.training's one loop, which under a process group trains through DDP on its share
-of each global batch (`train.batch_size` is the global batch, whatever the number of processes).
-Rank 0 alone validates, checkpoints and writes: each epoch's statistics to `epochs.jsonl` (the
-flow logs them to MLflow as they come) and the final weights to `result.pt`. The flow then goes
-on as for a one-process training: logits, calibration, gates and the registry stay in the flow's
-process, so only rank 0's results are ever logged or registered.
+of each global batch (`train.batch_size` is the global batch, whatever the number of processes)
+and scores its share of the val split. Rank 0 alone checkpoints and writes: each epoch's
+statistics to `epochs.jsonl` (the flow logs them to MLflow as they come) and the final weights to
+`result.pt`. The flow then goes on as for a one-process training: logits, calibration, gates and
+the registry stay in the flow's process, so only rank 0's results are ever logged or registered.
 
-Backends: NCCL when training on CUDA (one GPU per process, `cuda:LOCAL_RANK`), gloo on the CPU.
-Several nodes (`train.nnodes` > 1): this node is node 0 and serves the rendezvous at
-`train.rendezvous` (HOST:PORT, an address the other nodes reach, e.g. a Kubernetes headless
-Service); each other node runs `torchrun --nnodes N --node-rank K --master-addr HOST
---master-port PORT -m calibflow.distributed` (`follower_command` prints it; infra/k8s/ddp runs
-it in a StatefulSet, one pod per node).
+Backends: NCCL when training on CUDA (one GPU per process, `cuda:LOCAL_RANK`), gloo on the CPU;
+rank 0 decides and the others read its choice from torchrun's store. Several nodes
+(`train.nnodes` > 1): this node is node 0 and serves the rendezvous at `train.rendezvous`
+(HOST:PORT, an address the other nodes reach, e.g. a Kubernetes headless Service); each other
+node runs `torchrun --nnodes N --node-rank K --master-addr HOST --master-port PORT -m
+calibflow.distributed` (`follower_command` prints it; infra/k8s/ddp runs it in a StatefulSet, one
+pod per node). Every process checks it runs node 0's training code and that the processes add up
+to what node 0 planned. The training processes die with the flow's process (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +39,7 @@ import torch
 
 from calibflow.config import ConfigError, TrainConfig, rendezvous_address
 from calibflow.models import ImageClassifier, ModelSpec, build_model
-from calibflow.resume import EpochCheckpoints
+from calibflow.resume import EpochCheckpoints, training_code_digest
 from calibflow.training import EpochStats, ProcessGroup, Runtime, resolve_runtime, train_classifier
 
 BUNDLE, RESULT, EPOCHS, LOG = "bundle.pt", "result.pt", "epochs.jsonl", "workers.log"
@@ -50,27 +53,50 @@ class DistributedTrainingError(RuntimeError):
     """The torchrun workers did not finish; the message holds the end of their log."""
 
 
+# Each process trains on its share of every global batch, with BatchNorm statistics of that share
+# alone: below this many images a share's statistics are noise. `nproc: auto` stays above it.
+MIN_SHARE = 8
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
 def available_slots(on_cuda: bool) -> tuple[int, str]:
     """How many processes this node can hold: its GPUs when training on CUDA, else the CPU cores
-    this process may run on (its affinity, which is what a container's CPU set allows)."""
+    this process may run on: its affinity (a container's CPU set), and no more than a cgroup v2
+    CPU quota allows (a Kubernetes CPU limit, which leaves the affinity at every core of the host)."""
     if on_cuda:
         return torch.cuda.device_count(), "GPUs"
-    return len(os.sched_getaffinity(0)), "CPU cores"
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity is all there is
+    return cores, "CPU cores"
 
 
 def resolve_nproc(config: TrainConfig) -> int:
-    """`train.nproc` as a number, checked against what this node has (ConfigError otherwise)."""
+    """`train.nproc` as a number, checked against what this node has and against the global batch
+    it shares with the others (ConfigError otherwise)."""
     on_cuda = resolve_runtime(config.device, config.precision).on_cuda
     slots, kind = available_slots(on_cuda)
     threads = 1 if on_cuda or config.threads == "auto" else int(config.threads)
     if config.nproc == "auto":
-        return max(1, slots // threads)
+        by_batch = max(1, config.batch_size // (MIN_SHARE * config.nnodes))
+        return max(1, min(slots // threads, by_batch))
     needed = config.nproc * threads
     if needed > slots:
         per = "" if threads == 1 else f" x {threads} threads each (train.threads)"
         raise ConfigError(
             f"train.nproc = {config.nproc}{per} needs {needed} {kind} and this machine has {slots}: lower "
             f"train.nproc to at most {max(1, slots // threads)} (or auto), or run on a node with more {kind}"
+        )
+    processes = config.nproc * config.nnodes
+    if config.batch_size < 2 * processes:
+        raise ConfigError(
+            f"train.batch_size = {config.batch_size} is the global batch and {processes} processes share it: "
+            f"each needs at least 2 images (BatchNorm), so no step would train; raise train.batch_size to "
+            f"{MIN_SHARE * processes} or more, or lower train.nproc"
         )
     return config.nproc
 
@@ -92,8 +118,16 @@ def train_distributed(
     """Train `spec` as train_classifier does, in `train.nproc` torchrun processes (x `train.nnodes`
     nodes); returns rank 0's weights and epoch statistics."""
     nproc = resolve_nproc(config)
+    if weights_path and not Path(weights_path).is_file():
+        raise FileNotFoundError(
+            f"model.weights_path {weights_path} does not exist: put the state_dict there or set it to null"
+        )
+    if checkpoints is not None:
+        checkpoints.load()  # a damaged checkpoint is a CheckpointError here, not a worker's crash
     work = Path(tempfile.mkdtemp(prefix="ddp-", dir=Path(work_dir)))
     bundle = {
+        "code": training_code_digest(),
+        "world_size": nproc * config.nnodes,
         "spec": dataclasses.asdict(spec),
         "config": dataclasses.asdict(config),
         "seed": seed,
@@ -105,7 +139,7 @@ def train_distributed(
     }
     torch.save(bundle, work / BUNDLE)
     command = [sys.executable, "-m", "torch.distributed.run", *launcher_args(config, nproc, node_rank=0)]
-    command += ["-m", "calibflow.distributed", str(work)]
+    command = _dies_with_this_process([*command, "-m", "calibflow.distributed", str(work)])
     on_cuda = resolve_runtime(config.device, config.precision).on_cuda
     env = {**os.environ, DEVICE_ENV: "cuda" if on_cuda else "cpu"}
     env.setdefault("OMP_NUM_THREADS", "1")  # each process sets train.threads itself
@@ -124,8 +158,10 @@ def train_distributed(
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                process.kill()  # and the workers die with torchrun (_dies_with_this_process)
             raise
+        finally:
+            (work / BUNDLE).unlink(missing_ok=True)  # a copy of the training data
     if process.returncode != 0 or not (work / RESULT).is_file():
         tail = (work / LOG).read_text(errors="replace")[-3000:]
         raise DistributedTrainingError(
@@ -137,9 +173,37 @@ def train_distributed(
     model.load_state_dict(result["model"])
     model.eval()
     history = [EpochStats(**stats) for stats in result["history"]]
-    for path in (work / BUNDLE, work / RESULT):  # the weights are the run's checkpoint from here on
-        path.unlink(missing_ok=True)
+    (work / RESULT).unlink()  # the weights are the run's checkpoint from here on
     return model, history
+
+
+# PR_SET_PDEATHSIG (linux/prctl.h): the kernel sends the signal when the parent dies. Neither
+# torchrun (whose workers start in sessions of their own) nor SIGKILL of the flow would otherwise
+# stop the training processes: they would train on, holding GPUs, and race a restarted run for its
+# checkpoints. The setting survives exec; a parent gone before it was set is checked right after.
+PR_SET_PDEATHSIG = 1
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl({option}, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]): os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+).format(option=PR_SET_PDEATHSIG)
+
+
+def _dies_with_this_process(command: list[str]) -> list[str]:
+    """`command`, run so that the kernel kills it when this process dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+
+
+def _die_with_parent() -> None:
+    """This worker is killed when its torchrun agent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def launcher_args(config: TrainConfig, nproc: int, node_rank: int) -> list[str]:
@@ -161,8 +225,7 @@ def launcher_args(config: TrainConfig, nproc: int, node_rank: int) -> list[str]:
 def follower_command(config: TrainConfig, nproc: int, node_rank: str = "$NODE_RANK") -> str:
     """The command each other node runs to join a multi-node training (README, infra/k8s/ddp)."""
     args = " ".join(launcher_args(config, nproc, node_rank=0)).replace("--node-rank=0", f"--node-rank={node_rank}")
-    device = f"{DEVICE_ENV}=cpu " if not resolve_runtime(config.device, config.precision).on_cuda else ""
-    return f"{device}torchrun {args} -m calibflow.distributed"
+    return f"torchrun {args} -m calibflow.distributed"
 
 
 def _report_new_epochs(path: Path, reported: int, on_epoch_end: Callable[[EpochStats], None] | None) -> int:
@@ -181,12 +244,11 @@ def _worker(work_dir: str | None) -> None:
     the others; only rank 0 writes."""
     import torch.distributed as dist
 
+    _die_with_parent()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    on_cuda = torch.cuda.is_available() and _wants_cuda()
+    on_cuda = _device_of_rank0()
     if on_cuda:
         torch.cuda.set_device(local_rank)
-    from datetime import timedelta
-
     dist.init_process_group("nccl" if on_cuda else "gloo", timeout=timedelta(seconds=PEER_TIMEOUT_S))
     group = ProcessGroup.current()
     try:
@@ -194,6 +256,7 @@ def _worker(work_dir: str | None) -> None:
         if group.is_rank0 and work is None:
             raise SystemExit("rank 0 needs the launch directory: the flow starts node 0, followers join it")
         bundle = group.from_rank0(torch.load(work / BUNDLE, weights_only=False) if group.is_rank0 else None)
+        _check_nodes_agree(group, bundle)
         config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in bundle["config"].items()})
         base = resolve_runtime(config.device, config.precision)
         runtime = (
@@ -229,10 +292,47 @@ def _worker(work_dir: str | None) -> None:
         dist.destroy_process_group()
 
 
-def _wants_cuda() -> bool:
-    """Whether this training runs on CUDA, known before the process group (and so before the
-    bundle): the launcher sets DEVICE_ENV; a follower node trains on its GPUs unless told cpu."""
-    return os.environ.get(DEVICE_ENV, "auto") != "cpu"
+def _check_nodes_agree(group: ProcessGroup, bundle: dict) -> None:
+    """Every process runs node 0's training code, and there are as many as node 0 planned; otherwise every process stops with the same message (so node 0's log,
+    which the flow shows, names the node that differs)."""
+    import socket
+
+    mine = {"host": socket.gethostname(), "code": training_code_digest()}
+    everyone = group.gather_to_all(mine)
+    problems = []
+    if group.world_size != bundle["world_size"]:
+        problems.append(
+            f"{group.world_size} processes joined and node 0 planned {bundle['world_size']} (train.nproc x "
+            f"train.nnodes): give every node the same NNODES and NPROC_PER_NODE as the flow's train: settings"
+        )
+    for rank, their in enumerate(everyone):
+        if their["code"] != bundle["code"]:
+            problems.append(
+                f"rank {rank} on {their['host']} runs other training code: deploy the same image everywhere"
+            )
+    if problems:
+        raise SystemExit("the nodes of this DDP training disagree: " + "; ".join(problems))
+
+
+def _device_of_rank0() -> bool:
+    """Whether this training runs on CUDA, as rank 0 decided (the launcher passes the flow's choice
+    in DEVICE_ENV), read through torchrun's own store before the process group exists, since the
+    group's backend depends on it: NCCL in one process and gloo in another would wait forever."""
+    import torch.distributed as dist
+
+    rank0 = torch.cuda.is_available() and os.environ.get(DEVICE_ENV, "auto") != "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return rank0
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=PEER_TIMEOUT_S),
+    )
+    key = f"calibflow/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/cuda"
+    if int(os.environ["RANK"]) == 0:
+        store.set(key, "1" if rank0 else "0")
+    return store.get(key) == b"1"
 
 
 if __name__ == "__main__":

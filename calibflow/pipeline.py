@@ -262,10 +262,6 @@ class TrainedModel:
     processes: int = 1  # training processes, all nodes together (train.distributed: ddp)
 
 
-# The code a training's numbers come from: a change here starts a killed training afresh.
-TRAINING_CODE = ("training.py", "models.py", "losses.py", "images.py", "resume.py", "distributed.py")
-
-
 def training_checkpoints(
     checkpoint_dir: str,
     manifest: ManifestRecord,
@@ -275,10 +271,8 @@ def training_checkpoints(
     outliers_path: str | None,
 ) -> EpochCheckpoints:
     """Where one member's per-epoch checkpoints live, keyed by what its weights depend on."""
-    from calibflow.disk_cache import files_digest
-    from calibflow.resume import training_key
+    from calibflow.resume import training_code_digest, training_key
 
-    package = Path(__file__).parent
     outliers = json.loads(Path(outliers_path).read_text())["dvc_hash"] if outliers_path else None
     # val_every changes what is measured, never the weights (tests/test_training.py)
     train = {k: v for k, v in dataclasses.asdict(config.train).items() if k != "val_every"}
@@ -291,7 +285,7 @@ def training_checkpoints(
         train=train,
         seed=member_seed,
         outliers=outliers,
-        code=files_digest(package / name for name in TRAINING_CODE),
+        code=training_code_digest(),
         torch=torch.__version__,
     )
     return EpochCheckpoints(Path(checkpoint_dir) / key)

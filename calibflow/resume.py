@@ -49,6 +49,18 @@ def checkpoint_root(repo_root: str | Path) -> Path:
     return Path(repo_root) / CHECKPOINT_SUBDIR
 
 
+# The code a training's numbers come from: a change here starts a killed training afresh, and every
+# node of a DDP training must run the same.
+TRAINING_CODE = ("training.py", "models.py", "losses.py", "images.py", "resume.py", "distributed.py")
+
+
+def training_code_digest() -> str:
+    from calibflow.disk_cache import files_digest
+
+    package = Path(__file__).parent
+    return files_digest(package / name for name in TRAINING_CODE)
+
+
 def training_key(**inputs: Any) -> str:
     """A digest of everything a training's numbers depend on (JSON-serialisable values)."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:32]

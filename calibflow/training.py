@@ -168,6 +168,14 @@ class ProcessGroup:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def copy_buffers_from_rank0(self, model: torch.nn.Module) -> None:
+        """Rank 0's BatchNorm statistics in every process (each updated its own on its share; DDP
+        copies rank 0's anyway at the next training step, so this changes no later step)."""
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
     def gather_to_all(self, value) -> list:
         """Every process's `value`, by rank, in every process."""
         import torch.distributed as dist
@@ -364,10 +372,18 @@ def _train_classifier(
         train_loss = (loss_sum / max(seen, 1)).item()
         train_seconds = time.perf_counter() - started
         # Validation reads the weights under eval() and draws no random numbers, so skipping it
-        # changes nothing that training computes. Under DDP rank 0 alone validates and reports:
-        # the others hold the same weights and wait for it at the next step's gradient exchange.
-        validated = validates_after(epoch, config.epochs, config.val_every) and group.is_rank0
-        val = validation_metrics(model, x_val, y_val, runtime) if validated else {}
+        # changes nothing that training computes. Several processes each score their share of
+        # the val split with rank 0's weights and BatchNorm statistics: none waits idle on another
+        # (a wait past PEER_TIMEOUT_S would end the run), and the metrics are rank 0's model's.
+        validated = validates_after(epoch, config.epochs, config.val_every)
+        val = {}
+        if validated and group.world_size == 1:
+            val = validation_metrics(model, x_val, y_val, runtime)
+        elif validated:
+            group.copy_buffers_from_rank0(model)
+            shares = group.gather_to_all(validation_logits(model, x_val[group.rank :: group.world_size], runtime))
+            labels = [y_val[rank :: group.world_size] for rank in range(group.world_size)]
+            val = logit_metrics(torch.cat([share for share in shares if len(share)]), torch.cat(labels))
         stats = EpochStats(
             epoch=epoch,
             train_loss=train_loss,
@@ -422,10 +438,10 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def validation_metrics(
-    model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, batch_size: int = 1024
-) -> dict[str, float]:
-    """Accuracy, NLL and 15-bin ECE of the model's plain softmax on `images`, under eval()."""
+def validation_logits(
+    model: ImageClassifier, images: torch.Tensor, runtime: Runtime, batch_size: int = 1024
+) -> torch.Tensor:
+    """The model's logits of `images` under eval() and the training's autocast, on the CPU."""
     was_training = model.training
     model.eval()
     logits = []
@@ -440,9 +456,20 @@ def validation_metrics(
         ):
             logits.append(model(batch).float())
     model.train(was_training)
-    if not logits:
+    return torch.cat(logits).cpu() if logits else torch.empty(0, 0)
+
+
+def validation_metrics(
+    model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, batch_size: int = 1024
+) -> dict[str, float]:
+    """Accuracy, NLL and 15-bin ECE of the model's plain softmax on `images`, under eval()."""
+    return logit_metrics(validation_logits(model, images, runtime, batch_size), labels)
+
+
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    if not len(logits):
         return {"accuracy": 0.0, "nll": float("nan"), "ece": float("nan")}
-    z = torch.cat(logits).cpu().double()
+    z = logits.double()
     y = labels.cpu().long()
     return {
         "accuracy": (z.argmax(dim=1) == y).double().mean().item(),

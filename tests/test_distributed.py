@@ -22,6 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from calibflow import distributed
 from calibflow.config import ConfigError, TrainConfig, load_config
 from calibflow.distributed import (
     DistributedTrainingError,
@@ -30,9 +33,10 @@ from calibflow.distributed import (
     resolve_nproc,
     train_distributed,
 )
-from calibflow.models import ModelSpec
-from calibflow.resume import EpochCheckpoints
-from calibflow.training import train_classifier
+from calibflow.images import channel_stats
+from calibflow.models import ModelSpec, build_model
+from calibflow.resume import CheckpointError, EpochCheckpoints
+from calibflow.training import one_cycle_schedule, seed_everything, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(arch="small_cnn", in_channels=1, num_classes=10, image_height=8, image_width=8, width=16)
@@ -61,6 +65,18 @@ def same_weights(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def workers_of(work: Path) -> list:
+    """The live processes started for the launch directory under `work` (the workers' argv names it)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["status"] != psutil.STATUS_ZOMBIE and any(str(work) in part for part in cmdline):
+            found.append(process)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,6 +84,22 @@ def free_port() -> int:
 
 
 # --- what cannot run is refused before anything trains --------------------------------------
+
+
+def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path, monkeypatch):
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # a Kubernetes CPU limit of 1.5: one whole core
+    monkeypatch.setattr(distributed, "CGROUP_CPU_MAX", quota)
+    assert distributed.available_slots(on_cuda=False) == (1, "CPU cores")
+    quota.write_text("max 100000\n")
+    assert distributed.available_slots(on_cuda=False)[0] == len(os.sched_getaffinity(0))
+
+
+def test_a_global_batch_too_small_to_share_is_refused_and_auto_keeps_shares_large():
+    with pytest.raises(ConfigError, match="train.batch_size = 4 is the global batch and 3 processes share it"):
+        resolve_nproc(dataclasses.replace(DDP, nproc=1, nnodes=3, rendezvous="h:1", batch_size=4))
+    # auto: never more processes than give each MIN_SHARE images of the global batch
+    assert resolve_nproc(dataclasses.replace(DDP, nproc="auto", batch_size=distributed.MIN_SHARE)) == 1
 
 
 def test_more_processes_than_cores_is_refused_with_the_fix():
@@ -107,7 +139,7 @@ def test_a_rendezvous_without_a_port_or_host_is_refused():
 def test_the_follower_command_joins_node_0s_rendezvous():
     config = dataclasses.replace(DDP, nnodes=3, rendezvous="calibflow-ddp.calibflow.svc:29400")
     command = follower_command(config, 2)
-    assert command.startswith("CALIBFLOW_DDP_DEVICE=cpu torchrun ")
+    assert command.startswith("torchrun ")  # the device kind comes from rank 0, through torchrun's store
     for part in ("--nnodes=3", "--node-rank=$NODE_RANK", "--master-addr=calibflow-ddp.calibflow.svc"):
         assert part in command
     assert "--master-port=29400" in command and command.endswith("-m calibflow.distributed")
@@ -138,16 +170,31 @@ def test_rank_0_reports_every_epoch_once_with_the_global_loss(two_process_run):
 
 
 @pytest.mark.slow
+def test_one_process_under_torchrun_trains_the_weights_of_the_plain_loop(tmp_path):
+    """nproc 1: the same loop in a torchrun process, so the same weights bit for bit; what differs
+    at nproc 2 is then the sharing of the batch, not the launch or the hand-off."""
+    (train, val, _) = digits()
+    config = dataclasses.replace(DDP, epochs=2, nproc=1)
+    launched, launched_history = train_distributed(SPEC, *train, *val, config, seed=3, work_dir=tmp_path)
+    plain, plain_history = train_classifier(
+        SPEC, *train, *val, dataclasses.replace(config, distributed="none", nproc="auto"), 3, progress=False
+    )
+    assert same_weights(launched, plain)
+    untimed = [dataclasses.replace(h, images_per_second=0.0) for h in launched_history]
+    assert untimed == [dataclasses.replace(h, images_per_second=0.0) for h in plain_history]
+
+
+@pytest.mark.slow
 def test_two_nodes_of_one_process_are_one_node_of_two_bit_for_bit(two_process_run, tmp_path):
     """torchrun's multi-node path on one machine: this process launches node 0 (global rank 0) and
     serves the rendezvous; node 1 is a follower started as README and infra/k8s/ddp start it."""
     (train, val, _) = digits()
     port = free_port()
     config = dataclasses.replace(DDP, nproc=1, nnodes=2, rendezvous=f"127.0.0.1:{port}")
-    joined = follower_command(config, 1, node_rank="1").split()
-    env_var, torchrun = joined[0].split("=", 1), joined[1:]
+    torchrun = follower_command(config, 1, node_rank="1").split()
     assert torchrun[0] == "torchrun"
-    env = {**os.environ, env_var[0]: env_var[1], "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("CALIBFLOW_DDP_DEVICE", None)
     follower = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *torchrun[1:]],
         env=env,
@@ -167,11 +214,13 @@ def test_two_nodes_of_one_process_are_one_node_of_two_bit_for_bit(two_process_ru
 
 @pytest.mark.slow
 def test_two_processes_train_as_well_as_one_at_the_same_global_batch(tmp_path):
-    """Test accuracy of 3 seeds each, on 697 held-out digits. The tolerance is 3 standard errors of
-    the difference of two 3-seed means, each seed's accuracy taken as binomial test noise plus as
-    much again from training (seed-to-seed spread): DDP changes which random numbers each image
-    draws, not what is learned, so more than that is a bug (e.g. a gradient summed, not averaged,
-    which doubles the step size, or each process seeing the whole batch)."""
+    """Test accuracy of 3 seeds each, on 697 held-out digits: the end-to-end check that DDP's
+    changes (its own random streams per process, BatchNorm per share) do not cost accuracy. The
+    tolerance is 3 standard errors of the difference of two 3-seed means, each seed's accuracy taken
+    as binomial test noise plus as much again from training; it treats the two arms as independent
+    though they share the test images, so it is loose: it catches a training that learns much less
+    (a broken exchange that leaves a process on its own data, say), not a step-size error, which
+    test_one_step_of_two_processes_is_the_gradient_of_the_mean_of_their_shares pins exactly."""
     config = dataclasses.replace(DDP, epochs=8)
     one, two = [], []
     for seed in range(3):
@@ -195,12 +244,12 @@ def test_a_killed_ddp_training_resumes_to_the_uninterrupted_weights(two_process_
     same training started again resumes there and ends bit for bit where the uninterrupted one did."""
     checkpoints = EpochCheckpoints(tmp_path / "checkpoints")
     script = (
-        "import sys, torch\n"
+        "import sys\nfrom pathlib import Path\n"
         "from tests.test_distributed import DDP, SPEC, digits\n"
         "from calibflow.distributed import train_distributed\n"
         "from calibflow.resume import EpochCheckpoints\n"
         "(train, val, _) = digits()\n"
-        "train_distributed(SPEC, *train, *val, DDP, 0, sys.argv[1], checkpoints=EpochCheckpoints(sys.argv[2]))\n"
+        "train_distributed(SPEC, *train, *val, DDP, 0, sys.argv[1], checkpoints=EpochCheckpoints(Path(sys.argv[2])))\n"
     )
     (tmp_path / "work").mkdir()
     killed = subprocess.Popen(
@@ -216,8 +265,12 @@ def test_a_killed_ddp_training_resumes_to_the_uninterrupted_weights(two_process_
         assert killed.poll() is None, "the training ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    os.killpg(killed.pid, signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)  # the launcher and torchrun; the workers die with torchrun
     killed.wait()
+    deadline = time.monotonic() + 30
+    while workers_of(tmp_path / "work"):
+        assert time.monotonic() < deadline, "the workers outlived the kill"
+        time.sleep(0.1)
     at_kill = checkpoints.completed_epoch()
     assert 2 <= at_kill < DDP.epochs
     saved = json.loads((checkpoints.directory / "latest.json").read_text())
@@ -235,5 +288,78 @@ def test_a_killed_ddp_training_resumes_to_the_uninterrupted_weights(two_process_
 @pytest.mark.slow
 def test_a_worker_that_fails_is_an_error_with_the_workers_log(tmp_path):
     (train, val, _) = digits()
-    with pytest.raises(DistributedTrainingError, match=r"exited with code [1-9](.|\n)*no-such-weights.pt"):
-        train_distributed(SPEC, *train, *val, DDP, 0, tmp_path, weights_path=str(tmp_path / "no-such-weights.pt"))
+    other = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
+    torch.save(build_model(other).state_dict(), tmp_path / "other-model.pt")  # shapes that do not fit SPEC
+    with pytest.raises(DistributedTrainingError, match=r"exited with code [1-9](.|\n)*size mismatch"):
+        train_distributed(SPEC, *train, *val, DDP, 0, tmp_path, weights_path=str(tmp_path / "other-model.pt"))
+    assert not list(tmp_path.glob("ddp-*/bundle.pt"))  # the copy of the training data is gone
+
+
+def test_what_the_launcher_can_check_is_refused_before_torchrun_starts(tmp_path):
+    (train, val, _) = digits()
+    with pytest.raises(FileNotFoundError, match="model.weights_path .* does not exist"):
+        train_distributed(SPEC, *train, *val, DDP, 0, tmp_path, weights_path=str(tmp_path / "missing.pt"))
+    damaged = EpochCheckpoints(tmp_path / "checkpoints")
+    damaged.save(1, {"epoch": 1})
+    saved = damaged.directory / "epoch-00001.pt"
+    saved.write_bytes(saved.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(CheckpointError, match="is corrupted"):
+        train_distributed(SPEC, *train, *val, DDP, 0, tmp_path, checkpoints=damaged)
+    assert not list(tmp_path.glob("ddp-*"))  # nothing was launched
+
+
+@pytest.mark.slow
+def test_nodes_that_disagree_with_node_0_stop_with_a_message_naming_it(tmp_path):
+    """A follower started with more processes than the flow's train.nproc (its NPROC_PER_NODE out
+    of step): every process stops, and node 0's log (what the flow shows) says why."""
+    (train, val, _) = digits()
+    config = dataclasses.replace(DDP, nproc=1, nnodes=2, rendezvous=f"127.0.0.1:{free_port()}", batch_size=64)
+    torchrun = follower_command(config, 2, node_rank="1").split()  # 2 processes where node 0 planned 1
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *torchrun[1:]],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with pytest.raises(DistributedTrainingError, match="3 processes joined and node 0 planned 2"):
+            train_distributed(SPEC, *train, *val, config, seed=0, work_dir=tmp_path)
+        follower.wait(timeout=120)
+    finally:
+        follower.kill()
+    assert follower.returncode != 0
+
+
+@pytest.mark.slow
+def test_one_step_of_two_processes_is_the_gradient_of_the_mean_of_their_shares(tmp_path):
+    """The exact check the accuracy comparison is too coarse for: one DDP step equals one process
+    stepping on the mean of the two shares' losses (each share with its own BatchNorm statistics,
+    as each process computes them), to float rounding; rank 0 stepping on its share alone, or a
+    summed instead of averaged gradient, lands far from it."""
+    (train_x, train_y), (val_x, val_y), _ = digits()
+    images, labels = train_x[:128], train_y[:128]  # two global batches of 64
+    config = dataclasses.replace(DDP, epochs=1, augment=False, val_every=1)
+    launched, _ = train_distributed(SPEC, images, labels, val_x, val_y, config, seed=5, work_dir=tmp_path)
+
+    def by_hand(combine) -> dict[str, torch.Tensor]:
+        seed_everything(5)
+        model = build_model(SPEC, *channel_stats(images)).train()
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+        )
+        schedule = one_cycle_schedule(optimizer, config.lr, 2)
+        order = torch.randperm(128, generator=torch.Generator().manual_seed(5))
+        for batch in order.split(64):
+            shares = [F.cross_entropy(model(images[batch[r::2]]), labels[batch[r::2]]) for r in (0, 1)]
+            optimizer.zero_grad()
+            combine(shares).backward()
+            optimizer.step()
+            schedule.step()
+        return dict(model.named_parameters())
+
+    def distance(params) -> float:
+        return max((launched.state_dict()[k] - p.detach()).abs().max().item() for k, p in params.items())
+
+    assert distance(by_hand(lambda shares: (shares[0] + shares[1]) / 2)) < 1e-5
+    assert distance(by_hand(lambda shares: shares[0])) > 1e-3  # rank 0 alone: no gradient exchange
+    assert distance(by_hand(lambda shares: shares[0] + shares[1])) > 1e-3  # summed, not averaged

@@ -483,6 +483,41 @@ def test_ddp_followers_join_the_rendezvous_of_the_pod_that_runs_the_flow():
     assert set(resources) | {"kustomization.yaml"} == {path.name for path in K8S_DDP.glob("*.y*ml")}
 
 
+def _follower_script() -> str:
+    followers = next(d for _, d in _all_k8s_objects() if d["kind"] == "StatefulSet")
+    return _containers(followers)[0]["args"][0]
+
+
+def test_the_follower_loop_joins_as_its_pod_index_plus_one_and_stops_on_sigterm(tmp_path):
+    """The follower's shell loop, run with a stand-in torchrun: the rank is the pod index + 1, and
+    SIGTERM (a rollout, a scale-down) reaches torchrun and ends the pod at once, not after the
+    grace period."""
+    import signal
+    import time
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "torchrun"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ntrap "echo TERM >> {calls}; exit 0" TERM\nsleep 60 & wait\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "POD_INDEX": "2", "NNODES": "4", "NPROC_PER_NODE": "8"}
+    env |= {"MASTER_ADDR": "calibflow-ddp.calibflow.svc.cluster.local", "MASTER_PORT": "29500"}
+    loop = subprocess.Popen(["sh", "-c", _follower_script()], env=env)
+    deadline = time.monotonic() + 20
+    while not calls.exists():
+        assert time.monotonic() < deadline and loop.poll() is None
+        time.sleep(0.05)
+    loop.send_signal(signal.SIGTERM)
+    assert loop.wait(timeout=10) == 0
+    joined, stopped = calls.read_text().splitlines()
+    assert "--node-rank=3" in joined and "--nnodes=4" in joined and "--nproc-per-node=8" in joined
+    assert "--master-addr=calibflow-ddp.calibflow.svc.cluster.local" in joined and stopped == "TERM"
+    # without the pod-index label the pod stops instead of claiming another node's rank
+    missing = subprocess.run(
+        ["sh", "-c", _follower_script()], env={"PATH": env["PATH"]}, capture_output=True, text=True
+    )
+    assert missing.returncode != 0 and "pod-index label is missing" in missing.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Committed secrets
 

@@ -36,7 +36,13 @@ from calibflow.distributed import (
 from calibflow.images import channel_stats
 from calibflow.models import ModelSpec, build_model
 from calibflow.resume import CheckpointError, EpochCheckpoints
-from calibflow.training import one_cycle_schedule, seed_everything, train_classifier
+from calibflow.training import (
+    one_cycle_schedule,
+    resolve_runtime,
+    seed_everything,
+    train_classifier,
+    validation_metrics,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(arch="small_cnn", in_channels=1, num_classes=10, image_height=8, image_width=8, width=16)
@@ -167,6 +173,12 @@ def test_rank_0_reports_every_epoch_once_with_the_global_loss(two_process_run):
     assert reported == history
     assert all(math.isfinite(s.train_loss) for s in history) and history[-1].train_loss < history[0].train_loss
     assert history[-1].validated and history[-1].val_accuracy > 0.5
+    # the processes' shares of the val split, gathered, are rank 0's model scored on the whole split
+    (_, (val_x, val_y), _) = digits()
+    whole = validation_metrics(model, val_x, val_y, resolve_runtime("cpu", "fp32"))
+    assert history[-1].val_accuracy == whole["accuracy"]
+    assert history[-1].val_nll == pytest.approx(whole["nll"], rel=1e-6)
+    assert history[-1].val_ece == pytest.approx(whole["ece"], abs=1e-9)
 
 
 @pytest.mark.slow

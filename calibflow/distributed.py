@@ -206,7 +206,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def launcher_args(config: TrainConfig, nproc: int, node_rank: int) -> list[str]:
+def launcher_args(config: TrainConfig, nproc: int, node_rank: int | str) -> list[str]:
     """torchrun's options for node `node_rank`: a standalone rendezvous on one node; several
     nodes meet at train.rendezvous, served by node 0 (which holds global rank 0)."""
     args = [f"--nproc-per-node={nproc}"]
@@ -224,8 +224,7 @@ def launcher_args(config: TrainConfig, nproc: int, node_rank: int) -> list[str]:
 
 def follower_command(config: TrainConfig, nproc: int, node_rank: str = "$NODE_RANK") -> str:
     """The command each other node runs to join a multi-node training (README, infra/k8s/ddp)."""
-    args = " ".join(launcher_args(config, nproc, node_rank=0)).replace("--node-rank=0", f"--node-rank={node_rank}")
-    return f"torchrun {args} -m calibflow.distributed"
+    return f"torchrun {' '.join(launcher_args(config, nproc, node_rank))} -m calibflow.distributed"
 
 
 def _report_new_epochs(path: Path, reported: int, on_epoch_end: Callable[[EpochStats], None] | None) -> int:

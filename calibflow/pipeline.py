@@ -8,6 +8,7 @@ what crosses task boundaries. Nothing here knows about Prefect or MLflow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections import Counter
@@ -354,6 +355,11 @@ def train_model(
         dropout=config.model.dropout,
     )
     runtime = resolve_runtime(config.train.device, config.train.precision)
+    # The same training, in this process or under torchrun (train.distributed: ddp).
+    if config.train.distributed == "ddp":
+        train_member = functools.partial(train_distributed, work_dir=out_dir)
+    else:
+        train_member = functools.partial(train_classifier, runtime=runtime)
     members, history, done, resumed_from = [], [], [], 0
     for index, seed in enumerate(member_seeds(config.seed, config.model.ensemble)):
         checkpoints = (
@@ -371,36 +377,19 @@ def train_model(
             if on_epoch_end is None
             else (lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
         )
-        if config.train.distributed == "ddp":
-            model, member_history = train_distributed(
-                spec,
-                train_x,
-                train_y,
-                val_x,
-                val_y,
-                config.train,
-                seed,
-                out_dir,
-                weights_path=config.model.weights_path,
-                on_epoch_end=report,
-                outlier_images=outliers,
-                checkpoints=checkpoints,
-            )
-        else:
-            model, member_history = train_classifier(
-                spec,
-                train_x,
-                train_y,
-                val_x,
-                val_y,
-                config.train,
-                seed,
-                runtime,
-                weights_path=config.model.weights_path,
-                on_epoch_end=report,
-                outlier_images=outliers,
-                checkpoints=checkpoints,
-            )
+        model, member_history = train_member(
+            spec,
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            config.train,
+            seed,
+            weights_path=config.model.weights_path,
+            on_epoch_end=report,
+            outlier_images=outliers,
+            checkpoints=checkpoints,
+        )
         members.append(model)
         history += member_history
     for checkpoints in done:  # the weights are the run's artifact from here on

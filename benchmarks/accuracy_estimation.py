@@ -4,8 +4,8 @@ Takes a registered version (trained by `calibflow run`, e.g. examples/cifar10-ov
 rebuilds its pinned test split from the registry, and cuts it in two halves: the *reference* half
 plays the labeled data of registration (ATC's threshold is fitted there), the *new* half the
 images that arrive later without labels. The new half is scored clean and under every corruption of
-calibflow.corruptions at severities 1-5, through the served pyfunc, and each estimator of
-calibflow.accuracy_estimation (CBPE, ATC-NE, ATC-MC) is compared with the true accuracy (the labels are
+calibflow.evaluation.corruptions at severities 1-5, through the served pyfunc, and each estimator of
+calibflow.evaluation.accuracy_estimation (CBPE, ATC-NE, ATC-MC) is compared with the true accuracy (the labels are
 known here). Reported: the estimate and the truth per cell, the mean absolute error per method over
 the cells, and how often each method's 95% interval covered the truth.
 
@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calibflow import registry
+    from calibflow.tracking import registry
     from calibflow.config import CORRUPTION_NAMES
-    from calibflow.corruptions import corrupt_batch
-    from calibflow.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy
-    from calibflow.reproduce import decode_rows, predict_in_batches, rebuild_test_split
+    from calibflow.evaluation.corruptions import corrupt_batch
+    from calibflow.evaluation.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy
+    from calibflow.lifecycle.reproduce import decode_rows, predict_in_batches, rebuild_test_split
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", required=True)

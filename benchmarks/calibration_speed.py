@@ -3,7 +3,7 @@
     python benchmarks/calibration_speed.py            # 50,000 x 100 logits, 5 repeats
     python benchmarks/calibration_speed.py --quick    # small smoke version (seconds)
 
-(a) ``calibflow.temperature.fit_temperature`` vs netcal's ``TemperatureScaling().fit`` (netcal takes
+(a) ``calibflow.calibrators.temperature.fit_temperature`` vs netcal's ``TemperatureScaling().fit`` (netcal takes
     probabilities, and its ``temperature`` property is the logit *multiplier* 1/T); and, as an
     ablation, our fit with the warm-started Halley solve switched off (bracketed Newton from T = 1
     on every row, what splits below ``WARM_START_MIN_ROWS`` get);
@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from calibflow import temperature  # noqa: E402
-from calibflow.temperature import fit_temperature  # noqa: E402
+from calibflow.calibrators.temperature import fit_temperature  # noqa: E402
 from calibflow.metrics import bootstrap_ci, expected_calibration_error  # noqa: E402
 
 

@@ -1,8 +1,8 @@
 """Does DDP train as well as one process at the same global batch? (issue 14)
 
 scikit-learn's digits (1,000 train, 100 val, 697 test images, shuffled per seed), small_cnn width
-16, 8 epochs, global batch 64, on the CPU: one process (calibflow.training.train_classifier) and
-`--nproc` gloo processes under torchrun (calibflow.distributed.train_distributed), for each seed.
+16, 8 epochs, global batch 64, on the CPU: one process (calibflow.training.loop.train_classifier) and
+`--nproc` gloo processes under torchrun (calibflow.training.distributed.train_distributed), for each seed.
 Prints each seed's test accuracy, the means and standard deviations, the paired difference with
 its standard error, and the wall time of each side (torchrun's launch included). About 1 minute
 for 5 seeds on 2 cores.
@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calibflow.distributed import train_distributed
-    from calibflow.training import train_classifier
+    from calibflow.training.distributed import train_distributed
+    from calibflow.training.loop import train_classifier
     from tests.test_distributed import DDP, SPEC, accuracy, digits
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,11 +1,11 @@
-"""Do the decision rules of calibflow.decisions keep their stated guarantees on real logits?
+"""Do the decision rules of calibflow.gates.decisions keep their stated guarantees on real logits?
 
 Issue 13's acceptance: the precision/recall threshold, the selective-risk threshold (Geifman and
 El-Yaniv's SGR) and the split-conformal prediction sets must keep their stated level over many
 random calibration/test splits of real logits. This benchmark replays the pipeline's exact
-procedure on each split: fit the temperature on the calibration part (calibflow.temperature), then
+procedure on each split: fit the temperature on the calibration part (calibflow.calibrators.temperature), then
 choose the thresholds and the conformal quantile ON THE SAME calibration part with that
-temperature (calibflow.decisions), so that any damage from reusing the split is measured.
+temperature (calibflow.gates.decisions), so that any damage from reusing the split is measured.
 
 Two ways to say what is "true":
 
@@ -48,9 +48,10 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibflow import decisions as D  # noqa: E402
-from calibflow.temperature import fit_temperature  # noqa: E402
+from calibflow.gates import decisions as D  # noqa: E402
+from calibflow.calibrators.temperature import fit_temperature  # noqa: E402
 from real_logits import load_pool, synthetic_pool  # noqa: E402
+from calibflow import errors
 
 DELTA = 0.05  # the PAC rules' failure probability
 CONFIDENCE = 0.95  # the test-split bounds' confidence
@@ -181,7 +182,7 @@ def one_trial(
     def rule(name, fn, *args):
         try:
             chosen = fn(*args)
-        except D.DecisionInfeasible:
+        except errors.DecisionInfeasible:
             out[name] = None
             return None
         out[name] = {"threshold": chosen.threshold, "bound": chosen.calibration_bound}
@@ -211,7 +212,7 @@ def one_trial(
         cal_scores = D.conformal_scores(probs[cal], y[cal], score=s)
         try:
             qhat = D.conformal_quantile(cal_scores, case.alpha)
-        except D.DecisionInfeasible:
+        except errors.DecisionInfeasible:
             out[s] = None
             continue
         sets = D.prediction_sets(probs[e], qhat, score=s)

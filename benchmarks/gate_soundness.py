@@ -1,6 +1,6 @@
 """Do the gates keep their stated confidence, and how often do they say yes to a good model?
 
-Every gate of `calibflow.gates.evaluate_gates` (the code the flow, `calibflow gate` and
+Every gate of `calibflow.gates.checks.evaluate_gates` (the code the flow, `calibflow gate` and
 `calibflow gate plan` run) is applied to synthetic test sets whose true value is known from the
 data-generating process, at n = 200, 1,000 and 10,000 test images:
 
@@ -36,7 +36,7 @@ from scipy import integrate, stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibflow.config import GatesConfig  # noqa: E402
-from calibflow.gates import Predictions, evaluate_gates  # noqa: E402
+from calibflow.gates.checks import Predictions, evaluate_gates  # noqa: E402
 
 SIZES = (200, 1000, 10000)
 BOUNDARY_TRIALS, POWER_TRIALS = 850, 200  # 850: Wilson half-width <= 1.5 points at a rate <= 6%

@@ -39,11 +39,11 @@ OLD_GATES_CONFIG = (
 
 def old_gates(rev: str) -> types.ModuleType:
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:calibflow/gates.py"], check=True, capture_output=True, text=True
+        ["git", "-C", str(ROOT), "show", f"{rev}:calibflow/gates/checks.py"], check=True, capture_output=True, text=True
     ).stdout
     module = types.ModuleType("calibflow_gates_old")
     sys.modules[module.__name__] = module  # its dataclasses look their module up there
-    exec(compile(source, f"{rev}:calibflow/gates.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:calibflow/gates/checks.py", "exec"), module.__dict__)
     return module
 
 

@@ -4,7 +4,7 @@ The decision guarantees (issue 13) are checked by simulation on logits of real i
 pools must come from a network trained by calibflow's own code on real data. No download: the
 CIFAR-10 JPEG archive in /work/shared/datasets (or $CALIBFLOW_CIFAR10_ARCHIVE) is unpacked under
 /tmp, calibflow's small_cnn is trained on a deterministic subset of the train images with
-`calibflow.training.train_classifier`, and the logits of the test images are kept:
+`calibflow.training.loop.train_classifier`, and the logits of the test images are kept:
 
 - ``cifar10``: 10 classes, one seed, logits and labels of all 10,000 test images;
 - ``catdog``: cat (label 0) vs dog (label 1), five seeds of one recipe, logits of the 2,000
@@ -112,7 +112,7 @@ def cifar_root() -> Path:
 
 
 def _load(root: Path, split: str, classes: tuple[str, ...], start: int, count: int | None):
-    from calibflow.images import load_images
+    from calibflow.data.images import load_images
 
     paths, labels = [], []
     for label, name in enumerate(classes):
@@ -127,8 +127,8 @@ def _load(root: Path, split: str, classes: tuple[str, ...], start: int, count: i
 
 def build_pool(recipe: Recipe, verbose: bool = True) -> dict[str, np.ndarray]:
     from calibflow.config import TrainConfig
-    from calibflow.models import ModelSpec
-    from calibflow.training import collect_logits, train_classifier
+    from calibflow.training.models import ModelSpec
+    from calibflow.training.loop import collect_logits, train_classifier
 
     root = cifar_root()
     x_train, y_train = _load(root, "train", recipe.classes, 0, recipe.train_per_class)

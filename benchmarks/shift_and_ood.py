@@ -5,7 +5,7 @@ examples/cifar10-overconfident.yaml, with more training images), through calibfl
 calls (no Prefect, no MLflow: the numbers are the ones the flow would log):
 
 - ECE, accuracy and NLL on the clean test images and mean over the full corruption suite (the
-  nine corruptions of calibflow.corruptions at severities 1-5), before calibration, after
+  nine corruptions of calibflow.evaluation.corruptions at severities 1-5), before calibration, after
   temperature scaling, and after shift-aware temperature scaling (calibration split plus its
   speckle-noise copies at severities 1-5; speckle noise is then left out of the suite's mean);
 - AUROC and FPR95 of MSP and energy against MNIST test digits resized to 32x32 RGB, for the plain
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from calibflow.config import CORRUPTION_NAMES, TrainConfig
-    from calibflow.ensembles import fit_model_calibrator, uncalibrated_probabilities
-    from calibflow.images import load_images
+    from calibflow.training.ensembles import fit_model_calibrator, uncalibrated_probabilities
+    from calibflow.data.images import load_images
     from calibflow.metrics import probability_report
-    from calibflow.models import ModelSpec
-    from calibflow.ood import detection_metrics, ood_scores
-    from calibflow.shift import Suite, corrupted_images
-    from calibflow.training import collect_logits, train_classifier
+    from calibflow.training.models import ModelSpec
+    from calibflow.evaluation.ood import detection_metrics, ood_scores
+    from calibflow.evaluation.shift import Suite, corrupted_images
+    from calibflow.training.loop import collect_logits, train_classifier
 
     started = time.perf_counter()
     work = Path(args.work)

@@ -5,7 +5,7 @@ the next, so the production threshold looks arbitrary. Here five seeds of one re
 small_cnn trained on CIFAR-10 cat vs dog, benchmarks/real_logits.py) are scored on the same 2,000
 cat/dog test images, split once into the same calibration and test halves for every seed. For
 each seed the threshold on p(dog) is chosen on the calibration half by the rules of
-calibflow.decisions, from the raw softmax and from the temperature-scaled probability (T fitted
+calibflow.gates.decisions, from the raw softmax and from the temperature-scaled probability (T fitted
 on the same calibration half, as the pipeline does), and applied to the test half:
 
 - cost, c_FP = c_FN: the threshold is 0.5 whatever the seed;
@@ -44,9 +44,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibflow import decisions as D  # noqa: E402
-from calibflow.temperature import fit_temperature  # noqa: E402
+from calibflow.gates import decisions as D  # noqa: E402
+from calibflow.calibrators.temperature import fit_temperature  # noqa: E402
 from real_logits import load_pool, synthetic_pool  # noqa: E402
+from calibflow import errors
 
 DELTA = 0.05
 POSITIVE = 1  # dog
@@ -84,7 +85,7 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, test: np.n
             key = f"{mode}:{name}"
             try:
                 threshold = choose(kind, arg, score[cal], pos[cal])
-            except D.DecisionInfeasible:
+            except errors.DecisionInfeasible:
                 out[key] = None
                 continue
             pred = score[test] >= threshold

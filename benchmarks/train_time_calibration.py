@@ -102,10 +102,10 @@ def run_method(
 
     from calibflow import pipeline
     from calibflow.config import load_config
-    from calibflow.ensembles import served_probabilities
-    from calibflow.gate_statistics import smooth_ece
+    from calibflow.training.ensembles import served_probabilities
+    from calibflow.gates.statistics import smooth_ece
     from calibflow.metrics import bootstrap_ci, probability_report, top_label
-    from calibflow.models import load_checkpoint
+    from calibflow.training.models import load_checkpoint
 
     config = load_config(RECIPE, [f"data.path={data_dir}", *overrides])
     out = work / name
@@ -135,7 +135,7 @@ def run_method(
     fit = pipeline.fit_calibration(logits["calibration"], config.calibration, str(out / "calibration.json"))
     z, labels = pipeline.load_logits(logits["test"])
     calibrator = pipeline.load_calibrator(fit.state_path)
-    from calibflow.ensembles import uncalibrated_probabilities
+    from calibflow.training.ensembles import uncalibrated_probabilities
 
     row = {
         "method": name,

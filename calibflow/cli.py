@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from calibflow.environment import apply_quiet_defaults
+from calibflow import errors
 from calibflow.errors import EXIT_OK, EXIT_REJECTED, EXIT_USAGE
 from calibflow.errors import one_line as _one_line
 
@@ -213,7 +214,7 @@ def _model_threads(threads=None):
     another busy process, torch's default of one thread per core is several times slower (README,
     "Training loop and threads"); the logits are the same at any count."""
     from calibflow.config import TrainConfig
-    from calibflow.training import intra_op_threads
+    from calibflow.training.loop import intra_op_threads
 
     return intra_op_threads(TrainConfig.threads if threads is None else threads)
 
@@ -245,14 +246,15 @@ def _dispatch(handler, args: argparse.Namespace) -> int:
 def _store_failed(command: str, error: Exception) -> int:
     """A registry error (a missing model, version or alias, or a tracking server that failed) on
     stderr as one line; exit 2: nothing could be decided."""
-    from calibflow import registry
+    from calibflow.tracking import registry
 
     print(f"calibflow {command}: {_one_line(error)} (MLflow registry at {registry.tracking_uri()})", file=sys.stderr)
     return EXIT_USAGE
 
 
 def _run(args: argparse.Namespace) -> int:
-    from calibflow.config import ConfigError, load_config
+    from calibflow.config import load_config
+    from calibflow.errors import ConfigError
 
     try:  # fail on a bad key before Prefect and MLflow start
         load_config(Path(args.repo) / args.params, args.overrides)
@@ -260,7 +262,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"calibflow: {error}", file=sys.stderr)
         return EXIT_USAGE
 
-    from calibflow import errors, registry
+    from calibflow import errors
+    from calibflow.tracking import registry
     from flows.train_calibrate import train_calibrate_register
 
     _imports_done()
@@ -336,9 +339,9 @@ def run_summary(result: dict) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.reproduce import reproduce
-    from calibflow.versioning import DataVersionError
+    from calibflow.tracking import registry
+    from calibflow.lifecycle.reproduce import reproduce
+    from calibflow.errors import DataVersionError
 
     registry.configure_tracking(args.repo)
     try:
@@ -382,8 +385,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.reproduce import predict_files
+    from calibflow.tracking import registry
+    from calibflow.lifecycle.reproduce import predict_files
 
     registry.configure_tracking(args.repo)
     missing = [path for path in args.images if not Path(path).is_file()]
@@ -424,9 +427,11 @@ def _run_gate(args: argparse.Namespace):
     """The gate report, or an exit code when the gate could not decide (printed to stderr)."""
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.config import ConfigError, load_config
-    from calibflow.promotion import GateUndecided, gate_version
+    from calibflow.tracking import registry
+    from calibflow.config import load_config
+    from calibflow.errors import ConfigError
+    from calibflow.lifecycle.promotion import gate_version
+    from calibflow.errors import GateUndecided
 
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
@@ -472,10 +477,12 @@ def _gate_plan(args: argparse.Namespace) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.config import ConfigError, load_config
-    from calibflow.gate_plan import plan_from_thresholds
-    from calibflow.promotion import GateUndecided, plan_version
+    from calibflow.tracking import registry
+    from calibflow.config import load_config
+    from calibflow.errors import ConfigError
+    from calibflow.gates.plan import plan_from_thresholds
+    from calibflow.lifecycle.promotion import plan_version
+    from calibflow.errors import GateUndecided
 
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
@@ -536,8 +543,7 @@ def _promote(args: argparse.Namespace) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.promotion import promote
+    from calibflow.lifecycle.promotion import promote
 
     if args.force and not args.reason:
         print('calibflow promote: --force needs --reason "why the gate is overridden"', file=sys.stderr)
@@ -558,7 +564,7 @@ def _promote(args: argparse.Namespace) -> int:
                 report.save(f"{tmp}/gate_report.json"),
                 force_reason=args.reason if (args.force and not report.passed) else None,
             )
-        except registry.PromotionConflict as error:
+        except errors.PromotionConflict as error:
             print(f"calibflow promote: {_one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
         except (MlflowException, OSError) as error:  # the aliases were restored (registry.apply_aliases)
@@ -573,13 +579,13 @@ def _promote(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.promotion import rollback
+    from calibflow.tracking import registry
+    from calibflow.lifecycle.promotion import rollback
 
     registry.configure_tracking(args.repo)
     try:
         moved = rollback(args.model)
-    except (LookupError, registry.PromotionConflict) as error:
+    except (LookupError, errors.PromotionConflict) as error:
         print(f"calibflow rollback: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except (MlflowException, OSError) as error:
@@ -589,13 +595,15 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    """`calibflow monitor`: the verdict's exit code (calibflow.monitor), 2 when it cannot run."""
+    """`calibflow monitor`: the verdict's exit code (calibflow.lifecycle.monitor), 2 when it cannot run."""
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.config import ConfigError, load_config
-    from calibflow.monitor import MonitorDataError, log_monitor_run, monitor_version
-    from calibflow.versioning import DataVersionError
+    from calibflow.tracking import registry
+    from calibflow.config import load_config
+    from calibflow.errors import ConfigError
+    from calibflow.lifecycle.monitor import log_monitor_run, monitor_version
+    from calibflow.errors import MonitorDataError
+    from calibflow.errors import DataVersionError
 
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
@@ -618,11 +626,13 @@ def _monitor(args: argparse.Namespace) -> int:
 def _recalibrate(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.temperature import CalibrationError
-    from calibflow.config import ConfigError, load_config
-    from calibflow.recalibrate import RecalibrationError, recalibrate
-    from calibflow.versioning import DataVersionError
+    from calibflow.tracking import registry
+    from calibflow.errors import CalibrationError
+    from calibflow.config import load_config
+    from calibflow.errors import ConfigError
+    from calibflow.lifecycle.recalibrate import recalibrate
+    from calibflow.errors import RecalibrationError
+    from calibflow.errors import DataVersionError
 
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
@@ -652,8 +662,8 @@ def _recalibrate(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow import registry
-    from calibflow.registry import STATUS_COLUMNS, status
+    from calibflow.tracking import registry
+    from calibflow.tracking.registry import STATUS_COLUMNS, status
 
     registry.configure_tracking(args.repo)
     try:
@@ -668,7 +678,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from calibflow.config import ConfigError, load_config
+    from calibflow.config import load_config
+    from calibflow.errors import ConfigError
 
     try:  # a bad params file is the first thing to say, whatever else is missing
         config = load_config(Path(args.repo) / args.params, args.overrides)
@@ -722,7 +733,8 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from calibflow.datasets import DatasetError, add_dataset
+    from calibflow.data.datasets import add_dataset
+    from calibflow.errors import DatasetError
 
     try:
         added = add_dataset(
@@ -741,7 +753,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from calibflow.prepare import NOISE_SD, write_digits
+    from calibflow.data.prepare import NOISE_SD, write_digits
 
     try:
         written = write_digits(args.out, noise_sd=NOISE_SD)

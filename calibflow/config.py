@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from calibflow.errors import ConfigError
 
 SPLIT_NAMES = ("train", "val", "calibration", "test")
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
@@ -47,10 +48,6 @@ MAX_THREADS = 1024
 # torchrun's own default port for node 0's rendezvous (train.rendezvous without one).
 DEFAULT_RENDEZVOUS_PORT = 29500
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
-class ConfigError(ValueError):
-    """params.yaml or an override is wrong; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +100,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True  # random translation by up to 1/8 of the image side
     hflip: bool = False  # horizontal flips: right for CIFAR-like data, wrong for digits
-    # Train-time calibration (calibflow/losses.py): each composes with label_smoothing and mix.
+    # Train-time calibration (calibflow/training/losses.py): each composes with label_smoothing and mix.
     loss: Literal["cross_entropy", "focal", "flsd53", "confidence_penalty", "mmce"] = "cross_entropy"
     focal_gamma: float = 3.0  # loss focal: (1 - p)^gamma; 0 is cross-entropy (flsd53 picks its own)
     confidence_penalty: float = 0.1  # loss confidence_penalty: beta in CE - beta * H(p) (Pereyra et al. 2017)
@@ -128,7 +125,7 @@ class TrainConfig:
     # outlier images (flat or <class>/<image>, resized to the model's input); each step adds 0.5 x
     # the cross-entropy from the uniform distribution to the softmax of as many outliers.
     outlier_exposure: str | None = None
-    # Training on more than one process (calibflow/distributed.py): "ddp" runs the training step
+    # Training on more than one process (calibflow/training/distributed.py): "ddp" runs the training step
     # under torchrun, DistributedDataParallel with NCCL on GPUs and gloo on the CPU; batch_size is
     # the global batch. nproc: processes on this node (auto: one per GPU, or per train.threads CPU
     # cores). nnodes > 1: this node is node 0 and serves the rendezvous at HOST:PORT, which the
@@ -197,7 +194,7 @@ class GatesConfig:
 @dataclass(frozen=True)
 class DecisionConfig:
     """What the served model decides with its calibrated probabilities, fitted on the calibration
-    split (calibflow.decisions; docs/decisions.md). Every rule is off by default."""
+    split (calibflow.gates.decisions; docs/decisions.md). Every rule is off by default."""
 
     # Binary decisions (K = 2, or one class against the rest): the class folder name that counts as
     # positive, and one rule: both costs (Bayes threshold c_fp / (c_fp + c_fn)), or a precision or
@@ -236,7 +233,7 @@ class DecisionConfig:
         return self.binary_rule is not None or self.max_risk is not None or self.conformal_alpha is not None
 
 
-# The corruptions of calibflow.corruptions (CIFAR-10-C's formulas and severities).
+# The corruptions of calibflow.evaluation.corruptions (CIFAR-10-C's formulas and severities).
 CORRUPTION_NAMES = (
     "gaussian_noise",
     "shot_noise",
@@ -252,7 +249,7 @@ CORRUPTION_NAMES = (
 
 @dataclass(frozen=True)
 class ShiftConfig:
-    """The corruption suite run on the test split after calibration (calibflow.shift). Each
+    """The corruption suite run on the test split after calibration (calibflow.evaluation.shift). Each
     corruption at each severity is one cell; every cell is a corrupted copy of the same test images,
     seeded per image, so a rerun (or `calibflow evaluate`) rebuilds the same pixels."""
 
@@ -265,7 +262,7 @@ class ShiftConfig:
 
 @dataclass(frozen=True)
 class OODConfig:
-    """Out-of-distribution evaluation (calibflow.ood): a DVC-tracked folder of images of no trained
+    """Out-of-distribution evaluation (calibflow.evaluation.ood): a DVC-tracked folder of images of no trained
     class (an ImageFolder or a flat folder), resized to the model's input."""
 
     path: str | None = None
@@ -283,7 +280,7 @@ class PromotionConfig:
 @dataclass(frozen=True)
 class MonitorConfig:
     """`calibflow monitor`: how far a registered model may move from what it recorded at
-    registration before it is called drifted (calibflow.monitor), read at gates.confidence."""
+    registration before it is called drifted (calibflow.lifecycle.monitor), read at gates.confidence."""
 
     max_accuracy_drop: float = 0.05  # exit 3 (retrain) when accuracy is shown below recorded - this
     max_ece_increase: float = 0.03  # exit 1 (recalibrate) when the ECE is shown above recorded + this
@@ -658,7 +655,7 @@ def rendezvous_address(rendezvous: str | None) -> tuple[str, int]:
 
 
 def _check_distributed(train: TrainConfig) -> None:
-    """What can be told without the machine; calibflow.distributed.resolve_nproc checks nproc
+    """What can be told without the machine; calibflow.training.distributed.resolve_nproc checks nproc
     against its cores or GPUs."""
     if train.distributed == "none":
         for key, value, default in (("nproc", train.nproc, "auto"), ("nnodes", train.nnodes, 1)):

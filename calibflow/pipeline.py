@@ -19,20 +19,28 @@ from typing import Callable
 import numpy as np
 import torch
 
-from calibflow.temperature import NLL_SLACK, CalibrationError
-from calibflow.config import CalibrationConfig, Config, ConfigError, DataConfig, DecisionConfig, SplitConfig
-from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy, fit_policy, risk_coverage_curve
-from calibflow.ensembles import (
+from calibflow.calibrators.temperature import NLL_SLACK
+from calibflow.errors import CalibrationError
+from calibflow.config import CalibrationConfig, Config, DataConfig, DecisionConfig, SplitConfig
+from calibflow.errors import ConfigError
+from calibflow.gates.decisions import (
+    DECISION_TAG_PREFIX,
+    DecisionPolicy,
+    evaluate_policy,
+    fit_policy,
+    risk_coverage_curve,
+)
+from calibflow.training.ensembles import (
     fit_model_calibrator,
     member_seeds,
     model_calibrator_from_state,
     predictive_logits,
     uncalibrated_probabilities,
 )
-from calibflow.gates import GateVerdict, OODScores, ShiftedPredictions
-from calibflow.images import load_images
-from calibflow.leftovers import ProcessId, alive, this_process
-from calibflow.manifest import (
+from calibflow.gates.checks import GateVerdict, OODScores, ShiftedPredictions
+from calibflow.data.images import load_images
+from calibflow.tracking.leftovers import ProcessId, alive, this_process
+from calibflow.data.manifest import (
     build_manifest,
     class_counts,
     list_classes,
@@ -41,8 +49,8 @@ from calibflow.manifest import (
     save_manifest,
 )
 from calibflow.metrics import probability_nll, probability_report, reliability_bins, top_label
-from calibflow.models import ModelSpec, load_checkpoint, save_checkpoint
-from calibflow.names import (
+from calibflow.training.models import ModelSpec, load_checkpoint, save_checkpoint
+from calibflow.tracking.names import (
     CALIBRATED,
     CALIBRATION_METHOD,
     GATE_ABSOLUTE,
@@ -58,21 +66,22 @@ from calibflow.names import (
     ood_metric,
     shift_metric,
 )
-from calibflow.plots import (
+from calibflow.evaluation.plots import (
     binary_score_distributions,
     class_confidence_histograms,
     confidence_histogram,
     decision_score_histograms,
     reliability_diagram,
 )
-from calibflow.plots import risk_coverage_curve as plot_risk_coverage
+from calibflow.evaluation.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.disk_cache import file_sha256
-from calibflow.resume import EpochCheckpoints
-from calibflow.shift import Suite, corrupted_images, evaluate_suite, suite_logits
-from calibflow.splits import Split, stratified_split
-from calibflow.distributed import resolve_nproc, train_distributed
-from calibflow.training import EpochStats, intra_op_threads, resolve_runtime, train_classifier
-from calibflow.validation import ValidationReport, validate_manifest
+from calibflow.training.resume import EpochCheckpoints
+from calibflow.evaluation.shift import Suite, corrupted_images, evaluate_suite, suite_logits
+from calibflow.data.splits import Split, stratified_split
+from calibflow.training.distributed import resolve_nproc, train_distributed
+from calibflow.training.loop import EpochStats, intra_op_threads, resolve_runtime, train_classifier
+from calibflow.data.validation import ValidationReport, validate_manifest
+from calibflow.errors import ReportError
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,8 @@ def check_run_settings(config: Config, classes: tuple[str, ...], split_sizes: di
     splits too small to train or fit on, and gates that no model can pass on the test split (not
     even a perfect one, always right with confidence 1)."""
     from calibflow.calibrators import binary_only, default_methods
-    from calibflow.gate_plan import smallest_passable
-    from calibflow.gates import GateInputError
+    from calibflow.gates.plan import smallest_passable
+    from calibflow.errors import GateInputError
 
     method, n_classes = config.calibration.method, len(classes)
     if config.train.distributed == "ddp":
@@ -184,7 +193,8 @@ def validate_data(
     """
     from importlib.metadata import version
 
-    from calibflow import disk_cache, validation
+    from calibflow import disk_cache
+    from calibflow.data import validation
 
     key = {
         "manifest_and_split": disk_cache.files_digest([manifest_path, split_path]),
@@ -272,7 +282,7 @@ def training_checkpoints(
     outliers_path: str | None,
 ) -> EpochCheckpoints:
     """Where one member's per-epoch checkpoints live, keyed by what its weights depend on."""
-    from calibflow.resume import training_code_digest, training_key
+    from calibflow.training.resume import training_code_digest, training_key
 
     outliers = json.loads(Path(outliers_path).read_text())["dvc_hash"] if outliers_path else None
     # val_every changes what is measured, never the weights (tests/test_training.py)
@@ -337,7 +347,7 @@ def train_model(
 ) -> TrainedModel:
     """`outliers_path`: check_ood_data's record of train.outlier_exposure's folder. With
     `checkpoint_dir`, each member checkpoints every epoch there and a killed run started again with
-    the same inputs resumes from its last complete epoch (calibflow.resume)."""
+    the same inputs resumes from its last complete epoch (calibflow.training.resume)."""
     fmt = image_format(manifest.path, config.data)
     train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
     val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
@@ -607,7 +617,7 @@ def evaluate_shift(
     out = Path(out_dir)
     result_path = out / "shift_metrics.json"
     result_path.write_text(json.dumps(result.to_json(), indent=1))
-    from calibflow.plots import shift_curves
+    from calibflow.evaluation.plots import shift_curves
 
     described = f"T = {calibration.temperature:.3f}" if calibration.temperature else calibration.method
     plot = shift_curves(
@@ -627,7 +637,7 @@ def evaluate_shift(
 @dataclass(frozen=True)
 class OODEvaluation:
     scores_path: str  # npz: in-distribution ("inside_<score>") and OOD ("outside_<score>") scores
-    metrics: dict[str, float]  # ood/<score>/<auroc|aupr|fpr95> (calibflow.names)
+    metrics: dict[str, float]  # ood/<score>/<auroc|aupr|fpr95> (calibflow.tracking.names)
     score: str  # what gates.max_ood_fpr95 reads
     dvc_hash: str
     n_images: int
@@ -648,7 +658,7 @@ def check_ood_data(
     """Before training: pin `path` (params.yaml's `key`: ood.path or train.outlier_exposure) with
     DVC and refuse it when missing, empty, not images, or holding images of the dataset (or of the
     folder checked into `not_in`); the checked list of files is written to `out_path`."""
-    from calibflow.ood import check_ood_folder, folder_hashes, load_ood_data, save_ood_data
+    from calibflow.evaluation.ood import check_ood_folder, folder_hashes, load_ood_data, save_ood_data
 
     hashes = set(load_manifest(manifest_path)["sha256"])
     other = load_ood_data(not_in) if not_in else None
@@ -679,8 +689,8 @@ def evaluate_ood(
 ) -> OODEvaluation:
     """MSP and energy on the test split and on the OOD images (decoded in the model's mode and
     size), AUROC, AUPR and FPR95 of each, and their histograms."""
-    from calibflow.ood import detection_metrics, in_distribution_score, ood_scores
-    from calibflow.plots import ood_score_histograms
+    from calibflow.evaluation.ood import detection_metrics, in_distribution_score, ood_scores
+    from calibflow.evaluation.plots import ood_score_histograms
 
     ood = json.loads(Path(ood_data_path).read_text())
     loaded = load_checkpoint(checkpoint)
@@ -727,7 +737,7 @@ def evaluate_ood(
 
 
 def ood_gate_scores(ood: OODEvaluation) -> OODScores:
-    from calibflow.ood import in_distribution_score
+    from calibflow.evaluation.ood import in_distribution_score
 
     with np.load(ood.scores_path) as saved:
         inside = {k: saved[f"inside_{k}"] for k in ("msp", "energy")}
@@ -938,10 +948,6 @@ def evaluate_decisions(
     return DecisionEvaluation(metrics=metrics, plots=tuple(str(p) for p in plots))
 
 
-class ReportError(RuntimeError):
-    """reports/metrics.json cannot be written where it goes."""
-
-
 @dataclass(frozen=True)
 class StagedReport:
     path: str  # where it goes: reports/metrics.json
@@ -1098,7 +1104,7 @@ def decision_tags(decided: DecisionEvaluation | None, confidence: float) -> dict
 def shift_tags(shifted: ShiftEvaluation | None) -> dict[str, str]:
     """The suite a version was measured on (for `calibflow evaluate` and `calibflow gate` to rebuild
     it) and its means after calibration."""
-    from calibflow.shift import SUITE_TAG
+    from calibflow.evaluation.shift import SUITE_TAG
 
     if shifted is None:
         return {}
@@ -1110,7 +1116,7 @@ def shift_tags(shifted: ShiftEvaluation | None) -> dict[str, str]:
 
 def ood_tags(ood: OODEvaluation | None) -> dict[str, str]:
     """The OOD folder a version was measured on, for `calibflow gate` to score again."""
-    from calibflow.ood import OOD_TAG
+    from calibflow.evaluation.ood import OOD_TAG
 
     if ood is None:
         return {}
@@ -1154,11 +1160,11 @@ def version_tags(
     }
 
 
-STAGE_OF = {"before": UNCALIBRATED, "after": CALIBRATED}  # Evaluation's fields -> calibflow.names' stages
+STAGE_OF = {"before": UNCALIBRATED, "after": CALIBRATED}  # Evaluation's fields -> calibflow.tracking.names' stages
 
 
 def test_metrics(evaluation: Evaluation) -> dict[str, float]:
-    """The test split's metrics before and after calibration under their calibflow.names paths
+    """The test split's metrics before and after calibration under their calibflow.tracking.names paths
     (test/uncalibrated/ece, test/calibrated/ece, ...): metric, version tag and metrics.json key."""
     return {
         on_test(STAGE_OF[when], name): float(value)

@@ -1,7 +1,7 @@
 """The `calibflow-monitor` flow: `calibflow monitor` on a schedule (params.yaml schedule.monitor_*).
 
 One task checks the registered model on the DVC-pinned folder of new images and logs the MLflow
-run (calibflow.monitor); the flow run's summary artifact carries the verdict. A drift is a result
+run (calibflow.lifecycle.monitor); the flow run's summary artifact carries the verdict. A drift is a result
 the flow reports, not a failure of the flow: the run ends Completed with the verdict, and the exit
 code a CD job would act on is in its return value (`exit_code`) and in the MLflow run's tags.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.config import load_config
 from tasks.monitoring import check_drift
 

@@ -27,10 +27,12 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from calibflow import errors
-from calibflow.config import ConfigError, load_config
-from calibflow.gates import GatesFailed
-from calibflow.resume import checkpoint_root
-from calibflow.registry import CHALLENGER, CHAMPION, RegistrationLeftBehind
+from calibflow.config import load_config
+from calibflow.errors import ConfigError
+from calibflow.errors import GatesFailed
+from calibflow.training.resume import checkpoint_root
+from calibflow.tracking.registry import CHALLENGER, CHAMPION
+from calibflow.errors import RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (
     apply_gates,

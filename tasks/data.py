@@ -7,11 +7,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from calibflow import pipeline, registry
+from calibflow import pipeline
+from calibflow.tracking import registry
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
-from calibflow.validation import DataValidationError
-from calibflow.versioning import DataVersion, resolve_data
+from calibflow.errors import DataValidationError
+from calibflow.data.versioning import DataVersion, resolve_data
 from tasks import retry_transient_only
 
 

@@ -8,15 +8,16 @@ import json
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from calibflow import pipeline, registry
-from calibflow import decisions as decision_rules
+from calibflow import pipeline
+from calibflow.tracking import registry
+from calibflow.gates import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
-from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
-from calibflow import promotion
-from calibflow.promotion import GateReport
-from calibflow.training import EpochStats
-from calibflow.versioning import DataVersion
+from calibflow.tracking.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
+from calibflow.lifecycle import promotion
+from calibflow.lifecycle.promotion import GateReport
+from calibflow.training.loop import EpochStats
+from calibflow.data.versioning import DataVersion
 from tasks import retry_transient_only
 
 
@@ -25,7 +26,7 @@ def check_gate_power(
     manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, run_id: str, repo_root: str
 ) -> str | None:
     """Before training: warn when the test split is too small for the gates to pass a good model."""
-    from calibflow.gate_plan import small_test_split_warning
+    from calibflow.gates.plan import small_test_split_warning
 
     warning = small_test_split_warning(
         split.sizes["test"],
@@ -275,7 +276,7 @@ def collect_shift_logits(
 ) -> str | None:
     """The network's logits on the corruption suite (None when `shift:` is empty), cached by content
     under .calibflow/cache/shift."""
-    from calibflow.shift import suite_of
+    from calibflow.evaluation.shift import suite_of
 
     suite = suite_of(config.shift, config.seed)
     if suite is None:

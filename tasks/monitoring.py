@@ -1,11 +1,11 @@
-"""Monitoring task: one library call (calibflow.monitor) and its MLflow run."""
+"""Monitoring task: one library call (calibflow.lifecycle.monitor) and its MLflow run."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from calibflow import monitor
+from calibflow.lifecycle import monitor
 from calibflow.config import Config
 from tasks import retry_transient_only
 

@@ -13,12 +13,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from calibflow import leftovers, pipeline, promotion, registry
+from calibflow import pipeline
+from calibflow.tracking import leftovers
+from calibflow.lifecycle import promotion
+from calibflow.tracking import registry
 from calibflow.config import Config
-from calibflow.gates import GateVerdict
-from calibflow.promotion import GateReport
-from calibflow.versioning import DataVersion, code_commit, code_origin
+from calibflow.gates.checks import GateVerdict
+from calibflow.lifecycle.promotion import GateReport
+from calibflow.data.versioning import DataVersion, code_commit, code_origin
 from tasks import retry_transient_only
+from calibflow import errors
 
 
 def store_retry_delays(default: tuple[float, ...] = (2, 5, 10)) -> list[float]:
@@ -91,7 +95,7 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
 @task(name="end-leftovers-of-killed-runs", cache_policy=NO_CACHE)
 def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str) -> None:
     """Stop the Prefect temporary API servers that killed runs left running, record this run's,
-    and mark the experiment's RUNNING MLflow runs whose process is gone KILLED (calibflow.leftovers).
+    and mark the experiment's RUNNING MLflow runs whose process is gone KILLED (calibflow.tracking.leftovers).
     Housekeeping: when it fails, the run goes on and says so."""
     logger = get_run_logger()
     servers = Path(repo_root).resolve() / ".calibflow" / "servers"
@@ -163,7 +167,7 @@ def promote_to_champion(
     the run itself succeeded, and its registered version is valid."""
     try:
         moved = promotion.promote(version.name, version.version, gate.champion, gate.save(f"{work_dir}/gates.json"))
-    except registry.PromotionConflict as conflict:
+    except errors.PromotionConflict as conflict:
         get_run_logger().warning("not promoted, stays @challenger: %s", conflict)
         return None
     get_run_logger().info(

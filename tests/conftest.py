@@ -68,7 +68,7 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def make_repo(root: Path, classes=(0, 1, 2, 3, 4), per_class: int = 60) -> Path:
     """A git + DVC repository holding data/tiny (an ImageFolder of digits) and params.yaml."""
-    from calibflow.prepare import write_digits
+    from calibflow.data.prepare import write_digits
 
     root.mkdir(parents=True, exist_ok=True)
     run("git", "init", "-q", "-b", "main", cwd=root)
@@ -116,7 +116,7 @@ def untrained_model(work: Path, classes=("a", "b", "c")) -> UntrainedModel:
     import torch
 
     from calibflow.calibrators import fit_calibrator
-    from calibflow.models import ModelSpec, build_model, save_checkpoint
+    from calibflow.training.models import ModelSpec, build_model, save_checkpoint
 
     torch.manual_seed(0)
     spec = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)

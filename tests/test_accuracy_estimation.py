@@ -1,4 +1,4 @@
-"""Unlabeled accuracy estimation and confidence drift (calibflow.accuracy_estimation), by simulation against
+"""Unlabeled accuracy estimation and confidence drift (calibflow.evaluation.accuracy_estimation), by simulation against
 known truth: labels drawn from the probabilities make a model calibrated by construction."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from calibflow.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
+from calibflow.evaluation.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
 
 
 def calibrated(rng, n: int, k: int = 10, concentration: float = 0.3, sharpen: float = 1.0):
@@ -92,7 +92,7 @@ def test_calibration_error_lower_bound_holds_at_its_confidence_and_sees_real_dri
     """Known truth: confidence p ~ U(0.55, 0.95), correct with probability p - offset, so the true
     binned ECE is the offset. The lower bound may exceed the truth at most 5% of the time (Wilson
     interval), and a 0.1 over-confidence on 2,000 images is shown to be above 0.05."""
-    from calibflow.gate_statistics import EqualWidthBins, calibration_error_lower_bound
+    from calibflow.gates.statistics import EqualWidthBins, calibration_error_lower_bound
 
     rng = np.random.default_rng(6)
     profile = EqualWidthBins(15)

@@ -161,7 +161,7 @@ def test_train_step_benchmark_pairs_the_project_with_a_bare_loop_doing_the_same_
 ) -> None:
     """Tiny settings: the structure of the report and that the bare loop trains the same weights;
     no speed is asserted (benchmarks/train_step.py measures that on the default job)."""
-    from calibflow.prepare import write_digits
+    from calibflow.data.prepare import write_digits
 
     spec = importlib.util.spec_from_file_location("train_step", BENCH.parent / "train_step.py")
     bench = importlib.util.module_from_spec(spec)

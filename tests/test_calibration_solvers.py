@@ -1,4 +1,4 @@
-"""The two solves inside calibflow.temperature.fit_temperature, checked against each other and
+"""The two solves inside calibflow.calibrators.temperature.fit_temperature, checked against each other and
 piece by piece: the warm-started Halley solve large splits get, with its curvature terms, blocked
 passes and fallback, against the bracketed Newton solve."""
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from calibflow import temperature as C
-from calibflow.temperature import fit_temperature
+from calibflow.calibrators import temperature as C
+from calibflow.calibrators.temperature import fit_temperature
 from tests.test_temperature import _reference_temperature, _sample
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from calibflow import calibrators as CB
-from calibflow.temperature import CalibrationError, fit_temperature
+from calibflow.calibrators.temperature import fit_temperature
+from calibflow.errors import CalibrationError
 from calibflow.metrics import expected_calibration_error, probability_nll
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibflow.promotion import GateUndecided, NotComparable, class_order
+from calibflow.lifecycle.promotion import class_order
+from calibflow.errors import GateUndecided, NotComparable
 
 
 def test_champion_columns_in_another_order_are_matched_to_the_candidates_classes_by_name():

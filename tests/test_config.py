@@ -1,6 +1,7 @@
 import pytest
 
-from calibflow.config import Config, ConfigError, load_config
+from calibflow.config import Config, load_config
+from calibflow.errors import ConfigError
 
 
 def write(tmp_path, text):

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
-from calibflow.datasets import same_tree
-from calibflow.prepare import write_digits
+from calibflow.data.datasets import same_tree
+from calibflow.data.prepare import write_digits
 from tests.conftest import dvc, run
 
 

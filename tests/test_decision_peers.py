@@ -1,4 +1,4 @@
-"""calibflow.decisions against a peer library and against known truths.
+"""calibflow.gates.decisions against a peer library and against known truths.
 
 - LAC prediction sets equal crepes' (a conformal library on PyPI) on the same nonconformity
   scores ("hinge" = 1 - p_y) and alpha, ties and tiny calibration sets included;
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from scipy.special import betainc
 
-from calibflow import decisions as D
+from calibflow.gates import decisions as D
+from calibflow import errors
 
 Z95 = 1.959963984540054
 
@@ -59,7 +60,7 @@ def test_lac_sets_equal_crepes(n_cal, alpha, grain):
     peer = crepes.ConformalClassifier().fit(hinge(probs[cal], np.arange(classes), labels[cal]))
     p_values = peer.predict_p(hinge(probs[test]), smoothing=False)  # (#{cal >= s} + 1) / (n + 1)
     if (n_cal + 1) * alpha < 1:  # even the largest calibration score is too small a quantile
-        with pytest.raises(D.DecisionInfeasible):
+        with pytest.raises(errors.DecisionInfeasible):
             D.conformal_quantile(cal_scores, alpha)
         assert (p_values > alpha).all()  # the peer's sets are then every label
         return
@@ -108,7 +109,7 @@ def test_conformal_quantile_is_the_ceil_order_statistic_and_refuses_tiny_n():
     assert D.conformal_quantile(scores, 0.2) == 0.8  # ceil(10 * 0.8) = 8th
     assert D.conformal_quantile(scores, 0.25) == 0.8  # ceil(7.5) = 8th
     assert D.conformal_quantile(scores, 0.5) == 0.5  # 5th
-    with pytest.raises(D.DecisionInfeasible):
+    with pytest.raises(errors.DecisionInfeasible):
         D.conformal_quantile(scores[:8], 0.1)  # ceil(9 * 0.9) = 9 > 8
 
 
@@ -217,7 +218,7 @@ def simulate(draw, fit, violated, rng: np.random.Generator) -> tuple[int, int]:
     for _ in range(TRIALS):
         try:
             chosen = fit(*draw(rng))
-        except D.DecisionInfeasible:
+        except errors.DecisionInfeasible:
             infeasible += 1
             continue
         violations += bool(violated(chosen))

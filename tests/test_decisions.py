@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from calibflow import decisions as d
-from calibflow.config import ConfigError, GatesConfig, load_config
-from calibflow.gates import GateInputError, Predictions, evaluate_gates
+from calibflow.gates import decisions as d
+from calibflow.config import GatesConfig, load_config
+from calibflow.errors import ConfigError
+from calibflow.gates.checks import Predictions, evaluate_gates
+from calibflow.errors import GateInputError
+from calibflow import errors
 
 
 def calibrated_sample(n: int, k: int, seed: int, sharpness: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +58,7 @@ def test_selective_threshold_keeps_everything_for_a_perfect_model_and_nothing_ce
     conf = np.linspace(0.5, 1.0, 400)
     chosen = d.selective_threshold(conf, np.ones(400, bool), max_risk=0.05, delta=0.05)
     assert chosen.threshold == 0.0 and chosen.calibration_bound < 0.05
-    with pytest.raises(d.DecisionInfeasible, match="calibration split more images"):
+    with pytest.raises(errors.DecisionInfeasible, match="calibration split more images"):
         d.selective_threshold(conf[:20], np.ones(20, bool), max_risk=0.05, delta=0.05)
 
 
@@ -78,7 +81,7 @@ def test_a_confident_model_saturated_at_probability_one_gets_no_threshold_above_
     rng = np.random.default_rng(7)
     conf = np.concatenate([np.ones(600), rng.uniform(0.3, 0.99, 400)])
     correct = np.concatenate([np.arange(600) >= 60, rng.random(400) < 0.5])
-    with pytest.raises(d.DecisionInfeasible):
+    with pytest.raises(errors.DecisionInfeasible):
         d.selective_threshold(conf, correct, max_risk=0.05, delta=0.05)
     chosen = d.selective_threshold(conf, correct, max_risk=0.2, delta=0.05)
     kept = conf >= chosen.threshold
@@ -102,7 +105,7 @@ def test_selective_threshold_keeps_its_guarantee_with_a_hundred_classes():
         top = q.argmax(axis=1)
         try:
             chosen = d.selective_threshold(q.max(axis=1), top == y, max_risk=0.3, delta=0.05)
-        except d.DecisionInfeasible:
+        except errors.DecisionInfeasible:
             continue
         trials += 1
         violations += true_risk(chosen.threshold) > 0.3
@@ -133,7 +136,7 @@ def test_min_recall_threshold_is_the_largest_order_statistic_the_binomial_tail_a
     j = int(round(chosen.threshold * 101))  # the j-th smallest positive score
     assert stats.binom.cdf(j - 1, 100, 0.1) <= 0.05 < stats.binom.cdf(j, 100, 0.1)
     assert chosen.calibration_bound >= 0.9
-    with pytest.raises(d.DecisionInfeasible, match="at least 29"):
+    with pytest.raises(errors.DecisionInfeasible, match="at least 29"):
         d.min_recall_threshold(scores[:20], positive[:20], min_recall=0.9, delta=0.05)
 
 
@@ -154,7 +157,7 @@ def test_min_precision_threshold_certifies_precision_of_what_it_calls_positive()
 def test_conformal_quantile_is_the_finite_sample_corrected_order_statistic():
     scores = np.arange(1, 20) / 20.0  # n = 19
     assert d.conformal_quantile(scores, 0.1) == scores[math.ceil(20 * 0.9) - 1]
-    with pytest.raises(d.DecisionInfeasible, match="at least 19 calibration images"):
+    with pytest.raises(errors.DecisionInfeasible, match="at least 19 calibration images"):
         d.conformal_quantile(scores[:10], 0.05)
 
 
@@ -215,13 +218,15 @@ def test_empty_policy_decides_the_label_only_and_a_newer_schema_is_refused():
 
 def test_settings_that_cannot_work_are_refused_before_training_with_the_key_and_the_fix():
     counts = {"cat": 20, "dog": 20}
-    with pytest.raises(d.DecisionSettingsError, match="'wolf' is not a class"):
+    with pytest.raises(errors.DecisionSettingsError, match="'wolf' is not a class"):
         d.check_decision_settings(decision_config(positive_class="wolf", min_recall=0.9), ("cat", "dog"), counts)
-    with pytest.raises(d.DecisionSettingsError, match="decision.min_recall .* at least 29 calibration images of 'dog'"):
+    with pytest.raises(
+        errors.DecisionSettingsError, match="decision.min_recall .* at least 29 calibration images of 'dog'"
+    ):
         d.check_decision_settings(decision_config(positive_class="dog", min_recall=0.9), ("cat", "dog"), counts)
-    with pytest.raises(d.DecisionSettingsError, match="decision.max_risk needs at least"):
+    with pytest.raises(errors.DecisionSettingsError, match="decision.max_risk needs at least"):
         d.check_decision_settings(decision_config(max_risk=0.01), ("cat", "dog"), counts)
-    with pytest.raises(d.DecisionSettingsError, match="decision.conformal_alpha needs at least 99"):
+    with pytest.raises(errors.DecisionSettingsError, match="decision.conformal_alpha needs at least 99"):
         d.check_decision_settings(decision_config(conformal_alpha=0.01), ("cat", "dog"), counts)
     d.check_decision_settings(decision_config(conformal_alpha=0.1), ("cat", "dog"), counts)  # 40 >= 9
 
@@ -288,7 +293,7 @@ def test_a_decision_gate_without_its_fitted_rule_cannot_be_gated():
 
 
 def served(tmp_path: Path, decisions_path: Path | None):
-    from calibflow.registry import CalibratedImageClassifier, write_model_files
+    from calibflow.tracking.registry import CalibratedImageClassifier, write_model_files
     from tests.conftest import untrained_model
 
     model = untrained_model(tmp_path / "work")
@@ -332,7 +337,7 @@ def test_a_model_registered_before_decisions_still_loads_and_decides_the_label(t
 def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_gates_them(
     tmp_path, monkeypatch, capsys
 ):
-    from calibflow import registry
+    from calibflow.tracking import registry
     from calibflow.cli import main as calibflow
     from tests.conftest import make_repo
 
@@ -389,7 +394,7 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     # A fresh process: MLflow's own loader accepts the declared param, the default output is unchanged.
     script = textwrap.dedent(f"""
         import json, numpy as np
-        from calibflow import registry
+        from calibflow.tracking import registry
         registry.configure_tracking({str(repo)!r})
         model = registry.load_model("models:/tiny-digits@champion")
         images = np.stack([np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("L"))[..., None]
@@ -459,9 +464,9 @@ def test_a_target_the_trained_model_cannot_meet_is_a_rejection_that_registers_no
 
 @pytest.mark.e2e
 def test_an_ensemble_serves_decisions_fitted_on_its_averaged_calibrated_probabilities(tiny_repo, tmp_path):
-    from calibflow import registry
+    from calibflow.tracking import registry
     from calibflow.cli import main as calibflow
-    from calibflow.decisions import DecisionPolicy
+    from calibflow.gates.decisions import DecisionPolicy
 
     assert (
         calibflow(

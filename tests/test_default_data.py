@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from calibflow.prepare import NOISE_SD, write_digits
+from calibflow.data.prepare import NOISE_SD, write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
     assert evaluation.before["ece"] >= 0.05
     assert evaluation.after["ece"] <= 0.6 * evaluation.before["ece"]
     # The default gates tell the two apart: the softmax fails max_ece, the calibrated model passes.
-    from calibflow.gates import Predictions, evaluate_gates
+    from calibflow.gates.checks import Predictions, evaluate_gates
 
     test_logits, labels = pipeline.load_logits(logits["test"])
     softmax = torch.softmax(torch.as_tensor(test_logits, dtype=torch.float64), dim=1).numpy()

@@ -24,19 +24,16 @@ import torch
 
 import torch.nn.functional as F
 
-from calibflow import distributed
-from calibflow.config import ConfigError, TrainConfig, load_config
-from calibflow.distributed import (
-    DistributedTrainingError,
-    follower_command,
-    launcher_args,
-    resolve_nproc,
-    train_distributed,
-)
-from calibflow.images import channel_stats
-from calibflow.models import ModelSpec, build_model
-from calibflow.resume import CheckpointError, EpochCheckpoints
-from calibflow.training import (
+from calibflow.training import distributed
+from calibflow.config import TrainConfig, load_config
+from calibflow.errors import ConfigError
+from calibflow.training.distributed import follower_command, launcher_args, resolve_nproc, train_distributed
+from calibflow.errors import DistributedTrainingError
+from calibflow.data.images import channel_stats
+from calibflow.training.models import ModelSpec, build_model
+from calibflow.training.resume import EpochCheckpoints
+from calibflow.errors import CheckpointError
+from calibflow.training.loop import (
     one_cycle_schedule,
     resolve_runtime,
     seed_everything,
@@ -148,7 +145,7 @@ def test_the_follower_command_joins_node_0s_rendezvous():
     assert command.startswith("torchrun ")  # the device kind comes from rank 0, through torchrun's store
     for part in ("--nnodes=3", "--node-rank=$NODE_RANK", "--master-addr=calibflow-ddp.calibflow.svc"):
         assert part in command
-    assert "--master-port=29400" in command and command.endswith("-m calibflow.distributed")
+    assert "--master-port=29400" in command and command.endswith("-m calibflow.training.distributed")
     assert "--node-rank=0" in " ".join(launcher_args(config, 2, node_rank=0))  # the flow's node holds rank 0
 
 
@@ -258,8 +255,8 @@ def test_a_killed_ddp_training_resumes_to_the_uninterrupted_weights(two_process_
     script = (
         "import sys\nfrom pathlib import Path\n"
         "from tests.test_distributed import DDP, SPEC, digits\n"
-        "from calibflow.distributed import train_distributed\n"
-        "from calibflow.resume import EpochCheckpoints\n"
+        "from calibflow.training.distributed import train_distributed\n"
+        "from calibflow.training.resume import EpochCheckpoints\n"
         "(train, val, _) = digits()\n"
         "train_distributed(SPEC, *train, *val, DDP, 0, sys.argv[1], checkpoints=EpochCheckpoints(Path(sys.argv[2])))\n"
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow import registry
+from calibflow.tracking import registry
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibflow.ensembles import (
+from calibflow.training.ensembles import (
     EnsembleCalibrator,
     ensemble_nll,
     fit_shared_temperature,
@@ -16,7 +16,7 @@ from calibflow.ensembles import (
     served_probabilities,
     uncalibrated_probabilities,
 )
-from calibflow.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from calibflow.training.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
 
 def images(n=40, seed=0):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
 from tests.conftest import REPO, TINY_PARAMS
 
@@ -178,7 +178,7 @@ def registry_world(tmp_path_factory) -> Path:
     repo.mkdir()
     (repo / "params.yaml").write_text(TINY_PARAMS)
     (world / "bad.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8")
-    from calibflow.prepare import write_digits
+    from calibflow.data.prepare import write_digits
 
     write_digits(world / "images", classes=(5, 6, 7, 8, 9), per_class=60)  # read, never written, by the cases
     with pytest.MonkeyPatch.context() as patch:
@@ -238,12 +238,12 @@ def test_status_lists_the_versions_of_a_model_whose_name_has_a_quote(world, caps
     assert calibflow(["status", "--model", QUOTED, "--repo", world["repo"]]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["1", "2"]
-    # the world's versions carry the tags of before calibflow.names (ece_post, accuracy, temperature)
+    # the world's versions carry the tags of before calibflow.tracking.names (ece_post, accuracy, temperature)
     assert "@champion" in rows[1] and "0.99" in rows[1] and "0.01" in rows[1] and "1.1" in rows[1]
 
 
 def test_an_unanticipated_error_exits_2_not_1_with_its_traceback(world, monkeypatch, capsys):
-    from calibflow import prepare
+    from calibflow.data import prepare
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug nobody anticipated")

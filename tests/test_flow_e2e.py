@@ -15,10 +15,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from calibflow import pipeline, registry
+from calibflow import pipeline
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
 from calibflow.config import load_config
 from tests.conftest import REPO, dvc, run, untrained_model
+from calibflow import errors
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
@@ -216,7 +218,7 @@ def test_metrics_report_is_staged_beside_its_target_with_the_umask_and_published
 
     target.unlink()
     target.mkdir()
-    with pytest.raises(pipeline.ReportError, match="is a directory"):
+    with pytest.raises(errors.ReportError, match="is a directory"):
         pipeline.stage_metrics_report(str(target), evaluation, fit, verdict)
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
 
@@ -239,7 +241,7 @@ def test_failure_after_registration_takes_the_version_and_its_alias_back(tiny_re
 
     def fail_to_finish(run_id, outcome, reason=""):
         if outcome == "succeeded":
-            raise registry.StoreUnreachable("the store went away after registration (injected)")
+            raise errors.StoreUnreachable("the store went away after registration (injected)")
         return end_run(run_id, outcome, reason)
 
     monkeypatch.setattr(registry, "end_run", fail_to_finish)
@@ -273,7 +275,7 @@ RACER = textwrap.dedent("""\
     # with another process: each trial starts when the test creates its go file.
     import json, sys, time
     from pathlib import Path
-    from calibflow import registry
+    from calibflow.tracking import registry
 
     repo, model_uri, sync, trials, me = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     registry.configure_tracking(repo)
@@ -326,7 +328,7 @@ def test_first_registrations_racing_in_two_processes_give_one_champion_and_each_
 
 
 def test_undo_of_a_registration_puts_back_every_alias_it_moved_even_after_a_promotion(tiny_repo, tmp_path):
-    from calibflow import promotion
+    from calibflow.lifecycle import promotion
 
     model_uri = log_untrained_model(tiny_repo, tmp_path / "model")
     first = registry.register_version(model_uri, "undo", {})
@@ -358,7 +360,7 @@ def test_undo_that_cannot_finish_says_the_version_may_still_be_registered(tiny_r
         raise ConnectionError("the store went away (injected)")
 
     monkeypatch.setattr(MlflowClient, "delete_model_version", store_gone)
-    with pytest.raises(registry.RegistrationLeftBehind) as raised:
+    with pytest.raises(errors.RegistrationLeftBehind) as raised:
         registry.undo_registration(version)
     message = str(raised.value)
     assert f"version {version.version} of stuck" in message and "may still be registered" in message

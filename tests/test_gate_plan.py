@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from calibflow.config import GatesConfig
-from calibflow.gate_plan import plan_from_thresholds, plan_sample_size, smallest_passable
-from calibflow.gates import Predictions, evaluate_gates
+from calibflow.gates.plan import plan_from_thresholds, plan_sample_size, smallest_passable
+from calibflow.gates.checks import Predictions, evaluate_gates
 
 GATES = GatesConfig(max_ece=0.03, min_accuracy=0.8, max_ece_increase=None, max_accuracy_drop=None)
 
@@ -64,7 +64,7 @@ def test_power_out_of_range_is_refused():
 
 @pytest.mark.slow
 def test_the_flow_warns_on_a_test_split_too_small_for_the_gates():
-    from calibflow.gate_plan import small_test_split_warning
+    from calibflow.gates.plan import small_test_split_warning
 
     warning = small_test_split_warning(267, 10, GatesConfig())  # the default gates, on too few images
     assert warning is not None and "267 images" in warning and "gate plan" in warning
@@ -76,7 +76,7 @@ def test_the_flow_warns_on_a_test_split_too_small_for_the_gates():
 
 @pytest.mark.slow
 def test_the_gate_power_warning_is_read_back_for_the_same_settings_and_recomputed_for_others(tmp_path, monkeypatch):
-    from calibflow import gate_plan
+    from calibflow.gates import plan as gate_plan
 
     calls = []
     compute = gate_plan._small_test_split_warning
@@ -95,7 +95,8 @@ def test_the_gate_power_warning_is_read_back_for_the_same_settings_and_recompute
 
 @pytest.mark.slow
 def test_the_gate_power_cache_key_covers_the_gate_code(tmp_path, monkeypatch):
-    from calibflow import disk_cache, gate_plan
+    from calibflow import disk_cache
+    from calibflow.gates import plan as gate_plan
 
     gate_plan.small_test_split_warning(267, 10, GatesConfig(), cache_directory=tmp_path)
     monkeypatch.setattr(disk_cache, "files_digest", lambda paths: "edited gate code")

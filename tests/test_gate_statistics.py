@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from calibflow import gate_statistics as gs
+from calibflow.gates import statistics as gs
 from calibflow.metrics import expected_calibration_error
 
 

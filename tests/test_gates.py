@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from calibflow.config import GatesConfig
-from calibflow.gates import GateInputError, Predictions, evaluate_gates
+from calibflow.gates.checks import Predictions, evaluate_gates
+from calibflow.errors import GateInputError
 
 
 def synthetic(n, gap=0.0, seed=0, k=3):

@@ -1,10 +1,10 @@
 """The library's layering, read from the source (no import is executed): calibflow/ is plain
-Python over files, MLflow lives in calibflow/registry.py, Prefect in tasks/ and flows/.
+Python over files, MLflow lives in calibflow/tracking/registry.py, Prefect in tasks/ and flows/.
 
 - Only registry.py (and the CLI, for MLflow's exception class and Prefect's API setting) names
   MLflow or Prefect in an import statement, anywhere in the file.
 - Importing any other module, except the few that are the registry's API for the CLI (REGISTRY_SIDE),
-  does not load MLflow, Prefect or calibflow.registry: the transitive closure of their module-level
+  does not load MLflow, Prefect or calibflow.tracking.registry: the transitive closure of their module-level
   imports reaches none of them. Imports inside functions run only when called, and are allowed for
   modules that choose a store on request (errors.py, reading registry's exception classes).
 """
@@ -20,22 +20,22 @@ import pytest
 from tests.conftest import REPO
 
 FRAMEWORKS = ("mlflow", "prefect")
-MAY_IMPORT_FRAMEWORKS = {"calibflow.registry", "calibflow.cli"}
+MAY_IMPORT_FRAMEWORKS = {"calibflow.tracking.registry", "calibflow.cli"}
 # Modules that read or move registered versions on the CLI's behalf: they import registry
 # (monitor and recalibrate: `calibflow monitor` / `recalibrate`, issue 14).
 REGISTRY_SIDE = {
-    "calibflow.registry",
+    "calibflow.tracking.registry",
     "calibflow.cli",
-    "calibflow.promotion",
-    "calibflow.reproduce",
-    "calibflow.served_model",
-    "calibflow.monitor",
-    "calibflow.recalibrate",
+    "calibflow.lifecycle.promotion",
+    "calibflow.lifecycle.reproduce",
+    "calibflow.tracking.served_model_code",
+    "calibflow.lifecycle.monitor",
+    "calibflow.lifecycle.recalibrate",
 }
 
 
 def _imported(node: ast.AST, package: str) -> list[str]:
-    """Module names an import statement loads (`from calibflow import registry` loads calibflow.registry)."""
+    """Module names an import statement loads (`from calibflow import registry` loads calibflow.tracking.registry)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     if isinstance(node, ast.ImportFrom):
@@ -109,12 +109,14 @@ def test_importing_the_library_loads_neither_mlflow_prefect_nor_the_registry(mod
     _, on_import = import_graph(REPO / "calibflow")
     loaded = loads_on_import(module, on_import)
     assert _frameworks(loaded) == set()
-    assert "calibflow.registry" not in loaded
+    assert "calibflow.tracking.registry" not in loaded
 
 
 def test_the_pipeline_hands_the_gates_ready_predictions_and_never_reads_the_champion():
     _, on_import = import_graph(REPO / "calibflow")
-    assert not {"calibflow.promotion", "calibflow.reproduce"} & loads_on_import("calibflow.pipeline", on_import)
+    assert not {"calibflow.lifecycle.promotion", "calibflow.lifecycle.reproduce"} & loads_on_import(
+        "calibflow.pipeline", on_import
+    )
 
 
 def test_the_scan_sees_an_import_through_another_module_and_ignores_one_inside_a_function(tmp_path):

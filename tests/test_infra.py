@@ -453,7 +453,7 @@ def test_the_schema_check_catches_a_misspelled_field_and_a_wrong_type():
 
 def test_ddp_followers_join_the_rendezvous_of_the_pod_that_runs_the_flow():
     from calibflow.config import DEFAULT_RENDEZVOUS_PORT, TrainConfig
-    from calibflow.distributed import launcher_args
+    from calibflow.training.distributed import launcher_args
 
     objects = {(d["kind"], d["metadata"]["name"]): d for _, d in _all_k8s_objects()}
     settings = objects[("ConfigMap", "calibflow-ddp")]["data"]
@@ -469,13 +469,13 @@ def test_ddp_followers_join_the_rendezvous_of_the_pod_that_runs_the_flow():
     port = int(settings["MASTER_PORT"])
     assert port == DEFAULT_RENDEZVOUS_PORT == service["spec"]["ports"][0]["port"]
     assert port in {p["containerPort"] for p in _containers(worker)[0]["ports"]}
-    # one follower per node after node 0, each running what calibflow.distributed.launcher_args gives
+    # one follower per node after node 0, each running what calibflow.training.distributed.launcher_args gives
     assert followers["spec"]["replicas"] == int(settings["NNODES"]) - 1
     script = _containers(followers)[0]["args"][0]
     config = TrainConfig(distributed="ddp", nnodes=2, rendezvous=f"host:{port}")
     for flag in launcher_args(config, 1, node_rank=0):
         assert flag.split("=")[0] + "=" in script, flag
-    assert "-m calibflow.distributed" in script and "NODE_RANK=$((POD_INDEX + 1))" in script
+    assert "-m calibflow.training.distributed" in script and "NODE_RANK=$((POD_INDEX + 1))" in script
     env = {e["name"]: e for e in _containers(followers)[0]["env"]}
     assert "apps.kubernetes.io/pod-index" in env["POD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     # the ddp kustomization lists exactly its files

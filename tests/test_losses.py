@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibflow.losses import (
+from calibflow.training.losses import (
     BatchMixer,
     confidence_penalty_loss,
     focal_loss,

@@ -1,4 +1,4 @@
-"""calibflow.manifest: ImageFolder listing, per-file decoding facts, fingerprint, CSV round-trip."""
+"""calibflow.data.manifest: ImageFolder listing, per-file decoding facts, fingerprint, CSV round-trip."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from calibflow.manifest import (
+from calibflow.data.manifest import (
     IMAGE_SUFFIXES,
     MANIFEST_COLUMNS,
-    ManifestError,
     build_manifest,
     class_counts,
     list_classes,
@@ -23,6 +22,7 @@ from calibflow.manifest import (
     manifest_fingerprint,
     save_manifest,
 )
+from calibflow.errors import ManifestError
 
 CLASSES = ("0", "1", "2")
 PER_CLASS = 12

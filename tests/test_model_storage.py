@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
 from calibflow.pipeline import load_calibrator
 from tests.conftest import untrained_model
@@ -146,8 +146,8 @@ def test_registered_version_stores_no_pickle_and_records_its_digest_and_classes(
     run_dir = repo / ".calibflow" / "runs" / version.run_id
     with np.load(run_dir / "logits_test.npz") as saved:
         logits, rows = saved["logits"], saved["indices"]
-    from calibflow.manifest import load_manifest
-    from calibflow.reproduce import predict_rows
+    from calibflow.data.manifest import load_manifest
+    from calibflow.lifecycle.reproduce import predict_rows
 
     manifest = load_manifest(run_dir / "manifest.csv")
     model = registry.load_model(f"models:/{MODEL}/1")
@@ -245,6 +245,6 @@ def test_a_stored_model_pinned_to_other_versions_is_named_in_a_warning_when_load
     (local / "requirements.txt").write_text(pins.replace("numpy==", "numpy==0.0.1+").replace("mlflow==", "mlflow==0."))
     mismatches = registry.requirement_mismatches(local)
     assert len(mismatches) == 2 and any(m.startswith("numpy==0.0.1") and "(here " in m for m in mismatches)
-    with caplog.at_level("WARNING", logger="calibflow.registry"):
+    with caplog.at_level("WARNING", logger="calibflow.tracking.registry"):
         registry.warn_requirement_mismatches(local)
     assert "numpy==0.0.1" in caplog.text and "predictions may differ" in caplog.text

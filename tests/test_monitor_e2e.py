@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
 from tests.conftest import dvc, run
 
@@ -140,7 +140,8 @@ def test_monitor_refuses_data_it_cannot_read_with_exit_2(tiny_repo, capsys, prob
 
 
 def test_monitor_runs_as_a_prefect_flow_and_deploys_on_its_own_cron(tiny_repo):
-    from calibflow.config import ConfigError, load_config
+    from calibflow.config import load_config
+    from calibflow.errors import ConfigError
     from flows.deployment import build_monitor_deployment
     from flows.monitor import monitor_model
 

@@ -1,4 +1,4 @@
-"""Tests for calibflow.plots: each figure is written as a real, non-blank PNG of sensible size."""
+"""Tests for calibflow.evaluation.plots: each figure is written as a real, non-blank PNG of sensible size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from calibflow.metrics import ReliabilityBins, calibrated_probabilities, reliability_bins, top_label
-from calibflow.plots import (
+from calibflow.evaluation.plots import (
     binary_score_distributions,
     class_confidence_histograms,
     confidence_histogram,
@@ -122,7 +122,7 @@ def test_binary_score_distributions(tmp_path: Path) -> None:
 
 
 def test_best_accuracy_threshold() -> None:
-    from calibflow.plots import _best_accuracy_threshold
+    from calibflow.evaluation.plots import _best_accuracy_threshold
 
     score = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
     positive = np.array([False, False, True, False, True, True])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
-from calibflow.promotion import AUDIT_EXPERIMENT
+from calibflow.lifecycle.promotion import AUDIT_EXPERIMENT
 from tests.conftest import dvc, run
 
 pytestmark = pytest.mark.e2e
@@ -234,7 +234,7 @@ def test_two_racing_promotions_leave_one_champion_and_a_clear_failure(repo):
 
 
 def test_registry_error_midway_leaves_the_aliases_as_they_were(repo, monkeypatch):
-    from calibflow import promotion
+    from calibflow.lifecycle import promotion
 
     before = aliases(repo)
     calls = []
@@ -260,7 +260,10 @@ def test_served_model_class_satisfies_mlflow_type_hint_check() -> None:
     # (np.ndarray) must not make it infer a signature either: the logged one is built from a real
     # prediction. A fresh interpreter, because the warning fires once, at import.
     result = subprocess.run(
-        [sys.executable, "-W", "always", "-c", "import calibflow.registry"], capture_output=True, text=True, check=True
+        [sys.executable, "-W", "always", "-c", "import calibflow.tracking.registry"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "Add type hints to the `predict` method" not in result.stderr, result.stderr
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
 from tests.test_monitor_e2e import add_folder, unseen_digits
 

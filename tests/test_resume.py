@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from calibflow.config import TrainConfig
-from calibflow.resume import CheckpointError, EpochCheckpoints
-from calibflow.training import train_classifier
+from calibflow.training.resume import EpochCheckpoints
+from calibflow.errors import CheckpointError
+from calibflow.training.loop import train_classifier
 from tests.test_training import SPEC, blobs
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from calibflow import registry
-from calibflow.models import load_checkpoint
-from calibflow.resume import checkpoint_root
+from calibflow.tracking import registry
+from calibflow.training.models import load_checkpoint
+from calibflow.training.resume import checkpoint_root
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibflow import names, pipeline
-from calibflow.gates import GateCheck, GateVerdict
+from calibflow import pipeline
+from calibflow.tracking import names
+from calibflow.gates.checks import GateCheck, GateVerdict
 
 BEFORE = {"accuracy": 0.9888, "nll": 0.0410, "brier": 0.0170, "ece": 0.0120, "mce": 0.31}
 AFTER = {"accuracy": 0.9888, "nll": 0.0432, "brier": 0.0171, "ece": 0.0123, "mce": 0.30}
@@ -104,7 +105,7 @@ def test_versions_registered_under_the_old_tag_names_still_read():
 
 
 def test_shift_and_ood_metrics_are_grouped_under_their_prefix():
-    from calibflow.shift import Suite, SuiteResult
+    from calibflow.evaluation.shift import Suite, SuiteResult
 
     suite = Suite(corruptions=("contrast",), severities=(5,), max_images=4, seed=0)
     cell = {"before": {"accuracy": 0.5, "ece": 0.2, "nll": 1.0}, "after": {"accuracy": 0.5, "ece": 0.1, "nll": 0.9}}
@@ -117,7 +118,7 @@ def test_the_reliability_diagram_marks_sparse_bins(tmp_path, monkeypatch):
     """259 of 267 images in the top bin (the default run): the other bins are named sparse."""
     import matplotlib.pyplot as plt
 
-    from calibflow import plots
+    from calibflow.evaluation import plots
     from calibflow.metrics import reliability_bins
 
     rng = np.random.default_rng(0)
@@ -178,7 +179,7 @@ def test_run_page_in_a_browser(tmp_path, monkeypatch):
     the charts by prefix."""
     import html
 
-    from calibflow import registry
+    from calibflow.tracking import registry
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = registry.configure_tracking(tmp_path)

@@ -38,7 +38,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from calibflow import leftovers
+from calibflow.tracking import leftovers
 from calibflow.config import load_config
 from calibflow.environment import STORE_PATIENCE_DEFAULTS
 from tests.conftest import make_repo, run
@@ -404,7 +404,7 @@ def test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retra
 DRIVER = textwrap.dedent("""\
     # `calibflow run` in this process, with the MLflow server stopped right before registration.
     import json, os, signal, sys, time, urllib.request
-    from calibflow import registry
+    from calibflow.tracking import registry
 
     calls = {"log_calibrated_model": 0, "register_version": 0}
     log_calibrated_model, register_version = registry.log_calibrated_model, registry.register_version
@@ -551,7 +551,7 @@ def server_records(repo: Path) -> list[dict]:
 
 @pytest.mark.timeout(300)
 def test_killed_run_leaves_a_server_and_a_running_run_that_the_next_run_ends(tiny_repo, tmp_path, monkeypatch):
-    from calibflow import registry
+    from calibflow.tracking import registry
     from calibflow.cli import main as calibflow
 
     log = tmp_path / "killed-run.log"

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from calibflow import corruptions, shift
-from calibflow.config import CORRUPTION_NAMES, ConfigError, GatesConfig, load_config
-from calibflow.gate_statistics import fpr_at_tpr_upper_bound
-from calibflow.gates import GateInputError, OODScores, Predictions, evaluate_gates
-from calibflow.ood import detection_metrics, energy, ood_scores
+from calibflow.evaluation import corruptions
+from calibflow.evaluation import shift
+from calibflow.config import CORRUPTION_NAMES, GatesConfig, load_config
+from calibflow.errors import ConfigError
+from calibflow.gates.statistics import fpr_at_tpr_upper_bound
+from calibflow.gates.checks import OODScores, Predictions, evaluate_gates
+from calibflow.errors import GateInputError
+from calibflow.evaluation.ood import detection_metrics, energy, ood_scores
 
 GRAY = (np.random.default_rng(1).random((6, 8, 8, 1)) * 255).astype(np.uint8)
 RGB = (np.random.default_rng(2).random((6, 32, 32, 3)) * 255).astype(np.uint8)
@@ -357,7 +360,7 @@ def test_ood_gate_passes_a_separable_model_and_fails_one_that_is_not():
 def test_outlier_exposure_loss_is_cross_entropy_to_uniform():
     import torch
 
-    from calibflow.losses import outlier_exposure_loss
+    from calibflow.training.losses import outlier_exposure_loss
 
     # minimum log K, at a uniform softmax
     assert float(outlier_exposure_loss(torch.zeros(4, 10))) == pytest.approx(np.log(10), abs=1e-6)
@@ -374,8 +377,8 @@ def test_outlier_exposure_lowers_confidence_on_outliers_and_keeps_accuracy():
     import torch
 
     from calibflow.config import TrainConfig
-    from calibflow.models import ModelSpec
-    from calibflow.training import collect_logits, train_classifier
+    from calibflow.training.models import ModelSpec
+    from calibflow.training.loop import collect_logits, train_classifier
     from tests.test_training import blobs
 
     x, y = blobs(classes=4, n_per_class=60)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.cli import main as calibflow
 from tests.conftest import dvc, run
 
@@ -29,7 +29,7 @@ def client_of(repo: Path) -> MlflowClient:
 
 def add_ood_folder(repo: Path, name: str = "ood", flat: bool = True, classes=(5, 6, 7, 8, 9)) -> str:
     """Digits of classes the tiny repo lacks (5-9), flat or as an ImageFolder, tracked by DVC."""
-    from calibflow.prepare import write_digits
+    from calibflow.data.prepare import write_digits
 
     folder = repo / "data" / name
     write_digits(folder, classes=tuple(classes), per_class=12)
@@ -109,8 +109,8 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
     script = textwrap.dedent(f"""
         import json, sys
         import numpy as np
-        from calibflow import registry
-        from calibflow.images import decode_image
+        from calibflow.tracking import registry
+        from calibflow.data.images import decode_image
         registry.configure_tracking({str(tiny_repo)!r})
         model = registry.load_model("models:/{MODEL}@champion")
         files = sorted(__import__("pathlib").Path({str(tiny_repo / ood_path)!r}).glob("*.png"))[:4]
@@ -142,7 +142,7 @@ def make_bad_ood(repo: Path, problem: str) -> str:
         for source in sorted((repo / "data" / "tiny" / "2").glob("*.png"))[:3]:
             shutil.copy(source, folder / f"copy_{source.name}")
     if problem == "not tracked":
-        from calibflow.prepare import write_digits
+        from calibflow.data.prepare import write_digits
 
         write_digits(folder, classes=(7,), per_class=5)
         return "data/ood"
@@ -325,7 +325,7 @@ def test_outlier_exposure_trains_on_its_folder_and_never_on_the_ood_one(tiny_rep
 def add_lookalike_folder(repo: Path) -> str:
     """Digits of the classes the model was trained on (0-4) that are not images of data/tiny:
     in-distribution images filed as OOD, which no score can separate (FPR95 near 0.95)."""
-    from calibflow.prepare import write_digits
+    from calibflow.data.prepare import write_digits
 
     folder = repo / "data" / "lookalike"
     write_digits(folder, classes=(0, 1, 2, 3, 4))

@@ -1,4 +1,4 @@
-"""Tests for calibflow.temperature.fit_temperature: recovery of a known T, agreement with a scipy
+"""Tests for calibflow.calibrators.temperature.fit_temperature: recovery of a known T, agreement with a scipy
 reference fit and with scikit-learn's and netcal's temperature scaling, and the error paths.
 
 Every test runs twice (the autouse ``solver`` fixture): once with the warm-started Halley solve that
@@ -16,8 +16,9 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from calibflow import temperature as C
-from calibflow.temperature import CalibrationError, TemperatureFit, fit_temperature
+from calibflow.calibrators import temperature as C
+from calibflow.calibrators.temperature import TemperatureFit, fit_temperature
+from calibflow.errors import CalibrationError
 from calibflow.metrics import negative_log_likelihood
 
 

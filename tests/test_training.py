@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from calibflow.config import TrainConfig
-from calibflow.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from calibflow.training.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 import dataclasses
 
-from calibflow.training import (
+from calibflow.training.loop import (
     Runtime,
     collect_logits,
     intra_op_threads,
@@ -162,7 +162,7 @@ def test_served_model_loads_the_temperature_only_calibration_state_of_older_vers
     import json
 
     from calibflow.metrics import calibrated_probabilities
-    from calibflow.registry import CalibratedImageClassifier, write_model_files
+    from calibflow.tracking.registry import CalibratedImageClassifier, write_model_files
 
     x, y = blobs()
     model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)

@@ -1,4 +1,4 @@
-"""calibflow.validation: the seven GX checks, each failing alone when its fault is injected."""
+"""calibflow.data.validation: the seven GX checks, each failing alone when its fault is injected."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibflow.manifest import build_manifest, list_classes
-from calibflow.validation import (
-    DataValidationError,
-    FailedExpectation,
-    ValidationReport,
-    validate_manifest,
-)
+from calibflow.data.manifest import build_manifest, list_classes
+from calibflow.data.validation import FailedExpectation, ValidationReport, validate_manifest
+from calibflow.errors import DataValidationError
 from tests.test_manifest import png_bytes
 
 CLASSES = ("0", "1", "2")

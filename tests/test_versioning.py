@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from calibflow.versioning import DataVersionError, resolve_data, resolve_recorded_data
+from calibflow.data.versioning import resolve_data, resolve_recorded_data
+from calibflow.errors import DataVersionError
 from tests.conftest import dvc, run
+from calibflow import errors
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_bytes_swapped_in_place_with_size_and_mtime_kept_are_refused(tiny_repo_t
 def test_a_dvc_state_database_locked_by_another_process_is_waited_for_not_reported(monkeypatch):
     import sqlite3
 
-    from calibflow import versioning
+    from calibflow.data import versioning
 
     calls = []
 
@@ -131,10 +133,10 @@ def test_a_dvc_state_database_locked_by_another_process_is_waited_for_not_report
 
     def other_error(*args):
         calls.append(args)
-        raise versioning.DataVersionError("not tracked by DVC")
+        raise errors.DataVersionError("not tracked by DVC")
 
     calls.clear()
     monkeypatch.setattr(versioning, "_resolve_data", other_error)
-    with pytest.raises(versioning.DataVersionError):
+    with pytest.raises(errors.DataVersionError):
         versioning.resolve_data("repo", "data/x")
     assert len(calls) == 1  # anything else is not retried

@@ -10,7 +10,7 @@ Every calibrator maps a model's logits ``(N, K)`` to calibrated probabilities:
 
 Methods (``CALIBRATION_METHODS``):
 
-* ``temperature`` -- ``softmax(z / T)`` via :func:`calibflow.temperature.fit_temperature` (Guo et al. 2017)
+* ``temperature`` -- ``softmax(z / T)`` via :func:`calibflow.calibrators.temperature.fit_temperature` (Guo et al. 2017)
 * ``vector``      -- ``softmax(w * z + b)``, per-class scale and bias (Guo et al. 2017)
 * ``matrix``      -- ``softmax(W z + b)`` with off-diagonal and intercept L2, ODIR (Kull et al. 2019)
 * ``histogram``   -- one-vs-rest histogram binning of ``softmax(z)``, renormalised (Zadrozny & Elkan 2001)
@@ -30,7 +30,7 @@ loaded 2-core box. Where that happens, call them under ``torch.set_num_threads(1
 the thread count is process-wide state that belongs to the caller).
 
 Errors: bad calibration data (empty, shape mismatch, labels out of range, non-finite logits) and a
-solver that does not converge raise :class:`calibflow.temperature.CalibrationError`; asking for an
+solver that does not converge raise :class:`calibflow.errors.CalibrationError`; asking for an
 unknown method, a binary-only method with K > 2, or transforming logits with the wrong number of
 classes raises ``ValueError``.
 """

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from calibflow.metrics import ArrayLike
-from calibflow.temperature import CalibrationError, _validated, fit_temperature
+from calibflow.calibrators.temperature import _validated, fit_temperature
+from calibflow.errors import CalibrationError
 
 # --------------------------------------------------------------------------------------------
 # Inputs

@@ -12,7 +12,7 @@ from calibflow.calibrators.inputs import _initial_temperature
 from calibflow.calibrators.solver import _minimise, _softmax_nll_grad
 from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.metrics import ArrayLike, calibrated_probabilities
-from calibflow.temperature import fit_temperature
+from calibflow.calibrators.temperature import fit_temperature
 
 # --------------------------------------------------------------------------------------------
 # Temperature, vector and matrix scaling
@@ -23,7 +23,7 @@ class TemperatureCalibrator(Calibrator):
     """Temperature scaling, ``q = softmax(z / T)`` (Guo et al. 2017, "On Calibration of Modern Neural
     Networks", section 4.2).
 
-    A thin wrapper of :func:`calibflow.temperature.fit_temperature` (exact safeguarded-Newton solve
+    A thin wrapper of :func:`calibflow.calibrators.temperature.fit_temperature` (exact safeguarded-Newton solve
     of the 1-D convex NLL in log T), so T, the search range and every error are the pipeline's own.
     """
 

@@ -15,7 +15,7 @@ from calibflow.calibrators.inputs import _check_binary, _fit_inputs
 from calibflow.calibrators.nonparametric import HistogramBinningCalibrator, IsotonicCalibrator
 from calibflow.calibrators.scaling import MatrixScalingCalibrator, TemperatureCalibrator, VectorScalingCalibrator
 from calibflow.metrics import ArrayLike, expected_calibration_error, probability_nll
-from calibflow.temperature import CalibrationError
+from calibflow.errors import CalibrationError
 
 # --------------------------------------------------------------------------------------------
 # Registry, state, selection

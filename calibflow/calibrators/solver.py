@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from calibflow.temperature import CalibrationError
+from calibflow.errors import CalibrationError
 
 # --------------------------------------------------------------------------------------------
 # Solver

@@ -16,12 +16,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from calibflow.errors import DataVersionError
 
 WORKSPACE = "workspace"
-
-
-class DataVersionError(RuntimeError):
-    """The dataset cannot be pinned to a DVC version; the message says how to fix that."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,16 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from calibflow.disk_cache import file_sha256
-from calibflow.names import CALIBRATED, TEMPERATURE, on_test, version_tag
+from calibflow.tracking.names import CALIBRATED, TEMPERATURE, on_test, version_tag
+from calibflow.errors import (
+    ModelArtifactsChanged,
+    PromotionConflict,
+    RegistrationLeftBehind,
+    StoreUnreachable,
+    UnverifiedModel,
+    one_line,
+    unreachable,
+)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -60,26 +69,6 @@ def client() -> MlflowClient:
     return _AnsweringClient(MlflowClient())  # type: ignore[return-value]  # same methods
 
 
-class StoreUnreachable(MlflowException):
-    """The tracking server did not answer within MLflow's HTTP retries (bounded by
-    calibflow.environment.STORE_PATIENCE_DEFAULTS). Already retried: retrying again only waits longer."""
-
-
-def unreachable(error: BaseException) -> bool:
-    """True when `error` (or what it was raised from) is a connection failure, a timeout or a
-    server that kept failing through MLflow's HTTP retries, not an answer."""
-    import requests
-
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(
-            seen, (StoreUnreachable, requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 @contextmanager
 def store_wait():
     """Turn a tracking server that did not answer the calls in this block into StoreUnreachable,
@@ -88,7 +77,7 @@ def store_wait():
     try:
         yield
     except MlflowException as error:
-        if isinstance(error, StoreUnreachable) or not unreachable(error):
+        if not unreachable(error):
             raise
         waited = time.monotonic() - started
         settings = ", ".join(
@@ -282,29 +271,20 @@ def download_run_artifact(run_id: str, artifact_path: str, destination: str | Pa
 #
 # Stored so that loading it unpickles nothing: the network's weights are a state dict read with
 # torch.load(weights_only=True), its shape, classes and calibrator are JSON, and the pyfunc is
-# built by running calibflow/served_model.py (MLflow's models-from-code) rather than by
+# built by running calibflow/tracking/served_model_code.py (MLflow's models-from-code) rather than by
 # unpickling a python_model.pkl. Every file of the stored model is hashed at registration
 # (DIGEST_TAG), and load_model checks a downloaded copy against that hash before MLflow reads
 # any of it; infra/TRUST.md says what that protects against.
 
-SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model_code.py")
 DIGEST_TAG = "artifacts_sha256"
 CLASSES_TAG = "classes"  # JSON list of the class folder names, in the order of the output columns
-
-
-class UnverifiedModel(LookupError):
-    """A registered version calibflow will not load: it has no recorded digest (registered before
-    calibflow stored models safely), or its stored files no longer match it."""
-
-
-class ModelArtifactsChanged(UnverifiedModel):
-    """The files of a registered version differ from those hashed when it was registered."""
 
 
 # What the served model returns, chosen with MLflow's inference params ({"output": ...}), declared
 # in its signature. The default stays the probabilities, so clients written before decisions
 # existed read the same array; the decision columns are docs/decisions.md's schema, versioned by
-# calibflow.decisions.DECISION_SCHEMA_VERSION.
+# calibflow.gates.decisions.DECISION_SCHEMA_VERSION.
 OUTPUT_PARAM = "output"
 OUTPUTS = ("probabilities", "decisions", "ood")
 
@@ -313,12 +293,12 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc: a batch of uint8 images (N, H, W, C) in. Out, by default: calibrated class
     probabilities (N, K), float64, the network's fp32 logits through the fitted calibrator
     (softmax(logits / T) for temperature scaling; an ensemble's or MC dropout's mean of calibrated
-    probabilities, calibflow.ensembles); column k is the class `classes[k]`. With
+    probabilities, calibflow.training.ensembles); column k is the class `classes[k]`. With
     params={"output": "decisions"}: a DataFrame, one row per image, of the fitted decision
     policy's answers (label, confidence, and abstained / positive / prediction_set when those
     rules are fitted) beside one column per class probability. With params={"output": "ood"}: a
     DataFrame of the out-of-distribution scores, `msp` (the top calibrated probability) and
-    `energy` (-T logsumexp(z / T), lower = more in-distribution; calibflow.ood), beside the
+    `energy` (-T logsumexp(z / T), lower = more in-distribution; calibflow.evaluation.ood), beside the
     class probabilities."""
 
     def load_context(self, context) -> None:
@@ -327,9 +307,9 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     def load(self, artifacts: Mapping[str, str]) -> None:
         import torch
 
-        from calibflow.decisions import DecisionPolicy
-        from calibflow.ensembles import model_calibrator_from_state
-        from calibflow.models import ModelSpec, build_model
+        from calibflow.gates.decisions import DecisionPolicy
+        from calibflow.training.ensembles import model_calibrator_from_state
+        from calibflow.training.models import ModelSpec, build_model
 
         network = json.loads(Path(artifacts["network"]).read_text())
         spec = ModelSpec(**network["spec"])
@@ -365,7 +345,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         """The network's logits (N, K), or (N, M, K) for an ensemble; None for an empty batch."""
         import torch
 
-        from calibflow.ensembles import predictive_logits
+        from calibflow.training.ensembles import predictive_logits
 
         images = np.asarray(images, dtype=np.uint8)
         if images.ndim != 4:
@@ -396,7 +376,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     def ood(self, images: np.ndarray):
         import pandas as pd
 
-        from calibflow.ood import ood_scores
+        from calibflow.evaluation.ood import ood_scores
 
         logits = self.logits(images)
         if logits is None:
@@ -423,7 +403,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
 
 
 def declare_served_model() -> None:
-    """Called by calibflow/served_model.py when MLflow runs it to build the pyfunc."""
+    """Called by calibflow/tracking/served_model_code.py when MLflow runs it to build the pyfunc."""
     mlflow.models.set_model(CalibratedImageClassifier())
 
 
@@ -434,10 +414,10 @@ def write_model_files(
     decisions_path: str | Path | None = None,
 ) -> dict[str, str]:
     """The served model's files, from a training checkpoint, a fitted calibrator and the decision
-    policy (calibflow.decisions; none: the label only): name -> path."""
+    policy (calibflow.gates.decisions; none: the label only): name -> path."""
     import torch
 
-    from calibflow.models import load_checkpoint
+    from calibflow.training.models import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
     out = Path(out_dir)
@@ -596,11 +576,6 @@ def register_version(model_uri: str, model_name: str, tags: Mapping[str, Any]) -
     return RegisteredVersion(model_name, number, alias, f"models:/{model_name}@{alias}", replaced=before.get(alias))
 
 
-class RegistrationLeftBehind(RuntimeError):
-    """A run failed after registering a version, and taking that version back failed too: the
-    message names the version and its aliases, and how to remove it."""
-
-
 def _delete_version(model_name: str, version: str, cause: BaseException) -> None:
     try:
         client().delete_model_version(model_name, version)
@@ -657,9 +632,9 @@ def resolve_model_uri(model_uri: str) -> VersionRecord:
         else:
             name, number = rest.rsplit("/", 1)
             version = c.get_model_version(name, number)
-    except MlflowException as error:
+    except (MlflowException, StoreUnreachable) as error:
         raise LookupError(
-            f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {error.message}"
+            f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {one_line(error)}"
         ) from error
     return VersionRecord(
         name=version.name, version=str(version.version), run_id=version.run_id, tags=dict(version.tags)
@@ -742,10 +717,6 @@ PREVIOUS_CHAMPION = "previous-champion"
 LOCK_SUFFIX = "--promotion-lock"
 
 
-class PromotionConflict(RuntimeError):
-    """Another promotion holds the lock, or the champion moved since the gate ran."""
-
-
 @contextmanager
 def promotion_lock(model_name: str, holder: str, wait_s: float = 30.0, stale_after_s: float = 900.0):
     """Exclusive lock on a model's aliases, made of the registry's own uniqueness rule: creating a
@@ -786,14 +757,14 @@ def promotion_lock(model_name: str, holder: str, wait_s: float = 30.0, stale_aft
 def _lock_info(lock_name: str) -> dict[str, str] | None:
     try:
         return dict(client().get_registered_model(lock_name).tags)
-    except MlflowException:
+    except (MlflowException, StoreUnreachable):
         return None
 
 
 def _delete_quietly(lock_name: str) -> None:
     try:
         client().delete_registered_model(lock_name)
-    except MlflowException:
+    except (MlflowException, StoreUnreachable):
         pass
 
 
@@ -825,7 +796,7 @@ def _restore_aliases(model_name: str, before: Mapping[str, str], touched: Mappin
                 c.set_registered_model_alias(model_name, alias, before[alias])
             else:
                 c.delete_registered_model_alias(model_name, alias)
-        except MlflowException:
+        except (MlflowException, StoreUnreachable):
             pass  # never set in the first place
 
 
@@ -902,10 +873,10 @@ def log_audit_run(experiment: str, run_name: str, tags: Mapping[str, Any], repor
     return run_id
 
 
-# What `calibflow status` shows: here beside the registry rather than in calibflow.promotion,
+# What `calibflow status` shows: here beside the registry rather than in calibflow.lifecycle.promotion,
 # which imports torch and scipy for the gates; a status needs only the registry (under 2 s cold).
-# The calibrated test ECE, accuracy and T under short column names, read with calibflow.names.version_tag
-# so that versions registered before calibflow.names (tags ece_post, accuracy, temperature) show too.
+# The calibrated test ECE, accuracy and T under short column names, read with calibflow.tracking.names.version_tag
+# so that versions registered before calibflow.tracking.names (tags ece_post, accuracy, temperature) show too.
 STATUS_TAGS = {
     "ece": on_test(CALIBRATED, "ece"),
     "accuracy": on_test(CALIBRATED, "accuracy"),

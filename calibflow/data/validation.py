@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+from calibflow.errors import DataValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +99,6 @@ class ValidationReport:
             *(f" - {failure.describe()}" for failure in self.failures),
         ]
         return "\n".join(lines)
-
-
-class DataValidationError(ValueError):
-    """The data failed validation; `.report` holds the full ValidationReport."""
-
-    def __init__(self, report: ValidationReport) -> None:
-        super().__init__(report.summary())
-        self.report = report
 
 
 def _check_names(min_per_class: int, allowed_sizes: Sequence[str], allowed_modes: Sequence[str]):

@@ -7,13 +7,13 @@ registration, within `monitor.max_accuracy_drop` and `monitor.max_ece_increase`:
 - exit 3, **accuracy drifted** (retrain): the upper bound of accuracy is below the recorded
   accuracy minus the tolerance;
 - exit 1, **calibration drifted** (recalibrate): the lower bound of the calibration error is above
-  the recorded error plus the tolerance (calibflow.gate_statistics.calibration_error_lower_bound);
+  the recorded error plus the tolerance (calibflow.gates.statistics.calibration_error_lower_bound);
 - exit 0, **fine**: the lower bound of accuracy and the upper bound of the error are both within
   their tolerances;
 - exit 2, **undecided**: neither is shown (too few images to tell), or the data cannot be read.
 
 Without labels (a flat folder of images), accuracy is estimated from calibrated confidence
-(calibflow.accuracy_estimation: CBPE and ATC, its threshold fitted on the version's own test
+(calibflow.evaluation.accuracy_estimation: CBPE and ATC, its threshold fitted on the version's own test
 split) and the confidence distribution is compared with the test split's (Kolmogorov-Smirnov).
 Estimates certify nothing, so: exit 3 when both estimates' intervals lie below the recorded
 accuracy minus the tolerance, exit 0 when both reach it and the confidence has not drifted, exit 2
@@ -30,21 +30,22 @@ from pathlib import Path
 
 import numpy as np
 
-from calibflow import registry
-from calibflow.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
+from calibflow.tracking import registry
+from calibflow.evaluation.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
 from calibflow.config import Config
-from calibflow.gate_statistics import (
+from calibflow.gates.statistics import (
     EqualWidthBins,
     calibration_error_lower_bound,
     calibration_error_upper_bound,
     clopper_pearson_lower,
     clopper_pearson_upper,
 )
-from calibflow.images import load_images
-from calibflow.manifest import is_image_file
-from calibflow.names import CALIBRATED, on_test, version_tag
-from calibflow.reproduce import decode_rows, predict_in_batches, rebuild_test_split, served_classes
-from calibflow.versioning import resolve_data
+from calibflow.data.images import load_images
+from calibflow.data.manifest import is_image_file
+from calibflow.tracking.names import CALIBRATED, on_test, version_tag
+from calibflow.lifecycle.reproduce import decode_rows, predict_in_batches, rebuild_test_split, served_classes
+from calibflow.data.versioning import resolve_data
+from calibflow.errors import MonitorDataError
 
 MONITOR_EXPERIMENT = "calibflow-monitoring"
 EXIT_FINE, EXIT_RECALIBRATE, EXIT_UNDECIDED, EXIT_RETRAIN = 0, 1, 2, 3
@@ -54,10 +55,6 @@ VERDICTS = {
     EXIT_UNDECIDED: "undecided",
     EXIT_RETRAIN: "accuracy drifted: retrain",
 }
-
-
-class MonitorDataError(ValueError):
-    """The monitoring folder cannot be read as new images for this model; the message says why."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The corruption suite: the calibrated model on corrupted copies of the test split.
 
-A suite is `shift.corruptions` x `shift.severities` (calibflow.corruptions), each a cell, on the
+A suite is `shift.corruptions` x `shift.severities` (calibflow.evaluation.corruptions), each a cell, on the
 first `shift.max_images` test images. The corrupted images and the network's logits on them are
 cached by content under `.calibflow/cache/shift/` (the images by the test images' bytes, the cell
 and the seed; the logits also by the checkpoint's bytes), so a rerun on the same data and weights
@@ -19,9 +19,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from calibflow.corruptions import CORRUPTION_VERSION, corrupt_batch
+from calibflow.evaluation.corruptions import CORRUPTION_VERSION, corrupt_batch
 from calibflow.disk_cache import cached_array
-from calibflow.names import CALIBRATED, UNCALIBRATED, shift_metric
+from calibflow.tracking.names import CALIBRATED, UNCALIBRATED, shift_metric
 from calibflow.progress import progress_bar
 
 SUITE_TAG = "shift_suite"  # the registered version's suite (JSON), for `calibflow evaluate` and `calibflow gate`
@@ -143,7 +143,7 @@ class SuiteResult:
         }
 
     def flat_metrics(self) -> dict[str, float]:
-        """MLflow metric names (calibflow.names): shift/<stage>/<corruption>_s<severity>_<metric> and
+        """MLflow metric names (calibflow.tracking.names): shift/<stage>/<corruption>_s<severity>_<metric> and
         shift/<stage>/mean_<metric>, stage uncalibrated or calibrated."""
         stage = {"before": UNCALIBRATED, "after": CALIBRATED}
         flat = {

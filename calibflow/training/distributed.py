@@ -5,7 +5,7 @@ writes what training reads (the train and val images, the model spec, `train:`, 
 file, starts `torchrun` (`python -m torch.distributed.run`, the same interpreter) with
 `train.nproc` processes on this node, and waits. Rank 0 reads the file and hands it to the other
 ranks over the process group, so the processes of other nodes need no shared disk; every process
-runs calibflow.training's one loop, which under a process group trains through DDP on its share
+runs calibflow.training.loop's one loop, which under a process group trains through DDP on its share
 of each global batch (`train.batch_size` is the global batch, whatever the number of processes)
 and scores its share of the val split. Rank 0 alone checkpoints and writes: each epoch's
 statistics to `epochs.jsonl` (the flow logs them to MLflow as they come) and the final weights to
@@ -17,7 +17,7 @@ rank 0 decides and the others read its choice from torchrun's store. Several nod
 (`train.nnodes` > 1): this node is node 0 and serves the rendezvous at `train.rendezvous`
 (HOST:PORT, an address the other nodes reach, e.g. a Kubernetes headless Service); each other
 node runs `torchrun --nnodes N --node-rank K --master-addr HOST --master-port PORT -m
-calibflow.distributed` (`follower_command` prints it; infra/k8s/ddp runs it in a StatefulSet, one
+calibflow.training.distributed` (`follower_command` prints it; infra/k8s/ddp runs it in a StatefulSet, one
 pod per node). Every process checks it runs node 0's training code and that the processes add up
 to what node 0 planned. The training processes die with the flow's process (PR_SET_PDEATHSIG).
 """
@@ -37,20 +37,18 @@ from typing import Callable
 
 import torch
 
-from calibflow.config import ConfigError, TrainConfig, rendezvous_address
-from calibflow.models import ImageClassifier, ModelSpec, build_model
-from calibflow.resume import EpochCheckpoints, training_code_digest
-from calibflow.training import EpochStats, ProcessGroup, Runtime, resolve_runtime, train_classifier
+from calibflow.config import TrainConfig, rendezvous_address
+from calibflow.errors import ConfigError
+from calibflow.training.models import ImageClassifier, ModelSpec, build_model
+from calibflow.training.resume import EpochCheckpoints, training_code_digest
+from calibflow.training.loop import EpochStats, ProcessGroup, Runtime, resolve_runtime, train_classifier
+from calibflow.errors import DistributedTrainingError
 
 BUNDLE, RESULT, EPOCHS, LOG = "bundle.pt", "result.pt", "epochs.jsonl", "workers.log"
 DEVICE_ENV = "CALIBFLOW_DDP_DEVICE"
 # How long a process waits for the others (a follower node still starting, a peer that died):
 # NCCL and gloo otherwise wait 10-30 minutes before they say anything.
 PEER_TIMEOUT_S = 300
-
-
-class DistributedTrainingError(RuntimeError):
-    """The torchrun workers did not finish; the message holds the end of their log."""
 
 
 # Each process trains on its share of every global batch, with BatchNorm statistics of that share
@@ -139,7 +137,7 @@ def train_distributed(
     }
     torch.save(bundle, work / BUNDLE)
     command = [sys.executable, "-m", "torch.distributed.run", *launcher_args(config, nproc, node_rank=0)]
-    command = _dies_with_this_process([*command, "-m", "calibflow.distributed", str(work)])
+    command = _dies_with_this_process([*command, "-m", "calibflow.training.distributed", str(work)])
     on_cuda = resolve_runtime(config.device, config.precision).on_cuda
     env = {**os.environ, DEVICE_ENV: "cuda" if on_cuda else "cpu"}
     env.setdefault("OMP_NUM_THREADS", "1")  # each process sets train.threads itself
@@ -224,7 +222,7 @@ def launcher_args(config: TrainConfig, nproc: int, node_rank: int | str) -> list
 
 def follower_command(config: TrainConfig, nproc: int, node_rank: str = "$NODE_RANK") -> str:
     """The command each other node runs to join a multi-node training (README, infra/k8s/ddp)."""
-    return f"torchrun {' '.join(launcher_args(config, nproc, node_rank))} -m calibflow.distributed"
+    return f"torchrun {' '.join(launcher_args(config, nproc, node_rank))} -m calibflow.training.distributed"
 
 
 def _report_new_epochs(path: Path, reported: int, on_epoch_end: Callable[[EpochStats], None] | None) -> int:

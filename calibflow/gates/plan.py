@@ -2,7 +2,7 @@
 
 `calibflow gate plan` asks: if this model were evaluated on n test images, how often would the
 configured gates pass it? A test set of size n is simulated from the model's own estimated
-calibration, every simulated set goes through `calibflow.gates.evaluate_gates` (the one gate
+calibration, every simulated set goes through `calibflow.gates.checks.evaluate_gates` (the one gate
 implementation), and the answer is the smallest n whose pass rate reaches `power` (0.8).
 
 The simulated model: rows of the candidate's test probabilities drawn with replacement, each
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from calibflow.config import DEFAULT_N_BINS, GatesConfig
-from calibflow.gate_statistics import EqualWidthBins
-from calibflow.gates import Predictions, evaluate_gates
+from calibflow.gates.statistics import EqualWidthBins
+from calibflow.gates.checks import Predictions, evaluate_gates
 
 SIZES = (100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
@@ -138,7 +138,7 @@ class _Simulator:
 
 def _plannable(gates: GatesConfig) -> GatesConfig:
     """The gates a simulated test set can be put through: the decision gates read thresholds fitted
-    on the calibration split (calibflow.decisions), which a resampled test split does not have, and
+    on the calibration split (calibflow.gates.decisions), which a resampled test split does not have, and
     the shift and OOD gates read corrupted copies and OOD images, which it does not have either."""
     return replace(
         gates,
@@ -280,7 +280,9 @@ def small_test_split_warning(
     takes seconds: with `cache_directory`, a rerun with the same settings reads it from there."""
     from importlib.metadata import version
 
-    from calibflow import disk_cache, gate_statistics, gates as gates_module
+    from calibflow import disk_cache
+    from calibflow.gates import statistics as gate_statistics
+    from calibflow.gates import checks as gates_module
 
     key = {
         "n_test": n_test,

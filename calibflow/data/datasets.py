@@ -21,14 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from calibflow.manifest import ManifestError, is_image_file, list_classes
-from calibflow.versioning import DVC_ACCESS
+from calibflow.data.manifest import is_image_file, list_classes
+from calibflow.errors import ManifestError
+from calibflow.data.versioning import DVC_ACCESS
+from calibflow.errors import DatasetError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class DatasetError(RuntimeError):
-    """The dataset cannot be added as asked; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

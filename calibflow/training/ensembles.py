@@ -24,12 +24,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from calibflow.temperature import CalibrationError
+from calibflow.errors import CalibrationError
 from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.calibrators import Calibrator, TemperatureCalibrator, calibrator_from_state, fit_calibrator
 from calibflow.metrics import ArrayLike
-from calibflow.models import DropoutHead, ImageClassifier
-from calibflow.training import collect_logits
+from calibflow.training.models import DropoutHead, ImageClassifier
+from calibflow.training.loop import collect_logits
 
 ENSEMBLE_METHOD = "ensemble"
 # log(0) would make a logit of -inf, which calibrators and NLL turn into NaN; the smallest normal

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
+from calibflow.errors import ManifestError
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ def _default_workers() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return max(1, min(16, cpus))
-
-
-class ManifestError(ValueError):
-    """The dataset directory or a manifest file is unusable; the message names the fix."""
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:

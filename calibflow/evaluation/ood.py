@@ -22,13 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibflow.manifest import ManifestError
+from calibflow.errors import OODDataError
 
 SCORES = ("msp", "energy")
-
-
-class OODDataError(ManifestError):
-    """ood.path cannot be used as out-of-distribution images; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,8 @@ def check_ood_folder(
     evaluation folder, for the outlier-exposure one), named `other`."""
     from PIL import Image, UnidentifiedImageError
 
-    from calibflow.versioning import DataVersionError, resolve_data
+    from calibflow.data.versioning import resolve_data
+    from calibflow.errors import DataVersionError
 
     local = Path(repo_root) / path
     if not local.exists():
@@ -152,7 +149,7 @@ OOD_TAG = "ood_data"
 def recorded_ood_files(repo_root: str | Path, recorded: dict) -> tuple[str, list[str]]:
     """(local_dir, files) of the OOD folder a version recorded (OOD_TAG), checked byte for byte
     against its DVC hash: the same first `n_images` files, sorted, that the run scored."""
-    from calibflow.versioning import resolve_recorded_data
+    from calibflow.data.versioning import resolve_recorded_data
 
     version = resolve_recorded_data(repo_root, recorded["path"], recorded["rev"], recorded["dvc_hash"])
     return version.local_dir, _listed(Path(version.local_dir))[: int(recorded["n_images"])]
@@ -189,7 +186,7 @@ def detection_metrics(inside: np.ndarray, outside: np.ndarray) -> dict[str, floa
     """AUROC, AUPR (in-distribution positive) and FPR at 95% TPR of an in-distribution score."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from calibflow.gate_statistics import empirical_tpr_threshold
+    from calibflow.gates.statistics import empirical_tpr_threshold
 
     y = np.concatenate([np.ones(len(inside)), np.zeros(len(outside))])
     s = np.concatenate([inside, outside])

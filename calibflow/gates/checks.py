@@ -5,7 +5,7 @@ threshold, and each bound is built so that a model whose true value sits exactly
 threshold passes at most 1 - confidence of the time, including where a bootstrap of a plug-in
 estimate does not (a confident model with few errors, a champion better calibrated than the
 candidate, two models that disagree on few images). The bounds are in
-`calibflow.gate_statistics`; what each one certifies, and under which assumptions, is in
+`calibflow.gates.statistics`; what each one certifies, and under which assumptions, is in
 docs/gates.md, and benchmarks/gate_soundness.py measures it by simulation against known truth.
 
 | gate | passes when | bound |
@@ -32,19 +32,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from calibflow import gate_statistics as gs
+from calibflow.gates import statistics as gs
 from calibflow.config import DEFAULT_N_BINS, GatesConfig
-from calibflow.decisions import DecisionPolicy, evaluate_policy
+from calibflow.gates.decisions import DecisionPolicy, evaluate_policy
+from calibflow.errors import GateInputError
 
 METRICS = ("ece", "smooth_ece")
-
-
-class GateInputError(ValueError):
-    """The predictions handed to the gates cannot be gated (NaN, not probabilities, no images)."""
-
-
-class GatesFailed(RuntimeError):
-    """The calibrated model did not pass params.yaml's gates; it was not registered."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +53,7 @@ class ShiftedPredictions:
     """A candidate's calibrated probabilities on each cell of its corruption suite (shift.Suite),
     on the first test images (manifest `rows`)."""
 
-    suite: object  # calibflow.shift.Suite
+    suite: object  # calibflow.evaluation.shift.Suite
     rows: np.ndarray
     probabilities: dict[str, np.ndarray]
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.config import DEFAULT_N_BINS
-from calibflow.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
-from calibflow.images import decode_image, load_images
-from calibflow.manifest import build_manifest, manifest_fingerprint
+from calibflow.gates.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
+from calibflow.data.images import decode_image, load_images
+from calibflow.data.manifest import build_manifest, manifest_fingerprint
 from calibflow.metrics import probability_report
-from calibflow.names import CALIBRATED, on_test, version_tag
-from calibflow.splits import Split
-from calibflow.versioning import DataVersion, resolve_recorded_data
+from calibflow.tracking.names import CALIBRATED, on_test, version_tag
+from calibflow.data.splits import Split
+from calibflow.data.versioning import DataVersion, resolve_recorded_data
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def rebuild_test_split(record: registry.VersionRecord, repo_root: str | Path = "
     """The data a registered version was trained on, at its recorded revision (checked against its
     DVC hash), with the manifest and split indices of its run (checked against each other)."""
     tags = record.tags
-    # A recalibrated version (calibflow.recalibrate) was measured on the new images it was fitted on.
+    # A recalibrated version (calibflow.lifecycle.recalibrate) was measured on the new images it was fitted on.
     prefix = "recalibration_data" if "recalibration_data_hash" in tags else "data"
     data = resolve_recorded_data(repo_root, tags[f"{prefix}_path"], tags[f"{prefix}_rev"], tags[f"{prefix}_hash"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +119,7 @@ def decode_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) 
 def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray, suite) -> dict[str, np.ndarray]:
     """A loaded model's calibrated probabilities on every cell of a corruption suite, on the
     manifest rows (corrupted as in the run: seeded by each image's bytes, so the same pixels)."""
-    from calibflow.shift import corrupted_images
+    from calibflow.evaluation.shift import corrupted_images
 
     if len(rows) == 0:
         return {key: np.zeros((0, len(served_classes(model)))) for key in suite.keys}
@@ -146,7 +146,7 @@ def recorded_ood_scores(
     OOD folder."""
     import json
 
-    from calibflow.ood import OOD_TAG, recorded_ood_files
+    from calibflow.evaluation.ood import OOD_TAG, recorded_ood_files
 
     recorded = json.loads(record.tags[OOD_TAG])
     meta = model.metadata.metadata
@@ -165,7 +165,7 @@ def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestS
     rebuilt, re-corrupted test images."""
     import json
 
-    from calibflow.shift import SUITE_TAG, Suite, cell_report
+    from calibflow.evaluation.shift import SUITE_TAG, Suite, cell_report
 
     suite = Suite.from_json(record.tags[SUITE_TAG])
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +193,7 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     tags = record.tags
     recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", DEFAULT_N_BINS)))
-    # calibflow.names' tags (test/calibrated/ece, ...), or a version registered before them (ece_post, ...)
+    # calibflow.tracking.names' tags (test/calibrated/ece, ...), or a version registered before them (ece_post, ...)
     logged = {
         name: float(version_tag(tags, on_test(CALIBRATED, name))) for name in ("ece", "accuracy", "nll", "brier", "mce")
     }
@@ -209,7 +209,7 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
                 if "_class_" not in name
             }
         )
-    from calibflow.shift import SUITE_TAG
+    from calibflow.evaluation.shift import SUITE_TAG
 
     if tags.get(SUITE_TAG):
         shift_recomputed, shift_logged = reproduce_shift(model, record, rebuilt)

@@ -51,6 +51,7 @@ import torch
 
 from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.metrics import ArrayLike
+from calibflow.errors import CalibrationError
 
 # An optimum this close (in log T) to an end of the search range is treated as "on the bound":
 # the interior minimum the model needs does not exist in the range.
@@ -74,10 +75,6 @@ MAX_WARM_STEPS = 8
 # x 100 logits (2-core x86) a pass took 10 ms in blocks of 4,096 rows, 11-13 ms in blocks of 1,024
 # or 2,048 rows, and 14 ms (float64 input) or 31 ms (float32 input) as one whole-array pass.
 BLOCK_ELEMENTS = 409_600
-
-
-class CalibrationError(RuntimeError):
-    """Temperature scaling cannot produce a trustworthy T; the message names the problem and fix."""
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from calibflow.config import TrainConfig
-from calibflow.images import channel_stats
-from calibflow.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
+from calibflow.data.images import channel_stats
+from calibflow.training.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.metrics import expected_calibration_error
-from calibflow.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
-from calibflow.resume import EpochCheckpoints, random_states, restore_random_states
+from calibflow.training.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
+from calibflow.training.resume import EpochCheckpoints, random_states, restore_random_states
 from calibflow.progress import progress_bar
 
 
@@ -131,7 +131,7 @@ def random_translate(images: torch.Tensor, max_shift: int, hflip: bool, generato
 @dataclass(frozen=True)
 class ProcessGroup:
     """The processes training one model together: one (the default), or the torch.distributed
-    group that calibflow.distributed started under torchrun."""
+    group that calibflow.training.distributed started under torchrun."""
 
     rank: int = 0
     world_size: int = 1
@@ -208,7 +208,7 @@ def train_classifier(
     batch holds, forwards them in the same pass (one set of BatchNorm statistics, as Hendrycks et
     al. 2019 do) and adds OUTLIER_EXPOSURE_WEIGHT times their cross-entropy to the uniform.
 
-    With `checkpoints` (calibflow.resume), each completed epoch's full state is saved there, and a
+    With `checkpoints` (calibflow.training.resume), each completed epoch's full state is saved there, and a
     training that finds one continues after that epoch (replaying the saved epochs through
     `on_epoch_end`), ending with the weights an uninterrupted training would have. The last
     epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
@@ -256,7 +256,7 @@ def _train_classifier(
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    # Under DistributedDataParallel (calibflow.distributed) every process built the same initial
+    # Under DistributedDataParallel (calibflow.training.distributed) every process built the same initial
     # weights from the seed (DDP also broadcasts rank 0's); each then draws its own dropout, mixing
     # and augmentation, and steps on its share of every global batch. `model` stays the plain
     # module: validation and the returned weights read it, `forward` trains through DDP.

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.config import DEFAULT_N_BINS, GatesConfig
-from calibflow.gates import GateInputError, GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
-from calibflow.manifest import list_classes, load_manifest
-from calibflow.decisions import DecisionPolicy
-from calibflow.reproduce import (
+from calibflow.gates.checks import GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
+from calibflow.errors import GateInputError
+from calibflow.data.manifest import list_classes, load_manifest
+from calibflow.gates.decisions import DecisionPolicy
+from calibflow.lifecycle.reproduce import (
     predict_rows,
     rebuild_test_split,
     recorded_ood_scores,
@@ -34,26 +35,14 @@ from calibflow.reproduce import (
     served_policy,
     shift_predictions,
 )
-from calibflow.splits import Split
+from calibflow.data.splits import Split
+from calibflow.errors import AlreadyChampion, GateUndecided, NotComparable
+from calibflow import errors
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
 FIT_SPLITS = ("train", "val", "calibration")
 # Where CI systems put the id of the job that is running (first one found wins).
 CI_JOB_VARIABLES = ("GITHUB_RUN_ID", "CI_JOB_ID", "BUILD_ID", "BUILDKITE_BUILD_ID", "CIRCLE_WORKFLOW_JOB_ID", "JOB_ID")
-
-
-class GateUndecided(RuntimeError):
-    """The gate could not run (version, data or store missing): neither pass nor fail."""
-
-
-class NotComparable(GateUndecided, LookupError):
-    """The candidate and the champion do not predict the same classes, or the champion's classes
-    are unknown: their probabilities cannot be compared. A LookupError too, so Prefect's retry
-    condition (calibflow.errors) does not retry it."""
-
-
-class AlreadyChampion(registry.PromotionConflict):
-    """The candidate of a promotion already is @champion: there is nothing to move."""
 
 
 def resolve_ref(model_name: str, ref: str) -> registry.VersionRecord:
@@ -237,7 +226,7 @@ class EvaluationSet:
 def _ood_gate_scores(candidate: registry.VersionRecord, model, rebuilt, repo_root: str | Path) -> OODScores:
     """The score the run gated on (ood.score), recomputed by the served pyfunc on the test split
     and on the OOD folder the version recorded, re-read at its revision and DVC hash."""
-    from calibflow.ood import OOD_TAG, in_distribution_score
+    from calibflow.evaluation.ood import OOD_TAG, in_distribution_score
 
     if not candidate.tags.get(OOD_TAG):
         raise GateUndecided(
@@ -290,7 +279,7 @@ def evaluation_set(
     )
     shift = shift_comparison = None
     if with_shift:
-        from calibflow.shift import SUITE_TAG, Suite
+        from calibflow.evaluation.shift import SUITE_TAG, Suite
 
         if not candidate.tags.get(SUITE_TAG):
             raise GateUndecided(
@@ -371,8 +360,8 @@ def plan_version(
     power: float = 0.8,
 ):
     """`calibflow gate plan`: how many test images the gates need to pass this version with
-    `power`, simulated under its own estimated calibration (calibflow.gate_plan)."""
-    from calibflow.gate_plan import plan_sample_size
+    `power`, simulated under its own estimated calibration (calibflow.gates.plan)."""
+    from calibflow.gates.plan import plan_sample_size
 
     inputs = evaluation_set(model_name, candidate_ref, against, repo_root)
     try:
@@ -476,7 +465,7 @@ def promote(
                 f"promote (gate another version, e.g. --candidate @challenger)"
             )
         if current != gated_against:
-            raise registry.PromotionConflict(
+            raise errors.PromotionConflict(
                 f"@champion of {model_name} is now {current}, not {gated_against} as when the gate ran: another "
                 f"promotion won; gate version {candidate_version} again against the new champion"
             )

@@ -26,17 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from calibflow import registry
+from calibflow.tracking import registry
 from calibflow.config import Config
-from calibflow.gates import GateInputError, GateVerdict, Predictions, evaluate_gates
-from calibflow.images import load_images
-from calibflow.manifest import build_manifest, manifest_fingerprint, save_manifest
+from calibflow.gates.checks import GateVerdict, Predictions, evaluate_gates
+from calibflow.errors import GateInputError
+from calibflow.data.images import load_images
+from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import probability_report
-from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
-from calibflow.promotion import champion_for
-from calibflow.reproduce import served_classes, served_policy
-from calibflow.splits import stratified_split
-from calibflow.versioning import resolve_data
+from calibflow.tracking.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
+from calibflow.lifecycle.promotion import champion_for
+from calibflow.lifecycle.reproduce import served_classes, served_policy
+from calibflow.data.splits import stratified_split
+from calibflow.data.versioning import resolve_data
+from calibflow.errors import RecalibrationError
 
 # What a recalibrated version keeps from its source: the network's lineage.
 LINEAGE_TAGS = (
@@ -50,10 +52,6 @@ LINEAGE_TAGS = (
     "manifest_fingerprint",
 )
 RECALIBRATION_FRACTIONS = {"train": 0.0, "val": 0.0, "calibration": 0.5, "test": 0.5}
-
-
-class RecalibrationError(ValueError):
-    """The version or the data cannot be recalibrated as asked; the message says why and the fix."""
 
 
 @dataclass
@@ -76,7 +74,7 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
     candidate's probabilities per cell, the champion's beside them for the increase gate, and the
     suite tag that lets `calibflow gate` rebuild it. The OOD gate reads a folder recorded by a
     training run; a recalibration has none."""
-    from calibflow.shift import SUITE_TAG, corrupted_images, suite_of
+    from calibflow.evaluation.shift import SUITE_TAG, corrupted_images, suite_of
 
     gates = config.gates
     if gates.max_ood_fpr95 is not None:
@@ -86,7 +84,7 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
         )
     if gates.max_shift_ece is None and gates.max_shift_ece_increase is None:
         return None, None, {}, None
-    from calibflow.shift import cell_report
+    from calibflow.evaluation.shift import cell_report
 
     suite = suite_of(config.shift, config.seed)
     rows = slice(0, suite.max_images)
@@ -127,7 +125,7 @@ def recalibrate(
     model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".", against: str | None = "@champion"
 ) -> Recalibration:
     from calibflow import pipeline
-    from calibflow.gate_plan import small_test_split_warning
+    from calibflow.gates.plan import small_test_split_warning
 
     started = time.perf_counter()
     source = registry.resolve_model_uri(model_uri)

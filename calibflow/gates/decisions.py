@@ -25,18 +25,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from calibflow.gate_statistics import clopper_pearson_lower, clopper_pearson_upper
+from calibflow.gates.statistics import clopper_pearson_lower, clopper_pearson_upper
+from calibflow.errors import DecisionInfeasible, DecisionSettingsError
 
 # The served output's schema: bump it when a field of `DecisionPolicy.decide` changes meaning.
 DECISION_SCHEMA_VERSION = 1
 CONFORMAL_SCORES = ("lac", "aps", "raps")
 ABSTAIN = "abstain"  # the label served for an input below the abstention threshold
 DECISION_TAG_PREFIX = "decision_"  # version tags of the served decisions' test-split numbers
-
-
-class DecisionInfeasible(ValueError):
-    """No threshold meets the target on this calibration split (too few images, or a model that
-    cannot reach it); the message says which and what would."""
 
 
 @dataclass(frozen=True)
@@ -343,11 +339,6 @@ def risk_coverage_curve(confidence_scores: Any, correct: Any) -> tuple[np.ndarra
 # ---------------------------------------------------------------------------------------------
 # The fitted policy: what the served model decides
 # ---------------------------------------------------------------------------------------------
-
-
-class DecisionSettingsError(ValueError):
-    """decision: settings that cannot work with this data (a positive class it does not have, a
-    calibration split too small for a rule); found before training."""
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 32, dropout: floa
 
 class DropoutHead(nn.Sequential):
     """Dropout, then the linear classifier: where MC dropout samples its masks
-    (calibflow/ensembles.py finds it by this type)."""
+    (calibflow/training/ensembles.py finds it by this type)."""
 
 
 def _head(features: int, num_classes: int, dropout: float) -> list[nn.Module]:

@@ -36,13 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from calibflow.errors import CheckpointError
 
 CHECKPOINT_SUBDIR = Path(".calibflow") / "checkpoints"
 LATEST = "latest.json"
-
-
-class CheckpointError(RuntimeError):
-    """A training checkpoint exists but cannot be trusted; the message names it and the fix."""
 
 
 def checkpoint_root(repo_root: str | Path) -> Path:
@@ -51,13 +48,20 @@ def checkpoint_root(repo_root: str | Path) -> Path:
 
 # The code a training's numbers come from: a change here starts a killed training afresh, and every
 # node of a DDP training must run the same.
-TRAINING_CODE = ("training.py", "models.py", "losses.py", "images.py", "resume.py", "distributed.py")
+TRAINING_CODE = (
+    "training/loop.py",
+    "training/models.py",
+    "training/losses.py",
+    "data/images.py",
+    "training/resume.py",
+    "training/distributed.py",
+)
 
 
 def training_code_digest() -> str:
     from calibflow.disk_cache import files_digest
 
-    package = Path(__file__).parent
+    package = Path(__file__).parent.parent
     return files_digest(package / name for name in TRAINING_CODE)
 
 

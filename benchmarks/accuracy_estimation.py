@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calibflow.tracking import registry
+    from calibflow.tracking import registration
+    from calibflow.tracking import store
     from calibflow.config import CORRUPTION_NAMES
     from calibflow.evaluation.corruptions import corrupt_batch
     from calibflow.evaluation.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    registry.configure_tracking(args.repo)
-    record = registry.resolve_model_uri(args.model)
-    model = registry.load_model(args.model)
+    store.configure_tracking(args.repo)
+    record = registration.resolve_model_uri(args.model)
+    model = registration.load_model(args.model)
     rebuilt = rebuild_test_split(record, args.repo)
     rows = rebuilt.split.indices["test"]
     order = np.random.default_rng(0).permutation(len(rows))  # the halves, seeded

@@ -42,13 +42,13 @@ from calibflow import pipeline  # noqa: E402
 from calibflow.config import Config, TrainConfig, load_config  # noqa: E402
 from calibflow.data.images import channel_stats  # noqa: E402
 from calibflow.training.models import ModelSpec, build_model  # noqa: E402
-from calibflow.training.loop import (
+from calibflow.training.loop import (  # noqa: E402
     collect_logits,
     intra_op_threads,
     random_translate,
     seed_everything,
     train_classifier,
-)  # noqa: E402
+)
 
 THRESHOLD = 0.97
 # One thread of dense float math, forever: the "another job on the machine" of CI runners and

@@ -246,9 +246,9 @@ def _dispatch(handler, args: argparse.Namespace) -> int:
 def _store_failed(command: str, error: Exception) -> int:
     """A registry error (a missing model, version or alias, or a tracking server that failed) on
     stderr as one line; exit 2: nothing could be decided."""
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
 
-    print(f"calibflow {command}: {_one_line(error)} (MLflow registry at {registry.tracking_uri()})", file=sys.stderr)
+    print(f"calibflow {command}: {_one_line(error)} (MLflow registry at {store.tracking_uri()})", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -263,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     from calibflow import errors
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from flows.train_calibrate import train_calibrate_register
 
     _imports_done()
@@ -285,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"\ncalibflow: {_one_line(error)}", file=sys.stderr)
         else:
             print(
-                f"\ncalibflow: the MLflow store at {registry.tracking_uri()} failed; nothing was registered and no "
+                f"\ncalibflow: the MLflow store at {store.tracking_uri()} failed; nothing was registered and no "
                 f"alias moved. {type(error).__name__}: {error}",
                 file=sys.stderr,
             )
@@ -339,11 +339,11 @@ def run_summary(result: dict) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.lifecycle.reproduce import reproduce
     from calibflow.errors import DataVersionError
 
-    registry.configure_tracking(args.repo)
+    store.configure_tracking(args.repo)
     try:
         with _model_threads():
             result = reproduce(args.model, args.repo)
@@ -385,10 +385,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.lifecycle.reproduce import predict_files
 
-    registry.configure_tracking(args.repo)
+    store.configure_tracking(args.repo)
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:  # before the model loads: a typo in a path should not cost a model load
         print(f"calibflow predict: no such file: {', '.join(missing)}", file=sys.stderr)
@@ -427,7 +427,7 @@ def _run_gate(args: argparse.Namespace):
     """The gate report, or an exit code when the gate could not decide (printed to stderr)."""
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.config import load_config
     from calibflow.errors import ConfigError
     from calibflow.lifecycle.promotion import gate_version
@@ -435,7 +435,7 @@ def _run_gate(args: argparse.Namespace):
 
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
-        registry.configure_tracking(args.repo)
+        store.configure_tracking(args.repo)
         with _model_threads(config.train.threads):
             return gate_version(
                 args.model, args.candidate, config.gates, args.against, args.repo, config.evaluation.n_bins
@@ -477,7 +477,7 @@ def _gate_plan(args: argparse.Namespace) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.config import load_config
     from calibflow.errors import ConfigError
     from calibflow.gates.plan import plan_from_thresholds
@@ -491,7 +491,7 @@ def _gate_plan(args: argparse.Namespace) -> int:
                 config.gates, args.classes, config.evaluation.n_bins, args.power, config.gates.n_resamples
             )
         else:
-            registry.configure_tracking(args.repo)
+            store.configure_tracking(args.repo)
             plan = plan_version(
                 args.model, args.candidate, config.gates, args.against, args.repo, config.evaluation.n_bins, args.power
             )
@@ -567,7 +567,7 @@ def _promote(args: argparse.Namespace) -> int:
         except errors.PromotionConflict as error:
             print(f"calibflow promote: {_one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
-        except (MlflowException, OSError) as error:  # the aliases were restored (registry.apply_aliases)
+        except (MlflowException, OSError) as error:  # the aliases were restored (registration.apply_aliases)
             return _store_failed("promote", error)
     print(
         f"@champion of {moved.model} is now version {moved.champion} (was {moved.previous_champion})"
@@ -579,10 +579,10 @@ def _promote(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.lifecycle.promotion import rollback
 
-    registry.configure_tracking(args.repo)
+    store.configure_tracking(args.repo)
     try:
         moved = rollback(args.model)
     except (LookupError, errors.PromotionConflict) as error:
@@ -598,7 +598,7 @@ def _monitor(args: argparse.Namespace) -> int:
     """`calibflow monitor`: the verdict's exit code (calibflow.lifecycle.monitor), 2 when it cannot run."""
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.config import load_config
     from calibflow.errors import ConfigError
     from calibflow.lifecycle.monitor import log_monitor_run, monitor_version
@@ -607,7 +607,7 @@ def _monitor(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
-        registry.configure_tracking(args.repo)
+        store.configure_tracking(args.repo)
         with _model_threads(config.train.threads):
             report = monitor_version(args.model, args.data, config, args.repo)
         run_id = log_monitor_run(report, args.repo)
@@ -626,7 +626,7 @@ def _monitor(args: argparse.Namespace) -> int:
 def _recalibrate(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.errors import CalibrationError
     from calibflow.config import load_config
     from calibflow.errors import ConfigError
@@ -636,7 +636,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(Path(args.repo) / args.params, args.overrides)
-        registry.configure_tracking(args.repo)
+        store.configure_tracking(args.repo)
         with _model_threads(config.train.threads):
             result = recalibrate(args.model, args.data, config, args.repo, args.against)
     except (ConfigError, RecalibrationError, CalibrationError, DataVersionError, LookupError) as error:
@@ -662,10 +662,10 @@ def _recalibrate(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from calibflow.tracking import registry
-    from calibflow.tracking.registry import STATUS_COLUMNS, status
+    from calibflow.tracking import store
+    from calibflow.tracking.registration import STATUS_COLUMNS, status
 
-    registry.configure_tracking(args.repo)
+    store.configure_tracking(args.repo)
     try:
         rows = status(args.model)
     except (MlflowException, OSError) as error:

@@ -39,7 +39,7 @@ from calibflow.training.ensembles import (
 )
 from calibflow.gates.checks import GateVerdict, OODScores, ShiftedPredictions
 from calibflow.data.images import load_images
-from calibflow.tracking.leftovers import ProcessId, alive, this_process
+from calibflow.leftovers import ProcessId, alive, this_process
 from calibflow.data.manifest import (
     build_manifest,
     class_counts,
@@ -50,7 +50,7 @@ from calibflow.data.manifest import (
 )
 from calibflow.metrics import probability_nll, probability_report, reliability_bins, top_label
 from calibflow.training.models import ModelSpec, load_checkpoint, save_checkpoint
-from calibflow.tracking.names import (
+from calibflow.names import (
     CALIBRATED,
     CALIBRATION_METHOD,
     GATE_ABSOLUTE,
@@ -637,7 +637,7 @@ def evaluate_shift(
 @dataclass(frozen=True)
 class OODEvaluation:
     scores_path: str  # npz: in-distribution ("inside_<score>") and OOD ("outside_<score>") scores
-    metrics: dict[str, float]  # ood/<score>/<auroc|aupr|fpr95> (calibflow.tracking.names)
+    metrics: dict[str, float]  # ood/<score>/<auroc|aupr|fpr95> (calibflow.names)
     score: str  # what gates.max_ood_fpr95 reads
     dvc_hash: str
     n_images: int
@@ -1160,11 +1160,11 @@ def version_tags(
     }
 
 
-STAGE_OF = {"before": UNCALIBRATED, "after": CALIBRATED}  # Evaluation's fields -> calibflow.tracking.names' stages
+STAGE_OF = {"before": UNCALIBRATED, "after": CALIBRATED}  # Evaluation's fields -> calibflow.names' stages
 
 
 def test_metrics(evaluation: Evaluation) -> dict[str, float]:
-    """The test split's metrics before and after calibration under their calibflow.tracking.names paths
+    """The test split's metrics before and after calibration under their calibflow.names paths
     (test/uncalibrated/ece, test/calibrated/ece, ...): metric, version tag and metrics.json key."""
     return {
         on_test(STAGE_OF[when], name): float(value)

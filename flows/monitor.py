@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.config import load_config
 from tasks.monitoring import check_drift
 
@@ -25,7 +25,7 @@ def monitor_model(
     data: str = "",
 ) -> dict:
     config = load_config(f"{repo_root}/{params_path}", overrides or [])
-    registry.configure_tracking(repo_root)
+    store.configure_tracking(repo_root)
     model_uri = f"models:/{config.registry.model_name}{model if model.startswith('@') else '/' + model}"
     report, run_id = check_drift(model_uri, data, config, repo_root)
     create_markdown_artifact(

@@ -15,7 +15,7 @@ expected refusal (calibflow.errors: bad data, a failed gate, bad params) ends it
 Failed state that carries the error, so Prefect logs the message and no traceback; calling the
 flow still raises that error. Every
 local file is written before the registry is touched, and a failure after registration takes the
-version back (registry.undo_registration); when even that fails, RegistrationLeftBehind says so.
+version back (registration.undo_registration); when even that fails, RegistrationLeftBehind says so.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from calibflow.config import load_config
 from calibflow.errors import ConfigError
 from calibflow.errors import GatesFailed
 from calibflow.training.resume import checkpoint_root
-from calibflow.tracking.registry import CHALLENGER, CHAMPION
+from calibflow.tracking.registration import CHALLENGER, CHAMPION
 from calibflow.errors import RegistrationLeftBehind
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from calibflow import pipeline
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
 from calibflow.errors import DataValidationError
@@ -25,8 +25,8 @@ from tasks import retry_transient_only
 )
 def pin_data_version(repo_root: str, data_path: str, data_rev: str | None, run_id: str) -> DataVersion:
     version = resolve_data(repo_root, data_path, data_rev)
-    registry.set_tags(run_id, {"data_path": version.path, "data_hash": version.dvc_hash, "data_rev": version.rev})
-    registry.log_dataset(
+    store.set_tags(run_id, {"data_path": version.path, "data_hash": version.dvc_hash, "data_rev": version.rev})
+    store.log_dataset(
         run_id,
         name=version.path,
         source_uri=str(Path(repo_root).resolve() / version.path),
@@ -41,8 +41,8 @@ def pin_data_version(repo_root: str, data_path: str, data_rev: str | None, run_i
 @task(name="build-manifest", cache_policy=NO_CACHE)
 def build_manifest(data: DataVersion, work_dir: str, run_id: str) -> pipeline.ManifestRecord:
     record = pipeline.write_manifest(data.local_dir, f"{work_dir}/manifest.csv")
-    registry.log_artifact(run_id, record.path, "data")
-    registry.set_tags(run_id, {"manifest_fingerprint": record.fingerprint})
+    store.log_artifact(run_id, record.path, "data")
+    store.set_tags(run_id, {"manifest_fingerprint": record.fingerprint})
     get_run_logger().info("manifest: %d files in %d classes", record.n_images, len(record.classes))
     return record
 
@@ -52,9 +52,9 @@ def split_dataset(
     manifest: pipeline.ManifestRecord, config: Config, work_dir: str, run_id: str
 ) -> pipeline.SplitRecord:
     record = pipeline.write_split(manifest.path, config.split, config.seed, f"{work_dir}/splits.json")
-    registry.log_artifact(run_id, record.path, "data")
-    registry.set_tags(run_id, {"split_digest": record.digest})
-    registry.log_params(run_id, {f"split_size.{name}": size for name, size in record.sizes.items()})
+    store.log_artifact(run_id, record.path, "data")
+    store.set_tags(run_id, {"split_digest": record.digest})
+    store.log_params(run_id, {f"split_size.{name}": size for name, size in record.sizes.items()})
     get_run_logger().info("split %s: %s", record.digest, record.sizes)
     return record
 
@@ -72,9 +72,9 @@ def validate_data(
     report = pipeline.validate_data(
         manifest.path, split.path, manifest.classes, config.data, result_path, cache_directory=cache_dir(repo_root)
     )
-    registry.log_artifact(run_id, result_path, "validation")
+    store.log_artifact(run_id, result_path, "validation")
     reused = bool(report.statistics.get("reused_from_cache"))
-    registry.set_tags(
+    store.set_tags(
         run_id,
         {
             "data_validation": "passed" if report.success else "failed",

@@ -9,11 +9,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from calibflow import pipeline
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.gates import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
-from calibflow.tracking.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
+from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
 from calibflow.lifecycle import promotion
 from calibflow.lifecycle.promotion import GateReport
 from calibflow.training.loop import EpochStats
@@ -37,7 +37,7 @@ def check_gate_power(
     )
     if warning:
         get_run_logger().warning(warning)
-        registry.set_tags(run_id, {"gate_power_warning": warning[:5000]})
+        store.set_tags(run_id, {"gate_power_warning": warning[:5000]})
     return warning
 
 
@@ -66,7 +66,7 @@ def check_ood_data(
     path = pipeline.check_ood_data(
         repo_root, manifest.path, config.ood.path, config.ood.max_images, f"{work_dir}/ood_data.json"
     )
-    registry.log_artifact(run_id, path, "ood")
+    store.log_artifact(run_id, path, "ood")
     return path
 
 
@@ -87,7 +87,7 @@ def check_outlier_data(
         "train.outlier_exposure",
         ood_data,
     )
-    registry.log_artifact(run_id, path, "ood")
+    store.log_artifact(run_id, path, "ood")
     return path
 
 
@@ -113,7 +113,7 @@ def train_model(
         }  # training steps alone, validation excluded
         if stats.validated:  # train.val_every: the val curves have a point only where one was measured
             metrics.update({"val/accuracy": stats.val_accuracy, "val/nll": stats.val_nll, "val/ece": stats.val_ece})
-        registry.log_metrics(run_id, metrics, step=stats.epoch)
+        store.log_metrics(run_id, metrics, step=stats.epoch)
 
     trained = pipeline.train_model(
         data.local_dir,
@@ -125,8 +125,8 @@ def train_model(
         outliers_path=outliers,
         checkpoint_dir=checkpoint_dir,
     )
-    registry.log_artifact(run_id, trained.checkpoint, "checkpoint")
-    registry.set_tags(
+    store.log_artifact(run_id, trained.checkpoint, "checkpoint")
+    store.set_tags(
         run_id,
         {
             "device": trained.device,
@@ -221,13 +221,13 @@ def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_
             if row.get("cv_nll_mean") is not None
         }
     )
-    registry.log_metrics(run_id, metrics)
-    registry.set_tags(run_id, {CALIBRATION_METHOD: fit.method})
+    store.log_metrics(run_id, metrics)
+    store.set_tags(run_id, {CALIBRATION_METHOD: fit.method})
     if fit.selection:  # method auto: keep the comparison table with the run
         selection = f"{work_dir}/calibration_selection.json"
         with open(selection, "w") as handle:
             json.dump(list(fit.selection), handle, indent=2, default=str)
-        registry.log_artifact(run_id, selection, "calibration")
+        store.log_artifact(run_id, selection, "calibration")
     get_run_logger().info(
         "%s calibration%s: calibration NLL %.4f -> %.4f",
         fit.method,
@@ -248,9 +248,9 @@ def evaluate_calibration(
     run_id: str,
 ) -> pipeline.Evaluation:
     evaluation = pipeline.evaluate_calibration(test_logits, fit, config.evaluation.n_bins, work_dir, manifest.classes)
-    registry.log_metrics(run_id, pipeline.test_metrics(evaluation))
+    store.log_metrics(run_id, pipeline.test_metrics(evaluation))
     for plot in evaluation.plots:
-        registry.log_artifact(run_id, plot, "plots")
+        store.log_artifact(run_id, plot, "plots")
     get_run_logger().info(
         "test ECE %.4f -> %.4f, accuracy %.4f",
         evaluation.before["ece"],
@@ -260,7 +260,7 @@ def evaluate_calibration(
     warning = pipeline.calibration_warning(evaluation, fit)
     if warning:  # also the description's second line (publish_summary)
         get_run_logger().warning(warning)
-        registry.set_tags(run_id, {CALIBRATION_WARNING: warning})
+        store.set_tags(run_id, {CALIBRATION_WARNING: warning})
     return evaluation
 
 
@@ -307,10 +307,10 @@ def evaluate_shift(
     if shift_logits is None:
         return None
     shifted = pipeline.evaluate_shift(shift_logits, test_logits, fit, config.evaluation.n_bins, work_dir)
-    registry.log_metrics(run_id, shifted.metrics)
-    registry.log_artifact(run_id, shifted.result_path, "shift")
+    store.log_metrics(run_id, shifted.metrics)
+    store.log_artifact(run_id, shifted.result_path, "shift")
     for plot in shifted.plots:
-        registry.log_artifact(run_id, plot, "plots")
+        store.log_artifact(run_id, plot, "plots")
     get_run_logger().info(
         "corruption suite: mean ECE %.4f -> %.4f, mean accuracy %.4f",
         shifted.mean["before"]["ece"],
@@ -343,11 +343,11 @@ def evaluate_ood(
         config.train.device,
         config.train.threads,
     )
-    registry.log_metrics(run_id, ood.metrics)
-    registry.set_tags(run_id, {"ood_data_hash": ood.dvc_hash, "ood_path": config.ood.path})
-    registry.log_artifact(run_id, ood.scores_path, "ood")
+    store.log_metrics(run_id, ood.metrics)
+    store.set_tags(run_id, {"ood_data_hash": ood.dvc_hash, "ood_path": config.ood.path})
+    store.log_artifact(run_id, ood.scores_path, "ood")
     for plot in ood.plots:
-        registry.log_artifact(run_id, plot, "plots")
+        store.log_artifact(run_id, plot, "plots")
     get_run_logger().info(
         "OOD (%d images): MSP AUROC %.4f FPR95 %.4f, energy AUROC %.4f FPR95 %.4f",
         ood.n_images,
@@ -372,7 +372,7 @@ def fit_decisions(
         calibration_logits, fit, manifest.classes, config.decision, f"{work_dir}/decisions.json"
     )
     if config.decision.any_rule:  # the empty default travels with the model's files only
-        registry.log_artifact(run_id, path, "decisions")
+        store.log_artifact(run_id, path, "decisions")
     return path
 
 
@@ -381,11 +381,11 @@ def evaluate_decisions(
     test_logits: str, fit: pipeline.CalibrationRecord, decisions: str, config: Config, work_dir: str, run_id: str
 ) -> pipeline.DecisionEvaluation:
     evaluation = pipeline.evaluate_decisions(test_logits, fit, decisions, config.gates.confidence, work_dir)
-    registry.log_metrics(
+    store.log_metrics(
         run_id, {f"test/decision/{name}": value for name, value in evaluation.metrics.items() if value == value}
     )  # NaN (nothing kept, no positive) is not a metric
     for plot in evaluation.plots:
-        registry.log_artifact(run_id, plot, "plots")
+        store.log_artifact(run_id, plot, "plots")
     if evaluation.metrics:
         get_run_logger().info(
             "decisions on the test split: %s",
@@ -426,8 +426,8 @@ def apply_gates(
         candidate.ood,
     )
     report = dataclasses.replace(report, candidate=f"run {run_id}")
-    registry.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
-    registry.log_metrics(run_id, pipeline.gate_metrics(report.verdict))
-    registry.set_tags(run_id, pipeline.gate_tags(report.verdict, report.champion))
+    store.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
+    store.log_metrics(run_id, pipeline.gate_metrics(report.verdict))
+    store.set_tags(run_id, pipeline.gate_tags(report.verdict, report.champion))
     get_run_logger().info(report.verdict.summary())
     return report

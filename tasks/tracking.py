@@ -14,9 +14,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from calibflow import pipeline
-from calibflow.tracking import leftovers
+from calibflow import leftovers
 from calibflow.lifecycle import promotion
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import served_model
+from calibflow.tracking import store
 from calibflow.config import Config
 from calibflow.gates.checks import GateVerdict
 from calibflow.lifecycle.promotion import GateReport
@@ -61,11 +63,11 @@ class RunContext:
 
 @task(name="start-mlflow-run", **STORE_RETRIES)
 def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContext:
-    tracking_uri = registry.configure_tracking(repo_root)
+    tracking_uri = store.configure_tracking(repo_root)
     commit, dirty = code_commit(repo_root)
     branch, remote = code_origin(repo_root)
-    source = registry.RunSource("flows/train_calibrate.py", git_commit=commit, git_branch=branch, git_repo_url=remote)
-    run_id = registry.start_run(
+    source = store.RunSource("flows/train_calibrate.py", git_commit=commit, git_branch=branch, git_repo_url=remote)
+    run_id = store.start_run(
         config.registry.experiment,
         run_name=flow_run.get_name(),
         tags={
@@ -82,10 +84,10 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     )
     work_dir = Path(repo_root).resolve() / ".calibflow" / "runs" / run_id
     work_dir.mkdir(parents=True, exist_ok=True)
-    registry.log_params(run_id, config.hyperparameters())
+    store.log_params(run_id, config.hyperparameters())
     resolved = work_dir / "config.yaml"
     resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    registry.log_artifact(run_id, resolved)
+    store.log_artifact(run_id, resolved)
     get_run_logger().info("MLflow run %s at %s (params %s)", run_id, tracking_uri, config.params_hash)
     return RunContext(
         run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit, git_dirty=dirty
@@ -95,7 +97,7 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
 @task(name="end-leftovers-of-killed-runs", cache_policy=NO_CACHE)
 def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str) -> None:
     """Stop the Prefect temporary API servers that killed runs left running, record this run's,
-    and mark the experiment's RUNNING MLflow runs whose process is gone KILLED (calibflow.tracking.leftovers).
+    and mark the experiment's RUNNING MLflow runs whose process is gone KILLED (calibflow.leftovers).
     Housekeeping: when it fails, the run goes on and says so."""
     logger = get_run_logger()
     servers = Path(repo_root).resolve() / ".calibflow" / "servers"
@@ -103,10 +105,10 @@ def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str
         for stopped in leftovers.end_orphaned_servers(servers):
             logger.warning("stopped %s", stopped)
         leftovers.record_temporary_servers(servers)
-        for run_id, tags in registry.running_runs(config.registry.experiment):
+        for run_id, tags in store.running_runs(config.registry.experiment):
             reason = leftovers.orphaned_run_reason(tags)
             if reason and run_id != run.run_id:
-                registry.end_run(run_id, "killed", f"{reason}; marked killed by run {run.run_id}")
+                store.end_run(run_id, "killed", f"{reason}; marked killed by run {run.run_id}")
                 logger.warning("MLflow run %s marked KILLED: %s", run_id, reason)
     except Exception as error:  # noqa: BLE001  a leftover is no reason to stop this run
         logger.warning("could not clean up after killed runs (%s: %s)", type(error).__name__, error)
@@ -115,7 +117,7 @@ def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str
 @task(name="find-unchanged-champion", **STORE_RETRIES)
 def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) -> str | None:
     """The champion's version when it was built from this data, params and code; else None."""
-    champion = registry.alias_record(config.registry.model_name, registry.CHAMPION)
+    champion = registration.alias_record(config.registry.model_name, registration.CHAMPION)
     if champion and pipeline.unchanged_build(
         champion.tags, data.dvc_hash, config.params_hash, run.git_commit, run.git_dirty
     ):
@@ -137,22 +139,22 @@ def register_model(
     decided: pipeline.DecisionEvaluation | None = None,
     shifted: pipeline.ShiftEvaluation | None = None,
     ood: pipeline.OODEvaluation | None = None,
-) -> registry.RegisteredVersion:
+) -> registration.RegisteredVersion:
     """Retried safely: a failure within register_version deletes the version it created first."""
     example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
     tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted, ood)
-    with registry.store_wait():  # logging and registering the model use MLflow beyond registry.client()
-        model_uri = registry.log_calibrated_model(
+    with store.store_wait():  # logging and registering the model use MLflow beyond store.client()
+        model_uri = served_model.log_calibrated_model(
             run.run_id, trained.checkpoint, fit.state_path, example, decisions, name=config.registry.model_name
         )
-        version = registry.register_version(model_uri, config.registry.model_name, tags)
+        version = registration.register_version(model_uri, config.registry.model_name, tags)
     get_run_logger().info("registered %s version %s as @%s", version.name, version.version, version.alias)
     return version
 
 
 @task(name="undo-registration", cache_policy=NO_CACHE)
-def undo_registration(version: registry.RegisteredVersion) -> None:
-    registry.undo_registration(version)
+def undo_registration(version: registration.RegisteredVersion) -> None:
+    registration.undo_registration(version)
     get_run_logger().warning(
         "took back %s version %s: the run failed after registering it", version.name, version.version
     )
@@ -160,7 +162,7 @@ def undo_registration(version: registry.RegisteredVersion) -> None:
 
 @task(name="promote-to-champion", **STORE_RETRIES)
 def promote_to_champion(
-    version: registry.RegisteredVersion, gate: GateReport, work_dir: str
+    version: registration.RegisteredVersion, gate: GateReport, work_dir: str
 ) -> promotion.Promotion | None:
     """promotion.auto: the gate passed against the champion, so move @champion (compare-and-swap).
     If another promotion moved it meanwhile, this version stays @challenger for CD to gate again:
@@ -209,8 +211,8 @@ def discard_metrics_report(report: pipeline.StagedReport) -> None:
 @task(name="finish-mlflow-run", **STORE_RETRIES)
 def finish_run(run: RunContext, outcome: str, reason: str = "", tags: dict[str, str] | None = None) -> None:
     if tags:
-        registry.set_tags(run.run_id, tags)
-    registry.end_run(run.run_id, outcome, reason)
+        store.set_tags(run.run_id, tags)
+    store.end_run(run.run_id, outcome, reason)
 
 
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
@@ -220,15 +222,15 @@ def publish_summary(
     evaluation: pipeline.Evaluation | None = None,
     fit: pipeline.CalibrationRecord | None = None,
     verdict: GateVerdict | None = None,
-    version: registry.RegisteredVersion | None = None,
+    version: registration.RegisteredVersion | None = None,
 ) -> None:
     summary = pipeline.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit, verdict, version)
     create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary", markdown=summary)
     # The same text, verdict line first, as the MLflow run's and version's description. Best effort:
     # the run's outcome is decided and recorded already, a description is no reason to undo it.
     try:
-        registry.set_run_description(run.run_id, summary)
+        store.set_run_description(run.run_id, summary)
         if version is not None:
-            registry.set_version_description(version.name, version.version, summary)
+            store.set_version_description(version.name, version.version, summary)
     except Exception as error:  # noqa: BLE001
         get_run_logger().warning("could not write the MLflow description (%s: %s)", type(error).__name__, error)

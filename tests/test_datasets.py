@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from calibflow.data.datasets import same_tree
 from calibflow.data.prepare import write_digits
@@ -82,7 +82,7 @@ def test_data_add_commits_only_the_pointer_and_the_next_run_records_its_hash(tin
 
     # The next run trains on it and names it.
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "data.path=data/fives"]) == 0
-    registry.configure_tracking(tiny_repo)
+    store.configure_tracking(tiny_repo)
     champion = MlflowClient().get_model_version_by_alias("tiny-digits", "champion")
     assert champion.tags["data_path"] == "data/fives"
     assert champion.tags["data_hash"] == recorded_hash(tiny_repo, "fives")

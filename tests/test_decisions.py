@@ -293,7 +293,7 @@ def test_a_decision_gate_without_its_fitted_rule_cannot_be_gated():
 
 
 def served(tmp_path: Path, decisions_path: Path | None):
-    from calibflow.tracking.registry import CalibratedImageClassifier, write_model_files
+    from calibflow.tracking.served_model import CalibratedImageClassifier, write_model_files
     from tests.conftest import untrained_model
 
     model = untrained_model(tmp_path / "work")
@@ -337,7 +337,7 @@ def test_a_model_registered_before_decisions_still_loads_and_decides_the_label(t
 def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_gates_them(
     tmp_path, monkeypatch, capsys
 ):
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.cli import main as calibflow
     from tests.conftest import make_repo
 
@@ -368,7 +368,7 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
 
     assert calibflow(["run", "--repo", str(repo), *rules]) == 0
     capsys.readouterr()
-    registry.configure_tracking(repo)
+    store.configure_tracking(repo)
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -386,7 +386,7 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
         assert f"test/decision/{name}" in metrics, name
     report = json.loads((repo / "reports" / "metrics.json").read_text())["test"]["decision"]
     assert report["positive_threshold"] == metrics["test/decision/positive_threshold"]
-    gates = json.loads(Path(registry.download_run_artifact(version.run_id, "gates/gates.json", tmp_path)).read_text())
+    gates = json.loads(Path(store.download_run_artifact(version.run_id, "gates/gates.json", tmp_path)).read_text())
     assert {"max_selective_risk", "min_conformal_coverage"} <= {c["name"] for c in gates["checks"]}
     plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
     assert {"plots/decision_score_histograms.png", "plots/risk_coverage.png"} <= plots
@@ -394,9 +394,10 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     # A fresh process: MLflow's own loader accepts the declared param, the default output is unchanged.
     script = textwrap.dedent(f"""
         import json, numpy as np
-        from calibflow.tracking import registry
-        registry.configure_tracking({str(repo)!r})
-        model = registry.load_model("models:/tiny-digits@champion")
+        from calibflow.tracking import registration
+        from calibflow.tracking import store
+        store.configure_tracking({str(repo)!r})
+        model = registration.load_model("models:/tiny-digits@champion")
         images = np.stack([np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("L"))[..., None]
                            for p in sorted(__import__("glob").glob({str(repo / "data/tiny/8/*.png")!r}))[:6]])
         probabilities = model.predict(images)
@@ -464,7 +465,8 @@ def test_a_target_the_trained_model_cannot_meet_is_a_rejection_that_registers_no
 
 @pytest.mark.e2e
 def test_an_ensemble_serves_decisions_fitted_on_its_averaged_calibrated_probabilities(tiny_repo, tmp_path):
-    from calibflow.tracking import registry
+    from calibflow.tracking import registration
+    from calibflow.tracking import store
     from calibflow.cli import main as calibflow
     from calibflow.gates.decisions import DecisionPolicy
 
@@ -484,8 +486,8 @@ def test_an_ensemble_serves_decisions_fitted_on_its_averaged_calibrated_probabil
         )
         == 0
     )
-    registry.configure_tracking(tiny_repo)
-    model = registry.load_model("models:/tiny-digits@champion")
+    store.configure_tracking(tiny_repo)
+    model = registration.load_model("models:/tiny-digits@champion")
     wrapped = model.unwrap_python_model()
     assert len(wrapped.members) == 2 and wrapped.decision_policy.conformal is not None
     images = np.stack(

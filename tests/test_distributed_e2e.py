@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
@@ -31,7 +31,7 @@ def calibflow_run(repo: Path, *overrides: str) -> subprocess.CompletedProcess:
 def test_a_two_process_ddp_run_is_logged_and_registered_once_from_rank_0(tiny_repo):
     done = calibflow_run(tiny_repo, "train.distributed=ddp", "train.nproc=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    client = (registry.configure_tracking(tiny_repo), MlflowClient())[1]
+    client = (store.configure_tracking(tiny_repo), MlflowClient())[1]
     [version] = client.search_model_versions(f"name='{MODEL}'")
     assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
     run = client.get_run(version.run_id)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from tests.conftest import REPO, TINY_PARAMS
 
@@ -183,7 +183,7 @@ def registry_world(tmp_path_factory) -> Path:
     write_digits(world / "images", classes=(5, 6, 7, 8, 9), per_class=60)  # read, never written, by the cases
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        registry.configure_tracking(repo)
+        store.configure_tracking(repo)
         client = MlflowClient()
         experiment = client.create_experiment("exit-codes")
         run = client.create_run(experiment)
@@ -238,7 +238,7 @@ def test_status_lists_the_versions_of_a_model_whose_name_has_a_quote(world, caps
     assert calibflow(["status", "--model", QUOTED, "--repo", world["repo"]]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["1", "2"]
-    # the world's versions carry the tags of before calibflow.tracking.names (ece_post, accuracy, temperature)
+    # the world's versions carry the tags of before calibflow.names (ece_post, accuracy, temperature)
     assert "@champion" in rows[1] and "0.99" in rows[1] and "0.01" in rows[1] and "1.1" in rows[1]
 
 

@@ -16,7 +16,9 @@ import yaml
 from mlflow import MlflowClient
 
 from calibflow import pipeline
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import served_model
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from calibflow.config import load_config
 from tests.conftest import REPO, dvc, run, untrained_model
@@ -38,7 +40,7 @@ REQUIRED_TAGS = (
 
 
 def mlflow_client(repo: Path) -> MlflowClient:
-    registry.configure_tracking(repo)
+    store.configure_tracking(repo)
     return MlflowClient()
 
 
@@ -100,7 +102,7 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
         "gates/gates.json",
     } <= artifacts
     split_record = json.loads(
-        Path(registry.download_run_artifact(version.run_id, "data/splits.json", tmp_path)).read_text()
+        Path(store.download_run_artifact(version.run_id, "data/splits.json", tmp_path)).read_text()
     )
     assert split_record["digest"] == tags["split_digest"] == mlflow_run.data.tags["split_digest"]
 
@@ -237,14 +239,14 @@ def test_report_path_that_is_a_directory_fails_the_run_before_anything_is_regist
 
 
 def test_failure_after_registration_takes_the_version_and_its_alias_back(tiny_repo, monkeypatch, capsys):
-    end_run = registry.end_run
+    end_run = store.end_run
 
     def fail_to_finish(run_id, outcome, reason=""):
         if outcome == "succeeded":
             raise errors.StoreUnreachable("the store went away after registration (injected)")
         return end_run(run_id, outcome, reason)
 
-    monkeypatch.setattr(registry, "end_run", fail_to_finish)
+    monkeypatch.setattr(store, "end_run", fail_to_finish)
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 2
     message = capsys.readouterr().err
     assert "injected" in message and "nothing was registered and no alias moved" in message  # now true
@@ -263,9 +265,9 @@ def test_failure_after_registration_takes_the_version_and_its_alias_back(tiny_re
 
 def log_untrained_model(repo: Path, work: Path) -> str:
     model = untrained_model(work)
-    registry.configure_tracking(repo)
-    run_id = registry.start_run("registration-tests", repo_root=repo)
-    return registry.log_calibrated_model(
+    store.configure_tracking(repo)
+    run_id = store.start_run("registration-tests", repo_root=repo)
+    return served_model.log_calibrated_model(
         run_id, model.checkpoint, model.calibration_state, model.images[:2].permute(0, 2, 3, 1).numpy()
     )
 
@@ -275,16 +277,18 @@ RACER = textwrap.dedent("""\
     # with another process: each trial starts when the test creates its go file.
     import json, sys, time
     from pathlib import Path
-    from calibflow.tracking import registry
+    from calibflow.tracking import registration
+    from calibflow.tracking import served_model
+    from calibflow.tracking import store
 
     repo, model_uri, sync, trials, me = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    registry.configure_tracking(repo)
+    store.configure_tracking(repo)
     reported = []
     for trial in range(trials):
         (sync / f"ready-{trial}-{me}").touch()
         while not (sync / f"go-{trial}").exists():
             time.sleep(0.002)
-        version = registry.register_version(model_uri, f"race-{trial}", {})
+        version = registration.register_version(model_uri, f"race-{trial}", {})
         reported.append([version.name, version.version, version.alias])
     print(json.dumps(reported))
 """)
@@ -331,37 +335,37 @@ def test_undo_of_a_registration_puts_back_every_alias_it_moved_even_after_a_prom
     from calibflow.lifecycle import promotion
 
     model_uri = log_untrained_model(tiny_repo, tmp_path / "model")
-    first = registry.register_version(model_uri, "undo", {})
-    registry.undo_registration(first)  # the first version of a model: no version, no alias is left
-    assert registry.list_versions("undo") == [] and registry.aliases("undo") == {}
+    first = registration.register_version(model_uri, "undo", {})
+    registration.undo_registration(first)  # the first version of a model: no version, no alias is left
+    assert registration.list_versions("undo") == [] and registration.aliases("undo") == {}
 
-    v2, v3 = (registry.register_version(model_uri, "undo", {}) for _ in range(2))
+    v2, v3 = (registration.register_version(model_uri, "undo", {}) for _ in range(2))
     assert (v2.alias, v3.alias, v3.replaced) == ("champion", "challenger", None)
-    v4 = registry.register_version(model_uri, "undo", {})
+    v4 = registration.register_version(model_uri, "undo", {})
     assert (v4.alias, v4.replaced) == ("challenger", v3.version)
     promotion.promote("undo", v4.version, v2.version, report_path=None)
-    assert registry.aliases("undo") == {"champion": v4.version, "previous-champion": v2.version}
+    assert registration.aliases("undo") == {"champion": v4.version, "previous-champion": v2.version}
 
-    registry.undo_registration(v4)
-    assert registry.aliases("undo") == {"champion": v2.version, "challenger": v3.version}
-    assert [r.version for r in registry.list_versions("undo")] == [v2.version, v3.version]
+    registration.undo_registration(v4)
+    assert registration.aliases("undo") == {"champion": v2.version, "challenger": v3.version}
+    assert [r.version for r in registration.list_versions("undo")] == [v2.version, v3.version]
 
     # A later registration's @challenger is not taken from it by the undo of an earlier one.
-    v5, v6 = (registry.register_version(model_uri, "undo", {}) for _ in range(2))
-    registry.undo_registration(v5)
-    assert registry.aliases("undo") == {"champion": v2.version, "challenger": v6.version}
+    v5, v6 = (registration.register_version(model_uri, "undo", {}) for _ in range(2))
+    registration.undo_registration(v5)
+    assert registration.aliases("undo") == {"champion": v2.version, "challenger": v6.version}
 
 
 def test_undo_that_cannot_finish_says_the_version_may_still_be_registered(tiny_repo, tmp_path, monkeypatch):
     model_uri = log_untrained_model(tiny_repo, tmp_path / "model")
-    version = registry.register_version(model_uri, "stuck", {})
+    version = registration.register_version(model_uri, "stuck", {})
 
     def store_gone(self, name, number):
         raise ConnectionError("the store went away (injected)")
 
     monkeypatch.setattr(MlflowClient, "delete_model_version", store_gone)
     with pytest.raises(errors.RegistrationLeftBehind) as raised:
-        registry.undo_registration(version)
+        registration.undo_registration(version)
     message = str(raised.value)
     assert f"version {version.version} of stuck" in message and "may still be registered" in message
     assert "injected" in message
@@ -472,9 +476,7 @@ def test_other_calibrators_are_registered_and_served_and_auto_logs_its_compariso
     assert calibflow(["run", "--repo", str(tiny_repo), "--set", "calibration.method=auto", "--set", "seed=1"]) == 0
     auto = client.get_model_version_by_alias(MODEL, "challenger")
     table = json.loads(
-        Path(
-            registry.download_run_artifact(auto.run_id, "calibration/calibration_selection.json", tmp_path)
-        ).read_text()
+        Path(store.download_run_artifact(auto.run_id, "calibration/calibration_selection.json", tmp_path)).read_text()
     )
     methods = {row["method"] for row in table}
     assert {"temperature", "vector", "matrix", "histogram", "isotonic"} <= methods

@@ -1,12 +1,12 @@
 """The library's layering, read from the source (no import is executed): calibflow/ is plain
-Python over files, MLflow lives in calibflow/tracking/registry.py, Prefect in tasks/ and flows/.
+Python over files, MLflow lives in calibflow/tracking/, Prefect in tasks/ and flows/.
 
-- Only registry.py (and the CLI, for MLflow's exception class and Prefect's API setting) names
-  MLflow or Prefect in an import statement, anywhere in the file.
-- Importing any other module, except the few that are the registry's API for the CLI (REGISTRY_SIDE),
-  does not load MLflow, Prefect or calibflow.tracking.registry: the transitive closure of their module-level
-  imports reaches none of them. Imports inside functions run only when called, and are allowed for
-  modules that choose a store on request (errors.py, reading registry's exception classes).
+- Only calibflow/tracking/ (and the CLI, for Prefect's API setting) names MLflow or Prefect in an
+  import statement, anywhere in the file.
+- Importing any other module, except those on the registry's side (the tracking package and the use
+  cases after registration in calibflow/lifecycle/), does not load MLflow, Prefect or the tracking
+  package: the transitive closure of their module-level imports reaches none of them. Imports inside
+  functions run only when called.
 """
 
 from __future__ import annotations
@@ -20,22 +20,19 @@ import pytest
 from tests.conftest import REPO
 
 FRAMEWORKS = ("mlflow", "prefect")
-MAY_IMPORT_FRAMEWORKS = {"calibflow.tracking.registry", "calibflow.cli"}
-# Modules that read or move registered versions on the CLI's behalf: they import registry
-# (monitor and recalibrate: `calibflow monitor` / `recalibrate`, issue 14).
-REGISTRY_SIDE = {
-    "calibflow.tracking.registry",
-    "calibflow.cli",
-    "calibflow.lifecycle.promotion",
-    "calibflow.lifecycle.reproduce",
-    "calibflow.tracking.served_model_code",
-    "calibflow.lifecycle.monitor",
-    "calibflow.lifecycle.recalibrate",
-}
+TRACKING = "calibflow.tracking"
+MAY_IMPORT_FRAMEWORKS = {"calibflow.cli"}
+# Modules that read or move registered versions on the CLI's behalf: the tracking package itself and
+# the use cases after registration (promote, evaluate, monitor, recalibrate).
+REGISTRY_SIDE_PACKAGES = (TRACKING, "calibflow.lifecycle", "calibflow.cli")
+
+
+def registry_side(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in REGISTRY_SIDE_PACKAGES)
 
 
 def _imported(node: ast.AST, package: str) -> list[str]:
-    """Module names an import statement loads (`from calibflow import registry` loads calibflow.tracking.registry)."""
+    """Module names an import statement loads (`from calibflow import registry` loads calibflow.tracking.registration)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     if isinstance(node, ast.ImportFrom):
@@ -99,17 +96,17 @@ def test_only_the_registry_and_the_cli_import_mlflow_or_prefect():
     offenders = {
         module: sorted(_frameworks(names))
         for module, names in anywhere.items()
-        if module not in MAY_IMPORT_FRAMEWORKS and _frameworks(names)
+        if module not in MAY_IMPORT_FRAMEWORKS and not module.startswith(TRACKING + ".") and _frameworks(names)
     }
     assert offenders == {}
 
 
-@pytest.mark.parametrize("module", sorted(set(import_graph(REPO / "calibflow")[1]) - REGISTRY_SIDE))
+@pytest.mark.parametrize("module", sorted(m for m in import_graph(REPO / "calibflow")[1] if not registry_side(m)))
 def test_importing_the_library_loads_neither_mlflow_prefect_nor_the_registry(module):
     _, on_import = import_graph(REPO / "calibflow")
     loaded = loads_on_import(module, on_import)
     assert _frameworks(loaded) == set()
-    assert "calibflow.tracking.registry" not in loaded
+    assert not {m for m in loaded if m.startswith(TRACKING + ".")}
 
 
 def test_the_pipeline_hands_the_gates_ready_predictions_and_never_reads_the_champion():

@@ -15,7 +15,9 @@ import pytest
 import torch
 import yaml
 
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import served_model
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from calibflow.pipeline import load_calibrator
 from tests.conftest import untrained_model
@@ -29,24 +31,24 @@ def test_digest_changes_with_any_change_to_the_files_and_only_then(tmp_path):
     (root / "artifacts").mkdir(parents=True)
     (root / "MLmodel").write_text("flavors: {}\n")
     (root / "artifacts" / "weights.pt").write_bytes(b"\x00\x01\x02")
-    digest = registry.artifacts_digest(root)
-    assert registry.artifacts_digest(root) == digest and len(digest) == 64
+    digest = served_model.artifacts_digest(root)
+    assert served_model.artifacts_digest(root) == digest and len(digest) == 64
 
     (root / "artifacts" / "weights.pt").write_bytes(b"\x00\x01\x03")  # one byte
-    assert registry.artifacts_digest(root) != digest
+    assert served_model.artifacts_digest(root) != digest
     (root / "artifacts" / "weights.pt").write_bytes(b"\x00\x01\x02")
-    assert registry.artifacts_digest(root) == digest
+    assert served_model.artifacts_digest(root) == digest
 
     (root / "python_model.pkl").write_bytes(b"")  # an added file, even an empty one
-    assert registry.artifacts_digest(root) != digest
+    assert served_model.artifacts_digest(root) != digest
     (root / "python_model.pkl").unlink()
 
     (root / "artifacts" / "weights.pt").rename(root / "artifacts" / "weights2.pt")  # same bytes, other name
-    assert registry.artifacts_digest(root) != digest
+    assert served_model.artifacts_digest(root) != digest
     (root / "artifacts" / "weights2.pt").rename(root / "artifacts" / "weights.pt")
 
     os.symlink("/etc/hostname", root / "artifacts" / "link")  # a link is recorded, never followed
-    assert registry.artifacts_digest(root) != digest
+    assert served_model.artifacts_digest(root) != digest
 
 
 def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batch(tmp_path):
@@ -59,13 +61,13 @@ def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batc
         model.logits,
     )
 
-    files = registry.write_model_files(checkpoint, state, tmp_path / "served")
+    files = served_model.write_model_files(checkpoint, state, tmp_path / "served")
     assert set(files) == {"weights", "network", "classes", "calibration"}
     assert json.loads(Path(files["classes"]).read_text()) == ["cat", "dog", "eel"]
     weights = torch.load(files["weights"], weights_only=True)  # a plain state dict: no code in it
     assert set(weights) == set(network.state_dict())
 
-    served = registry.CalibratedImageClassifier()
+    served = served_model.CalibratedImageClassifier()
     served.load(files)
     batch = images.permute(0, 2, 3, 1).numpy()  # served as (N, H, W, C)
     expected = load_calibrator(str(state)).transform(logits).numpy()
@@ -108,14 +110,14 @@ def registered(tiny_repo_template, tmp_path_factory) -> Path:
 @pytest.fixture
 def repo(registered, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    registry.configure_tracking(registered)
+    store.configure_tracking(registered)
     return registered
 
 
 def stored_files(repo: Path) -> Path:
     """Where the artifact store keeps version 1's files (a folder of the local store)."""
-    registry.configure_tracking(repo)
-    location = registry.client().get_model_version_download_uri(MODEL, "1")
+    store.configure_tracking(repo)
+    location = store.client().get_model_version_download_uri(MODEL, "1")
     assert location.startswith("file://"), location
     return Path(location.removeprefix("file://"))
 
@@ -133,10 +135,10 @@ def tampered(repo, tmp_path):
 
 @pytest.mark.e2e
 def test_registered_version_stores_no_pickle_and_records_its_digest_and_classes(repo, tmp_path):
-    version = registry.client().get_model_version(MODEL, "1")
+    version = store.client().get_model_version(MODEL, "1")
     stored = stored_files(repo)
-    assert version.tags[registry.DIGEST_TAG] == registry.artifacts_digest(stored)
-    assert json.loads(version.tags[registry.CLASSES_TAG]) == ["0", "1", "2", "3", "4"]
+    assert version.tags[served_model.DIGEST_TAG] == served_model.artifacts_digest(stored)
+    assert json.loads(version.tags[served_model.CLASSES_TAG]) == ["0", "1", "2", "3", "4"]
     assert json.loads((stored / "artifacts" / "classes.json").read_text()) == ["0", "1", "2", "3", "4"]
     assert not list(stored.rglob("*.pkl"))
     pyfunc = yaml.safe_load((stored / "MLmodel").read_text())["flavors"]["python_function"]
@@ -150,7 +152,7 @@ def test_registered_version_stores_no_pickle_and_records_its_digest_and_classes(
     from calibflow.lifecycle.reproduce import predict_rows
 
     manifest = load_manifest(run_dir / "manifest.csv")
-    model = registry.load_model(f"models:/{MODEL}/1")
+    model = registration.load_model(f"models:/{MODEL}/1")
     served = predict_rows(model, str(repo / "data" / "tiny"), manifest, rows)
     expected = load_calibrator(str(run_dir / "calibration.json")).transform(logits).numpy()
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
@@ -224,14 +226,14 @@ def test_a_version_without_a_digest_is_not_loaded(repo, tampered, tmp_path, caps
     # What a version registered before calibflow recorded digests looks like (its files pickled).
     marker = tmp_path / "marker"
     swap_in_a_pickle(tampered, marker)
-    digest = registry.client().get_model_version(MODEL, "1").tags[registry.DIGEST_TAG]
-    registry.client().delete_model_version_tag(MODEL, "1", registry.DIGEST_TAG)
+    digest = store.client().get_model_version(MODEL, "1").tags[served_model.DIGEST_TAG]
+    store.client().delete_model_version_tag(MODEL, "1", served_model.DIGEST_TAG)
     try:
         assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 2
-        assert f"no {registry.DIGEST_TAG} tag" in capsys.readouterr().err
+        assert f"no {served_model.DIGEST_TAG} tag" in capsys.readouterr().err
         assert not marker.exists()
     finally:
-        registry.client().set_model_version_tag(MODEL, "1", registry.DIGEST_TAG, digest)
+        store.client().set_model_version_tag(MODEL, "1", served_model.DIGEST_TAG, digest)
 
 
 @pytest.mark.e2e
@@ -239,12 +241,12 @@ def test_a_stored_model_pinned_to_other_versions_is_named_in_a_warning_when_load
     """MLflow's own requirement check is skipped for its cost (2.5 s a load); ours reads the pins."""
     local = tmp_path / "copy"
     shutil.copytree(stored_files(repo), local)
-    assert registry.requirement_mismatches(local) == []  # registered here: every pin matches
+    assert registration.requirement_mismatches(local) == []  # registered here: every pin matches
     pins = (local / "requirements.txt").read_text()
     assert "torch==" in pins and "numpy==" in pins
     (local / "requirements.txt").write_text(pins.replace("numpy==", "numpy==0.0.1+").replace("mlflow==", "mlflow==0."))
-    mismatches = registry.requirement_mismatches(local)
+    mismatches = registration.requirement_mismatches(local)
     assert len(mismatches) == 2 and any(m.startswith("numpy==0.0.1") and "(here " in m for m in mismatches)
-    with caplog.at_level("WARNING", logger="calibflow.tracking.registry"):
-        registry.warn_requirement_mismatches(local)
+    with caplog.at_level("WARNING", logger="calibflow.tracking.registration"):
+        registration.warn_requirement_mismatches(local)
     assert "numpy==0.0.1" in caplog.text and "predictions may differ" in caplog.text

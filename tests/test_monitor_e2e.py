@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from tests.conftest import dvc, run
 
@@ -100,7 +100,7 @@ def test_monitor_says_fine_recalibrate_retrain_or_cannot_tell(tiny_repo, tmp_pat
     assert code in (2, 3) and "DRIFTED" in unlabeled_dark["reasons"][1]
 
     # each check is an MLflow run linked to the version, and the version points at the last one
-    registry.configure_tracking(tiny_repo)
+    store.configure_tracking(tiny_repo)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("calibflow-monitoring").experiment_id])
     assert len(runs) == 5 and {r.data.tags["model_version"] for r in runs} == {"1"}

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import served_model
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from calibflow.lifecycle.promotion import AUDIT_EXPERIMENT
 from tests.conftest import dvc, run
@@ -50,13 +52,13 @@ def repo(registry_template, tmp_path, monkeypatch) -> Path:
     copy = tmp_path / "repo"
     shutil.copytree(registry_template, copy, symlinks=True)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    registry.configure_tracking(copy)
+    store.configure_tracking(copy)
     return copy
 
 
 def aliases(repo: Path) -> dict[str, str]:
-    registry.configure_tracking(repo)
-    return registry.aliases(MODEL)
+    store.configure_tracking(repo)
+    return registration.aliases(MODEL)
 
 
 def gate(repo: Path, *args: str) -> int:
@@ -230,7 +232,7 @@ def test_two_racing_promotions_leave_one_champion_and_a_clear_failure(repo):
     assert "another promotion" in loser
     final = aliases(repo)
     assert final["champion"] in {"2", "3"} and final["previous-champion"] == "1"
-    assert MlflowClient().search_registered_models(f"name='{MODEL}{registry.LOCK_SUFFIX}'") == []  # lock released
+    assert MlflowClient().search_registered_models(f"name='{MODEL}{registration.LOCK_SUFFIX}'") == []  # lock released
 
 
 def test_registry_error_midway_leaves_the_aliases_as_they_were(repo, monkeypatch):
@@ -252,7 +254,7 @@ def test_registry_error_midway_leaves_the_aliases_as_they_were(repo, monkeypatch
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
     assert len(calls) >= 2
     assert aliases(repo) == before
-    assert MlflowClient().search_registered_models(f"name='{MODEL}{registry.LOCK_SUFFIX}'") == []
+    assert MlflowClient().search_registered_models(f"name='{MODEL}{registration.LOCK_SUFFIX}'") == []
 
 
 def test_served_model_class_satisfies_mlflow_type_hint_check() -> None:
@@ -260,7 +262,7 @@ def test_served_model_class_satisfies_mlflow_type_hint_check() -> None:
     # (np.ndarray) must not make it infer a signature either: the logged one is built from a real
     # prediction. A fresh interpreter, because the warning fires once, at import.
     result = subprocess.run(
-        [sys.executable, "-W", "always", "-c", "import calibflow.tracking.registry"],
+        [sys.executable, "-W", "always", "-c", "import calibflow.tracking.registration"],
         capture_output=True,
         text=True,
         check=True,
@@ -269,8 +271,8 @@ def test_served_model_class_satisfies_mlflow_type_hint_check() -> None:
 
 
 def versions(repo: Path) -> list[str]:
-    registry.configure_tracking(repo)
-    return [r.version for r in registry.list_versions(MODEL)]
+    store.configure_tracking(repo)
+    return [r.version for r in registration.list_versions(MODEL)]
 
 
 def commit_data(repo: Path, message: str) -> None:
@@ -311,7 +313,13 @@ def test_gate_and_promote_refuse_a_registered_candidate_of_other_classes(repo, c
     client.delete_registered_model_alias(MODEL, "champion")  # no champion: nothing to compare, it registers
     assert calibflow(["run", "--repo", str(repo), *QUICK, *LOOSE]) == 0
     client.set_registered_model_alias(MODEL, "champion", "1")
-    assert json.loads(client.get_model_version(MODEL, "4").tags[registry.CLASSES_TAG]) == ["1", "2", "3", "4", "zero"]
+    assert json.loads(client.get_model_version(MODEL, "4").tags[served_model.CLASSES_TAG]) == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "zero",
+    ]
     before = aliases(repo)
     capsys.readouterr()
 
@@ -324,7 +332,7 @@ def test_gate_and_promote_refuse_a_registered_candidate_of_other_classes(repo, c
 
 def test_champion_registered_without_a_class_list_is_not_compared(repo, capsys):
     # What a version registered before calibflow recorded classes and digests looks like.
-    MlflowClient().delete_model_version_tag(MODEL, "1", registry.CLASSES_TAG)
+    MlflowClient().delete_model_version_tag(MODEL, "1", served_model.CLASSES_TAG)
     assert gate(repo, "--candidate", "@challenger", *LOOSE) == 2
     err = capsys.readouterr().err
     assert "not comparable" in err and "classes are unknown" in err and "--against" in err

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from tests.test_monitor_e2e import add_folder, unseen_digits
 
@@ -58,7 +58,7 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
         == 1
     )
     assert "rejected, nothing registered" in capsys.readouterr().err
-    registry.configure_tracking(tiny_repo)
+    store.configure_tracking(tiny_repo)
     assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL}'")] == ["1"]
     assert (
         calibflow(
@@ -79,12 +79,12 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     out = capsys.readouterr().out
     assert "version 2 (@challenger): version 1's network recalibrated" in out
 
-    registry.configure_tracking(tiny_repo)
+    store.configure_tracking(tiny_repo)
     client = MlflowClient()
     new = client.get_model_version_by_alias(MODEL, "challenger")
     assert new.tags["recalibrated_from"] == "1" and new.tags["recalibration_data_path"] == data
     assert json.loads(new.tags["shift_suite"])["corruptions"]  # the suite ran on the new test half, recorded
-    gates = json.loads(registry.download_run_artifact(new.run_id, "gates/gates.json", tmp_path).read_text())
+    gates = json.loads(store.download_run_artifact(new.run_id, "gates/gates.json", tmp_path).read_text())
     assert "max_shift_ece" in {c["name"] for c in gates["checks"]}
     old = client.get_model_version(MODEL, "1")
     for lineage in ("data_hash", "params_hash", "git_commit", "seed"):
@@ -138,5 +138,5 @@ def test_recalibrate_refuses_what_it_cannot_use_and_registers_nothing(tiny_repo,
     )
     err = capsys.readouterr().err
     assert message in err and "nothing registered" in err and "Traceback" not in err
-    registry.configure_tracking(tiny_repo)
+    store.configure_tracking(tiny_repo)
     assert [str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL}'")] == ["1"]

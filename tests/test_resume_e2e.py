@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.training.models import load_checkpoint
 from calibflow.training.resume import checkpoint_root
 
@@ -43,9 +43,9 @@ def completed_epoch(repo: Path) -> int:
 
 
 def weights_of(repo: Path, run_id: str, out: Path) -> dict[str, torch.Tensor]:
-    registry.configure_tracking(repo)
+    store.configure_tracking(repo)
     return (
-        load_checkpoint(registry.download_run_artifact(run_id, "checkpoint/checkpoint.pt", out)).members[0].state_dict()
+        load_checkpoint(store.download_run_artifact(run_id, "checkpoint/checkpoint.pt", out)).members[0].state_dict()
     )
 
 
@@ -78,7 +78,7 @@ def test_a_run_killed_mid_training_resumes_and_registers_the_uninterrupted_weigh
     assert (
         f"{saved.name} is corrupted" in refused.stderr and "to train this model from its first epoch" in refused.stderr
     )
-    client = (registry.configure_tracking(tiny_repo), MlflowClient())[1]
+    client = (store.configure_tracking(tiny_repo), MlflowClient())[1]
     assert client.search_registered_models(f"name='{MODEL}'") == []
     saved.write_bytes(good)
 

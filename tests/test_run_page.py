@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from calibflow import pipeline
-from calibflow.tracking import names
+from calibflow import names
 from calibflow.gates.checks import GateCheck, GateVerdict
 
 BEFORE = {"accuracy": 0.9888, "nll": 0.0410, "brier": 0.0170, "ece": 0.0120, "mce": 0.31}
@@ -179,29 +179,29 @@ def test_run_page_in_a_browser(tmp_path, monkeypatch):
     the charts by prefix."""
     import html
 
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = registry.configure_tracking(tmp_path)
-    run_id = registry.start_run(
+    uri = store.configure_tracking(tmp_path)
+    run_id = store.start_run(
         "run-page",
         run_name="browser-check",
         repo_root=tmp_path,
-        source=registry.RunSource("flows/train_calibrate.py", git_commit="0" * 40),
+        source=store.RunSource("flows/train_calibrate.py", git_commit="0" * 40),
     )
     description = pipeline.summary_markdown(run_id, uri, "registered", evaluation(), FIT, verdict())
-    registry.set_run_description(run_id, description)
-    registry.log_dataset(
+    store.set_run_description(run_id, description)
+    store.log_dataset(
         run_id, "data/digits", str(tmp_path / "data" / "digits"), "c3361a1dd7b1f82c5e42dcea69cd4949.dir", "training"
     )
-    registry.log_metrics(
+    store.log_metrics(
         run_id, {**pipeline.test_metrics(evaluation()), **pipeline.fit_metrics(FIT), **pipeline.gate_metrics(verdict())}
     )
     for epoch in (1, 2, 3):
-        registry.log_metrics(run_id, {"train/loss": 1.0 / epoch, "val/nll": 0.5 / epoch}, step=epoch)
-    registry.set_tags(run_id, pipeline.gate_tags(verdict(), None))
-    registry.end_run(run_id, "succeeded")
-    experiment = registry.client().get_run(run_id).info.experiment_id
+        store.log_metrics(run_id, {"train/loss": 1.0 / epoch, "val/nll": 0.5 / epoch}, step=epoch)
+    store.set_tags(run_id, pipeline.gate_tags(verdict(), None))
+    store.end_run(run_id, "succeeded")
+    experiment = store.client().get_run(run_id).info.experiment_id
 
     port = free_port()
     server = subprocess.Popen(

@@ -38,7 +38,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from calibflow.tracking import leftovers
+from calibflow import leftovers
 from calibflow.config import load_config
 from calibflow.environment import STORE_PATIENCE_DEFAULTS
 from tests.conftest import make_repo, run
@@ -404,10 +404,12 @@ def test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retra
 DRIVER = textwrap.dedent("""\
     # `calibflow run` in this process, with the MLflow server stopped right before registration.
     import json, os, signal, sys, time, urllib.request
-    from calibflow.tracking import registry
+    from calibflow.tracking import registration
+    from calibflow.tracking import served_model
+    from calibflow.tracking import store
 
     calls = {"log_calibrated_model": 0, "register_version": 0}
-    log_calibrated_model, register_version = registry.log_calibrated_model, registry.register_version
+    log_calibrated_model, register_version = served_model.log_calibrated_model, registration.register_version
 
     def save():
         with open(os.environ["CALLS_FILE"], "w") as handle:
@@ -432,7 +434,7 @@ DRIVER = textwrap.dedent("""\
                     break
         return register_version(*args, **kwargs)
 
-    registry.log_calibrated_model, registry.register_version = counted_log, stop_server_then_register
+    served_model.log_calibrated_model, registration.register_version = counted_log, stop_server_then_register
     from calibflow.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -551,7 +553,7 @@ def server_records(repo: Path) -> list[dict]:
 
 @pytest.mark.timeout(300)
 def test_killed_run_leaves_a_server_and_a_running_run_that_the_next_run_ends(tiny_repo, tmp_path, monkeypatch):
-    from calibflow.tracking import registry
+    from calibflow.tracking import store
     from calibflow.cli import main as calibflow
 
     log = tmp_path / "killed-run.log"
@@ -586,7 +588,7 @@ def test_killed_run_leaves_a_server_and_a_running_run_that_the_next_run_ends(tin
         assert not leftovers.alive(server)
         assert record not in server_records(tiny_repo)  # forgotten; this process's own server is recorded now
 
-        registry.configure_tracking(tiny_repo)
+        store.configure_tracking(tiny_repo)
         marked = MlflowClient().get_run(killed_run_id)
         assert marked.info.status == "KILLED" and marked.data.tags["calibflow.status"] == "killed"
         assert f"pid {killed.pid}" in marked.data.tags["calibflow.reason"]

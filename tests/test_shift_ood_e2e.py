@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from calibflow.tracking import registry
+from calibflow.tracking import store
 from calibflow.cli import main as calibflow
 from tests.conftest import dvc, run
 
@@ -23,7 +23,7 @@ CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
 
 
 def client_of(repo: Path) -> MlflowClient:
-    registry.configure_tracking(repo)
+    store.configure_tracking(repo)
     return MlflowClient()
 
 
@@ -85,7 +85,7 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
     assert 0.0 <= metrics["ood/energy/fpr95"] <= 1.0 and 0.0 <= metrics["ood/msp/auroc"] <= 1.0
     plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
     assert {"plots/shift_curves.png", "plots/ood_score_histograms.png"} <= plots
-    gates = json.loads(Path(registry.download_run_artifact(version.run_id, "gates/gates.json", tmp_path)).read_text())
+    gates = json.loads(Path(store.download_run_artifact(version.run_id, "gates/gates.json", tmp_path)).read_text())
     assert {"max_shift_ece", "max_ood_fpr95"} <= {c["name"] for c in gates["checks"]}
     report = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
     assert report["ood"]["energy"]["auroc"] == metrics["ood/energy/auroc"]
@@ -109,10 +109,11 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
     script = textwrap.dedent(f"""
         import json, sys
         import numpy as np
-        from calibflow.tracking import registry
+        from calibflow.tracking import registration
+        from calibflow.tracking import store
         from calibflow.data.images import decode_image
-        registry.configure_tracking({str(tiny_repo)!r})
-        model = registry.load_model("models:/{MODEL}@champion")
+        store.configure_tracking({str(tiny_repo)!r})
+        model = registration.load_model("models:/{MODEL}@champion")
         files = sorted(__import__("pathlib").Path({str(tiny_repo / ood_path)!r}).glob("*.png"))[:4]
         images = np.stack([decode_image(f, "L", (8, 8)) for f in files])
         probabilities = model.predict(images)
@@ -227,7 +228,7 @@ def test_a_failing_shift_gate_exits_1_with_the_check_in_its_json(tiny_repo, caps
     )
     challenger = client.get_model_version_by_alias(MODEL, "challenger")
     gates = json.loads(
-        Path(registry.download_run_artifact(challenger.run_id, "gates/gates.json", tmp_path)).read_text()
+        Path(store.download_run_artifact(challenger.run_id, "gates/gates.json", tmp_path)).read_text()
     )
     increase = next(c for c in gates["checks"] if c["name"] == "max_shift_ece_increase")
     # a bound, not a point value: on the few test images the two splits share it is wide
@@ -359,7 +360,7 @@ def last_run_gate(client: MlflowClient, out: Path) -> dict:
     latest = client.search_runs(
         [client.get_experiment_by_name("tiny").experiment_id], order_by=["attributes.start_time DESC"], max_results=1
     )[0]
-    return ood_check(registry.download_run_artifact(latest.info.run_id, "gates/gates.json", out))
+    return ood_check(store.download_run_artifact(latest.info.run_id, "gates/gates.json", out))
 
 
 def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_registry(tmp_path, monkeypatch):

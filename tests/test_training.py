@@ -162,7 +162,7 @@ def test_served_model_loads_the_temperature_only_calibration_state_of_older_vers
     import json
 
     from calibflow.metrics import calibrated_probabilities
-    from calibflow.tracking.registry import CalibratedImageClassifier, write_model_files
+    from calibflow.tracking.served_model import CalibratedImageClassifier, write_model_files
 
     x, y = blobs()
     model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)

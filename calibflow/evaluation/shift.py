@@ -21,7 +21,7 @@ import numpy as np
 
 from calibflow.evaluation.corruptions import CORRUPTION_VERSION, corrupt_batch
 from calibflow.disk_cache import cached_array
-from calibflow.tracking.names import CALIBRATED, UNCALIBRATED, shift_metric
+from calibflow.names import CALIBRATED, UNCALIBRATED, shift_metric
 from calibflow.progress import progress_bar
 
 SUITE_TAG = "shift_suite"  # the registered version's suite (JSON), for `calibflow evaluate` and `calibflow gate`
@@ -143,7 +143,7 @@ class SuiteResult:
         }
 
     def flat_metrics(self) -> dict[str, float]:
-        """MLflow metric names (calibflow.tracking.names): shift/<stage>/<corruption>_s<severity>_<metric> and
+        """MLflow metric names (calibflow.names): shift/<stage>/<corruption>_s<severity>_<metric> and
         shift/<stage>/mean_<metric>, stage uncalibrated or calibrated."""
         stage = {"before": UNCALIBRATED, "after": CALIBRATED}
         flat = {

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import store
 from calibflow.evaluation.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
 from calibflow.config import Config
 from calibflow.gates.statistics import (
@@ -42,7 +43,7 @@ from calibflow.gates.statistics import (
 )
 from calibflow.data.images import load_images
 from calibflow.data.manifest import is_image_file
-from calibflow.tracking.names import CALIBRATED, on_test, version_tag
+from calibflow.names import CALIBRATED, on_test, version_tag
 from calibflow.lifecycle.reproduce import decode_rows, predict_in_batches, rebuild_test_split, served_classes
 from calibflow.data.versioning import resolve_data
 from calibflow.errors import MonitorDataError
@@ -138,8 +139,8 @@ def _recorded(tags: dict[str, str]) -> dict[str, float]:
 
 
 def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".") -> MonitorReport:
-    record = registry.resolve_model_uri(model_uri)
-    model = registry.load_model(f"models:/{record.name}/{record.version}")
+    record = registration.resolve_model_uri(model_uri)
+    model = registration.load_model(f"models:/{record.name}/{record.version}")
     classes = served_classes(model)
     data = resolve_data(repo_root, data_path, None)
     paths, labels = read_monitoring_folder(data.local_dir, classes, data_path)
@@ -270,7 +271,7 @@ def _judge_unlabeled(
 
 def log_monitor_run(report: MonitorReport, repo_root: str | Path = ".") -> str:
     """The check as an MLflow run, linked both ways to the model version."""
-    run_id = registry.start_run(
+    run_id = store.start_run(
         MONITOR_EXPERIMENT,
         f"monitor {report.model} v{report.version}",
         {
@@ -283,13 +284,13 @@ def log_monitor_run(report: MonitorReport, repo_root: str | Path = ".") -> str:
         },
         repo_root,
     )
-    registry.log_metrics(run_id, {f"monitor/{k}": v for k, v in report.measured.items()})
+    store.log_metrics(run_id, {f"monitor/{k}": v for k, v in report.measured.items()})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "monitor.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
-        registry.log_artifact(run_id, path)
-    registry.end_run(run_id, "succeeded", report.verdict)
-    registry.set_version_tags(
+        store.log_artifact(run_id, path)
+    store.end_run(run_id, "succeeded", report.verdict)
+    registration.set_version_tags(
         report.model, report.version, {"last_monitor_run": run_id, "last_monitor_verdict": report.verdict}
     )
     return run_id

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import served_model
+from calibflow.tracking import store
 from calibflow.config import DEFAULT_N_BINS, GatesConfig
 from calibflow.gates.checks import GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
 from calibflow.errors import GateInputError
@@ -45,22 +47,22 @@ FIT_SPLITS = ("train", "val", "calibration")
 CI_JOB_VARIABLES = ("GITHUB_RUN_ID", "CI_JOB_ID", "BUILD_ID", "BUILDKITE_BUILD_ID", "CIRCLE_WORKFLOW_JOB_ID", "JOB_ID")
 
 
-def resolve_ref(model_name: str, ref: str) -> registry.VersionRecord:
+def resolve_ref(model_name: str, ref: str) -> registration.VersionRecord:
     """`@alias` or a version number to the registry's record."""
     uri = f"models:/{model_name}@{ref[1:]}" if ref.startswith("@") else f"models:/{model_name}/{ref}"
-    return registry.resolve_model_uri(uri)
+    return registration.resolve_model_uri(uri)
 
 
-def seen_by(record: registry.VersionRecord) -> set[str]:
+def seen_by(record: registration.VersionRecord) -> set[str]:
     """Content hashes of every image the version was fitted on (train, val, calibration)."""
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = load_manifest(registry.download_run_artifact(record.run_id, "data/manifest.csv", tmp))
-        split = Split.load(registry.download_run_artifact(record.run_id, "data/splits.json", tmp))
+        manifest = load_manifest(store.download_run_artifact(record.run_id, "data/manifest.csv", tmp))
+        split = Split.load(store.download_run_artifact(record.run_id, "data/splits.json", tmp))
     rows = np.concatenate([split.indices[name] for name in FIT_SPLITS])
     seen = set(manifest["sha256"].iloc[rows])
     source = record.tags.get("recalibrated_from")
     if source:  # its network learned from the source's images too
-        seen |= seen_by(registry.resolve_model_uri(f"models:/{record.name}/{source}"))
+        seen |= seen_by(registration.resolve_model_uri(f"models:/{record.name}/{source}"))
     return seen
 
 
@@ -103,12 +105,12 @@ class GateReport:
         return path
 
 
-def champion_for(model_name: str, against: str | None, candidate_version: str) -> registry.VersionRecord | None:
+def champion_for(model_name: str, against: str | None, candidate_version: str) -> registration.VersionRecord | None:
     """The version to compare with: `against` (an alias that may not exist yet, or a version that
     must), or None when there is none or it is the candidate itself."""
     if against is None:
         return None
-    if against.startswith("@") and registry.alias_version(model_name, against[1:]) is None:
+    if against.startswith("@") and registration.alias_version(model_name, against[1:]) is None:
         return None
     champion = resolve_ref(model_name, against)
     return None if champion.version == candidate_version else champion
@@ -131,24 +133,24 @@ def class_order(candidate_classes: list[str], champion_classes: list[str], champ
     return np.array([column[name] for name in candidate_classes], dtype=np.int64)
 
 
-def _comparable_champion(model_name: str, champion: registry.VersionRecord, candidate_classes: list[str]):
+def _comparable_champion(model_name: str, champion: registration.VersionRecord, candidate_classes: list[str]):
     """The champion's model, verified and loaded, and the column order that matches its classes
     to the candidate's (class_order); NotComparable before anything is predicted when they differ."""
-    if registry.CLASSES_TAG not in champion.tags or registry.DIGEST_TAG not in champion.tags:
+    if served_model.CLASSES_TAG not in champion.tags or served_model.DIGEST_TAG not in champion.tags:
         raise NotComparable(
             f"not comparable: champion version {champion.version} of {model_name} was registered before calibflow "
-            f"recorded a model's classes and artifact digest (tags {registry.CLASSES_TAG}, {registry.DIGEST_TAG}), so "
+            f"recorded a model's classes and artifact digest (tags {served_model.CLASSES_TAG}, {served_model.DIGEST_TAG}), so "
             f"its classes are unknown and calibflow will not load it. Gate against a version registered since "
             f"(--against VERSION), or retire it: a person deletes its @champion alias once, and the next run's "
             f"version becomes the champion on the absolute gates (infra/TRUST.md)"
         )
-    model = registry.load_model(f"models:/{model_name}/{champion.version}")
+    model = registration.load_model(f"models:/{model_name}/{champion.version}")
     return model, class_order(candidate_classes, served_classes(model), champion.version)
 
 
 def _comparison(
     model_name: str,
-    champion: registry.VersionRecord | None,
+    champion: registration.VersionRecord | None,
     candidate_probs: np.ndarray,
     candidate_classes: list[str],
     test_rows: np.ndarray,
@@ -180,7 +182,7 @@ def _comparison(
 
 def _shift_comparison(
     model_name: str,
-    champion: registry.VersionRecord,
+    champion: registration.VersionRecord,
     shifted: ShiftedPredictions,
     candidate_classes: list[str],
     manifest: pd.DataFrame,
@@ -212,8 +214,8 @@ class EvaluationSet:
     """What the gates of a registered candidate read: its test split, and the images it shares
     with the champion (neither model fitted on them), both models' probabilities recomputed."""
 
-    candidate: registry.VersionRecord
-    champion: registry.VersionRecord | None
+    candidate: registration.VersionRecord
+    champion: registration.VersionRecord | None
     predictions: Predictions
     comparison: tuple[Predictions, Predictions] | None
     excluded_seen_by_champion: int
@@ -223,7 +225,7 @@ class EvaluationSet:
     ood: OODScores | None = None  # the candidate's OOD scores on its test split and its OOD folder
 
 
-def _ood_gate_scores(candidate: registry.VersionRecord, model, rebuilt, repo_root: str | Path) -> OODScores:
+def _ood_gate_scores(candidate: registration.VersionRecord, model, rebuilt, repo_root: str | Path) -> OODScores:
     """The score the run gated on (ood.score), recomputed by the served pyfunc on the test split
     and on the OOD folder the version recorded, re-read at its revision and DVC hash."""
     from calibflow.evaluation.ood import OOD_TAG, in_distribution_score
@@ -265,7 +267,7 @@ def evaluation_set(
     data, manifest, split = rebuilt.data, rebuilt.manifest, rebuilt.split
     test_rows = split.indices["test"]
     labels = manifest["label_index"].to_numpy()[test_rows]
-    candidate_model = registry.load_model(f"models:/{model_name}/{candidate.version}")
+    candidate_model = registration.load_model(f"models:/{model_name}/{candidate.version}")
     candidate_probs = predict_rows(candidate_model, data.local_dir, manifest, test_rows)
     comparison, excluded = _comparison(
         model_name,
@@ -390,7 +392,7 @@ def gate_logits(
     `calibflow evaluate` checks); the champion comes from the registry. Same evaluation set and
     the same `evaluate_gates`."""
     manifest = load_manifest(manifest_path)
-    champion = registry.alias_record(model_name, registry.CHAMPION)
+    champion = registration.alias_record(model_name, registration.CHAMPION)
     labels = manifest["label_index"].to_numpy()[test_rows]
     # The candidate's classes are its data's class folders, as its checkpoint records them.
     split = Split.load(split_path)
@@ -457,8 +459,8 @@ def promote(
     promoted it, from what, and why; the gate report is kept in an audit run."""
     actor = who()
     holder = f"{actor['user']} {actor['ci_job']} pid {os.getpid()}".strip()
-    with registry.promotion_lock(model_name, holder):
-        current = registry.alias_version(model_name, registry.CHAMPION)
+    with registration.promotion_lock(model_name, holder):
+        current = registration.alias_version(model_name, registration.CHAMPION)
         if current == candidate_version:
             raise AlreadyChampion(
                 f"version {candidate_version} already is @champion of {model_name}: nothing to "
@@ -469,7 +471,7 @@ def promote(
                 f"@champion of {model_name} is now {current}, not {gated_against} as when the gate ran: another "
                 f"promotion won; gate version {candidate_version} again against the new champion"
             )
-        registry.set_version_tags(
+        registration.set_version_tags(
             model_name,
             candidate_version,
             {
@@ -480,14 +482,14 @@ def promote(
                 **({"promotion_forced_reason": force_reason} if force_reason else {}),
             },
         )
-        target: dict[str, str | None] = {registry.CHAMPION: candidate_version}
+        target: dict[str, str | None] = {registration.CHAMPION: candidate_version}
         if current:
-            target[registry.PREVIOUS_CHAMPION] = current
-        if registry.alias_version(model_name, registry.CHALLENGER) == candidate_version:
-            target[registry.CHALLENGER] = None  # it is the champion now
-        registry.apply_aliases(model_name, target)
+            target[registration.PREVIOUS_CHAMPION] = current
+        if registration.alias_version(model_name, registration.CHALLENGER) == candidate_version:
+            target[registration.CHALLENGER] = None  # it is the champion now
+        registration.apply_aliases(model_name, target)
     if report_path:
-        registry.log_audit_run(
+        store.log_audit_run(
             AUDIT_EXPERIMENT,
             f"promote {model_name} v{candidate_version}",
             {
@@ -507,18 +509,22 @@ def rollback(model_name: str) -> Promotion:
     """Move @champion back to the version it was promoted from (the chain of `promoted_from`
     tags, so repeated rollbacks walk further back)."""
     actor = who()
-    with registry.promotion_lock(model_name, f"{actor['user']} rollback pid {os.getpid()}"):
-        current = registry.alias_record(model_name, registry.CHAMPION)
+    with registration.promotion_lock(model_name, f"{actor['user']} rollback pid {os.getpid()}"):
+        current = registration.alias_record(model_name, registration.CHAMPION)
         if current is None:
             raise LookupError(f"{model_name} has no @champion to roll back")
-        previous = current.tags.get("promoted_from") or registry.alias_version(model_name, registry.PREVIOUS_CHAMPION)
+        previous = current.tags.get("promoted_from") or registration.alias_version(
+            model_name, registration.PREVIOUS_CHAMPION
+        )
         if not previous:
             raise LookupError(f"@champion (version {current.version}) of {model_name} has no previous champion")
         before_previous = resolve_ref(model_name, previous).tags.get("promoted_from") or None
-        registry.set_version_tags(
+        registration.set_version_tags(
             model_name,
             current.version,
             {"rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rolled_back_by": actor["user"]},
         )
-        registry.apply_aliases(model_name, {registry.CHAMPION: previous, registry.PREVIOUS_CHAMPION: before_previous})
+        registration.apply_aliases(
+            model_name, {registration.CHAMPION: previous, registration.PREVIOUS_CHAMPION: before_previous}
+        )
     return Promotion(model_name, previous, current.version, forced=False)

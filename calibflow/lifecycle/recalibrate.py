@@ -26,14 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import served_model
+from calibflow.tracking import store
 from calibflow.config import Config
 from calibflow.gates.checks import GateVerdict, Predictions, evaluate_gates
 from calibflow.errors import GateInputError
 from calibflow.data.images import load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import probability_report
-from calibflow.tracking.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
+from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.lifecycle.promotion import champion_for
 from calibflow.lifecycle.reproduce import served_classes, served_policy
 from calibflow.data.splits import stratified_split
@@ -56,13 +58,13 @@ RECALIBRATION_FRACTIONS = {"train": 0.0, "val": 0.0, "calibration": 0.5, "test":
 
 @dataclass
 class Recalibration:
-    source: registry.VersionRecord
+    source: registration.VersionRecord
     run_id: str
     verdict: GateVerdict
     before: dict[str, float]  # the source's calibrator on the new test half
     after: dict[str, float]  # the new calibrator on it
     seconds: float
-    version: registry.RegisteredVersion | None = None  # None: rejected by the gates
+    version: registration.RegisteredVersion | None = None  # None: rejected by the gates
 
     @property
     def registered(self) -> bool:
@@ -108,7 +110,7 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
         champion_model = (
             served
             if champion.version == source.version
-            else registry.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model()
+            else registration.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model()
         )
         comparison = {
             key: (shift[key], Predictions(champion_model.probabilities(x), labels[rows])) for key, x in cells.items()
@@ -128,8 +130,8 @@ def recalibrate(
     from calibflow.gates.plan import small_test_split_warning
 
     started = time.perf_counter()
-    source = registry.resolve_model_uri(model_uri)
-    model = registry.load_model(f"models:/{source.name}/{source.version}")
+    source = registration.resolve_model_uri(model_uri)
+    model = registration.load_model(f"models:/{source.name}/{source.version}")
     served = model.unwrap_python_model()
     if not served_policy(model).is_empty:
         raise RecalibrationError(
@@ -187,7 +189,7 @@ def recalibrate(
             theirs = (
                 source_probabilities
                 if champion.version == source.version
-                else registry.load_model(f"models:/{source.name}/{champion.version}").predict(images[test_rows])
+                else registration.load_model(f"models:/{source.name}/{champion.version}").predict(images[test_rows])
             )
             comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
         shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(
@@ -211,7 +213,7 @@ def recalibrate(
         except GateInputError as error:
             raise RecalibrationError(f"the gates cannot read a recalibration: {error}") from error
 
-        run_id = registry.start_run(
+        run_id = store.start_run(
             config.registry.experiment,
             f"recalibrate v{source.version}",
             {
@@ -221,7 +223,7 @@ def recalibrate(
             },
             repo_root,
         )
-        registry.log_metrics(
+        store.log_metrics(
             run_id,
             {
                 **{f"test/source/{k}": v for k, v in before.items()},
@@ -240,15 +242,15 @@ def recalibrate(
             if not (work / folder).is_dir():
                 continue
             for file in (work / folder).iterdir():
-                registry.log_artifact(run_id, file, folder)
+                store.log_artifact(run_id, file, folder)
         result = Recalibration(source, run_id, verdict, before, after, 0.0)
         if not verdict.absolute_passed:
-            registry.end_run(run_id, "failed", verdict.summary())
+            store.end_run(run_id, "failed", verdict.summary())
             result.seconds = time.perf_counter() - started
             return result
-        checkpoint = registry.download_run_artifact(source.run_id, "checkpoint/checkpoint.pt", work / "source")
-        logged = registry.log_calibrated_model(run_id, checkpoint, fit.state_path, images[test_rows[:2]])
-        registry.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
+        checkpoint = store.download_run_artifact(source.run_id, "checkpoint/checkpoint.pt", work / "source")
+        logged = served_model.log_calibrated_model(run_id, checkpoint, fit.state_path, images[test_rows[:2]])
+        store.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
         tags = {
             **{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},
             "n_bins": str(config.evaluation.n_bins),
@@ -263,10 +265,10 @@ def recalibrate(
             **suite_tags,
         }
         try:
-            result.version = registry.register_version(logged, source.name, tags)
+            result.version = registration.register_version(logged, source.name, tags)
         except Exception as error:
-            registry.end_run(run_id, "failed", f"registration failed: {error}")
+            store.end_run(run_id, "failed", f"registration failed: {error}")
             raise
-        registry.end_run(run_id, "succeeded")
+        store.end_run(run_id, "succeeded")
     result.seconds = time.perf_counter() - started
     return result

@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibflow.tracking import registry
+from calibflow.tracking import registration
+from calibflow.tracking import served_model
+from calibflow.tracking import store
 from calibflow.config import DEFAULT_N_BINS
 from calibflow.gates.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
 from calibflow.data.images import decode_image, load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint
 from calibflow.metrics import probability_report
-from calibflow.tracking.names import CALIBRATED, on_test, version_tag
+from calibflow.names import CALIBRATED, on_test, version_tag
 from calibflow.data.splits import Split
 from calibflow.data.versioning import DataVersion, resolve_recorded_data
 
@@ -76,7 +78,7 @@ class RebuiltTestSplit:
     split: Split
 
 
-def rebuild_test_split(record: registry.VersionRecord, repo_root: str | Path = ".") -> RebuiltTestSplit:
+def rebuild_test_split(record: registration.VersionRecord, repo_root: str | Path = ".") -> RebuiltTestSplit:
     """The data a registered version was trained on, at its recorded revision (checked against its
     DVC hash), with the manifest and split indices of its run (checked against each other)."""
     tags = record.tags
@@ -84,7 +86,7 @@ def rebuild_test_split(record: registry.VersionRecord, repo_root: str | Path = "
     prefix = "recalibration_data" if "recalibration_data_hash" in tags else "data"
     data = resolve_recorded_data(repo_root, tags[f"{prefix}_path"], tags[f"{prefix}_rev"], tags[f"{prefix}_hash"])
     with tempfile.TemporaryDirectory() as tmp:
-        split = Split.load(registry.download_run_artifact(record.run_id, "data/splits.json", tmp))
+        split = Split.load(store.download_run_artifact(record.run_id, "data/splits.json", tmp))
     manifest = build_manifest(data.local_dir)
     if manifest_fingerprint(manifest) != split.manifest_fingerprint:
         raise ValueError(f"the manifest of {data.path} at {data.rev} no longer matches the one the split was made on")
@@ -102,7 +104,7 @@ def served_policy(model) -> DecisionPolicy | None:
 
 
 def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    """A loaded model's (registry.load_model) calibrated probabilities on manifest rows, decoded
+    """A loaded model's (registration.load_model) calibrated probabilities on manifest rows, decoded
     its own way. Columns in the model's class order (served_classes)."""
     meta = model.metadata.metadata
     images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
@@ -131,14 +133,14 @@ def ood_scores_of(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> dic
     """A loaded model's out-of-distribution scores ({"msp", "energy"}) on uint8 images (N, H, W, C),
     from the served pyfunc (params={"output": "ood"})."""
     frames = [
-        model.predict(images_nhwc[i : i + batch_size], params={registry.OUTPUT_PARAM: "ood"})
+        model.predict(images_nhwc[i : i + batch_size], params={served_model.OUTPUT_PARAM: "ood"})
         for i in range(0, len(images_nhwc), batch_size)
     ]
     return {name: np.concatenate([np.asarray(f[name], np.float64) for f in frames]) for name in ("msp", "energy")}
 
 
 def recorded_ood_scores(
-    model, record: registry.VersionRecord, rebuilt: RebuiltTestSplit, repo_root: str | Path = "."
+    model, record: registration.VersionRecord, rebuilt: RebuiltTestSplit, repo_root: str | Path = "."
 ) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(score name, scores on the test split, scores on the OOD images) of a version registered
     with an OOD folder (ood.OOD_TAG): the folder re-read at its recorded revision and checked
@@ -159,7 +161,7 @@ def recorded_ood_scores(
     return recorded["score"], inside, outside
 
 
-def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestSplit) -> tuple[dict, dict]:
+def reproduce_shift(model, record: registration.VersionRecord, rebuilt: RebuiltTestSplit) -> tuple[dict, dict]:
     """(recomputed, logged) per-cell accuracy, ECE and NLL after calibration of the version's
     corruption suite: the run's shift/shift_metrics.json against the served pyfunc on the
     rebuilt, re-corrupted test images."""
@@ -170,7 +172,7 @@ def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestS
     suite = Suite.from_json(record.tags[SUITE_TAG])
     with tempfile.TemporaryDirectory() as tmp:
         logged_result = json.loads(
-            Path(registry.download_run_artifact(record.run_id, "shift/shift_metrics.json", tmp)).read_text()
+            Path(store.download_run_artifact(record.run_id, "shift/shift_metrics.json", tmp)).read_text()
         )
     rows = rebuilt.split.indices["test"][: suite.max_images]
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
@@ -184,16 +186,16 @@ def reproduce_shift(model, record: registry.VersionRecord, rebuilt: RebuiltTestS
 
 
 def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
-    record = registry.resolve_model_uri(model_uri)
+    record = registration.resolve_model_uri(model_uri)
     rebuilt = rebuild_test_split(record, repo_root)
     rows = rebuilt.split.indices["test"]
     # The version just resolved, even if the alias moves meanwhile.
-    model = registry.load_model(f"models:/{record.name}/{record.version}")
+    model = registration.load_model(f"models:/{record.name}/{record.version}")
     probabilities = predict_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rows)
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     tags = record.tags
     recomputed = probability_report(probabilities, labels, int(tags.get("n_bins", DEFAULT_N_BINS)))
-    # calibflow.tracking.names' tags (test/calibrated/ece, ...), or a version registered before them (ece_post, ...)
+    # calibflow.names' tags (test/calibrated/ece, ...), or a version registered before them (ece_post, ...)
     logged = {
         name: float(version_tag(tags, on_test(CALIBRATED, name))) for name in ("ece", "accuracy", "nll", "brier", "mce")
     }
@@ -227,7 +229,7 @@ class Prediction:
 
 
 def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
-    model = registry.load_model(model_uri)
+    model = registration.load_model(model_uri)
     meta = model.metadata.metadata
     images = np.stack([decode_image(p, meta["image_mode"], tuple(meta["image_size"])) for p in paths])
     probabilities = predict_in_batches(model, images)

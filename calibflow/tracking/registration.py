@@ -1,0 +1,385 @@
+"""The model registry: registering a version, its aliases (@champion, @challenger) and the lock
+that serialises moving them, taking a failed run's version back, reading versions, and loading a
+registered model only after its files match the digest recorded at registration.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from calibflow.names import CALIBRATED, TEMPERATURE, on_test, version_tag
+from calibflow.errors import (
+    ModelArtifactsChanged,
+    PromotionConflict,
+    RegistrationLeftBehind,
+    StoreUnreachable,
+    UnverifiedModel,
+    one_line,
+)
+from calibflow.tracking.store import client, store_wait
+from calibflow.tracking.served_model import DIGEST_TAG, artifacts_digest, stored_model_tags
+
+
+CHAMPION = "champion"
+
+
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    alias: str
+    model_uri: str
+    replaced: str | None = None  # the version `alias` pointed to before this one took it
+
+
+def register_version(model_uri: str, model_name: str, tags: Mapping[str, Any]) -> RegisteredVersion:
+    """Register the logged model with all its tags in one call, then give it an alias: champion
+    when the model has none yet, else challenger. The alias is the last write; if it fails, the
+    new version is deleted again, so no half-registered version is left behind (or, when even
+    that fails, RegistrationLeftBehind says so)."""
+    c = client()
+    tags = {**{k: str(v) for k, v in tags.items()}, **stored_model_tags(model_uri)}
+    with store_wait():
+        number = str(mlflow.register_model(model_uri, model_name, tags=tags).version)
+    try:
+        # Decided under the lock `promote` takes: two first registrations at once would otherwise
+        # both see no champion, both report @champion, and leave one of them bare.
+        with promotion_lock(model_name, _holder(f"registration of version {number}")):
+            before = aliases(model_name)
+            alias = CHALLENGER if before.get(CHAMPION) else CHAMPION
+            c.set_registered_model_alias(model_name, alias, number)
+    except Exception as error:
+        _delete_version(model_name, number, error)
+        raise
+    return RegisteredVersion(model_name, number, alias, f"models:/{model_name}@{alias}", replaced=before.get(alias))
+
+
+def _delete_version(model_name: str, version: str, cause: BaseException) -> None:
+    try:
+        client().delete_model_version(model_name, version)
+    except Exception as error:
+        raise RegistrationLeftBehind(
+            f"version {version} of {model_name} was registered, then the run failed ({type(cause).__name__}: "
+            f"{cause}), and deleting it failed too ({type(error).__name__}: {error}); it may still be registered, "
+            f"with an alias: check `calibflow status --model {model_name}` and delete it in the MLflow UI, or with "
+            f"MlflowClient().delete_model_version({model_name!r}, {version!r}), once the store answers"
+        ) from cause
+
+
+def _holder(what: str) -> str:
+    import socket
+
+    return f"{what}, pid {os.getpid()} on {socket.gethostname()}"
+
+
+def alias_version(model_name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None when the model or the alias does not exist."""
+    try:
+        aliases = client().get_registered_model(model_name).aliases
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    version = aliases.get(alias)
+    return None if version is None else str(version)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+
+def alias_record(model_name: str, alias: str) -> VersionRecord | None:
+    version = alias_version(model_name, alias)
+    return None if version is None else resolve_model_uri(f"models:/{model_name}/{version}")
+
+
+def resolve_model_uri(model_uri: str) -> VersionRecord:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` to the registry's record of that version."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"{model_uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = model_uri.removeprefix("models:/")
+    c = client()
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = c.get_model_version_by_alias(name, alias)
+        else:
+            name, number = rest.rsplit("/", 1)
+            version = c.get_model_version(name, number)
+    except (MlflowException, StoreUnreachable) as error:
+        raise LookupError(
+            f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {one_line(error)}"
+        ) from error
+    return VersionRecord(
+        name=version.name, version=str(version.version), run_id=version.run_id, tags=dict(version.tags)
+    )
+
+
+def load_model(model_uri: str):
+    """The registered pyfunc at `model_uri` (models:/NAME@ALIAS or models:/NAME/VERSION), loaded
+    from a local copy of its files only after their digest matched the one recorded at
+    registration: until then nothing of it is unpickled, imported or run. UnverifiedModel (a
+    LookupError) when there is no digest to check or it does not match."""
+    record = resolve_model_uri(model_uri)
+    expected = record.tags.get(DIGEST_TAG)
+    if not expected:
+        raise UnverifiedModel(
+            f"version {record.version} of {record.name} has no {DIGEST_TAG} tag: it was registered before calibflow "
+            f"stored models without pickles and recorded their digest, so calibflow will not load it (its "
+            f"python_model.pkl would run as code); use a version registered since (infra/TRUST.md says how to retire "
+            f"such a version from @champion)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        location = client().get_model_version_download_uri(record.name, record.version)
+        with store_wait():
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
+        found = artifacts_digest(local)
+        if found != expected:
+            raise ModelArtifactsChanged(
+                f"model artifacts changed since registration: the files of version {record.version} of {record.name} "
+                f"at {location} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
+                f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)"
+            )
+        warn_requirement_mismatches(local)
+        # MLflow's own check of the same requirements resolves every installed package's import
+        # names from its file list: 2.5 s of every model load here, for the four pins we write.
+        return mlflow.pyfunc.load_model(local, suppress_warnings=True)
+
+
+def requirement_mismatches(model_dir: str | Path) -> list[str]:
+    """The model's pinned requirements (requirements.txt, `name==version`, as
+    log_calibrated_model writes them) and Python version that this environment does not have."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from mlflow.models import Model
+
+    found = []
+    requirements = Path(model_dir) / "requirements.txt"
+    for line in requirements.read_text().splitlines() if requirements.exists() else []:
+        name, _, pinned = line.strip().partition("==")
+        if not pinned or name.startswith(("#", "-")):
+            continue
+        try:
+            here = installed(name).split("+")[0]
+        except PackageNotFoundError:
+            here = "not installed"
+        if here != pinned.split("+")[0]:
+            found.append(f"{name}=={pinned} (here {here})")
+    flavor = Model.load(str(Path(model_dir) / "MLmodel")).flavors.get("python_function", {})
+    python = flavor.get("python_version")
+    if python and python.rsplit(".", 1)[0] != platform.python_version().rsplit(".", 1)[0]:
+        found.append(f"python {python} (here {platform.python_version()})")
+    return found
+
+
+def warn_requirement_mismatches(model_dir: str | Path) -> None:
+    import logging
+
+    mismatches = requirement_mismatches(model_dir)
+    if mismatches:
+        logging.getLogger(__name__).warning(
+            "the model was logged with %s; its predictions may differ here", ", ".join(mismatches)
+        )
+
+
+PREVIOUS_CHAMPION = "previous-champion"
+
+
+LOCK_SUFFIX = "--promotion-lock"
+
+
+@contextmanager
+def promotion_lock(model_name: str, holder: str, wait_s: float = 30.0, stale_after_s: float = 900.0):
+    """Exclusive lock on a model's aliases, made of the registry's own uniqueness rule: creating a
+    registered model whose name exists fails atomically in every MLflow store (a unique key in
+    SQL), so whoever creates `<name>--promotion-lock` holds the lock until it deletes it. Works
+    across processes and machines that share the tracking server. A lock older than
+    `stale_after_s` (a crashed holder) is broken."""
+    c = client()
+    lock_name = model_name + LOCK_SUFFIX
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            c.create_registered_model(
+                lock_name,
+                tags={"holder": holder, "acquired_at": str(time.time())},
+                description=f"promotion lock of {model_name}; delete it only if its holder died",
+            )
+            break
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            held = _lock_info(lock_name)
+            if held and time.time() - float(held.get("acquired_at", "inf")) > stale_after_s:
+                _delete_quietly(lock_name)
+                continue
+            if time.monotonic() > deadline:
+                raise PromotionConflict(
+                    f"another promotion of {model_name} holds the lock ({held or 'unknown holder'}); "
+                    f"try again when it is done"
+                ) from error
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        _delete_quietly(lock_name)
+
+
+def _lock_info(lock_name: str) -> dict[str, str] | None:
+    try:
+        return dict(client().get_registered_model(lock_name).tags)
+    except (MlflowException, StoreUnreachable):
+        return None
+
+
+def _delete_quietly(lock_name: str) -> None:
+    try:
+        client().delete_registered_model(lock_name)
+    except (MlflowException, StoreUnreachable):
+        pass
+
+
+def aliases(model_name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client().get_registered_model(model_name).aliases.items()}
+
+
+def apply_aliases(model_name: str, target: Mapping[str, str | None]) -> None:
+    """Move aliases to `target` (None deletes one). Any failure restores every alias as it was."""
+    c = client()
+    before = aliases(model_name)
+    try:
+        for alias, version in target.items():
+            if version is None:
+                if alias in before:
+                    c.delete_registered_model_alias(model_name, alias)
+            else:
+                c.set_registered_model_alias(model_name, alias, version)
+    except Exception:
+        _restore_aliases(model_name, before, target)
+        raise
+
+
+def _restore_aliases(model_name: str, before: Mapping[str, str], touched: Mapping[str, str | None]) -> None:
+    c = client()
+    for alias in touched:
+        try:
+            if alias in before:
+                c.set_registered_model_alias(model_name, alias, before[alias])
+            else:
+                c.delete_registered_model_alias(model_name, alias)
+        except (MlflowException, StoreUnreachable):
+            pass  # never set in the first place
+
+
+def undo_registration(version: RegisteredVersion) -> None:
+    """Take back a version that a failed run registered, and its promotion to @champion if it got
+    one. Under the promotion lock, each alias the version moved goes back where it was unless
+    another process has moved it since (compare-and-swap: a later registration's @challenger
+    stays); then the version is deleted. Any failure raises RegistrationLeftBehind, which says
+    what may be left."""
+    name, number = version.name, version.version
+    try:
+        with promotion_lock(name, _holder(f"undoing the registration of version {number}")):
+            current = aliases(name)
+            # alias -> (where it pointed before this version, where this version left it); None: unset
+            moved: dict[str, tuple[str | None, str | None]] = {version.alias: (version.replaced, number)}
+            if version.alias == CHALLENGER and current.get(CHAMPION) == number:
+                # Promoted since (`promote`, by this run or by CD): @champion goes back to the version
+                # it replaced, now @previous-champion, and @previous-champion to where that one was
+                # promoted from, as `rollback` does; @challenger, which `promote` dropped, comes back.
+                replaced = current.get(PREVIOUS_CHAMPION)
+                moved.update({CHAMPION: (replaced, number), CHALLENGER: (version.replaced, None)})
+                if replaced:
+                    before = resolve_model_uri(f"models:/{name}/{replaced}").tags.get("promoted_from") or None
+                    moved[PREVIOUS_CHAMPION] = (before, replaced)
+            c = client()
+            for alias, (before, left) in moved.items():
+                if current.get(alias) != left or before == left:
+                    continue  # moved by someone else since, or nothing to undo
+                if before is None:
+                    c.delete_registered_model_alias(name, alias)
+                else:
+                    c.set_registered_model_alias(name, alias, before)
+            c.delete_model_version(name, number)  # also drops any alias still on it
+    except Exception as error:
+        raise RegistrationLeftBehind(
+            f"version {number} of {name} was registered as @{version.alias}, then the run failed, and taking it back "
+            f"failed ({type(error).__name__}: {error}): it may still be registered and aliased; check `calibflow status "
+            f"--model {name}` and delete it in the MLflow UI, or with MlflowClient().delete_model_version({name!r}, "
+            f"{number!r}), once the store answers"
+        ) from error
+
+
+def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(model_name, version, key, str(value))
+
+
+def list_versions(model_name: str) -> list[VersionRecord]:
+    found = client().search_model_versions(_name_filter(model_name))
+    return sorted(
+        (VersionRecord(v.name, str(v.version), v.run_id, dict(v.tags)) for v in found if v.name == model_name),
+        key=lambda r: int(r.version),
+    )
+
+
+def _name_filter(model_name: str) -> str:
+    """An MLflow filter string selecting `model_name`. Its parser has no escape for a quote inside
+    a quoted value (a name like "it's" broke `name='...'`), so the name is quoted with the quote
+    it lacks; a name holding both is matched with LIKE, each quote a one-character wildcard, and
+    callers keep only the exact name."""
+    if "'" not in model_name:
+        return f"name='{model_name}'"
+    if '"' not in model_name:
+        return f'name="{model_name}"'
+    return "name LIKE '" + model_name.replace("'", "_").replace('"', "_") + "'"
+
+
+# What `calibflow status` shows: here beside the registry rather than in calibflow.lifecycle.promotion,
+# which imports torch and scipy for the gates; a status needs only the registry (under 2 s cold).
+# The calibrated test ECE, accuracy and T under short column names, read with calibflow.names.version_tag
+# so that versions registered before calibflow.names (tags ece_post, accuracy, temperature) show too.
+STATUS_TAGS = {
+    "ece": on_test(CALIBRATED, "ece"),
+    "accuracy": on_test(CALIBRATED, "accuracy"),
+    "temperature": TEMPERATURE,
+    "data_hash": "data_hash",
+    "promoted_from": "promoted_from",
+}
+
+
+STATUS_COLUMNS = ("version", "aliases", *STATUS_TAGS)
+
+
+def status(model_name: str) -> list[dict[str, str]]:
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases(model_name).items():
+        by_version.setdefault(version, []).append("@" + alias)
+    return [
+        {
+            "version": r.version,
+            "aliases": " ".join(sorted(by_version.get(r.version, []))),
+            **{column: version_tag(r.tags, tag, "") for column, tag in STATUS_TAGS.items()},
+        }
+        for r in list_versions(model_name)
+    ]

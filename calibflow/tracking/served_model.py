@@ -1,0 +1,301 @@
+"""The served model: the calibrated pyfunc MLflow serves, the files it is stored as, and their digest.
+
+Stored so that loading it unpickles nothing: the network's weights are a state dict read with
+torch.load(weights_only=True), its shape, classes and calibrator are JSON, and the pyfunc is built
+by running calibflow/tracking/served_model_code.py (MLflow's models-from-code) rather than by
+unpickling a python_model.pkl. Every file of the stored model is hashed at registration
+(DIGEST_TAG), and registration.load_model checks a downloaded copy against that hash before MLflow
+reads any of it; infra/TRUST.md says what that protects against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Mapping
+
+import mlflow
+import numpy as np
+from mlflow.models import infer_signature
+
+from calibflow.disk_cache import file_sha256
+from calibflow.tracking.store import store_wait
+
+
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model_code.py")
+
+
+DIGEST_TAG = "artifacts_sha256"
+
+
+CLASSES_TAG = "classes"  # JSON list of the class folder names, in the order of the output columns
+
+
+# What the served model returns, chosen with MLflow's inference params ({"output": ...}), declared
+# in its signature. The default stays the probabilities, so clients written before decisions
+# existed read the same array; the decision columns are docs/decisions.md's schema, versioned by
+# calibflow.gates.decisions.DECISION_SCHEMA_VERSION.
+OUTPUT_PARAM = "output"
+
+
+OUTPUTS = ("probabilities", "decisions", "ood")
+
+
+class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
+    """pyfunc: a batch of uint8 images (N, H, W, C) in. Out, by default: calibrated class
+    probabilities (N, K), float64, the network's fp32 logits through the fitted calibrator
+    (softmax(logits / T) for temperature scaling; an ensemble's or MC dropout's mean of calibrated
+    probabilities, calibflow.training.ensembles); column k is the class `classes[k]`. With
+    params={"output": "decisions"}: a DataFrame, one row per image, of the fitted decision
+    policy's answers (label, confidence, and abstained / positive / prediction_set when those
+    rules are fitted) beside one column per class probability. With params={"output": "ood"}: a
+    DataFrame of the out-of-distribution scores, `msp` (the top calibrated probability) and
+    `energy` (-T logsumexp(z / T), lower = more in-distribution; calibflow.evaluation.ood), beside the
+    class probabilities."""
+
+    def load_context(self, context) -> None:
+        self.load(context.artifacts)
+
+    def load(self, artifacts: Mapping[str, str]) -> None:
+        import torch
+
+        from calibflow.gates.decisions import DecisionPolicy
+        from calibflow.training.ensembles import model_calibrator_from_state
+        from calibflow.training.models import ModelSpec, build_model
+
+        network = json.loads(Path(artifacts["network"]).read_text())
+        spec = ModelSpec(**network["spec"])
+        self.classes = [str(name) for name in json.loads(Path(artifacts["classes"]).read_text())]
+        if len(self.classes) != spec.num_classes:
+            raise ValueError(
+                f"the model lists {len(self.classes)} classes but its network has {spec.num_classes} outputs"
+            )
+        weights = torch.load(artifacts["weights"], map_location="cpu", weights_only=True)
+        # An ensemble's weights file holds {"members": [state dict, ...]}; a single network's is its state dict.
+        self.members = []
+        for state in weights["members"] if "members" in weights else [weights]:
+            member = build_model(spec)
+            member.load_state_dict(state)
+            self.members.append(member.eval())
+        self.model = self.members[0]
+        self.mc_samples, self.mc_seed = int(network.get("mc_samples", 1)), int(network.get("mc_seed", 0))
+        self.image_mode = network["image_mode"]
+        self.image_size = (spec.image_width, spec.image_height)
+        state = json.loads(Path(artifacts["calibration"]).read_text())
+        # States from before pluggable calibrators are {"method": "temperature", "temperature": T}
+        # only; the class count they lack is the network's.
+        state.setdefault("n_classes", spec.num_classes)
+        self.calibrator = model_calibrator_from_state(state)
+        # Versions registered before decisions have no policy: they decide the label only.
+        self.decision_policy = (
+            DecisionPolicy.load(artifacts["decisions"])
+            if "decisions" in artifacts
+            else DecisionPolicy(tuple(self.classes))
+        )
+
+    def logits(self, images: np.ndarray) -> np.ndarray | None:
+        """The network's logits (N, K), or (N, M, K) for an ensemble; None for an empty batch."""
+        import torch
+
+        from calibflow.training.ensembles import predictive_logits
+
+        images = np.asarray(images, dtype=np.uint8)
+        if images.ndim != 4:
+            raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
+        if len(images) == 0:  # an empty batch has an empty answer, not an error
+            return None
+        return predictive_logits(
+            self.members, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), self.mc_samples, self.mc_seed
+        ).numpy()
+
+    def probabilities(self, images: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+        logits = self.logits(images) if logits is None else logits
+        if logits is None:
+            return np.zeros((0, len(self.classes)), dtype=np.float64)
+        return self.calibrator.transform(logits).numpy()
+
+    def predict(self, context, model_input: np.ndarray, params=None):
+        output = (params or {}).get(OUTPUT_PARAM, OUTPUTS[0])
+        if output not in OUTPUTS:
+            raise ValueError(f"params {{'{OUTPUT_PARAM}': {output!r}}}: use one of {', '.join(OUTPUTS)}")
+        if output == "ood":
+            return self.ood(model_input)
+        probabilities = self.probabilities(model_input)
+        if output == "probabilities":
+            return probabilities
+        return self.decisions(probabilities)
+
+    def ood(self, images: np.ndarray):
+        import pandas as pd
+
+        from calibflow.evaluation.ood import ood_scores
+
+        logits = self.logits(images)
+        if logits is None:
+            frame = pd.DataFrame({"msp": pd.Series(dtype=np.float64), "energy": pd.Series(dtype=np.float64)})
+            probabilities = np.zeros((0, len(self.classes)))
+        else:
+            frame = pd.DataFrame(ood_scores(logits, self.calibrator))
+            probabilities = self.probabilities(images, logits)
+        for k, name in enumerate(self.classes):
+            frame[f"p_{name}"] = probabilities[:, k]
+        return frame
+
+    def decisions(self, probabilities: np.ndarray):
+        import pandas as pd
+
+        frame = (
+            pd.DataFrame(self.decision_policy.decide(probabilities))
+            if len(probabilities)
+            else pd.DataFrame({"label": pd.Series(dtype=object), "confidence": pd.Series(dtype=np.float64)})
+        )
+        for k, name in enumerate(self.classes):
+            frame[f"p_{name}"] = probabilities[:, k]
+        return frame
+
+
+def declare_served_model() -> None:
+    """Called by calibflow/tracking/served_model_code.py when MLflow runs it to build the pyfunc."""
+    mlflow.models.set_model(CalibratedImageClassifier())
+
+
+def write_model_files(
+    checkpoint_path: str | Path,
+    calibrator_state_path: str | Path,
+    out_dir: str | Path,
+    decisions_path: str | Path | None = None,
+) -> dict[str, str]:
+    """The served model's files, from a training checkpoint, a fitted calibrator and the decision
+    policy (calibflow.gates.decisions; none: the label only): name -> path."""
+    import torch
+
+    from calibflow.training.models import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        name: out / filename
+        for name, filename in (
+            ("weights", "weights.pt"),
+            ("network", "network.json"),
+            ("classes", "classes.json"),
+            ("calibration", "calibration.json"),
+        )
+    }
+    states = [{k: v.detach().cpu() for k, v in member.state_dict().items()} for member in checkpoint.members]
+    torch.save(states[0] if len(states) == 1 else {"members": states}, files["weights"])
+    files["network"].write_text(
+        json.dumps(
+            {
+                "spec": asdict(checkpoint.spec),
+                "image_mode": checkpoint.image_mode,
+                "members": len(states),
+                "mc_samples": checkpoint.mc_samples,
+                "mc_seed": checkpoint.mc_seed,
+            }
+        )
+    )
+    files["classes"].write_text(json.dumps(list(checkpoint.classes)))
+    files["calibration"].write_text(Path(calibrator_state_path).read_text())
+    if decisions_path is not None:
+        files["decisions"] = out / "decisions.json"
+        files["decisions"].write_text(Path(decisions_path).read_text())
+    return {name: str(path) for name, path in files.items()}
+
+
+def log_calibrated_model(
+    run_id: str,
+    checkpoint_path: str | Path,
+    calibrator_state_path: str | Path,
+    input_example: np.ndarray,
+    decisions_path: str | Path | None = None,
+    name: str = "calibrated_classifier",
+) -> str:
+    """Log the pyfunc (weights, network, classes, fitted calibrator, the calibflow code) to the run;
+    return its URI."""
+    from importlib.metadata import version as installed
+
+    import torch
+
+    import calibflow
+
+    version = lambda v: v.split("+")[0]  # noqa: E731  local builds ("+cu130") are not on PyPI
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_model_files(checkpoint_path, calibrator_state_path, tmp, decisions_path)
+        model = CalibratedImageClassifier()
+        model.load(artifacts)
+        # Build the signature from a real prediction so input and output specs are exact; the
+        # output param is declared so MLflow accepts it, with the probabilities as its default.
+        signature = infer_signature(
+            input_example, model.predict(None, input_example), params={OUTPUT_PARAM: OUTPUTS[0]}
+        )
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(SERVED_MODEL_CODE),
+                artifacts=artifacts,
+                code_paths=[str(Path(calibflow.__file__).parent)],
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=[
+                    f"torch=={version(torch.__version__)}",
+                    f"torchvision=={version(installed('torchvision'))}",
+                    f"numpy=={np.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                    "pillow",
+                ],
+                metadata={
+                    "classes": model.classes,
+                    "image_mode": model.image_mode,
+                    "calibration_method": model.calibrator.method,
+                    "image_size": list(model.image_size),
+                    "temperature": getattr(model.calibrator, "temperature", None),
+                    "input": "uint8 images (N, H, W, C)",
+                    "output": "calibrated probabilities (N, K)",
+                    "outputs": {
+                        "probabilities": "calibrated probabilities (N, K), float64 (the default)",
+                        "decisions": "one row per image: label, confidence, abstained, positive, "
+                        "prediction_set (the fitted rules), p_<class>; docs/decisions.md",
+                        "ood": "one row per image: msp, energy (-T logsumexp(z/T)), p_<class>; docs/shift_and_ood.md",
+                    },
+                    "decision_schema_version": model.decision_policy.schema_version,
+                },
+            )
+    return info.model_uri
+
+
+def artifacts_digest(directory: str | Path) -> str:
+    """sha256 over every file under `directory`, in order of relative path: the path, what it
+    is (file or link) and the sha256 of its bytes (or link target). Changing, adding, removing or
+    renaming any file changes it."""
+    root = Path(directory)
+    entries = []
+    for folder, subfolders, files in os.walk(root):  # does not follow links
+        for name in subfolders + files:
+            path = Path(folder) / name
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                entries.append((relative, "link", hashlib.sha256(os.readlink(path).encode()).hexdigest()))
+            elif path.is_file():
+                entries.append((relative, "file", file_sha256(path)))
+    digest = hashlib.sha256()
+    for relative, kind, content in sorted(entries):
+        digest.update(f"{relative}\0{kind}\0{content}\n".encode())
+    return digest.hexdigest()
+
+
+def stored_model_tags(model_uri: str) -> dict[str, str]:
+    """What registration records about a logged model's files (`models:/<model id>`, as
+    log_calibrated_model returns): their digest and the class list."""
+    # Downloaded from where the files are stored, not through the models:/ URI: that route adds a
+    # registered_model_meta file of its own to the local copy.
+    with tempfile.TemporaryDirectory() as tmp, store_wait():
+        location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
+        classes = json.loads((local / "artifacts" / "classes.json").read_text())
+        return {DIGEST_TAG: artifacts_digest(local), CLASSES_TAG: json.dumps(classes)}

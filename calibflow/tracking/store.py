@@ -1,0 +1,258 @@
+"""The MLflow tracking store: which store (configure_tracking), a client whose every call turns a
+server that does not answer into StoreUnreachable, and the runs (start, log, describe, end).
+
+Calls take an explicit run id rather than relying on MLflow's "active run", because Prefect may run
+tasks on other threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from calibflow.errors import (
+    StoreUnreachable,
+    unreachable,
+)
+
+
+STATUS_TAG = "calibflow.status"
+
+
+_DEFAULT_URI_SET: str | None = None  # mlflow.set_tracking_uri also exports the URI to the environment
+
+
+def configure_tracking(repo_root: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI when the user set it; otherwise MLflow 3's default store,
+    sqlite:///mlflow.db, pinned to the repository root (not the current directory) so every
+    command sees the same registry. The registry URI follows the tracking URI unless
+    MLFLOW_REGISTRY_URI says otherwise (MLflow reads that itself)."""
+    global _DEFAULT_URI_SET
+    from_user = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_user and from_user != _DEFAULT_URI_SET:
+        uri = from_user
+    else:
+        uri = _DEFAULT_URI_SET = f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def client() -> MlflowClient:
+    """An MlflowClient whose calls raise StoreUnreachable, saying how long they waited, when the
+    tracking server does not answer."""
+    return _AnsweringClient(MlflowClient())  # type: ignore[return-value]  # same methods
+
+
+@contextmanager
+def store_wait():
+    """Turn a tracking server that did not answer the calls in this block into StoreUnreachable,
+    whose message says which server, how long the block waited and what the retry settings were."""
+    started = time.monotonic()
+    try:
+        yield
+    except MlflowException as error:
+        if not unreachable(error):
+            raise
+        waited = time.monotonic() - started
+        settings = ", ".join(
+            f"{name}={os.environ.get(name, 'MLflow default')}"
+            for name in (
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT",
+            )
+        )
+        raise StoreUnreachable(
+            f"the MLflow tracking server at {mlflow.get_tracking_uri()} did not answer: gave up "
+            f"after waiting {waited:.1f} s ({settings}); is it running? ({_root_cause(error)})"
+        ) from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost reason of a failed request, e.g. "... [Errno 111] Connection refused"."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, requests.RequestException):
+            reason = getattr(seen.args[0], "reason", None) if seen.args else None
+            return str(reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    return str(error)
+
+
+class _AnsweringClient:
+    """MlflowClient, each of whose calls runs under store_wait()."""
+
+    def __init__(self, wrapped: MlflowClient):
+        self._wrapped = wrapped
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._wrapped, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            with store_wait():
+                return attribute(*args, **kwargs)
+
+        return call
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """What MLflow's run page shows as "Created by" and "Source" (its standard mlflow.* tags, which
+    MlflowClient.create_run does not set itself)."""
+
+    name: str  # the entry point, e.g. flows/train_calibrate.py
+    git_commit: str | None = None
+    git_branch: str | None = None
+    git_repo_url: str | None = None
+
+
+def source_tags(source: RunSource) -> dict[str, str]:
+    import getpass
+
+    from mlflow.entities import SourceType
+    from mlflow.utils import mlflow_tags
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001  no login name (a container without one): MLflow's own fallback
+        user = "unknown"
+    tags = {
+        mlflow_tags.MLFLOW_USER: user,
+        mlflow_tags.MLFLOW_SOURCE_NAME: source.name,
+        mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+    }
+    for key, value in (
+        (mlflow_tags.MLFLOW_GIT_COMMIT, source.git_commit),
+        (mlflow_tags.MLFLOW_GIT_BRANCH, source.git_branch),
+        (mlflow_tags.MLFLOW_GIT_REPO_URL, source.git_repo_url),
+    ):
+        if value:
+            tags[key] = value
+    return tags
+
+
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    repo_root: str | Path = ".",
+    source: RunSource | None = None,
+) -> str:
+    c = client()
+    found = c.get_experiment_by_name(experiment)
+    if found:
+        experiment_id = found.experiment_id
+    else:
+        # With the embedded store, MLflow would put artifacts in ./mlruns of whatever directory the
+        # command ran from; pin them next to mlflow.db. A tracking server chooses its own.
+        embedded = mlflow.get_tracking_uri() == _DEFAULT_URI_SET
+        location = (Path(repo_root).resolve() / "mlruns").as_uri() if embedded else None
+        experiment_id = c.create_experiment(experiment, artifact_location=location)
+    standard = source_tags(source) if source is not None else {}
+    run = c.create_run(experiment_id, run_name=run_name, tags={STATUS_TAG: "running", **standard, **(tags or {})})
+    return run.info.run_id
+
+
+DESCRIPTION_TAG = "mlflow.note.content"  # what MLflow's UI shows as a run's description
+
+
+def set_run_description(run_id: str, text: str) -> None:
+    set_tags(run_id, {DESCRIPTION_TAG: text})
+
+
+def set_version_description(model_name: str, version: str, text: str) -> None:
+    client().update_model_version(model_name, version, description=text)
+
+
+def log_dataset(
+    run_id: str, name: str, source_uri: str, digest: str, context: str, profile: Mapping[str, Any] | None = None
+) -> None:
+    """Record the data a run read as an MLflow dataset input (the run page's "Datasets" and the
+    experiment's dataset filter): `digest` is the DVC hash, `source_uri` where it lives."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    # MLflow's own record of a local folder: source type "local", source {"uri": ...}
+    entity = Dataset(
+        name=name,
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": source_uri}),
+        profile=json.dumps(dict(profile)) if profile is not None else None,
+    )
+    client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    # MLflow caps a param value at 6000 characters; ours are short scalars and lists.
+    batch = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    for start in range(0, len(batch), 100):  # log_batch accepts at most 100 params per call
+        client().log_batch(run_id, params=batch[start : start + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+RUN_STATUS = {"failed": "FAILED", "killed": "KILLED"}  # MLflow's run status of an outcome; others FINISHED
+
+
+def end_run(run_id: str, outcome: str, reason: str = "") -> None:
+    """Close the run: outcome "succeeded", "skipped" (nothing to do), "failed" or "killed" (its
+    process died without closing it), or an audit run's decision, with why."""
+    status_tags = {STATUS_TAG: outcome}
+    if reason:
+        status_tags["calibflow.reason"] = reason[:4000]
+    set_tags(run_id, status_tags)
+    client().set_terminated(run_id, RUN_STATUS.get(outcome, "FINISHED"))
+
+
+def running_runs(experiment: str) -> list[tuple[str, dict[str, str]]]:
+    """(run id, tags) of the experiment's runs whose status is still RUNNING."""
+    c = client()
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = c.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return [(r.info.run_id, dict(r.data.tags)) for r in runs]
+
+
+def download_run_artifact(run_id: str, artifact_path: str, destination: str | Path) -> Path:
+    return Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(destination))
+    )
+
+
+def log_audit_run(experiment: str, run_name: str, tags: Mapping[str, Any], report_path: str | Path) -> str:
+    """An MLflow run recording a gate or promotion decision, with its report as an artifact."""
+    run_id = start_run(experiment, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    log_artifact(run_id, report_path)
+    end_run(run_id, str(tags.get("decision", "recorded")))
+    return run_id

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from calibflow import pipeline  # noqa: E402
+from calibflow.pipeline import data_steps  # noqa: E402
 from calibflow.config import Config, TrainConfig, load_config  # noqa: E402
 from calibflow.data.images import channel_stats  # noqa: E402
 from calibflow.training.models import ModelSpec, build_model  # noqa: E402
@@ -73,11 +73,11 @@ class Data:
 def load_data(config: Config) -> Data:
     """The train and val splits exactly as `calibflow run` reads them (manifest, seeded split, decode)."""
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = pipeline.write_manifest(config.data.path, f"{tmp}/manifest.parquet")
-        split = pipeline.write_split(manifest.path, config.split, config.seed, f"{tmp}/splits.json")
-        fmt = pipeline.image_format(manifest.path, config.data)
-        train_x, train_y, _ = pipeline.load_split_images(config.data.path, manifest.path, split.path, "train", fmt)
-        val_x, val_y, _ = pipeline.load_split_images(config.data.path, manifest.path, split.path, "val", fmt)
+        manifest = data_steps.write_manifest(config.data.path, f"{tmp}/manifest.parquet")
+        split = data_steps.write_split(manifest.path, config.split, config.seed, f"{tmp}/splits.json")
+        fmt = data_steps.image_format(manifest.path, config.data)
+        train_x, train_y, _ = data_steps.load_split_images(config.data.path, manifest.path, split.path, "train", fmt)
+        val_x, val_y, _ = data_steps.load_split_images(config.data.path, manifest.path, split.path, "val", fmt)
     spec = ModelSpec(
         arch=config.model.arch,
         in_channels=fmt.channels,

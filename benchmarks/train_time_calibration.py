@@ -84,13 +84,13 @@ def build_subset(archive: Path, out: Path, per_class: int = PER_CLASS) -> Path:
 
 def manifest_of(data_dir: Path, work: Path):
     """The flow's manifest of the subset, written once (hashing 16,000 files is not free)."""
-    from calibflow import pipeline
+    from calibflow.pipeline import data_steps
 
     record = work / "manifest.json"
     if record.is_file():
         saved = json.loads(record.read_text())
-        return pipeline.ManifestRecord(**{**saved, "classes": tuple(saved["classes"])})
-    manifest = pipeline.write_manifest(str(data_dir), str(work / "manifest.csv"))
+        return data_steps.ManifestRecord(**{**saved, "classes": tuple(saved["classes"])})
+    manifest = data_steps.write_manifest(str(data_dir), str(work / "manifest.csv"))
     record.write_text(json.dumps(asdict(manifest)))
     return manifest
 
@@ -100,7 +100,9 @@ def run_method(
 ) -> dict:
     import torch
 
-    from calibflow import pipeline
+    from calibflow.pipeline import data_steps
+    from calibflow.pipeline import evaluation_steps
+    from calibflow.pipeline import model_steps
     from calibflow.config import load_config
     from calibflow.training.ensembles import served_probabilities
     from calibflow.gates.statistics import smooth_ece
@@ -112,15 +114,15 @@ def run_method(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     manifest = manifest_of(data_dir, work)
-    split = pipeline.write_split(manifest.path, config.split, config.seed, str(work / "splits.json"))
+    split = data_steps.write_split(manifest.path, config.split, config.seed, str(work / "splits.json"))
     checkpoint = out / "checkpoint.pt"
     if reuse_checkpoint and checkpoint.is_file():  # e.g. a run that trained, then failed after training
         train_seconds = final_train_loss = None
     else:
-        trained = pipeline.train_model(str(data_dir), manifest, split.path, config, str(out))
+        trained = model_steps.train_model(str(data_dir), manifest, split.path, config, str(out))
         train_seconds, final_train_loss = time.perf_counter() - started, trained.final_train_loss
     logits = {
-        s: pipeline.write_split_logits(
+        s: model_steps.write_split_logits(
             str(checkpoint),
             str(data_dir),
             manifest.path,
@@ -132,9 +134,9 @@ def run_method(
         )
         for s in ("calibration", "test")
     }
-    fit = pipeline.fit_calibration(logits["calibration"], config.calibration, str(out / "calibration.json"))
-    z, labels = pipeline.load_logits(logits["test"])
-    calibrator = pipeline.load_calibrator(fit.state_path)
+    fit = evaluation_steps.fit_calibration(logits["calibration"], config.calibration, str(out / "calibration.json"))
+    z, labels = model_steps.load_logits(logits["test"])
+    calibrator = evaluation_steps.load_calibrator(fit.state_path)
     from calibflow.training.ensembles import uncalibrated_probabilities
 
     row = {
@@ -157,8 +159,8 @@ def run_method(
         row[when] = {**report, "ece_low": interval.low, "ece_high": interval.high, "smooth_ece": smooth}
     # The served model's predict time: the function the registered pyfunc calls, on 1,000 test images.
     loaded = load_checkpoint(checkpoint)
-    fmt = pipeline.ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
-    images, _, _ = pipeline.load_split_images(str(data_dir), manifest.path, split.path, "test", fmt, limit=1000)
+    fmt = data_steps.ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, _, _ = data_steps.load_split_images(str(data_dir), manifest.path, split.path, "test", fmt, limit=1000)
     with torch.no_grad():
         served_probabilities(loaded.members, calibrator, images[:64], loaded.mc_samples, loaded.mc_seed)  # warm-up
         tick = time.perf_counter()

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from calibflow import pipeline
+from calibflow.pipeline import data_steps
 from calibflow.tracking import store
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
@@ -39,8 +39,8 @@ def pin_data_version(repo_root: str, data_path: str, data_rev: str | None, run_i
 
 
 @task(name="build-manifest", cache_policy=NO_CACHE)
-def build_manifest(data: DataVersion, work_dir: str, run_id: str) -> pipeline.ManifestRecord:
-    record = pipeline.write_manifest(data.local_dir, f"{work_dir}/manifest.csv")
+def build_manifest(data: DataVersion, work_dir: str, run_id: str) -> data_steps.ManifestRecord:
+    record = data_steps.write_manifest(data.local_dir, f"{work_dir}/manifest.csv")
     store.log_artifact(run_id, record.path, "data")
     store.set_tags(run_id, {"manifest_fingerprint": record.fingerprint})
     get_run_logger().info("manifest: %d files in %d classes", record.n_images, len(record.classes))
@@ -49,9 +49,9 @@ def build_manifest(data: DataVersion, work_dir: str, run_id: str) -> pipeline.Ma
 
 @task(name="split-dataset", cache_policy=NO_CACHE)
 def split_dataset(
-    manifest: pipeline.ManifestRecord, config: Config, work_dir: str, run_id: str
-) -> pipeline.SplitRecord:
-    record = pipeline.write_split(manifest.path, config.split, config.seed, f"{work_dir}/splits.json")
+    manifest: data_steps.ManifestRecord, config: Config, work_dir: str, run_id: str
+) -> data_steps.SplitRecord:
+    record = data_steps.write_split(manifest.path, config.split, config.seed, f"{work_dir}/splits.json")
     store.log_artifact(run_id, record.path, "data")
     store.set_tags(run_id, {"split_digest": record.digest})
     store.log_params(run_id, {f"split_size.{name}": size for name, size in record.sizes.items()})
@@ -61,15 +61,15 @@ def split_dataset(
 
 @task(name="validate-data", cache_policy=NO_CACHE)
 def validate_data(
-    manifest: pipeline.ManifestRecord,
-    split: pipeline.SplitRecord,
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
     config: Config,
     work_dir: str,
     run_id: str,
     repo_root: str,
 ) -> dict:
     result_path = f"{work_dir}/data_validation.json"
-    report = pipeline.validate_data(
+    report = data_steps.validate_data(
         manifest.path, split.path, manifest.classes, config.data, result_path, cache_directory=cache_dir(repo_root)
     )
     store.log_artifact(run_id, result_path, "validation")

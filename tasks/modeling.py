@@ -8,7 +8,11 @@ import json
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from calibflow import pipeline
+from calibflow.pipeline import data_steps
+from calibflow.pipeline import evaluation_steps
+from calibflow.pipeline import model_steps
+from calibflow.pipeline import run_summary
+from calibflow.pipeline import tagging
 from calibflow.tracking import store
 from calibflow.gates import decisions as decision_rules
 from calibflow.config import Config
@@ -23,7 +27,7 @@ from tasks import retry_transient_only
 
 @task(name="check-gate-power", cache_policy=NO_CACHE)
 def check_gate_power(
-    manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config, run_id: str, repo_root: str
+    manifest: data_steps.ManifestRecord, split: data_steps.SplitRecord, config: Config, run_id: str, repo_root: str
 ) -> str | None:
     """Before training: warn when the test split is too small for the gates to pass a good model."""
     from calibflow.gates.plan import small_test_split_warning
@@ -42,28 +46,28 @@ def check_gate_power(
 
 
 @task(name="check-run-settings", cache_policy=NO_CACHE)
-def check_run_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
+def check_run_settings(manifest: data_steps.ManifestRecord, split: data_steps.SplitRecord, config: Config) -> None:
     """Before training: a calibrator, split sizes or gates that cannot work on this data."""
-    pipeline.check_run_settings(config, manifest.classes, split.sizes)
+    data_steps.check_run_settings(config, manifest.classes, split.sizes)
 
 
 @task(name="check-decision-settings", cache_policy=NO_CACHE)
-def check_decision_settings(manifest: pipeline.ManifestRecord, split: pipeline.SplitRecord, config: Config) -> None:
+def check_decision_settings(manifest: data_steps.ManifestRecord, split: data_steps.SplitRecord, config: Config) -> None:
     """Before training: a positive class the data lacks, or a calibration split too small for a
     decision rule, is a settings error now rather than after the whole training."""
     decision_rules.check_decision_settings(
-        config.decision, manifest.classes, pipeline.split_class_counts(manifest.path, split.path, "calibration")
+        config.decision, manifest.classes, data_steps.split_class_counts(manifest.path, split.path, "calibration")
     )
 
 
 @task(name="check-ood-data", cache_policy=NO_CACHE)
 def check_ood_data(
-    repo_root: str, manifest: pipeline.ManifestRecord, config: Config, work_dir: str, run_id: str
+    repo_root: str, manifest: data_steps.ManifestRecord, config: Config, work_dir: str, run_id: str
 ) -> str | None:
     """Before training: ood.path pinned by DVC, and images of no trained class (None: not set)."""
     if not config.ood.path:
         return None
-    path = pipeline.check_ood_data(
+    path = evaluation_steps.check_ood_data(
         repo_root, manifest.path, config.ood.path, config.ood.max_images, f"{work_dir}/ood_data.json"
     )
     store.log_artifact(run_id, path, "ood")
@@ -72,13 +76,18 @@ def check_ood_data(
 
 @task(name="check-outlier-data", cache_policy=NO_CACHE)
 def check_outlier_data(
-    repo_root: str, manifest: pipeline.ManifestRecord, ood_data: str | None, config: Config, work_dir: str, run_id: str
+    repo_root: str,
+    manifest: data_steps.ManifestRecord,
+    ood_data: str | None,
+    config: Config,
+    work_dir: str,
+    run_id: str,
 ) -> str | None:
     """Before training: train.outlier_exposure's folder pinned by DVC, images of no trained class,
     none shared with ood.path's (None: not set)."""
     if not config.train.outlier_exposure:
         return None
-    path = pipeline.check_ood_data(
+    path = evaluation_steps.check_ood_data(
         repo_root,
         manifest.path,
         config.train.outlier_exposure,
@@ -94,14 +103,14 @@ def check_outlier_data(
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(
     data: DataVersion,
-    manifest: pipeline.ManifestRecord,
-    split: pipeline.SplitRecord,
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
     config: Config,
     work_dir: str,
     run_id: str,
     outliers: str | None = None,
     checkpoint_dir: str | None = None,
-) -> pipeline.TrainedModel:
+) -> model_steps.TrainedModel:
     history: list[EpochStats] = []
 
     def log_epoch(stats: EpochStats) -> None:
@@ -115,7 +124,7 @@ def train_model(
             metrics.update({"val/accuracy": stats.val_accuracy, "val/nll": stats.val_nll, "val/ece": stats.val_ece})
         store.log_metrics(run_id, metrics, step=stats.epoch)
 
-    trained = pipeline.train_model(
+    trained = model_steps.train_model(
         data.local_dir,
         manifest,
         split.path,
@@ -153,15 +162,15 @@ def train_model(
 
 @task(name="collect-logits", cache_policy=NO_CACHE)
 def collect_logits(
-    trained: pipeline.TrainedModel,
+    trained: model_steps.TrainedModel,
     data: DataVersion,
-    manifest: pipeline.ManifestRecord,
-    split: pipeline.SplitRecord,
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
     split_name: str,
     config: Config,
     work_dir: str,
 ) -> str:
-    return pipeline.write_split_logits(
+    return model_steps.write_split_logits(
         trained.checkpoint,
         data.local_dir,
         manifest.path,
@@ -176,10 +185,10 @@ def collect_logits(
 
 @task(name="collect-shift-aware-logits", cache_policy=NO_CACHE)
 def collect_shift_aware_logits(
-    trained: pipeline.TrainedModel,
+    trained: model_steps.TrainedModel,
     data: DataVersion,
-    manifest: pipeline.ManifestRecord,
-    split: pipeline.SplitRecord,
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
     calibration_logits: str,
     config: Config,
     work_dir: str,
@@ -189,7 +198,7 @@ def collect_shift_aware_logits(
     those of its corrupted copies."""
     if not config.calibration.shift_aware:
         return calibration_logits
-    path = pipeline.write_shift_aware_logits(
+    path = model_steps.write_shift_aware_logits(
         trained.checkpoint,
         data.local_dir,
         manifest.path,
@@ -211,9 +220,11 @@ def collect_shift_aware_logits(
 
 
 @task(name="fit-calibration", cache_policy=NO_CACHE)
-def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_id: str) -> pipeline.CalibrationRecord:
-    fit = pipeline.fit_calibration(calibration_logits, config.calibration, f"{work_dir}/calibration.json")
-    metrics = pipeline.fit_metrics(fit)
+def fit_calibration(
+    calibration_logits: str, config: Config, work_dir: str, run_id: str
+) -> evaluation_steps.CalibrationRecord:
+    fit = evaluation_steps.fit_calibration(calibration_logits, config.calibration, f"{work_dir}/calibration.json")
+    metrics = tagging.fit_metrics(fit)
     metrics.update(
         {
             f"calibration/cv_nll/{row['method']}": row["cv_nll_mean"]
@@ -241,14 +252,16 @@ def fit_calibration(calibration_logits: str, config: Config, work_dir: str, run_
 @task(name="evaluate-calibration", cache_policy=NO_CACHE)
 def evaluate_calibration(
     test_logits: str,
-    fit: pipeline.CalibrationRecord,
-    manifest: pipeline.ManifestRecord,
+    fit: evaluation_steps.CalibrationRecord,
+    manifest: data_steps.ManifestRecord,
     config: Config,
     work_dir: str,
     run_id: str,
-) -> pipeline.Evaluation:
-    evaluation = pipeline.evaluate_calibration(test_logits, fit, config.evaluation.n_bins, work_dir, manifest.classes)
-    store.log_metrics(run_id, pipeline.test_metrics(evaluation))
+) -> evaluation_steps.Evaluation:
+    evaluation = evaluation_steps.evaluate_calibration(
+        test_logits, fit, config.evaluation.n_bins, work_dir, manifest.classes
+    )
+    store.log_metrics(run_id, tagging.test_metrics(evaluation))
     for plot in evaluation.plots:
         store.log_artifact(run_id, plot, "plots")
     get_run_logger().info(
@@ -257,7 +270,7 @@ def evaluate_calibration(
         evaluation.after["ece"],
         evaluation.after["accuracy"],
     )
-    warning = pipeline.calibration_warning(evaluation, fit)
+    warning = run_summary.calibration_warning(evaluation, fit)
     if warning:  # also the description's second line (publish_summary)
         get_run_logger().warning(warning)
         store.set_tags(run_id, {CALIBRATION_WARNING: warning})
@@ -266,10 +279,10 @@ def evaluate_calibration(
 
 @task(name="collect-shift-logits", cache_policy=NO_CACHE)
 def collect_shift_logits(
-    trained: pipeline.TrainedModel,
+    trained: model_steps.TrainedModel,
     data: DataVersion,
-    manifest: pipeline.ManifestRecord,
-    split: pipeline.SplitRecord,
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
     config: Config,
     work_dir: str,
     repo_root: str,
@@ -281,7 +294,7 @@ def collect_shift_logits(
     suite = suite_of(config.shift, config.seed)
     if suite is None:
         return None
-    return pipeline.write_shift_logits(
+    return model_steps.write_shift_logits(
         trained.checkpoint,
         data.local_dir,
         manifest.path,
@@ -299,14 +312,14 @@ def collect_shift_logits(
 def evaluate_shift(
     shift_logits: str | None,
     test_logits: str,
-    fit: pipeline.CalibrationRecord,
+    fit: evaluation_steps.CalibrationRecord,
     config: Config,
     work_dir: str,
     run_id: str,
-) -> pipeline.ShiftEvaluation | None:
+) -> evaluation_steps.ShiftEvaluation | None:
     if shift_logits is None:
         return None
-    shifted = pipeline.evaluate_shift(shift_logits, test_logits, fit, config.evaluation.n_bins, work_dir)
+    shifted = evaluation_steps.evaluate_shift(shift_logits, test_logits, fit, config.evaluation.n_bins, work_dir)
     store.log_metrics(run_id, shifted.metrics)
     store.log_artifact(run_id, shifted.result_path, "shift")
     for plot in shifted.plots:
@@ -322,17 +335,17 @@ def evaluate_shift(
 
 @task(name="evaluate-ood", cache_policy=NO_CACHE)
 def evaluate_ood(
-    trained: pipeline.TrainedModel,
+    trained: model_steps.TrainedModel,
     ood_data: str | None,
     test_logits: str,
-    fit: pipeline.CalibrationRecord,
+    fit: evaluation_steps.CalibrationRecord,
     config: Config,
     work_dir: str,
     run_id: str,
-) -> pipeline.OODEvaluation | None:
+) -> evaluation_steps.OODEvaluation | None:
     if ood_data is None:
         return None
-    ood = pipeline.evaluate_ood(
+    ood = evaluation_steps.evaluate_ood(
         trained.checkpoint,
         ood_data,
         test_logits,
@@ -362,13 +375,13 @@ def evaluate_ood(
 @task(name="fit-decisions", cache_policy=NO_CACHE)
 def fit_decisions(
     calibration_logits: str,
-    fit: pipeline.CalibrationRecord,
-    manifest: pipeline.ManifestRecord,
+    fit: evaluation_steps.CalibrationRecord,
+    manifest: data_steps.ManifestRecord,
     config: Config,
     work_dir: str,
     run_id: str,
 ) -> str:
-    path = pipeline.fit_decisions(
+    path = evaluation_steps.fit_decisions(
         calibration_logits, fit, manifest.classes, config.decision, f"{work_dir}/decisions.json"
     )
     if config.decision.any_rule:  # the empty default travels with the model's files only
@@ -378,9 +391,14 @@ def fit_decisions(
 
 @task(name="evaluate-decisions", cache_policy=NO_CACHE)
 def evaluate_decisions(
-    test_logits: str, fit: pipeline.CalibrationRecord, decisions: str, config: Config, work_dir: str, run_id: str
-) -> pipeline.DecisionEvaluation:
-    evaluation = pipeline.evaluate_decisions(test_logits, fit, decisions, config.gates.confidence, work_dir)
+    test_logits: str,
+    fit: evaluation_steps.CalibrationRecord,
+    decisions: str,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+) -> evaluation_steps.DecisionEvaluation:
+    evaluation = evaluation_steps.evaluate_decisions(test_logits, fit, decisions, config.gates.confidence, work_dir)
     store.log_metrics(
         run_id, {f"test/decision/{name}": value for name, value in evaluation.metrics.items() if value == value}
     )  # NaN (nothing kept, no positive) is not a metric
@@ -399,18 +417,18 @@ def evaluate_decisions(
 )
 def apply_gates(
     test_logits: str,
-    fit: pipeline.CalibrationRecord,
+    fit: evaluation_steps.CalibrationRecord,
     data: DataVersion,
-    manifest: pipeline.ManifestRecord,
-    split: pipeline.SplitRecord,
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
     config: Config,
     work_dir: str,
     run_id: str,
     decisions: str | None = None,
     shift_logits: str | None = None,
-    ood: pipeline.OODEvaluation | None = None,
+    ood: evaluation_steps.OODEvaluation | None = None,
 ) -> GateReport:
-    candidate = pipeline.candidate_predictions(test_logits, fit, decisions, shift_logits, ood)
+    candidate = evaluation_steps.candidate_predictions(test_logits, fit, decisions, shift_logits, ood)
     # The champion's side of the relative gates comes from the registry: here, not in the library.
     report = promotion.gate_logits(
         config.registry.model_name,
@@ -427,7 +445,7 @@ def apply_gates(
     )
     report = dataclasses.replace(report, candidate=f"run {run_id}")
     store.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
-    store.log_metrics(run_id, pipeline.gate_metrics(report.verdict))
-    store.set_tags(run_id, pipeline.gate_tags(report.verdict, report.champion))
+    store.log_metrics(run_id, tagging.gate_metrics(report.verdict))
+    store.set_tags(run_id, tagging.gate_tags(report.verdict, report.champion))
     get_run_logger().info(report.verdict.summary())
     return report

@@ -13,7 +13,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from calibflow import pipeline
+from calibflow.pipeline import data_steps
+from calibflow.pipeline import evaluation_steps
+from calibflow.pipeline import model_steps
+from calibflow.pipeline import report_staging
+from calibflow.pipeline import run_summary
+from calibflow.pipeline import tagging
 from calibflow import leftovers
 from calibflow.lifecycle import promotion
 from calibflow.tracking import registration
@@ -118,7 +123,7 @@ def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str
 def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) -> str | None:
     """The champion's version when it was built from this data, params and code; else None."""
     champion = registration.alias_record(config.registry.model_name, registration.CHAMPION)
-    if champion and pipeline.unchanged_build(
+    if champion and tagging.unchanged_build(
         champion.tags, data.dvc_hash, config.params_hash, run.git_commit, run.git_dirty
     ):
         return champion.version
@@ -128,21 +133,21 @@ def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) 
 @task(name="register-model", **STORE_RETRIES)
 def register_model(
     run: RunContext,
-    trained: pipeline.TrainedModel,
-    fit: pipeline.CalibrationRecord,
-    evaluation: pipeline.Evaluation,
+    trained: model_steps.TrainedModel,
+    fit: evaluation_steps.CalibrationRecord,
+    evaluation: evaluation_steps.Evaluation,
     data: DataVersion,
-    manifest: pipeline.ManifestRecord,
-    split: pipeline.SplitRecord,
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
     config: Config,
     decisions: str,
-    decided: pipeline.DecisionEvaluation | None = None,
-    shifted: pipeline.ShiftEvaluation | None = None,
-    ood: pipeline.OODEvaluation | None = None,
+    decided: evaluation_steps.DecisionEvaluation | None = None,
+    shifted: evaluation_steps.ShiftEvaluation | None = None,
+    ood: evaluation_steps.OODEvaluation | None = None,
 ) -> registration.RegisteredVersion:
     """Retried safely: a failure within register_version deletes the version it created first."""
-    example = pipeline.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
-    tags = pipeline.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted, ood)
+    example = model_steps.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
+    tags = tagging.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted, ood)
     with store.store_wait():  # logging and registering the model use MLflow beyond store.client()
         model_uri = served_model.log_calibrated_model(
             run.run_id, trained.checkpoint, fit.state_path, example, decisions, name=config.registry.model_name
@@ -181,31 +186,31 @@ def promote_to_champion(
 @task(name="stage-metrics-report", cache_policy=NO_CACHE)
 def stage_metrics_report(
     repo_root: str,
-    evaluation: pipeline.Evaluation,
-    fit: pipeline.CalibrationRecord,
+    evaluation: evaluation_steps.Evaluation,
+    fit: evaluation_steps.CalibrationRecord,
     verdict: GateVerdict,
-    decisions: pipeline.DecisionEvaluation | None = None,
-    shifted: pipeline.ShiftEvaluation | None = None,
-    ood: pipeline.OODEvaluation | None = None,
-    trained: pipeline.TrainedModel | None = None,
-) -> pipeline.StagedReport:
+    decisions: evaluation_steps.DecisionEvaluation | None = None,
+    shifted: evaluation_steps.ShiftEvaluation | None = None,
+    ood: evaluation_steps.OODEvaluation | None = None,
+    trained: model_steps.TrainedModel | None = None,
+) -> report_staging.StagedReport:
     """reports/metrics.json, and dvc.yaml's plots under reports/plots: the per-epoch curves and the
     reliability diagram."""
     plots = {f"{repo_root}/reports/plots/{Path(curve).name}": curve for curve in (trained.curves if trained else ())}
     plots[f"{repo_root}/reports/plots/reliability_diagram.png"] = evaluation.plots[0]
-    return pipeline.stage_metrics_report(
+    return report_staging.stage_metrics_report(
         f"{repo_root}/reports/metrics.json", evaluation, fit, verdict, decisions, shifted, ood, plots
     )
 
 
 @task(name="publish-metrics-report", cache_policy=NO_CACHE)
-def publish_metrics_report(report: pipeline.StagedReport) -> str:
-    return pipeline.publish_report(report)
+def publish_metrics_report(report: report_staging.StagedReport) -> str:
+    return report_staging.publish_report(report)
 
 
 @task(name="discard-metrics-report", cache_policy=NO_CACHE)
-def discard_metrics_report(report: pipeline.StagedReport) -> None:
-    pipeline.discard_report(report)
+def discard_metrics_report(report: report_staging.StagedReport) -> None:
+    report_staging.discard_report(report)
 
 
 @task(name="finish-mlflow-run", **STORE_RETRIES)
@@ -219,12 +224,12 @@ def finish_run(run: RunContext, outcome: str, reason: str = "", tags: dict[str, 
 def publish_summary(
     run: RunContext,
     outcome: str,
-    evaluation: pipeline.Evaluation | None = None,
-    fit: pipeline.CalibrationRecord | None = None,
+    evaluation: evaluation_steps.Evaluation | None = None,
+    fit: evaluation_steps.CalibrationRecord | None = None,
     verdict: GateVerdict | None = None,
     version: registration.RegisteredVersion | None = None,
 ) -> None:
-    summary = pipeline.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit, verdict, version)
+    summary = run_summary.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit, verdict, version)
     create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary", markdown=summary)
     # The same text, verdict line first, as the MLflow run's and version's description. Best effort:
     # the run's outcome is decided and recorded already, a description is no reason to undo it.

@@ -45,18 +45,20 @@ def test_noise_changes_the_pixels_and_zero_noise_writes_the_scanned_digits(tmp_p
 def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling_corrects(tmp_path):
     """The default data, params.yaml's split, recipe and seed, through the flow's library steps:
     the softmax is over-confident (T well above 1, test ECE high) and scaling lowers the ECE."""
-    from calibflow import pipeline
+    from calibflow.pipeline import data_steps
+    from calibflow.pipeline import evaluation_steps
+    from calibflow.pipeline import model_steps
     from calibflow.config import load_config
 
     config = load_config(REPO / "params.yaml")
     data = tmp_path / "digits"
     write_digits(data, noise_sd=NOISE_SD)
-    manifest = pipeline.write_manifest(str(data), str(tmp_path / "manifest.csv"))
-    split = pipeline.write_split(manifest.path, config.split, config.seed, str(tmp_path / "splits.json"))
+    manifest = data_steps.write_manifest(str(data), str(tmp_path / "manifest.csv"))
+    split = data_steps.write_split(manifest.path, config.split, config.seed, str(tmp_path / "splits.json"))
     assert split.sizes["test"] >= 700 and split.sizes["calibration"] >= 400
-    trained = pipeline.train_model(str(data), manifest, split.path, config, str(tmp_path))
+    trained = model_steps.train_model(str(data), manifest, split.path, config, str(tmp_path))
     logits = {
-        name: pipeline.write_split_logits(
+        name: model_steps.write_split_logits(
             trained.checkpoint,
             str(data),
             manifest.path,
@@ -68,17 +70,17 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
         )
         for name in ("calibration", "test")
     }
-    fit = pipeline.fit_calibration(logits["calibration"], config.calibration, str(tmp_path / "calibrator.json"))
-    evaluation = pipeline.evaluate_calibration(logits["test"], fit, config.evaluation.n_bins, str(tmp_path))
+    fit = evaluation_steps.fit_calibration(logits["calibration"], config.calibration, str(tmp_path / "calibrator.json"))
+    evaluation = evaluation_steps.evaluate_calibration(logits["test"], fit, config.evaluation.n_bins, str(tmp_path))
     assert fit.temperature > 1.25
     assert evaluation.before["ece"] >= 0.05
     assert evaluation.after["ece"] <= 0.6 * evaluation.before["ece"]
     # The default gates tell the two apart: the softmax fails max_ece, the calibrated model passes.
     from calibflow.gates.checks import Predictions, evaluate_gates
 
-    test_logits, labels = pipeline.load_logits(logits["test"])
+    test_logits, labels = model_steps.load_logits(logits["test"])
     softmax = torch.softmax(torch.as_tensor(test_logits, dtype=torch.float64), dim=1).numpy()
-    calibrated = np.asarray(pipeline.load_calibrator(fit.state_path).transform(test_logits))
+    calibrated = np.asarray(evaluation_steps.load_calibrator(fit.state_path).transform(test_logits))
     verdicts = {
         name: evaluate_gates(Predictions(probabilities=p, labels=labels), config.gates, report_estimates=False)
         for name, p in (("softmax", softmax), ("calibrated", calibrated))

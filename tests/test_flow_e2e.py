@@ -15,7 +15,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from calibflow import pipeline
+from calibflow.pipeline import evaluation_steps
+from calibflow.pipeline import report_staging
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
@@ -196,32 +197,32 @@ def current_umask() -> int:
 
 
 def test_metrics_report_is_staged_beside_its_target_with_the_umask_and_published_by_one_rename(tmp_path):
-    evaluation = pipeline.Evaluation(before={"ece": 0.2}, after={"ece": 0.1}, plots=())
-    fit = pipeline.CalibrationRecord("temperature", "", 1.5, 0.9, 0.8)
+    evaluation = evaluation_steps.Evaluation(before={"ece": 0.2}, after={"ece": 0.1}, plots=())
+    fit = evaluation_steps.CalibrationRecord("temperature", "", 1.5, 0.9, 0.8)
     verdict = type("Verdict", (), {"passed": True, "checks": ()})()
     target = tmp_path / "reports" / "metrics.json"
     target.parent.mkdir()
     target.write_text("the previous report")
     previous = os.umask(0o027)
     try:
-        staged = pipeline.stage_metrics_report(str(target), evaluation, fit, verdict)
+        staged = report_staging.stage_metrics_report(str(target), evaluation, fit, verdict)
     finally:
         os.umask(previous)
     assert target.read_text() == "the previous report"  # staged beside it, not over it
     assert Path(staged.staged).parent == target.parent
     assert stat.S_IMODE(Path(staged.staged).stat().st_mode) == 0o640  # the umask's, not tempfile's 0600
-    pipeline.publish_report(staged)
+    report_staging.publish_report(staged)
     assert json.loads(target.read_text())["calibration"]["temperature"] == 1.5
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
 
-    discarded = pipeline.stage_metrics_report(str(target), evaluation, fit, verdict)
-    pipeline.discard_report(discarded)
+    discarded = report_staging.stage_metrics_report(str(target), evaluation, fit, verdict)
+    report_staging.discard_report(discarded)
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
 
     target.unlink()
     target.mkdir()
     with pytest.raises(errors.ReportError, match="is a directory"):
-        pipeline.stage_metrics_report(str(target), evaluation, fit, verdict)
+        report_staging.stage_metrics_report(str(target), evaluation, fit, verdict)
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
 
 

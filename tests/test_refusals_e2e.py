@@ -78,12 +78,12 @@ def test_a_passing_run_prints_a_summary_and_json_on_request(tiny_repo, capsys):
 
 
 def test_an_unexpected_error_in_a_task_still_shows_its_traceback(tiny_repo, monkeypatch, capsys):
-    from calibflow import pipeline
+    from calibflow.pipeline import data_steps
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug nobody anticipated")
 
-    monkeypatch.setattr(pipeline, "check_run_settings", broken)
+    monkeypatch.setattr(data_steps, "check_run_settings", broken)
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "a bug nobody anticipated" in err

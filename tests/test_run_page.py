@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibflow import pipeline
+from calibflow.pipeline import evaluation_steps
+from calibflow.pipeline import report_staging
+from calibflow.pipeline import run_summary
+from calibflow.pipeline import tagging
 from calibflow import names
 from calibflow.gates.checks import GateCheck, GateVerdict
 
@@ -25,11 +28,11 @@ BEFORE = {"accuracy": 0.9888, "nll": 0.0410, "brier": 0.0170, "ece": 0.0120, "mc
 AFTER = {"accuracy": 0.9888, "nll": 0.0432, "brier": 0.0171, "ece": 0.0123, "mce": 0.30}
 
 
-def evaluation(before=BEFORE, after=AFTER) -> pipeline.Evaluation:
-    return pipeline.Evaluation(before=dict(before), after=dict(after), plots=())
+def evaluation(before=BEFORE, after=AFTER) -> evaluation_steps.Evaluation:
+    return evaluation_steps.Evaluation(before=dict(before), after=dict(after), plots=())
 
 
-FIT = pipeline.CalibrationRecord(
+FIT = evaluation_steps.CalibrationRecord(
     method="temperature", state_path="", temperature=0.9561, nll_before=0.05, nll_after=0.049
 )
 
@@ -43,27 +46,27 @@ def verdict(ece_bound: float = 0.0235) -> GateVerdict:
 
 
 def test_the_verdict_line_states_the_verdict_each_bound_and_t():
-    assert pipeline.verdict_line(evaluation(), FIT, verdict()) == (
+    assert run_summary.verdict_line(evaluation(), FIT, verdict()) == (
         "PASSED · ECE 0.0120 -> 0.0123 (smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956"
     )
-    failed = pipeline.verdict_line(evaluation(), FIT, verdict(ece_bound=0.07))
+    failed = run_summary.verdict_line(evaluation(), FIT, verdict(ece_bound=0.07))
     assert failed.startswith("FAILED · ") and "FAIL smooth ECE 95% upper 0.0700 <= 0.05" in failed
 
 
 def test_the_description_starts_with_the_verdict_then_warns_when_calibration_made_things_worse():
-    text = pipeline.summary_markdown("run-1", "sqlite:///mlflow.db", "registered", evaluation(), FIT, verdict())
+    text = run_summary.summary_markdown("run-1", "sqlite:///mlflow.db", "registered", evaluation(), FIT, verdict())
     lines = text.splitlines()
-    assert lines[0] == pipeline.verdict_line(evaluation(), FIT, verdict())
+    assert lines[0] == run_summary.verdict_line(evaluation(), FIT, verdict())
     assert "WARNING" in lines[2] and "ECE 0.0120 -> 0.0123" in lines[2] and "NLL 0.0410 -> 0.0432" in lines[2]
     better = evaluation(after={**AFTER, "ece": 0.0100, "nll": 0.0400})
-    assert pipeline.calibration_warning(better, FIT) is None
-    assert "WARNING" not in pipeline.summary_markdown("run-1", "uri", "registered", better, FIT, verdict())
+    assert run_summary.calibration_warning(better, FIT) is None
+    assert "WARNING" not in run_summary.summary_markdown("run-1", "uri", "registered", better, FIT, verdict())
     # a run that failed before any gate still says so on its first line
-    assert pipeline.summary_markdown("run-1", "uri", "failed", None, None, None).splitlines()[0] == "FAILED"
+    assert run_summary.summary_markdown("run-1", "uri", "failed", None, None, None).splitlines()[0] == "FAILED"
 
 
 def test_gate_metrics_and_tags_name_each_check_its_bound_and_the_champion():
-    assert pipeline.gate_metrics(verdict()) == {
+    assert tagging.gate_metrics(verdict()) == {
         "gate/max_ece_value": 0.0110,
         "gate/max_ece_bound": 0.0235,
         "gate/max_ece_threshold": 0.05,
@@ -71,24 +74,26 @@ def test_gate_metrics_and_tags_name_each_check_its_bound_and_the_champion():
         "gate/min_accuracy_bound": 0.9781,
         "gate/min_accuracy_threshold": 0.9,
     }
-    tags = pipeline.gate_tags(verdict(), champion=None)
+    tags = tagging.gate_tags(verdict(), champion=None)
     assert tags["gate/max_ece"] == "passed: smooth ECE 0.0110, 95% upper 0.0235 <= 0.05"
     assert tags["gate/verdict"] == tags["gate/absolute"] == "passed"
-    assert tags["gate/against"].startswith("none") and pipeline.gate_tags(verdict(), "3")["gate/against"] == "version 3"
+    assert tags["gate/against"].startswith("none") and tagging.gate_tags(verdict(), "3")["gate/against"] == "version 3"
 
 
 def test_metrics_version_tags_and_metrics_json_share_one_vocabulary(tmp_path):
-    metrics = pipeline.test_metrics(evaluation())
+    metrics = tagging.test_metrics(evaluation())
     assert metrics["test/uncalibrated/ece"] == 0.0120 and metrics["test/calibrated/ece"] == 0.0123
-    assert pipeline.fit_metrics(FIT) == {
+    assert tagging.fit_metrics(FIT) == {
         "calibration/uncalibrated_nll": 0.05,
         "calibration/calibrated_nll": 0.049,
         "calibration/temperature": 0.9561,
     }
     state = tmp_path / "calibration.json"
     state.write_text("{}")
-    staged = pipeline.stage_metrics_report(str(tmp_path / "reports" / "metrics.json"), evaluation(), FIT, verdict())
-    report = __import__("json").loads(Path(pipeline.publish_report(staged)).read_text())
+    staged = report_staging.stage_metrics_report(
+        str(tmp_path / "reports" / "metrics.json"), evaluation(), FIT, verdict()
+    )
+    report = __import__("json").loads(Path(report_staging.publish_report(staged)).read_text())
     assert report["test"]["calibrated"]["ece"] == metrics["test/calibrated/ece"]
     assert report["calibration"]["temperature"] == 0.9561 and report["calibration"]["method"] == "temperature"
     assert report["gate"]["max_ece_bound"] == 0.0235 and report["gate"]["passed"] is True
@@ -189,17 +194,17 @@ def test_run_page_in_a_browser(tmp_path, monkeypatch):
         repo_root=tmp_path,
         source=store.RunSource("flows/train_calibrate.py", git_commit="0" * 40),
     )
-    description = pipeline.summary_markdown(run_id, uri, "registered", evaluation(), FIT, verdict())
+    description = run_summary.summary_markdown(run_id, uri, "registered", evaluation(), FIT, verdict())
     store.set_run_description(run_id, description)
     store.log_dataset(
         run_id, "data/digits", str(tmp_path / "data" / "digits"), "c3361a1dd7b1f82c5e42dcea69cd4949.dir", "training"
     )
     store.log_metrics(
-        run_id, {**pipeline.test_metrics(evaluation()), **pipeline.fit_metrics(FIT), **pipeline.gate_metrics(verdict())}
+        run_id, {**tagging.test_metrics(evaluation()), **tagging.fit_metrics(FIT), **tagging.gate_metrics(verdict())}
     )
     for epoch in (1, 2, 3):
         store.log_metrics(run_id, {"train/loss": 1.0 / epoch, "val/nll": 0.5 / epoch}, step=epoch)
-    store.set_tags(run_id, pipeline.gate_tags(verdict(), None))
+    store.set_tags(run_id, tagging.gate_tags(verdict(), None))
     store.end_run(run_id, "succeeded")
     experiment = store.client().get_run(run_id).info.experiment_id
 
@@ -235,7 +240,7 @@ def test_run_page_in_a_browser(tmp_path, monkeypatch):
                 time.sleep(1)
         page = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{run_id}"
         overview = html.unescape(rendered(page, browser()))
-        assert pipeline.verdict_line(evaluation(), FIT, verdict()) in overview
+        assert run_summary.verdict_line(evaluation(), FIT, verdict()) in overview
         assert "WARNING: calibration (T = 0.956) made the test split worse" in overview
         assert "train_calibrate.py" in overview and "data/digits (c3361a1dd7b1f82c5e42dcea69cd4949.dir)" in overview
         charts = html.unescape(rendered(page + "/model-metrics", browser()))

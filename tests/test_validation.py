@@ -232,18 +232,18 @@ def test_manifest_without_split_column_is_a_caller_error(folder: Path):
 def test_a_passed_suite_is_reused_for_the_same_bytes_and_a_failed_one_is_always_run_again(
     folder, tmp_path, monkeypatch
 ):
-    from calibflow import pipeline
+    from calibflow.pipeline import data_steps
     from calibflow.config import DataConfig, SplitConfig
 
     cache, calls = tmp_path / "cache", []
-    real = pipeline.validate_manifest
-    monkeypatch.setattr(pipeline, "validate_manifest", lambda *a, **k: calls.append(1) or real(*a, **k))
-    manifest = pipeline.write_manifest(str(folder), str(tmp_path / "manifest.csv"))
-    split = pipeline.write_split(manifest.path, SplitConfig(), 0, str(tmp_path / "splits.json"))
+    real = data_steps.validate_manifest
+    monkeypatch.setattr(data_steps, "validate_manifest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    manifest = data_steps.write_manifest(str(folder), str(tmp_path / "manifest.csv"))
+    split = data_steps.write_split(manifest.path, SplitConfig(), 0, str(tmp_path / "splits.json"))
     data = DataConfig(min_per_class=MIN_PER_CLASS)
 
     def validate(name: str):
-        return pipeline.validate_data(
+        return data_steps.validate_data(
             manifest.path, split.path, manifest.classes, data, str(tmp_path / name), cache_directory=cache
         )
 
@@ -254,13 +254,13 @@ def test_a_passed_suite_is_reused_for_the_same_bytes_and_a_failed_one_is_always_
 
     stricter = DataConfig(min_per_class=PER_CLASS + 1)  # another setting: run again, and it fails
     for _ in range(2):
-        report = pipeline.validate_data(
+        report = data_steps.validate_data(
             manifest.path, split.path, manifest.classes, stricter, str(tmp_path / "strict.json"), cache_directory=cache
         )
         assert not report.success and CHECK_MIN.replace(str(MIN_PER_CLASS), str(PER_CLASS + 1)) in report.summary()
     assert len(calls) == 3
 
     shutil.copy(folder / "0" / "img_000.png", folder / "1" / "img_copy.png")  # new bytes: a new manifest
-    changed = pipeline.write_manifest(str(folder), str(tmp_path / "manifest.csv"))
-    pipeline.write_split(changed.path, SplitConfig(), 0, str(tmp_path / "splits.json"))
+    changed = data_steps.write_manifest(str(folder), str(tmp_path / "manifest.csv"))
+    data_steps.write_split(changed.path, SplitConfig(), 0, str(tmp_path / "splits.json"))
     assert not validate("changed.json").success and len(calls) == 4

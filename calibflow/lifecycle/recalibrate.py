@@ -126,7 +126,8 @@ def _split_logits(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray, path
 def recalibrate(
     model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".", against: str | None = "@champion"
 ) -> Recalibration:
-    from calibflow import pipeline
+    from calibflow.pipeline import evaluation_steps
+    from calibflow.training.ensembles import uncalibrated_probabilities
     from calibflow.gates.plan import small_test_split_warning
 
     started = time.perf_counter()
@@ -170,17 +171,17 @@ def recalibrate(
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        fit = pipeline.fit_calibration(
+        fit = evaluation_steps.fit_calibration(
             _split_logits(logits, labels, split.indices["calibration"], work / "logits_calibration.npz"),
             config.calibration,
             str(work / "calibration.json"),
         )
-        candidate = pipeline.load_calibrator(fit.state_path).transform(logits[test_rows]).numpy()
+        candidate = evaluation_steps.load_calibrator(fit.state_path).transform(logits[test_rows]).numpy()
         source_probabilities = served.calibrator.transform(logits[test_rows]).numpy()
         before = probability_report(source_probabilities, labels[test_rows], config.evaluation.n_bins)
         after = probability_report(candidate, labels[test_rows], config.evaluation.n_bins)
         softmax = probability_report(
-            pipeline.uncalibrated_probabilities(logits[test_rows]), labels[test_rows], config.evaluation.n_bins
+            uncalibrated_probabilities(logits[test_rows]), labels[test_rows], config.evaluation.n_bins
         )
         ours = Predictions(candidate, labels[test_rows])
         comparison = None
@@ -194,7 +195,7 @@ def recalibrate(
             comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
         shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(
             served,
-            pipeline.load_calibrator(fit.state_path),
+            evaluation_steps.load_calibrator(fit.state_path),
             images[test_rows],
             labels[test_rows],
             config,

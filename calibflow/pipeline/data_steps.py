@@ -1,0 +1,207 @@
+"""The pipeline's data steps as plain functions over files: the manifest, the split, the Great
+Expectations validation, the checks of settings against the data, and the split's images.
+
+Each step reads the files the previous ones wrote and returns a small record (paths, hashes, numbers),
+never tensors or DataFrames: Prefect tasks wrap these one-to-one, and the records are what crosses task
+boundaries. Nothing in calibflow.pipeline knows about Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibflow.config import Config, DataConfig, SplitConfig
+from calibflow.errors import ConfigError
+from calibflow.data.images import load_images
+from calibflow.data.manifest import (
+    build_manifest,
+    class_counts,
+    list_classes,
+    load_manifest,
+    manifest_fingerprint,
+    save_manifest,
+)
+from calibflow.data.splits import Split, stratified_split
+from calibflow.training.distributed import resolve_nproc
+from calibflow.data.validation import ValidationReport, validate_manifest
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    path: str
+    fingerprint: str
+    n_images: int
+    classes: tuple[str, ...]
+    class_counts: dict[str, int] = field(default_factory=dict)
+
+
+def write_manifest(data_dir: str, out_path: str) -> ManifestRecord:
+    """One row per file: path, label, size, mode, content hash, whether it decodes."""
+    classes = list_classes(data_dir)
+    manifest = build_manifest(data_dir)
+    save_manifest(manifest, out_path)
+    return ManifestRecord(
+        path=str(out_path),
+        fingerprint=manifest_fingerprint(manifest),
+        n_images=len(manifest),
+        classes=tuple(classes),
+        class_counts=class_counts(manifest),
+    )
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    path: str
+    digest: str
+    sizes: dict[str, int]
+
+
+def write_split(manifest_path: str, split: SplitConfig, seed: int, out_path: str) -> SplitRecord:
+    manifest = load_manifest(manifest_path)
+    result = stratified_split(
+        manifest["label_index"].to_numpy(),
+        manifest["sha256"].to_numpy(),
+        split.fractions(),
+        seed,
+        manifest_fingerprint(manifest),
+    )
+    result.save(out_path)
+    return SplitRecord(path=str(out_path), digest=result.digest, sizes={k: len(v) for k, v in result.indices.items()})
+
+
+# The fewest calibration images select_calibrator's cross-validation (calibration.method auto) folds.
+AUTO_CALIBRATION_FOLDS = 5
+
+
+def check_run_settings(config: Config, classes: tuple[str, ...], split_sizes: dict[str, int]) -> None:
+    """Before training: what the params and the manifest already say cannot work, as a ConfigError
+    (exit 2) instead of a failure after the whole training: a two-class calibrator on more classes,
+    splits too small to train or fit on, and gates that no model can pass on the test split (not
+    even a perfect one, always right with confidence 1)."""
+    from calibflow.calibrators import binary_only, default_methods
+    from calibflow.gates.plan import smallest_passable
+    from calibflow.errors import GateInputError
+
+    method, n_classes = config.calibration.method, len(classes)
+    if config.train.distributed == "ddp":
+        resolve_nproc(config.train)  # more processes than this node's cores or GPUs
+    if binary_only(method) and n_classes != 2:
+        raise ConfigError(
+            f"calibration.method = {method} calibrates two-class models and the data has {n_classes} "
+            f"classes: choose one of {', '.join(default_methods(n_classes))} or auto"
+        )
+    fewest = {"train": 2, "calibration": AUTO_CALIBRATION_FOLDS if method == "auto" else 2, "test": 1}
+    for name, needed in fewest.items():
+        if split_sizes.get(name, 0) < needed:
+            raise ConfigError(
+                f"the {name} split has {split_sizes.get(name, 0)} images and needs at least {needed}"
+                f"{' (calibration.method auto cross-validates)' if name == 'calibration' else ''}: "
+                f"raise split.{name} or add images"
+            )
+    try:
+        passable = smallest_passable(config.gates, split_sizes["test"], n_classes, config.evaluation.n_bins)
+    except GateInputError:
+        passable = False
+    if not passable:
+        raise ConfigError(
+            f"no model can pass the gates on the {split_sizes['test']} images of the test split, not "
+            f"even a perfect one (always right, with confidence 1): add test images (more data, or a "
+            f"larger split.test) or loosen the gates (`calibflow gate plan --thresholds` says how many "
+            f"images they need)"
+        )
+
+
+def split_class_counts(manifest_path: str, split_path: str, split_name: str) -> dict[str, int]:
+    """Images per class name in one split."""
+    manifest = load_manifest(manifest_path)
+    return class_counts(manifest.iloc[Split.load(split_path).indices[split_name]])
+
+
+def validate_data(
+    manifest_path: str,
+    split_path: str,
+    classes: tuple[str, ...],
+    data: DataConfig,
+    out_path: str,
+    cache_directory: str | Path | None = None,
+) -> ValidationReport:
+    """Run the Great Expectations suite; the full GX result is written to `out_path` either way.
+
+    With `cache_directory`, a suite that passed on exactly this manifest and split (their bytes:
+    the manifest holds every file's SHA-256, size and mode), these data settings, this GX and
+    this suite's code is not run again: its stored result is reused and says so
+    (statistics["reused_from_cache"]). Importing GX is most of the step's cost (~1.5 s of 1.7 s);
+    a failed validation is never stored, so bad data is always checked afresh.
+    """
+    from importlib.metadata import version
+
+    from calibflow import disk_cache
+    from calibflow.data import validation
+
+    key = {
+        "manifest_and_split": disk_cache.files_digest([manifest_path, split_path]),
+        "classes": list(classes),
+        "min_per_class": data.min_per_class,
+        "allowed_sizes": list(data.allowed_sizes),
+        "allowed_modes": list(data.allowed_modes),
+        "great_expectations": version("great-expectations"),
+        "code": disk_cache.file_sha256(validation.__file__),
+    }
+    stored = disk_cache.load(cache_directory, "data_validation", key)
+    if stored is not None:
+        report = ValidationReport(
+            success=True,
+            failures=(),
+            result=stored["result"],
+            statistics={**stored["statistics"], "reused_from_cache": True},
+        )
+    else:
+        manifest = load_manifest(manifest_path)
+        manifest["split"] = Split.load(split_path).assignment(len(manifest))
+        report = validate_manifest(manifest, list(classes), data.min_per_class, data.allowed_sizes, data.allowed_modes)
+        if report.success:
+            disk_cache.store(
+                cache_directory, "data_validation", key, {"statistics": report.statistics, "result": report.result}
+            )
+    Path(out_path).write_text(json.dumps(report.result, indent=1, default=str))
+    return report
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    mode: str
+    width: int
+    height: int
+
+    @property
+    def channels(self) -> int:
+        return len(self.mode)  # "L" -> 1, "RGB" -> 3 (the modes validation lets through)
+
+
+def image_format(manifest_path: str, data: DataConfig) -> ImageFormat:
+    """The mode and size the model is built for: the first allowed one, else the most common
+    (validation has already rejected any other)."""
+    manifest = load_manifest(manifest_path)
+    decodable = manifest[manifest["decodable"]]
+    mode = data.allowed_modes[0] if data.allowed_modes else Counter(decodable["mode"]).most_common(1)[0][0]
+    size = data.allowed_sizes[0] if data.allowed_sizes else Counter(decodable["size"]).most_common(1)[0][0]
+    width, height = (int(v) for v in size.split("x"))
+    return ImageFormat(mode=mode, width=width, height=height)
+
+
+def load_split_images(
+    data_dir: str, manifest_path: str, split_path: str, split_name: str, fmt: ImageFormat, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """uint8 images (N, C, H, W), labels and manifest row indices of one split (its first `limit`)."""
+    manifest = load_manifest(manifest_path)
+    indices = Split.load(split_path).indices[split_name][:limit]
+    rows = manifest.iloc[indices]
+    images = load_images(data_dir, rows["path"].tolist(), fmt.mode, (fmt.width, fmt.height))
+    labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
+    return images, labels, indices

@@ -1,0 +1,367 @@
+"""The pipeline's model steps: train (in this process or under torchrun), write the training curves,
+and collect the logits of a split (and of its corrupted copies) once, to files the later steps read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from calibflow.config import Config
+from calibflow.training.ensembles import (
+    member_seeds,
+    predictive_logits,
+)
+from calibflow.data.images import load_images
+from calibflow.training.models import ModelSpec, load_checkpoint, save_checkpoint
+from calibflow.disk_cache import file_sha256
+from calibflow.training.resume import EpochCheckpoints
+from calibflow.evaluation.shift import Suite, corrupted_images, suite_logits
+from calibflow.training.distributed import resolve_nproc, train_distributed
+from calibflow.training.loop import EpochStats, intra_op_threads, resolve_runtime, train_classifier
+from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_format, load_split_images
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    checkpoint: str
+    device: str
+    precision: str
+    epochs: int
+    final_train_loss: float
+    final_val_accuracy: float
+    images_per_second: float
+    resumed_from_epoch: int = 0  # the last epoch a killed run had completed (0: trained from the start)
+    curves: tuple[str, ...] = ()  # train.csv and val.csv: the per-epoch curves, for `dvc plots show`
+    processes: int = 1  # training processes, all nodes together (train.distributed: ddp)
+
+
+def training_checkpoints(
+    checkpoint_dir: str,
+    manifest: ManifestRecord,
+    split_path: str,
+    config: Config,
+    member_seed: int,
+    outliers_path: str | None,
+) -> EpochCheckpoints:
+    """Where one member's per-epoch checkpoints live, keyed by what its weights depend on."""
+    from calibflow.training.resume import training_code_digest, training_key
+
+    outliers = json.loads(Path(outliers_path).read_text())["dvc_hash"] if outliers_path else None
+    # val_every changes what is measured, never the weights (tests/test_training.py)
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k != "val_every"}
+    if config.train.distributed == "ddp":  # the processes' random streams are saved per rank
+        train["nproc"] = resolve_nproc(config.train)
+    key = training_key(
+        manifest=manifest.fingerprint,
+        split=file_sha256(split_path),
+        model=dataclasses.asdict(config.model),
+        train=train,
+        seed=member_seed,
+        outliers=outliers,
+        code=training_code_digest(),
+        torch=torch.__version__,
+    )
+    return EpochCheckpoints(Path(checkpoint_dir) / key)
+
+
+def write_training_curves(history: list[EpochStats], out_dir: str | Path) -> tuple[str, str]:
+    """train.csv (epoch, loss, learning_rate, images_per_second: every epoch) and val.csv (epoch,
+    accuracy, nll, ece: the epochs that validated), the columns of train/ and val/ metrics."""
+    import csv
+
+    out = Path(out_dir)
+    rows = {
+        "train": [
+            {
+                "epoch": h.epoch,
+                "loss": h.train_loss,
+                "learning_rate": h.learning_rate,
+                "images_per_second": h.images_per_second,
+            }
+            for h in history
+        ],
+        "val": [
+            {"epoch": h.epoch, "accuracy": h.val_accuracy, "nll": h.val_nll, "ece": h.val_ece}
+            for h in history
+            if h.validated
+        ],
+    }
+    paths = []
+    for name, table in rows.items():
+        path = out / f"{name}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["epoch"])
+            writer.writeheader()
+            writer.writerows(table)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def train_model(
+    data_dir: str,
+    manifest: ManifestRecord,
+    split_path: str,
+    config: Config,
+    out_dir: str,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+    outliers_path: str | None = None,
+    checkpoint_dir: str | None = None,
+) -> TrainedModel:
+    """`outliers_path`: check_ood_data's record of train.outlier_exposure's folder. With
+    `checkpoint_dir`, each member checkpoints every epoch there and a killed run started again with
+    the same inputs resumes from its last complete epoch (calibflow.training.resume)."""
+    fmt = image_format(manifest.path, config.data)
+    train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
+    val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
+    outliers = None
+    if outliers_path:
+        record = json.loads(Path(outliers_path).read_text())
+        outliers = load_images(record["local_dir"], record["files"], fmt.mode, (fmt.width, fmt.height))
+    spec = ModelSpec(
+        arch=config.model.arch,
+        in_channels=fmt.channels,
+        num_classes=len(manifest.classes),
+        image_height=fmt.height,
+        image_width=fmt.width,
+        width=config.model.width,
+        dropout=config.model.dropout,
+    )
+    runtime = resolve_runtime(config.train.device, config.train.precision)
+    # The same training, in this process or under torchrun (train.distributed: ddp).
+    if config.train.distributed == "ddp":
+        train_member = functools.partial(train_distributed, work_dir=out_dir)
+    else:
+        train_member = functools.partial(train_classifier, runtime=runtime)
+    members, history, done, resumed_from = [], [], [], 0
+    for index, seed in enumerate(member_seeds(config.seed, config.model.ensemble)):
+        checkpoints = (
+            training_checkpoints(checkpoint_dir, manifest, split_path, config, seed, outliers_path)
+            if checkpoint_dir
+            else None
+        )
+        if checkpoints is not None:
+            done.append(checkpoints)
+            resumed_from = max(resumed_from, index * config.train.epochs + checkpoints.completed_epoch())
+        # One member after the other; their epochs are numbered on, so each logged curve is whole.
+        offset = index * config.train.epochs
+        report = (
+            None
+            if on_epoch_end is None
+            else (lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
+        )
+        model, member_history = train_member(
+            spec,
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            config.train,
+            seed,
+            weights_path=config.model.weights_path,
+            on_epoch_end=report,
+            outlier_images=outliers,
+            checkpoints=checkpoints,
+        )
+        members.append(model)
+        history += member_history
+    for checkpoints in done:  # the weights are the run's artifact from here on
+        checkpoints.clear()
+    checkpoint = save_checkpoint(
+        Path(out_dir) / "checkpoint.pt",
+        members[0],
+        spec,
+        list(manifest.classes),
+        fmt.mode,
+        more_members=tuple(members[1:]),
+        mc_samples=config.model.mc_dropout,
+        mc_seed=config.seed,
+    )
+    last = history[-1]
+    return TrainedModel(
+        checkpoint=str(checkpoint),
+        device=str(runtime.device),
+        precision=str(runtime.autocast_dtype or torch.float32).removeprefix("torch."),
+        epochs=len(history),
+        final_train_loss=last.train_loss,
+        final_val_accuracy=last.val_accuracy,
+        images_per_second=float(np.median([h.images_per_second for h in history])),
+        resumed_from_epoch=resumed_from,
+        curves=write_training_curves(history, out_dir),
+        processes=resolve_nproc(config.train) * config.train.nnodes if config.train.distributed == "ddp" else 1,
+    )
+
+
+def write_split_logits(
+    checkpoint: str,
+    data_dir: str,
+    manifest_path: str,
+    split_path: str,
+    split_name: str,
+    out_path: str,
+    batch_size: int = 512,
+    device: str = "auto",
+    threads: int | str | None = None,
+) -> str:
+    """Collect a split's logits once (eval mode, no_grad, fp32) and save them with labels and row
+    indices, with `threads` intra-op threads (train.threads: the same machine-sharing reasoning as
+    training's; a forward pass gives the same logits on any count, so this changes speed only)."""
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt)
+    # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
+    with intra_op_threads(threads):
+        logits = predictive_logits(
+            loaded.members,
+            images,
+            loaded.mc_samples,
+            loaded.mc_seed,
+            batch_size,
+            resolve_runtime(device).device,
+            progress=f"logits {split_name}",
+        )
+    np.savez(out_path, logits=logits.numpy(), labels=labels.numpy(), indices=indices)
+    return str(out_path)
+
+
+def _suite_logits_of_split(
+    checkpoint: str,
+    data_dir: str,
+    manifest_path: str,
+    split_path: str,
+    split_name: str,
+    suite: Suite,
+    batch_size: int,
+    device: str,
+    threads: int | str | None,
+    cache_dir: str | None,
+    limit: int | None = None,
+):
+    """The network's logits on every cell of `suite` applied to a split's images (the first
+    `limit`), with the images' labels and manifest rows; corrupted images and logits cached by
+    content in `cache_dir`, the network run on `threads` as write_split_logits does."""
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
+    corrupted = corrupted_images(
+        images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir, progress=f"corrupt {split_name}"
+    )
+    run_on = resolve_runtime(device).device
+
+    def logits_of(batch: np.ndarray) -> np.ndarray:
+        return predictive_logits(
+            loaded.members,
+            torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
+            loaded.mc_samples,
+            loaded.mc_seed,
+            batch_size,
+            run_on,
+        ).numpy()
+
+    with intra_op_threads(threads):
+        logits = suite_logits(
+            corrupted,
+            logits_of,
+            file_sha256(checkpoint),
+            cache_dir,
+            progress=f"logits {split_name}, {len(suite.cells)} corrupted copies",
+        )
+    return logits, labels, indices
+
+
+def write_shift_logits(
+    checkpoint: str,
+    data_dir: str,
+    manifest_path: str,
+    split_path: str,
+    suite: Suite,
+    out_path: str,
+    batch_size: int = 512,
+    device: str = "auto",
+    cache_dir: str | None = None,
+    threads: int | str | None = None,
+) -> str:
+    """The network's logits on every cell of the corruption suite (the first suite.max_images test
+    images, corrupted), saved with their labels and manifest rows."""
+    logits, labels, indices = _suite_logits_of_split(
+        checkpoint,
+        data_dir,
+        manifest_path,
+        split_path,
+        "test",
+        suite,
+        batch_size,
+        device,
+        threads,
+        cache_dir,
+        limit=suite.max_images,
+    )
+    np.savez(
+        out_path,
+        labels=labels.numpy(),
+        indices=indices,
+        suite=np.array(suite.to_json()),
+        **{f"cell__{key}": value for key, value in logits.items()},
+    )
+    return str(out_path)
+
+
+def write_shift_aware_logits(
+    checkpoint: str,
+    data_dir: str,
+    manifest_path: str,
+    split_path: str,
+    calibration_logits_path: str,
+    corruptions: tuple[str, ...],
+    seed: int,
+    out_path: str,
+    batch_size: int = 512,
+    device: str = "auto",
+    cache_dir: str | None = None,
+    threads: int | str | None = None,
+) -> str:
+    """What a shift-aware calibrator is fitted on (Tomani et al. 2021): the calibration split's
+    logits and those of its copies corrupted by `corruptions` at severities 1-5, one file in the
+    format of write_split_logits (labels and rows repeated per copy). The decision rules are still
+    fitted on the clean calibration logits."""
+    suite = Suite(tuple(corruptions), (1, 2, 3, 4, 5), 10**9, seed)
+    logits, _, _ = _suite_logits_of_split(
+        checkpoint, data_dir, manifest_path, split_path, "calibration", suite, batch_size, device, threads, cache_dir
+    )
+    with np.load(calibration_logits_path) as saved:
+        clean, labels, rows = saved["logits"], saved["labels"], saved["indices"]
+    copies = 1 + len(suite.keys)
+    np.savez(
+        out_path,
+        logits=np.concatenate([clean, *(logits[k] for k in suite.keys)]),
+        labels=np.tile(labels, copies),
+        indices=np.tile(rows, copies),
+    )
+    return str(out_path)
+
+
+def load_shift_logits(path: str) -> tuple[Suite, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(suite, cell key -> logits, labels, manifest rows) of write_shift_logits' file."""
+    with np.load(path) as saved:
+        suite = Suite.from_json(str(saved["suite"]))
+        return suite, {key: saved[f"cell__{key}"] for key in suite.keys}, saved["labels"], saved["indices"]
+
+
+def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as saved:
+        return saved["logits"], saved["labels"]
+
+
+def input_example(data_dir: str, manifest_path: str, split_path: str, checkpoint: str, n: int = 2) -> np.ndarray:
+    """A few test images as the served model takes them: uint8 (N, H, W, C)."""
+    loaded = load_checkpoint(checkpoint)
+    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    images, _, _ = load_split_images(data_dir, manifest_path, split_path, "test", fmt, limit=n)
+    return images.permute(0, 2, 3, 1).contiguous().numpy()

@@ -157,6 +157,7 @@ POLICIES: tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...] = (
         (
             ConfigError,
             DataVersionError,
+            DatasetError,
             ManifestError,
             CalibrationError,
             GateUndecided,

@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from calibflow.data.datasets import same_tree
 from calibflow.data.prepare import write_digits
 from tests.conftest import dvc, run

@@ -338,7 +338,7 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     tmp_path, monkeypatch, capsys
 ):
     from calibflow.tracking import store
-    from calibflow.cli import main as calibflow
+    from cli.main import main as calibflow
     from tests.conftest import make_repo
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -449,7 +449,7 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
 
 @pytest.mark.e2e
 def test_a_target_the_trained_model_cannot_meet_is_a_rejection_that_registers_nothing(tiny_repo, capsys):
-    from calibflow.cli import main as calibflow
+    from cli.main import main as calibflow
     from tests.test_flow_e2e import mlflow_client
 
     # One epoch of a 5-class model: nowhere near 90% right on the 39 most confident images of 60.
@@ -467,7 +467,7 @@ def test_a_target_the_trained_model_cannot_meet_is_a_rejection_that_registers_no
 def test_an_ensemble_serves_decisions_fitted_on_its_averaged_calibrated_probabilities(tiny_repo, tmp_path):
     from calibflow.tracking import registration
     from calibflow.tracking import store
-    from calibflow.cli import main as calibflow
+    from cli.main import main as calibflow
     from calibflow.gates.decisions import DecisionPolicy
 
     assert (

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from tests.conftest import REPO, TINY_PARAMS
 
 CALIBFLOW = str(Path(sys.executable).parent / "calibflow")

@@ -20,7 +20,7 @@ from calibflow.pipeline import report_staging
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from calibflow.config import load_config
 from tests.conftest import REPO, dvc, run, untrained_model
 from calibflow import errors

@@ -1,8 +1,8 @@
 """The library's layering, read from the source (no import is executed): calibflow/ is plain
 Python over files, MLflow lives in calibflow/tracking/, Prefect in tasks/ and flows/.
 
-- Only calibflow/tracking/ (and the CLI, for Prefect's API setting) names MLflow or Prefect in an
-  import statement, anywhere in the file.
+- Only calibflow/tracking/ names MLflow in an import statement, anywhere in the file; no module of
+  the library names Prefect, nor the layers above it (tasks/, flows/, cli/).
 - Importing any other module, except those on the registry's side (the tracking package and the use
   cases after registration in calibflow/lifecycle/), does not load MLflow, Prefect or the tracking
   package: the transitive closure of their module-level imports reaches none of them. Imports inside
@@ -21,10 +21,9 @@ from tests.conftest import REPO
 
 FRAMEWORKS = ("mlflow", "prefect")
 TRACKING = "calibflow.tracking"
-MAY_IMPORT_FRAMEWORKS = {"calibflow.cli"}
 # Modules that read or move registered versions on the CLI's behalf: the tracking package itself and
 # the use cases after registration (promote, evaluate, monitor, recalibrate).
-REGISTRY_SIDE_PACKAGES = (TRACKING, "calibflow.lifecycle", "calibflow.cli")
+REGISTRY_SIDE_PACKAGES = (TRACKING, "calibflow.lifecycle")
 
 
 def registry_side(module: str) -> bool:
@@ -91,12 +90,12 @@ def _frameworks(names: set[str]) -> set[str]:
     return {n for n in names if n.split(".")[0] in FRAMEWORKS}
 
 
-def test_only_the_registry_and_the_cli_import_mlflow_or_prefect():
+def test_only_the_tracking_package_imports_mlflow_and_nothing_imports_prefect():
     anywhere, _ = import_graph(REPO / "calibflow")
     offenders = {
         module: sorted(_frameworks(names))
         for module, names in anywhere.items()
-        if module not in MAY_IMPORT_FRAMEWORKS and not module.startswith(TRACKING + ".") and _frameworks(names)
+        if not module.startswith(TRACKING + ".") and _frameworks(names)
     }
     assert offenders == {}
 
@@ -127,3 +126,15 @@ def test_the_scan_sees_an_import_through_another_module_and_ignores_one_inside_a
     assert _frameworks(loads_on_import("lib.core", on_import)) == {"mlflow", "mlflow.pyfunc"}
     assert _frameworks(loads_on_import("lib.lazy", on_import)) == set()
     assert _frameworks(anywhere["lib.lazy"]) == {"prefect", "prefect.flow"}
+
+
+def test_the_library_never_imports_the_layers_above_it():
+    anywhere, _ = import_graph(REPO / "calibflow")
+    above = ("tasks", "flows", "cli")
+    offenders = {m: sorted(n for n in names if n.split(".")[0] in above) for m, names in anywhere.items()}
+    assert {m: names for m, names in offenders.items() if names} == {}
+
+
+def test_errors_is_a_leaf():
+    anywhere, _ = import_graph(REPO / "calibflow")
+    assert {n for n in anywhere["calibflow.errors"] if n.split(".")[0] == "calibflow"} == set()

@@ -18,7 +18,7 @@ import yaml
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from calibflow.pipeline.evaluation_steps import load_calibrator
 from tests.conftest import untrained_model
 

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from tests.conftest import dvc, run
 
 pytestmark = pytest.mark.e2e

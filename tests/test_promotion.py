@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from calibflow.lifecycle.promotion import AUDIT_EXPERIMENT
 from tests.conftest import dvc, run
 

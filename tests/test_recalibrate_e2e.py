@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from tests.test_monitor_e2e import add_folder, unseen_digits
 
 pytestmark = pytest.mark.e2e

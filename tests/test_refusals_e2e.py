@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 
 pytestmark = pytest.mark.e2e
 

@@ -325,7 +325,7 @@ def test_deployed_to_a_work_pool_a_process_worker_runs_it_and_an_unchanged_retra
     from prefect.deployments import run_deployment
     from prefect.workers.process import ProcessWorker
 
-    from calibflow.cli import main as calibflow
+    from cli.main import main as calibflow
 
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     before = registry_state(client)  # a champion when the served run above registered one
@@ -435,7 +435,7 @@ DRIVER = textwrap.dedent("""\
         return register_version(*args, **kwargs)
 
     served_model.log_calibrated_model, registration.register_version = counted_log, stop_server_then_register
-    from calibflow.cli import main
+    from cli.main import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -554,7 +554,7 @@ def server_records(repo: Path) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_killed_run_leaves_a_server_and_a_running_run_that_the_next_run_ends(tiny_repo, tmp_path, monkeypatch):
     from calibflow.tracking import store
-    from calibflow.cli import main as calibflow
+    from cli.main import main as calibflow
 
     log = tmp_path / "killed-run.log"
     with open(log, "wb") as out:  # no PREFECT_API_URL: the run starts Prefect's temporary API server

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from calibflow.tracking import store
-from calibflow.cli import main as calibflow
+from cli.main import main as calibflow
 from tests.conftest import dvc, run
 
 pytestmark = pytest.mark.e2e

@@ -1,0 +1,133 @@
+"""`calibflow run` (the pipeline flow) and `calibflow schedule` (its deployments)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from calibflow.errors import EXIT_OK, EXIT_USAGE
+from cli import process
+from cli.options import add_json, add_params, add_repo, json_on_stdout, say, write_json
+
+
+def add_parsers(commands) -> None:
+    run_parser = commands.add_parser("run", help="run the pipeline flow (train -> calibrate -> gates -> registry)")
+    add_params(run_parser, "the run's settings")
+    run_parser.add_argument(
+        "--data-rev", default=None, help="git revision to read the dataset at (default: the working tree)"
+    )
+    add_repo(run_parser)
+    run_parser.add_argument(
+        "--force", action="store_true", help="retrain even when @champion was built from the same data, params and code"
+    )
+    add_json(run_parser, "the result")
+
+    schedule_parser = commands.add_parser(
+        "schedule",
+        help="serve the scheduled retraining deployment (params.yaml `schedule:`) from this machine, "
+        "or register it with a work pool (--deploy); needs a Prefect server (PREFECT_API_URL)",
+    )
+    add_repo(schedule_parser, help="the checkout scheduled runs use (stored as an absolute path)")
+    add_params(schedule_parser, "schedule.* keys shape the deployment; other keys are passed to every run")
+    schedule_parser.add_argument(
+        "--deploy",
+        action="store_true",
+        help="register with the work pool schedule.work_pool and exit; a worker runs the flow runs",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibflow.config import load_config
+
+    load_config(Path(args.repo) / args.params, args.overrides)  # a bad key fails before Prefect and MLflow start
+
+    from flows.train_calibrate import train_calibrate_register
+
+    process.imports_done()
+    result = train_calibrate_register(
+        params_path=args.params,
+        overrides=args.overrides,
+        data_rev=args.data_rev,
+        repo_root=args.repo,
+        force=args.force,
+    )
+    if not json_on_stdout(args):
+        print("\n" + run_summary(result))
+    write_json(args, result)
+    return EXIT_OK
+
+
+def run_summary(result: dict) -> str:
+    """`calibflow run`'s closing lines: what was registered, the calibration and the gate that
+    reads it, where to look. The whole result: --json."""
+    if result.get("skipped"):
+        return f"calibflow run: skipped. {result['reason']}"
+    before, after, gates = result["test_before"], result["test_after"], result.get("gates", {})
+    verdict = (
+        "every gate passed"
+        if gates.get("passed")
+        else "the absolute gates passed, not those against the champion: CD decides (calibflow promote)"
+    )
+    lines = [
+        f"calibflow run: registered {result['model_name']} version {result['version']} as @{result['alias']}; "
+        f"{verdict}",
+        f"  test ECE {before['ece']:.4f} -> {after['ece']:.4f}, accuracy {after['accuracy']:.4f}; calibration "
+        f"{result['calibration_method']}" + (f", T = {result['temperature']:.4f}" if result.get("temperature") else ""),
+    ]
+    for check in gates.get("checks", []):
+        if check["name"] == "max_ece":  # the calibration gate: its bound, not only its estimate
+            lines.append(
+                f"  gate max_ece: {check['metric']} {check['value']:.4f}, {gates['confidence']:.0%} upper "
+                f"bound {check['bound']:.4f} {check['comparison']} {check['threshold']:.4f}"
+            )
+    lines.append(
+        f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} (make ui); "
+        f"reports/metrics.json; every check: calibflow gate --model {result['model_name']} --candidate "
+        f"{result['version']}"
+    )
+    return "\n".join(lines)
+
+
+def schedule(args: argparse.Namespace) -> int:
+    from calibflow.config import load_config
+
+    config = load_config(Path(args.repo) / args.params, args.overrides)  # said first, whatever else is missing
+
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()  # the environment or the active Prefect profile
+    if not api:
+        say(
+            "calibflow schedule: a schedule needs a Prefect server (Prefect's temporary API runs no scheduler), and "
+            "PREFECT_API_URL is not set: start one (`make prefect-ui` or `prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+        return EXIT_USAGE
+    from flows.deployment import build_deployment, build_monitor_deployment, deploy, full_name, serve
+
+    process.imports_done()  # serving runs for days: the collector must run
+    deployment = build_deployment(config, args.repo, args.params, args.overrides)
+    monitoring = build_monitor_deployment(config, args.repo, args.params, args.overrides)
+    pool = config.schedule.work_pool
+    where = f"work pool {pool!r} (workers: prefect worker start --pool {pool})" if args.deploy else "this process"
+    print(
+        f"{full_name(deployment)}: cron {config.schedule.cron!r} ({config.schedule.timezone}), runs in {where}, "
+        f"repo {deployment.parameters['repo_root']}, Prefect API {api}",
+        flush=True,
+    )
+    if monitoring is not None:
+        print(
+            f"{full_name(monitoring)}: cron {config.schedule.monitor_cron!r} on {config.schedule.monitor_data}",
+            flush=True,
+        )
+    deployments = [deployment] + ([monitoring] if monitoring is not None else [])
+    if not args.deploy:
+        serve(*deployments)  # until interrupted
+        return EXIT_OK
+    try:
+        for each in deployments:
+            deploy(each, pool)
+    except ValueError as error:  # the work pool does not exist
+        say(f"calibflow schedule: {error} (create it: prefect work-pool create {pool} --type process)")
+        return EXIT_USAGE
+    return EXIT_OK

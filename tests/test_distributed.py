@@ -34,6 +34,7 @@ from calibflow.training.models import ModelSpec, build_model
 from calibflow.training.resume import EpochCheckpoints
 from calibflow.errors import CheckpointError
 from calibflow.training.loop import (
+    TrainingInputs,
     one_cycle_schedule,
     resolve_runtime,
     seed_everything,
@@ -158,7 +159,9 @@ def two_process_run(tmp_path_factory):
     (train, val, _) = digits()
     reported = []
     model, history = train_distributed(
-        SPEC, *train, *val, DDP, seed=0, work_dir=tmp_path_factory.mktemp("ddp"), on_epoch_end=reported.append
+        TrainingInputs(SPEC, *train, *val, DDP, seed=0),
+        work_dir=tmp_path_factory.mktemp("ddp"),
+        on_epoch_end=reported.append,
     )
     return model, history, reported
 
@@ -184,9 +187,12 @@ def test_one_process_under_torchrun_trains_the_weights_of_the_plain_loop(tmp_pat
     at nproc 2 is then the sharing of the batch, not the launch or the hand-off."""
     (train, val, _) = digits()
     config = dataclasses.replace(DDP, epochs=2, nproc=1)
-    launched, launched_history = train_distributed(SPEC, *train, *val, config, seed=3, work_dir=tmp_path)
+    launched, launched_history = train_distributed(
+        TrainingInputs(SPEC, *train, *val, config, seed=3), work_dir=tmp_path
+    )
     plain, plain_history = train_classifier(
-        SPEC, *train, *val, dataclasses.replace(config, distributed="none", nproc="auto"), 3, progress=False
+        TrainingInputs(SPEC, *train, *val, dataclasses.replace(config, distributed="none", nproc="auto"), 3),
+        progress=False,
     )
     assert same_weights(launched, plain)
     untimed = [dataclasses.replace(h, images_per_second=0.0) for h in launched_history]
@@ -212,7 +218,7 @@ def test_two_nodes_of_one_process_are_one_node_of_two_bit_for_bit(two_process_ru
         text=True,
     )
     try:
-        model, history = train_distributed(SPEC, *train, *val, config, seed=0, work_dir=tmp_path)
+        model, history = train_distributed(TrainingInputs(SPEC, *train, *val, config, seed=0), work_dir=tmp_path)
         output, _ = follower.communicate(timeout=120)
     finally:
         follower.kill()
@@ -235,9 +241,10 @@ def test_two_processes_train_as_well_as_one_at_the_same_global_batch(tmp_path):
     for seed in range(3):
         (train, val, (test_x, test_y)) = digits(seed)
         single, _ = train_classifier(
-            SPEC, *train, *val, dataclasses.replace(config, distributed="none", nproc="auto"), seed, progress=False
+            TrainingInputs(SPEC, *train, *val, dataclasses.replace(config, distributed="none", nproc="auto"), seed),
+            progress=False,
         )
-        double, _ = train_distributed(SPEC, *train, *val, config, seed, work_dir=tmp_path)
+        double, _ = train_distributed(TrainingInputs(SPEC, *train, *val, config, seed), work_dir=tmp_path)
         one.append(accuracy(single, test_x, test_y))
         two.append(accuracy(double, test_x, test_y))
     p = float(np.mean(one + two))
@@ -256,9 +263,11 @@ def test_a_killed_ddp_training_resumes_to_the_uninterrupted_weights(two_process_
         "import sys\nfrom pathlib import Path\n"
         "from tests.test_distributed import DDP, SPEC, digits\n"
         "from calibflow.training.distributed import train_distributed\n"
+        "from calibflow.training.loop import TrainingInputs\n"
         "from calibflow.training.resume import EpochCheckpoints\n"
         "(train, val, _) = digits()\n"
-        "train_distributed(SPEC, *train, *val, DDP, 0, sys.argv[1], checkpoints=EpochCheckpoints(Path(sys.argv[2])))\n"
+        "inputs = TrainingInputs(SPEC, *train, *val, DDP, 0)\n"
+        "train_distributed(inputs, work_dir=sys.argv[1], checkpoints=EpochCheckpoints(Path(sys.argv[2])))\n"
     )
     (tmp_path / "work").mkdir()
     killed = subprocess.Popen(
@@ -288,7 +297,10 @@ def test_a_killed_ddp_training_resumes_to_the_uninterrupted_weights(two_process_
     (train, val, _) = digits()
     reported = []
     model, history = train_distributed(
-        SPEC, *train, *val, DDP, 0, tmp_path, on_epoch_end=reported.append, checkpoints=checkpoints
+        TrainingInputs(SPEC, *train, *val, DDP, 0),
+        work_dir=tmp_path,
+        on_epoch_end=reported.append,
+        checkpoints=checkpoints,
     )
     assert same_weights(model, two_process_run[0])
     assert [s.epoch for s in reported] == [1, 2, 3, 4]  # the saved epochs replayed: the curves are whole
@@ -300,20 +312,24 @@ def test_a_worker_that_fails_is_an_error_with_the_workers_log(tmp_path):
     other = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
     torch.save(build_model(other).state_dict(), tmp_path / "other-model.pt")  # shapes that do not fit SPEC
     with pytest.raises(DistributedTrainingError, match=r"exited with code [1-9](.|\n)*size mismatch"):
-        train_distributed(SPEC, *train, *val, DDP, 0, tmp_path, weights_path=str(tmp_path / "other-model.pt"))
+        train_distributed(
+            TrainingInputs(SPEC, *train, *val, DDP, 0, weights_path=str(tmp_path / "other-model.pt")), work_dir=tmp_path
+        )
     assert not list(tmp_path.glob("ddp-*/bundle.pt"))  # the copy of the training data is gone
 
 
 def test_what_the_launcher_can_check_is_refused_before_torchrun_starts(tmp_path):
     (train, val, _) = digits()
     with pytest.raises(FileNotFoundError, match="model.weights_path .* does not exist"):
-        train_distributed(SPEC, *train, *val, DDP, 0, tmp_path, weights_path=str(tmp_path / "missing.pt"))
+        train_distributed(
+            TrainingInputs(SPEC, *train, *val, DDP, 0, weights_path=str(tmp_path / "missing.pt")), work_dir=tmp_path
+        )
     damaged = EpochCheckpoints(tmp_path / "checkpoints")
     damaged.save(1, {"epoch": 1})
     saved = damaged.directory / "epoch-00001.pt"
     saved.write_bytes(saved.read_bytes()[:-8] + bytes(8))
     with pytest.raises(CheckpointError, match="is corrupted"):
-        train_distributed(SPEC, *train, *val, DDP, 0, tmp_path, checkpoints=damaged)
+        train_distributed(TrainingInputs(SPEC, *train, *val, DDP, 0), work_dir=tmp_path, checkpoints=damaged)
     assert not list(tmp_path.glob("ddp-*"))  # nothing was launched
 
 
@@ -332,7 +348,7 @@ def test_nodes_that_disagree_with_node_0_stop_with_a_message_naming_it(tmp_path)
     )
     try:
         with pytest.raises(DistributedTrainingError, match="3 processes joined and node 0 planned 2"):
-            train_distributed(SPEC, *train, *val, config, seed=0, work_dir=tmp_path)
+            train_distributed(TrainingInputs(SPEC, *train, *val, config, seed=0), work_dir=tmp_path)
         follower.wait(timeout=120)
     finally:
         follower.kill()
@@ -348,7 +364,9 @@ def test_one_step_of_two_processes_is_the_gradient_of_the_mean_of_their_shares(t
     (train_x, train_y), (val_x, val_y), _ = digits()
     images, labels = train_x[:128], train_y[:128]  # two global batches of 64
     config = dataclasses.replace(DDP, epochs=1, augment=False, val_every=1)
-    launched, _ = train_distributed(SPEC, images, labels, val_x, val_y, config, seed=5, work_dir=tmp_path)
+    launched, _ = train_distributed(
+        TrainingInputs(SPEC, images, labels, val_x, val_y, config, seed=5), work_dir=tmp_path
+    )
 
     def by_hand(combine) -> dict[str, torch.Tensor]:
         seed_everything(5)

@@ -13,7 +13,7 @@ import torch
 from calibflow.config import TrainConfig
 from calibflow.training.resume import EpochCheckpoints
 from calibflow.errors import CheckpointError
-from calibflow.training.loop import train_classifier
+from calibflow.training.loop import TrainingInputs, train_classifier
 from tests.test_training import SPEC, blobs
 
 
@@ -43,19 +43,25 @@ def test_a_training_killed_after_any_epoch_resumes_to_the_same_weights(tmp_path,
     config = CONFIGS[name]
     spec = dataclasses.replace(SPEC, dropout=0.2)
     x, y = blobs()
-    reference, reference_history = train_classifier(spec, x, y, x, y, config, seed=4, progress=False)
+    reference, reference_history = train_classifier(TrainingInputs(spec, x, y, x, y, config, seed=4), progress=False)
 
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
     with pytest.raises(Killed):
         train_classifier(
-            spec, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=killer(killed_after)
+            TrainingInputs(spec, x, y, x, y, config, seed=4),
+            progress=False,
+            checkpoints=checkpoints,
+            on_epoch_end=killer(killed_after),
         )
     assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["epoch"] == killed_after
     torch.manual_seed(1234)  # a different process: whatever the global streams hold now is overwritten
 
     replayed = []
     resumed, history = train_classifier(
-        spec, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=replayed.append
+        TrainingInputs(spec, x, y, x, y, config, seed=4),
+        progress=False,
+        checkpoints=checkpoints,
+        on_epoch_end=replayed.append,
     )
     a, b = reference.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm buffers too
@@ -68,16 +74,12 @@ def test_a_finished_training_is_not_trained_again(tmp_path):
     """An ensemble member done before the kill: its last epoch's state is the trained model."""
     x, y = blobs()
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
-    first, _ = train_classifier(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False, checkpoints=checkpoints)
+    first, _ = train_classifier(
+        TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4), progress=False, checkpoints=checkpoints
+    )
     replayed = []
     again, history = train_classifier(
-        SPEC,
-        x,
-        y,
-        x,
-        y,
-        CONFIGS["plain"],
-        seed=4,
+        TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4),
         progress=False,
         checkpoints=checkpoints,
         on_epoch_end=replayed.append,
@@ -93,12 +95,17 @@ def test_a_half_written_checkpoint_is_never_read(tmp_path):
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
     with pytest.raises(Killed):
         train_classifier(
-            SPEC, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=killer(2)
+            TrainingInputs(SPEC, x, y, x, y, config, seed=4),
+            progress=False,
+            checkpoints=checkpoints,
+            on_epoch_end=killer(2),
         )
     (tmp_path / "ckpt" / ".epoch-00003.pt.abc.partial").write_bytes(b"\x80\x02half a pickle")
     assert checkpoints.load()["epoch"] == 2
-    reference, _ = train_classifier(SPEC, x, y, x, y, config, seed=4, progress=False)
-    resumed, _ = train_classifier(SPEC, x, y, x, y, config, seed=4, progress=False, checkpoints=checkpoints)
+    reference, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, config, seed=4), progress=False)
+    resumed, _ = train_classifier(
+        TrainingInputs(SPEC, x, y, x, y, config, seed=4), progress=False, checkpoints=checkpoints
+    )
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in reference.state_dict().items())
 
 
@@ -108,7 +115,10 @@ def test_a_corrupted_checkpoint_is_an_error_that_names_it_and_the_fix(tmp_path, 
     checkpoints = EpochCheckpoints(tmp_path / "ckpt")
     with pytest.raises(Killed):
         train_classifier(
-            SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False, checkpoints=checkpoints, on_epoch_end=killer(2)
+            TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4),
+            progress=False,
+            checkpoints=checkpoints,
+            on_epoch_end=killer(2),
         )
     saved = tmp_path / "ckpt" / "epoch-00002.pt"
     payload = bytearray(saved.read_bytes())
@@ -120,5 +130,7 @@ def test_a_corrupted_checkpoint_is_an_error_that_names_it_and_the_fix(tmp_path, 
     else:
         (tmp_path / "ckpt" / "latest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"delete .*ckpt to train this model from its first epoch") as error:
-        train_classifier(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, progress=False, checkpoints=checkpoints)
+        train_classifier(
+            TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4), progress=False, checkpoints=checkpoints
+        )
     assert "latest.json" in str(error.value) or "epoch-00002.pt" in str(error.value)

@@ -378,7 +378,7 @@ def test_outlier_exposure_lowers_confidence_on_outliers_and_keeps_accuracy():
 
     from calibflow.config import TrainConfig
     from calibflow.training.models import ModelSpec
-    from calibflow.training.loop import collect_logits, train_classifier
+    from calibflow.training.loop import TrainingInputs, collect_logits, train_classifier
     from tests.test_training import blobs
 
     x, y = blobs(classes=4, n_per_class=60)
@@ -386,9 +386,9 @@ def test_outlier_exposure_lowers_confidence_on_outliers_and_keeps_accuracy():
     x_in, y_in, x_out = x[inside], y[inside], x[outside]
     spec = ModelSpec(arch="small_cnn", in_channels=x.shape[1], num_classes=3, image_height=8, image_width=8, width=8)
     config = TrainConfig(epochs=6, batch_size=32, lr=0.05, augment=False)
-    plain, _ = train_classifier(spec, x_in, y_in, x_in, y_in, config, seed=0, progress=False)
+    plain, _ = train_classifier(TrainingInputs(spec, x_in, y_in, x_in, y_in, config, seed=0), progress=False)
     exposed, history = train_classifier(
-        spec, x_in, y_in, x_in, y_in, config, seed=0, progress=False, outlier_images=x_out[:30]
+        TrainingInputs(spec, x_in, y_in, x_in, y_in, config, seed=0, outlier_images=x_out[:30]), progress=False
     )
     held_out = x_out[30:]
     msp = {

@@ -12,6 +12,7 @@ import dataclasses
 
 from calibflow.training.loop import (
     Runtime,
+    TrainingInputs,
     collect_logits,
     intra_op_threads,
     random_translate,
@@ -54,7 +55,9 @@ def test_asking_for_cuda_without_one_is_a_clear_error():
 def test_training_learns_and_reports_each_epoch():
     x, y = blobs()
     seen = []
-    model, history = train_classifier(SPEC, x, y, x, y, FAST, seed=0, on_epoch_end=seen.append, progress=False)
+    model, history = train_classifier(
+        TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), on_epoch_end=seen.append, progress=False
+    )
     assert [h.epoch for h in history] == [1, 2, 3, 4] and seen == history
     assert history[-1].val_accuracy > 0.9  # chance is 1/3
     assert history[-1].train_loss < history[0].train_loss
@@ -66,7 +69,7 @@ def test_any_number_of_scheduler_steps_trains(steps):
     # (one epoch over at most 256 images at batch 64) once divided by zero inside OneCycleLR
     x, y = blobs(n_per_class=4)
     _, history = train_classifier(
-        SPEC, x, y, x, y, TrainConfig(epochs=steps, batch_size=12, lr=0.05), seed=0, progress=False
+        TrainingInputs(SPEC, x, y, x, y, TrainConfig(epochs=steps, batch_size=12, lr=0.05), seed=0), progress=False
     )
     assert len(history) == steps and all(np.isfinite(h.train_loss) for h in history)
 
@@ -80,7 +83,7 @@ def test_on_a_terminal_training_shows_progress_within_each_epoch_and_logits_thei
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     x, y = blobs(n_per_class=8)  # 24 images, batches of 8: 3 steps an epoch
-    model, _ = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=2, batch_size=8, lr=0.05), seed=0)
+    model, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, TrainConfig(epochs=2, batch_size=8, lr=0.05), seed=0))
     collect_logits(model, x, batch_size=10, progress="logits test")
     shown = terminal.getvalue()
     # drawn at least at each epoch's end (more often when slower than tqdm's redraw interval)
@@ -93,16 +96,16 @@ def test_off_a_terminal_no_bar_is_drawn(monkeypatch):
     captured = io.StringIO()
     monkeypatch.setattr(sys, "stderr", captured)
     x, y = blobs(n_per_class=8)
-    model, _ = train_classifier(SPEC, x, y, x, y, TrainConfig(epochs=1, batch_size=8, lr=0.05), seed=0)
+    model, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, TrainConfig(epochs=1, batch_size=8, lr=0.05), seed=0))
     collect_logits(model, x, progress="logits test")
     assert captured.getvalue() == ""
 
 
 def test_same_seed_gives_the_same_weights():
     x, y = blobs()
-    a, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=5, progress=False)
-    b, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=5, progress=False)
-    c, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=6, progress=False)
+    a, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=5), progress=False)
+    b, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=5), progress=False)
+    c, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=6), progress=False)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert not all(torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in a.state_dict())
 
@@ -111,7 +114,7 @@ def test_cuda_code_path_bf16_autocast_and_channels_last_runs_on_cpu():
     """The GPU path's numerics (bf16 autocast, channels_last) exercised where they run: on the CPU."""
     x, y = blobs()
     runtime = Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16, channels_last=True)
-    model, history = train_classifier(SPEC, x, y, x, y, FAST, seed=0, runtime=runtime, progress=False)
+    model, history = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), runtime=runtime, progress=False)
     assert all(torch.isfinite(torch.tensor(h.train_loss)) for h in history)
     assert history[-1].val_accuracy > 0.8
     # Parameters stay fp32 under autocast (only the matmuls/convs run in bf16).
@@ -120,7 +123,7 @@ def test_cuda_code_path_bf16_autocast_and_channels_last_runs_on_cpu():
 
 def test_collect_logits_uses_eval_mode_and_no_grad():
     x, y = blobs()
-    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    model, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), progress=False)
     model.train()  # the trap: BatchNorm in train mode would use batch statistics
     logits = collect_logits(model, x, batch_size=7)
     assert not model.training
@@ -150,7 +153,7 @@ def test_models_take_uint8_images_of_small_sizes(arch, size, channels):
 
 def test_checkpoint_round_trip_gives_the_same_logits(tmp_path):
     x, y = blobs()
-    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    model, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), progress=False)
     path = save_checkpoint(tmp_path / "c.pt", model, SPEC, ["a", "b", "c"], "L")
     loaded = load_checkpoint(path)
     assert loaded.classes == ["a", "b", "c"] and loaded.image_mode == "L" and loaded.spec == SPEC
@@ -165,7 +168,7 @@ def test_served_model_loads_the_temperature_only_calibration_state_of_older_vers
     from calibflow.tracking.served_model import CalibratedImageClassifier, write_model_files
 
     x, y = blobs()
-    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    model, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), progress=False)
     checkpoint = save_checkpoint(tmp_path / "c.pt", model, SPEC, ["a", "b", "c"], "L")
     legacy = tmp_path / "calibration.json"
     legacy.write_text(json.dumps({"method": "temperature", "temperature": 1.7}))
@@ -190,10 +193,10 @@ def test_skipping_validation_leaves_the_trained_weights_bit_identical():
     x, y = blobs()
     config = dataclasses.replace(FAST, epochs=7, threads=1)
     every, every_epoch = train_classifier(
-        SPEC, x, y, x, y, dataclasses.replace(config, val_every=1), seed=3, progress=False
+        TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(config, val_every=1), seed=3), progress=False
     )
     third, every_third = train_classifier(
-        SPEC, x, y, x, y, dataclasses.replace(config, val_every=3), seed=3, progress=False
+        TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(config, val_every=3), seed=3), progress=False
     )
     a, b = every.state_dict(), third.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # buffers too: running stats
@@ -213,25 +216,13 @@ def test_training_runs_on_train_threads_and_restores_the_callers_count():
     try:
         torch.set_num_threads(outside)
         train_classifier(
-            SPEC,
-            x,
-            y,
-            x,
-            y,
-            dataclasses.replace(FAST, epochs=2, threads=1),
-            seed=0,
+            TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=2, threads=1), seed=0),
             on_epoch_end=lambda stats: seen.append(torch.get_num_threads()),
             progress=False,
         )
         assert seen == [1, 1] and torch.get_num_threads() == outside
         train_classifier(
-            SPEC,
-            x,
-            y,
-            x,
-            y,
-            dataclasses.replace(FAST, epochs=1, threads="auto"),
-            seed=0,
+            TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=1, threads="auto"), seed=0),
             on_epoch_end=lambda stats: seen.append(torch.get_num_threads()),
             progress=False,
         )
@@ -242,13 +233,7 @@ def test_training_runs_on_train_threads_and_restores_the_callers_count():
 
         with pytest.raises(KeyboardInterrupt):  # an interrupted run restores it too
             train_classifier(
-                SPEC,
-                x,
-                y,
-                x,
-                y,
-                dataclasses.replace(FAST, epochs=2, threads=1),
-                seed=0,
+                TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=2, threads=1), seed=0),
                 on_epoch_end=fail,
                 progress=False,
             )
@@ -262,7 +247,7 @@ def test_logits_do_not_depend_on_the_thread_count():
     runs on torch's default: the logged numbers are reproduced exactly only if a forward pass gives
     the same logits on either count."""
     x, y = blobs()
-    model, _ = train_classifier(SPEC, x, y, x, y, FAST, seed=0, progress=False)
+    model, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), progress=False)
     with intra_op_threads(1):
         one = collect_logits(model, x, batch_size=64)
     with intra_op_threads(2):

@@ -41,7 +41,14 @@ from calibflow.config import TrainConfig, rendezvous_address
 from calibflow.errors import ConfigError
 from calibflow.training.models import ImageClassifier, ModelSpec, build_model
 from calibflow.training.resume import EpochCheckpoints, training_code_digest
-from calibflow.training.loop import EpochStats, ProcessGroup, Runtime, resolve_runtime, train_classifier
+from calibflow.training.loop import (
+    EpochStats,
+    ProcessGroup,
+    Runtime,
+    TrainingInputs,
+    resolve_runtime,
+    train_classifier,
+)
 from calibflow.errors import DistributedTrainingError
 
 BUNDLE, RESULT, EPOCHS, LOG = "bundle.pt", "result.pt", "epochs.jsonl", "workers.log"
@@ -100,42 +107,74 @@ def resolve_nproc(config: TrainConfig) -> int:
 
 
 def train_distributed(
-    spec: ModelSpec,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_images: torch.Tensor,
-    val_labels: torch.Tensor,
-    config: TrainConfig,
-    seed: int,
+    inputs: TrainingInputs,
+    *,
     work_dir: str | Path,
-    weights_path: str | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
-    outlier_images: torch.Tensor | None = None,
     checkpoints: EpochCheckpoints | None = None,
 ) -> tuple[ImageClassifier, list[EpochStats]]:
-    """Train `spec` as train_classifier does, in `train.nproc` torchrun processes (x `train.nnodes`
-    nodes); returns rank 0's weights and epoch statistics."""
+    """Train `inputs.spec` as train_classifier does, in `train.nproc` torchrun processes (x
+    `train.nnodes` nodes) launched in a new directory under `work_dir`; returns rank 0's weights
+    and epoch statistics."""
+    config = inputs.config
     nproc = resolve_nproc(config)
-    if weights_path and not Path(weights_path).is_file():
+    if inputs.weights_path and not Path(inputs.weights_path).is_file():
         raise FileNotFoundError(
-            f"model.weights_path {weights_path} does not exist: put the state_dict there or set it to null"
+            f"model.weights_path {inputs.weights_path} does not exist: put the state_dict there or set it to null"
         )
     if checkpoints is not None:
         checkpoints.load()  # a damaged checkpoint is a CheckpointError here, not a worker's crash
     work = Path(tempfile.mkdtemp(prefix="ddp-", dir=Path(work_dir)))
-    bundle = {
+    torch.save(_bundle(inputs, nproc * config.nnodes, checkpoints), work / BUNDLE)
+    try:
+        returncode = _run_torchrun(config, nproc, work, on_epoch_end)
+    finally:
+        (work / BUNDLE).unlink(missing_ok=True)  # a copy of the training data
+    if returncode != 0 or not (work / RESULT).is_file():
+        tail = (work / LOG).read_text(errors="replace")[-3000:]
+        raise DistributedTrainingError(
+            f"DDP training ({nproc} process(es) x {config.nnodes} node(s)) exited with code {returncode}; "
+            f"the end of the workers' log ({work / LOG}):\n{tail}"
+        )
+    return _read_result(work, inputs.spec)
+
+
+def _bundle(inputs: TrainingInputs, world_size: int, checkpoints: EpochCheckpoints | None) -> dict:
+    """What every process reads: `inputs` as plain values and tensors (no calibflow classes, so a
+    node that runs other code still unpickles it and says so), and what node 0 planned."""
+    return {
         "code": training_code_digest(),
-        "world_size": nproc * config.nnodes,
-        "spec": dataclasses.asdict(spec),
-        "config": dataclasses.asdict(config),
-        "seed": seed,
-        "train": (train_images, train_labels),
-        "val": (val_images, val_labels),
-        "outliers": outlier_images,
-        "weights_path": weights_path,  # read by rank 0, on this node
+        "world_size": world_size,
+        "spec": dataclasses.asdict(inputs.spec),
+        "config": dataclasses.asdict(inputs.config),
+        "seed": inputs.seed,
+        "train": (inputs.train_images, inputs.train_labels),
+        "val": (inputs.val_images, inputs.val_labels),
+        "outliers": inputs.outlier_images,
+        "weights_path": inputs.weights_path,  # read by rank 0, on this node
         "checkpoints": str(checkpoints.directory) if checkpoints is not None else None,
     }
-    torch.save(bundle, work / BUNDLE)
+
+
+def _inputs_of(bundle: dict, rank: int) -> TrainingInputs:
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in bundle["config"].items()})
+    return TrainingInputs(
+        ModelSpec(**bundle["spec"]),
+        *bundle["train"],
+        *bundle["val"],
+        config,
+        bundle["seed"],
+        # DDP hands rank 0's initial weights to the others: only rank 0 reads model.weights_path
+        weights_path=bundle["weights_path"] if rank == 0 else None,
+        outlier_images=bundle["outliers"],
+    )
+
+
+def _run_torchrun(
+    config: TrainConfig, nproc: int, work: Path, on_epoch_end: Callable[[EpochStats], None] | None
+) -> int:
+    """Run node 0's torchrun on the bundle in `work`, its output to the workers' log, handing each
+    epoch rank 0 writes to `on_epoch_end` as it comes; torchrun's exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", *launcher_args(config, nproc, node_rank=0)]
     command = _dies_with_this_process([*command, "-m", "calibflow.training.distributed", str(work)])
     on_cuda = resolve_runtime(config.device, config.precision).on_cuda
@@ -149,7 +188,7 @@ def train_distributed(
                 finished = process.poll() is not None
                 reported = _report_new_epochs(work / EPOCHS, reported, on_epoch_end)
                 if finished:
-                    break
+                    return process.returncode
                 time.sleep(0.5)
         except BaseException:  # an interrupted flow must not leave training processes behind
             process.terminate()  # torchrun passes SIGTERM on to its workers
@@ -158,14 +197,9 @@ def train_distributed(
             except subprocess.TimeoutExpired:
                 process.kill()  # and the workers die with torchrun (_dies_with_this_process)
             raise
-        finally:
-            (work / BUNDLE).unlink(missing_ok=True)  # a copy of the training data
-    if process.returncode != 0 or not (work / RESULT).is_file():
-        tail = (work / LOG).read_text(errors="replace")[-3000:]
-        raise DistributedTrainingError(
-            f"DDP training ({nproc} process(es) x {config.nnodes} node(s)) exited with code {process.returncode}; "
-            f"the end of the workers' log ({work / LOG}):\n{tail}"
-        )
+
+
+def _read_result(work: Path, spec: ModelSpec) -> tuple[ImageClassifier, list[EpochStats]]:
     result = torch.load(work / RESULT, map_location="cpu", weights_only=False)
     model = build_model(spec)
     model.load_state_dict(result["model"])
@@ -254,14 +288,11 @@ def _worker(work_dir: str | None) -> None:
             raise SystemExit("rank 0 needs the launch directory: the flow starts node 0, followers join it")
         bundle = group.from_rank0(torch.load(work / BUNDLE, weights_only=False) if group.is_rank0 else None)
         _check_nodes_agree(group, bundle)
-        config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in bundle["config"].items()})
-        base = resolve_runtime(config.device, config.precision)
+        inputs = _inputs_of(bundle, group.rank)
+        base = resolve_runtime(inputs.config.device, inputs.config.precision)
         runtime = (
             Runtime(torch.device("cuda", local_rank), base.autocast_dtype, base.channels_last) if on_cuda else base
         )
-        spec = ModelSpec(**bundle["spec"])
-        # DDP hands rank 0's initial weights to the others: only rank 0 reads model.weights_path
-        weights = bundle["weights_path"] if group.is_rank0 else None
 
         def write_epoch(stats: EpochStats) -> None:
             with open(work / EPOCHS, "a") as out:
@@ -269,16 +300,10 @@ def _worker(work_dir: str | None) -> None:
 
         checkpoints = EpochCheckpoints(Path(bundle["checkpoints"])) if bundle["checkpoints"] else None
         model, history = train_classifier(
-            spec,
-            *bundle["train"],
-            *bundle["val"],
-            config,
-            bundle["seed"],
-            runtime,
-            weights_path=weights,
+            inputs,
+            runtime=runtime,
             on_epoch_end=write_epoch if group.is_rank0 else None,
             progress=False,
-            outlier_images=bundle["outliers"],
             checkpoints=checkpoints,
         )
         if group.is_rank0:

@@ -4,6 +4,11 @@ In the spirit of airbench and nanoGPT: the data is one uint8 tensor resident on 
 epoch is a random permutation, augmentation is batched tensor indexing, and the loop never calls
 `.item()` per step (that would stall the GPU pipeline on every batch); losses accumulate on the
 device and are read once per epoch.
+
+Reading order: `train_classifier` is the whole loop. `set_up_training` turns the `TrainingInputs`
+into a `Training` (model, optimiser, schedule, random streams, the data on the device);
+`resume_from_checkpoint` restores a killed run's last epoch; each epoch is `train_one_epoch`
+(`training_step` on each `training_batch`), then `validate` and `save_epoch_checkpoint`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ class Runtime:
     @property
     def on_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def autocast(self) -> torch.autocast:
+        """The context a forward pass runs in: autocast to `autocast_dtype`, or plain fp32."""
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
@@ -185,96 +198,133 @@ class ProcessGroup:
         return gathered
 
 
+@dataclass(frozen=True, eq=False)
+class TrainingInputs:
+    """What a training computes its weights from: the same inputs (and train.threads) give the same
+    weights, bit for bit on the CPU. `weights_path`: a state_dict to start from instead of the
+    seeded initialisation (model.weights_path); `outlier_images`: train.outlier_exposure's images.
+    eq=False: tensors have no single truth value, so two records are equal only if they are one."""
+
+    spec: ModelSpec
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    config: TrainConfig
+    seed: int
+    weights_path: str | None = None
+    outlier_images: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceData:
+    """The splits on the training device, labels as int64; `outliers` None without outlier exposure."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    outliers: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class Training:
+    """One training's moving parts, made by set_up_training; the epochs update them in place."""
+
+    config: TrainConfig
+    runtime: Runtime
+    group: ProcessGroup
+    data: DeviceData
+    model: ImageClassifier  # the plain module: validation, checkpoints and the result read it
+    forward: torch.nn.Module  # what the steps call: `model`, or DistributedDataParallel around it
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.OneCycleLR
+    order: torch.Generator  # each epoch's data order
+    draws: torch.Generator  # augmentation and outliers: `order` itself in one process
+    mixer: BatchMixer
+    max_shift: int  # random_translate's largest shift, 1/8 of the image's shorter side
+    batch_sizes: tuple[int, ...]  # an epoch's global batches that train (see set_up_training)
+
+    @property
+    def smallest_batch(self) -> int:
+        # A global batch trains when every process gets at least two of its images (BatchNorm
+        # cannot train on one): the same rule, and so the same schedule, in every process.
+        return 2 * self.group.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.batch_sizes))
+
+    @property
+    def images_per_epoch(self) -> int:
+        return sum(self.batch_sizes)
+
+
 def train_classifier(
-    spec: ModelSpec,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_images: torch.Tensor,
-    val_labels: torch.Tensor,
-    config: TrainConfig,
-    seed: int,
+    inputs: TrainingInputs,
+    *,
     runtime: Runtime | None = None,
-    weights_path: str | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     progress: bool = True,
-    outlier_images: torch.Tensor | None = None,
     checkpoints: EpochCheckpoints | None = None,
 ) -> tuple[ImageClassifier, list[EpochStats]]:
-    """Build `spec`, train it with SGD + one-cycle LR on the train split, with `config.threads`
-    intra-op threads; report each epoch, with val accuracy every `config.val_every` epochs and
-    after the last.
+    """Build `inputs.spec`, train it with SGD + one-cycle LR on the train split, with
+    `config.threads` intra-op threads; report each epoch, with val accuracy every
+    `config.val_every` epochs and after the last. Under a torch.distributed process group
+    (calibflow.training.distributed) each process trains through DDP on its share of every batch.
 
-    With `outlier_images` (train.outlier_exposure), each step also draws as many outliers as the
-    batch holds, forwards them in the same pass (one set of BatchNorm statistics, as Hendrycks et
-    al. 2019 do) and adds OUTLIER_EXPOSURE_WEIGHT times their cross-entropy to the uniform.
+    With `inputs.outlier_images` (train.outlier_exposure), each step also draws as many outliers as
+    the batch holds, forwards them in the same pass (one set of BatchNorm statistics, as Hendrycks
+    et al. 2019 do) and adds OUTLIER_EXPOSURE_WEIGHT times their cross-entropy to the uniform.
 
-    With `checkpoints` (calibflow.training.resume), each completed epoch's full state is saved there, and a
-    training that finds one continues after that epoch (replaying the saved epochs through
-    `on_epoch_end`), ending with the weights an uninterrupted training would have. The last
+    With `checkpoints` (calibflow.training.resume), each completed epoch's full state is saved
+    there, and a training that finds one continues after that epoch (replaying the saved epochs
+    through `on_epoch_end`), ending with the weights an uninterrupted training would have. The last
     epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
     them when the whole training is done."""
+    config = inputs.config
     with intra_op_threads(config.threads):
-        return _train_classifier(
-            spec,
-            train_images,
-            train_labels,
-            val_images,
-            val_labels,
-            config,
-            seed,
-            runtime,
-            weights_path,
-            on_epoch_end,
-            progress,
-            outlier_images,
-            checkpoints,
-        )
+        training = set_up_training(inputs, runtime or resolve_runtime(config.device, config.precision))
+        history = resume_from_checkpoint(training, checkpoints, on_epoch_end)
+        progress = progress and training.group.is_rank0
+        bar = progress_bar(config.epochs * training.images_per_epoch, "train", enabled=progress, leave=True)
+        bar.update(len(history) * training.images_per_epoch)  # the epochs a killed run completed
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            train_loss, images_per_second = train_one_epoch(training, epoch, bar)
+            val = validate(training) if validates_after(epoch, config.epochs, config.val_every) else {}
+            stats = EpochStats(
+                epoch=epoch,
+                train_loss=train_loss,
+                val_accuracy=val.get("accuracy"),
+                learning_rate=training.schedule.get_last_lr()[0],
+                images_per_second=images_per_second,
+                val_nll=val.get("nll"),
+                val_ece=val.get("ece"),
+            )
+            history.append(stats)
+            if checkpoints is not None:
+                save_epoch_checkpoint(training, checkpoints, history)
+            bar.set_postfix(_bar_postfix(stats))
+            if on_epoch_end is not None:
+                on_epoch_end(stats)
+        bar.close()
+        training.model.eval()
+        return training.model.cpu(), history
 
 
-def _train_classifier(
-    spec: ModelSpec,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_images: torch.Tensor,
-    val_labels: torch.Tensor,
-    config: TrainConfig,
-    seed: int,
-    runtime: Runtime | None,
-    weights_path: str | None,
-    on_epoch_end: Callable[[EpochStats], None] | None,
-    progress: bool,
-    outlier_images: torch.Tensor | None,
-    checkpoints: EpochCheckpoints | None = None,
-) -> tuple[ImageClassifier, list[EpochStats]]:
-    runtime = runtime or resolve_runtime(config.device, config.precision)
-    group = ProcessGroup.current()
+def set_up_training(inputs: TrainingInputs, runtime: Runtime) -> Training:
+    """Seed every random stream from `inputs.seed`, then build the model, move the data to the
+    device and make the optimiser, its schedule and the loop's own random streams, in that order
+    (the order the streams are drawn in is part of the weights)."""
+    config, seed, group = inputs.config, inputs.seed, ProcessGroup.current()
     seed_everything(seed)
-    mean, std = channel_stats(train_images)
-    model = build_model(spec, mean, std)
-    if weights_path:
-        load_pretrained_weights(model, weights_path)
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
-    # Under DistributedDataParallel (calibflow.training.distributed) every process built the same initial
-    # weights from the seed (DDP also broadcasts rank 0's); each then draws its own dropout, mixing
-    # and augmentation, and steps on its share of every global batch. `model` stays the plain
-    # module: validation and the returned weights read it, `forward` trains through DDP.
-    forward = model
-    if group.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        torch.manual_seed(seed + group.rank)
-        forward = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.on_cuda else None)
-
-    x_train, y_train = to_device(train_images, runtime), to_device(train_labels.long(), runtime)
-    x_val, y_val = to_device(val_images, runtime), to_device(val_labels.long(), runtime)
-    x_out = to_device(outlier_images, runtime) if outlier_images is not None and len(outlier_images) else None
-    n = len(x_train)
-    # A global batch trains when every process gets at least two of its images (BatchNorm cannot
-    # train on one): the same rule, and so the same schedule, in every process.
-    smallest_batch = 2 * group.world_size
-    steps_per_epoch = max(1, sum(1 for size in _batch_sizes(n, config.batch_size) if size >= smallest_batch))
+    model, forward = build_network(inputs, runtime, group)
+    data = move_to_device(inputs, runtime)
+    # An epoch's global batches, less any with fewer images than every process needs (see
+    # Training.smallest_batch): in practice a short last batch.
+    batch_sizes = tuple(
+        size for size in _batch_sizes(len(data.train_images), config.batch_size) if size >= 2 * group.world_size
+    )
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -282,142 +332,207 @@ def _train_classifier(
         nesterov=config.momentum > 0,
         weight_decay=config.weight_decay,
     )
-    schedule = one_cycle_schedule(optimizer, config.lr, config.epochs * steps_per_epoch)
-    generator = torch.Generator(device=runtime.device).manual_seed(seed)
+    schedule = one_cycle_schedule(optimizer, config.lr, config.epochs * max(1, len(batch_sizes)))
+    order = torch.Generator(device=runtime.device).manual_seed(seed)
     # One process draws the data order and its augmentation from one stream, as it always has.
     # Several draw the same order (the same seed) and their augmentation from their own stream.
-    draws = generator
+    draws = order
     if group.world_size > 1:
         draws = torch.Generator(device=runtime.device).manual_seed(seed + 7919 * (group.rank + 1))
-    max_shift = max(1, min(spec.image_height, spec.image_width) // 8)
-    mixer = BatchMixer(config.mix, config.mix_alpha, spec.num_classes)
+    spec = inputs.spec
+    return Training(
+        config=config,
+        runtime=runtime,
+        group=group,
+        data=data,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        schedule=schedule,
+        order=order,
+        draws=draws,
+        mixer=BatchMixer(config.mix, config.mix_alpha, spec.num_classes),
+        max_shift=max(1, min(spec.image_height, spec.image_width) // 8),
+        batch_sizes=batch_sizes,
+    )
 
-    history: list[EpochStats] = []
-    saved = group.from_rank0(checkpoints.load() if checkpoints is not None and group.is_rank0 else None)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        if group.world_size > 1:
-            generator.set_state(saved["order"])
-            restore_random_states(draws, saved["random_by_rank"][group.rank])
-        else:
-            restore_random_states(generator, saved["random"])
-        history = [EpochStats(**stats) for stats in saved["history"]]
-        for stats in history if on_epoch_end is not None else ():
-            on_epoch_end(stats)  # the resumed run's curves are whole
-    first_epoch = len(history) + 1
-    images_per_epoch = sum(size for size in _batch_sizes(n, config.batch_size) if size >= smallest_batch)
-    progress = progress and group.is_rank0
-    bar = progress_bar(config.epochs * images_per_epoch, "train", enabled=progress, leave=True)
-    bar.update((first_epoch - 1) * images_per_epoch)  # the epochs a killed run completed
-    for epoch in range(first_epoch, config.epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=runtime.device)
-        seen = 0
-        order = torch.randperm(n, device=runtime.device, generator=generator)
-        for step, global_batch in enumerate(order.split(config.batch_size), start=1):
-            if len(global_batch) < smallest_batch:  # BatchNorm cannot train on a single sample
-                continue
-            bar.set_description_str(
-                f"train epoch {epoch}/{config.epochs} batch {step}/{steps_per_epoch}", refresh=False
-            )
-            batch_index = global_batch[group.rank :: group.world_size]  # this process's share
-            images, targets = x_train[batch_index], y_train[batch_index]
-            if config.augment:
-                images = random_translate(images, max_shift, config.hflip, draws)
-            if config.mix != "none":
-                # Blending needs floats; the model reads float images on the [0, 1] scale.
-                images, targets = mixer(images.float().div_(255.0), targets)
-            n_in = len(images)
-            if x_out is not None:
-                drawn = torch.randint(len(x_out), (n_in,), device=runtime.device, generator=draws)
-                outliers = x_out[drawn]
-                if config.augment:
-                    outliers = random_translate(outliers, max_shift, config.hflip, draws)
-                # after mixing the batch is float on [0, 1]; the model reads uint8 or that scale
-                images = torch.cat(
-                    [images, outliers if images.dtype == outliers.dtype else outliers.float().div_(255.0)]
-                )
-            if runtime.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(
-                runtime.device.type,
-                dtype=runtime.autocast_dtype or torch.float32,
-                enabled=runtime.autocast_dtype is not None,
-            ):
-                logits = forward(images)
-            loss = training_loss(
-                logits[:n_in],
-                targets,
-                config.loss,
-                config.label_smoothing,
-                config.focal_gamma,
-                config.confidence_penalty,
-                config.mmce_weight,
-            )
-            if x_out is not None:
-                loss = loss + OUTLIER_EXPOSURE_WEIGHT * outlier_exposure_loss(logits[n_in:])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach() * len(batch_index)
-            seen += len(batch_index)
-            bar.update(len(global_batch))  # no host sync: on a GPU the bar runs ahead of its queue
-        # The one host sync of the epoch: it also waits for the GPU's queued steps, so the clock
-        # read after it times the training steps alone. Several processes add up their shares.
-        loss_sum, seen = group.sum(loss_sum, seen)
-        train_loss = (loss_sum / max(seen, 1)).item()
-        train_seconds = time.perf_counter() - started
-        # Validation reads the weights under eval() and draws no random numbers, so skipping it
-        # changes nothing that training computes. Several processes each score their share of
-        # the val split with rank 0's weights and BatchNorm statistics: none waits idle on another
-        # (a wait past PEER_TIMEOUT_S would end the run), and the metrics are rank 0's model's.
-        validated = validates_after(epoch, config.epochs, config.val_every)
-        val = {}
-        if validated and group.world_size == 1:
-            val = validation_metrics(model, x_val, y_val, runtime)
-        elif validated:
-            group.copy_buffers_from_rank0(model)
-            shares = group.gather_to_all(validation_logits(model, x_val[group.rank :: group.world_size], runtime))
-            labels = [y_val[rank :: group.world_size] for rank in range(group.world_size)]
-            val = logit_metrics(torch.cat([share for share in shares if len(share)]), torch.cat(labels))
-        stats = EpochStats(
-            epoch=epoch,
-            train_loss=train_loss,
-            val_accuracy=val.get("accuracy"),
-            learning_rate=schedule.get_last_lr()[0],
-            images_per_second=seen / max(train_seconds, 1e-9),
-            val_nll=val.get("nll"),
-            val_ece=val.get("ece"),
+
+def build_network(
+    inputs: TrainingInputs, runtime: Runtime, group: ProcessGroup
+) -> tuple[ImageClassifier, torch.nn.Module]:
+    """The model on the device, initialised from the seeded global stream or `inputs.weights_path`,
+    and what the training steps call: the model itself, or DistributedDataParallel around it."""
+    mean, std = channel_stats(inputs.train_images)
+    model = build_model(inputs.spec, mean, std)
+    if inputs.weights_path:
+        load_pretrained_weights(model, inputs.weights_path)
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if group.world_size == 1:
+        return model, model
+    # Under DistributedDataParallel every process built the same initial weights from the seed (DDP
+    # also broadcasts rank 0's); each then draws its own dropout, mixing and augmentation, and steps
+    # on its share of every global batch.
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(inputs.seed + group.rank)
+    return model, DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.on_cuda else None)
+
+
+def move_to_device(inputs: TrainingInputs, runtime: Runtime) -> DeviceData:
+    outliers = inputs.outlier_images
+    return DeviceData(
+        train_images=to_device(inputs.train_images, runtime),
+        train_labels=to_device(inputs.train_labels.long(), runtime),
+        val_images=to_device(inputs.val_images, runtime),
+        val_labels=to_device(inputs.val_labels.long(), runtime),
+        outliers=to_device(outliers, runtime) if outliers is not None and len(outliers) else None,
+    )
+
+
+def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
+    """One pass over the train split in a new random order: the epoch's mean training loss over
+    every process, and its images per second (the training steps alone)."""
+    config, group = training.config, training.group
+    started = time.perf_counter()
+    training.model.train()
+    loss_sum = torch.zeros((), device=training.runtime.device)
+    seen = 0
+    order = torch.randperm(len(training.data.train_images), device=training.runtime.device, generator=training.order)
+    for step, global_batch in enumerate(order.split(config.batch_size), start=1):
+        if len(global_batch) < training.smallest_batch:  # BatchNorm cannot train on a single sample
+            continue
+        bar.set_description_str(
+            f"train epoch {epoch}/{config.epochs} batch {step}/{training.steps_per_epoch}", refresh=False
         )
-        history.append(stats)
-        if checkpoints is not None:
-            state = {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "history": [dataclasses.asdict(h) for h in history],
-            }
-            if group.world_size > 1:  # one file, by rank 0, holding every process's random streams
-                state["order"] = generator.get_state()
-                state["random_by_rank"] = group.gather_to_all(random_states(draws))
-            else:
-                state["random"] = random_states(generator)
-            if group.is_rank0:
-                checkpoints.save(epoch, state)
-        postfix = {"loss": f"{stats.train_loss:.4f}", "img_s": f"{stats.images_per_second:,.0f}"}
-        if stats.validated:
-            postfix["val_acc"] = f"{stats.val_accuracy:.4f}"
-        bar.set_postfix(postfix)
-        if on_epoch_end is not None:
-            on_epoch_end(stats)
-    bar.close()
-    model.eval()
-    return model.cpu(), history
+        batch_index = global_batch[group.rank :: group.world_size]  # this process's share
+        loss = training_step(training, batch_index)
+        loss_sum += loss.detach() * len(batch_index)
+        seen += len(batch_index)
+        bar.update(len(global_batch))  # no host sync: on a GPU the bar runs ahead of its queue
+    # The one host sync of the epoch: it also waits for the GPU's queued steps, so the clock read
+    # after it times the training steps alone. Several processes add up their shares.
+    loss_sum, seen = group.sum(loss_sum, seen)
+    train_loss = (loss_sum / max(seen, 1)).item()
+    train_seconds = time.perf_counter() - started
+    return train_loss, seen / max(train_seconds, 1e-9)
+
+
+def training_step(training: Training, batch_index: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on the train images at `batch_index`; returns the step's loss."""
+    config = training.config
+    images, targets, n_in = training_batch(training, batch_index)
+    with training.runtime.autocast():
+        logits = training.forward(images)
+    loss = training_loss(
+        logits[:n_in],
+        targets,
+        config.loss,
+        config.label_smoothing,
+        config.focal_gamma,
+        config.confidence_penalty,
+        config.mmce_weight,
+    )
+    if training.data.outliers is not None:
+        loss = loss + OUTLIER_EXPOSURE_WEIGHT * outlier_exposure_loss(logits[n_in:])
+    training.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    training.optimizer.step()
+    training.schedule.step()
+    return loss
+
+
+def training_batch(training: Training, batch_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What one step forwards: the images at `batch_index`, augmented and mixed (train.augment,
+    train.mix), then as many outliers under outlier exposure; their targets; and how many of the
+    images are the batch's own (the rest are outliers)."""
+    config, data = training.config, training.data
+    images, targets = data.train_images[batch_index], data.train_labels[batch_index]
+    if config.augment:
+        images = random_translate(images, training.max_shift, config.hflip, training.draws)
+    if config.mix != "none":
+        # Blending needs floats; the model reads float images on the [0, 1] scale.
+        images, targets = training.mixer(images.float().div_(255.0), targets)
+    n_in = len(images)
+    if data.outliers is not None:
+        images = torch.cat([images, draw_outliers(training, n_in, images.dtype)])
+    if training.runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets, n_in
+
+
+def draw_outliers(training: Training, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """`count` outlier images drawn at random, augmented as the batch is, as `dtype`."""
+    outliers = training.data.outliers
+    drawn = torch.randint(len(outliers), (count,), device=training.runtime.device, generator=training.draws)
+    outliers = outliers[drawn]
+    if training.config.augment:
+        outliers = random_translate(outliers, training.max_shift, training.config.hflip, training.draws)
+    # after mixing the batch is float on [0, 1]; the model reads uint8 or that scale
+    return outliers if outliers.dtype == dtype else outliers.float().div_(255.0)
+
+
+def validate(training: Training) -> dict[str, float]:
+    """Accuracy, NLL and ECE on the val split of the model as it stands.
+
+    Validation reads the weights under eval() and draws no random numbers, so skipping it changes
+    nothing that training computes. Several processes each score their share of the val split
+    with rank 0's weights and BatchNorm statistics: none waits idle on another (a wait past
+    PEER_TIMEOUT_S would end the run), and the metrics are rank 0's model's."""
+    model, data, group = training.model, training.data, training.group
+    if group.world_size == 1:
+        return validation_metrics(model, data.val_images, data.val_labels, training.runtime)
+    group.copy_buffers_from_rank0(model)
+    share = validation_logits(model, data.val_images[group.rank :: group.world_size], training.runtime)
+    shares = group.gather_to_all(share)
+    labels = [data.val_labels[rank :: group.world_size] for rank in range(group.world_size)]
+    return logit_metrics(torch.cat([share for share in shares if len(share)]), torch.cat(labels))
+
+
+def resume_from_checkpoint(
+    training: Training, checkpoints: EpochCheckpoints | None, on_epoch_end: Callable[[EpochStats], None] | None
+) -> list[EpochStats]:
+    """The epochs a killed training completed, their state restored into `training` and replayed
+    through `on_epoch_end` (the resumed run's curves are whole); none without a saved epoch."""
+    group = training.group
+    # Every process takes part: rank 0 reads the checkpoint and hands it to the others.
+    saved = group.from_rank0(checkpoints.load() if checkpoints is not None and group.is_rank0 else None)
+    if saved is None:
+        return []
+    training.model.load_state_dict(saved["model"])
+    training.optimizer.load_state_dict(saved["optimizer"])
+    training.schedule.load_state_dict(saved["schedule"])
+    if group.world_size > 1:
+        training.order.set_state(saved["order"])
+        restore_random_states(training.draws, saved["random_by_rank"][group.rank])
+    else:
+        restore_random_states(training.order, saved["random"])
+    history = [EpochStats(**stats) for stats in saved["history"]]
+    for stats in history if on_epoch_end is not None else ():
+        on_epoch_end(stats)
+    return history
+
+
+def save_epoch_checkpoint(training: Training, checkpoints: EpochCheckpoints, history: list[EpochStats]) -> None:
+    """Everything the next epoch reads, after the last of `history`: one file, by rank 0, holding
+    every process's random streams."""
+    group = training.group
+    epoch = history[-1].epoch
+    state = {
+        "epoch": epoch,
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "schedule": training.schedule.state_dict(),
+        "history": [dataclasses.asdict(h) for h in history],
+    }
+    if group.world_size > 1:
+        state["order"] = training.order.get_state()
+        state["random_by_rank"] = group.gather_to_all(random_states(training.draws))
+    else:
+        state["random"] = random_states(training.order)
+    if group.is_rank0:
+        checkpoints.save(epoch, state)
 
 
 def one_cycle_schedule(
@@ -430,6 +545,13 @@ def one_cycle_schedule(
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=0.3 if total_steps == 4 else 0.25
     )
+
+
+def _bar_postfix(stats: EpochStats) -> dict[str, str]:
+    postfix = {"loss": f"{stats.train_loss:.4f}", "img_s": f"{stats.images_per_second:,.0f}"}
+    if stats.validated:
+        postfix["val_acc"] = f"{stats.val_accuracy:.4f}"
+    return postfix
 
 
 def _batch_sizes(n: int, batch_size: int) -> list[int]:
@@ -449,11 +571,7 @@ def validation_logits(
         batch = images[start : start + batch_size].to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            runtime.device.type,
-            dtype=runtime.autocast_dtype or torch.float32,
-            enabled=runtime.autocast_dtype is not None,
-        ):
+        with runtime.autocast():
             logits.append(model(batch).float())
     model.train(was_training)
     return torch.cat(logits).cpu() if logits else torch.empty(0, 0)

@@ -124,6 +124,7 @@ def save_checkpoint(
     spec: ModelSpec,
     classes: list[str],
     image_mode: str,
+    *,
     more_members: tuple[ImageClassifier, ...] = (),
     mc_samples: int = 1,
     mc_seed: int = 0,

@@ -150,6 +150,7 @@ POLICIES: tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...] = (
     # registry lock was not freed in time. Both already waited: no retry, and said in one message.
     ((RegistrationLeftBehind, PromotionConflict), REFUSED),
     # The user's settings, data or registry do not allow the run: retrying cannot fix them.
+    # GateInputError: predictions the gates cannot read (NaN, not probabilities, no images);
     # GateUndecided: e.g. the champion's classes differ; LookupError: a version or alias missing,
     # or registered artifacts that changed; ReportError: reports/ cannot be written; CheckpointError:
     # a killed run's checkpoint is corrupted (the message names it and how to start afresh).
@@ -160,6 +161,7 @@ POLICIES: tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...] = (
             DatasetError,
             ManifestError,
             CalibrationError,
+            GateInputError,
             GateUndecided,
             LookupError,
             ReportError,

@@ -13,13 +13,15 @@ A run that fails anywhere (bad data, a gate, a store) is tagged failed in MLflow
 nothing, moves no alias, leaves reports/metrics.json as it was, and ends the flow Failed. An
 expected refusal (calibflow.errors: bad data, a failed gate, bad params) ends it by returning a
 Failed state that carries the error, so Prefect logs the message and no traceback; calling the
-flow still raises that error. Every
-local file is written before the registry is touched, and a failure after registration takes the
-version back (registration.undo_registration); when even that fails, RegistrationLeftBehind says so.
+flow still raises that error. Every local file is written before the registry is touched, and the
+registration is one transaction (registration.registration_transaction, as in `calibflow
+recalibrate`): a failure after it takes the version and its aliases back; when even that fails,
+RegistrationLeftBehind says so.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from prefect import flow
@@ -31,8 +33,7 @@ from calibflow.config import load_config
 from calibflow.errors import ConfigError
 from calibflow.errors import GatesFailed
 from calibflow.training.resume import checkpoint_root
-from calibflow.tracking.registration import CHALLENGER, CHAMPION
-from calibflow.errors import RegistrationLeftBehind
+from calibflow.tracking.registration import CHALLENGER, CHAMPION, registration_transaction
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (
     apply_gates,
@@ -86,16 +87,6 @@ def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
         )
 
 
-def take_back(version, error: Exception) -> Exception:
-    """Undo the registration of a run that failed after it; the error to report: the run's own
-    when the registry is back as it was, else what is left behind and why."""
-    try:
-        undo_registration(version)
-    except RegistrationLeftBehind as left:
-        return RegistrationLeftBehind(f"{left}. The run failed on: {type(error).__name__}: {error}")
-    return error
-
-
 @flow(name="calibflow-train", log_prints=True)
 def train_calibrate_register(
     params_path: str = "params.yaml",
@@ -111,7 +102,7 @@ def train_calibrate_register(
         return refused(error)
     run = start_run(config, repo_root, overrides)
     end_leftovers_of_killed_runs(run, config, repo_root)
-    evaluation = fit = verdict = report = version = None
+    evaluation = fit = verdict = report = None
     try:
         data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
         unchanged = None if force else find_unchanged_champion(run, data, config)
@@ -137,7 +128,13 @@ def train_calibrate_register(
         gate_power = check_gate_power.submit(manifest, split, config, run.run_id, repo_root)
         try:
             trained = train_model(
-                data, manifest, split, config, run.work_dir, run.run_id, outliers, str(checkpoint_root(repo_root))
+                run,
+                config,
+                data=data,
+                manifest=manifest,
+                split=split,
+                outliers=outliers,
+                checkpoint_dir=str(checkpoint_root(repo_root)),
             )
         finally:
             gate_power.wait()  # its tag lands before a failed run is closed, too
@@ -146,7 +143,14 @@ def train_calibrate_register(
         test_logits = collect_logits(trained, data, manifest, split, "test", config, run.work_dir)
 
         fit_logits = collect_shift_aware_logits(
-            trained, data, manifest, split, calibration_logits, config, run.work_dir, repo_root
+            trained,
+            config,
+            data=data,
+            manifest=manifest,
+            split=split,
+            calibration_logits=calibration_logits,
+            work_dir=run.work_dir,
+            repo_root=repo_root,
         )
         fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id)
         decisions = fit_decisions(calibration_logits, fit, manifest, config, run.work_dir, run.run_id)
@@ -156,34 +160,54 @@ def train_calibrate_register(
         shifted = evaluate_shift(shift_logits, test_logits, fit, config, run.work_dir, run.run_id)
         ood = evaluate_ood(trained, ood_data, test_logits, fit, config, run.work_dir, run.run_id)
         gate = apply_gates(
-            test_logits, fit, data, manifest, split, config, run.work_dir, run.run_id, decisions, shift_logits, ood
+            run,
+            config,
+            test_logits=test_logits,
+            fit=fit,
+            data=data,
+            manifest=manifest,
+            split=split,
+            decisions=decisions,
+            shift_logits=shift_logits,
+            ood=ood,
         )
         verdict = gate.verdict
         if not verdict.absolute_passed:
             raise GatesFailed(verdict.summary())
 
         # reports/metrics.json and reports/plots, staged beside the old ones
-        report = stage_metrics_report(repo_root, evaluation, fit, verdict, decided, shifted, ood, trained)
-        version = register_model(
-            run, trained, fit, evaluation, data, manifest, split, config, decisions, decided, shifted, ood
+        report = stage_metrics_report(
+            repo_root, evaluation, fit, verdict, decisions=decided, shifted=shifted, ood=ood, trained=trained
         )
-        alias = version.alias
-        if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
-            alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias
-        finish_run(run, "succeeded", tags={"registered_version": version.version, "registered_alias": alias})
-        publish_metrics_report(report)
+        registered = partial(
+            register_model,
+            run,
+            config,
+            trained=trained,
+            fit=fit,
+            evaluation=evaluation,
+            data=data,
+            manifest=manifest,
+            split=split,
+            decisions=decisions,
+            decided=decided,
+            shifted=shifted,
+            ood=ood,
+        )
+        # Registered, then promoted, the run closed and the report published; or all taken back.
+        with registration_transaction(registered, undo=undo_registration) as version:
+            alias = version.alias
+            if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
+                alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias
+            finish_run(run, "succeeded", tags={"registered_version": version.version, "registered_alias": alias})
+            publish_metrics_report(report)
     except Exception as error:
         if report is not None:
             discard_metrics_report(report)
-        failure = error if version is None else take_back(version, error)
-        record_failure(run, failure, evaluation, fit, verdict)
-        if errors.is_refusal(failure):
-            if failure is not error:
-                failure.__cause__ = error
-            return refused(failure)
-        if failure is error:
-            raise
-        raise failure from error
+        record_failure(run, error, evaluation, fit, verdict)
+        if errors.is_refusal(error):
+            return refused(error)
+        raise
     publish_summary(run, "registered", evaluation, fit, verdict, version)
     return {
         "run_id": run.run_id,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from prefect import get_run_logger, task
@@ -19,10 +18,12 @@ from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
 from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
 from calibflow.lifecycle import promotion
+from calibflow.gates.checks import evaluate_gates
 from calibflow.lifecycle.promotion import GateReport
 from calibflow.training.loop import EpochStats
 from calibflow.data.versioning import DataVersion
 from tasks import retry_transient_only
+from tasks.tracking import RunContext
 
 
 @task(name="check-gate-power", cache_policy=NO_CACHE)
@@ -102,12 +103,12 @@ def check_outlier_data(
 
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(
+    run: RunContext,
+    config: Config,
+    *,
     data: DataVersion,
     manifest: data_steps.ManifestRecord,
     split: data_steps.SplitRecord,
-    config: Config,
-    work_dir: str,
-    run_id: str,
     outliers: str | None = None,
     checkpoint_dir: str | None = None,
 ) -> model_steps.TrainedModel:
@@ -122,21 +123,21 @@ def train_model(
         }  # training steps alone, validation excluded
         if stats.validated:  # train.val_every: the val curves have a point only where one was measured
             metrics.update({"val/accuracy": stats.val_accuracy, "val/nll": stats.val_nll, "val/ece": stats.val_ece})
-        store.log_metrics(run_id, metrics, step=stats.epoch)
+        store.log_metrics(run.run_id, metrics, step=stats.epoch)
 
     trained = model_steps.train_model(
         data.local_dir,
         manifest,
         split.path,
         config,
-        work_dir,
+        run.work_dir,
         on_epoch_end=log_epoch,
         outliers_path=outliers,
         checkpoint_dir=checkpoint_dir,
     )
-    store.log_artifact(run_id, trained.checkpoint, "checkpoint")
+    store.log_artifact(run.run_id, trained.checkpoint, "checkpoint")
     store.set_tags(
-        run_id,
+        run.run_id,
         {
             "device": trained.device,
             "precision": trained.precision,
@@ -177,20 +178,21 @@ def collect_logits(
         split.path,
         split_name,
         f"{work_dir}/logits_{split_name}.npz",
-        config.evaluation.batch_size,
-        config.train.device,
-        config.train.threads,
+        batch_size=config.evaluation.batch_size,
+        device=config.train.device,
+        threads=config.train.threads,
     )
 
 
 @task(name="collect-shift-aware-logits", cache_policy=NO_CACHE)
 def collect_shift_aware_logits(
     trained: model_steps.TrainedModel,
+    config: Config,
+    *,
     data: DataVersion,
     manifest: data_steps.ManifestRecord,
     split: data_steps.SplitRecord,
     calibration_logits: str,
-    config: Config,
     work_dir: str,
     repo_root: str,
 ) -> str:
@@ -204,13 +206,13 @@ def collect_shift_aware_logits(
         manifest.path,
         split.path,
         calibration_logits,
-        config.calibration.shift_corruptions,
-        config.seed,
-        f"{work_dir}/logits_calibration_shift_aware.npz",
-        config.evaluation.batch_size,
-        config.train.device,
-        str(cache_dir(repo_root) / "shift"),
-        config.train.threads,
+        corruptions=config.calibration.shift_corruptions,
+        seed=config.seed,
+        out_path=f"{work_dir}/logits_calibration_shift_aware.npz",
+        batch_size=config.evaluation.batch_size,
+        device=config.train.device,
+        cache_dir=str(cache_dir(repo_root) / "shift"),
+        threads=config.train.threads,
     )
     get_run_logger().info(
         "shift-aware calibration: fitting on the calibration split and its copies corrupted by %s at severities 1-5",
@@ -301,10 +303,10 @@ def collect_shift_logits(
         split.path,
         suite,
         f"{work_dir}/logits_shift.npz",
-        config.evaluation.batch_size,
-        config.train.device,
-        str(cache_dir(repo_root) / "shift"),
-        config.train.threads,
+        batch_size=config.evaluation.batch_size,
+        device=config.train.device,
+        cache_dir=str(cache_dir(repo_root) / "shift"),
+        threads=config.train.threads,
     )
 
 
@@ -352,9 +354,9 @@ def evaluate_ood(
         fit,
         config.ood.score,
         work_dir,
-        config.evaluation.batch_size,
-        config.train.device,
-        config.train.threads,
+        batch_size=config.evaluation.batch_size,
+        device=config.train.device,
+        threads=config.train.threads,
     )
     store.log_metrics(run_id, ood.metrics)
     store.set_tags(run_id, {"ood_data_hash": ood.dvc_hash, "ood_path": config.ood.path})
@@ -416,36 +418,47 @@ def evaluate_decisions(
     name="check-gates", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only, cache_policy=NO_CACHE
 )
 def apply_gates(
+    run: RunContext,
+    config: Config,
+    *,
     test_logits: str,
     fit: evaluation_steps.CalibrationRecord,
     data: DataVersion,
     manifest: data_steps.ManifestRecord,
     split: data_steps.SplitRecord,
-    config: Config,
-    work_dir: str,
-    run_id: str,
     decisions: str | None = None,
     shift_logits: str | None = None,
     ood: evaluation_steps.OODEvaluation | None = None,
 ) -> GateReport:
-    candidate = evaluation_steps.candidate_predictions(test_logits, fit, decisions, shift_logits, ood)
-    # The champion's side of the relative gates comes from the registry: here, not in the library.
-    report = promotion.gate_logits(
-        config.registry.model_name,
-        candidate.probabilities,
-        candidate.rows,
-        data.local_dir,
-        manifest.path,
-        split.path,
-        config.gates,
-        config.evaluation.n_bins,
-        candidate.decisions,
-        candidate.shifted,
-        candidate.ood,
+    """The candidate's predictions, then the champion's from the registry, then one verdict on both."""
+    candidate = evaluation_steps.candidate_predictions(
+        test_logits, fit, decisions_path=decisions, shift_logits_path=shift_logits, ood=ood
     )
-    report = dataclasses.replace(report, candidate=f"run {run_id}")
-    store.log_artifact(run_id, report.save(f"{work_dir}/gates.json"), "gates")
-    store.log_metrics(run_id, tagging.gate_metrics(report.verdict))
-    store.set_tags(run_id, tagging.gate_tags(report.verdict, report.champion))
-    get_run_logger().info(report.verdict.summary())
+    champion = promotion.champion_predictions(
+        config.registry.model_name,
+        candidate.predictions,
+        test_rows=candidate.rows,
+        shifted=candidate.shifted,
+        data_dir=data.local_dir,
+        manifest_path=manifest.path,
+        split_path=split.path,
+        gates=config.gates,
+    )
+    verdict = evaluate_gates(
+        candidate.predictions,
+        config.gates,
+        champion.comparison,
+        n_bins=config.evaluation.n_bins,
+        decisions=candidate.decisions,
+        shift=candidate.shift,
+        shift_comparison=champion.shift_comparison,
+        ood=candidate.ood,
+    )
+    report = GateReport(
+        config.registry.model_name, f"run {run.run_id}", champion.version, champion.excluded_seen_by_champion, verdict
+    )
+    store.log_artifact(run.run_id, report.save(f"{run.work_dir}/gates.json"), "gates")
+    store.log_metrics(run.run_id, tagging.gate_metrics(verdict))
+    store.set_tags(run.run_id, tagging.gate_tags(verdict, report.champion))
+    get_run_logger().info(verdict.summary())
     return report

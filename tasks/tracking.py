@@ -133,13 +133,14 @@ def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) 
 @task(name="register-model", **STORE_RETRIES)
 def register_model(
     run: RunContext,
+    config: Config,
+    *,
     trained: model_steps.TrainedModel,
     fit: evaluation_steps.CalibrationRecord,
     evaluation: evaluation_steps.Evaluation,
     data: DataVersion,
     manifest: data_steps.ManifestRecord,
     split: data_steps.SplitRecord,
-    config: Config,
     decisions: str,
     decided: evaluation_steps.DecisionEvaluation | None = None,
     shifted: evaluation_steps.ShiftEvaluation | None = None,
@@ -147,7 +148,18 @@ def register_model(
 ) -> registration.RegisteredVersion:
     """Retried safely: a failure within register_version deletes the version it created first."""
     example = model_steps.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
-    tags = tagging.version_tags(data, manifest, split, config, run.git_commit, fit, evaluation, decided, shifted, ood)
+    tags = tagging.version_tags(
+        data,
+        manifest,
+        split,
+        config,
+        run.git_commit,
+        fit=fit,
+        evaluation=evaluation,
+        decided=decided,
+        shifted=shifted,
+        ood=ood,
+    )
     with store.store_wait():  # logging and registering the model use MLflow beyond store.client()
         model_uri = served_model.log_calibrated_model(
             run.run_id, trained.checkpoint, fit.state_path, example, decisions, name=config.registry.model_name
@@ -189,6 +201,7 @@ def stage_metrics_report(
     evaluation: evaluation_steps.Evaluation,
     fit: evaluation_steps.CalibrationRecord,
     verdict: GateVerdict,
+    *,
     decisions: evaluation_steps.DecisionEvaluation | None = None,
     shifted: evaluation_steps.ShiftEvaluation | None = None,
     ood: evaluation_steps.OODEvaluation | None = None,
@@ -199,7 +212,14 @@ def stage_metrics_report(
     plots = {f"{repo_root}/reports/plots/{Path(curve).name}": curve for curve in (trained.curves if trained else ())}
     plots[f"{repo_root}/reports/plots/reliability_diagram.png"] = evaluation.plots[0]
     return report_staging.stage_metrics_report(
-        f"{repo_root}/reports/metrics.json", evaluation, fit, verdict, decisions, shifted, ood, plots
+        f"{repo_root}/reports/metrics.json",
+        evaluation,
+        fit,
+        verdict,
+        decisions=decisions,
+        shifted=shifted,
+        ood=ood,
+        plots=plots,
     )
 
 

@@ -214,6 +214,7 @@ def evaluate_gates(
     candidate: Predictions,
     gates: GatesConfig,
     comparison: tuple[Predictions, Predictions] | None = None,
+    *,
     n_bins: int = DEFAULT_N_BINS,
     seed: int = 0,
     report_estimates: bool = True,

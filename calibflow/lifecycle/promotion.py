@@ -154,6 +154,7 @@ def _comparison(
     candidate_probs: np.ndarray,
     candidate_classes: list[str],
     test_rows: np.ndarray,
+    *,
     manifest: pd.DataFrame,
     split: Split,
     data_dir: str,
@@ -275,9 +276,9 @@ def evaluation_set(
         candidate_probs,
         served_classes(candidate_model),
         test_rows,
-        manifest,
-        split,
-        data.local_dir,
+        manifest=manifest,
+        split=split,
+        data_dir=data.local_dir,
     )
     shift = shift_comparison = None
     if with_shift:
@@ -374,59 +375,54 @@ def plan_version(
         raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error
 
 
-def gate_logits(
+@dataclass(frozen=True)
+class ChampionPredictions:
+    """The champion's side of the relative gates for a candidate that is not registered yet: both
+    models' probabilities on the candidate's test rows the champion was not fitted on (and on its
+    corruption suite's rows, when the shift increase gate reads them)."""
+
+    version: str | None  # None: no champion yet
+    comparison: tuple[Predictions, Predictions] | None
+    shift_comparison: dict[str, tuple[Predictions, Predictions]] | None
+    excluded_seen_by_champion: int
+
+
+def champion_predictions(
     model_name: str,
-    candidate_probs: np.ndarray,
+    candidate: Predictions,
+    *,
     test_rows: np.ndarray,
+    shifted: ShiftedPredictions | None,
     data_dir: str,
     manifest_path: str,
     split_path: str,
     gates: GatesConfig,
-    n_bins: int = DEFAULT_N_BINS,
-    decisions: DecisionPolicy | None = None,
-    shifted: ShiftedPredictions | None = None,
-    ood: OODScores | None = None,
-) -> GateReport:
-    """The flow's gate step: the candidate is not registered yet, so its probabilities come from
-    its cached test logits and fitted calibrator (the same numbers its pyfunc serves, as
-    `calibflow evaluate` checks); the champion comes from the registry. Same evaluation set and
-    the same `evaluate_gates`."""
-    manifest = load_manifest(manifest_path)
+) -> ChampionPredictions:
+    """The flow's champion, fetched from the registry before any gate is computed: its predictions
+    beside the candidate's (cached test logits through the fitted calibrator: the numbers its pyfunc
+    serves, as `calibflow evaluate` checks), on the same evaluation set `calibflow gate` reads."""
     champion = registration.alias_record(model_name, registration.CHAMPION)
-    labels = manifest["label_index"].to_numpy()[test_rows]
-    # The candidate's classes are its data's class folders, as its checkpoint records them.
+    if champion is None:
+        return ChampionPredictions(None, None, None, 0)
+    manifest = load_manifest(manifest_path)
     split = Split.load(split_path)
+    # The candidate's classes are its data's class folders, as its checkpoint records them.
+    classes = list_classes(data_dir)
     comparison, excluded = _comparison(
         model_name,
         champion,
-        candidate_probs,
-        list_classes(data_dir),
+        candidate.probabilities,
+        classes,
         test_rows,
-        manifest,
-        split,
-        data_dir,
+        manifest=manifest,
+        split=split,
+        data_dir=data_dir,
         required=False,
     )
-    shift = shifted.predictions(manifest) if shifted is not None else None
     shift_comparison = None
     if shifted is not None and comparison is not None and gates.max_shift_ece_increase is not None:
-        shift_comparison = _shift_comparison(
-            model_name, champion, shifted, list_classes(data_dir), manifest, split, data_dir
-        )
-    try:
-        verdict = evaluate_gates(
-            Predictions(candidate_probs, labels),
-            gates,
-            comparison,
-            n_bins=n_bins,
-            decisions=decisions,
-            shift=shift,
-            shift_comparison=shift_comparison,
-            ood=ood,
-        )
-    except GateInputError as error:
-        raise GateUndecided(f"this run's model cannot be gated: {error}") from error
-    return GateReport(model_name, "this run", champion.version if champion else None, excluded, verdict)
+        shift_comparison = _shift_comparison(model_name, champion, shifted, classes, manifest, split, data_dir)
+    return ChampionPredictions(champion.version, comparison, shift_comparison, excluded)
 
 
 def who() -> dict[str, str]:

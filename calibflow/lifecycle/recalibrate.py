@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,10 +267,13 @@ def recalibrate(
             **suite_tags,
         }
         try:
-            result.version = registration.register_version(logged, source.name, tags)
+            with registration.registration_transaction(
+                partial(registration.register_version, logged, source.name, tags)
+            ) as version:
+                store.end_run(run_id, "succeeded")
         except Exception as error:
             store.end_run(run_id, "failed", f"registration failed: {error}")
             raise
-        store.end_run(run_id, "succeeded")
+        result.version = version
     result.seconds = time.perf_counter() - started
     return result

@@ -26,7 +26,7 @@ from calibflow.training.ensembles import (
     predictive_logits,
     uncalibrated_probabilities,
 )
-from calibflow.gates.checks import OODScores, ShiftedPredictions
+from calibflow.gates.checks import OODScores, Predictions, ShiftedPredictions
 from calibflow.data.images import load_images
 from calibflow.data.manifest import (
     load_manifest,
@@ -148,6 +148,7 @@ def evaluate_ood(
     calibration: CalibrationRecord,
     score: str,
     out_dir: str,
+    *,
     batch_size: int = 512,
     device: str = "auto",
     threads: int | str | None = None,
@@ -214,19 +215,22 @@ def ood_gate_scores(ood: OODEvaluation) -> OODScores:
 @dataclass(frozen=True)
 class CandidatePredictions:
     """What the gates read of this run's model, ready: calibrated test probabilities with their
-    manifest rows, its decision rules, its corruption suite's probabilities and its OOD scores.
-    The champion's side comes from the registry, in the task layer (promotion.gate_logits)."""
+    labels and manifest rows, its decision rules, its corruption suite's probabilities and its OOD
+    scores. The champion's side comes from the registry, in the task layer
+    (promotion.champion_predictions)."""
 
-    probabilities: np.ndarray
+    predictions: Predictions
     rows: np.ndarray
     decisions: DecisionPolicy | None = None
     shifted: ShiftedPredictions | None = None
+    shift: dict[str, Predictions] | None = None  # `shifted` with its labels, as the shift gates read it
     ood: OODScores | None = None
 
 
 def candidate_predictions(
     test_logits_path: str,
     calibration: CalibrationRecord,
+    *,
     decisions_path: str | None = None,
     shift_logits_path: str | None = None,
     ood: OODEvaluation | None = None,
@@ -234,15 +238,17 @@ def candidate_predictions(
     """The run's candidate as the gates see it, from its cached test logits (and the suite's cached
     logits, for the shift gates) through its fitted calibrator: the numbers its pyfunc serves."""
     with np.load(test_logits_path) as saved:
-        logits, rows = saved["logits"], saved["indices"]
+        logits, labels, rows = saved["logits"], saved["labels"], saved["indices"]
     calibrator = load_calibrator(calibration.state_path)
-    probabilities = calibrator.transform(logits).numpy()
+    predictions = Predictions(calibrator.transform(logits).numpy(), labels)
     policy = DecisionPolicy.load(decisions_path) if decisions_path else None
-    shift = None
+    shifted = shift = None
     if shift_logits_path is not None:
-        suite, cells, _, shift_rows = load_shift_logits(shift_logits_path)
-        shift = ShiftedPredictions(suite, shift_rows, {k: calibrator.transform(z).numpy() for k, z in cells.items()})
-    return CandidatePredictions(probabilities, rows, policy, shift, ood_gate_scores(ood) if ood is not None else None)
+        suite, cells, shift_labels, shift_rows = load_shift_logits(shift_logits_path)
+        shifted = ShiftedPredictions(suite, shift_rows, {k: calibrator.transform(z).numpy() for k, z in cells.items()})
+        shift = {key: Predictions(p, shift_labels) for key, p in shifted.probabilities.items()}
+    scores = ood_gate_scores(ood) if ood is not None else None
+    return CandidatePredictions(predictions, rows, policy, shifted, shift, scores)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
 from calibflow.evaluation.shift import Suite, corrupted_images, suite_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
-from calibflow.training.loop import EpochStats, intra_op_threads, resolve_runtime, train_classifier
+from calibflow.training.loop import EpochStats, TrainingInputs, intra_op_threads, resolve_runtime, train_classifier
 from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_format, load_split_images
 
 
@@ -111,6 +111,7 @@ def train_model(
     split_path: str,
     config: Config,
     out_dir: str,
+    *,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     outliers_path: str | None = None,
     checkpoint_dir: str | None = None,
@@ -157,19 +158,18 @@ def train_model(
             if on_epoch_end is None
             else (lambda stats, offset=offset: on_epoch_end(dataclasses.replace(stats, epoch=stats.epoch + offset)))
         )
-        model, member_history = train_member(
-            spec,
-            train_x,
-            train_y,
-            val_x,
-            val_y,
-            config.train,
-            seed,
+        inputs = TrainingInputs(
+            spec=spec,
+            train_images=train_x,
+            train_labels=train_y,
+            val_images=val_x,
+            val_labels=val_y,
+            config=config.train,
+            seed=seed,
             weights_path=config.model.weights_path,
-            on_epoch_end=report,
             outlier_images=outliers,
-            checkpoints=checkpoints,
         )
+        model, member_history = train_member(inputs, on_epoch_end=report, checkpoints=checkpoints)
         members.append(model)
         history += member_history
     for checkpoints in done:  # the weights are the run's artifact from here on
@@ -206,6 +206,7 @@ def write_split_logits(
     split_path: str,
     split_name: str,
     out_path: str,
+    *,
     batch_size: int = 512,
     device: str = "auto",
     threads: int | str | None = None,
@@ -238,6 +239,7 @@ def _suite_logits_of_split(
     split_path: str,
     split_name: str,
     suite: Suite,
+    *,
     batch_size: int,
     device: str,
     threads: int | str | None,
@@ -283,6 +285,7 @@ def write_shift_logits(
     split_path: str,
     suite: Suite,
     out_path: str,
+    *,
     batch_size: int = 512,
     device: str = "auto",
     cache_dir: str | None = None,
@@ -297,10 +300,10 @@ def write_shift_logits(
         split_path,
         "test",
         suite,
-        batch_size,
-        device,
-        threads,
-        cache_dir,
+        batch_size=batch_size,
+        device=device,
+        threads=threads,
+        cache_dir=cache_dir,
         limit=suite.max_images,
     )
     np.savez(
@@ -319,6 +322,7 @@ def write_shift_aware_logits(
     manifest_path: str,
     split_path: str,
     calibration_logits_path: str,
+    *,
     corruptions: tuple[str, ...],
     seed: int,
     out_path: str,
@@ -333,7 +337,16 @@ def write_shift_aware_logits(
     fitted on the clean calibration logits."""
     suite = Suite(tuple(corruptions), (1, 2, 3, 4, 5), 10**9, seed)
     logits, _, _ = _suite_logits_of_split(
-        checkpoint, data_dir, manifest_path, split_path, "calibration", suite, batch_size, device, threads, cache_dir
+        checkpoint,
+        data_dir,
+        manifest_path,
+        split_path,
+        "calibration",
+        suite,
+        batch_size=batch_size,
+        device=device,
+        threads=threads,
+        cache_dir=cache_dir,
     )
     with np.load(calibration_logits_path) as saved:
         clean, labels, rows = saved["logits"], saved["labels"], saved["indices"]

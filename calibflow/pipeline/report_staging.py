@@ -39,6 +39,7 @@ def stage_metrics_report(
     evaluation: Evaluation,
     fit: CalibrationRecord,
     verdict: GateVerdict,
+    *,
     decisions: DecisionEvaluation | None = None,
     shifted: ShiftEvaluation | None = None,
     ood: OODEvaluation | None = None,

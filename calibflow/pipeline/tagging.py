@@ -98,6 +98,7 @@ def version_tags(
     split: SplitRecord,
     config: Config,
     git_commit: str,
+    *,
     fit: CalibrationRecord,
     evaluation: Evaluation,
     decided: DecisionEvaluation | None = None,

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -327,6 +327,26 @@ def undo_registration(version: RegisteredVersion) -> None:
             f"--model {name}` and delete it in the MLflow UI, or with MlflowClient().delete_model_version({name!r}, "
             f"{number!r}), once the store answers"
         ) from error
+
+
+@contextmanager
+def registration_transaction(
+    register: Callable[[], RegisteredVersion], undo: Callable[[RegisteredVersion], None] = undo_registration
+) -> Iterator[RegisteredVersion]:
+    """Register a version (`register`: register_version, or a task around it), then run the block
+    that completes the registration (promotion, closing the run). The block either finishes, or the
+    version and every alias it moved are taken back (`undo`: undo_registration, or a task around it)
+    and its error is raised; when the undo fails too, RegistrationLeftBehind names what stands and
+    the error it was taking back. The flow and `calibflow recalibrate` both register through here."""
+    version = register()
+    try:
+        yield version
+    except Exception as error:
+        try:
+            undo(version)
+        except RegistrationLeftBehind as left:
+            raise RegistrationLeftBehind(f"{left}. The run failed on: {type(error).__name__}: {error}") from error
+        raise
 
 
 def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> None:

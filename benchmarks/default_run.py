@@ -253,7 +253,9 @@ def markdown(record: dict) -> str:
         f"| seed {run['seed']} | value |",
         "| --- | ---: |",
     ]
+    threshold = run["gates"]["max_ece"]["threshold"]
     for label, read, digits in HEADLINE:
+        label = label.replace("(gate `max_ece`)", f"(gate `max_ece` {threshold:g})")
         lines.append(f"| {label} | {read(run):.{digits}f} |")
     lines += [
         f"| smooth ECE after scaling (point estimate) | {run['gates']['max_ece']['value']:.4f} |",

@@ -1,4 +1,4 @@
-"""The README's exit-code table, walked: every code it promises for every command is produced,
+"""docs/cli.md's exit-code table, walked: every code it promises for every command is produced,
 here (the cheap paths, on a real MLflow registry whose versions are created directly, without
 training) or by a named end-to-end test elsewhere. CD reads 1 as "rejected, keep the champion"
 and 2 as "could not run, look at it", so a user mistake must never exit 1 nor print a traceback.
@@ -25,11 +25,11 @@ QUOTED = "it's-digits"  # a name with a quote: MLflow registers it; `status` mus
 SOLO = "solo"  # one version, @champion, promoted from nothing
 
 
-def readme_exit_codes() -> dict[str, set[int]]:
-    """{command: exit codes} from the README's command-line table ("data add" for `calibflow data
+def documented_exit_codes() -> dict[str, set[int]]:
+    """{command: exit codes} from docs/cli.md's command table ("data add" for `calibflow data
     add PATH ...`; the codes are the digits that open each `;`-separated part of the last cell)."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## The command line") :]
+    text = (REPO / "docs" / "cli.md").read_text()
+    section = text[text.index("## Commands and exit codes") :]
     section = section[: section.index("\n## ", 1)]
     table: dict[str, set[int]] = {}
     for line in section.splitlines():
@@ -48,7 +48,7 @@ def readme_exit_codes() -> dict[str, set[int]]:
 
 @dataclass(frozen=True)
 class Case:
-    command: str  # as the README names it
+    command: str  # as docs/cli.md names it
     code: int
     argv: tuple[str, ...]  # {repo}, {tmp}, {bad_params}, {tiny_repo}, {images}, {image} are filled in
     says: str = ""  # part of the one line on stderr (or stdout for exit 0)
@@ -146,8 +146,8 @@ ELSEWHERE = {
 }
 
 
-def test_every_exit_code_the_readme_promises_is_exercised():
-    documented = {(command, code) for command, codes in readme_exit_codes().items() for code in codes}
+def test_every_exit_code_the_docs_promise_is_exercised():
+    documented = {(command, code) for command, codes in documented_exit_codes().items() for code in codes}
     assert {
         "run",
         "evaluate",

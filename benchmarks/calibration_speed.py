@@ -1,7 +1,7 @@
 """Speed and agreement of calibflow's temperature fit and ECE against their peers, in one process.
 
-    python benchmarks/calibration_speed.py            # 50,000 x 100 logits, 5 repeats
-    python benchmarks/calibration_speed.py --quick    # small smoke version (seconds)
+    python benchmarks/calibration_speed.py            # 50,000 x 100 logits, 5 repeats: docs/results/calibration_speed.md
+    python benchmarks/calibration_speed.py --smoke    # 2,000 x 10, 1 repeat: seconds, numbers that measure nothing
 
 (a) ``calibflow.calibrators.temperature.fit_temperature`` vs netcal's ``TemperatureScaling().fit`` (netcal takes
     probabilities, and its ``temperature`` property is the logit *multiplier* 1/T); and, as an
@@ -13,8 +13,8 @@
 
 Each timing is the median of ``--repeats`` runs after one untimed warm-up run. Logits are
 ``z = 3 * N(0, 1)`` and labels are drawn from ``softmax(z / 2)``, so the optimal T is about 2 (an
-interior optimum). Prints a markdown table and the agreement of the numbers; ``main()`` returns
-them as a dict (used by tests/test_benchmarks_smoke.py).
+interior optimum). Prints a markdown table and the agreement of the numbers, writes the table to
+docs/results/calibration_speed.md (benchmarks/_common.py), and ``main()`` returns them as a dict.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from calibflow import temperature  # noqa: E402
+import _common  # noqa: E402
+from calibflow.calibrators import temperature  # noqa: E402
 from calibflow.calibrators.temperature import fit_temperature  # noqa: E402
 from calibflow.metrics import bootstrap_ci, expected_calibration_error  # noqa: E402
 
@@ -158,24 +159,27 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke version: 5,000 x 20, 2 repeats")
-    parser.add_argument("--n", type=int, default=None, help="samples (default 50,000; 5,000 with --quick)")
-    parser.add_argument("--k", type=int, default=None, help="classes (default 100; 20 with --quick)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per task (default 5; 2 with --quick)")
+    _common.add_arguments(parser)
+    parser.add_argument("--n", type=int, default=None, help="samples (default 50,000; 2,000 with --smoke)")
+    parser.add_argument("--k", type=int, default=None, help="classes (default 100; 10 with --smoke)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per task (default 5; 1 with --smoke)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    quick = args.quick
+    out = _common.results_dir(args, parser)
+    smoke = args.smoke
     results = run(
-        n=args.n or (5_000 if quick else 50_000),
-        k=args.k or (20 if quick else 100),
-        repeats=args.repeats or (2 if quick else 5),
+        n=args.n or (2_000 if smoke else 50_000),
+        k=args.k or (10 if smoke else 100),
+        repeats=args.repeats or (1 if smoke else 5),
         seed=args.seed,
-        boot_n=2_000 if quick else 10_000,
+        boot_n=1_000 if smoke else 10_000,
         boot_k=10,
-        boot_resamples=200 if quick else 1_000,
+        boot_resamples=100 if smoke else 1_000,
     )
-    print(markdown(results))
+    table = markdown(results)
+    print(table)
+    _common.publish("calibration_speed", "Calibration speed", table, args, out, argv, results)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -24,10 +24,11 @@ test-split bounds the gates use (precision_lower, recall_lower, risk_upper, cove
 against the pool truth: each is a one-sided 95% bound, so it may miss at most 5% of the time.
 
 Pools (benchmarks/real_logits.py, cached; built on first use): CIFAR-10's 10,000 test logits of
-calibflow's small_cnn, and the 2,000 cat/dog test logits of a binary small_cnn. ``--quick`` uses
-synthetic logits (no training) for the smoke test.
+calibflow's small_cnn, and the 2,000 cat/dog test logits of a binary small_cnn. ``--smoke`` uses
+synthetic logits (no training) and 10 draws per case: seconds.
 
-    .venv/bin/python benchmarks/decision_guarantees.py [--splits 500] [--seed 0] [--json PATH] [--quick]
+    .venv/bin/python benchmarks/decision_guarantees.py [--splits 500] [--seed 0] [--json PATH]   # docs/results/
+    .venv/bin/python benchmarks/decision_guarantees.py --smoke
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibflow.gates import decisions as D  # noqa: E402
+import _common  # noqa: E402
+from calibflow import errors  # noqa: E402
 from calibflow.calibrators.temperature import fit_temperature  # noqa: E402
+from calibflow.gates import decisions as D  # noqa: E402
 from real_logits import load_pool, synthetic_pool  # noqa: E402
-from calibflow import errors
 
 DELTA = 0.05  # the PAC rules' failure probability
 CONFIDENCE = 0.95  # the test-split bounds' confidence
@@ -79,7 +81,7 @@ CASES = [
     Case("catdog", 600, 600, 1, "dog", 0.85, 0.90, 0.15, 0.10),
     Case("catdog", 150, 600, 1, "dog", 0.85, 0.90, 0.15, 0.10),
 ]
-QUICK_CASES = [
+SMOKE_CASES = [
     Case("synthetic10", 300, 300, 1, "class1", 0.60, 0.90, 0.20, 0.10),
     Case("synthetic2", 200, 200, 1, "class1", 0.85, 0.90, 0.10, 0.10),
 ]
@@ -521,15 +523,16 @@ def markdown(rows: list[dict], cases: list[Case]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--splits", type=int, default=500, help="random calibration draws per case and variant")
+    _common.add_arguments(parser)
+    parser.add_argument("--splits", type=int, default=None, help="calibration draws per case and variant (500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="synthetic logits and 20 splits (smoke test)")
     parser.add_argument("--pools", nargs="*", default=None, help="only these pools (default: all)")
     args = parser.parse_args(argv)
+    out = _common.results_dir(args, parser)
     command = "benchmarks/decision_guarantees.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    cases = [c for c in (QUICK_CASES if args.quick else CASES) if not args.pools or c.pool in args.pools]
-    splits = 20 if args.quick and args.splits == 500 else args.splits
+    cases = [c for c in (SMOKE_CASES if args.smoke else CASES) if not args.pools or c.pool in args.pools]
+    splits = args.splits or (10 if args.smoke else 500)
     started = time.perf_counter()
     rows, pools = [], {}
     for case in cases:
@@ -544,31 +547,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(row)
     judged = family_verdicts(rows)
     wall = time.perf_counter() - started
-    print(f"$ .venv/bin/python {command}")
-    print("pools: " + ", ".join(f"{k} (n={v['n']}, top-1 accuracy {v['accuracy']:.3f})" for k, v in pools.items()))
-    print(
-        f"{splits} calibration draws per case and variant; delta = {DELTA}, test-bound confidence {CONFIDENCE}; "
-        f"verdicts: FAIL when the one-sided interval at family-wise 95% (Bonferroni over {judged} judged rows) "
-        f"lies above the level, watch when only the point estimate does\n"
-    )
-    print(markdown(rows, cases))
     failed = [r for r in rows if r.get("verdict") == "**FAIL**"]
-    print(f"\n{len(failed)} FAIL row(s); wall time {wall:.0f} s")
+    text = "\n".join(
+        [
+            "pools: " + ", ".join(f"{k} (n={v['n']}, top-1 accuracy {v['accuracy']:.3f})" for k, v in pools.items()),
+            "",
+            f"{splits} calibration draws per case and variant; delta = {DELTA}, test-bound confidence {CONFIDENCE}; "
+            f"verdicts: FAIL when the one-sided interval at family-wise 95% (Bonferroni over {judged} judged rows) "
+            f"lies above the level, watch when only the point estimate does",
+            "",
+            markdown(rows, cases),
+            "",
+            f"{len(failed)} FAIL row(s); wall time {wall:.0f} s",
+        ]
+    )
+    print(f"$ .venv/bin/python {command}")
+    print(text)
+    result = {
+        "command": command,
+        "wall_s": wall,
+        "splits": splits,
+        "pools": pools,
+        "cases": [asdict(c) for c in cases],
+        "rows": rows,
+    }
+    _common.publish("decision_guarantees", "Decisions: do the guarantees hold?", text, args, out, argv, result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "command": command,
-                    "wall_s": wall,
-                    "splits": splits,
-                    "pools": pools,
-                    "cases": [asdict(c) for c in cases],
-                    "rows": rows,
-                },
-                indent=1,
-            )
-        )
+        args.json.write_text(json.dumps(result, indent=1))
     return rows
 
 

@@ -16,7 +16,8 @@ under-confident), 100 classes, a champion that is well calibrated or over-confid
 accuracy with one-way and two-way disagreements, and a staircase reliability curve whose binned
 ECE hides its continuous error.
 
-    python benchmarks/gate_soundness.py [--quick] [--json PATH] [--workers 2]
+    python benchmarks/gate_soundness.py [--json PATH] [--workers 2]   # docs/results/gate_soundness.md
+    python benchmarks/gate_soundness.py --smoke                        # n = 200, a few trials: seconds
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import numpy as np
 from scipy import integrate, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common  # noqa: E402
 from calibflow.config import GatesConfig  # noqa: E402
 from calibflow.gates.checks import Predictions, evaluate_gates  # noqa: E402
 
@@ -281,25 +284,29 @@ def run_cell(job: tuple[Scenario, int, int, int, int]) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--boundary-trials", type=int, default=BOUNDARY_TRIALS)
-    parser.add_argument("--power-trials", type=int, default=POWER_TRIALS)
-    parser.add_argument("--workers", type=int, default=2, help="processes (one cell each at a time)")
+    _common.add_arguments(parser)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="test sizes (default 200 1000 10000)")
+    parser.add_argument("--boundary-trials", type=int, default=None, help=f"default {BOUNDARY_TRIALS}")
+    parser.add_argument("--power-trials", type=int, default=None, help=f"default {POWER_TRIALS}")
+    parser.add_argument("--workers", type=int, default=None, help="processes, one cell each at a time (default 2)")
     parser.add_argument("--json", dest="json_path", default=None, help="write one record per cell here")
-    parser.add_argument("--quick", action="store_true", help="30 / 10 trials at n = 200 and 1,000: a smoke run")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.boundary_trials, args.power_trials, args.sizes = 30, 10, [200, 1000]
-    max_trials = args.boundary_trials if args.quick else MAX_BOUNDARY_TRIALS
+    out = _common.results_dir(args, parser)
+    # --smoke: every cell at n = 200 with a handful of trials, in this process
+    sizes = args.sizes or ([200] if args.smoke else list(SIZES))
+    boundary_trials = args.boundary_trials or (6 if args.smoke else BOUNDARY_TRIALS)
+    power_trials = args.power_trials or (2 if args.smoke else POWER_TRIALS)
+    workers = args.workers or (1 if args.smoke else 2)
+    max_trials = boundary_trials if args.smoke else MAX_BOUNDARY_TRIALS
     jobs = []
     for b in boundary_scenarios():
-        for s, trials in [(b, args.boundary_trials)] + [(p, args.power_trials) for p in power_scenarios(b)]:
-            jobs += [(s, n, trials, 7919 * len(jobs) + n, max_trials) for n in args.sizes]
+        for s, trials in [(b, boundary_trials)] + [(p, power_trials) for p in power_scenarios(b)]:
+            jobs += [(s, n, trials, 7919 * len(jobs) + n, max_trials) for n in sizes]
     for s in information_scenarios():
-        jobs += [(s, n, args.power_trials, 7919 * len(jobs) + n, max_trials) for n in args.sizes]
+        jobs += [(s, n, power_trials, 7919 * len(jobs) + n, max_trials) for n in sizes]
     started = time.perf_counter()
     rows = []
-    pool = ProcessPoolExecutor(args.workers) if args.workers > 1 else None
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
     for done, row in enumerate((pool.map if pool else map)(run_cell, jobs), 1):
         rows.append(row)
         print(
@@ -310,16 +317,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     if pool:
         pool.shutdown()
-    print(
+    lines = [
         f"gates at one-sided 95%; limits: max_ece {ECE_LIMIT}, max_ece_increase {INCREASE_LIMIT}, "
-        f"max_accuracy_drop {DROP_LIMIT}; rates with 95% Wilson intervals\n"
-    )
-    print(
+        f"max_accuracy_drop {DROP_LIMIT}; rates with 95% Wilson intervals",
+        "",
         "| gate | metric | scenario | true value | limit | measured | n="
-        + " | n=".join(f"{n:,}" for n in args.sizes)
-        + " |"
-    )
-    print("| --- | --- | --- | ---: | ---: | --- |" + " ---: |" * len(args.sizes))
+        + " | n=".join(f"{n:,}" for n in sizes)
+        + " |",
+        "| --- | --- | --- | ---: | ---: | --- |" + " ---: |" * len(sizes),
+    ]
     by_key: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         by_key.setdefault((r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["kind"]), {})[
@@ -327,17 +333,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ] = r
     for (gate, metric, scenario, truth, limit, kind), cells in by_key.items():
         shown = " | ".join(
-            f"{c['rate']:.1%} [{c['wilson_low']:.1%}, {c['wilson_high']:.1%}]" for c in (cells[n] for n in args.sizes)
+            f"{c['rate']:.1%} [{c['wilson_low']:.1%}, {c['wilson_high']:.1%}]" for c in (cells[n] for n in sizes)
         )
-        print(f"| {gate} | {metric} | {scenario} | {truth:.4g} | {limit:.4g} | {kind} | {shown} |")
+        lines.append(f"| {gate} | {metric} | {scenario} | {truth:.4g} | {limit:.4g} | {kind} | {shown} |")
     boundary = [r for r in rows if r["kind"] == "false promotion"]
     worst = max(boundary, key=lambda r: r["wilson_low"])
     widest = max(r["wilson_high"] - r["wilson_low"] for r in boundary)
-    print(
-        f"\nboundary cells: {len(boundary)}; highest false-promotion rate {max(r['rate'] for r in boundary):.1%}; "
+    lines += [
+        "",
+        f"boundary cells: {len(boundary)}; highest false-promotion rate {max(r['rate'] for r in boundary):.1%}; "
         f"highest Wilson lower end {worst['wilson_low']:.1%} ({worst['gate']}, {worst['scenario']}, n={worst['n']}); "
-        f"widest interval {widest:.1%}; {time.perf_counter() - started:.0f} s"
-    )
+        f"widest interval {widest:.1%}; {time.perf_counter() - started:.0f} s",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    _common.publish("gate_soundness", "Gate soundness", text, args, out, argv, rows)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=1))
     return rows

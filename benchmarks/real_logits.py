@@ -16,7 +16,11 @@ Each pool is cached as an npz under benchmarks/.cache/ (git-ignored) named by a 
 recipe, so a changed recipe rebuilds and an unchanged one loads in milliseconds. A small network
 for a few epochs is deliberate: 60-75% accuracy leaves the thresholds and sets non-trivial.
 
-    nice -n 10 .venv/bin/python benchmarks/real_logits.py [--pool cifar10|catdog|all]
+    nice -n 10 .venv/bin/python benchmarks/real_logits.py [--pool cifar10|catdog|all]   # docs/results/real_logits.md
+    .venv/bin/python benchmarks/real_logits.py --smoke   # a 2-class pool from a generated archive: seconds
+
+--smoke builds a tiny pool (cat vs dog stand-ins drawn from scikit-learn's digits, written as an
+archive laid out like CIFAR-10's) through the same code, cached under --out, not benchmarks/.cache/.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 ARCHIVE = Path(os.environ.get("CALIBFLOW_CIFAR10_ARCHIVE", "/work/shared/datasets/cifar10-jpg.tar.gz"))
@@ -103,12 +110,26 @@ RECIPES = {
 }
 
 
-def cifar_root() -> Path:
-    if not (UNPACKED / "test" / "cat").is_dir():
-        UNPACKED.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(ARCHIVE) as tar:
-            tar.extractall(UNPACKED, filter="data")
-    return UNPACKED
+# --smoke: a pool in seconds, from an archive of two generated classes
+SMOKE_RECIPE = Recipe(
+    "smoke",
+    ("cat", "dog"),
+    train_per_class=20,
+    val_per_class=5,
+    width=4,
+    epochs=3,
+    batch_size=16,
+    lr=0.05,
+    seeds=(0, 1),
+)
+
+
+def cifar_root(archive: Path = ARCHIVE, unpacked: Path = UNPACKED) -> Path:
+    if not (unpacked / "test" / "cat").is_dir():
+        unpacked.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(unpacked, filter="data")
+    return unpacked
 
 
 def _load(root: Path, split: str, classes: tuple[str, ...], start: int, count: int | None):
@@ -125,12 +146,14 @@ def _load(root: Path, split: str, classes: tuple[str, ...], start: int, count: i
     return load_images(root, paths, "RGB", workers=4), torch.tensor(labels)
 
 
-def build_pool(recipe: Recipe, verbose: bool = True) -> dict[str, np.ndarray]:
+def build_pool(
+    recipe: Recipe, verbose: bool = True, archive: Path = ARCHIVE, unpacked: Path = UNPACKED
+) -> dict[str, np.ndarray]:
     from calibflow.config import TrainConfig
     from calibflow.training.models import ModelSpec
-    from calibflow.training.loop import collect_logits, train_classifier
+    from calibflow.training.loop import TrainingInputs, collect_logits, train_classifier
 
-    root = cifar_root()
+    root = cifar_root(archive, unpacked)
     x_train, y_train = _load(root, "train", recipe.classes, 0, recipe.train_per_class)
     x_val, y_val = _load(root, "train", recipe.classes, recipe.train_per_class, recipe.val_per_class)
     x_test, y_test = _load(root, "test", recipe.classes, 0, None)
@@ -154,7 +177,8 @@ def build_pool(recipe: Recipe, verbose: bool = True) -> dict[str, np.ndarray]:
     all_logits, accuracies = [], []
     for seed in recipe.seeds:
         started = time.perf_counter()
-        model, history = train_classifier(spec, x_train, y_train, x_val, y_val, config, seed=seed, progress=False)
+        inputs = TrainingInputs(spec, x_train, y_train, x_val, y_val, config, seed)
+        model, history = train_classifier(inputs, progress=False)
         logits = collect_logits(model, x_test).numpy().astype(np.float64)
         accuracy = float((logits.argmax(1) == y_test.numpy()).mean())
         accuracies.append(accuracy)
@@ -174,10 +198,18 @@ def build_pool(recipe: Recipe, verbose: bool = True) -> dict[str, np.ndarray]:
     }
 
 
-def load_pool(name: str, build: bool = True, verbose: bool = True) -> dict[str, np.ndarray]:
+def load_pool(
+    name: str,
+    build: bool = True,
+    verbose: bool = True,
+    recipe: Recipe | None = None,
+    cache: Path = CACHE,
+    archive: Path = ARCHIVE,
+    unpacked: Path = UNPACKED,
+) -> dict[str, np.ndarray]:
     """The pool's arrays: logits (seeds, N, K) float64, labels (N,), seeds, accuracy, recipe (json)."""
-    recipe = RECIPES[name]
-    path = CACHE / f"{name}-{recipe.key()}.npz"
+    recipe = recipe or RECIPES[name]
+    path = cache / f"{name}-{recipe.key()}.npz"
     if path.is_file():
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
@@ -185,8 +217,8 @@ def load_pool(name: str, build: bool = True, verbose: bool = True) -> dict[str, 
         raise FileNotFoundError(
             f"{path} is missing: build it with `nice -n 10 .venv/bin/python benchmarks/real_logits.py --pool {name}`"
         )
-    pool = build_pool(recipe, verbose=verbose)
-    CACHE.mkdir(parents=True, exist_ok=True)
+    pool = build_pool(recipe, verbose=verbose, archive=archive, unpacked=unpacked)
+    cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **pool)
     tmp.replace(path)  # atomic: an interrupted build leaves no half-written cache behind
@@ -196,7 +228,7 @@ def load_pool(name: str, build: bool = True, verbose: bool = True) -> dict[str, 
 def synthetic_pool(
     n: int, classes: int, seed: int, seeds: int = 1, overconfidence: float = 2.0
 ) -> dict[str, np.ndarray]:
-    """A pool that needs no training (for --quick): Gaussian class scores with a known scale, then
+    """A pool that needs no training (for --smoke): Gaussian class scores with a known scale, then
     multiplied by `overconfidence` so that temperature scaling has an interior optimum (T ~ 2)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
@@ -214,17 +246,54 @@ def synthetic_pool(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_arguments(parser)
     parser.add_argument("--pool", choices=[*RECIPES, "all"], default="all")
     args = parser.parse_args(argv)
-    for name in RECIPES if args.pool == "all" else [args.pool]:
+    out = _common.results_dir(args, parser)
+    if args.smoke:
+        archive = _common.image_archive(out / "smoke-cifar.tar.gz", list(SMOKE_RECIPE.classes), 25, 20)
+        where = {"cache": out / "cache", "archive": archive, "unpacked": out / "smoke-cifar"}
+        wanted = {"smoke": SMOKE_RECIPE}
+    else:
+        where = {}
+        wanted = RECIPES if args.pool == "all" else {args.pool: RECIPES[args.pool]}
+    summary = {}
+    for name, recipe in wanted.items():
         started = time.perf_counter()
-        pool = load_pool(name)
+        pool = load_pool(name, recipe=recipe, **where)
+        seconds = time.perf_counter() - started
         print(
-            f"{name}: logits {pool['logits'].shape}, accuracy {np.round(pool['accuracy'], 3).tolist()}, "
-            f"{time.perf_counter() - started:.0f} s"
+            f"{name}: logits {pool['logits'].shape}, accuracy {np.round(pool['accuracy'], 3).tolist()}, {seconds:.0f} s"
         )
+        summary[name] = {
+            "recipe": asdict(recipe),
+            "key": recipe.key(),
+            "seeds": pool["seeds"].tolist(),
+            "test_images": int(pool["logits"].shape[1]),
+            "classes": int(pool["logits"].shape[2]),
+            "accuracy": pool["accuracy"].tolist(),
+            "seconds": seconds,
+        }
+    lines = [
+        "Pools of test logits (benchmarks/real_logits.py): a small_cnn trained with calibflow.training.loop on "
+        "the first images of each class, cached by a hash of the recipe; the seconds are the build's, or the "
+        "cache's load when it was there.",
+        "",
+        "| pool | classes | training images a class | width | epochs | seeds | test images | test accuracy per seed "
+        "| seconds |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: |",
+    ]
+    for name, row in summary.items():
+        recipe = row["recipe"]
+        lines.append(
+            f"| {name} | {', '.join(recipe['classes'])} | {recipe['train_per_class']:,} | {recipe['width']} | "
+            f"{recipe['epochs']} | {', '.join(map(str, row['seeds']))} | {row['test_images']:,} | "
+            f"{' / '.join(f'{a:.3f}' for a in row['accuracy'])} | {row['seconds']:.0f} |"
+        )
+    _common.publish("real_logits", "Pools of real logits", "\n".join(lines), args, out, argv, summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -17,18 +17,24 @@ both alike:
   (flows/local_server.py).
 
     python benchmarks/run_timing.py [--repeats 3] [--modes temporary,local-server] [--baseline DIR]
-                                    [--set KEY=VALUE ...]
+                                    [--set KEY=VALUE ...] [--repo DIR]
+    python benchmarks/run_timing.py --smoke   # one run of a tiny project: about a minute
 
 `--baseline DIR` (a checkout of another commit: `git worktree add --detach /tmp/before REV`) adds
 that code's runs, with the temporary API, to the interleaving: before and after in one command.
+`--repo DIR` runs the command in another project (its params.yaml, data, registry and cache).
 
-Prints one table, a column per variant (median over repeats, and the range), and the fixed cost's ratio to
-the work; `--json PATH` also writes every measurement.
+Prints one table, a column per variant (median over repeats, and the range), and the fixed cost's
+ratio to the work, and writes them to docs/results/run_timing.md; `--json PATH` also writes every
+measurement. `--smoke` runs once, in the local-server mode, in a tiny project it makes under --out
+(benchmarks/_common.py), against a Prefect server on a free port that it starts and stops
+(Prefect's own temporary server): nothing on 127.0.0.1:4200 is started or touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -42,7 +48,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _common  # noqa: E402
 from calibflow.disk_cache import cache_dir  # noqa: E402
 
 # The training and calibration work; the corruption suite and the OOD evaluation (issue 11) measure
@@ -62,10 +70,21 @@ MODES = ("temporary", "local-server")
 FIXED_COST_TARGET_S = 10.0
 
 
-def _calibflow() -> list[str]:
-    """The console script's path (`python -m calibflow.cli` runs what `calibflow` runs) for the
-    code of REPO, whichever checkout the interpreter's editable install points at."""
-    return [sys.executable, "-m", "calibflow.cli"]
+def _code_env(code_dir: Path) -> dict[str, str]:
+    # PYTHONSAFEPATH: the working directory must not shadow code_dir on sys.path
+    return {"PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
+
+
+def _json_flag(code_dir: Path, project: Path) -> bool:
+    """Whether a baseline's `calibflow run` has --json (before it, the result was printed as JSON)."""
+    done = subprocess.run(
+        [*_common.calibflow_command(code_dir), "run", "--help"],
+        cwd=project,
+        env={**os.environ, **_code_env(code_dir)},
+        capture_output=True,
+        text=True,
+    )
+    return "--json" in done.stdout
 
 
 def _environment(mode: str, server_url: str | None) -> dict[str, str]:
@@ -77,23 +96,42 @@ def _environment(mode: str, server_url: str | None) -> dict[str, str]:
 
 
 def timed_run(
-    label: str, code_dir: Path, mode: str, server_url: str | None, overrides: list[str], cold_cache: bool = False
+    label: str,
+    code_dir: Path,
+    mode: str,
+    server_url: str | None,
+    overrides: list[str],
+    project: Path,
+    json_flag: bool,
+    cold_cache: bool = False,
 ) -> dict:
-    """One `calibflow run --force` of the code in code_dir, in a fresh process: wall time and the
-    flow run's id."""
+    """One `calibflow run --force` of the code in code_dir, in project, in a fresh process: wall
+    time and the flow run's id."""
     if cold_cache:
-        shutil.rmtree(cache_dir(REPO), ignore_errors=True)
-    command = [*_calibflow(), "run", "--force", *(arg for o in overrides for arg in ("--set", o))]
-    if code_dir != REPO:  # the baseline reads its own params.yaml: this one may hold keys it does not know
+        shutil.rmtree(cache_dir(project), ignore_errors=True)
+    result_path = project / ".calibflow" / "run_timing.json"
+    command = [
+        *_common.calibflow_command(code_dir),
+        "run",
+        "--force",
+        *(arg for o in overrides for arg in ("--set", o)),
+    ]
+    if json_flag:
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.unlink(missing_ok=True)
+        command += ["--json", str(result_path)]
+    if code_dir != REPO and project == REPO:  # the baseline reads its own params: ours may hold keys it lacks
         command += ["--params", str(code_dir / "params.yaml")]
-    # PYTHONSAFEPATH: the working directory (REPO) must not shadow code_dir on sys.path
-    env = {**_environment(mode, server_url), "PYTHONPATH": str(code_dir), "PYTHONSAFEPATH": "1"}
+    env = {**_environment(mode, server_url), **_code_env(code_dir)}
     spawned = time.time()
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    finished = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     exited = time.time()
     if finished.returncode != 0:
         raise SystemExit(f"`{' '.join(command)}` exited {finished.returncode}:\n{finished.stderr[-3000:]}")
-    result = json.loads(finished.stdout[finished.stdout.index("{\n") :])
+    if json_flag:
+        result = json.loads(result_path.read_text())
+    else:
+        result = json.loads(finished.stdout[finished.stdout.index("{\n") :])
     return {
         "mode": label,
         "code": str(code_dir),
@@ -135,11 +173,73 @@ def breakdown(run: dict, per_task: dict[str, float], flow_start: datetime, flow_
     return {"wall": run["wall"], "work": work, "fixed": run["wall"] - work, **parts}
 
 
-def main(argv: list[str] | None = None) -> None:
+def table(measured: dict[str, list[dict[str, float]]], repeats: int, load: float, baseline: bool) -> str:
+    lines = [
+        f"`calibflow run --force` in a fresh process, {repeats} runs of each interleaved; median seconds "
+        f"[min-max]; load average {load:.1f} on {os.cpu_count()} CPUs",
+        "",
+    ]
+    labels = list(measured)
+    names = list(dict.fromkeys(name for rows in measured.values() for row in rows for name in row))
+    lines += ["| part | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
+    for name in names:
+        cells = []
+        for label in labels:
+            values = [row.get(name, 0.0) for row in measured[label]]
+            cells.append(f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]")
+        if name in ("wall", "work", "fixed") or any(not cell.startswith("0.0 [0.0") for cell in cells):
+            shown = f"**{name}**" if name in ("wall", "work", "fixed") else name
+            lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for label in labels:
+        fixed = statistics.median(row["fixed"] for row in measured[label])
+        work = statistics.median(row["work"] for row in measured[label])
+        lines.append(
+            f"{label}: fixed cost {fixed:.1f} s over {work:.1f} s of work (fixed / work {fixed / work:.2f}); "
+            f"target <= {FIXED_COST_TARGET_S:.0f} s: {'met' if fixed <= FIXED_COST_TARGET_S else 'NOT met'}"
+        )
+    if baseline:
+        base = statistics.median(row["fixed"] for row in measured[labels[0]])
+        for label in labels[1:]:
+            ratios = [b["fixed"] / a["fixed"] for a, b in zip(measured[label], measured[labels[0]])]
+            lines.append(
+                f"baseline fixed cost / {label}'s, run by run: {statistics.median(ratios):.1f}x "
+                f"[{min(ratios):.1f}-{max(ratios):.1f}] (baseline median {base:.1f} s)"
+            )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def prefect_server(smoke: bool):
+    """The API URL the local-server mode runs against and the results are read back from: the
+    long-lived server of flows/local_server.py (started when none answers), or for a smoke run
+    Prefect's own temporary server on a free port, stopped at the end."""
+    if not smoke:
+        from flows.local_server import DEFAULT_API_URL, ensure
+
+        yield ensure(os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL)
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    try:
+        yield server.api_url
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    _common.add_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=None, help="default 3; 1 with --smoke")
+    parser.add_argument(
+        "--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default all; local-server with --smoke)"
+    )
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout of the code to compare with")
+    parser.add_argument(
+        "--repo", type=Path, default=None, help="the project the command runs in (default this checkout)"
+    )
     parser.add_argument(
         "--cold-cache",
         action="store_true",
@@ -149,71 +249,54 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
-    modes = [m for m in args.modes.split(",") if m]
+    out = _common.results_dir(args, parser)
+    repeats = args.repeats or (1 if args.smoke else 3)
+    modes = [m for m in (args.modes or ("local-server" if args.smoke else ",".join(MODES))).split(",") if m]
     unknown = set(modes) - set(MODES)
-    if unknown or args.repeats < 1:
+    if unknown or repeats < 1:
         parser.error(f"unknown modes {sorted(unknown)}" if unknown else "--repeats must be at least 1")
+    project = args.repo.resolve() if args.repo else (_common.smoke_project(out / "project") if args.smoke else REPO)
 
     from calibflow.environment import apply_quiet_defaults
 
     apply_quiet_defaults()
-    from flows.local_server import DEFAULT_API_URL, ensure
-
-    server_url = os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL
-    ensure(server_url)  # also where the results are read back from
     suffix = ", cold cache" if args.cold_cache else ""
     variants = [(f"this code, {mode}{suffix}", REPO, mode) for mode in modes]
     if args.baseline:
         variants.insert(0, ("baseline, temporary", args.baseline.resolve(), "temporary"))
-    runs = [
-        timed_run(label, code, mode, server_url, args.overrides, args.cold_cache and code == REPO)
-        for _ in range(args.repeats)
-        for label, code, mode in variants
-    ]
+    json_flags = {code: code == REPO or _json_flag(code, project) for _, code, _ in variants}
+    with prefect_server(args.smoke) as server_url:
+        runs = [
+            timed_run(
+                label,
+                code,
+                mode,
+                server_url,
+                args.overrides,
+                project,
+                json_flags[code],
+                args.cold_cache and code == REPO,
+            )
+            for _ in range(repeats)
+            for label, code, mode in variants
+        ]
 
-    os.environ["PREFECT_API_URL"] = server_url
-    from prefect.client.orchestration import get_client
+        os.environ["PREFECT_API_URL"] = server_url
+        from prefect.client.orchestration import get_client
 
-    measured: dict[str, list[dict[str, float]]] = defaultdict(list)
-    with get_client(sync_client=True) as client:
-        for run in runs:
-            measured[run["mode"]].append(breakdown(run, *task_seconds(client, run["flow_run_id"])))
+        measured: dict[str, list[dict[str, float]]] = defaultdict(list)
+        with get_client(sync_client=True) as client:
+            for run in runs:
+                measured[run["mode"]].append(breakdown(run, *task_seconds(client, run["flow_run_id"])))
 
     load = os.getloadavg()[0]
-    print(
-        f"\n`calibflow run --force` in a fresh process, {args.repeats} runs of each interleaved; median seconds "
-        f"[min-max]; load average {load:.1f} on {os.cpu_count()} CPUs\n"
-    )
-    labels = list(measured)
-    names = list(dict.fromkeys(name for rows in measured.values() for row in rows for name in row))
-    print("| part | " + " | ".join(labels) + " |\n| --- |" + " ---: |" * len(labels))
-    for name in names:
-        cells = []
-        for label in labels:
-            values = [row.get(name, 0.0) for row in measured[label]]
-            cells.append(f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]")
-        if name in ("wall", "work", "fixed") or any(not cell.startswith("0.0 [0.0") for cell in cells):
-            print(
-                f"| {'**' + name + '**' if name in ('wall', 'work', 'fixed') else name} | " + " | ".join(cells) + " |"
-            )
-    print()
-    for label in labels:
-        fixed = statistics.median(row["fixed"] for row in measured[label])
-        work = statistics.median(row["work"] for row in measured[label])
-        print(
-            f"{label}: fixed cost {fixed:.1f} s over {work:.1f} s of work (fixed / work {fixed / work:.2f}); "
-            f"target <= {FIXED_COST_TARGET_S:.0f} s: {'met' if fixed <= FIXED_COST_TARGET_S else 'NOT met'}"
-        )
-    if args.baseline:
-        base = statistics.median(row["fixed"] for row in measured[labels[0]])
-        for label in labels[1:]:
-            ratios = [b["fixed"] / a["fixed"] for a, b in zip(measured[label], measured[labels[0]])]
-            print(
-                f"baseline fixed cost / {label}'s, run by run: {statistics.median(ratios):.1f}x "
-                f"[{min(ratios):.1f}-{max(ratios):.1f}] (baseline median {base:.1f} s)"
-            )
+    text = table(measured, repeats, load, bool(args.baseline))
+    print("\n" + text)
+    results = {"load": load, "project": str(project), "runs": measured}
+    _common.publish("run_timing", "Where a run's time goes", text, args, out, argv, results)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"load": load, "runs": measured}, indent=2))
+        Path(args.json_path).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ calls (no Prefect, no MLflow: the numbers are the ones the flow would log):
   model and one trained with outlier exposure (weight 0.5) on jigsaw-shuffled CIFAR-10 images
   that are in none of the splits (4x4 patches of 8x8 pixels, permuted per image).
 
-    python benchmarks/shift_and_ood.py [--per-class 200] [--epochs 30] [--out docs/shift_and_ood_results.md]
+    python benchmarks/shift_and_ood.py [--per-class 200] [--epochs 30]   # docs/results/shift_and_ood.md
+    python benchmarks/shift_and_ood.py --smoke   # 3 generated classes, a few images each, 1 epoch: seconds
+
+--smoke runs the same steps on archives it generates (digits laid out as the CIFAR-10 and MNIST
+archives are), under --out: nothing is read from ../shared/datasets.
 """
 
 from __future__ import annotations
@@ -28,14 +32,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 DATASETS = REPO.parent / "shared" / "datasets"
 
+import _common  # noqa: E402
 
-def unpack(name: str, where: Path) -> Path:
+
+def unpack(name: str, where: Path, datasets: Path = DATASETS) -> Path:
     target = where / name
     if not target.is_dir():
         where.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(DATASETS / f"{name}.tar.gz") as archive:
+        with tarfile.open(datasets / f"{name}.tar.gz") as archive:
             archive.extractall(where / f".{name}", filter="data")
         inner = next(p for p in (where / f".{name}").rglob("train") if p.is_dir()).parent
         inner.rename(target)
@@ -62,16 +69,35 @@ def jigsaw(images: torch.Tensor, seed: int, grid: int = 4) -> torch.Tensor:
     return shuffled.reshape(n, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w).contiguous()
 
 
-def main(argv: list[str] | None = None) -> None:
+# --smoke's sizes: every step runs, on a handful of images
+SMOKE = {"per_class": 4, "val": 2, "epochs": 1, "calibration": 4, "test": 4, "ood": 20}
+
+
+def smoke_datasets(where: Path) -> Path:
+    """Stand-ins for cifar10-jpg.tar.gz (3 classes of 32x32 RGB) and mnist-png.tar.gz (28x28 gray)."""
+    _common.image_archive(where / "cifar10-jpg.tar.gz", ["airplane", "automobile", "bird"], 25, 5)
+    _common.image_archive(where / "mnist-png.tar.gz", ["0", "1", "2"], 2, 10, size=28, rgb=False, suffix=".png")
+    return where
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_arguments(parser)
     parser.add_argument("--per-class", type=int, default=200, help="training images per class")
+    parser.add_argument("--val", type=int, default=20, help="validation images per class")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--calibration", type=int, default=300, help="calibration images per class")
     parser.add_argument("--test", type=int, default=100, help="test images per class (clean and each cell)")
     parser.add_argument("--ood", type=int, default=1000, help="MNIST test images")
-    parser.add_argument("--work", default="/tmp/calibflow-shift-ood")
-    parser.add_argument("--out", default=None, help="also write the tables here (markdown)")
+    parser.add_argument("--datasets", type=Path, default=DATASETS, help="holds cifar10-jpg.tar.gz and mnist-png.tar.gz")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/calibflow-shift-ood"))
     args = parser.parse_args(argv)
+    out = _common.results_dir(args, parser)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.work = out / "work"
+        args.datasets = smoke_datasets(out / "datasets")
 
     from calibflow.config import CORRUPTION_NAMES, TrainConfig
     from calibflow.training.ensembles import fit_model_calibrator, uncalibrated_probabilities
@@ -80,17 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     from calibflow.training.models import ModelSpec
     from calibflow.evaluation.ood import detection_metrics, ood_scores
     from calibflow.evaluation.shift import Suite, corrupted_images
-    from calibflow.training.loop import collect_logits, train_classifier
+    from calibflow.training.loop import TrainingInputs, collect_logits, train_classifier
 
     started = time.perf_counter()
     work = Path(args.work)
-    cifar, mnist = unpack("cifar10-jpg", work), unpack("mnist-png", work)
+    cifar, mnist = unpack("cifar10-jpg", work, args.datasets), unpack("mnist-png", work, args.datasets)
     classes = sorted(p.name for p in (cifar / "train").iterdir() if p.is_dir())
     take = {}
     offset = 0
     for name, count in (
         ("train", args.per_class),
-        ("val", 20),
+        ("val", args.val),
         ("calibration", args.calibration),
         ("test", args.test),
         ("outliers", args.per_class),
@@ -105,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     x_ood = load_images(mnist / "test", ood_paths, "RGB", (32, 32))
     outliers = jigsaw(x["outliers"], seed=0)
 
-    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=10, image_height=32, image_width=32, width=16)
+    spec = ModelSpec(
+        arch="small_cnn", in_channels=3, num_classes=len(classes), image_height=32, image_width=32, width=16
+    )
     config = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05, weight_decay=0.0, augment=False)
     suite = Suite(tuple(CORRUPTION_NAMES), (1, 2, 3, 4, 5), 10**9, 0)
     nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous().numpy()  # noqa: E731
@@ -116,10 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     calibration_cells = corrupted_images(nhwc(x["calibration"]), aware_suite, cache)
     print(f"data ready in {time.perf_counter() - started:.0f} s", flush=True)
 
-    lines, ood_rows = [], []
+    lines, ood_rows, measured = [], [], {"calibration": [], "ood": []}
     for exposure in (False, True):
         t0 = time.perf_counter()
-        model, history = train_classifier(
+        inputs = TrainingInputs(
             spec,
             x["train"],
             y["train"],
@@ -127,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
             y["val"],
             config,
             seed=0,
-            progress=False,
             outlier_images=outliers if exposure else None,
         )
+        model, history = train_classifier(inputs, progress=False)
         trained_s = time.perf_counter() - t0
         logits = lambda images: collect_logits(model, images, 512).numpy()  # noqa: E731, B023 (used in this iteration)
         z_cal, z_test, z_ood = logits(x["calibration"]), logits(x["test"]), logits(x_ood)
@@ -153,6 +181,17 @@ def main(argv: list[str] | None = None) -> None:
                     np.mean([cells[f"{c}_s{s}"]["ece"] for c in CORRUPTION_NAMES if c != "speckle_noise"])
                     for s in range(1, 6)
                 ]
+                measured["calibration"].append(
+                    {
+                        "probabilities": name,
+                        "test_accuracy": clean["accuracy"],
+                        "test_ece": clean["ece"],
+                        "suite_mean_ece": float(np.mean([cells[k]["ece"] for k in unseen])),
+                        "suite_ece_by_severity": by_severity,
+                        "suite_mean_accuracy": float(np.mean([cells[k]["accuracy"] for k in unseen])),
+                        "suite_mean_nll": float(np.mean([cells[k]["nll"] for k in unseen])),
+                    }
+                )
                 rows.append(
                     f"| {name} | {clean['accuracy']:.3f} | {clean['ece']:.4f} | "
                     f"{np.mean([cells[k]['ece'] for k in unseen]):.4f} | "
@@ -163,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             lines += [
                 f"CIFAR-10, small_cnn width 16, {args.per_class} training images a class, {args.epochs} epochs "
                 f"(no weight decay, no augmentation), trained in {trained_s:.0f} s on the CPU; "
-                f"{args.calibration * 10} calibration and {args.test * 10} test images; the suite's mean over "
+                f"{args.calibration * len(classes)} calibration and {args.test * len(classes)} test images; the "
+                f"suite's mean over "
                 f"the {len(unseen)} cells of the 8 corruptions other than speckle noise:",
                 "",
                 "| probabilities | test accuracy | test ECE | mean ECE under the suite | mean ECE by severity 1-5 "
@@ -177,14 +217,15 @@ def main(argv: list[str] | None = None) -> None:
             outside = ood_scores(z_ood, plain)
             sign = 1.0 if score == "msp" else -1.0
             m = detection_metrics(sign * inside[score], sign * outside[score])
+            measured["ood"].append({"model": label, "score": score, **m, "val_accuracy": history[-1].val_accuracy})
             ood_rows.append(
                 f"| {label} | {score} | {m['auroc']:.3f} | {m['aupr']:.3f} | {m['fpr95']:.3f} | "
                 f"{history[-1].val_accuracy:.3f} |"
             )
         print(f"{label}: trained in {trained_s:.0f} s", flush=True)
     lines += [
-        f"OOD: {args.ood} MNIST test digits as 32x32 RGB against the {args.test * 10} CIFAR-10 test images "
-        f"(scores after temperature scaling; outlier exposure on {args.per_class * 10} jigsaw-shuffled "
+        f"OOD: {args.ood} MNIST test digits as 32x32 RGB against the {args.test * len(classes)} CIFAR-10 test "
+        f"images (scores after temperature scaling; outlier exposure on {args.per_class * len(classes)} jigsaw-shuffled "
         f"CIFAR-10 images):",
         "",
         "| model | score | AUROC | AUPR-In | FPR95 | val accuracy |",
@@ -195,8 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    _common.publish(
+        "shift_and_ood", "Shift and out-of-distribution inputs on CIFAR-10", text, args, out, argv, measured
+    )
+    return measured
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ before and after calibration, and a rule that only ranks the calibration scores 
 min_recall) picks the same decisions too, just under another number. Calibration can only move
 the decisions of a fixed threshold other than 0.5 (the asymmetric cost).
 
-    .venv/bin/python benchmarks/threshold_stability.py [--pools catdog catdog_overfit] [--json PATH] [--quick]
+    .venv/bin/python benchmarks/threshold_stability.py [--pools catdog catdog_overfit] [--json PATH]  # docs/results/
+    .venv/bin/python benchmarks/threshold_stability.py --smoke   # synthetic logits, 10 noise splits: seconds
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibflow.gates import decisions as D  # noqa: E402
+import _common  # noqa: E402
+from calibflow import errors  # noqa: E402
 from calibflow.calibrators.temperature import fit_temperature  # noqa: E402
+from calibflow.gates import decisions as D  # noqa: E402
 from real_logits import load_pool, synthetic_pool  # noqa: E402
-from calibflow import errors
 
 DELTA = 0.05
 POSITIVE = 1  # dog
@@ -187,6 +189,7 @@ def markdown(name: str, result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration/test split")
     parser.add_argument("--noise-splits", type=int, default=100, help="random splits of seed 0 for the noise floor")
     parser.add_argument(
@@ -196,12 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="logit pools of benchmarks/real_logits.py (built on first use)",
     )
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="synthetic logits (no training), 10 noise splits")
     args = parser.parse_args(argv)
+    out = _common.results_dir(args, parser)
     command = "benchmarks/threshold_stability.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.perf_counter()
     results = {}
-    if args.quick:
+    if args.smoke:
         pool = synthetic_pool(2000, 2, seed=3, seeds=5)
         # different over-confidence per "seed": the raw histograms move, the calibrated ones should not
         pool["logits"] = pool["logits"] * np.linspace(0.6, 1.6, 5)[:, None, None]
@@ -210,10 +213,18 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.pools:
             results[name] = stability(load_pool(name), args.seed, args.noise_splits)
     wall = time.perf_counter() - started
+    text = "\n\n".join(markdown(name, result) for name, result in results.items()) + f"\n\nwall time {wall:.0f} s"
     print(f"$ .venv/bin/python {command}\n")
-    for name, result in results.items():
-        print(markdown(name, result) + "\n")
-    print(f"wall time {wall:.0f} s")
+    print(text)
+    _common.publish(
+        "threshold_stability",
+        "Does calibration make a threshold stable across seeds?",
+        text,
+        args,
+        out,
+        argv,
+        {"command": command, "wall_s": wall, "pools": results},
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, "wall_s": wall, "pools": results}, indent=1))

@@ -13,8 +13,9 @@ alone and beside --busy CPU-burning processes (one-thread matmul loops started f
 interleaved the same way.
 
     python benchmarks/train_step.py [--repeats 5] [--check] [--busy N] [--threads-table] [--set KEY=VALUE ...]
+    python benchmarks/train_step.py --smoke   # 90 digits, 1 epoch, 1 repeat, the thread table: seconds
 
-Runs on the CPU (train.device=cpu): the bare loop has no CUDA path. --check exits 1 when the
+Writes its tables to docs/results/train_step.md (benchmarks/_common.py). Runs on the CPU (train.device=cpu): the bare loop has no CUDA path. --check exits 1 when the
 median ratio is below 0.97 (issue 16's bar).
 """
 
@@ -34,21 +35,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from calibflow.pipeline import data_steps  # noqa: E402
+import _common  # noqa: E402
 from calibflow.config import Config, TrainConfig, load_config  # noqa: E402
 from calibflow.data.images import channel_stats  # noqa: E402
-from calibflow.training.models import ModelSpec, build_model  # noqa: E402
+from calibflow.pipeline import data_steps  # noqa: E402
 from calibflow.training.loop import (  # noqa: E402
+    TrainingInputs,
     collect_logits,
     intra_op_threads,
     random_translate,
     seed_everything,
     train_classifier,
 )
+from calibflow.training.models import ModelSpec, build_model  # noqa: E402
 
 THRESHOLD = 0.97
 # One thread of dense float math, forever: the "another job on the machine" of CI runners and
@@ -199,12 +203,15 @@ def burners(count: int):
             process.wait()
 
 
+def train_project(data: Data, config: Config) -> torch.nn.Module:
+    inputs = TrainingInputs(data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed)
+    return train_classifier(inputs, progress=False)[0]
+
+
 def time_project(data: Data, config: Config) -> tuple[float, float]:
     """(wall, CPU) seconds of one train_classifier call."""
     wall, cpu = time.perf_counter(), time.process_time()
-    train_classifier(
-        data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed, progress=False
-    )
+    train_project(data, config)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -216,9 +223,7 @@ def time_bare(data: Data, config: Config) -> tuple[float, float]:
 
 
 def same_weights(data: Data, config: Config) -> bool:
-    project, _ = train_classifier(
-        data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed, progress=False
-    )
+    project = train_project(data, config)
     with intra_op_threads(config.train.threads):
         bare = bare_loop(data.spec, data.train_x, data.train_y, config.train, config.seed)
     a, b = project.state_dict(), bare.state_dict()
@@ -270,9 +275,7 @@ def measure_threads(data: Data, config: Config, thread_counts: list[int], busy: 
     images = config.train.epochs * images_per_epoch(len(data.train_x), config.train.batch_size)
     loads = [0, busy] if busy else [0]
     cells = {(load, t): {"train": [], "logits": [], "background": []} for load in loads for t in thread_counts}
-    model, _ = train_classifier(
-        data.spec, data.train_x, data.train_y, data.val_x, data.val_y, config.train, config.seed, progress=False
-    )
+    model = train_project(data, config)
     # Logit collection's unit of work: every training image, a few times (one pass is milliseconds).
     passes, batch = 10, config.evaluation.batch_size
     for repeat in range(repeats):
@@ -303,39 +306,44 @@ def measure_threads(data: Data, config: Config, thread_counts: list[int], busy: 
     ]
 
 
-def print_ratio(result: dict, config: Config, repeats: int) -> None:
+def ratio_markdown(result: dict, config: Config, repeats: int) -> str:
     b = result["bare_images_per_second"]
-    print(
+    lines = [
         f"train_classifier vs bare loop: {config.model.arch} (width {config.model.width}), {config.train.epochs} epochs "
         f"of {result['train_images']} images, batch {config.train.batch_size}, threads {config.train.threads}, "
         f"{result['busy_processes']} busy processes; {repeats} repeats; same weights: {result['same_weights']}"
-    )
+    ]
     if result["background_cores"] is not None:
-        print(f"other processes kept {result['background_cores']:.1f} cores busy on average meanwhile")
-    print("| arm | img/s (median, range) | ratio to bare, wall (median, range) | ratio to bare, CPU time |")
-    print("| --- | ---: | ---: | ---: |")
-    print(f"| bare loop | {b['median']:,.0f} ({b['low']:,.0f}-{b['high']:,.0f}) | 1 | 1 |")
+        lines.append(f"other processes kept {result['background_cores']:.1f} cores busy on average meanwhile")
+    lines += [
+        "",
+        "| arm | img/s (median, range) | ratio to bare, wall (median, range) | ratio to bare, CPU time |",
+        "| --- | ---: | ---: | ---: |",
+        f"| bare loop | {b['median']:,.0f} ({b['low']:,.0f}-{b['high']:,.0f}) | 1 | 1 |",
+    ]
     for row in result["project"]:
         p, r, c = row["images_per_second"], row["ratio"], row["cpu_ratio"]
-        print(
+        lines.append(
             f"| train_classifier, val_every {row['val_every']} | {p['median']:,.0f} ({p['low']:,.0f}-{p['high']:,.0f}) "
             f"| {r['median']:.3f} ({r['low']:.3f}-{r['high']:.3f}) | {c['median']:.3f} ({c['low']:.3f}-{c['high']:.3f}) |"
         )
+    return "\n".join(lines)
 
 
-def print_threads(rows: list[dict]) -> None:
-    print(
+def threads_markdown(rows: list[dict]) -> str:
+    lines = [
         "| busy processes | threads | training img/s (median, range) | logit collection img/s (median, range) "
-        "| other processes' load, cores (median, range) |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: |")
+        "| other processes' load, cores (median, range) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
         t, lg, bg = row["train_images_per_second"], row["logits_images_per_second"], row["background_cores"]
         load = f"{bg['median']:.1f} ({bg['low']:.1f}-{bg['high']:.1f})" if bg else "n/a"
-        print(
+        lines.append(
             f"| {row['busy_processes']} | {row['threads']} | {t['median']:,.0f} ({t['low']:,.0f}-{t['high']:,.0f}) "
             f"| {lg['median']:,.0f} ({lg['low']:,.0f}-{lg['high']:,.0f}) | {load} |"
         )
+    return "\n".join(lines)
 
 
 def exit_code(results: dict, check: bool) -> int:
@@ -345,8 +353,11 @@ def exit_code(results: dict, check: bool) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_arguments(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="params.yaml override")
-    parser.add_argument("--repeats", type=int, default=5, help="pairs for the ratio, rounds for the thread table")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="pairs for the ratio, rounds for the thread table (default 5)"
+    )
     parser.add_argument(
         "--busy",
         type=int,
@@ -366,6 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--check", action="store_true", help=f"exit 1 when the median ratio is below {THRESHOLD}")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
+    out = _common.results_dir(args, parser)
+    if args.smoke:
+        # 90 digits (27 training images), a 4-channel network, one epoch, every table once
+        from calibflow.data.prepare import write_digits
+
+        write_digits(out / "digits", classes=(0, 1, 2), per_class=30)
+        smoke = [f"data.path={out / 'digits'}", "train.epochs=1", "model.width=4"]
+        args.overrides = [*smoke, *args.overrides]
+        args.repeats = args.repeats or 1
+        args.val_every = args.val_every or [1]
+        args.threads_table, args.table_epochs = True, 1
+    args.repeats = args.repeats or 5
 
     config = load_config(REPO / "params.yaml", [*args.overrides, "train.device=cpu"])
     # params.yaml's data.path is relative to the repository, wherever this is run from.
@@ -386,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
             background_cores=background.cores,
             train_images=images_per_epoch(len(data.train_x), config.train.batch_size),
         )
-    print_ratio(ratio, config, args.repeats)
+    sections = [ratio_markdown(ratio, config, args.repeats)]
     results = {
         "ratio": ratio,
         "config": {
@@ -399,10 +422,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads_table:
         table_config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=args.table_epochs))
         results["threads"] = measure_threads(data, table_config, args.table_threads, max(1, args.busy), args.repeats)
-        print(f"threads ({args.table_epochs} epochs per training, {args.repeats} rounds):")
-        print_threads(results["threads"])
+        sections.append(f"threads ({args.table_epochs} epochs per training, {args.repeats} rounds):")
+        sections.append(threads_markdown(results["threads"]))
     results["load_average_after"] = os.getloadavg()[0]
-    print(f"load average after: {results['load_average_after']:.2f}")
+    sections.append(f"load average after: {results['load_average_after']:.2f}")
+    text = "\n\n".join(sections)
+    print(text)
+    _common.publish("train_step", "Training loop and threads", text, args, out, argv, results)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
     return results

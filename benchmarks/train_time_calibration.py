@@ -6,17 +6,20 @@ images per class) once per method, through the flow's own library steps (calibfl
 manifest, split, train, logits, calibrator fit), and reports on the test split accuracy, 15-bin
 ECE with its bootstrap standard deviation, smooth ECE (relplot), NLL and Brier, before and after
 temperature scaling, with the wall time of each run and the served model's predict time per image.
-The table is written into docs/train_time_calibration.md between its markers (and printed), so it
-is regenerated, never typed. Results accumulate in a JSON file as each method finishes, so an
-interrupted run keeps what it measured (--resume skips the methods already there).
+The tables (the summary beside Mukhoti et al.'s, then the full one) are written to
+docs/results/train_time_calibration.md (and printed), so they are regenerated, never typed.
+Results accumulate in a JSON file as each method finishes, so an interrupted run keeps what it
+measured (--resume skips the methods already there).
 
     python benchmarks/train_time_calibration.py [--archive ../shared/datasets/cifar10-jpg.tar.gz]
         [--work /tmp/calibflow-ttc] [--methods cross_entropy,mixup,...] [--resume]
     python benchmarks/train_time_calibration.py --subset-only --out DIR   # the recipe's ImageFolder
+    python benchmarks/train_time_calibration.py --smoke   # 3 methods on a generated archive, 10 short epochs: seconds
 
 The CIFAR-10 subset (the first 1,600 training images of each class, in file-name order) is built
-from the archive by this script; nothing is downloaded. No corruption suite exists yet, so there
-is no "ECE under shift" column.
+from the archive by this script; nothing is downloaded. --smoke builds it from an archive of
+digits it generates under --out, and shrinks the recipe (SMOKE_OVERRIDES). The benchmark does not
+run the corruption suite, so there is no "ECE under shift" column.
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _common  # noqa: E402
 
 RECIPE = REPO / "examples" / "cifar10-overconfident.yaml"
-DOC = REPO / "docs" / "train_time_calibration.md"
-README = REPO / "README.md"
-BEGIN, END = "<!-- BEGIN train_time_calibration table -->", "<!-- END train_time_calibration table -->"
-SHORT_BEGIN, SHORT_END = "<!-- BEGIN train_time_calibration summary -->", "<!-- END train_time_calibration summary -->"
 # Mukhoti et al. 2020, CIFAR-10 ResNet-50 (Tables 1-2; torrvision/focal_calibration's README): ECE % before
 # and after temperature scaling, and T. Their label smoothing is 0.05, ours 0.1.
 MUKHOTI_RESNET50 = {
@@ -46,6 +48,20 @@ MUKHOTI_RESNET50 = {
     "mmce": "4.56% -> 1.19% (2.6)",
 }
 PER_CLASS = 1600
+# --smoke: the recipe on 40 generated images a class, a network that trains in a blink, and three
+# methods that between them take every branch of run_method (a mix, one T per member)
+SMOKE_PER_CLASS = 40
+SMOKE_OVERRIDES = [
+    "data.min_per_class=10",
+    "split.train=0.4",
+    "split.val=0.1",
+    "split.calibration=0.25",
+    "split.test=0.25",
+    "model.width=8",
+    "train.epochs=10",
+    "train.batch_size=8",
+]
+SMOKE_METHODS = ("cross_entropy", "mixup", "ensemble")
 # name, what the table calls it, the overrides of the recipe. Hyper-parameters are the papers':
 # label smoothing 0.1 (Mueller et al. 2019's CIFAR setting), FLSD-53 (Mukhoti et al. 2020), beta
 # 0.1 (Pereyra et al. 2017's range), MMCE weight 2, mixup alpha 0.3 (Thulasidasan et al. 2019 find
@@ -96,17 +112,21 @@ def manifest_of(data_dir: Path, work: Path):
 
 
 def run_method(
-    name: str, overrides: list[str], data_dir: Path, work: Path, n_bins: int = 15, reuse_checkpoint: bool = False
+    name: str,
+    overrides: list[str],
+    data_dir: Path,
+    work: Path,
+    n_bins: int = 15,
+    reuse_checkpoint: bool = False,
+    n_resamples: int = 1000,
 ) -> dict:
     import torch
 
-    from calibflow.pipeline import data_steps
-    from calibflow.pipeline import evaluation_steps
-    from calibflow.pipeline import model_steps
     from calibflow.config import load_config
-    from calibflow.training.ensembles import served_probabilities
     from calibflow.gates.statistics import smooth_ece
     from calibflow.metrics import bootstrap_ci, probability_report, top_label
+    from calibflow.pipeline import data_steps, evaluation_steps, model_steps
+    from calibflow.training.ensembles import served_probabilities, uncalibrated_probabilities
     from calibflow.training.models import load_checkpoint
 
     config = load_config(RECIPE, [f"data.path={data_dir}", *overrides])
@@ -129,15 +149,14 @@ def run_method(
             split.path,
             s,
             str(out / f"logits_{s}.npz"),
-            config.evaluation.batch_size,
-            "cpu",
+            batch_size=config.evaluation.batch_size,
+            device="cpu",
         )
         for s in ("calibration", "test")
     }
     fit = evaluation_steps.fit_calibration(logits["calibration"], config.calibration, str(out / "calibration.json"))
     z, labels = model_steps.load_logits(logits["test"])
     calibrator = evaluation_steps.load_calibrator(fit.state_path)
-    from calibflow.training.ensembles import uncalibrated_probabilities
 
     row = {
         "method": name,
@@ -153,7 +172,7 @@ def run_method(
     }
     for when, probs in (("before", uncalibrated_probabilities(z)), ("after", calibrator.transform(z))):
         report = probability_report(probs, labels, n_bins)
-        interval = bootstrap_ci("ece", probs, labels, n_resamples=1000, n_bins=n_bins)
+        interval = bootstrap_ci("ece", probs, labels, n_resamples=n_resamples, n_bins=n_bins)
         confidence, predicted = top_label(probs)
         smooth, _ = smooth_ece(confidence.numpy(), (predicted.numpy() == labels).astype(float))
         row[when] = {**report, "ece_low": interval.low, "ece_high": interval.high, "smooth_ece": smooth}
@@ -219,46 +238,36 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _replace_between(path: Path, begin: str, end: str, block: str) -> None:
-    text = path.read_text()
-    if begin not in text or end not in text:
-        return
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(head + begin + "\n" + block + "\n" + end + tail)
-
-
-def write_doc(rows: list[dict], command: str, readme: Path | None = None) -> None:
+def results_markdown(rows: list[dict]) -> str:
+    """The summary beside Mukhoti et al.'s table, then the full table."""
     first = rows[0]
-    block = "\n".join(
+    return "\n".join(
         [
-            BEGIN,
+            f"{first['n_train']} training, {first['n_calibration']} calibration and {first['n_test']} test images, "
+            "one seed (0) per method.",
             "",
-            f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-            f"{first['n_train']} training, {first['n_calibration']} calibration and {first['n_test']} test "
-            f"images, one seed (0) per method.",
+            summary_table(rows),
+            "",
+            "Each ECE with the standard deviation of its bootstrap (the spread to read differences against), smooth "
+            "ECE, NLL, Brier, the fitted temperatures, the run's wall time and the served model's predict time:",
             "",
             table(rows),
-            "",
-            END,
         ]
     )
-    text = DOC.read_text() if DOC.is_file() else f"# Train-time calibration\n\n{BEGIN}\n{END}\n"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(head + block + tail)
-    _replace_between(readme or README, SHORT_BEGIN, SHORT_END, summary_table(rows))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_arguments(
+        parser,
+        out_help="folder for train_time_calibration.md (default docs/results/; with --smoke a new temporary "
+        "folder); with --subset-only, where the ImageFolder goes",
+    )
     parser.add_argument("--archive", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz")
     parser.add_argument("--work", type=Path, default=Path("/tmp/calibflow-ttc"))
-    parser.add_argument("--methods", default=",".join(name for name, _, _ in METHODS))
+    parser.add_argument("--methods", default=None, help="comma-separated (default: all)")
     parser.add_argument("--resume", action="store_true", help="keep the methods already in the work dir's results")
     parser.add_argument("--subset-only", action="store_true", help="only build the recipe's ImageFolder at --out")
-    parser.add_argument("--out", type=Path, help="where --subset-only writes the ImageFolder")
-    parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/ alone")
     parser.add_argument(
         "--reuse-checkpoints",
         action="store_true",
@@ -271,18 +280,32 @@ def main(argv: list[str] | None = None) -> None:
     apply_quiet_defaults()
     if args.subset_only:
         print(build_subset(args.archive, args.out or args.work / "cifar10-1600"))
-        return
+        return []
+    out = _common.results_dir(args, parser)
+    per_class, extra, n_resamples = PER_CLASS, [], 1000
+    wanted = (args.methods or ",".join(name for name, _, _ in METHODS)).split(",")
+    if args.smoke:
+        args.work = out / "work"
+        args.archive = _common.image_archive(out / "cifar10-jpg.tar.gz", ["airplane", "automobile", "bird"], 40, 0)
+        per_class, extra, n_resamples = SMOKE_PER_CLASS, SMOKE_OVERRIDES, 100
+        wanted = args.methods.split(",") if args.methods else list(SMOKE_METHODS)
     args.work.mkdir(parents=True, exist_ok=True)
-    data_dir = build_subset(args.archive, args.work / "cifar10-1600")
+    data_dir = build_subset(args.archive, args.work / f"cifar10-{per_class}", per_class)
     results_path = args.work / "results.json"
     rows = json.loads(results_path.read_text()) if args.resume and results_path.is_file() else []
     done = {r["method"] for r in rows}
-    wanted = args.methods.split(",")
     for name, label, overrides in METHODS:
         if name not in wanted or name in done:
             continue
         print(f"{label}: running", flush=True)
-        row = run_method(name, overrides, data_dir, args.work, reuse_checkpoint=args.reuse_checkpoints)
+        row = run_method(
+            name,
+            [*extra, *overrides],
+            data_dir,
+            args.work,
+            reuse_checkpoint=args.reuse_checkpoints,
+            n_resamples=n_resamples,
+        )
         rows.append(row)
         results_path.write_text(json.dumps(rows, indent=1))
         print(
@@ -290,14 +313,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['after']['ece']:.4f}, {row['wall_seconds']:.0f} s",
             flush=True,
         )
+    if not rows:
+        parser.error(f"no method ran: --methods {args.methods} names none of {', '.join(n for n, _, _ in METHODS)}")
     order = [name for name, _, _ in METHODS]
     rows.sort(key=lambda r: order.index(r["method"]))
-    print(table(rows))
-    if not args.no_doc and rows:
-        flags = [
-            flag for flag, on in ((" --resume", args.resume), (" --reuse-checkpoints", args.reuse_checkpoints)) if on
-        ]
-        write_doc(rows, "python benchmarks/train_time_calibration.py" + "".join(flags))
+    text = results_markdown(rows)
+    print(text)
+    _common.publish(
+        "train_time_calibration", "Train-time calibration on over-confident CIFAR-10", text, args, out, argv, rows
+    )
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """benchmarks/train_time_calibration.py without training: the recipe's subset is cut from the
-archive in file-name order, and the table goes between the document's markers, nowhere else."""
+archive in file-name order, and the results file holds the summary beside Mukhoti et al.'s table
+and the full table, under the command that wrote them."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import sys
@@ -41,11 +43,8 @@ def test_subset_takes_the_first_files_of_each_training_class(tmp_path):
     assert (out / "dog" / "0001.jpg").read_bytes() == b"train/dog/1"
 
 
-def test_table_is_written_between_the_markers_only(tmp_path, monkeypatch):
+def test_results_hold_the_summary_beside_mukhoti_and_the_full_table(tmp_path):
     bench = load_benchmark()
-    doc = tmp_path / "doc.md"
-    doc.write_text(f"# title\n\nbefore\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nafter\n")
-    monkeypatch.setattr(bench, "DOC", doc)
     metrics = {
         "accuracy": 0.5,
         "nll": 1.4,
@@ -68,13 +67,12 @@ def test_table_is_written_between_the_markers_only(tmp_path, monkeypatch):
         "before": metrics,
         "after": {**metrics, "ece": 0.01},
     }
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bench.SHORT_BEGIN}\nold\n{bench.SHORT_END}\nrest\n")
-    bench.write_doc([row], "python benchmarks/train_time_calibration.py", readme=readme)
-    assert readme.read_text() == (
-        f"intro\n{bench.SHORT_BEGIN}\n{bench.summary_table([row])}\n{bench.SHORT_END}\nrest\n"
-    )
-    assert "| cross-entropy | 0.500 | 10.00% -> 1.00% (1.50) | 4.35% -> 1.35% (2.5) |" in readme.read_text()
-    text = doc.read_text()
-    assert "old table" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n")
-    assert "| cross-entropy | 0.500 | 10.00% ± 0.77 | 1.00% ± 0.77 |" in text
+    args = argparse.Namespace(smoke=False)
+    path = bench._common.publish("train_time_calibration", "T", bench.results_markdown([row]), args, tmp_path, [])
+    text = path.read_text()
+    assert path == tmp_path / "train_time_calibration.md"
+    assert "Written by `python benchmarks/train_time_calibration.py` on " in text
+    assert "10 training, 5 calibration and 7 test images" in text
+    summary = "| cross-entropy | 0.500 | 10.00% -> 1.00% (1.50) | 4.35% -> 1.35% (2.5) |"
+    full = "| cross-entropy | 0.500 | 10.00% ± 0.77 | 1.00% ± 0.77 |"
+    assert summary in text and full in text and text.index(summary) < text.index(full)

@@ -75,12 +75,13 @@ lock:
 	{ echo "# Exact versions resolved together on Python 3.11 (x86_64). Regenerate: make lock"; \
 	  /tmp/calibflow-lock/bin/pip freeze --exclude-editable; } > requirements.lock
 
-# Where a run's time goes (fixed cost vs work), how fast each command answers, and calibration
-# speed against netcal/torchmetrics (about 6 minutes on 2 cores). Compare with another commit:
-# git worktree add --detach /tmp/before REV, then the scripts' --baseline /tmp/before.
-# The gate's false-promotion/false-rejection rates: python benchmarks/gate_soundness.py (~20 min).
-# DDP against one process at the same global batch: python benchmarks/ddp_accuracy.py (~1 min).
-bench: $(STAMP) data
+# Where a run's time goes (fixed cost vs work), how fast each command answers (against the default
+# model `make run` registers), and calibration speed against netcal/torchmetrics (about 6 minutes
+# on 2 cores). Each script writes its table to docs/results/<script>.md; docs/results/README.md
+# lists every benchmark and how to run it. Compare with another commit: git worktree add --detach
+# /tmp/before REV, then the scripts' --baseline /tmp/before. `make test-all` runs every
+# benchmark's --smoke mode (tiny sizes, its files in a temporary folder).
+bench: $(STAMP) data run
 	python benchmarks/run_timing.py
 	python benchmarks/command_latency.py
 	python benchmarks/calibration_speed.py

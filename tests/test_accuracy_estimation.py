@@ -52,7 +52,7 @@ def test_cbpe_follows_images_that_got_harder_where_the_recorded_accuracy_would_n
     threshold, fitted where images were easy, leaves almost every harder image below it (measured:
     truth 0.31, ATC-NE 0.006, ATC-MC 0.05); it is built for the opposite case, a model whose
     calibration the shift breaks, and in this Dirichlet simulation it over-estimates that too. The
-    README's table on corrupted CIFAR-10 images is where the two are compared on real networks."""
+    docs/results/accuracy_estimation.md, on corrupted CIFAR-10 images, is where the two are compared on real networks."""
     rng = np.random.default_rng(2)
     reference, reference_labels = calibrated(rng, 3000, concentration=0.2)
     harder, labels = calibrated(rng, 3000, concentration=0.8)

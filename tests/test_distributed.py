@@ -202,7 +202,7 @@ def test_one_process_under_torchrun_trains_the_weights_of_the_plain_loop(tmp_pat
 @pytest.mark.slow
 def test_two_nodes_of_one_process_are_one_node_of_two_bit_for_bit(two_process_run, tmp_path):
     """torchrun's multi-node path on one machine: this process launches node 0 (global rank 0) and
-    serves the rendezvous; node 1 is a follower started as README and infra/k8s/ddp start it."""
+    serves the rendezvous; node 1 is a follower started as docs/production_loop.md and infra/k8s/ddp start it."""
     (train, val, _) = digits()
     port = free_port()
     config = dataclasses.replace(DDP, nproc=1, nnodes=2, rendezvous=f"127.0.0.1:{port}")

@@ -89,3 +89,17 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
         "max_ece"
     ]
     assert verdicts["calibrated"].passed
+
+
+def test_dvc_lock_records_the_prepare_stage_as_dvc_yaml_writes_it():
+    """A fresh clone's `dvc repro prepare` must find nothing to do: the locked command and
+    dependencies are dvc.yaml's, and each dependency's md5 is its bytes' (a moved or edited
+    prepare.py that dvc.lock does not record reruns the stage and dirties the checkout)."""
+    import yaml
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    locked = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["prepare"]
+    assert locked["cmd"] == stage["cmd"]
+    assert [dep["path"] for dep in locked["deps"]] == stage["deps"]
+    for dep in locked["deps"]:
+        assert hashlib.md5((REPO / dep["path"]).read_bytes()).hexdigest() == dep["md5"], dep["path"]

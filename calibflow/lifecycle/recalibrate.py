@@ -124,22 +124,66 @@ def _split_logits(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray, path
     return str(path)
 
 
+@dataclass(frozen=True, eq=False)
+class NewImages:
+    """The newly labeled images, pinned, split into a calibration and a test half, with the
+    source network's logits on every one of them."""
+
+    data: object  # calibflow.data.versioning.DataVersion
+    manifest: object  # pandas.DataFrame, calibflow.data.manifest's columns
+    split: object  # calibflow.data.splits.Split
+    images: np.ndarray  # uint8 (N, H, W, C), as the served model takes them
+    logits: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def test_rows(self) -> np.ndarray:
+        return self.split.indices["test"]
+
+
+@dataclass(frozen=True)
+class GatedCalibrator:
+    """The new calibrator, fitted on the calibration half, and what the gates read on the test half."""
+
+    fit: object  # calibflow.pipeline.evaluation_steps.CalibrationRecord
+    verdict: GateVerdict
+    before: dict[str, float]  # the source's calibrator
+    after: dict[str, float]  # the new one
+    softmax: dict[str, float]  # the network's own softmax
+    suite_tags: dict[str, str]
+    shift_metrics: dict | None
+
+
 def recalibrate(
     model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".", against: str | None = "@champion"
 ) -> Recalibration:
-    from calibflow.pipeline import evaluation_steps
-    from calibflow.training.ensembles import uncalibrated_probabilities
-    from calibflow.gates.plan import small_test_split_warning
-
     started = time.perf_counter()
     source = registration.resolve_model_uri(model_uri)
     model = registration.load_model(f"models:/{source.name}/{source.version}")
-    served = model.unwrap_python_model()
     if not served_policy(model).is_empty:
         raise RecalibrationError(
             f"{source.name} version {source.version} serves decision rules fitted to its "
             f"calibrator, which a new calibrator would leave stale: retrain it (calibflow run)"
         )
+    new = _new_images(model, data_path, config, repo_root)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        gated = _fit_and_gate(source, model.unwrap_python_model(), new, config, against, work)
+        run_id = _record_run(source, new, gated, config, repo_root, work)
+        result = Recalibration(source, run_id, gated.verdict, gated.before, gated.after, 0.0)
+        if gated.verdict.absolute_passed:
+            result.version = _register(source, new, gated, run_id, config, work)
+        else:
+            store.end_run(run_id, "failed", gated.verdict.summary())
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _new_images(model, data_path: str, config: Config, repo_root: str | Path) -> NewImages:
+    """The new folder, refused unless it labels every class the model predicts and its test half
+    is large enough for the gates; the source network's logits on it, in one forward pass."""
+    from calibflow.gates.plan import small_test_split_warning
+
     classes = served_classes(model)
     data = resolve_data(repo_root, data_path, None)
     manifest = build_manifest(data.local_dir)
@@ -166,114 +210,118 @@ def recalibrate(
     meta = model.metadata.metadata
     images = load_images(data.local_dir, manifest["path"].tolist(), meta["image_mode"], tuple(meta["image_size"]))
     images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    served = model.unwrap_python_model()
     logits = np.concatenate([served.logits(images[i : i + 1024]) for i in range(0, len(images), 1024)])
-    labels = manifest["label_index"].to_numpy()
-    test_rows = split.indices["test"]
+    return NewImages(data, manifest, split, images, logits, manifest["label_index"].to_numpy())
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        fit = evaluation_steps.fit_calibration(
-            _split_logits(logits, labels, split.indices["calibration"], work / "logits_calibration.npz"),
-            config.calibration,
-            str(work / "calibration.json"),
-        )
-        candidate = evaluation_steps.load_calibrator(fit.state_path).transform(logits[test_rows]).numpy()
-        source_probabilities = served.calibrator.transform(logits[test_rows]).numpy()
-        before = probability_report(source_probabilities, labels[test_rows], config.evaluation.n_bins)
-        after = probability_report(candidate, labels[test_rows], config.evaluation.n_bins)
-        softmax = probability_report(
-            uncalibrated_probabilities(logits[test_rows]), labels[test_rows], config.evaluation.n_bins
-        )
-        ours = Predictions(candidate, labels[test_rows])
-        comparison = None
-        champion = champion_for(source.name, against, candidate_version="")  # the new version has no number yet
-        if champion is not None:
-            theirs = (
-                source_probabilities
-                if champion.version == source.version
-                else registration.load_model(f"models:/{source.name}/{champion.version}").predict(images[test_rows])
-            )
-            comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
-        shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(
-            served,
-            evaluation_steps.load_calibrator(fit.state_path),
-            images[test_rows],
-            labels[test_rows],
-            config,
-            champion,
-            source,
-        )
-        try:
-            verdict = evaluate_gates(
-                ours,
-                config.gates,
-                comparison,
-                n_bins=config.evaluation.n_bins,
-                shift=shift,
-                shift_comparison=shift_comparison,
-            )
-        except GateInputError as error:
-            raise RecalibrationError(f"the gates cannot read a recalibration: {error}") from error
 
-        run_id = store.start_run(
-            config.registry.experiment,
-            f"recalibrate v{source.version}",
-            {
-                "recalibrated_from": source.version,
-                "recalibration_data_path": data.path,
-                "recalibration_data_hash": data.dvc_hash,
-            },
-            repo_root,
+def _fit_and_gate(source, served, new: NewImages, config: Config, against: str | None, work: Path) -> GatedCalibrator:
+    """Fit the calibrator on the calibration half, then gate it on the test half: absolutely, and
+    against `against` (the champion by default) on the same images."""
+    from calibflow.pipeline import evaluation_steps
+    from calibflow.training.ensembles import uncalibrated_probabilities
+
+    n_bins, test_rows, labels = config.evaluation.n_bins, new.test_rows, new.labels
+    fit = evaluation_steps.fit_calibration(
+        _split_logits(new.logits, labels, new.split.indices["calibration"], work / "logits_calibration.npz"),
+        config.calibration,
+        str(work / "calibration.json"),
+    )
+    calibrator = evaluation_steps.load_calibrator(fit.state_path)
+    candidate = calibrator.transform(new.logits[test_rows]).numpy()
+    source_probabilities = served.calibrator.transform(new.logits[test_rows]).numpy()
+    ours = Predictions(candidate, labels[test_rows])
+    comparison = None
+    champion = champion_for(source.name, against, candidate_version="")  # the new version has no number yet
+    if champion is not None:
+        theirs = (
+            source_probabilities
+            if champion.version == source.version
+            else registration.load_model(f"models:/{source.name}/{champion.version}").predict(new.images[test_rows])
         )
-        store.log_metrics(
-            run_id,
-            {
-                **{f"test/source/{k}": v for k, v in before.items()},
-                **{f"test/recalibrated/{k}": v for k, v in after.items()},
-            },
+        comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
+    shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(
+        served, calibrator, new.images[test_rows], labels[test_rows], config, champion, source
+    )
+    try:
+        verdict = evaluate_gates(
+            ours, config.gates, comparison, n_bins=n_bins, shift=shift, shift_comparison=shift_comparison
         )
-        (work / "data").mkdir()
-        save_manifest(manifest, work / "data" / "manifest.csv")
-        split.save(work / "data" / "splits.json")
-        (work / "gates").mkdir()
-        (work / "gates" / "gates.json").write_text(json.dumps(verdict.to_json(), indent=1))
-        if shift_metrics is not None:
-            (work / "shift").mkdir()
-            (work / "shift" / "shift_metrics.json").write_text(json.dumps(shift_metrics, indent=1))
-        for folder in ("data", "gates", "shift"):
-            if not (work / folder).is_dir():
-                continue
-            for file in (work / folder).iterdir():
-                store.log_artifact(run_id, file, folder)
-        result = Recalibration(source, run_id, verdict, before, after, 0.0)
-        if not verdict.absolute_passed:
-            store.end_run(run_id, "failed", verdict.summary())
-            result.seconds = time.perf_counter() - started
-            return result
-        checkpoint = store.download_run_artifact(source.run_id, "checkpoint/checkpoint.pt", work / "source")
-        logged = served_model.log_calibrated_model(run_id, checkpoint, fit.state_path, images[test_rows[:2]])
-        store.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
-        tags = {
-            **{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},
-            "n_bins": str(config.evaluation.n_bins),
-            CALIBRATION_METHOD: fit.method,
-            TEMPERATURE: repr(fit.temperature) if fit.temperature else "",
-            **{on_test(UNCALIBRATED, k): repr(float(v)) for k, v in softmax.items()},
-            **{on_test(CALIBRATED, k): repr(float(v)) for k, v in after.items()},
+    except GateInputError as error:
+        raise RecalibrationError(f"the gates cannot read a recalibration: {error}") from error
+    return GatedCalibrator(
+        fit=fit,
+        verdict=verdict,
+        before=probability_report(source_probabilities, labels[test_rows], n_bins),
+        after=probability_report(candidate, labels[test_rows], n_bins),
+        softmax=probability_report(uncalibrated_probabilities(new.logits[test_rows]), labels[test_rows], n_bins),
+        suite_tags=suite_tags,
+        shift_metrics=shift_metrics,
+    )
+
+
+def _record_run(source, new: NewImages, gated: GatedCalibrator, config: Config, repo_root, work: Path) -> str:
+    """An MLflow run with the new data's manifest and split, the verdict and the suite's numbers:
+    what `calibflow gate` and `evaluate` read back for the version it may register."""
+    run_id = store.start_run(
+        config.registry.experiment,
+        f"recalibrate v{source.version}",
+        {
             "recalibrated_from": source.version,
-            "recalibration_data_path": data.path,
-            "recalibration_data_rev": data.rev,
-            "recalibration_data_hash": data.dvc_hash,
-            **suite_tags,
-        }
-        try:
-            with registration.registration_transaction(
-                partial(registration.register_version, logged, source.name, tags)
-            ) as version:
-                store.end_run(run_id, "succeeded")
-        except Exception as error:
-            store.end_run(run_id, "failed", f"registration failed: {error}")
-            raise
-        result.version = version
-    result.seconds = time.perf_counter() - started
-    return result
+            "recalibration_data_path": new.data.path,
+            "recalibration_data_hash": new.data.dvc_hash,
+        },
+        repo_root,
+    )
+    store.log_metrics(
+        run_id,
+        {
+            **{f"test/source/{k}": v for k, v in gated.before.items()},
+            **{f"test/recalibrated/{k}": v for k, v in gated.after.items()},
+        },
+    )
+    (work / "data").mkdir()
+    save_manifest(new.manifest, work / "data" / "manifest.csv")
+    new.split.save(work / "data" / "splits.json")
+    (work / "gates").mkdir()
+    (work / "gates" / "gates.json").write_text(json.dumps(gated.verdict.to_json(), indent=1))
+    if gated.shift_metrics is not None:
+        (work / "shift").mkdir()
+        (work / "shift" / "shift_metrics.json").write_text(json.dumps(gated.shift_metrics, indent=1))
+    for folder in ("data", "gates", "shift"):
+        if not (work / folder).is_dir():
+            continue
+        for file in (work / folder).iterdir():
+            store.log_artifact(run_id, file, folder)
+    return run_id
+
+
+def _register(source, new: NewImages, gated: GatedCalibrator, run_id: str, config: Config, work: Path):
+    """The source's network byte for byte with the new calibrator, through the registration
+    transaction: the run is closed succeeded only with the version registered, or neither stands."""
+    fit = gated.fit
+    checkpoint = store.download_run_artifact(source.run_id, "checkpoint/checkpoint.pt", work / "source")
+    logged = served_model.log_calibrated_model(run_id, checkpoint, fit.state_path, new.images[new.test_rows[:2]])
+    store.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
+    tags = {
+        **{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},
+        "n_bins": str(config.evaluation.n_bins),
+        CALIBRATION_METHOD: fit.method,
+        TEMPERATURE: repr(fit.temperature) if fit.temperature else "",
+        **{on_test(UNCALIBRATED, k): repr(float(v)) for k, v in gated.softmax.items()},
+        **{on_test(CALIBRATED, k): repr(float(v)) for k, v in gated.after.items()},
+        "recalibrated_from": source.version,
+        "recalibration_data_path": new.data.path,
+        "recalibration_data_rev": new.data.rev,
+        "recalibration_data_hash": new.data.dvc_hash,
+        **gated.suite_tags,
+    }
+    try:
+        with registration.registration_transaction(
+            partial(registration.register_version, logged, source.name, tags)
+        ) as version:
+            store.end_run(run_id, "succeeded")
+    except Exception as error:
+        store.end_run(run_id, "failed", f"registration failed: {error}")
+        raise
+    return version

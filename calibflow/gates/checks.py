@@ -29,13 +29,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibflow.gates import statistics as gs
-from calibflow.config import DEFAULT_N_BINS, GatesConfig
+from calibflow.metrics.reliability import DEFAULT_N_BINS
 from calibflow.gates.decisions import DecisionPolicy, evaluate_policy
 from calibflow.errors import GateInputError
+
+if TYPE_CHECKING:  # config sits above the gates: they read its records, never import it
+    from calibflow.config import GatesConfig
 
 METRICS = ("ece", "smooth_ece")
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from calibflow.errors import CalibrationError
-from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
+from calibflow.calibrators.temperature import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.calibrators import Calibrator, TemperatureCalibrator, calibrator_from_state, fit_calibrator
 from calibflow.metrics import ArrayLike
 from calibflow.training.models import DropoutHead, ImageClassifier

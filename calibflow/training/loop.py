@@ -18,19 +18,21 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibflow.config import TrainConfig
 from calibflow.data.images import channel_stats
 from calibflow.training.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.metrics import expected_calibration_error
 from calibflow.training.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
 from calibflow.training.resume import EpochCheckpoints, random_states, restore_random_states
 from calibflow.progress import progress_bar
+
+if TYPE_CHECKING:  # config sits above training: it reads its records, never imports it
+    from calibflow.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,11 @@ class StoreUnreachable(ConnectionError):
     calibflow.environment.STORE_PATIENCE_DEFAULTS). Already retried: retrying again only waits longer."""
 
 
+class NotFound(LookupError):
+    """A registered model, version or alias the command names does not exist, or has nothing of
+    what the command needs (no @champion to roll back to); the message says which."""
+
+
 class UnverifiedModel(LookupError):
     """A registered version calibflow will not load: it has no recorded digest (registered before
     calibflow stored models safely), or its stored files no longer match it."""
@@ -151,8 +156,9 @@ POLICIES: tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...] = (
     ((RegistrationLeftBehind, PromotionConflict), REFUSED),
     # The user's settings, data or registry do not allow the run: retrying cannot fix them.
     # GateInputError: predictions the gates cannot read (NaN, not probabilities, no images);
-    # GateUndecided: e.g. the champion's classes differ; LookupError: a version or alias missing,
-    # or registered artifacts that changed; ReportError: reports/ cannot be written; CheckpointError:
+    # GateUndecided: e.g. the champion's classes differ; NotFound: a version or alias missing;
+    # UnverifiedModel: registered artifacts without a digest or that changed (a KeyError or
+    # IndexError is a bug, not a refusal: it keeps its traceback); ReportError: reports/ cannot be written; CheckpointError:
     # a killed run's checkpoint is corrupted (the message names it and how to start afresh).
     (
         (
@@ -163,7 +169,8 @@ POLICIES: tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...] = (
             CalibrationError,
             GateInputError,
             GateUndecided,
-            LookupError,
+            NotFound,
+            UnverifiedModel,
             ReportError,
             DecisionSettingsError,
             CheckpointError,

@@ -46,7 +46,7 @@ from calibflow.data.manifest import is_image_file
 from calibflow.names import CALIBRATED, on_test, version_tag
 from calibflow.lifecycle.reproduce import decode_rows, predict_in_batches, rebuild_test_split, served_classes
 from calibflow.data.versioning import resolve_data
-from calibflow.errors import MonitorDataError
+from calibflow.errors import MonitorDataError, NotFound
 
 MONITOR_EXPERIMENT = "calibflow-monitoring"
 EXIT_FINE, EXIT_RECALIBRATE, EXIT_UNDECIDED, EXIT_RETRAIN = 0, 1, 2, 3
@@ -131,7 +131,7 @@ def _recorded(tags: dict[str, str]) -> dict[str, float]:
     accuracy = version_tag(tags, on_test(CALIBRATED, "accuracy"))
     ece = version_tag(tags, on_test(CALIBRATED, "ece"))
     if accuracy is None or ece is None:
-        raise LookupError(
+        raise NotFound(
             f"the version has no recorded test accuracy and ECE (tags {on_test(CALIBRATED, 'accuracy')}, "
             f"{on_test(CALIBRATED, 'ece')}) to compare with"
         )

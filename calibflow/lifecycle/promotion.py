@@ -38,7 +38,7 @@ from calibflow.lifecycle.reproduce import (
     shift_predictions,
 )
 from calibflow.data.splits import Split
-from calibflow.errors import AlreadyChampion, GateUndecided, NotComparable
+from calibflow.errors import AlreadyChampion, GateUndecided, NotComparable, NotFound
 from calibflow import errors
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
@@ -508,12 +508,12 @@ def rollback(model_name: str) -> Promotion:
     with registration.promotion_lock(model_name, f"{actor['user']} rollback pid {os.getpid()}"):
         current = registration.alias_record(model_name, registration.CHAMPION)
         if current is None:
-            raise LookupError(f"{model_name} has no @champion to roll back")
+            raise NotFound(f"{model_name} has no @champion to roll back")
         previous = current.tags.get("promoted_from") or registration.alias_version(
             model_name, registration.PREVIOUS_CHAMPION
         )
         if not previous:
-            raise LookupError(f"@champion (version {current.version}) of {model_name} has no previous champion")
+            raise NotFound(f"@champion (version {current.version}) of {model_name} has no previous champion")
         before_previous = resolve_ref(model_name, previous).tags.get("promoted_from") or None
         registration.set_version_tags(
             model_name,

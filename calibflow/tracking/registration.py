@@ -20,6 +20,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from calibflow.names import CALIBRATED, TEMPERATURE, on_test, version_tag
 from calibflow.errors import (
     ModelArtifactsChanged,
+    NotFound,
     PromotionConflict,
     RegistrationLeftBehind,
     StoreUnreachable,
@@ -124,7 +125,7 @@ def resolve_model_uri(model_uri: str) -> VersionRecord:
             name, number = rest.rsplit("/", 1)
             version = c.get_model_version(name, number)
     except (MlflowException, StoreUnreachable) as error:
-        raise LookupError(
+        raise NotFound(
             f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {one_line(error)}"
         ) from error
     return VersionRecord(

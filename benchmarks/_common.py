@@ -39,7 +39,7 @@ data:
   min_per_class: 10
 split: {train: 0.5, val: 0.1, calibration: 0.2, test: 0.2}
 model: {arch: small_cnn, width: 8}
-train: {epochs: 3, batch_size: 32, lr: 0.05, val_every: 3}
+train: {epochs: 10, batch_size: 32, lr: 0.05, val_every: 5}
 calibration: {min_temperature: 0.01}
 shift: {corruptions: [gaussian_noise], severities: [1], max_images: 50}
 gates: {max_ece: 1.0, min_accuracy: 0.0, max_ece_increase: null, max_accuracy_drop: null}
@@ -140,16 +140,17 @@ def _run(command: list[str], cwd: Path) -> None:
 
 
 def smoke_project(root: Path) -> Path:
-    """A git + DVC repository holding data/tiny (120 digits, 3 classes) and SMOKE_PARAMS: what
-    `calibflow run` needs, in a few seconds."""
-    from calibflow.data.prepare import write_digits
+    """A git + DVC repository holding data/tiny (120 noisy digits, 3 classes) and SMOKE_PARAMS:
+    what `calibflow run` needs, in a few seconds."""
+    from calibflow.data.prepare import NOISE_SD, write_digits
 
     dvc = str(Path(sys.executable).with_name("dvc"))
     root.mkdir(parents=True, exist_ok=True)
     _run(["git", "init", "-q", "-b", "main"], root)
     _run([dvc, "init", "-q"], root)
     _run([dvc, "config", "core.analytics", "false"], root)
-    write_digits(root / "data" / "tiny", classes=(0, 1, 2), per_class=40)
+    # the default dataset's pixel noise: the network makes mistakes, so a temperature can be fitted
+    write_digits(root / "data" / "tiny", classes=(0, 1, 2), per_class=40, noise_sd=NOISE_SD)
     (root / "params.yaml").write_text(SMOKE_PARAMS)
     (root / "dvc.yaml").write_text("metrics:\n  - reports/metrics.json\n")
     (root / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n.calibflow/\nreports/metrics.json\n")

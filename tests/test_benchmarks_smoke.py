@@ -37,15 +37,19 @@ E2E = {"accuracy_estimation", "command_latency", "default_run", "run_timing"}
 # over about 5 s on 2 busy cores (calibration_speed: importing netcal and torchmetrics), or needing
 # the git history (gate_soundness_baseline reads the old gates from commit 345bcd0)
 SLOW = {"calibration_speed", "ddp_accuracy", "gate_soundness_baseline", "shift_and_ood", "train_time_calibration"}
-# These read a project with a registered model: they share one, trained once per session (each
-# would otherwise train its own, a `calibflow run` apiece).
-ON_PROJECT = {"accuracy_estimation", "command_latency", "run_timing"}
+# These read a project with a registered model: they read the one run_timing's smoke run makes and
+# trains (each would otherwise train its own, a `calibflow run` apiece).
+ON_PROJECT = {"accuracy_estimation", "command_latency"}
 TIMEOUT_S = 900  # a hung benchmark fails instead of holding CI
 
 
 @pytest.fixture(scope="session")
-def trained_project(tmp_path_factory) -> Path:
-    return _common.train_smoke_project(tmp_path_factory.mktemp("smoke") / "project")
+def run_timing_out(tmp_path_factory) -> Path:
+    """run_timing's smoke run, once a session: its `calibflow run --force` in the tiny project it
+    builds (DIR/project) registers the model the ON_PROJECT benchmarks read."""
+    out = tmp_path_factory.mktemp("run_timing") / "out"
+    run_smoke("run_timing", out)
+    return out
 
 
 def run_smoke(name: str, out: Path, *extra: str) -> None:
@@ -309,9 +313,12 @@ def _marks(name: str) -> list:
 @pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in NAMES])
 def test_smoke_mode_runs_and_writes_its_results(name: str, tmp_path: Path, request) -> None:
     assert name in CHECKS, f"benchmarks/{name}.py: give it a --smoke mode and a check in this file"
-    extra = ["--repo", str(request.getfixturevalue("trained_project"))] if name in ON_PROJECT else []
-    out = tmp_path / "out"
-    run_smoke(name, out, *extra)
+    if name == "run_timing":
+        out = request.getfixturevalue("run_timing_out")
+    else:
+        out = tmp_path / "out"
+        extra = ["--repo", str(request.getfixturevalue("run_timing_out") / "project")] if name in ON_PROJECT else []
+        run_smoke(name, out, *extra)
 
     markdown = (out / f"{name}.md").read_text()
     header = "\n".join(markdown.splitlines()[:5])

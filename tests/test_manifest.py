@@ -18,6 +18,7 @@ from calibflow.data.manifest import (
     build_manifest,
     class_counts,
     list_classes,
+    list_files,
     load_manifest,
     manifest_fingerprint,
     save_manifest,
@@ -172,6 +173,22 @@ def test_hidden_files_skipped_non_images_and_nested_files_included(folder: Path)
     assert "'.txt' is not an image suffix" in df.loc["1/notes.txt", "error"]
     assert bool(df.loc["2/sub/deep.PNG", "decodable"])
     assert df.loc["2/sub/deep.PNG", "label"] == "2"
+
+
+def test_the_manifest_reads_exactly_the_listed_files_inside_class_folders(folder: Path):
+    # Data versioning checks list_files against DVC's record, so it must cover all the manifest reads.
+    (folder / "0" / ".DS_Store").write_bytes(b"junk")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.png").write_bytes(png_bytes(5))
+    (folder / "README.md").write_text("not in a class folder")
+    (folder / "2" / "sub").mkdir()
+    (folder / "2" / "sub" / "deep.png").write_bytes(png_bytes(4))
+    (folder / "3").mkdir()
+    files, folders = list_files(folder)
+    assert files == sorted(files) and not any(part.startswith(".") for rel in files for part in rel.split("/"))
+    assert "README.md" in files and "2/sub/deep.png" in files
+    assert {"3", "2/sub"} <= set(folders) and set(list_classes(folder)) <= set(folders)
+    assert sorted(build_manifest(folder)["path"]) == sorted(rel for rel in files if "/" in rel)
 
 
 def test_fingerprint_stable_and_sensitive(folder: Path):

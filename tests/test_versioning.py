@@ -140,3 +140,87 @@ def test_a_dvc_state_database_locked_by_another_process_is_waited_for_not_report
     with pytest.raises(errors.DataVersionError):
         versioning.resolve_data("repo", "data/x")
     assert len(calls) == 1  # anything else is not retried
+
+
+def fresh_copy(template, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(template, repo, symlinks=True)
+    return repo
+
+
+def dvc_status(repo):
+    return run(str(Path(sys.executable).parent / "dvc"), "status", "data/tiny.dvc", cwd=repo).stdout
+
+
+def test_a_file_that_dvcignore_hides_from_dvc_is_refused_by_name(tiny_repo_template, tmp_path):
+    repo = fresh_copy(tiny_repo_template, tmp_path)
+    recorded = resolve_data(repo, "data/tiny")
+    data = repo / "data" / "tiny"
+    shutil.copyfile(sorted((data / "1").glob("*.png"))[0], data / "0" / "smuggled.png")
+    (repo / ".dvcignore").write_text("smuggled.png\n")
+    assert "up to date" in dvc_status(repo)  # DVC alone is fooled: the extra image is not part of its hash
+
+    with pytest.raises(DataVersionError) as refused:
+        resolve_data(repo, "data/tiny")
+    message = str(refused.value)
+    assert "0/smuggled.png" in message and "1 file(s)" in message
+    assert "dvc add data/tiny" in message and ".dvcignore" in message
+
+    # Either fix the message names works: remove the file, or record it (the ignore line gone).
+    (data / "0" / "smuggled.png").unlink()
+    assert resolve_data(repo, "data/tiny").dvc_hash == recorded.dvc_hash
+    shutil.copyfile(sorted((data / "1").glob("*.png"))[0], data / "0" / "smuggled.png")
+    (repo / ".dvcignore").write_text("")
+    dvc("add", "-q", "data/tiny", cwd=repo)
+    assert resolve_data(repo, "data/tiny").dvc_hash != recorded.dvc_hash
+
+
+def test_an_empty_class_folder_dvc_did_not_record_is_refused(tiny_repo_template, tmp_path):
+    # DVC records files, not folders; an empty folder would still be a class and shift every label index.
+    repo = fresh_copy(tiny_repo_template, tmp_path)
+    (repo / "data" / "tiny" / "00").mkdir()
+    with pytest.raises(DataVersionError, match="00"):
+        resolve_data(repo, "data/tiny")
+
+
+def test_a_recorded_file_that_is_missing_is_refused_by_name(tiny_repo_template, tmp_path):
+    repo = fresh_copy(tiny_repo_template, tmp_path)
+    gone = sorted((repo / "data" / "tiny" / "3").glob("*.png"))[2]
+    gone.unlink()
+    with pytest.raises(DataVersionError) as refused:
+        resolve_data(repo, "data/tiny")
+    message = str(refused.value)
+    assert f"3/{gone.name}" in message and "missing" in message and "dvc checkout data/tiny" in message
+
+
+def test_hidden_files_are_neither_read_nor_refused(tiny_repo_template, tmp_path):
+    # The manifest skips hidden names, so one DVC did not record decides nothing.
+    repo = fresh_copy(tiny_repo_template, tmp_path)
+    (repo / "data" / "tiny" / "0" / ".DS_Store").write_bytes(b"finder")
+    (repo / ".dvcignore").write_text(".DS_Store\n")
+    assert resolve_data(repo, "data/tiny").dvc_hash
+
+
+def test_a_file_edited_in_the_materialised_copy_is_never_used(two_versions):
+    repo, first = two_versions
+    cached = Path(resolve_data(repo, "data/tiny", "HEAD~1").local_dir)
+    assert cached.is_relative_to(repo / ".calibflow" / "data")
+    a, b = swap_same_size_files_in_place(cached)  # size and mtime kept: only the bytes tell
+    (cached / "0" / "smuggled.png").write_bytes(a.read_bytes())
+
+    try:
+        version = resolve_data(repo, "data/tiny", "HEAD~1")
+    except DataVersionError:
+        return  # refused: not used
+    read = Path(version.local_dir)
+    assert version.dvc_hash == first.dvc_hash
+    assert not (read / "0" / "smuggled.png").exists()
+    for path in (a, b):
+        rel = path.relative_to(cached)
+        assert (read / rel).read_bytes() == _bytes_at_first_version(repo, rel)
+
+
+def _bytes_at_first_version(repo, rel):
+    from dvc.api import DVCFileSystem
+
+    return DVCFileSystem(str(repo), rev="HEAD~1").read_bytes(f"data/tiny/{rel.as_posix()}")

@@ -99,16 +99,30 @@ def list_classes(root: str | os.PathLike[str]) -> list[str]:
     return classes
 
 
-def _iter_class_files(root: str, rel_dir: str) -> Iterator[str]:
+def _walk(root: str, rel_dir: str, folders: list[str]) -> Iterator[str]:
     """Posix paths, relative to root, of every non-hidden regular file under root/rel_dir
-    (recursively, following symlinks), skipping hidden files and folders."""
+    (recursively, following symlinks), skipping hidden files and folders; the non-hidden folders
+    met on the way are appended to `folders`."""
     with os.scandir(os.path.join(root, rel_dir)) as entries:
         found = sorted((entry.name, entry.is_dir(), entry.is_file()) for entry in entries if not _is_hidden(entry.name))
     for name, is_dir, is_file in found:
+        rel = f"{rel_dir}/{name}" if rel_dir else name
         if is_dir:
-            yield from _iter_class_files(root, f"{rel_dir}/{name}")
+            folders.append(rel)
+            yield from _walk(root, rel, folders)
         elif is_file:
-            yield f"{rel_dir}/{name}"
+            yield rel
+
+
+def list_files(root: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """(files, folders): posix paths, relative to `root`, of every non-hidden regular file and
+    folder under it, hidden names skipped at every depth. The files are everything a reader of
+    the dataset may open: build_manifest reads those inside class folders (the first path
+    component), a flat folder of images (OOD data) those directly in root. Data versioning checks
+    this same listing against DVC's record, so the two cannot drift apart."""
+    folders: list[str] = []
+    files = list(_walk(os.fspath(root), "", folders))
+    return files, folders
 
 
 def _describe_file(root: str, rel: str, label: str, label_index: int) -> dict[str, Any]:
@@ -197,9 +211,12 @@ def build_manifest(root: str | os.PathLike[str], workers: int | None = None) -> 
         )
     classes = list_classes(root)
     root_str = os.fspath(root)
-    jobs: list[tuple[str, str, int]] = [
-        (label, rel, index) for index, label in enumerate(classes) for rel in _iter_class_files(root_str, label)
-    ]
+    index_of = {label: index for index, label in enumerate(classes)}
+    jobs: list[tuple[str, str, int]] = []
+    for rel in list_files(root)[0]:
+        label = rel.split("/", 1)[0]
+        if label != rel and label in index_of:  # files directly in root are no class's
+            jobs.append((label, rel, index_of[label]))
     jobs.sort(key=lambda job: (job[2], job[1]))
 
     if workers is not None and workers < 1:

@@ -390,3 +390,48 @@ def test_one_step_of_two_processes_is_the_gradient_of_the_mean_of_their_shares(t
     assert distance(by_hand(lambda shares: (shares[0] + shares[1]) / 2)) < 1e-5
     assert distance(by_hand(lambda shares: shares[0])) > 1e-3  # rank 0 alone: no gradient exchange
     assert distance(by_hand(lambda shares: shares[0] + shares[1])) > 1e-3  # summed, not averaged
+
+
+# --- nothing calibflow's processes hand each other on disk is unpickled ------------------------
+
+
+class RunsCode:
+    """A pickle payload that, if unpickled, creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_the_bundle_every_process_reads_is_tensors_and_plain_values(tmp_path):
+    """What rank 0 reads back loads with weights_only=True and gives back the same inputs."""
+    (train, val, _) = digits()
+    inputs = TrainingInputs(SPEC, *train, *val, DDP, 3)
+    torch.save(distributed._bundle(inputs, 2, EpochCheckpoints(tmp_path / "ckpt")), tmp_path / "bundle.pt")
+    bundle = distributed._load(tmp_path / "bundle.pt")
+    back = distributed._inputs_of(bundle, rank=0)
+    assert back.spec == SPEC and back.config == DDP and back.seed == 3
+    assert torch.equal(back.train_images, train[0]) and torch.equal(back.val_labels, val[1])
+    assert bundle["checkpoints"] == str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name", [distributed.BUNDLE, distributed.RESULT])
+def test_a_launch_file_whose_pickle_would_run_code_is_refused_and_never_run(tmp_path, name):
+    marker = tmp_path / "ran"
+    torch.save({"model": RunsCode(marker), "history": []}, tmp_path / name)
+    with pytest.raises(DistributedTrainingError, match="cannot be loaded as tensors and plain values") as error:
+        if name == distributed.RESULT:
+            distributed._read_result(tmp_path, SPEC)
+        else:
+            distributed._load(tmp_path / name)
+    assert str(tmp_path / name) in str(error.value)
+    assert not marker.exists()
+
+
+def test_a_result_without_the_weights_is_an_error_naming_it(tmp_path):
+    torch.save({"history": []}, tmp_path / distributed.RESULT)
+    with pytest.raises(DistributedTrainingError, match="'model'") as error:
+        distributed._read_result(tmp_path, SPEC)
+    assert str(tmp_path / distributed.RESULT) in str(error.value)

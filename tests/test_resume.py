@@ -134,3 +134,155 @@ def test_a_corrupted_checkpoint_is_an_error_that_names_it_and_the_fix(tmp_path, 
             TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4), progress=False, checkpoints=checkpoints
         )
     assert "latest.json" in str(error.value) or "epoch-00002.pt" in str(error.value)
+
+
+# --- nothing in a checkpoint is unpickled ------------------------------------------------------
+
+
+class RunsCode:
+    """A pickle payload that, if unpickled, creates `marker` (any callable would do: this one leaves a trace)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(directory, state, epoch: int = 2):
+    """Write `state` as epoch `epoch`'s checkpoint with a matching latest.json, as anyone who can
+    write to the checkpoint folder can: the recorded SHA-256 proves nothing about who wrote it."""
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epoch:05d}.pt"
+    (directory / name).write_bytes(payload)
+    record = {"file": name, "epoch": epoch, "sha256": hashlib.sha256(payload).hexdigest()}
+    (directory / "latest.json").write_text(json.dumps(record))
+    return directory / name
+
+
+def killed_checkpoint(tmp_path):
+    """A real checkpoint after epoch 2 of 5, and its state as saved."""
+    x, y = blobs()
+    checkpoints = EpochCheckpoints(tmp_path / "ckpt")
+    with pytest.raises(Killed):
+        train_classifier(
+            TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4),
+            progress=False,
+            checkpoints=checkpoints,
+            on_epoch_end=killer(2),
+        )
+    return checkpoints, torch.load(tmp_path / "ckpt" / "epoch-00002.pt", weights_only=True)
+
+
+def resume(checkpoints):
+    x, y = blobs()
+    return train_classifier(
+        TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4), progress=False, checkpoints=checkpoints
+    )
+
+
+FIX = r"delete .*ckpt to train this model from its first epoch"
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    checkpoints = EpochCheckpoints(tmp_path / "ckpt")
+    planted = plant(checkpoints.directory, {"epoch": 2, "model": RunsCode(marker)})
+    with pytest.raises(CheckpointError, match=FIX) as error:
+        resume(checkpoints)
+    assert not marker.exists()
+    assert str(planted) in str(error.value) and "open" in str(error.value)  # the file, and what it asked to run
+
+
+def test_a_checkpoint_without_the_weights_is_an_error_naming_the_file_not_a_key_error(tmp_path):
+    checkpoints = EpochCheckpoints(tmp_path / "ckpt")
+    planted = plant(checkpoints.directory, {"epoch": 2, "history": []})
+    with pytest.raises(CheckpointError, match=FIX) as error:
+        resume(checkpoints)
+    assert str(planted) in str(error.value) and "'model'" in str(error.value)
+
+
+def test_a_checkpoint_with_a_numpy_array_is_refused(tmp_path):
+    """Not only callables: whatever is not a tensor or a plain value is refused, NumPy's arrays too."""
+    import numpy as np
+
+    checkpoints, state = killed_checkpoint(tmp_path)
+    plant(checkpoints.directory, {**state, "extra": np.zeros(3)})
+    with pytest.raises(CheckpointError, match=FIX):
+        checkpoints.load()
+
+
+@pytest.mark.parametrize("key", ["model", "optimizer", "schedule", "history", "epoch", "random"])
+def test_a_checkpoint_that_lacks_a_key_is_an_error_naming_the_file_and_the_key(tmp_path, key):
+    checkpoints, state = killed_checkpoint(tmp_path)
+    del state[key]
+    planted = plant(checkpoints.directory, state)
+    with pytest.raises(CheckpointError, match=FIX) as error:
+        resume(checkpoints)
+    assert str(planted) in str(error.value) and repr(key) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s.update(model=[1, 2]),
+        lambda s: s["random"]["numpy"].update(key=[1, 2, 3]),
+        lambda s: s["random"]["numpy"].pop("pos"),
+        lambda s: s["random"].update(generator="not a tensor"),
+        lambda s: s["random"]["python"].pop("state"),
+        lambda s: s.update(history=["not stats"]),
+    ],
+    ids=[
+        "model not a dict",
+        "numpy key short",
+        "numpy pos missing",
+        "generator not a tensor",
+        "python state missing",
+        "history",
+    ],
+)
+def test_a_checkpoint_with_malformed_state_is_an_error_before_anything_is_restored(tmp_path, damage):
+    checkpoints, state = killed_checkpoint(tmp_path)
+    damage(state)
+    planted = plant(checkpoints.directory, state)
+    with pytest.raises(CheckpointError, match=FIX) as error:
+        resume(checkpoints)
+    assert str(planted) in str(error.value)
+
+
+def test_every_random_stream_survives_a_weights_only_round_trip_exactly(tmp_path):
+    """The streams are stored as tensors and plain values and restored to the same state: the next
+    draws of each are the ones the saved process would have made (a Gaussian pending included)."""
+    import io
+    import random
+
+    import numpy as np
+
+    from calibflow.training.resume import random_states, restore_random_states
+
+    generator = torch.Generator().manual_seed(7)
+    torch.manual_seed(8), np.random.seed(9), random.seed(10)
+    np.random.standard_normal(), random.gauss(0, 1)  # each holds a cached second Gaussian now
+    buffer = io.BytesIO()
+    torch.save(random_states(generator), buffer)
+
+    def draws():
+        return (
+            torch.rand(4, generator=generator).tolist(),
+            torch.rand(4).tolist(),
+            np.random.standard_normal(3).tolist(),
+            np.random.randint(0, 2**31, 3).tolist(),
+            [random.gauss(0, 1), random.random()],
+        )
+
+    expected = draws()
+    generator.manual_seed(0), torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    buffer.seek(0)
+    restore_random_states(generator, torch.load(buffer, weights_only=True))
+    assert draws() == expected

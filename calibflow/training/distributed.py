@@ -40,7 +40,7 @@ import torch
 from calibflow.config import TrainConfig, rendezvous_address
 from calibflow.errors import ConfigError
 from calibflow.training.models import ImageClassifier, ModelSpec, build_model
-from calibflow.training.resume import EpochCheckpoints, training_code_digest
+from calibflow.training.resume import EpochCheckpoints, load_error_reason, training_code_digest
 from calibflow.training.loop import (
     EpochStats,
     ProcessGroup,
@@ -141,7 +141,8 @@ def train_distributed(
 
 def _bundle(inputs: TrainingInputs, world_size: int, checkpoints: EpochCheckpoints | None) -> dict:
     """What every process reads: `inputs` as plain values and tensors (no calibflow classes, so a
-    node that runs other code still unpickles it and says so), and what node 0 planned."""
+    node that runs other code still reads it and says so), and what node 0 planned. Plain values
+    and tensors are all torch.load(weights_only=True) accepts: _load reads it so."""
     return {
         "code": training_code_digest(),
         "world_size": world_size,
@@ -199,12 +200,34 @@ def _run_torchrun(
             raise
 
 
+def _load(path: Path) -> dict:
+    """`path`, a file calibflow's own processes wrote, as tensors and plain values. Never unpickled:
+    the launch directory is a folder on disk like any other, and what is in it may not be what
+    calibflow put there (DistributedTrainingError naming it otherwise)."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  any failure to read it is the same refusal
+        raise DistributedTrainingError(
+            f"{path} cannot be loaded as tensors and plain values, so it is not what this DDP training "
+            f"wrote and is not read ({load_error_reason(error)}); run the training again"
+        ) from error
+    if not isinstance(content, dict):
+        raise DistributedTrainingError(f"{path} holds a {type(content).__name__}, not what this DDP training wrote")
+    return content
+
+
 def _read_result(work: Path, spec: ModelSpec) -> tuple[ImageClassifier, list[EpochStats]]:
-    result = torch.load(work / RESULT, map_location="cpu", weights_only=False)
-    model = build_model(spec)
-    model.load_state_dict(result["model"])
-    model.eval()
-    history = [EpochStats(**stats) for stats in result["history"]]
+    result = _load(work / RESULT)
+    try:
+        model = build_model(spec)
+        model.load_state_dict(result["model"])
+        model.eval()
+        history = [EpochStats(**stats) for stats in result["history"]]
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise DistributedTrainingError(
+            f"the DDP training's result {work / RESULT} is not the weights and epochs rank 0 writes "
+            f"({type(error).__name__}: {error}); run the training again"
+        ) from error
     (work / RESULT).unlink()  # the weights are the run's checkpoint from here on
     return model, history
 
@@ -286,7 +309,7 @@ def _worker(work_dir: str | None) -> None:
         work = Path(work_dir) if work_dir else None
         if group.is_rank0 and work is None:
             raise SystemExit("rank 0 needs the launch directory: the flow starts node 0, followers join it")
-        bundle = group.from_rank0(torch.load(work / BUNDLE, weights_only=False) if group.is_rank0 else None)
+        bundle = group.from_rank0(_load(work / BUNDLE) if group.is_rank0 else None)
         _check_nodes_agree(group, bundle)
         inputs = _inputs_of(bundle, group.rank)
         base = resolve_runtime(inputs.config.device, inputs.config.precision)

@@ -100,3 +100,10 @@ def version_tag(tags: Mapping[str, str], name: str, default: str | None = None) 
     if legacy is not None and legacy in tags:
         return tags[legacy]
     return default
+
+
+# A registered version's digests of the files its run logged that later commands read back
+# (manifest, split, checkpoint, the corruption suite's numbers): JSON {artifact path: sha256}.
+# The run's artifacts live in the artifact store, the tags in the tracking database: a file
+# edited in the store after registration no longer matches (calibflow.lifecycle.reproduce).
+RUN_ARTIFACTS_TAG = "run_artifacts_sha256"

@@ -159,6 +159,12 @@ def register_model(
         decided=decided,
         shifted=shifted,
         ood=ood,
+        run_artifacts={
+            f"data/{Path(manifest.path).name}": manifest.path,
+            f"data/{Path(split.path).name}": split.path,
+            f"checkpoint/{Path(trained.checkpoint).name}": trained.checkpoint,
+            **({f"shift/{Path(shifted.result_path).name}": shifted.result_path} if shifted else {}),
+        },
     )
     with store.store_wait():  # logging and registering the model use MLflow beyond store.client()
         model_uri = served_model.log_calibrated_model(

@@ -4,6 +4,7 @@ loaded, so a file swapped into the artifact store never runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -15,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from calibflow import errors
+from calibflow.names import RUN_ARTIFACTS_TAG
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
@@ -142,7 +145,7 @@ def test_registered_version_stores_no_pickle_and_records_its_digest_and_classes(
     assert json.loads((stored / "artifacts" / "classes.json").read_text()) == ["0", "1", "2", "3", "4"]
     assert not list(stored.rglob("*.pkl"))
     pyfunc = yaml.safe_load((stored / "MLmodel").read_text())["flavors"]["python_function"]
-    assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("served_model.py")
+    assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("served_model_code.py")
 
     # A clean load serves exactly what the run's gate read: its test logits through its calibrator.
     run_dir = repo / ".calibflow" / "runs" / version.run_id
@@ -183,7 +186,7 @@ def swap_in_a_pickle(stored: Path, marker: Path) -> None:
 
 
 def swap_in_code(stored: Path, marker: Path) -> None:
-    code = stored / "served_model.py"
+    code = stored / "served_model_code.py"
     code.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n" + code.read_text())
 
 
@@ -250,3 +253,48 @@ def test_a_stored_model_pinned_to_other_versions_is_named_in_a_warning_when_load
     with caplog.at_level("WARNING", logger="calibflow.tracking.registration"):
         registration.warn_requirement_mismatches(local)
     assert "numpy==0.0.1" in caplog.text and "predictions may differ" in caplog.text
+
+
+@pytest.fixture
+def run_files(repo, tmp_path):
+    """The artifact folder of version 1's run, put back as it was after the test changes it."""
+    record = registration.resolve_model_uri(f"models:/{MODEL}/1")
+    location = store.client().get_run(record.run_id).info.artifact_uri
+    assert location.startswith("file://"), location
+    stored = Path(location.removeprefix("file://"))
+    backup = tmp_path / "run-backup"
+    shutil.copytree(stored, backup)
+    yield record, stored
+    shutil.rmtree(stored)
+    shutil.copytree(backup, stored)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("artifact", ["data/splits.json", "data/manifest.csv", "checkpoint/checkpoint.pt"])
+def test_a_run_file_changed_after_registration_is_refused_before_it_is_read(
+    repo, run_files, artifact, tmp_path, capsys
+):
+    """What gate, evaluate, promote and recalibrate read from the version's run (its split, its
+    manifest, the network recalibrate reuses) must hash to what registration recorded."""
+    from calibflow.lifecycle.reproduce import verified_run_artifact
+
+    record, stored = run_files
+    assert verified_run_artifact(record, artifact, tmp_path / "before").is_file()  # untouched: read
+    with open(stored / artifact, "ab") as file:
+        file.write(b"\n")
+    with pytest.raises(errors.ModelArtifactsChanged, match=f"run artifact {artifact} of version 1"):
+        verified_run_artifact(record, artifact, tmp_path / "after")
+    if artifact == "data/splits.json":  # what evaluate and gate read of a version without a champion
+        for command in (["evaluate", "--model", f"models:/{MODEL}/1"], ["gate", "--model", MODEL, "--candidate", "1"]):
+            assert calibflow([*command, "--repo", str(repo)]) == 2, command
+            assert "changed since registration" in capsys.readouterr().err, command
+
+
+@pytest.mark.e2e
+def test_a_version_without_digests_of_its_run_files_is_not_read(run_files, tmp_path):
+    record, _ = run_files
+    from calibflow.lifecycle.reproduce import verified_run_artifact
+
+    unrecorded = dataclasses.replace(record, tags={k: v for k, v in record.tags.items() if k != RUN_ARTIFACTS_TAG})
+    with pytest.raises(errors.UnverifiedModel, match=RUN_ARTIFACTS_TAG):
+        verified_run_artifact(unrecorded, "data/splits.json", tmp_path)

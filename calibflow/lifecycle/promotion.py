@@ -36,6 +36,7 @@ from calibflow.lifecycle.reproduce import (
     served_classes,
     served_policy,
     shift_predictions,
+    verified_run_artifact,
 )
 from calibflow.data.splits import Split
 from calibflow.errors import AlreadyChampion, GateUndecided, NotComparable, NotFound
@@ -56,8 +57,8 @@ def resolve_ref(model_name: str, ref: str) -> registration.VersionRecord:
 def seen_by(record: registration.VersionRecord) -> set[str]:
     """Content hashes of every image the version was fitted on (train, val, calibration)."""
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = load_manifest(store.download_run_artifact(record.run_id, "data/manifest.csv", tmp))
-        split = Split.load(store.download_run_artifact(record.run_id, "data/splits.json", tmp))
+        manifest = load_manifest(verified_run_artifact(record, "data/manifest.csv", tmp))
+        split = Split.load(verified_run_artifact(record, "data/splits.json", tmp))
     rows = np.concatenate([split.indices[name] for name in FIT_SPLITS])
     seen = set(manifest["sha256"].iloc[rows])
     source = record.tags.get("recalibrated_from")

@@ -38,7 +38,8 @@ from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_m
 from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.lifecycle.promotion import champion_for
-from calibflow.lifecycle.reproduce import served_classes, served_policy
+from calibflow.lifecycle.reproduce import served_classes, served_policy, verified_run_artifact
+from calibflow.pipeline.tagging import run_artifact_tags
 from calibflow.data.splits import stratified_split
 from calibflow.data.versioning import resolve_data
 from calibflow.errors import RecalibrationError
@@ -289,18 +290,21 @@ def _record_run(source, new: NewImages, gated: GatedCalibrator, config: Config, 
         (work / "shift").mkdir()
         (work / "shift" / "shift_metrics.json").write_text(json.dumps(gated.shift_metrics, indent=1))
     for folder in ("data", "gates", "shift"):
-        if not (work / folder).is_dir():
-            continue
-        for file in (work / folder).iterdir():
+        for file in _logged(work, folder):
             store.log_artifact(run_id, file, folder)
     return run_id
+
+
+def _logged(work: Path, folder: str) -> list[Path]:
+    """The files _record_run logs under `folder` (none when the folder was not written)."""
+    return sorted((work / folder).iterdir()) if (work / folder).is_dir() else []
 
 
 def _register(source, new: NewImages, gated: GatedCalibrator, run_id: str, config: Config, work: Path):
     """The source's network byte for byte with the new calibrator, through the registration
     transaction: the run is closed succeeded only with the version registered, or neither stands."""
     fit = gated.fit
-    checkpoint = store.download_run_artifact(source.run_id, "checkpoint/checkpoint.pt", work / "source")
+    checkpoint = verified_run_artifact(source, "checkpoint/checkpoint.pt", work / "source")
     logged = served_model.log_calibrated_model(run_id, checkpoint, fit.state_path, new.images[new.test_rows[:2]])
     store.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
     tags = {
@@ -315,6 +319,15 @@ def _register(source, new: NewImages, gated: GatedCalibrator, run_id: str, confi
         "recalibration_data_rev": new.data.rev,
         "recalibration_data_hash": new.data.dvc_hash,
         **gated.suite_tags,
+        # this run's own files (what `calibflow gate` and `evaluate` read back), and the network it reuses
+        **run_artifact_tags(
+            {
+                **{
+                    f"{folder}/{file.name}": str(file) for folder in ("data", "shift") for file in _logged(work, folder)
+                },
+                "checkpoint/checkpoint.pt": str(checkpoint),
+            }
+        ),
     }
     try:
         with registration.registration_transaction(

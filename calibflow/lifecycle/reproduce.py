@@ -22,7 +22,9 @@ from calibflow.gates.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evalu
 from calibflow.data.images import decode_image, load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint
 from calibflow.metrics import probability_report
-from calibflow.names import CALIBRATED, on_test, version_tag
+from calibflow.disk_cache import file_sha256
+from calibflow.errors import ModelArtifactsChanged, UnverifiedModel
+from calibflow.names import CALIBRATED, RUN_ARTIFACTS_TAG, on_test, version_tag
 from calibflow.data.splits import Split
 from calibflow.data.versioning import DataVersion, resolve_recorded_data
 
@@ -71,6 +73,30 @@ def predict_in_batches(model, images_nhwc: np.ndarray, batch_size: int = 1024) -
     )
 
 
+def verified_run_artifact(record: registration.VersionRecord, artifact_path: str, directory: str | Path) -> Path:
+    """A file the version's run logged, downloaded and checked against the sha256 recorded in the
+    version's tags at registration (RUN_ARTIFACTS_TAG): an edit in the artifact store since, or a
+    version registered without the digest, is refused before anything reads the file."""
+    import json
+
+    recorded = json.loads(record.tags.get(RUN_ARTIFACTS_TAG) or "{}")
+    if artifact_path not in recorded:
+        raise UnverifiedModel(
+            f"version {record.version} of {record.name} has no recorded digest of its run's {artifact_path} (tag "
+            f"{RUN_ARTIFACTS_TAG}): it was registered before calibflow recorded them, so calibflow will not read "
+            f"that file; retrain, or recalibrate a version registered since"
+        )
+    local = store.download_run_artifact(record.run_id, artifact_path, directory)
+    found = file_sha256(local)
+    if found != recorded[artifact_path]:
+        raise ModelArtifactsChanged(
+            f"run artifact {artifact_path} of version {record.version} of {record.name} (MLflow run {record.run_id}) "
+            f"changed since registration: it hashes to {found}, not the {recorded[artifact_path]} recorded then; "
+            f"nothing was read from it. Restore it from a trusted copy or retrain (see infra/TRUST.md)"
+        )
+    return Path(local)
+
+
 @dataclass(frozen=True)
 class RebuiltTestSplit:
     data: DataVersion
@@ -86,7 +112,7 @@ def rebuild_test_split(record: registration.VersionRecord, repo_root: str | Path
     prefix = "recalibration_data" if "recalibration_data_hash" in tags else "data"
     data = resolve_recorded_data(repo_root, tags[f"{prefix}_path"], tags[f"{prefix}_rev"], tags[f"{prefix}_hash"])
     with tempfile.TemporaryDirectory() as tmp:
-        split = Split.load(store.download_run_artifact(record.run_id, "data/splits.json", tmp))
+        split = Split.load(verified_run_artifact(record, "data/splits.json", tmp))
     manifest = build_manifest(data.local_dir)
     if manifest_fingerprint(manifest) != split.manifest_fingerprint:
         raise ValueError(f"the manifest of {data.path} at {data.rev} no longer matches the one the split was made on")
@@ -171,9 +197,7 @@ def reproduce_shift(model, record: registration.VersionRecord, rebuilt: RebuiltT
 
     suite = Suite.from_json(record.tags[SUITE_TAG])
     with tempfile.TemporaryDirectory() as tmp:
-        logged_result = json.loads(
-            Path(store.download_run_artifact(record.run_id, "shift/shift_metrics.json", tmp)).read_text()
-        )
+        logged_result = json.loads(verified_run_artifact(record, "shift/shift_metrics.json", tmp).read_text())
     rows = rebuilt.split.indices["test"][: suite.max_images]
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     n_bins = int(record.tags.get("n_bins", DEFAULT_N_BINS))

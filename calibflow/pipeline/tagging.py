@@ -6,6 +6,7 @@ data, params and code.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -14,7 +15,9 @@ from calibflow.gates.decisions import (
     DECISION_TAG_PREFIX,
 )
 from calibflow.gates.checks import GateVerdict
+from calibflow.disk_cache import file_sha256
 from calibflow.names import (
+    RUN_ARTIFACTS_TAG,
     CALIBRATED,
     CALIBRATION_METHOD,
     GATE_ABSOLUTE,
@@ -104,10 +107,13 @@ def version_tags(
     decided: DecisionEvaluation | None = None,
     shifted: ShiftEvaluation | None = None,
     ood: OODEvaluation | None = None,
+    run_artifacts: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """What a registered version carries: its lineage and the numbers its gate read (floats as
-    repr, so they survive the round trip through a string tag exactly)."""
+    """What a registered version carries: its lineage, the numbers its gate read (floats as repr,
+    so they survive the round trip through a string tag exactly) and the digests of `run_artifacts`
+    ({artifact path: local file}), the run's files that later commands read back."""
     return {
+        **run_artifact_tags(run_artifacts or {}),
         **decision_tags(decided, config.gates.confidence),
         **shift_tags(shifted),
         **ood_tags(ood),
@@ -124,6 +130,12 @@ def version_tags(
         TEMPERATURE: repr(fit.temperature) if fit.temperature else "",
         **{name: repr(value) for name, value in test_metrics(evaluation).items()},
     }
+
+
+def run_artifact_tags(run_artifacts: Mapping[str, str]) -> dict[str, str]:
+    """RUN_ARTIFACTS_TAG: the sha256 of each file the run logged under its artifact path."""
+    digests = {artifact: file_sha256(local) for artifact, local in sorted(run_artifacts.items())}
+    return {RUN_ARTIFACTS_TAG: json.dumps(digests, sort_keys=True)} if digests else {}
 
 
 STAGE_OF = {"before": UNCALIBRATED, "after": CALIBRATED}  # Evaluation's fields -> calibflow.names' stages

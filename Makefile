@@ -20,10 +20,15 @@ export GX_ANALYTICS_ENABLED := false
 
 .PHONY: run test test-all lint setup data ui prefect-ui prefect-stop serve lock bench clean
 
-# A long-lived local Prefect server, started on first use and reused by every later run: a
-# temporary API per command cost ~5 s of each run (issue 16). PREFECT_API_URL set by the user wins.
-# `make prefect-stop` stops it; without one (port taken), runs fall back to the temporary API.
-LOCAL_PREFECT = api=$${PREFECT_API_URL:-$$(python -m flows.local_server ensure)}
+# A long-lived local Prefect server per checkout, started on first use and reused by every later
+# run: a temporary API per command cost ~5 s of each run (issue 16). Its home (database) is
+# .calibflow/prefect and its port is recorded in .calibflow/prefect-server/, so checkouts never
+# share either; PREFECT_HOME or PREFECT_API_URL set by the user wins. `make prefect-stop` stops it;
+# without one (no port), runs fall back to the temporary API; a corrupted database stops make.
+ifeq ($(origin PREFECT_HOME)$(origin PREFECT_API_URL),undefinedundefined)
+run prefect-ui serve: export PREFECT_HOME := $(CURDIR)/.calibflow/prefect
+endif
+LOCAL_PREFECT = api=$${PREFECT_API_URL:-$$(python -m flows.local_server ensure)} || exit 1
 
 run: $(STAMP) data
 	@$(LOCAL_PREFECT); env $${api:+PREFECT_API_URL=$$api} calibflow run $(ARGS)
@@ -56,7 +61,7 @@ data: $(STAMP)
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
-# The Prefect UI: the local server `make run` uses (started here when none runs yet).
+# The Prefect UI: this checkout's local server, the one `make run` uses (started here when none runs yet).
 prefect-ui: $(STAMP)
 	@$(LOCAL_PREFECT); echo "Prefect UI: $${api%/api}"
 

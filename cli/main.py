@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -88,29 +89,50 @@ def dispatch(command: Command, args: argparse.Namespace) -> int:
     try:
         return command.handler(args)
     except Exception as error:  # noqa: BLE001
-        policy = errors.policy_of(error)
-        if policy in (None, errors.STORE_FAILED) and isinstance(error, command.input_errors):
-            policy = errors.REFUSED
-        if policy is None:
-            traceback.print_exc()
-            say(
-                f"calibflow {name}: unexpected {type(error).__name__}, nothing decided (exit 2); please report "
-                f"it with the traceback above: {errors.one_line(error)}"
-            )
-            return EXIT_USAGE
-        if policy.exit_code == EXIT_REJECTED:
-            say(f"\ncalibflow {name}: {command.rejected}\n{error}")
-        elif policy.refusal:
-            say(f"calibflow {name}: {command.refused}{errors.one_line(error)}")
-        else:  # the store failed: say which one
-            from calibflow.tracking import store
+        return _said(command, name, error)
 
-            say(
-                f"calibflow {name}: {command.store_failed or command.refused}{type(error).__name__}: "
-                f"{errors.one_line(error)} "
-                f"(MLflow registry at {store.tracking_uri()})"
-            )
-        return policy.exit_code
+
+def _said(command: Command, name: str, error: Exception) -> int:
+    """Say what went wrong, with the tracking store's credentials masked in every line (redacted):
+    MLflow's messages quote the URL they requested, password and all. The exit code."""
+    policy = errors.policy_of(error)
+    if policy in (None, errors.STORE_FAILED) and isinstance(error, command.input_errors):
+        policy = errors.REFUSED
+    if policy is None:
+        sys.stderr.write(redacted("".join(traceback.format_exception(error))))
+        say_redacted(
+            f"calibflow {name}: unexpected {type(error).__name__}, nothing decided (exit 2); please report "
+            f"it with the traceback above: {errors.one_line(error)}"
+        )
+        return EXIT_USAGE
+    if policy.exit_code == EXIT_REJECTED:
+        say_redacted(f"\ncalibflow {name}: {command.rejected}\n{error}")
+    elif policy.refusal:
+        say_redacted(f"calibflow {name}: {command.refused}{errors.one_line(error)}")
+    else:  # the store failed: say which one
+        from calibflow.tracking import store
+
+        say_redacted(
+            f"calibflow {name}: {command.store_failed or command.refused}{type(error).__name__}: "
+            f"{errors.one_line(error)} "
+            f"(MLflow registry at {store.tracking_uri_for_display()})"
+        )
+    return policy.exit_code
+
+
+def redacted(text: str) -> str:
+    """`text` with the tracking store's credentials masked (store.redact). Credentials come from a
+    URL in the text or from MLflow's configured URIs: with neither, MLflow is not imported for it."""
+    configured = any(os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"))
+    if "://" not in text and not configured and "mlflow" not in sys.modules:
+        return text
+    from calibflow.tracking import store
+
+    return store.redact(text)
+
+
+def say_redacted(message: str) -> None:
+    say(redacted(message))
 
 
 def entry_point() -> None:

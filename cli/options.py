@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 from calibflow.errors import ReportError
@@ -79,3 +80,26 @@ def write_json(args: argparse.Namespace, payload) -> None:
 def say(message: str) -> None:
     """A line for the user on stderr (stdout stays the command's result)."""
     print(message, file=sys.stderr)
+
+
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control characters (Cc), format characters (Cf: the bidi overrides and isolates such as U+202E,
+# zero-width characters), line and paragraph separators, and lone surrogates (a file name's
+# undecodable bytes): each can break a line, split a tab-separated field, or make text read as
+# other text.
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+
+
+def printable(text: str) -> str:
+    """`text` safe on one line of tab-separated output: control, bidi and other invisible characters
+    as visible escapes (\\n, \\t, \\u202e), and a backslash as \\\\ so that an escape in the
+    output always stands for that character, never for the text of an escape."""
+    return "".join(
+        _NAMED_ESCAPES.get(char) or (_escape(char) if unicodedata.category(char) in _HIDDEN_CATEGORIES else char)
+        for char in text
+    )
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

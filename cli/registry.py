@@ -15,6 +15,7 @@ from cli.options import (
     add_params,
     add_repo,
     json_on_stdout,
+    printable,
     say,
     write_json,
 )
@@ -133,14 +134,23 @@ def predict(args: argparse.Namespace) -> int:
     with model_threads():
         predictions = predict_files(args.model, args.images)
     for prediction in predictions:
-        extra = "".join(f"\t{name}={_shown(value)}" for name, value in prediction.decisions.items())
-        print(f"{prediction.path}\t{prediction.label}\t{prediction.probability:.4f}{extra}")
+        print(prediction_line(prediction))
     return EXIT_OK
+
+
+def prediction_line(prediction) -> str:
+    """One image's line of `calibflow predict`: path, top class, probability, then name=value of each
+    other decision, tab-separated. Paths and class names come from users (a folder named by whoever
+    made the dataset): printable() escapes what would add a line or a field, or reorder the text."""
+    extra = "".join(f"\t{printable(name)}={_shown(value)}" for name, value in prediction.decisions.items())
+    return f"{printable(prediction.path)}\t{printable(prediction.label)}\t{prediction.probability:.4f}{extra}"
 
 
 def _shown(value) -> str:
     """A decision as predict prints it: a prediction set as {a,b}, anything else as itself."""
-    return "{" + ",".join(map(str, value)) + "}" if isinstance(value, list) else str(value)
+    if isinstance(value, list):
+        return "{" + ",".join(printable(str(v)) for v in value) + "}"
+    return printable(str(value))
 
 
 def _gate_report(args: argparse.Namespace):

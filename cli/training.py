@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         repo_root=args.repo,
         force=args.force,
     )
+    if result.get("tracking_uri"):  # the --json file is an artifact of CI jobs: no credentials in it
+        from calibflow.tracking.store import display_uri
+
+        result = {**result, "tracking_uri": display_uri(result["tracking_uri"])}
     if not json_on_stdout(args):
         print("\n" + run_summary(result))
     write_json(args, result)
@@ -80,8 +84,13 @@ def run_summary(result: dict) -> str:
                 f"  gate max_ece: {check['metric']} {check['value']:.4f}, {gates['confidence']:.0%} upper "
                 f"bound {check['bound']:.4f} {check['comparison']} {check['threshold']:.4f}"
             )
+    where = "the tracking store"
+    if result.get("tracking_uri"):
+        from calibflow.tracking.store import display_uri
+
+        where = display_uri(result["tracking_uri"])
     lines.append(
-        f"  MLflow run {result['run_id']} at {result.get('tracking_uri', 'the tracking store')} (make ui); "
+        f"  MLflow run {result['run_id']} at {where} (make ui); "
         f"reports/metrics.json; every check: calibflow gate --model {result['model_name']} --candidate "
         f"{result['version']}"
     )

@@ -84,7 +84,8 @@ def summary_markdown(
     version=None,
 ) -> str:
     """The run's description in MLflow (and the Prefect run summary): the verdict line first, then a
-    warning when calibration made the test split worse, then the numbers."""
+    warning when calibration made the test split worse, then the numbers. `tracking_uri` is shown as
+    given: pass it with its credentials masked (store.configure_tracking returns it so)."""
     lines = []
     if verdict is not None and evaluation is not None:
         lines += [verdict_line(evaluation, fit, verdict), ""]

@@ -27,7 +27,7 @@ from calibflow.errors import (
     UnverifiedModel,
     one_line,
 )
-from calibflow.tracking.store import client, store_wait
+from calibflow.tracking.store import client, redact, store_wait, tracking_uri_for_display
 from calibflow.tracking.served_model import DIGEST_TAG, artifacts_digest, stored_model_tags
 
 
@@ -126,7 +126,7 @@ def resolve_model_uri(model_uri: str) -> VersionRecord:
             version = c.get_model_version(name, number)
     except (MlflowException, StoreUnreachable) as error:
         raise NotFound(
-            f"{model_uri} not found in the registry at {mlflow.get_tracking_uri()}: {one_line(error)}"
+            f"{model_uri} not found in the registry at {tracking_uri_for_display()}: {redact(one_line(error))}"
         ) from error
     return VersionRecord(
         name=version.name, version=str(version.version), run_id=version.run_id, tags=dict(version.tags)
@@ -155,7 +155,7 @@ def load_model(model_uri: str):
         if found != expected:
             raise ModelArtifactsChanged(
                 f"model artifacts changed since registration: the files of version {record.version} of {record.name} "
-                f"at {location} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
+                f"at {redact(location)} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
                 f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)"
             )
         warn_requirement_mismatches(local)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 import time
 from dataclasses import dataclass
@@ -36,7 +37,10 @@ def configure_tracking(repo_root: str | Path = ".") -> str:
     """MLFLOW_TRACKING_URI when the user set it; otherwise MLflow 3's default store,
     sqlite:///mlflow.db, pinned to the repository root (not the current directory) so every
     command sees the same registry. The registry URI follows the tracking URI unless
-    MLFLOW_REGISTRY_URI says otherwise (MLflow reads that itself)."""
+    MLFLOW_REGISTRY_URI says otherwise (MLflow reads that itself).
+
+    Returns the URI as it may be shown (display_uri: a password or token masked), because every
+    caller puts it in a log line, a description or a result; MLflow keeps the real one."""
     global _DEFAULT_URI_SET
     from_user = os.environ.get("MLFLOW_TRACKING_URI")
     if from_user and from_user != _DEFAULT_URI_SET:
@@ -44,11 +48,87 @@ def configure_tracking(repo_root: str | Path = ".") -> str:
     else:
         uri = _DEFAULT_URI_SET = f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    return uri
+    return display_uri(uri)
 
 
 def tracking_uri() -> str:
+    """The tracking URI MLflow connects to, credentials included: to connect with, never to show
+    (tracking_uri_for_display)."""
     return mlflow.get_tracking_uri()
+
+
+def tracking_uri_for_display() -> str:
+    return display_uri(mlflow.get_tracking_uri())
+
+
+MASK = "***"
+# "scheme://netloc": the netloc runs to the first / ? # or blank.
+_NETLOC = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<netloc>[^/?#\s]*)")
+# A query parameter "name=value" after ? or &.
+_QUERY_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
+# Query parameters that carry a credential: ?token=, ?access_token=, ?api_key=, presigned URLs'
+# X-Amz-Signature and X-Amz-Credential, ...
+_SECRET_NAME = re.compile(
+    r"token|secret|passw(?:or)?d|credential|signature|api[_-]?key|access[_-]?key|^(?:pwd|key|sig|auth|code)$",
+    re.IGNORECASE,
+)
+# Shorter secrets are masked only where they sit in a URL: replacing a two-letter password wherever
+# it occurs would garble the rest of the text.
+_MIN_LITERAL_SECRET = 4
+
+
+def _mask_netloc(match: re.Match) -> str:
+    # rpartition: a password may hold a raw "@", the host never does (an IPv6 host is in brackets)
+    userinfo, at, hostport = match["netloc"].rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not at or not colon or not password:
+        return match[0]
+    return f"{match['scheme']}{user}:{MASK}@{hostport}"
+
+
+def _mask_query(match: re.Match) -> str:
+    if not match["value"] or not _SECRET_NAME.search(match["name"]):
+        return match[0]
+    return f"{match['lead']}{match['name']}={MASK}"
+
+
+def display_uri(uri: str) -> str:
+    """`uri` as it may be shown in a log line, a description or an artifact: the password of its
+    userinfo and the values of credential query parameters (token, access_token, api_key, ...)
+    replaced by ***, e.g. http://user:***@host:5000/?token=***. A URI without them is unchanged."""
+    return _QUERY_PARAM.sub(_mask_query, _NETLOC.sub(_mask_netloc, uri))
+
+
+def _secrets_of(uri: str) -> set[str]:
+    """The password and credential parameter values in `uri`, as written and percent-decoded."""
+    from urllib.parse import unquote
+
+    found = set()
+    for netloc in _NETLOC.finditer(uri):
+        userinfo, at, _ = netloc["netloc"].rpartition("@")
+        if at and ":" in userinfo:
+            found.add(userinfo.partition(":")[2])
+    found |= {m["value"] for m in _QUERY_PARAM.finditer(uri) if m["value"] and _SECRET_NAME.search(m["name"])}
+    return {form for secret in found for form in (secret, unquote(secret)) if len(form) >= _MIN_LITERAL_SECRET}
+
+
+def _known_uris() -> list[str]:
+    known = [os.environ.get(name, "") for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")]
+    try:
+        known += [mlflow.get_tracking_uri(), mlflow.get_registry_uri()]
+    except Exception:  # noqa: BLE001  redaction must never be the reason a message is lost
+        pass
+    return [uri for uri in known if uri]
+
+
+def redact(text: str) -> str:
+    """`text` (an error message, a log line, a traceback) with every URL's credentials masked as
+    display_uri masks them, and the secrets of the configured tracking and registry URIs masked
+    wherever else they appear (an exception's message may quote them out of their URL)."""
+    shown = display_uri(text)
+    for secret in sorted({s for uri in _known_uris() for s in _secrets_of(uri)}, key=len, reverse=True):
+        shown = shown.replace(secret, MASK)
+    return shown
 
 
 def client() -> MlflowClient:
@@ -65,6 +145,7 @@ def store_wait():
     try:
         yield
     except MlflowException as error:
+        _redact_message(error)
         if not unreachable(error):
             raise
         waited = time.monotonic() - started
@@ -77,9 +158,20 @@ def store_wait():
             )
         )
         raise StoreUnreachable(
-            f"the MLflow tracking server at {mlflow.get_tracking_uri()} did not answer: gave up "
+            f"the MLflow tracking server at {tracking_uri_for_display()} did not answer: gave up "
             f"after waiting {waited:.1f} s ({settings}); is it running? ({_root_cause(error)})"
         ) from error
+
+
+def _redact_message(error: MlflowException) -> None:
+    """MLflow's messages quote the URL they requested, credentials included ("API request to
+    http://user:password@host/... failed"): masked in place, so that no log line, state message or
+    traceback built from the error shows them."""
+    try:
+        error.message = redact(str(error.message))
+        error.args = tuple(redact(a) if isinstance(a, str) else a for a in error.args)
+    except Exception:  # noqa: BLE001  an exception without these attributes: the log filters still mask it
+        pass
 
 
 def _root_cause(error: BaseException) -> str:
@@ -90,9 +182,9 @@ def _root_cause(error: BaseException) -> str:
     while seen is not None:
         if isinstance(seen, requests.RequestException):
             reason = getattr(seen.args[0], "reason", None) if seen.args else None
-            return str(reason or seen)
+            return redact(str(reason or seen))
         seen = seen.__cause__ or seen.__context__
-    return str(error)
+    return redact(str(error))
 
 
 class _AnsweringClient:

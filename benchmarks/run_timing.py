@@ -134,6 +134,7 @@ def timed_run(
         result = json.loads(finished.stdout[finished.stdout.index("{\n") :])
     return {
         "mode": label,
+        "api": server_url if mode == "local-server" else None,
         "code": str(code_dir),
         "spawned": spawned,
         "exited": exited,
@@ -209,16 +210,23 @@ def table(measured: dict[str, list[dict[str, float]]], repeats: int, load: float
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def prefect_server(smoke: bool):
-    """The API URL the local-server mode runs against and the results are read back from: the
-    long-lived server of flows/local_server.py (started when none answers), or for a smoke run
-    Prefect's own temporary server on a free port, stopped at the end."""
-    if not smoke:
-        from flows.local_server import DEFAULT_API_URL, ensure
+def local_server_url() -> str:
+    """The server `make run` uses: PREFECT_API_URL when set, else this checkout's long-lived one,
+    started when it does not run (`python -m flows.local_server ensure`, as the Makefile calls it)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.local_server", "ensure"], cwd=REPO, capture_output=True, text=True
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise SystemExit(f"no local Prefect server for the local-server mode:\n{done.stderr.strip()[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
 
-        yield ensure(os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL)
-        return
+
+@contextlib.contextmanager
+def temporary_server():
+    """Prefect's own temporary server on a free port, on this process's Prefect home (the database
+    the temporary-mode runs write to), stopped at the end."""
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
@@ -227,6 +235,15 @@ def prefect_server(smoke: bool):
         yield server.api_url
     finally:
         server.stop()
+
+
+def read_back(runs: list[dict], api_url: str, measured: dict[str, list[dict[str, float]]]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for run in runs:
+            measured[run["mode"]].append(breakdown(run, *task_seconds(client, run["flow_run_id"])))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -265,7 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.baseline:
         variants.insert(0, ("baseline, temporary", args.baseline.resolve(), "temporary"))
     json_flags = {code: code == REPO or _json_flag(code, project) for _, code, _ in variants}
-    with prefect_server(args.smoke) as server_url:
+    # a smoke run never touches the long-lived server: its local-server mode runs against a
+    # temporary server of its own, which also reads back the temporary-mode runs
+    with contextlib.ExitStack() as stack:
+        server_url = None
+        if "local-server" in modes:
+            server_url = stack.enter_context(temporary_server()) if args.smoke else local_server_url()
         runs = [
             timed_run(
                 label,
@@ -280,14 +302,17 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(repeats)
             for label, code, mode in variants
         ]
-
-        os.environ["PREFECT_API_URL"] = server_url
-        from prefect.client.orchestration import get_client
-
-        measured: dict[str, list[dict[str, float]]] = defaultdict(list)
-        with get_client(sync_client=True) as client:
-            for run in runs:
-                measured[run["mode"]].append(breakdown(run, *task_seconds(client, run["flow_run_id"])))
+        # each run is read back from the database it was recorded in: the local server's, or for
+        # the temporary mode this process's Prefect home, through a temporary server on it
+        measured: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}  # the table's order
+        served = [run for run in runs if run["api"] is not None]
+        if served:
+            read_back(served, server_url, measured)
+        alone = [run for run in runs if run["api"] is None]
+        if alone:
+            # a smoke run's own server already serves this process's Prefect home
+            reader = server_url if args.smoke and server_url else stack.enter_context(temporary_server())
+            read_back(alone, reader, measured)
 
     load = os.getloadavg()[0]
     text = table(measured, repeats, load, bool(args.baseline))

@@ -3,6 +3,10 @@
 Unknown keys are an error that names the key (a typo in a gate threshold must never be silently
 ignored), every value is type-checked, and `params_hash` identifies the resolved config so a
 registered model can say exactly which settings built it.
+
+Each field declares its own bounds beside its default (`bounded(default, Range(...), Rule(...))`),
+and each section's relations between its fields are its `validate()`, right under them; a value
+a run cannot use is a ConfigError that names the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -15,104 +19,220 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
 from calibflow.errors import ConfigError
 
-SPLIT_NAMES = ("train", "val", "calibration", "test")
+# The defaults the library's functions share with params.yaml live with the code they are about,
+# which never imports this module; they are re-exported here, where the keys they are defaults of are.
+from calibflow.calibrators.temperature import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
+from calibflow.data.splits import SPLIT_NAMES
+from calibflow.evaluation.corruptions import CORRUPTION_NAMES
+from calibflow.metrics.reliability import DEFAULT_N_BINS
+
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
 OPERATIONAL_SECTIONS = ("gates", "promotion", "monitor", "registry", "schedule")
 NOT_HYPERPARAMETERS = ("registry", "schedule")  # not MLflow params: where a model goes and when, not what it is
-# Sizes past these are mistakes, and the process would be OOM-killed long before it said so:
-# thousands of reliability bins on a test split of thousands of images measure nothing, and a
-# first block of more than 1024 channels is far beyond what images of this size need.
-MAX_N_BINS = 1000
-# Defaults that library functions share with params.yaml's keys, each typed once here:
-# evaluation.n_bins (equal-width reliability bins of ECE/MCE, Guo et al. 2017's 15), and
-# calibration.min_temperature / max_temperature (temperature scaling's search range).
-DEFAULT_N_BINS = 15
-DEFAULT_MIN_TEMPERATURE, DEFAULT_MAX_TEMPERATURE = 0.05, 20.0
-MAX_MODEL_WIDTH = 1024
-# Fewer than 100 resamples cannot place a 95% bound; more than 100,000 add no precision to it and
-# run for hours.
-MIN_N_RESAMPLES, MAX_N_RESAMPLES = 100, 100_000
-# Deep ensembles stop gaining past a handful of members (Lakshminarayanan et al. 2017 use 5; Ovadia
-# et al. 2019 see little beyond 10), and each member is a full training run; MC dropout likewise
-# converges within tens of passes, each a full forward pass at serving time.
-MAX_ENSEMBLE, MAX_MC_SAMPLES = 32, 256
-# torch starts one OS thread per intra-op thread: thousands are a typo, not a machine.
-MAX_THREADS = 1024
 # torchrun's own default port for node 0's rendezvous (train.rendezvous without one).
 DEFAULT_RENDEZVOUS_PORT = 29500
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds: what one field allows, declared beside it and checked by _check_fields
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number in [low, high]: high None means no upper end, low_open / high_open refuse that end
+    itself. The error is `message` formatted with key, value, low, high and allowed (the range in
+    words). None (an optional key left unset) and a string ("auto") are not numbers to check."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    message: str = "{key} = {value}: {allowed}"
+
+    @property
+    def allowed(self) -> str:
+        if self.high is None:
+            return "must be positive" if self.low == 0 and self.low_open else f"must be {self.low} or more"
+        opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"must be in {opening}{self.low}, {self.high}{closing}"
+
+    def __call__(self, key: str, value: Any) -> None:
+        if value is None or isinstance(value, str):
+            return
+        above = self.low < value if self.low_open else self.low <= value
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (above and below):
+            raise ConfigError(
+                self.message.format(key=key, value=value, low=self.low, high=self.high, allowed=self.allowed)
+            )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A test the value must pass (None, an optional key left unset, is not tested). The error is
+    `message` formatted with key and value, or what `message(key, value)` returns."""
+
+    test: Callable[[Any], Any]
+    message: str | Callable[[str, Any], str]
+
+    def __call__(self, key: str, value: Any) -> None:
+        if value is not None and not self.test(value):
+            message = self.message
+            raise ConfigError(message(key, value) if callable(message) else message.format(key=key, value=value))
+
+
+@dataclass(frozen=True)
+class Each:
+    """A check of every item of a list, each error naming the item."""
+
+    check: Callable[[str, Any], None]
+
+    def __call__(self, key: str, values: tuple[Any, ...]) -> None:
+        for value in values:
+            self.check(key, value)
+
+
+def bounded(default: Any, *checks: Callable[[str, Any], None]) -> Any:
+    """A field with its default and its checks, which _check_fields runs in order on a loaded config."""
+    return field(default=default, metadata={"checks": checks})
+
+
+POSITIVE = Range(0, low_open=True)
+NOT_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)  # [0, 1]
+OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+ONCE_EACH = Rule(
+    lambda values: len(set(values)) == len(values), lambda key, values: f"{key} = {list(values)}: each must appear once"
+)
+
+
+def _known_corruption(key: str, name: str) -> str:
+    close = difflib.get_close_matches(name, CORRUPTION_NAMES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown corruption {name!r}{hint}; known: {', '.join(CORRUPTION_NAMES)}"
+
+
+KNOWN_CORRUPTIONS = Each(Rule(lambda name: name in CORRUPTION_NAMES, _known_corruption))
+
+
+# --------------------------------------------------------------------------------------------
+# The sections of params.yaml
+# --------------------------------------------------------------------------------------------
+
+
+def _is_size(size: str) -> bool:
+    width, x, height = size.partition("x")
+    return bool(x and width.isdigit() and height.isdigit())
 
 
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "data/digits"
-    min_per_class: int = 10
+    min_per_class: int = bounded(10, POSITIVE)
     # "WxH" strings; empty means "every image has the same size as the most common one".
-    allowed_sizes: tuple[str, ...] = ()
+    allowed_sizes: tuple[str, ...] = bounded(
+        (), Each(Rule(_is_size, "{key}: {value!r} is not WIDTHxHEIGHT (for example 32x32)"))
+    )
     # PIL modes ("L", "RGB"); empty means "every image has the most common mode".
     allowed_modes: tuple[str, ...] = ()
+
+
+SPLIT_FRACTION = Range(0, 1, low_open=True, high_open=True, message="{key} = {value}: each split fraction {allowed}")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
     # A small train share over-fits the default digits (the over-confidence the default run shows
     # being corrected); large calibration and test shares fit T and read the gates on enough images.
-    train: float = 0.3
-    val: float = 0.05
-    calibration: float = 0.25
-    test: float = 0.4
+    train: float = bounded(0.3, SPLIT_FRACTION)
+    val: float = bounded(0.05, SPLIT_FRACTION)
+    calibration: float = bounded(0.25, SPLIT_FRACTION)
+    test: float = bounded(0.4, SPLIT_FRACTION)
+
+    def validate(self) -> None:
+        total = sum(self.fractions().values())
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"split fractions sum to {total:.4f}; they must sum to 1")
 
     def fractions(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in SPLIT_NAMES}
 
 
+# A first block of more than 1024 channels is far beyond what images of this size need. Deep
+# ensembles stop gaining past a handful of members (Lakshminarayanan et al. 2017 use 5; Ovadia et
+# al. 2019 see little beyond 10), and each member is a full training run; MC dropout likewise
+# converges within tens of passes, each a full forward pass at serving time.
+MAX_MODEL_WIDTH, MAX_ENSEMBLE, MAX_MC_SAMPLES = 1024, 32, 256
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["small_cnn", "resnet18"] = "small_cnn"
-    width: int = 32  # channels of the first conv block (small_cnn only)
+    width: int = bounded(32, Range(1, MAX_MODEL_WIDTH))  # channels of the first conv block (small_cnn only)
     # Optional state_dict a user has put on disk; nothing is ever downloaded.
     weights_path: str | None = None
     # Deep ensemble (Lakshminarayanan et al. 2017): members trained one after the other with seeds
     # seed, seed+1, ...; the served probabilities are the mean of the members' calibrated ones.
-    ensemble: int = 1
+    ensemble: int = bounded(1, POSITIVE, Range(1, MAX_ENSEMBLE))
     # Dropout before the classifier head (0: none). With mc_dropout S > 1 it stays on at inference
     # and the model serves the mean of S stochastic passes (Gal & Ghahramani 2016), seeded.
-    dropout: float = 0.0
-    mc_dropout: int = 1
+    dropout: float = bounded(0.0, FRACTION)
+    mc_dropout: int = bounded(1, POSITIVE, Range(1, MAX_MC_SAMPLES))
+
+    def validate(self) -> None:
+        if self.mc_dropout > 1 and self.dropout == 0:
+            raise ConfigError(
+                f"model.mc_dropout = {self.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
+                f"passes would all be the same"
+            )
+
+
+# torch starts one OS thread per intra-op thread: thousands are a typo, not a machine.
+MAX_THREADS = 1024
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = bounded(  # auto | cpu | cuda | cuda:N
+        "auto", Rule(DEVICE_PATTERN.fullmatch, "{key} = {value!r}: use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
+    )
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
+    epochs: int = bounded(30, POSITIVE)
+    batch_size: int = bounded(64, POSITIVE)
+    lr: float = bounded(0.05, POSITIVE)
+    momentum: float = bounded(0.9, FRACTION)
+    weight_decay: float = bounded(5e-4, NOT_NEGATIVE)
+    label_smoothing: float = bounded(0.0, FRACTION)
     augment: bool = True  # random translation by up to 1/8 of the image side
     hflip: bool = False  # horizontal flips: right for CIFAR-like data, wrong for digits
     # Train-time calibration (calibflow/training/losses.py): each composes with label_smoothing and mix.
     loss: Literal["cross_entropy", "focal", "flsd53", "confidence_penalty", "mmce"] = "cross_entropy"
-    focal_gamma: float = 3.0  # loss focal: (1 - p)^gamma; 0 is cross-entropy (flsd53 picks its own)
-    confidence_penalty: float = 0.1  # loss confidence_penalty: beta in CE - beta * H(p) (Pereyra et al. 2017)
-    mmce_weight: float = 2.0  # loss mmce: lambda in CE + lambda * MMCE (Kumar et al. 2018)
+    focal_gamma: float = bounded(
+        3.0, NOT_NEGATIVE
+    )  # loss focal: (1 - p)^gamma; 0 is cross-entropy (flsd53 picks its own)
+    # loss confidence_penalty: beta in CE - beta * H(p) (Pereyra et al. 2017)
+    confidence_penalty: float = bounded(0.1, NOT_NEGATIVE)
+    mmce_weight: float = bounded(2.0, NOT_NEGATIVE)  # loss mmce: lambda in CE + lambda * MMCE (Kumar et al. 2018)
     mix: Literal["none", "mixup", "cutmix"] = "none"  # torchvision.transforms.v2 MixUp / CutMix
-    mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); must be positive
+    mix_alpha: float = bounded(1.0, POSITIVE)  # lambda ~ Beta(alpha, alpha)
     # Epochs between validation passes; the last epoch always validates. A pass over the val split
     # costs 4-6.5% of an epoch on the default digits, which held every epoch to 0.947x a bare
     # training loop (issue 16); every 5th measured 0.977x (benchmarks/train_step.py; 10 was no
     # faster within the noise and leaves half the points on the val curve). The weights do not
     # depend on it: validation draws no random numbers and changes no state.
-    val_every: int = 5
+    val_every: int = bounded(5, POSITIVE)
     # torch intra-op threads for training and for collecting logits (restored afterwards), or
     # "auto" for torch's own choice (one per physical core, or OMP_NUM_THREADS). 1 by default:
     # on a 2-core machine that another process shares, 2 threads fall far below 1 thread (1
@@ -120,20 +240,69 @@ class TrainConfig:
     # cores), while an idle one gives 2 threads 1.6x (README, "Training loop and threads"). A fixed count also
     # keeps the trained weights the same on any machine: gradient sums are split across threads,
     # so the count changes their rounding. Logits are the same on any count (tested).
-    threads: int | Literal["auto"] = 1
+    threads: int | Literal["auto"] = bounded(
+        1,
+        Range(
+            1,
+            MAX_THREADS,
+            message="{key} = {value}: use a number of threads in [{low}, {high}] or auto (torch's default: one per "
+            "physical core)",
+        ),
+    )
     # Outlier exposure (Hendrycks, Mazeika & Dietterich 2019): a DVC-tracked folder of auxiliary
     # outlier images (flat or <class>/<image>, resized to the model's input); each step adds 0.5 x
     # the cross-entropy from the uniform distribution to the softmax of as many outliers.
-    outlier_exposure: str | None = None
+    outlier_exposure: str | None = bounded(
+        None, Rule(str.strip, "{key} is empty: name a DVC-tracked folder of outlier images, or null")
+    )
     # Training on more than one process (calibflow/training/distributed.py): "ddp" runs the training step
     # under torchrun, DistributedDataParallel with NCCL on GPUs and gloo on the CPU; batch_size is
     # the global batch. nproc: processes on this node (auto: one per GPU, or per train.threads CPU
     # cores). nnodes > 1: this node is node 0 and serves the rendezvous at HOST:PORT, which the
     # other nodes reach (README, "More than one process").
     distributed: Literal["none", "ddp"] = "none"
-    nproc: int | Literal["auto"] = "auto"
-    nnodes: int = 1
+    nproc: int | Literal["auto"] = bounded(
+        "auto",
+        Range(1, MAX_THREADS, message="{key} = {value}: use a number of processes per node in [{low}, {high}] or auto"),
+    )
+    nnodes: int = bounded(1, Range(1))
     rendezvous: str | None = None
+
+    def validate(self) -> None:
+        """What can be told without the machine; calibflow.training.distributed.resolve_nproc checks
+        nproc against its cores or GPUs."""
+        if self.distributed == "none":
+            for key, value, default in (("nproc", self.nproc, "auto"), ("nnodes", self.nnodes, 1)):
+                if value != default:
+                    raise ConfigError(
+                        f"train.{key} = {value} needs train.distributed = ddp (it is none): set it, or remove train.{key}"
+                    )
+            return
+        if self.nnodes > 1 and not self.rendezvous:
+            raise ConfigError(
+                f"train.nnodes = {self.nnodes} needs train.rendezvous: HOST:PORT of this node (node 0), which the "
+                f"other nodes reach (README, 'More than one process')"
+            )
+        if self.nnodes > 1:
+            rendezvous_address(self.rendezvous)
+        if ":" in self.device:
+            raise ConfigError(
+                f"train.device = {self.device!r} picks one GPU and train.distributed = ddp uses train.nproc of them "
+                f"(cuda:0 ... cuda:nproc-1, as CUDA_VISIBLE_DEVICES allows): use auto or cuda"
+            )
+
+
+def rendezvous_address(rendezvous: str | None) -> tuple[str, int]:
+    """train.rendezvous as (host, port); the port defaults to torchrun's 29500."""
+    host, colon, port = (rendezvous or "").strip().rpartition(":")
+    if not colon:
+        host, port = port, str(DEFAULT_RENDEZVOUS_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"train.rendezvous = {rendezvous!r}: name node 0 as HOST:PORT, an address every node reaches "
+            f"(e.g. calibflow-ddp.calibflow.svc.cluster.local:{DEFAULT_RENDEZVOUS_PORT})"
+        )
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -143,35 +312,57 @@ class CalibrationConfig:
     method: Literal["temperature", "vector", "matrix", "histogram", "isotonic", "platt", "beta", "auto"] = "temperature"
     # Search range for T. An optimum on the boundary means no interior minimum exists (for
     # example every calibration prediction is right with a wide margin): that is an error.
-    min_temperature: float = DEFAULT_MIN_TEMPERATURE
-    max_temperature: float = DEFAULT_MAX_TEMPERATURE
+    min_temperature: float = bounded(DEFAULT_MIN_TEMPERATURE, POSITIVE)
+    max_temperature: float = DEFAULT_MAX_TEMPERATURE  # above min_temperature (validate)
     # Tomani et al. 2021 ("Post-hoc calibration of neural networks by perturbation"): fit on the
     # calibration split plus copies of it corrupted by `shift_corruptions` at severities 1-5, so
     # the calibrator sees the confidence a model has on harder images. The default corruption is
     # not in the default `shift:` suite, so the suite measures shifts the calibrator never saw.
     shift_aware: bool = False
-    shift_corruptions: tuple[str, ...] = ("speckle_noise",)
+    shift_corruptions: tuple[str, ...] = bounded(("speckle_noise",), KNOWN_CORRUPTIONS)
+
+    def validate(self) -> None:
+        if self.max_temperature <= self.min_temperature:
+            raise ConfigError(
+                f"calibration.max_temperature = {self.max_temperature}: must be above "
+                f"calibration.min_temperature ({self.min_temperature})"
+            )
+        if self.shift_aware and not self.shift_corruptions:
+            raise ConfigError("calibration.shift_aware needs calibration.shift_corruptions (e.g. [speckle_noise])")
+
+
+# Thousands of reliability bins on a test split of thousands of images measure nothing, and the
+# process would be OOM-killed long before it said so.
+MAX_N_BINS = 1000
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    n_bins: int = DEFAULT_N_BINS
-    batch_size: int = 512
+    n_bins: int = bounded(DEFAULT_N_BINS, Range(1, MAX_N_BINS))
+    batch_size: int = bounded(512, POSITIVE)
+
+
+# Fewer than 100 resamples cannot place a 95% bound; more than 100,000 add no precision to it and
+# run for hours.
+MIN_N_RESAMPLES, MAX_N_RESAMPLES = 100, 100_000
 
 
 @dataclass(frozen=True)
 class GatesConfig:
     # Absolute gates, on the test split after calibration. ECE passes only when the upper
     # confidence bound of the candidate's ECE is below max_ece (accuracy: the lower bound).
-    max_ece: float = 0.07
-    min_accuracy: float = 0.75
-    max_nll: float | None = None
+    max_ece: float = bounded(0.07, PROBABILITY)
+    min_accuracy: float = bounded(0.75, PROBABILITY)
+    max_nll: float | None = bounded(None, NOT_NEGATIVE)
     # Relative to the champion, on the same test images (paired bounds, docs/gates.md).
-    max_ece_increase: float | None = 0.01
-    max_accuracy_drop: float | None = 0.01
-    confidence: float = 0.95  # one-sided level of every bound
+    max_ece_increase: float | None = bounded(0.01, NOT_NEGATIVE)
+    max_accuracy_drop: float | None = bounded(0.01, NOT_NEGATIVE)
+    # one-sided level of every bound
+    confidence: float = bounded(
+        0.95, Range(0.5, 1, low_open=True, high_open=True, message="{key} = {value}: {allowed}, e.g. 0.95")
+    )
     # Simulated test sets per size in `calibflow gate plan`; the gates themselves resample nothing.
-    n_resamples: int = 200
+    n_resamples: int = bounded(200, Range(MIN_N_RESAMPLES, MAX_N_RESAMPLES))
     # Which calibration error max_ece and max_ece_increase read: "smooth_ece" (Blasiok & Nakkiran,
     # 2023; consistent, and no bin edges to be noisy at: benchmarks/gate_soundness.py measures it
     # keeping its confidence with far more power against a champion) or "ece" (15 equal-width bins).
@@ -179,16 +370,20 @@ class GatesConfig:
     # Shift gates (need a `shift:` suite), read on the corrupted copies of the test split: the mean
     # over the suite's cells of each cell's upper bound of the calibration error (`metric`), each
     # at the Bonferroni level 1 - (1 - confidence) / cells, so all hold at once at `confidence`.
-    max_shift_ece: float | None = None
+    max_shift_ece: float | None = bounded(None, PROBABILITY)
     # ... and of the increase over the champion's, on the corrupted shared test images.
-    max_shift_ece_increase: float | None = None
+    max_shift_ece_increase: float | None = bounded(None, NOT_NEGATIVE)
     # Out-of-distribution gate (needs ood.path): upper bound of the share of OOD images scored as
     # in-distribution at the threshold that keeps 95% of the test split (docs/shift_and_ood.md).
-    max_ood_fpr95: float | None = None
+    max_ood_fpr95: float | None = bounded(None, PROBABILITY)
     # Decision gates (need the matching decision: rule), read at the served thresholds on the
     # test split: the upper bound of the selective risk, the lower bound of the sets' coverage.
-    max_selective_risk: float | None = None
-    min_conformal_coverage: float | None = None
+    max_selective_risk: float | None = bounded(None, OPEN_UNIT)
+    min_conformal_coverage: float | None = bounded(None, OPEN_UNIT)
+
+
+def _cost(of_one: str) -> Range:
+    return Range(0, low_open=True, message="{key} = {value}: costs must be positive (the cost of one " + of_one + ")")
 
 
 @dataclass(frozen=True)
@@ -200,23 +395,52 @@ class DecisionConfig:
     # positive, and one rule: both costs (Bayes threshold c_fp / (c_fp + c_fn)), or a precision or
     # recall target certified on the calibration split.
     positive_class: str | None = None
-    cost_fp: float | None = None
-    cost_fn: float | None = None
-    min_precision: float | None = None
-    min_recall: float | None = None
+    cost_fp: float | None = bounded(None, _cost("false positive"))
+    cost_fn: float | None = bounded(None, _cost("false negative"))
+    min_precision: float | None = bounded(None, OPEN_UNIT)
+    min_recall: float | None = bounded(None, OPEN_UNIT)
     # Abstain below the confidence whose selective risk (error rate of the kept predictions) is
     # certified at most this.
-    max_risk: float | None = None
+    max_risk: float | None = bounded(None, OPEN_UNIT)
     # Prediction sets that hold the true class with probability >= 1 - alpha (split conformal).
-    conformal_alpha: float | None = None
+    conformal_alpha: float | None = bounded(None, OPEN_UNIT)
     # lac: the smallest sets on average; aps/raps adapt the size to the image, but on two classes
     # (or any model whose error rate exceeds alpha) aps holds both labels nearly always
     # (benchmarks/decision_guarantees.py), so lac is the default.
     conformal_score: Literal["lac", "aps", "raps"] = "lac"
-    raps_lambda: float = 0.01  # RAPS's penalty per label past raps_k_reg (Angelopoulos et al. 2021)
-    raps_k_reg: int = 1
+    raps_lambda: float = bounded(
+        0.01, NOT_NEGATIVE
+    )  # RAPS's penalty per label past raps_k_reg (Angelopoulos et al. 2021)
+    raps_k_reg: int = bounded(1, NOT_NEGATIVE)
     # The certified rules (min_precision, min_recall, max_risk) hold with probability >= 1 - delta.
-    delta: float = 0.05
+    delta: float = bounded(0.05, OPEN_UNIT)
+
+    def validate(self) -> None:
+        """One binary rule at most, with both costs or neither, and a positive class exactly when a
+        binary rule reads one."""
+        given = {
+            "cost_fp/cost_fn": self.cost_fp is not None or self.cost_fn is not None,
+            "min_precision": self.min_precision is not None,
+            "min_recall": self.min_recall is not None,
+        }
+        rules = [name for name, set_ in given.items() if set_]
+        if len(rules) > 1:
+            raise ConfigError(f"decision: {' and '.join(rules)} are each a rule for the binary threshold; set one")
+        if (self.cost_fp is None) != (self.cost_fn is None):
+            set_, unset = ("cost_fp", "cost_fn") if self.cost_fp is not None else ("cost_fn", "cost_fp")
+            raise ConfigError(
+                f"decision.{set_} is set but decision.{unset} is not: the cost threshold needs both costs"
+            )
+        if self.binary_rule and not self.positive_class:
+            raise ConfigError(
+                f"decision.{rules[0].split('/')[0]} needs decision.positive_class: the class folder name "
+                f"whose probability the threshold reads"
+            )
+        if self.positive_class is not None and not self.binary_rule:
+            raise ConfigError(
+                "decision.positive_class is set but no rule uses it: add decision.cost_fp and cost_fn, "
+                "decision.min_precision or decision.min_recall (or remove positive_class)"
+            )
 
     @property
     def binary_rule(self) -> str | None:
@@ -233,20 +457,6 @@ class DecisionConfig:
         return self.binary_rule is not None or self.max_risk is not None or self.conformal_alpha is not None
 
 
-# The corruptions of calibflow.evaluation.corruptions (CIFAR-10-C's formulas and severities).
-CORRUPTION_NAMES = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "speckle_noise",
-    "gaussian_blur",
-    "contrast",
-    "brightness",
-    "pixelate",
-    "jpeg_compression",
-)
-
-
 @dataclass(frozen=True)
 class ShiftConfig:
     """The corruption suite run on the test split after calibration (calibflow.evaluation.shift). Each
@@ -255,9 +465,17 @@ class ShiftConfig:
 
     # Empty: no suite. The default is fast (3 x 3 cells on at most 500 images: about a second on
     # the digits); the full suite is every name of CORRUPTION_NAMES at severities 1-5.
-    corruptions: tuple[str, ...] = ("gaussian_noise", "gaussian_blur", "contrast")
-    severities: tuple[int, ...] = (1, 3, 5)
-    max_images: int = 500  # the first N test images (all of them when fewer)
+    corruptions: tuple[str, ...] = bounded(
+        ("gaussian_noise", "gaussian_blur", "contrast"), KNOWN_CORRUPTIONS, ONCE_EACH
+    )
+    severities: tuple[int, ...] = bounded(
+        (1, 3, 5), ONCE_EACH, Each(Range(1, 5, message="{key}: {value} is not a severity; use integers from 1 to 5"))
+    )
+    max_images: int = bounded(500, POSITIVE)  # the first N test images (all of them when fewer)
+
+    def validate(self) -> None:
+        if bool(self.corruptions) != bool(self.severities):
+            raise ConfigError("shift.corruptions and shift.severities must both be set (a suite) or both be [] (none)")
 
 
 @dataclass(frozen=True)
@@ -265,9 +483,11 @@ class OODConfig:
     """Out-of-distribution evaluation (calibflow.evaluation.ood): a DVC-tracked folder of images of no trained
     class (an ImageFolder or a flat folder), resized to the model's input."""
 
-    path: str | None = None
+    path: str | None = bounded(
+        None, Rule(str.strip, "{key} is empty: name a DVC-tracked folder of images, or null for no OOD evaluation")
+    )
     score: Literal["energy", "msp"] = "energy"  # what gates.max_ood_fpr95 reads
-    max_images: int = 2000
+    max_images: int = bounded(2000, POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -282,15 +502,21 @@ class MonitorConfig:
     """`calibflow monitor`: how far a registered model may move from what it recorded at
     registration before it is called drifted (calibflow.lifecycle.monitor), read at gates.confidence."""
 
-    max_accuracy_drop: float = 0.05  # exit 3 (retrain) when accuracy is shown below recorded - this
-    max_ece_increase: float = 0.03  # exit 1 (recalibrate) when the ECE is shown above recorded + this
-    drift_alpha: float = 0.05  # unlabeled: the KS test's level for "the confidence distribution drifted"
+    # exit 3 (retrain) when accuracy is shown below recorded - this
+    max_accuracy_drop: float = bounded(0.05, NOT_NEGATIVE)
+    # exit 1 (recalibrate) when the ECE is shown above recorded + this
+    max_ece_increase: float = bounded(0.03, NOT_NEGATIVE)
+    # unlabeled: the KS test's level for "the confidence distribution drifted"
+    drift_alpha: float = bounded(0.05, OPEN_UNIT)
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     deployment: str = "nightly-retrain"
-    cron: str = "0 2 * * *"
+    cron: str = bounded(
+        "0 2 * * *",
+        Rule(lambda cron: len(cron.split()) == 5, "{key} = {value!r}: use five cron fields, e.g. '0 2 * * *'"),
+    )
     timezone: str = "UTC"
     work_pool: str = "calibflow"
     data_rev: str | None = None  # None: the working tree of the served checkout
@@ -299,16 +525,28 @@ class ScheduleConfig:
     monitor_data: str | None = None  # the DVC-tracked folder of new images it reads (labeled or flat)
     monitor_model: str = "@champion"  # the alias or version of registry.model_name it checks
 
+    def validate(self) -> None:
+        if self.monitor_cron is not None and not self.monitor_data:
+            raise ConfigError(
+                "schedule.monitor_cron needs schedule.monitor_data: the DVC-tracked folder of new images to monitor"
+            )
+
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    model_name: str = "calibflow-digits"
+    model_name: str = bounded(  # what MLflow refuses, found before training
+        "calibflow-digits",
+        Rule(
+            lambda name: name.strip() and "/" not in name and ":" not in name,
+            "{key} = {value!r}: must be non-empty, without '/' or ':'",
+        ),
+    )
     experiment: str = "calibflow"
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
+    seed: int = bounded(0, Range(0, 2**32 - 1))  # what numpy's seed accepts
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -323,6 +561,31 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def validate(self) -> None:
+        """Each section's own relations (its validate()), then those across sections: no gate
+        without the rule, suite or folder it reads."""
+        for section in dataclasses.fields(self):
+            validate = getattr(getattr(self, section.name), "validate", None)
+            if validate is not None:
+                validate()
+        for gate, rule, reads in (
+            ("max_selective_risk", "max_risk", "the abstention threshold that rule fits"),
+            ("min_conformal_coverage", "conformal_alpha", "the prediction sets that rule fits"),
+        ):
+            if getattr(self.gates, gate) is not None and getattr(self.decision, rule) is None:
+                raise ConfigError(f"gates.{gate} needs decision.{rule}: the gate reads {reads}")
+        for gate in ("max_shift_ece", "max_shift_ece_increase"):
+            if getattr(self.gates, gate) is not None and not self.shift.corruptions:
+                raise ConfigError(f"gates.{gate} needs a corruption suite: set shift.corruptions and shift.severities")
+        if self.gates.max_ood_fpr95 is not None and not self.ood.path:
+            raise ConfigError("gates.max_ood_fpr95 needs ood.path: a DVC-tracked folder of out-of-distribution images")
+        exposure = self.train.outlier_exposure
+        if exposure is not None and self.ood.path and Path(exposure) == Path(self.ood.path):
+            raise ConfigError(
+                f"train.outlier_exposure and ood.path are both {self.ood.path!r}: the OOD evaluation "
+                f"must use outliers the model was not trained on; use another folder for one of them"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -535,243 +798,22 @@ def _check(config: Config) -> None:
     """Values a type check lets through but a run cannot use. Each error names the key, the value
     and what is allowed, so a mistake is a clear exit 2 before anything starts, never a crash, an
     OOM kill or a gate that silently always fails (which CD would read as a rejected model)."""
-    for dotted, value in config.flat().items():
-        # `nan <= 0` is False, so NaN would slip through every range check below.
+    for key, value in config.flat().items():
+        # `nan <= 0` is False, so NaN would slip through every range check.
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{dotted} = {value}: must be a finite number")
-    fractions = config.split.fractions()
-    for name, value in fractions.items():
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"split.{name} = {value}: each split fraction must be in (0, 1)")
-    if abs(sum(fractions.values()) - 1.0) > 1e-6:
-        raise ConfigError(f"split fractions sum to {sum(fractions.values()):.4f}; they must sum to 1")
-    positive = {
-        "data.min_per_class": config.data.min_per_class,
-        "train.epochs": config.train.epochs,
-        "train.batch_size": config.train.batch_size,
-        "train.lr": config.train.lr,
-        "evaluation.batch_size": config.evaluation.batch_size,
-        "calibration.min_temperature": config.calibration.min_temperature,
-        "train.mix_alpha": config.train.mix_alpha,
-        "model.ensemble": config.model.ensemble,
-        "model.mc_dropout": config.model.mc_dropout,
-        "train.val_every": config.train.val_every,
-        "shift.max_images": config.shift.max_images,
-        "ood.max_images": config.ood.max_images,
-    }
-    for dotted, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{dotted} = {value}: must be positive")
-    not_negative = {
-        "train.weight_decay": config.train.weight_decay,
-        "train.focal_gamma": config.train.focal_gamma,
-        "train.confidence_penalty": config.train.confidence_penalty,
-        "train.mmce_weight": config.train.mmce_weight,
-        "gates.max_nll": config.gates.max_nll,
-        "gates.max_ece_increase": config.gates.max_ece_increase,
-        "gates.max_accuracy_drop": config.gates.max_accuracy_drop,
-        "gates.max_shift_ece_increase": config.gates.max_shift_ece_increase,
-        "monitor.max_accuracy_drop": config.monitor.max_accuracy_drop,
-        "monitor.max_ece_increase": config.monitor.max_ece_increase,
-    }
-    for dotted, value in not_negative.items():
-        if value is not None and value < 0:
-            raise ConfigError(f"{dotted} = {value}: must be 0 or more")
-    if config.schedule.monitor_cron is not None and not config.schedule.monitor_data:
-        raise ConfigError(
-            "schedule.monitor_cron needs schedule.monitor_data: the DVC-tracked folder of new images to monitor"
-        )
-    if not 0.0 < config.monitor.drift_alpha < 1.0:
-        raise ConfigError(f"monitor.drift_alpha = {config.monitor.drift_alpha}: must be in (0, 1)")
-    in_range = {  # key: (value, low, high, whether high itself is allowed)
-        "seed": (config.seed, 0, 2**32 - 1, True),  # what numpy's seed accepts
-        "model.width": (config.model.width, 1, MAX_MODEL_WIDTH, True),
-        "evaluation.n_bins": (config.evaluation.n_bins, 1, MAX_N_BINS, True),
-        "gates.n_resamples": (config.gates.n_resamples, MIN_N_RESAMPLES, MAX_N_RESAMPLES, True),
-        "train.momentum": (config.train.momentum, 0, 1, False),
-        "train.label_smoothing": (config.train.label_smoothing, 0, 1, False),
-        "model.dropout": (config.model.dropout, 0, 1, False),
-        "model.ensemble": (config.model.ensemble, 1, MAX_ENSEMBLE, True),
-        "model.mc_dropout": (config.model.mc_dropout, 1, MAX_MC_SAMPLES, True),
-        "gates.max_ece": (config.gates.max_ece, 0, 1, True),
-        "gates.min_accuracy": (config.gates.min_accuracy, 0, 1, True),
-    }
-    for dotted, (value, low, high, closed) in in_range.items():
-        if not (low <= value <= high if closed else low <= value < high):
-            raise ConfigError(f"{dotted} = {value}: must be in [{low}, {high}{']' if closed else ')'}")
-    threads = config.train.threads
-    if threads != "auto" and not 1 <= threads <= MAX_THREADS:
-        raise ConfigError(
-            f"train.threads = {threads}: use a number of threads in [1, {MAX_THREADS}] or auto "
-            f"(torch's default: one per physical core)"
-        )
-    _check_distributed(config.train)
-    if config.model.mc_dropout > 1 and config.model.dropout == 0:
-        raise ConfigError(
-            f"model.mc_dropout = {config.model.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
-            f"passes would all be the same"
-        )
-    if not 0.5 < config.gates.confidence < 1.0:
-        raise ConfigError(f"gates.confidence = {config.gates.confidence}: must be in (0.5, 1), e.g. 0.95")
-    if config.calibration.max_temperature <= config.calibration.min_temperature:
-        raise ConfigError(
-            f"calibration.max_temperature = {config.calibration.max_temperature}: must be above "
-            f"calibration.min_temperature ({config.calibration.min_temperature})"
-        )
-    if len(config.schedule.cron.split()) != 5:
-        raise ConfigError(f"schedule.cron = {config.schedule.cron!r}: use five cron fields, e.g. '0 2 * * *'")
-    for size in config.data.allowed_sizes:
-        width, x, height = size.partition("x")
-        if not (x and width.isdigit() and height.isdigit()):
-            raise ConfigError(f"data.allowed_sizes: {size!r} is not WIDTHxHEIGHT (for example 32x32)")
-    if not DEVICE_PATTERN.fullmatch(config.train.device):
-        raise ConfigError(f"train.device = {config.train.device!r}: use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
-    _check_decision(config.decision, config.gates)
-    _check_shift(config.shift, config.ood, config.gates, config.calibration)
-    if config.train.outlier_exposure is not None:
-        if not config.train.outlier_exposure.strip():
-            raise ConfigError("train.outlier_exposure is empty: name a DVC-tracked folder of outlier images, or null")
-        if config.ood.path and Path(config.train.outlier_exposure) == Path(config.ood.path):
-            raise ConfigError(
-                f"train.outlier_exposure and ood.path are both {config.ood.path!r}: the OOD evaluation "
-                f"must use outliers the model was not trained on; use another folder for one of them"
-            )
-    name = config.registry.model_name
-    if not name.strip() or "/" in name or ":" in name:  # what MLflow refuses, found before training
-        raise ConfigError(f"registry.model_name = {name!r}: must be non-empty, without '/' or ':'")
+            raise ConfigError(f"{key} = {value}: must be a finite number")
+    _check_fields(config)
+    config.validate()  # relations between fields, which may now assume each one is in range
 
 
-def rendezvous_address(rendezvous: str | None) -> tuple[str, int]:
-    """train.rendezvous as (host, port); the port defaults to torchrun's 29500."""
-    host, colon, port = (rendezvous or "").strip().rpartition(":")
-    if not colon:
-        host, port = port, str(DEFAULT_RENDEZVOUS_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"train.rendezvous = {rendezvous!r}: name node 0 as HOST:PORT, an address every node reaches "
-            f"(e.g. calibflow-ddp.calibflow.svc.cluster.local:{DEFAULT_RENDEZVOUS_PORT})"
-        )
-    return host, int(port)
-
-
-def _check_distributed(train: TrainConfig) -> None:
-    """What can be told without the machine; calibflow.training.distributed.resolve_nproc checks nproc
-    against its cores or GPUs."""
-    if train.distributed == "none":
-        for key, value, default in (("nproc", train.nproc, "auto"), ("nnodes", train.nnodes, 1)):
-            if value != default:
-                raise ConfigError(
-                    f"train.{key} = {value} needs train.distributed = ddp (it is none): set it, or remove train.{key}"
-                )
-        return
-    if train.nproc != "auto" and not 1 <= train.nproc <= MAX_THREADS:
-        raise ConfigError(
-            f"train.nproc = {train.nproc}: use a number of processes per node in [1, {MAX_THREADS}] or auto"
-        )
-    if train.nnodes < 1:
-        raise ConfigError(f"train.nnodes = {train.nnodes}: must be 1 or more")
-    if train.nnodes > 1 and not train.rendezvous:
-        raise ConfigError(
-            f"train.nnodes = {train.nnodes} needs train.rendezvous: HOST:PORT of this node (node 0), which the "
-            f"other nodes reach (README, 'More than one process')"
-        )
-    if train.nnodes > 1:
-        rendezvous_address(train.rendezvous)
-    if ":" in train.device:
-        raise ConfigError(
-            f"train.device = {train.device!r} picks one GPU and train.distributed = ddp uses train.nproc of them "
-            f"(cuda:0 ... cuda:nproc-1, as CUDA_VISIBLE_DEVICES allows): use auto or cuda"
-        )
-
-
-def _check_decision(decision: DecisionConfig, gates: GatesConfig) -> None:
-    """One binary rule at most, each value in its range, and no decision gate without its rule."""
-    given = {
-        "cost_fp/cost_fn": decision.cost_fp is not None or decision.cost_fn is not None,
-        "min_precision": decision.min_precision is not None,
-        "min_recall": decision.min_recall is not None,
-    }
-    rules = [name for name, set_ in given.items() if set_]
-    if len(rules) > 1:
-        raise ConfigError(f"decision: {' and '.join(rules)} are each a rule for the binary threshold; set one")
-    if (decision.cost_fp is None) != (decision.cost_fn is None):
-        given = "decision.cost_fp" if decision.cost_fp is not None else "decision.cost_fn"
-        missing = "decision.cost_fn" if decision.cost_fp is not None else "decision.cost_fp"
-        raise ConfigError(f"{given} is set but {missing} is not: the cost threshold needs both costs")
-    for key in ("cost_fp", "cost_fn"):
-        value = getattr(decision, key)
-        if value is not None and value <= 0:
-            raise ConfigError(
-                f"decision.{key} = {value}: costs must be positive (the cost of one false "
-                f"{'positive' if key == 'cost_fp' else 'negative'})"
-            )
-    open_unit = {
-        "decision.min_precision": decision.min_precision,
-        "decision.min_recall": decision.min_recall,
-        "decision.max_risk": decision.max_risk,
-        "decision.conformal_alpha": decision.conformal_alpha,
-        "decision.delta": decision.delta,
-        "gates.max_selective_risk": gates.max_selective_risk,
-        "gates.min_conformal_coverage": gates.min_conformal_coverage,
-    }
-    for dotted, value in open_unit.items():
-        if value is not None and not 0.0 < value < 1.0:
-            raise ConfigError(f"{dotted} = {value}: must be in (0, 1)")
-    if decision.binary_rule and not decision.positive_class:
-        raise ConfigError(
-            f"decision.{rules[0].split('/')[0]} needs decision.positive_class: the class folder name "
-            f"whose probability the threshold reads"
-        )
-    if decision.positive_class is not None and not decision.binary_rule:
-        raise ConfigError(
-            "decision.positive_class is set but no rule uses it: add decision.cost_fp and cost_fn, "
-            "decision.min_precision or decision.min_recall (or remove positive_class)"
-        )
-    if decision.raps_lambda < 0 or decision.raps_k_reg < 0:
-        raise ConfigError(
-            f"decision.raps_lambda = {decision.raps_lambda}, decision.raps_k_reg = "
-            f"{decision.raps_k_reg}: both must be 0 or more"
-        )
-    if gates.max_selective_risk is not None and decision.max_risk is None:
-        raise ConfigError(
-            "gates.max_selective_risk needs decision.max_risk: the gate reads the abstention threshold that rule fits"
-        )
-    if gates.min_conformal_coverage is not None and decision.conformal_alpha is None:
-        raise ConfigError(
-            "gates.min_conformal_coverage needs decision.conformal_alpha: the gate reads the "
-            "prediction sets that rule fits"
-        )
-
-
-def _check_shift(shift: ShiftConfig, ood: OODConfig, gates: GatesConfig, calibration: CalibrationConfig) -> None:
-    """Known corruptions and severities, each once, and no shift or OOD gate without its suite."""
-    for name in shift.corruptions + calibration.shift_corruptions:
-        if name not in CORRUPTION_NAMES:
-            close = difflib.get_close_matches(name, CORRUPTION_NAMES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"shift.corruptions: unknown corruption {name!r}{hint}; known: {', '.join(CORRUPTION_NAMES)}"
-            )
-    for key, values in (("corruptions", shift.corruptions), ("severities", shift.severities)):
-        if len(set(values)) != len(values):
-            raise ConfigError(f"shift.{key} = {list(values)}: each must appear once")
-    for severity in shift.severities:
-        if not 1 <= severity <= 5:
-            raise ConfigError(f"shift.severities: {severity} is not a severity; use integers from 1 to 5")
-    if calibration.shift_aware and not calibration.shift_corruptions:
-        raise ConfigError("calibration.shift_aware needs calibration.shift_corruptions (e.g. [speckle_noise])")
-    if bool(shift.corruptions) != bool(shift.severities):
-        raise ConfigError("shift.corruptions and shift.severities must both be set (a suite) or both be [] (none)")
-    for gate in ("max_shift_ece", "max_shift_ece_increase"):
-        if getattr(gates, gate) is not None and not shift.corruptions:
-            raise ConfigError(f"gates.{gate} needs a corruption suite: set shift.corruptions and shift.severities")
-    for dotted, value in (("gates.max_shift_ece", gates.max_shift_ece), ("gates.max_ood_fpr95", gates.max_ood_fpr95)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{dotted} = {value}: must be in [0, 1]")
-    if gates.max_ood_fpr95 is not None and not ood.path:
-        raise ConfigError("gates.max_ood_fpr95 needs ood.path: a DVC-tracked folder of out-of-distribution images")
-    if ood.path is not None and not ood.path.strip():
-        raise ConfigError("ood.path is empty: name a DVC-tracked folder of images, or null for no OOD evaluation")
+def _check_fields(section: Any, prefix: str = "") -> None:
+    """Every field's own checks (bounded()'s metadata), in the order the sections declare them."""
+    for spec in dataclasses.fields(section):
+        value = getattr(section, spec.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{prefix}{spec.name}.")
+        for check in spec.metadata.get("checks", ()):
+            check(prefix + spec.name, value)
 
 
 def _plain(value: Any) -> Any:

@@ -265,3 +265,42 @@ def test_speed_keys_say_the_same_default_in_params_yaml_and_the_code():
     """params.yaml spells the defaults out for users; the dataclass is where they are decided."""
     from_file, built_in = load_config("params.yaml").train, load_config(None).train
     assert (from_file.val_every, from_file.threads) == (built_in.val_every, built_in.threads)
+
+
+def test_each_section_constructed_in_code_is_not_checked_until_loaded():
+    """Bounds and relations are checked by load_config, not on construction: code and tests build
+    sections with any values (gate plans replace thresholds, tests set extremes)."""
+    from calibflow.config import GatesConfig, ModelConfig
+
+    assert GatesConfig(max_ece=2.0).max_ece == 2.0
+    assert ModelConfig(mc_dropout=8, dropout=0.0).mc_dropout == 8
+
+
+def test_a_shift_aware_corruption_that_does_not_exist_is_refused_naming_its_key():
+    with pytest.raises(
+        ConfigError, match=r"calibration.shift_corruptions: unknown corruption 'speckle' \(did you mean"
+    ):
+        load_config("params.yaml", ["calibration.shift_corruptions=[speckle]"])
+
+
+def test_the_math_modules_own_their_defaults_and_the_config_reads_them_from_there():
+    """One default in one place: a library function's keyword default is its own module's constant,
+    and params.yaml's default for the same setting is that constant (config imports the math
+    modules, never the other way round: tests/test_import_graph.py checks the layers)."""
+    import calibflow.config as config
+    from calibflow.calibrators import temperature
+    from calibflow.data import splits
+    from calibflow.evaluation import corruptions
+    from calibflow.metrics import reliability
+
+    assert config.DEFAULT_N_BINS is reliability.DEFAULT_N_BINS == Config().evaluation.n_bins
+    assert (config.DEFAULT_MIN_TEMPERATURE, config.DEFAULT_MAX_TEMPERATURE) == (
+        temperature.DEFAULT_MIN_TEMPERATURE,
+        temperature.DEFAULT_MAX_TEMPERATURE,
+    )
+    assert (Config().calibration.min_temperature, Config().calibration.max_temperature) == (
+        temperature.DEFAULT_MIN_TEMPERATURE,
+        temperature.DEFAULT_MAX_TEMPERATURE,
+    )
+    assert config.CORRUPTION_NAMES is corruptions.CORRUPTION_NAMES
+    assert config.SPLIT_NAMES is splits.SPLIT_NAMES == tuple(Config().split.fractions())

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from calibflow.config import SPLIT_NAMES
-from calibflow.data.splits import Split, stratified_split
+from calibflow.data.splits import SPLIT_NAMES, Split, stratified_split
 
 FRACTIONS = {"train": 0.6, "val": 0.1, "calibration": 0.15, "test": 0.15}
 

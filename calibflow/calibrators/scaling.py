@@ -10,9 +10,8 @@ import torch
 from calibflow.calibrators.base import Calibrator
 from calibflow.calibrators.inputs import _initial_temperature
 from calibflow.calibrators.solver import _minimise, _softmax_nll_grad
-from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.metrics import ArrayLike, calibrated_probabilities
-from calibflow.calibrators.temperature import fit_temperature
+from calibflow.calibrators.temperature import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE, fit_temperature
 
 # --------------------------------------------------------------------------------------------
 # Temperature, vector and matrix scaling

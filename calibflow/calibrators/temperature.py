@@ -49,9 +49,11 @@ from dataclasses import dataclass
 
 import torch
 
-from calibflow.config import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.metrics import ArrayLike
 from calibflow.errors import CalibrationError
+
+# The search range for T (params.yaml's calibration.min_temperature / max_temperature).
+DEFAULT_MIN_TEMPERATURE, DEFAULT_MAX_TEMPERATURE = 0.05, 20.0
 
 # An optimum this close (in log T) to an end of the search range is treated as "on the bound":
 # the interior minimum the model needs does not exist in the range.

@@ -20,7 +20,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from calibflow.config import SPLIT_NAMES
+# The four parts, in the order each class's hash-sorted images are cut into them (params.yaml's
+# split: keys).
+SPLIT_NAMES = ("train", "val", "calibration", "test")
 
 
 @dataclass(frozen=True)

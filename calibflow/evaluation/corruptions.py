@@ -29,7 +29,19 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from calibflow.config import CORRUPTION_NAMES
+# Every corruption this module implements (CIFAR-10-C's formulas and severities): the names
+# params.yaml's shift.corruptions and calibration.shift_corruptions accept.
+CORRUPTION_NAMES = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "gaussian_blur",
+    "contrast",
+    "brightness",
+    "pixelate",
+    "jpeg_compression",
+)
 
 # CIFAR-10-C's parameters, severity 1..5 (Hendrycks & Dietterich 2019, make_cifar_c.py).
 SEVERITY_PARAMETERS: dict[str, tuple] = {

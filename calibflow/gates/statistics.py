@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from calibflow.config import DEFAULT_N_BINS
+from calibflow.metrics.reliability import DEFAULT_N_BINS
 
 CONTINUITY = 0.5  # in units of 1/n: half the lattice step of a mean of {0, 1} outcomes
 

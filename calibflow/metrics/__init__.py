@@ -27,7 +27,7 @@ from calibflow.metrics.bootstrap import (
     paired_bootstrap_ci,
 )
 from calibflow.metrics.inputs import ArrayLike
-from calibflow.metrics.reliability import ReliabilityBins, bin_indices, reliability_bins, top_label
+from calibflow.metrics.reliability import DEFAULT_N_BINS, ReliabilityBins, bin_indices, reliability_bins, top_label
 from calibflow.metrics.scalar import (
     accuracy,
     brier_score,
@@ -42,6 +42,7 @@ from calibflow.metrics.scalar import (
 
 __all__ = [
     "ArrayLike",
+    "DEFAULT_N_BINS",
     "top_label",
     "bin_indices",
     "ReliabilityBins",

@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from calibflow.config import DEFAULT_N_BINS
 from calibflow.metrics.inputs import ArrayLike, _probs_and_labels
-from calibflow.metrics.reliability import _check_n_bins, bin_indices
+from calibflow.metrics.reliability import DEFAULT_N_BINS, _check_n_bins, bin_indices
 from calibflow.metrics.scalar import _per_sample_nll
 
 # --------------------------------------------------------------------------------------------

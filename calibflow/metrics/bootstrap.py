@@ -9,7 +9,6 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
-from calibflow.config import DEFAULT_N_BINS
 from calibflow.metrics.binned import (
     _ELEMENT_BUDGET,
     _classwise_batched,
@@ -24,6 +23,7 @@ from calibflow.metrics.binned import (
     debiased_calibration_error,
 )
 from calibflow.metrics.inputs import ArrayLike, _as_2d_float
+from calibflow.metrics.reliability import DEFAULT_N_BINS
 from calibflow.metrics.scalar import (
     accuracy,
     brier_score,

@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibflow.config import DEFAULT_N_BINS
 from calibflow.metrics.inputs import ArrayLike, _as_2d_float, _as_float_tensor, _probs_and_labels
+
+# Equal-width reliability bins of ECE and MCE: Guo et al. 2017's 15 (params.yaml's evaluation.n_bins).
+DEFAULT_N_BINS = 15
 
 # --------------------------------------------------------------------------------------------
 # Top label and reliability bins

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from calibflow.config import DEFAULT_N_BINS
 from calibflow.metrics.inputs import ArrayLike, _as_2d_float, _as_labels, _probs_and_labels
-from calibflow.metrics.reliability import reliability_bins
+from calibflow.metrics.reliability import DEFAULT_N_BINS, reliability_bins
 
 # --------------------------------------------------------------------------------------------
 # Scalar metrics

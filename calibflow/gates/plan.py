@@ -23,12 +23,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibflow.config import DEFAULT_N_BINS, GatesConfig
 from calibflow.gates.statistics import EqualWidthBins
 from calibflow.gates.checks import Predictions, evaluate_gates
+from calibflow.metrics.reliability import DEFAULT_N_BINS
+
+if TYPE_CHECKING:  # config sits above the gates: they read its records, never import it
+    from calibflow.config import GatesConfig
 
 SIZES = (100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
@@ -151,7 +155,7 @@ def _plannable(gates: GatesConfig) -> GatesConfig:
 
 
 def _simulate(
-    simulator, gates: GatesConfig, n_bins: int, power: float, simulations: int, seed: int, sizes, assumptions: str
+    simulator, gates: GatesConfig, *, n_bins: int, power: float, simulations: int, seed: int, sizes, assumptions: str
 ) -> Plan:
     gates = _plannable(gates)
     if not 0.0 < power < 1.0:
@@ -191,6 +195,7 @@ def plan_sample_size(
     candidate: Predictions,
     gates: GatesConfig,
     comparison: tuple[Predictions, Predictions] | None = None,
+    *,
     n_bins: int = DEFAULT_N_BINS,
     power: float = 0.8,
     simulations: int = 200,
@@ -208,7 +213,10 @@ def plan_sample_size(
             else ""
         )
     )
-    return _simulate(_Simulator(candidate, comparison, n_bins), gates, n_bins, power, simulations, seed, sizes, what)
+    simulator = _Simulator(candidate, comparison, n_bins)
+    return _simulate(
+        simulator, gates, n_bins=n_bins, power=power, simulations=simulations, seed=seed, sizes=sizes, assumptions=what
+    )
 
 
 class _ThresholdModel:
@@ -251,7 +259,9 @@ def plan_from_thresholds(
         f"(max_ece / 2), accuracy {model.accuracy:.4f} (halfway from min_accuracy to 1); the gates against a "
         f"champion need a champion and are left out"
     )
-    return _simulate(model, absolute, n_bins, power, simulations, seed, sizes, what)
+    return _simulate(
+        model, absolute, n_bins=n_bins, power=power, simulations=simulations, seed=seed, sizes=sizes, assumptions=what
+    )
 
 
 def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: int = DEFAULT_N_BINS) -> bool:

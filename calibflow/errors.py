@@ -220,12 +220,6 @@ def policy_of(error: BaseException) -> ErrorPolicy | None:
     return policy
 
 
-def exit_code_of(error: BaseException) -> int:
-    """The CLI's exit code for `error`: its policy's, or 2 (nothing was decided) for the unexpected."""
-    policy = policy_of(error)
-    return policy.exit_code if policy is not None else EXIT_USAGE
-
-
 def is_refusal(error: BaseException) -> bool:
     """An expected refusal: said in one message, never with a traceback."""
     policy = policy_of(error)

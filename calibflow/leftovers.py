@@ -32,7 +32,7 @@ class ProcessId:
     started: str  # clock ticks after boot at which it started (/proc/PID/stat, field 22)
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """/proc/PID/stat's fields from the third on (state, ppid, ...); None when there is no such process."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -43,7 +43,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def process_id(pid: int) -> ProcessId | None:
     """The running process `pid` (a zombie has finished: None)."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None or fields[0] in ("Z", "X"):
         return None
     return ProcessId(pid, fields[19])
@@ -78,17 +78,18 @@ def orphaned_run_reason(tags: dict[str, str]) -> str | None:
     )
 
 
-def _command_line(pid: int) -> str:
+def command_line(pid: int) -> list[str]:
+    """`pid`'s arguments (/proc/PID/cmdline); empty when it is gone or unreadable."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
-        return ""
+        return []
 
 
 def _children(parent: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat_fields(int(stat.parent.name))
+        fields = stat_fields(int(stat.parent.name))
         if fields is not None and int(fields[1]) == parent:
             found.append(int(stat.parent.name))
     return found
@@ -108,7 +109,7 @@ def record_temporary_servers(state_dir: str | Path) -> list[ServerRecord]:
         return []
     records = []
     for pid in _children(me.pid):
-        server, command = process_id(pid), _command_line(pid)
+        server, command = process_id(pid), " ".join(command_line(pid))
         if server is not None and PREFECT_SERVER_MARKER in command:
             records.append(ServerRecord(server, me, command))
     if records:
@@ -134,7 +135,7 @@ def end_orphaned_servers(state_dir: str | Path, grace_s: float = 5.0) -> list[st
             continue
         if alive(record.owner):
             continue
-        if alive(record.server) and PREFECT_SERVER_MARKER in _command_line(record.server.pid):
+        if alive(record.server) and PREFECT_SERVER_MARKER in " ".join(command_line(record.server.pid)):
             _stop(record.server, grace_s)
             stopped.append(
                 f"Prefect temporary API server pid {record.server.pid} (its run, pid {record.owner.pid}, was killed)"

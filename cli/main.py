@@ -23,6 +23,7 @@ from cli.options import say
 class Command:
     handler: Callable[[argparse.Namespace], int]
     # What a refusal means for this command, said before the error's message ("could not decide: ").
+    # Not before AFTER_THE_DECISION's errors, which say themselves what stands in the registry.
     refused: str = ""
     # Said on a rejection (exit 1) before the error's whole message (a failed gate lists every check).
     rejected: str = "rejected"
@@ -32,6 +33,10 @@ class Command:
     # refusals with exit 2 here, unexpected anywhere else.
     input_errors: tuple[type[Exception], ...] = ()
 
+
+# Errors raised once a command has decided, about what the registry holds now (a version left
+# behind, an alias another process moved): said as they are, with no "could not decide".
+AFTER_THE_DECISION = (errors.RegistrationLeftBehind, errors.PromotionConflict)
 
 COMMANDS = {
     "run": Command(
@@ -48,7 +53,8 @@ COMMANDS = {
     "rollback": Command(registry.rollback),
     "status": Command(registry.status),
     "monitor": Command(monitoring.monitor, refused="could not decide: ", input_errors=(ValueError,)),
-    "recalibrate": Command(monitoring.recalibrate, refused="nothing registered: "),
+    # A store failure may come after the registration: the store's message says what happened.
+    "recalibrate": Command(monitoring.recalibrate, refused="nothing registered: ", store_failed=""),
     "data": Command(data.add, input_errors=(OSError,)),  # a file that cannot be read or written while copying
     "prepare-digits": Command(data.prepare_digits),
 }
@@ -107,13 +113,16 @@ def _said(command: Command, name: str, error: Exception) -> int:
         return EXIT_USAGE
     if policy.exit_code == EXIT_REJECTED:
         say_redacted(f"\ncalibflow {name}: {command.rejected}\n{error}")
+    elif isinstance(error, AFTER_THE_DECISION):
+        say_redacted(f"calibflow {name}: {errors.one_line(error)}")
     elif policy.refusal:
         say_redacted(f"calibflow {name}: {command.refused}{errors.one_line(error)}")
     else:  # the store failed: say which one
         from calibflow.tracking import store
 
         say_redacted(
-            f"calibflow {name}: {command.store_failed or command.refused}{type(error).__name__}: "
+            f"calibflow {name}: {command.store_failed if command.store_failed is not None else command.refused}"
+            f"{type(error).__name__}: "
             f"{errors.one_line(error)} "
             f"(MLflow registry at {store.tracking_uri_for_display()})"
         )

@@ -22,10 +22,6 @@ def pause_collector() -> None:
     _collector_paused = True
 
 
-def collector_paused() -> bool:
-    return _collector_paused
-
-
 def imports_done() -> None:
     """After a long command's heavy imports (`run`, `schedule`; the short ones end with the
     collector paused, as a short script may): move every object alive now to the collector's permanent

@@ -56,6 +56,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from calibflow.leftovers import command_line, process_id, stat_fields
+
 HOST = "127.0.0.1"
 PREFERRED_PORT = 4200  # Prefect's own default, taken by the first checkout that finds it free
 STATE_DIR = Path(".calibflow") / "prefect-server"
@@ -101,28 +103,10 @@ def api_url(port: int) -> str:
 # --- processes and sockets, from /proc ------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields from the third on (state, ppid, pgrp, session, ...); None when gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()  # the command name, in parentheses, may hold spaces
-
-
 def _start_time(pid: int) -> str | None:
     """Clock ticks after boot at which `pid` started (field 22); None when it is gone or a zombie."""
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def _command_line(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
+    process = process_id(pid)
+    return None if process is None else process.started
 
 
 def _environment(pid: int) -> dict[str, str] | None:
@@ -166,7 +150,7 @@ def _port_holders(port: int) -> set[int]:
 
 
 def _session(pid: int) -> int | None:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return int(fields[3]) if fields is not None else None
 
 
@@ -224,7 +208,7 @@ def not_ours(pid: int, server: Server | None) -> str | None:
         return f"pid {pid} is not running"
     if started != server.started:
         return f"pid {pid} started at tick {started}, not {server.started}: another process has its pid"
-    argv = _command_line(pid)
+    argv = command_line(pid)
     if argv[-len(server.argv) :] != server.argv or not any(Path(arg).name == "prefect" for arg in argv):
         return f"pid {pid} runs `{' '.join(argv)}`, not `prefect {' '.join(server.argv)}`"
     environment = _environment(pid)

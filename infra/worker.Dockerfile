@@ -55,8 +55,9 @@ COPY pyproject.toml README.md* ./
 COPY calibflow/ calibflow/
 COPY tasks/ tasks/
 COPY flows/ flows/
+COPY cli/ cli/
 RUN pip install --no-deps --no-build-isolation -e . \
-    && python -c "import calibflow, flows.train_calibrate, dvc_s3"
+    && python -c "import calibflow, cli.main, flows.train_calibrate, dvc_s3"
 
 RUN useradd --create-home --uid 1000 calibflow
 USER 1000

@@ -18,6 +18,7 @@ from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
 from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
 from calibflow.lifecycle import promotion
+from calibflow.errors import GateInputError, GateUndecided
 from calibflow.gates.checks import evaluate_gates
 from calibflow.lifecycle.promotion import GateReport
 from calibflow.training.loop import EpochStats
@@ -444,16 +445,19 @@ def apply_gates(
         split_path=split.path,
         gates=config.gates,
     )
-    verdict = evaluate_gates(
-        candidate.predictions,
-        config.gates,
-        champion.comparison,
-        n_bins=config.evaluation.n_bins,
-        decisions=candidate.decisions,
-        shift=candidate.shift,
-        shift_comparison=champion.shift_comparison,
-        ood=candidate.ood,
-    )
+    try:
+        verdict = evaluate_gates(
+            candidate.predictions,
+            config.gates,
+            champion.comparison,
+            n_bins=config.evaluation.n_bins,
+            decisions=candidate.decisions,
+            shift=candidate.shift,
+            shift_comparison=champion.shift_comparison,
+            ood=candidate.ood,
+        )
+    except GateInputError as error:
+        raise GateUndecided(f"this run's model cannot be gated: {error}") from error
     report = GateReport(
         config.registry.model_name, f"run {run.run_id}", champion.version, champion.excluded_seen_by_champion, verdict
     )

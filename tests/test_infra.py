@@ -497,7 +497,8 @@ def test_the_follower_loop_joins_as_its_pod_index_plus_one_and_stops_on_sigterm(
 
     calls = tmp_path / "calls"
     fake = tmp_path / "torchrun"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ntrap "echo TERM >> {calls}; exit 0" TERM\nsleep 60 & wait\n')
+    # the trap before the line the test waits for: a SIGTERM right after it must find the trap set
+    fake.write_text(f'#!/bin/sh\ntrap "echo TERM >> {calls}; exit 0" TERM\necho "$@" >> {calls}\nsleep 60 & wait\n')
     fake.chmod(0o755)
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "POD_INDEX": "2", "NNODES": "4", "NPROC_PER_NODE": "8"}
     env |= {"MASTER_ADDR": "calibflow-ddp.calibflow.svc.cluster.local", "MASTER_PORT": "29500"}

@@ -298,3 +298,27 @@ def test_a_version_without_digests_of_its_run_files_is_not_read(run_files, tmp_p
     unrecorded = dataclasses.replace(record, tags={k: v for k, v in record.tags.items() if k != RUN_ARTIFACTS_TAG})
     with pytest.raises(errors.UnverifiedModel, match=RUN_ARTIFACTS_TAG):
         verified_run_artifact(unrecorded, "data/splits.json", tmp_path)
+
+
+@pytest.mark.e2e
+def test_a_version_registered_by_the_flat_layout_is_refused_by_name_not_as_a_store_error(repo, tampered, capsys):
+    """A version calibflow registered before the library moved into sub-packages: its stored code
+    file is served_model.py, importing calibflow.registry. Its digest matches (it was registered
+    so), yet MLflow would fail inside that import with an MlflowException (a retried store fault)."""
+    (tampered / "served_model_code.py").rename(tampered / "served_model.py")
+    (tampered / "served_model.py").write_text(
+        "from calibflow.registry import declare_served_model\n\ndeclare_served_model()\n"
+    )
+    mlmodel = yaml.safe_load((tampered / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["model_code_path"] = "served_model.py"
+    (tampered / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    digest = store.client().get_model_version(MODEL, "1").tags[served_model.DIGEST_TAG]
+    store.client().set_model_version_tag(MODEL, "1", served_model.DIGEST_TAG, served_model.artifacts_digest(tampered))
+    try:
+        with pytest.raises(errors.UnverifiedModel, match="registered by an earlier calibflow"):
+            registration.load_model(f"models:/{MODEL}/1")
+        image = str(next((repo / "data" / "tiny" / "3").glob("*.png")))
+        assert calibflow(["predict", "--model", f"models:/{MODEL}/1", image, "--repo", str(repo)]) == 2
+        assert "registered by an earlier calibflow" in capsys.readouterr().err
+    finally:
+        store.client().set_model_version_tag(MODEL, "1", served_model.DIGEST_TAG, digest)

@@ -335,6 +335,9 @@ def _register(source, new: NewImages, gated: GatedCalibrator, run_id: str, confi
         ) as version:
             store.end_run(run_id, "succeeded")
     except Exception as error:
-        store.end_run(run_id, "failed", f"registration failed: {error}")
+        try:
+            store.end_run(run_id, "failed", f"registration failed: {error}")
+        except Exception:  # noqa: BLE001  the store that failed the registration: its error is the one to say
+            pass
         raise
     return version

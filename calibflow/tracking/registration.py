@@ -28,7 +28,7 @@ from calibflow.errors import (
     one_line,
 )
 from calibflow.tracking.store import client, redact, store_wait, tracking_uri_for_display
-from calibflow.tracking.served_model import DIGEST_TAG, artifacts_digest, stored_model_tags
+from calibflow.tracking.served_model import DIGEST_TAG, SERVED_MODEL_CODE, artifacts_digest, stored_model_tags
 
 
 CHAMPION = "champion"
@@ -124,7 +124,7 @@ def resolve_model_uri(model_uri: str) -> VersionRecord:
         else:
             name, number = rest.rsplit("/", 1)
             version = c.get_model_version(name, number)
-    except (MlflowException, StoreUnreachable) as error:
+    except MlflowException as error:  # an answer; a store that did not answer raises StoreUnreachable
         raise NotFound(
             f"{model_uri} not found in the registry at {tracking_uri_for_display()}: {redact(one_line(error))}"
         ) from error
@@ -158,10 +158,28 @@ def load_model(model_uri: str):
                 f"at {redact(location)} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
                 f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)"
             )
+        check_served_code(local, record)
         warn_requirement_mismatches(local)
         # MLflow's own check of the same requirements resolves every installed package's import
         # names from its file list: 2.5 s of every model load here, for the four pins we write.
         return mlflow.pyfunc.load_model(local, suppress_warnings=True)
+
+
+def check_served_code(model_dir: str | Path, record: VersionRecord) -> None:
+    """UnverifiedModel for a version whose stored code this calibflow cannot run: its models-from-code
+    file imports the package's layout of the day it was registered (calibflow.registry before the
+    library moved into sub-packages), and MLflow would fail inside that import with a store error
+    that names neither the version nor the fix."""
+    import yaml
+
+    flavor = yaml.safe_load((Path(model_dir) / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+    code = Path(str(flavor.get("model_code_path", ""))).name
+    if code != SERVED_MODEL_CODE.name:
+        raise UnverifiedModel(
+            f"version {record.version} of {record.name} was registered by an earlier calibflow (its model code is "
+            f"{code or 'not models-from-code'}, not {SERVED_MODEL_CODE.name}), whose package layout this one cannot "
+            f"load; retrain it, or retire it from @champion (infra/TRUST.md)"
+        )
 
 
 def requirement_mismatches(model_dir: str | Path) -> list[str]:

@@ -138,3 +138,82 @@ def test_the_library_never_imports_the_layers_above_it():
 def test_errors_is_a_leaf():
     anywhere, _ = import_graph(REPO / "calibflow")
     assert {n for n in anywhere["calibflow.errors"] if n.split(".")[0] == "calibflow"} == set()
+
+
+# The library's layers, lowest first: a module imports only from its own layer or those below it.
+# config sits above the domain modules whose defaults it reads (calibflow.metrics' bin count, the
+# calibrators' temperature range, ...): they receive its records and name them only for type
+# checkers. The pipeline's steps compose the domain; tracking stores what they produce; lifecycle
+# (promote, evaluate, monitor, recalibrate) reads it back.
+LAYERS = (
+    ("errors",),
+    ("names", "environment", "progress", "disk_cache", "leftovers"),
+    ("metrics",),
+    ("calibrators",),
+    ("data",),
+    ("training",),
+    ("gates",),
+    ("evaluation",),
+    ("config",),
+    ("pipeline",),
+    ("tracking",),
+    ("lifecycle",),
+)
+# The DDP worker process rebuilds the TrainConfig it was sent (its bundle holds plain values).
+UPWARD_ALLOWED = {("calibflow.training.distributed", "calibflow.config")}
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules of calibflow a file imports anywhere except under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only or not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+            continue
+        if node.module == "calibflow":
+            found |= {f"calibflow.{alias.name}" for alias in node.names}
+        elif node.module.startswith("calibflow."):
+            found.add(node.module)
+    return found
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def test_every_part_of_the_library_has_a_layer():
+    tops = {p.stem if p.is_file() else p.name for p in (REPO / "calibflow").iterdir() if p.name != "__init__.py"}
+    tops = {t for t in tops if not t.startswith((".", "__"))}
+    assert tops == {name for names in LAYERS for name in names}
+
+
+def test_no_import_reaches_up_a_layer():
+    upward = []
+    for path in sorted((REPO / "calibflow").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        if len(parts) < 2 or parts[1] == "__init__":
+            continue
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for imported in _runtime_imports(path):
+            if _layer(imported) > _layer(module) and (module, ".".join(imported.split(".")[:2])) not in UPWARD_ALLOWED:
+                upward.append(f"{module} -> {imported}")
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_import_up_and_ignores_one_for_type_checkers(tmp_path):
+    module = tmp_path / "checks.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from calibflow.metrics import binned\n"
+        "def f():\n    from calibflow.config import load_config\n"
+        "if TYPE_CHECKING:\n    from calibflow.config import GatesConfig\n"
+    )
+    assert _runtime_imports(module) == {"calibflow.metrics", "calibflow.config"}
+    assert _layer("calibflow.config") > _layer("calibflow.gates.checks")

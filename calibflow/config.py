@@ -219,9 +219,8 @@ class TrainConfig:
     hflip: bool = False  # horizontal flips: right for CIFAR-like data, wrong for digits
     # Train-time calibration (calibflow/training/losses.py): each composes with label_smoothing and mix.
     loss: Literal["cross_entropy", "focal", "flsd53", "confidence_penalty", "mmce"] = "cross_entropy"
-    focal_gamma: float = bounded(
-        3.0, NOT_NEGATIVE
-    )  # loss focal: (1 - p)^gamma; 0 is cross-entropy (flsd53 picks its own)
+    # loss focal: (1 - p)^gamma; 0 is cross-entropy (flsd53 picks its own)
+    focal_gamma: float = bounded(3.0, NOT_NEGATIVE)
     # loss confidence_penalty: beta in CE - beta * H(p) (Pereyra et al. 2017)
     confidence_penalty: float = bounded(0.1, NOT_NEGATIVE)
     mmce_weight: float = bounded(2.0, NOT_NEGATIVE)  # loss mmce: lambda in CE + lambda * MMCE (Kumar et al. 2018)
@@ -408,9 +407,8 @@ class DecisionConfig:
     # (or any model whose error rate exceeds alpha) aps holds both labels nearly always
     # (benchmarks/decision_guarantees.py), so lac is the default.
     conformal_score: Literal["lac", "aps", "raps"] = "lac"
-    raps_lambda: float = bounded(
-        0.01, NOT_NEGATIVE
-    )  # RAPS's penalty per label past raps_k_reg (Angelopoulos et al. 2021)
+    # RAPS's penalty per label past raps_k_reg (Angelopoulos et al. 2021)
+    raps_lambda: float = bounded(0.01, NOT_NEGATIVE)
     raps_k_reg: int = bounded(1, NOT_NEGATIVE)
     # The certified rules (min_precision, min_recall, max_risk) hold with probability >= 1 - delta.
     delta: float = bounded(0.05, OPEN_UNIT)

@@ -131,6 +131,22 @@ KNOWN_CORRUPTIONS = Each(Rule(lambda name: name in CORRUPTION_NAMES, _known_corr
 # --------------------------------------------------------------------------------------------
 
 
+# Upper ends of the whole numbers that size an allocation or a loop. Each is far beyond any real
+# run, so that only a typo meets it (an extra zero or a number pasted into the wrong key): one
+# more than these would otherwise surface as an OOM kill, an overflow traceback deep in torch or
+# numpy, or a run that never ends, instead of a message naming the key.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536  # a batch is held on the device whole: beyond this it is one bigger than memory
+MAX_IMAGES = 10_000_000  # decoded into memory as one tensor
+MAX_RAPS_K_REG = 100_000  # a rank past every class count a dataset of folders has
+
+
+def _at_most(high: int, what: str) -> Range:
+    """At most `high` (after POSITIVE, which says what is wrong below), the error naming what the
+    key counts and the fix."""
+    return Range(1, high, message="{key} = {value}: " + what + " must be at most {high}; set {key} to {high} or less")
+
+
 def _is_size(size: str) -> bool:
     width, x, height = size.partition("x")
     return bool(x and width.isdigit() and height.isdigit())
@@ -139,7 +155,7 @@ def _is_size(size: str) -> bool:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "data/digits"
-    min_per_class: int = bounded(10, POSITIVE)
+    min_per_class: int = bounded(10, POSITIVE, _at_most(MAX_IMAGES, "images per class"))
     # "WxH" strings; empty means "every image has the same size as the most common one".
     allowed_sizes: tuple[str, ...] = bounded(
         (), Each(Rule(_is_size, "{key}: {value!r} is not WIDTHxHEIGHT (for example 32x32)"))
@@ -209,8 +225,8 @@ class TrainConfig:
         "auto", Rule(DEVICE_PATTERN.fullmatch, "{key} = {value!r}: use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
     )
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    epochs: int = bounded(30, POSITIVE)
-    batch_size: int = bounded(64, POSITIVE)
+    epochs: int = bounded(30, POSITIVE, _at_most(MAX_EPOCHS, "the number of epochs"))
+    batch_size: int = bounded(64, POSITIVE, _at_most(MAX_BATCH_SIZE, "the batch size"))
     lr: float = bounded(0.05, POSITIVE)
     momentum: float = bounded(0.9, FRACTION)
     weight_decay: float = bounded(5e-4, NOT_NEGATIVE)
@@ -231,7 +247,7 @@ class TrainConfig:
     # training loop (issue 16); every 5th measured 0.977x (benchmarks/train_step.py; 10 was no
     # faster within the noise and leaves half the points on the val curve). The weights do not
     # depend on it: validation draws no random numbers and changes no state.
-    val_every: int = bounded(5, POSITIVE)
+    val_every: int = bounded(5, POSITIVE, _at_most(MAX_EPOCHS, "epochs between validation passes"))
     # torch intra-op threads for training and for collecting logits (restored afterwards), or
     # "auto" for torch's own choice (one per physical core, or OMP_NUM_THREADS). 1 by default:
     # on a 2-core machine that another process shares, 2 threads fall far below 1 thread (1
@@ -264,7 +280,7 @@ class TrainConfig:
         "auto",
         Range(1, MAX_THREADS, message="{key} = {value}: use a number of processes per node in [{low}, {high}] or auto"),
     )
-    nnodes: int = bounded(1, Range(1))
+    nnodes: int = bounded(1, Range(1, MAX_THREADS, message="{key} = {value}: use a number of nodes in [{low}, {high}]"))
     rendezvous: str | None = None
 
     def validate(self) -> None:
@@ -338,7 +354,7 @@ MAX_N_BINS = 1000
 @dataclass(frozen=True)
 class EvaluationConfig:
     n_bins: int = bounded(DEFAULT_N_BINS, Range(1, MAX_N_BINS))
-    batch_size: int = bounded(512, POSITIVE)
+    batch_size: int = bounded(512, POSITIVE, _at_most(MAX_BATCH_SIZE, "the batch size"))
 
 
 # Fewer than 100 resamples cannot place a 95% bound; more than 100,000 add no precision to it and
@@ -409,7 +425,9 @@ class DecisionConfig:
     conformal_score: Literal["lac", "aps", "raps"] = "lac"
     # RAPS's penalty per label past raps_k_reg (Angelopoulos et al. 2021)
     raps_lambda: float = bounded(0.01, NOT_NEGATIVE)
-    raps_k_reg: int = bounded(1, NOT_NEGATIVE)
+    raps_k_reg: int = bounded(
+        1, Range(0, MAX_RAPS_K_REG, message="{key} = {value}: a number of labels, must be in [{low}, {high}]")
+    )
     # The certified rules (min_precision, min_recall, max_risk) hold with probability >= 1 - delta.
     delta: float = bounded(0.05, OPEN_UNIT)
 
@@ -469,7 +487,8 @@ class ShiftConfig:
     severities: tuple[int, ...] = bounded(
         (1, 3, 5), ONCE_EACH, Each(Range(1, 5, message="{key}: {value} is not a severity; use integers from 1 to 5"))
     )
-    max_images: int = bounded(500, POSITIVE)  # the first N test images (all of them when fewer)
+    # The first N test images (all of them when fewer).
+    max_images: int = bounded(500, POSITIVE, _at_most(MAX_IMAGES, "the number of test images"))
 
     def validate(self) -> None:
         if bool(self.corruptions) != bool(self.severities):
@@ -485,7 +504,7 @@ class OODConfig:
         None, Rule(str.strip, "{key} is empty: name a DVC-tracked folder of images, or null for no OOD evaluation")
     )
     score: Literal["energy", "msp"] = "energy"  # what gates.max_ood_fpr95 reads
-    max_images: int = bounded(2000, POSITIVE)
+    max_images: int = bounded(2000, POSITIVE, _at_most(MAX_IMAGES, "the number of OOD images"))
 
 
 @dataclass(frozen=True)
@@ -769,7 +788,7 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{dotted} = {value!r}: expected an integer")
+            raise ConfigError(f"{dotted} = {value!r}: expected an integer{_written_as_digits(value)}")
         return value
     if hint is float:
         # YAML reads 5e-4 as a string (it wants 5.0e-4); accept the form people write.
@@ -790,6 +809,16 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
             raise ConfigError(f"{dotted} = {value!r}: expected a string")
         return value
     raise ConfigError(f"{dotted}: unsupported type {hint}")  # a programming error in this module
+
+
+def _written_as_digits(value: Any) -> str:
+    """The fix for a number given in a form an integer key cannot take (YAML reads 1e3 as text and
+    1.0e+3 as a float)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return ""
+    return " written in digits (e.g. 64, not 6.4e1)"
 
 
 def _check(config: Config) -> None:

@@ -122,6 +122,46 @@ def test_params_hash_ignores_what_happens_to_the_model_after_it_is_built():
         ("gates.metric=mce", "gates.metric = 'mce': must be one of 'ece', 'smooth_ece'"),
         ("registry.model_name=a/b", "registry.model_name = 'a/b': must be non-empty, without '/' or ':'"),
         ("train.epochs=[", "override 'train.epochs=\\[': the value is not YAML"),
+        # Whole numbers that size an allocation or a loop: a typo is refused naming the key and the
+        # fix, never an overflow traceback in torch or a run that never ends.
+        ("train.epochs=100000000000", "train.epochs = 100000000000: the number of epochs must be at most 10000; set"),
+        (
+            "train.batch_size=100000000000000000000",
+            "train.batch_size = 100000000000000000000: the batch size must be at most 65536",
+        ),
+        (
+            "train.val_every=100000000000",
+            "train.val_every = 100000000000: epochs between validation passes must be at most",
+        ),
+        (
+            "evaluation.batch_size=100000000000000000000",
+            "evaluation.batch_size = 100000000000000000000: the batch size must be at most 65536",
+        ),
+        (
+            "data.min_per_class=100000000000000000000",
+            "data.min_per_class = 100000000000000000000: images per class must be at most",
+        ),
+        (
+            "shift.max_images=100000000000000000000",
+            "shift.max_images = 100000000000000000000: the number of test images must be at most",
+        ),
+        (
+            "ood.max_images=100000000000000000000",
+            "ood.max_images = 100000000000000000000: the number of OOD images must be at most",
+        ),
+        (
+            "decision.raps_k_reg=100000000000000000000",
+            r"decision.raps_k_reg = 100000000000000000000: a number of labels, must be in \[0, 100000\]",
+        ),
+        (
+            "train.nnodes=100000000000000000000",
+            r"train.nnodes = 100000000000000000000: use a number of nodes in \[1, 1024\]",
+        ),
+        # YAML reads 1e20 as text and 1.0e+20 as a float: neither is an integer, nor a crash.
+        ("train.batch_size=1e20", r"train.batch_size = '1e20': expected an integer written in digits \(e.g. 64"),
+        ("train.epochs=1e11", r"train.epochs = '1e11': expected an integer written in digits"),
+        ("train.batch_size=1.0e+20", r"train.batch_size = 1e\+20: expected an integer written in digits"),
+        ("train.epochs=.inf", r"train.epochs = inf: expected an integer"),
     ],
 )
 def test_values_a_run_cannot_use_are_refused_naming_key_value_and_what_is_allowed(override, message):
@@ -143,6 +183,10 @@ def test_values_a_run_cannot_use_are_refused_naming_key_value_and_what_is_allowe
         "gates.metric=smooth_ece",
         "evaluation.n_bins=1000",
         "model.width=1024",
+        "train.epochs=10000",
+        "train.batch_size=65536",
+        "evaluation.batch_size=65536",
+        "decision.raps_k_reg=0",
         "registry.model_name=it's-digits",
     ],
 )

@@ -273,3 +273,28 @@ def test_in_a_separate_process_a_user_mistake_exits_2_with_one_line_and_no_trace
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("bad", ["bomb", "truncated", "not an image"])
+def test_predict_on_an_image_it_cannot_decode_exits_2_with_one_line_naming_the_file(world, monkeypatch, capsys, bad):
+    """Through the whole CLI, with the registered model's loading stubbed (the world's versions have
+    no artifacts): the image is decoded after the model loads."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from calibflow.tracking import registration
+
+    stub = SimpleNamespace(metadata=SimpleNamespace(metadata={"image_mode": "L", "image_size": [8, 8]}))
+    monkeypatch.setattr(registration, "load_model", lambda uri: stub)
+    path = Path(world["tmp"]) / "bad.jpg"
+    Image.open(world["image"]).convert("RGB").resize((64, 64)).save(path, quality=95)
+    if bad == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)  # past twice the limit: Pillow raises
+    elif bad == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(b"plain text, not a JPEG")
+    assert calibflow(["predict", "--model", f"models:/{SOLO}@champion", "--repo", world["repo"], str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], lines  # one line, no traceback

@@ -7,23 +7,80 @@ epoch is index arithmetic, with no DataLoader workers to feed.
 
 from __future__ import annotations
 
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from calibflow.errors import ManifestError
+
+# What Pillow's decoders raise on a file that is not a whole image: OSError for a truncated or
+# unreadable file, SyntaxError and struct.error for a malformed header, EOFError for a file that
+# ends inside one, ValueError for a mode or size it cannot convert.
+_UNDECODABLE = (OSError, SyntaxError, struct.error, EOFError, ValueError)
 
 
 def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One image as an (H, W, C) uint8 array in `mode`, resized to `size` (W, H) when it differs."""
-    with Image.open(path) as image:
-        image = image.convert(mode)
-        if size is not None and image.size != tuple(size):
-            image = image.resize(tuple(size), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
+    """One image as an (H, W, C) uint8 array in `mode`, resized to `size` (W, H) when it differs.
+
+    A file that cannot be decoded is a ManifestError naming the file and what is wrong with it (a
+    refusal: exit 2 with one line on the CLI, wherever the file came from), never Pillow's own
+    error, whose message may not name the file and which the CLI would read as a store failure."""
+    try:
+        with Image.open(path) as image:
+            _refuse_bomb(path, image)  # before decoding: the header alone says how big it is
+            image = image.convert(mode)
+            if size is not None and image.size != tuple(size):
+                image = image.resize(tuple(size), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except ManifestError:
+        raise  # _refuse_bomb's, a ValueError that already names the file
+    except Image.DecompressionBombError as error:  # Pillow's own check, at twice its limit
+        raise ManifestError(f"{path}: {_bomb(error)}") from error
+    except UnidentifiedImageError as error:
+        raise ManifestError(
+            f"{path}: not an image Pillow can read (an unknown format, or not an image at all): "
+            f"remove it from the folder or convert it to PNG or JPEG"
+        ) from error
+    except _UNDECODABLE as error:
+        raise ManifestError(f"{path}: cannot be decoded as an image ({_problem(error)}): {_FIX}") from error
     return array[:, :, None] if array.ndim == 2 else array
+
+
+_FIX = "copy the file again from its source, or remove it from the folder"
+
+
+def _refuse_bomb(path: str | Path, image: Image.Image) -> None:
+    """Refuse an image whose header declares more pixels than Pillow's limit (Image.MAX_IMAGE_PIXELS,
+    read now so that a caller may change it): decoding one would take gigabytes for an input that
+    is resized to a few thousand pixels. Pillow itself only warns up to twice the limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise ManifestError(
+            f"{path}: {width}x{height} = {width * height} pixels, more than the {limit} Pillow decodes safely "
+            f"(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb, or an image far too large for this model; "
+            f"remove it from the folder or resize it"
+        )
+
+
+def _bomb(error: Exception) -> str:
+    return (
+        f"{error} Its header declares more pixels than Pillow decodes safely (PIL.Image.MAX_IMAGE_PIXELS): "
+        f"a decompression bomb, or an image far too large for this model; remove it from the folder or resize it"
+    )
+
+
+def _problem(error: Exception) -> str:
+    """Pillow's message without the path it may repeat, on one line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if "truncated" in text:
+        return "the file is truncated: its data ends before the image does"
+    return f"{type(error).__name__}: {text}"
 
 
 def load_images(

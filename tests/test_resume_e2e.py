@@ -44,9 +44,7 @@ def completed_epoch(repo: Path) -> int:
 
 def weights_of(repo: Path, run_id: str, out: Path) -> dict[str, torch.Tensor]:
     store.configure_tracking(repo)
-    return (
-        load_checkpoint(store.download_run_artifact(run_id, "checkpoint/checkpoint.pt", out)).members[0].state_dict()
-    )
+    return load_checkpoint(store.download_run_artifact(run_id, "checkpoint/checkpoint.pt", out)).members[0].state_dict()
 
 
 def test_a_run_killed_mid_training_resumes_and_registers_the_uninterrupted_weights(tiny_repo, tmp_path):

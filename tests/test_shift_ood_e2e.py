@@ -227,9 +227,7 @@ def test_a_failing_shift_gate_exits_1_with_the_check_in_its_json(tiny_repo, caps
         == 0
     )
     challenger = client.get_model_version_by_alias(MODEL, "challenger")
-    gates = json.loads(
-        Path(store.download_run_artifact(challenger.run_id, "gates/gates.json", tmp_path)).read_text()
-    )
+    gates = json.loads(Path(store.download_run_artifact(challenger.run_id, "gates/gates.json", tmp_path)).read_text())
     increase = next(c for c in gates["checks"] if c["name"] == "max_shift_ece_increase")
     # a bound, not a point value: on the few test images the two splits share it is wide
     assert gates["n_shared"] > 0 and increase["bound"] >= increase["value"]

@@ -264,3 +264,17 @@ def test_a_passed_suite_is_reused_for_the_same_bytes_and_a_failed_one_is_always_
     changed = data_steps.write_manifest(str(folder), str(tmp_path / "manifest.csv"))
     data_steps.write_split(changed.path, SplitConfig(), 0, str(tmp_path / "splits.json"))
     assert not validate("changed.json").success and len(calls) == 4
+
+
+def test_a_dataset_of_one_class_folder_is_refused_before_anything_is_hashed_naming_the_folder(tmp_path):
+    from calibflow.errors import ManifestError, is_refusal
+    from calibflow.pipeline import data_steps
+
+    root = tmp_path / "data"
+    (root / "cats").mkdir(parents=True)
+    for i in range(PER_CLASS):
+        (root / "cats" / f"img_{i:03d}.png").write_bytes(png_bytes(i))
+    with pytest.raises(ManifestError, match="one class folder \\('cats'\\).*at least two") as caught:
+        data_steps.write_manifest(str(root), str(tmp_path / "manifest.csv"))
+    assert str(root) in str(caught.value) and is_refusal(caught.value)  # exit 2, one line
+    assert not (tmp_path / "manifest.csv").exists()

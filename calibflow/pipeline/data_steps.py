@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from calibflow.config import Config, DataConfig, SplitConfig
-from calibflow.errors import ConfigError
+from calibflow.errors import ConfigError, ManifestError
 from calibflow.data.images import load_images
 from calibflow.data.manifest import (
     build_manifest,
@@ -42,8 +42,16 @@ class ManifestRecord:
 
 
 def write_manifest(data_dir: str, out_path: str) -> ManifestRecord:
-    """One row per file: path, label, size, mode, content hash, whether it decodes."""
+    """One row per file: path, label, size, mode, content hash, whether it decodes. A dataset of
+    one class folder is refused here, before anything is hashed or trained: a classifier of one
+    class is always right with confidence 1, and every later step (the split, the calibrators, the
+    gates) would fail on it far from the cause."""
     classes = list_classes(data_dir)
+    if len(classes) < 2:
+        raise ManifestError(
+            f"{str(data_dir)!r} has one class folder ({classes[0]!r}) and a classifier needs at least two: "
+            f"put each class's images in its own subdirectory <root>/<class>/<image>, at least two classes"
+        )
     manifest = build_manifest(data_dir)
     save_manifest(manifest, out_path)
     return ManifestRecord(

@@ -41,11 +41,14 @@ def test_a_whole_image_still_decodes(tmp_path):
 def test_a_decompression_bomb_is_refused_naming_the_file_before_it_is_decoded(tmp_path, monkeypatch, factor):
     bomb = _png(tmp_path / "bomb.png", size=(100, 100))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(100 * 100 / factor))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         with pytest.raises(ManifestError, match="decompression bomb") as caught:
             decode_image(bomb, "L", (8, 8))
+        with pytest.raises(ManifestError, match="bomb.png"):
+            load_images(tmp_path, ["bomb.png"], "L", (8, 8), workers=2)
     assert str(bomb) in str(caught.value) and "\n" not in str(caught.value)
+    assert not seen  # Pillow's warning would print two lines before the refusal's one
 
 
 def test_a_truncated_image_is_refused_naming_the_file_and_the_fix(tmp_path):

@@ -8,9 +8,11 @@ epoch is index arithmetic, with no DataLoader workers to feed.
 from __future__ import annotations
 
 import struct
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +32,21 @@ def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = Non
     A file that cannot be decoded is a ManifestError naming the file and what is wrong with it (a
     refusal: exit 2 with one line on the CLI, wherever the file came from), never Pillow's own
     error, whose message may not name the file and which the CLI would read as a store failure."""
+    with _no_bomb_warning():
+        return _decode(path, mode, size)
+
+
+@contextmanager
+def _no_bomb_warning() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning silenced: _refuse_bomb refuses every image it warns about,
+    in one line, and the warning's two lines on stderr would precede that line. catch_warnings is
+    process-wide state, so it is entered once around all of load_images' threads, never by them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _decode(path: str | Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with Image.open(path) as image:
             _refuse_bomb(path, image)  # before decoding: the header alone says how big it is
@@ -88,8 +105,8 @@ def load_images(
 ) -> torch.Tensor:
     """Decode many files (PIL releases the GIL while decoding, so threads help)."""
     root = Path(root)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda p: decode_image(root / p, mode, size), relative_paths, chunksize=64))
+    with _no_bomb_warning(), ThreadPoolExecutor(max_workers=workers) as pool:
+        arrays = list(pool.map(lambda p: _decode(root / p, mode, size), relative_paths, chunksize=64))
     if not arrays:
         raise ValueError("no images to load")
     stacked = np.stack(arrays)  # (N, H, W, C)

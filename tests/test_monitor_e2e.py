@@ -4,6 +4,7 @@ champion of the tiny repo: fine, calibration drifted, accuracy drifted, unlabele
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,25 @@ def add_folder(repo: Path, name: str, images: np.ndarray, labels: np.ndarray | N
     return f"data/{name}"
 
 
+def add_own_images(repo: Path, name: str, seen: set[str], unseen: tuple[np.ndarray, np.ndarray] | None = None):
+    """A labeled folder of the tiny repo's own images that `seen` holds (byte for byte: the same
+    content hash), beside `unseen` new ones; its path and how many of its images are seen."""
+    from calibflow.disk_cache import file_sha256
+
+    folder = repo / "data" / name
+    own = [p for p in sorted((repo / "data" / "tiny").glob("*/*.png")) if file_sha256(p) in seen]
+    for path in own:
+        (folder / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, folder / path.parent.name / f"own_{path.name}")
+    if unseen is not None:
+        add_folder(repo, name, *unseen)
+    else:
+        dvc("add", "-q", f"data/{name}", cwd=repo)
+        run("git", "add", "-A", cwd=repo)
+        run("git", "commit", "-qm", f"add data/{name}", cwd=repo)
+    return f"data/{name}", len(own)
+
+
 def monitor(repo: Path, data: str, out: Path, *extra: str) -> tuple[int, dict]:
     code = calibflow(
         [
@@ -69,7 +89,7 @@ def monitor(repo: Path, data: str, out: Path, *extra: str) -> tuple[int, dict]:
     return code, (json.loads(out.read_text()) if out.exists() else {})
 
 
-def test_monitor_says_fine_recalibrate_retrain_or_cannot_tell(tiny_repo, tmp_path):
+def test_monitor_says_fine_recalibrate_retrain_or_cannot_tell(tiny_repo, tmp_path, capsys):
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
     images, labels = unseen_digits()
     darker = (images * 0.3).astype(np.uint8)  # an under-exposed camera: the model falls apart
@@ -106,6 +126,28 @@ def test_monitor_says_fine_recalibrate_retrain_or_cannot_tell(tiny_repo, tmp_pat
     assert len(runs) == 5 and {r.data.tags["model_version"] for r in runs} == {"1"}
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert version.tags["last_monitor_run"] == json.loads((tmp_path / "unlabeled_dark.json").read_text())["run_id"]
+
+    # the version's own train/val/calibration images are dropped and counted: its numbers are on new images only
+    from calibflow.lifecycle.promotion import seen_by
+    from calibflow.tracking import registration
+
+    seen = seen_by(registration.resolve_model_uri(f"models:/{MODEL}@champion"))
+    mixed, n_seen = add_own_images(tiny_repo, "mixed", seen, (images, labels))
+    assert n_seen > 100
+    code, report = monitor(tiny_repo, mixed, tmp_path / "mixed.json")
+    assert (code, report["excluded_seen"], report["n_images"]) == (0, n_seen, len(images))
+    assert report["measured"] == fine["measured"]  # the same images judged: the seen ones count for nothing
+    assert (
+        f"{n_seen} of the folder's {n_seen + len(images)} images were images the version was fitted on"
+        in (report["reasons"][-1])
+    )
+    assert client.get_run(report["run_id"]).data.metrics["monitor/excluded_seen"] == n_seen
+    # a folder of nothing but those images is refused: it says nothing about new images
+    old, _ = add_own_images(tiny_repo, "old", seen)
+    capsys.readouterr()
+    assert monitor(tiny_repo, old, tmp_path / "old.json")[0] == 2
+    err = capsys.readouterr().err
+    assert f"all {n_seen} of its images are images the version was fitted on" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("problem", ["other classes", "empty", "mixed", "not tracked"])

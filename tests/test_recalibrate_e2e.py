@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from calibflow.tracking import store
 from cli.main import main as calibflow
-from tests.test_monitor_e2e import add_folder, unseen_digits
+from tests.test_monitor_e2e import add_folder, add_own_images, unseen_digits
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
@@ -35,9 +35,31 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def recalibrate_refused_on_seen(repo: Path, version: str, data: str, n_seen: int, n_images: int, capsys) -> str:
+    """`calibflow recalibrate` of `version` on `data`, which holds `n_seen` images its network was
+    fitted on: exit 2 naming the count and the fix, nothing registered; its stderr."""
+    capsys.readouterr()
+    code = calibflow(["recalibrate", "--model", f"models:/{MODEL}/{version}", "--data", data, "--repo", str(repo)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{n_seen} of its {n_images} images are images the network was fitted on" in err
+    assert "newly labeled images the network has not seen" in err and "nothing registered" in err
+    assert "Traceback" not in err
+    return err
+
+
 def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo, tmp_path, capsys):
+    from calibflow.disk_cache import file_sha256
+    from calibflow.lifecycle.promotion import seen_by
+    from calibflow.tracking import registration
+
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
     images, labels = unseen_digits()
+    # a folder holding the network's own train/val/calibration images is refused, naming a few
+    store.configure_tracking(tiny_repo)
+    own, n_seen = add_own_images(tiny_repo, "own", seen_by(registration.resolve_model_uri(f"models:/{MODEL}/1")))
+    err = recalibrate_refused_on_seen(tiny_repo, "1", own, n_seen, n_seen, capsys)
+    assert n_seen > 100 and "e.g. 0/own_" in err
     harsher = (255 * (images / 255.0) ** 2).astype(np.uint8)  # the new camera: calibration drifted (monitor exit 1)
     data = add_folder(tiny_repo, "relabeled", harsher, labels)
     # the gates read the new test half (and its corrupted copies): a bar it cannot clear is exit 1, nothing registered
@@ -96,6 +118,13 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     assert sha256(a / "weights.pt") == sha256(b / "weights.pt")  # the network, byte for byte
     assert json.loads((a / "calibration.json").read_text()) != json.loads((b / "calibration.json").read_text())
     assert client.get_run(new.run_id).data.tags["recalibrated_from"] == "1"
+    # recalibrating version 2 on the same folder is refused: its calibrator was fitted on half of it
+    folder = tiny_repo / data
+    fitted = seen_by(registration.resolve_model_uri(f"models:/{MODEL}/2"))
+    n_fitted = sum(file_sha256(p) in fitted for p in folder.glob("*/*.png"))
+    assert 0 < n_fitted < len(images)
+    recalibrate_refused_on_seen(tiny_repo, "2", data, n_fitted, len(images), capsys)
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]
 
     # the registry can gate and reproduce it like any version: on the new test half
     gate = subprocess.run(

@@ -17,7 +17,9 @@ Without labels (a flat folder of images), accuracy is estimated from calibrated 
 split) and the confidence distribution is compared with the test split's (Kolmogorov-Smirnov).
 Estimates certify nothing, so: exit 3 when both estimates' intervals lie below the recorded
 accuracy minus the tolerance, exit 0 when both reach it and the confidence has not drifted, exit 2
-otherwise (label a sample). Every check is logged as an MLflow run in `MONITOR_EXPERIMENT`, tagged
+otherwise (label a sample). Images the version was fitted on (its train, val or calibration split,
+by content hash) are dropped first and counted in the report; a folder holding nothing else is
+refused (exit 2). Every check is logged as an MLflow run in `MONITOR_EXPERIMENT`, tagged
 with the model version, and the version gets the run's id and verdict as tags.
 """
 
@@ -46,6 +48,8 @@ from calibflow.data.manifest import is_image_file
 from calibflow.names import CALIBRATED, on_test, version_tag
 from calibflow.lifecycle.reproduce import decode_rows, predict_in_batches, rebuild_test_split, served_classes
 from calibflow.data.versioning import resolve_data
+from calibflow.disk_cache import file_sha256
+from calibflow.lifecycle.promotion import seen_by
 from calibflow.errors import MonitorDataError, NotFound
 
 MONITOR_EXPERIMENT = "calibflow-monitoring"
@@ -71,6 +75,7 @@ class MonitorReport:
     measured: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     exit_code: int = EXIT_UNDECIDED
+    excluded_seen: int = 0  # images of the folder the version was fitted on, left out of every number
 
     @property
     def verdict(self) -> str:
@@ -138,12 +143,37 @@ def _recorded(tags: dict[str, str]) -> dict[str, float]:
     return {"accuracy": float(accuracy), "ece": float(ece)}
 
 
+def drop_seen(
+    local_dir: str | Path, paths: list[str], labels: np.ndarray | None, seen: set[str], data_path: str
+) -> tuple[list[str], np.ndarray | None, int]:
+    """The folder's images less those whose content the version was fitted on, and how many left.
+
+    Dropped and counted, not refused: every bound and estimate here assumes images the network has
+    not seen, and on its own train/val/calibration images it is more often right and more sure, so
+    kept they would pull a drifted model toward FINE. Without them the verdict is a true statement
+    about the new images, only on fewer of them (its bounds widen, toward undecided, never toward
+    a false fine), which is what `calibflow gate` does with a test split the champion saw. The count
+    is in the report, its summary and the MLflow run, so a folder that was mostly old images is
+    visible; one that holds nothing else is refused."""
+    keep = np.array([file_sha256(Path(local_dir) / path) not in seen for path in paths], dtype=bool)
+    dropped = int((~keep).sum())
+    if not keep.any():
+        raise MonitorDataError(
+            f"{data_path}: all {len(paths)} of its images are images the version was fitted on (its "
+            f"train, val or calibration split), which say nothing about new images: monitor images "
+            f"that arrived since"
+        )
+    kept = [path for path, k in zip(paths, keep, strict=True) if k]
+    return kept, (labels[keep] if labels is not None else None), dropped
+
+
 def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".") -> MonitorReport:
     record = registration.resolve_model_uri(model_uri)
     model = registration.load_model(f"models:/{record.name}/{record.version}")
     classes = served_classes(model)
     data = resolve_data(repo_root, data_path, None)
     paths, labels = read_monitoring_folder(data.local_dir, classes, data_path)
+    paths, labels, dropped = drop_seen(data.local_dir, paths, labels, seen_by(record), data_path)
     meta = model.metadata.metadata
     images = load_images(data.local_dir, paths, meta["image_mode"], tuple(meta["image_size"]))
     probabilities = predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
@@ -157,6 +187,7 @@ def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: s
         labels is not None,
         confidence,
         _recorded(record.tags),
+        excluded_seen=dropped,
     )
     floor = report.recorded["accuracy"] - settings.max_accuracy_drop
     if labels is not None:
@@ -179,6 +210,11 @@ def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: s
             rebuilt.manifest["label_index"].to_numpy()[rows],
             floor,
             settings.drift_alpha,
+        )
+    if dropped:
+        report.reasons.append(
+            f"{dropped} of the folder's {dropped + len(paths)} images were images the version was fitted on "
+            f"(train, val or calibration split): left out, every number above is on the other {len(paths)}"
         )
     return report
 
@@ -284,7 +320,8 @@ def log_monitor_run(report: MonitorReport, repo_root: str | Path = ".") -> str:
         },
         repo_root,
     )
-    store.log_metrics(run_id, {f"monitor/{k}": v for k, v in report.measured.items()})
+    measured = {**report.measured, "excluded_seen": report.excluded_seen}
+    store.log_metrics(run_id, {f"monitor/{k}": v for k, v in measured.items()})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "monitor.json"
         path.write_text(json.dumps(report.to_json(), indent=1))

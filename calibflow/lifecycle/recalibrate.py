@@ -37,7 +37,7 @@ from calibflow.data.images import load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
-from calibflow.lifecycle.promotion import champion_for
+from calibflow.lifecycle.promotion import champion_for, seen_by
 from calibflow.lifecycle.reproduce import served_classes, served_policy, verified_run_artifact
 from calibflow.pipeline.tagging import run_artifact_tags
 from calibflow.data.splits import stratified_split
@@ -166,7 +166,7 @@ def recalibrate(
             f"{source.name} version {source.version} serves decision rules fitted to its "
             f"calibrator, which a new calibrator would leave stale: retrain it (calibflow run)"
         )
-    new = _new_images(model, data_path, config, repo_root)
+    new = _new_images(model, data_path, config, repo_root, seen_by(source))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         gated = _fit_and_gate(source, model.unwrap_python_model(), new, config, against, work)
@@ -180,9 +180,10 @@ def recalibrate(
     return result
 
 
-def _new_images(model, data_path: str, config: Config, repo_root: str | Path) -> NewImages:
-    """The new folder, refused unless it labels every class the model predicts and its test half
-    is large enough for the gates; the source network's logits on it, in one forward pass."""
+def _new_images(model, data_path: str, config: Config, repo_root: str | Path, seen: set[str]) -> NewImages:
+    """The new folder, refused unless it labels every class the model predicts, holds no image the
+    network was fitted on (`seen`) and its test half is large enough for the gates; the source
+    network's logits on it, in one forward pass."""
     from calibflow.gates.plan import small_test_split_warning
 
     classes = served_classes(model)
@@ -195,6 +196,7 @@ def _new_images(model, data_path: str, config: Config, repo_root: str | Path) ->
             f"{', '.join(classes)}: recalibration needs labeled images of every class the "
             f"model predicts, in folders named like them"
         )
+    _refuse_seen(manifest, seen, data_path)
     split = stratified_split(
         manifest["label_index"].to_numpy(),
         manifest["sha256"].to_numpy(),
@@ -214,6 +216,22 @@ def _new_images(model, data_path: str, config: Config, repo_root: str | Path) ->
     served = model.unwrap_python_model()
     logits = np.concatenate([served.logits(images[i : i + 1024]) for i in range(0, len(images), 1024)])
     return NewImages(data, manifest, split, images, logits, manifest["label_index"].to_numpy())
+
+
+def _refuse_seen(manifest, seen: set[str], data_path: str) -> None:
+    """Refused, not filtered: on images the network was fitted on (its train, val or calibration
+    split, or its source's) its logits are memorised, more confident and more often right than on
+    new ones, so a calibrator fitted there is biased toward over-confidence and gates read there
+    pass what new images would fail. Dropping them silently would recalibrate on a folder other
+    than the one the user pinned and named; a folder that holds them is a mistake to fix upstream."""
+    hits = manifest["sha256"].isin(seen).to_numpy()
+    if hits.any():
+        examples = ", ".join(manifest["path"][hits].head(3))
+        raise RecalibrationError(
+            f"{data_path}: {int(hits.sum())} of its {len(manifest)} images are images the network was "
+            f"fitted on (its train, val or calibration split; e.g. {examples}), and a calibrator fitted "
+            f"or gated on them would be biased: recalibrate on newly labeled images the network has not seen"
+        )
 
 
 def _fit_and_gate(source, served, new: NewImages, config: Config, against: str | None, work: Path) -> GatedCalibrator:

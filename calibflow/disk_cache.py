@@ -7,15 +7,24 @@ SHA-256 digests of the inputs and of the source files the answer comes from, so 
 or a setting is a miss. A cache that cannot be read or written (a read-only checkout, a
 half-written file from a killed run) is a miss, never an error: the value is recomputed, and
 written atomically (a temporary file renamed into place).
+
+Every entry is signed (HMAC-SHA256) with a key kept outside the cache: CALIBFLOW_CACHE_KEY when set
+(CI, where caches are restored from shared storage), else a random key made once in the user's
+~/.cache/calibflow/cache.key (mode 0600). An entry whose signature does not verify (written by
+anyone without the key: a restored or copied cache, a hand-made file) is a miss: the value is
+recomputed, never read. A checkout that cannot make or read the key caches nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +33,54 @@ import numpy as np
 CACHE_SUBDIR = Path(".calibflow") / "cache"
 
 
+KEY_VARIABLE = "CALIBFLOW_CACHE_KEY"
+KEY_FILE = Path("~/.cache/calibflow/cache.key")
+
+
 def cache_dir(repo_root: str | Path) -> Path:
     return Path(repo_root) / CACHE_SUBDIR
+
+
+@cache
+def signing_key() -> bytes | None:
+    """The key entries are signed with; None when there is none to be had (nothing is cached)."""
+    from_environment = os.environ.get(KEY_VARIABLE)
+    if from_environment:
+        return from_environment.encode()
+    path = KEY_FILE.expanduser()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(handle, "wb") as out:
+            out.write(secrets.token_hex(32).encode())
+    except FileExistsError:
+        pass  # another process made it first: read theirs
+    except OSError:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _signature(payload: bytes) -> str | None:
+    key = signing_key()
+    return None if key is None else hmac.new(key, payload, hashlib.sha256).hexdigest()
+
+
+def _verified(payload: bytes, signature: object) -> bool:
+    expected = _signature(payload)
+    return expected is not None and isinstance(signature, str) and hmac.compare_digest(expected, signature)
+
+
+def _canonical(key: dict[str, Any], value: Any) -> bytes:
+    return json.dumps({"key": key, "value": value}, sort_keys=True, default=str).encode()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,8 +123,13 @@ def _load(directory: str | Path | None, namespace: str, key: dict[str, Any]) -> 
     if directory is None:
         return _MISSING
     try:
-        return json.loads(_json_path(directory, namespace, key).read_text())["value"]
-    except (OSError, ValueError, KeyError, TypeError):
+        entry = json.loads(_json_path(directory, namespace, key).read_text())
+        value = entry["value"]
+        # The key as this caller computed it, not as the file says: an entry moved under another name misses.
+        if not _verified(_canonical(key, value), entry.get("signature")):
+            return _MISSING
+        return value
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return _MISSING
 
 
@@ -83,10 +143,15 @@ def store(directory: str | Path | None, namespace: str, key: dict[str, Any], val
     """Keep a JSON-serialisable value for this key; directory None keeps nothing."""
     if directory is None:
         return
+    # What a reader verifies: the value as it reads back from JSON (a tuple becomes a list).
+    value = json.loads(json.dumps(value, default=str))
+    signature = _signature(_canonical(key, value))
+    if signature is None:
+        return
 
     def write(partial: str) -> None:
         with open(partial, "w") as handle:
-            json.dump({"key": key, "value": value}, handle, default=str)
+            json.dump({"key": key, "value": value, "signature": signature}, handle, default=str)
 
     _write_atomically(_json_path(directory, namespace, key), write, ".tmp")
 
@@ -106,11 +171,20 @@ def cached_array(path: Path | None, compute: Callable[[], np.ndarray]) -> np.nda
     there and readable, else computed and kept; path None keeps nothing."""
     if path is not None:
         try:
-            with np.load(path) as saved:
-                return saved["array"]
+            with np.load(path) as saved:  # allow_pickle stays False: an object array is a miss
+                array, signature = saved["array"], str(saved["signature"])
+            if _verified(_array_payload(path, array), signature):
+                return array
         except (OSError, ValueError, KeyError):
             pass
     array = compute()
-    if path is not None:
-        _write_atomically(path, lambda partial: np.savez(partial, array=array), ".partial.npz")
+    signature = _signature(_array_payload(path, array)) if path is not None else None
+    if signature is not None:
+        _write_atomically(path, lambda partial: np.savez(partial, array=array, signature=signature), ".partial.npz")
     return array
+
+
+def _array_payload(path: Path, array: np.ndarray) -> bytes:
+    """What an array's signature covers: its name (the caller's content digest), dtype, shape and bytes."""
+    header = json.dumps([Path(path).name, array.dtype.str, list(array.shape)]).encode()
+    return header + b"\0" + np.ascontiguousarray(array).tobytes()

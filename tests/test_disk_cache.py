@@ -37,3 +37,52 @@ def test_files_digest_changes_with_any_file_and_file_sha256_is_plain_sha256(tmp_
     before = disk_cache.files_digest([a, b])
     b.write_bytes(b"tw0")
     assert disk_cache.files_digest([a, b]) != before
+
+
+def test_an_entry_not_signed_with_the_key_is_a_miss_and_recomputed(tmp_path, monkeypatch):
+    """Who can write the cache (a restored CI cache, a copied checkout) cannot make an entry count:
+    it is read only when its HMAC verifies with the key kept outside the cache."""
+    import json
+
+    monkeypatch.setenv(disk_cache.KEY_VARIABLE, "key-one")
+    disk_cache.signing_key.cache_clear()
+    assert disk_cache.cached(tmp_path, "ns", {"n": 1}, lambda: "computed") == "computed"
+    [entry] = (tmp_path / "ns").iterdir()
+    stored = json.loads(entry.read_text())
+
+    forged = {**stored, "value": "poisoned"}  # the value changed, its signature kept
+    entry.write_text(json.dumps(forged))
+    assert disk_cache.cached(tmp_path, "ns", {"n": 1}, lambda: "recomputed") == "recomputed"
+    entry.write_text(json.dumps({"key": {"n": 1}, "value": "poisoned"}))  # no signature at all
+    assert disk_cache.load(tmp_path, "ns", {"n": 1}) is None
+
+    disk_cache.store(tmp_path, "ns", {"n": 1}, "signed")
+    assert disk_cache.load(tmp_path, "ns", {"n": 1}) == "signed"
+    monkeypatch.setenv(disk_cache.KEY_VARIABLE, "key-two")  # another machine's key: its entries miss here
+    disk_cache.signing_key.cache_clear()
+    assert disk_cache.load(tmp_path, "ns", {"n": 1}) is None
+    disk_cache.signing_key.cache_clear()
+
+
+def test_an_array_not_signed_with_the_key_is_recomputed(tmp_path, monkeypatch):
+    monkeypatch.setenv(disk_cache.KEY_VARIABLE, "key-one")
+    disk_cache.signing_key.cache_clear()
+    path = tmp_path / "x.npz"
+    disk_cache.cached_array(path, lambda: np.arange(3))
+    np.savez(path, array=np.full(3, 7), signature=str(np.load(path)["signature"]))  # other bytes, old signature
+    assert np.array_equal(disk_cache.cached_array(path, lambda: np.arange(3)), np.arange(3))
+    np.savez(path, array=np.full(3, 7))  # unsigned
+    assert np.array_equal(disk_cache.cached_array(path, lambda: np.arange(3)), np.arange(3))
+    disk_cache.signing_key.cache_clear()
+
+
+def test_without_a_key_nothing_is_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv(disk_cache.KEY_VARIABLE, raising=False)
+    monkeypatch.setattr(disk_cache, "KEY_FILE", tmp_path / "not-a-dir" / "key")
+    (tmp_path / "not-a-dir").write_text("a file where the key's folder would go")
+    disk_cache.signing_key.cache_clear()
+    calls = []
+    for _ in range(2):
+        disk_cache.cached(tmp_path / "cache", "ns", {"n": 1}, lambda: calls.append(1))
+    assert len(calls) == 2 and not (tmp_path / "cache").exists()
+    disk_cache.signing_key.cache_clear()

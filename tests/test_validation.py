@@ -278,3 +278,33 @@ def test_a_dataset_of_one_class_folder_is_refused_before_anything_is_hashed_nami
         data_steps.write_manifest(str(root), str(tmp_path / "manifest.csv"))
     assert str(root) in str(caught.value) and is_refusal(caught.value)  # exit 2, one line
     assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_a_forged_cache_entry_cannot_pass_data_that_fails(folder, tmp_path, monkeypatch):
+    """The attack: a 'passed' entry written into the cache under the key of data that fails. Its
+    signature was made for another key (or by nobody), so GX runs and the data fails."""
+    import json
+
+    from calibflow import disk_cache
+    from calibflow.config import DataConfig, SplitConfig
+    from calibflow.pipeline import data_steps
+
+    cache, asked = tmp_path / "cache", []
+    real_load = disk_cache.load
+    monkeypatch.setattr(disk_cache, "load", lambda d, ns, key: asked.append(key) or real_load(d, ns, key))
+    manifest = data_steps.write_manifest(str(folder), str(tmp_path / "manifest.csv"))
+    split = data_steps.write_split(manifest.path, SplitConfig(), 0, str(tmp_path / "splits.json"))
+
+    def validate(data: DataConfig):
+        return data_steps.validate_data(
+            manifest.path, split.path, manifest.classes, data, str(tmp_path / "v.json"), cache_directory=cache
+        )
+
+    assert validate(DataConfig(min_per_class=MIN_PER_CLASS)).success  # a genuine, signed entry
+    [genuine] = (cache / "data_validation").iterdir()
+    stricter = DataConfig(min_per_class=PER_CLASS + 1)
+    assert not validate(stricter).success
+    forged_path = disk_cache._json_path(cache, "data_validation", asked[-1])
+    forged_path.write_text(json.dumps({**json.loads(genuine.read_text()), "key": asked[-1]}))
+    report = validate(stricter)
+    assert not report.success and "reused_from_cache" not in report.statistics

@@ -280,7 +280,7 @@ class TrainConfig:
         "auto",
         Range(1, MAX_THREADS, message="{key} = {value}: use a number of processes per node in [{low}, {high}] or auto"),
     )
-    nnodes: int = bounded(1, Range(1, MAX_THREADS, message="{key} = {value}: use a number of nodes in [{low}, {high}]"))
+    nnodes: int = bounded(1, Range(1), _at_most(MAX_THREADS, "the number of nodes"))
     rendezvous: str | None = None
 
     def validate(self) -> None:

@@ -298,3 +298,29 @@ def test_predict_on_an_image_it_cannot_decode_exits_2_with_one_line_naming_the_f
     assert calibflow(["predict", "--model", f"models:/{SOLO}@champion", "--repo", world["repo"], str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0], lines  # one line, no traceback
+
+
+PARAMS_COMMANDS = [
+    ["run"],
+    ["gate", "--model", SOLO, "--candidate", "1"],
+    ["gate", "plan", "--thresholds"],
+    ["promote", "--model", SOLO, "--candidate", "1"],
+    ["monitor", "--model", f"models:/{SOLO}/1", "--data", "data/none"],
+    ["recalibrate", "--model", f"models:/{SOLO}/1", "--data", "data/none"],
+    ["schedule"],
+]
+BAD_SETTINGS = [
+    ("train.batch_size=1e20", "train.batch_size = '1e20'"),
+    ("train.batch_size=100000000000000000000", "the batch size must be at most"),
+    ("train.epochs=100000000000", "the number of epochs must be at most"),
+]
+
+
+@pytest.mark.parametrize("setting, says", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+@pytest.mark.parametrize("command", PARAMS_COMMANDS, ids=[" ".join(c[:2]) for c in PARAMS_COMMANDS])
+def test_every_command_that_reads_params_refuses_an_impossible_size_in_one_line(world, capsys, command, setting, says):
+    """The adversarial review's bad settings, through every command that reads params.yaml: exit 2,
+    one line naming the key, no traceback (never reaching a training, a model or a store)."""
+    assert calibflow([*command, "--repo", world["repo"], "--set", setting]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in lines[0], lines

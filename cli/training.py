@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 def run_summary(result: dict) -> str:
     """`calibflow run`'s closing lines: what was registered, the calibration and the gate that
     reads it, where to look. The whole result: --json."""
+    from calibflow.gates.checks import shown_relation
+
     if result.get("skipped"):
         return f"calibflow run: skipped. {result['reason']}"
     before, after, gates = result["test_before"], result["test_after"], result.get("gates", {})
@@ -82,7 +84,7 @@ def run_summary(result: dict) -> str:
         if check["name"] == "max_ece":  # the calibration gate: its bound, not only its estimate
             lines.append(
                 f"  gate max_ece: {check['metric']} {check['value']:.4f}, {gates['confidence']:.0%} upper "
-                f"bound {check['bound']:.4f} {check['comparison']} {check['threshold']:.4f}"
+                f"bound {check['bound']:.4f} {shown_relation(check['comparison'], check['passed'])} {check['threshold']:.4f}"
             )
     where = "the tracking store"
     if result.get("tracking_uri"):

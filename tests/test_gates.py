@@ -137,3 +137,13 @@ def test_smooth_metric_gates_the_smooth_ece():
     check = verdict.check("max_ece")
     assert check.metric.startswith("smooth ECE") and check.value == pytest.approx(verdict.estimates["smooth_ece"])
     assert check.passed
+
+
+def test_a_failed_check_shows_the_relation_that_holds_not_the_one_required():
+    from calibflow.gates.checks import GateCheck
+
+    def check(comparison, passed):
+        return GateCheck("g", "m", 0.5, 0.0143, 0.01, comparison, passed)
+
+    assert (check("<=", True).relation, check("<=", False).relation) == ("<=", ">")
+    assert (check(">=", True).relation, check(">=", False).relation) == (">=", "<")

@@ -50,7 +50,7 @@ def test_the_verdict_line_states_the_verdict_each_bound_and_t():
         "PASSED · ECE 0.0120 -> 0.0123 (smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956"
     )
     failed = run_summary.verdict_line(evaluation(), FIT, verdict(ece_bound=0.07))
-    assert failed.startswith("FAILED · ") and "FAIL smooth ECE 95% upper 0.0700 <= 0.05" in failed
+    assert failed.startswith("FAILED · ") and "FAIL smooth ECE 95% upper 0.0700 > 0.05" in failed
 
 
 def test_the_description_starts_with_the_verdict_then_warns_when_calibration_made_things_worse():

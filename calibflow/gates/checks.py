@@ -77,6 +77,12 @@ class GateCheck:
     passed: bool
     method: str = ""  # how the bound was made (docs/gates.md)
 
+    @property
+    def relation(self) -> str:
+        """How the bound stands to the threshold: the required comparison when it holds, its
+        negation when it does not ("0.0143 > 0.01", never "0.0143 <= 0.01" on a failed check)."""
+        return shown_relation(self.comparison, self.passed)
+
     def describe(self, confidence: float) -> str:
         side = "upper" if self.comparison == "<=" else "lower"
         verdict = "pass" if self.passed else "FAIL"
@@ -84,6 +90,10 @@ class GateCheck:
             f"{self.name}: {self.metric} = {self.value:.4f}, {confidence:.0%} {side} bound {self.bound:.4f} "
             f"(must be {self.comparison} {self.threshold:.4f}) {verdict}"
         )
+
+
+def shown_relation(comparison: str, passed: bool) -> str:
+    return comparison if passed else {"<=": ">", ">=": "<"}[comparison]
 
 
 @dataclass(frozen=True)

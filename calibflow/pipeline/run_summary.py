@@ -60,7 +60,7 @@ def verdict_line(evaluation: Evaluation, fit: CalibrationRecord | None, verdict:
     text = f"acc {evaluation.after['accuracy']:.3f}"
     if accuracy is not None:
         text += (
-            f" ({'' if accuracy.passed else 'FAIL '}lower {accuracy.bound:.3f} {accuracy.comparison} "
+            f" ({'' if accuracy.passed else 'FAIL '}lower {accuracy.bound:.3f} {accuracy.relation} "
             f"{accuracy.threshold:g})"
         )
     parts.append(text)

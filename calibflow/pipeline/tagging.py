@@ -175,7 +175,7 @@ def gate_metrics(verdict: GateVerdict) -> dict[str, float]:
 
 def _bound_text(check, confidence: float) -> str:
     side = "upper" if check.comparison == "<=" else "lower"
-    return f"{confidence:.0%} {side} {check.bound:.4f} {check.comparison} {check.threshold:g}"
+    return f"{confidence:.0%} {side} {check.bound:.4f} {check.relation} {check.threshold:g}"
 
 
 def gate_tags(verdict: GateVerdict, champion: str | None) -> dict[str, str]:

@@ -147,3 +147,12 @@ def test_a_failed_check_shows_the_relation_that_holds_not_the_one_required():
 
     assert (check("<=", True).relation, check("<=", False).relation) == ("<=", ">")
     assert (check(">=", True).relation, check(">=", False).relation) == (">=", "<")
+
+
+def test_a_single_column_of_probabilities_is_refused_not_passed():
+    """A one-column probability matrix is right by construction: it passed every gate."""
+    from calibflow.errors import GateInputError, is_refusal
+
+    with pytest.raises(GateInputError, match="single column") as one_column:
+        evaluate_gates(Predictions(np.ones((500, 1)), np.zeros(500, dtype=int)), GATES)
+    assert is_refusal(one_column.value)

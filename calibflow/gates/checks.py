@@ -196,6 +196,11 @@ def _top_label(predictions: Predictions, who: str) -> _TopLabel:
             f"{who}: probabilities must lie in [0, 1] and each row sum to 1 (largest deviation "
             f"{np.abs(probs.sum(axis=1) - 1.0).max():.3g}); pass calibrated probabilities, not logits"
         )
+    if probs.shape[1] < 2:
+        raise GateInputError(
+            f"{who}: probabilities of {probs.shape[1]} class: a single column is right by construction and "
+            f"every gate would pass it; a classifier needs two classes or more"
+        )
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise GateInputError(f"{who}: labels must be integers in [0, {probs.shape[1]})")
     predicted = probs.argmax(axis=1)

@@ -322,3 +322,145 @@ def test_a_version_registered_by_the_flat_layout_is_refused_by_name_not_as_a_sto
         assert "registered by an earlier calibflow" in capsys.readouterr().err
     finally:
         store.client().set_model_version_tag(MODEL, "1", served_model.DIGEST_TAG, digest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Served with MLflow's own tools
+
+
+META = "registered_model_meta"  # mlflow.store.artifact.models_artifact_repo.REGISTERED_MODEL_META_FILE_NAME
+
+
+def mlflow_meta(name: str = MODEL, version: object = "1", **extra) -> str:
+    """registered_model_meta as MLflow writes it (mlflow.utils.yaml_utils.write_yaml), with `extra` keys."""
+    return yaml.safe_dump({"model_name": name, "model_version": version, **extra}, default_flow_style=False)
+
+
+@pytest.mark.parametrize(
+    ("content", "left_out"),
+    [
+        (mlflow_meta(), True),
+        (mlflow_meta(version=1), True),  # the version as the registry answers an alias
+        (mlflow_meta(name="other-model"), False),
+        (mlflow_meta(version="2"), False),
+        (mlflow_meta(version=True), False),
+        (mlflow_meta(loader_module="mlflow.pyfunc.model"), False),
+        ("model_name: tiny-digits\n", False),
+        ("[tiny-digits, '1']\n", False),
+        ("model_name: [unclosed\n", False),
+    ],
+)
+def test_mlflows_registered_model_meta_is_left_out_of_the_digest_only_as_its_exact_record(tmp_path, content, left_out):
+    root = tmp_path / "model"
+    (root / "artifacts").mkdir(parents=True)
+    (root / "MLmodel").write_text("flavors: {}\n")
+    (root / "artifacts" / "weights.pt").write_bytes(b"\x00\x01\x02")
+    digest = served_model.artifacts_digest(root)
+    (root / META).write_text(content)
+    assert (served_model.artifacts_digest(root, registered_as=(MODEL, "1")) == digest) is left_out
+    assert served_model.artifacts_digest(root) != digest  # checked against no version: a file like any
+    (root / META).unlink()
+    (root / "artifacts" / META).write_text(mlflow_meta())  # only at the top
+    assert served_model.artifacts_digest(root, registered_as=(MODEL, "1")) != digest
+
+
+def test_a_registered_model_meta_that_is_a_link_is_not_left_out(tmp_path):
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "MLmodel").write_text("flavors: {}\n")
+    digest = served_model.artifacts_digest(root)
+    (tmp_path / "meta").write_text(mlflow_meta())
+    os.symlink(tmp_path / "meta", root / META)
+    assert served_model.artifacts_digest(root, registered_as=(MODEL, "1")) != digest
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_serving_a_version_with_mlflows_own_server_does_not_count_as_tampering(repo, tampered, tmp_path, capsys):
+    """`mlflow models serve -m models:/NAME/VERSION` (like mlflow.pyfunc.load_model on that URI)
+    downloads the model through MLflow's ModelsArtifactRepository, which writes
+    registered_model_meta (the model's name and version) into the downloaded folder; on the local
+    store that folder is the stored one, among the files whose digest registration recorded."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    meta = tampered / META
+    assert not meta.exists()
+    venv_bin = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    port = free_port()
+    command = [str(venv_bin / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1", "--env-manager", "local"]
+    log = tmp_path / "serve.log"
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its uvicorn workers in its own group, stopped with it
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited {server.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no answer to /ping within 120 s:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            predictions = np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert predictions.shape == (3, 5)
+    np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-6)
+
+    # What serving left in the stored files: MLflow's record of the version it served.
+    assert yaml.safe_load(meta.read_text()) == {"model_name": MODEL, "model_version": "1"}
+    loose = ["--set", "gates.min_accuracy=0.0", "--set", "gates.max_ece=1.0"]  # the gates it was registered by
+    for command in (
+        ["evaluate", "--model", f"models:/{MODEL}/1"],
+        ["gate", "--model", MODEL, "--candidate", "1", *loose],
+    ):
+        assert calibflow([*command, "--repo", str(repo)]) == 0, (command, capsys.readouterr().err)
+    capsys.readouterr()
+    np.testing.assert_allclose(
+        registration.load_model(f"models:/{MODEL}/1").predict(images), predictions, rtol=0, atol=1e-6
+    )
+
+    # The same file with anything but that record sits in the folder MLflow loads from: refused.
+    for content in (mlflow_meta(name="other-model"), mlflow_meta(loader_module="mlflow.pyfunc.model")):
+        meta.write_text(content)
+        assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 2, content
+        assert CHANGED in capsys.readouterr().err, content

@@ -28,7 +28,13 @@ from calibflow.errors import (
     one_line,
 )
 from calibflow.tracking.store import client, redact, store_wait, tracking_uri_for_display
-from calibflow.tracking.served_model import DIGEST_TAG, SERVED_MODEL_CODE, artifacts_digest, stored_model_tags
+from calibflow.tracking.served_model import (
+    DIGEST_TAG,
+    REGISTERED_MODEL_META,
+    SERVED_MODEL_CODE,
+    artifacts_digest,
+    stored_model_tags,
+)
 
 
 CHAMPION = "champion"
@@ -151,13 +157,16 @@ def load_model(model_uri: str):
         location = client().get_model_version_download_uri(record.name, record.version)
         with store_wait():
             local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp)
-        found = artifacts_digest(local)
+        found = artifacts_digest(local, registered_as=(record.name, record.version))
         if found != expected:
             raise ModelArtifactsChanged(
                 f"model artifacts changed since registration: the files of version {record.version} of {record.name} "
                 f"at {redact(location)} hash to {found}, not the {DIGEST_TAG} {expected} recorded when it was registered; "
                 f"nothing of it was loaded. Restore them from a trusted copy or retrain (see infra/TRUST.md)"
             )
+        # Left out of the digest only as MLflow's exact record of this version, and never read by
+        # MLflow when loading: removed so what MLflow loads is exactly the files registration hashed.
+        (Path(local) / REGISTERED_MODEL_META).unlink(missing_ok=True)
         check_served_code(local, record)
         warn_requirement_mismatches(local)
         # MLflow's own check of the same requirements resolves every installed package's import

@@ -269,16 +269,57 @@ def log_calibrated_model(
     return info.model_uri
 
 
-def artifacts_digest(directory: str | Path) -> str:
+# MLflow writes this file into the folder it downloads a registered model to, whenever that folder
+# is fetched through a models:/NAME/VERSION or models:/NAME@ALIAS URI (ModelsArtifactRepository.
+# download_artifacts): YAML of the two keys model_name and model_version. On a local store that
+# "download" is the stored folder itself, so `mlflow models serve -m models:/...` or
+# mlflow.pyfunc.load_model on such a URI leaves it among the files registration hashed. MLflow never
+# reads it back when loading, yet it sits in the folder MLflow loads from: so it is left out of the
+# digest only when it is exactly that record of the version being checked (artifacts_digest's
+# registered_as), and hashed like any other file otherwise, which fails the check.
+REGISTERED_MODEL_META = "registered_model_meta"
+
+
+def is_mlflow_registered_model_meta(path: Path, model_name: str, model_version: str) -> bool:
+    """Whether `path` is a plain file holding exactly what MLflow writes for this model's name and
+    version, and nothing else."""
+    import yaml
+
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 4096:
+        return False
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(content, dict) or set(content) != {"model_name", "model_version"}:
+        return False
+    name, version = content["model_name"], content["model_version"]
+    # MLflow writes the version as the URI spells it (a string) or as the registry answers an alias
+    # (an integer); a bool is neither.
+    version_ok = (isinstance(version, str) or (isinstance(version, int) and not isinstance(version, bool))) and str(
+        version
+    ) == str(model_version)
+    return isinstance(name, str) and name == model_name and version_ok
+
+
+def artifacts_digest(directory: str | Path, registered_as: tuple[str, str] | None = None) -> str:
     """sha256 over every file under `directory`, in order of relative path: the path, what it
     is (file or link) and the sha256 of its bytes (or link target). Changing, adding, removing or
-    renaming any file changes it."""
+    renaming any file changes it. With registered_as=(name, version), a top-level
+    registered_model_meta that is exactly MLflow's record of that name and version is left out
+    (REGISTERED_MODEL_META says why); with any other content it counts like any file."""
     root = Path(directory)
     entries = []
     for folder, subfolders, files in os.walk(root):  # does not follow links
         for name in subfolders + files:
             path = Path(folder) / name
             relative = path.relative_to(root).as_posix()
+            if (
+                registered_as is not None
+                and relative == REGISTERED_MODEL_META
+                and is_mlflow_registered_model_meta(path, *registered_as)
+            ):
+                continue
             if path.is_symlink():
                 entries.append((relative, "link", hashlib.sha256(os.readlink(path).encode()).hexdigest()))
             elif path.is_file():

@@ -238,7 +238,7 @@ class EpochCheckpoints:
 
 def load_error_reason(error: BaseException) -> str:
     """Why torch.load refused a file, in one line: its weights-only refusal runs to a page of advice
-    about loading the file anyway (weights_only=False), which is the one fix calibflow must not take."""
+    about loading the file anyway with the full unpickler, which is the one fix calibflow must not take."""
     text = str(error)
     marker = "WeightsUnpickler error:"
     if marker in text:

@@ -49,9 +49,62 @@ def gate_tag(check: str) -> str:
     return f"gate/{check}"
 
 
-GATE_VERDICT = "gate/verdict"  # passed | failed (every gate)
-GATE_ABSOLUTE = "gate/absolute"  # passed | failed (the gates that decide registration)
 GATE_AGAINST = "gate/against"  # the champion version the relative gates compared with, or why none
+
+# The verdict, in three parts, under the same tags on the run and on the registered version, and as
+# the `verdict` section of reports/metrics.json (VERDICT_JSON_KEYS): the gates that decide
+# registration, the gates against the champion, and whether the version serves now. Nothing else
+# states a verdict: a CD job reads these.
+VERDICT_ABSOLUTE = "verdict/absolute"  # PASSED | FAILED
+VERDICT_CHAMPION = "verdict/champion"  # PASSED | FAILED | NO_CHAMPION | NOT_COMPARED
+VERDICT_PROMOTED = "verdict/promoted"  # PROMOTED | AT_CHALLENGER | NOT_REGISTERED | replaced_by(...)
+VERDICT_FAILED = "verdict/failed"  # the failed checks, "max_ece_increase 0.0143 > 0.01; ...", or NONE_FAILED
+VERDICT_TAGS = (VERDICT_ABSOLUTE, VERDICT_CHAMPION, VERDICT_PROMOTED, VERDICT_FAILED)
+VERDICT_JSON_KEYS = {tag: tag.split("/", 1)[1] for tag in VERDICT_TAGS}  # metrics.json: verdict.absolute, ...
+
+PASSED = "passed"
+FAILED = "failed"
+NO_CHAMPION = "no champion"  # there was no @champion to compare with
+NOT_COMPARED = "not compared"  # a champion, but no gate against it configured, or no test image it was not fitted on
+PROMOTED = "yes: @champion"
+AT_CHALLENGER = "no: @challenger"  # registered, waiting for CD (calibflow gate / promote)
+NOT_REGISTERED = "no: not registered"
+NONE_FAILED = "none"
+
+
+def replaced_by(version: str) -> str:
+    """verdict/promoted of a champion that another version replaced (promotion or rollback)."""
+    return f"no: replaced as @champion by version {version}"
+
+
+def is_promoted(tags: Mapping[str, str]) -> bool:
+    return tags.get(VERDICT_PROMOTED, "").startswith("yes")
+
+
+# Written by runs before the three-part verdict (read only, for versions registered then).
+GATE_VERDICT = "gate/verdict"
+GATE_ABSOLUTE = "gate/absolute"
+
+
+def verdict_text(tags: Mapping[str, str]) -> str | None:
+    """The verdict a run's or a version's tags record, in one line, e.g. "absolute gates passed ·
+    against champion version 1: failed · promoted no: @challenger · failed: max_ece_increase 0.0143 >
+    0.01"; None when they record none."""
+    absolute = tags.get(VERDICT_ABSOLUTE) or tags.get(GATE_ABSOLUTE)
+    if not absolute:
+        return None
+    champion = tags.get(VERDICT_CHAMPION)
+    if champion is None:  # a version registered before the three-part verdict
+        return f"absolute gates {absolute} · all gates {tags.get(GATE_VERDICT, '?')} · promoted not recorded"
+    against = tags.get(GATE_AGAINST, "")
+    if champion != NO_CHAMPION:
+        champion = (
+            f"against champion {against}: {champion}" if against.startswith("version") else f"champion {champion}"
+        )
+    failed = tags.get(VERDICT_FAILED, NONE_FAILED)
+    return f"absolute gates {absolute} · {champion} · promoted {tags.get(VERDICT_PROMOTED, NOT_REGISTERED)}" + (
+        "" if failed == NONE_FAILED else f" · failed: {failed}"
+    )
 
 
 def shift_metric(cell: str, stage: str, name: str) -> str:

@@ -5,6 +5,7 @@ test_run_page_in_a_browser (skipped without chromium)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -45,12 +46,68 @@ def verdict(ece_bound: float = 0.0235) -> GateVerdict:
     return GateVerdict(passed=all(c.passed for c in checks), checks=checks, confidence=0.95, n_samples=267)
 
 
-def test_the_verdict_line_states_the_verdict_each_bound_and_t():
-    assert run_summary.verdict_line(evaluation(), FIT, verdict()) == (
-        "PASSED · ECE 0.0120 -> 0.0123 (smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956"
+def champion_verdict(increase_bound: float = 0.0143) -> GateVerdict:
+    """The default absolute gates passed, and max_ece_increase against a champion."""
+    checks = (
+        *verdict().checks,
+        GateCheck("max_ece_increase", "ECE increase", 0.0, increase_bound, 0.01, "<=", increase_bound <= 0.01),
+    )
+    return GateVerdict(
+        passed=all(c.passed for c in checks), checks=checks, confidence=0.95, n_samples=267, n_shared=267
+    )
+
+
+def test_the_verdict_line_states_the_three_part_verdict_each_bound_and_t():
+    first = tagging.run_verdict(verdict(), None, "champion")
+    assert run_summary.verdict_line(evaluation(), FIT, verdict(), first) == (
+        "PROMOTED · absolute gates passed · no champion · promoted yes: @champion · ECE 0.0120 -> 0.0123 "
+        "(smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956"
     )
     failed = run_summary.verdict_line(evaluation(), FIT, verdict(ece_bound=0.07))
-    assert failed.startswith("FAILED · ") and "FAIL smooth ECE 95% upper 0.0700 > 0.05" in failed
+    assert failed.startswith("REJECTED · absolute gates failed · no champion · promoted no: not registered · ")
+    assert "failed: max_ece 0.0700 > 0.05" in failed and "smooth ECE 95% upper 0.0700 > 0.05" in failed
+    assert "<= 0.05" not in failed  # a failed check never reads as if it held
+
+    challenger = tagging.run_verdict(champion_verdict(), "1", "challenger")
+    line = run_summary.verdict_line(evaluation(), FIT, champion_verdict(), challenger)
+    assert line.startswith(
+        "NOT PROMOTED · absolute gates passed · against champion version 1: failed · promoted no: @challenger · "
+        "failed: max_ece_increase 0.0143 > 0.01 · "
+    )
+
+
+def test_the_three_parts_of_the_verdict():
+    assert tagging.run_verdict(verdict(), None, "champion").tags() == {
+        "verdict/absolute": "passed",
+        "verdict/champion": "no champion",
+        "verdict/promoted": "yes: @champion",
+        "verdict/failed": "none",
+        "gate/against": "none: no @champion to compare with",
+    }
+    challenger = tagging.run_verdict(champion_verdict(), "1", "challenger")
+    assert (challenger.absolute, challenger.champion, challenger.promoted) == ("passed", "failed", "no: @challenger")
+    assert challenger.failed == ("max_ece_increase 0.0143 > 0.01",)
+    promoted = tagging.run_verdict(champion_verdict(increase_bound=0.008), "1", "champion")
+    assert (promoted.champion, promoted.promoted, promoted.failed) == ("passed", "yes: @champion", ())
+    rejected = tagging.run_verdict(verdict(ece_bound=0.07), None)
+    assert (rejected.absolute, rejected.promoted) == ("failed", "no: not registered")
+    # a champion, but nothing compared with it (no relative gate, or no image it was not fitted on)
+    assert tagging.run_verdict(verdict(), "1", "challenger").champion == "not compared"
+    # the text is read back from the tags alone (what a version page or `calibflow status` has)
+    assert (
+        names.verdict_text(challenger.tags())
+        == challenger.text()
+        == (
+            "absolute gates passed · against champion version 1: failed · promoted no: @challenger · "
+            "failed: max_ece_increase 0.0143 > 0.01"
+        )
+    )
+    assert challenger.to_json() == {
+        "absolute": "passed",
+        "champion": "failed",
+        "promoted": "no: @challenger",
+        "failed": "max_ece_increase 0.0143 > 0.01",
+    }
 
 
 def test_the_description_starts_with_the_verdict_then_warns_when_calibration_made_things_worse():
@@ -61,8 +118,28 @@ def test_the_description_starts_with_the_verdict_then_warns_when_calibration_mad
     better = evaluation(after={**AFTER, "ece": 0.0100, "nll": 0.0400})
     assert run_summary.calibration_warning(better, FIT) is None
     assert "WARNING" not in run_summary.summary_markdown("run-1", "uri", "registered", better, FIT, verdict())
-    # a run that failed before any gate still says so on its first line
-    assert run_summary.summary_markdown("run-1", "uri", "failed", None, None, None).splitlines()[0] == "FAILED"
+
+
+def test_a_refused_run_says_why_on_the_first_line_of_its_description():
+    reason = "failed (ConfigError): train.batch_size 4096 is more than the 60 training images: lower it"
+    text = run_summary.summary_markdown("run-1", "uri", reason, None, None, None)
+    assert text.splitlines()[0] == f"NOT REGISTERED · {reason}"
+    assert f"## calibflow run: {reason}" in text
+
+
+def test_a_promotion_rewrites_the_verdict_line_and_keeps_the_rest_under_a_heading():
+    before = tagging.run_verdict(champion_verdict(), "1", "challenger")
+    old = run_summary.summary_markdown(
+        "run-1", "uri", "registered", evaluation(), FIT, champion_verdict(), None, final=before
+    )
+    after = before.as_promoted("yes: @champion")
+    new = run_summary.with_new_verdict(old, f"PROMOTED · {after.text()}", ["Promoted by ci."])
+    lines = new.splitlines()
+    assert lines[0] == f"PROMOTED · {after.text()}" and lines[2] == "Promoted by ci."
+    assert "NOT PROMOTED" not in new and "### Before" in new and "| gate | value |" in new
+    # promoting twice keeps one verdict line, not a pile of them
+    again = run_summary.with_new_verdict(new, "PROMOTED · x", ["y"])
+    assert again.count("PROMOTED ·") == 1
 
 
 def test_gate_metrics_and_tags_name_each_check_its_bound_and_the_champion():
@@ -76,8 +153,11 @@ def test_gate_metrics_and_tags_name_each_check_its_bound_and_the_champion():
     }
     tags = tagging.gate_tags(verdict(), champion=None)
     assert tags["gate/max_ece"] == "passed: smooth ECE 0.0110, 95% upper 0.0235 <= 0.05"
-    assert tags["gate/verdict"] == tags["gate/absolute"] == "passed"
+    assert tags["verdict/absolute"] == "passed" and tags["verdict/promoted"] == "no: not registered"
+    assert "gate/verdict" not in tags  # one verdict: its three parts, nothing that can contradict them
     assert tags["gate/against"].startswith("none") and tagging.gate_tags(verdict(), "3")["gate/against"] == "version 3"
+    failed = tagging.gate_tags(champion_verdict(), "3")
+    assert failed["gate/max_ece_increase"] == "FAILED: ECE increase 0.0000, 95% upper 0.0143 > 0.01"
 
 
 def test_metrics_version_tags_and_metrics_json_share_one_vocabulary(tmp_path):
@@ -88,15 +168,15 @@ def test_metrics_version_tags_and_metrics_json_share_one_vocabulary(tmp_path):
         "calibration/calibrated_nll": 0.049,
         "calibration/temperature": 0.9561,
     }
-    state = tmp_path / "calibration.json"
-    state.write_text("{}")
     staged = report_staging.stage_metrics_report(
-        str(tmp_path / "reports" / "metrics.json"), evaluation(), FIT, verdict()
+        str(tmp_path / "reports" / "metrics.json"), evaluation(), FIT, champion_verdict(), champion="1"
     )
-    report = __import__("json").loads(Path(report_staging.publish_report(staged)).read_text())
+    final = tagging.run_verdict(champion_verdict(), "1", "challenger")
+    report = json.loads(Path(report_staging.publish_report(staged, final)).read_text())
     assert report["test"]["calibrated"]["ece"] == metrics["test/calibrated/ece"]
-    assert report["calibration"]["temperature"] == 0.9561 and report["calibration"]["method"] == "temperature"
-    assert report["gate"]["max_ece_bound"] == 0.0235 and report["gate"]["passed"] is True
+    assert report["calibration"] == {"method": "temperature", "temperature": 0.9561}
+    assert report["gate"] == {"max_ece_bound": 0.0235, "min_accuracy_bound": 0.9781, "max_ece_increase_bound": 0.0143}
+    assert report["verdict"] == final.to_json() and report["verdict"]["promoted"] == "no: @challenger"
 
 
 def test_versions_registered_under_the_old_tag_names_still_read():

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 from calibflow.gates.checks import GateVerdict
 from calibflow.leftovers import ProcessId, alive, this_process
@@ -24,7 +26,7 @@ from calibflow.pipeline.evaluation_steps import (
     OODEvaluation,
     ShiftEvaluation,
 )
-from calibflow.pipeline.tagging import fit_metrics, gate_metrics, test_metrics
+from calibflow.pipeline.tagging import RunVerdict, run_verdict, test_metrics
 
 
 @dataclass(frozen=True)
@@ -44,22 +46,15 @@ def stage_metrics_report(
     shifted: ShiftEvaluation | None = None,
     ood: OODEvaluation | None = None,
     plots: dict[str, str] | None = None,
+    champion: str | None = None,
 ) -> StagedReport:
     """Write the new reports/metrics.json (a DVC metric) beside the old one, before anything is
     registered: a report that cannot be written fails the run while the registry is untouched,
-    and the previous report stays in place until publish_report renames this one over it."""
-    report = nested({**test_metrics(evaluation), **fit_metrics(fit), **gate_metrics(verdict)})
-    report["calibration"]["method"] = fit.method
-    report.setdefault("gate", {})["passed"] = verdict.passed
-    if decisions is not None and decisions.metrics:
-        report["test"]["decision"] = decisions.metrics
-    if shifted is not None:
-        result = json.loads(Path(shifted.result_path).read_text())
-        # the means before and after, each cell after calibration (the run's metrics hold every number)
-        kept = {k: v for k, v in shifted.metrics.items() if k.startswith(f"shift/{CALIBRATED}/") or "/mean_" in k}
-        report["shift"] = {**nested(kept)["shift"], "n_images": result["n_images"]}
-    if ood is not None:
-        report["ood"] = {"n_images": ood.n_images, **nested(ood.metrics)["ood"]}
+    and the previous report stays in place until publish_report renames this one over it.
+    `champion`: the version the gates compared with."""
+    report = metrics_report(
+        evaluation, fit, verdict, run_verdict(verdict, champion), decisions=decisions, shifted=shifted, ood=ood
+    )
     target = Path(path)
     if target.exists() and not target.is_file():
         raise ReportError(
@@ -85,10 +80,43 @@ def stage_metrics_report(
     return StagedReport(path=str(target), staged=staged, plots=tuple(staged_plots))
 
 
-def publish_report(report: StagedReport) -> str:
+def metrics_report(
+    evaluation: Evaluation,
+    fit: CalibrationRecord,
+    verdict: GateVerdict,
+    final: RunVerdict,
+    *,
+    decisions: DecisionEvaluation | None = None,
+    shifted: ShiftEvaluation | None = None,
+    ood: OODEvaluation | None = None,
+) -> dict:
+    """reports/metrics.json: small sections, so that `dvc metrics show` prints a row a reader can
+    follow and `dvc metrics diff` compares the same keys between commits. The verdict in the words
+    of the tags; the test split before and after calibration; T; each gate's bound (its threshold
+    is in params.yaml, `dvc params diff`); the suite's means, not its cells, and the OOD scores (the
+    MLflow run holds every number)."""
+    report: dict = {"verdict": final.to_json(), **nested(test_metrics(evaluation))}
+    report["calibration"] = {"method": fit.method, **({"temperature": fit.temperature} if fit.temperature else {})}
+    report["gate"] = {f"{c.name}_bound": float(c.bound) for c in verdict.checks if np.isfinite(c.bound)}
+    if decisions is not None and decisions.metrics:
+        report["test"]["decision"] = dict(decisions.metrics)
+    if shifted is not None:
+        means = {k: v for k, v in shifted.metrics.items() if k.startswith(f"shift/{CALIBRATED}/mean_")}
+        report["shift"] = nested(means)["shift"]
+    if ood is not None:
+        report["ood"] = {"n_images": ood.n_images, **nested(ood.metrics)["ood"]}
+    return report
+
+
+def publish_report(report: StagedReport, final: RunVerdict | None = None) -> str:
     """Put the staged report in place: one rename, so readers see the old report or the new one,
-    never a mix or a truncated file."""
+    never a mix or a truncated file. `final`: the verdict as the run ends (the staged report was
+    written before anything was registered), written into the staged file first."""
     try:
+        if final is not None:
+            content = json.loads(Path(report.staged).read_text())
+            content["verdict"] = final.to_json()
+            Path(report.staged).write_text(json.dumps(content, indent=2))
         for staged, destination in report.plots:
             os.replace(staged, destination)
         os.replace(report.staged, report.path)

@@ -5,13 +5,14 @@ summary published as the flow run's artifact and the MLflow description.
 from __future__ import annotations
 
 
+from calibflow import names
 from calibflow.gates.checks import GateVerdict
 from calibflow.names import (
     CALIBRATED,
     UNCALIBRATED,
 )
 from calibflow.pipeline.evaluation_steps import CalibrationRecord, Evaluation
-from calibflow.pipeline.tagging import _bound_text
+from calibflow.pipeline.tagging import RunVerdict, _bound_text, run_verdict
 
 
 def calibration_warning(evaluation: Evaluation, fit: CalibrationRecord | None = None) -> str | None:
@@ -37,41 +38,63 @@ def calibration_warning(evaluation: Evaluation, fit: CalibrationRecord | None = 
     )
 
 
-def verdict_line(evaluation: Evaluation, fit: CalibrationRecord | None, verdict: GateVerdict) -> str:
-    """One line: the verdict, test ECE before -> after with the gate's bound, accuracy with its bound,
-    T, and each other check that failed, e.g.
-    "PASSED · ECE 0.0120 -> 0.0123 (95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956"."""
-    head = (
-        "PASSED"
-        if verdict.passed
-        else "FAILED"
-        if not verdict.absolute_passed
-        else "PASSED, NOT PROMOTABLE (fails against @champion)"
-    )
-    parts = [head]
+def headline(outcome: RunVerdict) -> str:
+    """The verdict's first word, for a reader scanning a list of runs or versions."""
+    if names.is_promoted(outcome.tags()):
+        return "PROMOTED"
+    if outcome.promoted == names.AT_CHALLENGER:
+        return "NOT PROMOTED"
+    if outcome.promoted == names.NOT_REGISTERED:
+        return "REJECTED" if outcome.absolute == names.FAILED else "NOT REGISTERED"
+    return "REPLACED"
+
+
+HEADLINES = ("PROMOTED", "NOT PROMOTED", "REJECTED", "NOT REGISTERED", "REPLACED")
+
+
+def verdict_line(
+    evaluation: Evaluation | None,
+    fit: CalibrationRecord | None,
+    verdict: GateVerdict,
+    outcome: RunVerdict | None = None,
+) -> str:
+    """One line: the headline, the three-part verdict in the words of the tags (RunVerdict.text),
+    then test ECE before -> after with the gate's bound, accuracy with its bound, and T, e.g.
+    "PROMOTED · absolute gates passed · no champion · promoted yes: @champion · ECE 0.0120 -> 0.0123
+    (smooth ECE 95% upper 0.0235 <= 0.05) · acc 0.989 (lower 0.978 >= 0.9) · T 0.956". `outcome`
+    defaults to the gates' verdict with nothing registered."""
+    outcome = outcome or run_verdict(verdict, None)
+    parts = [headline(outcome), outcome.text()]
     by_name = {c.name: c for c in verdict.checks}
-    ece = by_name.get("max_ece")
-    text = f"ECE {evaluation.before['ece']:.4f} -> {evaluation.after['ece']:.4f}"
-    if ece is not None:
-        measure = ece.metric.split(" (")[0]  # "smooth ECE (sigma 0.0146)": the bandwidth is in the gate's tag
-        text += f" ({'' if ece.passed else 'FAIL '}{measure} {_bound_text(ece, verdict.confidence)})"
-    parts.append(text)
-    accuracy = by_name.get("min_accuracy")
-    text = f"acc {evaluation.after['accuracy']:.3f}"
-    if accuracy is not None:
-        text += (
-            f" ({'' if accuracy.passed else 'FAIL '}lower {accuracy.bound:.3f} {accuracy.relation} "
-            f"{accuracy.threshold:g})"
-        )
-    parts.append(text)
+    if evaluation is not None:
+        ece = by_name.get("max_ece")
+        text = f"ECE {evaluation.before['ece']:.4f} -> {evaluation.after['ece']:.4f}"
+        if ece is not None:
+            measure = ece.metric.split(" (")[0]  # "smooth ECE (sigma 0.0146)": the bandwidth is in the gate's tag
+            text += f" ({measure} {_bound_text(ece, verdict.confidence)})"
+        parts.append(text)
+        accuracy = by_name.get("min_accuracy")
+        text = f"acc {evaluation.after['accuracy']:.3f}"
+        if accuracy is not None:
+            text += f" (lower {accuracy.bound:.3f} {accuracy.relation} {accuracy.threshold:g})"
+        parts.append(text)
     if fit is not None:
         parts.append(f"T {fit.temperature:.3f}" if fit.temperature else fit.method)
-    parts += [
-        f"FAIL {c.name} ({_bound_text(c, verdict.confidence)})"
-        for c in verdict.checks
-        if not c.passed and c.name not in ("max_ece", "min_accuracy")
-    ]
     return " · ".join(parts)
+
+
+def with_new_verdict(description: str, line: str, record: list[str]) -> str:
+    """A version's description after its verdict changed (a promotion, a rollback): `line` first,
+    then `record` (what changed, by whom), then what it said before under a heading, without its
+    old verdict line, so that no line of it contradicts the new one."""
+    old = (description or "").strip()
+    first, _, rest = old.partition("\n")
+    if first.startswith(HEADLINES):
+        old = rest.strip()
+    lines = [line, "", *record]
+    if old:
+        lines += ["", "### Before", "", old]
+    return "\n".join(lines)
 
 
 def summary_markdown(
@@ -82,15 +105,22 @@ def summary_markdown(
     fit: CalibrationRecord | None,
     verdict: GateVerdict | None,
     version=None,
+    *,
+    final: RunVerdict | None = None,
 ) -> str:
-    """The run's description in MLflow (and the Prefect run summary): the verdict line first, then a
-    warning when calibration made the test split worse, then the numbers. `tracking_uri` is shown as
-    given: pass it with its credentials masked (store.configure_tracking returns it so)."""
+    """The run's description in MLflow (and the Prefect run summary): the verdict line first (or,
+    for a run that ended before its gates, `outcome`, which carries the reason), then a warning when
+    calibration made the test split worse, then the numbers. `final` is the three-part verdict as
+    the run ended (by default: the gates' verdict, with `version`'s alias or nothing registered).
+    `tracking_uri` is shown as given: pass it with its credentials masked (store.configure_tracking
+    returns it so)."""
     lines = []
-    if verdict is not None and evaluation is not None:
-        lines += [verdict_line(evaluation, fit, verdict), ""]
+    if verdict is not None:
+        if final is None:
+            final = run_verdict(verdict, None, getattr(version, "alias", None))
+        lines += [verdict_line(evaluation, fit, verdict, final), ""]
     else:
-        lines += [outcome.upper() if outcome in ("registered", "failed") else outcome, ""]
+        lines += [outcome if outcome.startswith("skipped") else f"NOT REGISTERED · {outcome}", ""]
     warning = calibration_warning(evaluation, fit) if evaluation is not None else None
     if warning:
         lines += [f"> **{warning}**", ""]
@@ -118,5 +148,6 @@ def summary_markdown(
         ]
         lines.append("")
     if version is not None:
-        lines.append(f"Registered **{version.name}** version {version.version} as `@{version.alias}`.")
+        alias = "champion" if final is not None and names.is_promoted(final.tags()) else version.alias
+        lines.append(f"Registered **{version.name}** version {version.version}, now `@{alias}`.")
     return "\n".join(lines)

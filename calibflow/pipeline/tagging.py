@@ -1,12 +1,20 @@
 """What a run records in MLflow, by name: the version tags, the test-split metrics, the calibration
 fit, the gate verdict (names from calibflow.names), and whether the champion was built from the same
 data, params and code.
+
+One verdict everywhere: a run makes one RunVerdict (run_verdict) and every record of it is made
+from that: the run's tags (gate_tags when the gates ran, RunVerdict.tags() again when the run ends,
+with the alias the version holds then), the registered version's tags, the run's and the version's
+description (run_summary.summary_markdown(final=...)), and reports/metrics.json's `verdict` section
+(report_staging.publish_report(report, final)). `calibflow promote` and `rollback`
+(calibflow.lifecycle.promotion) rewrite the version's tags and description the same way.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -14,15 +22,14 @@ from calibflow.config import Config
 from calibflow.gates.decisions import (
     DECISION_TAG_PREFIX,
 )
-from calibflow.gates.checks import GateVerdict
+from calibflow.gates.checks import ABSOLUTE_GATES, GateCheck, GateVerdict
 from calibflow.disk_cache import file_sha256
+from calibflow import names
 from calibflow.names import (
     RUN_ARTIFACTS_TAG,
     CALIBRATED,
     CALIBRATION_METHOD,
-    GATE_ABSOLUTE,
     GATE_AGAINST,
-    GATE_VERDICT,
     TEMPERATURE,
     UNCALIBRATED,
     calibration_metric,
@@ -178,14 +185,79 @@ def _bound_text(check, confidence: float) -> str:
     return f"{confidence:.0%} {side} {check.bound:.4f} {check.relation} {check.threshold:g}"
 
 
+def check_text(check: GateCheck) -> str:
+    """A check as a reviewer reads it: "max_ece_increase 0.0143 > 0.01" (its bound, the relation
+    that holds, the threshold)."""
+    return f"{check.name} {check.bound:.4f} {check.relation} {check.threshold:g}"
+
+
+def failed_checks(verdict: GateVerdict) -> tuple[str, ...]:
+    return tuple(check_text(c) for c in verdict.checks if not c.passed)
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    """The verdict in three parts (calibflow.names' vocabulary): the absolute gates, the gates
+    against the champion, and whether the version is @champion. The run's tags, its description,
+    reports/metrics.json and the registered version's tags and description are all made from one
+    of these."""
+
+    absolute: str  # names.PASSED | names.FAILED
+    champion: str  # names.PASSED | FAILED | NO_CHAMPION | NOT_COMPARED
+    promoted: str  # names.PROMOTED | AT_CHALLENGER | NOT_REGISTERED | names.replaced_by(...)
+    against: str | None = None  # the champion version compared with
+    failed: tuple[str, ...] = ()  # check_text() of each failed check
+
+    def tags(self) -> dict[str, str]:
+        return {
+            names.VERDICT_ABSOLUTE: self.absolute,
+            names.VERDICT_CHAMPION: self.champion,
+            names.VERDICT_PROMOTED: self.promoted,
+            names.VERDICT_FAILED: "; ".join(self.failed) or names.NONE_FAILED,
+            GATE_AGAINST: f"version {self.against}" if self.against else "none: no @champion to compare with",
+        }
+
+    def to_json(self) -> dict[str, str]:
+        """reports/metrics.json's `verdict` section: the same words under the same names."""
+        tags = self.tags()
+        return {key: tags[tag] for tag, key in names.VERDICT_JSON_KEYS.items()}
+
+    def text(self) -> str:
+        return names.verdict_text(self.tags()) or ""
+
+    def as_promoted(self, promoted: str) -> RunVerdict:
+        return replace(self, promoted=promoted)
+
+
+def promoted_value(alias: str | None) -> str:
+    """verdict/promoted of a version that holds `alias` (None: nothing was registered)."""
+    if alias is None:
+        return names.NOT_REGISTERED
+    return names.PROMOTED if alias == "champion" else names.AT_CHALLENGER
+
+
+def run_verdict(verdict: GateVerdict, champion: str | None, alias: str | None = None) -> RunVerdict:
+    """The three-part verdict of a gate run: `champion` the version the relative gates compared
+    with (None: there was none), `alias` the one the version holds now (None: not registered)."""
+    relative = [c for c in verdict.checks if c.name not in ABSOLUTE_GATES]
+    if relative:
+        against = names.PASSED if all(c.passed for c in relative) else names.FAILED
+    else:
+        against = names.NOT_COMPARED if champion else names.NO_CHAMPION
+    return RunVerdict(
+        absolute=names.PASSED if verdict.absolute_passed else names.FAILED,
+        champion=against,
+        promoted=promoted_value(alias),
+        against=champion,
+        failed=failed_checks(verdict),
+    )
+
+
 def gate_tags(verdict: GateVerdict, champion: str | None) -> dict[str, str]:
     """A run tag per check, e.g. gate/max_ece = "passed: smooth ECE 0.0110, 95% upper 0.0235 <= 0.05",
-    the overall verdicts, and the champion the relative gates compared with (or why none)."""
-    tags = {
-        GATE_VERDICT: "passed" if verdict.passed else "failed",
-        GATE_ABSOLUTE: "passed" if verdict.absolute_passed else "failed",
-        GATE_AGAINST: f"version {champion}" if champion else "none: no @champion to compare with",
-    }
+    and the three-part verdict as it stands when the gates have run: nothing registered yet (the
+    run's end sets verdict/promoted again when it registers the version)."""
+    tags = run_verdict(verdict, champion).tags()
     for check in verdict.checks:
         tags[gate_tag(check.name)] = (
             f"{'passed' if check.passed else 'FAILED'}: {check.metric} {check.value:.4f}, "

@@ -372,6 +372,9 @@ class GatesConfig:
     # Relative to the champion, on the same test images (paired bounds, docs/gates.md).
     max_ece_increase: float | None = bounded(0.01, NOT_NEGATIVE)
     max_accuracy_drop: float | None = bounded(0.01, NOT_NEGATIVE)
+    # Opt-in: the paired Brier score, candidate - champion (calibration and sharpness together, a
+    # proper score): passes retrains of equal quality far more often than max_ece_increase can.
+    max_brier_increase: float | None = bounded(None, NOT_NEGATIVE)
     # one-sided level of every bound
     confidence: float = bounded(
         0.95, Range(0.5, 1, low_open=True, high_open=True, message="{key} = {value}: {allowed}, e.g. 0.95")

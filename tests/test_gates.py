@@ -112,7 +112,14 @@ def test_a_champion_with_other_classes_is_not_comparable():
 
 def test_every_gate_reports_its_key_and_method():
     champion = synthetic(3_000, seed=5)
-    gates = GatesConfig(max_ece=0.05, min_accuracy=0.5, max_nll=1.0, max_ece_increase=0.02, max_accuracy_drop=0.02)
+    gates = GatesConfig(
+        max_ece=0.05,
+        min_accuracy=0.5,
+        max_nll=1.0,
+        max_ece_increase=0.02,
+        max_accuracy_drop=0.02,
+        max_brier_increase=0.02,
+    )
     verdict = evaluate_gates(champion, gates, comparison=(champion, champion))
     assert [c.name for c in verdict.checks] == [
         "max_ece",
@@ -120,14 +127,18 @@ def test_every_gate_reports_its_key_and_method():
         "max_nll",
         "max_ece_increase",
         "max_accuracy_drop",
+        "max_brier_increase",
     ]
     assert {c.method for c in verdict.checks} == {
         "intersection-union score",
         "clopper-pearson",
-        "error-rate x excess (Clopper-Pearson, Hall)",
-        "min of paired and cross-fit bounds",
+        "betting (Waudby-Smith & Ramdas), losses in [0, -log eps]",
+        "betting on paired and cross-fitted values",
         "paired score (Tango)",
+        "betting on the paired Brier difference",
     }
+    # the champion against itself: every relative gate passes on 3,000 images
+    assert all(verdict.check(name).passed for name in ("max_ece_increase", "max_brier_increase"))
     assert set(verdict.estimates) == {"ece_plugin", "ece_debiased_l2", "smooth_ece", "smooth_ece_sigma"}
 
 

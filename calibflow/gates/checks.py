@@ -12,9 +12,10 @@ docs/gates.md, and benchmarks/gate_soundness.py measures it by simulation agains
 | --- | --- | --- |
 | max_ece | calibration error (gates.metric) <= threshold | intersection-union score bound |
 | min_accuracy | accuracy >= threshold | Clopper-Pearson |
-| max_nll | NLL <= threshold | error rate (Clopper-Pearson) x excess loss (Hall) |
-| max_ece_increase | error(candidate) - error(champion) <= tolerance | min of paired and cross-fit bounds |
+| max_nll | NLL <= threshold | betting bound of the mean loss (losses at most -log eps) |
+| max_ece_increase | error(candidate) - error(champion) <= tolerance | betting on paired and cross-fitted values |
 | max_accuracy_drop | accuracy(champion) - accuracy(candidate) <= tolerance | paired score (Tango) |
+| max_brier_increase | Brier(candidate) - Brier(champion) <= tolerance (opt-in) | betting on the paired difference |
 | max_selective_risk | error rate of the predictions kept by the served abstention threshold <= threshold | Clopper-Pearson |
 | min_conformal_coverage | share of served prediction sets that hold the true class >= threshold | Clopper-Pearson |
 | max_shift_ece | mean over the corruption suite's cells of the calibration error <= threshold | mean of per-cell bounds, Bonferroni |
@@ -271,11 +272,7 @@ def evaluate_gates(
     ]
     if gates.max_nll is not None:
         nll = gs.nll_upper_bound(
-            _nll_values(top.confidence),
-            _nll_values(top.true_class_probability),
-            top.correct,
-            confidence,
-            max_loss=-float(np.log(NLL_EPS)),
+            _nll_values(top.true_class_probability), confidence, max_loss=-float(np.log(NLL_EPS)), seed=seed
         )
         checks.append(_check("max_nll", "NLL", nll, gates.max_nll, "<="))
     checks += _decision_checks(candidate, decisions, gates)
@@ -325,6 +322,13 @@ def evaluate_gates(
             drop = gs.accuracy_drop_upper_bound(theirs.correct, ours.correct, confidence)
             checks.append(
                 _check("max_accuracy_drop", "accuracy: champion - candidate", drop, gates.max_accuracy_drop, "<=")
+            )
+        if gates.max_brier_increase is not None:
+            brier = gs.brier_increase_upper_bound(
+                mine.probabilities, champion.probabilities, mine.labels, confidence, seed
+            )
+            checks.append(
+                _check("max_brier_increase", "Brier score: candidate - champion", brier, gates.max_brier_increase, "<=")
             )
         if gates.max_shift_ece_increase is not None:
             checks.append(_shift_increase_check(shift_comparison, gates, metric, n_bins, seed))

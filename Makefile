@@ -30,8 +30,12 @@ run prefect-ui serve: export PREFECT_HOME := $(CURDIR)/.calibflow/prefect
 endif
 LOCAL_PREFECT = api=$${PREFECT_API_URL:-$$(python -m flows.local_server ensure)} || exit 1
 
+# make exits 2 whatever the recipe's failure, so it cannot pass on calibflow's exit code (1 rejected,
+# 2 could not run): the recipe names it, and CD calls `calibflow run` itself (infra/cd/promote.yml).
 run: $(STAMP) data
-	@$(LOCAL_PREFECT); env $${api:+PREFECT_API_URL=$$api} calibflow run $(ARGS)
+	@$(LOCAL_PREFECT); env $${api:+PREFECT_API_URL=$$api} calibflow run $(ARGS) || { code=$$?; \
+	  echo "make run: calibflow run exited $$code ($$([ $$code = 1 ] && echo 'the model was rejected' || echo 'it could not run')); make exits 2 for any failure, so CD calls calibflow run directly" >&2; \
+	  exit $$code; }
 
 # The fast tests: no end-to-end flow runs (marker e2e) and no minute-long ones (marker slow).
 test: $(STAMP)

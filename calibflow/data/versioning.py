@@ -41,9 +41,11 @@ def git(repo_root: str | Path, *args: str) -> str:
 
 
 def code_commit(repo_root: str | Path) -> tuple[str, bool]:
-    """HEAD's commit and whether tracked files have uncommitted changes."""
+    """HEAD's commit and whether tracked files have uncommitted changes. reports/ is left out: it is
+    what runs write (dvc.yaml's metrics and plots, tracked so `dvc metrics diff` compares commits),
+    not what they read, so a run's own report does not make the next run's code count as changed."""
     commit = git(repo_root, "rev-parse", "HEAD")
-    dirty = bool(git(repo_root, "status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(git(repo_root, "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude)reports"))
     return commit, dirty
 
 
@@ -127,6 +129,12 @@ def _resolve_data(repo_root: str | Path, data_path: str, rev: str | None, cache_
     entry = dvc_info.get("entry")
     hash_name = entry.hash_info.name if entry else "md5"  # or md5-dos2unix for data added by DVC 2
     if rev is None:
+        if not (repo_root / data_path).is_dir():
+            # DVC knows it (a .dvc file or a stage output in dvc.lock) but the files are not here yet.
+            raise DataVersionError(
+                f"data.path {data_path!r} is tracked by DVC but not in the working tree: `dvc pull {data_path}` "
+                f"fetches it from the DVC remote (`dvc repro prepare` rebuilds the default data/digits)"
+            )
         # The file-by-file check comes first: it names what differs, where `dvc status` only says "modified".
         recorded = _recorded_files_in_cache(info, data_path, dvc_hash)
         mismatch = _compare_with_record(repo_root / data_path, recorded, hash_name)

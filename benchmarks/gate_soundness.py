@@ -44,8 +44,11 @@ from calibflow.gates.checks import Predictions, evaluate_gates  # noqa: E402
 SIZES = (200, 1000, 10000)
 BOUNDARY_TRIALS, POWER_TRIALS = 850, 200  # 850: Wilson half-width <= 1.5 points at a rate <= 6%
 MAX_HALF_WIDTH, MAX_BOUNDARY_TRIALS = 0.015, 5000  # a boundary cell above 6% gets more trials
-ECE_LIMIT, INCREASE_LIMIT, DROP_LIMIT = 0.03, 0.01, 0.01  # the issue's thresholds
-OFF = dict(max_ece=1.0, min_accuracy=0.0, max_nll=None, max_ece_increase=None, max_accuracy_drop=None)
+ECE_LIMIT, INCREASE_LIMIT, DROP_LIMIT, BRIER_LIMIT = 0.03, 0.01, 0.01, 0.01  # the issues' thresholds
+OFF = dict(
+    max_ece=1.0, min_accuracy=0.0, max_nll=None, max_ece_increase=None, max_accuracy_drop=None, max_brier_increase=None
+)
+DEFAULT_TEST_SIZE = 720  # the default digits' test split: what an identical retrain is compared on
 
 
 # ------------------------------------------------------------------ confidence laws and models
@@ -106,6 +109,8 @@ class Scenario:
     limit: float  # its threshold or tolerance
     kind: str  # "false promotion" (truth on the limit) or "false rejection" (truth inside)
     metric: str = "ece"
+    sizes: tuple[int, ...] = ()  # test sizes of this scenario alone (empty: the benchmark's SIZES)
+    target: float | None = None  # a pass rate issue 23 asks of this cell (the CD loop's targets)
 
 
 def draw(s: Scenario, n: int, rng: np.random.Generator):
@@ -159,7 +164,73 @@ def draw(s: Scenario, n: int, rng: np.random.Generator):
         champion, labels = predictions(conf, champion_right, 10, rng)
         candidate, _ = predictions(conf, candidate_right, 10, rng, labels)
         return candidate, (candidate, champion)
+    if s.name.startswith("nll heavy tail"):  # a share of the errors put 1e-12 on the true class
+        return heavy_tail_predictions(n, rng, HEAVY_TAIL_SHARES[s.name]), None
+    if s.name == "brier, candidate wrong on more images":  # a calibrated confident champion
+        conf = confident(n, rng)
+        champion_right = rng.random(n) < conf
+        flipped = champion_right & (rng.random(n) < t / brier_flip_cost())
+        champion, labels = predictions(conf, champion_right, 10, rng)
+        candidate, _ = predictions(conf, champion_right & ~flipped, 10, rng, labels)
+        return candidate, (candidate, champion)
+    if s.name == "identical retrain":  # the same predictions on every image
+        conf = spread(n, rng, top=0.95)
+        champion, _ = predictions(conf, rng.random(n) < conf - 0.02, 10, rng)
+        return champion, (champion, champion)
+    if s.name == "recalibrated champion":  # the champion's predictions, its over-confidence (-t) removed
+        conf = spread(n, rng, top=0.95)
+        correct = rng.random(n) < conf
+        candidate, labels = predictions(conf, correct, 10, rng)
+        champion, _ = predictions(conf - t, correct, 10, rng, labels)
+        return candidate, (candidate, champion)
+    if s.name == "new-seed retrain":  # equal calibration (0.02 over-confident), right/wrong apart on ~5%
+        conf = spread(n, rng, top=0.95)
+        conf2 = np.clip(conf + rng.normal(0.0, 0.03, n), 0.5, 0.95)
+        u = rng.random(n)
+        u2 = np.where(rng.random(n) < 0.1, rng.random(n), u)
+        champion, labels = predictions(conf, u < conf - 0.02, 10, rng)
+        candidate, _ = predictions(conf2, u2 < conf2 - 0.02, 10, rng, labels)
+        return candidate, (candidate, champion)
     raise ValueError(s.name)
+
+
+HEAVY_TAIL_SHARES = {
+    "nll heavy tail, a quarter of errors at 1e-12": 0.25,
+    "nll heavy tail, a tenth of errors at 1e-12": 0.1,
+}
+
+
+def heavy_tail_predictions(n, rng, share, k=10):
+    """The confident K=10 model 0.02 over-confident, a `share` of its errors putting 1e-12 on the
+    true class (the rest of the error's mass spread evenly): issue 23's heavy tails."""
+    conf = confident(n, rng)
+    correct = rng.random(n) < conf - 0.02
+    prediction, labels = predictions(conf, correct, k, rng)
+    probs = prediction.probabilities
+    extreme = ~correct & (rng.random(n) < share)
+    rows = np.flatnonzero(extreme)
+    rest = (1.0 - conf[rows] - 1e-12) / (k - 2)
+    probs[rows] = np.where(probs[rows] < conf[rows, None], rest[:, None], probs[rows])
+    probs[rows, labels[rows]] = 1e-12
+    return Predictions(probs, labels)
+
+
+def heavy_tail_truth(share, draws=2_000_000):
+    """E[-log p_y] of heavy_tail_predictions, by Monte Carlo (standard error ~2e-3 of a 0.4 mean)."""
+    rng = np.random.default_rng(20261206)
+    p = heavy_tail_predictions(draws, rng, share)
+    eps = np.finfo(np.float64).eps
+    return float(-np.log(np.clip(p.probabilities[np.arange(draws), p.labels], eps, 1 - eps)).mean())
+
+
+def brier_flip_cost(k=10, draws=2_000_000):
+    """E[c (Brier wrong - Brier right)] for the confident law: the expected Brier increase per unit of
+    the share of right images the candidate gets wrong, so a share truth / this has increase truth."""
+    c = confident(draws, np.random.default_rng(20261207))
+    rest = (1 - c) / (k - 1)
+    right = (1 - c) ** 2 + (k - 1) * rest**2
+    wrong = c**2 + (1 - rest) ** 2 + (k - 2) * rest**2
+    return float(np.mean(c * (wrong - right)))
 
 
 def gates_for(s: Scenario) -> GatesConfig:
@@ -196,8 +267,19 @@ def boundary_scenarios() -> list[Scenario]:
         *increase,
         Scenario("drop, one-way", "max_accuracy_drop", DROP_LIMIT, DROP_LIMIT, "false promotion"),
         Scenario("drop, two-way", "max_accuracy_drop", DROP_LIMIT, DROP_LIMIT, "false promotion"),
+        Scenario(
+            "brier, candidate wrong on more images", "max_brier_increase", BRIER_LIMIT, BRIER_LIMIT, "false promotion"
+        ),
     ]
-    return cells
+    heavy = [
+        Scenario(name, "max_nll", truth, truth, "false promotion", sizes=sizes)
+        for name, sizes in (
+            ("nll heavy tail, a quarter of errors at 1e-12", (200, 300)),
+            ("nll heavy tail, a tenth of errors at 1e-12", (500,)),
+        )
+        for truth in [heavy_tail_truth(HEAVY_TAIL_SHARES[name])]
+    ]
+    return cells + heavy
 
 
 def power_scenarios(boundary: Scenario) -> list[Scenario]:
@@ -235,6 +317,60 @@ def information_scenarios() -> list[Scenario]:
     ]
 
 
+def target_scenarios() -> list[Scenario]:
+    """The CD loop's cells (issue 23): how often the champion comparison passes a candidate that
+    is as good or better, at the size the issue names. Each is a false-rejection cell with a target."""
+    cells = []
+    for metric in ("smooth_ece", "ece"):
+        cells += [
+            Scenario(
+                "identical retrain",
+                "max_ece_increase",
+                0.0,
+                INCREASE_LIMIT,
+                "false rejection",
+                metric,
+                sizes=(DEFAULT_TEST_SIZE,),
+                target=0.95,
+            ),
+            Scenario(
+                "recalibrated champion",
+                "max_ece_increase",
+                -0.05,
+                INCREASE_LIMIT,
+                "false rejection",
+                metric,
+                sizes=(2000,),
+                target=0.80,
+            ),
+            Scenario(
+                "new-seed retrain",
+                "max_ece_increase",
+                0.0,
+                INCREASE_LIMIT,
+                "false rejection",
+                metric,
+                sizes=(5000,),
+                target=0.50,
+            ),
+        ]
+    cells += [
+        Scenario(
+            "identical retrain",
+            "max_brier_increase",
+            0.0,
+            BRIER_LIMIT,
+            "false rejection",
+            sizes=(DEFAULT_TEST_SIZE,),
+            target=0.95,
+        ),
+        Scenario(
+            "new-seed retrain", "max_brier_increase", 0.0, BRIER_LIMIT, "false rejection", sizes=(5000,), target=0.50
+        ),
+    ]
+    return cells
+
+
 # ------------------------------------------------------------------ running
 
 
@@ -269,6 +405,7 @@ def run_cell(job: tuple[Scenario, int, int, int, int]) -> dict:
         "scenario": s.name,
         "gate": s.gate,
         "metric": s.metric if s.gate in ("max_ece", "max_ece_increase") else "",
+        "target": s.target,
         "n": n,
         "true_value": s.truth,
         "limit": s.limit,
@@ -280,6 +417,10 @@ def run_cell(job: tuple[Scenario, int, int, int, int]) -> dict:
         "wilson_high": rate_high,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _own_sizes(row: dict) -> bool:
+    return row["scenario"].startswith("nll heavy tail")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -299,11 +440,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     workers = args.workers or (1 if args.smoke else 2)
     max_trials = boundary_trials if args.smoke else MAX_BOUNDARY_TRIALS
     jobs = []
+
+    def sizes_of(s: Scenario) -> list[int]:
+        return [200] if args.smoke else list(s.sizes or sizes)
+
     for b in boundary_scenarios():
         for s, trials in [(b, boundary_trials)] + [(p, power_trials) for p in power_scenarios(b)]:
-            jobs += [(s, n, trials, 7919 * len(jobs) + n, max_trials) for n in sizes]
+            jobs += [(s, n, trials, 7919 * len(jobs) + n, max_trials) for n in sizes_of(s)]
     for s in information_scenarios():
-        jobs += [(s, n, power_trials, 7919 * len(jobs) + n, max_trials) for n in sizes]
+        jobs += [(s, n, power_trials, 7919 * len(jobs) + n, max_trials) for n in sizes_of(s)]
+    for s in target_scenarios():
+        jobs += [(s, n, power_trials, 7919 * len(jobs) + n, max_trials) for n in sizes_of(s)]
     started = time.perf_counter()
     rows = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -326,8 +473,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         + " |",
         "| --- | --- | --- | ---: | ---: | --- |" + " ---: |" * len(sizes),
     ]
+    grid_rows = [r for r in rows if r["n"] in sizes and r["target"] is None and not _own_sizes(r)]
     by_key: dict[tuple, dict[int, dict]] = {}
-    for r in rows:
+    for r in grid_rows:
         by_key.setdefault((r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["kind"]), {})[
             r["n"]
         ] = r
@@ -336,6 +484,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{c['rate']:.1%} [{c['wilson_low']:.1%}, {c['wilson_high']:.1%}]" for c in (cells[n] for n in sizes)
         )
         lines.append(f"| {gate} | {metric} | {scenario} | {truth:.4g} | {limit:.4g} | {kind} | {shown} |")
+    own = [r for r in rows if r not in grid_rows]
+    lines += [
+        "",
+        "Cells at their own sizes: heavy-tailed NLL on its limit (issue 23's sizes), and the CD loop's "
+        "targets (the pass rate of a candidate as good as or better than its champion):",
+        "",
+        "| gate | metric | scenario | n | true value | limit | measured | rate | target |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for r in own:
+        rate = r["rate"] if r["kind"] != "false rejection" else 1 - r["rate"]
+        low, high = (
+            (r["wilson_low"], r["wilson_high"])
+            if r["kind"] != "false rejection"
+            else (1 - r["wilson_high"], 1 - r["wilson_low"])
+        )
+        measured = "pass rate" if r["kind"] == "false rejection" else r["kind"]
+        target = "" if r["target"] is None else f">= {r['target']:.0%}: {'met' if rate >= r['target'] else 'NOT met'}"
+        lines.append(
+            f"| {r['gate']} | {r['metric']} | {r['scenario']} | {r['n']:,} | {r['true_value']:.4g} | {r['limit']:.4g} "
+            f"| {measured} | {rate:.1%} [{low:.1%}, {high:.1%}] | {target} |"
+        )
     boundary = [r for r in rows if r["kind"] == "false promotion"]
     worst = max(boundary, key=lambda r: r["wilson_low"])
     widest = max(r["wilson_high"] - r["wilson_low"] for r in boundary)

@@ -182,11 +182,18 @@ GATES = {"max_ece", "min_accuracy", "max_nll", "max_ece_increase", "max_accuracy
 
 
 def check_gate_soundness(data: list[dict], markdown: str) -> None:
-    _check_gate_rows(data, GATES)
+    _check_gate_rows(data, GATES | {"max_brier_increase"})
     keys = {(r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["n"]) for r in data}
-    assert len(keys) == len(data) == 58  # 18 boundary cells, 2 power cells each, 4 information cells
+    # 21 boundary cells with 2 power cells each, 4 information cells, 8 CD-loop target cells
+    assert len(keys) == len(data) == 75
     assert {r["kind"] for r in data} == {"false promotion", "false rejection", "passes (pointwise error = limit)"}
-    assert "boundary cells: 18;" in markdown
+    targets = [r for r in data if r["target"] is not None]
+    assert len(targets) == 8 and {r["scenario"] for r in targets} == {
+        "identical retrain",
+        "recalibrated champion",
+        "new-seed retrain",
+    }
+    assert "boundary cells: 21;" in markdown and "| target |" in markdown
 
 
 def check_gate_soundness_baseline(data: list[dict], markdown: str) -> None:

@@ -1,47 +1,144 @@
-"""How many test images a verdict needs: the gates' power, by simulation.
+"""How many test images a verdict needs: the power of every configured gate, by simulation.
 
 `calibflow gate plan` asks: if this model were evaluated on n test images, how often would the
-configured gates pass it? A test set of size n is simulated from the model's own estimated
-calibration, every simulated set goes through `calibflow.gates.checks.evaluate_gates` (the one gate
-implementation), and the answer is the smallest n whose pass rate reaches `power` (0.8).
+configured gates pass it? Test sets of size n are simulated, every one goes through
+`calibflow.gates.checks.evaluate_gates` (the one gate implementation: a change to a bound changes
+the plan), and the answer is the smallest n whose pass rate reaches `power` (0.8).
 
-The simulated model: rows of the candidate's test probabilities drawn with replacement, each
-right with probability c_i - g_b, where g_b is its bin's calibration gap shrunk towards the
-model's overall gap (James-Stein: the raw per-bin gaps of a few hundred images are mostly
-noise, and planning with them would plan for a worse model than the one measured, while
-shrinking them towards 0 would plan for a better one). A wrong row gets a
-label drawn from its other classes in proportion to their probabilities. Against a champion, the
-shared rows are drawn jointly with their observed labels (the empirical joint distribution,
-which plans for the plug-in calibration error of the pair: on the pessimistic side).
+Which gates: max_ece, min_accuracy, max_nll and the champion comparison (max_ece_increase,
+max_accuracy_drop, max_brier_increase). The decision, shift and OOD gates are listed as not planned: they read
+thresholds fitted on the calibration split, corrupted copies and OOD images, which a simulated test
+split does not have.
 
-Without a model (`plan_from_thresholds`), the simulated model sits halfway inside every
-threshold: calibration error max_ece / 2 (over-confident everywhere), accuracy halfway between
-min_accuracy and 1, confidences drawn so that mean confidence = accuracy + gap.
+The model at hand (`plan_sample_size`): rows of its test probabilities drawn with replacement,
+each right with probability c_i - g_b, where g_b is its bin's calibration gap shrunk towards the
+model's overall gap (James-Stein: the raw per-bin gaps of a few hundred images are mostly noise,
+and planning with them would plan for a worse model than the one measured, while shrinking them
+towards 0 would plan for a better one). A wrong row's label is drawn from its other classes in
+proportion to their probabilities (what max_nll reads).
+
+A model described by numbers (`plan_from_thresholds`, `ModelShape`): top-label confidences with
+1 - c ~ Beta(2, b), mean confidence = accuracy + gap, each right with probability c - gap
+(over-confident by the same gap everywhere), the rest of the probability spread evenly over the
+other classes. By default it sits halfway inside every threshold: gap max_ece / 2, accuracy
+halfway between min_accuracy and 1. The figure holds for that shape only.
+
+The champion comparison. Against a distinct champion, the shared images are drawn jointly with
+their observed labels (the empirical joint distribution, which plans for the plug-in calibration
+errors of the pair: on the pessimistic side). Without one (the model at hand is the champion, or
+there is none yet), the plan is for the next candidate: a retrain of equal quality, compared
+with the model at hand on the same images. `retrain_fresh_share` says how alike: on that share
+of images the retrain's prediction is an independent draw from the same model (equal true
+calibration and accuracy), elsewhere it is the model's own; 0 (the default) is an identical
+retrain, what a deterministic rerun on unchanged data gives, and 1 an independent model of equal
+quality. The output says which.
+
+When the planned n exceeds the test split, the plan says what to change: the images to add, or,
+for each gate that fails most, the threshold its bound stays within on `power` of the simulated
+test splits of the size at hand.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibflow.gates.statistics import EqualWidthBins
 from calibflow.gates.checks import Predictions, evaluate_gates
+from calibflow.gates.statistics import EqualWidthBins
 from calibflow.metrics.reliability import DEFAULT_N_BINS
 
 if TYPE_CHECKING:  # config sits above the gates: they read its records, never import it
     from calibflow.config import GatesConfig
 
 SIZES = (100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
+RELATIVE_GATES = ("max_ece_increase", "max_accuracy_drop", "max_brier_increase")
+# gate: why a simulated test split cannot be put through it
+NOT_PLANNED = {
+    "max_selective_risk": "reads the abstention threshold fitted on the calibration split",
+    "min_conformal_coverage": "reads the prediction sets fitted on the calibration split",
+    "max_shift_ece": "reads the corrupted copies of the test split",
+    "max_shift_ece_increase": "reads the corrupted copies of the test split",
+    "max_ood_fpr95": "reads the OOD images",
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model described by numbers, for a plan without a model at hand. None: halfway inside the
+    thresholds (accuracy halfway between min_accuracy and 1, calibration gap max_ece / 2)."""
+
+    n_classes: int = 10
+    accuracy: float | None = None
+    calibration_gap: float | None = None  # mean confidence - accuracy, the same at every confidence
+
+    def resolved(self, gates: GatesConfig) -> ModelShape:
+        """Given numbers checked, the halfway defaults filled in (a gap that would leave no room
+        below full confidence is halved again: thresholds any model passes, e.g. max_ece 1)."""
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes = {self.n_classes}: a classifier has at least 2 classes")
+        if self.accuracy is not None and not 1.0 / self.n_classes < self.accuracy < 1.0:
+            raise ValueError(f"accuracy = {self.accuracy}: must be above chance (1/{self.n_classes}) and below 1")
+        accuracy = (gates.min_accuracy + 1.0) / 2.0 if self.accuracy is None else self.accuracy
+        if self.calibration_gap is not None and not 0.0 <= self.calibration_gap < 1.0 - accuracy:
+            raise ValueError(
+                f"calibration gap = {self.calibration_gap}: must be in [0, 1 - accuracy = {1 - accuracy:.4g}), "
+                f"e.g. 0.02"
+            )
+        gap = min(gates.max_ece / 2.0, (1.0 - accuracy) / 2.0) if self.calibration_gap is None else self.calibration_gap
+        return ModelShape(self.n_classes, accuracy, gap)
+
+
+@dataclass(frozen=True)
+class GateDraws:
+    """One gate over the simulated test sets of one size: what "loosen X to Y" reads."""
+
+    comparison: str  # "<=" or ">="
+    threshold: float
+    bounds: np.ndarray
+    passed: np.ndarray
+
+    def passing(self, share: float) -> float:
+        """The threshold, never tighter than the configured one, that the bound clears on `share` of sets."""
+        if self.comparison == "<=":
+            return max(self.threshold, float(np.quantile(self.bounds, share)))
+        return min(self.threshold, float(np.quantile(self.bounds, 1.0 - share)))
+
+    def passes_at(self, threshold: float) -> np.ndarray:
+        return self.bounds <= threshold if self.comparison == "<=" else self.bounds >= threshold
 
 
 @dataclass(frozen=True)
 class PlanRow:
     n: int
-    pass_rate: float  # every configured gate at once
+    pass_rate: float  # every planned gate at once
     gate_pass_rates: dict[str, float]
+    draws: dict[str, GateDraws] = field(default_factory=dict, repr=False, compare=False)
+
+    def loosened(self, power: float) -> dict[str, float]:
+        """The fewest gates, weakest first, and the thresholds they would need for every gate to
+        pass at once on `power` of this size's simulated sets; {} when none need loosening."""
+        if self.pass_rate >= power or not self.draws:
+            return {}
+        order = sorted(self.draws, key=lambda g: self.gate_pass_rates[g])
+        for m in range(1, len(order) + 1):
+            moved, kept = order[:m], order[m:]
+            others = np.logical_and.reduce([self.draws[g].passed for g in kept]) if kept else True
+            if np.mean(others) < power:
+                continue
+            low, high = 0.0, 1.0  # the smallest share whose loosened thresholds reach the power
+            for _ in range(30):
+                share = (low + high) / 2
+                joint = (
+                    np.logical_and.reduce([self.draws[g].passes_at(self.draws[g].passing(share)) for g in moved])
+                    & others
+                )
+                low, high = (low, share) if np.mean(joint) >= power else (share, high)
+            wanted = {g: self.draws[g].passing(high) for g in moved}
+            return {g: t for g, t in wanted.items() if t != self.draws[g].threshold}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -51,16 +148,39 @@ class Plan:
     simulations: int
     rows: tuple[PlanRow, ...]
     assumptions: str
+    test_images: int | None = None  # the test split at hand, when there is one
+    not_planned: dict[str, str] = field(default_factory=dict)  # configured gate: why it is left out
+    comparison: str = ""  # how the champion comparison was simulated ("" when it is off)
+
+    @property
+    def gates(self) -> tuple[str, ...]:
+        return tuple(self.rows[0].gate_pass_rates)
+
+    def advice(self) -> str | None:
+        """What to change when the test split at hand is too small: None when it is large enough."""
+        if self.test_images is None or (self.needed is not None and self.needed <= self.test_images):
+            return None
+        here = next(r for r in self.rows if r.n == self.test_images)
+        loosen = " and ".join(f"gates.{g} to {t:.4g}" for g, t in here.loosened(self.power).items())
+        add = (
+            f"add about {self.needed - self.test_images:,} test images (to about {self.needed:,}: more data, "
+            f"or a larger split.test)"
+            if self.needed is not None
+            else f"no test split up to {self.rows[-1].n:,} images will do"
+        )
+        return (
+            f"the test split has {self.test_images:,} images and the gates pass this model on "
+            f"{here.pass_rate:.0%} of such splits: {add}"
+            + (f"; or loosen {loosen} ({self.power:.0%} of such splits pass then)" if loosen else "")
+        )
 
     def describe(self) -> str:
-        lines = [
-            f"{'test images':>11}  {'all gates pass':>14}  "
-            + "  ".join(f"{k:>17}" for k in self.rows[0].gate_pass_rates)
-        ]
+        lines = [f"{'test images':>11}  {'all gates pass':>14}  " + "  ".join(f"{k:>17}" for k in self.gates)]
         for r in self.rows:
             lines.append(
                 f"{r.n:>11,}  {r.pass_rate:>14.1%}  " + "  ".join(f"{v:>17.1%}" for v in r.gate_pass_rates.values())
             )
+        gates = ", ".join(self.gates)
         if self.needed is None:
             verdict = (
                 f"no size up to {self.rows[-1].n:,} test images reaches {self.power:.0%} power: the model as "
@@ -69,10 +189,15 @@ class Plan:
             )
         else:
             verdict = (
-                f"about {self.needed:,} test images give the configured gates {self.power:.0%} power to pass "
-                f"this model ({self.simulations} simulated test sets a size)"
+                f"about {self.needed:,} test images give the configured gates ({gates}) {self.power:.0%} power "
+                f"to pass this model ({self.simulations} simulated test sets a size)"
             )
-        return "\n".join([self.assumptions, "", *lines, "", verdict])
+        head = [self.assumptions]
+        if self.comparison:
+            head.append(f"champion comparison: {self.comparison}")
+        head += [f"not planned: {g} ({why})" for g, why in self.not_planned.items()]
+        advice = self.advice()
+        return "\n".join([*head, "", *lines, "", verdict, *([advice] if advice else [])])
 
     def to_json(self) -> dict:
         return {
@@ -80,6 +205,10 @@ class Plan:
             "power": self.power,
             "simulations": self.simulations,
             "assumptions": self.assumptions,
+            "comparison": self.comparison,
+            "test_images": self.test_images,
+            "not_planned": dict(self.not_planned),
+            "advice": self.advice(),
             "rows": [{"n": r.n, "pass_rate": r.pass_rate, **r.gate_pass_rates} for r in self.rows],
         }
 
@@ -115,67 +244,152 @@ def _relabel(probs: np.ndarray, correct: np.ndarray, rng: np.random.Generator) -
     return np.where(correct, predicted, drawn)
 
 
-class _Simulator:
-    def __init__(self, candidate: Predictions, comparison: tuple[Predictions, Predictions] | None, n_bins: int):
+class _ResampledModel:
+    """The model at hand: its test rows resampled, labels drawn from its estimated calibration."""
+
+    def __init__(self, candidate: Predictions, n_bins: int):
         self.probs = np.asarray(candidate.probabilities, np.float64)
         conf = self.probs.max(1)
         correct = self.probs.argmax(1) == np.asarray(candidate.labels)
         bins = EqualWidthBins(n_bins)
         self.right_probability = np.clip(conf - _shrunk_gaps(conf, correct, bins)[bins.index(conf)], 0.0, 1.0)
-        self.comparison = comparison
 
-    def draw(self, n: int, rng: np.random.Generator):
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         rows = rng.integers(0, len(self.probs), n)
         probs = self.probs[rows]
-        labels = _relabel(probs, rng.random(n) < self.right_probability[rows], rng)
-        pair = None
-        if self.comparison is not None:
-            mine, champion = self.comparison
+        return probs, _relabel(probs, rng.random(n) < self.right_probability[rows], rng)
+
+
+class _ShapeModel:
+    """A model described by a ModelShape (module docstring)."""
+
+    def __init__(self, shape: ModelShape):
+        self.gap, self.accuracy, self.k = shape.calibration_gap, shape.accuracy, shape.n_classes
+        mean_confidence = min(self.accuracy + self.gap, 1.0 - 1e-4)
+        # 1 - c ~ Beta(2, beta) with mean 1 - mean_confidence
+        self.beta = 2.0 * mean_confidence / (1.0 - mean_confidence)
+
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        conf = np.clip(1.0 - rng.beta(2.0, self.beta, n), 1.0 / self.k + 1e-6, 1.0)
+        right = rng.random(n) < np.clip(conf - self.gap, 0.0, 1.0)
+        probs = np.repeat(((1.0 - conf) / (self.k - 1))[:, None], self.k, axis=1)
+        predicted = rng.integers(0, self.k, n)
+        probs[np.arange(n), predicted] = conf
+        labels = np.where(right, predicted, (predicted + rng.integers(1, self.k, n)) % self.k)
+        return probs, labels
+
+
+def retrain_of(
+    probs: np.ndarray, labels: np.ndarray, model, fresh_share: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A retrain's probabilities on the images (probs, labels) of `model`: on `fresh_share` of
+    them an independent draw from `model`, its classes permuted so that its own label lands on
+    this image's label (its confidence, correctness and true-class probability kept); elsewhere
+    the same prediction."""
+    twin = probs.copy()
+    fresh = np.flatnonzero(rng.random(len(labels)) < fresh_share)
+    if len(fresh):
+        drawn, drawn_labels = model.draw(len(fresh), rng)
+        target = labels[fresh]
+        rows = np.arange(len(fresh))
+        moved = drawn[rows, drawn_labels].copy()
+        drawn[rows, drawn_labels] = drawn[rows, target]
+        drawn[rows, target] = moved
+        twin[fresh] = drawn
+    return twin
+
+
+class _Source:
+    """Simulated test sets: (candidate, comparison) as evaluate_gates reads them."""
+
+    def __init__(self, model, *, compare: bool, fresh_share: float, champion_pair=None):
+        self.model, self.compare, self.fresh_share, self.champion_pair = model, compare, fresh_share, champion_pair
+
+    def draw(self, n: int, rng: np.random.Generator):
+        probs, labels = self.model.draw(n, rng)
+        if not self.compare:
+            return Predictions(probs, labels), None
+        if self.champion_pair is not None:
+            mine, champion = self.champion_pair
             shared = rng.integers(0, len(mine.labels), n)
             labels_shared = np.asarray(mine.labels)[shared]
             pair = (
                 Predictions(np.asarray(mine.probabilities)[shared], labels_shared),
                 Predictions(np.asarray(champion.probabilities)[shared], labels_shared),
             )
-        return Predictions(probs, labels), pair
+            return Predictions(probs, labels), pair
+        # the next candidate is the retrain; the model at hand is its champion
+        candidate = Predictions(retrain_of(probs, labels, self.model, self.fresh_share, rng), labels)
+        return candidate, (candidate, Predictions(probs, labels))
 
 
-def _plannable(gates: GatesConfig) -> GatesConfig:
-    """The gates a simulated test set can be put through: the decision gates read thresholds fitted
-    on the calibration split (calibflow.gates.decisions), which a resampled test split does not have, and
-    the shift and OOD gates read corrupted copies and OOD images, which it does not have either."""
-    return replace(
-        gates,
-        max_selective_risk=None,
-        min_conformal_coverage=None,
-        max_shift_ece=None,
-        max_shift_ece_increase=None,
-        max_ood_fpr95=None,
+def retrain_assumption(fresh_share: float) -> str:
+    if fresh_share == 0.0:
+        return (
+            "the next candidate is an identical retrain of this model (the same predictions, what a "
+            "deterministic rerun on unchanged data gives), on the same images"
+        )
+    if fresh_share == 1.0:
+        return "the next candidate is an independent model of equal quality, on the same images"
+    return (
+        f"the next candidate is a retrain of equal quality whose predictions are independent of this "
+        f"model's on {fresh_share:.0%} of the images and the same elsewhere, on the same images"
     )
 
 
-def _simulate(
-    simulator, gates: GatesConfig, *, n_bins: int, power: float, simulations: int, seed: int, sizes, assumptions: str
-) -> Plan:
-    gates = _plannable(gates)
+def _plannable(gates: GatesConfig) -> tuple[GatesConfig, dict[str, str]]:
+    """The gates a simulated test set can be put through, and the configured ones it cannot (why)."""
+    left_out = {name: why for name, why in NOT_PLANNED.items() if getattr(gates, name) is not None}
+    return replace(gates, **{name: None for name in NOT_PLANNED}), left_out
+
+
+def _compares(gates: GatesConfig) -> bool:
+    return any(getattr(gates, name, None) is not None for name in RELATIVE_GATES)
+
+
+def _check_settings(power: float, simulations: int, fresh_share: float) -> None:
     if not 0.0 < power < 1.0:
         raise ValueError(f"power = {power}: must be in (0, 1), e.g. 0.8")
     if simulations < 1:
         raise ValueError(f"simulations = {simulations}: must be at least 1")
+    if not 0.0 <= fresh_share <= 1.0:
+        raise ValueError(f"retrain_fresh_share = {fresh_share}: must be in [0, 1] (0: an identical retrain)")
+
+
+def _simulate(
+    source: _Source,
+    gates: GatesConfig,
+    *,
+    n_bins: int,
+    power: float,
+    simulations: int,
+    seed: int,
+    sizes,
+    test_images: int | None = None,
+) -> tuple[int | None, tuple[PlanRow, ...]]:
     rng = np.random.default_rng(seed)
 
     def at(n: int) -> PlanRow:
-        passes, per_gate = 0, {}
+        passes, checks = 0, []
         for trial in range(simulations):
-            candidate, pair = simulator.draw(n, rng)
+            candidate, pair = source.draw(n, rng)
             verdict = evaluate_gates(candidate, gates, pair, n_bins=n_bins, seed=trial, report_estimates=False)
             passes += verdict.passed
-            for check in verdict.checks:
-                per_gate[check.name] = per_gate.get(check.name, 0) + check.passed
-        return PlanRow(n, passes / simulations, {k: v / simulations for k, v in per_gate.items()})
+            checks.append(verdict.checks)
+        draws = {
+            first.name: GateDraws(
+                first.comparison,
+                first.threshold,
+                np.array([c[i].bound for c in checks]),
+                np.array([c[i].passed for c in checks]),
+            )
+            for i, first in enumerate(checks[0])
+        }
+        return PlanRow(n, passes / simulations, {k: float(d.passed.mean()) for k, d in draws.items()}, draws)
 
+    grid = sorted(set(sizes) | ({test_images} if test_images else set()))
     rows, needed = [], None
-    for n in sizes:
+    for n in grid:
         rows.append(at(n))
         if rows[-1].pass_rate >= power:
             needed = n
@@ -188,7 +402,7 @@ def _simulate(
             rows.append(row)
             low, needed = (low, middle) if row.pass_rate >= power else (middle, needed)
         rows.sort(key=lambda r: r.n)
-    return Plan(needed, power, simulations, tuple(rows), assumptions)
+    return needed, tuple(rows)
 
 
 def plan_sample_size(
@@ -201,43 +415,41 @@ def plan_sample_size(
     simulations: int = 200,
     seed: int = 0,
     sizes=SIZES,
+    retrain_fresh_share: float = 0.0,
 ) -> Plan:
-    """Smallest n at which the configured gates pass this model with `power`, by simulation under
-    its estimated calibration (module docstring)."""
+    """Smallest n at which every configured gate passes this model with `power`, by simulation
+    under its estimated calibration; the champion comparison against `comparison`'s champion, or
+    without one against a retrain of this model (module docstring)."""
+    _check_settings(power, simulations, retrain_fresh_share)
+    planned, left_out = _plannable(gates)
+    compare = _compares(planned)
+    model = _ResampledModel(candidate, n_bins)
+    n_test = len(candidate.labels)
     what = (
-        f"simulated from the candidate's {len(candidate.labels):,} test predictions, per-bin calibration gaps "
-        f"shrunk towards the overall gap"
-        + (
-            f"; champion comparison on {len(comparison[0].labels):,} shared images, resampled jointly"
-            if comparison
-            else ""
+        f"this model as measured: its {n_test:,} test predictions resampled, per-bin calibration gaps shrunk "
+        f"towards the overall gap, wrong labels drawn in proportion to the other classes' probabilities"
+    )
+    if not compare:
+        how = ""
+    elif comparison is not None:
+        how = (
+            f"against the champion on {len(comparison[0].labels):,} shared images, the pair resampled jointly "
+            f"with its observed labels (the plug-in calibration errors of both: on the pessimistic side)"
         )
+    else:
+        how = retrain_assumption(retrain_fresh_share)
+    source = _Source(model, compare=compare, fresh_share=retrain_fresh_share, champion_pair=comparison)
+    needed, rows = _simulate(
+        source,
+        planned,
+        n_bins=n_bins,
+        power=power,
+        simulations=simulations,
+        seed=seed,
+        sizes=sizes,
+        test_images=n_test,
     )
-    simulator = _Simulator(candidate, comparison, n_bins)
-    return _simulate(
-        simulator, gates, n_bins=n_bins, power=power, simulations=simulations, seed=seed, sizes=sizes, assumptions=what
-    )
-
-
-class _ThresholdModel:
-    """A model halfway inside every threshold (module docstring)."""
-
-    def __init__(self, gates: GatesConfig, n_classes: int):
-        self.gap = gates.max_ece / 2.0
-        self.accuracy = (gates.min_accuracy + 1.0) / 2.0
-        self.k = n_classes
-        mean_confidence = min(self.accuracy + self.gap, 1.0 - 1e-3)
-        # 1 - c ~ Beta(2, beta) with mean 1 - mean_confidence
-        self.beta = 2.0 * mean_confidence / (1.0 - mean_confidence)
-
-    def draw(self, n: int, rng: np.random.Generator):
-        conf = np.clip(1.0 - rng.beta(2.0, self.beta, n), 1.0 / self.k + 1e-6, 1.0)
-        right = rng.random(n) < np.clip(conf - self.gap, 0.0, 1.0)
-        probs = np.repeat(((1.0 - conf) / (self.k - 1))[:, None], self.k, axis=1)
-        predicted = rng.integers(0, self.k, n)
-        probs[np.arange(n), predicted] = conf
-        labels = np.where(right, predicted, (predicted + rng.integers(1, self.k, n)) % self.k)
-        return Predictions(probs, labels), None
+    return Plan(needed, power, simulations, rows, what, n_test, left_out, how)
 
 
 def plan_from_thresholds(
@@ -248,20 +460,39 @@ def plan_from_thresholds(
     simulations: int = 200,
     seed: int = 0,
     sizes=SIZES,
+    *,
+    accuracy: float | None = None,
+    calibration_gap: float | None = None,
+    retrain_fresh_share: float = 0.0,
+    test_images: int | None = None,
 ) -> Plan:
-    """Smallest n at which a model halfway inside every threshold passes the absolute gates."""
-    if n_classes < 2:
-        raise ValueError(f"n_classes = {n_classes}: a classifier has at least 2 classes")
-    model = _ThresholdModel(gates, n_classes)
-    absolute = replace(_plannable(gates), max_ece_increase=None, max_accuracy_drop=None)
+    """Smallest n at which a model of the given shape (by default halfway inside every threshold)
+    passes every configured gate with `power`, the champion comparison against a retrain of it."""
+    _check_settings(power, simulations, retrain_fresh_share)
+    shape = ModelShape(n_classes, accuracy, calibration_gap).resolved(gates)
+    planned, left_out = _plannable(gates)
+    compare = _compares(planned)
+    chosen = "" if accuracy is None and calibration_gap is None else "given: "
     what = (
-        f"a {n_classes}-class model halfway inside the thresholds: calibration error {model.gap:.4f} "
-        f"(max_ece / 2), accuracy {model.accuracy:.4f} (halfway from min_accuracy to 1); the gates against a "
-        f"champion need a champion and are left out"
+        f"a {n_classes}-class model of one shape ({chosen}accuracy {shape.accuracy:.4f}"
+        f"{' (halfway from min_accuracy to 1)' if accuracy is None else ''}, calibration gap "
+        f"{shape.calibration_gap:.4f}{' (max_ece / 2)' if calibration_gap is None else ''} at every confidence, "
+        f"1 - confidence ~ Beta(2, b)); the figure holds for this shape only: `--model NAME --candidate REF` "
+        f"plans for a registered model's own predictions"
     )
-    return _simulate(
-        model, absolute, n_bins=n_bins, power=power, simulations=simulations, seed=seed, sizes=sizes, assumptions=what
+    source = _Source(_ShapeModel(shape), compare=compare, fresh_share=retrain_fresh_share)
+    needed, rows = _simulate(
+        source,
+        planned,
+        n_bins=n_bins,
+        power=power,
+        simulations=simulations,
+        seed=seed,
+        sizes=sizes,
+        test_images=test_images,
     )
+    how = retrain_assumption(retrain_fresh_share) if compare else ""
+    return Plan(needed, power, simulations, rows, what, test_images, left_out, how)
 
 
 def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: int = DEFAULT_N_BINS) -> bool:
@@ -270,7 +501,7 @@ def smallest_passable(gates: GatesConfig, n_test: int, n_classes: int, n_bins: i
     probs = np.zeros((n_test, n_classes))
     probs[:, 0] = 1.0
     perfect = Predictions(probs, np.zeros(n_test, dtype=int))
-    absolute = replace(_plannable(gates), max_ece_increase=None, max_accuracy_drop=None)
+    absolute = replace(_plannable(gates)[0], **{name: None for name in RELATIVE_GATES if hasattr(gates, name)})
     return evaluate_gates(perfect, absolute, n_bins=n_bins, report_estimates=False).passed
 
 
@@ -282,17 +513,20 @@ def small_test_split_warning(
     power: float = 0.8,
     simulations: int = 100,
     cache_directory: str | Path | None = None,
+    *,
+    retrain_fresh_share: float = 0.0,
 ) -> str | None:
     """A warning, before anything trains, when the test split is too small for the gates: None
-    when a model halfway inside every threshold passes them with `power` on n_test images.
+    when a model halfway inside every threshold passes them with `power` on n_test images, the
+    champion comparison against an identical retrain of it (`retrain_fresh_share`) included.
 
     The answer depends on the settings and the gate code alone (the simulation is seeded), and
     takes seconds: with `cache_directory`, a rerun with the same settings reads it from there."""
     from importlib.metadata import version
 
     from calibflow import disk_cache
-    from calibflow.gates import statistics as gate_statistics
     from calibflow.gates import checks as gates_module
+    from calibflow.gates import statistics as gate_statistics
 
     key = {
         "n_test": n_test,
@@ -301,6 +535,7 @@ def small_test_split_warning(
         "n_bins": n_bins,
         "power": power,
         "simulations": simulations,
+        "retrain_fresh_share": retrain_fresh_share,
         "numpy": np.__version__,
         "relplot": version("relplot"),
         "code": disk_cache.files_digest([__file__, gates_module.__file__, gate_statistics.__file__]),
@@ -309,27 +544,36 @@ def small_test_split_warning(
         cache_directory,
         "gate_power",
         key,
-        lambda: _small_test_split_warning(n_test, n_classes, gates, n_bins, power, simulations),
+        lambda: _small_test_split_warning(n_test, n_classes, gates, n_bins, power, simulations, retrain_fresh_share),
     )
 
 
 def _small_test_split_warning(
-    n_test: int, n_classes: int, gates: GatesConfig, n_bins: int, power: float, simulations: int
+    n_test: int,
+    n_classes: int,
+    gates: GatesConfig,
+    n_bins: int,
+    power: float,
+    simulations: int,
+    retrain_fresh_share: float = 0.0,
 ) -> str | None:
-    advice = "add test images (more data, or a larger split.test) or loosen the gates; `calibflow gate plan` says more"
+    more = "`calibflow gate plan` says more"
     if not smallest_passable(gates, n_test, n_classes, n_bins):
         return (
             f"no model can pass the gates on the {n_test} images of the test split: even a perfect one (always "
-            f"right, with confidence 1) fails them; {advice}"
+            f"right, with confidence 1) fails them; add test images (more data, or a larger split.test) or "
+            f"loosen the gates; {more}"
         )
-    here = plan_from_thresholds(gates, n_classes, n_bins, power, simulations, sizes=(n_test,))
-    if here.needed is not None:
+    settings = dict(retrain_fresh_share=retrain_fresh_share, test_images=n_test)
+    here = plan_from_thresholds(gates, n_classes, n_bins, power, simulations, sizes=(n_test,), **settings)
+    if here.needed is not None:  # enough: the rest of the grid is not needed to say so
         return None
-    needed = plan_from_thresholds(gates, n_classes, n_bins, power, simulations).needed
-    wanted = f"about {needed:,}" if needed else f"more than {SIZES[-1]:,}"
+    plan = plan_from_thresholds(gates, n_classes, n_bins, power, simulations, **settings)
+    advice = plan.advice()
+    if advice is None:
+        return None
+    against = "; the champion comparison: " + retrain_assumption(retrain_fresh_share) if plan.comparison else ""
     return (
-        f"the test split has {n_test} images: a model halfway inside every threshold (calibration error "
-        f"{gates.max_ece / 2:.3f}, accuracy {(gates.min_accuracy + 1) / 2:.3f}) passes the gates only "
-        f"{here.rows[0].pass_rate:.0%} of the time on that many, and needs {wanted} for {power:.0%}; expect good "
-        f"models to be rejected: {advice}"
+        f"a model halfway inside every threshold (calibration error {gates.max_ece / 2:.3f}, accuracy "
+        f"{(gates.min_accuracy + 1) / 2:.3f}{against}): {advice}. Expect good models to be rejected; {more}"
     )

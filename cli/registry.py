@@ -106,11 +106,16 @@ def evaluate(args: argparse.Namespace) -> int:
     report = {
         "model": result.model_uri,
         "version": result.version,
+        "verdict": evaluate_verdict(result.model_uri, result.version, result.mismatches(), result.gates),
+        "gates": result.gates,
         "recomputed": result.recomputed,
         "logged": result.logged,
         "mismatches": result.mismatches(),
     }
-    if not json_on_stdout(args):
+    if json_on_stdout(args):
+        say(report["verdict"])  # stdout holds the JSON alone
+    else:
+        print(report["verdict"])
         width = max(10, *(len(name) for name in result.recomputed))
         print(f"{'metric':<{width}} {'logged':>20} {'recomputed':>20}")
         for name, value in result.recomputed.items():
@@ -120,6 +125,16 @@ def evaluate(args: argparse.Namespace) -> int:
         say("calibflow evaluate: recomputed metrics differ from the logged ones: " + "; ".join(report["mismatches"]))
         return EXIT_REJECTED
     return EXIT_OK
+
+
+def evaluate_verdict(model_uri: str, version: str, mismatches: list[str], gates: str | None) -> str:
+    """`calibflow evaluate`'s first line: did the metrics reproduce, and what the version's gates
+    said at registration, failed checks as "max_ece_increase 0.0143 > 0.01"."""
+    reproduced = "metrics DIFFER from the logged ones" if mismatches else "metrics reproduced"
+    return (
+        f"calibflow evaluate: {model_uri} is version {version}: {reproduced}; at registration, "
+        f"{gates or 'no gate verdict was recorded for it'}"
+    )
 
 
 def predict(args: argparse.Namespace) -> int:

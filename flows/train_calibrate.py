@@ -33,6 +33,8 @@ from calibflow.config import load_config
 from calibflow.errors import ConfigError
 from calibflow.errors import GatesFailed
 from calibflow.training.resume import checkpoint_root
+from calibflow.pipeline import run_summary
+from calibflow.pipeline import tagging
 from calibflow.tracking.registration import CHALLENGER, CHAMPION, registration_transaction
 from tasks.data import build_manifest, pin_data_version, split_dataset, validate_data
 from tasks.modeling import (
@@ -45,18 +47,21 @@ from tasks.modeling import (
     collect_logits,
     collect_shift_aware_logits,
     collect_shift_logits,
+    describe_version,
     evaluate_calibration,
     evaluate_decisions,
     evaluate_ood,
     evaluate_shift,
     fit_calibration,
+    find_same_build,
     fit_decisions,
+    record_version_lineage,
+    regate_version,
     train_model,
 )
 from tasks.tracking import (
     discard_metrics_report,
     end_leftovers_of_killed_runs,
-    find_unchanged_champion,
     finish_run,
     promote_to_champion,
     publish_metrics_report,
@@ -87,6 +92,79 @@ def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
         )
 
 
+def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
+    """The run's end when a registered version was built from this data, params and code: nothing
+    is trained or registered. When only gates.* differ from what that version was gated under, it
+    is gated again under the new thresholds (the verdict recorded on this run, no alias moved):
+    a refusal carrying GatesFailed (exit 1) when it fails them; otherwise the run is skipped, saying
+    which version."""
+    built = (
+        f"{same.describe()} of {same.name} was built from the same data ({data.dvc_hash}), params "
+        f"({config.params_hash}) and code ({run.git_commit[:12]})"
+    )
+    if not same.changed_gates:
+        reason = f"{built}; nothing to retrain (use --force)"
+        finish_run(run, "skipped", reason)
+        publish_summary(run, f"skipped: {reason}")
+        print(reason)
+        return {
+            "run_id": run.run_id,
+            "skipped": True,
+            "reason": reason,
+            "version": same.version,
+            "aliases": list(same.aliases),
+            "champion_version": same.version if same.is_champion else None,
+        }
+    report = regate_version(run, config, same, repo_root)
+    verdict = report.verdict
+    gated = (
+        f"{built}, and only its gates changed ({same.describe_changes()}): gated again under them without "
+        f"retraining, on {verdict.n_samples} test images"
+        + (
+            f" against @champion version {report.champion}"
+            if report.champion
+            else " (the gates against a champion have no other version to compare @champion with)"
+            if same.is_champion
+            else ""
+        )
+    )
+    if not verdict.passed:
+        failed = "; ".join(tagging.failed_checks(verdict))
+        if same.is_champion:
+            outcome = (
+                f"@champion version {same.version} FAILS the new gates: {failed}. It is still @champion (no alias "
+                f"moves automatically): retrain (calibflow run --force), promote another version, or keep the old "
+                f"thresholds"
+            )
+        else:
+            outcome = f"version {same.version} fails them: {failed}; no alias moved"
+        error = GatesFailed(f"{gated}. {outcome}")
+        finish_run(run, "failed", reason=f"GatesFailed: {error}")
+        publish_summary(run, "failed (GatesFailed): the re-gated version fails the new gates", verdict=verdict)
+        return refused(error)
+    if same.is_champion:
+        outcome = f"@champion version {same.version} passes every new gate; nothing to retrain (use --force)"
+    else:
+        outcome = (
+            f"version {same.version} passes every gate; no alias moved: promote it with calibflow promote --model "
+            f"{same.name} --candidate {same.version}"
+        )
+    reason = f"{gated}. {outcome}"
+    finish_run(run, "skipped", reason)
+    publish_summary(run, f"skipped: {reason}", verdict=verdict)
+    print(reason)
+    return {
+        "run_id": run.run_id,
+        "skipped": True,
+        "reason": reason,
+        "version": same.version,
+        "aliases": list(same.aliases),
+        "champion_version": same.version if same.is_champion else None,
+        "regated": True,
+        "gates": verdict.to_json(),
+    }
+
+
 @flow(name="calibflow-train", log_prints=True)
 def train_calibrate_register(
     params_path: str = "params.yaml",
@@ -105,16 +183,9 @@ def train_calibrate_register(
     evaluation = fit = verdict = report = None
     try:
         data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
-        unchanged = None if force else find_unchanged_champion(run, data, config)
-        if unchanged:
-            reason = (
-                f"@champion (version {unchanged}) was built from the same data ({data.dvc_hash}), params "
-                f"({config.params_hash}) and code ({run.git_commit[:12]}); nothing to retrain (use --force)"
-            )
-            finish_run(run, "skipped", reason)
-            publish_summary(run, f"skipped: {reason}")
-            print(reason)
-            return {"run_id": run.run_id, "skipped": True, "reason": reason, "champion_version": unchanged}
+        same = None if force else find_same_build(run, data, config)
+        if same is not None:
+            return unchanged_inputs(run, config, same, data, repo_root)
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root)
@@ -199,7 +270,13 @@ def train_calibrate_register(
             alias = version.alias
             if version.alias == CHALLENGER and config.promotion.auto and gate.may_promote:
                 alias = CHAMPION if promote_to_champion(version, gate, run.work_dir) else alias
-            finish_run(run, "succeeded", tags={"registered_version": version.version, "registered_alias": alias})
+            final = tagging.run_verdict(verdict, gate.champion, alias)  # verdict/promoted now known
+            record_version_lineage(version, alias, config, split, gate)
+            finish_run(
+                run,
+                "succeeded",
+                tags={"registered_version": version.version, "registered_alias": alias, **final.tags()},
+            )
             publish_metrics_report(report)
     except Exception as error:
         if report is not None:
@@ -209,6 +286,11 @@ def train_calibrate_register(
             return refused(error)
         raise
     publish_summary(run, "registered", evaluation, fit, verdict, version)
+    # The version's page leads with its verdict and lineage, above the run's summary.
+    summary = run_summary.summary_markdown(
+        run.run_id, run.tracking_uri, "registered", evaluation, fit, verdict, version, final=final
+    )
+    describe_version(version, alias, run, summary)
     return {
         "run_id": run.run_id,
         "prefect_flow_run_id": str(flow_run.get_id()),

@@ -16,15 +16,17 @@ from calibflow.tracking import store
 from calibflow.gates import decisions as decision_rules
 from calibflow.config import Config
 from calibflow.disk_cache import cache_dir
-from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, ood_metric
+from calibflow import names
+from calibflow.names import CALIBRATION_METHOD, CALIBRATION_WARNING, GATE_AGAINST, ood_metric
 from calibflow.lifecycle import promotion
 from calibflow.errors import GateInputError, GateUndecided
 from calibflow.gates.checks import evaluate_gates
 from calibflow.lifecycle.promotion import GateReport
 from calibflow.training.loop import EpochStats
 from calibflow.data.versioning import DataVersion
+from calibflow.tracking import registration
 from tasks import retry_transient_only
-from tasks.tracking import RunContext
+from tasks.tracking import STORE_RETRIES, RunContext
 
 
 @task(name="check-gate-power", cache_policy=NO_CACHE)
@@ -466,3 +468,91 @@ def apply_gates(
     store.set_tags(run.run_id, tagging.gate_tags(verdict, report.champion))
     get_run_logger().info(verdict.summary())
     return report
+
+
+@task(name="find-same-build", **STORE_RETRIES)
+def find_same_build(run: RunContext, data: DataVersion, config: Config) -> registration.SameBuild | None:
+    """The registered version this run would rebuild (same data, params and code), and whether
+    only gates.* differ from what it was gated under; None when there is none."""
+    return registration.same_build(
+        config.registry.model_name,
+        data_hash=data.dvc_hash,
+        params_hash=config.params_hash,
+        git_commit=run.git_commit,
+        git_dirty=run.git_dirty,
+        gate_params={key: value for key, value in config.hyperparameters().items() if key.startswith("gates.")},
+    )
+
+
+@task(
+    name="regate-version",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient_only,
+    cache_policy=NO_CACHE,
+)
+def regate_version(run: RunContext, config: Config, same: registration.SameBuild, repo_root: str) -> GateReport:
+    """A threshold-only change: gate the registered version again under this run's gates, from the
+    registry (as `calibflow gate`), without retraining. @champion is gated alone (the gates against
+    a champion have nothing to compare it with); another version against @champion. The verdict is
+    recorded on this run (gate tags, metrics, gates.json); no alias moves."""
+    against = None if same.is_champion else "@champion"
+    report = promotion.gate_version(same.name, same.version, config.gates, against, repo_root, config.evaluation.n_bins)
+    store.log_artifact(run.run_id, report.save(f"{run.work_dir}/gates.json"), "gates")
+    store.log_metrics(run.run_id, tagging.gate_metrics(report.verdict))
+    held = registration.CHAMPION if same.is_champion else registration.CHALLENGER if same.aliases else None
+    verdict = tagging.run_verdict(report.verdict, report.champion, held).tags()
+    if same.is_champion:  # a champion, but no other version to compare it with
+        verdict.update(
+            {
+                names.VERDICT_CHAMPION: names.NOT_COMPARED,
+                GATE_AGAINST: f"none: version {same.version} is @champion itself",
+            }
+        )
+    store.set_tags(
+        run.run_id,
+        {
+            **tagging.gate_tags(report.verdict, report.champion),
+            **verdict,
+            "regated_version": same.version,
+            "regated_gates": same.describe_changes()[:5000],
+        },
+    )
+    get_run_logger().info(report.verdict.summary())
+    return report
+
+
+@task(name="record-version-lineage", **STORE_RETRIES)
+def record_version_lineage(
+    version: registration.RegisteredVersion,
+    alias: str,
+    config: Config,
+    split: data_steps.SplitRecord,
+    gate: GateReport,
+) -> None:
+    """The registered version's tags that complete its lineage (split sizes, key params) and its
+    run's verdict as it stands with `alias` (the three parts, calibflow.pipeline.tagging.run_verdict),
+    so that its page says where it came from and what its gates said."""
+    registration.set_version_tags(
+        version.name,
+        version.version,
+        registration.lineage_tags(
+            split_sizes=split.sizes,
+            params=config.flat(),
+            verdict_tags=tagging.run_verdict(gate.verdict, gate.champion, alias).tags(),
+        ),
+    )
+
+
+@task(name="describe-version", cache_policy=NO_CACHE)
+def describe_version(version: registration.RegisteredVersion, alias: str, run: RunContext, summary: str) -> None:
+    """The version's MLflow description: its verdict and lineage (read back from its tags), then the
+    run's summary. Best effort, as the run's own description: the outcome is recorded already."""
+    try:
+        record = registration.resolve_model_uri(f"models:/{version.name}/{version.version}")
+        text = registration.version_description(
+            version.name, version.version, record.tags, alias=alias, run_id=run.run_id, summary=summary
+        )
+        store.set_version_description(version.name, version.version, text)
+    except Exception as error:  # noqa: BLE001
+        get_run_logger().warning("could not write the version's description (%s: %s)", type(error).__name__, error)

@@ -35,6 +35,7 @@ class Reproduction:
     version: str
     recomputed: dict[str, float]
     logged: dict[str, float]
+    gates: str | None = None  # the gate verdict recorded at registration (registration.recorded_verdict)
 
     def mismatches(self, ece_tolerance: float = 1e-6) -> list[str]:
         """ECE to `ece_tolerance` (the served pyfunc recomputes the logits in another process);
@@ -241,7 +242,22 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
         shift_recomputed, shift_logged = reproduce_shift(model, record, rebuilt)
         recomputed.update(shift_recomputed)
         logged.update(shift_logged)
-    return Reproduction(model_uri=model_uri, version=record.version, recomputed=recomputed, logged=logged)
+    return Reproduction(
+        model_uri=model_uri,
+        version=record.version,
+        recomputed=recomputed,
+        logged=logged,
+        gates=recorded_gates(record),
+    )
+
+
+def recorded_gates(record: registration.VersionRecord) -> str | None:
+    """The verdict the version's gates gave when it was registered: from its own tags, or (a
+    version registered before they carried it) from its run's gate tags; None when neither has one."""
+    verdict = registration.recorded_verdict(record.tags)
+    if verdict is None and record.run_id:
+        verdict = registration.recorded_verdict(store.client().get_run(record.run_id).data.tags)
+    return verdict
 
 
 @dataclass(frozen=True)

@@ -52,16 +52,22 @@ class RegisteredVersion:
     replaced: str | None = None  # the version `alias` pointed to before this one took it
 
 
-def register_version(model_uri: str, model_name: str, tags: Mapping[str, Any]) -> RegisteredVersion:
-    """Register the logged model with all its tags in one call, then give it an alias: champion
-    when the model has none yet, else challenger. The alias is the last write; if it fails, the
-    new version is deleted again, so no half-registered version is left behind (or, when even
-    that fails, RegistrationLeftBehind says so)."""
+def register_version(
+    model_uri: str, model_name: str, tags: Mapping[str, Any], description: str | None = None
+) -> RegisteredVersion:
+    """Register the logged model with all its tags in one call, describe it (`description`, or its
+    lineage read from `tags`: version_description), then give it an alias: champion when the model
+    has none yet, else challenger. The alias is the last write; if any write fails, the new version
+    is deleted again, so no half-registered version is left behind (or, when even that fails,
+    RegistrationLeftBehind says so)."""
     c = client()
     tags = {**{k: str(v) for k, v in tags.items()}, **stored_model_tags(model_uri)}
     with store_wait():
         number = str(mlflow.register_model(model_uri, model_name, tags=tags).version)
     try:
+        c.update_model_version(
+            model_name, number, description=description or version_description(model_name, number, tags)
+        )
         # Decided under the lock `promote` takes: two first registrations at once would otherwise
         # both see no champion, both report @champion, and leave one of them bare.
         with promotion_lock(model_name, _holder(f"registration of version {number}")):
@@ -417,6 +423,7 @@ STATUS_TAGS = {
 
 
 STATUS_COLUMNS = ("version", "aliases", *STATUS_TAGS)
+STATUS_NUMBERS = ("ece", "accuracy", "temperature")  # shown to 4 decimals (shown_number)
 
 
 def status(model_name: str) -> list[dict[str, str]]:
@@ -428,6 +435,229 @@ def status(model_name: str) -> list[dict[str, str]]:
             "version": r.version,
             "aliases": " ".join(sorted(by_version.get(r.version, []))),
             **{column: version_tag(r.tags, tag, "") for column, tag in STATUS_TAGS.items()},
+            **{column: shown_number(version_tag(r.tags, STATUS_TAGS[column], "")) for column in STATUS_NUMBERS},
         }
         for r in list_versions(model_name)
     ]
+
+
+# What a reviewer reads on a version's page, beside the lineage version_tags() records (data_hash,
+# data_path, data_rev, git_commit, params_hash, seed, split_digest): how many images each split
+# held, the params that shape the model most (every param is on the run), and its run's verdict
+# under the run's own tag names (gate/verdict, gate/absolute, gate/against, gate/<check>).
+SPLIT_SIZES_TAG = "split_sizes"
+KEY_PARAM_PREFIX = "params/"
+KEY_PARAMS = (
+    "model.arch",
+    "model.width",
+    "model.ensemble",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.loss",
+    "train.augment",
+    "calibration.method",
+)
+SPLITS = ("train", "val", "calibration", "test")
+
+
+def lineage_tags(
+    *, split_sizes: Mapping[str, int], params: Mapping[str, Any], verdict_tags: Mapping[str, str]
+) -> dict[str, str]:
+    """The version tags that complete its lineage and verdict (see SPLIT_SIZES_TAG): `params` is the
+    run's flat params (Config.flat()), of which KEY_PARAMS are kept; `verdict_tags` the run's
+    verdict (calibflow.pipeline.tagging.RunVerdict.tags())."""
+    import json
+
+    return {
+        SPLIT_SIZES_TAG: json.dumps({name: int(split_sizes[name]) for name in SPLITS if name in split_sizes}),
+        **{f"{KEY_PARAM_PREFIX}{key}": str(params[key]) for key in KEY_PARAMS if key in params},
+        **verdict_tags,
+    }
+
+
+def recorded_verdict(tags: Mapping[str, str]) -> str | None:
+    """The verdict a version's (or a run's) tags record, in one line (calibflow.names.verdict_text);
+    for one recorded before the failed checks were, they are read back from its gate/<check> tags.
+    None when it records none."""
+    from calibflow.names import VERDICT_FAILED, verdict_text
+
+    text = verdict_text(tags)
+    if text and VERDICT_FAILED not in tags:
+        failed = _failed_from_check_tags(tags)
+        text += f" · failed: {'; '.join(failed)}" if failed else ""
+    return text
+
+
+def _failed_from_check_tags(tags: Mapping[str, str]) -> list[str]:
+    """Failed checks read back from gate/<check> tags ("FAILED: smooth ECE 0.0110, 95% upper 0.0235
+    > 0.05"), for versions and runs recorded before calibflow.names.VERDICT_FAILED; a failed check written with
+    the relation it required ("<= 0.05") reads with the one that holds."""
+    import re
+
+    from calibflow.names import gate_tag
+
+    prefix = gate_tag("")
+    found = []
+    for key, text in sorted(tags.items()):
+        match = re.search(r"(\S+) (<=|>=|<|>) (\S+)$", text) if text.startswith("FAILED") else None
+        if key.startswith(prefix) and match:
+            relation = {"<=": ">", ">=": "<"}.get(match.group(2), match.group(2))
+            found.append(f"{key.removeprefix(prefix)} {match.group(1)} {relation} {match.group(3)}")
+    return found
+
+
+def _split_sizes_text(tags: Mapping[str, str]) -> str:
+    import json
+
+    try:
+        sizes = json.loads(tags.get(SPLIT_SIZES_TAG) or "{}")
+    except ValueError:
+        sizes = {}
+    shown = " · ".join(f"{name} {count}" for name, count in sizes.items()) or "sizes not recorded"
+    return f"{shown} (split digest `{tags.get('split_digest', '?')}`)"
+
+
+def shown_number(text: str | None, digits: int = 4) -> str:
+    """A rate, an error or T as people read it: 0.8319, not 0.8319444444444445 (text kept as it is
+    when it is not a number)."""
+    if not text:
+        return ""
+    try:
+        return f"{float(text):.{digits}f}"
+    except ValueError:
+        return text
+
+
+def version_description(
+    model_name: str,
+    version: str,
+    tags: Mapping[str, str],
+    *,
+    alias: str | None = None,
+    run_id: str | None = None,
+    summary: str = "",
+) -> str:
+    """The version's description in MLflow, what a reviewer reads first: its verdict, then where it
+    came from (data, code, params, split) and its calibrated test numbers, all read from its tags;
+    then `summary` (the run's own summary), when given."""
+    from calibflow.names import CALIBRATED, CALIBRATION_METHOD
+
+    verdict = recorded_verdict(tags) or "verdict not recorded on this version"
+    key_params = ", ".join(
+        f"{key.removeprefix(KEY_PARAM_PREFIX)} {value}"
+        for key, value in tags.items()
+        if key.startswith(KEY_PARAM_PREFIX)
+    )
+    temperature = tags.get(TEMPERATURE)
+    calibration = tags.get(CALIBRATION_METHOD, "?") + (f", T {shown_number(temperature)}" if temperature else "")
+    rows = [
+        ("verdict", verdict),
+        (
+            "data",
+            f"`{tags.get('data_path', '?')}` at git revision `{tags.get('data_rev', '?')}`, "
+            f"DVC hash `{tags.get('data_hash', '?')}`",
+        ),
+        ("code", f"git commit `{tags.get('git_commit', '?')}`"),
+        (
+            "params",
+            f"hash `{tags.get('params_hash', '?')}`, seed {tags.get('seed', '?')}"
+            + (f"; {key_params}" if key_params else ""),
+        ),
+        ("split", _split_sizes_text(tags)),
+        (
+            "test (calibrated)",
+            f"ECE {shown_number(version_tag(tags, on_test(CALIBRATED, 'ece'), ''))}, "
+            f"accuracy {shown_number(version_tag(tags, on_test(CALIBRATED, 'accuracy'), ''))}; calibration {calibration}",
+        ),
+    ]
+    if run_id:
+        rows.append(("MLflow run", f"`{run_id}`"))
+    head = f"**{model_name} version {version}**" + (f" (@{alias})" if alias else "") + f": {verdict}"
+    lines = [head, "", "| | |", "| --- | --- |", *(f"| {name} | {text} |" for name, text in rows)]
+    if summary:
+        lines += ["", summary]
+    return "\n".join(lines)
+
+
+def run_params(run_id: str) -> dict[str, str] | None:
+    """The MLflow params of a version's run, as text (store.log_params), or None when the run is gone."""
+    try:
+        return dict(client().get_run(run_id).data.params)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+@dataclass(frozen=True)
+class SameBuild:
+    """A registered version built from the data, params and code a run is about to train on, and
+    the gates.* params that differ from those its run was gated under."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    changed_gates: dict[str, tuple[str | None, str | None]]  # gates.<key>: (its run's, this run's)
+
+    @property
+    def is_champion(self) -> bool:
+        return CHAMPION in self.aliases
+
+    def describe(self) -> str:
+        """ "version 2 (@challenger)", "version 1 (no alias)"."""
+        return f"version {self.version} ({' '.join('@' + a for a in self.aliases) or 'no alias'})"
+
+    def describe_changes(self) -> str:
+        return ", ".join(f"{key} {old} -> {new}" for key, (old, new) in sorted(self.changed_gates.items()))
+
+
+def as_logged_param(value: Any) -> str:
+    """A param's value as MLflow holds it (store.log_params): JSON for a list or mapping, str() else."""
+    import json
+
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def same_build(
+    model_name: str,
+    *,
+    data_hash: str,
+    params_hash: str,
+    git_commit: str,
+    git_dirty: bool,
+    gate_params: Mapping[str, Any],
+) -> SameBuild | None:
+    """The registered version that retraining on this data, params and code would reproduce:
+    @champion when it is one, else the newest such version (a @challenger that failed the champion
+    comparison, or one no alias points at any more); None when none is. A recalibrated version is
+    not one (its calibrator was fitted on other images); the version it came from is.
+    `gate_params`: this run's gates.* params, compared with those the version's run was gated under."""
+    from calibflow.pipeline.tagging import unchanged_build
+
+    try:
+        versions = list_versions(model_name)
+        by_version: dict[str, list[str]] = {}
+        for alias, number in aliases(model_name).items():
+            by_version.setdefault(number, []).append(alias)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    matches = [
+        record
+        for record in versions
+        if not record.tags.get("recalibrated_from")
+        and unchanged_build(record.tags, data_hash, params_hash, git_commit, git_dirty)
+    ]
+    if not matches:
+        return None
+    found = max(matches, key=lambda r: (CHAMPION in by_version.get(r.version, []), int(r.version)))
+    recorded = run_params(found.run_id) or {}
+    wanted = {key: as_logged_param(value) for key, value in gate_params.items()}
+    changed = {
+        key: (recorded.get(key), wanted.get(key))
+        for key in sorted(set(wanted) | {k for k in recorded if k.startswith("gates.")})
+        if recorded.get(key) != wanted.get(key)
+    }
+    return SameBuild(model_name, found.version, tuple(sorted(by_version.get(found.version, []))), changed)

@@ -1,0 +1,122 @@
+"""The flow on inputs it has seen: the same data, params and code register nothing new, whichever
+version they built; a threshold-only change gates that version again without retraining; and
+what a reviewer reads about a version (its page, `calibflow evaluate`, `calibflow status`)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from mlflow import MlflowClient
+
+from calibflow import names
+from calibflow.config import load_config
+from calibflow.tracking import store
+from cli.main import main as calibflow
+from tests.conftest import run
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-digits"
+
+
+def client_of(repo) -> MlflowClient:
+    store.configure_tracking(repo)
+    return MlflowClient()
+
+
+def versions(client: MlflowClient) -> list[str]:
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    return {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()}
+
+
+def latest_run(client: MlflowClient):
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    return client.search_runs([experiment], order_by=["start_time DESC"])[0]
+
+
+def test_the_inputs_of_a_challenger_register_nothing_and_the_run_says_which_version(tiny_repo, capsys):
+    repo = ["run", "--repo", str(tiny_repo)]
+    assert calibflow(repo) == 0  # version 1, @champion
+    # Provably no worse than version 1: two models this alike never are, so version 2 fails the
+    # comparison with the champion and stays @challenger.
+    strict = ["--set", "seed=1", "--set", "gates.max_accuracy_drop=0", "--set", "gates.max_ece_increase=0"]
+    assert calibflow([*repo, *strict]) == 0
+    client = client_of(tiny_repo)
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    challenger = client.get_model_version(MODEL, "2")
+    assert challenger.tags[names.VERDICT_CHAMPION] == names.FAILED
+    assert challenger.tags[names.VERDICT_PROMOTED] == names.AT_CHALLENGER
+    assert re.search(r"max_(ece_increase|accuracy_drop) \d\.\d{4} > 0", challenger.tags[names.VERDICT_FAILED])
+    capsys.readouterr()
+
+    assert calibflow([*repo, *strict]) == 0  # the same data, params and code as version 2
+    out = capsys.readouterr().out
+    assert "calibflow run: skipped" in out and "version 2 (@challenger)" in out and "nothing to retrain" in out
+    assert versions(client) == ["1", "2"] and aliases(client) == {"champion": "1", "challenger": "2"}
+    skipped = latest_run(client)
+    assert skipped.data.tags["calibflow.status"] == "skipped"
+    assert client.list_artifacts(skipped.info.run_id, "checkpoint") == []  # nothing was trained
+    # --force still retrains: test_flow_e2e.test_unchanged_retrain_is_skipped_unless_forced
+
+
+def test_a_threshold_only_change_gates_the_champion_again_without_retraining(tiny_repo, capsys):
+    repo = ["run", "--repo", str(tiny_repo)]
+    assert calibflow(repo) == 0
+    client = client_of(tiny_repo)
+    champion = client.get_model_version(MODEL, "1")
+
+    # The version's page: its verdict, then its lineage, in the description and the tags.
+    tags, description = champion.tags, champion.description
+    assert description.splitlines()[0] == f"**{MODEL} version 1** (@champion): {names.verdict_text(tags)}"
+    assert tags[names.VERDICT_ABSOLUTE] == names.PASSED and tags[names.VERDICT_PROMOTED] == names.PROMOTED
+    sizes = json.loads(tags["split_sizes"])
+    assert list(sizes) == ["train", "val", "calibration", "test"] and sum(sizes.values()) == 300
+    assert tags["params/model.arch"] == "small_cnn" and tags["params/train.epochs"] == "5"
+    head = run("git", "rev-parse", "HEAD", cwd=tiny_repo).stdout.strip()
+    for shown in (
+        tags["data_hash"],
+        f"git commit `{head}`",
+        load_config(tiny_repo / "params.yaml").params_hash,
+        f"train {sizes['train']} · val {sizes['val']}",
+        "seed 0",
+        "model.arch small_cnn",
+    ):
+        assert shown in description, shown
+
+    # evaluate: a verdict line before anything else; status: numbers as people read them.
+    capsys.readouterr()
+    assert calibflow(["evaluate", "--model", f"models:/{MODEL}@champion", "--repo", str(tiny_repo)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"calibflow evaluate: models:/{MODEL}@champion is version 1: metrics reproduced;")
+    assert first.endswith(names.verdict_text(tags))
+    assert calibflow(["status", "--model", MODEL, "--repo", str(tiny_repo)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    ece, accuracy, temperature = (row.split()[header.split().index(c)] for c in ("ece", "accuracy", "temperature"))
+    assert all(re.fullmatch(r"\d\.\d{4}", number) for number in (ece, accuracy, temperature)), row
+
+    # Looser: the champion passes the new gates; nothing trained, nothing registered.
+    assert calibflow([*repo, "--set", "gates.max_ece=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "only its gates changed (gates.max_ece 0.3 -> 0.5)" in out
+    assert "@champion version 1 passes every new gate" in out
+    regated = latest_run(client)
+    assert regated.data.tags["regated_version"] == "1" and regated.data.tags["calibflow.status"] == "skipped"
+    assert regated.data.tags[names.VERDICT_ABSOLUTE] == names.PASSED
+    assert client.list_artifacts(regated.info.run_id, "checkpoint") == []
+    assert [a.path for a in client.list_artifacts(regated.info.run_id, "gates")] == ["gates/gates.json"]
+
+    # Stricter than the champion can meet: exit 1, said plainly, and @champion stays where it was.
+    assert calibflow([*repo, "--set", "gates.min_accuracy=0.999"]) == 1
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert "@champion version 1 FAILS the new gates: min_accuracy" in said and "< 0.999" in said
+    assert "Traceback" not in said
+    assert versions(client) == ["1"] and aliases(client) == {"champion": "1"}
+    failed = latest_run(client)
+    assert failed.data.tags["calibflow.status"] == "failed" and failed.info.status == "FAILED"
+    assert failed.data.tags[names.VERDICT_ABSOLUTE] == names.FAILED
+    assert "min_accuracy" in failed.data.tags[names.VERDICT_FAILED]

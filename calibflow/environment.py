@@ -23,17 +23,21 @@ QUIET_DEFAULTS = {
     "GIT_PYTHON_REFRESH": "quiet",
 }
 
-# How long one MLflow request may keep trying a tracking server that does not answer. MLflow's own
-# defaults (7 retries, back-off factor 2, 120 s timeout) are sized for a rate-limiting SaaS and
-# make a dead server cost about 4 minutes per request, several requests per command. These give
-# up on a refused connection after about 6-8 s (back-off 0, 2 and 4 s, plus up to 1 s of jitter on the last two),
-# and on a server that accepts but never answers after 4 x 20 s: a command fails within 2
-# minutes either way, and still rides out a server restart of a few seconds. Raise the timeout
-# for large model artifacts behind a slow artifact store.
+# How long one request may keep trying a server that does not answer. MLflow's own defaults (7
+# retries, back-off factor 2, 120 s timeout) and Prefect's (5 retries 2-32 s apart, 60 s timeout)
+# are sized for a rate-limiting SaaS and made a hung server (port open, no answer) cost 90 s for
+# `calibflow status` and 107 s for `calibflow run`. With these, MLflow gives up on a refused
+# connection after about 2-3 s (back-off 0 and 2 s), and on a server that accepts but never answers
+# after 3 x 10 s; Prefect after 4 tries 2, 4 and 8 s apart. Commands first ask each server once for
+# any answer within the request timeout (calibflow.tracking.store.check_answers,
+# flows.local_server.check_api_answers), so a hung server is named within ~10 s of start. Raise the
+# timeouts for large model artifacts behind a slow artifact store.
 STORE_PATIENCE_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "PREFECT_API_REQUEST_TIMEOUT": "10",
+    "PREFECT_CLIENT_MAX_RETRIES": "3",
 }
 
 

@@ -114,6 +114,17 @@ class RegistrationLeftBehind(RuntimeError):
     message names the version and its aliases, and how to remove it."""
 
 
+class FailedAfterRegistration(RuntimeError):
+    """The run registered a version (and gave it an alias), then failed: a summary that could not be
+    published, a Prefect API gone before the flow run was closed. The version stands; the message
+    says which version, of which model, which alias points to it, and what failed."""
+
+
+class PrefectApiUnreachable(ConnectionError):
+    """PREFECT_API_URL names a server that refused the connection or accepted it and did not answer
+    in time; the message names the address, how long it waited and the fix."""
+
+
 class PromotionConflict(RuntimeError):
     """Another promotion holds the lock, or the champion moved since the gate ran."""
 
@@ -151,9 +162,11 @@ POLICIES: tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...] = (
     # trained model cannot meet a certified decision target on the calibration split, like a gate.
     ((DataValidationError, GatesFailed, DecisionInfeasible), REJECTED),
     ((StoreUnreachable,), ALREADY_RETRIED),
-    # RegistrationLeftBehind names what is left and how to remove it; PromotionConflict: the
-    # registry lock was not freed in time. Both already waited: no retry, and said in one message.
-    ((RegistrationLeftBehind, PromotionConflict), REFUSED),
+    # RegistrationLeftBehind and FailedAfterRegistration name what is left; PromotionConflict: the
+    # registry lock was not freed in time. All already waited: no retry, and said in one message.
+    ((RegistrationLeftBehind, FailedAfterRegistration, PromotionConflict), REFUSED),
+    # Before the store's OSError entry: a Prefect API that does not answer is a setting to fix.
+    ((PrefectApiUnreachable,), REFUSED),
     # The user's settings, data or registry do not allow the run: retrying cannot fix them.
     # GateInputError: predictions the gates cannot read (NaN, not probabilities, no images);
     # GateUndecided: e.g. the champion's classes differ; NotFound: a version or alias missing;

@@ -36,7 +36,7 @@ class Command:
 
 # Errors raised once a command has decided, about what the registry holds now (a version left
 # behind, an alias another process moved): said as they are, with no "could not decide".
-AFTER_THE_DECISION = (errors.RegistrationLeftBehind, errors.PromotionConflict)
+AFTER_THE_DECISION = (errors.RegistrationLeftBehind, errors.FailedAfterRegistration, errors.PromotionConflict)
 
 COMMANDS = {
     "run": Command(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
+from calibflow import errors
 from calibflow.errors import EXIT_OK, EXIT_USAGE
 from cli import process
 from cli.options import add_json, add_params, add_repo, json_on_stdout, say, write_json
@@ -37,20 +40,32 @@ def add_parsers(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Servers named in the environment are asked first, before torch is imported (~6 s): a hung one
+    # is named sooner. A Prefect profile's server is asked after the params are read.
+    check_servers_answer(args.repo, environment_only=True)
     from calibflow.config import load_config
 
     load_config(Path(args.repo) / args.params, args.overrides)  # a bad key fails before Prefect and MLflow start
+    check_servers_answer(args.repo)
 
     from flows.train_calibrate import train_calibrate_register
+    from tasks.tracking import registry_changes
 
     process.imports_done()
-    result = train_calibrate_register(
-        params_path=args.params,
-        overrides=args.overrides,
-        data_rev=args.data_rev,
-        repo_root=args.repo,
-        force=args.force,
-    )
+    registry_changes.forget()
+    try:
+        result = train_calibrate_register(
+            params_path=args.params,
+            overrides=args.overrides,
+            data_rev=args.data_rev,
+            repo_root=args.repo,
+            force=args.force,
+        )
+    except Exception as error:
+        reported = what_stands_after(error, registry_changes.standing())
+        if reported is error:
+            raise
+        raise reported from error
     if result.get("tracking_uri"):  # the --json file is an artifact of CI jobs: no credentials in it
         from calibflow.tracking.store import display_uri
 
@@ -59,6 +74,49 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + run_summary(result))
     write_json(args, result)
     return EXIT_OK
+
+
+def check_servers_answer(repo: str, *, environment_only: bool = False) -> None:
+    """Before the flow's imports and Prefect's start: a Prefect API or MLflow tracking server that
+    does not answer is named after one request timeout (~10 s by default), not after every retry
+    of every request (minutes). `environment_only`: only the servers the environment names
+    (PREFECT_API_URL, an http(s) MLFLOW_TRACKING_URI), without importing Prefect's settings or
+    MLflow (2-3 s each) when it names none; else the active Prefect profile's too. A tracking
+    server that answered is not asked again (store.check_answers)."""
+    from flows.local_server import check_api_answers
+
+    api, timeout = os.environ.get("PREFECT_API_URL"), os.environ.get("PREFECT_API_REQUEST_TIMEOUT")
+    if not environment_only and not (api and timeout):
+        from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL
+
+        api, timeout = PREFECT_API_URL.value(), PREFECT_API_REQUEST_TIMEOUT.value()
+    if api and timeout:
+        check_api_answers(api, float(timeout))
+    if environment_only and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        return
+    from calibflow.tracking import store
+
+    store.configure_tracking(repo)
+    store.check_answers()
+
+
+def what_stands_after(error: Exception, standing) -> Exception:
+    """The error `calibflow run` reports for `error`, raised by the flow. After the run registered a
+    version (`standing`: tasks.tracking.registry_changes, what the run did, not read back from a
+    store that may be what failed), it says which version stands and which alias points to it,
+    never "nothing was registered"; an unexpected error's traceback is shown first."""
+    if standing is None or isinstance(error, (errors.RegistrationLeftBehind, errors.FailedAfterRegistration)):
+        return error  # nothing stands, or the error says itself what does
+    if errors.policy_of(error) is None:
+        import traceback
+
+        from cli.main import redacted
+
+        sys.stderr.write(redacted("".join(traceback.format_exception(error))))
+    return errors.FailedAfterRegistration(
+        f"{standing}; then the run failed ({type(error).__name__}: {errors.one_line(error)}), "
+        f"so its summary or Prefect's record of it may be missing: see `calibflow status --model {standing.name}`"
+    )
 
 
 def run_summary(result: dict) -> str:

@@ -80,6 +80,33 @@ def healthy(api_url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def check_api_answers(api_url: str, timeout_s: float) -> None:
+    """Ask the Prefect API at `api_url` once for its health, waiting at most `timeout_s`: a server
+    that refuses the connection, or accepts it and says nothing in that time (hung, or another
+    program on the port), raises PrefectApiUnreachable naming the address, where Prefect's client
+    would wait and retry every request. Any HTTP answer, even an error, counts as an answer."""
+    from calibflow.errors import PrefectApiUnreachable
+
+    health = f"{api_url.rstrip('/')}/health"
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # an answer (a proxy's 401, a Cloud workspace's 404): Prefect's client says the rest
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        waited = time.monotonic() - started
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            what = f"accepted the connection and did not answer in {waited:.1f} s (PREFECT_API_REQUEST_TIMEOUT={timeout_s:g})"
+        else:
+            what = f"could not be reached ({reason})"
+        raise PrefectApiUnreachable(
+            f"the Prefect API at {api_url} (PREFECT_API_URL) {what}: start it (`make prefect-ui`, or `prefect "
+            f"server start`), point PREFECT_API_URL at one that runs, or unset it to run on a temporary API"
+        ) from None
+
+
 def _prefect_command() -> list[str]:
     beside = Path(sys.executable).with_name("prefect")  # the venv's own CLI, whatever PATH says
     found = str(beside) if beside.exists() else shutil.which("prefect")

@@ -84,5 +84,6 @@ def validate_data(
     )
     if not report.success:
         raise DataValidationError(report)
+    data_steps.check_test_split_classes(manifest.path, split.path, dataset=config.data.path, split=config.split)
     get_run_logger().info("data validation passed: %s", report.statistics)
     return report.statistics

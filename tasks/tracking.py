@@ -4,6 +4,7 @@ so they retry transient failures."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,61 @@ class RunContext:
     git_dirty: bool
 
 
+@dataclass(frozen=True)
+class Standing:
+    """A version this process's run registered and has not taken back, and the alias it gave it."""
+
+    name: str
+    version: str
+    alias: str
+
+    def __str__(self) -> str:
+        return f"version {self.version} of {self.name} is registered and @{self.alias} points to it"
+
+
+class RegistryChanges:
+    """What the flow run in this process has done to the registry, recorded by the tasks below as
+    each change succeeds (registered, promoted, taken back). A failure after the registration (a
+    summary that cannot be published, a Prefect API gone before the flow run is closed, a store
+    failing while the run is published) is then said from what the run did, not read back from a
+    store that may be the thing that failed. One flow run at a time: `calibflow run` forgets it
+    before its run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._standing: Standing | None = None
+
+    def forget(self) -> None:
+        with self._lock:
+            self._standing = None
+
+    def registered(self, version: registration.RegisteredVersion) -> None:
+        with self._lock:
+            self._standing = Standing(version.name, version.version, version.alias)
+
+    def promoted(self, version: registration.RegisteredVersion) -> None:
+        with self._lock:
+            self._standing = Standing(version.name, version.version, registration.CHAMPION)
+
+    def taken_back(self, version: registration.RegisteredVersion) -> None:
+        with self._lock:
+            if self._standing is not None and self._standing.version == version.version:
+                self._standing = None
+
+    def standing(self) -> Standing | None:
+        with self._lock:
+            return self._standing
+
+
+registry_changes = RegistryChanges()
+
+
+def run_name(config: Config) -> str:
+    """What ran, as MLflow's run list shows it: data folder, architecture and seed, e.g.
+    "digits-small_cnn-s0" (rather than MLflow's random words or Prefect's flow run name)."""
+    return f"{Path(config.data.path).name}-{config.model.arch}-s{config.seed}"
+
+
 @task(name="start-mlflow-run", **STORE_RETRIES)
 def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContext:
     tracking_uri = store.configure_tracking(repo_root)
@@ -74,13 +130,14 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     source = store.RunSource("flows/train_calibrate.py", git_commit=commit, git_branch=branch, git_repo_url=remote)
     run_id = store.start_run(
         config.registry.experiment,
-        run_name=flow_run.get_name(),
+        run_name=run_name(config),
         tags={
             "git_commit": commit,
             "git_dirty": str(dirty).lower(),
             "params_hash": config.params_hash,
             "seed": str(config.seed),
             "prefect.flow_run_id": str(flow_run.get_id()),
+            "prefect.flow_run_name": str(flow_run.get_name()),
             "overrides": " ".join(overrides),
             **leftovers.run_tags(),
         },
@@ -171,6 +228,7 @@ def register_model(
             run.run_id, trained.checkpoint, fit.state_path, example, decisions, name=config.registry.model_name
         )
         version = registration.register_version(model_uri, config.registry.model_name, tags)
+    registry_changes.registered(version)
     get_run_logger().info("registered %s version %s as @%s", version.name, version.version, version.alias)
     return version
 
@@ -178,6 +236,7 @@ def register_model(
 @task(name="undo-registration", cache_policy=NO_CACHE)
 def undo_registration(version: registration.RegisteredVersion) -> None:
     registration.undo_registration(version)
+    registry_changes.taken_back(version)
     get_run_logger().warning(
         "took back %s version %s: the run failed after registering it", version.name, version.version
     )
@@ -195,6 +254,7 @@ def promote_to_champion(
     except errors.PromotionConflict as conflict:
         get_run_logger().warning("not promoted, stays @challenger: %s", conflict)
         return None
+    registry_changes.promoted(version)
     get_run_logger().info(
         "promoted %s version %s to @champion (was %s)", moved.model, moved.champion, moved.previous_champion
     )
@@ -230,8 +290,8 @@ def stage_metrics_report(
 
 
 @task(name="publish-metrics-report", cache_policy=NO_CACHE)
-def publish_metrics_report(report: report_staging.StagedReport) -> str:
-    return report_staging.publish_report(report)
+def publish_metrics_report(report: report_staging.StagedReport, final: tagging.RunVerdict | None = None) -> str:
+    return report_staging.publish_report(report, final)
 
 
 @task(name="discard-metrics-report", cache_policy=NO_CACHE)
@@ -254,8 +314,11 @@ def publish_summary(
     fit: evaluation_steps.CalibrationRecord | None = None,
     verdict: GateVerdict | None = None,
     version: registration.RegisteredVersion | None = None,
+    final: tagging.RunVerdict | None = None,
 ) -> None:
-    summary = run_summary.summary_markdown(run.run_id, run.tracking_uri, outcome, evaluation, fit, verdict, version)
+    summary = run_summary.summary_markdown(
+        run.run_id, run.tracking_uri, outcome, evaluation, fit, verdict, version, final=final
+    )
     create_markdown_artifact(key="calibflow-run-summary", description="calibflow run summary", markdown=summary)
     # The same text, verdict line first, as the MLflow run's and version's description. Best effort:
     # the run's outcome is decided and recorded already, a description is no reason to undo it.

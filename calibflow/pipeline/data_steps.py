@@ -131,6 +131,25 @@ def split_class_counts(manifest_path: str, split_path: str, split_name: str) -> 
     return class_counts(manifest.iloc[Split.load(split_path).indices[split_name]])
 
 
+def check_test_split_classes(manifest_path: str, split_path: str, *, dataset: str, split: SplitConfig) -> None:
+    """Refuse a test split whose images all belong to one class (ConfigError, exit 2): every gate
+    passes on it by construction (a model that always answers that class is right with any
+    confidence it likes), so it certifies nothing. Found here, where the real split is known;
+    the gates themselves accept one label, which their simulations feed them."""
+    counts = {name: n for name, n in split_class_counts(manifest_path, split_path, "test").items() if n}
+    if len(counts) != 1:
+        return  # an empty test split is check_run_settings' to refuse, with its size
+    [(only, n)] = counts.items()
+    classes = class_counts(load_manifest(manifest_path))
+    fewest = min(classes, key=classes.get)
+    raise ConfigError(
+        f"the test split of {dataset} holds images of one class only ({n} of {only!r}, none of the other "
+        f"{len(classes) - 1}), so no gate can tell a calibrated model from one that always answers {only!r}: "
+        f"add images to the smaller classes (class {fewest!r} has {classes[fewest]} in all) or raise "
+        f"split.test (now {split.test:g}) so that every class has test images"
+    )
+
+
 def validate_data(
     manifest_path: str,
     split_path: str,

@@ -133,8 +133,71 @@ def redact(text: str) -> str:
 
 def client() -> MlflowClient:
     """An MlflowClient whose calls raise StoreUnreachable, saying how long they waited, when the
-    tracking server does not answer."""
+    tracking server does not answer; a server that does not answer at all is named after one request
+    timeout (check_answers), not after every retry of it."""
+    check_answers()
     return _AnsweringClient(MlflowClient())  # type: ignore[return-value]  # same methods
+
+
+_ANSWERED: set[str] = set()  # tracking servers that have answered this process once
+
+
+def check_answers() -> None:
+    """Ask an HTTP tracking server once, without retries, for any answer within
+    MLFLOW_HTTP_REQUEST_TIMEOUT: a server that accepts connections and never answers (hung, or a
+    port held by something else) raises StoreUnreachable naming it after that one wait, where
+    MLflow's retries would repeat the wait for every request (3 x 10 s each by default). A refused
+    connection or an error answer is left to the request that follows, which retries and reports
+    it. Once a server has answered, this process does not ask again; other stores are not asked."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+        return
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    timeout = MLFLOW_HTTP_REQUEST_TIMEOUT.get()
+    started = time.monotonic()
+    try:
+        http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            params={"max_results": 1},
+        )
+    except Exception as error:  # noqa: BLE001  only silence is said here
+        if _timed_out(error):
+            raise StoreUnreachable(
+                f"the MLflow tracking server at {display_uri(uri)} did not answer: gave up after waiting "
+                f"{time.monotonic() - started:.1f} s for a first answer (MLFLOW_HTTP_REQUEST_TIMEOUT={timeout}); "
+                f"it accepts connections and says nothing: is it hung, or is another program on that port? "
+                f"Check MLFLOW_TRACKING_URI"
+            ) from None
+        return
+    _ANSWERED.add(uri)
+
+
+def _timed_out(error: BaseException) -> bool:
+    """True when `error` (or what it was raised from) is a connect or read timeout."""
+    import requests
+    import urllib3
+
+    def timeout(seen: BaseException | None) -> bool:
+        # urllib3's NewConnectionError (a refused connection) subclasses its ConnectTimeoutError
+        return isinstance(seen, (requests.Timeout, urllib3.exceptions.TimeoutError)) and not isinstance(
+            seen, urllib3.exceptions.NewConnectionError
+        )
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, urllib3.exceptions.NewConnectionError):
+            return False
+        if timeout(seen) or (isinstance(seen, urllib3.exceptions.MaxRetryError) and timeout(seen.reason)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @contextmanager
@@ -272,6 +335,10 @@ def set_run_description(run_id: str, text: str) -> None:
 
 def set_version_description(model_name: str, version: str, text: str) -> None:
     client().update_model_version(model_name, version, description=text)
+
+
+def version_description(model_name: str, version: str) -> str:
+    return client().get_model_version(model_name, version).description or ""
 
 
 def log_dataset(

@@ -245,9 +245,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", type=int, default=None, help="processes, one shape each (default 2)")
     args = parser.parse_args(argv)
     out = _common.results_dir(args, parser)
-    sample = args.sample or (200 if args.smoke else SAMPLE)
+    sample = args.sample or (100 if args.smoke else SAMPLE)
     simulations = args.simulations or (2 if args.smoke else SIMULATIONS)
-    trials = args.trials or (3 if args.smoke else TRIALS)
+    trials = args.trials or (2 if args.smoke else TRIALS)
     truth_n = 5_000 if args.smoke else 1_000_000
     # a smoke run plans on a short grid: it shows the code runs, its numbers measure nothing
     settings = dict(sample=sample, simulations=simulations, trials=trials, truth_n=truth_n)

@@ -302,6 +302,7 @@ CHECKS: dict[str, Callable] = {
     "ddp_accuracy": check_ddp_accuracy,
     "decision_guarantees": check_decision_guarantees,
     "default_run": check_default_run,
+    "gate_plan_power": lambda data, markdown: importlib.import_module("gate_plan_power").check_smoke(data, markdown),
     "gate_soundness": check_gate_soundness,
     "gate_soundness_baseline": check_gate_soundness_baseline,
     "real_logits": check_real_logits,

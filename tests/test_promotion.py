@@ -172,8 +172,26 @@ def test_promote_moves_champion_records_who_and_keeps_the_report_then_rollback_m
     table = capsys.readouterr().out
     assert "@champion" in table and "@previous-champion" in table and "temperature" in table
 
+    # The promoted version's page says so, with the gates this promotion loosened; the old one's too.
+    three, one = client.get_model_version(MODEL, "3"), client.get_model_version(MODEL, "1")
+    assert three.tags["verdict/promoted"] == "yes: @champion" and three.tags["verdict/absolute"] == "passed"
+    assert three.tags["verdict/champion"] == "passed" and three.tags["gate/against"] == "version 1"
+    assert "max_ece_increase 0.01 -> 0.9 (loosened)" in three.tags["promotion/gates_set"]
+    assert "min_accuracy 0.5 -> 0.1 (loosened)" in three.tags["promotion/gates_set"]
+    first = three.description.splitlines()[0]
+    assert first.startswith("PROMOTED · absolute gates passed · against champion version 1: passed · promoted yes")
+    assert "NOT PROMOTED" not in three.description and "max_ece_increase 0.01 -> 0.9 (loosened)" in three.description
+    assert "GITHUB_RUN_ID=4242" in three.description
+    assert one.tags["verdict/promoted"] == "no: replaced as @champion by version 3"
+    assert one.description.startswith("REPLACED · ") and "PROMOTED ·" not in one.description
+    assert audit[0].data.tags["gates_set"] == three.tags["promotion/gates_set"]
+
     assert calibflow(["rollback", "--model", MODEL, "--repo", str(repo)]) == 0
     assert aliases(repo) == {"champion": "1"}
+    three, one = client.get_model_version(MODEL, "3"), client.get_model_version(MODEL, "1")
+    assert one.tags["verdict/promoted"] == "yes: @champion" and one.description.startswith("PROMOTED · ")
+    assert three.tags["verdict/promoted"] == "no: replaced as @champion by version 1"
+    assert three.description.startswith("REPLACED · ")
     assert calibflow(["rollback", "--model", MODEL, "--repo", str(repo)]) == 2  # v1 replaced nobody
 
 

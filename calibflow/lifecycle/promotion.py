@@ -15,7 +15,8 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import pandas as pd
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
-from calibflow.config import DEFAULT_N_BINS, GatesConfig
+from calibflow.config import DEFAULT_N_BINS, GatesConfig, load_config
 from calibflow.gates.checks import GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
 from calibflow.errors import GateInputError
 from calibflow.data.manifest import list_classes, load_manifest
@@ -41,8 +42,13 @@ from calibflow.lifecycle.reproduce import (
 from calibflow.data.splits import Split
 from calibflow.errors import AlreadyChampion, GateUndecided, NotComparable, NotFound
 from calibflow import errors
+from calibflow import names
+from calibflow.pipeline import run_summary, tagging
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
+# On a promoted version: each gate that `calibflow promote --set` changed from params.yaml for that
+# promotion, "max_ece_increase 0.01 -> 0.9 (loosened)", "; "-separated, or "none".
+PROMOTION_GATES_TAG = "promotion/gates_set"
 FIT_SPLITS = ("train", "val", "calibration")
 # Where CI systems put the id of the job that is running (first one found wins).
 CI_JOB_VARIABLES = ("GITHUB_RUN_ID", "CI_JOB_ID", "BUILD_ID", "BUILDKITE_BUILD_ID", "CIRCLE_WORKFLOW_JOB_ID", "JOB_ID")
@@ -436,11 +442,83 @@ def who() -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class GateChange:
+    """A gate that `--set` changed from params.yaml for one command."""
+
+    gate: str  # the GatesConfig field, e.g. max_ece_increase
+    configured: object  # params.yaml's value (None: the gate is off)
+    used: object
+    direction: str  # loosened | tightened | changed
+
+    def text(self) -> str:
+        return f"{self.gate} {_shown(self.configured)} -> {_shown(self.used)} ({self.direction})"
+
+
+def _shown(value: object) -> str:
+    return "off" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _direction(gate: str, configured: object, used: object) -> str:
+    """Which way a changed threshold moved: a max_ raised or turned off, a min_ lowered or turned
+    off, or a lower confidence lets more candidates through."""
+    if used is None:
+        return "loosened"
+    if configured is None:
+        return "tightened"
+    if gate.startswith("max_"):
+        return "loosened" if used > configured else "tightened"
+    if gate.startswith("min_") or gate == "confidence":
+        return "loosened" if used < configured else "tightened"
+    return "changed"
+
+
+def gate_changes(configured: GatesConfig, used: GatesConfig) -> tuple[GateChange, ...]:
+    """The gates `used` sets otherwise than `configured` (n_resamples sizes `gate plan`'s simulation,
+    not a gate)."""
+    return tuple(
+        GateChange(
+            f.name,
+            getattr(configured, f.name),
+            getattr(used, f.name),
+            _direction(f.name, getattr(configured, f.name), getattr(used, f.name)),
+        )
+        for f in fields(GatesConfig)
+        if f.name != "n_resamples" and getattr(configured, f.name) != getattr(used, f.name)
+    )
+
+
+def gates_set(params_path: str | Path, overrides: Sequence[str]) -> tuple[GateChange, ...]:
+    """The gates that `overrides` (a command's --set) change from the params file's."""
+    return gate_changes(load_config(params_path).gates, load_config(params_path, list(overrides)).gates)
+
+
+@dataclass(frozen=True)
 class Promotion:
     model: str
     champion: str
     previous_champion: str | None
     forced: bool
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _describe(model_name: str, version: str, line: str, record: list[str]) -> None:
+    """The version's description with its new verdict line first (run_summary.with_new_verdict)."""
+    old = store.version_description(model_name, version)
+    title = f"**{model_name} version {version}**"  # the registered page's title, which names its alias then
+    store.set_version_description(model_name, version, run_summary.with_new_verdict(old, line, record, title=title))
+
+
+def _retag_replaced(model_name: str, version: str, by: str, record: str) -> None:
+    """A champion another version replaced: verdict/promoted says so, on its tags and description."""
+    tags = {names.VERDICT_PROMOTED: names.replaced_by(by)}
+    registration.set_version_tags(model_name, version, tags)
+    recorded = {**resolve_ref(model_name, version).tags, **tags}
+    _describe(
+        model_name, version, f"REPLACED · {names.verdict_text(recorded) or tags[names.VERDICT_PROMOTED]}", [record]
+    )
 
 
 def promote(
@@ -449,13 +527,19 @@ def promote(
     gated_against: str | None,
     report_path: str | Path | None,
     force_reason: str | None = None,
+    *,
+    gate: GateReport | None = None,
+    changed_gates: Sequence[GateChange] = (),
 ) -> Promotion:
     """Move @champion to the candidate, compare-and-swap style: under the registry lock, and only
     if @champion is still the version the gate compared against (else PromotionConflict, and
     nothing moves). The old champion becomes @previous-champion; the new one is tagged with who
-    promoted it, from what, and why; the gate report is kept in an audit run."""
+    promoted it, from what, and why, and with the verdict of `gate` (the report the decision read)
+    and the gates `--set` changed for it (`changed_gates`), and both versions' verdict tags and
+    descriptions say what they are now; the gate report is kept in an audit run."""
     actor = who()
     holder = f"{actor['user']} {actor['ci_job']} pid {os.getpid()}".strip()
+    at = _now()
     with registration.promotion_lock(model_name, holder):
         current = registration.alias_version(model_name, registration.CHAMPION)
         if current == candidate_version:
@@ -468,15 +552,22 @@ def promote(
                 f"@champion of {model_name} is now {current}, not {gated_against} as when the gate ran: another "
                 f"promotion won; gate version {candidate_version} again against the new champion"
             )
+        verdict_tags = (
+            tagging.run_verdict(gate.verdict, gate.champion, registration.CHAMPION).tags()
+            if gate is not None
+            else {names.VERDICT_PROMOTED: names.PROMOTED}
+        )
         registration.set_version_tags(
             model_name,
             candidate_version,
             {
-                "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "promoted_at": at,
                 "promoted_by": actor["user"],
                 "promoted_ci_job": actor["ci_job"],
                 "promoted_from": current or "",
+                PROMOTION_GATES_TAG: "; ".join(c.text() for c in changed_gates) or "none",
                 **({"promotion_forced_reason": force_reason} if force_reason else {}),
+                **verdict_tags,
             },
         )
         target: dict[str, str | None] = {registration.CHAMPION: candidate_version}
@@ -485,6 +576,27 @@ def promote(
         if registration.alias_version(model_name, registration.CHALLENGER) == candidate_version:
             target[registration.CHALLENGER] = None  # it is the champion now
         registration.apply_aliases(model_name, target)
+    by = f"{actor['user']}" + (f" ({actor['ci_job']})" if actor["ci_job"] else "")
+    record = [
+        f"Promoted to `@champion` at {at} by {by}"
+        + (f", replacing version {current}." if current else ".")
+        + (f" **Forced** past a failed gate: {force_reason}" if force_reason else ""),
+    ]
+    if changed_gates:
+        record += [
+            "",
+            "Gates set for this promotion (`calibflow promote --set`), not params.yaml's: "
+            + "; ".join(c.text() for c in changed_gates),
+        ]
+    recorded = {**resolve_ref(model_name, candidate_version).tags}
+    _describe(model_name, candidate_version, f"PROMOTED · {names.verdict_text(recorded)}", record)
+    if current:
+        _retag_replaced(
+            model_name,
+            current,
+            candidate_version,
+            f"Replaced as `@champion` by version {candidate_version} at {at} ({by}).",
+        )
     if report_path:
         store.log_audit_run(
             AUDIT_EXPERIMENT,
@@ -495,6 +607,7 @@ def promote(
                 "previous_champion": current or "",
                 "decision": "forced" if force_reason else "promoted",
                 "reason": force_reason or "",
+                "gates_set": "; ".join(c.text() for c in changed_gates) or "none",
                 **actor,
             },
             report_path,
@@ -521,7 +634,22 @@ def rollback(model_name: str) -> Promotion:
             current.version,
             {"rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rolled_back_by": actor["user"]},
         )
+        registration.set_version_tags(model_name, previous, {names.VERDICT_PROMOTED: names.PROMOTED})
         registration.apply_aliases(
             model_name, {registration.CHAMPION: previous, registration.PREVIOUS_CHAMPION: before_previous}
         )
+    at = _now()
+    _retag_replaced(
+        model_name,
+        current.version,
+        previous,
+        f"Rolled back at {at} by {actor['user']}: version {previous} is `@champion` again.",
+    )
+    restored = resolve_ref(model_name, previous).tags
+    _describe(
+        model_name,
+        previous,
+        f"PROMOTED · {names.verdict_text(restored) or names.PROMOTED}",
+        [f"`@champion` again at {at}: {actor['user']} rolled back version {current.version}."],
+    )
     return Promotion(model_name, previous, current.version, forced=False)

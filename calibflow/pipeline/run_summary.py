@@ -83,14 +83,22 @@ def verdict_line(
     return " · ".join(parts)
 
 
-def with_new_verdict(description: str, line: str, record: list[str]) -> str:
+# Lines of a description that state a verdict or an alias as it was when they were written: a new
+# verdict drops them (a verdict line, the version page's verdict row and its title with the alias,
+# the run summary's closing "Registered ... now @alias").
+STALE_LINE_STARTS = (*HEADLINES, "| verdict |", "Registered **")
+
+
+def with_new_verdict(description: str, line: str, record: list[str], *, title: str = "") -> str:
     """A version's description after its verdict changed (a promotion, a rollback): `line` first,
-    then `record` (what changed, by whom), then what it said before under a heading, without its
-    old verdict line, so that no line of it contradicts the new one."""
-    old = (description or "").strip()
-    first, _, rest = old.partition("\n")
-    if first.startswith(HEADLINES):
-        old = rest.strip()
+    then `record` (what changed, by whom), then what it said before under a heading, without the
+    lines that stated the old verdict or alias (STALE_LINE_STARTS, and `title`: the page's title
+    line, which names the alias), so that nothing on the page contradicts the new verdict."""
+    stale = (*STALE_LINE_STARTS, title) if title else STALE_LINE_STARTS
+    kept = [text for text in (description or "").splitlines() if not text.startswith(stale)]
+    old = "\n".join(kept).strip()
+    while old.startswith("### Before"):  # the heading of an earlier change
+        old = old.removeprefix("### Before").strip()
     lines = [line, "", *record]
     if old:
         lines += ["", "### Before", "", old]

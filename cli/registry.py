@@ -226,7 +226,7 @@ def gate_plan(args: argparse.Namespace) -> int:
 
 
 def promote(args: argparse.Namespace) -> int:
-    from calibflow.lifecycle.promotion import promote as promote_version
+    from calibflow.lifecycle.promotion import gates_set, promote as promote_version
 
     if args.force and not args.reason:
         say('calibflow promote: --force needs --reason "why the gate is overridden"')
@@ -243,6 +243,8 @@ def promote(args: argparse.Namespace) -> int:
             report.champion,
             report.save(f"{tmp}/gate_report.json"),
             force_reason=args.reason if (args.force and not report.passed) else None,
+            gate=report,
+            changed_gates=gates_set(Path(args.repo) / args.params, args.overrides),
         )
     print(
         f"@champion of {moved.model} is now version {moved.champion} (was {moved.previous_champion})"

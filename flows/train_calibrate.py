@@ -33,6 +33,7 @@ from calibflow.config import load_config
 from calibflow.errors import ConfigError
 from calibflow.errors import GatesFailed
 from calibflow.training.resume import checkpoint_root
+from calibflow import names
 from calibflow.pipeline import run_summary
 from calibflow.pipeline import tagging
 from calibflow.tracking.registration import CHALLENGER, CHAMPION, registration_transaction
@@ -83,8 +84,10 @@ def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
     """Tag the MLflow run failed and publish the summary, best effort: when the store itself is
     what failed, these fail too, and the error to report is still the original one."""
     try:
-        finish_run(run, "failed", reason=f"{type(error).__name__}: {error}")
-        publish_summary(run, f"failed ({type(error).__name__})", evaluation, fit, verdict)
+        # whatever the gates' tags said, nothing stays registered (or RegistrationLeftBehind says what does)
+        unregistered = {names.VERDICT_PROMOTED: names.NOT_REGISTERED} if verdict is not None else None
+        finish_run(run, "failed", reason=f"{type(error).__name__}: {error}", tags=unregistered)
+        publish_summary(run, f"failed ({type(error).__name__}): {errors.one_line(error)}", evaluation, fit, verdict)
     except Exception as secondary:
         print(
             f"could not record the failure in MLflow ({type(secondary).__name__}: {secondary}); "
@@ -277,7 +280,7 @@ def train_calibrate_register(
                 "succeeded",
                 tags={"registered_version": version.version, "registered_alias": alias, **final.tags()},
             )
-            publish_metrics_report(report)
+            publish_metrics_report(report, final)
     except Exception as error:
         if report is not None:
             discard_metrics_report(report)
@@ -285,7 +288,7 @@ def train_calibrate_register(
         if errors.is_refusal(error):
             return refused(error)
         raise
-    publish_summary(run, "registered", evaluation, fit, verdict, version)
+    publish_summary(run, "registered", evaluation, fit, verdict, version, final=final)
     # The version's page leads with its verdict and lineage, above the run's summary.
     summary = run_summary.summary_markdown(
         run.run_id, run.tracking_uri, "registered", evaluation, fit, verdict, version, final=final

@@ -254,9 +254,14 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
 def recorded_gates(record: registration.VersionRecord) -> str | None:
     """The verdict the version's gates gave when it was registered: from its own tags, or (a
     version registered before they carried it) from its run's gate tags; None when neither has one."""
+    from mlflow.exceptions import MlflowException
+
     verdict = registration.recorded_verdict(record.tags)
     if verdict is None and record.run_id:
-        verdict = registration.recorded_verdict(store.client().get_run(record.run_id).data.tags)
+        try:
+            verdict = registration.recorded_verdict(store.client().get_run(record.run_id).data.tags)
+        except MlflowException:  # its run deleted: the reproduction still stands, with no verdict to show
+            return None
     return verdict
 
 

@@ -207,6 +207,7 @@ class Step:
     code: int | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     log: str = ""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -227,8 +228,8 @@ class Job:
     def transcript(self) -> str:
         parts = []
         for step in self.steps:
-            head = f"--- {step.name}: " + (f"exit {step.code}" if step.ran else "skipped")
-            parts.append(head + (f" {step.outputs}" if step.outputs else "") + "\n" + step.log[-6000:])
+            head = f"--- {step.name}: " + (f"step exit {step.code}, {step.seconds:.0f} s" if step.ran else "skipped")
+            parts.append(head + (f", outputs {step.outputs}" if step.outputs else "") + "\n" + step.log[-6000:])
         return "\n".join(parts)
 
 
@@ -294,6 +295,7 @@ def run_job(workflow: dict, *, origin: Path, workspace: Path, home: Path, secret
         step_env["PATH"] = os.pathsep.join([*path_prefix, step_env["PATH"]])
         script = temp / f"step-{index}.sh"
         script.write_text(step["run"])
+        started = time.monotonic()
         done = subprocess.run(
             ["bash", "-e", str(script)],
             cwd=workspace,
@@ -304,7 +306,8 @@ def run_job(workflow: dict, *, origin: Path, workspace: Path, home: Path, secret
             timeout=STEP_TIMEOUT_S,
         )
         outputs = read_outputs(files["GITHUB_OUTPUT"])
-        steps.append(Step(name, step.get("id"), ran=True, code=done.returncode, outputs=outputs, log=done.stdout))
+        seconds = time.monotonic() - started
+        steps.append(Step(name, step.get("id"), True, done.returncode, outputs, done.stdout, seconds))
         if step.get("id"):
             contexts["steps"][step["id"]] = {
                 "outputs": outputs,
@@ -515,7 +518,7 @@ def test_promote_workflow_four_nights_in_fresh_clones(servers, tmp_path):
         data={"path": "data/digits-team"},
         train={"epochs": EPOCHS},
         shift={"corruptions": [], "severities": []},
-        gates={"max_ece": 0.1},
+        gates={"max_ece": 0.1, "min_accuracy": 0.7, "n_resamples": 100},
     )
 
     # Night 1: the first model becomes @champion; nothing to gate.
@@ -568,10 +571,13 @@ def test_promote_workflow_four_nights_in_fresh_clones(servers, tmp_path):
     diff = json.loads(dvc("metrics", "diff", reports_1, reports_3, "--json"))["reports/metrics.json"]
     changed = {key: d for key, d in diff.items() if isinstance(d.get("diff"), (int, float)) and d["diff"] != 0}
     assert changed, diff
-    plots = tmp_path / "plots"
-    dvc("plots", "diff", reports_1, reports_3, "-o", str(plots))
-    page = (plots / "index.html").read_text()
-    assert reports_1[:7] in page and reports_3[:7] in page and "train.csv" in page
+    plots = json.loads(dvc("plots", "diff", reports_1, reports_3, "--json"))["data"]
+    for curve in ("reports/plots/train.csv", "reports/plots/val.csv"):
+        (plot,) = plots[curve]
+        assert plot["revisions"] == [reports_1, reports_3], plot["revisions"]
+        assert {row["rev"] for row in plot["content"]["data"]["values"]} == {reports_1, reports_3}
+    diagrams = plots["reports/plots/reliability_diagram.png"]
+    assert [d["revisions"] for d in diagrams] == [[reports_1], [reports_3]], diagrams
 
     # Night 4: far fewer epochs, served champion answering meanwhile: rejected with exit 1, job green.
     images = read_images(tmp_path / "all-digits", 8)

@@ -80,14 +80,15 @@ def refused(error: Exception):
     return Failed(message=f"{type(error).__name__}: {errors.one_line(error)}", data=error)
 
 
-def record_failure(run, error: Exception, evaluation, fit, verdict) -> None:
+def record_failure(run, error: Exception, evaluation, fit, verdict, final=None) -> None:
     """Tag the MLflow run failed and publish the summary, best effort: when the store itself is
     what failed, these fail too, and the error to report is still the original one."""
     try:
         # whatever the gates' tags said, nothing stays registered (or RegistrationLeftBehind says what does)
-        unregistered = {names.VERDICT_PROMOTED: names.NOT_REGISTERED} if verdict is not None else None
-        finish_run(run, "failed", reason=f"{type(error).__name__}: {error}", tags=unregistered)
-        publish_summary(run, f"failed ({type(error).__name__}): {errors.one_line(error)}", evaluation, fit, verdict)
+        final = final.as_promoted(names.NOT_REGISTERED) if final is not None else None
+        finish_run(run, "failed", reason=f"{type(error).__name__}: {error}", tags=final.tags() if final else None)
+        reason = f"failed ({type(error).__name__}): {errors.one_line(error)}"
+        publish_summary(run, reason, evaluation, fit, verdict, final=final)
     except Exception as secondary:
         print(
             f"could not record the failure in MLflow ({type(secondary).__name__}: {secondary}); "
@@ -183,7 +184,7 @@ def train_calibrate_register(
         return refused(error)
     run = start_run(config, repo_root, overrides)
     end_leftovers_of_killed_runs(run, config, repo_root)
-    evaluation = fit = verdict = report = None
+    evaluation = fit = verdict = final = report = None
     try:
         data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
         same = None if force else find_same_build(run, data, config)
@@ -246,6 +247,7 @@ def train_calibrate_register(
             ood=ood,
         )
         verdict = gate.verdict
+        final = tagging.run_verdict(verdict, gate.champion)  # nothing registered yet
         if not verdict.absolute_passed:
             raise GatesFailed(verdict.summary())
 
@@ -284,7 +286,7 @@ def train_calibrate_register(
     except Exception as error:
         if report is not None:
             discard_metrics_report(report)
-        record_failure(run, error, evaluation, fit, verdict)
+        record_failure(run, error, evaluation, fit, verdict, final)
         if errors.is_refusal(error):
             return refused(error)
         raise

@@ -137,6 +137,7 @@ def test_a_promotion_rewrites_the_verdict_line_and_keeps_the_rest_under_a_headin
     lines = new.splitlines()
     assert lines[0] == f"PROMOTED · {after.text()}" and lines[2] == "Promoted by ci."
     assert "NOT PROMOTED" not in new and "### Before" in new and "| gate | value |" in new
+    assert "| max_ece_increase | 0.0000 | 0.0143 > 0.01 | FAIL |" in old  # the relation that holds
     # promoting twice keeps one verdict line, not a pile of them
     again = run_summary.with_new_verdict(new, "PROMOTED · x", ["y"])
     assert again.count("PROMOTED ·") == 1

@@ -146,12 +146,11 @@ def summary_markdown(
         lines += [
             f"Gates at one-sided {verdict.confidence:.0%} confidence on {verdict.n_samples} test images:",
             "",
-            "| gate | value | bound | threshold | verdict |",
-            "| --- | --- | --- | --- | --- |",
+            "| gate | value | bound vs threshold | verdict |",
+            "| --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {c.name} | {c.value:.4f} | {c.bound:.4f} | {c.comparison} {c.threshold:.4f} | "
-            f"{'pass' if c.passed else 'FAIL'} |"
+            f"| {c.name} | {c.value:.4f} | {c.bound:.4f} {c.relation} {c.threshold:g} | {'pass' if c.passed else 'FAIL'} |"
             for c in verdict.checks
         ]
         lines.append("")

@@ -144,7 +144,9 @@ def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
             outcome = f"version {same.version} fails them: {failed}; no alias moved"
         error = GatesFailed(f"{gated}. {outcome}")
         finish_run(run, "failed", reason=f"GatesFailed: {error}")
-        publish_summary(run, "failed (GatesFailed): the re-gated version fails the new gates", verdict=verdict)
+        # The reason as the summary's first line: a gate table under the three-part headline would
+        # call the run's subject a fresh registration; the checks are in its tags and gates.json.
+        publish_summary(run, f"failed (GatesFailed): {error}")
         return refused(error)
     if same.is_champion:
         outcome = f"@champion version {same.version} passes every new gate; nothing to retrain (use --force)"
@@ -155,7 +157,7 @@ def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
         )
     reason = f"{gated}. {outcome}"
     finish_run(run, "skipped", reason)
-    publish_summary(run, f"skipped: {reason}", verdict=verdict)
+    publish_summary(run, f"skipped: {reason}")
     print(reason)
     return {
         "run_id": run.run_id,

@@ -106,6 +106,7 @@ def test_a_threshold_only_change_gates_the_champion_again_without_retraining(tin
     regated = latest_run(client)
     assert regated.data.tags["regated_version"] == "1" and regated.data.tags["calibflow.status"] == "skipped"
     assert regated.data.tags[names.VERDICT_ABSOLUTE] == names.PASSED
+    assert "passes every new gate" in regated.data.tags["mlflow.note.content"].splitlines()[0]
     assert client.list_artifacts(regated.info.run_id, "checkpoint") == []
     assert [a.path for a in client.list_artifacts(regated.info.run_id, "gates")] == ["gates/gates.json"]
 
@@ -120,3 +121,4 @@ def test_a_threshold_only_change_gates_the_champion_again_without_retraining(tin
     assert failed.data.tags["calibflow.status"] == "failed" and failed.info.status == "FAILED"
     assert failed.data.tags[names.VERDICT_ABSOLUTE] == names.FAILED
     assert "min_accuracy" in failed.data.tags[names.VERDICT_FAILED]
+    assert "FAILS the new gates" in failed.data.tags["mlflow.note.content"].splitlines()[0]

@@ -10,6 +10,7 @@ from calibflow.config import GatesConfig
 from calibflow.gates.checks import Predictions, evaluate_gates
 from calibflow.gates.plan import (
     ModelShape,
+    _isotonic,
     _ShapeModel,
     plan_from_thresholds,
     plan_sample_size,
@@ -170,6 +171,26 @@ def test_a_model_beyond_a_threshold_gets_no_size():
     plan = plan_sample_size(measured, ABSOLUTE, simulations=10, seed=0, sizes=(1_000, 10_000))
     assert plan.needed is None and "no size up to 10,000" in plan.describe()
     assert "no test split up to 10,000 images will do; or loosen gates.max_ece to 0.0" in plan.advice()
+
+
+def test_the_plan_averages_over_what_the_measured_split_leaves_unknown():
+    model = ten_class(300, np.random.default_rng(6))
+    gates = GatesConfig(max_ece=0.2, min_accuracy=0.5, max_ece_increase=None, max_accuracy_drop=None)
+    point = plan_sample_size(model, gates, simulations=60, sizes=(), replicates=0)
+    averaged = plan_sample_size(model, gates, simulations=60, sizes=())
+    # 300 simulated images from a model measured on 300: the accuracy's spread doubles in variance
+    spread_point, spread_averaged = (p.rows[0].draws["min_accuracy"].bounds.std() for p in (point, averaged))
+    assert spread_averaged > 1.15 * spread_point
+    assert "50 bootstrap replicates of the test split" in averaged.assumptions
+    assert "bootstrap" not in point.assumptions
+    with pytest.raises(ValueError, match="replicates"):
+        plan_sample_size(model, gates, replicates=-1)
+
+
+def test_the_planned_size_reads_a_monotone_fit_of_the_noisy_pass_rates():
+    assert _isotonic([0.5, 0.82, 0.78, 0.9]) == pytest.approx([0.5, 0.8, 0.8, 0.9])
+    assert _isotonic([0.9, 0.1, 0.2]) == pytest.approx([0.4, 0.4, 0.4])
+    assert _isotonic([0.1, 0.2]) == [0.1, 0.2]
 
 
 def test_smallest_passable_says_when_no_model_could_pass():

@@ -15,7 +15,10 @@ each right with probability c_i - g_b, where g_b is its bin's calibration gap sh
 model's overall gap (James-Stein: the raw per-bin gaps of a few hundred images are mostly noise,
 and planning with them would plan for a worse model than the one measured, while shrinking them
 towards 0 would plan for a better one). A wrong row's label is drawn from its other classes in
-proportion to their probabilities (what max_nll reads).
+proportion to their probabilities (what max_nll reads). Each simulated split first draws one of
+REPLICATES bootstrap replicates of the measured split and re-estimates the gaps on it, so the
+power is averaged over what the measured split leaves unknown about the model (assurance): a
+point estimate from a lucky split plans too few images.
 
 A model described by numbers (`plan_from_thresholds`, `ModelShape`): top-label confidences with
 1 - c ~ Beta(2, b), mean confidence = accuracy + gap, each right with probability c - gap
@@ -54,6 +57,8 @@ if TYPE_CHECKING:  # config sits above the gates: they read its records, never i
     from calibflow.config import GatesConfig
 
 SIZES = (100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
+# Bootstrap replicates of the model at hand's test split that a plan averages its power over.
+REPLICATES = 50
 RELATIVE_GATES = ("max_ece_increase", "max_accuracy_drop", "max_brier_increase")
 # gate: why a simulated test split cannot be put through it
 NOT_PLANNED = {
@@ -245,19 +250,36 @@ def _relabel(probs: np.ndarray, correct: np.ndarray, rng: np.random.Generator) -
 
 
 class _ResampledModel:
-    """The model at hand: its test rows resampled, labels drawn from its estimated calibration."""
+    """The model at hand: its test rows resampled, labels drawn from its estimated calibration.
 
-    def __init__(self, candidate: Predictions, n_bins: int):
-        self.probs = np.asarray(candidate.probabilities, np.float64)
-        conf = self.probs.max(1)
-        correct = self.probs.argmax(1) == np.asarray(candidate.labels)
+    With `replicates`, each simulated test split first draws one of that many bootstrap
+    replicates of the test split, re-estimated (the calibration gaps, hence the accuracy): the
+    plan's power is then averaged over what the measured split leaves unknown about the model
+    (assurance), rather than taken at its point estimate, which a lucky split overstates."""
+
+    def __init__(self, candidate: Predictions, n_bins: int, replicates: int = 0, seed: int = 0):
+        probs = np.asarray(candidate.probabilities, np.float64)
+        labels = np.asarray(candidate.labels)
+        self.probs = probs
+        self.estimates = [self._estimate(np.arange(len(labels)), probs, labels, n_bins)]
+        rng = np.random.default_rng([seed, 7])
+        self.estimates += [
+            self._estimate(rng.integers(0, len(labels), len(labels)), probs, labels, n_bins) for _ in range(replicates)
+        ]
+        self.point_only = replicates == 0
+
+    @staticmethod
+    def _estimate(rows: np.ndarray, probs: np.ndarray, labels: np.ndarray, n_bins: int):
+        conf = probs[rows].max(1)
+        correct = probs[rows].argmax(1) == labels[rows]
         bins = EqualWidthBins(n_bins)
-        self.right_probability = np.clip(conf - _shrunk_gaps(conf, correct, bins)[bins.index(conf)], 0.0, 1.0)
+        return rows, np.clip(conf - _shrunk_gaps(conf, correct, bins)[bins.index(conf)], 0.0, 1.0)
 
     def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        rows = rng.integers(0, len(self.probs), n)
-        probs = self.probs[rows]
-        return probs, _relabel(probs, rng.random(n) < self.right_probability[rows], rng)
+        pool, right_probability = self.estimates[0 if self.point_only else 1 + rng.integers(len(self.estimates) - 1)]
+        picked = rng.integers(0, len(pool), n)
+        probs = self.probs[pool[picked]]
+        return probs, _relabel(probs, rng.random(n) < right_probability[picked], rng)
 
 
 class _ShapeModel:
@@ -402,7 +424,22 @@ def _simulate(
             rows.append(row)
             low, needed = (low, middle) if row.pass_rate >= power else (middle, needed)
         rows.sort(key=lambda r: r.n)
+        # The pass rate grows with n; a simulated rate is noisy, and taking the first size whose
+        # noisy rate reaches the power picks lucky ones. Read the monotone (isotonic) fit instead.
+        fitted = _isotonic([r.pass_rate for r in rows])
+        needed = next((r.n for r, rate in zip(rows, fitted, strict=True) if rate >= power), rows[-1].n)
     return needed, tuple(rows)
+
+
+def _isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `values` in squared error (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return [m for m, c in blocks for _ in range(int(c))]
 
 
 def plan_sample_size(
@@ -416,6 +453,7 @@ def plan_sample_size(
     seed: int = 0,
     sizes=SIZES,
     retrain_fresh_share: float = 0.0,
+    replicates: int = REPLICATES,
 ) -> Plan:
     """Smallest n at which every configured gate passes this model with `power`, by simulation
     under its estimated calibration; the champion comparison against `comparison`'s champion, or
@@ -423,11 +461,19 @@ def plan_sample_size(
     _check_settings(power, simulations, retrain_fresh_share)
     planned, left_out = _plannable(gates)
     compare = _compares(planned)
-    model = _ResampledModel(candidate, n_bins)
+    if replicates < 0:
+        raise ValueError(f"replicates = {replicates}: must be 0 (the point estimate) or more")
+    model = _ResampledModel(candidate, n_bins, replicates, seed)
     n_test = len(candidate.labels)
     what = (
         f"this model as measured: its {n_test:,} test predictions resampled, per-bin calibration gaps shrunk "
         f"towards the overall gap, wrong labels drawn in proportion to the other classes' probabilities"
+        + (
+            f"; power averaged over {replicates} bootstrap replicates of the test split (what {n_test:,} images "
+            f"leave unknown about the model)"
+            if replicates
+            else ""
+        )
     )
     if not compare:
         how = ""

@@ -28,7 +28,7 @@ QUIET_DEFAULTS = {
 # are sized for a rate-limiting SaaS and made a hung server (port open, no answer) cost 90 s for
 # `calibflow status` and 107 s for `calibflow run`. With these, MLflow gives up on a refused
 # connection after about 2-3 s (back-off 0 and 2 s), and on a server that accepts but never answers
-# after 3 x 10 s; Prefect after 4 tries 2, 4 and 8 s apart. Commands first ask each server once for
+# after 3 x 10 s; Prefect after 3 tries 2 and 4 s apart. Commands first ask each server once for
 # any answer within the request timeout (calibflow.tracking.store.check_answers,
 # flows.local_server.check_api_answers), so a hung server is named within ~10 s of start. Raise the
 # timeouts for large model artifacts behind a slow artifact store.
@@ -37,7 +37,7 @@ STORE_PATIENCE_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "PREFECT_API_REQUEST_TIMEOUT": "10",
-    "PREFECT_CLIENT_MAX_RETRIES": "3",
+    "PREFECT_CLIENT_MAX_RETRIES": "2",
 }
 
 

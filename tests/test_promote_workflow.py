@@ -1,7 +1,8 @@
 """infra/cd/promote.yml runs as written: its `run:` steps, in order, in a fresh clone of this
 repository, against a real MLflow server (SQLite store, proxied artifacts), a real Prefect
-server and a DVC remote on local disk, over four nights of a team's life:
+server and a DVC remote on local disk, over four nights of a team's life (after a broken one):
 
+0. the Prefect server is not there: `calibflow run` exits 2, its step too, the job is red;
 1. the first model: it becomes @champion, nothing to gate;
 2. nothing new but a commit of the reports: the retrain is skipped or promoted, never rejected;
 3. more data (the team adds the full digits set with `calibflow data add --replace --push`):
@@ -474,6 +475,8 @@ def registry(tracking_uri: str, model: str) -> tuple[dict[str, str], list[str]]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
+    if not client.search_registered_models(f"name='{model}'"):
+        return {}, []
     aliases = {alias: str(version) for alias, version in client.get_registered_model(model).aliases.items()}
     return aliases, sorted(str(v.version) for v in client.search_model_versions(f"name='{model}'"))
 
@@ -484,7 +487,7 @@ def registry(tracking_uri: str, model: str) -> tuple[dict[str, str], list[str]]:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_promote_workflow_four_nights_in_fresh_clones(servers, tmp_path):
     workflow = yaml.safe_load(WORKFLOW.read_text())
     model = workflow["env"]["MODEL"]
@@ -497,13 +500,13 @@ def test_promote_workflow_four_nights_in_fresh_clones(servers, tmp_path):
     secrets = {"MLFLOW_TRACKING_URI": servers["mlflow"], "PREFECT_API_URL": servers["prefect"]}
     variables = {"DVC_REMOTE_URL": str(remote)}
 
-    def night(number: int) -> Job:
+    def night(number: int, **secrets_changed: str) -> Job:
         job = run_job(
             workflow,
             origin=origin,
             workspace=tmp_path / f"night-{number}",
             home=home,
-            secrets=secrets,
+            secrets={**secrets, **secrets_changed},
             variables=variables,
         )
         print(f"\n=== night {number}\n{job.transcript()}")
@@ -518,8 +521,19 @@ def test_promote_workflow_four_nights_in_fresh_clones(servers, tmp_path):
         data={"path": "data/digits-team"},
         train={"epochs": EPOCHS},
         shift={"corruptions": [], "severities": []},
-        gates={"max_ece": 0.1, "min_accuracy": 0.7, "n_resamples": 100},
+        # 400 test images (100 a class): the run's gate-power check says an identical retrain passes
+        # max_ece_increase 0.01 on 0% of such splits ("add about 307 test images ... or loosen
+        # gates.max_ece_increase to 0.0171"); the team loosens it, as it advises.
+        gates={"max_ece": 0.1, "min_accuracy": 0.7, "max_ece_increase": 0.02, "n_resamples": 100},
     )
+
+    # Night 0: the Prefect server is not where the secret says: calibflow run exits 2, and so does its
+    # step, unchanged; the job is red, nothing is gated and nothing registered.
+    broken = night(0, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    assert not broken.green and broken.step("train").code == 2, broken.transcript()
+    assert broken.output("train", "code") == "2" and "::error::calibflow run could not run" in broken.step("train").log
+    assert not broken.step("gate").ran and not broken.step("promote").ran
+    assert registry(servers["mlflow"], model) == ({}, [])
 
     # Night 1: the first model becomes @champion; nothing to gate.
     first = night(1)

@@ -70,3 +70,70 @@ def test_adding_images_moves_few_old_ones_to_another_split():
     after = stratified_split(more_labels, more_groups, FRACTIONS, seed=0).assignment(len(more_labels))
     kept = np.mean(before == after[: len(labels)])
     assert kept > 0.95, kept  # a shuffled split would keep about 0.6^2 + 0.1^2 + 2 * 0.15^2 = 41%
+
+
+def imbalanced_digits(root, big: int = 60, small: int = 10):
+    """Digits 0 and 1 as an ImageFolder: `big` images of 0, `small` of 1 (each class passes
+    min_per_class 10)."""
+    from calibflow.data.prepare import write_digits
+
+    write_digits(root, classes=(0, 1), per_class=big)
+    for extra in sorted((root / "1").iterdir())[small:]:
+        extra.unlink()
+    return root
+
+
+# 2% of 60 images of class 0 is 1.2 test images, of 10 images of class 1 is 0.2: the test split
+# gets one image of class 0 and none of class 1.
+ONE_CLASS_TEST = {"train": 0.5, "val": 0.1, "calibration": 0.38, "test": 0.02}
+
+
+def test_a_test_split_of_one_class_is_refused_naming_the_dataset_and_the_fix(tmp_path):
+    from calibflow.config import SplitConfig
+    from calibflow.errors import ConfigError, policy_of
+    from calibflow.pipeline import data_steps
+
+    data = imbalanced_digits(tmp_path / "imbalanced")
+    manifest = data_steps.write_manifest(str(data), str(tmp_path / "manifest.csv"))
+    split = SplitConfig(**ONE_CLASS_TEST)
+    record = data_steps.write_split(manifest.path, split, 0, str(tmp_path / "splits.json"))
+    assert data_steps.split_class_counts(manifest.path, record.path, "test") == {"0": 1}
+    with pytest.raises(ConfigError) as refused:
+        data_steps.check_test_split_classes(manifest.path, record.path, dataset="data/imbalanced", split=split)
+    message = str(refused.value)
+    assert "data/imbalanced" in message and "one class only" in message
+    assert "class '1' has 10" in message and "split.test (now 0.02)" in message
+    assert policy_of(refused.value).exit_code == 2
+
+    both = SplitConfig(train=0.5, val=0.1, calibration=0.2, test=0.2)  # 12 and 2 test images
+    record = data_steps.write_split(manifest.path, both, 0, str(tmp_path / "splits-both.json"))
+    data_steps.check_test_split_classes(manifest.path, record.path, dataset="data/imbalanced", split=both)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_calibflow_run_refuses_a_single_class_test_split_with_exit_2_before_training(tiny_repo, capsys):
+    import shutil
+
+    import yaml
+
+    from cli.main import main as calibflow
+    from tests.conftest import dvc, run
+
+    data = tiny_repo / "data" / "tiny"
+    shutil.rmtree(data)
+    imbalanced_digits(data)
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["split"] = ONE_CLASS_TEST
+    params["gates"] = {"max_ece": 0.9, "min_accuracy": 0.0}  # not what refuses it
+    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc("add", "-q", "data/tiny", cwd=tiny_repo)
+    run("git", "add", "-A", cwd=tiny_repo)
+    run("git", "commit", "-qm", "two imbalanced classes", cwd=tiny_repo)
+
+    assert calibflow(["run", "--repo", str(tiny_repo)]) == 2
+    err = capsys.readouterr().err
+    [said] = [line for line in err.splitlines() if line.startswith("calibflow run:")]
+    assert "the test split of data/tiny holds images of one class only" in said, err[-3000:]
+    assert "Traceback" not in err
+    assert not any((tiny_repo / ".calibflow" / "runs").glob("*/checkpoint.pt"))  # refused before training

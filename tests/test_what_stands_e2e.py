@@ -57,6 +57,9 @@ def test_a_failed_summary_step_after_registration_says_which_version_stands_and_
     assert "nothing was registered" not in err
     assert err.strip().splitlines()[-1] == line  # the last word (Prefect's log shows the fault's traceback above)
     assert registry(tiny_repo) == {"champion": "1"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    run = client.get_run(client.get_model_version(MODEL, "1").run_id)
+    assert run.info.run_name == "tiny-small_cnn-s0"  # what ran (data/tiny, small_cnn, seed 0)
 
     def bug(**kwargs):
         raise RuntimeError("injected: a bug in the summary step")

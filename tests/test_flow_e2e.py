@@ -122,11 +122,12 @@ def test_passing_run_registers_a_champion_that_reproduces_in_a_fresh_process(tin
     # The run page (issue 15): verdict line first, in the run's and the version's description
     description = mlflow_run.data.tags["mlflow.note.content"]
     verdict = description.splitlines()[0]
-    assert verdict.startswith("PASSED · ECE ") and " · acc " in verdict and " · T " in verdict, verdict
+    assert verdict.startswith("PROMOTED · absolute gates passed · no champion · promoted yes: @champion · ECE ")
+    assert " · acc " in verdict and " · T " in verdict, verdict
     assert f"-> {result['test_after']['ece']:.4f}" in verdict and "95% upper" in verdict
-    assert client.get_model_version(MODEL, "1").description == description
+    assert description in client.get_model_version(MODEL, "1").description  # below the lineage
     run_tags = mlflow_run.data.tags
-    assert run_tags["gate/verdict"] == "passed" and run_tags["gate/max_ece"].startswith("passed: ")
+    assert run_tags["verdict/absolute"] == "passed" and run_tags["gate/max_ece"].startswith("passed: ")
     assert run_tags["gate/against"].startswith("none")
     assert run_tags["mlflow.source.git.commit"] == head(tiny_repo) and run_tags["mlflow.user"]
     assert run_tags["mlflow.source.name"] == "flows/train_calibrate.py"
@@ -407,7 +408,7 @@ def test_failing_gate_registers_nothing_and_moves_no_alias(tiny_repo, capsys):
     assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {"champion": "1"}
     failed = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], order_by=["start_time DESC"])[0]
     assert failed.info.status == "FAILED"
-    assert failed.data.tags["calibflow.status"] == "failed" and failed.data.tags["gate/verdict"] == "failed"
+    assert failed.data.tags["calibflow.status"] == "failed" and failed.data.tags["verdict/absolute"] == "failed"
     assert (tiny_repo / "reports" / "metrics.json").read_text() == report_before  # the good report stays
 
 

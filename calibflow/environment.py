@@ -28,17 +28,33 @@ QUIET_DEFAULTS = {
 # are sized for a rate-limiting SaaS and made a hung server (port open, no answer) cost 90 s for
 # `calibflow status` and 107 s for `calibflow run`. With these, MLflow gives up on a refused
 # connection after about 2-3 s (back-off 0 and 2 s), and on a server that accepts but never answers
-# after 3 x 10 s; Prefect after 3 tries 2 and 4 s apart. Commands first ask each server once for
-# any answer within the request timeout (calibflow.tracking.store.check_answers,
-# flows.local_server.check_api_answers), so a hung server is named within ~10 s of start. Raise the
-# timeouts for large model artifacts behind a slow artifact store.
+# after 3 x 20 s; Prefect after 3 tries 2 and 4 s apart. Before that, commands ask each server once
+# for any answer within CALIBFLOW_FIRST_ANSWER_TIMEOUT seconds (calibflow.tracking.store.check_answers,
+# flows.local_server.check_api_answers), so a hung server is named within ~10 s of asking; the
+# per-request timeouts stay long enough for a loaded server's slow answers. Raise
+# MLFLOW_HTTP_REQUEST_TIMEOUT for large model artifacts behind a slow artifact store.
 STORE_PATIENCE_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    "PREFECT_API_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "PREFECT_API_REQUEST_TIMEOUT": "30",
     "PREFECT_CLIENT_MAX_RETRIES": "2",
+    "CALIBFLOW_FIRST_ANSWER_TIMEOUT": "10",
 }
+
+
+def first_answer_timeout_s() -> float:
+    """Seconds a command waits for a server's first answer before saying it does not answer:
+    CALIBFLOW_FIRST_ANSWER_TIMEOUT, else its default above."""
+    name = "CALIBFLOW_FIRST_ANSWER_TIMEOUT"
+    raw = os.environ.get(name) or STORE_PATIENCE_DEFAULTS[name]
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected seconds, e.g. 10") from None
+    if not seconds > 0:
+        raise ValueError(f"{name}={raw!r}: must be more than 0 seconds")
+    return seconds
 
 
 def apply_quiet_defaults() -> None:

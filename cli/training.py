@@ -78,20 +78,21 @@ def run(args: argparse.Namespace) -> int:
 
 def check_servers_answer(repo: str, *, environment_only: bool = False) -> None:
     """Before the flow's imports and Prefect's start: a Prefect API or MLflow tracking server that
-    does not answer is named after one request timeout (~10 s by default), not after every retry
-    of every request (minutes). `environment_only`: only the servers the environment names
+    does not answer is named after one wait (CALIBFLOW_FIRST_ANSWER_TIMEOUT, 10 s), not after every
+    retry of every request (minutes). `environment_only`: only the servers the environment names
     (PREFECT_API_URL, an http(s) MLFLOW_TRACKING_URI), without importing Prefect's settings or
     MLflow (2-3 s each) when it names none; else the active Prefect profile's too. A tracking
     server that answered is not asked again (store.check_answers)."""
+    from calibflow.environment import first_answer_timeout_s
     from flows.local_server import check_api_answers
 
-    api, timeout = os.environ.get("PREFECT_API_URL"), os.environ.get("PREFECT_API_REQUEST_TIMEOUT")
-    if not environment_only and not (api and timeout):
-        from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL
+    api = os.environ.get("PREFECT_API_URL")
+    if not api and not environment_only:
+        from prefect.settings import PREFECT_API_URL
 
-        api, timeout = PREFECT_API_URL.value(), PREFECT_API_REQUEST_TIMEOUT.value()
-    if api and timeout:
-        check_api_answers(api, float(timeout))
+        api = PREFECT_API_URL.value()  # the active Prefect profile's
+    if api:
+        check_api_answers(api, first_answer_timeout_s())
     if environment_only and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
         return
     from calibflow.tracking import store

@@ -98,7 +98,7 @@ def check_api_answers(api_url: str, timeout_s: float) -> None:
         reason = getattr(error, "reason", error)
         waited = time.monotonic() - started
         if isinstance(reason, (TimeoutError, socket.timeout)):
-            what = f"accepted the connection and did not answer in {waited:.1f} s (PREFECT_API_REQUEST_TIMEOUT={timeout_s:g})"
+            what = f"accepted the connection and did not answer in {waited:.1f} s (CALIBFLOW_FIRST_ANSWER_TIMEOUT={timeout_s:g})"
         else:
             what = f"could not be reached ({reason})"
         raise PrefectApiUnreachable(

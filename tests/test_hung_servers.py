@@ -65,7 +65,8 @@ def test_a_tracking_server_that_never_answers_is_named_after_one_request_timeout
 
     from calibflow.tracking import store
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("CALIBFLOW_FIRST_ANSWER_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")  # what each request may wait, not the first answer
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # retries the probe must not make
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(silent.url)
@@ -78,7 +79,7 @@ def test_a_tracking_server_that_never_answers_is_named_after_one_request_timeout
         mlflow.set_tracking_uri(previous)
     assert waited < 2.5, waited  # one timeout, not three
     message = str(raised.value)
-    assert silent.url in message and "did not answer" in message and "MLFLOW_HTTP_REQUEST_TIMEOUT=1" in message
+    assert silent.url in message and "did not answer" in message and "CALIBFLOW_FIRST_ANSWER_TIMEOUT=1" in message
     assert len(silent.accepted) == 1  # asked once
 
 
@@ -87,7 +88,7 @@ def test_a_refused_tracking_server_is_left_to_the_request_that_retries_and_repor
 
     from calibflow.tracking import store
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("CALIBFLOW_FIRST_ANSWER_TIMEOUT", "1")
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")  # nothing listens
     try:

@@ -144,19 +144,21 @@ _ANSWERED: set[str] = set()  # tracking servers that have answered this process 
 
 def check_answers() -> None:
     """Ask an HTTP tracking server once, without retries, for any answer within
-    MLFLOW_HTTP_REQUEST_TIMEOUT: a server that accepts connections and never answers (hung, or a
-    port held by something else) raises StoreUnreachable naming it after that one wait, where
-    MLflow's retries would repeat the wait for every request (3 x 10 s each by default). A refused
-    connection or an error answer is left to the request that follows, which retries and reports
-    it. Once a server has answered, this process does not ask again; other stores are not asked."""
+    CALIBFLOW_FIRST_ANSWER_TIMEOUT (10 s): a server that accepts connections and never answers
+    (hung, or a port held by something else) raises StoreUnreachable naming it after that one
+    wait, where MLflow's retries would repeat MLFLOW_HTTP_REQUEST_TIMEOUT for every request. A
+    refused connection or an error answer is left to the request that follows, which retries and
+    reports it. Once a server has answered, this process does not ask again; other stores are not
+    asked."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
         return
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    timeout = MLFLOW_HTTP_REQUEST_TIMEOUT.get()
+    from calibflow.environment import first_answer_timeout_s
+
+    timeout = first_answer_timeout_s()
     started = time.monotonic()
     try:
         http_request(
@@ -171,7 +173,7 @@ def check_answers() -> None:
         if _timed_out(error):
             raise StoreUnreachable(
                 f"the MLflow tracking server at {display_uri(uri)} did not answer: gave up after waiting "
-                f"{time.monotonic() - started:.1f} s for a first answer (MLFLOW_HTTP_REQUEST_TIMEOUT={timeout}); "
+                f"{time.monotonic() - started:.1f} s for a first answer (CALIBFLOW_FIRST_ANSWER_TIMEOUT={timeout:g}); "
                 f"it accepts connections and says nothing: is it hung, or is another program on that port? "
                 f"Check MLFLOW_TRACKING_URI"
             ) from None

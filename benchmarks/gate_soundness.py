@@ -23,6 +23,7 @@ ECE hides its continuous error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -223,6 +224,7 @@ def heavy_tail_truth(share, draws=2_000_000):
     return float(-np.log(np.clip(p.probabilities[np.arange(draws), p.labels], eps, 1 - eps)).mean())
 
 
+@functools.cache
 def brier_flip_cost(k=10, draws=2_000_000):
     """E[c (Brier wrong - Brier right)] for the confident law: the expected Brier increase per unit of
     the share of right images the candidate gets wrong, so a share truth / this has increase truth."""

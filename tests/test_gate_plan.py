@@ -258,15 +258,20 @@ def test_the_gate_power_warning_is_read_back_for_the_same_settings_and_recompute
     calls = []
     compute = gate_plan._small_test_split_warning
     monkeypatch.setattr(gate_plan, "_small_test_split_warning", lambda *a: calls.append(a) or compute(*a))
-    first = gate_plan.small_test_split_warning(267, 10, GatesConfig(), cache_directory=tmp_path)
-    again = gate_plan.small_test_split_warning(267, 10, GatesConfig(), cache_directory=tmp_path)
+    first = gate_plan.small_test_split_warning(267, 10, GatesConfig(), simulations=20, cache_directory=tmp_path)
+    again = gate_plan.small_test_split_warning(267, 10, GatesConfig(), simulations=20, cache_directory=tmp_path)
     assert first is not None and again == first and len(calls) == 1
-    assert gate_plan.small_test_split_warning(20_000, 10, GatesConfig(), cache_directory=tmp_path) is None
-    assert gate_plan.small_test_split_warning(267, 10, GatesConfig(max_ece=0.04), cache_directory=tmp_path) != first
+    assert (
+        gate_plan.small_test_split_warning(20_000, 10, GatesConfig(), simulations=20, cache_directory=tmp_path) is None
+    )
+    assert (
+        gate_plan.small_test_split_warning(267, 10, GatesConfig(max_ece=0.04), simulations=20, cache_directory=tmp_path)
+        != first
+    )
     assert len(calls) == 3  # another size, another threshold: each computed
     for stored in (tmp_path / "gate_power").glob("*.json"):  # a half-written file is a miss, not an error
         stored.write_text('{"value": ')
-    assert gate_plan.small_test_split_warning(267, 10, GatesConfig(), cache_directory=tmp_path) == first
+    assert gate_plan.small_test_split_warning(267, 10, GatesConfig(), simulations=20, cache_directory=tmp_path) == first
     assert len(calls) == 4
 
 
@@ -275,10 +280,10 @@ def test_the_gate_power_cache_key_covers_the_gate_code(tmp_path, monkeypatch):
     from calibflow import disk_cache
     from calibflow.gates import plan as gate_plan
 
-    gate_plan.small_test_split_warning(267, 10, GatesConfig(), cache_directory=tmp_path)
+    gate_plan.small_test_split_warning(267, 10, GatesConfig(), simulations=20, cache_directory=tmp_path)
     monkeypatch.setattr(disk_cache, "files_digest", lambda paths: "edited gate code")
     calls = []
     compute = gate_plan._small_test_split_warning
     monkeypatch.setattr(gate_plan, "_small_test_split_warning", lambda *a: calls.append(a) or compute(*a))
-    gate_plan.small_test_split_warning(267, 10, GatesConfig(), cache_directory=tmp_path)
+    gate_plan.small_test_split_warning(267, 10, GatesConfig(), simulations=20, cache_directory=tmp_path)
     assert len(calls) == 1

@@ -18,6 +18,7 @@ from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
 from calibflow.config import DEFAULT_N_BINS
+from calibflow.errors import is_store_error
 from calibflow.gates.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
 from calibflow.data.images import decode_image, load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint
@@ -254,14 +255,14 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
 def recorded_gates(record: registration.VersionRecord) -> str | None:
     """The verdict the version's gates gave when it was registered: from its own tags, or (a
     version registered before they carried it) from its run's gate tags; None when neither has one."""
-    from mlflow.exceptions import MlflowException
-
     verdict = registration.recorded_verdict(record.tags)
     if verdict is None and record.run_id:
         try:
             verdict = registration.recorded_verdict(store.client().get_run(record.run_id).data.tags)
-        except MlflowException:  # its run deleted: the reproduction still stands, with no verdict to show
-            return None
+        except Exception as error:
+            if not is_store_error(error):
+                raise
+            return None  # its run deleted: the reproduction still stands, with no verdict to show
     return verdict
 
 

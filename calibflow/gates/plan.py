@@ -275,6 +275,13 @@ class _ResampledModel:
         bins = EqualWidthBins(n_bins)
         return rows, np.clip(conf - _shrunk_gaps(conf, correct, bins)[bins.index(conf)], 0.0, 1.0)
 
+    def replicate(self, rng: np.random.Generator) -> _ResampledModel:
+        """One replicate, fixed: a retrain of equal quality is drawn from the same model as its champion."""
+        fixed = object.__new__(_ResampledModel)
+        fixed.probs, fixed.point_only = self.probs, True
+        fixed.estimates = [self.estimates[0 if self.point_only else 1 + rng.integers(len(self.estimates) - 1)]]
+        return fixed
+
     def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         pool, right_probability = self.estimates[0 if self.point_only else 1 + rng.integers(len(self.estimates) - 1)]
         picked = rng.integers(0, len(pool), n)
@@ -328,7 +335,8 @@ class _Source:
         self.model, self.compare, self.fresh_share, self.champion_pair = model, compare, fresh_share, champion_pair
 
     def draw(self, n: int, rng: np.random.Generator):
-        probs, labels = self.model.draw(n, rng)
+        model = self.model.replicate(rng) if hasattr(self.model, "replicate") else self.model
+        probs, labels = model.draw(n, rng)
         if not self.compare:
             return Predictions(probs, labels), None
         if self.champion_pair is not None:
@@ -341,7 +349,7 @@ class _Source:
             )
             return Predictions(probs, labels), pair
         # the next candidate is the retrain; the model at hand is its champion
-        candidate = Predictions(retrain_of(probs, labels, self.model, self.fresh_share, rng), labels)
+        candidate = Predictions(retrain_of(probs, labels, model, self.fresh_share, rng), labels)
         return candidate, (candidate, Predictions(probs, labels))
 
 

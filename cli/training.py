@@ -21,7 +21,9 @@ def add_parsers(commands) -> None:
     )
     add_repo(run_parser)
     run_parser.add_argument(
-        "--force", action="store_true", help="retrain even when @champion was built from the same data, params and code"
+        "--force",
+        action="store_true",
+        help="retrain even when a registered version was built from the same data, params and code",
     )
     add_json(run_parser, "the result")
 

@@ -176,17 +176,6 @@ def end_leftovers_of_killed_runs(run: RunContext, config: Config, repo_root: str
         logger.warning("could not clean up after killed runs (%s: %s)", type(error).__name__, error)
 
 
-@task(name="find-unchanged-champion", **STORE_RETRIES)
-def find_unchanged_champion(run: RunContext, data: DataVersion, config: Config) -> str | None:
-    """The champion's version when it was built from this data, params and code; else None."""
-    champion = registration.alias_record(config.registry.model_name, registration.CHAMPION)
-    if champion and tagging.unchanged_build(
-        champion.tags, data.dvc_hash, config.params_hash, run.git_commit, run.git_dirty
-    ):
-        return champion.version
-    return None
-
-
 @task(name="register-model", **STORE_RETRIES)
 def register_model(
     run: RunContext,

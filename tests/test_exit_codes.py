@@ -80,7 +80,7 @@ CASES = [
         "gate plan",
         0,
         ("gate", "plan", "--thresholds", "--repo", "{repo}", "--set", "gates.n_resamples=100"),
-        "test images give the configured gates 80% power",
+        "80% power to pass this model",
     ),
     Case("gate plan", 2, ("gate", "plan", "--model", "nope", "--candidate", "1", "--repo", "{repo}"), "nope"),
     Case("gate plan", 2, ("gate", "plan", "--thresholds", "--power", "2", "--repo", "{repo}"), "power = 2.0"),

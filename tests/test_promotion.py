@@ -125,9 +125,7 @@ def test_gate_plan_answers_for_a_registered_version(repo, tmp_path, capsys):
     plan = json.loads(out.read_text())
     assert plan["rows"] and {"max_ece", "min_accuracy", "max_ece_increase", "max_accuracy_drop"} <= set(plan["rows"][0])
     assert "champion comparison on" in plan["assumptions"]
-    assert ("test images give the configured gates 80% power" in capsys.readouterr().out) == (
-        plan["needed"] is not None
-    )
+    assert ("test images give the configured gates (" in capsys.readouterr().out) == (plan["needed"] is not None)
     assert calibflow(["gate", "plan", "--model", MODEL, "--candidate", "99", "--repo", str(repo)]) == 2
     assert calibflow(["gate", "plan", "--model", MODEL, "--repo", str(repo)]) == 2  # a model needs its candidate
 

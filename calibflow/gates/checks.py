@@ -88,8 +88,8 @@ class GateCheck:
         side = "upper" if self.comparison == "<=" else "lower"
         verdict = "pass" if self.passed else "FAIL"
         return (
-            f"{self.name}: {self.metric} = {self.value:.4f}, {confidence:.0%} {side} bound {self.bound:.4f} "
-            f"(must be {self.comparison} {self.threshold:.4f}) {verdict}"
+            f"{self.name}: {self.metric} = {self.value:.4f}, {confidence:.0%} {side} bound "
+            f"{self.bound:.4f} {self.relation} {self.threshold:.4f} {verdict}"
         )
 
 
@@ -130,7 +130,7 @@ class GateVerdict:
         rows = [f"{'check':<18} {'value':>8} {'bound':>8} {'threshold':>12}  {'verdict':<7}  method"]
         for c in self.checks:
             rows.append(
-                f"{c.name:<18} {c.value:>8.4f} {c.bound:>8.4f} {c.comparison:>3} {c.threshold:>8.4f}  "
+                f"{c.name:<18} {c.value:>8.4f} {c.bound:>8.4f} {c.relation:>3} {c.threshold:>8.4f}  "
                 f"{'pass' if c.passed else 'FAIL':<7}  {c.method}"
             )
         return "\n".join(rows)

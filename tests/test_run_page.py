@@ -175,7 +175,12 @@ def test_metrics_version_tags_and_metrics_json_share_one_vocabulary(tmp_path):
     final = tagging.run_verdict(champion_verdict(), "1", "challenger")
     report = json.loads(Path(report_staging.publish_report(staged, final)).read_text())
     assert report["test"]["calibrated"]["ece"] == metrics["test/calibrated/ece"]
-    assert report["calibration"] == {"method": "temperature", "temperature": 0.9561}
+    assert report["calibration"] == {
+        "method": "temperature",
+        "temperature": 0.9561,
+        "uncalibrated_nll": 0.05,
+        "calibrated_nll": 0.049,
+    }
     assert report["gate"] == {"max_ece_bound": 0.0235, "min_accuracy_bound": 0.9781, "max_ece_increase_bound": 0.0143}
     assert report["verdict"] == final.to_json() and report["verdict"]["promoted"] == "no: @challenger"
 

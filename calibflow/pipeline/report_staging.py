@@ -15,7 +15,6 @@ import numpy as np
 from calibflow.gates.checks import GateVerdict
 from calibflow.leftovers import ProcessId, alive, this_process
 from calibflow.names import (
-    CALIBRATED,
     nested,
 )
 from calibflow.errors import ReportError
@@ -26,7 +25,7 @@ from calibflow.pipeline.evaluation_steps import (
     OODEvaluation,
     ShiftEvaluation,
 )
-from calibflow.pipeline.tagging import RunVerdict, run_verdict, test_metrics
+from calibflow.pipeline.tagging import RunVerdict, fit_metrics, run_verdict, test_metrics
 
 
 @dataclass(frozen=True)
@@ -96,12 +95,13 @@ def metrics_report(
     is in params.yaml, `dvc params diff`); the suite's means, not its cells, and the OOD scores (the
     MLflow run holds every number)."""
     report: dict = {"verdict": final.to_json(), **nested(test_metrics(evaluation))}
-    report["calibration"] = {"method": fit.method, **({"temperature": fit.temperature} if fit.temperature else {})}
+    # the calibration split's NLL before and after the fit, and T: the names of the run's metrics
+    report["calibration"] = {"method": fit.method, **nested(fit_metrics(fit))["calibration"]}
     report["gate"] = {f"{c.name}_bound": float(c.bound) for c in verdict.checks if np.isfinite(c.bound)}
     if decisions is not None and decisions.metrics:
         report["test"]["decision"] = dict(decisions.metrics)
     if shifted is not None:
-        means = {k: v for k, v in shifted.metrics.items() if k.startswith(f"shift/{CALIBRATED}/mean_")}
+        means = {k: v for k, v in shifted.metrics.items() if "/mean_" in k}  # before and after calibration
         report["shift"] = nested(means)["shift"]
     if ood is not None:
         report["ood"] = {"n_images": ood.n_images, **nested(ood.metrics)["ood"]}

@@ -22,6 +22,7 @@ from calibflow.tracking import served_model
 from calibflow.tracking import store
 from cli.main import main as calibflow
 from calibflow.config import load_config
+from calibflow.gates.checks import GateVerdict
 from tests.conftest import REPO, dvc, run, untrained_model
 from calibflow import errors
 
@@ -200,7 +201,7 @@ def current_umask() -> int:
 def test_metrics_report_is_staged_beside_its_target_with_the_umask_and_published_by_one_rename(tmp_path):
     evaluation = evaluation_steps.Evaluation(before={"ece": 0.2}, after={"ece": 0.1}, plots=())
     fit = evaluation_steps.CalibrationRecord("temperature", "", 1.5, 0.9, 0.8)
-    verdict = type("Verdict", (), {"passed": True, "checks": ()})()
+    verdict = GateVerdict(passed=True, checks=())
     target = tmp_path / "reports" / "metrics.json"
     target.parent.mkdir()
     target.write_text("the previous report")

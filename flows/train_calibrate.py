@@ -107,18 +107,7 @@ def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
         f"({config.params_hash}) and code ({run.git_commit[:12]})"
     )
     if not same.changed_gates:
-        reason = f"{built}; nothing to retrain (use --force)"
-        finish_run(run, "skipped", reason)
-        publish_summary(run, f"skipped: {reason}")
-        print(reason)
-        return {
-            "run_id": run.run_id,
-            "skipped": True,
-            "reason": reason,
-            "version": same.version,
-            "aliases": list(same.aliases),
-            "champion_version": same.version if same.is_champion else None,
-        }
+        return _skipped(run, same, f"{built}; nothing to retrain (use --force)")
     report = regate_version(run, config, same, repo_root)
     verdict = report.verdict
     gated = (
@@ -155,7 +144,11 @@ def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
             f"version {same.version} passes every gate; no alias moved: promote it with calibflow promote --model "
             f"{same.name} --candidate {same.version}"
         )
-    reason = f"{gated}. {outcome}"
+    return _skipped(run, same, f"{gated}. {outcome}", regated=True, gates=verdict.to_json())
+
+
+def _skipped(run, same, reason: str, **extra) -> dict:
+    """Close a run that trained and registered nothing, saying why and which version stands."""
     finish_run(run, "skipped", reason)
     publish_summary(run, f"skipped: {reason}")
     print(reason)
@@ -166,8 +159,7 @@ def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
         "version": same.version,
         "aliases": list(same.aliases),
         "champion_version": same.version if same.is_champion else None,
-        "regated": True,
-        "gates": verdict.to_json(),
+        **extra,
     }
 
 

@@ -64,6 +64,7 @@ STATE_DIR = Path(".calibflow") / "prefect-server"
 HOME_DIR = Path(".calibflow") / "prefect"
 START_TIMEOUT_S = 90.0  # a cold start on a busy 2-core machine takes 10-20 s (database migrations)
 STOP_TIMEOUT_S = 15.0
+RUNNING_HEALTH_TIMEOUT_S = 10.0  # a recorded server of ours that answers slower is taken as hung
 # What SQLite says of a damaged file, in the server's log when the early check missed it.
 CORRUPTION_SIGNS = ("file is not a database", "database disk image is malformed")
 
@@ -336,7 +337,9 @@ def running(state_dir: Path, home: Path | None = None) -> Server | None:
         return None
     if home is not None and server.home != str(home):
         return None
-    return server if owns_port(server) and healthy(server.url) else None
+    # Ours, alive and on its port: a busy machine may keep its answer past the start loop's 1 s, and
+    # taking that for a hung server would stop it and start a second one.
+    return server if owns_port(server) and healthy(server.url, timeout_s=RUNNING_HEALTH_TIMEOUT_S) else None
 
 
 def ensure(

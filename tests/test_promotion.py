@@ -124,7 +124,7 @@ def test_gate_plan_answers_for_a_registered_version(repo, tmp_path, capsys):
     assert code == 0
     plan = json.loads(out.read_text())
     assert plan["rows"] and {"max_ece", "min_accuracy", "max_ece_increase", "max_accuracy_drop"} <= set(plan["rows"][0])
-    assert "champion comparison on" in plan["assumptions"]
+    assert "against the champion on" in plan["comparison"]
     assert ("test images give the configured gates (" in capsys.readouterr().out) == (plan["needed"] is not None)
     assert calibflow(["gate", "plan", "--model", MODEL, "--candidate", "99", "--repo", str(repo)]) == 2
     assert calibflow(["gate", "plan", "--model", MODEL, "--repo", str(repo)]) == 2  # a model needs its candidate

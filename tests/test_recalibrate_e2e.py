@@ -25,6 +25,10 @@ MODEL = "tiny-digits"
 CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
 # this checkout's code in the child processes, whatever the environment installed
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+# The new folder's test half holds about 300 images: too few to show that a recalibration loses at
+# most the default 0.01 of ECE or accuracy to the champion (an identical retrain's bounds are about
+# 0.022 and 0.012 there), so recalibrate would refuse it as too small before the check a test is about.
+LOOSE_COMPARISON = ["--set", "gates.max_ece_increase=0.05", "--set", "gates.max_accuracy_drop=0.05"]
 
 
 def served_files(version: str, out: Path) -> Path:
@@ -75,6 +79,7 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
                 str(tiny_repo),
                 "--set",
                 "gates.max_shift_ece=0.05",
+                *LOOSE_COMPARISON,
             ]
         )
         == 1
@@ -94,6 +99,7 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
                 str(tiny_repo),
                 "--set",
                 "gates.max_shift_ece=1.0",
+                *LOOSE_COMPARISON,
             ]
         )
         == 0
@@ -157,7 +163,8 @@ def test_recalibrate_refuses_what_it_cannot_use_and_registers_nothing(tiny_repo,
         data, message = add_folder(tiny_repo, "fewer_classes", images[keep], labels[keep]), "has the classes 0, 1, 2, 3"
     else:
         data, message = add_folder(tiny_repo, "relabeled", images, labels), "a recalibration has none"
-    extra = ["--set", "ood.path=data/relabeled", "--set", "gates.max_ood_fpr95=0.5"] if problem == "ood gate" else []
+    extra = ["--set", "ood.path=data/relabeled", "--set", "gates.max_ood_fpr95=0.5", *LOOSE_COMPARISON]
+    extra = extra if problem == "ood gate" else []
     capsys.readouterr()
     assert (
         calibflow(

@@ -81,6 +81,19 @@ def gate_plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", action="store_true", help="plan from the thresholds alone, no model")
     parser.add_argument("--classes", type=int, default=10, help="classes of the --thresholds model (default 10)")
     parser.add_argument("--power", type=float, default=0.8, help="wanted pass rate (default 0.8)")
+    shape = parser.add_argument_group("the --thresholds model's shape (default: halfway inside every threshold)")
+    shape.add_argument("--accuracy", type=float, default=None, help="its accuracy, above chance and below 1")
+    shape.add_argument(
+        "--calibration-gap", type=float, default=None, help="its over-confidence at every confidence, in [0, 1)"
+    )
+    shape.add_argument("--test-images", type=int, default=None, help="the test split at hand: advice for this size")
+    parser.add_argument(
+        "--retrain-fresh-share",
+        type=float,
+        default=0.0,
+        help="share of images on which the next retrain's predictions are independent of this model's, for the "
+        "champion comparison when there is no champion to compare with (default 0: an identical retrain)",
+    )
     add_json(parser, "the plan")
     return parser
 
@@ -209,15 +222,37 @@ def gate_plan(args: argparse.Namespace) -> int:
     from calibflow.lifecycle.promotion import plan_version
     from calibflow.tracking import store
 
+    shape = {"--accuracy": args.accuracy, "--calibration-gap": args.calibration_gap, "--test-images": args.test_images}
+    given = [flag for flag, value in shape.items() if value is not None]
+    if given and not args.thresholds:
+        say(
+            f"calibflow gate plan: {', '.join(given)} describe the --thresholds model; a registered one is planned as measured"
+        )
+        return EXIT_USAGE
     config = load_config(Path(args.repo) / args.params, args.overrides)
     if args.thresholds:
         plan = plan_from_thresholds(
-            config.gates, args.classes, config.evaluation.n_bins, args.power, config.gates.n_resamples
+            config.gates,
+            args.classes,
+            config.evaluation.n_bins,
+            args.power,
+            config.gates.n_resamples,
+            accuracy=args.accuracy,
+            calibration_gap=args.calibration_gap,
+            retrain_fresh_share=args.retrain_fresh_share,
+            test_images=args.test_images,
         )
     else:
         store.configure_tracking(args.repo)
         plan = plan_version(
-            args.model, args.candidate, config.gates, args.against, args.repo, config.evaluation.n_bins, args.power
+            args.model,
+            args.candidate,
+            config.gates,
+            args.against,
+            args.repo,
+            config.evaluation.n_bins,
+            args.power,
+            retrain_fresh_share=args.retrain_fresh_share,
         )
     if not json_on_stdout(args):
         print(plan.describe())

@@ -1,6 +1,7 @@
 """`calibflow gate plan`: every configured gate is planned, for the model at hand, and the planned
 size is checked by simulating at it from the true model."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -287,3 +288,22 @@ def test_the_gate_power_cache_key_covers_the_gate_code(tmp_path, monkeypatch):
     monkeypatch.setattr(gate_plan, "_small_test_split_warning", lambda *a: calls.append(a) or compute(*a))
     gate_plan.small_test_split_warning(267, 10, GatesConfig(), simulations=20, cache_directory=tmp_path)
     assert len(calls) == 1
+
+
+def test_the_cli_thresholds_form_takes_the_shape_the_split_and_the_retrain(tmp_path, capsys):
+    from cli.main import main as calibflow
+
+    out = tmp_path / "plan.json"
+    absolute = ["--set", "gates.max_ece_increase=null", "--set", "gates.max_accuracy_drop=null"]
+    shape = ["--accuracy", "0.97", "--calibration-gap", "0.01", "--test-images", "500"]
+    assert calibflow(["gate", "plan", "--thresholds", *absolute, *shape, "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert "given: accuracy 0.9700, calibration gap 0.0100" in plan["assumptions"]
+    assert plan["test_images"] == 500 and plan["needed"] <= 500 and plan["advice"] is None  # enough: no advice
+    capsys.readouterr()
+    # the shape describes the --thresholds model; a registered model is planned as measured
+    assert calibflow(["gate", "plan", "--model", "m", "--candidate", "1", "--accuracy", "0.9"]) == 2
+    assert "--accuracy describe the --thresholds model" in capsys.readouterr().err
+    assert calibflow(["gate", "plan", "--thresholds", "--accuracy", "1.5"]) == 2
+    assert calibflow(["gate", "plan", "--thresholds", "--retrain-fresh-share", "2"]) == 2
+    assert "retrain_fresh_share = 2.0: must be in [0, 1]" in capsys.readouterr().err

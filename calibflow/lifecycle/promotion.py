@@ -368,15 +368,24 @@ def plan_version(
     repo_root: str | Path = ".",
     n_bins: int = DEFAULT_N_BINS,
     power: float = 0.8,
+    *,
+    retrain_fresh_share: float = 0.0,
 ):
     """`calibflow gate plan`: how many test images the gates need to pass this version with
-    `power`, simulated under its own estimated calibration (calibflow.gates.plan)."""
+    `power`, simulated under its own estimated calibration (calibflow.gates.plan); without a
+    champion to compare with, the comparison is against a retrain (`retrain_fresh_share`)."""
     from calibflow.gates.plan import plan_sample_size
 
     inputs = evaluation_set(model_name, candidate_ref, against, repo_root)
     try:
         return plan_sample_size(
-            inputs.predictions, gates, inputs.comparison, n_bins=n_bins, power=power, simulations=gates.n_resamples
+            inputs.predictions,
+            gates,
+            inputs.comparison,
+            n_bins=n_bins,
+            power=power,
+            simulations=gates.n_resamples,
+            retrain_fresh_share=retrain_fresh_share,
         )
     except GateInputError as error:
         raise GateUndecided(f"candidate {inputs.candidate.version}: {error}") from error

@@ -480,6 +480,7 @@ def find_same_build(run: RunContext, data: DataVersion, config: Config) -> regis
         params_hash=config.params_hash,
         git_commit=run.git_commit,
         git_dirty=run.git_dirty,
+        code_tree=run.code_tree,
         gate_params={key: value for key, value in config.hyperparameters().items() if key.startswith("gates.")},
     )
 

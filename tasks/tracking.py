@@ -28,7 +28,7 @@ from calibflow.tracking import store
 from calibflow.config import Config
 from calibflow.gates.checks import GateVerdict
 from calibflow.lifecycle.promotion import GateReport
-from calibflow.data.versioning import DataVersion, code_commit, code_origin
+from calibflow.data.versioning import DataVersion, code_origin, code_version
 from tasks import retry_transient_only
 from calibflow import errors
 
@@ -65,6 +65,7 @@ class RunContext:
     tracking_uri: str
     git_commit: str
     git_dirty: bool
+    code_tree: str  # what of the commit runs read (calibflow.data.versioning.code_version)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def run_name(config: Config) -> str:
 @task(name="start-mlflow-run", **STORE_RETRIES)
 def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContext:
     tracking_uri = store.configure_tracking(repo_root)
-    commit, dirty = code_commit(repo_root)
+    code = code_version(repo_root)
+    commit, dirty = code.commit, code.dirty
     branch, remote = code_origin(repo_root)
     source = store.RunSource("flows/train_calibrate.py", git_commit=commit, git_branch=branch, git_repo_url=remote)
     run_id = store.start_run(
@@ -134,6 +136,7 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
         tags={
             "git_commit": commit,
             "git_dirty": str(dirty).lower(),
+            "code_tree": code.tree,
             "params_hash": config.params_hash,
             "seed": str(config.seed),
             "prefect.flow_run_id": str(flow_run.get_id()),
@@ -152,7 +155,12 @@ def start_run(config: Config, repo_root: str, overrides: list[str]) -> RunContex
     store.log_artifact(run_id, resolved)
     get_run_logger().info("MLflow run %s at %s (params %s)", run_id, tracking_uri, config.params_hash)
     return RunContext(
-        run_id=run_id, work_dir=str(work_dir), tracking_uri=tracking_uri, git_commit=commit, git_dirty=dirty
+        run_id=run_id,
+        work_dir=str(work_dir),
+        tracking_uri=tracking_uri,
+        git_commit=commit,
+        git_dirty=dirty,
+        code_tree=code.tree,
     )
 
 
@@ -200,6 +208,7 @@ def register_model(
         split,
         config,
         run.git_commit,
+        code_tree=run.code_tree,
         fit=fit,
         evaluation=evaluation,
         decided=decided,

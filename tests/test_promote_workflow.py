@@ -4,7 +4,7 @@ server and a DVC remote on local disk, over four nights of a team's life (after 
 
 0. the Prefect server is not there: `calibflow run` exits 2, its step too, the job is red;
 1. the first model: it becomes @champion, nothing to gate;
-2. nothing new but a commit of the reports: the retrain is skipped or promoted, never rejected;
+2. nothing new but a commit of the reports: the retrain is skipped (the code runs read is unchanged);
 3. more data (the team adds the full digits set with `calibflow data add --replace --push`):
    promoted;
 4. far fewer epochs: rejected with exit 1 (by `calibflow run` or `calibflow gate`), the job green,
@@ -182,18 +182,28 @@ def test_data_tracked_but_not_pulled_says_pull_or_repro_not_add(tiny_repo):
     assert "dvc add" not in message
 
 
-def test_a_run_s_own_reports_do_not_make_the_code_dirty(tiny_repo):
-    from calibflow.data.versioning import code_commit
+def test_a_run_s_own_reports_and_the_docs_change_neither_the_code_nor_its_state(tiny_repo):
+    from calibflow.data.versioning import code_version
 
+    def commit(message: str, *paths: str) -> None:
+        subprocess.run(["git", "add", "-f", *paths], cwd=tiny_repo, check=True)
+        subprocess.run(["git", "commit", "-qm", message], cwd=tiny_repo, check=True)
+
+    before = code_version(tiny_repo)
     reports = tiny_repo / "reports"
     reports.mkdir()
     (reports / "metrics.json").write_text("{}\n")
-    subprocess.run(["git", "add", "-f", "reports"], cwd=tiny_repo, check=True)
-    subprocess.run(["git", "commit", "-qm", "reports"], cwd=tiny_repo, check=True)
+    (tiny_repo / "docs").mkdir(exist_ok=True)
+    (tiny_repo / "docs" / "notes.md").write_text("what the team learned\n")
+    commit("reports and docs", "reports", "docs")
+    after = code_version(tiny_repo)
+    assert after.commit != before.commit and after.tree == before.tree and not after.dirty
     (reports / "metrics.json").write_text('{"test": 1}\n')  # the next run rewrote it
-    assert code_commit(tiny_repo)[1] is False
+    assert code_version(tiny_repo).dirty is False
     (tiny_repo / "params.yaml").write_text((tiny_repo / "params.yaml").read_text() + "\n")
-    assert code_commit(tiny_repo)[1] is True
+    assert code_version(tiny_repo).dirty is True
+    commit("params", "params.yaml")
+    assert code_version(tiny_repo).tree != before.tree  # a file runs read: other code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,17 +554,14 @@ def test_promote_workflow_four_nights_in_fresh_clones(servers, tmp_path):
     assert aliases == {"champion": "1"} and versions == ["1"]
     reports_1 = team.commit_reports(first, "Reports of night 1's run")
 
-    # Night 2: the same data, params and code (a commit of reports only): skipped or promoted.
+    # Night 2: the same data, params and code (a commit of reports only): skipped, naming version 1.
     second = night(2)
     assert second.green, second.transcript()
     assert "1" not in {second.output(s, "code") for s in ("train", "gate", "promote")}, second.transcript()
     run_2 = json.loads((second.workspace.parent / "night-2-runner-temp" / "run.json").read_text())
+    assert run_2.get("skipped"), (run_2, second.transcript())
     aliases, versions = registry(servers["mlflow"], model)
-    if run_2.get("skipped"):
-        assert aliases == {"champion": "1"} and versions == ["1"]
-    else:
-        assert second.output("promote", "code") == "0", second.transcript()
-        assert aliases["champion"] == str(run_2["version"])
+    assert aliases == {"champion": "1"} and versions == ["1"]
     champion_2 = aliases["champion"]
 
     # Night 3: the team adds the full set as the next version of its data: a better model, promoted.

@@ -50,7 +50,19 @@ def find(model: str, **changes):
         git_commit=build["git_commit"],
         git_dirty=build["git_dirty"],
         gate_params=build.get("gate_params", GATES),
+        code_tree=build.get("code_tree"),
     )
+
+
+def test_the_code_is_the_code_runs_read_not_the_commit(registry, model):
+    add_version(registry, model, {**BUILD, "code_tree": "t1"}, alias="champion")
+    # a later commit of reports or docs: another commit, the same code
+    assert find(model, git_commit="d" * 40, code_tree="t1").version == "1"
+    assert find(model, git_commit=BUILD["git_commit"], code_tree="t2") is None  # the digest decides when both have one
+    assert find(model, git_commit="d" * 40, code_tree="t1", git_dirty=True) is None
+    # a version registered before the digest was recorded is matched by its commit
+    add_version(registry, model, BUILD)
+    assert find(model, code_tree="t9").version == "2" and find(model, git_commit="e" * 40, code_tree="t9") is None
 
 
 def test_a_challenger_built_from_the_same_inputs_is_found_and_named(registry, model):

@@ -7,6 +7,7 @@ registered model names the exact bytes it was trained on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -40,13 +41,34 @@ def git(repo_root: str | Path, *args: str) -> str:
     return result.stdout.strip()
 
 
-def code_commit(repo_root: str | Path) -> tuple[str, bool]:
-    """HEAD's commit and whether tracked files have uncommitted changes. reports/ is left out: it is
-    what runs write (dvc.yaml's metrics and plots, tracked so `dvc metrics diff` compares commits),
-    not what they read, so a run's own report does not make the next run's code count as changed."""
+# Tracked paths no run reads: reports/ is what runs write (dvc.yaml's metrics and plots, tracked so
+# `dvc metrics diff` compares commits); the docs, tests and benchmarks are read by people and CI.
+# A commit that changes only these (the nightly job committing its reports, a docs fix) leaves the
+# code a model is built from as it was, so it neither dirties the tree nor changes code_tree.
+NOT_READ_BY_RUNS = ("reports", "docs", "tests", "benchmarks", "README.md")
+
+
+@dataclass(frozen=True)
+class CodeVersion:
+    commit: str  # HEAD
+    tree: str  # sha256 of HEAD's tracked files outside NOT_READ_BY_RUNS (git's object ids and paths)
+    dirty: bool  # tracked files outside NOT_READ_BY_RUNS have uncommitted changes
+
+
+def _read_by_runs(path: str) -> bool:
+    return not any(path == skip or path.startswith(f"{skip}/") for skip in NOT_READ_BY_RUNS)
+
+
+def code_version(repo_root: str | Path) -> CodeVersion:
+    """HEAD's commit, a digest of the code at HEAD that runs read, and whether that code has
+    uncommitted changes."""
     commit = git(repo_root, "rev-parse", "HEAD")
-    dirty = bool(git(repo_root, "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude)reports"))
-    return commit, dirty
+    listing = git(repo_root, "ls-tree", "-r", "--full-tree", "HEAD")
+    read = [line for line in listing.splitlines() if _read_by_runs(line.split("\t", 1)[1])]
+    tree = hashlib.sha256("\n".join(read).encode()).hexdigest()
+    excluded = [f":(exclude){skip}" for skip in NOT_READ_BY_RUNS]
+    dirty = bool(git(repo_root, "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded))
+    return CodeVersion(commit, tree, dirty)
 
 
 def code_origin(repo_root: str | Path) -> tuple[str | None, str | None]:

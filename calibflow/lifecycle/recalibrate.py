@@ -50,6 +50,7 @@ LINEAGE_TAGS = (
     "data_path",
     "data_rev",
     "git_commit",
+    "code_tree",
     "params_hash",
     "seed",
     "split_digest",

@@ -49,16 +49,28 @@ from calibflow.pipeline.evaluation_steps import (
 
 
 def unchanged_build(
-    champion_tags: dict[str, str], data_hash: str, params_hash: str, git_commit: str, git_dirty: bool
+    version_tags: dict[str, str],
+    *,
+    data_hash: str,
+    params_hash: str,
+    git_commit: str,
+    git_dirty: bool,
+    code_tree: str | None = None,
 ) -> bool:
-    """True when the champion was built from exactly this data, these params and this code, so
+    """True when the version was built from exactly this data, these params and this code, so
     retraining would spend compute to reproduce it (a dirty working tree never counts as the same
-    code)."""
+    code). The code is the same when the code runs read is (`code_tree`: a commit of reports or
+    docs alone changes nothing a run reads), or, for a version registered without that digest,
+    when the commit is."""
+    recorded_tree = version_tags.get("code_tree")
+    same_code = (
+        recorded_tree == code_tree if recorded_tree and code_tree else version_tags.get("git_commit") == git_commit
+    )
     return (
         not git_dirty
-        and champion_tags.get("data_hash") == data_hash
-        and champion_tags.get("params_hash") == params_hash
-        and champion_tags.get("git_commit") == git_commit
+        and version_tags.get("data_hash") == data_hash
+        and version_tags.get("params_hash") == params_hash
+        and same_code
     )
 
 
@@ -109,6 +121,7 @@ def version_tags(
     config: Config,
     git_commit: str,
     *,
+    code_tree: str,
     fit: CalibrationRecord,
     evaluation: Evaluation,
     decided: DecisionEvaluation | None = None,
@@ -128,6 +141,7 @@ def version_tags(
         "data_path": data.path,
         "data_rev": data.rev,
         "git_commit": git_commit,
+        "code_tree": code_tree,
         "params_hash": config.params_hash,
         "seed": str(config.seed),
         "split_digest": split.digest,

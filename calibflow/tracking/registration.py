@@ -627,6 +627,7 @@ def same_build(
     git_commit: str,
     git_dirty: bool,
     gate_params: Mapping[str, Any],
+    code_tree: str | None = None,
 ) -> SameBuild | None:
     """The registered version that retraining on this data, params and code would reproduce:
     @champion when it is one, else the newest such version (a @challenger that failed the champion
@@ -648,7 +649,14 @@ def same_build(
         record
         for record in versions
         if not record.tags.get("recalibrated_from")
-        and unchanged_build(record.tags, data_hash, params_hash, git_commit, git_dirty)
+        and unchanged_build(
+            record.tags,
+            data_hash=data_hash,
+            params_hash=params_hash,
+            git_commit=git_commit,
+            git_dirty=git_dirty,
+            code_tree=code_tree,
+        )
     ]
     if not matches:
         return None

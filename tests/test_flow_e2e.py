@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from calibflow import names
 from calibflow.pipeline import evaluation_steps
 from calibflow.pipeline import report_staging
 from calibflow.tracking import registration
@@ -348,10 +349,17 @@ def test_undo_of_a_registration_puts_back_every_alias_it_moved_even_after_a_prom
     assert (v4.alias, v4.replaced) == ("challenger", v3.version)
     promotion.promote("undo", v4.version, v2.version, report_path=None)
     assert registration.aliases("undo") == {"champion": v4.version, "previous-champion": v2.version}
+    replaced = registration.resolve_model_uri(f"models:/undo/{v2.version}").tags[names.VERDICT_PROMOTED]
+    assert replaced == names.replaced_by(v4.version)
 
     registration.undo_registration(v4)
     assert registration.aliases("undo") == {"champion": v2.version, "challenger": v3.version}
     assert [r.version for r in registration.list_versions("undo")] == [v2.version, v3.version]
+    # the champion again says so: not "replaced by" a version that no longer exists
+    assert registration.resolve_model_uri(f"models:/undo/{v2.version}").tags[names.VERDICT_PROMOTED] == names.PROMOTED
+    description = store.version_description("undo", v2.version)
+    assert description.splitlines()[0].startswith("PROMOTED · "), description  # its verdict line first
+    assert f"version {v4.version}, which had replaced it, was taken back" in description
 
     # A later registration's @challenger is not taken from it by the undo of an earlier one.
     v5, v6 = (registration.register_version(model_uri, "undo", {}) for _ in range(2))

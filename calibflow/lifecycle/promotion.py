@@ -43,7 +43,7 @@ from calibflow.data.splits import Split
 from calibflow.errors import AlreadyChampion, GateUndecided, NotComparable, NotFound
 from calibflow import errors
 from calibflow import names
-from calibflow.pipeline import run_summary, tagging
+from calibflow.pipeline import tagging
 
 AUDIT_EXPERIMENT = "calibflow-promotions"
 # On a promoted version: each gate that `calibflow promote --set` changed from params.yaml for that
@@ -513,19 +513,12 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _describe(model_name: str, version: str, line: str, record: list[str]) -> None:
-    """The version's description with its new verdict line first (run_summary.with_new_verdict)."""
-    old = store.version_description(model_name, version)
-    title = f"**{model_name} version {version}**"  # the registered page's title, which names its alias then
-    store.set_version_description(model_name, version, run_summary.with_new_verdict(old, line, record, title=title))
-
-
 def _retag_replaced(model_name: str, version: str, by: str, record: str) -> None:
     """A champion another version replaced: verdict/promoted says so, on its tags and description."""
     tags = {names.VERDICT_PROMOTED: names.replaced_by(by)}
     registration.set_version_tags(model_name, version, tags)
     recorded = {**resolve_ref(model_name, version).tags, **tags}
-    _describe(
+    registration.describe_verdict(
         model_name, version, f"REPLACED · {names.verdict_text(recorded) or tags[names.VERDICT_PROMOTED]}", [record]
     )
 
@@ -598,7 +591,7 @@ def promote(
             + "; ".join(c.text() for c in changed_gates),
         ]
     recorded = {**resolve_ref(model_name, candidate_version).tags}
-    _describe(model_name, candidate_version, f"PROMOTED · {names.verdict_text(recorded)}", record)
+    registration.describe_verdict(model_name, candidate_version, f"PROMOTED · {names.verdict_text(recorded)}", record)
     if current:
         _retag_replaced(
             model_name,
@@ -655,7 +648,7 @@ def rollback(model_name: str) -> Promotion:
         f"Rolled back at {at} by {actor['user']}: version {previous} is `@champion` again.",
     )
     restored = resolve_ref(model_name, previous).tags
-    _describe(
+    registration.describe_verdict(
         model_name,
         previous,
         f"PROMOTED · {names.verdict_text(restored) or names.PROMOTED}",

@@ -324,12 +324,38 @@ def _restore_aliases(model_name: str, before: Mapping[str, str], touched: Mappin
             pass  # never set in the first place
 
 
+def describe_verdict(model_name: str, version: str, line: str, record: list[str]) -> None:
+    """The version's description with its new verdict line first (run_summary.with_new_verdict)."""
+    from calibflow.pipeline import run_summary
+    from calibflow.tracking import store
+
+    old = store.version_description(model_name, version)
+    title = f"**{model_name} version {version}**"  # the registered page's title, which names its alias then
+    store.set_version_description(model_name, version, run_summary.with_new_verdict(old, line, record, title=title))
+
+
+def _reinstated(model_name: str, version: str, undone: str) -> None:
+    """@champion is back on `version` because `undone`, which had replaced it, was taken back: its
+    verdict/promoted tag and description say it is the champion again, not "replaced"."""
+    from calibflow import names
+
+    set_version_tags(model_name, version, {names.VERDICT_PROMOTED: names.PROMOTED})
+    tags = resolve_model_uri(f"models:/{model_name}/{version}").tags
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    describe_verdict(
+        model_name,
+        version,
+        f"PROMOTED · {names.verdict_text(tags) or names.PROMOTED}",
+        [f"`@champion` again at {at}: version {undone}, which had replaced it, was taken back when its run failed."],
+    )
+
+
 def undo_registration(version: RegisteredVersion) -> None:
     """Take back a version that a failed run registered, and its promotion to @champion if it got
-    one. Under the promotion lock, each alias the version moved goes back where it was unless
-    another process has moved it since (compare-and-swap: a later registration's @challenger
-    stays); then the version is deleted. Any failure raises RegistrationLeftBehind, which says
-    what may be left."""
+    one (the champion it replaced is tagged and described as the champion again). Under the
+    promotion lock, each alias the version moved goes back where it was unless another process
+    has moved it since (compare-and-swap: a later registration's @challenger stays); then the
+    version is deleted. Any failure raises RegistrationLeftBehind, which says what may be left."""
     name, number = version.name, version.version
     try:
         with promotion_lock(name, _holder(f"undoing the registration of version {number}")):
@@ -346,6 +372,7 @@ def undo_registration(version: RegisteredVersion) -> None:
                     before = resolve_model_uri(f"models:/{name}/{replaced}").tags.get("promoted_from") or None
                     moved[PREVIOUS_CHAMPION] = (before, replaced)
             c = client()
+            reinstated = None
             for alias, (before, left) in moved.items():
                 if current.get(alias) != left or before == left:
                     continue  # moved by someone else since, or nothing to undo
@@ -353,7 +380,10 @@ def undo_registration(version: RegisteredVersion) -> None:
                     c.delete_registered_model_alias(name, alias)
                 else:
                     c.set_registered_model_alias(name, alias, before)
+                    reinstated = before if alias == CHAMPION else reinstated
             c.delete_model_version(name, number)  # also drops any alias still on it
+            if reinstated is not None:
+                _reinstated(name, reinstated, number)
     except Exception as error:
         raise RegistrationLeftBehind(
             f"version {number} of {name} was registered as @{version.alias}, then the run failed, and taking it back "

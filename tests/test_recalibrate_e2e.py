@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from calibflow import names
 from calibflow.tracking import store
 from cli.main import main as calibflow
 from tests.test_monitor_e2e import add_folder, add_own_images, unseen_digits
@@ -111,6 +112,12 @@ def test_recalibrate_registers_the_same_network_with_a_new_calibrator(tiny_repo,
     client = MlflowClient()
     new = client.get_model_version_by_alias(MODEL, "challenger")
     assert new.tags["recalibrated_from"] == "1" and new.tags["recalibration_data_path"] == data
+    # the three-part verdict, on the version and its run, as a flow run's version carries it
+    assert new.tags[names.VERDICT_ABSOLUTE] == names.PASSED and new.tags[names.VERDICT_PROMOTED] == names.AT_CHALLENGER
+    assert new.tags[names.VERDICT_CHAMPION] in (names.PASSED, names.FAILED)  # compared with version 1
+    run_tags = client.get_run(new.run_id).data.tags
+    assert {tag: run_tags[tag] for tag in names.VERDICT_TAGS} == {tag: new.tags[tag] for tag in names.VERDICT_TAGS}
+    assert run_tags["gate/against"] == "version 1" and "gate/max_shift_ece" in run_tags
     assert json.loads(new.tags["shift_suite"])["corruptions"]  # the suite ran on the new test half, recorded
     gates = json.loads(store.download_run_artifact(new.run_id, "gates/gates.json", tmp_path).read_text())
     assert "max_shift_ece" in {c["name"] for c in gates["checks"]}

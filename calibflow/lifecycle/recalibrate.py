@@ -39,7 +39,7 @@ from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.lifecycle.promotion import champion_for, seen_by
 from calibflow.lifecycle.reproduce import served_classes, served_policy, verified_run_artifact
-from calibflow.pipeline.tagging import run_artifact_tags
+from calibflow.pipeline.tagging import gate_tags, run_artifact_tags, run_verdict
 from calibflow.data.splits import stratified_split
 from calibflow.data.versioning import resolve_data
 from calibflow.errors import RecalibrationError
@@ -154,6 +154,7 @@ class GatedCalibrator:
     softmax: dict[str, float]  # the network's own softmax
     suite_tags: dict[str, str]
     shift_metrics: dict | None
+    against: str | None = None  # the champion version the relative gates compared with (None: none)
 
 
 def recalibrate(
@@ -277,6 +278,7 @@ def _fit_and_gate(source, served, new: NewImages, config: Config, against: str |
         softmax=probability_report(uncalibrated_probabilities(new.logits[test_rows]), labels[test_rows], n_bins),
         suite_tags=suite_tags,
         shift_metrics=shift_metrics,
+        against=champion.version if champion is not None else None,
     )
 
 
@@ -293,6 +295,7 @@ def _record_run(source, new: NewImages, gated: GatedCalibrator, config: Config, 
         },
         repo_root,
     )
+    store.set_tags(run_id, gate_tags(gated.verdict, gated.against))  # per check, and the three-part verdict
     store.log_metrics(
         run_id,
         {
@@ -352,6 +355,9 @@ def _register(source, new: NewImages, gated: GatedCalibrator, run_id: str, confi
         with registration.registration_transaction(
             partial(registration.register_version, logged, source.name, tags)
         ) as version:
+            standing = run_verdict(gated.verdict, gated.against, version.alias).tags()
+            registration.set_version_tags(source.name, version.version, standing)
+            store.set_tags(run_id, standing)
             store.end_run(run_id, "succeeded")
     except Exception as error:
         try:

@@ -13,6 +13,10 @@ Every entry is signed (HMAC-SHA256) with a key kept outside the cache: CALIBFLOW
 ~/.cache/calibflow/cache.key (mode 0600). An entry whose signature does not verify (written by
 anyone without the key: a restored or copied cache, a hand-made file) is a miss: the value is
 recomputed, never read. A checkout that cannot make or read the key caches nothing.
+
+The cache lives in the checkout's .calibflow/cache, or in CALIBFLOW_CACHE_DIR when set: one
+folder several checkouts share (a CD job's restored cache, every fresh clone of a test session),
+safe because every key names all its inputs and code.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ CACHE_SUBDIR = Path(".calibflow") / "cache"
 
 KEY_VARIABLE = "CALIBFLOW_CACHE_KEY"
 KEY_FILE = Path("~/.cache/calibflow/cache.key")
+DIR_VARIABLE = "CALIBFLOW_CACHE_DIR"
 
 
 def cache_dir(repo_root: str | Path) -> Path:
-    return Path(repo_root) / CACHE_SUBDIR
+    shared = os.environ.get(DIR_VARIABLE)
+    return Path(shared).expanduser() if shared else Path(repo_root) / CACHE_SUBDIR
 
 
 @cache

@@ -5,10 +5,12 @@ temporary local API)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,12 @@ os.environ.setdefault("PREFECT_HOME", str(REPO / ".calibflow" / "prefect-home-te
 # does not exist yet, and the temporary API server would fail to open its database.
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# One content-keyed cache for every checkout the tests make (calibflow.disk_cache): each test's
+# fresh copy of the tiny repository would otherwise simulate the same gate power again (about a
+# minute a run on two cores). Tests of the cache itself pass their own folders.
+if "CALIBFLOW_CACHE_DIR" not in os.environ:
+    os.environ["CALIBFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="calibflow-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CALIBFLOW_CACHE_DIR"], ignore_errors=True)
 for variable, value in {
     "GIT_AUTHOR_NAME": "calibflow tests",
     "GIT_AUTHOR_EMAIL": "tests@calibflow.invalid",

@@ -86,3 +86,10 @@ def test_without_a_key_nothing_is_cached(tmp_path, monkeypatch):
         disk_cache.cached(tmp_path / "cache", "ns", {"n": 1}, lambda: calls.append(1))
     assert len(calls) == 2 and not (tmp_path / "cache").exists()
     disk_cache.signing_key.cache_clear()
+
+
+def test_the_cache_folder_is_the_checkout_s_unless_calibflow_cache_dir_names_a_shared_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(disk_cache.DIR_VARIABLE, raising=False)
+    assert disk_cache.cache_dir(tmp_path / "repo") == tmp_path / "repo" / ".calibflow" / "cache"
+    monkeypatch.setenv(disk_cache.DIR_VARIABLE, str(tmp_path / "shared"))
+    assert disk_cache.cache_dir(tmp_path / "repo") == disk_cache.cache_dir(tmp_path / "other") == tmp_path / "shared"

@@ -182,7 +182,7 @@ def test_data_tracked_but_not_pulled_says_pull_or_repro_not_add(tiny_repo):
     assert "dvc add" not in message
 
 
-def test_a_run_s_own_reports_and_the_docs_change_neither_the_code_nor_its_state(tiny_repo):
+def test_reports_docs_and_params_change_neither_the_code_nor_its_state_and_code_does(tiny_repo):
     from calibflow.data.versioning import code_version
 
     def commit(message: str, *paths: str) -> None:
@@ -199,11 +199,17 @@ def test_a_run_s_own_reports_and_the_docs_change_neither_the_code_nor_its_state(
     after = code_version(tiny_repo)
     assert after.commit != before.commit and after.tree == before.tree and not after.dirty
     (reports / "metrics.json").write_text('{"test": 1}\n')  # the next run rewrote it
-    assert code_version(tiny_repo).dirty is False
+    # params.yaml: the params hash covers what in it shapes a model (a new gate re-gates, no retrain)
     (tiny_repo / "params.yaml").write_text((tiny_repo / "params.yaml").read_text() + "\n")
-    assert code_version(tiny_repo).dirty is True
+    assert code_version(tiny_repo).dirty is False
     commit("params", "params.yaml")
-    assert code_version(tiny_repo).tree != before.tree  # a file runs read: other code
+    assert code_version(tiny_repo).tree == before.tree
+    # code: uncommitted, the tree is dirty; committed, it is other code
+    (tiny_repo / "augment.py").write_text("FLIP = True\n")
+    commit("code", "augment.py")
+    assert code_version(tiny_repo).tree != before.tree and not code_version(tiny_repo).dirty
+    (tiny_repo / "augment.py").write_text("FLIP = False\n")
+    assert code_version(tiny_repo).dirty is True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,32 +41,34 @@ def git(repo_root: str | Path, *args: str) -> str:
     return result.stdout.strip()
 
 
-# Tracked paths no run reads: reports/ is what runs write (dvc.yaml's metrics and plots, tracked so
-# `dvc metrics diff` compares commits); the docs, tests and benchmarks are read by people and CI.
-# A commit that changes only these (the nightly job committing its reports, a docs fix) leaves the
-# code a model is built from as it was, so it neither dirties the tree nor changes code_tree.
-NOT_READ_BY_RUNS = ("reports", "docs", "tests", "benchmarks", "README.md")
+# Tracked paths that are not code a model is built from: reports/ is what runs write (dvc.yaml's
+# metrics and plots, tracked so `dvc metrics diff` compares commits); the docs, tests and
+# benchmarks are read by people and CI; params.yaml is read, but the params hash covers what in it
+# shapes a model (a gates-only change re-gates instead of retraining). A commit that changes only
+# these (the nightly job committing its reports, a docs fix, a new threshold) leaves the code as it
+# was: it neither dirties the tree nor changes code_tree.
+NOT_CODE = ("reports", "docs", "tests", "benchmarks", "README.md", "params.yaml")
 
 
 @dataclass(frozen=True)
 class CodeVersion:
     commit: str  # HEAD
-    tree: str  # sha256 of HEAD's tracked files outside NOT_READ_BY_RUNS (git's object ids and paths)
-    dirty: bool  # tracked files outside NOT_READ_BY_RUNS have uncommitted changes
+    tree: str  # sha256 of HEAD's tracked files outside NOT_CODE (git's object ids and paths)
+    dirty: bool  # tracked files outside NOT_CODE have uncommitted changes
 
 
-def _read_by_runs(path: str) -> bool:
-    return not any(path == skip or path.startswith(f"{skip}/") for skip in NOT_READ_BY_RUNS)
+def _is_code(path: str) -> bool:
+    return not any(path == skip or path.startswith(f"{skip}/") for skip in NOT_CODE)
 
 
 def code_version(repo_root: str | Path) -> CodeVersion:
-    """HEAD's commit, a digest of the code at HEAD that runs read, and whether that code has
-    uncommitted changes."""
+    """HEAD's commit, a digest of the code at HEAD a model is built from, and whether that code
+    has uncommitted changes."""
     commit = git(repo_root, "rev-parse", "HEAD")
     listing = git(repo_root, "ls-tree", "-r", "--full-tree", "HEAD")
-    read = [line for line in listing.splitlines() if _read_by_runs(line.split("\t", 1)[1])]
-    tree = hashlib.sha256("\n".join(read).encode()).hexdigest()
-    excluded = [f":(exclude){skip}" for skip in NOT_READ_BY_RUNS]
+    code = [line for line in listing.splitlines() if _is_code(line.split("\t", 1)[1])]
+    tree = hashlib.sha256("\n".join(code).encode()).hexdigest()
+    excluded = [f":(exclude){skip}" for skip in NOT_CODE]
     dirty = bool(git(repo_root, "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded))
     return CodeVersion(commit, tree, dirty)
 

@@ -192,12 +192,27 @@ class SplitConfig:
 MAX_MODEL_WIDTH, MAX_ENSEMBLE, MAX_MC_SAMPLES = 1024, 32, 256
 
 
+def _known_arch(key: str, arch: str) -> None:
+    if arch != "small_cnn":  # the default needs no torchvision (~1.5 s to import)
+        from calibflow.training.models import check_arch
+
+        check_arch(key, arch)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["small_cnn", "resnet18"] = "small_cnn"
+    # small_cnn, or any classification model of torchvision's registry (resnet50, efficientnet_b0,
+    # convnext_tiny, vit_b_16, ...): docs/models.md says which stem each gets at which image size.
+    arch: str = bounded("small_cnn", _known_arch)
     width: int = bounded(32, Range(1, MAX_MODEL_WIDTH))  # channels of the first conv block (small_cnn only)
     # Optional state_dict a user has put on disk; nothing is ever downloaded.
     weights_path: str | None = None
+    # Or torchvision's weights of model.arch by name (IMAGENET1K_V1, DEFAULT, ...), read from torch
+    # hub's cache (<TORCH_HOME>/hub/checkpoints/), where the file must already be: nothing is
+    # downloaded. A head of another class count is left at its initial values (docs/models.md).
+    pretrained: str | None = bounded(
+        None, Rule(str.strip, "{key} is empty: name torchvision weights (e.g. DEFAULT) or null")
+    )
     # Deep ensemble (Lakshminarayanan et al. 2017): members trained one after the other with seeds
     # seed, seed+1, ...; the served probabilities are the mean of the members' calibrated ones.
     ensemble: int = bounded(1, POSITIVE, Range(1, MAX_ENSEMBLE))
@@ -207,6 +222,14 @@ class ModelConfig:
     mc_dropout: int = bounded(1, POSITIVE, Range(1, MAX_MC_SAMPLES))
 
     def validate(self) -> None:
+        if self.weights_path and self.pretrained:
+            raise ConfigError(
+                f"model.weights_path and model.pretrained = {self.pretrained} both name the initial weights: set one"
+            )
+        if self.pretrained:
+            from calibflow.training.models import torchvision_weights
+
+            torchvision_weights(self.arch, self.pretrained)  # a name the arch has (the file is checked at training)
         if self.mc_dropout > 1 and self.dropout == 0:
             raise ConfigError(
                 f"model.mc_dropout = {self.mc_dropout}: needs model.dropout > 0 (e.g. 0.2), or its "
@@ -248,6 +271,12 @@ class TrainConfig:
     # faster within the noise and leaves half the points on the val curve). The weights do not
     # depend on it: validation draws no random numbers and changes no state.
     val_every: int = bounded(5, POSITIVE, _at_most(MAX_EPOCHS, "epochs between validation passes"))
+    # Fine-tuning (docs/models.md): freeze_backbone trains the classifier head alone (the
+    # backbone's parameters get no gradient; its BatchNorm statistics still follow the data);
+    # backbone_lr_factor scales the backbone's learning rate (lr x factor, the head keeps lr) in
+    # its own optimizer parameter group. 1 and false: one group, the training as before.
+    freeze_backbone: bool = False
+    backbone_lr_factor: float = bounded(1.0, Range(0, 1, low_open=True))
     # torch intra-op threads for training and for collecting logits (restored afterwards), or
     # "auto" for torch's own choice (one per physical core, or OMP_NUM_THREADS). 1 by default:
     # on a 2-core machine that another process shares, 2 threads fall far below 1 thread (1

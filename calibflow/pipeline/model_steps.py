@@ -20,7 +20,7 @@ from calibflow.training.ensembles import (
     predictive_logits,
 )
 from calibflow.data.images import load_images
-from calibflow.training.models import ModelSpec, load_checkpoint, save_checkpoint
+from calibflow.training.models import ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
 from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
 from calibflow.evaluation.shift import Suite, corrupted_images, suite_logits
@@ -135,6 +135,8 @@ def train_model(
         width=config.model.width,
         dropout=config.model.dropout,
     )
+    # model.pretrained: its file in torch hub's cache, which must be there (a ConfigError, exit 2, names the path).
+    weights_path = config.model.weights_path or pretrained_weights_file(config.model.arch, config.model.pretrained)
     runtime = resolve_runtime(config.train.device, config.train.precision)
     # The same training, in this process or under torchrun (train.distributed: ddp).
     if config.train.distributed == "ddp":
@@ -166,7 +168,7 @@ def train_model(
             val_labels=val_y,
             config=config.train,
             seed=seed,
-            weights_path=config.model.weights_path,
+            weights_path=str(weights_path) if weights_path else None,
             outlier_images=outliers,
         )
         model, member_history = train_member(inputs, on_epoch_end=report, checkpoints=checkpoints)

@@ -68,7 +68,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         from calibflow.training.models import ModelSpec, build_model
 
         network = json.loads(Path(artifacts["network"]).read_text())
-        spec = ModelSpec(**network["spec"])
+        spec = ModelSpec.from_record(network["spec"])
         self.classes = [str(name) for name in json.loads(Path(artifacts["classes"]).read_text())]
         if len(self.classes) != spec.num_classes:
             raise ValueError(

@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from calibflow.data.images import channel_stats
 from calibflow.training.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.metrics import expected_calibration_error
-from calibflow.training.models import ImageClassifier, ModelSpec, build_model, load_pretrained_weights
+from calibflow.training.models import (
+    ImageClassifier,
+    ModelSpec,
+    build_model,
+    head_parameter_names,
+    load_pretrained_weights,
+)
 from calibflow.training.resume import EpochCheckpoints, random_states, restore_random_states
 from calibflow.progress import progress_bar
 
@@ -327,14 +333,16 @@ def set_up_training(inputs: TrainingInputs, runtime: Runtime) -> Training:
     batch_sizes = tuple(
         size for size in _batch_sizes(len(data.train_images), config.batch_size) if size >= 2 * group.world_size
     )
+    groups = parameter_groups(model, inputs.spec.num_classes, config)
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        groups,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.momentum > 0,
         weight_decay=config.weight_decay,
     )
-    schedule = one_cycle_schedule(optimizer, config.lr, config.epochs * max(1, len(batch_sizes)))
+    max_lr = [group["lr"] for group in groups] if isinstance(groups, list) else config.lr
+    schedule = one_cycle_schedule(optimizer, max_lr, config.epochs * max(1, len(batch_sizes)))
     order = torch.Generator(device=runtime.device).manual_seed(seed)
     # One process draws the data order and its augmentation from one stream, as it always has.
     # Several draw the same order (the same seed) and their augmentation from their own stream.
@@ -357,6 +365,23 @@ def set_up_training(inputs: TrainingInputs, runtime: Runtime) -> Training:
         max_shift=max(1, min(spec.image_height, spec.image_width) // 8),
         batch_sizes=batch_sizes,
     )
+
+
+def parameter_groups(model: ImageClassifier, num_classes: int, config: TrainConfig):
+    """What the optimiser steps: every parameter in one group (the training as it always was), or
+    for fine-tuning (train.freeze_backbone, train.backbone_lr_factor < 1) the classifier head at
+    train.lr and the backbone at lr x backbone_lr_factor, or not at all when frozen (its parameters
+    then get no gradient either)."""
+    if not config.freeze_backbone and config.backbone_lr_factor == 1:
+        return model.parameters()
+    head_names = head_parameter_names(model, num_classes)
+    head = [p for name, p in model.named_parameters() if name in head_names]
+    backbone = [p for name, p in model.named_parameters() if name not in head_names]
+    if config.freeze_backbone:
+        for parameter in backbone:
+            parameter.requires_grad_(False)
+        return [{"params": head, "lr": config.lr}]
+    return [{"params": head, "lr": config.lr}, {"params": backbone, "lr": config.lr * config.backbone_lr_factor}]
 
 
 def build_network(
@@ -538,7 +563,7 @@ def save_epoch_checkpoint(training: Training, checkpoints: EpochCheckpoints, his
 
 
 def one_cycle_schedule(
-    optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int
+    optimizer: torch.optim.Optimizer, max_lr: float | list[float], total_steps: int
 ) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle learning rate over `total_steps`, warming up over the first quarter. OneCycleLR
     divides by its warm-up's last step, pct_start * total_steps - 1: that is 0 at exactly 4 steps

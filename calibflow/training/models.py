@@ -3,15 +3,37 @@
 Every model takes raw uint8 images (N, C, H, W) and does its own scaling and per-channel
 normalisation, with the statistics of the training split stored as buffers: the registered model
 then needs no preprocessing code beside it, and serving cannot drift from training.
+
+model.arch is small_cnn (ours) or any classification model of torchvision's registry, built by
+torchvision.models.get_model; what this module adds to torchvision's networks (docs/models.md):
+the small-image stem below SMALL_IMAGE px, a first conv for other than 3 input channels, dropout
+before the head, and loading weights of another class count or channel count.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from calibflow.errors import ConfigError
+
+# Images from this size up (the shorter side, px) get the family's own ImageNet stem; smaller ones
+# the small-image stem where the family has one (SMALL_STEM_FAMILIES), or a ConfigError.
+SMALL_IMAGE = 64
+# The families with a small-image stem of ours: resnet/resnext/wide_resnet get the CIFAR stem (a
+# 3x3 stride-1 conv1 and no max-pool, He et al. 2016, section 4.2); mobilenet and efficientnet keep
+# their 3x3 first conv and its weights, at stride 1 instead of 2.
+RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
+STRIDE_ONE_FAMILY = ("mobilenet", "efficientnet")
+# Auxiliary classifiers that torchvision's pretrained files hold and the models built here do not
+# (aux_logits=False: training reads one output).
+AUX_KEY_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
 
 
 @dataclass(frozen=True)
@@ -25,6 +47,26 @@ class ModelSpec:
     image_width: int
     width: int = 32
     dropout: float = 0.0  # before the classifier head; 0 builds no dropout layer (older checkpoints)
+    # "small" or "imagenet": chosen from the image size when not given (default_stem), then
+    # recorded, so that a checkpoint rebuilds the network it was trained as.
+    stem: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.stem:
+            object.__setattr__(self, "stem", default_stem(self.arch, self.image_height, self.image_width))
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ModelSpec":
+        """The spec a checkpoint or a served model recorded. Records from before `stem` existed
+        built resnet18 with the small-image stem at every size."""
+        record = dict(record)
+        if not record.get("stem"):
+            record["stem"] = "small" if record["arch"] in ("small_cnn", "resnet18") else ""
+        return cls(**record)
+
+
+def default_stem(arch: str, height: int, width: int) -> str:
+    return "small" if arch == "small_cnn" or min(height, width) < SMALL_IMAGE else "imagenet"
 
 
 class ImageClassifier(nn.Module):
@@ -76,42 +118,264 @@ def _head(features: int, num_classes: int, dropout: float) -> list[nn.Module]:
 def small_image_resnet18(in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """torchvision's resnet18 with the CIFAR-style stem: a 3x3 stride-1 first conv and no max-pool,
     since the ImageNet stem would shrink a 32x32 (let alone 8x8) image to nothing."""
-    from torchvision.models import resnet18  # here, not at the top: torchvision costs ~1.5 s to import
+    return torchvision_backbone(ModelSpec("resnet18", in_channels, num_classes, 32, 32, dropout=dropout, stem="small"))
 
-    net = resnet18(weights=None, num_classes=num_classes)
-    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    if dropout > 0:
-        net.fc = _head(net.fc.in_features, num_classes, dropout)[0]
+
+# --------------------------------------------------------------------------------------------
+# torchvision's registry
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def torchvision_archs() -> tuple[str, ...]:
+    """The classification models of torchvision's registry (not detection, segmentation, video)."""
+    import torchvision.models  # here, not at the top: torchvision costs ~1.5 s to import
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def known_archs() -> tuple[str, ...]:
+    return ("small_cnn", *torchvision_archs())
+
+
+def check_arch(key: str, arch: str) -> None:
+    """ConfigError unless `arch` is small_cnn or a torchvision classification model, naming close matches."""
+    if arch == "small_cnn" or arch in torchvision_archs():
+        return
+    close = (
+        difflib.get_close_matches(arch, known_archs(), n=4, cutoff=0.5)
+        or [name for name in known_archs() if name.startswith(arch[:3])][:4]
+    )
+    hint = f" (close matches: {', '.join(close)})" if close else ""
+    raise ConfigError(
+        f"{key} = {arch!r}: must be one of small_cnn or a torchvision classification model{hint}; "
+        f"the list: python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))' "
+        f"(docs/models.md)"
+    )
+
+
+def _family(arch: str) -> str:
+    for family in (*RESNET_FAMILY, *STRIDE_ONE_FAMILY, "vit", "maxvit", "inception", "googlenet"):
+        if arch.startswith(family):
+            return family
+    return arch
+
+
+def check_image_size(spec: ModelSpec) -> None:
+    """ConfigError when `spec.arch` cannot take images of `spec`'s size with `spec.stem`, saying what it needs."""
+    arch, height, width = spec.arch, spec.image_height, spec.image_width
+    family = _family(arch)
+    if spec.stem not in ("small", "imagenet"):
+        raise ConfigError(f"model stem {spec.stem!r}: use small or imagenet")
+    if spec.stem == "small" and family not in ("small_cnn", *RESNET_FAMILY, *STRIDE_ONE_FAMILY):
+        raise ConfigError(
+            f"model.arch = {arch} needs images of at least {SMALL_IMAGE}x{SMALL_IMAGE} px (these are "
+            f"{width}x{height}): it has no small-image stem here (resnet*, resnext*, wide_resnet*, "
+            f"mobilenet* and efficientnet* do, as does small_cnn): pick one of those, or use larger "
+            f"images (docs/models.md)"
+        )
+    if family == "vit":
+        patch = int(arch.rsplit("_", 1)[1])
+        if height != width or height % patch:
+            raise ConfigError(
+                f"model.arch = {arch} needs square images whose side is a multiple of {patch} px (these are "
+                f"{width}x{height}), at least {SMALL_IMAGE}: e.g. 64, 96, 224"
+            )
+    if family == "maxvit" and (height % 224 or width % 224):
+        raise ConfigError(
+            f"model.arch = {arch} needs images whose sides are multiples of 224 px (its 7x7 attention "
+            f"windows at 1/32 of the image); these are {width}x{height}"
+        )
+    if family == "inception" and min(height, width) < 75:
+        raise ConfigError(f"model.arch = {arch} needs images of at least 75x75 px; these are {width}x{height}")
+
+
+def torchvision_backbone(spec: ModelSpec) -> nn.Module:
+    """torchvision's `spec.arch` for spec.num_classes classes, with our adaptations: the small-image
+    stem, the first conv for spec.in_channels, dropout before the head."""
+    import torchvision.models
+
+    check_image_size(spec)
+    family = _family(spec.arch)
+    kwargs: dict = {"weights": None, "num_classes": spec.num_classes}
+    if family == "vit":
+        kwargs["image_size"] = spec.image_height
+    elif family == "maxvit":
+        kwargs["input_size"] = (spec.image_height, spec.image_width)
+    elif family in ("inception", "googlenet"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    net = torchvision.models.get_model(spec.arch, **kwargs)
+    # The stem first, then the head: for resnet18 the order the seeded stream was always drawn in.
+    if spec.stem == "small" and family in RESNET_FAMILY:
+        net.conv1 = nn.Conv2d(spec.in_channels, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    else:
+        name, conv = first_conv(net)
+        if conv.in_channels != spec.in_channels:
+            _set_module(net, name, _conv_like(conv, spec.in_channels))
+        if spec.stem == "small":  # mobilenet, efficientnet: the same 3x3 conv at stride 1
+            first_conv(net)[1].stride = (1, 1)
+    if spec.dropout > 0:
+        name, head = head_of(net, spec.num_classes)
+        if isinstance(head, nn.Linear):
+            head = nn.Linear(head.in_features, spec.num_classes)
+        _set_module(net, name, DropoutHead(nn.Dropout(spec.dropout), head))
     return net
+
+
+def first_conv(net: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The stem's conv, the first Conv2d torchvision's classifiers register."""
+    return next((name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def head_of(net: nn.Module, num_classes: int) -> tuple[str, nn.Module]:
+    """The classifier head: the last registered DropoutHead, or Linear (Conv2d for squeezenet) with
+    `num_classes` outputs."""
+    found = None
+    for name, m in net.named_modules():
+        if isinstance(m, DropoutHead):
+            return name, m
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes) or (
+            isinstance(m, nn.Conv2d) and m.out_channels == num_classes and m.kernel_size == (1, 1)
+        ):
+            found = (name, m)
+    if found is None:
+        raise ValueError(f"{type(net).__name__} has no classifier head with {num_classes} outputs")
+    return found
+
+
+def head_parameter_names(model: ImageClassifier, num_classes: int) -> set[str]:
+    """The names (in `model`) of the head's parameters; every other parameter is the backbone."""
+    name, head = head_of(model.backbone, num_classes)
+    return {f"backbone.{name}.{p}" for p, _ in head.named_parameters()}
+
+
+def _conv_like(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups if conv.groups == 1 else in_channels,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def build_model(spec: ModelSpec, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> ImageClassifier:
     if spec.arch == "small_cnn":
         backbone = small_cnn(spec.in_channels, spec.num_classes, spec.width, spec.dropout)
-    elif spec.arch == "resnet18":
-        backbone = small_image_resnet18(spec.in_channels, spec.num_classes, spec.dropout)
     else:
-        raise ValueError(f"unknown model.arch {spec.arch!r}: use small_cnn or resnet18")
+        check_arch("model.arch", spec.arch)
+        backbone = torchvision_backbone(spec)
     mean = torch.zeros(spec.in_channels) if mean is None else mean
     std = torch.ones(spec.in_channels) if std is None else std
     return ImageClassifier(backbone, mean, std)
 
 
+# --------------------------------------------------------------------------------------------
+# Pretrained weights: a file on disk, never a download
+# --------------------------------------------------------------------------------------------
+
+
+def torchvision_weights(arch: str, name: str):
+    """torchvision's weights enum member `name` (e.g. IMAGENET1K_V1, DEFAULT) of `arch`."""
+    import torchvision.models
+
+    if arch == "small_cnn":
+        raise ConfigError("model.pretrained: small_cnn has no torchvision weights; set model.pretrained to null")
+    check_arch("model.arch", arch)
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError as error:
+        raise ConfigError(f"model.pretrained: torchvision has no weights for {arch} ({error})") from None
+    names = list(enum.__members__)
+    if name not in names:
+        raise ConfigError(f"model.pretrained = {name!r}: {arch} has the weights {', '.join(names)}")
+    return enum[name]
+
+
+def hub_weights_file(arch: str, name: str) -> Path:
+    """Where torch hub keeps the file of `arch`'s weights `name`: <torch.hub.get_dir()>/checkpoints/<file>."""
+    weights = torchvision_weights(arch, name)
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def pretrained_weights_file(arch: str, name: str | None) -> Path | None:
+    """The hub cache's file of model.pretrained, which must already be there: nothing is downloaded.
+    None without model.pretrained; a ConfigError (exit 2) naming the path when it is absent."""
+    if name is None:
+        return None
+    path = hub_weights_file(arch, name)
+    if not path.is_file():
+        url = torchvision_weights(arch, name).url
+        raise ConfigError(
+            f"model.pretrained = {name} of {arch}: {path} does not exist and nothing is downloaded here. "
+            f"Put the file there: on a machine with internet, `curl -L -o {path.name} {url}` (or "
+            f"`python -c \"import torchvision; torchvision.models.get_model('{arch}', weights='{name}')\"`, "
+            f"which leaves it in that machine's {Path('~/.cache/torch/hub/checkpoints') / path.name}), then copy "
+            f"it to {path} (TORCH_HOME moves the cache); or set model.pretrained to null"
+        )
+    return path
+
+
 def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
-    """Load a state_dict a user has put on disk (nothing is downloaded); shapes must match."""
+    """Load a state_dict from disk (model.weights_path, or model.pretrained's file in the hub
+    cache; nothing is downloaded), read with weights_only=True. Tensors of another shape are left
+    at their initial values, the classifier head of another class count and the small-image stem's
+    conv, except a 3-channel first conv on 1-channel images: its kernels summed over RGB."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.weights_path {path} does not exist: put the state_dict there or set it to null")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
-    target = model.backbone if not any(k.startswith("backbone.") for k in state) else model
-    missing, unexpected = target.load_state_dict(state, strict=False)
+    whole = any(k.startswith("backbone.") for k in state)
+    target = model if whole else model.backbone
+    state = {k: v for k, v in state.items() if not k.startswith(AUX_KEY_PREFIXES)}
+    own = target.state_dict()
+    prefix = "backbone." if whole else ""
+    state = _fit_vit_positions(model.backbone, state, prefix)
+    unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise ValueError(f"{path}: unexpected keys {unexpected[:5]}; is it a {type(model.backbone).__name__}?")
-    if missing:
+        raise ConfigError(f"{path}: unexpected keys {unexpected[:5]}; is it a {type(model.backbone).__name__}?")
+    fitted, skipped = {}, []
+    for key, tensor in state.items():
+        shape = own[key].shape
+        if tensor.shape == shape:
+            fitted[key] = tensor
+        elif tensor.dim() == 4 and tensor.shape[1] == 3 and shape[1] == 1 and tensor.shape[2:] == shape[2:]:
+            fitted[key] = tensor.sum(dim=1, keepdim=True)  # RGB kernels summed: the same response to gray
+        else:
+            skipped.append(key)
+    if not fitted:
+        raise ConfigError(f"{path}: no tensor fits {type(model.backbone).__name__}; is it the weights of model.arch?")
+    target.load_state_dict(fitted, strict=False)
+    left = [k for k in own if k not in fitted and not k.endswith("num_batches_tracked") and k not in ("mean", "std")]
+    if left:
         # The classifier head and stem are expected to differ (other classes, small-image stem).
-        print(f"weights from {path}: left {len(missing)} tensors at their initial values (e.g. {missing[:3]})")
+        print(f"weights from {path}: left {len(left)} tensors at their initial values (e.g. {left[:3]})")
+
+
+def _fit_vit_positions(backbone: nn.Module, state: dict, prefix: str) -> dict:
+    """A vision transformer's position embeddings, interpolated to this image size (torchvision's own
+    interpolate_embeddings) when the file's were for another."""
+    key = f"{prefix}encoder.pos_embedding"
+    if key not in state or not hasattr(backbone, "patch_size"):
+        return state
+    if state[key].shape == backbone.encoder.pos_embedding.shape:
+        return state
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    inner = interpolate_embeddings(backbone.image_size, backbone.patch_size, inner)
+    return {**{k: v for k, v in state.items() if not k.startswith(prefix)}, **{prefix + k: v for k, v in inner.items()}}
 
 
 def state_dict_of(model: ImageClassifier) -> dict[str, torch.Tensor]:
@@ -159,7 +423,7 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     record = torch.load(Path(path), map_location="cpu", weights_only=True)
-    spec = ModelSpec(**record["spec"])
+    spec = ModelSpec.from_record(record["spec"])
     members = []
     for state in [record["state_dict"], *record.get("more_members", [])]:
         model = build_model(spec)

@@ -239,6 +239,16 @@ def test_a_torchvision_arch_checkpoint_rebuilds_the_same_network(tmp_path):
         assert torch.equal(loaded.model(images), model(images))
 
 
+def test_dropout_on_a_torchvision_arch_is_the_head_mc_dropout_samples():
+    from calibflow.training.ensembles import mc_dropout_logits
+
+    model = build_model(ModelSpec("efficientnet_b0", 1, 3, 16, 16, dropout=0.3))
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    assert mc_dropout_logits(model, images, samples=3, seed=0).shape == (4, 3)
+    with pytest.raises(ConfigError, match="not a Linear"):
+        build_model(ModelSpec("squeezenet1_1", 3, 3, 64, 64, dropout=0.3))
+
+
 MODEL = "tiny-digits"
 CALIBFLOW = str(Path(sys.executable).parent / "calibflow")
 FRESH_PROCESS_PREDICT = """

@@ -217,8 +217,12 @@ def torchvision_backbone(spec: ModelSpec) -> nn.Module:
             first_conv(net)[1].stride = (1, 1)
     if spec.dropout > 0:
         name, head = head_of(net, spec.num_classes)
-        if isinstance(head, nn.Linear):
-            head = nn.Linear(head.in_features, spec.num_classes)
+        if not isinstance(head, nn.Linear):  # squeezenet's 1x1 conv: MC dropout samples a Linear's inputs
+            raise ConfigError(
+                f"model.dropout = {spec.dropout}: {spec.arch}'s head is a {type(head).__name__}, not a Linear; "
+                f"set model.dropout to 0 (it has its own dropout)"
+            )
+        head = nn.Linear(head.in_features, spec.num_classes)
         _set_module(net, name, DropoutHead(nn.Dropout(spec.dropout), head))
     return net
 

@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from calibflow import names
@@ -98,8 +99,13 @@ def test_a_threshold_only_change_gates_the_champion_again_without_retraining(tin
     ece, accuracy, temperature = (row.split()[header.split().index(c)] for c in ("ece", "accuracy", "temperature"))
     assert all(re.fullmatch(r"\d\.\d{4}", number) for number in (ece, accuracy, temperature)), row
 
-    # Looser: the champion passes the new gates; nothing trained, nothing registered.
-    assert calibflow([*repo, "--set", "gates.max_ece=0.5"]) == 0
+    # Looser, committed to params.yaml as a team would: a new commit, but the same code (the params
+    # hash covers what shapes a model), so the champion is gated again; nothing trained or registered.
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["gates"]["max_ece"] = 0.5
+    (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run("git", "commit", "-qam", "looser max_ece", cwd=tiny_repo)
+    assert calibflow(repo) == 0
     out = capsys.readouterr().out
     assert "only its gates changed (gates.max_ece 0.3 -> 0.5)" in out
     assert "@champion version 1 passes every new gate" in out

@@ -296,3 +296,13 @@ def test_a_torchvision_arch_trains_registers_and_a_fresh_process_serves_it(tiny_
     probabilities = torch.tensor(json.loads(served.stdout.strip().splitlines()[-1]))
     assert probabilities.shape == (3, 5)
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3, dtype=probabilities.dtype))
+
+
+def test_an_absent_hub_file_is_refused_before_training_by_the_run_s_settings_check(hub):
+    from calibflow.pipeline.data_steps import check_run_settings
+
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "params.yaml", ["model.arch=resnet50", "model.pretrained=IMAGENET1K_V2"]
+    )
+    with pytest.raises(ConfigError, match="resnet50-11ad3fa6.pth"):
+        check_run_settings(config, tuple("0123456789"), {"train": 500, "val": 100, "calibration": 200, "test": 720})

@@ -90,8 +90,9 @@ AUTO_CALIBRATION_FOLDS = 5
 def check_run_settings(config: Config, classes: tuple[str, ...], split_sizes: dict[str, int]) -> None:
     """Before training: what the params and the manifest already say cannot work, as a ConfigError
     (exit 2) instead of a failure after the whole training: a two-class calibrator on more classes,
-    splits too small to train or fit on, and gates that no model can pass on the test split (not
-    even a perfect one, always right with confidence 1)."""
+    splits too small to train or fit on, pretrained weights missing from torch hub's cache, and
+    gates that no model can pass on the test split (not even a perfect one, always right with
+    confidence 1)."""
     from calibflow.calibrators import binary_only, default_methods
     from calibflow.gates.plan import smallest_passable
     from calibflow.errors import GateInputError
@@ -99,6 +100,10 @@ def check_run_settings(config: Config, classes: tuple[str, ...], split_sizes: di
     method, n_classes = config.calibration.method, len(classes)
     if config.train.distributed == "ddp":
         resolve_nproc(config.train)  # more processes than this node's cores or GPUs
+    if config.model.pretrained:
+        from calibflow.training.models import pretrained_weights_file
+
+        pretrained_weights_file(config.model.arch, config.model.pretrained)  # absent from the hub cache: a ConfigError
     if binary_only(method) and n_classes != 2:
         raise ConfigError(
             f"calibration.method = {method} calibrates two-class models and the data has {n_classes} "

@@ -166,6 +166,16 @@ def test_pretrained_by_name_loads_the_hub_file_and_replaces_the_head(hub):
     assert not torch.equal(loaded["classifier.3.weight"][:5], state["classifier.3.weight"][:5])
 
 
+def test_weights_of_another_width_are_refused_naming_the_mismatch_not_half_loaded(tmp_path):
+    narrow = ModelSpec("small_cnn", 1, 3, 8, 8, width=4)
+    path = tmp_path / "narrow.pt"
+    torch.save(build_model(narrow).state_dict(), path)
+    with pytest.raises(ConfigError, match=r"size mismatch for \d+ tensors outside the classifier head and the stem"):
+        load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=8)), path)
+    # another class count differs in the head alone: loaded, the head left at its initial values
+    load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 5, 8, 8, width=4)), path)
+
+
 def test_pretrained_rgb_kernels_are_summed_for_one_channel_images(hub):
     state = fake_hub_file("resnet50", "IMAGENET1K_V2")
     model = build_model(ModelSpec("resnet50", 1, 3, 64, 64))

@@ -349,15 +349,24 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
     unexpected = [k for k in state if k not in own]
     if unexpected:
         raise ConfigError(f"{path}: unexpected keys {unexpected[:5]}; is it a {type(model.backbone).__name__}?")
-    fitted, skipped = {}, []
+    may_differ = _head_and_stem_keys(model.backbone, prefix)
+    fitted, mismatched = {}, []
     for key, tensor in state.items():
         shape = own[key].shape
         if tensor.shape == shape:
             fitted[key] = tensor
         elif tensor.dim() == 4 and tensor.shape[1] == 3 and shape[1] == 1 and tensor.shape[2:] == shape[2:]:
             fitted[key] = tensor.sum(dim=1, keepdim=True)  # RGB kernels summed: the same response to gray
-        else:
-            skipped.append(key)
+        elif key not in may_differ:
+            mismatched.append(f"{key} {tuple(tensor.shape)} in the file, {tuple(shape)} in the model")
+    if mismatched:
+        # Only the head (another class count) and the stem (the small-image one) may differ: any
+        # other shape means weights of another architecture or width, which would train from a mix.
+        raise ConfigError(
+            f"{path}: size mismatch for {len(mismatched)} tensors outside the classifier head and the stem "
+            f"(e.g. {'; '.join(mismatched[:3])}): are these weights of model.arch {type(model.backbone).__name__} "
+            f"at this model.width?"
+        )
     if not fitted:
         raise ConfigError(f"{path}: no tensor fits {type(model.backbone).__name__}; is it the weights of model.arch?")
     target.load_state_dict(fitted, strict=False)
@@ -365,6 +374,23 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
     if left:
         # The classifier head and stem are expected to differ (other classes, small-image stem).
         print(f"weights from {path}: left {len(left)} tensors at their initial values (e.g. {left[:3]})")
+
+
+def _head_and_stem_keys(backbone: nn.Module, prefix: str) -> set[str]:
+    """The state-dict keys (with `prefix`) of the classifier head and the stem's conv: the tensors
+    pretrained weights may hold in another shape (another class count; the small-image stem)."""
+    finals = [m for m in backbone.modules() if isinstance(m, nn.Linear)] or [
+        m for m in backbone.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+    ]
+    keys: set[str] = set()
+    if finals:
+        last = finals[-1]
+        classes = last.out_features if isinstance(last, nn.Linear) else last.out_channels
+        head_name, head = head_of(backbone, classes)
+        keys |= {f"{prefix}{head_name}.{k}" for k in head.state_dict()}
+    stem_name, stem = first_conv(backbone)
+    keys |= {f"{prefix}{stem_name}.{k}" for k in stem.state_dict()}
+    return keys
 
 
 def _fit_vit_positions(backbone: nn.Module, state: dict, prefix: str) -> dict:

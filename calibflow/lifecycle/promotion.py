@@ -647,11 +647,7 @@ def rollback(model_name: str) -> Promotion:
         previous,
         f"Rolled back at {at} by {actor['user']}: version {previous} is `@champion` again.",
     )
-    restored = resolve_ref(model_name, previous).tags
-    registration.describe_verdict(
-        model_name,
-        previous,
-        f"PROMOTED · {names.verdict_text(restored) or names.PROMOTED}",
-        [f"`@champion` again at {at}: {actor['user']} rolled back version {current.version}."],
+    registration.describe_champion_again(
+        model_name, previous, f"{actor['user']} rolled back version {current.version}."
     )
     return Promotion(model_name, previous, current.version, forced=False)

@@ -334,19 +334,29 @@ def describe_verdict(model_name: str, version: str, line: str, record: list[str]
     store.set_version_description(model_name, version, run_summary.with_new_verdict(old, line, record, title=title))
 
 
-def _reinstated(model_name: str, version: str, undone: str) -> None:
-    """@champion is back on `version` because `undone`, which had replaced it, was taken back: its
-    verdict/promoted tag and description say it is the champion again, not "replaced"."""
+def describe_champion_again(model_name: str, version: str, why: str) -> None:
+    """A version that is @champion again (a rollback, an undone promotion): a PROMOTED verdict line
+    first in its description, with when and `why`."""
     from calibflow import names
 
-    set_version_tags(model_name, version, {names.VERDICT_PROMOTED: names.PROMOTED})
     tags = resolve_model_uri(f"models:/{model_name}/{version}").tags
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     describe_verdict(
         model_name,
         version,
         f"PROMOTED · {names.verdict_text(tags) or names.PROMOTED}",
-        [f"`@champion` again at {at}: version {undone}, which had replaced it, was taken back when its run failed."],
+        [f"`@champion` again at {at}: {why}"],
+    )
+
+
+def _reinstated(model_name: str, version: str, undone: str) -> None:
+    """@champion is back on `version` because `undone`, which had replaced it, was taken back: its
+    verdict/promoted tag and description say it is the champion again, not "replaced"."""
+    from calibflow import names
+
+    set_version_tags(model_name, version, {names.VERDICT_PROMOTED: names.PROMOTED})
+    describe_champion_again(
+        model_name, version, f"version {undone}, which had replaced it, was taken back when its run failed."
     )
 
 

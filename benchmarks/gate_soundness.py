@@ -16,8 +16,14 @@ under-confident), 100 classes, a champion that is well calibrated or over-confid
 accuracy with one-way and two-way disagreements, and a staircase reliability curve whose binned
 ECE hides its continuous error.
 
-    python benchmarks/gate_soundness.py [--json PATH] [--workers 2]   # docs/results/gate_soundness.md
-    python benchmarks/gate_soundness.py --smoke                        # n = 200, a few trials: seconds
+    python benchmarks/gate_soundness.py --json docs/results/gate_soundness.json   # docs/results/gate_soundness.md
+    python benchmarks/gate_soundness.py --smoke                                    # n = 200, a few trials: seconds
+
+A full run takes about 80 minutes on two cores. After a change to one gate, `--reuse
+docs/results/gate_soundness.json --rerun GATE [targets]` runs that gate's cells (and the CD-loop
+targets) again and takes every other cell from the last run: each cell's seed is fixed by its
+place in the suite, so a cell whose gate did not change measures the same again. Each cell
+records the commit that measured it, and the results file names the commits it quotes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from calibflow.gates.checks import Predictions, evaluate_gates  # noqa: E402
 
 SIZES = (200, 1000, 10000)
 BOUNDARY_TRIALS, POWER_TRIALS = 850, 200  # 850: Wilson half-width <= 1.5 points at a rate <= 6%
+TARGET_TRIALS = 600  # a target is a claim met or not: Wilson half-width <= 4 points near 80%
 MAX_HALF_WIDTH, MAX_BOUNDARY_TRIALS = 0.015, 5000  # a boundary cell above 6% gets more trials
 ECE_LIMIT, INCREASE_LIMIT, DROP_LIMIT, BRIER_LIMIT = 0.03, 0.01, 0.01, 0.01  # the issues' thresholds
 OFF = dict(
@@ -425,20 +432,57 @@ def _own_sizes(row: dict) -> bool:
     return row["scenario"].startswith("nll heavy tail")
 
 
+def cell_key(row: dict) -> tuple:
+    return (row["gate"], row["metric"], row["scenario"], row["true_value"], row["limit"], row["kind"], row["n"])
+
+
+def job_key(job: tuple) -> tuple:
+    s, n = job[0], job[1]
+    return (s.gate, s.metric if s.gate in ("max_ece", "max_ece_increase") else "", s.name, s.truth, s.limit, s.kind, n)
+
+
+def selected(job: tuple, rerun: list[str]) -> bool:
+    """Whether --rerun names this job's cell: its gate, or `targets` for the CD-loop targets."""
+    s = job[0]
+    return s.gate in rerun or ("targets" in rerun and s.target is not None)
+
+
+def measured_at() -> str:
+    commit = _common._git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if _common._git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_arguments(parser)
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="test sizes (default 200 1000 10000)")
     parser.add_argument("--boundary-trials", type=int, default=None, help=f"default {BOUNDARY_TRIALS}")
     parser.add_argument("--power-trials", type=int, default=None, help=f"default {POWER_TRIALS}")
+    parser.add_argument("--target-trials", type=int, default=None, help=f"default {TARGET_TRIALS}")
     parser.add_argument("--workers", type=int, default=None, help="processes, one cell each at a time (default 2)")
     parser.add_argument("--json", dest="json_path", default=None, help="write one record per cell here")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a --json file of an earlier run: cells not named by --rerun come from it",
+    )
+    parser.add_argument(
+        "--rerun",
+        nargs="+",
+        default=[],
+        metavar="SELECTOR",
+        help="with --reuse: the cells to measure again, by gate (max_ece_increase, ...) or `targets`",
+    )
     args = parser.parse_args(argv)
+    if bool(args.reuse) != bool(args.rerun):
+        parser.error("--reuse and --rerun go together: which earlier cells to keep, and which to measure again")
     out = _common.results_dir(args, parser)
     # --smoke: every cell at n = 200 with a handful of trials, in this process
     sizes = args.sizes or ([200] if args.smoke else list(SIZES))
     boundary_trials = args.boundary_trials or (6 if args.smoke else BOUNDARY_TRIALS)
     power_trials = args.power_trials or (2 if args.smoke else POWER_TRIALS)
+    target_trials = args.target_trials or (2 if args.smoke else TARGET_TRIALS)
     workers = args.workers or (1 if args.smoke else 2)
     max_trials = boundary_trials if args.smoke else MAX_BOUNDARY_TRIALS
     jobs = []
@@ -446,26 +490,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def sizes_of(s: Scenario) -> list[int]:
         return [200] if args.smoke else list(s.sizes or sizes)
 
+    # a cell's seed is its place in this list: append new cells at the end, so --reuse stays valid
     for b in boundary_scenarios():
         for s, trials in [(b, boundary_trials)] + [(p, power_trials) for p in power_scenarios(b)]:
             jobs += [(s, n, trials, 7919 * len(jobs) + n, max_trials) for n in sizes_of(s)]
     for s in information_scenarios():
         jobs += [(s, n, power_trials, 7919 * len(jobs) + n, max_trials) for n in sizes_of(s)]
     for s in target_scenarios():
-        jobs += [(s, n, power_trials, 7919 * len(jobs) + n, max_trials) for n in sizes_of(s)]
+        jobs += [(s, n, target_trials, 7919 * len(jobs) + n, max_trials) for n in sizes_of(s)]
+
+    reused: dict[tuple, dict] = {}
+    if args.reuse:
+        earlier = {cell_key(r): r for r in json.loads(args.reuse.read_text())}
+        reused = {
+            job_key(j): earlier[job_key(j)] for j in jobs if not selected(j, args.rerun) and job_key(j) in earlier
+        }
+    to_run = [j for j in jobs if job_key(j) not in reused]
     started = time.perf_counter()
-    rows = []
+    commit = measured_at()
+    measured: dict[tuple, dict] = {}
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    for done, row in enumerate((pool.map if pool else map)(run_cell, jobs), 1):
-        rows.append(row)
+    for done, row in enumerate((pool.map if pool else map)(run_cell, to_run), 1):
+        row["measured_at"] = commit
+        measured[cell_key(row)] = row
         print(
-            f"[{done}/{len(jobs)}] {row['gate']} {row['metric']} {row['scenario']} n={row['n']}: "
+            f"[{done}/{len(to_run)}] {row['gate']} {row['metric']} {row['scenario']} n={row['n']}: "
             f"{row['kind']} {row['rate']:.1%} ({row['seconds']:.0f} s)",
             file=sys.stderr,
             flush=True,
         )
     if pool:
         pool.shutdown()
+    rows = [reused.get(job_key(j)) or measured[job_key(j)] for j in jobs]
+    text = render(rows, sizes, time.perf_counter() - started, reused=len(reused))
+    print(text)
+    _common.publish("gate_soundness", "Gate soundness", text, args, out, argv, rows)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def render(rows: list[dict], sizes: list[int], seconds: float, *, reused: int = 0) -> str:
     lines = [
         f"gates at one-sided 95%; limits: max_ece {ECE_LIMIT}, max_ece_increase {INCREASE_LIMIT}, "
         f"max_accuracy_drop {DROP_LIMIT}; rates with 95% Wilson intervals",
@@ -515,14 +580,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "",
         f"boundary cells: {len(boundary)}; highest false-promotion rate {max(r['rate'] for r in boundary):.1%}; "
         f"highest Wilson lower end {worst['wilson_low']:.1%} ({worst['gate']}, {worst['scenario']}, n={worst['n']}); "
-        f"widest interval {widest:.1%}; {time.perf_counter() - started:.0f} s",
+        f"widest interval {widest:.1%}; this run {seconds:.0f} s",
     ]
-    text = "\n".join(lines)
-    print(text)
-    _common.publish("gate_soundness", "Gate soundness", text, args, out, argv, rows)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(rows, indent=1))
-    return rows
+    commits = sorted({r.get("measured_at", "unrecorded") for r in rows})
+    if reused:
+        lines.append(
+            f"{reused} of {len(rows)} cells quoted from the earlier run (--reuse); cells measured at "
+            f"{', '.join(commits)} (the `measured_at` of each cell in the --json file)"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

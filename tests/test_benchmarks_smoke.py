@@ -366,3 +366,30 @@ def test_the_header_names_the_command_date_and_commit(tmp_path: Path) -> None:
     ), lines[2]
     assert lines[4:] == ["| a |", "| --- |", "| 1 |"]
     assert not (tmp_path / "example.json").exists()  # a full run's figures live in its table
+
+
+def test_gate_soundness_reruns_only_the_cells_named_and_quotes_the_rest(tmp_path: Path) -> None:
+    """--reuse/--rerun: the named gate's cells and the targets are measured again (here with more
+    trials, so a rerun cell is told apart from a quoted one); every other cell is the earlier
+    run's record, byte for byte, and the results file says how many cells it quotes."""
+    gate_soundness = importlib.import_module("gate_soundness")
+    first = gate_soundness.main(["--smoke", "--out", str(tmp_path / "first"), "--json", str(tmp_path / "first.json")])
+    again = gate_soundness.main(
+        ["--smoke", "--out", str(tmp_path / "again"), "--power-trials", "3", "--target-trials", "3"]
+        + ["--reuse", str(tmp_path / "first.json"), "--rerun", "max_ece_increase", "targets"]
+    )
+    assert [gate_soundness.cell_key(r) for r in again] == [gate_soundness.cell_key(r) for r in first]
+    rerun = [(a, b) for a, b in zip(first, again) if b["gate"] == "max_ece_increase" or b["target"] is not None]
+    quoted = [(a, b) for a, b in zip(first, again) if (a, b) not in rerun]
+    assert rerun and quoted
+    assert all(a == b for a, b in quoted)
+    assert all(b["trials"] == 3 for a, b in rerun if b["kind"] != "false promotion")
+    assert all(a["trials"] == 2 for a, b in quoted if a["kind"] == "false rejection")
+    markdown = (tmp_path / "again" / "gate_soundness.md").read_text()
+    assert f"{len(quoted)} of {len(again)} cells quoted from the earlier run" in markdown
+
+
+def test_gate_soundness_refuses_reuse_without_rerun(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module("gate_soundness").main(["--smoke", "--reuse", str(tmp_path / "x.json")])
+    assert refused.value.code == 2 and "--reuse and --rerun go together" in capsys.readouterr().err

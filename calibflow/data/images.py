@@ -12,7 +12,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,11 +46,64 @@ def _no_bomb_warning() -> Iterator[None]:
         yield
 
 
+# What a model reads: 8-bit gray ("L") or 8-bit colour ("RGB"). A file in another mode is
+# converted where the conversion is defined by the format itself, and refused where it is not.
+MODEL_MODES = ("L", "RGB")
+SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # 16-bit gray PNG and TIFF
+WITH_ALPHA = frozenset({"LA", "RGBA", "PA"})
+GRAY_MODES = frozenset({"1", "L", "LA"}) | SIXTEEN_BIT
+COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA"})
+
+
+def model_mode(file_modes: Iterable[str]) -> str:
+    """The mode a model of these files reads: "RGB" when any of them is colour (a palette may
+    be), else "L". ValueError naming a mode no defined conversion reads (32-bit integer "I" and
+    float "F": their range is the writer's choice)."""
+    modes = set(file_modes)
+    unknown = sorted(modes - GRAY_MODES - COLOUR_MODES)
+    if unknown:
+        raise ValueError(
+            f"image mode(s) {', '.join(unknown)}: calibflow reads 8-bit gray or colour, and converts 1-bit, "
+            f"16-bit gray, palette, CMYK, YCbCr and opaque alpha images; {', '.join(unknown)} pixels have no "
+            f"defined 8-bit range (32-bit integer or float): export them as 8- or 16-bit PNG or as JPEG"
+        )
+    return "RGB" if modes & COLOUR_MODES else "L"
+
+
+def to_model_mode(image: Image.Image, mode: str, path: str | Path) -> Image.Image:
+    """`image` as `mode` ("L" or "RGB"), the same way wherever a file is read (training, the
+    test split, `calibflow predict`, monitor): 16-bit gray is scaled to 8 bits (x / 257, rounded;
+    Pillow's own convert clips it, so every value above 255 would read white); an alpha channel
+    is dropped when every pixel is opaque and refused otherwise (what lies under a transparent
+    pixel is not in the file); CMYK becomes RGB by Pillow's formula, without any ICC profile;
+    palette and 1-bit images are looked up and expanded. ManifestError naming the file for a
+    mode with no defined conversion."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # a palette entry marked transparent: check it as alpha
+    try:
+        model_mode([image.mode])
+    except ValueError as error:
+        raise ManifestError(f"{path}: {error}") from error
+    if image.mode in WITH_ALPHA:
+        low, _ = image.getchannel("A").getextrema()
+        if low < 255:
+            raise ManifestError(
+                f"{path}: has transparent pixels ({image.mode}), and what lies under them is not in the file: "
+                f"flatten it onto the background you want (for example white) and save it without alpha, "
+                f"or remove it from the folder"
+            )
+        image = image.convert("RGB" if image.mode != "LA" else "L")
+    if image.mode in SIXTEEN_BIT:
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: "L"
+    return image if image.mode == mode else image.convert(mode)
+
+
 def _decode(path: str | Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with Image.open(path) as image:
             _refuse_bomb(path, image)  # before decoding: the header alone says how big it is
-            image = image.convert(mode)
+            image = to_model_mode(image, mode, path)
             if size is not None and image.size != tuple(size):
                 image = image.resize(tuple(size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)

@@ -18,7 +18,7 @@ import torch
 
 from calibflow.config import Config, DataConfig, SplitConfig
 from calibflow.errors import ConfigError, ManifestError
-from calibflow.data.images import load_images
+from calibflow.data.images import COLOUR_MODES, GRAY_MODES, load_images, model_mode
 from calibflow.data.manifest import (
     build_manifest,
     class_counts,
@@ -213,15 +213,23 @@ class ImageFormat:
 
     @property
     def channels(self) -> int:
-        return len(self.mode)  # "L" -> 1, "RGB" -> 3 (the modes validation lets through)
+        return len(self.mode)  # "L" -> 1, "RGB" -> 3: images.MODEL_MODES
 
 
 def image_format(manifest_path: str, data: DataConfig) -> ImageFormat:
-    """The mode and size the model is built for: the first allowed one, else the most common
-    (validation has already rejected any other)."""
+    """The mode and size the model is built for. The mode: what a model of the allowed file modes
+    (else of those the files have; validation has rejected any other) reads, "L" or "RGB"
+    (images.model_mode; every file is converted to it as it is read). The size: the first
+    allowed one, else the most common."""
     manifest = load_manifest(manifest_path)
     decodable = manifest[manifest["decodable"]]
-    mode = data.allowed_modes[0] if data.allowed_modes else Counter(decodable["mode"]).most_common(1)[0][0]
+    file_modes = data.allowed_modes or tuple(decodable["mode"].unique())
+    try:
+        mode = model_mode(file_modes)
+    except ValueError as error:
+        unread = decodable.loc[~decodable["mode"].isin(GRAY_MODES | COLOUR_MODES), "path"]
+        shown = f" ({len(unread)} images, for example {', '.join(unread.head(3))})" if len(unread) else ""
+        raise ManifestError(f"{data.path}: {error}{shown}") from error
     size = data.allowed_sizes[0] if data.allowed_sizes else Counter(decodable["size"]).most_common(1)[0][0]
     width, height = (int(v) for v in size.split("x"))
     return ImageFormat(mode=mode, width=width, height=height)

@@ -166,9 +166,30 @@ def load_images(
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
+CHANNEL_STATS_CHUNK = 1 << 24  # pixel values widened at a time: 128 MB of int64, whatever the dataset's size
+
+
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of uint8 images on the [0, 1] scale (accumulated in float64)."""
-    x = images.to(torch.float64) / 255.0
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return mean.float(), std.float()
+    """Per-channel mean and (unbiased) std of uint8 images on the [0, 1] scale.
+
+    Sums of the values and of their squares are accumulated exactly, as integers, a chunk of
+    images at a time: a float64 copy of the whole set (8 times its size; 1.2 GB for 1,000 RGB
+    images at 224 px, twice that with the temporaries of std) is never made."""
+    n_images, channels = images.shape[:2]
+    per_image = max(1, images[0].numel())
+    step = max(1, CHANNEL_STATS_CHUNK // per_image)
+    total = torch.zeros(channels, dtype=torch.int64)
+    squares = torch.zeros(channels, dtype=torch.int64)
+    for start in range(0, n_images, step):
+        chunk = images[start : start + step].to(torch.int64)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += (chunk * chunk).sum(dim=(0, 2, 3))
+    count = n_images * per_image // channels
+    mean = [t / (255.0 * count) for t in total.tolist()]
+    # count * sum(x^2) - sum(x)^2 is exact in Python's integers: no cancellation
+    variance = [
+        (count * q - t * t) / (count * (count - 1) * 255.0**2) if count > 1 else 0.0
+        for t, q in zip(total.tolist(), squares.tolist())
+    ]
+    std = torch.tensor(variance, dtype=torch.float64).sqrt().clamp_min(1e-3)
+    return torch.tensor(mean, dtype=torch.float32), std.float()

@@ -403,6 +403,10 @@ def _blocks(n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def _penalised_mean(values: np.ndarray) -> float:
+    return float(values.mean() + values.std() / math.sqrt(values.size))
+
+
 def calibration_error_increase_upper_bound(
     candidate_conf: np.ndarray,
     candidate_correct: np.ndarray,
@@ -424,9 +428,7 @@ def calibration_error_increase_upper_bound(
        so B's mean bounds the difference; it is tight when the candidate is far better calibrated
        than the champion (a recalibrated champion), where A is as large as the change.
     The images are taken in a seeded random order, and each block (32, 64, 128, ... images) uses
-    whichever of A and B had the smaller mean on the images before it (not mean plus standard
-    error: B's spread is larger, and that penalty kept A, as large as the change itself, in blocks
-    where B was already far lower, for a candidate that fixes an over-confident champion). Both
+    whichever of A and B had the smaller mean plus standard error on the images before it. Both
     choices are made from earlier images only, so under "difference >= m" every value's
     conditional mean is >= m, and one betting bound (betting_upper_bound) at the full level holds:
     no level is split between A and B. As for max_ece, the candidate's sign patterns are the
@@ -456,7 +458,7 @@ def calibration_error_increase_upper_bound(
             choice[now] = True  # models that have agreed on every image so far: A is 0, B cannot beat it
         else:
             crossfit_seen = candidate_weights[seen] * a_res[seen] - champion_term[seen]
-            choice[now] = paired[seen].mean() <= crossfit_seen.mean()
+            choice[now] = _penalised_mean(paired[seen]) <= _penalised_mean(crossfit_seen)
     crossfit = candidate_weights * a_res - champion_term
     # the champion's weights are largest for one sign everywhere (|sum_g s_g K_g| <= sum_g K_g)
     champion_largest = float(np.max(np.abs(profile.weights(b_conf, np.ones_like(a_profile)))))

@@ -37,6 +37,7 @@ from calibflow.metrics.reliability import DEFAULT_N_BINS
 
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
 OPERATIONAL_SECTIONS = ("gates", "promotion", "monitor", "registry", "schedule")
+HOW_DATA_IS_READ = ("in_memory_max_mb", "workers")  # data keys that change how a split is read, not what
 NOT_HYPERPARAMETERS = ("registry", "schedule")  # not MLflow params: where a model goes and when, not what it is
 # torchrun's own default port for node 0's rendezvous (train.rendezvous without one).
 DEFAULT_RENDEZVOUS_PORT = 29500
@@ -162,6 +163,17 @@ class DataConfig:
     )
     # PIL modes ("L", "RGB"); empty means "every image has the most common mode".
     allowed_modes: tuple[str, ...] = ()
+    # How a split is read, which changes memory and speed, never a pixel: decoded into memory when
+    # its uint8 pixels (images x channels x height x width) take at most this many MB, else from
+    # its files a batch at a time (0: always from the files). 1,024 MB holds about 6,800 RGB
+    # images at 224 px, or all of CIFAR-10 at 32 px.
+    in_memory_max_mb: int = bounded(1024, NOT_NEGATIVE)
+    # DataLoader worker processes that decode a split read from its files; auto: one per core
+    # beyond the first, at most 8 (calibflow.data.image_files.auto_workers); 0 decodes in the
+    # run's own process, with a thread pool.
+    workers: int | Literal["auto"] = bounded(
+        "auto", Range(0, 64, message="{key} = {value}: use a number of processes in [{low}, {high}] or auto")
+    )
 
 
 SPLIT_FRACTION = Range(0, 1, low_open=True, high_open=True, message="{key} = {value}: each split fraction {allowed}")
@@ -654,6 +666,8 @@ class Config:
         evaluation): two runs with the same hash, data and code build the same model, whatever
         their gates, promotion policy, registry names or schedule."""
         shaping = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
+        for key in HOW_DATA_IS_READ:  # memory and speed, not one pixel: no new build
+            shaping["data"].pop(key, None)
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -184,6 +184,7 @@ def collect_logits(
         batch_size=config.evaluation.batch_size,
         device=config.train.device,
         threads=config.train.threads,
+        loading=data_steps.image_loading(config.data),
     )
 
 

@@ -435,3 +435,34 @@ def test_a_result_without_the_weights_is_an_error_naming_it(tmp_path):
     with pytest.raises(DistributedTrainingError, match="'model'") as error:
         distributed._read_result(tmp_path, SPEC)
     assert str(tmp_path / distributed.RESULT) in str(error.value)
+
+
+@pytest.mark.slow
+def test_two_processes_reading_from_files_train_the_weights_of_two_reading_memory(two_process_run, tmp_path):
+    """A split read from its files travels to the torchrun workers as its file list (plain values
+    in the bundle), and each process decodes its own shares: the same weights as the in-memory
+    run, bit for bit."""
+    from PIL import Image
+
+    from calibflow.data.image_files import ImageFiles
+
+    (train, val, _) = digits()
+
+    def as_files(images, name):
+        folder = tmp_path / name
+        folder.mkdir()
+        paths = []
+        for i, image in enumerate(images):
+            Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+            paths.append(f"{i}.png")
+        return ImageFiles(folder, paths, "L", (8, 8))
+
+    inputs = TrainingInputs(
+        SPEC, as_files(train[0], "train"), train[1], as_files(val[0], "val"), val[1], DDP, seed=0, workers=1
+    )
+    bundle = distributed._bundle(inputs, 2, None)
+    assert isinstance(bundle["train"][0], dict) and bundle["workers"] == 1
+    (tmp_path / "ddp").mkdir()
+    model, history = train_distributed(inputs, work_dir=tmp_path / "ddp")
+    assert same_weights(model, two_process_run[0])
+    assert [h.train_loss for h in history] == [h.train_loss for h in two_process_run[1]]

@@ -128,3 +128,22 @@ def test_a_threshold_only_change_gates_the_champion_again_without_retraining(tin
     assert failed.data.tags[names.VERDICT_ABSOLUTE] == names.FAILED
     assert "min_accuracy" in failed.data.tags[names.VERDICT_FAILED]
     assert "FAILS the new gates" in failed.data.tags["mlflow.note.content"].splitlines()[0]
+
+
+def test_a_run_that_reads_its_splits_from_the_files_is_the_in_memory_build(tiny_repo, capsys, tmp_path):
+    """data.in_memory_max_mb = 0: every split is read from its files by a DataLoader worker. The
+    version it registers reproduces in `calibflow evaluate` (which decodes into memory) to the
+    logged numbers, and an in-memory run of the same inputs is the same build: skipped."""
+    repo = ["run", "--repo", str(tiny_repo)]
+    assert calibflow([*repo, "--set", "data.in_memory_max_mb=0", "--set", "data.workers=1"]) == 0
+    client = client_of(tiny_repo)
+    tags = client.get_model_version(MODEL, "1").tags
+    out = tmp_path / "evaluate.json"
+    assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(tiny_repo), "--json", str(out)]) == 0
+    recomputed = json.loads(out.read_text())["recomputed"]
+    assert recomputed["accuracy"] == float(tags["test/calibrated/accuracy"])
+    assert abs(recomputed["ece"] - float(tags["test/calibrated/ece"])) <= 1e-6
+    capsys.readouterr()
+
+    assert calibflow(repo) == 0
+    assert "calibflow run: skipped" in capsys.readouterr().out and versions(client) == ["1"]

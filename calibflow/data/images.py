@@ -169,22 +169,24 @@ def load_images(
 CHANNEL_STATS_CHUNK = 1 << 24  # pixel values widened at a time: 128 MB of int64, whatever the dataset's size
 
 
-def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (unbiased) std of uint8 images on the [0, 1] scale.
+def channel_stats(images: torch.Tensor | Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std of uint8 images on the [0, 1] scale: of a tensor
+    (N, C, H, W), or of the batches an iterable yields (a split read from its files).
 
     Sums of the values and of their squares are accumulated exactly, as integers, a chunk of
     images at a time: a float64 copy of the whole set (8 times its size; 1.2 GB for 1,000 RGB
     images at 224 px, twice that with the temporaries of std) is never made."""
-    n_images, channels = images.shape[:2]
-    per_image = max(1, images[0].numel())
-    step = max(1, CHANNEL_STATS_CHUNK // per_image)
-    total = torch.zeros(channels, dtype=torch.int64)
-    squares = torch.zeros(channels, dtype=torch.int64)
-    for start in range(0, n_images, step):
-        chunk = images[start : start + step].to(torch.int64)
-        total += chunk.sum(dim=(0, 2, 3))
-        squares += (chunk * chunk).sum(dim=(0, 2, 3))
-    count = n_images * per_image // channels
+    chunks = _chunks(images) if isinstance(images, torch.Tensor) else images
+    total = squares = None
+    count = 0
+    for chunk in chunks:
+        wide = chunk.to(torch.int64)
+        sums, sums_of_squares = wide.sum(dim=(0, 2, 3)), (wide * wide).sum(dim=(0, 2, 3))
+        total = sums if total is None else total + sums
+        squares = sums_of_squares if squares is None else squares + sums_of_squares
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    if total is None:
+        raise ValueError("no images to compute channel statistics of")
     mean = [t / (255.0 * count) for t in total.tolist()]
     # count * sum(x^2) - sum(x)^2 is exact in Python's integers: no cancellation
     variance = [
@@ -193,3 +195,9 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ]
     std = torch.tensor(variance, dtype=torch.float64).sqrt().clamp_min(1e-3)
     return torch.tensor(mean, dtype=torch.float32), std.float()
+
+
+def _chunks(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    step = max(1, CHANNEL_STATS_CHUNK // max(1, images[0].numel())) if len(images) else 1
+    for start in range(0, len(images), step):
+        yield images[start : start + step]

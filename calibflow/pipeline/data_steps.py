@@ -18,6 +18,7 @@ import torch
 
 from calibflow.config import Config, DataConfig, SplitConfig
 from calibflow.errors import ConfigError, ManifestError
+from calibflow.data.image_files import ImageFiles, ImageLoading, ImageSource, auto_workers
 from calibflow.data.images import COLOUR_MODES, GRAY_MODES, load_images, model_mode
 from calibflow.data.manifest import (
     build_manifest,
@@ -235,13 +236,32 @@ def image_format(manifest_path: str, data: DataConfig) -> ImageFormat:
     return ImageFormat(mode=mode, width=width, height=height)
 
 
+def image_loading(data: DataConfig) -> ImageLoading:
+    """data.in_memory_max_mb and data.workers as the loaders take them."""
+    workers = auto_workers() if data.workers == "auto" else int(data.workers)
+    return ImageLoading(in_memory_max_bytes=data.in_memory_max_mb * 2**20, workers=workers)
+
+
 def load_split_images(
-    data_dir: str, manifest_path: str, split_path: str, split_name: str, fmt: ImageFormat, limit: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """uint8 images (N, C, H, W), labels and manifest row indices of one split (its first `limit`)."""
+    data_dir: str,
+    manifest_path: str,
+    split_path: str,
+    split_name: str,
+    fmt: ImageFormat,
+    limit: int | None = None,
+    *,
+    loading: ImageLoading | None = None,
+) -> tuple[ImageSource, torch.Tensor, np.ndarray]:
+    """Images, labels and manifest row indices of one split (its first `limit`). The images: a
+    uint8 tensor (N, C, H, W) when `loading` keeps them in memory (without `loading`, always),
+    else an ImageFiles that decodes them a batch at a time."""
     manifest = load_manifest(manifest_path)
     indices = Split.load(split_path).indices[split_name][:limit]
     rows = manifest.iloc[indices]
-    images = load_images(data_dir, rows["path"].tolist(), fmt.mode, (fmt.width, fmt.height))
+    paths = rows["path"].tolist()
     labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
+    if loading is None or loading.keeps_in_memory(len(paths), fmt.channels, fmt.width, fmt.height):
+        images = load_images(data_dir, paths, fmt.mode, (fmt.width, fmt.height))
+    else:
+        images = ImageFiles(data_dir, paths, fmt.mode, (fmt.width, fmt.height))
     return images, labels, indices

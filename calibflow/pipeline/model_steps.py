@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from calibflow.config import Config
+from calibflow.config import Config, DataConfig
 from calibflow.training.ensembles import (
     member_seeds,
     predictive_logits,
@@ -26,7 +26,8 @@ from calibflow.training.resume import EpochCheckpoints
 from calibflow.evaluation.shift import Suite, corrupted_images, suite_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
 from calibflow.training.loop import EpochStats, TrainingInputs, intra_op_threads, resolve_runtime, train_classifier
-from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_format, load_split_images
+from calibflow.data.image_files import ImageLoading
+from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_format, image_loading, load_split_images
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,9 @@ def train_model(
     `checkpoint_dir`, each member checkpoints every epoch there and a killed run started again with
     the same inputs resumes from its last complete epoch (calibflow.training.resume)."""
     fmt = image_format(manifest.path, config.data)
-    train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt)
-    val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt)
+    loading = image_loading(config.data)
+    train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt, loading=loading)
+    val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt, loading=loading)
     outliers = None
     if outliers_path:
         record = json.loads(Path(outliers_path).read_text())
@@ -170,6 +172,7 @@ def train_model(
             seed=seed,
             weights_path=str(weights_path) if weights_path else None,
             outlier_images=outliers,
+            workers=loading.workers,
         )
         model, member_history = train_member(inputs, on_epoch_end=report, checkpoints=checkpoints)
         members.append(model)
@@ -212,13 +215,16 @@ def write_split_logits(
     batch_size: int = 512,
     device: str = "auto",
     threads: int | str | None = None,
+    loading: ImageLoading | None = None,
 ) -> str:
     """Collect a split's logits once (eval mode, no_grad, fp32) and save them with labels and row
     indices, with `threads` intra-op threads (train.threads: the same machine-sharing reasoning as
-    training's; a forward pass gives the same logits on any count, so this changes speed only)."""
+    training's; a forward pass gives the same logits on any count, so this changes speed only).
+    `loading` (data.in_memory_max_mb, data.workers): a large split is read from its files."""
     loaded = load_checkpoint(checkpoint)
     fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
-    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt)
+    loading = loading or image_loading(DataConfig())
+    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, loading=loading)
     # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
     with intra_op_threads(threads):
         logits = predictive_logits(
@@ -229,6 +235,7 @@ def write_split_logits(
             batch_size,
             resolve_runtime(device).device,
             progress=f"logits {split_name}",
+            workers=loading.workers,
         )
     np.savez(out_path, logits=logits.numpy(), labels=labels.numpy(), indices=indices)
     return str(out_path)

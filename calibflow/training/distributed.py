@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from calibflow.data.image_files import ImageFiles, ImageSource
 from calibflow.config import TrainConfig, rendezvous_address
 from calibflow.errors import ConfigError
 from calibflow.training.models import ImageClassifier, ModelSpec, build_model
@@ -149,9 +150,11 @@ def _bundle(inputs: TrainingInputs, world_size: int, checkpoints: EpochCheckpoin
         "spec": dataclasses.asdict(inputs.spec),
         "config": dataclasses.asdict(inputs.config),
         "seed": inputs.seed,
-        "train": (inputs.train_images, inputs.train_labels),
-        "val": (inputs.val_images, inputs.val_labels),
+        # a split read from its files travels as its file list (each process decodes its own batches)
+        "train": (_plain(inputs.train_images), inputs.train_labels),
+        "val": (_plain(inputs.val_images), inputs.val_labels),
         "outliers": inputs.outlier_images,
+        "workers": inputs.workers,
         "weights_path": inputs.weights_path,  # read by rank 0, on this node
         "checkpoints": str(checkpoints.directory) if checkpoints is not None else None,
     }
@@ -159,16 +162,28 @@ def _bundle(inputs: TrainingInputs, world_size: int, checkpoints: EpochCheckpoin
 
 def _inputs_of(bundle: dict, rank: int) -> TrainingInputs:
     config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in bundle["config"].items()})
+    (train_images, train_labels), (val_images, val_labels) = bundle["train"], bundle["val"]
     return TrainingInputs(
         ModelSpec(**bundle["spec"]),
-        *bundle["train"],
-        *bundle["val"],
+        _source(train_images),
+        train_labels,
+        _source(val_images),
+        val_labels,
         config,
         bundle["seed"],
         # DDP hands rank 0's initial weights to the others: only rank 0 reads model.weights_path
         weights_path=bundle["weights_path"] if rank == 0 else None,
         outlier_images=bundle["outliers"],
+        workers=bundle["workers"],
     )
+
+
+def _plain(source: ImageSource) -> torch.Tensor | dict:
+    return source if isinstance(source, torch.Tensor) else source.to_record()
+
+
+def _source(value: torch.Tensor | dict) -> ImageSource:
+    return value if isinstance(value, torch.Tensor) else ImageFiles.from_record(value)
 
 
 def _run_torchrun(

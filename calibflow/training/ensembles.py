@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from calibflow.data.image_files import ImageSource
 from calibflow.errors import CalibrationError
 from calibflow.calibrators.temperature import DEFAULT_MAX_TEMPERATURE, DEFAULT_MIN_TEMPERATURE
 from calibflow.calibrators import Calibrator, TemperatureCalibrator, calibrator_from_state, fit_calibrator
@@ -53,19 +54,22 @@ def dropout_head(model: ImageClassifier) -> DropoutHead:
 @torch.no_grad()
 def mc_dropout_logits(
     model: ImageClassifier,
-    images: torch.Tensor,
+    images: ImageSource,
     samples: int,
     seed: int,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     progress: str | None = None,
+    *,
+    workers: int = 0,
 ) -> torch.Tensor:
     """log of the mean softmax of `samples` passes with dropout on (N, K), float32."""
     head = dropout_head(model)
     features: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0].float().cpu()))
     try:
-        collect_logits(model, images, batch_size, device, progress)  # eval mode: one deterministic pass to the head
+        # eval mode: one deterministic pass to the head
+        collect_logits(model, images, batch_size, device, progress, workers=workers)
     finally:
         hook.remove()
     if not features:
@@ -84,12 +88,14 @@ def mc_dropout_logits(
 
 def predictive_logits(
     members: Sequence[ImageClassifier],
-    images: torch.Tensor,
+    images: ImageSource,
     mc_samples: int = 1,
     seed: int = 0,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     progress: str | None = None,
+    *,
+    workers: int = 0,
 ) -> torch.Tensor:
     """The logits a model of these members gives `images`: (N, K) for one member, (N, M, K) for M.
     With mc_samples > 1 each member's are its MC dropout logits (member i's masks seeded seed + i).
@@ -98,9 +104,11 @@ def predictive_logits(
     for i, member in enumerate(members):
         label = progress if progress is None or len(members) == 1 else f"{progress} (member {i + 1}/{len(members)})"
         if mc_samples > 1:
-            outputs.append(mc_dropout_logits(member, images, mc_samples, seed + i, batch_size, device, label))
+            outputs.append(
+                mc_dropout_logits(member, images, mc_samples, seed + i, batch_size, device, label, workers=workers)
+            )
         else:
-            outputs.append(collect_logits(member, images, batch_size, device, label))
+            outputs.append(collect_logits(member, images, batch_size, device, label, workers=workers))
     return outputs[0] if len(outputs) == 1 else torch.stack(outputs, dim=1)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calibflow.data.image_files import ImageSource, every_nth, in_order, read_batches
 from calibflow.data.images import channel_stats
 from calibflow.training.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.metrics import expected_calibration_error
@@ -214,25 +215,28 @@ class TrainingInputs:
     eq=False: tensors have no single truth value, so two records are equal only if they are one."""
 
     spec: ModelSpec
-    train_images: torch.Tensor
+    train_images: ImageSource
     train_labels: torch.Tensor
-    val_images: torch.Tensor
+    val_images: ImageSource
     val_labels: torch.Tensor
     config: TrainConfig
     seed: int
     weights_path: str | None = None
     outlier_images: torch.Tensor | None = None
+    workers: int = 0  # DataLoader processes for a split read from its files (ImageFiles)
 
 
 @dataclass(frozen=True, eq=False)
 class DeviceData:
-    """The splits on the training device, labels as int64; `outliers` None without outlier exposure."""
+    """The splits on the training device (a split read from its files stays there, and its batches
+    are copied over), labels as int64; `outliers` None without outlier exposure."""
 
-    train_images: torch.Tensor
+    train_images: ImageSource
     train_labels: torch.Tensor
-    val_images: torch.Tensor
+    val_images: ImageSource
     val_labels: torch.Tensor
     outliers: torch.Tensor | None
+    workers: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,7 +393,12 @@ def build_network(
 ) -> tuple[ImageClassifier, torch.nn.Module]:
     """The model on the device, initialised from the seeded global stream or `inputs.weights_path`,
     and what the training steps call: the model itself, or DistributedDataParallel around it."""
-    mean, std = channel_stats(inputs.train_images)
+    train = inputs.train_images
+    mean, std = channel_stats(
+        train
+        if isinstance(train, torch.Tensor)
+        else read_batches(train, in_order(len(train), 256), workers=inputs.workers)
+    )
     model = build_model(inputs.spec, mean, std)
     if inputs.weights_path:
         load_pretrained_weights(model, inputs.weights_path)
@@ -410,12 +419,17 @@ def build_network(
 def move_to_device(inputs: TrainingInputs, runtime: Runtime) -> DeviceData:
     outliers = inputs.outlier_images
     return DeviceData(
-        train_images=to_device(inputs.train_images, runtime),
+        train_images=_to_device(inputs.train_images, runtime),
         train_labels=to_device(inputs.train_labels.long(), runtime),
-        val_images=to_device(inputs.val_images, runtime),
+        val_images=_to_device(inputs.val_images, runtime),
         val_labels=to_device(inputs.val_labels.long(), runtime),
         outliers=to_device(outliers, runtime) if outliers is not None and len(outliers) else None,
+        workers=inputs.workers,
     )
+
+
+def _to_device(source: ImageSource, runtime: Runtime) -> ImageSource:
+    return to_device(source, runtime) if isinstance(source, torch.Tensor) else source
 
 
 def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
@@ -427,14 +441,17 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
     loss_sum = torch.zeros((), device=training.runtime.device)
     seen = 0
     order = torch.randperm(len(training.data.train_images), device=training.runtime.device, generator=training.order)
-    for step, global_batch in enumerate(order.split(config.batch_size), start=1):
-        if len(global_batch) < training.smallest_batch:  # BatchNorm cannot train on a single sample
-            continue
+    # BatchNorm cannot train on a single sample: a global batch too small for every process is left out
+    global_batches = [batch for batch in order.split(config.batch_size) if len(batch) >= training.smallest_batch]
+    shares = [batch[group.rank :: group.world_size] for batch in global_batches]  # this process's
+    images = read_batches(
+        training.data.train_images, _indices_for(training.data.train_images, shares), workers=training.data.workers
+    )
+    for step, (global_batch, batch_index, batch_images) in enumerate(zip(global_batches, shares, images), start=1):
         bar.set_description_str(
             f"train epoch {epoch}/{config.epochs} batch {step}/{training.steps_per_epoch}", refresh=False
         )
-        batch_index = global_batch[group.rank :: group.world_size]  # this process's share
-        loss = training_step(training, batch_index)
+        loss = training_step(training, batch_index, batch_images)
         loss_sum += loss.detach() * len(batch_index)
         seen += len(batch_index)
         bar.update(len(global_batch))  # no host sync: on a GPU the bar runs ahead of its queue
@@ -446,10 +463,19 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
     return train_loss, seen / max(train_seconds, 1e-9)
 
 
-def training_step(training: Training, batch_index: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on the train images at `batch_index`; returns the step's loss."""
+def _indices_for(source: ImageSource, shares: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The shares as the source reads them: on its device for a tensor, as host lists for files
+    (one copy of the epoch's order to the host, not one per batch)."""
+    if isinstance(source, torch.Tensor) or not shares:
+        return shares
+    on_host = torch.cat(shares).cpu()
+    return list(on_host.split([len(share) for share in shares]))
+
+
+def training_step(training: Training, batch_index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on the train `images` at `batch_index`; returns the step's loss."""
     config = training.config
-    images, targets, n_in = training_batch(training, batch_index)
+    images, targets, n_in = training_batch(training, batch_index, images)
     with training.runtime.autocast():
         logits = training.forward(images)
     loss = training_loss(
@@ -470,12 +496,14 @@ def training_step(training: Training, batch_index: torch.Tensor) -> torch.Tensor
     return loss
 
 
-def training_batch(training: Training, batch_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """What one step forwards: the images at `batch_index`, augmented and mixed (train.augment,
-    train.mix), then as many outliers under outlier exposure; their targets; and how many of the
-    images are the batch's own (the rest are outliers)."""
+def training_batch(
+    training: Training, batch_index: torch.Tensor, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What one step forwards: the train `images` at `batch_index` on the device, augmented and
+    mixed (train.augment, train.mix), then as many outliers under outlier exposure; their
+    targets; and how many of the images are the batch's own (the rest are outliers)."""
     config, data = training.config, training.data
-    images, targets = data.train_images[batch_index], data.train_labels[batch_index]
+    images, targets = images.to(training.runtime.device, non_blocking=True), data.train_labels[batch_index]
     if config.augment:
         images = random_translate(images, training.max_shift, config.hflip, training.draws)
     if config.mix != "none":
@@ -509,9 +537,11 @@ def validate(training: Training) -> dict[str, float]:
     PEER_TIMEOUT_S would end the run), and the metrics are rank 0's model's."""
     model, data, group = training.model, training.data, training.group
     if group.world_size == 1:
-        return validation_metrics(model, data.val_images, data.val_labels, training.runtime)
+        return validation_metrics(model, data.val_images, data.val_labels, training.runtime, workers=data.workers)
     group.copy_buffers_from_rank0(model)
-    share = validation_logits(model, data.val_images[group.rank :: group.world_size], training.runtime)
+    share = validation_logits(
+        model, every_nth(data.val_images, group.rank, group.world_size), training.runtime, workers=data.workers
+    )
     shares = group.gather_to_all(share)
     labels = [data.val_labels[rank :: group.world_size] for rank in range(group.world_size)]
     return logit_metrics(torch.cat([share for share in shares if len(share)]), torch.cat(labels))
@@ -588,14 +618,14 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 @torch.no_grad()
 def validation_logits(
-    model: ImageClassifier, images: torch.Tensor, runtime: Runtime, batch_size: int = 1024
+    model: ImageClassifier, images: ImageSource, runtime: Runtime, batch_size: int = 1024, *, workers: int = 0
 ) -> torch.Tensor:
     """The model's logits of `images` under eval() and the training's autocast, on the CPU."""
     was_training = model.training
     model.eval()
     logits = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(runtime.device, non_blocking=True)
+    for batch in read_batches(images, in_order(len(images), batch_size), workers=workers):
+        batch = batch.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
@@ -605,10 +635,16 @@ def validation_logits(
 
 
 def validation_metrics(
-    model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, batch_size: int = 1024
+    model: ImageClassifier,
+    images: ImageSource,
+    labels: torch.Tensor,
+    runtime: Runtime,
+    batch_size: int = 1024,
+    *,
+    workers: int = 0,
 ) -> dict[str, float]:
     """Accuracy, NLL and 15-bin ECE of the model's plain softmax on `images`, under eval()."""
-    return logit_metrics(validation_logits(model, images, runtime, batch_size), labels)
+    return logit_metrics(validation_logits(model, images, runtime, batch_size, workers=workers), labels)
 
 
 def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -626,10 +662,12 @@ def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
 @torch.no_grad()
 def collect_logits(
     model: ImageClassifier,
-    images: torch.Tensor,
+    images: ImageSource,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     progress: str | None = None,
+    *,
+    workers: int = 0,
 ) -> torch.Tensor:
     """Logits of `images` in fp32, under eval() (BatchNorm running stats, no dropout) and no_grad;
     `progress`: the label of a progress bar (on a terminal only), None for none.
@@ -641,8 +679,8 @@ def collect_logits(
     model.to(device)
     outputs = []
     with progress_bar(len(images), progress or "", enabled=progress is not None) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
+        for batch in read_batches(images, in_order(len(images), batch_size), workers=workers):
+            batch = batch.to(device)
             outputs.append(model(batch).float().cpu())
             bar.update(len(batch))
     return torch.cat(outputs) if outputs else torch.empty(0, 0)

@@ -56,6 +56,7 @@ TRAINING_CODE = (
     "training/models.py",
     "training/losses.py",
     "data/images.py",
+    "data/image_files.py",
     "training/resume.py",
     "training/distributed.py",
 )

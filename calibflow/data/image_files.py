@@ -1,0 +1,164 @@
+"""Images read from their files a batch at a time, for splits too large to decode into memory.
+
+A split is either a uint8 tensor (N, C, H, W), decoded once (load_images: small images, where an
+epoch is index arithmetic on the device), or an ImageFiles: the same files, decoded when a batch
+asks for them, by torch's DataLoader worker processes that prefetch the next batches while the
+model computes. Both give the same uint8 pixels for the same file (the one decode function of
+calibflow.data.images), so a training, its logits and its metrics are the same either way, bit
+for bit on the CPU; only memory and speed differ. `read_batches` is the one way the training loop
+and the logit collectors read either kind.
+
+A file that fails to decode mid-stream is a ManifestError naming it, on one line: the worker's
+failure is passed back as a value, not as DataLoader's re-raised exception (whose message holds
+the worker's traceback).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+
+from calibflow.data.images import decode_image, load_images
+from calibflow.errors import ManifestError
+
+# A DataLoader worker is a process: above this many the CPU time they take from the model's own
+# threads costs more than their decoding gives (a GPU host has cores to spare; `data.workers`).
+MAX_AUTO_WORKERS = 8
+PREFETCH_BATCHES = 2  # per worker: DataLoader's own default
+
+
+@dataclass(frozen=True)
+class ImageLoading:
+    """How the pipeline reads a split: decoded into memory when its uint8 pixels take at most
+    `in_memory_max_bytes`, else from its files with `workers` DataLoader processes (0: in this
+    process, decoding each batch with a thread pool)."""
+
+    in_memory_max_bytes: int
+    workers: int
+
+    def keeps_in_memory(self, n_images: int, channels: int, width: int, height: int) -> bool:
+        return n_images * channels * width * height <= self.in_memory_max_bytes
+
+
+def auto_workers() -> int:
+    """One DataLoader worker per core beyond the one the model computes on, at most MAX_AUTO_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores - 1))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The files `root/<path>` of a split, decoded to uint8 (C, H, W) in `mode` at `size` (W, H)
+    when read. len() and shape as a decoded tensor of them would have; `take` a subset, without
+    decoding."""
+
+    def __init__(self, root: str | Path, paths: Sequence[str], mode: str, size: tuple[int, int]):
+        self.root = str(root)
+        self.paths = tuple(str(p) for p in paths)
+        self.mode = mode
+        self.size = (int(size[0]), int(size[1]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), len(self.mode), self.size[1], self.size[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor | str:
+        """One image as uint8 (C, H, W), or, for a file that fails to decode, the refusal's message:
+        read_batches raises it, on one line, wherever the decoding ran."""
+        try:
+            array = decode_image(Path(self.root) / self.paths[index], self.mode, self.size)
+        except ManifestError as error:
+            return str(error)
+        return torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy: decode's may be read-only
+
+    def take(self, indices: Iterable[int]) -> ImageFiles:
+        return ImageFiles(self.root, [self.paths[i] for i in indices], self.mode, self.size)
+
+    def decode(self, indices: Iterable[int]) -> torch.Tensor:
+        """The images at `indices` as one uint8 tensor (N, C, H, W), decoded here by a thread pool."""
+        return load_images(self.root, [self.paths[i] for i in indices], self.mode, self.size)
+
+    def to_record(self) -> dict:
+        """Plain values (for a torchrun worker's bundle, which torch.load reads with weights_only)."""
+        return {"root": self.root, "paths": list(self.paths), "mode": self.mode, "size": list(self.size)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> ImageFiles:
+        return cls(record["root"], record["paths"], record["mode"], tuple(record["size"]))
+
+
+ImageSource = Union[torch.Tensor, ImageFiles]
+
+
+def _worker_context():
+    """Workers forked from a clean server process, not from this one: a run forks from a process
+    with threads (Prefect's engine and API client, MLflow's), and a child forked mid-way through
+    one of their locks dies (measured: exit code 1 in a Prefect task, every few runs). The server
+    starts once per process and imports this module, so each later worker starts in milliseconds."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _stack(items: list) -> torch.Tensor | str:
+    failed = next((item for item in items if isinstance(item, str)), None)
+    return failed if failed is not None else torch.stack(items)
+
+
+def read_batches(
+    source: ImageSource, index_batches: Sequence[Sequence[int] | torch.Tensor], *, workers: int = 0
+) -> Iterator[torch.Tensor]:
+    """The images of each batch of indices, in order: a tensor source indexed where it lies (on
+    the device, for a training's), an ImageFiles decoded by `workers` DataLoader processes that
+    run PREFETCH_BATCHES batches ahead (on the host, in pinned memory when CUDA is there to copy
+    to), or by a thread pool here when `workers` is 0."""
+    if isinstance(source, torch.Tensor):
+        for batch in index_batches:
+            yield source[batch]
+        return
+    batches = [batch.tolist() if isinstance(batch, torch.Tensor) else list(batch) for batch in index_batches]
+    if workers == 0:
+        for batch in batches:
+            yield source.decode(batch)
+        return
+    loader = torch.utils.data.DataLoader(
+        source,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_stack,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=PREFETCH_BATCHES,
+        # its own generator: seeding the workers would otherwise draw from torch's global stream,
+        # which dropout draws from, and a training would differ from one read from memory
+        generator=torch.Generator().manual_seed(0),
+        multiprocessing_context=_worker_context(),
+    )
+    for batch in loader:
+        if isinstance(batch, str):
+            raise ManifestError(batch)
+        yield batch
+
+
+def in_order(n: int, batch_size: int) -> list[range]:
+    """Consecutive batches of range(n): how logits are collected."""
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def every_nth(source: ImageSource, start: int, step: int) -> ImageSource:
+    """source[start::step], without decoding an ImageFiles: one process's share of a split."""
+    if isinstance(source, torch.Tensor):
+        return source[start::step]
+    return source.take(range(start, len(source), step))

@@ -1,0 +1,156 @@
+"""A split read from its files a batch at a time (ImageFiles, data.in_memory_max_mb) gives the
+same pixels, the same training and the same logits as the split decoded into memory, bit for bit
+on the CPU, with DataLoader workers or without; and a file that fails to decode mid-stream is one
+line naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from calibflow.config import Config, TrainConfig, load_config
+from calibflow.data.image_files import ImageFiles, ImageLoading, every_nth, in_order, read_batches
+from calibflow.data.images import channel_stats, load_images
+from calibflow.errors import ManifestError
+from calibflow.training.loop import TrainingInputs, collect_logits, train_classifier
+from calibflow.training.models import ModelSpec
+
+CLASSES, PER_CLASS, SIZE = 3, 24, 12
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Images whose class is the row of a bright bar, in PNG and JPEG, RGB, with noise."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for k in range(CLASSES):
+        (root / str(k)).mkdir()
+        for i in range(PER_CLASS):
+            pixels = rng.integers(0, 60, (SIZE, SIZE, 3), dtype=np.uint8)
+            pixels[2 + 3 * k : 4 + 3 * k, 2:10] = 220
+            name = f"{k}/{i}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(pixels).save(root / name)
+            paths.append(name)
+            labels.append(k)
+    return root, paths, torch.tensor(labels)
+
+
+def _files(folder) -> ImageFiles:
+    root, paths, _ = folder
+    return ImageFiles(root, paths, "RGB", (SIZE, SIZE))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_read_from_the_files_equal_the_decoded_tensor(folder, workers):
+    root, paths, _ = folder
+    decoded = load_images(root, paths, "RGB", (SIZE, SIZE))
+    files = _files(folder)
+    assert files.shape == tuple(decoded.shape) and len(files) == len(decoded)
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(1))
+    batches = list(order.split(10))
+    read = list(read_batches(files, batches, workers=workers))
+    assert len(read) == len(batches)
+    assert all(torch.equal(images, decoded[batch]) for images, batch in zip(read, batches))
+    assert torch.equal(torch.cat(list(every_nth(files, 1, 3).decode(range(24)))), torch.cat(list(decoded[1::3][:24])))
+
+
+def test_channel_statistics_of_streamed_batches_equal_the_tensors(folder):
+    root, paths, _ = folder
+    decoded = load_images(root, paths, "RGB", (SIZE, SIZE))
+    streamed = channel_stats(read_batches(_files(folder), in_order(len(paths), 7), workers=0))
+    assert all(torch.equal(a, b) for a, b in zip(streamed, channel_stats(decoded)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_a_file_that_fails_mid_stream_is_one_line_naming_it(folder, tmp_path, workers, damage):
+    """Validation saw every file whole; one is cut short (or removed) before its batch is read."""
+    root, paths, _ = folder
+    copy = tmp_path / "copy"
+    for name in paths:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((root / name).read_bytes())
+    victim = copy / paths[40]
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.unlink()
+    files = ImageFiles(copy, paths, "RGB", (SIZE, SIZE))
+    with pytest.raises(ManifestError) as caught:
+        for _ in read_batches(files, in_order(len(paths), 8), workers=workers):
+            pass
+    message = str(caught.value)
+    assert str(victim) in message and "\n" not in message and "Traceback" not in message
+
+
+def _train(images, labels, workers=0, **changes):
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=8)
+    config = dataclasses.replace(TrainConfig(epochs=3, batch_size=16, lr=0.05, val_every=1), **changes)
+    inputs = TrainingInputs(spec, images, labels, images, labels, config, seed=3, workers=workers)
+    return train_classifier(inputs, progress=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_from_the_files_equals_training_in_memory_bit_for_bit(folder, workers):
+    """The same seeded order, augmentation and mixing draws, and pixels: the same weights, losses
+    and validation metrics (augmentation and mixup on, so every random stream is exercised)."""
+    root, paths, labels = folder
+    decoded = load_images(root, paths, "RGB", (SIZE, SIZE))
+    in_memory, history = _train(decoded, labels, mix="mixup")
+    streamed, streamed_history = _train(_files(folder), labels, workers=workers, mix="mixup")
+    assert in_memory.state_dict().keys() == streamed.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(in_memory.state_dict().values(), streamed.state_dict().values()))
+    assert [(h.train_loss, h.val_accuracy, h.val_nll) for h in history] == [
+        (h.train_loss, h.val_accuracy, h.val_nll) for h in streamed_history
+    ]
+    assert history[-1].val_accuracy > 0.9  # it learned: equal weights of an untrained model would prove little
+    logits = collect_logits(in_memory, decoded, batch_size=10)
+    assert torch.equal(logits, collect_logits(in_memory, _files(folder), batch_size=10, workers=workers))
+
+
+def test_a_split_is_read_from_its_files_above_the_memory_limit(folder, tmp_path):
+    from calibflow.data.manifest import build_manifest, save_manifest
+    from calibflow.data.splits import Split
+    from calibflow.pipeline.data_steps import ImageFormat, image_loading, load_split_images
+
+    root, paths, _ = folder
+    manifest = build_manifest(root)
+    save_manifest(manifest, tmp_path / "manifest.csv")
+    everything = np.arange(len(manifest))
+    indices = {
+        name: everything if name == "test" else everything[:0] for name in ("train", "val", "calibration", "test")
+    }
+    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    fmt = ImageFormat("RGB", SIZE, SIZE)
+    decoded_bytes = len(manifest) * 3 * SIZE * SIZE
+    kept, _, _ = load_split_images(
+        str(root),
+        str(tmp_path / "manifest.csv"),
+        str(tmp_path / "split.json"),
+        "test",
+        fmt,
+        loading=ImageLoading(in_memory_max_bytes=decoded_bytes, workers=0),
+    )
+    streamed, labels, rows = load_split_images(
+        str(root),
+        str(tmp_path / "manifest.csv"),
+        str(tmp_path / "split.json"),
+        "test",
+        fmt,
+        loading=ImageLoading(in_memory_max_bytes=decoded_bytes - 1, workers=0),
+    )
+    assert isinstance(kept, torch.Tensor) and isinstance(streamed, ImageFiles)
+    assert torch.equal(streamed.decode(range(len(streamed))), kept) and len(labels) == len(rows) == len(kept)
+    assert image_loading(load_config(None, ["data.in_memory_max_mb=0", "data.workers=3"]).data) == ImageLoading(0, 3)
+
+
+def test_how_a_split_is_read_is_not_part_of_the_build():
+    """Reading from the files changes no pixel, so it registers no new build (params_hash)."""
+    base = Config().params_hash
+    assert load_config(None, ["data.in_memory_max_mb=0", "data.workers=4"]).params_hash == base
+    assert load_config(None, ["data.min_per_class=11"]).params_hash != base

@@ -33,7 +33,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import _common  # noqa: E402
 
 NAMES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
-E2E = {"accuracy_estimation", "command_latency", "default_run", "run_timing"}
+E2E = {"accuracy_estimation", "command_latency", "data_scale", "default_run", "run_timing"}
 # over about 5 s on 2 busy cores (calibration_speed: importing netcal and torchmetrics), or needing
 # the git history (gate_soundness_baseline reads the old gates from commit 345bcd0)
 SLOW = {"calibration_speed", "ddp_accuracy", "gate_soundness_baseline", "shift_and_ood", "train_time_calibration"}
@@ -181,6 +181,17 @@ def _check_gate_rows(rows: list[dict], gates: set[str]) -> None:
 GATES = {"max_ece", "min_accuracy", "max_nll", "max_ece_increase", "max_accuracy_drop"}
 
 
+def check_data_scale(data: dict, markdown: str) -> None:
+    """Both input paths read every image; each run is measured, streamed and in memory."""
+    for n, row in data["inputs"].items():
+        assert all(r["images"] == int(n) for rows in row["runs"].values() for r in rows)
+        assert row["ratio"] > 0 and min(row["peak_rss_mb"].values()) > 0
+    for pair in data["runs"].values():
+        assert [r["streamed"] for r in pair] == [True, False]
+        assert all(r["peak_rss_mb"] > 0 and 0 <= r["suite_share"] <= 1 and r["train_s"] > 0 for r in pair)
+    assert "| target |" in markdown and "Streamed peak memory" in markdown
+
+
 def check_gate_soundness(data: list[dict], markdown: str) -> None:
     _check_gate_rows(data, GATES | {"max_brier_increase"})
     keys = {(r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["n"]) for r in data}
@@ -301,6 +312,7 @@ CHECKS: dict[str, Callable] = {
     "command_latency": check_command_latency,
     "ddp_accuracy": check_ddp_accuracy,
     "decision_guarantees": check_decision_guarantees,
+    "data_scale": check_data_scale,
     "default_run": check_default_run,
     "gate_plan_power": lambda data, markdown: importlib.import_module("gate_plan_power").check_smoke(data, markdown),
     "gate_soundness": check_gate_soundness,

@@ -154,3 +154,21 @@ def test_how_a_split_is_read_is_not_part_of_the_build():
     base = Config().params_hash
     assert load_config(None, ["data.in_memory_max_mb=0", "data.workers=4"]).params_hash == base
     assert load_config(None, ["data.min_per_class=11"]).params_hash != base
+
+
+def test_workers_start_once_for_every_pass_and_stop_when_closed(folder):
+    """Persistent workers: every epoch and validation pass of a training reuses them (a GPU host
+    would otherwise start them per pass), and a finished training stops them."""
+    files = _files(folder)
+    first = list(read_batches(files, in_order(len(files), 16), workers=2))
+    loader, _ = files.loader(2)
+    workers = list(loader._iterator._workers)
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(5)).split(16)
+    partial = read_batches(files, order, workers=2)
+    next(partial)  # a pass left unfinished, as a zip over an epoch's batches leaves it
+    second = list(read_batches(files, list(order), workers=2))
+    assert [w.pid for w in loader._iterator._workers] == [w.pid for w in workers]
+    assert torch.equal(torch.cat(first), files.decode(range(len(files))))
+    assert all(torch.equal(images, files.decode(batch.tolist())) for images, batch in zip(second, order))
+    files.close()
+    assert not any(w.is_alive() for w in workers) and files._loaders == {}

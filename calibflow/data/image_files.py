@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -65,6 +66,32 @@ class ImageFiles(torch.utils.data.Dataset):
         self.paths = tuple(str(p) for p in paths)
         self.mode = mode
         self.size = (int(size[0]), int(size[1]))
+        self._loaders: dict[int, tuple[torch.utils.data.DataLoader, _Batches]] = {}
+
+    def __getstate__(self) -> dict:
+        # what a worker receives: the files, not this process's loaders and their workers
+        return {**self.__dict__, "_loaders": {}}
+
+    def loader(self, workers: int) -> tuple[torch.utils.data.DataLoader, _Batches]:
+        """This split's DataLoader with `workers` persistent processes, and the batch sampler the
+        next pass sets: the workers start once and serve every epoch and validation pass."""
+        if workers not in self._loaders:
+            batches = _Batches()
+            loader = torch.utils.data.DataLoader(
+                self,
+                batch_sampler=batches,
+                num_workers=workers,
+                collate_fn=_stack,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=PREFETCH_BATCHES,
+                persistent_workers=True,
+                # its own generator: seeding the workers would otherwise draw from torch's global
+                # stream, which dropout draws from, and a training would differ from one in memory
+                generator=torch.Generator().manual_seed(0),
+                multiprocessing_context=_worker_context(),
+            )
+            self._loaders[workers] = (loader, batches)
+        return self._loaders[workers]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,6 +108,15 @@ class ImageFiles(torch.utils.data.Dataset):
         except ManifestError as error:
             return str(error)
         return torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy: decode's may be read-only
+
+    def close(self) -> None:
+        """Stop this split's worker processes (each loader holds this object: a cycle that only
+        the cyclic garbage collector would break, with the workers alive until then)."""
+        for loader, _ in self._loaders.values():
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None:
+                iterator._shutdown_workers()
+        self._loaders.clear()
 
     def take(self, indices: Iterable[int]) -> ImageFiles:
         return ImageFiles(self.root, [self.paths[i] for i in indices], self.mode, self.size)
@@ -113,6 +149,20 @@ def _worker_context():
     return context
 
 
+class _Batches:
+    """A batch sampler whose batches each pass sets (a DataLoader with persistent workers keeps
+    its sampler): the training's own seeded order, never a sampler's."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _stack(items: list) -> torch.Tensor | str:
     failed = next((item for item in items if isinstance(item, str)), None)
     return failed if failed is not None else torch.stack(items)
@@ -122,9 +172,10 @@ def read_batches(
     source: ImageSource, index_batches: Sequence[Sequence[int] | torch.Tensor], *, workers: int = 0
 ) -> Iterator[torch.Tensor]:
     """The images of each batch of indices, in order: a tensor source indexed where it lies (on
-    the device, for a training's), an ImageFiles decoded by `workers` DataLoader processes that
-    run PREFETCH_BATCHES batches ahead (on the host, in pinned memory when CUDA is there to copy
-    to), or by a thread pool here when `workers` is 0."""
+    the device, for a training's), an ImageFiles decoded by its `workers` persistent DataLoader
+    processes that run PREFETCH_BATCHES batches ahead (on the host, in pinned memory when CUDA is
+    there to copy to), or by a thread pool here when `workers` is 0. One pass at a time per
+    source: a new pass on the same ImageFiles ends the one before."""
     if isinstance(source, torch.Tensor):
         for batch in index_batches:
             yield source[batch]
@@ -134,18 +185,8 @@ def read_batches(
         for batch in batches:
             yield source.decode(batch)
         return
-    loader = torch.utils.data.DataLoader(
-        source,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_stack,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=PREFETCH_BATCHES,
-        # its own generator: seeding the workers would otherwise draw from torch's global stream,
-        # which dropout draws from, and a training would differ from one read from memory
-        generator=torch.Generator().manual_seed(0),
-        multiprocessing_context=_worker_context(),
-    )
+    loader, sampler = source.loader(workers)
+    sampler.batches = batches
     for batch in loader:
         if isinstance(batch, str):
             raise ManifestError(batch)
@@ -162,3 +203,14 @@ def every_nth(source: ImageSource, start: int, step: int) -> ImageSource:
     if isinstance(source, torch.Tensor):
         return source[start::step]
     return source.take(range(start, len(source), step))
+
+
+@contextmanager
+def closing(*sources: ImageSource | None) -> Iterator[None]:
+    """Stops the workers of every ImageFiles among `sources` on the way out."""
+    try:
+        yield
+    finally:
+        for source in sources:
+            if isinstance(source, ImageFiles):
+                source.close()

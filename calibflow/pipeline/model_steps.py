@@ -26,7 +26,7 @@ from calibflow.training.resume import EpochCheckpoints
 from calibflow.evaluation.shift import Suite, corrupted_images, suite_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
 from calibflow.training.loop import EpochStats, TrainingInputs, intra_op_threads, resolve_runtime, train_classifier
-from calibflow.data.image_files import ImageLoading
+from calibflow.data.image_files import ImageLoading, closing
 from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_format, image_loading, load_split_images
 
 
@@ -226,7 +226,7 @@ def write_split_logits(
     loading = loading or image_loading(DataConfig())
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, loading=loading)
     # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
-    with intra_op_threads(threads):
+    with intra_op_threads(threads), closing(images):
         logits = predictive_logits(
             loaded.members,
             images,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibflow.data.image_files import ImageSource, every_nth, in_order, read_batches
+from calibflow.data.image_files import ImageSource, closing, every_nth, in_order, read_batches
 from calibflow.data.images import channel_stats
 from calibflow.training.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.metrics import expected_calibration_error
@@ -295,7 +295,7 @@ def train_classifier(
     epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
     them when the whole training is done."""
     config = inputs.config
-    with intra_op_threads(config.threads):
+    with intra_op_threads(config.threads), closing(inputs.train_images, inputs.val_images):
         training = set_up_training(inputs, runtime or resolve_runtime(config.device, config.precision))
         history = resume_from_checkpoint(training, checkpoints, on_epoch_end)
         progress = progress and training.group.is_rank0

@@ -539,9 +539,9 @@ def validate(training: Training) -> dict[str, float]:
     if group.world_size == 1:
         return validation_metrics(model, data.val_images, data.val_labels, training.runtime, workers=data.workers)
     group.copy_buffers_from_rank0(model)
-    share = validation_logits(
-        model, every_nth(data.val_images, group.rank, group.world_size), training.runtime, workers=data.workers
-    )
+    mine = every_nth(data.val_images, group.rank, group.world_size)
+    with closing(mine):  # a new ImageFiles each pass: its workers stop with it
+        share = validation_logits(model, mine, training.runtime, workers=data.workers)
     shares = group.gather_to_all(share)
     labels = [data.val_labels[rank :: group.world_size] for rank in range(group.world_size)]
     return logit_metrics(torch.cat([share for share in shares if len(share)]), torch.cat(labels))

@@ -165,7 +165,7 @@ class DataConfig:
     allowed_modes: tuple[str, ...] = ()
     # How a split is read, which changes memory and speed, never a pixel: decoded into memory when
     # its uint8 pixels (images x channels x height x width) take at most this many MB, else from
-    # its files a batch at a time (0: always from the files). 1,024 MB holds about 6,800 RGB
+    # its files a batch at a time (0: always from the files). 1,024 MB holds about 7,100 RGB
     # images at 224 px, or all of CIFAR-10 at 32 px.
     in_memory_max_mb: int = bounded(1024, NOT_NEGATIVE)
     # DataLoader worker processes that decode a split read from its files; auto: one per core

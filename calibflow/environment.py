@@ -8,6 +8,7 @@ Values already set by the user win.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 QUIET_DEFAULTS = {
     "DO_NOT_TRACK": "1",
@@ -60,3 +61,23 @@ def first_answer_timeout_s() -> float:
 def apply_quiet_defaults() -> None:
     for key, value in {**QUIET_DEFAULTS, **STORE_PATIENCE_DEFAULTS}.items():
         os.environ.setdefault(key, value)
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on: its affinity (a container's CPU set), and no more
+    than a cgroup v2 CPU quota allows (a Kubernetes CPU limit, which leaves the affinity at every
+    core of the host)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity is all there is
+    return cores

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from calibflow.training import distributed
 from calibflow.config import TrainConfig, load_config
-from calibflow.errors import ConfigError
+from calibflow.errors import ConfigError, ManifestError
+from calibflow import environment
 from calibflow.training.distributed import follower_command, launcher_args, resolve_nproc, train_distributed
 from calibflow.errors import DistributedTrainingError
 from calibflow.data.images import channel_stats
@@ -93,7 +94,7 @@ def free_port() -> int:
 def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path, monkeypatch):
     quota = tmp_path / "cpu.max"
     quota.write_text("150000 100000\n")  # a Kubernetes CPU limit of 1.5: one whole core
-    monkeypatch.setattr(distributed, "CGROUP_CPU_MAX", quota)
+    monkeypatch.setattr(environment, "CGROUP_CPU_MAX", quota)
     assert distributed.available_slots(on_cuda=False) == (1, "CPU cores")
     quota.write_text("max 100000\n")
     assert distributed.available_slots(on_cuda=False)[0] == len(os.sched_getaffinity(0))
@@ -466,3 +467,38 @@ def test_two_processes_reading_from_files_train_the_weights_of_two_reading_memor
     model, history = train_distributed(inputs, work_dir=tmp_path / "ddp")
     assert same_weights(model, two_process_run[0])
     assert [h.train_loss for h in history] == [h.train_loss for h in two_process_run[1]]
+
+
+def _streamed_digits(tmp_path, images, name):
+    from PIL import Image
+
+    from calibflow.data.image_files import ImageFiles
+
+    folder = tmp_path / name
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+    return ImageFiles(folder, [f"{i}.png" for i in range(len(images))], "L", (8, 8))
+
+
+@pytest.mark.slow
+def test_a_file_cut_short_under_torchrun_is_one_line_naming_it(tmp_path):
+    """A worker's refusal of a file reaches the flow as the same ManifestError (exit 2, one line),
+    not as the workers' log."""
+    (train, val, _) = digits()
+    files = _streamed_digits(tmp_path, train[0][:200], "train")
+    victim = Path(files.root) / files.paths[150]
+    victim.write_bytes(victim.read_bytes()[:40])
+    inputs = TrainingInputs(SPEC, files, train[1][:200], val[0], val[1], DDP, seed=0, workers=1)
+    (tmp_path / "ddp").mkdir()
+    with pytest.raises(ManifestError) as refused:
+        train_distributed(inputs, work_dir=tmp_path / "ddp")
+    assert str(victim) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_several_nodes_with_a_split_read_from_files_are_refused_before_launch(tmp_path):
+    (train, val, _) = digits()
+    files = _streamed_digits(tmp_path, train[0][:20], "train")
+    config = dataclasses.replace(DDP, nnodes=2, nproc=1)
+    with pytest.raises(ConfigError, match="data.in_memory_max_mb"):
+        train_distributed(TrainingInputs(SPEC, files, train[1][:20], val[0], val[1], config, 0), work_dir=tmp_path)

@@ -172,3 +172,13 @@ def test_workers_start_once_for_every_pass_and_stop_when_closed(folder):
     assert all(torch.equal(images, files.decode(batch.tolist())) for images, batch in zip(second, order))
     files.close()
     assert not any(w.is_alive() for w in workers) and files._loaders == {}
+
+
+def test_collecting_logits_stops_the_workers_it_started(folder):
+    from calibflow.training.models import ModelSpec, build_model
+
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=4)
+    model = build_model(spec, torch.zeros(3), torch.ones(3))
+    files = _files(folder)
+    collect_logits(model, files, batch_size=16, workers=2)
+    assert files._loaders == {}  # the persistent workers of that one pass are gone with it

@@ -62,13 +62,16 @@ def test_an_opaque_alpha_channel_is_dropped(tmp_path, mode):
     assert np.array_equal(decode_image(tmp_path / "opaque.png", target)[..., 0], GRADIENT)
 
 
-@pytest.mark.parametrize("kind", ["RGBA", "LA", "palette"])
+@pytest.mark.parametrize("kind", ["RGBA", "LA", "palette", "RGB colour key", "L colour key"])
 def test_transparent_pixels_are_refused_naming_the_file_on_one_line(tmp_path, kind):
-    path = tmp_path / f"{kind}.png"
+    path = tmp_path / f"{kind.replace(' ', '-')}.png"
     if kind == "palette":
         image = Image.fromarray(GRADIENT).convert("RGB").quantize(colors=8)
         image.info["transparency"] = 0
         image.save(path, transparency=0)
+    elif kind.endswith("colour key"):  # PNG's tRNS chunk: pixels of this one value are transparent
+        image = Image.fromarray(GRADIENT).convert(kind.split()[0])
+        image.save(path, transparency=(0, 0, 0) if kind.startswith("RGB") else 0)
     else:
         image = Image.fromarray(GRADIENT).convert(kind)
         alpha = np.full((16, 16), 255, np.uint8)
@@ -78,7 +81,7 @@ def test_transparent_pixels_are_refused_naming_the_file_on_one_line(tmp_path, ki
     with pytest.raises(ManifestError, match="transparent pixels") as caught:
         decode_image(path, "RGB")
     assert str(path) in str(caught.value) and "\n" not in str(caught.value) and "flatten it" in str(caught.value)
-    with pytest.raises(ManifestError, match=f"{kind}.png"):
+    with pytest.raises(ManifestError, match=path.name):
         load_images(tmp_path, [path.name], "RGB", (8, 8), workers=2)
 
 

@@ -15,7 +15,6 @@ the worker's traceback).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from calibflow.data.images import decode_image, load_images
+from calibflow.environment import cpu_cores
 from calibflow.errors import ManifestError
 
 # A DataLoader worker is a process: above this many the CPU time they take from the model's own
@@ -48,12 +48,9 @@ class ImageLoading:
 
 
 def auto_workers() -> int:
-    """One DataLoader worker per core beyond the one the model computes on, at most MAX_AUTO_WORKERS."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(MAX_AUTO_WORKERS, cores - 1))
+    """One DataLoader worker per core beyond the one the model computes on, at most MAX_AUTO_WORKERS
+    (cores: the affinity, capped by a cgroup CPU quota)."""
+    return max(0, min(MAX_AUTO_WORKERS, cpu_cores() - 1))
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -66,23 +63,23 @@ class ImageFiles(torch.utils.data.Dataset):
         self.paths = tuple(str(p) for p in paths)
         self.mode = mode
         self.size = (int(size[0]), int(size[1]))
-        self._loaders: dict[int, tuple[torch.utils.data.DataLoader, _Batches]] = {}
+        self._loaders: dict[tuple[int, bool], tuple[torch.utils.data.DataLoader, _Batches]] = {}
 
     def __getstate__(self) -> dict:
         # what a worker receives: the files, not this process's loaders and their workers
         return {**self.__dict__, "_loaders": {}}
 
-    def loader(self, workers: int) -> tuple[torch.utils.data.DataLoader, _Batches]:
+    def loader(self, workers: int, pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, _Batches]:
         """This split's DataLoader with `workers` persistent processes, and the batch sampler the
         next pass sets: the workers start once and serve every epoch and validation pass."""
-        if workers not in self._loaders:
+        if (workers, pin_memory) not in self._loaders:
             batches = _Batches()
             loader = torch.utils.data.DataLoader(
                 self,
                 batch_sampler=batches,
                 num_workers=workers,
                 collate_fn=_stack,
-                pin_memory=torch.cuda.is_available(),
+                pin_memory=pin_memory,
                 prefetch_factor=PREFETCH_BATCHES,
                 persistent_workers=True,
                 # its own generator: seeding the workers would otherwise draw from torch's global
@@ -90,8 +87,8 @@ class ImageFiles(torch.utils.data.Dataset):
                 generator=torch.Generator().manual_seed(0),
                 multiprocessing_context=_worker_context(),
             )
-            self._loaders[workers] = (loader, batches)
-        return self._loaders[workers]
+            self._loaders[(workers, pin_memory)] = (loader, batches)
+        return self._loaders[(workers, pin_memory)]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -169,12 +166,16 @@ def _stack(items: list) -> torch.Tensor | str:
 
 
 def read_batches(
-    source: ImageSource, index_batches: Sequence[Sequence[int] | torch.Tensor], *, workers: int = 0
+    source: ImageSource,
+    index_batches: Sequence[Sequence[int] | torch.Tensor],
+    *,
+    workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[torch.Tensor]:
     """The images of each batch of indices, in order: a tensor source indexed where it lies (on
     the device, for a training's), an ImageFiles decoded by its `workers` persistent DataLoader
-    processes that run PREFETCH_BATCHES batches ahead (on the host, in pinned memory when CUDA is
-    there to copy to), or by a thread pool here when `workers` is 0. One pass at a time per
+    processes that run PREFETCH_BATCHES batches ahead (on the host, in pinned memory with
+    `pin_memory`: for a copy to a GPU), or by a thread pool here when `workers` is 0. One pass at a time per
     source: a new pass on the same ImageFiles ends the one before."""
     if isinstance(source, torch.Tensor):
         for batch in index_batches:
@@ -185,7 +186,7 @@ def read_batches(
         for batch in batches:
             yield source.decode(batch)
         return
-    loader, sampler = source.loader(workers)
+    loader, sampler = source.loader(workers, pin_memory)
     sampler.batches = batches
     for batch in loader:
         if isinstance(batch, str):
@@ -206,11 +207,13 @@ def every_nth(source: ImageSource, start: int, step: int) -> ImageSource:
 
 
 @contextmanager
-def closing(*sources: ImageSource | None) -> Iterator[None]:
-    """Stops the workers of every ImageFiles among `sources` on the way out."""
+def closing(*sources: ImageSource | None) -> Iterator[list[ImageSource | None]]:
+    """Stops the workers of every ImageFiles among `sources`, and of those appended to the list
+    it yields, on the way out."""
+    more: list[ImageSource | None] = []
     try:
-        yield
+        yield more
     finally:
-        for source in sources:
+        for source in [*sources, *more]:
             if isinstance(source, ImageFiles):
                 source.close()

@@ -78,8 +78,9 @@ def to_model_mode(image: Image.Image, mode: str, path: str | Path) -> Image.Imag
     pixel is not in the file); CMYK becomes RGB by Pillow's formula, without any ICC profile;
     palette and 1-bit images are looked up and expanded. ManifestError naming the file for a
     mode with no defined conversion."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # a palette entry marked transparent: check it as alpha
+    if "transparency" in image.info and image.mode not in WITH_ALPHA:
+        # a palette entry or a colour key (PNG's tRNS) marked transparent: check it as alpha
+        image = image.convert("LA" if image.mode in GRAY_MODES else "RGBA")
     try:
         model_mode([image.mode])
     except ValueError as error:
@@ -179,12 +180,9 @@ def channel_stats(images: torch.Tensor | Iterable[torch.Tensor]) -> tuple[torch.
     chunks = _chunks(images) if isinstance(images, torch.Tensor) else images
     total = squares = None
     count = 0
-    for chunk in chunks:
-        wide = chunk.to(torch.int64)
-        sums, sums_of_squares = wide.sum(dim=(0, 2, 3)), (wide * wide).sum(dim=(0, 2, 3))
-        total = sums if total is None else total + sums
-        squares = sums_of_squares if squares is None else squares + sums_of_squares
-        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    for batch in chunks:
+        for chunk in _chunks(batch):  # a streamed batch may be larger than one chunk
+            total, squares, count = _add_sums(chunk, total, squares, count)
     if total is None:
         raise ValueError("no images to compute channel statistics of")
     mean = [t / (255.0 * count) for t in total.tolist()]
@@ -195,6 +193,14 @@ def channel_stats(images: torch.Tensor | Iterable[torch.Tensor]) -> tuple[torch.
     ]
     std = torch.tensor(variance, dtype=torch.float64).sqrt().clamp_min(1e-3)
     return torch.tensor(mean, dtype=torch.float32), std.float()
+
+
+def _add_sums(chunk: torch.Tensor, total, squares, count: int):
+    wide = chunk.to(torch.int64)
+    sums, sums_of_squares = wide.sum(dim=(0, 2, 3)), (wide * wide).sum(dim=(0, 2, 3))
+    total = sums if total is None else total + sums
+    squares = sums_of_squares if squares is None else squares + sums_of_squares
+    return total, squares, count + chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
 
 
 def _chunks(images: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -39,7 +39,8 @@ import torch
 
 from calibflow.data.image_files import ImageFiles, ImageSource
 from calibflow.config import TrainConfig, rendezvous_address
-from calibflow.errors import ConfigError
+from calibflow.environment import cpu_cores
+from calibflow.errors import ConfigError, ManifestError
 from calibflow.training.models import ImageClassifier, ModelSpec, build_model
 from calibflow.training.resume import EpochCheckpoints, load_error_reason, training_code_digest
 from calibflow.training.loop import (
@@ -53,6 +54,7 @@ from calibflow.training.loop import (
 from calibflow.errors import DistributedTrainingError
 
 BUNDLE, RESULT, EPOCHS, LOG = "bundle.pt", "result.pt", "epochs.jsonl", "workers.log"
+REFUSED = "refused.txt"  # a worker's refusal of a file (ManifestError), for the flow to raise as its own
 DEVICE_ENV = "CALIBFLOW_DDP_DEVICE"
 # How long a process waits for the others (a follower node still starting, a peer that died):
 # NCCL and gloo otherwise wait 10-30 minutes before they say anything.
@@ -62,23 +64,14 @@ PEER_TIMEOUT_S = 300
 # Each process trains on its share of every global batch, with BatchNorm statistics of that share
 # alone: below this many images a share's statistics are noise. `nproc: auto` stays above it.
 MIN_SHARE = 8
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 def available_slots(on_cuda: bool) -> tuple[int, str]:
-    """How many processes this node can hold: its GPUs when training on CUDA, else the CPU cores
-    this process may run on: its affinity (a container's CPU set), and no more than a cgroup v2
-    CPU quota allows (a Kubernetes CPU limit, which leaves the affinity at every core of the host)."""
+    """How many processes this node can hold: its GPUs when training on CUDA, else its CPU cores
+    (calibflow.environment.cpu_cores: the affinity, capped by a cgroup v2 CPU quota)."""
     if on_cuda:
         return torch.cuda.device_count(), "GPUs"
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota to read: the affinity is all there is
-    return cores, "CPU cores"
+    return cpu_cores(), "CPU cores"
 
 
 def resolve_nproc(config: TrainConfig) -> int:
@@ -119,6 +112,12 @@ def train_distributed(
     and epoch statistics."""
     config = inputs.config
     nproc = resolve_nproc(config)
+    if config.nnodes > 1 and not all(isinstance(s, torch.Tensor) for s in (inputs.train_images, inputs.val_images)):
+        raise ConfigError(
+            f"train.nnodes = {config.nnodes} with splits read from their files (larger than data.in_memory_max_mb): "
+            f"the other nodes get the pixels in the launch bundle and have no copy of the files; raise "
+            f"data.in_memory_max_mb to hold the train and val splits in memory, or train on one node"
+        )
     if inputs.weights_path and not Path(inputs.weights_path).is_file():
         raise FileNotFoundError(
             f"model.weights_path {inputs.weights_path} does not exist: put the state_dict there or set it to null"
@@ -131,6 +130,8 @@ def train_distributed(
         returncode = _run_torchrun(config, nproc, work, on_epoch_end)
     finally:
         (work / BUNDLE).unlink(missing_ok=True)  # a copy of the training data
+    if returncode != 0 and (work / REFUSED).is_file():
+        raise ManifestError((work / REFUSED).read_text())
     if returncode != 0 or not (work / RESULT).is_file():
         tail = (work / LOG).read_text(errors="replace")[-3000:]
         raise DistributedTrainingError(
@@ -337,13 +338,18 @@ def _worker(work_dir: str | None) -> None:
                 out.write(json.dumps(dataclasses.asdict(stats)) + "\n")
 
         checkpoints = EpochCheckpoints(Path(bundle["checkpoints"])) if bundle["checkpoints"] else None
-        model, history = train_classifier(
-            inputs,
-            runtime=runtime,
-            on_epoch_end=write_epoch if group.is_rank0 else None,
-            progress=False,
-            checkpoints=checkpoints,
-        )
+        try:
+            model, history = train_classifier(
+                inputs,
+                runtime=runtime,
+                on_epoch_end=write_epoch if group.is_rank0 else None,
+                progress=False,
+                checkpoints=checkpoints,
+            )
+        except ManifestError as error:  # a file of a streamed split that does not decode
+            if work is not None:  # the launching node's ranks tell the flow which file, in one line
+                (work / REFUSED).write_text(str(error))
+            raise
         if group.is_rank0:
             partial = work / f".{RESULT}.partial"
             torch.save({"model": model.state_dict(), "history": [dataclasses.asdict(h) for h in history]}, partial)

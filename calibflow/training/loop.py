@@ -237,6 +237,7 @@ class DeviceData:
     val_labels: torch.Tensor
     outliers: torch.Tensor | None
     workers: int
+    val_share: ImageSource  # this process's share of the val split (all of it in one process)
 
 
 @dataclass(frozen=True, eq=False)
@@ -295,8 +296,9 @@ def train_classifier(
     epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
     them when the whole training is done."""
     config = inputs.config
-    with intra_op_threads(config.threads), closing(inputs.train_images, inputs.val_images):
+    with intra_op_threads(config.threads), closing(inputs.train_images, inputs.val_images) as also_close:
         training = set_up_training(inputs, runtime or resolve_runtime(config.device, config.precision))
+        also_close.append(training.data.val_share)
         history = resume_from_checkpoint(training, checkpoints, on_epoch_end)
         progress = progress and training.group.is_rank0
         bar = progress_bar(config.epochs * training.images_per_epoch, "train", enabled=progress, leave=True)
@@ -331,7 +333,7 @@ def set_up_training(inputs: TrainingInputs, runtime: Runtime) -> Training:
     config, seed, group = inputs.config, inputs.seed, ProcessGroup.current()
     seed_everything(seed)
     model, forward = build_network(inputs, runtime, group)
-    data = move_to_device(inputs, runtime)
+    data = move_to_device(inputs, runtime, group)
     # An epoch's global batches, less any with fewer images than every process needs (see
     # Training.smallest_batch): in practice a short last batch.
     batch_sizes = tuple(
@@ -416,12 +418,15 @@ def build_network(
     return model, DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.on_cuda else None)
 
 
-def move_to_device(inputs: TrainingInputs, runtime: Runtime) -> DeviceData:
+def move_to_device(inputs: TrainingInputs, runtime: Runtime, group: ProcessGroup) -> DeviceData:
     outliers = inputs.outlier_images
+    val_images = _to_device(inputs.val_images, runtime)
     return DeviceData(
         train_images=_to_device(inputs.train_images, runtime),
         train_labels=to_device(inputs.train_labels.long(), runtime),
-        val_images=_to_device(inputs.val_images, runtime),
+        val_images=val_images,
+        # taken once: a streamed share is an ImageFiles of its own, whose workers serve every pass
+        val_share=val_images if group.world_size == 1 else every_nth(val_images, group.rank, group.world_size),
         val_labels=to_device(inputs.val_labels.long(), runtime),
         outliers=to_device(outliers, runtime) if outliers is not None and len(outliers) else None,
         workers=inputs.workers,
@@ -445,7 +450,10 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
     global_batches = [batch for batch in order.split(config.batch_size) if len(batch) >= training.smallest_batch]
     shares = [batch[group.rank :: group.world_size] for batch in global_batches]  # this process's
     images = read_batches(
-        training.data.train_images, _indices_for(training.data.train_images, shares), workers=training.data.workers
+        training.data.train_images,
+        _indices_for(training.data.train_images, shares),
+        workers=training.data.workers,
+        pin_memory=training.runtime.on_cuda,
     )
     for step, (global_batch, batch_index, batch_images) in enumerate(zip(global_batches, shares, images), start=1):
         bar.set_description_str(
@@ -539,9 +547,7 @@ def validate(training: Training) -> dict[str, float]:
     if group.world_size == 1:
         return validation_metrics(model, data.val_images, data.val_labels, training.runtime, workers=data.workers)
     group.copy_buffers_from_rank0(model)
-    mine = every_nth(data.val_images, group.rank, group.world_size)
-    with closing(mine):  # a new ImageFiles each pass: its workers stop with it
-        share = validation_logits(model, mine, training.runtime, workers=data.workers)
+    share = validation_logits(model, data.val_share, training.runtime, workers=data.workers)
     shares = group.gather_to_all(share)
     labels = [data.val_labels[rank :: group.world_size] for rank in range(group.world_size)]
     return logit_metrics(torch.cat([share for share in shares if len(share)]), torch.cat(labels))
@@ -624,7 +630,7 @@ def validation_logits(
     was_training = model.training
     model.eval()
     logits = []
-    for batch in read_batches(images, in_order(len(images), batch_size), workers=workers):
+    for batch in read_batches(images, in_order(len(images), batch_size), workers=workers, pin_memory=runtime.on_cuda):
         batch = batch.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -678,8 +684,10 @@ def collect_logits(
     model.eval()
     model.to(device)
     outputs = []
-    with progress_bar(len(images), progress or "", enabled=progress is not None) as bar:
-        for batch in read_batches(images, in_order(len(images), batch_size), workers=workers):
+    with progress_bar(len(images), progress or "", enabled=progress is not None) as bar, closing(images):
+        on_cuda = torch.device(device).type == "cuda"
+        batches = read_batches(images, in_order(len(images), batch_size), workers=workers, pin_memory=on_cuda)
+        for batch in batches:  # one whole pass: its workers are stopped below
             batch = batch.to(device)
             outputs.append(model(batch).float().cpu())
             bar.update(len(batch))

@@ -16,7 +16,8 @@ Photos are stood in for by CIFAR-10's training JPEGs from ../shared/datasets, up
    (`data.in_memory_max_mb=0`) and once decoded into memory (the pre-streaming path), with a
    minimal model (small_cnn, width 4, two epochs) and the default corruption suite: the peak memory
    of the process tree (PSS summed over the run and its workers, polled every 0.1 s), the wall time,
-   and the corruption suite's and OOD's share of it (task times read back from Prefect). Targets:
+   and the corruption suite's and OOD's share of it (task times read back from Prefect); each run
+   starts from a cold cache (`CALIBFLOW_CACHE_DIR`). Targets:
    the streamed run's peak memory grows by under 1 GB from the smallest to the largest N; the suite
    and OOD take at most 20% of the wall time.
 
@@ -32,9 +33,11 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -211,8 +214,6 @@ def input_path(root: Path, workers: int, repeats: int, side: int) -> dict:
 
 def project(root: Path, images: Path, epochs: int) -> Path:
     """A git + DVC repository whose data/photos is a copy of `images`."""
-    import shutil
-
     if (root / ".done").is_file():
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -242,7 +243,11 @@ def calibflow_run(repo: Path, streamed: bool, api_url: str, workers: int) -> dic
     result.parent.mkdir(parents=True, exist_ok=True)
     command = [*_common.calibflow_command(), "run", "--force", "--json", str(result)]
     command += ["--set", f"data.in_memory_max_mb={0 if streamed else 1024}", "--set", f"data.workers={workers}"]
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(_common.REPO)}
+    # a cold cache each run: the two runs train the same weights, so the second would read the
+    # first's corruption-suite logits (and gate-power simulation) back instead of computing them
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=repo.parent))
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(_common.REPO), "CALIBFLOW_CACHE_DIR": str(cache)}
+    shutil.rmtree(repo / ".calibflow" / "cache", ignore_errors=True)
     peak, wall, _ = measured(command, repo, env)
     flow_run_id = json.loads(result.read_text())["prefect_flow_run_id"]
     from prefect.client.orchestration import get_client

@@ -253,3 +253,16 @@ def test_logits_do_not_depend_on_the_thread_count():
     with intra_op_threads(2):
         two = collect_logits(model, x, batch_size=64)
     assert torch.equal(one, two)
+
+
+def test_inference_batches_are_capped_by_input_values_not_by_image_count():
+    """At 224 px a batch sized for 8x8 digits held gigabytes of activations; the cap leaves small
+    images alone and the logits do not depend on the batch."""
+    from calibflow.training.loop import INFERENCE_VALUES, inference_batch
+
+    photos = torch.zeros(300, 3, 224, 224, dtype=torch.uint8)
+    assert inference_batch(1024, photos) == INFERENCE_VALUES // (3 * 224 * 224) == 111
+    assert inference_batch(1024, blobs()[0]) == 1024 and inference_batch(7, photos) == 7
+    x, _ = blobs()
+    model = build_model(SPEC, torch.full((1,), 0.3), torch.full((1,), 0.2))
+    assert torch.allclose(collect_logits(model, x, batch_size=7), collect_logits(model, x, batch_size=120), atol=1e-6)

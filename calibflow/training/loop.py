@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -617,6 +618,19 @@ def _bar_postfix(stats: EpochStats) -> dict[str, str]:
     return postfix
 
 
+# Input values (images x channels x height x width) one inference batch may hold: at 224 px RGB
+# 111 images. A network's activations are tens of times its input, so a batch sized for 8x8
+# digits (1,024) held gigabytes at 224 px and set the run's peak memory, not the data.
+INFERENCE_VALUES = 1 << 24
+
+
+def inference_batch(batch_size: int, images: ImageSource) -> int:
+    """`batch_size`, capped so that a batch of these images holds at most INFERENCE_VALUES input
+    values (eval mode: each image's logits do not depend on the batch it is in)."""
+    per_image = max(1, math.prod(images.shape[1:])) if len(images) else 1
+    return max(1, min(batch_size, INFERENCE_VALUES // per_image))
+
+
 def _batch_sizes(n: int, batch_size: int) -> list[int]:
     full, rest = divmod(n, batch_size)
     return [batch_size] * full + ([rest] if rest else [])
@@ -630,6 +644,7 @@ def validation_logits(
     was_training = model.training
     model.eval()
     logits = []
+    batch_size = inference_batch(batch_size, images)
     for batch in read_batches(images, in_order(len(images), batch_size), workers=workers, pin_memory=runtime.on_cuda):
         batch = batch.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
@@ -686,6 +701,7 @@ def collect_logits(
     outputs = []
     with progress_bar(len(images), progress or "", enabled=progress is not None) as bar, closing(images):
         on_cuda = torch.device(device).type == "cuda"
+        batch_size = inference_batch(batch_size, images)
         batches = read_batches(images, in_order(len(images), batch_size), workers=workers, pin_memory=on_cuda)
         for batch in batches:  # one whole pass: its workers are stopped below
             batch = batch.to(device)

@@ -50,7 +50,7 @@ import _common  # noqa: E402
 CIFAR = _common.REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 SIZES, RUN_SIZES = (1000, 5000, 20000), (1000, 5000)
 SIDE, QUALITY, BATCH, REPEATS, EPOCHS = 224, 90, 64, 3, 2
-RSS_TARGET_GB, RATIO_TARGET, SUITE_SHARE_TARGET = 1.0, 0.9, 0.20
+MEMORY_TARGET_GB, RATIO_TARGET, SUITE_SHARE_TARGET = 1.0, 0.9, 0.20
 SUITE_TASKS = ("collect-shift-logits", "evaluate-shift", "evaluate-ood")
 RUN_PARAMS = """\
 seed: 0
@@ -111,7 +111,7 @@ def listing(root: Path) -> tuple[list[str], list[int]]:
 # ------------------------------------------------------------------ measuring a process tree
 
 
-def peak_tree_rss(process: subprocess.Popen, every_s: float = 0.1) -> tuple[float, float]:
+def peak_tree_memory(process: subprocess.Popen, every_s: float = 0.1) -> tuple[float, float]:
     """(peak memory in MB of the process and all its descendants, summed; wall seconds) until it
     exits. Each process counts its proportional set size (PSS: a page shared by k processes
     counts 1/k in each), so DataLoader workers that share torch's pages with their server are
@@ -157,7 +157,7 @@ def measured(command: list[str], cwd: Path, env: dict | None = None) -> tuple[fl
     err_reader = threading.Thread(target=lambda: err_lines.append(process.stderr.read()), daemon=True)
     reader.start()
     err_reader.start()
-    peak, wall = peak_tree_rss(process)
+    peak, wall = peak_tree_memory(process)
     reader.join()
     err_reader.join()
     if process.returncode != 0:
@@ -199,13 +199,13 @@ def input_path(root: Path, workers: int, repeats: int, side: int) -> dict:
         for kind in runs:  # interleaved
             command = [sys.executable, __file__, "--child", kind, str(root), str(workers), str(side)]
             peak, wall, out = measured(command, _common.REPO)
-            runs[kind].append({**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": peak, "wall": wall})
+            runs[kind].append({**json.loads(out.strip().splitlines()[-1]), "peak_memory_mb": peak, "wall": wall})
     median = {kind: statistics.median(r["img_s"] for r in rows) for kind, rows in runs.items()}
     return {
         "runs": runs,
         "img_s": median,
         "ratio": median["calibflow"] / median["torchvision"],
-        "peak_rss_mb": {kind: max(r["peak_rss_mb"] for r in rows) for kind, rows in runs.items()},
+        "peak_memory_mb": {kind: max(r["peak_memory_mb"] for r in rows) for kind, rows in runs.items()},
     }
 
 
@@ -258,7 +258,7 @@ def calibflow_run(repo: Path, streamed: bool, api_url: str, workers: int) -> dic
     suite = sum(per_task.get(name, 0.0) for name in SUITE_TASKS)
     return {
         "streamed": streamed,
-        "peak_rss_mb": peak,
+        "peak_memory_mb": peak,
         "wall": wall,
         "suite_and_ood_s": suite,
         "suite_share": suite / wall,
@@ -282,8 +282,8 @@ def render(inputs: dict[int, dict], runs: dict[int, list[dict]], workers: int, s
         met = "met" if row["ratio"] >= RATIO_TARGET else "NOT met"
         lines.append(
             f"| {n:,} | {row['img_s']['calibflow']:.0f} | {row['img_s']['torchvision']:.0f} | {row['ratio']:.2f}x "
-            f"| >= {RATIO_TARGET}x: {met} | {row['peak_rss_mb']['calibflow']:,.0f} MB "
-            f"| {row['peak_rss_mb']['torchvision']:,.0f} MB |"
+            f"| >= {RATIO_TARGET}x: {met} | {row['peak_memory_mb']['calibflow']:,.0f} MB "
+            f"| {row['peak_memory_mb']['torchvision']:,.0f} MB |"
         )
     if runs:
         lines += [
@@ -298,18 +298,18 @@ def render(inputs: dict[int, dict], runs: dict[int, list[dict]], workers: int, s
             for r in pair:
                 met = "met" if r["suite_share"] <= SUITE_SHARE_TARGET else "NOT met"
                 lines.append(
-                    f"| {n:,} | {'streamed' if r['streamed'] else 'in memory'} | {r['peak_rss_mb']:,.0f} MB "
+                    f"| {n:,} | {'streamed' if r['streamed'] else 'in memory'} | {r['peak_memory_mb']:,.0f} MB "
                     f"| {r['wall']:.0f} s | {r['train_s']:.0f} s | {r['suite_and_ood_s']:.0f} s "
                     f"| {r['suite_share']:.0%} | <= {SUITE_SHARE_TARGET:.0%}: {met} |"
                 )
         streamed = {n: next(r for r in pair if r["streamed"]) for n, pair in runs.items()}
         smallest, largest = min(streamed), max(streamed)
-        growth = (streamed[largest]["peak_rss_mb"] - streamed[smallest]["peak_rss_mb"]) / 1024
-        met = "met" if growth < RSS_TARGET_GB else "NOT met"
+        growth = (streamed[largest]["peak_memory_mb"] - streamed[smallest]["peak_memory_mb"]) / 1024
+        met = "met" if growth < MEMORY_TARGET_GB else "NOT met"
         lines += [
             "",
             f"Streamed peak memory from {smallest:,} to {largest:,} images: {growth:+.2f} GB "
-            f"(target: under {RSS_TARGET_GB:.0f} GB from 1,000 to 20,000 images: {met} over these sizes).",
+            f"(target: under {MEMORY_TARGET_GB:.0f} GB from 1,000 to 20,000 images: {met} over these sizes).",
         ]
     return "\n".join(lines)
 

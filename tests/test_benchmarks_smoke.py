@@ -185,10 +185,10 @@ def check_data_scale(data: dict, markdown: str) -> None:
     """Both input paths read every image; each run is measured, streamed and in memory."""
     for n, row in data["inputs"].items():
         assert all(r["images"] == int(n) for rows in row["runs"].values() for r in rows)
-        assert row["ratio"] > 0 and min(row["peak_rss_mb"].values()) > 0
+        assert row["ratio"] > 0 and min(row["peak_memory_mb"].values()) > 0
     for pair in data["runs"].values():
         assert [r["streamed"] for r in pair] == [True, False]
-        assert all(r["peak_rss_mb"] > 0 and 0 <= r["suite_share"] <= 1 and r["train_s"] > 0 for r in pair)
+        assert all(r["peak_memory_mb"] > 0 and 0 <= r["suite_share"] <= 1 and r["train_s"] > 0 for r in pair)
     assert "| target |" in markdown and "Streamed peak memory" in markdown
 
 

@@ -125,3 +125,9 @@ def test_a_folder_of_float_images_is_refused_with_examples(tmp_path):
     save_manifest(build_manifest(tmp_path / "data"), tmp_path / "manifest.csv")
     with pytest.raises(ManifestError, match=r"no defined 8-bit range.*2 images, for example a/0.tif"):
         image_format(str(tmp_path / "manifest.csv"), DataConfig(path="data"))
+
+
+def test_a_mode_with_no_defined_conversion_is_named_as_such_not_as_wide_pixels():
+    with pytest.raises(ValueError, match="defines no conversion of HSV") as caught:
+        model_mode({"L", "HSV"})
+    assert "32-bit" not in str(caught.value)

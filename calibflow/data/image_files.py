@@ -135,10 +135,12 @@ ImageSource = Union[torch.Tensor, ImageFiles]
 
 
 def _worker_context():
-    """Workers forked from a clean server process, not from this one: a run forks from a process
-    with threads (Prefect's engine and API client, MLflow's), and a child forked mid-way through
-    one of their locks dies (measured: exit code 1 in a Prefect task, every few runs). The server
-    starts once per process and imports this module, so each later worker starts in milliseconds."""
+    """Workers forked from a clean server process, not from this one: a run's process holds
+    threads (Prefect's engine and API client, MLflow's), and a child forked from it mid-way through
+    one of their locks dies (seen: a worker exiting with code 1 in two `calibflow run`s and a bare
+    Prefect task). The server starts once per process with this module (and torch) imported; each
+    worker still imports the main module again, as multiprocessing does (the `calibflow` script:
+    about 40 ms; `python -m prefect.engine` under a deployment: Prefect's import time)."""
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")

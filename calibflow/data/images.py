@@ -53,6 +53,7 @@ SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # 16-bit gray PNG 
 WITH_ALPHA = frozenset({"LA", "RGBA", "PA"})
 GRAY_MODES = frozenset({"1", "L", "LA"}) | SIXTEEN_BIT
 COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA"})
+WIDE_MODES = frozenset({"I", "F"})  # 32-bit integer and float: their range is the writer's choice
 
 
 def model_mode(file_modes: Iterable[str]) -> str:
@@ -62,10 +63,16 @@ def model_mode(file_modes: Iterable[str]) -> str:
     modes = set(file_modes)
     unknown = sorted(modes - GRAY_MODES - COLOUR_MODES)
     if unknown:
+        wide = [m for m in unknown if m in WIDE_MODES]
+        why = (
+            f"{', '.join(wide)} pixels have no defined 8-bit range (32-bit integer or float)"
+            if wide
+            else f"calibflow defines no conversion of {', '.join(unknown)} to 8-bit gray or RGB"
+        )
         raise ValueError(
             f"image mode(s) {', '.join(unknown)}: calibflow reads 8-bit gray or colour, and converts 1-bit, "
-            f"16-bit gray, palette, CMYK, YCbCr and opaque alpha images; {', '.join(unknown)} pixels have no "
-            f"defined 8-bit range (32-bit integer or float): export them as 8- or 16-bit PNG or as JPEG"
+            f"16-bit gray, palette, CMYK, YCbCr and opaque alpha images; {why}: export them as 8- or 16-bit "
+            f"PNG or as JPEG"
         )
     return "RGB" if modes & COLOUR_MODES else "L"
 

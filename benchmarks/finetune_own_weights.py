@@ -121,10 +121,7 @@ def folders(archive: Path, work: Path, holdout: list[str], pretrain_per_class: i
     """work/pretrain/<class>/ (the classes not held out) and work/few/<class>/ (the held-out ones),
     the first N files of each class of the archive's train/ folder in name order, bytes unchanged."""
     with tarfile.open(archive) as tar:
-        members = sorted(
-            (m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/") and m.name.count("/") == 2),
-            key=lambda m: m.name,
-        )
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/") and m.name.count("/") == 2]
         classes = sorted({m.name.split("/")[1] for m in members})
         missing = [name for name in holdout if name not in classes]
         if missing or len(set(holdout)) != len(holdout):
@@ -132,17 +129,22 @@ def folders(archive: Path, work: Path, holdout: list[str], pretrain_per_class: i
         plan = {"pretrain": [c for c in classes if c not in holdout], "few": list(holdout)}
         wanted = {c: (pretrain_per_class if c not in holdout else few_per_class) for c in classes}
         kept: dict[str, int] = {c: 0 for c in classes}
+        chosen = set()
+        for member in sorted(members, key=lambda m: m.name):
+            label = member.name.split("/")[1]
+            if kept[label] < wanted[label]:
+                chosen.add(member.name)
+                kept[label] += 1
         for folder in plan:
             shutil.rmtree(work / folder, ignore_errors=True)
+        # in the archive's own order: a gzip stream read backwards is decompressed again from its start
         for member in members:
-            label = member.name.split("/")[1]
-            if kept[label] == wanted[label]:
-                continue
-            target = work / ("few" if label in holdout else "pretrain") / label / Path(member.name).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as handle:
-                target.write_bytes(handle.read())
-            kept[label] += 1
+            if member.name in chosen:
+                label = member.name.split("/")[1]
+                target = work / ("few" if label in holdout else "pretrain") / label / Path(member.name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as handle:
+                    target.write_bytes(handle.read())
     short = {c: n for c, n in kept.items() if n < wanted[c]}
     if short:
         raise SystemExit(f"{archive}: too few training images in {short}")

@@ -163,6 +163,21 @@ class DataConfig:
     )
     # PIL modes ("L", "RGB"); empty means "every image has the most common mode".
     allowed_modes: tuple[str, ...] = ()
+    # Photos of mixed sizes (docs/pipeline.md, "Image sizes"): the model reads image_size x
+    # image_size pixels, trained on torchvision's reference RandomResizedCrop (train.augment,
+    # train.hflip, train.crop_min_scale) and evaluated, and served, on its Resize(resize_size) +
+    # CenterCrop(image_size). null: every image has one size (allowed_sizes) and is read whole.
+    image_size: int | None = bounded(
+        None, Range(8, 4096, message="{key} = {value}: use a side in pixels in [{low}, {high}], or null")
+    )
+    # The evaluation resize of the shorter side; null: image_size x 256/224, torchvision's reference
+    # (256 for 224). At least image_size: the centre crop is cut from it.
+    resize_size: int | None = bounded(
+        None, Range(8, 8192, message="{key} = {value}: use a side in pixels in [{low}, {high}], or null")
+    )
+    # With image_size: validation refuses an image whose shorter side is below this (a thumbnail or
+    # a 1x1 pixel read at 224 px is an invented image), and so does reading it later.
+    min_side: int = bounded(32, POSITIVE, _at_most(4096, "the smallest side in pixels"))
     # How a split is read, which changes memory and speed, never a pixel: decoded into memory when
     # its uint8 pixels (images x channels x height x width) take at most this many MB, else from
     # its files a batch at a time (0: always from the files). 1,024 MB holds about 7,100 RGB
@@ -174,6 +189,26 @@ class DataConfig:
     workers: int | Literal["auto"] = bounded(
         "auto", Range(0, 64, message="{key} = {value}: use a number of processes in [{low}, {high}] or auto")
     )
+
+    def validate(self) -> None:
+        if self.image_size is None:
+            if self.resize_size is not None:
+                raise ConfigError(
+                    f"data.resize_size = {self.resize_size} needs data.image_size: the resize frames the centre "
+                    f"crop of image_size; set data.image_size (for example 224) or data.resize_size to null"
+                )
+            return
+        if self.allowed_sizes:
+            raise ConfigError(
+                f"data.allowed_sizes = {list(self.allowed_sizes)} and data.image_size = {self.image_size}: with "
+                f"image_size every image is resized and cropped to it, whatever its size; set one of them to empty / null"
+            )
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ConfigError(
+                f"data.resize_size = {self.resize_size} is below data.image_size = {self.image_size}: the centre "
+                f"crop of image_size is cut from the resized image; use at least {self.image_size}, or null "
+                f"(image_size x 256/224)"
+            )
 
 
 SPLIT_FRACTION = Range(0, 1, low_open=True, high_open=True, message="{key} = {value}: each split fraction {allowed}")
@@ -266,8 +301,12 @@ class TrainConfig:
     momentum: float = bounded(0.9, FRACTION)
     weight_decay: float = bounded(5e-4, NOT_NEGATIVE)
     label_smoothing: float = bounded(0.0, FRACTION)
-    augment: bool = True  # random translation by up to 1/8 of the image side
+    # random translation by up to 1/8 of the image side; with data.image_size, RandomResizedCrop
+    augment: bool = True
     hflip: bool = False  # horizontal flips: right for CIFAR-like data, wrong for digits
+    # With data.image_size and augment: RandomResizedCrop's smallest share of an image's area
+    # (torchvision's reference 0.08; larger keeps more of each photo in every crop).
+    crop_min_scale: float = bounded(0.08, Range(0, 1, low_open=True))
     # Train-time calibration (calibflow/training/losses.py): each composes with label_smoothing and mix.
     loss: Literal["cross_entropy", "focal", "flsd53", "confidence_penalty", "mmce"] = "cross_entropy"
     # loss focal: (1 - p)^gamma; 0 is cross-entropy (flsd53 picks its own)

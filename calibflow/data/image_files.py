@@ -24,7 +24,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from calibflow.data.images import decode_image, load_images
+from calibflow.data.images import Framing, Size, as_framing, decode_image, load_images
 from calibflow.environment import cpu_cores
 from calibflow.errors import ManifestError
 
@@ -54,15 +54,16 @@ def auto_workers() -> int:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """The files `root/<path>` of a split, decoded to uint8 (C, H, W) in `mode` at `size` (W, H)
-    when read. len() and shape as a decoded tensor of them would have; `take` a subset, without
-    decoding."""
+    """The files `root/<path>` of a split, decoded to uint8 (C, H, W) in `mode`, framed by `size`
+    (a Framing, or (W, H)) when read. len() and shape as a decoded tensor of them would have;
+    `take` a subset, without decoding. A training framing (Framing.random) crops each image by
+    the seed read with it: an item is then an (index, seed) pair."""
 
-    def __init__(self, root: str | Path, paths: Sequence[str], mode: str, size: tuple[int, int]):
+    def __init__(self, root: str | Path, paths: Sequence[str], mode: str, size: Size):
         self.root = str(root)
         self.paths = tuple(str(p) for p in paths)
         self.mode = mode
-        self.size = (int(size[0]), int(size[1]))
+        self.framing: Framing = as_framing(size)
         self._loaders: dict[tuple[int, bool], tuple[torch.utils.data.DataLoader, _Batches]] = {}
 
     def __getstate__(self) -> dict:
@@ -95,13 +96,24 @@ class ImageFiles(torch.utils.data.Dataset):
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.paths), len(self.mode), self.size[1], self.size[0])
+        return (len(self.paths), len(self.mode), self.framing.height, self.framing.width)
 
-    def __getitem__(self, index: int) -> torch.Tensor | str:
+    @property
+    def crops(self) -> bool:
+        """Whether each read draws a random crop (a training framing), from a seed read with it."""
+        return self.framing.random
+
+    def evaluated(self) -> ImageFiles:
+        """The same files, framed as evaluation frames them: no random crop."""
+        return ImageFiles(self.root, self.paths, self.mode, self.framing.for_evaluation())
+
+    def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor | str:
         """One image as uint8 (C, H, W), or, for a file that fails to decode, the refusal's message:
-        read_batches raises it, on one line, wherever the decoding ran."""
+        read_batches raises it, on one line, wherever the decoding ran. `item`: an index, or an
+        (index, seed) pair for a training framing."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         try:
-            array = decode_image(Path(self.root) / self.paths[index], self.mode, self.size)
+            array = decode_image(Path(self.root) / self.paths[index], self.mode, self.framing, seed=seed)
         except ManifestError as error:
             return str(error)
         return torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy: decode's may be read-only
@@ -116,19 +128,19 @@ class ImageFiles(torch.utils.data.Dataset):
         self._loaders.clear()
 
     def take(self, indices: Iterable[int]) -> ImageFiles:
-        return ImageFiles(self.root, [self.paths[i] for i in indices], self.mode, self.size)
+        return ImageFiles(self.root, [self.paths[i] for i in indices], self.mode, self.framing)
 
-    def decode(self, indices: Iterable[int]) -> torch.Tensor:
+    def decode(self, indices: Iterable[int], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """The images at `indices` as one uint8 tensor (N, C, H, W), decoded here by a thread pool."""
-        return load_images(self.root, [self.paths[i] for i in indices], self.mode, self.size)
+        return load_images(self.root, [self.paths[i] for i in indices], self.mode, self.framing, seeds=seeds)
 
     def to_record(self) -> dict:
         """Plain values (for a torchrun worker's bundle, which torch.load reads with weights_only)."""
-        return {"root": self.root, "paths": list(self.paths), "mode": self.mode, "size": list(self.size)}
+        return {"root": self.root, "paths": list(self.paths), "mode": self.mode, "framing": self.framing.to_record()}
 
     @classmethod
     def from_record(cls, record: dict) -> ImageFiles:
-        return cls(record["root"], record["paths"], record["mode"], tuple(record["size"]))
+        return cls(record["root"], record["paths"], record["mode"], Framing.from_record(record["framing"]))
 
 
 ImageSource = Union[torch.Tensor, ImageFiles]
@@ -173,27 +185,40 @@ def read_batches(
     *,
     workers: int = 0,
     pin_memory: bool = False,
+    seeds: Sequence[Sequence[int] | torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """The images of each batch of indices, in order: a tensor source indexed where it lies (on
     the device, for a training's), an ImageFiles decoded by its `workers` persistent DataLoader
     processes that run PREFETCH_BATCHES batches ahead (on the host, in pinned memory with
     `pin_memory`: for a copy to a GPU), or by a thread pool here when `workers` is 0. One pass at a time per
-    source: a new pass on the same ImageFiles ends the one before."""
+    source: a new pass on the same ImageFiles ends the one before. `seeds`, one per index in
+    batches of the same shape: each image's random crop, for an ImageFiles that crops (and only
+    for one)."""
     if isinstance(source, torch.Tensor):
         for batch in index_batches:
             yield source[batch]
         return
-    batches = [batch.tolist() if isinstance(batch, torch.Tensor) else list(batch) for batch in index_batches]
+    if (seeds is not None) != source.crops:
+        raise ValueError("seeds go with a training framing's files, and only with them: one seed per image read")
+    batches = [_host_list(batch) for batch in index_batches]
+    seed_batches = [_host_list(batch) for batch in seeds] if seeds is not None else [None] * len(batches)
     if workers == 0:
-        for batch in batches:
-            yield source.decode(batch)
+        for batch, batch_seeds in zip(batches, seed_batches):
+            yield source.decode(batch, batch_seeds)
         return
     loader, sampler = source.loader(workers, pin_memory)
-    sampler.batches = batches
+    sampler.batches = [
+        batch if batch_seeds is None else list(zip(batch, batch_seeds))
+        for batch, batch_seeds in zip(batches, seed_batches)
+    ]
     for batch in loader:
         if isinstance(batch, str):
             raise ManifestError(batch)
         yield batch
+
+
+def _host_list(batch: Sequence[int] | torch.Tensor) -> list[int]:
+    return batch.tolist() if isinstance(batch, torch.Tensor) else list(batch)
 
 
 def in_order(n: int, batch_size: int) -> list[range]:

@@ -12,7 +12,10 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+import math
+import threading
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,14 +29,19 @@ from calibflow.errors import ManifestError
 _UNDECODABLE = (OSError, SyntaxError, struct.error, EOFError, ValueError)
 
 
-def decode_image(path: str | Path, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One image as an (H, W, C) uint8 array in `mode`, resized to `size` (W, H) when it differs.
+def decode_image(
+    path: str | Path | BinaryIO, mode: str, size: Size = None, *, seed: int | None = None, name: str | Path | None = None
+) -> np.ndarray:
+    """One image as an (H, W, C) uint8 array in `mode`, framed by `size`: a Framing, or (W, H) to
+    stretch it to when it differs (what a dataset of one size has always done). `path` may be an
+    open binary file (a served request's bytes), named in errors by `name`. `seed`: a training
+    framing's random crop and flip for this image (Framing.crop).
 
     A file that cannot be decoded is a ManifestError naming the file and what is wrong with it (a
     refusal: exit 2 with one line on the CLI, wherever the file came from), never Pillow's own
     error, whose message may not name the file and which the CLI would read as a store failure."""
     with _no_bomb_warning():
-        return _decode(path, mode, size)
+        return _decode(path, mode, size, seed=seed, name=name)
 
 
 @contextmanager
@@ -54,6 +62,124 @@ WITH_ALPHA = frozenset({"LA", "RGBA", "PA"})
 GRAY_MODES = frozenset({"1", "L", "LA"}) | SIXTEEN_BIT
 COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA"})
 WIDE_MODES = frozenset({"I", "F"})  # 32-bit integer and float: their range is the writer's choice
+
+
+# torchvision's reference classification recipe (references/classification/train.py): training
+# crops a random area of 8-100% at aspect ratios 3/4-4/3 (RandomResizedCrop); evaluation resizes
+# the shorter side to 256 and keeps the centre 224 (Resize + CenterCrop): 7/8 of it.
+REFERENCE_CROP_SCALE = (0.08, 1.0)
+REFERENCE_CROP_RATIOS = (3.0 / 4.0, 4.0 / 3.0)
+REFERENCE_CENTRE_SHARE = 224 / 256
+
+
+def reference_resize(image_size: int) -> int:
+    """The evaluation transform's shorter side for a crop of `image_size`: 256 for 224."""
+    return int(round(image_size / REFERENCE_CENTRE_SHARE))
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a decoded image becomes what the model reads: width x height pixels.
+
+    resize None: stretched to width x height when it differs (a dataset whose images share one
+    size, data.image_size unset). resize R: torchvision's reference evaluation transform, the
+    shorter side resized to R with the aspect kept, then the centre width x height (Resize +
+    CenterCrop). crop_scale (lo, hi): the training transform instead, torchvision's
+    RandomResizedCrop to width x height with that share of the area and REFERENCE_CROP_RATIOS,
+    then a horizontal flip with probability 1/2 when `hflip`; drawn for each image from the seed
+    decode_image is given, so one seed gives the same pixels in any worker process or thread.
+    An image whose shorter side is below `min_side` is refused (a thumbnail, or a 1x1 pixel)."""
+
+    width: int
+    height: int
+    resize: int | None = None
+    crop_scale: tuple[float, float] | None = None
+    hflip: bool = False
+    min_side: int = 1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    @property
+    def random(self) -> bool:
+        return self.crop_scale is not None
+
+    def for_evaluation(self) -> Framing:
+        return Framing(self.width, self.height, self.resize, min_side=self.min_side)
+
+    def check_size(self, path: str | Path, size: tuple[int, int]) -> None:
+        if min(size) < self.min_side:
+            raise ManifestError(
+                f"{path}: {size[0]}x{size[1]} pixels, smaller than data.min_side = {self.min_side} on its shorter "
+                f"side: the model reads {self.width}x{self.height}, and an image this small holds too little of "
+                f"it; remove it from the folder, or lower data.min_side"
+            )
+
+    def apply(self, image: Image.Image, seed: int | None = None) -> Image.Image:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        if self.crop_scale is not None:
+            if seed is None:
+                raise ValueError("a training framing draws each image's crop from a seed: decode_image(seed=...)")
+            top, left, height, width, flip = self._draw_crop(image, seed)
+            image = F.resized_crop(
+                image, top, left, height, width, [self.height, self.width], InterpolationMode.BILINEAR, antialias=True
+            )
+            return F.horizontal_flip(image) if flip else image
+        if self.resize is None:
+            return image if image.size == self.size else image.resize(self.size, Image.Resampling.BILINEAR)
+        image = F.resize(image, [self.resize], InterpolationMode.BILINEAR, antialias=True)  # the shorter side
+        return F.center_crop(image, [self.height, self.width])
+
+    def _draw_crop(self, image: Image.Image, seed: int) -> tuple[int, int, int, int, bool]:
+        from torchvision.transforms import RandomResizedCrop
+
+        # torchvision's own draw of the crop, which reads torch's global stream: seeded per image
+        # inside a fork of it, under a lock that keeps decoding threads from seeding each other's
+        with _CROP_DRAWS, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            top, left, height, width = RandomResizedCrop.get_params(
+                image, list(self.crop_scale), list(REFERENCE_CROP_RATIOS)
+            )
+            flip = self.hflip and bool(torch.rand(()) < 0.5)
+        return top, left, height, width, flip
+
+    def to_record(self) -> dict:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "resize": self.resize,
+            "crop_scale": list(self.crop_scale) if self.crop_scale is not None else None,
+            "hflip": self.hflip,
+            "min_side": self.min_side,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> Framing:
+        scale = record.get("crop_scale")
+        return cls(
+            int(record["width"]),
+            int(record["height"]),
+            None if record.get("resize") is None else int(record["resize"]),
+            None if scale is None else (float(scale[0]), float(scale[1])),
+            bool(record.get("hflip", False)),
+            int(record.get("min_side", 1)),
+        )
+
+
+_CROP_DRAWS = threading.Lock()
+
+# What decoding frames an image to: a Framing, or (width, height) to stretch it to (Framing(width,
+# height)), or None to keep it as the file has it.
+Size = Union[Framing, tuple[int, int], None]
+
+
+def as_framing(size: Size) -> Framing | None:
+    if size is None or isinstance(size, Framing):
+        return size
+    return Framing(int(size[0]), int(size[1]))
 
 
 def model_mode(file_modes: Iterable[str]) -> str:
@@ -107,25 +233,31 @@ def to_model_mode(image: Image.Image, mode: str, path: str | Path) -> Image.Imag
     return image if image.mode == mode else image.convert(mode)
 
 
-def _decode(path: str | Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+def _decode(
+    path: str | Path | BinaryIO, mode: str, size: Size, *, seed: int | None = None, name: str | Path | None = None
+) -> np.ndarray:
+    label = name if name is not None else path
+    framing = as_framing(size)
     try:
         with Image.open(path) as image:
-            _refuse_bomb(path, image)  # before decoding: the header alone says how big it is
-            image = to_model_mode(image, mode, path)
-            if size is not None and image.size != tuple(size):
-                image = image.resize(tuple(size), Image.Resampling.BILINEAR)
+            _refuse_bomb(label, image)  # before decoding: the header alone says how big it is
+            if framing is not None:
+                framing.check_size(label, image.size)
+            image = to_model_mode(image, mode, label)
+            if framing is not None:
+                image = framing.apply(image, seed)
             array = np.asarray(image, dtype=np.uint8)
     except ManifestError:
         raise  # _refuse_bomb's, a ValueError that already names the file
     except Image.DecompressionBombError as error:  # Pillow's own check, at twice its limit
-        raise ManifestError(f"{path}: {_bomb(error)}") from error
+        raise ManifestError(f"{label}: {_bomb(error)}") from error
     except UnidentifiedImageError as error:
         raise ManifestError(
-            f"{path}: not an image Pillow can read (an unknown format, or not an image at all): "
+            f"{label}: not an image Pillow can read (an unknown format, or not an image at all): "
             f"remove it from the folder or convert it to PNG or JPEG"
         ) from error
     except _UNDECODABLE as error:
-        raise ManifestError(f"{path}: cannot be decoded as an image ({_problem(error)}): {_FIX}") from error
+        raise ManifestError(f"{label}: cannot be decoded as an image ({_problem(error)}): {_FIX}") from error
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -162,12 +294,22 @@ def _problem(error: Exception) -> str:
 
 
 def load_images(
-    root: str | Path, relative_paths: Sequence[str], mode: str, size: tuple[int, int] | None = None, workers: int = 8
+    root: str | Path,
+    relative_paths: Sequence[str],
+    mode: str,
+    size: Size = None,
+    workers: int = 8,
+    *,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Decode many files (PIL releases the GIL while decoding, so threads help)."""
+    """Decode many files (PIL releases the GIL while decoding, so threads help); `seeds`, one per
+    file, for a training framing's crops."""
     root = Path(root)
+    each = [None] * len(relative_paths) if seeds is None else [int(seed) for seed in seeds]
     with _no_bomb_warning(), ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda p: _decode(root / p, mode, size), relative_paths, chunksize=64))
+        arrays = list(
+            pool.map(lambda p, seed: _decode(root / p, mode, size, seed=seed), relative_paths, each, chunksize=64)
+        )
     if not arrays:
         raise ValueError("no images to load")
     stacked = np.stack(arrays)  # (N, H, W, C)

@@ -52,6 +52,7 @@ CHECK_ORDER = (DECODES, SIZE, MODE, LABELS, MIN_PER_CLASS, SPLIT_LEAKAGE, LABEL_
 _UNITS_BY_COLUMN = {
     "decodable": "files",
     "size": "images",
+    "shorter_side": "images",
     "mode": "images",
     "label": "class folders",
     "count": "classes",
@@ -101,10 +102,16 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _check_names(min_per_class: int, allowed_sizes: Sequence[str], allowed_modes: Sequence[str]):
+def _check_names(
+    min_per_class: int, allowed_sizes: Sequence[str], allowed_modes: Sequence[str], min_side: int | None = None
+):
+    if min_side is not None:
+        size = f"every image is at least {min_side} px on its shorter side"
+    else:
+        size = "every image has an allowed size" if allowed_sizes else "every image has one size"
     return {
         DECODES: "every file decodes as an image",
-        SIZE: "every image has an allowed size" if allowed_sizes else "every image has one size",
+        SIZE: size,
         MODE: "every image has an allowed mode" if allowed_modes else "every image has one mode",
         LABELS: "labels equal the class folders",
         MIN_PER_CLASS: f"every class has at least {min_per_class} images",
@@ -175,11 +182,19 @@ def _details(key: str, result: dict[str, Any], expected: dict[str, Any]) -> str:
     unexpected = result.get("unexpected_count")
     if key == DECODES:
         return _examples(result, ("path", "error"), unexpected)
+    if key == SIZE and "min_side" in expected:
+        head = f"expected a shorter side of at least {expected['min_side']} px (data.min_side)"
+        examples = _examples(result, ("path", "size"), unexpected)
+        fix = "remove them from the folder or lower data.min_side"
+        return f"{head}; {examples}; {fix}" if examples else f"{head}; {fix}"
     if key in (SIZE, MODE):
         wanted = ", ".join(repr(v) for v in expected[key]) or "(none)"
         head = f"expected {wanted}; got {_observed(result)}"
         examples = _examples(result, ("path", key), unexpected)
-        return f"{head}; {examples}" if examples else head
+        text = f"{head}; {examples}" if examples else head
+        if key == SIZE:
+            text += "; for photos of many sizes set data.image_size (for example 224): each is then resized and cropped to it"
+        return text
     if key == LABELS:
         missing = sorted(str(v) for v in result.get("partial_missing_list") or [])
         extra = sorted(str(v) for v in result.get("partial_unexpected_list") or [])
@@ -267,12 +282,15 @@ def validate_manifest(
     min_per_class: int,
     allowed_sizes: Sequence[str] = (),
     allowed_modes: Sequence[str] = (),
+    min_side: int | None = None,
 ) -> ValidationReport:
     """Validate a split manifest (build_manifest's columns plus `split`) with Great Expectations.
 
     allowed_sizes ("WxH") / allowed_modes (PIL modes): when empty, every decodable image must have
-    the most common size / mode among decodable images. Returns the report; raising is the
-    caller's choice (`raise DataValidationError(report)` when not report.success).
+    the most common size / mode among decodable images. With `min_side` (data.image_size: images
+    of any size are framed to the model's), the size check is instead that every image's shorter
+    side is at least min_side pixels. Returns the report; raising is the caller's choice (`raise
+    DataValidationError(report)` when not report.success).
     """
     missing = [col for col in REQUIRED_COLUMNS if col not in manifest.columns]
     if missing:
@@ -288,13 +306,14 @@ def validate_manifest(
     started = time.perf_counter()
     import great_expectations as gx
 
-    names = _check_names(min_per_class, allowed_sizes, allowed_modes)
+    names = _check_names(min_per_class, allowed_sizes, allowed_modes, min_side)
 
     # --- the frames GX validates -------------------------------------------------------------
     manifest = manifest.reset_index(drop=True)
     files = manifest[["path", "label", "decodable", "error"]].copy()
     files["decodable"] = files["decodable"].astype("bool")
     images = manifest.loc[files["decodable"], ["path", "size", "mode"]].reset_index(drop=True)
+    images["shorter_side"] = [min(int(v) for v in size.split("x")) for size in images["size"]]
     counts = files["label"].value_counts(sort=False)
     per_class = pd.DataFrame(
         {"label": [str(v) for v in counts.index], "count": counts.to_numpy().astype("int64")}
@@ -307,6 +326,8 @@ def validate_manifest(
         SIZE: list(allowed_sizes) if allowed_sizes else ([common_size] if common_size else []),
         MODE: list(allowed_modes) if allowed_modes else ([common_mode] if common_mode else []),
     }
+    if min_side is not None:
+        expected["min_side"] = min_side
 
     E = gx.expectations
 
@@ -327,10 +348,14 @@ def validate_manifest(
         "images": (
             images,
             [
-                E.ExpectColumnValuesToBeInSet(column="size", value_set=expected[SIZE], meta=meta(SIZE)),
+                (
+                    E.ExpectColumnValuesToBeBetween(column="shorter_side", min_value=min_side, meta=meta(SIZE))
+                    if min_side is not None
+                    else E.ExpectColumnValuesToBeInSet(column="size", value_set=expected[SIZE], meta=meta(SIZE))
+                ),
                 E.ExpectColumnValuesToBeInSet(column="mode", value_set=expected[MODE], meta=meta(MODE)),
             ],
-            ["path"],
+            ["path", "size"] if min_side is not None else ["path"],
         ),
         "classes": (
             per_class,
@@ -390,7 +415,7 @@ def validate_manifest(
         "decodable_files": int(len(images)),
         "classes": int(len(set(classes))),
         "distinct_contents": int(len(contents)),
-        "expected_size": expected[SIZE],
+        "expected_size": f"shorter side >= {min_side}" if min_side is not None else expected[SIZE],
         "expected_mode": expected[MODE],
         "seconds": seconds,
     }

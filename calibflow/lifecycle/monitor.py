@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from calibflow.tracking import registration
-from calibflow.tracking import store
+from calibflow.tracking import served_model, store
 from calibflow.evaluation.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
 from calibflow.config import Config
 from calibflow.gates.statistics import (
@@ -175,7 +175,7 @@ def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: s
     paths, labels = read_monitoring_folder(data.local_dir, classes, data_path)
     paths, labels, dropped = drop_seen(data.local_dir, paths, labels, seen_by(record), data_path)
     meta = model.metadata.metadata
-    images = load_images(data.local_dir, paths, meta["image_mode"], tuple(meta["image_size"]))
+    images = load_images(data.local_dir, paths, meta["image_mode"], served_model.framing_of(meta))
     probabilities = predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
     settings, confidence = config.monitor, config.gates.confidence
     report = MonitorReport(

@@ -38,7 +38,7 @@ from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_m
 from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.lifecycle.promotion import champion_for, seen_by
-from calibflow.lifecycle.reproduce import served_classes, served_policy, verified_run_artifact
+from calibflow.lifecycle.reproduce import predict_in_batches, served_classes, served_policy, verified_run_artifact
 from calibflow.pipeline.tagging import gate_tags, run_artifact_tags, run_verdict
 from calibflow.data.splits import stratified_split
 from calibflow.data.versioning import resolve_data
@@ -94,7 +94,7 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
     suite = suite_of(config.shift, config.seed)
     rows = slice(0, suite.max_images)
     cells = corrupted_images(images[rows], suite)
-    logits = {key: served.logits(x) for key, x in cells.items()}
+    logits = {key: served.logits(x, framed=True) for key, x in cells.items()}
     shift = {key: Predictions(calibrator.transform(z).numpy(), labels[rows]) for key, z in logits.items()}
     n_bins = config.evaluation.n_bins
     # what `calibflow evaluate` reproduces (reproduce.reproduce_shift), as the run's shift/shift_metrics.json
@@ -116,7 +116,8 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
             else registration.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model()
         )
         comparison = {
-            key: (shift[key], Predictions(champion_model.probabilities(x), labels[rows])) for key, x in cells.items()
+            key: (shift[key], Predictions(champion_model.probabilities(x, framed=True), labels[rows]))
+            for key, x in cells.items()
         }
     return shift, comparison, {SUITE_TAG: suite.to_json()}, metrics
 
@@ -213,10 +214,10 @@ def _new_images(model, data_path: str, config: Config, repo_root: str | Path, se
             f"{data_path} is too small to recalibrate on: its test half has {n_test} images. {warning}"
         )
     meta = model.metadata.metadata
-    images = load_images(data.local_dir, manifest["path"].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    images = load_images(data.local_dir, manifest["path"].tolist(), meta["image_mode"], served_model.framing_of(meta))
     images = images.permute(0, 2, 3, 1).contiguous().numpy()
     served = model.unwrap_python_model()
-    logits = np.concatenate([served.logits(images[i : i + 1024]) for i in range(0, len(images), 1024)])
+    logits = np.concatenate([served.logits(images[i : i + 1024], framed=True) for i in range(0, len(images), 1024)])
     return NewImages(data, manifest, split, images, logits, manifest["label_index"].to_numpy())
 
 
@@ -258,7 +259,9 @@ def _fit_and_gate(source, served, new: NewImages, config: Config, against: str |
         theirs = (
             source_probabilities
             if champion.version == source.version
-            else registration.load_model(f"models:/{source.name}/{champion.version}").predict(new.images[test_rows])
+            else predict_in_batches(
+                registration.load_model(f"models:/{source.name}/{champion.version}"), new.images[test_rows]
+            )
         )
         comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
     shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(

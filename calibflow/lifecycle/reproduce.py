@@ -70,8 +70,11 @@ def _same(a: float | None, b: float) -> bool:
 
 
 def predict_in_batches(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """A loaded model's calibrated probabilities on images calibflow framed as the model frames them
+    (served_model.framing_of): sent as they are."""
+    params = served_model.framed_input_params(model.metadata.metadata) or None
     return np.concatenate(
-        [model.predict(images_nhwc[i : i + batch_size]) for i in range(0, len(images_nhwc), batch_size)]
+        [model.predict(images_nhwc[i : i + batch_size], params=params) for i in range(0, len(images_nhwc), batch_size)]
     )
 
 
@@ -135,14 +138,18 @@ def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray)
     """A loaded model's (registration.load_model) calibrated probabilities on manifest rows, decoded
     its own way. Columns in the model's class order (served_classes)."""
     meta = model.metadata.metadata
-    images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    images = load_images(
+        data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], served_model.framing_of(meta)
+    )
     return predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
 
 
 def decode_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
     """uint8 images (N, H, W, C) of manifest rows, decoded as a loaded model takes them."""
     meta = model.metadata.metadata
-    images = load_images(data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], tuple(meta["image_size"]))
+    images = load_images(
+        data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], served_model.framing_of(meta)
+    )
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
@@ -160,9 +167,9 @@ def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.nda
 def ood_scores_of(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:
     """A loaded model's out-of-distribution scores ({"msp", "energy"}) on uint8 images (N, H, W, C),
     from the served pyfunc (params={"output": "ood"})."""
+    params = {served_model.OUTPUT_PARAM: "ood", **served_model.framed_input_params(model.metadata.metadata)}
     frames = [
-        model.predict(images_nhwc[i : i + batch_size], params={served_model.OUTPUT_PARAM: "ood"})
-        for i in range(0, len(images_nhwc), batch_size)
+        model.predict(images_nhwc[i : i + batch_size], params=params) for i in range(0, len(images_nhwc), batch_size)
     ]
     return {name: np.concatenate([np.asarray(f[name], np.float64) for f in frames]) for name in ("msp", "energy")}
 
@@ -181,7 +188,7 @@ def recorded_ood_scores(
     recorded = json.loads(record.tags[OOD_TAG])
     meta = model.metadata.metadata
     local_dir, files = recorded_ood_files(repo_root, recorded)
-    outside_images = load_images(local_dir, files, meta["image_mode"], tuple(meta["image_size"]))
+    outside_images = load_images(local_dir, files, meta["image_mode"], served_model.framing_of(meta))
     outside = ood_scores_of(model, outside_images.permute(0, 2, 3, 1).contiguous().numpy())
     inside = ood_scores_of(
         model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rebuilt.split.indices["test"])
@@ -277,7 +284,7 @@ class Prediction:
 def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
     model = registration.load_model(model_uri)
     meta = model.metadata.metadata
-    images = np.stack([decode_image(p, meta["image_mode"], tuple(meta["image_size"])) for p in paths])
+    images = np.stack([decode_image(p, meta["image_mode"], served_model.framing_of(meta)) for p in paths])
     probabilities = predict_in_batches(model, images)
     policy = served_policy(model) or DecisionPolicy(tuple(served_classes(model)))
     decided = policy.decide(probabilities)

@@ -8,6 +8,7 @@ boundaries. Nothing in calibflow.pipeline knows about Prefect or MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibflow.config import Config, DataConfig, SplitConfig
+from calibflow.config import Config, DataConfig, SplitConfig, TrainConfig
 from calibflow.errors import ConfigError, ManifestError
 from calibflow.data.image_files import ImageFiles, ImageLoading, ImageSource, auto_workers
-from calibflow.data.images import COLOUR_MODES, GRAY_MODES, load_images, model_mode
+from calibflow.data.images import COLOUR_MODES, GRAY_MODES, Framing, load_images, model_mode, reference_resize
 from calibflow.data.manifest import (
     build_manifest,
     class_counts,
@@ -30,6 +31,7 @@ from calibflow.data.manifest import (
 )
 from calibflow.data.splits import Split, stratified_split
 from calibflow.training.distributed import resolve_nproc
+from calibflow.training.models import Checkpoint
 from calibflow.data.validation import ValidationReport, validate_manifest
 
 
@@ -183,6 +185,7 @@ def validate_data(
         "min_per_class": data.min_per_class,
         "allowed_sizes": list(data.allowed_sizes),
         "allowed_modes": list(data.allowed_modes),
+        "min_side": data.min_side if data.image_size is not None else None,
         "great_expectations": version("great-expectations"),
         "code": disk_cache.file_sha256(validation.__file__),
     }
@@ -197,7 +200,14 @@ def validate_data(
     else:
         manifest = load_manifest(manifest_path)
         manifest["split"] = Split.load(split_path).assignment(len(manifest))
-        report = validate_manifest(manifest, list(classes), data.min_per_class, data.allowed_sizes, data.allowed_modes)
+        report = validate_manifest(
+            manifest,
+            list(classes),
+            data.min_per_class,
+            data.allowed_sizes,
+            data.allowed_modes,
+            min_side=data.min_side if data.image_size is not None else None,
+        )
         if report.success:
             disk_cache.store(
                 cache_directory, "data_validation", key, {"statistics": report.statistics, "result": report.result}
@@ -208,20 +218,51 @@ def validate_data(
 
 @dataclass(frozen=True)
 class ImageFormat:
+    """What the model reads (`mode`, width x height) and how a file becomes it: with `resize`,
+    torchvision's reference Resize + CenterCrop of any size (data.image_size), refusing a shorter
+    side below `min_side`; without, stretched to the one size every file shares."""
+
     mode: str
     width: int
     height: int
+    resize: int | None = None
+    min_side: int = 1
 
     @property
     def channels(self) -> int:
         return len(self.mode)  # "L" -> 1, "RGB" -> 3: images.MODEL_MODES
 
+    @property
+    def framing(self) -> Framing:
+        """How evaluation, the served model and every later command frame an image."""
+        return Framing(self.width, self.height, self.resize, min_side=self.min_side)
+
+    def training_framing(self, train: TrainConfig) -> Framing:
+        """How the train split is read: with data.image_size and train.augment, torchvision's
+        RandomResizedCrop (train.crop_min_scale of the area up to all of it; flipped with
+        train.hflip), a new crop of each image every epoch; else as evaluation reads it, and the
+        training loop's batched translation augments it."""
+        if self.resize is None or not train.augment:
+            return self.framing
+        return dataclasses.replace(self.framing, crop_scale=(train.crop_min_scale, 1.0), hflip=train.hflip)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Checkpoint) -> ImageFormat:
+        framing = checkpoint.framing
+        return cls(
+            mode=checkpoint.image_mode,
+            width=checkpoint.spec.image_width,
+            height=checkpoint.spec.image_height,
+            resize=framing.resize if framing else None,
+            min_side=framing.min_side if framing else 1,
+        )
+
 
 def image_format(manifest_path: str, data: DataConfig) -> ImageFormat:
     """The mode and size the model is built for. The mode: what a model of the allowed file modes
     (else of those the files have; validation has rejected any other) reads, "L" or "RGB"
-    (images.model_mode; every file is converted to it as it is read). The size: the first
-    allowed one, else the most common."""
+    (images.model_mode; every file is converted to it as it is read). The size: data.image_size
+    (any file, framed), else the first allowed one, else the most common."""
     manifest = load_manifest(manifest_path)
     decodable = manifest[manifest["decodable"]]
     file_modes = data.allowed_modes or tuple(decodable["mode"].unique())
@@ -231,6 +272,9 @@ def image_format(manifest_path: str, data: DataConfig) -> ImageFormat:
         unread = decodable.loc[~decodable["mode"].isin(GRAY_MODES | COLOUR_MODES), "path"]
         shown = f" ({len(unread)} images, for example {', '.join(unread.head(3))})" if len(unread) else ""
         raise ManifestError(f"{data.path}: {error}{shown}") from error
+    if data.image_size is not None:
+        resize = data.resize_size if data.resize_size is not None else reference_resize(data.image_size)
+        return ImageFormat(mode, data.image_size, data.image_size, resize=resize, min_side=data.min_side)
     size = data.allowed_sizes[0] if data.allowed_sizes else Counter(decodable["size"]).most_common(1)[0][0]
     width, height = (int(v) for v in size.split("x"))
     return ImageFormat(mode=mode, width=width, height=height)
@@ -251,17 +295,21 @@ def load_split_images(
     limit: int | None = None,
     *,
     loading: ImageLoading | None = None,
+    framing: Framing | None = None,
 ) -> tuple[ImageSource, torch.Tensor, np.ndarray]:
-    """Images, labels and manifest row indices of one split (its first `limit`). The images: a
-    uint8 tensor (N, C, H, W) when `loading` keeps them in memory (without `loading`, always),
-    else an ImageFiles that decodes them a batch at a time."""
+    """Images, labels and manifest row indices of one split (its first `limit`), framed by
+    `framing` (fmt.framing without). The images: a uint8 tensor (N, C, H, W) when `loading` keeps
+    them in memory (without `loading`, always), else an ImageFiles that decodes them a batch at a
+    time; always one for a training framing, whose crops change every epoch."""
+    framing = framing or fmt.framing
     manifest = load_manifest(manifest_path)
     indices = Split.load(split_path).indices[split_name][:limit]
     rows = manifest.iloc[indices]
     paths = rows["path"].tolist()
     labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
-    if loading is None or loading.keeps_in_memory(len(paths), fmt.channels, fmt.width, fmt.height):
-        images = load_images(data_dir, paths, fmt.mode, (fmt.width, fmt.height))
+    in_memory = loading is None or loading.keeps_in_memory(len(paths), fmt.channels, fmt.width, fmt.height)
+    if in_memory and not framing.random:
+        images = load_images(data_dir, paths, fmt.mode, framing)
     else:
-        images = ImageFiles(data_dir, paths, fmt.mode, (fmt.width, fmt.height))
+        images = ImageFiles(data_dir, paths, fmt.mode, framing)
     return images, labels, indices

@@ -46,6 +46,7 @@ from calibflow.evaluation.plots import (
 from calibflow.evaluation.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.evaluation.shift import evaluate_suite
 from calibflow.training.loop import intra_op_threads, resolve_runtime
+from calibflow.pipeline.data_steps import ImageFormat
 from calibflow.pipeline.model_steps import load_logits, load_shift_logits
 
 
@@ -160,9 +161,7 @@ def evaluate_ood(
 
     ood = json.loads(Path(ood_data_path).read_text())
     loaded = load_checkpoint(checkpoint)
-    images = load_images(
-        ood["local_dir"], ood["files"], loaded.image_mode, (loaded.spec.image_width, loaded.spec.image_height)
-    )
+    images = load_images(ood["local_dir"], ood["files"], loaded.image_mode, ImageFormat.of_checkpoint(loaded).framing)
     calibrator = load_calibrator(calibration.state_path)
     with intra_op_threads(threads):
         outside_logits = predictive_logits(

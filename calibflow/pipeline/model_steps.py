@@ -122,12 +122,14 @@ def train_model(
     the same inputs resumes from its last complete epoch (calibflow.training.resume)."""
     fmt = image_format(manifest.path, config.data)
     loading = image_loading(config.data)
-    train_x, train_y, _ = load_split_images(data_dir, manifest.path, split_path, "train", fmt, loading=loading)
+    train_x, train_y, _ = load_split_images(
+        data_dir, manifest.path, split_path, "train", fmt, loading=loading, framing=fmt.training_framing(config.train)
+    )
     val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt, loading=loading)
     outliers = None
     if outliers_path:
         record = json.loads(Path(outliers_path).read_text())
-        outliers = load_images(record["local_dir"], record["files"], fmt.mode, (fmt.width, fmt.height))
+        outliers = load_images(record["local_dir"], record["files"], fmt.mode, fmt.framing)
     spec = ModelSpec(
         arch=config.model.arch,
         in_channels=fmt.channels,
@@ -188,6 +190,7 @@ def train_model(
         more_members=tuple(members[1:]),
         mc_samples=config.model.mc_dropout,
         mc_seed=config.seed,
+        framing=fmt.framing if fmt.resize is not None else None,
     )
     last = history[-1]
     return TrainedModel(
@@ -222,7 +225,7 @@ def write_split_logits(
     training's; a forward pass gives the same logits on any count, so this changes speed only).
     `loading` (data.in_memory_max_mb, data.workers): a large split is read from its files."""
     loaded = load_checkpoint(checkpoint)
-    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    fmt = ImageFormat.of_checkpoint(loaded)
     loading = loading or image_loading(DataConfig())
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, loading=loading)
     # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
@@ -259,7 +262,7 @@ def _suite_logits_of_split(
     `limit`), with the images' labels and manifest rows; corrupted images and logits cached by
     content in `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint)
-    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    fmt = ImageFormat.of_checkpoint(loaded)
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
     corrupted = corrupted_images(
         images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir, progress=f"corrupt {split_name}"
@@ -384,6 +387,6 @@ def load_logits(path: str) -> tuple[np.ndarray, np.ndarray]:
 def input_example(data_dir: str, manifest_path: str, split_path: str, checkpoint: str, n: int = 2) -> np.ndarray:
     """A few test images as the served model takes them: uint8 (N, H, W, C)."""
     loaded = load_checkpoint(checkpoint)
-    fmt = ImageFormat(mode=loaded.image_mode, width=loaded.spec.image_width, height=loaded.spec.image_height)
+    fmt = ImageFormat.of_checkpoint(loaded)
     images, _, _ = load_split_images(data_dir, manifest_path, split_path, "test", fmt, limit=n)
     return images.permute(0, 2, 3, 1).contiguous().numpy()

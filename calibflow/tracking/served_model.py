@@ -16,14 +16,18 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import mlflow
 import numpy as np
 from mlflow.models import infer_signature
+from mlflow.types import Schema, TensorSpec
 
 from calibflow.disk_cache import file_sha256
 from calibflow.tracking.store import store_wait
+
+if TYPE_CHECKING:
+    from calibflow.data.images import Framing
 
 
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model_code.py")
@@ -45,6 +49,15 @@ OUTPUT_PARAM = "output"
 OUTPUTS = ("probabilities", "decisions", "ood")
 
 
+# What the served model is given, chosen with the inference param {"input": ...}: "photos" (the
+# default), images of any size, each framed as the pipeline framed its files (data.image_size:
+# Resize + CenterCrop; else stretched to the one size, when it differs); "framed", images already
+# at the network's size, read as they are (what calibflow's own commands send: corrupted copies
+# of framed images, and files they framed themselves).
+INPUT_PARAM = "input"
+INPUTS = ("photos", "framed")
+
+
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc: a batch of uint8 images (N, H, W, C) in. Out, by default: calibrated class
     probabilities (N, K), float64, the network's fp32 logits through the fitted calibrator
@@ -63,6 +76,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
     def load(self, artifacts: Mapping[str, str]) -> None:
         import torch
 
+        from calibflow.data.images import Framing
         from calibflow.gates.decisions import DecisionPolicy
         from calibflow.training.ensembles import model_calibrator_from_state
         from calibflow.training.models import ModelSpec, build_model
@@ -85,6 +99,13 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         self.mc_samples, self.mc_seed = int(network.get("mc_samples", 1)), int(network.get("mc_seed", 0))
         self.image_mode = network["image_mode"]
         self.image_size = (spec.image_width, spec.image_height)
+        # How an image of another size becomes the network's input: data.image_size's Resize +
+        # CenterCrop, or (a model of one image size) a stretch to it.
+        self.framing = (
+            Framing.from_record(network["framing"])
+            if network.get("framing")
+            else Framing(spec.image_width, spec.image_height)
+        )
         state = json.loads(Path(artifacts["calibration"]).read_text())
         # States from before pluggable calibrators are {"method": "temperature", "temperature": T}
         # only; the class count they lack is the network's.
@@ -97,44 +118,85 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
             else DecisionPolicy(tuple(self.classes))
         )
 
-    def logits(self, images: np.ndarray) -> np.ndarray | None:
-        """The network's logits (N, K), or (N, M, K) for an ensemble; None for an empty batch."""
+    def framed(self, images: np.ndarray) -> np.ndarray:
+        """Images of any size (N, H, W, C), each framed as the pipeline framed its files: the same
+        Framing on the same PIL image, so the same pixels as a file of these pixels gave in training
+        and evaluation. ValueError naming the image for one below the model's smallest side."""
+        from PIL import Image
+
+        from calibflow.errors import ManifestError
+
+        if images.shape[1:3] == (self.image_size[1], self.image_size[0]) and self.framing.resize is None:
+            return images  # already the one size, which a stretch leaves as it is
+        out = []
+        for index, image in enumerate(images):
+            picture = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, mode=self.image_mode)
+            try:
+                self.framing.check_size(f"image {index} of the request", picture.size)
+            except ManifestError as error:
+                raise ValueError(str(error)) from None
+            array = np.asarray(self.framing.apply(picture), dtype=np.uint8)
+            out.append(array[:, :, None] if array.ndim == 2 else array)
+        return np.stack(out)
+
+    def logits(self, images: np.ndarray, *, framed: bool = False) -> np.ndarray | None:
+        """The network's logits (N, K), or (N, M, K) for an ensemble; None for an empty batch.
+        `framed`: the images are at the network's size already (INPUTS' "framed"); else each is
+        framed first (self.framed)."""
         import torch
 
         from calibflow.training.ensembles import predictive_logits
 
         images = np.asarray(images, dtype=np.uint8)
-        if images.ndim != 4:
-            raise ValueError(f"expected a batch of images shaped (N, H, W, C), got shape {images.shape}")
+        channels = len(self.image_mode)
+        if images.ndim != 4 or images.shape[3] != channels:
+            raise ValueError(
+                f"expected a batch of {self.image_mode} images shaped (N, H, W, {channels}), got shape {images.shape}"
+            )
         if len(images) == 0:  # an empty batch has an empty answer, not an error
             return None
+        if not framed:
+            images = self.framed(images)
+        elif images.shape[1:3] != (self.image_size[1], self.image_size[0]):
+            raise ValueError(
+                f"params {{'{INPUT_PARAM}': 'framed'}} reads images at the network's {self.image_size[0]}x"
+                f"{self.image_size[1]}, got {images.shape[2]}x{images.shape[1]}: send them with the default "
+                f"'{INPUTS[0]}' for the model to frame them"
+            )
         return predictive_logits(
             self.members, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), self.mc_samples, self.mc_seed
         ).numpy()
 
-    def probabilities(self, images: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
-        logits = self.logits(images) if logits is None else logits
+    def probabilities(
+        self, images: np.ndarray, logits: np.ndarray | None = None, *, framed: bool = False
+    ) -> np.ndarray:
+        logits = self.logits(images, framed=framed) if logits is None else logits
         if logits is None:
             return np.zeros((0, len(self.classes)), dtype=np.float64)
         return self.calibrator.transform(logits).numpy()
 
     def predict(self, context, model_input: np.ndarray, params=None):
-        output = (params or {}).get(OUTPUT_PARAM, OUTPUTS[0])
+        params = params or {}
+        output = params.get(OUTPUT_PARAM, OUTPUTS[0])
         if output not in OUTPUTS:
             raise ValueError(f"params {{'{OUTPUT_PARAM}': {output!r}}}: use one of {', '.join(OUTPUTS)}")
+        given = params.get(INPUT_PARAM, INPUTS[0])
+        if given not in INPUTS:
+            raise ValueError(f"params {{'{INPUT_PARAM}': {given!r}}}: use one of {', '.join(INPUTS)}")
+        framed = given == "framed"
         if output == "ood":
-            return self.ood(model_input)
-        probabilities = self.probabilities(model_input)
+            return self.ood(model_input, framed=framed)
+        probabilities = self.probabilities(model_input, framed=framed)
         if output == "probabilities":
             return probabilities
         return self.decisions(probabilities)
 
-    def ood(self, images: np.ndarray):
+    def ood(self, images: np.ndarray, *, framed: bool = False):
         import pandas as pd
 
         from calibflow.evaluation.ood import ood_scores
 
-        logits = self.logits(images)
+        logits = self.logits(images, framed=framed)
         if logits is None:
             frame = pd.DataFrame({"msp": pd.Series(dtype=np.float64), "energy": pd.Series(dtype=np.float64)})
             probabilities = np.zeros((0, len(self.classes)))
@@ -194,6 +256,7 @@ def write_model_files(
             {
                 "spec": asdict(checkpoint.spec),
                 "image_mode": checkpoint.image_mode,
+                "framing": checkpoint.framing.to_record() if checkpoint.framing is not None else None,
                 "members": len(states),
                 "mc_samples": checkpoint.mc_samples,
                 "mc_seed": checkpoint.mc_seed,
@@ -232,8 +295,13 @@ def log_calibrated_model(
         # Build the signature from a real prediction so input and output specs are exact; the
         # output param is declared so MLflow accepts it, with the probabilities as its default.
         signature = infer_signature(
-            input_example, model.predict(None, input_example), params={OUTPUT_PARAM: OUTPUTS[0]}
+            input_example,
+            model.predict(None, input_example),
+            params={OUTPUT_PARAM: OUTPUTS[0], INPUT_PARAM: INPUTS[0]},
         )
+        if model.framing.resize is not None:
+            # images of any height and width: the model frames each one (data.image_size)
+            signature.inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, len(model.image_mode)))])
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
@@ -255,7 +323,8 @@ def log_calibrated_model(
                     "calibration_method": model.calibrator.method,
                     "image_size": list(model.image_size),
                     "temperature": getattr(model.calibrator, "temperature", None),
-                    "input": "uint8 images (N, H, W, C)",
+                    "framing": model.framing.to_record(),
+                    "input": _input_description(model),
                     "output": "calibrated probabilities (N, K)",
                     "outputs": {
                         "probabilities": "calibrated probabilities (N, K), float64 (the default)",
@@ -267,6 +336,36 @@ def log_calibrated_model(
                 },
             )
     return info.model_uri
+
+
+def framing_of(metadata: Mapping) -> Framing:
+    """How a registered model (its MLflow metadata) frames an image: data.image_size's Resize +
+    CenterCrop, or for a model of one image size a stretch to it."""
+    from calibflow.data.images import Framing
+
+    if metadata.get("framing"):
+        return Framing.from_record(metadata["framing"])
+    width, height = metadata["image_size"]
+    return Framing(int(width), int(height))
+
+
+def framed_input_params(metadata: Mapping) -> dict[str, str]:
+    """The params that send images calibflow framed itself (framing_of) to a registered model as
+    they are: {"input": "framed"} for a model that declares the param; versions registered
+    before it read every image as it is, and are sent none."""
+    return {INPUT_PARAM: "framed"} if "framing" in metadata else {}
+
+
+def _input_description(model: CalibratedImageClassifier) -> str:
+    width, height = model.image_size
+    framing = model.framing
+    how = (
+        f"of any size, each resized to {framing.resize} px on its shorter side and cropped to the centre "
+        f"{width}x{height} (torchvision's Resize + CenterCrop, as evaluation read the files)"
+        if framing.resize is not None
+        else f"at {width}x{height} (another size is stretched to it)"
+    )
+    return f"uint8 {model.image_mode} images (N, H, W, {len(model.image_mode)}) {how}; params {{'{INPUT_PARAM}': 'framed'}}: already {width}x{height}, read as they are"
 
 
 # MLflow writes this file into the folder it downloads a registered model to, whenever that folder

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibflow.data.image_files import ImageSource, closing, every_nth, in_order, read_batches
+from calibflow.data.image_files import ImageFiles, ImageSource, closing, every_nth, in_order, read_batches
 from calibflow.data.images import channel_stats
 from calibflow.training.losses import OUTLIER_EXPOSURE_WEIGHT, BatchMixer, outlier_exposure_loss, training_loss
 from calibflow.metrics import expected_calibration_error
@@ -397,11 +397,13 @@ def build_network(
     """The model on the device, initialised from the seeded global stream or `inputs.weights_path`,
     and what the training steps call: the model itself, or DistributedDataParallel around it."""
     train = inputs.train_images
-    mean, std = channel_stats(
-        train
-        if isinstance(train, torch.Tensor)
-        else read_batches(train, in_order(len(train), 256), workers=inputs.workers)
-    )
+    if isinstance(train, torch.Tensor):
+        mean, std = channel_stats(train)
+    else:
+        # of the images as evaluation frames them: the same statistics whatever crops an epoch draws
+        whole = train.evaluated() if train.crops else train
+        with closing(whole):
+            mean, std = channel_stats(read_batches(whole, in_order(len(whole), 256), workers=inputs.workers))
     model = build_model(inputs.spec, mean, std)
     if inputs.weights_path:
         load_pretrained_weights(model, inputs.weights_path)
@@ -446,15 +448,17 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
     training.model.train()
     loss_sum = torch.zeros((), device=training.runtime.device)
     seen = 0
-    order = torch.randperm(len(training.data.train_images), device=training.runtime.device, generator=training.order)
+    source = training.data.train_images
+    order = torch.randperm(len(source), device=training.runtime.device, generator=training.order)
     # BatchNorm cannot train on a single sample: a global batch too small for every process is left out
     global_batches = [batch for batch in order.split(config.batch_size) if len(batch) >= training.smallest_batch]
     shares = [batch[group.rank :: group.world_size] for batch in global_batches]  # this process's
     images = read_batches(
-        training.data.train_images,
-        _indices_for(training.data.train_images, shares),
+        source,
+        _indices_for(source, shares),
         workers=training.data.workers,
         pin_memory=training.runtime.on_cuda,
+        seeds=_crop_seeds(training, global_batches) if crops_when_read(source) else None,
     )
     for step, (global_batch, batch_index, batch_images) in enumerate(zip(global_batches, shares, images), start=1):
         bar.set_description_str(
@@ -470,6 +474,23 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
     train_loss = (loss_sum / max(seen, 1)).item()
     train_seconds = time.perf_counter() - started
     return train_loss, seen / max(train_seconds, 1e-9)
+
+
+def crops_when_read(source: ImageSource) -> bool:
+    """Whether `source` augments as it is read (data.image_size's RandomResizedCrop, seeded per
+    image), in place of the loop's batched translation."""
+    return isinstance(source, ImageFiles) and source.crops
+
+
+def _crop_seeds(training: Training, global_batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's images' crop seeds for the epoch, batched as its shares are: drawn from the
+    augmentation stream (saved with each epoch's checkpoint, so a resumed training crops alike)."""
+    group = training.group
+    drawn = torch.randint(
+        2**62, (sum(len(b) for b in global_batches),), device=training.runtime.device, generator=training.draws
+    )
+    batches = drawn.cpu().split([len(b) for b in global_batches])
+    return [batch[group.rank :: group.world_size] for batch in batches]
 
 
 def _indices_for(source: ImageSource, shares: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -513,7 +534,7 @@ def training_batch(
     targets; and how many of the images are the batch's own (the rest are outliers)."""
     config, data = training.config, training.data
     images, targets = images.to(training.runtime.device, non_blocking=True), data.train_labels[batch_index]
-    if config.augment:
+    if config.augment and not crops_when_read(data.train_images):
         images = random_translate(images, training.max_shift, config.hflip, training.draws)
     if config.mix != "none":
         # Blending needs floats; the model reads float images on the [0, 1] scale.

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from calibflow.data.images import Framing
 from calibflow.errors import ConfigError
 
 # Images from this size up (the shorter side, px) get the family's own ImageNet stem; smaller ones
@@ -422,14 +423,18 @@ def save_checkpoint(
     more_members: tuple[ImageClassifier, ...] = (),
     mc_samples: int = 1,
     mc_seed: int = 0,
+    framing: Framing | None = None,
 ) -> Path:
-    """`model`, and for an ensemble its other members; mc_samples > 1: serve MC dropout (seeded mc_seed)."""
+    """`model`, and for an ensemble its other members; mc_samples > 1: serve MC dropout (seeded
+    mc_seed); `framing`: how an image of any size becomes the network's input (data.image_size),
+    none for a network of one image size that reads each image whole."""
     path = Path(path)
     torch.save(
         {
             "spec": asdict(spec),
             "classes": list(classes),
             "image_mode": image_mode,
+            "framing": framing.for_evaluation().to_record() if framing is not None else None,
             "state_dict": state_dict_of(model),
             "more_members": [state_dict_of(m) for m in more_members],
             "mc_samples": mc_samples,
@@ -449,6 +454,7 @@ class Checkpoint:
     members: tuple[ImageClassifier, ...] = ()  # every member, `model` first
     mc_samples: int = 1
     mc_seed: int = 0
+    framing: Framing | None = None  # data.image_size's Resize + CenterCrop; None: read whole
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -467,4 +473,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         members=tuple(members),
         mc_samples=int(record.get("mc_samples", 1)),
         mc_seed=int(record.get("mc_seed", 0)),
+        framing=Framing.from_record(record["framing"]) if record.get("framing") else None,
     )

@@ -1,0 +1,197 @@
+"""Photos of mixed sizes (data.image_size): torchvision's reference transforms, applied the same way
+by training, evaluation, every later command and the served model, which frames an image of any
+size itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from calibflow.config import ConfigError, TrainConfig, load_config
+from calibflow.data.image_files import ImageFiles, read_batches
+from calibflow.data.images import Framing, decode_image, load_images, reference_resize
+from calibflow.errors import ManifestError
+from calibflow.training.loop import TrainingInputs, train_classifier
+from calibflow.training.models import ModelSpec
+
+CLASSES, PER_CLASS, SIZE = 3, 16, 24
+EVALUATION = Framing(SIZE, SIZE, reference_resize(SIZE), min_side=16)
+TRAINING = dataclasses.replace(EVALUATION, crop_scale=(0.08, 1.0), hflip=True)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Images of many sizes and aspects whose class is the row of a bright bar (PNG and JPEG, RGB)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for k in range(CLASSES):
+        (root / str(k)).mkdir()
+        for i in range(PER_CLASS):
+            width, height = (int(v) for v in rng.integers(20, 90, 2))
+            pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+            band = slice(height * (1 + 2 * k) // 7, height * (2 + 2 * k) // 7)
+            pixels[band, width // 6 : width - width // 6] = 220
+            name = f"{k}/{i}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(pixels).save(root / name)
+            paths.append(name)
+            labels.append(k)
+    return root, paths, torch.tensor(labels)
+
+
+def test_evaluation_framing_is_torchvisions_resize_and_centre_crop(photos):
+    root, paths, _ = photos
+    reference = v2.Compose([v2.Resize(reference_resize(SIZE)), v2.CenterCrop(SIZE)])
+    for path in paths[:6]:
+        with Image.open(root / path) as image:
+            expected = np.asarray(reference(image.convert("RGB")))
+        assert np.array_equal(decode_image(root / path, "RGB", EVALUATION), expected)
+    assert reference_resize(224) == 256  # torchvision's reference recipe: 256, then the centre 224
+
+
+def test_a_training_crop_is_torchvisions_random_resized_crop_drawn_from_the_images_seed(photos):
+    root, paths, _ = photos
+    no_flip = dataclasses.replace(TRAINING, hflip=False)
+    with Image.open(root / paths[0]) as image:
+        image = image.convert("RGB")
+        torch.manual_seed(11)
+        expected = np.asarray(v2.RandomResizedCrop(SIZE, scale=(0.08, 1.0), antialias=True)(image))
+    ours = decode_image(root / paths[0], "RGB", no_flip, seed=11)
+    assert np.array_equal(ours, expected)
+    assert np.array_equal(
+        decode_image(root / paths[0], "RGB", TRAINING, seed=5), decode_image(root / paths[0], "RGB", TRAINING, seed=5)
+    )
+    crops = {decode_image(root / paths[0], "RGB", TRAINING, seed=s).tobytes() for s in range(8)}
+    assert len(crops) == 8  # another seed, another crop
+    with pytest.raises(ValueError, match="seed"):
+        decode_image(root / paths[0], "RGB", TRAINING)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seeded_crops_are_the_same_pixels_whichever_process_or_thread_decodes_them(photos, workers):
+    root, paths, _ = photos
+    files = ImageFiles(root, paths, "RGB", TRAINING)
+    indices = [list(range(0, 16)), list(range(16, 48))]
+    seeds = [[1000 + i for i in batch] for batch in indices]
+    try:
+        batches = list(read_batches(files, indices, workers=workers, seeds=seeds))
+    finally:
+        files.close()
+    one_by_one = [
+        torch.from_numpy(np.array(decode_image(root / paths[i], "RGB", TRAINING, seed=1000 + i))).permute(2, 0, 1)
+        for batch in indices
+        for i in batch
+    ]
+    assert torch.equal(torch.cat(batches), torch.stack(one_by_one))
+    with pytest.raises(ValueError, match="seeds go with a training framing"):
+        next(read_batches(files, indices, workers=0))
+
+
+def test_images_of_every_size_become_the_models_size_and_a_too_small_one_is_refused_by_name(photos, tmp_path):
+    root, paths, _ = photos
+    assert load_images(root, paths, "RGB", EVALUATION).shape == (len(paths), 3, SIZE, SIZE)
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    with pytest.raises(ManifestError) as refused:
+        decode_image(tiny, "RGB", EVALUATION)
+    message = str(refused.value)
+    assert str(tiny) in message and "1x1" in message and "data.min_side" in message and "\n" not in message
+
+
+def test_framing_records_round_trip():
+    for framing in (EVALUATION, TRAINING, Framing(8, 8)):
+        assert Framing.from_record(framing.to_record()) == framing
+    assert TRAINING.for_evaluation() == EVALUATION
+
+
+def _train(images, val_images, labels, workers=0, **changes):
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=8)
+    config = dataclasses.replace(TrainConfig(epochs=2, batch_size=16, lr=0.05, val_every=1), **changes)
+    inputs = TrainingInputs(spec, images, labels, val_images, labels, config, seed=3, workers=workers)
+    return train_classifier(inputs, progress=False)
+
+
+def test_training_on_random_crops_is_the_same_with_any_number_of_workers_and_differs_from_centre_crops(photos):
+    root, paths, labels = photos
+    centre = load_images(root, paths, "RGB", EVALUATION)
+    weights = []
+    for workers in (0, 2):
+        model, _ = _train(ImageFiles(root, paths, "RGB", TRAINING), centre, labels, workers=workers)
+        weights.append(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+    uncropped, _ = _train(centre, centre, labels, augment=False)
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0].values(), uncropped.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["data.resize_size=256"], "needs data.image_size"),
+        (["data.image_size=224", "data.allowed_sizes=['32x32']"], "set one of them"),
+        (["data.image_size=224", "data.resize_size=200"], "is below data.image_size"),
+        (["data.image_size=2"], "data.image_size = 2"),
+        (["train.crop_min_scale=0"], "train.crop_min_scale"),
+    ],
+)
+def test_image_size_settings_that_cannot_work_are_refused_by_name(overrides, problem):
+    with pytest.raises(ConfigError, match=problem):
+        load_config(None, overrides)
+
+
+def test_the_image_size_settings_are_part_of_the_build():
+    base = load_config(None, ["data.image_size=224"]).params_hash
+    assert base != load_config(None, []).params_hash
+    assert base != load_config(None, ["data.image_size=224", "data.resize_size=232"]).params_hash
+    assert base != load_config(None, ["data.image_size=224", "train.crop_min_scale=0.35"]).params_hash
+
+
+def test_the_served_model_frames_a_photo_of_any_size_as_evaluation_framed_its_file(photos, tmp_path):
+    """A photo sent as its pixels, at its own size (the default input), gives the probabilities of
+    the same file framed by calibflow and sent as framed: one Framing on one PIL image."""
+    import json
+
+    from calibflow.calibrators import fit_calibrator
+    from calibflow.tracking import served_model
+    from calibflow.training.models import build_model, save_checkpoint
+
+    root, paths, _ = photos
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=4)
+    network = build_model(spec).eval()
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", network, spec, ["0", "1", "2"], "RGB", framing=EVALUATION)
+    framed = load_images(root, paths, "RGB", EVALUATION)
+    with torch.no_grad():
+        logits = network(framed)
+    state = tmp_path / "calibration.json"
+    # labels that mostly agree with the network, so the temperature has an interior optimum
+    agree = torch.where(torch.arange(len(paths)) % 4 == 0, torch.arange(len(paths)) % CLASSES, logits.argmax(dim=1))
+    state.write_text(json.dumps(fit_calibrator("temperature", logits, agree).to_state()))
+    served = served_model.CalibratedImageClassifier()
+    served.load(served_model.write_model_files(checkpoint, state, tmp_path / "served"))
+
+    as_framed = served.predict(None, framed.permute(0, 2, 3, 1).numpy(), params={"input": "framed"})
+    for i, path in enumerate(paths[:6]):
+        with Image.open(root / path) as image:
+            photo = np.asarray(image.convert("RGB"))[None]  # its own size, not the model's
+        assert photo.shape[1:3] != (SIZE, SIZE)
+        assert np.array_equal(served.predict(None, photo), as_framed[i : i + 1])
+    with pytest.raises(ValueError, match="image 0 of the request: 10x10 pixels"):
+        served.predict(None, np.zeros((1, 10, 10, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="reads images at the network's 24x24, got 30x40"):
+        served.predict(None, np.zeros((1, 40, 30, 3), dtype=np.uint8), params={"input": "framed"})
+    with pytest.raises(ValueError, match="images shaped"):
+        served.predict(None, np.zeros((1, 40, 30, 1), dtype=np.uint8))
+
+
+def test_a_photo_sent_as_bytes_is_read_with_its_name_in_errors():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(buffer, "PNG")
+    buffer.seek(0)
+    with pytest.raises(ManifestError, match="^upload.png: has transparent pixels"):
+        decode_image(buffer, "RGB", EVALUATION, name="upload.png")

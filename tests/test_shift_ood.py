@@ -86,6 +86,25 @@ def test_suite_images_and_logits_are_cached_by_content(tmp_path, monkeypatch):
         shift.corrupted_images(GRAY[:3], suite, tmp_path)  # other images: not in the cache
 
 
+def test_suite_logits_are_made_a_cell_at_a_time_and_cached_without_storing_corrupted_images(tmp_path, monkeypatch):
+    suite = shift.Suite(("gaussian_noise", "contrast"), (1, 5), 100, 0)
+    calls = []
+    logits_of = lambda images: calls.append(images.copy()) or images.reshape(len(images), -1)[:, :3].astype(float)  # noqa: E731
+    first = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    corrupted = shift.corrupted_images(GRAY, suite)
+    assert len(calls) == 4 and all(np.array_equal(c, corrupted[k]) for c, k in zip(calls, suite.keys))
+    assert all(np.array_equal(first[k], corrupted[k].reshape(len(GRAY), -1)[:, :3]) for k in suite.keys)
+    assert not (tmp_path / "images").exists()  # the logits are cached, never the corrupted copies
+
+    monkeypatch.setattr(shift, "corrupt_batch", lambda *a, **k: pytest.fail("corrupted again"))
+    again = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    assert len(calls) == 4 and all(np.array_equal(first[k], again[k]) for k in suite.keys)
+    with pytest.raises(pytest.fail.Exception):
+        shift.cell_logits(GRAY, suite, logits_of, "model-b", tmp_path)  # other weights: not in the cache
+    with pytest.raises(pytest.fail.Exception):
+        shift.cell_logits(GRAY[:3], suite, logits_of, "model-a", tmp_path)  # other images: not in the cache
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -155,13 +155,19 @@ def decode_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) 
 
 def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray, suite) -> dict[str, np.ndarray]:
     """A loaded model's calibrated probabilities on every cell of a corruption suite, on the
-    manifest rows (corrupted as in the run: seeded by each image's bytes, so the same pixels)."""
-    from calibflow.evaluation.shift import corrupted_images
+    manifest rows (corrupted as in the run: seeded by each image's bytes, so the same pixels), a
+    cell at a time, as the run made them."""
+    from calibflow.evaluation.corruptions import corrupt_batch
 
     if len(rows) == 0:
         return {key: np.zeros((0, len(served_classes(model)))) for key in suite.keys}
-    corrupted = corrupted_images(decode_rows(model, data_dir, manifest, rows), suite)
-    return {key: predict_in_batches(model, images) for key, images in corrupted.items()}
+    images = decode_rows(model, data_dir, manifest, rows)
+    return {
+        suite.key(corruption, severity): predict_in_batches(
+            model, corrupt_batch(images, corruption, severity, suite.seed)
+        )
+        for corruption, severity in suite.cells
+    }
 
 
 def ood_scores_of(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:

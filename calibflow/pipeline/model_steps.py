@@ -23,7 +23,7 @@ from calibflow.data.images import load_images
 from calibflow.training.models import ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
 from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
-from calibflow.evaluation.shift import Suite, corrupted_images, suite_logits
+from calibflow.evaluation.shift import Suite, cell_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
 from calibflow.training.loop import EpochStats, TrainingInputs, intra_op_threads, resolve_runtime, train_classifier
 from calibflow.data.image_files import ImageLoading, closing
@@ -259,14 +259,11 @@ def _suite_logits_of_split(
     limit: int | None = None,
 ):
     """The network's logits on every cell of `suite` applied to a split's images (the first
-    `limit`), with the images' labels and manifest rows; corrupted images and logits cached by
+    `limit`), with the images' labels and manifest rows, a cell at a time (shift.cell_logits); the logits cached by
     content in `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint)
     fmt = ImageFormat.of_checkpoint(loaded)
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
-    corrupted = corrupted_images(
-        images.permute(0, 2, 3, 1).contiguous().numpy(), suite, cache_dir, progress=f"corrupt {split_name}"
-    )
     run_on = resolve_runtime(device).device
 
     def logits_of(batch: np.ndarray) -> np.ndarray:
@@ -280,8 +277,9 @@ def _suite_logits_of_split(
         ).numpy()
 
     with intra_op_threads(threads):
-        logits = suite_logits(
-            corrupted,
+        logits = cell_logits(
+            images.permute(0, 2, 3, 1).contiguous().numpy(),
+            suite,
             logits_of,
             file_sha256(checkpoint),
             cache_dir,

@@ -368,29 +368,36 @@ def _sd(s: dict, digits: int) -> str:
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}" if s["sd"] is not None else f"{s['mean']:.{digits}f}"
 
 
+def _word(d: dict, better: str | None) -> str:
+    """A paired difference in a word: the same sign in every seed, in all but one of 4 or more
+    ("mostly"), or "no consistent difference"."""
+    n, higher, lower = d["n"], d["higher"], d["lower"]
+    up = higher >= lower
+    word = ("better" if up == (better == "high") else "worse") if better else ("higher" if up else "lower")
+    if max(higher, lower) == n:
+        return word if n > 1 else f"{word} (one seed)"
+    if n >= 4 and max(higher, lower) == n - 1:
+        return f"mostly {word}"
+    return "no consistent difference"
+
+
+def _fact(d: dict, digits: int, scale: float = 1, unit: str = "") -> str:
+    return (
+        f"{d['mean'] * scale:+.{digits}f} ± {(d['sd'] or 0) * scale:.{digits}f}{unit}, "
+        f"higher in {d['higher']} and lower in {d['lower']} of {d['n']} seeds"
+    )
+
+
 def reading(paired: dict, arm: str) -> str:
-    """What pretraining did in `arm` against scratch, in words: a change is called one when every
-    seed's paired difference has the same sign, "no consistent difference" otherwise."""
-    parts = []
-    for label, key, digits, better in METRICS:
-        if better is None and key not in ("confidence_before",):
-            continue
-        d = paired[arm][key]
-        n, higher, lower = d["n"], d["higher"], d["lower"]
-        scale, unit = (100, " points") if key == "accuracy" else (1, "")
-        amount = f"{d['mean'] * scale:+.{max(digits - 2, 1) if scale == 100 else digits}f}{unit}"
-        if higher == n or lower == n:
-            direction = "higher" if higher == n else "lower"
-            verdict = (
-                "" if better is None else (" (better)" if (direction == "higher") == (better == "high") else " (worse)")
-            )
-            seeds = f"all {n} seeds" if n > 1 else "the one seed"
-            parts.append(f"{label} {direction} in {seeds}, {amount} on average{verdict}")
-        else:
-            parts.append(
-                f"{label}: no consistent difference ({amount} on average; higher in {higher}, lower in {lower} of {n} seeds)"
-            )
-    return "; ".join(parts)
+    """What pretraining did in `arm` against scratch, in words (see _word), with the figures."""
+    d = paired[arm]
+    return (
+        f"accuracy {_word(d['accuracy'], 'high')} ({_fact(d['accuracy'], 1, 100, ' points')}); "
+        f"calibration before scaling {_word(d['ece_before'], 'low')} (ECE {_fact(d['ece_before'], 4)}; mean "
+        f"confidence {_word(d['confidence_before'], None)}, {_fact(d['confidence_before'], 3)}); after temperature "
+        f"scaling {_word(d['ece_after'], 'low')} (ECE {_fact(d['ece_after'], 4)}; NLL {_word(d['nll_after'], 'low')}, "
+        f"{_fact(d['nll_after'], 4)})"
+    )
 
 
 def gate_reading(runs: list[dict], arms: list[str]) -> str:
@@ -409,7 +416,12 @@ def gate_reading(runs: list[dict], arms: list[str]) -> str:
             f"`{arm}` {sum(r['registered'] for r in rows)} of {len(rows)} registered"
             + (f" (refused by {refusals})" if refusals else "")
         )
-    return "**Gates** (params.yaml's, on each run's test split): " + "; ".join(parts) + "."
+    ran = [r["accuracy"] for r in runs if r["exit_code"] != 2]
+    return (
+        "**Gates** (params.yaml's, on each run's test split): "
+        + "; ".join(parts)
+        + f". Test accuracy over all these runs: {min(ran):.3f} to {max(ran):.3f}."
+    )
 
 
 def render(record: dict) -> str:
@@ -496,7 +508,12 @@ def render(record: dict) -> str:
             f"{r['wall_s']:.0f} s |"
         )
     if summary["paired"]:
-        lines += ["", "**What pretraining did** (against `scratch`, paired by seed):", ""]
+        lines += [
+            "",
+            '**What pretraining did** (against `scratch`, paired by seed; "better" or "worse" when every '
+            'seed agrees, "mostly" when all but one of 4 or more do):',
+            "",
+        ]
         for arm in summary["paired"]:
             lines.append(f"- `{arm}`: {reading(summary['paired'], arm)}.")
     lines += ["", gate_reading(runs, arms)]

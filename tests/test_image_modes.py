@@ -85,6 +85,35 @@ def test_transparent_pixels_are_refused_naming_the_file_on_one_line(tmp_path, ki
         load_images(tmp_path, [path.name], "RGB", (8, 8), workers=2)
 
 
+@pytest.mark.parametrize("kind", ["RGBA", "palette", "RGB colour key"])
+def test_a_transparent_file_fails_validation_by_name_before_anything_trains(tmp_path, kind):
+    """The manifest decodes every file: a transparent one is refused there (check 1, "every file
+    decodes as an image"), not when training first reads it; an opaque alpha channel passes."""
+    from calibflow.data.manifest import build_manifest
+    from calibflow.data.validation import validate_manifest
+
+    for k, label in enumerate(("a", "b")):
+        (tmp_path / label).mkdir()
+        for i in range(3):  # each its own content: no image in two classes
+            Image.fromarray(GRADIENT // (2 + 3 * k + i)).convert("RGB").save(tmp_path / label / f"{i}.png")
+    Image.fromarray(GRADIENT).convert("RGBA").save(tmp_path / "a" / "opaque.png")
+    victim = tmp_path / "b" / "see-through.png"
+    if kind == "palette":
+        Image.fromarray(GRADIENT).convert("RGB").quantize(colors=8).save(victim, transparency=0)
+    elif kind == "RGB colour key":
+        Image.fromarray(GRADIENT).convert("RGB").save(victim, transparency=(0, 0, 0))
+    else:
+        image = Image.fromarray(GRADIENT).convert("RGBA")
+        image.putpixel((3, 3), (0, 0, 0, 10))
+        image.save(victim)
+    manifest = build_manifest(tmp_path)
+    manifest["split"] = "train"
+    report = validate_manifest(manifest, ["a", "b"], 1, allowed_modes=sorted(set(manifest["mode"]) - {""}))
+    assert not report.success and [f.check for f in report.failures] == ["every file decodes as an image"]
+    text = report.failures[0].describe()
+    assert "1 of 8 files" in text and "b/see-through.png" in text and "transparent pixels" in text
+
+
 @pytest.mark.parametrize("mode", ["I", "F"])
 def test_thirty_two_bit_and_float_pixels_are_refused_naming_the_file(tmp_path, mode):
     path = tmp_path / f"wide-{mode}.tif"

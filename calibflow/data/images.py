@@ -211,26 +211,45 @@ def to_model_mode(image: Image.Image, mode: str, path: str | Path) -> Image.Imag
     pixel is not in the file); CMYK becomes RGB by Pillow's formula, without any ICC profile;
     palette and 1-bit images are looked up and expanded. ManifestError naming the file for a
     mode with no defined conversion."""
-    if "transparency" in image.info and image.mode not in WITH_ALPHA:
-        # a palette entry or a colour key (PNG's tRNS) marked transparent: check it as alpha
-        image = image.convert("LA" if image.mode in GRAY_MODES else "RGBA")
+    image = _with_alpha_if_keyed(image)
     try:
         model_mode([image.mode])
     except ValueError as error:
         raise ManifestError(f"{path}: {error}") from error
     if image.mode in WITH_ALPHA:
-        low, _ = image.getchannel("A").getextrema()
-        if low < 255:
-            raise ManifestError(
-                f"{path}: has transparent pixels ({image.mode}), and what lies under them is not in the file: "
-                f"flatten it onto the background you want (for example white) and save it without alpha, "
-                f"or remove it from the folder"
-            )
+        problem = transparency_problem(image)
+        if problem:
+            raise ManifestError(f"{path}: {problem}")
         image = image.convert("RGB" if image.mode != "LA" else "L")
     if image.mode in SIXTEEN_BIT:
         wide = np.asarray(image).astype(np.uint32)
         image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: "L"
     return image if image.mode == mode else image.convert(mode)
+
+
+def _with_alpha_if_keyed(image: Image.Image) -> Image.Image:
+    """A palette entry or a colour key (PNG's tRNS) marked transparent, made an alpha channel to
+    check; any other image as it is."""
+    if "transparency" in image.info and image.mode not in WITH_ALPHA:
+        return image.convert("LA" if image.mode in GRAY_MODES else "RGBA")
+    return image
+
+
+def transparency_problem(image: Image.Image) -> str | None:
+    """Why a decoded image cannot be read as a model reads it because of transparency (an alpha
+    channel, a palette entry or a colour key with a pixel below fully opaque), or None. The
+    manifest asks it of every file, so validation refuses such a file by name before anything
+    trains; to_model_mode asks it again of a file read later."""
+    image = _with_alpha_if_keyed(image)
+    if image.mode not in WITH_ALPHA:
+        return None
+    low, _ = image.getchannel("A").getextrema()
+    if low == 255:
+        return None
+    return (
+        f"has transparent pixels ({image.mode}), and what lies under them is not in the file: flatten it onto the "
+        f"background you want (for example white) and save it without alpha, or remove it from the folder"
+    )
 
 
 def _decode(

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
+from calibflow.data.images import transparency_problem
 from calibflow.errors import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def _describe_file(root: str, rel: str, label: str, label_index: int) -> dict[st
             width, height = im.size
             mode = im.mode
             channels = len(im.getbands())
+            transparent = transparency_problem(im)
     except UnidentifiedImageError:
         # Pillow's own message names the in-memory buffer, which differs on every run.
         why = "empty file" if not data else "not a format Pillow can read"
@@ -167,6 +169,9 @@ def _describe_file(root: str, rel: str, label: str, label_index: int) -> dict[st
         return row
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not decodable"
         row["error"] = f"{type(exc).__name__}: {exc}"
+        return row
+    if transparent:
+        row["error"] = f"TransparentImage: {transparent}"
         return row
     row.update(
         width=int(width),

@@ -195,3 +195,27 @@ def test_a_photo_sent_as_bytes_is_read_with_its_name_in_errors():
     buffer.seek(0)
     with pytest.raises(ManifestError, match="^upload.png: has transparent pixels"):
         decode_image(buffer, "RGB", EVALUATION, name="upload.png")
+
+
+def test_commands_that_read_a_whole_split_decode_it_a_chunk_at_a_time(photos, monkeypatch):
+    """evaluate, gate and monitor hold DECODED_AT_A_TIME images at once, whatever the split's size,
+    and answer in the files' order."""
+    from types import SimpleNamespace
+
+    from calibflow.lifecycle import reproduce
+
+    root, paths, _ = photos
+    seen = []
+
+    def predict(images, params=None):
+        seen.append(len(images))
+        assert params == {"input": "framed"} and images.shape[1:] == (SIZE, SIZE, 3)
+        return images.reshape(len(images), -1)[:, :3].astype(float)
+
+    meta = {"image_mode": "RGB", "image_size": [SIZE, SIZE], "framing": EVALUATION.to_record(), "classes": ["a"]}
+    model = SimpleNamespace(metadata=SimpleNamespace(metadata=meta), predict=predict)
+    monkeypatch.setattr(reproduce, "DECODED_AT_A_TIME", 7)
+    got = reproduce.predict_files_of(model, root, paths)
+    whole = load_images(root, paths, "RGB", EVALUATION).permute(0, 2, 3, 1).reshape(len(paths), -1)[:, :3]
+    assert np.array_equal(got, whole.numpy().astype(float))
+    assert max(seen) == 7 and sum(seen) == len(paths)

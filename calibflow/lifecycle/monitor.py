@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from calibflow.tracking import registration
-from calibflow.tracking import served_model, store
+from calibflow.tracking import store
 from calibflow.evaluation.accuracy_estimation import atc_accuracy, atc_threshold, cbpe_accuracy, confidence_drift
 from calibflow.config import Config
 from calibflow.gates.statistics import (
@@ -43,10 +43,15 @@ from calibflow.gates.statistics import (
     clopper_pearson_lower,
     clopper_pearson_upper,
 )
-from calibflow.data.images import load_images
 from calibflow.data.manifest import is_image_file
 from calibflow.names import CALIBRATED, on_test, version_tag
-from calibflow.lifecycle.reproduce import decode_rows, predict_in_batches, rebuild_test_split, served_classes
+from calibflow.lifecycle.reproduce import (
+    decode_rows,
+    predict_files_of,
+    predict_in_batches,
+    rebuild_test_split,
+    served_classes,
+)
 from calibflow.data.versioning import resolve_data
 from calibflow.disk_cache import file_sha256
 from calibflow.lifecycle.promotion import seen_by
@@ -174,9 +179,7 @@ def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: s
     data = resolve_data(repo_root, data_path, None)
     paths, labels = read_monitoring_folder(data.local_dir, classes, data_path)
     paths, labels, dropped = drop_seen(data.local_dir, paths, labels, seen_by(record), data_path)
-    meta = model.metadata.metadata
-    images = load_images(data.local_dir, paths, meta["image_mode"], served_model.framing_of(meta))
-    probabilities = predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy())
+    probabilities = predict_files_of(model, data.local_dir, paths)
     settings, confidence = config.monitor, config.gates.confidence
     report = MonitorReport(
         record.name,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import _common  # noqa: E402
 
 NAMES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
-E2E = {"accuracy_estimation", "command_latency", "data_scale", "default_run", "run_timing"}
+E2E = {"accuracy_estimation", "command_latency", "data_scale", "default_run", "finetune_own_weights", "run_timing"}
 # over about 5 s on 2 busy cores (calibration_speed: importing netcal and torchmetrics), or needing
 # the git history (gate_soundness_baseline reads the old gates from commit 345bcd0)
 SLOW = {"calibration_speed", "ddp_accuracy", "gate_soundness_baseline", "shift_and_ood", "train_time_calibration"}
@@ -192,6 +192,34 @@ def check_data_scale(data: dict, markdown: str) -> None:
     assert "| target |" in markdown and "Streamed peak memory" in markdown
 
 
+def check_finetune_own_weights(data: dict, markdown: str) -> None:
+    """Every arm ran on the one seed (the smoke's gates pass any model, so each registered), from the
+    weights the pretraining run registered; what the benchmark recomputes from each run's checkpoint
+    on its test split is what the run logged; the arms of a seed share their test images."""
+    setup, runs = data["setup"], data["runs"]
+    assert setup["arms"] == ["scratch", "finetune", "frozen"] and setup["seeds"] == [0]
+    assert len(setup["pretrain_classes"]) == 8 and setup["few_classes"] == ["cat", "dog"]
+    assert data["pretrain"]["registered"] and data["pretrain"]["version"] == "1"
+    assert [(r["arm"], r["seed"], r["exit_code"]) for r in runs] == [(arm, 0, 0) for arm in setup["arms"]], runs
+    for r in runs:
+        assert r["registered"] and r["verdict"] == "passed" and r["reproduced"], r
+        assert r["test_images"] == setup["few_test_images"] and r["train_images"] == setup["few_train_images"]
+        assert all(between(0, r[key], 1) for key in ("accuracy", "ece_before", "ece_after"))
+        # top-label confidence of 2 classes: at least 1/2
+        assert all(between(0.5, r[key], 1) for key in ("confidence_before", "confidence_after")), r
+        assert r["temperature"] > 0
+        # scaling by a temperature never changes which class is predicted
+        assert r["accuracy"] == r["accuracy_before"]
+    weights = {r["arm"]: "model.weights_path=" in r["command"] for r in runs}
+    assert weights == {"scratch": False, "finetune": True, "frozen": True}
+    assert "train.backbone_lr_factor=0.1" in runs[1]["command"] and "train.freeze_backbone=true" in runs[2]["command"]
+    for arm in ("finetune", "frozen"):
+        diff = data["summary"]["paired"][arm]["accuracy"]
+        by_arm = {r["arm"]: r["accuracy"] for r in runs}
+        assert diff["mean"] == pytest.approx(by_arm[arm] - by_arm["scratch"]) and diff["n"] == 1
+    assert "| arm - scratch |" in markdown and "**What pretraining did**" in markdown
+
+
 def check_gate_soundness(data: list[dict], markdown: str) -> None:
     _check_gate_rows(data, GATES | {"max_brier_increase"})
     keys = {(r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["n"]) for r in data}
@@ -314,6 +342,7 @@ CHECKS: dict[str, Callable] = {
     "decision_guarantees": check_decision_guarantees,
     "data_scale": check_data_scale,
     "default_run": check_default_run,
+    "finetune_own_weights": check_finetune_own_weights,
     "gate_plan_power": lambda data, markdown: importlib.import_module("gate_plan_power").check_smoke(data, markdown),
     "gate_soundness": check_gate_soundness,
     "gate_soundness_baseline": check_gate_soundness_baseline,

@@ -38,6 +38,14 @@ from calibflow.metrics.reliability import DEFAULT_N_BINS
 # Sections that decide what happens to a model, not what model is built (left out of params_hash).
 OPERATIONAL_SECTIONS = ("gates", "promotion", "monitor", "registry", "schedule")
 HOW_DATA_IS_READ = ("in_memory_max_mb", "workers")  # data keys that change how a split is read, not what
+# Keys read only when another key is set: changing one while that key is null builds nothing new.
+UNUSED_UNLESS = {
+    ("data", "resize_size"): ("data", "image_size"),
+    ("data", "min_side"): ("data", "image_size"),
+    ("train", "crop_min_scale"): ("data", "image_size"),
+    ("data", "soft_label_tolerance"): ("data", "soft_labels"),
+    ("data", "soft_label_agreement"): ("data", "soft_labels"),
+}
 NOT_HYPERPARAMETERS = ("registry", "schedule")  # not MLflow params: where a model goes and when, not what it is
 # torchrun's own default port for node 0's rendezvous (train.rendezvous without one).
 DEFAULT_RENDEZVOUS_PORT = 29500
@@ -178,6 +186,14 @@ class DataConfig:
     # With image_size: validation refuses an image whose shorter side is below this (a thumbnail or
     # a 1x1 pixel read at 224 px is an invented image), and so does reading it later.
     min_side: int = bounded(32, POSITIVE, _at_most(4096, "the smallest side in pixels"))
+    # Soft labels (docs/soft_labels.md): a CSV at the root of data.path (so DVC's hash of the folder
+    # covers it), `path,<class 1>,...,<class K>`, one row per image: probabilities, or annotator
+    # counts (whole numbers, normalised). null: every image's label is its folder.
+    soft_labels: str | None = None
+    # A row of probabilities must sum to 1 within this (counts are normalised whatever their total).
+    soft_label_tolerance: float = bounded(1e-3, Range(0, 0.5, low_open=True))
+    # argmax: an image's folder must be among its row's most probable classes; none: not checked.
+    soft_label_agreement: Literal["argmax", "none"] = "argmax"
     # How a split is read, which changes memory and speed, never a pixel: decoded into memory when
     # its uint8 pixels (images x channels x height x width) take at most this many MB, else from
     # its files a batch at a time (0: always from the files). 1,024 MB holds about 7,100 RGB
@@ -191,6 +207,13 @@ class DataConfig:
     )
 
     def validate(self) -> None:
+        if self.soft_labels is not None:
+            name = Path(self.soft_labels)
+            if name.is_absolute() or ".." in name.parts or len(name.parts) != 1:
+                raise ConfigError(
+                    f"data.soft_labels = {self.soft_labels!r}: name a CSV file at the root of data.path "
+                    f"({self.path}), for example soft_labels.csv, so the folder's DVC hash covers it"
+                )
         if self.image_size is None:
             if self.resize_size is not None:
                 raise ConfigError(
@@ -304,6 +327,10 @@ class TrainConfig:
     # random translation by up to 1/8 of the image side; with data.image_size, RandomResizedCrop
     augment: bool = True
     hflip: bool = False  # horizontal flips: right for CIFAR-like data, wrong for digits
+    # What the loss is computed against (docs/soft_labels.md): hard, the folder's class; soft, the
+    # image's row of data.soft_labels (cross-entropy on the distribution); sampled, a class drawn
+    # from that row each epoch (the "noisy labels" remedy), seeded and resumable like the order.
+    targets: Literal["hard", "soft", "sampled"] = "hard"
     # With data.image_size and augment: RandomResizedCrop's smallest share of an image's area
     # (torchvision's reference 0.08; larger keeps more of each photo in every crop).
     crop_min_scale: float = bounded(0.08, Range(0, 1, low_open=True))
@@ -680,6 +707,33 @@ class Config:
                 raise ConfigError(f"gates.{gate} needs a corruption suite: set shift.corruptions and shift.severities")
         if self.gates.max_ood_fpr95 is not None and not self.ood.path:
             raise ConfigError("gates.max_ood_fpr95 needs ood.path: a DVC-tracked folder of out-of-distribution images")
+        if (
+            self.data.image_size is not None
+            and self.train.augment
+            and self.train.distributed == "ddp"
+            and self.train.nnodes > 1
+        ):
+            raise ConfigError(
+                f"data.image_size with train.augment reads the train split from its files (a new crop each "
+                f"epoch), which train.nnodes = {self.train.nnodes} nodes would each need a copy of: train on one "
+                f"node, or set train.augment to false"
+            )
+        if self.train.targets != "hard":
+            if self.data.soft_labels is None:
+                raise ConfigError(
+                    f"train.targets = {self.train.targets} needs data.soft_labels: the CSV of each image's "
+                    f"distribution over the classes (docs/soft_labels.md)"
+                )
+            if self.train.mix != "none":
+                raise ConfigError(
+                    f"train.targets = {self.train.targets} with train.mix = {self.train.mix}: torchvision's "
+                    f"MixUp and CutMix mix class indices, not distributions; set one of them back"
+                )
+            if self.train.distributed != "none":
+                raise ConfigError(
+                    f"train.targets = {self.train.targets} under train.distributed = {self.train.distributed}: "
+                    f"not supported yet; train in one process (train.distributed: none)"
+                )
         exposure = self.train.outlier_exposure
         if exposure is not None and self.ood.path and Path(exposure) == Path(self.ood.path):
             raise ConfigError(
@@ -707,6 +761,9 @@ class Config:
         shaping = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
         for key in HOW_DATA_IS_READ:  # memory and speed, not one pixel: no new build
             shaping["data"].pop(key, None)
+        for (section, key), needs in UNUSED_UNLESS.items():  # read only with another key set: no new build
+            if shaping[needs[0]][needs[1]] is None:
+                shaping[section].pop(key, None)
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -67,10 +67,18 @@ def validate_data(
     work_dir: str,
     run_id: str,
     repo_root: str,
+    *,
+    data_dir: str | None = None,
 ) -> dict:
     result_path = f"{work_dir}/data_validation.json"
     report = data_steps.validate_data(
-        manifest.path, split.path, manifest.classes, config.data, result_path, cache_directory=cache_dir(repo_root)
+        manifest.path,
+        split.path,
+        manifest.classes,
+        config.data,
+        result_path,
+        cache_directory=cache_dir(repo_root),
+        data_dir=data_dir,
     )
     store.log_artifact(run_id, result_path, "validation")
     reused = bool(report.statistics.get("reused_from_cache"))

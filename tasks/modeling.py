@@ -64,6 +64,11 @@ def check_decision_settings(manifest: data_steps.ManifestRecord, split: data_ste
     )
 
 
+def _min_side(config: Config) -> int:
+    """The smallest shorter side an image of any folder may have: data.min_side with data.image_size."""
+    return config.data.min_side if config.data.image_size is not None else 1
+
+
 @task(name="check-ood-data", cache_policy=NO_CACHE)
 def check_ood_data(
     repo_root: str, manifest: data_steps.ManifestRecord, config: Config, work_dir: str, run_id: str
@@ -72,7 +77,12 @@ def check_ood_data(
     if not config.ood.path:
         return None
     path = evaluation_steps.check_ood_data(
-        repo_root, manifest.path, config.ood.path, config.ood.max_images, f"{work_dir}/ood_data.json"
+        repo_root,
+        manifest.path,
+        config.ood.path,
+        config.ood.max_images,
+        f"{work_dir}/ood_data.json",
+        min_side=_min_side(config),
     )
     store.log_artifact(run_id, path, "ood")
     return path
@@ -99,6 +109,7 @@ def check_outlier_data(
         f"{work_dir}/outlier_exposure_data.json",
         "train.outlier_exposure",
         ood_data,
+        min_side=_min_side(config),
     )
     store.log_artifact(run_id, path, "ood")
     return path

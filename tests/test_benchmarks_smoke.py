@@ -33,7 +33,15 @@ sys.path.insert(0, str(BENCHMARKS))
 import _common  # noqa: E402
 
 NAMES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
-E2E = {"accuracy_estimation", "command_latency", "data_scale", "default_run", "finetune_own_weights", "run_timing"}
+E2E = {
+    "accuracy_estimation",
+    "command_latency",
+    "data_scale",
+    "default_run",
+    "finetune_own_weights",
+    "recorded_run",
+    "run_timing",
+}
 # over about 5 s on 2 busy cores (calibration_speed: importing netcal and torchmetrics), or needing
 # the git history (gate_soundness_baseline reads the old gates from commit 345bcd0)
 SLOW = {"calibration_speed", "ddp_accuracy", "gate_soundness_baseline", "shift_and_ood", "train_time_calibration"}
@@ -330,6 +338,18 @@ def check_train_time_calibration(data: list[dict], markdown: str) -> None:
     assert "| deep ensemble of 3 |" in markdown and "Mukhoti et al. 2020" in markdown
 
 
+def check_recorded_run(data: dict, markdown: str) -> None:
+    """The run went end to end on photos of mixed sizes (the smoke's gates pass any model: it
+    registered), framed to data.image_size, and its memory, wall time and tasks were measured."""
+    assert data["exit_code"] == 0 and data["verdict"].startswith("calibflow run: registered"), data["verdict"]
+    assert data["images"] == 60 and data["side"] == 32
+    assert data["peak_memory_mb"] > 100 and data["wall_s"] > 0
+    assert data["task_seconds"]["train-model"] > 0 and "collect-shift-logits" in data["task_seconds"]
+    after = data["summary"]["test_after"]
+    assert 0 <= after["accuracy"] <= 1 and after["ece"] >= 0
+    assert "**Outcome:** registered (exit 0)" in markdown and "| train-model |" in markdown
+
+
 def check_default_run(data: dict, markdown: str) -> None:
     assert data["smoke"] is True and data["runs"]
 
@@ -347,6 +367,7 @@ CHECKS: dict[str, Callable] = {
     "gate_soundness": check_gate_soundness,
     "gate_soundness_baseline": check_gate_soundness_baseline,
     "real_logits": check_real_logits,
+    "recorded_run": check_recorded_run,
     "run_timing": check_run_timing,
     "shift_and_ood": check_shift_and_ood,
     "threshold_stability": check_threshold_stability,

@@ -219,3 +219,86 @@ def test_commands_that_read_a_whole_split_decode_it_a_chunk_at_a_time(photos, mo
     whole = load_images(root, paths, "RGB", EVALUATION).permute(0, 2, 3, 1).reshape(len(paths), -1)[:, :3]
     assert np.array_equal(got, whole.numpy().astype(float))
     assert max(seen) == 7 and sum(seen) == len(paths)
+
+
+def test_a_cameras_exif_rotation_is_applied_when_decoding_and_in_the_manifest(tmp_path):
+    from calibflow.data.manifest import build_manifest
+
+    (tmp_path / "a").mkdir()
+    pixels = np.zeros((30, 50, 3), np.uint8)
+    pixels[:, :10] = 255  # a bright left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "a" / "phone.jpg", exif=exif.tobytes(), quality=95)
+    decoded = decode_image(tmp_path / "a" / "phone.jpg", "RGB")
+    assert decoded.shape == (50, 30, 3)  # upright: 30 wide, 50 high
+    assert decoded[:10, :, 0].mean() > 200 and decoded[-10:, :, 0].mean() < 50  # the edge is now on top
+    assert build_manifest(tmp_path)["size"].tolist() == ["30x50"]
+
+
+def test_a_crop_draw_leaves_every_cuda_stream_alone(photos, monkeypatch):
+    """Seeding torch's global stream (torch.manual_seed) would reseed every GPU's, which the fork of
+    the CPU stream does not restore: dropout on a GPU would then draw from the last image's seed."""
+    root, paths, _ = photos
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    load_images(root, paths[:8], "RGB", TRAINING, seeds=range(8))
+    assert reseeded == []
+
+
+def test_photos_in_gray_and_colour_pass_validation_with_an_image_size():
+    import pandas as pd
+
+    from calibflow.data.validation import validate_manifest
+
+    manifest = pd.DataFrame(
+        {
+            "path": ["a/1.jpg", "a/2.jpg", "b/3.jpg", "b/4.png"],
+            "label": ["a", "a", "b", "b"],
+            "size": ["300x200", "640x480", "200x200", "90x120"],
+            "mode": ["RGB", "L", "RGB", "P"],
+            "sha256": ["1", "2", "3", "4"],
+            "decodable": [True] * 4,
+            "error": [""] * 4,
+            "split": ["train", "test", "train", "test"],
+        }
+    )
+    assert validate_manifest(manifest, ["a", "b"], 1, min_side=32).success
+    manifest.loc[3, "mode"] = "F"
+    report = validate_manifest(manifest, ["a", "b"], 1, min_side=32)
+    assert [f.check for f in report.failures] == ["every image's mode converts to 8-bit gray or RGB"]
+    assert not validate_manifest(manifest.assign(mode=["RGB", "L", "RGB", "RGB"]), ["a", "b"], 1).success
+
+
+def test_the_size_bounds_are_no_new_build_without_an_image_size_and_resume_keys_see_the_framing(tmp_path):
+    from calibflow.pipeline.data_steps import ManifestRecord
+    from calibflow.pipeline.model_steps import training_checkpoints
+
+    base = load_config(None, []).params_hash
+    assert base == load_config(None, ["data.min_side=8", "train.crop_min_scale=0.5"]).params_hash
+    split = tmp_path / "split.json"
+    split.write_text("{}")
+    manifest = ManifestRecord(path="m.csv", fingerprint="f", n_images=10, classes=("a", "b"))
+
+    def key(*overrides):
+        config = load_config(None, list(overrides))
+        return training_checkpoints(str(tmp_path), str(tmp_path), manifest, str(split), config, 0, None).directory
+
+    assert (
+        len(
+            {
+                key(),
+                key("data.image_size=224"),
+                key("data.image_size=160"),
+                key("data.image_size=224", "data.resize_size=320"),
+            }
+        )
+        == 4
+    )
+    assert key("data.workers=3") == key()  # how a split is read is not what it trains on
+
+
+def test_several_nodes_cannot_read_a_cropped_train_split():
+    with pytest.raises(ConfigError, match="would each need a copy"):
+        load_config(None, ["data.image_size=64", "train.distributed=ddp", "train.nnodes=2", "train.rendezvous=h:1"])

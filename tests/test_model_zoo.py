@@ -176,6 +176,21 @@ def test_weights_of_another_width_are_refused_naming_the_mismatch_not_half_loade
     load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 5, 8, 8, width=4)), path)
 
 
+def test_calibflows_own_rgb_weights_on_gray_images_average_their_channel_statistics(tmp_path):
+    """A calibflow state dict carries the normalisation it trained with (mean, std per channel):
+    on gray images those are averaged over RGB, while the first conv's kernels are summed."""
+    rgb = build_model(
+        ModelSpec("small_cnn", 3, 3, 8, 8, width=4), torch.tensor([0.2, 0.5, 0.8]), torch.tensor([0.1, 0.2, 0.3])
+    )
+    path = tmp_path / "rgb.pt"
+    torch.save(rgb.state_dict(), path)
+    gray = build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4))
+    load_pretrained_weights(gray, path)
+    assert gray.mean.flatten().tolist() == pytest.approx([0.5]) and gray.std.flatten().tolist() == pytest.approx([0.2])
+    first = next(k for k, v in rgb.backbone.state_dict().items() if v.dim() == 4)
+    torch.testing.assert_close(gray.backbone.state_dict()[first], rgb.backbone.state_dict()[first].sum(1, keepdim=True))
+
+
 def test_pretrained_rgb_kernels_are_summed_for_one_channel_images(hub):
     state = fake_hub_file("resnet50", "IMAGENET1K_V2")
     model = build_model(ModelSpec("resnet50", 1, 3, 64, 64))

@@ -12,7 +12,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-import math
 import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Sequence, Union
@@ -136,10 +135,12 @@ class Framing:
     def _draw_crop(self, image: Image.Image, seed: int) -> tuple[int, int, int, int, bool]:
         from torchvision.transforms import RandomResizedCrop
 
-        # torchvision's own draw of the crop, which reads torch's global stream: seeded per image
-        # inside a fork of it, under a lock that keeps decoding threads from seeding each other's
+        # torchvision's own draw of the crop, which reads torch's global CPU stream: seeded per image
+        # inside a fork of it, under a lock that keeps decoding threads from seeding each other's.
+        # Its CPU generator alone: torch.manual_seed would also reseed every CUDA device's stream,
+        # which the fork does not restore, and dropout on a GPU would draw from the last image's seed.
         with _CROP_DRAWS, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             top, left, height, width = RandomResizedCrop.get_params(
                 image, list(self.crop_scale), list(REFERENCE_CROP_RATIOS)
             )
@@ -227,6 +228,21 @@ def to_model_mode(image: Image.Image, mode: str, path: str | Path) -> Image.Imag
     return image if image.mode == mode else image.convert(mode)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` as it is meant to be seen: a camera's EXIF orientation (a phone photo stored sideways
+    with Orientation 6, say) applied, as viewers, browsers and most clients' decoders apply it, so
+    a model is trained on the photo a client sends. torchvision's PIL loader leaves it as stored.
+    An image without the tag is returned as it is."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
 def _with_alpha_if_keyed(image: Image.Image) -> Image.Image:
     """A palette entry or a colour key (PNG's tRNS) marked transparent, made an alpha channel to
     check; any other image as it is."""
@@ -260,6 +276,7 @@ def _decode(
     try:
         with Image.open(path) as image:
             _refuse_bomb(label, image)  # before decoding: the header alone says how big it is
+            image = upright(image)
             if framing is not None:
                 framing.check_size(label, image.size)
             image = to_model_mode(image, mode, label)

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
-from calibflow.data.images import transparency_problem
+from calibflow.data.images import transparency_problem, upright
 from calibflow.errors import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _describe_file(root: str, rel: str, label: str, label_index: int) -> dict[st
             # open() only parses the header; load() decodes the pixels, so a truncated or
             # corrupt body raises here (with ImageFile.LOAD_TRUNCATED_IMAGES False).
             im.load()
-            width, height = im.size
+            width, height = upright(im).size  # as decoding reads it: a camera's rotation applied
             mode = im.mode
             channels = len(im.getbands())
             transparent = transparency_problem(im)

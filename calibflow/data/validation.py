@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+from calibflow.data.images import COLOUR_MODES, GRAY_MODES
 from calibflow.errors import DataValidationError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ def _check_names(
     return {
         DECODES: "every file decodes as an image",
         SIZE: size,
-        MODE: "every image has an allowed mode" if allowed_modes else "every image has one mode",
+        MODE: "every image has an allowed mode"
+        if allowed_modes
+        else ("every image's mode converts to 8-bit gray or RGB" if min_side is not None else "every image has one mode"),
         LABELS: "labels equal the class folders",
         MIN_PER_CLASS: f"every class has at least {min_per_class} images",
         SPLIT_LEAKAGE: "no image content appears in two splits",
@@ -328,6 +331,10 @@ def validate_manifest(
     }
     if min_side is not None:
         expected["min_side"] = min_side
+        if not allowed_modes:
+            # photos are framed and converted one by one: any mode with a defined conversion to the
+            # model's (images.model_mode), gray JPEGs among colour ones included
+            expected[MODE] = sorted(GRAY_MODES | COLOUR_MODES)
 
     E = gx.expectations
 

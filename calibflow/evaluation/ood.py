@@ -52,11 +52,15 @@ def check_ood_folder(
     key: str = "ood.path",
     other_hashes: set[str] = frozenset(),
     other: str = "",
+    *,
+    min_side: int = 1,
 ) -> OODData:
     """Pin `path` (params.yaml's `key`) with DVC and check it can serve as out-of-distribution
     images; OODDataError otherwise. `other_hashes`: images it must not share either (the OOD
     evaluation folder, for the outlier-exposure one), named `other`."""
     from PIL import Image, UnidentifiedImageError
+
+    from calibflow.data.images import transparency_problem
 
     from calibflow.data.versioning import resolve_data
     from calibflow.errors import DataVersionError
@@ -77,7 +81,7 @@ def check_ood_folder(
     except DataVersionError as error:
         raise OODDataError(str(error).replace("data.path", key)) from error
     root = Path(version.local_dir)
-    not_images, overlapping, shared = [], [], []
+    not_images, unreadable, overlapping, shared = [], [], [], []
     for relative in files:
         digest = hashlib.sha256((root / relative).read_bytes()).hexdigest()
         if digest in training_hashes:
@@ -87,6 +91,12 @@ def check_ood_folder(
         try:
             with Image.open(root / relative) as image:
                 image.load()
+                # what reading it later would refuse, refused now, before anything trains
+                problem = transparency_problem(image)
+                if problem is None and min(image.size) < min_side:
+                    problem = f"{image.size[0]}x{image.size[1]}, below data.min_side = {min_side}"
+                if problem is not None:
+                    unreadable.append(f"{relative} ({problem.split(':')[0]})")
         except (UnidentifiedImageError, OSError, ValueError):
             not_images.append(relative)
     if not_images:
@@ -94,6 +104,12 @@ def check_ood_folder(
         raise OODDataError(
             f"{key} {path!r}: {len(not_images)} of {len(files)} files are not images ({shown}): "
             f"remove them and `dvc add {path}`"
+        )
+    if unreadable:
+        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise OODDataError(
+            f"{key} {path!r}: {len(unreadable)} of {len(files)} images cannot be read as the model reads images "
+            f"({shown}): flatten transparent ones without alpha, remove those too small, and `dvc add {path}`"
         )
     if shared:
         raise OODDataError(

@@ -46,9 +46,8 @@ from calibflow.gates.statistics import (
 from calibflow.data.manifest import is_image_file
 from calibflow.names import CALIBRATED, on_test, version_tag
 from calibflow.lifecycle.reproduce import (
-    decode_rows,
     predict_files_of,
-    predict_in_batches,
+    predict_rows,
     rebuild_test_split,
     served_classes,
 )
@@ -205,7 +204,7 @@ def monitor_version(model_uri: str, data_path: str, config: Config, repo_root: s
     else:
         rebuilt = rebuild_test_split(record, repo_root)
         rows = rebuilt.split.indices["test"]
-        reference = predict_in_batches(model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rows))
+        reference = predict_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rows)
         _judge_unlabeled(
             report,
             probabilities,

@@ -38,7 +38,13 @@ from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_m
 from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.lifecycle.promotion import champion_for, seen_by
-from calibflow.lifecycle.reproduce import predict_in_batches, served_classes, served_policy, verified_run_artifact
+from calibflow.lifecycle.reproduce import (
+    decode_rows,
+    predict_rows,
+    served_classes,
+    served_policy,
+    verified_run_artifact,
+)
 from calibflow.pipeline.tagging import gate_tags, run_artifact_tags, run_verdict
 from calibflow.data.splits import stratified_split
 from calibflow.data.versioning import resolve_data
@@ -74,12 +80,14 @@ class Recalibration:
         return self.version is not None
 
 
-def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, config: Config, champion, source):
+def _shift_inputs(served, calibrator, new: NewImages, config: Config, champion, source):
     """The corruption suite (shift:) on the new test half, when a shift gate reads it: the
-    candidate's probabilities per cell, the champion's beside them for the increase gate, and the
-    suite tag that lets `calibflow gate` rebuild it. The OOD gate reads a folder recorded by a
-    training run; a recalibration has none."""
-    from calibflow.evaluation.shift import SUITE_TAG, corrupted_images, suite_of
+    candidate's probabilities per cell, the champion's beside them for the increase gate (on the
+    same images, framed as the champion frames them), and the suite tag that lets `calibflow gate`
+    rebuild it; a cell at a time. The OOD gate reads a folder recorded by a training run; a
+    recalibration has none."""
+    from calibflow.evaluation.corruptions import corrupt_batch
+    from calibflow.evaluation.shift import SUITE_TAG, cell_report, suite_of
 
     gates = config.gates
     if gates.max_ood_fpr95 is not None:
@@ -89,36 +97,44 @@ def _shift_inputs(served, calibrator, images: np.ndarray, labels: np.ndarray, co
         )
     if gates.max_shift_ece is None and gates.max_shift_ece_increase is None:
         return None, None, {}, None
-    from calibflow.evaluation.shift import cell_report
-
     suite = suite_of(config.shift, config.seed)
-    rows = slice(0, suite.max_images)
-    cells = corrupted_images(images[rows], suite)
-    logits = {key: served.logits(x, framed=True) for key, x in cells.items()}
-    shift = {key: Predictions(calibrator.transform(z).numpy(), labels[rows]) for key, z in logits.items()}
+    rows = new.test_rows[: suite.max_images]
+    clean, labels = new.images[rows], new.labels[rows]
+    champion_model = champion_clean = None
+    if champion is not None and gates.max_shift_ece_increase is not None:
+        if champion.version == source.version:
+            champion_model, champion_clean = served, clean
+        else:
+            loaded = registration.load_model(f"models:/{source.name}/{champion.version}")
+            champion_model = loaded.unwrap_python_model()
+            champion_clean = (
+                clean
+                if champion_model.framing == served.framing
+                else decode_rows(loaded, new.data.local_dir, new.manifest, rows)
+            )
+    logits, theirs = {}, {}
+    for corruption, severity in suite.cells:
+        key = suite.key(corruption, severity)
+        cell = corrupt_batch(clean, corruption, severity, suite.seed)
+        logits[key] = served.logits(cell, framed=True)
+        if champion_model is not None:
+            if champion_clean is not clean:
+                cell = corrupt_batch(champion_clean, corruption, severity, suite.seed)
+            theirs[key] = Predictions(champion_model.probabilities(cell, framed=True), labels)
+    shift = {key: Predictions(calibrator.transform(z).numpy(), labels) for key, z in logits.items()}
     n_bins = config.evaluation.n_bins
     # what `calibflow evaluate` reproduces (reproduce.reproduce_shift), as the run's shift/shift_metrics.json
     metrics = {
         "suite": json.loads(suite.to_json()),
         "cells": {
             key: {
-                "before": cell_report(served.calibrator.transform(z).numpy(), labels[rows], n_bins),
-                "after": cell_report(shift[key].probabilities, labels[rows], n_bins),
+                "before": cell_report(served.calibrator.transform(z).numpy(), labels, n_bins),
+                "after": cell_report(shift[key].probabilities, labels, n_bins),
             }
             for key, z in logits.items()
         },
     }
-    comparison = None
-    if champion is not None and gates.max_shift_ece_increase is not None:
-        champion_model = (
-            served
-            if champion.version == source.version
-            else registration.load_model(f"models:/{source.name}/{champion.version}").unwrap_python_model()
-        )
-        comparison = {
-            key: (shift[key], Predictions(champion_model.probabilities(x, framed=True), labels[rows]))
-            for key, x in cells.items()
-        }
+    comparison = {key: (shift[key], theirs[key]) for key in shift} if champion_model is not None else None
     return shift, comparison, {SUITE_TAG: suite.to_json()}, metrics
 
 
@@ -259,13 +275,17 @@ def _fit_and_gate(source, served, new: NewImages, config: Config, against: str |
         theirs = (
             source_probabilities
             if champion.version == source.version
-            else predict_in_batches(
-                registration.load_model(f"models:/{source.name}/{champion.version}"), new.images[test_rows]
+            # decoded as the champion frames its images (its own data.image_size), not as the source does
+            else predict_rows(
+                registration.load_model(f"models:/{source.name}/{champion.version}"),
+                new.data.local_dir,
+                new.manifest,
+                test_rows,
             )
         )
         comparison = (ours, Predictions(np.asarray(theirs), labels[test_rows]))
     shift, shift_comparison, suite_tags, shift_metrics = _shift_inputs(
-        served, calibrator, new.images[test_rows], labels[test_rows], config, champion, source
+        served, calibrator, new, config, champion, source
     )
     try:
         verdict = evaluate_gates(

@@ -206,14 +206,28 @@ def recorded_ood_scores(
     from calibflow.evaluation.ood import OOD_TAG, recorded_ood_files
 
     recorded = json.loads(record.tags[OOD_TAG])
-    meta = model.metadata.metadata
     local_dir, files = recorded_ood_files(repo_root, recorded)
-    outside_images = load_images(local_dir, files, meta["image_mode"], served_model.framing_of(meta))
-    outside = ood_scores_of(model, outside_images.permute(0, 2, 3, 1).contiguous().numpy())
-    inside = ood_scores_of(
-        model, decode_rows(model, rebuilt.data.local_dir, rebuilt.manifest, rebuilt.split.indices["test"])
-    )
+    inside_paths = rebuilt.manifest["path"].iloc[rebuilt.split.indices["test"]].tolist()
+    outside = ood_scores_of_files(model, local_dir, list(files))
+    inside = ood_scores_of_files(model, rebuilt.data.local_dir, inside_paths)
     return recorded["score"], inside, outside
+
+
+def ood_scores_of_files(model, data_dir: str | Path, paths: list[str]) -> dict[str, np.ndarray]:
+    """ood_scores_of on files, framed as the model frames them, DECODED_AT_A_TIME at a time."""
+    meta = model.metadata.metadata
+    framing = served_model.framing_of(meta)
+    chunks = [
+        ood_scores_of(
+            model,
+            load_images(data_dir, paths[start : start + DECODED_AT_A_TIME], meta["image_mode"], framing)
+            .permute(0, 2, 3, 1)
+            .contiguous()
+            .numpy(),
+        )
+        for start in range(0, len(paths), DECODED_AT_A_TIME)
+    ]
+    return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in ("msp", "energy")}
 
 
 def reproduce_shift(model, record: registration.VersionRecord, rebuilt: RebuiltTestSplit) -> tuple[dict, dict]:

@@ -165,6 +165,8 @@ def validate_data(
     data: DataConfig,
     out_path: str,
     cache_directory: str | Path | None = None,
+    *,
+    data_dir: str | Path | None = None,
 ) -> ValidationReport:
     """Run the Great Expectations suite; the full GX result is written to `out_path` either way.
 
@@ -189,6 +191,18 @@ def validate_data(
         "great_expectations": version("great-expectations"),
         "code": disk_cache.file_sha256(validation.__file__),
     }
+    if data.soft_labels is not None:
+        from calibflow.data import soft_labels
+
+        if data_dir is None:
+            raise ValueError("data.soft_labels: validate_data needs data_dir, where the CSV is")
+        csv_path = Path(data_dir) / data.soft_labels
+        key["soft_labels"] = {
+            "bytes": disk_cache.files_digest([csv_path]) if csv_path.is_file() else None,
+            "tolerance": data.soft_label_tolerance,
+            "agreement": data.soft_label_agreement,
+            "code": disk_cache.file_sha256(soft_labels.__file__),
+        }
     stored = disk_cache.load(cache_directory, "data_validation", key)
     if stored is not None:
         report = ValidationReport(
@@ -208,12 +222,50 @@ def validate_data(
             data.allowed_modes,
             min_side=data.min_side if data.image_size is not None else None,
         )
+        if report.success and data.soft_labels is not None:
+            report = _validate_soft_labels(report, manifest, list(classes), data, Path(data_dir))
         if report.success:
             disk_cache.store(
                 cache_directory, "data_validation", key, {"statistics": report.statistics, "result": report.result}
             )
     Path(out_path).write_text(json.dumps(report.result, indent=1, default=str))
     return report
+
+
+def _validate_soft_labels(
+    report: ValidationReport, manifest, classes: list[str], data: DataConfig, data_dir: Path
+) -> ValidationReport:
+    """The images' report, with the soft labels' checks (calibflow.data.soft_labels) added."""
+    from calibflow.data import soft_labels
+
+    table = soft_labels.read_soft_labels(data_dir / data.soft_labels, classes)
+    soft = soft_labels.validate_soft_labels(
+        table,
+        manifest,
+        classes,
+        tolerance=data.soft_label_tolerance,
+        agreement=data.soft_label_agreement,
+        source=f"{data.path}/{data.soft_labels}",
+    )
+    evaluated = report.statistics.get("evaluated_expectations", 0) + soft.statistics["evaluated_expectations"]
+    return ValidationReport(
+        success=report.success and soft.success,
+        failures=report.failures + soft.failures,
+        statistics={**report.statistics, **soft.statistics, "evaluated_expectations": evaluated},
+        result={**report.result, **soft.result},
+    )
+
+
+def split_soft_targets(data_dir: str, manifest: ManifestRecord, split_path: str, split_name: str, data: DataConfig):
+    """(N, K) float32 distributions of one split's images over manifest.classes, in the split's
+    order, from data.soft_labels (validated)."""
+    from calibflow.data import soft_labels
+
+    classes = list(manifest.classes)
+    manifest = load_manifest(manifest.path)
+    table = soft_labels.read_soft_labels(Path(data_dir) / data.soft_labels, classes)
+    rows = manifest.iloc[Split.load(split_path).indices[split_name]]
+    return torch.from_numpy(soft_labels.soft_targets(table, rows, classes, data.soft_label_tolerance))
 
 
 @dataclass(frozen=True)

@@ -120,10 +120,13 @@ def check_ood_data(
     out_path: str,
     key: str = "ood.path",
     not_in: str | None = None,
+    *,
+    min_side: int = 1,
 ) -> str:
     """Before training: pin `path` (params.yaml's `key`: ood.path or train.outlier_exposure) with
-    DVC and refuse it when missing, empty, not images, or holding images of the dataset (or of the
-    folder checked into `not_in`); the checked list of files is written to `out_path`."""
+    DVC and refuse it when missing, empty, not images (or transparent, or below `min_side` on the
+    shorter side), or holding images of the dataset (or of the folder checked into `not_in`); the
+    checked list of files is written to `out_path`."""
     from calibflow.evaluation.ood import check_ood_folder, folder_hashes, load_ood_data, save_ood_data
 
     hashes = set(load_manifest(manifest_path)["sha256"])
@@ -137,6 +140,7 @@ def check_ood_data(
             key,
             folder_hashes(other) if other else frozenset(),
             f"ood.path ({other.path})" if other else "",
+            min_side=min_side,
         ),
         out_path,
     )

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from calibflow.config import Config, DataConfig
+from calibflow.config import HOW_DATA_IS_READ, Config, DataConfig
 from calibflow.training.ensembles import (
     member_seeds,
     predictive_logits,
@@ -27,7 +27,14 @@ from calibflow.evaluation.shift import Suite, cell_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
 from calibflow.training.loop import EpochStats, TrainingInputs, intra_op_threads, resolve_runtime, train_classifier
 from calibflow.data.image_files import ImageLoading, closing
-from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_format, image_loading, load_split_images
+from calibflow.pipeline.data_steps import (
+    ImageFormat,
+    ManifestRecord,
+    image_format,
+    image_loading,
+    load_split_images,
+    split_soft_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class TrainedModel:
 
 def training_checkpoints(
     checkpoint_dir: str,
+    data_dir: str,
     manifest: ManifestRecord,
     split_path: str,
     config: Config,
@@ -60,9 +68,15 @@ def training_checkpoints(
     train = {k: v for k, v in dataclasses.asdict(config.train).items() if k != "val_every"}
     if config.train.distributed == "ddp":  # the processes' random streams are saved per rank
         train["nproc"] = resolve_nproc(config.train)
+    # what the data section decides about the pixels and the targets: the framing (data.image_size
+    # and its bounds), and the soft labels' bytes; not how a split is read (HOW_DATA_IS_READ)
+    data = {k: v for k, v in dataclasses.asdict(config.data).items() if k not in HOW_DATA_IS_READ}
+    if config.data.soft_labels is not None:
+        data["soft_labels_sha256"] = file_sha256(Path(data_dir) / config.data.soft_labels)
     key = training_key(
         manifest=manifest.fingerprint,
         split=file_sha256(split_path),
+        data=data,
         model=dataclasses.asdict(config.model),
         train=train,
         seed=member_seed,
@@ -126,6 +140,11 @@ def train_model(
         data_dir, manifest.path, split_path, "train", fmt, loading=loading, framing=fmt.training_framing(config.train)
     )
     val_x, val_y, _ = load_split_images(data_dir, manifest.path, split_path, "val", fmt, loading=loading)
+    train_targets = (
+        split_soft_targets(data_dir, manifest, split_path, "train", config.data)
+        if config.train.targets != "hard"
+        else None
+    )
     outliers = None
     if outliers_path:
         record = json.loads(Path(outliers_path).read_text())
@@ -150,7 +169,7 @@ def train_model(
     members, history, done, resumed_from = [], [], [], 0
     for index, seed in enumerate(member_seeds(config.seed, config.model.ensemble)):
         checkpoints = (
-            training_checkpoints(checkpoint_dir, manifest, split_path, config, seed, outliers_path)
+            training_checkpoints(checkpoint_dir, data_dir, manifest, split_path, config, seed, outliers_path)
             if checkpoint_dir
             else None
         )
@@ -175,6 +194,7 @@ def train_model(
             weights_path=str(weights_path) if weights_path else None,
             outlier_images=outliers,
             workers=loading.workers,
+            train_targets=train_targets,
         )
         model, member_history = train_member(inputs, on_epoch_end=report, checkpoints=checkpoints)
         members.append(model)

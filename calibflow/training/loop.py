@@ -225,6 +225,8 @@ class TrainingInputs:
     weights_path: str | None = None
     outlier_images: torch.Tensor | None = None
     workers: int = 0  # DataLoader processes for a split read from its files (ImageFiles)
+    # train.targets soft or sampled: each train image's distribution over the classes (N, K)
+    train_targets: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,6 +241,7 @@ class DeviceData:
     outliers: torch.Tensor | None
     workers: int
     val_share: ImageSource  # this process's share of the val split (all of it in one process)
+    train_targets: torch.Tensor | None = None  # (N, K) float32, with train.targets soft or sampled
 
 
 @dataclass(frozen=True, eq=False)
@@ -433,6 +436,7 @@ def move_to_device(inputs: TrainingInputs, runtime: Runtime, group: ProcessGroup
         val_labels=to_device(inputs.val_labels.long(), runtime),
         outliers=to_device(outliers, runtime) if outliers is not None and len(outliers) else None,
         workers=inputs.workers,
+        train_targets=to_device(inputs.train_targets.float(), runtime) if inputs.train_targets is not None else None,
     )
 
 
@@ -449,6 +453,7 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
     loss_sum = torch.zeros((), device=training.runtime.device)
     seen = 0
     source = training.data.train_images
+    labels = epoch_labels(training)
     order = torch.randperm(len(source), device=training.runtime.device, generator=training.order)
     # BatchNorm cannot train on a single sample: a global batch too small for every process is left out
     global_batches = [batch for batch in order.split(config.batch_size) if len(batch) >= training.smallest_batch]
@@ -464,7 +469,7 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
         bar.set_description_str(
             f"train epoch {epoch}/{config.epochs} batch {step}/{training.steps_per_epoch}", refresh=False
         )
-        loss = training_step(training, batch_index, batch_images)
+        loss = training_step(training, batch_index, batch_images, labels)
         loss_sum += loss.detach() * len(batch_index)
         seen += len(batch_index)
         bar.update(len(global_batch))  # no host sync: on a GPU the bar runs ahead of its queue
@@ -502,10 +507,30 @@ def _indices_for(source: ImageSource, shares: list[torch.Tensor]) -> list[torch.
     return list(on_host.split([len(share) for share in shares]))
 
 
-def training_step(training: Training, batch_index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on the train `images` at `batch_index`; returns the step's loss."""
+def epoch_labels(training: Training) -> torch.Tensor:
+    """What this epoch's loss is computed against, one row per train image: the folder's class
+    (train.targets hard), the image's distribution (soft), or a class drawn from it (sampled: a
+    new draw each epoch from the augmentation stream, so a resumed training draws alike)."""
+    data, targets = training.data, training.config.targets
+    if targets == "hard" or data.train_targets is None:
+        return data.train_labels
+    if targets == "soft":
+        return data.train_targets
+    return sample_labels(data.train_targets, training.draws)
+
+
+def sample_labels(distributions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One class per row of `distributions` (N, K), drawn with its probabilities."""
+    return torch.multinomial(distributions, 1, generator=generator).squeeze(1)
+
+
+def training_step(
+    training: Training, batch_index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One optimiser step on the train `images` at `batch_index`, against `labels` (epoch_labels;
+    the folders' classes without); returns the step's loss."""
     config = training.config
-    images, targets, n_in = training_batch(training, batch_index, images)
+    images, targets, n_in = training_batch(training, batch_index, images, labels)
     with training.runtime.autocast():
         logits = training.forward(images)
     loss = training_loss(
@@ -527,13 +552,14 @@ def training_step(training: Training, batch_index: torch.Tensor, images: torch.T
 
 
 def training_batch(
-    training: Training, batch_index: torch.Tensor, images: torch.Tensor
+    training: Training, batch_index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """What one step forwards: the train `images` at `batch_index` on the device, augmented and
     mixed (train.augment, train.mix), then as many outliers under outlier exposure; their
     targets; and how many of the images are the batch's own (the rest are outliers)."""
     config, data = training.config, training.data
-    images, targets = images.to(training.runtime.device, non_blocking=True), data.train_labels[batch_index]
+    labels = data.train_labels if labels is None else labels
+    images, targets = images.to(training.runtime.device, non_blocking=True), labels[batch_index]
     if config.augment and not crops_when_read(data.train_images):
         images = random_translate(images, training.max_shift, config.hflip, training.draws)
     if config.mix != "none":

@@ -356,6 +356,10 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
         shape = own[key].shape
         if tensor.shape == shape:
             fitted[key] = tensor
+        elif key in ("mean", "std") and tensor.numel() == 3 and own[key].numel() == 1:
+            # calibflow's own RGB weights on gray images: the statistics averaged over the channels
+            # (a gray pixel is about their mean), not summed as the first conv's kernels are
+            fitted[key] = tensor.mean().reshape(shape)
         elif tensor.dim() == 4 and tensor.shape[1] == 3 and shape[1] == 1 and tensor.shape[2:] == shape[2:]:
             fitted[key] = tensor.sum(dim=1, keepdim=True)  # RGB kernels summed: the same response to gray
         elif key not in may_differ:

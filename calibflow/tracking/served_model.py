@@ -363,7 +363,7 @@ def _input_description(model: CalibratedImageClassifier) -> str:
         f"of any size, each resized to {framing.resize} px on its shorter side and cropped to the centre "
         f"{width}x{height} (torchvision's Resize + CenterCrop, as evaluation read the files)"
         if framing.resize is not None
-        else f"at {width}x{height} (another size is stretched to it)"
+        else f"at {width}x{height}, the size every training image had"
     )
     return f"uint8 {model.image_mode} images (N, H, W, {len(model.image_mode)}) {how}; params {{'{INPUT_PARAM}': 'framed'}}: already {width}x{height}, read as they are"
 

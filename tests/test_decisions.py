@@ -391,7 +391,8 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
     assert {"plots/decision_score_histograms.png", "plots/risk_coverage.png"} <= plots
 
-    # A fresh process: MLflow's own loader accepts the declared param, the default output is unchanged.
+    # A fresh process: MLflow's own loader accepts the declared params (the output, and the input
+    # param that sends images calibflow framed itself), the default output is unchanged.
     script = textwrap.dedent(f"""
         import json, numpy as np
         from calibflow.tracking import registration
@@ -410,7 +411,7 @@ def test_binary_run_records_thresholds_serves_decisions_in_a_fresh_process_and_g
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert answer["shape"] == [6, 2] and answer["same"] and answer["params"] == ["output"]
+    assert answer["shape"] == [6, 2] and answer["same"] and answer["params"] == ["output", "input"]
     assert answer["columns"][:5] == ["label", "confidence", "abstained", "positive", "prediction_set"]
     assert sum(answer["positive"]) >= 4  # images of the positive class, at a recall-0.9 threshold
     assert all(set(s) <= {"3", "8"} for s in answer["sets"])

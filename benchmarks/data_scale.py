@@ -212,27 +212,28 @@ def input_path(root: Path, workers: int, repeats: int, side: int) -> dict:
 # ------------------------------------------------------------------ 2. calibflow run
 
 
-def project(root: Path, images: Path, epochs: int) -> Path:
-    """A git + DVC repository whose data/photos is a copy of `images`."""
-    if (root / ".done").is_file():
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    root.mkdir(parents=True)
-    for command in (
-        ["git", "init", "-q", "-b", "main"],
-        [dvc, "init", "-q"],
-        [dvc, "config", "core.analytics", "false"],
-    ):
-        subprocess.run(command, cwd=root, check=True, capture_output=True)
-    shutil.copytree(images, root / "data" / "photos", ignore=shutil.ignore_patterns(".*"))
-    (root / "params.yaml").write_text(RUN_PARAMS.format(in_memory_max_mb=1024, epochs=epochs))
-    (root / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n.calibflow/\nreports/\n")
-    subprocess.run([dvc, "add", "-q", "data/photos"], cwd=root, check=True, capture_output=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
-    identity = ["-c", "user.name=calibflow benchmarks", "-c", "user.email=benchmarks@calibflow.invalid"]
-    subprocess.run(["git", *identity, "commit", "-qm", "photos"], cwd=root, check=True, capture_output=True)
-    (root / ".done").write_text("")
+def project(root: Path, images: Path, params: str) -> Path:
+    """A git + DVC repository whose data/photos is a copy of `images` (built once, kept), with
+    `params` as its params.yaml (written each time, and left out of git: one project serves
+    several settings)."""
+    if not (root / ".done").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        dvc = str(Path(sys.executable).with_name("dvc"))
+        root.mkdir(parents=True)
+        for command in (
+            ["git", "init", "-q", "-b", "main"],
+            [dvc, "init", "-q"],
+            [dvc, "config", "core.analytics", "false"],
+        ):
+            subprocess.run(command, cwd=root, check=True, capture_output=True)
+        shutil.copytree(images, root / "data" / "photos", ignore=shutil.ignore_patterns(".*"))
+        (root / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n.calibflow/\nreports/\nparams.yaml\n")
+        subprocess.run([dvc, "add", "-q", "data/photos"], cwd=root, check=True, capture_output=True)
+        subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
+        identity = ["-c", "user.name=calibflow benchmarks", "-c", "user.email=benchmarks@calibflow.invalid"]
+        subprocess.run(["git", *identity, "commit", "-qm", "photos"], cwd=root, check=True, capture_output=True)
+        (root / ".done").write_text("")
+    (root / "params.yaml").write_text(params)
     return root
 
 
@@ -356,7 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
         with run_timing.temporary_server() as api_url:
             for n in run_sizes:
                 repo = project(
-                    work / f"project-{side}-{n}", photos(work / f"photos-{side}-{n}", n, side, source), epochs
+                    work / f"project-{side}-{n}",
+                    photos(work / f"photos-{side}-{n}", n, side, source),
+                    RUN_PARAMS.format(in_memory_max_mb=1024, epochs=epochs),
                 )
                 runs[n] = [calibflow_run(repo, streamed, api_url, workers) for streamed in (True, False)]
                 print(f"calibflow run, {n} images: done", file=sys.stderr, flush=True)

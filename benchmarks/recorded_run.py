@@ -84,31 +84,6 @@ def mixed_size_photos(folder: Path, n: int, shortest: int, longest_short_side: i
     return folder
 
 
-def project(root: Path, photos: Path, params: str) -> Path:
-    """A git + DVC repository whose data/photos is a copy of `photos`, with `params`."""
-    if (root / ".done").is_file():
-        (root / "params.yaml").write_text(params)
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    root.mkdir(parents=True)
-    for command in (
-        ["git", "init", "-q", "-b", "main"],
-        [dvc, "init", "-q"],
-        [dvc, "config", "core.analytics", "false"],
-    ):
-        subprocess.run(command, cwd=root, check=True, capture_output=True)
-    shutil.copytree(photos, root / "data" / "photos", ignore=shutil.ignore_patterns(".*"))
-    (root / "params.yaml").write_text(params)
-    (root / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n.calibflow/\nreports/\nparams.yaml\n")
-    subprocess.run([dvc, "add", "-q", "data/photos"], cwd=root, check=True, capture_output=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
-    identity = ["-c", "user.name=calibflow benchmarks", "-c", "user.email=benchmarks@calibflow.invalid"]
-    subprocess.run(["git", *identity, "commit", "-qm", "photos"], cwd=root, check=True, capture_output=True)
-    (root / ".done").write_text("")
-    return root
-
-
 def recorded_run(repo: Path, api_url: str) -> dict:
     """One `calibflow run`, from a cold cache: its exit code, verdict, peak memory, wall time,
     task times and test metrics."""
@@ -240,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"min_accuracy: {MIN_ACCURACY}",
             "min_accuracy: 0.0, max_ece: 1.0, max_ece_increase: null, max_accuracy_drop: null",
         )
-    repo = project(work / f"project-{n}", photos, params)
+    repo = data_scale.project(work / f"project-{n}", photos, params)
     import run_timing
 
     with run_timing.temporary_server() as api_url:

@@ -92,6 +92,67 @@ def make_repo(root: Path, classes=(0, 1, 2, 3, 4), per_class: int = 60) -> Path:
     return root
 
 
+def mlflow_serve_predict(repo: Path, model_uri: str, images, work: Path):
+    """The predictions `mlflow models serve -m model_uri` (MLflow's own scoring server, the repo's
+    SQLite store, the venv's bin/ on PATH for its uvicorn) answers for `images` over HTTP, as
+    float64; the server is stopped, with its workers, before this returns. Its log: work/serve.log."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    venv_bin = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = work / "serve.log"
+    command = [str(venv_bin / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its uvicorn workers in its own group, stopped with it
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited {server.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no answer to /ping within 120 s:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_repo_template(tmp_path_factory) -> Path:
     return make_repo(tmp_path_factory.mktemp("template") / "repo")

@@ -5,13 +5,6 @@ and served by `mlflow models serve`, which frames a photo of any size itself."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +13,7 @@ from PIL import Image
 
 from calibflow.tracking import registration, store
 from cli.main import main as calibflow
-from tests.conftest import TINY_PARAMS, dvc, run
+from tests.conftest import TINY_PARAMS, dvc, mlflow_serve_predict, run
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
@@ -60,58 +53,6 @@ def photo_repo(tmp_path_factory) -> Path:
     return root
 
 
-def serve(repo: Path, tmp_path: Path, images: np.ndarray) -> np.ndarray:
-    """The probabilities `mlflow models serve` answers for `images` (version 1, JSON over HTTP)."""
-    venv_bin = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "serve.log"
-    command = [str(venv_bin / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1", "--env-manager", "local"]
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited {server.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no answer to /ping within 120 s:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
 def test_photos_of_mixed_sizes_train_register_reproduce_and_serve_at_any_size(
     photo_repo, tmp_path, monkeypatch, capsys
 ):
@@ -145,7 +86,7 @@ def test_photos_of_mixed_sizes_train_register_reproduce_and_serve_at_any_size(
     with Image.open(photo_path) as image:
         photo = np.asarray(image.convert("RGB"))[None]
     assert photo.shape[1:3] != (SIDE, SIDE)
-    served = serve(photo_repo, tmp_path, photo)
+    served = mlflow_serve_predict(photo_repo, f"models:/{MODEL}/1", photo, tmp_path)
     in_process = model.predict(photo)
     np.testing.assert_allclose(served, in_process, rtol=0, atol=1e-6)
     capsys.readouterr()

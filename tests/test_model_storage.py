@@ -23,7 +23,7 @@ from calibflow.tracking import served_model
 from calibflow.tracking import store
 from cli.main import main as calibflow
 from calibflow.pipeline.evaluation_steps import load_calibrator
-from tests.conftest import untrained_model
+from tests.conftest import mlflow_serve_predict, untrained_model
 
 MODEL = "tiny-digits"
 CHANGED = "model artifacts changed since registration"
@@ -374,75 +374,16 @@ def test_a_registered_model_meta_that_is_a_link_is_not_left_out(tmp_path):
     assert served_model.artifacts_digest(root, registered_as=(MODEL, "1")) != digest
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.e2e
 def test_serving_a_version_with_mlflows_own_server_does_not_count_as_tampering(repo, tampered, tmp_path, capsys):
     """`mlflow models serve -m models:/NAME/VERSION` (like mlflow.pyfunc.load_model on that URI)
     downloads the model through MLflow's ModelsArtifactRepository, which writes
     registered_model_meta (the model's name and version) into the downloaded folder; on the local
     store that folder is the stored one, among the files whose digest registration recorded."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     meta = tampered / META
     assert not meta.exists()
-    venv_bin = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    port = free_port()
-    command = [str(venv_bin / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1", "--env-manager", "local"]
-    log = tmp_path / "serve.log"
     images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its uvicorn workers in its own group, stopped with it
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited {server.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no answer to /ping within 120 s:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            predictions = np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    predictions = mlflow_serve_predict(repo, f"models:/{MODEL}/1", images, tmp_path)
     assert predictions.shape == (3, 5)
     np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-6)
 

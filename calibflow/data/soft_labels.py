@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibflow.data.validation import EXAMPLES, FailedExpectation, ValidationReport, _gx_context
+from calibflow.data.validation import EXAMPLES, FailedExpectation, ValidationReport, run_gx_suites
 from calibflow.errors import ManifestError
 
 PATH = "path"
@@ -150,14 +150,15 @@ def validate_soft_labels(
     def meta(key: str) -> dict[str, str]:
         return {"calibflow_check": key}
 
-    suites: dict[str, tuple[pd.DataFrame, list[Any]]] = {
+    suites: dict[str, tuple[pd.DataFrame, list[Any], list[str]]] = {
         "soft_table": (
-            table[[c for c in table.columns]].copy(),
+            table.copy(),
             [
                 E.ExpectTableColumnsToMatchSet(
                     column_set=[PATH, *classes], exact_match=True, meta=meta(COLUMNS_ARE_CLASSES)
                 )
             ],
+            [],  # a table-wide expectation: no rows to name
         ),
         "soft_rows": (
             rows,
@@ -168,29 +169,18 @@ def validate_soft_labels(
                 E.ExpectColumnValuesToBeInSet(column="normalised", value_set=[True], meta=meta(ROWS_NORMALISED)),
                 E.ExpectColumnValuesToBeInSet(column="agrees", value_set=[True], meta=meta(FOLDER_AGREES)),
             ],
+            [PATH],
         ),
         "soft_images": (
             image_rows,
             [E.ExpectColumnValuesToBeInSet(column="has_row", value_set=[True], meta=meta(EVERY_IMAGE_A_ROW))],
+            [PATH],
         ),
     }
-    context = _gx_context()
-    datasource = context.data_sources.add_pandas("calibflow_soft_labels")
-    results: dict[str, Any] = {}
+    results = run_gx_suites(suites)
     failures: list[FailedExpectation] = []
-    for frame_name, (frame, expectations) in suites.items():
-        definition = datasource.add_dataframe_asset(frame_name).add_batch_definition_whole_dataframe("whole")
-        batch = definition.get_batch(batch_parameters={"dataframe": frame})
-        suite = gx.ExpectationSuite(name=f"calibflow.{frame_name}", expectations=expectations)
-        outcome = batch.validate(
-            suite,
-            result_format={
-                "result_format": "SUMMARY",
-                "unexpected_index_column_names": [PATH] if PATH in frame.columns else [],
-                "partial_unexpected_count": 20,
-            },
-        ).to_json_dict()
-        results[frame_name] = outcome
+    for frame_name, outcome in results.items():
+        frame = suites[frame_name][0]
         for result in outcome["results"]:
             if not result["success"]:
                 key = result["expectation_config"]["meta"]["calibflow_check"]

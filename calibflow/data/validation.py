@@ -279,6 +279,29 @@ def _gx_context():
     return gx.get_context(project_config=config, mode="ephemeral")
 
 
+def run_gx_suites(suites: dict[str, tuple[pd.DataFrame, list[Any], list[str]]]) -> dict[str, Any]:
+    """Each frame validated against its expectations in one ephemeral GX context, with up to
+    _PARTIAL examples named by the frame's index columns: frame name -> GX's result as JSON."""
+    import great_expectations as gx
+
+    source = _gx_context().data_sources.add_pandas("calibflow")
+    results: dict[str, Any] = {}
+    for frame_name, (frame, expectations, index_columns) in suites.items():
+        definition = source.add_dataframe_asset(frame_name).add_batch_definition_whole_dataframe("whole")
+        batch = definition.get_batch(batch_parameters={"dataframe": frame})
+        suite = gx.ExpectationSuite(name=f"calibflow.{frame_name}", expectations=expectations)
+        outcome = batch.validate(
+            suite,
+            result_format={
+                "result_format": "SUMMARY",
+                "unexpected_index_column_names": index_columns,
+                "partial_unexpected_count": _PARTIAL,
+            },
+        )
+        results[frame_name] = outcome.to_json_dict()
+    return results
+
+
 def validate_manifest(
     manifest: pd.DataFrame,
     classes: list[str],
@@ -380,24 +403,9 @@ def validate_manifest(
     }
 
     # --- run them in one ephemeral context ----------------------------------------------------
-    context = _gx_context()
-    source = context.data_sources.add_pandas("calibflow")
-    results: dict[str, Any] = {}
+    results = run_gx_suites(suites)
     by_key: dict[str, dict[str, Any]] = {}
-    for frame_name, (frame, expectations, index_columns) in suites.items():
-        definition = source.add_dataframe_asset(frame_name).add_batch_definition_whole_dataframe("whole")
-        batch = definition.get_batch(batch_parameters={"dataframe": frame})
-        suite = gx.ExpectationSuite(name=f"calibflow.{frame_name}", expectations=expectations)
-        outcome = batch.validate(
-            suite,
-            result_format={
-                "result_format": "SUMMARY",
-                "unexpected_index_column_names": index_columns,
-                "partial_unexpected_count": _PARTIAL,
-            },
-        )
-        as_json = outcome.to_json_dict()
-        results[frame_name] = as_json
+    for as_json in results.values():
         for gx_result in as_json["results"]:
             key = (gx_result["expectation_config"].get("meta") or {}).get("calibflow_check")
             if key not in CHECK_ORDER:

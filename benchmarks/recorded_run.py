@@ -92,7 +92,14 @@ def recorded_run(repo: Path, api_url: str) -> dict:
     import run_timing
 
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=repo.parent))
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(_common.REPO), "CALIBFLOW_CACHE_DIR": str(cache)}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PYTHONPATH": str(_common.REPO),
+        "CALIBFLOW_CACHE_DIR": str(cache),
+        # the project's own store, which run_record reads, whatever store the caller's environment names
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
+    }
     command = [*_common.calibflow_command(), "run", "--force"]
     process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_mb, wall = data_scale.peak_tree_memory(process)
@@ -101,7 +108,10 @@ def recorded_run(repo: Path, api_url: str) -> dict:
         raise SystemExit(f"`{' '.join(command)}` exited {process.returncode}:\n{err[-3000:]}")
     # read back from the run's MLflow record, which a refused run has too (its --json is written
     # only when it registers)
-    summary = run_record(repo)
+    try:
+        summary = run_record(repo)
+    except LookupError as error:
+        raise SystemExit(f"`{' '.join(command)}` exited {process.returncode} and {error}:\n{err[-3000:]}") from error
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -127,7 +137,14 @@ def run_record(repo: Path) -> dict:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("recorded-run")
-    run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    runs = (
+        client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)
+        if experiment
+        else []
+    )
+    if not runs:
+        raise LookupError(f"no run was logged to {repo / 'mlflow.db'}")
+    run = runs[0]
     metrics, tags = run.data.metrics, run.data.tags
 
     def split(kind: str) -> dict:

@@ -476,6 +476,11 @@ class GatesConfig:
     max_ece: float = bounded(0.07, PROBABILITY)
     min_accuracy: float = bounded(0.75, PROBABILITY)
     max_nll: float | None = bounded(None, NOT_NEGATIVE)
+    # Opt-in, with data.soft_labels (docs/soft_labels.md): against each test image's distribution
+    # over the classes, the upper bound of the cross-entropy, and of the calibration error
+    # (`metric`) whose "accuracy" is the annotators' probability of the predicted class.
+    max_soft_nll: float | None = bounded(None, NOT_NEGATIVE)
+    max_soft_ece: float | None = bounded(None, PROBABILITY)
     # Relative to the champion, on the same test images (paired bounds, docs/gates.md).
     max_ece_increase: float | None = bounded(0.01, NOT_NEGATIVE)
     max_accuracy_drop: float | None = bounded(0.01, NOT_NEGATIVE)
@@ -717,6 +722,12 @@ class Config:
                 f"data.image_size with train.augment reads the train split from its files (a new crop each "
                 f"epoch), which train.nnodes = {self.train.nnodes} nodes would each need a copy of: train on one "
                 f"node, or set train.augment to false"
+            )
+        soft_gates = [name for name in ("max_soft_nll", "max_soft_ece") if getattr(self.gates, name) is not None]
+        if soft_gates and self.data.soft_labels is None:
+            raise ConfigError(
+                f"gates.{soft_gates[0]} reads each test image's distribution over the classes: set "
+                f"data.soft_labels to their CSV (docs/soft_labels.md), or unset the gate"
             )
         if self.train.targets != "hard":
             if self.data.soft_labels is None:

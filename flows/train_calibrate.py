@@ -223,7 +223,9 @@ def train_calibrate_register(
         )
         fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id)
         decisions = fit_decisions(calibration_logits, fit, manifest, config, run.work_dir, run.run_id)
-        evaluation = evaluate_calibration(test_logits, fit, manifest, config, run.work_dir, run.run_id)
+        evaluation = evaluate_calibration(
+            test_logits, fit, manifest, config, run.work_dir, run.run_id, data_dir=data.local_dir
+        )
         decided = evaluate_decisions(test_logits, fit, decisions, config, run.work_dir, run.run_id)
         shift_logits = collect_shift_logits(trained, data, manifest, split, config, run.work_dir, repo_root)
         shifted = evaluate_shift(shift_logits, test_logits, fit, config, run.work_dir, run.run_id)

@@ -274,9 +274,16 @@ def evaluate_calibration(
     config: Config,
     work_dir: str,
     run_id: str,
+    *,
+    data_dir: str,
 ) -> evaluation_steps.Evaluation:
     evaluation = evaluation_steps.evaluate_calibration(
-        test_logits, fit, config.evaluation.n_bins, work_dir, manifest.classes
+        test_logits,
+        fit,
+        config.evaluation.n_bins,
+        work_dir,
+        manifest.classes,
+        soft_targets=evaluation_steps.soft_targets_of(test_logits, data_dir, manifest, config.data),
     )
     store.log_metrics(run_id, tagging.test_metrics(evaluation))
     for plot in evaluation.plots:
@@ -447,7 +454,12 @@ def apply_gates(
 ) -> GateReport:
     """The candidate's predictions, then the champion's from the registry, then one verdict on both."""
     candidate = evaluation_steps.candidate_predictions(
-        test_logits, fit, decisions_path=decisions, shift_logits_path=shift_logits, ood=ood
+        test_logits,
+        fit,
+        decisions_path=decisions,
+        shift_logits_path=shift_logits,
+        ood=ood,
+        soft_targets=evaluation_steps.soft_targets_of(test_logits, data.local_dir, manifest, config.data),
     )
     champion = promotion.champion_predictions(
         config.registry.model_name,

@@ -17,6 +17,7 @@ checked (none).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ EVERY_IMAGE_A_ROW = "every_image_a_row"
 VALUES_VALID = "values_valid"
 ROWS_NORMALISED = "rows_normalised"
 FOLDER_AGREES = "folder_agrees"
+# A registered version's tag naming the CSV and tolerance its soft metrics were measured with, for
+# `calibflow evaluate` and `calibflow gate` to read again from the same DVC-pinned folder.
+SOFT_LABELS_TAG = "soft_labels"
 
 
 def read_soft_labels(path: str | Path, classes: list[str]) -> pd.DataFrame:
@@ -228,9 +232,30 @@ def _failure(
     )
 
 
-def soft_targets(table: pd.DataFrame, manifest: pd.DataFrame, classes: list[str], tolerance: float) -> np.ndarray:
-    """(len(manifest), K) float32: each manifest row's distribution over `classes` (counts
-    normalised), in the manifest's order. Call after validate_soft_labels passed."""
+def soft_targets(
+    table: pd.DataFrame, manifest: pd.DataFrame, classes: list[str], tolerance: float, dtype=np.float32
+) -> np.ndarray:
+    """(len(manifest), K): each manifest row's distribution over `classes` (counts normalised), in
+    the manifest's order; float32 for training, float64 for the metrics. Call after
+    validate_soft_labels passed."""
     checks = row_checks(table[[PATH, *classes]], classes, tolerance)
     by_path = {path: values / values.sum() for path, values in zip(checks[PATH], checks["values"])}
-    return np.stack([by_path[str(path)] for path in manifest[PATH]]).astype(np.float32)
+    return np.stack([by_path[str(path)] for path in manifest[PATH]]).astype(dtype)
+
+
+def soft_labels_tag(file: str, tolerance: float) -> dict[str, str]:
+    return {SOFT_LABELS_TAG: json.dumps({"file": file, "tolerance": tolerance})}
+
+
+def recorded_targets(
+    tags: dict[str, str], data_dir: str | Path, manifest: pd.DataFrame, classes: list[str]
+) -> np.ndarray | None:
+    """(N, K) float64 targets of `manifest`'s rows from the CSV a registered version recorded
+    (SOFT_LABELS_TAG) in `data_dir`, its folder at the recorded revision: DVC's hash of the folder,
+    checked when it was rebuilt, covers the CSV, so these are the bytes that passed validation when
+    the version trained. None for a version trained without soft labels."""
+    if not tags.get(SOFT_LABELS_TAG):
+        return None
+    recorded = json.loads(tags[SOFT_LABELS_TAG])
+    table = read_soft_labels(Path(data_dir) / recorded["file"], classes)
+    return soft_targets(table, manifest, classes, recorded["tolerance"], dtype=np.float64)

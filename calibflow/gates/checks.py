@@ -13,6 +13,8 @@ docs/gates.md, and benchmarks/gate_soundness.py measures it by simulation agains
 | max_ece | calibration error (gates.metric) <= threshold | intersection-union score bound |
 | min_accuracy | accuracy >= threshold | Clopper-Pearson |
 | max_nll | NLL <= threshold | betting bound of the mean loss (losses at most -log eps) |
+| max_soft_nll | cross-entropy against the soft labels <= threshold (opt-in, data.soft_labels) | betting bound, as max_nll |
+| max_soft_ece | calibration error against the soft labels (gates.metric) <= threshold (opt-in) | intersection-union score bound, as max_ece |
 | max_ece_increase | error(candidate) - error(champion) <= tolerance | betting on paired and cross-fitted values |
 | max_accuracy_drop | accuracy(champion) - accuracy(candidate) <= tolerance | paired score (Tango) |
 | max_brier_increase | Brier(candidate) - Brier(champion) <= tolerance (opt-in) | betting on the paired difference |
@@ -47,10 +49,13 @@ METRICS = ("ece", "smooth_ece")
 
 @dataclass(frozen=True)
 class Predictions:
-    """Calibrated probabilities (N, K) of one model on the pinned test images, and their labels."""
+    """Calibrated probabilities (N, K) of one model on the pinned test images, and their labels;
+    with data.soft_labels, each image's distribution over the classes too (N, K), which the soft
+    gates read."""
 
     probabilities: np.ndarray
     labels: np.ndarray
+    targets: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ ABSOLUTE_GATES = (
     "max_ece",
     "min_accuracy",
     "max_nll",
+    "max_soft_nll",
+    "max_soft_ece",
     "max_selective_risk",
     "min_conformal_coverage",
     "max_shift_ece",
@@ -275,6 +282,7 @@ def evaluate_gates(
             _nll_values(top.true_class_probability), confidence, max_loss=-float(np.log(NLL_EPS)), seed=seed
         )
         checks.append(_check("max_nll", "NLL", nll, gates.max_nll, "<="))
+    checks += _soft_checks(candidate, gates, metric, n_bins, seed)
     checks += _decision_checks(candidate, decisions, gates)
     checks += _shift_checks(shift, gates, metric, n_bins)
     if gates.max_ood_fpr95 is not None:
@@ -341,6 +349,39 @@ def evaluate_gates(
         n_shared=n_shared,
         estimates=estimates,
     )
+
+
+def _soft_checks(candidate: Predictions, gates: GatesConfig, metric: str, n_bins: int, seed: int) -> list[GateCheck]:
+    """max_soft_nll and max_soft_ece: max_nll's and max_ece's bounds, with the image's distribution
+    over the classes in place of its one label (calibflow.metrics.soft). Each image's cross-entropy
+    lies in [0, -log eps] as its NLL does; its agreement q[argmax p] lies in [0, 1], and a value in
+    [0, 1] with mean pi varies at most as much as a 0/1 one (pi (1 - pi)), the variance the score
+    bound assumes, so both bounds keep their level (tests/test_soft_metrics.py simulates it)."""
+    wanted = [name for name in ("max_soft_nll", "max_soft_ece") if getattr(gates, name, None) is not None]
+    if not wanted:
+        return []
+    if candidate.targets is None:
+        raise GateInputError(
+            f"gates.{wanted[0]} is set but the test images have no soft labels to gate against: train "
+            f"with data.soft_labels (docs/soft_labels.md), or unset the gate"
+        )
+    from calibflow.metrics.soft import soft_correctness, soft_nll_values
+
+    probabilities = np.asarray(candidate.probabilities, np.float64)
+    checks = []
+    if gates.max_soft_nll is not None:
+        values = soft_nll_values(probabilities, candidate.targets, eps=NLL_EPS).numpy()
+        bound = gs.nll_upper_bound(values, gates.confidence, max_loss=-float(np.log(NLL_EPS)), seed=seed)
+        checks.append(_check("max_soft_nll", "NLL against the soft labels", bound, gates.max_soft_nll, "<="))
+    if gates.max_soft_ece is not None:
+        confidence, agreement = (t.numpy() for t in soft_correctness(probabilities, candidate.targets))
+        smooth = gs.smooth_ece(confidence, agreement) if metric == "smooth_ece" else None
+        profile = _profile(metric, n_bins, smooth[1] if smooth else None)
+        bound = gs.calibration_error_upper_bound(confidence, agreement, profile, gates.confidence)
+        checks.append(
+            _check("max_soft_ece", f"{profile.name} against the soft labels", bound, gates.max_soft_ece, "<=")
+        )
+    return checks
 
 
 def _cell_level(confidence: float, cells: int) -> float:

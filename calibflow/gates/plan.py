@@ -67,6 +67,8 @@ NOT_PLANNED = {
     "max_shift_ece": "reads the corrupted copies of the test split",
     "max_shift_ece_increase": "reads the corrupted copies of the test split",
     "max_ood_fpr95": "reads the OOD images",
+    "max_soft_nll": "reads the soft labels of the test images",
+    "max_soft_ece": "reads the soft labels of the test images",
 }
 
 

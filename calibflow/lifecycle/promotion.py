@@ -26,6 +26,7 @@ from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
 from calibflow.config import DEFAULT_N_BINS, GatesConfig, load_config
+from calibflow.data.soft_labels import recorded_targets
 from calibflow.gates.checks import GateVerdict, OODScores, Predictions, ShiftedPredictions, evaluate_gates
 from calibflow.errors import GateInputError
 from calibflow.data.manifest import list_classes, load_manifest
@@ -308,10 +309,13 @@ def evaluation_set(
                 model_name, champion, shifted, served_classes(candidate_model), manifest, split, data.local_dir
             )
     ood = _ood_gate_scores(candidate, candidate_model, rebuilt, repo_root) if with_ood else None
+    targets = recorded_targets(
+        candidate.tags, data.local_dir, manifest.iloc[test_rows], served_classes(candidate_model)
+    )
     return EvaluationSet(
         candidate,
         champion,
-        Predictions(candidate_probs, labels),
+        Predictions(candidate_probs, labels, targets),
         comparison,
         excluded,
         served_policy(candidate_model),

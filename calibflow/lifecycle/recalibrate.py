@@ -178,6 +178,12 @@ def recalibrate(
     model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".", against: str | None = "@champion"
 ) -> Recalibration:
     started = time.perf_counter()
+    soft_gates = [name for name in ("max_soft_nll", "max_soft_ece") if getattr(config.gates, name) is not None]
+    if soft_gates:
+        raise RecalibrationError(
+            f"gates.{soft_gates[0]} reads the soft labels of a training run's test split; a recalibration "
+            f"is measured on new images that have none: pass --set gates.{soft_gates[0]}=null, or retrain"
+        )
     source = registration.resolve_model_uri(model_uri)
     model = registration.load_model(f"models:/{source.name}/{source.version}")
     if not served_policy(model).is_empty:

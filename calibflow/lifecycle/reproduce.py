@@ -22,7 +22,8 @@ from calibflow.errors import is_store_error
 from calibflow.gates.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
 from calibflow.data.images import decode_image, load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint
-from calibflow.metrics import probability_report
+from calibflow.data.soft_labels import recorded_targets
+from calibflow.metrics import probability_report, soft_report
 from calibflow.disk_cache import file_sha256
 from calibflow.errors import ModelArtifactsChanged, UnverifiedModel
 from calibflow.names import CALIBRATED, RUN_ARTIFACTS_TAG, on_test, version_tag
@@ -51,6 +52,12 @@ class Reproduction:
             problems.append(f"ece {self.recomputed['ece']!r} != logged {self.logged['ece']!r}")
         if self.recomputed["accuracy"] != self.logged["accuracy"]:
             problems.append(f"accuracy {self.recomputed['accuracy']!r} != logged {self.logged['accuracy']!r}")
+        # the metrics against the soft labels (calibflow.metrics.soft), to the same tolerance
+        problems += [
+            f"{name} {self.recomputed.get(name)!r} != logged {logged!r}"
+            for name, logged in self.logged.items()
+            if name.startswith("soft_") and not abs(self.recomputed.get(name, np.inf) - logged) <= ece_tolerance
+        ]
         # the corruption suite's cells: accuracy exactly, ECE and NLL to the same tolerance
         problems += [
             f"{name} {self.recomputed.get(name)!r} != logged {logged!r}"
@@ -266,6 +273,11 @@ def reproduce(model_uri: str, repo_root: str | Path = ".") -> Reproduction:
     logged = {
         name: float(version_tag(tags, on_test(CALIBRATED, name))) for name in ("ece", "accuracy", "nll", "brier", "mce")
     }
+    targets = recorded_targets(tags, rebuilt.data.local_dir, rebuilt.manifest.iloc[rows], served_classes(model))
+    if targets is not None:
+        soft = soft_report(probabilities, targets, int(tags.get("n_bins", DEFAULT_N_BINS)))
+        recomputed.update(soft)
+        logged.update({name: float(tags[on_test(CALIBRATED, name)]) for name in soft})
     decided = {name: float(value) for name, value in tags.items() if name.startswith(DECISION_TAG_PREFIX)}
     policy = served_policy(model)
     if decided and policy is not None:

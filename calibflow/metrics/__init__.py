@@ -39,8 +39,20 @@ from calibflow.metrics.scalar import (
     probability_nll,
     probability_report,
 )
+from calibflow.metrics.soft import (
+    mean_entropy,
+    soft_correctness,
+    soft_expected_calibration_error,
+    soft_nll_values,
+    soft_report,
+)
 
 __all__ = [
+    "soft_report",
+    "soft_nll_values",
+    "soft_correctness",
+    "soft_expected_calibration_error",
+    "mean_entropy",
     "ArrayLike",
     "DEFAULT_N_BINS",
     "top_label",

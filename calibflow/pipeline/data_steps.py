@@ -258,14 +258,23 @@ def _validate_soft_labels(
 
 def split_soft_targets(data_dir: str, manifest: ManifestRecord, split_path: str, split_name: str, data: DataConfig):
     """(N, K) float32 distributions of one split's images over manifest.classes, in the split's
-    order, from data.soft_labels (validated)."""
+    order, from data.soft_labels (validated): what training reads."""
+    rows = Split.load(split_path).indices[split_name]
+    return torch.from_numpy(soft_targets_of_rows(data_dir, manifest, rows, data, dtype=np.float32))
+
+
+def soft_targets_of_rows(
+    data_dir: str, manifest: ManifestRecord, rows: np.ndarray, data: DataConfig, dtype=np.float64
+) -> np.ndarray:
+    """(len(rows), K) distributions of the manifest's `rows` over manifest.classes, from
+    data.soft_labels (validated); float64 for the metrics and gates."""
     from calibflow.data import soft_labels
 
     classes = list(manifest.classes)
-    manifest = load_manifest(manifest.path)
     table = soft_labels.read_soft_labels(Path(data_dir) / data.soft_labels, classes)
-    rows = manifest.iloc[Split.load(split_path).indices[split_name]]
-    return torch.from_numpy(soft_labels.soft_targets(table, rows, classes, data.soft_label_tolerance))
+    return soft_labels.soft_targets(
+        table, load_manifest(manifest.path).iloc[rows], classes, data.soft_label_tolerance, dtype
+    )
 
 
 @dataclass(frozen=True)

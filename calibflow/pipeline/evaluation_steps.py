@@ -13,7 +13,7 @@ import numpy as np
 
 from calibflow.calibrators.temperature import NLL_SLACK
 from calibflow.errors import CalibrationError
-from calibflow.config import CalibrationConfig, DecisionConfig
+from calibflow.config import CalibrationConfig, DataConfig, DecisionConfig
 from calibflow.gates.decisions import (
     DecisionPolicy,
     evaluate_policy,
@@ -31,7 +31,7 @@ from calibflow.data.images import load_images
 from calibflow.data.manifest import (
     load_manifest,
 )
-from calibflow.metrics import probability_nll, probability_report, reliability_bins, top_label
+from calibflow.metrics import probability_nll, probability_report, reliability_bins, soft_report, top_label
 from calibflow.training.models import load_checkpoint
 from calibflow.names import (
     ood_metric,
@@ -46,7 +46,7 @@ from calibflow.evaluation.plots import (
 from calibflow.evaluation.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.evaluation.shift import evaluate_suite
 from calibflow.training.loop import intra_op_threads, resolve_runtime
-from calibflow.pipeline.data_steps import ImageFormat
+from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, soft_targets_of_rows
 from calibflow.pipeline.model_steps import load_logits, load_shift_logits
 
 
@@ -237,13 +237,15 @@ def candidate_predictions(
     decisions_path: str | None = None,
     shift_logits_path: str | None = None,
     ood: OODEvaluation | None = None,
+    soft_targets: np.ndarray | None = None,
 ) -> CandidatePredictions:
     """The run's candidate as the gates see it, from its cached test logits (and the suite's cached
-    logits, for the shift gates) through its fitted calibrator: the numbers its pyfunc serves."""
+    logits, for the shift gates) through its fitted calibrator: the numbers its pyfunc serves;
+    `soft_targets` (soft_targets_of) for the soft gates."""
     with np.load(test_logits_path) as saved:
         logits, labels, rows = saved["logits"], saved["labels"], saved["indices"]
     calibrator = load_calibrator(calibration.state_path)
-    predictions = Predictions(calibrator.transform(logits).numpy(), labels)
+    predictions = Predictions(calibrator.transform(logits).numpy(), labels, soft_targets)
     policy = DecisionPolicy.load(decisions_path) if decisions_path else None
     shifted = shift = None
     if shift_logits_path is not None:
@@ -304,16 +306,36 @@ class Evaluation:
     plots: tuple[str, ...]
 
 
+def soft_targets_of(logits_path: str, data_dir: str, manifest: ManifestRecord, data: DataConfig) -> np.ndarray | None:
+    """The soft labels (N, K) float64 of the images whose logits `logits_path` holds, in its order;
+    None without data.soft_labels."""
+    if data.soft_labels is None:
+        return None
+    with np.load(logits_path) as saved:
+        rows = saved["indices"]
+    return soft_targets_of_rows(data_dir, manifest, rows, data)
+
+
 def evaluate_calibration(
-    logits_path: str, calibration: CalibrationRecord, n_bins: int, out_dir: str, class_names: tuple[str, ...] = ()
+    logits_path: str,
+    calibration: CalibrationRecord,
+    n_bins: int,
+    out_dir: str,
+    class_names: tuple[str, ...] = (),
+    *,
+    soft_targets: np.ndarray | None = None,
 ) -> Evaluation:
-    """Test-split metrics before (plain softmax) and after calibration, and the diagnostic plots."""
+    """Test-split metrics before (plain softmax) and after calibration, and the diagnostic plots;
+    with `soft_targets` (soft_targets_of), the metrics against them too (calibflow.metrics.soft)."""
     logits, labels = load_logits(logits_path)
     probabilities = {
         "before": uncalibrated_probabilities(logits),
         "after": load_calibrator(calibration.state_path).transform(logits),
     }
     before, after = (probability_report(probabilities[k], labels, n_bins) for k in ("before", "after"))
+    if soft_targets is not None:
+        before.update(soft_report(probabilities["before"], soft_targets, n_bins))
+        after.update(soft_report(probabilities["after"], soft_targets, n_bins))
     bins = {k: reliability_bins(p, labels, n_bins) for k, p in probabilities.items()}
     out = Path(out_dir)
     described = f"T = {calibration.temperature:.3f}" if calibration.temperature else calibration.method

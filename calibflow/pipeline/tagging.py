@@ -114,6 +114,15 @@ def ood_tags(ood: OODEvaluation | None) -> dict[str, str]:
     }
 
 
+def soft_label_tags(config: Config) -> dict[str, str]:
+    """The soft labels' CSV and tolerance, for `calibflow evaluate` and `calibflow gate` to read again."""
+    from calibflow.data.soft_labels import soft_labels_tag
+
+    if config.data.soft_labels is None:
+        return {}
+    return soft_labels_tag(config.data.soft_labels, config.data.soft_label_tolerance)
+
+
 def version_tags(
     data,
     manifest: ManifestRecord,
@@ -137,6 +146,7 @@ def version_tags(
         **decision_tags(decided, config.gates.confidence),
         **shift_tags(shifted),
         **ood_tags(ood),
+        **soft_label_tags(config),
         "data_hash": data.dvc_hash,
         "data_path": data.path,
         "data_rev": data.rev,

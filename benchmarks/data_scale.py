@@ -21,7 +21,8 @@ Photos are stood in for by CIFAR-10's training JPEGs from ../shared/datasets, up
    the streamed run's peak memory grows by under 1 GB from the smallest to the largest N; the suite
    and OOD take at most 20% of the wall time.
 
-    python benchmarks/data_scale.py [--sizes 1000 5000 20000] [--run-sizes 1000 5000] [--workers N]
+    python benchmarks/data_scale.py [--sizes 1000 5000 20000] [--run-sizes 1000 5000] [--workers N] \\
+        [--in-memory-sizes 1000]     # the in-memory run only at these sizes
     python benchmarks/data_scale.py --smoke    # 60 images of 64 px, one run each way: about a minute
 
 Writes docs/results/data_scale.md (a full run), or --out.
@@ -327,6 +328,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--run-sizes", type=int, nargs="*", default=None, help="calibflow run sizes (default 1000 5000)"
     )
+    parser.add_argument(
+        "--in-memory-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="run sizes also run decoded into memory (default: every run size; 20,000 photos decoded need 3 GB)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: data.workers' auto)")
     parser.add_argument("--repeats", type=int, default=None, help=f"input-path passes each (default {REPEATS})")
     parser.add_argument("--work", type=Path, default=None, help="where the photos and projects are built (kept)")
@@ -361,7 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
                     photos(work / f"photos-{side}-{n}", n, side, source),
                     RUN_PARAMS.format(in_memory_max_mb=1024, epochs=epochs),
                 )
-                runs[n] = [calibflow_run(repo, streamed, api_url, workers) for streamed in (True, False)]
+                modes = (True, False) if args.in_memory_sizes is None or n in args.in_memory_sizes else (True,)
+                runs[n] = [calibflow_run(repo, streamed, api_url, workers) for streamed in modes]
                 print(f"calibflow run, {n} images: done", file=sys.stderr, flush=True)
     text = render(inputs, runs, workers, side)
     print(text)

@@ -735,16 +735,6 @@ class Config:
                     f"train.targets = {self.train.targets} needs data.soft_labels: the CSV of each image's "
                     f"distribution over the classes (docs/soft_labels.md)"
                 )
-            if self.train.mix != "none":
-                raise ConfigError(
-                    f"train.targets = {self.train.targets} with train.mix = {self.train.mix}: torchvision's "
-                    f"MixUp and CutMix mix class indices, not distributions; set one of them back"
-                )
-            if self.train.distributed != "none":
-                raise ConfigError(
-                    f"train.targets = {self.train.targets} under train.distributed = {self.train.distributed}: "
-                    f"not supported yet; train in one process (train.distributed: none)"
-                )
         exposure = self.train.outlier_exposure
         if exposure is not None and self.ood.path and Path(exposure) == Path(self.ood.path):
             raise ConfigError(

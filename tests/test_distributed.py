@@ -182,17 +182,33 @@ def test_rank_0_reports_every_epoch_once_with_the_global_loss(two_process_run):
     assert history[-1].val_ece == pytest.approx(whole["ece"], abs=1e-9)
 
 
+def uncertain_targets(labels: torch.Tensor, classes: int = 10) -> torch.Tensor:
+    """0.7 on each image's class, the rest spread over the others: soft labels to train on."""
+    one_hot = torch.eye(classes)[labels]
+    return one_hot * 0.7 + (1 - one_hot) * 0.3 / (classes - 1)
+
+
 @pytest.mark.slow
-def test_one_process_under_torchrun_trains_the_weights_of_the_plain_loop(tmp_path):
+@pytest.mark.parametrize("targets", ["hard", "sampled"])
+def test_one_process_under_torchrun_trains_the_weights_of_the_plain_loop(tmp_path, targets):
     """nproc 1: the same loop in a torchrun process, so the same weights bit for bit; what differs
-    at nproc 2 is then the sharing of the batch, not the launch or the hand-off."""
+    at nproc 2 is then the sharing of the batch, not the launch or the hand-off. Sampled soft
+    labels too: the distributions travel with the bundle and each draw comes from the same stream."""
     (train, val, _) = digits()
-    config = dataclasses.replace(DDP, epochs=2, nproc=1)
+    config = dataclasses.replace(DDP, epochs=2, nproc=1, targets=targets)
+    soft = uncertain_targets(train[1]) if targets != "hard" else None
     launched, launched_history = train_distributed(
-        TrainingInputs(SPEC, *train, *val, config, seed=3), work_dir=tmp_path
+        TrainingInputs(SPEC, *train, *val, config, seed=3, train_targets=soft), work_dir=tmp_path
     )
     plain, plain_history = train_classifier(
-        TrainingInputs(SPEC, *train, *val, dataclasses.replace(config, distributed="none", nproc="auto"), 3),
+        TrainingInputs(
+            SPEC,
+            *train,
+            *val,
+            dataclasses.replace(config, distributed="none", nproc="auto"),
+            3,
+            train_targets=soft,
+        ),
         progress=False,
     )
     assert same_weights(launched, plain)
@@ -409,12 +425,14 @@ class RunsCode:
 def test_the_bundle_every_process_reads_is_tensors_and_plain_values(tmp_path):
     """What rank 0 reads back loads with weights_only=True and gives back the same inputs."""
     (train, val, _) = digits()
-    inputs = TrainingInputs(SPEC, *train, *val, DDP, 3)
+    soft = uncertain_targets(train[1])
+    inputs = TrainingInputs(SPEC, *train, *val, DDP, 3, train_targets=soft)
     torch.save(distributed._bundle(inputs, 2, EpochCheckpoints(tmp_path / "ckpt")), tmp_path / "bundle.pt")
     bundle = distributed._load(tmp_path / "bundle.pt")
     back = distributed._inputs_of(bundle, rank=0)
     assert back.spec == SPEC and back.config == DDP and back.seed == 3
     assert torch.equal(back.train_images, train[0]) and torch.equal(back.val_labels, val[1])
+    assert torch.equal(back.train_targets, soft)
     assert bundle["checkpoints"] == str(tmp_path / "ckpt")
 
 

@@ -98,8 +98,6 @@ def test_a_missing_csv_or_one_without_a_path_column_is_one_line_naming_it(tmp_pa
     "overrides, problem",
     [
         (["train.targets=soft"], "needs data.soft_labels"),
-        (["train.targets=sampled", "data.soft_labels=soft.csv", "train.mix=mixup"], "MixUp and CutMix mix class"),
-        (["train.targets=soft", "data.soft_labels=soft.csv", "train.distributed=ddp"], "not supported yet"),
         (["data.soft_labels=../soft.csv"], "at the root of data.path"),
         (["data.soft_labels=sub/soft.csv"], "at the root of data.path"),
         (["data.soft_label_tolerance=0"], "data.soft_label_tolerance"),
@@ -122,21 +120,26 @@ def test_sampled_labels_follow_each_images_distribution():
     assert sample_labels(one_hot, torch.Generator().manual_seed(1)).tolist() == [2, 0, 1]
 
 
-def _train(targets_kind: str, targets: torch.Tensor | None, seed: int = 3):
+def _train(targets_kind: str, targets: torch.Tensor | None, seed: int = 3, mix: str = "none"):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(48) % 3
     images[labels == 1, :, :2] = 255  # something to learn
     spec = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
-    config = dataclasses.replace(TrainConfig(epochs=3, batch_size=16, lr=0.05, val_every=3), targets=targets_kind)
+    config = dataclasses.replace(
+        TrainConfig(epochs=3, batch_size=16, lr=0.05, val_every=3), targets=targets_kind, mix=mix
+    )
     inputs = TrainingInputs(spec, images, labels, images, labels, config, seed=seed, train_targets=targets)
     return train_classifier(inputs, progress=False)
 
 
-def test_soft_targets_of_one_hot_rows_train_as_hard_labels_do():
+@pytest.mark.parametrize("mix", ["none", "mixup", "cutmix"])
+def test_soft_targets_of_one_hot_rows_train_as_hard_labels_do(mix):
+    """With train.mix too: torchvision mixes the distributions as it mixes the one-hot rows of the
+    indices, with the same draws."""
     labels = torch.arange(48) % 3
-    hard, hard_history = _train("hard", None)
-    soft, soft_history = _train("soft", torch.eye(3)[labels])
+    hard, hard_history = _train("hard", None, mix=mix)
+    soft, soft_history = _train("soft", torch.eye(3)[labels], mix=mix)
     for a, b in zip(hard.state_dict().values(), soft.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert abs(hard_history[-1].train_loss - soft_history[-1].train_loss) < 1e-5

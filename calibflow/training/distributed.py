@@ -153,6 +153,7 @@ def _bundle(inputs: TrainingInputs, world_size: int, checkpoints: EpochCheckpoin
         "seed": inputs.seed,
         # a split read from its files travels as its file list (each process decodes its own batches)
         "train": (_plain(inputs.train_images), inputs.train_labels),
+        "train_targets": inputs.train_targets,  # train.targets soft or sampled: (N, K), else None
         "val": (_plain(inputs.val_images), inputs.val_labels),
         "outliers": inputs.outlier_images,
         "workers": inputs.workers,
@@ -176,6 +177,7 @@ def _inputs_of(bundle: dict, rank: int) -> TrainingInputs:
         weights_path=bundle["weights_path"] if rank == 0 else None,
         outlier_images=bundle["outliers"],
         workers=bundle["workers"],
+        train_targets=bundle["train_targets"],
     )
 
 

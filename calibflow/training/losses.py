@@ -136,7 +136,7 @@ def outlier_exposure_loss(outlier_logits: torch.Tensor) -> torch.Tensor:
 
 
 class BatchMixer:
-    """train.mix: mixup or CutMix of a batch of float images in [0, 1] and their labels, by
+    """train.mix: mixup or CutMix of a batch of float images in [0, 1] and their labels (or soft targets), by
     torchvision.transforms.v2. Returns the mixed images and probability targets (N, K); "none"
     returns the batch and its class indices unchanged. Its draws come from torch's global
     generator, which the training loop seeds."""
@@ -153,6 +153,8 @@ class BatchMixer:
             self.transform = (v2.MixUp if mix == "mixup" else v2.CutMix)(alpha=alpha, num_classes=n_classes)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`labels`: class indices (N,), or distributions (N, K) under train.targets soft, which
+        torchvision mixes as it mixes the one-hot rows of indices."""
         if self.transform is None:
             return images, labels
-        return self.transform(images, labels.long())
+        return self.transform(images, labels.long() if labels.ndim == 1 else labels.float())

@@ -25,7 +25,8 @@ Photos are stood in for by CIFAR-10's training JPEGs from ../shared/datasets, up
         [--in-memory-sizes 1000]     # the in-memory run only at these sizes
     python benchmarks/data_scale.py --smoke    # 60 images of 64 px, one run each way: about a minute
 
-Writes docs/results/data_scale.md (a full run), or --out.
+Writes docs/results/data_scale.md and data_scale.json (every pass, every task's seconds: a full
+run), or --out.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ def calibflow_run(repo: Path, streamed: bool, api_url: str, workers: int) -> dic
         "suite_and_ood_s": suite,
         "suite_share": suite / wall,
         "train_s": per_task.get("train-model", 0.0),
+        "task_seconds": per_task,  # every task's, to see where the rest of the wall went
     }
 
 
@@ -376,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     data = {"inputs": inputs, "runs": runs, "workers": workers, "side": side}
     _common.publish("data_scale", "Data scale: the input path at photo size", text, args, out, argv, data)
+    if not args.smoke:  # every pass and every task's seconds, beside the table they make
+        (out / "data_scale.json").write_text(json.dumps(_common.jsonable(data), indent=1))
     return data
 
 

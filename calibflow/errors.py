@@ -76,6 +76,16 @@ class GatesFailed(RuntimeError):
     """The calibrated model did not pass params.yaml's gates; it was not registered."""
 
 
+# The attribute a refused run's error carries its measurements in (flows.train_calibrate.refused):
+# `calibflow run --json` writes them, so a CD job that was refused still has the numbers it was
+# refused on without reading MLflow.
+RUN_RESULT = "run_result"
+
+
+def run_result_of(error: BaseException) -> dict | None:
+    return getattr(error, RUN_RESULT, None)
+
+
 class GateUndecided(RuntimeError):
     """The gate could not run (version, data or store missing): neither pass nor fail."""
 

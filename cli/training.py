@@ -64,18 +64,27 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
         )
     except Exception as error:
+        refused = errors.run_result_of(error)
+        if refused is not None:  # the numbers it was refused on, for the CD job's artifact
+            write_json(args, _without_credentials(refused))
         reported = what_stands_after(error, registry_changes.standing())
         if reported is error:
             raise
         raise reported from error
-    if result.get("tracking_uri"):  # the --json file is an artifact of CI jobs: no credentials in it
-        from calibflow.tracking.store import display_uri
-
-        result = {**result, "tracking_uri": display_uri(result["tracking_uri"])}
+    result = _without_credentials(result)
     if not json_on_stdout(args):
         print("\n" + run_summary(result))
     write_json(args, result)
     return EXIT_OK
+
+
+def _without_credentials(result: dict) -> dict:
+    """The --json file is an artifact of CI jobs: no credentials in its tracking URI."""
+    if not result.get("tracking_uri"):
+        return result
+    from calibflow.tracking.store import display_uri
+
+    return {**result, "tracking_uri": display_uri(result["tracking_uri"])}
 
 
 def check_servers_answer(repo: str, *, environment_only: bool = False) -> None:

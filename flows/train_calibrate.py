@@ -74,10 +74,31 @@ from tasks.tracking import (
 )
 
 
-def refused(error: Exception):
+def refused(error: Exception, result: dict | None = None):
     """The flow's end on an expected refusal: a Failed state with the message (Prefect's log shows
-    no traceback), whose result raises `error` for the caller (the CLI's exit code)."""
+    no traceback), whose result raises `error` for the caller (the CLI's exit code). `result`: what
+    the run measured before it was refused (refused_result), carried on the error for --json."""
+    if result is not None:
+        setattr(error, errors.RUN_RESULT, result)
     return Failed(message=f"{type(error).__name__}: {errors.one_line(error)}", data=error)
+
+
+def refused_result(run, error: Exception, evaluation, fit, verdict) -> dict:
+    """A refused run's result, shaped as a registered one's where it has the same numbers: its
+    MLflow and Prefect ids, why, and what it measured before the refusal (None where it got no
+    further), nothing registered."""
+    return {
+        "run_id": run.run_id,
+        "prefect_flow_run_id": str(flow_run.get_id()),
+        "refused": f"{type(error).__name__}: {errors.one_line(error)}",
+        "registered": False,
+        "calibration_method": fit.method if fit is not None else None,
+        "temperature": fit.temperature if fit is not None else None,
+        "test_before": evaluation.before if evaluation is not None else None,
+        "test_after": evaluation.after if evaluation is not None else None,
+        "gates": verdict.to_json() if verdict is not None else None,
+        "tracking_uri": run.tracking_uri,
+    }
 
 
 def record_failure(run, error: Exception, evaluation, fit, verdict, final=None) -> None:
@@ -284,7 +305,7 @@ def train_calibrate_register(
             discard_metrics_report(report)
         record_failure(run, error, evaluation, fit, verdict, final)
         if errors.is_refusal(error):
-            return refused(error)
+            return refused(error, refused_result(run, error, evaluation, fit, verdict))
         raise
     publish_summary(run, "registered", evaluation, fit, verdict, version, final=final)
     # The version's page leads with its verdict and lineage, above the run's summary.

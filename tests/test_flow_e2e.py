@@ -402,15 +402,23 @@ def test_run_at_an_older_data_revision_records_it_and_becomes_challenger(tiny_re
     assert client.get_run(challenger.run_id).data.params["seed"] == "1"  # the override is in the logged config
 
 
-def test_failing_gate_registers_nothing_and_moves_no_alias(tiny_repo, capsys):
+def test_failing_gate_registers_nothing_and_moves_no_alias(tiny_repo, capsys, tmp_path):
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 0
     report_before = (tiny_repo / "reports" / "metrics.json").read_text()
 
     # min_accuracy 0.95 on 60 test images: passable only by a model right on all of them (a
     # threshold no model could pass, such as max_ece 0, is refused before training with exit 2)
-    assert calibflow(["run", "--repo", str(tiny_repo), "--set", "gates.min_accuracy=0.95", "--set", "seed=3"]) == 1
+    result = tmp_path / "refused.json"
+    strict = ["--set", "gates.min_accuracy=0.95", "--set", "seed=3", "--json", str(result)]
+    assert calibflow(["run", "--repo", str(tiny_repo), *strict]) == 1
     message = capsys.readouterr().err
     assert "nothing registered" in message and "min_accuracy" in message and "FAIL" in message
+    # the CD job's artifact says why, with the numbers it was refused on
+    refused = json.loads(result.read_text())
+    assert refused["registered"] is False and refused["refused"].startswith("GatesFailed: ")
+    check = next(c for c in refused["gates"]["checks"] if c["name"] == "min_accuracy")
+    assert not check["passed"] and check["threshold"] == 0.95
+    assert check["value"] == refused["test_after"]["accuracy"] and refused["temperature"] > 0
 
     client = mlflow_client(tiny_repo)
     assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]

@@ -41,6 +41,7 @@ E2E = {
     "finetune_own_weights",
     "recorded_run",
     "run_timing",
+    "soft_labels",
 }
 # over about 5 s on 2 busy cores (calibration_speed: importing netcal and torchmetrics), or needing
 # the git history (gate_soundness_baseline reads the old gates from commit 345bcd0)
@@ -228,6 +229,44 @@ def check_finetune_own_weights(data: dict, markdown: str) -> None:
     assert "| arm - scratch |" in markdown and "**What pretraining did**" in markdown
 
 
+def check_soft_labels(data: dict, markdown: str) -> None:
+    """Every arm (hard, soft, sampled targets) ran on the one seed and registered, on the same test
+    images; the benchmark's recomputation from each checkpoint is what the run logged; every figure is
+    in its range: a cross-entropy against the soft targets is at least their entropy, scaling by a
+    temperature changes no prediction, and a blend's top label weighs 0.5 to 0.7."""
+    setup, runs = data["setup"], data["runs"]
+    assert setup["arms"] == ["hard", "soft", "sampled"] and setup["seeds"] == [0]
+    assert [(r["arm"], r["seed"], r["exit_code"]) for r in runs] == [(arm, 0, 0) for arm in setup["arms"]], runs
+    classes = 3  # the smoke's digit classes
+    for r in runs:
+        assert r["registered"] and r["reproduced"] and r["targets"] == r["arm"], r
+        assert f"train.targets={r['arm']}" in r["command"] and r["temperature"] > 0
+        assert r["logged"]["accuracy"] == r["recomputed"]["accuracy"] == r["all"]["before"]["accuracy"]
+        assert r["test_images"] == runs[0]["test_images"]  # the arms of a seed share their test split
+        n = r["test_images"]
+        assert n["clean"] > 0 and n["blended"] > 0 and n["clean"] + n["blended"] == n["all"]
+        assert between(0.5, r["blended"]["target_confidence"], 0.7) and r["blended"]["target_entropy"] > 0
+        for subset in ("all", "clean", "blended"):
+            before, after = r[subset]["before"], r[subset]["after"]
+            assert before["accuracy"] == after["accuracy"], (r["arm"], subset)
+            for stage in (before, after):
+                assert all(between(0, stage[k], 1) for k in ("accuracy", "ece", "soft_ece", "soft_accuracy")), stage
+                assert between(1 / classes, stage["confidence"], 1), stage
+                least = r["blended"]["target_entropy"] if subset == "blended" else 0.0
+                assert stage["soft_nll"] >= least - 1e-9, (r["arm"], subset, stage)
+            # on clean (one-hot) images the soft metrics are the hard ones
+            if subset == "clean":
+                assert before["soft_accuracy"] == pytest.approx(before["accuracy"])
+                assert before["soft_ece"] == pytest.approx(before["ece"])
+    by_arm = {r["arm"]: r for r in runs}
+    for arm in ("soft", "sampled"):
+        diff = data["summary"]["paired"][arm]["blended/before/confidence"]
+        expected = by_arm[arm]["blended"]["before"]["confidence"] - by_arm["hard"]["blended"]["before"]["confidence"]
+        assert diff["n"] == 1 and diff["mean"] == pytest.approx(expected)
+    assert "| arm - hard |" in markdown and "**Soft against sampled**" in markdown
+    assert "Is hard-label training over-confident on the blends?" in markdown
+
+
 def check_gate_soundness(data: list[dict], markdown: str) -> None:
     _check_gate_rows(data, GATES | {"max_brier_increase"})
     keys = {(r["gate"], r["metric"], r["scenario"], r["true_value"], r["limit"], r["n"]) for r in data}
@@ -370,6 +409,7 @@ CHECKS: dict[str, Callable] = {
     "recorded_run": check_recorded_run,
     "run_timing": check_run_timing,
     "shift_and_ood": check_shift_and_ood,
+    "soft_labels": check_soft_labels,
     "threshold_stability": check_threshold_stability,
     "train_step": check_train_step,
     "train_time_calibration": check_train_time_calibration,

@@ -320,8 +320,14 @@ def conclusions(record: dict) -> str:
         )
         + f" Against the folder's label (the heavier digit of the blend) the same model has accuracy "
         f"{a['hard']['blended/before/accuracy']['mean']:.3f} on blends at mean confidence {hard_conf:.3f}, ECE "
-        f'{a["hard"]["blended/before/ece"]["mean"]:.4f}: the question its confidence answers is "which digit '
-        'weighs more", not "how would annotators split". Temperature scaling is fitted on the calibration split '
+        f"{a['hard']['blended/before/ece']['mean']:.4f}"
+        + (
+            ': close to calibrated for "which digit weighs more", which is what its labels asked, not for '
+            '"how would annotators split".'
+            if a["hard"]["blended/before/ece"]["mean"] < 0.05
+            else "."
+        )
+        + " Temperature scaling is fitted on the calibration split "
         "against the folder's label, not the soft targets; the fitted T (mean over seeds): "
         + ", ".join(f"{arm} {summary['temperature'][arm]['mean']:.3f}" for arm in arms if arm in summary["temperature"])
         + "."
@@ -372,7 +378,69 @@ def conclusions(record: dict) -> str:
             + f". Mean confidence on blends before scaling: soft {a['soft']['blended/before/confidence']['mean']:.3f}, "
             f"sampled {a['sampled']['blended/before/confidence']['mean']:.3f}."
         )
+    parts.append(verdict(record))
     return "\n\n".join(parts)
+
+
+def _all(diff: dict, sign: int) -> bool:
+    """Every seed's paired difference has this sign (-1: lower, +1: higher)."""
+    return diff["n"] > 0 and (diff["lower"] if sign < 0 else diff["higher"]) == diff["n"]
+
+
+def verdict(record: dict) -> str:
+    """The claim, part by part: holds, does not, or mixed, from the signs over the seeds."""
+    summary, runs = record["summary"], record["runs"]
+    a, p = summary["arms"], summary["paired"]
+    target = summary["target_confidence"]["mean"]
+    hard_conf = a["hard"]["blended/before/confidence"]["mean"]
+    items = [
+        f"- One-hot training is over-confident on ambiguous images: "
+        f"{'holds' if hard_conf > target + 0.02 else 'not shown'} here (hard: {hard_conf:.3f} mean confidence on "
+        f"blends, annotators {target:.3f})."
+    ]
+    for arm in ("soft", "sampled"):
+        if arm not in p:
+            continue
+        conf, nll = p[arm]["blended/before/confidence"], p[arm]["blended/before/soft_nll"]
+        both = _all(conf, -1) and _all(nll, -1)
+        neither = _all(conf, +1) and _all(nll, +1)
+        items.append(
+            f"- `{arm}` targets as a remedy (no scaling): {'holds' if both else 'does not hold' if neither else 'mixed'}"
+            f" (blend confidence {conf['mean']:+.3f}, {_words(conf)}; blend soft NLL {nll['mean']:+.4f}, "
+            f"{_words(nll)}; paired against hard)."
+        )
+        against = [v for _, v in scaled_hard_against(runs, arm, "soft_nll")]
+        scaled = p[arm]["blended/after/soft_nll"]
+        if against:
+            items.append(
+                f"- Temperature scaling of the hard model instead of `{arm}` targets: scaled hard minus unscaled "
+                f"`{arm}`, soft NLL on blends {sum(against) / len(against):+.4f} "
+                f"({'scaling alone is worse in every seed' if all(v > 0 for v in against) else 'scaling alone is as good or better in every seed' if all(v <= 0 for v in against) else 'mixed over seeds'}); "
+                f"`{arm}` minus hard, both scaled: {scaled['mean']:+.4f} ({_words(scaled)}); scaling changed `{arm}`'s "
+                f"blend soft NLL by {a[arm]['blended/after/soft_nll']['mean'] - a[arm]['blended/before/soft_nll']['mean']:+.4f}."
+            )
+    if "soft" in p and "sampled" in p:
+        seeds = sorted(
+            set(p["soft"]["blended/before/soft_nll"]["by_seed"])
+            & set(p["sampled"]["blended/before/soft_nll"]["by_seed"])
+        )
+        diffs = [
+            a_ - b_
+            for a_, b_ in (
+                (
+                    p["soft"]["blended/before/soft_nll"]["by_seed"][s],
+                    p["sampled"]["blended/before/soft_nll"]["by_seed"][s],
+                )
+                for s in seeds
+            )
+        ]
+        lower = sum(d < 0 for d in diffs)
+        word = "holds" if lower == len(diffs) else "does not hold" if lower == 0 else "mixed"
+        items.append(
+            f"- Soft better than sampled (blend soft NLL, no scaling): {word} (soft - sampled "
+            f"{sum(diffs) / len(diffs):+.4f}, soft lower in {lower} of {len(diffs)} seeds)."
+        )
+    return '**In short** ("holds" only where every seed agrees):\n\n' + "\n".join(items)
 
 
 def render(record: dict) -> str:

@@ -116,6 +116,10 @@ class Framing:
             )
 
     def apply(self, image: Image.Image, seed: int | None = None) -> Image.Image:
+        if self.crop_scale is None and self.resize is None:  # a dataset of one size: no torchvision to import
+            return image if image.size == self.size else image.resize(self.size, Image.Resampling.BILINEAR)
+        # imported here, not per module: a second or more of start-up in every process and
+        # DataLoader worker, which files of one size never need
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
@@ -127,8 +131,6 @@ class Framing:
                 image, top, left, height, width, [self.height, self.width], InterpolationMode.BILINEAR, antialias=True
             )
             return F.horizontal_flip(image) if flip else image
-        if self.resize is None:
-            return image if image.size == self.size else image.resize(self.size, Image.Resampling.BILINEAR)
         image = F.resize(image, [self.resize], InterpolationMode.BILINEAR, antialias=True)  # the shorter side
         return F.center_crop(image, [self.height, self.width])
 

@@ -22,7 +22,7 @@ import json
 import tempfile
 import time
 from functools import partial
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.lifecycle.promotion import champion_for, seen_by
 from calibflow.lifecycle.reproduce import (
+    DECODED_AT_A_TIME,
     decode_rows,
     predict_rows,
     served_classes,
@@ -99,7 +100,7 @@ def _shift_inputs(served, calibrator, new: NewImages, config: Config, champion, 
         return None, None, {}, None
     suite = suite_of(config.shift, config.seed)
     rows = new.test_rows[: suite.max_images]
-    clean, labels = new.images[rows], new.labels[rows]
+    clean, labels = new.images(rows), new.labels[rows]
     champion_model = champion_clean = None
     if champion is not None and gates.max_shift_ece_increase is not None:
         if champion.version == source.version:
@@ -151,13 +152,25 @@ class NewImages:
     data: object  # calibflow.data.versioning.DataVersion
     manifest: object  # pandas.DataFrame, calibflow.data.manifest's columns
     split: object  # calibflow.data.splits.Split
-    images: np.ndarray  # uint8 (N, H, W, C), as the served model takes them
     logits: np.ndarray
     labels: np.ndarray
+    image_mode: str  # how the served model decodes a file (its metadata's image_mode and framing)
+    framing: object  # calibflow.data.images.Framing, or (W, H), or None
 
     @property
     def test_rows(self) -> np.ndarray:
         return self.split.indices["test"]
+
+    def images(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 (len(rows), H, W, C) of manifest rows, decoded as the served model takes them: a
+        few rows at a time (the suite's, an input example), never the whole folder."""
+        paths = self.manifest["path"].iloc[rows].tolist()
+        return (
+            load_images(self.data.local_dir, paths, self.image_mode, self.framing)
+            .permute(0, 2, 3, 1)
+            .contiguous()
+            .numpy()
+        )
 
 
 @dataclass(frozen=True)
@@ -236,11 +249,22 @@ def _new_images(model, data_path: str, config: Config, repo_root: str | Path, se
             f"{data_path} is too small to recalibrate on: its test half has {n_test} images. {warning}"
         )
     meta = model.metadata.metadata
-    images = load_images(data.local_dir, manifest["path"].tolist(), meta["image_mode"], served_model.framing_of(meta))
-    images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    new = NewImages(
+        data,
+        manifest,
+        split,
+        np.zeros((0, len(classes))),
+        manifest["label_index"].to_numpy(),
+        meta["image_mode"],
+        served_model.framing_of(meta),
+    )
     served = model.unwrap_python_model()
-    logits = np.concatenate([served.logits(images[i : i + 1024], framed=True) for i in range(0, len(images), 1024)])
-    return NewImages(data, manifest, split, images, logits, manifest["label_index"].to_numpy())
+    # decoded DECODED_AT_A_TIME at a time, as evaluate and gate read a split: memory bounded
+    chunks = [
+        served.logits(new.images(np.arange(start, min(start + DECODED_AT_A_TIME, len(manifest)))), framed=True)
+        for start in range(0, len(manifest), DECODED_AT_A_TIME)
+    ]
+    return replace(new, logits=np.concatenate(chunks))
 
 
 def _refuse_seen(manifest, seen: set[str], data_path: str) -> None:
@@ -356,7 +380,7 @@ def _register(source, new: NewImages, gated: GatedCalibrator, run_id: str, confi
     transaction: the run is closed succeeded only with the version registered, or neither stands."""
     fit = gated.fit
     checkpoint = verified_run_artifact(source, "checkpoint/checkpoint.pt", work / "source")
-    logged = served_model.log_calibrated_model(run_id, checkpoint, fit.state_path, new.images[new.test_rows[:2]])
+    logged = served_model.log_calibrated_model(run_id, checkpoint, fit.state_path, new.images(new.test_rows[:2]))
     store.log_artifact(run_id, checkpoint, "checkpoint")  # the same network: a later recalibration reads it
     tags = {
         **{k: source.tags[k] for k in LINEAGE_TAGS if k in source.tags},

@@ -442,6 +442,9 @@ class CalibrationConfig:
     # not in the default `shift:` suite, so the suite measures shifts the calibrator never saw.
     shift_aware: bool = False
     shift_corruptions: tuple[str, ...] = bounded(("speckle_noise",), KNOWN_CORRUPTIONS)
+    # What temperature scaling is fitted against (docs/soft_labels.md): hard, the folder's class;
+    # soft, each calibration image's row of data.soft_labels (the cross-entropy to the annotators).
+    targets: Literal["hard", "soft"] = "hard"
 
     def validate(self) -> None:
         if self.max_temperature <= self.min_temperature:
@@ -729,6 +732,19 @@ class Config:
                 f"gates.{soft_gates[0]} reads each test image's distribution over the classes: set "
                 f"data.soft_labels to their CSV (docs/soft_labels.md), or unset the gate"
             )
+        if self.calibration.targets == "soft":
+            fits_soft = {
+                "data.soft_labels": self.data.soft_labels is not None,
+                "calibration.method: temperature": self.calibration.method == "temperature",
+                "calibration.shift_aware: false": not self.calibration.shift_aware,
+                "model.ensemble: 1": self.model.ensemble == 1,
+            }
+            missing = [need for need, holds in fits_soft.items() if not holds]
+            if missing:
+                raise ConfigError(
+                    f"calibration.targets = soft fits temperature scaling against each calibration image's soft "
+                    f"label, and needs {', '.join(missing)} (docs/soft_labels.md)"
+                )
         if self.train.targets != "hard":
             if self.data.soft_labels is None:
                 raise ConfigError(

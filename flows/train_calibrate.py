@@ -242,7 +242,7 @@ def train_calibrate_register(
             work_dir=run.work_dir,
             repo_root=repo_root,
         )
-        fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id)
+        fit = fit_calibration(fit_logits, config, run.work_dir, run.run_id, data_dir=data.local_dir, manifest=manifest)
         decisions = fit_decisions(calibration_logits, fit, manifest, config, run.work_dir, run.run_id)
         evaluation = evaluate_calibration(
             test_logits, fit, manifest, config, run.work_dir, run.run_id, data_dir=data.local_dir

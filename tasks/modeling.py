@@ -238,9 +238,23 @@ def collect_shift_aware_logits(
 
 @task(name="fit-calibration", cache_policy=NO_CACHE)
 def fit_calibration(
-    calibration_logits: str, config: Config, work_dir: str, run_id: str
+    calibration_logits: str,
+    config: Config,
+    work_dir: str,
+    run_id: str,
+    *,
+    data_dir: str,
+    manifest: data_steps.ManifestRecord,
 ) -> evaluation_steps.CalibrationRecord:
-    fit = evaluation_steps.fit_calibration(calibration_logits, config.calibration, f"{work_dir}/calibration.json")
+    soft = config.calibration.targets == "soft"
+    fit = evaluation_steps.fit_calibration(
+        calibration_logits,
+        config.calibration,
+        f"{work_dir}/calibration.json",
+        soft_targets=evaluation_steps.soft_targets_of(calibration_logits, data_dir, manifest, config.data)
+        if soft
+        else None,
+    )
     metrics = tagging.fit_metrics(fit)
     metrics.update(
         {
@@ -257,9 +271,10 @@ def fit_calibration(
             json.dump(list(fit.selection), handle, indent=2, default=str)
         store.log_artifact(run_id, selection, "calibration")
     get_run_logger().info(
-        "%s calibration%s: calibration NLL %.4f -> %.4f",
+        "%s calibration%s: calibration %s %.4f -> %.4f",
         fit.method,
         f" (T = {fit.temperature:.4f})" if fit.temperature else "",
+        "NLL against the soft labels" if soft else "NLL",
         fit.nll_before,
         fit.nll_after,
     )

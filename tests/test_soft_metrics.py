@@ -156,3 +156,54 @@ def test_a_recalibration_refuses_a_soft_gate_before_reading_anything(tmp_path):
     config = load_config(None, ["data.soft_labels=soft_labels.csv", "gates.max_soft_nll=1.0"])
     with pytest.raises(RecalibrationError, match=r"gates.max_soft_nll.*--set gates.max_soft_nll=null"):
         recalibrate("models:/nowhere@champion", str(tmp_path / "new"), config, tmp_path)
+
+
+# --- temperature scaling fitted against the soft labels (calibration.targets: soft) -------------
+
+
+def test_temperature_fitted_on_soft_labels_recovers_the_temperature_that_made_them():
+    """Annotators whose distribution is softmax(z / 1.7) exactly: the cross-entropy to them is
+    least, and equal to their entropy, at T = 1.7, whatever the labels say."""
+    from calibflow.calibrators.temperature import fit_temperature
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, (4000, 4))
+    targets = np.exp(logits / 1.7) / np.exp(logits / 1.7).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(4, p=row) for row in targets])
+    fitted = fit_temperature(logits, labels, targets=targets)
+    assert fitted.temperature == pytest.approx(1.7, rel=1e-8)
+    assert fitted.nll_after == pytest.approx(mean_entropy(targets), rel=1e-9)
+    # against the labels drawn from those rows, the same logits fit another temperature
+    assert fit_temperature(logits, labels).temperature != pytest.approx(1.7, rel=1e-3)
+
+
+def test_temperature_fitted_on_one_hot_soft_labels_is_the_hard_fit():
+    from calibflow.calibrators.temperature import fit_temperature
+
+    rng = np.random.default_rng(6)
+    logits = rng.normal(0, 4, (3000, 5))
+    labels = np.where(rng.random(3000) < 0.7, logits.argmax(axis=1), rng.integers(0, 5, 3000))
+    soft = fit_temperature(logits, labels, targets=np.eye(5)[labels])
+    assert soft.temperature == pytest.approx(fit_temperature(logits, labels).temperature, rel=1e-9)
+
+
+def test_soft_calibration_targets_that_cannot_be_fitted_are_refused_by_name():
+    from calibflow.calibrators.temperature import fit_temperature
+    from calibflow.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="targets must be distributions"):
+        fit_temperature(np.array([[2.0, 0.0], [0.0, 1.0]]), np.array([0, 1]), targets=np.array([[0.7, 0.7], [0, 1]]))
+    soft = ["data.soft_labels=soft_labels.csv", "calibration.targets=soft"]
+    for extra, needed in [
+        ([], None),
+        (["calibration.method=vector"], "calibration.method: temperature"),
+        (["model.ensemble=3"], "model.ensemble: 1"),
+        (["calibration.shift_aware=true"], "calibration.shift_aware: false"),
+    ]:
+        if needed is None:
+            assert load_config(None, soft).calibration.targets == "soft"
+            continue
+        with pytest.raises(ConfigError, match=f"calibration.targets = soft .*needs {needed}"):
+            load_config(None, soft + extra)
+    with pytest.raises(ConfigError, match="needs data.soft_labels"):
+        load_config(None, ["calibration.targets=soft"])

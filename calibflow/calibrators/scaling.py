@@ -37,9 +37,11 @@ class TemperatureCalibrator(Calibrator):
         self.temperature: float | None = None
         self.fit_result = None
 
-    def fit(self, logits: ArrayLike, labels: ArrayLike) -> TemperatureCalibrator:
+    def fit(self, logits: ArrayLike, labels: ArrayLike, targets: ArrayLike | None = None) -> TemperatureCalibrator:
+        """`targets`: soft labels (N, K), each row a distribution, to fit T against instead of the
+        labels (fit_temperature)."""
         z, y = self._prepare_fit(logits, labels)
-        self.fit_result = fit_temperature(z, y, self.min_temperature, self.max_temperature)
+        self.fit_result = fit_temperature(z, y, self.min_temperature, self.max_temperature, targets=targets)
         self.temperature = self.fit_result.temperature
         self.n_classes = int(z.shape[1])
         return self

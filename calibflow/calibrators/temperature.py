@@ -159,11 +159,18 @@ class _Objective:
     logsumexp pass.
     """
 
-    def __init__(self, z: torch.Tensor, y: torch.Tensor, row_max: torch.Tensor) -> None:
+    def __init__(
+        self, z: torch.Tensor, y: torch.Tensor, row_max: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> None:
         n, k = z.shape
         self.z = z
         self.row_max = row_max.to(torch.float64).unsqueeze(1)
-        zc_y = z.gather(1, y[:, None]).squeeze(1).to(torch.float64) - self.row_max.squeeze(1)
+        if targets is None:
+            zc_y = z.gather(1, y[:, None]).squeeze(1).to(torch.float64) - self.row_max.squeeze(1)
+        else:
+            # Against a distribution q per row, -sum_k q_k log p_k = log sum exp(beta zc) - beta sum_k q_k zc_k
+            # (sum_k q_k = 1): the same objective with q's mean of zc in place of zc at the label.
+            zc_y = (targets.to(torch.float64) * (z.to(torch.float64) - self.row_max)).sum(dim=1)
         self.mean_zc_y = float(zc_y.mean())  # the only use of the labels: the linear term of the NLL
         self.block_rows = n if z.device.type != "cpu" else max(1, min(n, BLOCK_ELEMENTS // k))
         f64 = {"dtype": torch.float64, "device": z.device}
@@ -329,11 +336,20 @@ def _bracketed_newton(objective: _Objective, t_lo: float, t_hi: float, tol: floa
     return _Root(t=t, nll=nll, iterations=iterations, nll_at_one=nll_at_one)
 
 
-def _warm_start(z: torch.Tensor, y: torch.Tensor, row_max: torch.Tensor, t_lo: float, t_hi: float) -> float | None:
+def _warm_start(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    row_max: torch.Tensor,
+    t_lo: float,
+    t_hi: float,
+    targets: torch.Tensor | None = None,
+) -> float | None:
     """log T fitted on every ``N // WARM_START_ROWS``-th row, or None when that fit fails."""
     rows = slice(None, None, max(2, z.shape[0] // WARM_START_ROWS))
     # A contiguous copy (N / stride rows) makes the subsample's passes as cheap per row as the full ones.
-    subsample = _Objective(z[rows].contiguous(), y[rows], row_max[rows])
+    subsample = _Objective(
+        z[rows].contiguous(), y[rows], row_max[rows], targets[rows].contiguous() if targets is not None else None
+    )
     try:
         return _bracketed_newton(subsample, t_lo, t_hi, WARM_START_TOL, 100).t
     except CalibrationError:
@@ -373,6 +389,16 @@ def _halley_from(objective: _Objective, t: float, t_lo: float, t_hi: float, max_
     return None
 
 
+def _checked_targets(targets: ArrayLike, z: torch.Tensor) -> torch.Tensor:
+    """float64 distributions (N, K) on the logits' device, or CalibrationError."""
+    q = torch.as_tensor(targets).detach().to(device=z.device, dtype=torch.float64)
+    if q.shape != z.shape:
+        raise CalibrationError(f"targets shape {tuple(q.shape)} does not match logits shape {tuple(z.shape)}")
+    if not bool(torch.isfinite(q).all()) or bool((q < 0).any()) or float((q.sum(dim=1) - 1).abs().max()) > 1e-4:
+        raise CalibrationError("targets must be distributions: finite, non-negative rows that sum to 1")
+    return q
+
+
 def fit_temperature(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -380,8 +406,12 @@ def fit_temperature(
     max_temperature: float = DEFAULT_MAX_TEMPERATURE,
     tol: float = 1e-10,
     max_iter: int = 100,
+    *,
+    targets: ArrayLike | None = None,
 ) -> TemperatureFit:
-    """Fit ``T`` minimising the mean NLL of ``softmax(logits / T)`` on calibration data.
+    """Fit ``T`` minimising the mean NLL of ``softmax(logits / T)`` on calibration data; with
+    ``targets`` (N, K), each row a distribution over the classes (soft labels), the mean
+    cross-entropy ``-sum_k q_k log softmax(z / T)_k`` instead, and NLL below means that.
 
     Solves ``dNLL/dbeta = 0`` (``beta = 1/T``) for ``t = log T`` in
     ``[log min_temperature, log max_temperature]`` in float64 on the logits' device: on splits of
@@ -404,12 +434,13 @@ def fit_temperature(
     z, y, row_min, row_max = _checked(logits, labels)
     if bool((row_min == row_max).all()):
         raise _constant_rows_error()
-    objective = _Objective(z, y, row_max)
+    q = _checked_targets(targets, z) if targets is not None else None
+    objective = _Objective(z, y, row_max, q)
     t_lo, t_hi = math.log(min_t), math.log(max_t)
 
     root = None
     if z.shape[0] >= WARM_START_MIN_ROWS:
-        start = _warm_start(z, y, row_max, t_lo, t_hi)
+        start = _warm_start(z, y, row_max, t_lo, t_hi, q)
         if start is not None:
             root = _halley_from(objective, start, t_lo, t_hi, min(max_iter, MAX_WARM_STEPS))
     if root is None:

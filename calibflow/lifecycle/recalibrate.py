@@ -192,6 +192,11 @@ def recalibrate(
 ) -> Recalibration:
     started = time.perf_counter()
     soft_gates = [name for name in ("max_soft_nll", "max_soft_ece") if getattr(config.gates, name) is not None]
+    if config.calibration.targets == "soft":
+        raise RecalibrationError(
+            "calibration.targets = soft fits against the soft labels of a training run's calibration split; "
+            "a recalibration fits on new images that have none: pass --set calibration.targets=hard, or retrain"
+        )
     if soft_gates:
         raise RecalibrationError(
             f"gates.{soft_gates[0]} reads the soft labels of a training run's test split; a recalibration "

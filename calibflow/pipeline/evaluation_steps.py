@@ -264,12 +264,19 @@ class CalibrationRecord:
     nll_before: float  # calibration split, uncalibrated softmax
     nll_after: float  # calibration split, calibrated
     selection: tuple[dict, ...] = ()  # method auto: the cross-validation comparison
+    objective: str = "nll"  # what the fit minimised and nll_* measure: "nll", or "soft_nll" (calibration.targets soft)
 
 
-def fit_calibration(logits_path: str, calibration: CalibrationConfig, out_path: str) -> CalibrationRecord:
+def fit_calibration(
+    logits_path: str, calibration: CalibrationConfig, out_path: str, *, soft_targets: np.ndarray | None = None
+) -> CalibrationRecord:
     """Fit `calibration.method` on the calibration logits. Whatever the method, a fit that does not
-    lower the calibration NLL is an error, not a model."""
+    lower the calibration NLL is an error, not a model. With calibration.targets soft,
+    `soft_targets` (soft_targets_of) are what temperature scaling is fitted against, and the NLL
+    it must lower is theirs."""
     logits, labels = load_logits(logits_path)
+    if calibration.targets == "soft":
+        return _fit_temperature_on_soft_labels(logits, labels, soft_targets, calibration, out_path)
     # the temperature range holds wherever temperature scaling is fitted: auto's candidates too
     options = (
         {"min_temperature": calibration.min_temperature, "max_temperature": calibration.max_temperature}
@@ -292,6 +299,29 @@ def fit_calibration(logits_path: str, calibration: CalibrationConfig, out_path: 
         nll_before=nll_before,
         nll_after=nll_after,
         selection=tuple(calibrator.selection or ()),
+    )
+
+
+def _fit_temperature_on_soft_labels(
+    logits: np.ndarray, labels: np.ndarray, targets: np.ndarray | None, calibration: CalibrationConfig, out_path: str
+) -> CalibrationRecord:
+    from calibflow.calibrators.scaling import TemperatureCalibrator
+    from calibflow.metrics import soft_nll_values
+
+    if targets is None:
+        raise ValueError("calibration.targets soft: fit_calibration needs the calibration split's soft labels")
+    calibrator = TemperatureCalibrator(calibration.min_temperature, calibration.max_temperature)
+    calibrator.fit(logits, labels, targets=targets)
+    nll_before = float(soft_nll_values(uncalibrated_probabilities(logits), targets).mean())
+    nll_after = float(soft_nll_values(calibrator.transform(logits), targets).mean())
+    Path(out_path).write_text(json.dumps(calibrator.to_state()))
+    return CalibrationRecord(
+        method=calibrator.method,
+        state_path=str(out_path),
+        temperature=calibrator.temperature,
+        nll_before=nll_before,
+        nll_after=nll_after,
+        objective="soft_nll",
     )
 
 

@@ -135,7 +135,8 @@ def summary_markdown(
     lines += [f"## calibflow run: {outcome}", "", f"MLflow run `{run_id}` at `{tracking_uri}`", ""]
     if fit is not None:
         what = f"temperature **{fit.temperature:.4f}**" if fit.temperature else f"**{fit.method}** calibration"
-        lines += [f"Calibrated with {what} (calibration NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f})", ""]
+        against = " against the soft labels" if fit.objective == "soft_nll" else ""
+        lines += [f"Calibrated with {what} (calibration NLL{against} {fit.nll_before:.4f} -> {fit.nll_after:.4f})", ""]
     if evaluation is not None:
         lines += [f"| test split | {UNCALIBRATED} | {CALIBRATED} |", "| --- | --- | --- |"]
         lines += [

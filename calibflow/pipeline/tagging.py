@@ -183,10 +183,11 @@ def test_metrics(evaluation: Evaluation) -> dict[str, float]:
 
 
 def fit_metrics(fit: CalibrationRecord) -> dict[str, float]:
-    """The calibration split's NLL before and after the fit, and T for temperature scaling."""
+    """The calibration split's NLL (against the soft labels: soft_nll, with calibration.targets soft)
+    before and after the fit, and T for temperature scaling."""
     metrics = {
-        calibration_metric(UNCALIBRATED, "nll"): fit.nll_before,
-        calibration_metric(CALIBRATED, "nll"): fit.nll_after,
+        calibration_metric(UNCALIBRATED, fit.objective): fit.nll_before,
+        calibration_metric(CALIBRATED, fit.objective): fit.nll_after,
     }
     if fit.temperature:
         metrics[TEMPERATURE] = fit.temperature

@@ -58,7 +58,9 @@ import finetune_own_weights as shared  # noqa: E402  (the scratch project's runs
 NAME = "soft_labels"
 ARMS = ("hard", "soft", "sampled")
 SUBSETS = ("clean", "blended")
-STAGES = ("before", "after")
+# before scaling; after the run's T (fitted against the folder's labels); after a T fitted here, on
+# the same calibration split, against the soft labels (what calibration.targets: soft fits)
+STAGES = ("before", "after", "soft_T")
 SPLIT = {"train": 0.6, "val": 0.05, "calibration": 0.15, "test": 0.2}
 PARAMS = """\
 seed: 0
@@ -147,6 +149,7 @@ def test_split(repo: Path, client, run_id: str, data_path: str, temperature: flo
     import torch
     from PIL import Image
 
+    from calibflow.calibrators.temperature import fit_temperature
     from calibflow.metrics import mean_entropy
     from calibflow.training.models import load_checkpoint
 
@@ -156,26 +159,40 @@ def test_split(repo: Path, client, run_id: str, data_path: str, temperature: flo
     splits = json.loads(Path(client.download_artifacts(run_id, "data/splits.json", str(where))).read_text())
     with open(client.download_artifacts(run_id, "data/manifest.csv", str(where)), newline="") as handle:
         rows = list(csv.DictReader(handle))
-    chosen = [rows[i] for i in splits["indices"]["test"]]
     soft = soft_rows(repo / data_path / "soft_labels.csv")
-    labels = torch.tensor([int(row["label_index"]) for row in chosen])
-    targets = torch.tensor([soft[row["path"]] for row in chosen], dtype=torch.float64)
-    blend = torch.tensor([Path(row["path"]).name.startswith("blend_") for row in chosen])
-    pixels = []
-    for row in chosen:
-        with Image.open(repo / data_path / row["path"]) as image:
-            array = np.asarray(image.convert(checkpoint.image_mode))
-        pixels.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    images = torch.from_numpy(np.stack(pixels))
     model = checkpoint.model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(batch) for batch in images.split(512)]).double()
-    probs = {"before": logits.softmax(dim=1), "after": (logits / temperature).softmax(dim=1)}
+
+    def split_of(name: str):
+        """(rows, labels, soft targets, logits) of one split, from its files."""
+        chosen = [rows[i] for i in splits["indices"][name]]
+        pixels = []
+        for row in chosen:
+            with Image.open(repo / data_path / row["path"]) as image:
+                array = np.asarray(image.convert(checkpoint.image_mode))
+            pixels.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        with torch.no_grad():
+            logits = torch.cat([model(batch) for batch in torch.from_numpy(np.stack(pixels)).split(512)]).double()
+        labels = torch.tensor([int(row["label_index"]) for row in chosen])
+        return chosen, labels, torch.tensor([soft[row["path"]] for row in chosen], dtype=torch.float64), logits
+
+    chosen, labels, targets, logits = split_of("test")
+    blend = torch.tensor([Path(row["path"]).name.startswith("blend_") for row in chosen])
+    # temperature scaling against the soft labels, by the product's solver (calibration.targets: soft)
+    _, calibration_labels, calibration_targets, calibration_logits = split_of("calibration")
+    soft_temperature = fit_temperature(
+        calibration_logits, calibration_labels, 0.01, 100.0, targets=calibration_targets
+    ).temperature
+    probs = {
+        "before": logits.softmax(dim=1),
+        "after": (logits / temperature).softmax(dim=1),
+        "soft_T": (logits / soft_temperature).softmax(dim=1),
+    }
     found: dict = {"all": {}, "clean": {}, "blended": {}}
     for subset, mask in (("all", torch.ones_like(blend)), ("clean", ~blend), ("blended", blend)):
         for stage, p in probs.items():
             found[subset][stage] = measure(p[mask], labels[mask], targets[mask])
     found["test_images"] = {"all": len(chosen), "clean": int((~blend).sum()), "blended": int(blend.sum())}
+    found["soft_temperature"] = soft_temperature
     found["train_images"] = len(splits["indices"]["train"])
     # what a model calibrated to the annotators says on the blends, and the least soft NLL there
     found["blended"]["target_confidence"] = targets[blend].max(dim=1).values.mean().item()
@@ -443,6 +460,26 @@ def verdict(record: dict) -> str:
     return '**In short** ("holds" only where every seed agrees):\n\n' + "\n".join(items)
 
 
+def soft_temperature_paragraph(record: dict) -> str:
+    """What fitting T against the soft labels (calibration.targets: soft) does, per arm, on blends."""
+    a = record["summary"]["arms"]
+    parts = []
+    for arm in record["setup"]["arms"]:
+        if arm not in a:
+            continue
+        nll = [a[arm][f"blended/{stage}/soft_nll"]["mean"] for stage in STAGES]
+        conf = [a[arm][f"blended/{stage}/confidence"]["mean"] for stage in STAGES]
+        parts.append(
+            f"{arm}: soft NLL on blends {nll[0]:.4f} before, {nll[1]:.4f} with T fitted on the folder's labels, "
+            f"{nll[2]:.4f} with T fitted on the soft labels (mean confidence {conf[0]:.3f} / {conf[1]:.3f} / "
+            f"{conf[2]:.3f})"
+        )
+    return (
+        "**Temperature scaling against the soft labels** (`calibration.targets: soft`; here fitted by the "
+        "product's solver on each run's calibration split, means over seeds): " + "; ".join(parts) + "."
+    )
+
+
 def render(record: dict) -> str:
     setup, runs, summary = record["setup"], record["runs"], record["summary"]
     arms = setup["arms"]
@@ -475,7 +512,8 @@ def render(record: dict) -> str:
         lines += [
             "",
             f"**{subset.capitalize()} test images**, over the seeds: mean ± sd (min-max); "
-            "before / after temperature scaling:",
+            "stage `before` scaling, `after` the run's temperature scaling (T fitted against the folder's "
+            "label), `soft_T` after a T fitted on the same calibration split against the soft labels:",
             "",
             "| arm | stage | " + " | ".join(label for label, _, _, _ in METRICS) + " |",
             "| --- | --- | " + " | ".join("---:" for _ in METRICS) + " |",
@@ -506,20 +544,22 @@ def render(record: dict) -> str:
         "soft NLL before and after scaling recomputed here from the checkpoint equal the run's logged "
         "`test/uncalibrated/accuracy`, `test/*/ece` and `test/*/soft_nll` to 1e-6):",
         "",
-        "| arm | seed | T | logged soft NLL after | recomputed | reproduced | accuracy (all) | gates | wall |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
+        "| arm | seed | T | T on soft labels | logged soft NLL after | recomputed | reproduced | accuracy (all) | gates | wall |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
     ]
     for r in runs:
         if r["exit_code"] == 2:
-            lines.append(f"| {r['arm']} | {r['seed']} | | | | | | could not run: {r['error'][:150]} | |")
+            lines.append(f"| {r['arm']} | {r['seed']} | | | | | | | could not run: {r['error'][:150]} | |")
             continue
         gates = "passed, registered" if r["registered"] else f"refused ({r['verdict']})"
         lines.append(
-            f"| {r['arm']} | {r['seed']} | {r['temperature']:.3f} | {r['logged']['soft_nll_after']:.6f} | "
+            f"| {r['arm']} | {r['seed']} | {r['temperature']:.3f} | {r['soft_temperature']:.3f} | "
+            f"{r['logged']['soft_nll_after']:.6f} | "
             f"{r['recomputed']['soft_nll_after']:.6f} | {'yes' if r['reproduced'] else 'NO'} | "
             f"{r['logged']['accuracy']:.3f} | {gates} | {r['wall_s']:.0f} s |"
         )
-    lines += ["", conclusions(record), "", f"Total wall time {record['wall_s']:.0f} s."]
+    lines += ["", conclusions(record), "", soft_temperature_paragraph(record)]
+    lines += ["", f"Total wall time {record['wall_s']:.0f} s."]
     return "\n".join(lines)
 
 

@@ -240,16 +240,16 @@ def check_soft_labels(data: dict, markdown: str) -> None:
     classes = 3  # the smoke's digit classes
     for r in runs:
         assert r["registered"] and r["reproduced"] and r["targets"] == r["arm"], r
-        assert f"train.targets={r['arm']}" in r["command"] and r["temperature"] > 0
+        assert f"train.targets={r['arm']}" in r["command"] and r["temperature"] > 0 and r["soft_temperature"] > 0
         assert r["logged"]["accuracy"] == r["recomputed"]["accuracy"] == r["all"]["before"]["accuracy"]
         assert r["test_images"] == runs[0]["test_images"]  # the arms of a seed share their test split
         n = r["test_images"]
         assert n["clean"] > 0 and n["blended"] > 0 and n["clean"] + n["blended"] == n["all"]
         assert between(0.5, r["blended"]["target_confidence"], 0.7) and r["blended"]["target_entropy"] > 0
         for subset in ("all", "clean", "blended"):
-            before, after = r[subset]["before"], r[subset]["after"]
-            assert before["accuracy"] == after["accuracy"], (r["arm"], subset)
-            for stage in (before, after):
+            before, after, soft_t = r[subset]["before"], r[subset]["after"], r[subset]["soft_T"]
+            assert before["accuracy"] == after["accuracy"] == soft_t["accuracy"], (r["arm"], subset)
+            for stage in (before, after, soft_t):
                 assert all(between(0, stage[k], 1) for k in ("accuracy", "ece", "soft_ece", "soft_accuracy")), stage
                 assert between(1 / classes, stage["confidence"], 1), stage
                 least = r["blended"]["target_entropy"] if subset == "blended" else 0.0

@@ -79,12 +79,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _without_credentials(result: dict) -> dict:
-    """The --json file is an artifact of CI jobs: no credentials in its tracking URI."""
-    if not result.get("tracking_uri"):
-        return result
-    from calibflow.tracking.store import display_uri
+    """The --json file is an artifact of CI jobs: no credentials in its tracking URI, nor in a
+    refusal's line (a store's or git's error may quote a URL with its password)."""
+    from calibflow.tracking.store import display_uri, redact
 
-    return {**result, "tracking_uri": display_uri(result["tracking_uri"])}
+    shown = dict(result)
+    if shown.get("tracking_uri"):
+        shown["tracking_uri"] = display_uri(shown["tracking_uri"])
+    if shown.get("refused"):
+        shown["refused"] = redact(shown["refused"])
+    return shown
 
 
 def check_servers_answer(repo: str, *, environment_only: bool = False) -> None:

@@ -86,12 +86,13 @@ def refused(error: Exception, result: dict | None = None):
 def refused_result(run, error: Exception, evaluation, fit, verdict) -> dict:
     """A refused run's result, shaped as a registered one's where it has the same numbers: its
     MLflow and Prefect ids, why, and what it measured before the refusal (None where it got no
-    further), nothing registered."""
+    further); `registered` false, or None when a version it registered may be left behind."""
     return {
         "run_id": run.run_id,
         "prefect_flow_run_id": str(flow_run.get_id()),
         "refused": f"{type(error).__name__}: {errors.one_line(error)}",
-        "registered": False,
+        # a registration whose undo failed may stand: the refusal's line says which, this cannot
+        "registered": None if isinstance(error, errors.RegistrationLeftBehind) else False,
         "calibration_method": fit.method if fit is not None else None,
         "temperature": fit.temperature if fit is not None else None,
         "test_before": evaluation.before if evaluation is not None else None,
@@ -157,7 +158,7 @@ def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
         # The reason as the summary's first line: a gate table under the three-part headline would
         # call the run's subject a fresh registration; the checks are in its tags and gates.json.
         publish_summary(run, f"failed (GatesFailed): {error}")
-        return refused(error)
+        return refused(error, refused_result(run, error, None, None, verdict))
     if same.is_champion:
         outcome = f"@champion version {same.version} passes every new gate; nothing to retrain (use --force)"
     else:

@@ -117,7 +117,11 @@ def test_a_threshold_only_change_gates_the_champion_again_without_retraining(tin
     assert [a.path for a in client.list_artifacts(regated.info.run_id, "gates")] == ["gates/gates.json"]
 
     # Stricter than the champion can meet: exit 1, said plainly, and @champion stays where it was.
-    assert calibflow([*repo, "--set", "gates.min_accuracy=0.999"]) == 1
+    result = tiny_repo.parent / "regated.json"
+    assert calibflow([*repo, "--set", "gates.min_accuracy=0.999", "--json", str(result)]) == 1
+    refused = json.loads(result.read_text())  # the CD job's artifact: the verdict it failed on
+    assert refused["registered"] is False and refused["refused"].startswith("GatesFailed: ")
+    assert [c["name"] for c in refused["gates"]["checks"] if not c["passed"]] == ["min_accuracy"]
     said = capsys.readouterr()
     said = said.out + said.err
     assert "@champion version 1 FAILS the new gates: min_accuracy" in said and "< 0.999" in said

@@ -3,6 +3,7 @@ artifact: store.display_uri masks a URI, store.redact any text that may quote on
 
 from __future__ import annotations
 
+import json
 import argparse
 import logging
 import os
@@ -173,3 +174,21 @@ def test_a_run_against_a_store_with_credentials_shows_them_nowhere(tiny_repo, tm
     for path in prefect_home.rglob("*"):  # the database, its write-ahead log, stored results
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_refused_runs_json_masks_credentials_in_its_refusal_line_and_tracking_uri():
+    """`calibflow run --json` writes a refused run's result, a CI artifact: an MLflow or git error it
+    quotes may carry a URL with its password."""
+    from cli.training import _without_credentials
+
+    shown = _without_credentials(
+        {
+            "refused": "RegistrationLeftBehind: API request to https://ci:s3cret-token@mlflow.example/api/2.0 failed",
+            "tracking_uri": "https://ci:s3cret-token@mlflow.example",
+            "registered": None,
+        }
+    )
+    assert "s3cret-token" not in json.dumps(shown)
+    assert (
+        shown["refused"].startswith("RegistrationLeftBehind: API request to https://") and shown["registered"] is None
+    )

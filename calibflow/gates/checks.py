@@ -362,8 +362,9 @@ def _soft_checks(candidate: Predictions, gates: GatesConfig, metric: str, n_bins
         return []
     if candidate.targets is None:
         raise GateInputError(
-            f"gates.{wanted[0]} is set but the test images have no soft labels to gate against: train "
-            f"with data.soft_labels (docs/soft_labels.md), or unset the gate"
+            f"gates.{wanted[0]} is set but the test images have no soft labels to gate against (a version "
+            f"trained without data.soft_labels, or registered before calibflow recorded them): train with "
+            f"data.soft_labels (docs/soft_labels.md), or unset the gate"
         )
     from calibflow.metrics.soft import soft_correctness, soft_nll_values
 

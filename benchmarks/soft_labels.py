@@ -24,6 +24,7 @@ test/{uncalibrated,calibrated}/soft_nll: the table says whether it did.
     python benchmarks/soft_labels.py [--seeds 0-2] [--epochs 20] [--json docs/results/soft_labels.json]
         # 9 runs of about 1 min each on 2 cores
     python benchmarks/soft_labels.py --smoke --out /tmp/soft_smoke   # 1 seed, tiny data, seconds
+    python benchmarks/soft_labels.py --render docs/results/soft_labels.json  # the text again, no runs
 
 Epochs: 20. The comparison means something only where hard-label training is over-confident on
 the blends; a probe of one hard run (seed 0, 1500 + 1500 images, width 16) gave a mean top-label
@@ -61,6 +62,11 @@ SUBSETS = ("clean", "blended")
 # before scaling; after the run's T (fitted against the folder's labels); after a T fitted here, on
 # the same calibration split, against the soft labels (what calibration.targets: soft fits)
 STAGES = ("before", "after", "soft_T")
+STAGE_WORDS = {
+    "before": "before scaling",
+    "after": "after the run's scaling",
+    "soft_T": "with T fitted on the soft labels",
+}
 SPLIT = {"train": 0.6, "val": 0.05, "calibration": 0.15, "test": 0.2}
 PARAMS = """\
 seed: 0
@@ -386,7 +392,7 @@ def conclusions(record: dict) -> str:
             if diffs:
                 lower = sum(x < 0 for x in diffs)
                 lines.append(
-                    f"{'before' if stage == 'before' else 'after'} scaling soft - sampled "
+                    f"{STAGE_WORDS[stage]} soft - sampled "
                     f"{sum(diffs) / len(diffs):+.4f} (soft lower in {lower} of {len(diffs)} seeds)"
                 )
         parts.append(
@@ -579,7 +585,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default 2; 1 with --smoke)")
     parser.add_argument("--work", type=Path, default=None, help="where the images and the project go (kept)")
     parser.add_argument("--json", dest="json_path", type=Path, default=None, help="also write the record here")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="write the results file again from a full run's --json record, running nothing (a change to the text)",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        return rerender(args, parser, argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - set(ARMS) or len(set(arms)) != len(arms):
         parser.error(f"--arms {args.arms}: of {', '.join(ARMS)}, each once")
@@ -656,6 +670,18 @@ def main(argv: list[str] | None = None) -> dict:
     _common.publish(NAME, title, text, args, out, argv, data)
     if not smoke and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def rerender(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The results file of a recorded full run, rendered again by this version's text: the numbers
+    are the record's (its runs), the summary is recomputed from them."""
+    record = json.loads(args.render.read_text())
+    record["summary"] = summarise(record["runs"], record["setup"]["arms"])
+    out = _common.results_dir(args, parser)
+    text = render(record)
+    title = "Soft and noisy labels on blended digits: hard vs soft vs sampled targets, with and without scaling"
+    _common.publish(NAME, title, text, args, out, argv, _common.jsonable(record))
     return record
 
 

@@ -130,6 +130,17 @@ def publish(
     return path
 
 
+def publish_record(
+    name: str, title: str, text: str, record: Any, args: argparse.Namespace, out: Path, argv: list[str] | None
+) -> Path:
+    """publish(), with the record (made JSON-safe) also written to --json when the benchmark has it."""
+    data = jsonable(record)
+    json_path = getattr(args, "json_path", None)
+    if json_path:
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
+    return publish(name, title, text, args, out, argv, data)
+
+
 # ------------------------------------------------------------------ tiny inputs for smoke runs
 
 

@@ -667,11 +667,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = render(record)
     print(text)
-    data = _common.jsonable(record)
-    if args.json_path:
-        args.json_path.write_text(json.dumps(data, indent=1) + "\n")
     title = "Fine-tuning from calibflow's own weights: pretrained on 8 CIFAR-10 classes, tuned on 2"
-    _common.publish(NAME, title, text, args, out, argv, data)
+    _common.publish_record(NAME, title, text, record, args, out, argv)
     if not smoke and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return record

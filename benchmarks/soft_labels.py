@@ -57,6 +57,7 @@ import _common  # noqa: E402
 import finetune_own_weights as shared  # noqa: E402  (the scratch project's runs and MLflow reads)
 
 NAME = "soft_labels"
+TITLE = "Soft and noisy labels on blended digits: hard vs soft vs sampled targets, with and without scaling"
 ARMS = ("hard", "soft", "sampled")
 SUBSETS = ("clean", "blended")
 # before scaling; after the run's T (fitted against the folder's labels); after a T fitted here, on
@@ -313,6 +314,16 @@ def _words(diff: dict) -> str:
     return f"higher in {higher}, lower in {lower} of {n} seeds"
 
 
+def soft_minus_sampled(paired: dict, stage: str) -> list[float]:
+    """Per seed both arms ran: soft's blend soft NLL minus sampled's at `stage` (their paired
+    differences to hard share hard's value, so it cancels); [] without both arms."""
+    if "soft" not in paired or "sampled" not in paired:
+        return []
+    key = f"blended/{stage}/soft_nll"
+    soft, sampled = paired["soft"][key]["by_seed"], paired["sampled"][key]["by_seed"]
+    return [soft[seed] - sampled[seed] for seed in sorted(set(soft) & set(sampled))]
+
+
 def scaled_hard_against(runs: list[dict], arm: str, key: str) -> list[tuple[int, float]]:
     """Per seed: the hard model after temperature scaling minus `arm` before it, on the blends."""
     hard = {r["seed"]: r for r in runs if r["arm"] == "hard" and r["exit_code"] != 2}
@@ -380,21 +391,15 @@ def conclusions(record: dict) -> str:
                 f"minus the unscaled `{arm}` model's is {sum(values) / len(values):+.4f} "
                 f"[{', '.join(f'{v:+.4f}' for v in values)}] (negative: scaling alone did better)."
             )
-    if "soft" in a and "sampled" in a:
-        seeds = sorted(
-            set(p["soft"]["blended/before/soft_nll"]["by_seed"])
-            & set(p["sampled"]["blended/before/soft_nll"]["by_seed"])
-        )
+    if soft_minus_sampled(p, "before"):
         lines = []
         for stage in STAGES:
-            key = f"blended/{stage}/soft_nll"
-            diffs = [p["soft"][key]["by_seed"][s] - p["sampled"][key]["by_seed"][s] for s in seeds]
-            if diffs:
-                lower = sum(x < 0 for x in diffs)
-                lines.append(
-                    f"{STAGE_WORDS[stage]} soft - sampled "
-                    f"{sum(diffs) / len(diffs):+.4f} (soft lower in {lower} of {len(diffs)} seeds)"
-                )
+            diffs = soft_minus_sampled(p, stage)
+            lower = sum(x < 0 for x in diffs)
+            lines.append(
+                f"{STAGE_WORDS[stage]} soft - sampled "
+                f"{sum(diffs) / len(diffs):+.4f} (soft lower in {lower} of {len(diffs)} seeds)"
+            )
         parts.append(
             "**Soft against sampled** (the text says soft works better), soft NLL on blends: "
             + "; ".join(lines)
@@ -442,21 +447,8 @@ def verdict(record: dict) -> str:
                 f"`{arm}` minus hard, both scaled: {scaled['mean']:+.4f} ({_words(scaled)}); scaling changed `{arm}`'s "
                 f"blend soft NLL by {a[arm]['blended/after/soft_nll']['mean'] - a[arm]['blended/before/soft_nll']['mean']:+.4f}."
             )
-    if "soft" in p and "sampled" in p:
-        seeds = sorted(
-            set(p["soft"]["blended/before/soft_nll"]["by_seed"])
-            & set(p["sampled"]["blended/before/soft_nll"]["by_seed"])
-        )
-        diffs = [
-            a_ - b_
-            for a_, b_ in (
-                (
-                    p["soft"]["blended/before/soft_nll"]["by_seed"][s],
-                    p["sampled"]["blended/before/soft_nll"]["by_seed"][s],
-                )
-                for s in seeds
-            )
-        ]
+    diffs = soft_minus_sampled(p, "before")
+    if diffs:
         lower = sum(d < 0 for d in diffs)
         word = "holds" if lower == len(diffs) else "does not hold" if lower == 0 else "mixed"
         items.append(
@@ -663,11 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
     record["wall_s"] = time.perf_counter() - started
     text = render(record)
     print(text)
-    data = _common.jsonable(record)
-    if args.json_path:
-        args.json_path.write_text(json.dumps(data, indent=1) + "\n")
-    title = "Soft and noisy labels on blended digits: hard vs soft vs sampled targets, with and without scaling"
-    _common.publish(NAME, title, text, args, out, argv, data)
+    _common.publish_record(NAME, TITLE, text, record, args, out, argv)
     if not smoke and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return record
@@ -680,8 +668,7 @@ def rerender(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: li
     record["summary"] = summarise(record["runs"], record["setup"]["arms"])
     out = _common.results_dir(args, parser)
     text = render(record)
-    title = "Soft and noisy labels on blended digits: hard vs soft vs sampled targets, with and without scaling"
-    _common.publish(NAME, title, text, args, out, argv, _common.jsonable(record))
+    _common.publish(NAME, TITLE, text, args, out, argv, _common.jsonable(record))
     return record
 
 

@@ -514,6 +514,10 @@ class GatesConfig:
     max_selective_risk: float | None = bounded(None, OPEN_UNIT)
     min_conformal_coverage: float | None = bounded(None, OPEN_UNIT)
 
+    def soft_gates(self) -> list[str]:
+        """The soft-label gates that are set: they read data.soft_labels' rows of the test images."""
+        return [name for name in ("max_soft_nll", "max_soft_ece") if getattr(self, name) is not None]
+
 
 def _cost(of_one: str) -> Range:
     return Range(0, low_open=True, message="{key} = {value}: costs must be positive (the cost of one " + of_one + ")")
@@ -726,7 +730,7 @@ class Config:
                 f"epoch), which train.nnodes = {self.train.nnodes} nodes would each need a copy of: train on one "
                 f"node, or set train.augment to false"
             )
-        soft_gates = [name for name in ("max_soft_nll", "max_soft_ece") if getattr(self.gates, name) is not None]
+        soft_gates = self.gates.soft_gates()
         if soft_gates and self.data.soft_labels is None:
             raise ConfigError(
                 f"gates.{soft_gates[0]} reads each test image's distribution over the classes: set "

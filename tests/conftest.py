@@ -92,65 +92,91 @@ def make_repo(root: Path, classes=(0, 1, 2, 3, 4), per_class: int = 60) -> Path:
     return root
 
 
-def mlflow_serve_predict(repo: Path, model_uri: str, images, work: Path):
-    """The predictions `mlflow models serve -m model_uri` (MLflow's own scoring server, the repo's
-    SQLite store, the venv's bin/ on PATH for its uvicorn) answers for `images` over HTTP, as
-    float64; the server is stopped, with its workers, before this returns. Its log: work/serve.log."""
-    import json
-    import socket
-    import time
-    import urllib.request
+class ServedModel:
+    """`mlflow models serve -m model_uri` (MLflow's own scoring server; `env` must put the venv's
+    bin/ on PATH, for its uvicorn), started in its own process group and answering /ping;
+    predict() queries it over HTTP, stop() ends it with its workers. Its log: `log`."""
 
-    import numpy as np
+    def __init__(self, model_uri: str, env: dict[str, str], log: Path, ping_timeout_s: float = 120):
+        import socket
 
-    venv_bin = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = work / "serve.log"
-    command = [str(venv_bin / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=work,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its uvicorn workers in its own group, stopped with it
-        )
-    try:
-        deadline = time.monotonic() + 120
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.log = log
+        venv_bin = Path(sys.executable).parent
+        command = [str(venv_bin / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env,
+                cwd=log.parent,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its uvicorn workers in its own group, stopped with it
+            )
+        try:
+            self._wait_for_ping(ping_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_ping(self, timeout_s: float) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
         while True:
-            assert server.poll() is None, f"mlflow models serve exited {server.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no answer to /ping within 120 s:\n{log.read_text()}"
+            said = self.log.read_text()[-4000:]
+            assert self.process.poll() is None, f"mlflow models serve exited {self.process.returncode}:\n{said}"
+            assert time.monotonic() < deadline, f"no answer to /ping within {timeout_s:.0f} s:\n{said}"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=5) as answer:
                     if answer.status == 200:
-                        break
+                        return
             except OSError:
                 time.sleep(1)
+
+    def predict(self, images):
+        """The server's predictions for uint8 `images`, as float64."""
+        import json
+        import urllib.request
+
+        import numpy as np
+
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
+            f"http://127.0.0.1:{self.port}/invocations",
             data=json.dumps({"inputs": images.tolist()}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60) as answer:
             return np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
-    finally:
+
+    def stop(self) -> None:
         try:
-            os.killpg(server.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         try:
-            server.wait(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def mlflow_serve_predict(repo: Path, model_uri: str, images, work: Path):
+    """The predictions `mlflow models serve -m model_uri` answers for `images` over the repo's SQLite
+    store, as float64; the server is stopped before this returns. Its log: work/serve.log."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    server = ServedModel(model_uri, env, work / "serve.log")
+    try:
+        return server.predict(images)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

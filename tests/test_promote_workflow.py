@@ -44,7 +44,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import ServedModel
 from tests.test_servers import Server, client_env, free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -439,41 +439,13 @@ def servers(tmp_path):
             server.stop()
 
 
-class ServedChampion:
-    """`mlflow models serve -m models:/NAME@champion` (the venv's bin on PATH, as it needs)."""
+class ServedChampion(ServedModel):
+    """`mlflow models serve -m models:/NAME@champion` against the team's tracking server; stopped
+    with every process of its group, or the test fails."""
 
     def __init__(self, model: str, tracking_uri: str, log: Path):
-        self.port, self.log = free_port(), log
         env = {**client_env(MLFLOW_TRACKING_URI=tracking_uri), "PATH": f"{VENV / 'bin'}{os.pathsep}{system_path()}"}
-        command = [str(VENV / "bin" / "mlflow"), "models", "serve", "-m", f"models:/{model}@champion"]
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env,
-                cwd=log.parent,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.process.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no answer to /ping within 180 s:\n{log.read_text()[-4000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=5) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/invocations",
-            data=json.dumps({"inputs": images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
+        super().__init__(f"models:/{model}@champion", env, log, ping_timeout_s=180)
 
     def stop(self) -> None:
         stop_group(self.process, signal.SIGTERM, grace_s=30)

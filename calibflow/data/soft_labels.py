@@ -243,6 +243,13 @@ def soft_targets(
     return np.stack([by_path[str(path)] for path in manifest[PATH]]).astype(dtype)
 
 
+def targets_from_file(
+    path: str | Path, manifest: pd.DataFrame, classes: list[str], tolerance: float, dtype=np.float64
+) -> np.ndarray:
+    """soft_targets of `manifest`'s rows, read from the CSV at `path` (validated when it trained)."""
+    return soft_targets(read_soft_labels(path, classes), manifest, classes, tolerance, dtype)
+
+
 def soft_labels_tag(file: str, tolerance: float) -> dict[str, str]:
     return {SOFT_LABELS_TAG: json.dumps({"file": file, "tolerance": tolerance})}
 
@@ -257,5 +264,4 @@ def recorded_targets(
     if not tags.get(SOFT_LABELS_TAG):
         return None
     recorded = json.loads(tags[SOFT_LABELS_TAG])
-    table = read_soft_labels(Path(data_dir) / recorded["file"], classes)
-    return soft_targets(table, manifest, classes, recorded["tolerance"], dtype=np.float64)
+    return targets_from_file(Path(data_dir) / recorded["file"], manifest, classes, recorded["tolerance"])

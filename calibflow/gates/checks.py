@@ -357,7 +357,7 @@ def _soft_checks(candidate: Predictions, gates: GatesConfig, metric: str, n_bins
     lies in [0, -log eps] as its NLL does; its agreement q[argmax p] lies in [0, 1], and a value in
     [0, 1] with mean pi varies at most as much as a 0/1 one (pi (1 - pi)), the variance the score
     bound assumes, so both bounds keep their level (tests/test_soft_metrics.py simulates it)."""
-    wanted = [name for name in ("max_soft_nll", "max_soft_ece") if getattr(gates, name, None) is not None]
+    wanted = gates.soft_gates()
     if not wanted:
         return []
     if candidate.targets is None:

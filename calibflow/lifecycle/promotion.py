@@ -262,6 +262,7 @@ def evaluation_set(
     repo_root: str | Path = ".",
     with_shift: bool = False,
     with_ood: bool = False,
+    with_soft_labels: bool = False,
 ) -> EvaluationSet:
     """Both models from the registry, on the candidate's pinned test images."""
     try:
@@ -309,8 +310,10 @@ def evaluation_set(
                 model_name, champion, shifted, served_classes(candidate_model), manifest, split, data.local_dir
             )
     ood = _ood_gate_scores(candidate, candidate_model, rebuilt, repo_root) if with_ood else None
-    targets = recorded_targets(
-        candidate.tags, data.local_dir, manifest.iloc[test_rows], served_classes(candidate_model)
+    targets = (
+        recorded_targets(candidate.tags, data.local_dir, manifest.iloc[test_rows], served_classes(candidate_model))
+        if with_soft_labels
+        else None
     )
     return EvaluationSet(
         candidate,
@@ -341,6 +344,7 @@ def gate_version(
         repo_root,
         with_shift=_wants_shift(gates),
         with_ood=gates.max_ood_fpr95 is not None,
+        with_soft_labels=bool(gates.soft_gates()),
     )
     try:
         verdict = evaluate_gates(

@@ -191,7 +191,7 @@ def recalibrate(
     model_uri: str, data_path: str, config: Config, repo_root: str | Path = ".", against: str | None = "@champion"
 ) -> Recalibration:
     started = time.perf_counter()
-    soft_gates = [name for name in ("max_soft_nll", "max_soft_ece") if getattr(config.gates, name) is not None]
+    soft_gates = config.gates.soft_gates()
     if config.calibration.targets == "soft":
         raise RecalibrationError(
             "calibration.targets = soft fits against the soft labels of a training run's calibration split; "

@@ -270,10 +270,12 @@ def soft_targets_of_rows(
     data.soft_labels (validated); float64 for the metrics and gates."""
     from calibflow.data import soft_labels
 
-    classes = list(manifest.classes)
-    table = soft_labels.read_soft_labels(Path(data_dir) / data.soft_labels, classes)
-    return soft_labels.soft_targets(
-        table, load_manifest(manifest.path).iloc[rows], classes, data.soft_label_tolerance, dtype
+    return soft_labels.targets_from_file(
+        Path(data_dir) / data.soft_labels,
+        load_manifest(manifest.path).iloc[rows],
+        list(manifest.classes),
+        data.soft_label_tolerance,
+        dtype,
     )
 
 

@@ -175,19 +175,31 @@ def cached(directory: str | Path | None, namespace: str, key: dict[str, Any], co
 def cached_array(path: Path | None, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """An array kept as .npz at `path` (named by its caller from a content digest): read back when
     there and readable, else computed and kept; path None keeps nothing."""
-    if path is not None:
-        try:
-            with np.load(path) as saved:  # allow_pickle stays False: an object array is a miss
-                array, signature = saved["array"], str(saved["signature"])
-            if _verified(_array_payload(path, array), signature):
-                return array
-        except (OSError, ValueError, KeyError):
-            pass
-    array = compute()
+    array = load_array(path)
+    if array is None:
+        array = compute()
+        store_array(path, array)
+    return array
+
+
+def load_array(path: Path | None) -> np.ndarray | None:
+    """The array kept at `path` by store_array, or None (a miss) when there is none, it cannot be
+    read, or its signature does not verify."""
+    if path is None:
+        return None
+    try:
+        with np.load(path) as saved:  # allow_pickle stays False: an object array is a miss
+            array, signature = saved["array"], str(saved["signature"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return array if _verified(_array_payload(path, array), signature) else None
+
+
+def store_array(path: Path | None, array: np.ndarray) -> None:
+    """Keeps `array` at `path`, signed; nothing without a path or a signing key."""
     signature = _signature(_array_payload(path, array)) if path is not None else None
     if signature is not None:
         _write_atomically(path, lambda partial: np.savez(partial, array=array, signature=signature), ".partial.npz")
-    return array
 
 
 def _array_payload(path: Path, array: np.ndarray) -> bytes:

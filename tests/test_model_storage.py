@@ -21,6 +21,7 @@ from calibflow.names import RUN_ARTIFACTS_TAG
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
+from calibflow.training.models import in_memory_format
 from cli.main import main as calibflow
 from calibflow.pipeline.evaluation_steps import load_calibrator
 from tests.conftest import mlflow_serve_predict, untrained_model
@@ -72,6 +73,8 @@ def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batc
 
     served = served_model.CalibratedImageClassifier()
     served.load(files)
+    # Laid out once at load as collect_logits reads them, so no request moves the weights.
+    assert all(in_memory_format(member, torch.channels_last) for member in served.members)
     batch = images.permute(0, 2, 3, 1).numpy()  # served as (N, H, W, C)
     expected = load_calibrator(str(state)).transform(logits).numpy()
     np.testing.assert_allclose(served.predict(None, batch), expected, rtol=0, atol=1e-12)

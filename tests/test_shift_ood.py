@@ -453,3 +453,43 @@ def test_the_benchmarks_jigsaw_outliers_are_permuted_patches_of_the_image():
 
     assert all(patches(a) == patches(b) for a, b in zip(images, shuffled))
     assert torch.equal(jigsaw(images, seed=0), shuffled)
+
+
+def test_the_next_cell_is_corrupted_while_the_network_reads_this_one_and_cached_cells_are_skipped(
+    tmp_path, monkeypatch
+):
+    import threading
+
+    suite = shift.Suite(("gaussian_noise", "contrast"), (1, 5), 100, 0)
+    made: list[str] = []
+    second_started = threading.Event()
+    real_corrupt = shift.corrupt_batch
+
+    def corrupt(images, corruption, severity, seed):
+        made.append(shift.Suite.key(corruption, severity))
+        if len(made) == 2:
+            second_started.set()
+        return real_corrupt(images, corruption, severity, seed)
+
+    read: list[int] = []
+
+    def logits_of(images):
+        if not read:  # the first cell's logits wait until the second cell is being made, on another thread
+            assert second_started.wait(timeout=30), "the second cell was not made while the first was read"
+        assert len(made) <= len(read) + 2  # never more than one cell ahead: at most two copies held
+        read.append(len(images))
+        return images.reshape(len(images), -1)[:, :3].astype(float)
+
+    monkeypatch.setattr(shift, "corrupt_batch", corrupt)
+    first = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    assert made == suite.keys and list(first) == suite.keys and len(read) == 4
+
+    # One cell's cache entry lost: only that cell is made and read again, and the order holds.
+    lost = next((tmp_path / "cell_logits").iterdir())
+    lost.unlink()
+    made.clear()
+    read.clear()
+    second_started.set()
+    again = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    assert len(made) == 1 and len(read) == 1 and list(again) == suite.keys
+    assert all(np.array_equal(first[k], again[k]) for k in suite.keys)

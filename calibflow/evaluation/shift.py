@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -20,7 +21,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from calibflow.evaluation.corruptions import CORRUPTION_VERSION, corrupt_batch
-from calibflow.disk_cache import cached_array
+from calibflow.disk_cache import cached_array, load_array, store_array
 from calibflow.names import CALIBRATED, UNCALIBRATED, shift_metric
 from calibflow.progress import progress_bar
 
@@ -129,29 +130,43 @@ def cell_logits(
     progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The network's logits on each cell's corrupted copy of uint8 images (N, H, W, C), one cell
-    at a time: a cell's images are made, read by the network and let go before the next cell's,
-    so the suite holds one corrupted copy, not one per cell (at 224 px, 75 MB a cell of 500 RGB
-    images rather than 675 MB for nine). The logits are cached by the clean images' bytes, the
-    cell, the seed, CORRUPTION_VERSION and `model_digest`: a rerun on the same images and weights
-    corrupts nothing. The corrupted images themselves are not stored (cheap to make again, and
-    large)."""
+    at a time, in suite order. The logits are cached by the clean images' bytes, the cell, the
+    seed, CORRUPTION_VERSION and `model_digest`: a rerun on the same images and weights corrupts
+    nothing. The corrupted images themselves are not stored (cheap to make again, and large).
+
+    The next cell's images are made on a second thread while the network reads the current
+    cell's: numpy, scipy, Pillow and hashlib release the GIL in their loops, as torch does in its
+    forward pass, so with train.threads 1 a second core corrupts while the first convolves. At
+    most two corrupted copies are held at once (at 224 px, 150 MB for cells of 500 RGB images),
+    not one per cell (675 MB for nine)."""
     images = np.ascontiguousarray(images_nhwc)
     content = _digest(str(images.shape), images.tobytes())
-    out = {}
-    with progress_bar(len(images) * len(suite.cells), progress or "", enabled=progress is not None) as bar:
-        for corruption, severity in suite.cells:
+
+    def cache_path(key: str) -> Path | None:
+        if not cache_dir:
+            return None
+        return (
+            Path(cache_dir)
+            / "cell_logits"
+            / f"{_digest(model_digest, content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
+        )
+
+    out = {key: load_array(cache_path(key)) for key in suite.keys}
+    missing = [(c, s) for c, s in suite.cells if out[suite.key(c, s)] is None]
+    with (
+        progress_bar(len(images) * len(suite.cells), progress or "", enabled=progress is not None) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="corrupt") as corrupting,
+    ):
+        bar.update(len(images) * (len(suite.cells) - len(missing)))
+        upcoming = [corrupting.submit(corrupt_batch, images, c, s, suite.seed) for c, s in missing[:1]]
+        for i, (corruption, severity) in enumerate(missing):
+            corrupted = upcoming.pop().result()
+            if i + 1 < len(missing):
+                upcoming.append(corrupting.submit(corrupt_batch, images, *missing[i + 1], suite.seed))
             key = suite.key(corruption, severity)
-            path = (
-                Path(cache_dir)
-                / "cell_logits"
-                / f"{_digest(model_digest, content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
-                if cache_dir
-                else None
-            )
-            out[key] = cached_array(
-                path,
-                lambda c=corruption, s=severity: np.asarray(logits_of(corrupt_batch(images, c, s, suite.seed))),
-            )
+            out[key] = np.asarray(logits_of(corrupted))
+            del corrupted
+            store_array(cache_path(key), out[key])
             bar.update(len(images))
     return out
 

@@ -21,6 +21,7 @@ from calibflow.names import RUN_ARTIFACTS_TAG
 from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
+from calibflow.training.loop import collect_logits
 from calibflow.training.models import in_memory_format
 from cli.main import main as calibflow
 from calibflow.pipeline.evaluation_steps import load_calibrator
@@ -76,8 +77,12 @@ def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batc
     # Laid out once at load as collect_logits reads them, so no request moves the weights.
     assert all(in_memory_format(member, torch.channels_last) for member in served.members)
     batch = images.permute(0, 2, 3, 1).numpy()  # served as (N, H, W, C)
-    expected = load_calibrator(str(state)).transform(logits).numpy()
+    # The numbers the flow fits and evaluates on (collect_logits) to the last bit, and a plain
+    # forward pass's to rounding.
+    calibrator = load_calibrator(str(state))
+    expected = calibrator.transform(collect_logits(network, images)).numpy()
     np.testing.assert_allclose(served.predict(None, batch), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(expected, calibrator.transform(logits).numpy(), rtol=0, atol=1e-6)
 
     empty = served.predict(None, np.zeros((0, 8, 8, 1), dtype=np.uint8))
     assert empty.shape == (0, 3) and empty.dtype == np.float64

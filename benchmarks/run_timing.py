@@ -226,9 +226,13 @@ def local_server_url() -> str:
 @contextlib.contextmanager
 def temporary_server():
     """Prefect's own temporary server on a free port, on this process's Prefect home (the database
-    the temporary-mode runs write to), stopped at the end."""
+    the temporary-mode runs write to), stopped at the end. Telemetry off as calibflow turns it off:
+    the server's heartbeat otherwise wrote to the database while a run did ('database is locked')."""
     from prefect.server.api.server import SubprocessASGIServer
 
+    from calibflow.environment import apply_quiet_defaults
+
+    apply_quiet_defaults()
     server = SubprocessASGIServer()
     server.start()
     try:

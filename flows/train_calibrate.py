@@ -209,7 +209,7 @@ def train_calibrate_register(
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root, data_dir=data.local_dir)
-        check_run_settings(manifest, split, config)
+        check_run_settings(manifest, split, config, data.local_dir)
         check_decision_settings(manifest, split, config)
         ood_data = check_ood_data(repo_root, manifest, config, run.work_dir, run.run_id)
         outliers = check_outlier_data(repo_root, manifest, ood_data, config, run.work_dir, run.run_id)

@@ -50,9 +50,12 @@ def check_gate_power(
 
 
 @task(name="check-run-settings", cache_policy=NO_CACHE)
-def check_run_settings(manifest: data_steps.ManifestRecord, split: data_steps.SplitRecord, config: Config) -> None:
+def check_run_settings(
+    manifest: data_steps.ManifestRecord, split: data_steps.SplitRecord, config: Config, data_dir: str
+) -> None:
     """Before training: a calibrator, split sizes or gates that cannot work on this data."""
     data_steps.check_run_settings(config, manifest.classes, split.sizes)
+    data_steps.check_soft_gates(config, data_dir, manifest, split.path)
 
 
 @task(name="check-decision-settings", cache_policy=NO_CACHE)

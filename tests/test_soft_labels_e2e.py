@@ -81,6 +81,14 @@ def test_a_run_trains_on_sampled_soft_labels_is_gated_and_reproduced_on_them_and
     check = next(c for c in json.loads(gated.read_text())["checks"] if c["name"] == "max_soft_nll")
     assert not check["passed"] and check["value"] == pytest.approx(logged["soft_nll"], abs=1e-6)
 
+    # a max_soft_nll below the annotators' own entropy: no model can pass, refused before training
+    capsys.readouterr()
+    assert calibflow(["run", "--repo", str(tiny_repo), "--force", *soft, "--set", "gates.max_soft_nll=0.5"]) == 2
+    err = capsys.readouterr().err
+    floor = 0.8 * -math.log(0.8) + 0.2 * -math.log(0.05)
+    assert f"gates.max_soft_nll = 0.5 is at or below {floor:.4f}" in err and "(soft_labels.csv)" in err
+    assert [str(v.version) for v in store.client().search_model_versions(f"name='{MODEL}'")] == ["1"]
+
     write_soft_labels(tiny_repo, broken="3/0013.png")
     assert calibflow(["run", "--repo", str(tiny_repo), *soft]) == 1
     err = capsys.readouterr().err

@@ -207,3 +207,15 @@ def test_soft_calibration_targets_that_cannot_be_fitted_are_refused_by_name():
             load_config(None, soft + extra)
     with pytest.raises(ConfigError, match="needs data.soft_labels"):
         load_config(None, ["calibration.targets=soft"])
+
+
+def test_a_soft_nll_gate_at_or_below_the_test_labels_entropy_is_refused_before_training():
+    from calibflow.pipeline.data_steps import check_soft_gate_floor
+
+    halves = np.full((40, 2), 0.5)  # entropy log 2 = 0.6931 each: no model's soft NLL is lower
+    for impossible in (0.5, math.log(2)):
+        with pytest.raises(ConfigError, match=r"max_soft_nll = .* at or below 0\.6931.*40 images \(labels\.csv\)"):
+            check_soft_gate_floor(impossible, halves, "labels.csv")
+    check_soft_gate_floor(0.7, halves, "labels.csv")  # passable by a model that says 0.5, 0.5
+    check_soft_gate_floor(None, halves, "labels.csv")  # no gate
+    check_soft_gate_floor(0.01, np.eye(3)[[0, 1, 2, 0]], "labels.csv")  # one-hot rows: entropy 0

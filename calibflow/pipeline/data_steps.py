@@ -158,6 +158,36 @@ def check_test_split_classes(manifest_path: str, split_path: str, *, dataset: st
     )
 
 
+def check_soft_gates(config: Config, data_dir: str, manifest: ManifestRecord, split_path: str) -> None:
+    """Before training: a soft-label gate no model can pass on this test split (check_soft_gate_floor)."""
+    if config.gates.max_soft_nll is None or config.data.soft_labels is None:
+        return
+    test_rows = Split.load(split_path).indices["test"]
+    check_soft_gate_floor(
+        config.gates.max_soft_nll,
+        soft_targets_of_rows(data_dir, manifest, test_rows, config.data),
+        config.data.soft_labels,
+    )
+
+
+def check_soft_gate_floor(max_soft_nll: float | None, test_targets: np.ndarray | None, soft_labels_file: str) -> None:
+    """Refuse gates.max_soft_nll at or below the mean entropy of the test split's soft labels
+    (ConfigError, exit 2): a model's soft NLL on a row is its cross-entropy to the row, never below
+    the row's entropy, so no model can pass; found before training rather than after it."""
+    if max_soft_nll is None or test_targets is None or not len(test_targets):
+        return
+    from calibflow.metrics.soft import mean_entropy
+
+    floor = mean_entropy(test_targets)
+    if max_soft_nll <= floor:
+        raise ConfigError(
+            f"gates.max_soft_nll = {max_soft_nll:g} is at or below {floor:.4f}, the mean entropy of the soft labels "
+            f"of the test split's {len(test_targets)} images ({soft_labels_file}): no model's soft NLL is lower, so "
+            f"no model can pass. Raise it above {floor:.4f} (the gate reads an upper confidence bound: leave "
+            f"room), or set it to null"
+        )
+
+
 def validate_data(
     manifest_path: str,
     split_path: str,

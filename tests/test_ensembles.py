@@ -152,3 +152,39 @@ def test_a_model_without_dropout_keeps_its_state_dict_keys():
     spec, (model,) = members(1)
     assert "backbone.19.weight" in model.state_dict()
     assert not any(".19.1." in key for key in model.state_dict())
+
+
+def test_mc_dropout_logits_of_requests_on_two_threads_keep_to_their_own_images():
+    """The served model answers requests on several threads at once: request B, run while request
+    A is inside its forward pass, must not add its rows to A's features (A read 10 rows for 6)."""
+    import threading
+
+    from calibflow.training.ensembles import mc_dropout_logits
+
+    model = build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4, dropout=0.3)).eval()
+    generator = torch.Generator().manual_seed(0)
+    a_images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    b_images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    a_alone, b_alone = mc_dropout_logits(model, a_images, 5, 0), mc_dropout_logits(model, b_images, 5, 0)
+    a_inside, b_done, a_thread, answers = threading.Event(), threading.Event(), [], {}
+
+    def hold_a(module, args):
+        if a_thread and threading.get_ident() == a_thread[0]:
+            a_inside.set()
+            assert b_done.wait(timeout=30)
+
+    def request_a():
+        a_thread.append(threading.get_ident())
+        answers["a"] = mc_dropout_logits(model, a_images, 5, 0)
+
+    hold = model.backbone[0].register_forward_pre_hook(hold_a)
+    try:
+        a = threading.Thread(target=request_a)
+        a.start()
+        assert a_inside.wait(timeout=30)
+        answers["b"] = mc_dropout_logits(model, b_images, 5, 0)
+        b_done.set()
+        a.join(timeout=60)
+    finally:
+        hold.remove()
+    assert torch.equal(answers["a"], a_alone) and torch.equal(answers["b"], b_alone)

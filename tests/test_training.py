@@ -309,3 +309,15 @@ def test_collect_logits_reads_channels_last_and_gives_the_weights_back_as_they_w
     model.to(memory_format=torch.channels_last)
     assert torch.equal(collect_logits(model, x, batch_size=4), logits)
     assert in_memory_format(model, torch.channels_last) and not all(p.is_contiguous() for p in model.parameters())
+
+
+def test_inference_layout_gives_the_weights_back_in_the_format_they_came_in():
+    """A CUDA training leaves its model channels_last; logits read in the default format there
+    must not hand it back contiguous (the device string alone decides the format: nothing moves)."""
+    from calibflow.training.loop import inference_layout
+    from calibflow.training.models import in_memory_format
+
+    model = build_model(ModelSpec("small_cnn", 3, 4, 32, 32, width=4)).to(memory_format=torch.channels_last)
+    with inference_layout(model, "cuda") as memory_format:
+        assert memory_format == torch.contiguous_format and all(p.is_contiguous() for p in model.parameters())
+    assert in_memory_format(model, torch.channels_last) and not all(p.is_contiguous() for p in model.parameters())

@@ -172,12 +172,12 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int =
 
 
 def corrupt_batch(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
-    """uint8 images (N, H, W, C) corrupted one by one (each seeded by its own bytes)."""
+    """uint8 images (N, H, W, C) corrupted one by one (each seeded by its own bytes), written into
+    one array: no list of copies beside it."""
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"expected a batch of images (N, H, W, C), got shape {images.shape}")
-    return (
-        np.stack([corrupt_image(image, corruption, severity, seed) for image in images])
-        if len(images)
-        else images.copy()
-    )
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        out[i] = corrupt_image(image, corruption, severity, seed)
+    return out

@@ -25,7 +25,14 @@ from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
 from calibflow.evaluation.shift import Suite, cell_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
-from calibflow.training.loop import EpochStats, TrainingInputs, intra_op_threads, resolve_runtime, train_classifier
+from calibflow.training.loop import (
+    LOGITS_VERSION,
+    EpochStats,
+    TrainingInputs,
+    intra_op_threads,
+    resolve_runtime,
+    train_classifier,
+)
 from calibflow.data.image_files import ImageLoading, closing
 from calibflow.pipeline.data_steps import (
     ImageFormat,
@@ -289,7 +296,7 @@ def _suite_logits_of_split(
     def logits_of(batch: np.ndarray) -> np.ndarray:
         return predictive_logits(
             loaded.members,
-            torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(batch).permute(0, 3, 1, 2),  # a view: collect_logits lays out each batch
             loaded.mc_samples,
             loaded.mc_seed,
             batch_size,
@@ -301,7 +308,7 @@ def _suite_logits_of_split(
             images.permute(0, 2, 3, 1).contiguous().numpy(),
             suite,
             logits_of,
-            file_sha256(checkpoint),
+            f"{file_sha256(checkpoint)} logits {LOGITS_VERSION}",
             cache_dir,
             progress=f"logits {split_name}, {len(suite.cells)} corrupted copies",
         )

@@ -166,7 +166,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
                 f"'{INPUTS[0]}' for the model to frame them"
             )
         return predictive_logits(
-            self.members, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), self.mc_samples, self.mc_seed
+            self.members, torch.from_numpy(images).permute(0, 3, 1, 2), self.mc_samples, self.mc_seed
         ).numpy()
 
     def probabilities(

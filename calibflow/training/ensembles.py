@@ -19,6 +19,7 @@ so every calibrator applies to them unchanged.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,7 +67,15 @@ def mc_dropout_logits(
     """log of the mean softmax of `samples` passes with dropout on (N, K), float32."""
     head = dropout_head(model)
     features: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0].float().cpu()))
+    # The served model answers requests on several threads at once, each with its own hook on the
+    # one shared head: each keeps the features of its own thread's forward passes only.
+    thread = threading.get_ident()
+
+    def keep(module, args) -> None:
+        if threading.get_ident() == thread:
+            features.append(args[0].float().cpu())
+
+    hook = head.register_forward_pre_hook(keep)
     try:
         # eval mode: one deterministic pass to the head
         collect_logits(model, images, batch_size, device, progress, workers=workers)

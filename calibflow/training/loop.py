@@ -674,6 +674,9 @@ def _bar_postfix(stats: EpochStats) -> dict[str, str]:
 # 224 px, 32 images against 111: small_cnn width 4 1.29x, width 32 1.07x, resnet18 1.06x).
 INFERENCE_VALUES = 1 << 24
 CPU_INFERENCE_VALUES = 1 << 22
+# Part of the key of every cached logit: bump when how collect_logits computes them changes their
+# last bits (memory format, batch cap), so that no cache mixes them.
+LOGITS_VERSION = "2"
 
 
 def inference_batch(batch_size: int, images: ImageSource, device: str | torch.device = "cpu") -> int:
@@ -771,14 +774,16 @@ def collect_logits(
 @contextmanager
 def inference_layout(model: ImageClassifier, device: str | torch.device) -> Iterator[torch.memory_format]:
     """The block runs with `model`'s weights in inference_memory_format and yields that format for
-    its batches; weights moved into it move back afterwards (a checkpoint is saved contiguous), while
-    a model laid out so already (the served model's members) is left as it is."""
+    its batches; weights moved into it move back to the format they came in afterwards (contiguous
+    from a CPU training, channels_last from a CUDA one), while a model laid out so already (the
+    served model's members) is left as it is."""
     memory_format = inference_memory_format(model, device)
     moved = not in_memory_format(model, memory_format)
+    came_in = torch.channels_last if memory_format == torch.contiguous_format else torch.contiguous_format
     if moved:
         model.to(memory_format=memory_format)
     try:
         yield memory_format
     finally:
         if moved:
-            model.to(memory_format=torch.contiguous_format)
+            model.to(memory_format=came_in)

@@ -22,8 +22,13 @@ read back (and checked to agree), and written to
     python benchmarks/default_run.py --smoke --out /tmp/default-run   # a 2-epoch run, files under --out only
 
 Each seed runs in its own fresh copy (so no run is compared against another's champion). The
-default run is deterministic: the same code, data and params give the same numbers to the last
-digit on any machine with the locked versions (CPU, `train.threads: 1`).
+default run is deterministic on one CPU: the same code, data and params give the same numbers to
+the last digit (locked versions, `train.threads: 1`). On another CPU they need not: the kernels a
+CPU training runs (oneDNN's convolutions, MKL's GEMM, ATen's vectorised loops) are picked by the
+CPU's vendor and instruction sets, each rounds its own way, and 30 epochs turn those last bits into
+another model, as another seed would (seed 0 gave T 1.4425 on the CPU of the 2026-12-06 record
+and 1.5027 on an AMD EPYC with AVX-512 BF16, from the same code). So the record names the CPU it
+was made on (`cpu_signature`), and the README test checks the numbers on that CPU.
 """
 
 from __future__ import annotations
@@ -177,6 +182,49 @@ def run_default(repo: Path, seed: int, overrides: tuple[str, ...] = (), env: dic
     }
 
 
+# The instruction sets that pick a CPU training's kernels.
+ISA_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+)
+
+
+def cpu_signature() -> dict[str, str]:
+    """What decides a CPU training's last bits here: the architecture, the vendor and model of the
+    first CPU (/proc/cpuinfo), its instruction sets among ISA_FLAGS, and the kernel level torch
+    dispatches to."""
+    import platform
+
+    import torch
+
+    first: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        first[key.strip()] = value.strip()
+    flags = set(first.get("flags", "").split())
+    return {
+        "machine": platform.machine(),
+        "vendor": first.get("vendor_id", "unknown"),
+        "model": first.get("model name", platform.processor() or "unknown"),
+        "isa": " ".join(flag for flag in ISA_FLAGS if flag in flags),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -245,6 +293,11 @@ def markdown(record: dict) -> str:
         f"Written by `{record['invocation']}` on {record['date']}, git commit `{record['git_commit'][:12]}`"
         + (" (with uncommitted changes)" if record["git_dirty"] else "")
         + (". **Smoke run: the numbers mean nothing.**" if record["smoke"] else "."),
+        "",
+        "CPU: "
+        + ", ".join(f"{key} {value}" for key, value in (record.get("cpu") or {"unknown": ""}).items())
+        + ". The run is deterministic on one CPU; another CPU's kernels round differently and its training "
+        "ends elsewhere, as another seed's would (the module docstring of `benchmarks/default_run.py`).",
         "",
         "Each seed: a fresh copy of the checkout, `dvc repro prepare` (the embedded noisy digits), then "
         f"`{run['command']}` ({run['calibration_method']} calibration; each run about {run['wall_s']:.0f} s "
@@ -362,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "cpu": cpu_signature(),
         "image": image.name,
         "image_link": image_link,
         "headline": runs[0],

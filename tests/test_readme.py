@@ -161,9 +161,11 @@ def test_the_readme_headline_is_the_default_run_record():
 @pytest.mark.e2e
 def test_the_default_run_produces_the_readme_numbers_and_figure(tmp_path, monkeypatch):
     """`make run` on a fresh clone: the default data from `dvc repro prepare`, then `calibflow run`
-    on params.yaml (seed 0). The run is deterministic: every headline number in README.md and in
-    docs/results/default_run.json is what it produced, to the digits shown, and the README's
-    figure is its reliability diagram."""
+    on params.yaml (seed 0). The run is deterministic on one CPU: on the CPU the record was made
+    on, every headline number in README.md and in docs/results/default_run.json is what it
+    produced, to the digits shown, and the README's figure is its reliability diagram. On another
+    CPU the kernels round differently and the training ends elsewhere, as another seed would
+    (benchmarks/default_run.py), so there the numbers are not compared and the test says so."""
     from PIL import Image, ImageChops
 
     bench = _bench()
@@ -185,6 +187,13 @@ def test_the_default_run_produces_the_readme_numbers_and_figure(tmp_path, monkey
     as_recorded = {**produced, "gates": checks}  # the shape HEADLINE reads (a run record of the benchmark)
 
     record = json.loads((REPO / "docs" / "results" / "default_run.json").read_text())
+    here = bench.cpu_signature()
+    if record.get("cpu") != here:
+        pytest.skip(
+            f"docs/results/default_run.json was recorded on the CPU {record.get('cpu')} and this one is {here}: "
+            f"a CPU training's last bits depend on the kernels its instruction sets select, so the numbers "
+            f"reproduce on the recording CPU only (record here: python benchmarks/default_run.py --seeds 0-4)"
+        )
     headline = record["headline"]
     assert headline["seed"] == 0 and not headline["overrides"], "the README shows the default run"
     assert headline["test_images"] == produced["gates"]["n_samples"]

@@ -325,7 +325,11 @@ def test_first_registrations_racing_in_two_processes_give_one_champion_and_each_
     finally:
         for p in processes:
             p.kill()
-    assert all(p.returncode == 0 for p in processes), outputs
+    # Each failed racer's whole stderr: pytest cuts a long repr in the middle, where the traceback is.
+    failed = [
+        f"racer {me} exited {p.returncode}:\n{err}" for me, p, (_, err) in zip("ab", processes, outputs) if p.returncode
+    ]
+    assert not failed, "\n\n".join(failed)
     reported = [row for out, _ in outputs for row in json.loads(out)]
     client = mlflow_client(tiny_repo)
     for trial in range(trials):

@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or [_params_seed(REPO)]
     overrides = SMOKE_OVERRIDES if args.smoke else ()
     env = environment()
+    # The code that runs, read before this script writes the diagram (a tracked file) into docs/images.
+    commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
 
     scratch = Path(tempfile.mkdtemp(prefix="calibflow-default-run-"))
     runs = []
@@ -413,8 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
         "invocation": invocation,
         "smoke": args.smoke,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "cpu": cpu_signature(),
         "image": image.name,
         "image_link": image_link,

@@ -52,7 +52,7 @@ from calibflow.training.loop import (  # noqa: E402
     seed_everything,
     train_classifier,
 )
-from calibflow.training.models import ModelSpec, build_model  # noqa: E402
+from calibflow.training.models import ModelSpec, build_model, training_memory_format  # noqa: E402
 
 THRESHOLD = 0.97
 # One thread of dense float math, forever: the "another job on the machine" of CI runners and
@@ -97,11 +97,13 @@ def load_data(config: Config) -> Data:
 def bare_loop(
     spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, seed: int
 ) -> torch.nn.Module:
-    """What training needs and nothing more, on the CPU: the same seeds, model, SGD, one-cycle
-    schedule and random shifts as train_classifier, in the same order."""
+    """What training needs and nothing more, on the CPU: the same seeds, model, memory format, SGD,
+    one-cycle schedule and random shifts as train_classifier, in the same order."""
     seed_everything(seed)
     mean, std = channel_stats(images)
     model = build_model(spec, mean, std)
+    memory_format = training_memory_format(model, "cpu")
+    model.to(memory_format=memory_format)
     labels = labels.long()
     n, size = len(images), config.batch_size
     steps = n // size + (1 if n % size > 1 else 0)  # a last batch of one is skipped (BatchNorm)
@@ -126,6 +128,7 @@ def bare_loop(
             batch = images[index]
             if config.augment:
                 batch = random_translate(batch, max_shift, config.hflip, generator)
+            batch = batch.contiguous(memory_format=memory_format)
             loss = F.cross_entropy(model(batch), labels[index], label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -5,6 +5,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -42,21 +43,26 @@ def test_noise_changes_the_pixels_and_zero_noise_writes_the_scanned_digits(tmp_p
     assert 0.4 * NOISE_SD < np.std(noisy - clean) <= NOISE_SD
 
 
-def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling_corrects(tmp_path):
-    """The default data, params.yaml's split, recipe and seed, through the flow's library steps:
-    the softmax is over-confident (T well above 1, test ECE high) and scaling lowers the ECE."""
-    from calibflow.pipeline import data_steps
-    from calibflow.pipeline import evaluation_steps
-    from calibflow.pipeline import model_steps
-    from calibflow.config import load_config
+def default_recipe(work: Path, seed: int) -> dict:
+    """The default data, params.yaml's split and recipe at `seed`, through the flow's library steps:
+    the fitted temperature, the test split's metrics before and after, and the default gates'
+    verdicts on the plain softmax and on the calibrated model."""
+    import dataclasses
 
-    config = load_config(REPO / "params.yaml")
-    data = tmp_path / "digits"
-    write_digits(data, noise_sd=NOISE_SD)
-    manifest = data_steps.write_manifest(str(data), str(tmp_path / "manifest.csv"))
-    split = data_steps.write_split(manifest.path, config.split, config.seed, str(tmp_path / "splits.json"))
+    from calibflow.config import load_config
+    from calibflow.gates.checks import Predictions, evaluate_gates
+    from calibflow.pipeline import data_steps, evaluation_steps, model_steps
+
+    config = dataclasses.replace(load_config(REPO / "params.yaml"), seed=seed)
+    data = work / "digits"
+    if not data.is_dir():
+        write_digits(data, noise_sd=NOISE_SD)
+    run = work / f"seed-{seed}"
+    run.mkdir()
+    manifest = data_steps.write_manifest(str(data), str(run / "manifest.csv"))
+    split = data_steps.write_split(manifest.path, config.split, config.seed, str(run / "splits.json"))
     assert split.sizes["test"] >= 700 and split.sizes["calibration"] >= 400
-    trained = model_steps.train_model(str(data), manifest, split.path, config, str(tmp_path))
+    trained = model_steps.train_model(str(data), manifest, split.path, config, str(run))
     logits = {
         name: model_steps.write_split_logits(
             trained.checkpoint,
@@ -64,20 +70,14 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
             manifest.path,
             split.path,
             name,
-            str(tmp_path / f"{name}.npz"),
+            str(run / f"{name}.npz"),
             device="cpu",
             threads=1,
         )
         for name in ("calibration", "test")
     }
-    fit = evaluation_steps.fit_calibration(logits["calibration"], config.calibration, str(tmp_path / "calibrator.json"))
-    evaluation = evaluation_steps.evaluate_calibration(logits["test"], fit, config.evaluation.n_bins, str(tmp_path))
-    assert fit.temperature > 1.25
-    assert evaluation.before["ece"] >= 0.05
-    assert evaluation.after["ece"] <= 0.6 * evaluation.before["ece"]
-    # The default gates tell the two apart: the softmax fails max_ece, the calibrated model passes.
-    from calibflow.gates.checks import Predictions, evaluate_gates
-
+    fit = evaluation_steps.fit_calibration(logits["calibration"], config.calibration, str(run / "calibrator.json"))
+    evaluation = evaluation_steps.evaluate_calibration(logits["test"], fit, config.evaluation.n_bins, str(run))
     test_logits, labels = model_steps.load_logits(logits["test"])
     softmax = torch.softmax(torch.as_tensor(test_logits, dtype=torch.float64), dim=1).numpy()
     calibrated = np.asarray(evaluation_steps.load_calibrator(fit.state_path).transform(test_logits))
@@ -85,10 +85,30 @@ def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling
         name: evaluate_gates(Predictions(probabilities=p, labels=labels), config.gates, report_estimates=False)
         for name, p in (("softmax", softmax), ("calibrated", calibrated))
     }
-    assert not verdicts["softmax"].passed and [c.name for c in verdicts["softmax"].checks if not c.passed] == [
-        "max_ece"
-    ]
-    assert verdicts["calibrated"].passed
+    return {"temperature": fit.temperature, "before": evaluation.before, "after": evaluation.after, "gates": verdicts}
+
+
+def test_the_default_run_trains_an_over_confident_model_that_temperature_scaling_corrects(tmp_path):
+    """params.yaml's seed: the softmax is over-confident (T well above 1, test ECE high), scaling
+    lowers the ECE, and the calibrated model passes the default gates."""
+    run = default_recipe(tmp_path, seed=0)
+    assert run["temperature"] > 1.25
+    assert run["before"]["ece"] >= 0.05
+    assert run["after"]["ece"] <= 0.6 * run["before"]["ece"]
+    assert run["gates"]["calibrated"].passed
+
+
+@pytest.mark.slow
+def test_the_default_gates_refuse_the_plain_softmax_of_most_seeds_and_pass_every_calibrated_one(tmp_path):
+    """The default max_ece sits between the recipe's plain softmax and its calibrated model: over
+    seeds 0-4 (each seeds the split, the weights and the data order) every calibrated model passes,
+    and the plain softmax fails max_ece, and only it, on most seeds (not every one: the least
+    over-confident of them, 15-bin ECE near 0.05, can pass; docs/results/default_run.md)."""
+    runs = [default_recipe(tmp_path, seed) for seed in range(5)]
+    assert all(run["gates"]["calibrated"].passed for run in runs)
+    failed = [[c.name for c in run["gates"]["softmax"].checks if not c.passed] for run in runs]
+    assert all(names in ([], ["max_ece"]) for names in failed), failed
+    assert sum(names == ["max_ece"] for names in failed) >= 3, failed
 
 
 def test_dvc_lock_records_the_prepare_stage_as_dvc_yaml_writes_it():

@@ -311,6 +311,44 @@ def test_collect_logits_reads_channels_last_and_gives_the_weights_back_as_they_w
     assert in_memory_format(model, torch.channels_last) and not all(p.is_contiguous() for p in model.parameters())
 
 
+def test_a_cpu_training_keeps_a_convolutional_network_channels_last_and_others_in_the_default_format():
+    from torch import nn
+
+    from calibflow.training.models import in_memory_format, training_memory_format
+
+    x, y = blobs()
+    photos = torch.cat([x] * 3, dim=1)  # three channels: a 1-channel weight is both formats at once
+    spec = dataclasses.replace(SPEC, in_channels=3)
+    model, _ = train_classifier(TrainingInputs(spec, photos, y, photos, y, FAST, seed=0), progress=False)
+    assert in_memory_format(model, torch.channels_last) and not all(p.is_contiguous() for p in model.parameters())
+    patches_then_mlp = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(), nn.Linear(8 * 16 * 16, 512))
+    assert training_memory_format(patches_then_mlp, "cpu") == torch.contiguous_format
+    # On a GPU every network trains channels_last (tensor cores read NHWC).
+    assert training_memory_format(patches_then_mlp, "cuda") == training_memory_format(model, "cuda")
+    assert training_memory_format(model, "cuda") == torch.channels_last
+
+
+def test_validation_reads_the_same_logits_from_a_model_loaded_from_a_file():
+    """A model loaded from a checkpoint comes back contiguous, and validation must still read it as
+    the training did (channels_last), to the last bit, and hand it back as it came. One input
+    channel is where the layouts part: its images are both formats at once, so the weights' layout
+    picks oneDNN's convolution."""
+    from calibflow.training.loop import validation_logits
+
+    x, y = blobs()
+    trained, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), progress=False)
+    loaded = build_model(SPEC)
+    loaded.load_state_dict(trained.state_dict())
+    assert all(p.is_contiguous() for p in loaded.parameters())
+    runtime = resolve_runtime("cpu", "fp32")
+    assert torch.equal(validation_logits(loaded, x, runtime), validation_logits(trained, x, runtime))
+    assert all(p.is_contiguous() for p in loaded.parameters())
+    with torch.no_grad():  # read in the default layout, the numbers differ in their last bits
+        contiguous = loaded.eval()(x.contiguous(memory_format=torch.channels_last))
+    assert not torch.equal(contiguous, validation_logits(trained, x, runtime))
+    assert torch.allclose(contiguous, validation_logits(trained, x, runtime), atol=1e-5)
+
+
 def test_inference_layout_gives_the_weights_back_in_the_format_they_came_in():
     """A CUDA training leaves its model channels_last; logits read in the default format there
     must not hand it back contiguous (the device string alone decides the format: nothing moves)."""

@@ -36,6 +36,7 @@ from calibflow.training.models import (
     head_parameter_names,
     in_memory_format,
     inference_memory_format,
+    training_memory_format,
     load_pretrained_weights,
 )
 from calibflow.training.resume import EpochCheckpoints, random_states, restore_random_states
@@ -51,6 +52,8 @@ class Runtime:
 
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: plain fp32
+    # the batches' layout: resolve_runtime sets it on a GPU, set_up_training for the network it
+    # trains (models.training_memory_format)
     channels_last: bool
 
     @property
@@ -339,6 +342,10 @@ def set_up_training(inputs: TrainingInputs, runtime: Runtime) -> Training:
     config, seed, group = inputs.config, inputs.seed, ProcessGroup.current()
     seed_everything(seed)
     model, forward = build_network(inputs, runtime, group)
+    # the batches follow the weights' layout (channels_last for a convolutional network)
+    runtime = dataclasses.replace(
+        runtime, channels_last=training_memory_format(model, runtime.device) == torch.channels_last
+    )
     data = move_to_device(inputs, runtime, group)
     # An epoch's global batches, less any with fewer images than every process needs (see
     # Training.smallest_batch): in practice a short last batch.
@@ -413,8 +420,7 @@ def build_network(
     if inputs.weights_path:
         load_pretrained_weights(model, inputs.weights_path)
     model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=training_memory_format(model, runtime.device))
     if group.world_size == 1:
         return model, model
     # Under DistributedDataParallel every process built the same initial weights from the seed (DDP
@@ -702,12 +708,13 @@ def validation_logits(
     model.eval()
     logits = []
     batch_size = inference_batch(batch_size, images, runtime.device)
-    for batch in read_batches(images, in_order(len(images), batch_size), workers=workers, pin_memory=runtime.on_cuda):
-        batch = batch.to(runtime.device, non_blocking=True)
-        if runtime.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            logits.append(model(batch).float())
+    batches = read_batches(images, in_order(len(images), batch_size), workers=workers, pin_memory=runtime.on_cuda)
+    # in the layout the training gives the weights, whichever model the caller passes
+    with weights_in_layout(model, training_memory_format(model, runtime.device)) as memory_format:
+        for batch in batches:
+            batch = batch.to(runtime.device, non_blocking=True).contiguous(memory_format=memory_format)
+            with runtime.autocast():
+                logits.append(model(batch).float())
     model.train(was_training)
     return torch.cat(logits).cpu() if logits else torch.empty(0, 0)
 
@@ -774,10 +781,18 @@ def collect_logits(
 @contextmanager
 def inference_layout(model: ImageClassifier, device: str | torch.device) -> Iterator[torch.memory_format]:
     """The block runs with `model`'s weights in inference_memory_format and yields that format for
-    its batches; weights moved into it move back to the format they came in afterwards (contiguous
-    from a CPU training, channels_last from a CUDA one), while a model laid out so already (the
-    served model's members) is left as it is."""
-    memory_format = inference_memory_format(model, device)
+    its batches (weights_in_layout)."""
+    with weights_in_layout(model, inference_memory_format(model, device)) as memory_format:
+        yield memory_format
+
+
+@contextmanager
+def weights_in_layout(model: ImageClassifier, memory_format: torch.memory_format) -> Iterator[torch.memory_format]:
+    """The block runs with `model`'s weights in `memory_format` and yields it for its batches:
+    oneDNN picks its convolution by the weights' layout, so the same weights give the same logits
+    only in the same layout. Weights moved into it move back to the format they came in afterwards
+    (a model loaded from a file is contiguous; a CUDA training leaves it channels_last), while a
+    model laid out so already (a CPU training's, the served model's members) is left as it is."""
     moved = not in_memory_format(model, memory_format)
     came_in = torch.channels_last if memory_format == torch.contiguous_format else torch.contiguous_format
     if moved:

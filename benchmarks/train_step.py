@@ -12,8 +12,13 @@ Threads (--threads-table): the project's training and logit collection at each t
 alone and beside --busy CPU-burning processes (one-thread matmul loops started for the duration),
 interleaved the same way.
 
-    python benchmarks/train_step.py [--repeats 5] [--check] [--busy N] [--threads-table] [--set KEY=VALUE ...]
-    python benchmarks/train_step.py --smoke   # 90 digits, 1 epoch, 1 repeat, the thread table: seconds
+    python benchmarks/train_step.py [--repeats 5] [--check] [--busy N] [--threads-table] [--layout-table] [--set KEY=VALUE ...]
+Layouts (--layout-table): train_classifier with its weights and batches in torch's default format
+against the layout models.training_memory_format picks (channels_last for a convolutional network),
+interleaved, on the configured model and data and on photo-sized images (small_cnn at 224 px,
+resnet18 at 128 px; random pixels).
+
+    python benchmarks/train_step.py --smoke   # 90 digits, 1 epoch, 1 repeat, the thread and layout tables: seconds
 
 Writes its tables to docs/results/train_step.md (benchmarks/_common.py). Runs on the CPU (train.device=cpu): the bare loop has no CUDA path. --check exits 1 when the
 median ratio is below 0.97 (issue 16's bar).
@@ -309,6 +314,86 @@ def measure_threads(data: Data, config: Config, thread_counts: list[int], busy: 
     ]
 
 
+def default_layout(model: torch.nn.Module, device) -> torch.memory_format:
+    """The layout arm without channels_last: every weight and batch in torch's default format."""
+    return torch.contiguous_format
+
+
+def layout_cases(data: Data, config: Config, smoke: bool) -> list[tuple[str, ModelSpec, torch.Tensor, torch.Tensor]]:
+    """What the layout table trains: the configured model on the configured data, then photo-sized
+    images (random pixels: a convolution's speed does not depend on what they show)."""
+    generator = torch.Generator().manual_seed(0)
+    cases = [
+        (f"{config.model.arch} width {config.model.width}, the configured data", data.spec, data.train_x, data.train_y)
+    ]
+    photos = [("small_cnn", 4, 32, 8)] if smoke else [("small_cnn", 4, 224, 64), ("small_cnn", 16, 224, 32)]
+    photos += [] if smoke else [("resnet18", 32, 128, 32)]
+    for arch, width, size, count in photos:
+        spec = ModelSpec(arch, 3, 10, size, size, width=width)
+        images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+        labels = torch.arange(count) % 10
+        name = f"{arch}" + (f" width {width}" if arch == "small_cnn" else "") + f", {count} images of {size} px"
+        cases.append((name, spec, images, labels))
+    return cases
+
+
+def measure_layouts(data: Data, config: Config, repeats: int, smoke: bool) -> list[dict]:
+    """train_classifier's images/s with its weights and batches in the default format and in the
+    layout models.training_memory_format picks (channels_last for these networks on the CPU),
+    interleaved: each repeat runs both arms, the order alternating; a ratio within one repeat."""
+    from unittest import mock
+
+    import calibflow.training.loop as loop
+
+    rows = []
+    for name, spec, images, labels in layout_cases(data, config, smoke):
+        train = (
+            config.train
+            if name.endswith("configured data")
+            else dataclasses.replace(config.train, epochs=1, batch_size=16)
+        )
+        inputs = TrainingInputs(spec, images, labels, images[:16], labels[:16], train, seed=config.seed)
+        seen = train.epochs * images_per_epoch(len(images), train.batch_size)
+        speed = {"default": [], "chosen": []}
+        for repeat in range(repeats):
+            for arm in ("default", "chosen") if repeat % 2 == 0 else ("chosen", "default"):
+                layout = default_layout if arm == "default" else loop.training_memory_format
+                with mock.patch.object(loop, "training_memory_format", layout), intra_op_threads(train.threads):
+                    started = time.perf_counter()
+                    model, _ = train_classifier(inputs, progress=False)
+                    speed[arm].append(seen / (time.perf_counter() - started))
+        rows.append(
+            {
+                "case": name,
+                "epochs": train.epochs,
+                "batch_size": train.batch_size,
+                "layout": "channels_last"
+                if loop.training_memory_format(model, "cpu") == torch.channels_last
+                else "default",
+                "default_images_per_second": summary(speed["default"]),
+                "chosen_images_per_second": summary(speed["chosen"]),
+                "ratio": summary([c / d for c, d in zip(speed["chosen"], speed["default"])]),
+            }
+        )
+    return rows
+
+
+def layouts_markdown(rows: list[dict], threads: int) -> str:
+    lines = [
+        f"train_classifier with its weights and batches in the layout it picks against the default format ({threads} thread(s)):",
+        "",
+        "| network and data | epochs, batch | layout picked | default format img/s | picked img/s | ratio (median, range) |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        d, c, r = row["default_images_per_second"], row["chosen_images_per_second"], row["ratio"]
+        lines.append(
+            f"| {row['case']} | {row['epochs']}, {row['batch_size']} | {row['layout']} | {d['median']:,.1f} "
+            f"| {c['median']:,.1f} | {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
 def ratio_markdown(result: dict, config: Config, repeats: int) -> str:
     b = result["bare_images_per_second"]
     lines = [
@@ -368,6 +453,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="CPU-burning processes beside the ratio (and the thread table's busy rows: 1 when not given)",
     )
     parser.add_argument("--threads-table", action="store_true", help="also measure thread counts idle and busy")
+    parser.add_argument(
+        "--layout-table", action="store_true", help="also time training in the default format against channels_last"
+    )
     parser.add_argument("--table-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--table-epochs", type=int, default=10, help="epochs per training in the thread table")
     parser.add_argument(
@@ -390,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.overrides = [*smoke, *args.overrides]
         args.repeats = args.repeats or 1
         args.val_every = args.val_every or [1]
-        args.threads_table, args.table_epochs = True, 1
+        args.threads_table, args.table_epochs, args.layout_table = True, 1, True
     args.repeats = args.repeats or 5
 
     config = load_config(REPO / "params.yaml", [*args.overrides, "train.device=cpu"])
@@ -427,6 +515,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["threads"] = measure_threads(data, table_config, args.table_threads, max(1, args.busy), args.repeats)
         sections.append(f"threads ({args.table_epochs} epochs per training, {args.repeats} rounds):")
         sections.append(threads_markdown(results["threads"]))
+    if args.layout_table:
+        results["layouts"] = measure_layouts(data, config, args.repeats, args.smoke)
+        sections.append(layouts_markdown(results["layouts"], config.train.threads))
     results["load_average_after"] = os.getloadavg()[0]
     sections.append(f"load average after: {results['load_average_after']:.2f}")
     text = "\n\n".join(sections)

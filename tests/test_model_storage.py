@@ -22,7 +22,7 @@ from calibflow.tracking import registration
 from calibflow.tracking import served_model
 from calibflow.tracking import store
 from calibflow.training.loop import collect_logits
-from calibflow.training.models import in_memory_format
+from calibflow.training.models import in_memory_format, load_checkpoint
 from cli.main import main as calibflow
 from calibflow.pipeline.evaluation_steps import load_calibrator
 from tests.conftest import mlflow_serve_predict, untrained_model
@@ -74,13 +74,16 @@ def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batc
 
     served = served_model.CalibratedImageClassifier()
     served.load(files)
-    # Laid out once at load as collect_logits reads them, so no request moves the weights.
+    # Prepared once at load as the flow's are (BatchNorm folded, laid out as collect_logits reads
+    # them), so no request moves the weights.
     assert all(in_memory_format(member, torch.channels_last) for member in served.members)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for member in served.members for m in member.modules())
     batch = images.permute(0, 2, 3, 1).numpy()  # served as (N, H, W, C)
-    # The numbers the flow fits and evaluates on (collect_logits) to the last bit, and a plain
-    # forward pass's to rounding.
+    # The numbers the flow fits and evaluates on (collect_logits of the checkpoint loaded for
+    # inference) to the last bit, and a plain forward pass's to rounding.
     calibrator = load_calibrator(str(state))
-    expected = calibrator.transform(collect_logits(network, images)).numpy()
+    flow_network = load_checkpoint(checkpoint, for_inference=True).model
+    expected = calibrator.transform(collect_logits(flow_network, images)).numpy()
     np.testing.assert_allclose(served.predict(None, batch), expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(expected, calibrator.transform(logits).numpy(), rtol=0, atol=1e-6)
 

@@ -176,7 +176,8 @@ def test_served_model_loads_the_temperature_only_calibration_state_of_older_vers
     artifacts = write_model_files(checkpoint, legacy, tmp_path / "model")  # what registration stores
     served.load_context(type("Context", (), {"artifacts": artifacts})())
     images = x[:5].permute(0, 2, 3, 1).numpy()
-    expected = calibrated_probabilities(collect_logits(model, x[:5]), 1.7).numpy()
+    flow_network = load_checkpoint(checkpoint, for_inference=True).model  # as the flow reads logits
+    expected = calibrated_probabilities(collect_logits(flow_network, x[:5]), 1.7).numpy()
     np.testing.assert_allclose(served.predict(None, images), expected, rtol=1e-12)
 
 
@@ -347,6 +348,93 @@ def test_validation_reads_the_same_logits_from_a_model_loaded_from_a_file():
         contiguous = loaded.eval()(x.contiguous(memory_format=torch.channels_last))
     assert not torch.equal(contiguous, validation_logits(trained, x, runtime))
     assert torch.allclose(contiguous, validation_logits(trained, x, runtime), atol=1e-5)
+
+
+def _with_running_statistics(model, seed=0):
+    """BatchNorm statistics of a trained network's scale (an untrained one's are 0 and 1, which
+    folding leaves nearly as they were)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "mobilenet_v3_small"])
+def test_a_network_prepared_for_inference_folds_every_batch_norm_into_its_convolution(arch):
+    import copy
+
+    from calibflow.training.models import in_memory_format, prepare_for_inference
+
+    spec = ModelSpec(arch, 3, 5, 64, 64, width=4)
+    model = _with_running_statistics(build_model(spec, torch.full((3,), 100.0), torch.full((3,), 50.0)))
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 3, 64, 64), dtype=np.uint8))
+    with torch.no_grad():
+        plain = model(x)
+    prepared = prepare_for_inference(copy.deepcopy(model), "cpu")
+    assert norms > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    assert sum(isinstance(m, torch.nn.Identity) for m in prepared.modules()) >= norms
+    assert in_memory_format(prepared, torch.channels_last) and not prepared.training
+    folded = collect_logits(prepared, x)
+    assert not torch.equal(folded, plain)  # the last bits move
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_folding_leaves_a_batch_norm_whose_convolution_feeds_another_layer_too_and_an_untraceable_network():
+    from torch import nn
+
+    from calibflow.training.models import ImageClassifier, prepare_for_inference
+
+    class SkipAroundNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.conv2, self.norm2 = (
+                nn.Conv2d(3, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.Conv2d(4, 4, 1),
+                nn.BatchNorm2d(4),
+            )
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = self.norm(y) + y  # the conv's output is read twice: folding would change the sum
+            return self.head(self.norm2(self.conv2(z)))
+
+    class Untraceable(SkipAroundNorm):
+        def forward(self, x):
+            if x.sum() > 0:  # a branch on the input's values: fx cannot trace it
+                x = x * 1.0
+            return self.head(self.norm2(self.conv2(self.norm(self.conv(x)))))
+
+    x = torch.rand(3, 3, 12, 12)
+    for backbone, kept in ((SkipAroundNorm(), {"norm"}), (Untraceable(), {"norm", "norm2"})):
+        model = _with_running_statistics(ImageClassifier(backbone, torch.zeros(3), torch.ones(3)))
+        with torch.no_grad():
+            plain = model(x)
+            prepared = prepare_for_inference(model, "cpu")
+            torch.testing.assert_close(prepared(x), plain, rtol=1e-4, atol=1e-5)
+        left = {name.removeprefix("backbone.") for name, m in prepared.named_modules() if isinstance(m, nn.BatchNorm2d)}
+        assert left == kept
+
+
+def test_mc_dropout_reads_a_network_prepared_for_inference_through_its_head():
+    import copy
+
+    from calibflow.training.ensembles import mc_dropout_logits
+    from calibflow.training.models import prepare_for_inference
+
+    spec = ModelSpec("small_cnn", 3, 4, 16, 16, width=4, dropout=0.3)
+    model = _with_running_statistics(build_model(spec, torch.full((3,), 100.0), torch.full((3,), 50.0)))
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (20, 3, 16, 16), dtype=np.uint8))
+    plain = mc_dropout_logits(model, x, samples=8, seed=3)
+    folded = mc_dropout_logits(prepare_for_inference(copy.deepcopy(model), "cpu"), x, samples=8, seed=3)
+    assert folded.shape == plain.shape == (20, 4)
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_inference_layout_gives_the_weights_back_in_the_format_they_came_in():

@@ -164,7 +164,7 @@ def evaluate_ood(
     from calibflow.evaluation.plots import ood_score_histograms
 
     ood = json.loads(Path(ood_data_path).read_text())
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, for_inference=True)
     images = load_images(ood["local_dir"], ood["files"], loaded.image_mode, ImageFormat.of_checkpoint(loaded).framing)
     calibrator = load_calibrator(calibration.state_path)
     with intra_op_threads(threads):

@@ -251,7 +251,7 @@ def write_split_logits(
     indices, with `threads` intra-op threads (train.threads: the same machine-sharing reasoning as
     training's; a forward pass gives the same logits on any count, so this changes speed only).
     `loading` (data.in_memory_max_mb, data.workers): a large split is read from its files."""
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, for_inference=True)
     fmt = ImageFormat.of_checkpoint(loaded)
     loading = loading or image_loading(DataConfig())
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, loading=loading)
@@ -288,7 +288,7 @@ def _suite_logits_of_split(
     """The network's logits on every cell of `suite` applied to a split's images (the first
     `limit`), with the images' labels and manifest rows, a cell at a time (shift.cell_logits); the logits cached by
     content in `cache_dir`, the network run on `threads` as write_split_logits does."""
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, for_inference=True)
     fmt = ImageFormat.of_checkpoint(loaded)
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
     run_on = resolve_runtime(device).device

@@ -79,7 +79,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         from calibflow.data.images import Framing
         from calibflow.gates.decisions import DecisionPolicy
         from calibflow.training.ensembles import model_calibrator_from_state
-        from calibflow.training.models import ModelSpec, build_model, inference_memory_format
+        from calibflow.training.models import ModelSpec, build_model, prepare_for_inference
 
         network = json.loads(Path(artifacts["network"]).read_text())
         spec = ModelSpec.from_record(network["spec"])
@@ -94,9 +94,9 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         for state in weights["members"] if "members" in weights else [weights]:
             member = build_model(spec)
             member.load_state_dict(state)
-            # Laid out once as collect_logits reads it, so that concurrent requests never move weights.
-            member.to(memory_format=inference_memory_format(member, "cpu"))
-            self.members.append(member.eval())
+            # Prepared once as the flow read its logits (folded, laid out): concurrent requests
+            # never move weights, and T reads the numbers it was fitted on.
+            self.members.append(prepare_for_inference(member, "cpu"))
         self.model = self.members[0]
         self.mc_samples, self.mc_seed = int(network.get("mc_samples", 1)), int(network.get("mc_seed", 0))
         self.image_mode = network["image_mode"]

@@ -360,6 +360,21 @@ def check_train_step(data: dict, markdown: str) -> None:
     assert {(row["busy_processes"], row["threads"]) for row in data["threads"]} == {(0, 1), (0, 2), (1, 1), (1, 2)}
     assert all(row["logits_images_per_second"]["median"] > 0 for row in data["threads"])
     assert "| bare loop |" in markdown and "| train_classifier, val_every 5 |" in markdown
+    # the configured small_cnn and a photo-sized one, both convolutional: channels_last picked
+    assert len(data["layouts"]) == 2 and all(row["layout"] == "channels_last" for row in data["layouts"])
+    assert all(row["ratio"]["median"] > 0 for row in data["layouts"])
+
+
+def check_inference_speed(data: dict, markdown: str) -> None:
+    rows = {row["arch"]: row for row in data["rows"]}
+    assert set(rows) == {"small_cnn", "resnet18"}
+    for row in rows.values():
+        # every BatchNorm of these networks follows a convolution: all folded, the logits kept to rounding
+        assert row["batch_norms"] > 0 and row["folded"] == row["batch_norms"]
+        assert row["layout"] == "channels_last"
+        assert 0 < row["max_logit_difference"] <= 1e-5 * max(1.0, row["logit_scale"])
+        assert all(row["ratio"][arm]["median"] > 0 for arm in ("channels_last", "prepared"))
+    assert "| small_cnn width 4 | 32 |" in markdown
 
 
 def check_train_time_calibration(data: list[dict], markdown: str) -> None:
@@ -402,6 +417,7 @@ CHECKS: dict[str, Callable] = {
     "data_scale": check_data_scale,
     "default_run": check_default_run,
     "finetune_own_weights": check_finetune_own_weights,
+    "inference_speed": check_inference_speed,
     "gate_plan_power": lambda data, markdown: importlib.import_module("gate_plan_power").check_smoke(data, markdown),
     "gate_soundness": check_gate_soundness,
     "gate_soundness_baseline": check_gate_soundness_baseline,

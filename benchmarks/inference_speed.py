@@ -5,10 +5,11 @@ through) on the same random uint8 images at photo size, one thread, interleaved 
 every arm, the order rotated), images/s over the whole call:
 
 - default: the network as it trained, weights and batches in torch's default (contiguous) format;
-- channels_last: laid out as `models.inference_memory_format` picks (channels_last for a
-  convolutional network on the CPU, the default format for one of mostly Linear weights);
+- channels_last: weights and batches in channels_last, whatever the network (the table's
+  "layout" column says which of the two `models.inference_memory_format` picks for it: channels_last
+  for a convolutional network, the default format for one of mostly Linear weights);
 - prepared: `models.prepare_for_inference`, what the flow and the served model read with: each
-  BatchNorm folded into its convolution, then laid out as above.
+  BatchNorm folded into its convolution, then laid out as inference_memory_format picks.
 
 Ratios are taken within one repeat against the default arm; the largest difference between the
 prepared arm's logits and the default arm's is reported beside them, against the logits' scale
@@ -59,6 +60,10 @@ def default_format(model: torch.nn.Module, device) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def channels_last(model: torch.nn.Module, device) -> torch.memory_format:
+    return torch.channels_last
+
+
 def trained_scale(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """BatchNorm statistics and affine weights of a trained network's scale, seeded."""
     generator = torch.Generator().manual_seed(seed)
@@ -84,7 +89,7 @@ def measure(arch: str, size: int, width: int, count: int, repeats: int) -> dict:
 
     def read(arm: str) -> tuple[float, torch.Tensor]:
         model = prepared if arm == "prepared" else network
-        layout = default_format if arm == "default" else inference_memory_format
+        layout = {"default": default_format, "channels_last": channels_last, "prepared": inference_memory_format}[arm]
         with mock.patch.object(loop, "inference_memory_format", layout):
             started = time.perf_counter()
             logits = collect_logits(model, images, batch)
@@ -130,7 +135,7 @@ def markdown(rows: list[dict], repeats: int) -> str:
         f"`collect_logits`, one thread, {repeats} interleaved repeats; images/s median, ratio to the default arm "
         "median (range):",
         "",
-        "| network | px | images, batch | layout | BatchNorms folded | default img/s | channels_last | prepared "
+        "| network | px | images, batch | layout picked | BatchNorms folded | default img/s | channels_last | prepared "
         "(folded + layout) | prepared logits vs default: max difference / logit scale |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]

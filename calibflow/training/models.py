@@ -248,10 +248,9 @@ def inference_memory_format(model: nn.Module, device: str | torch.device) -> tor
 def training_memory_format(model: nn.Module, device: str | torch.device) -> torch.memory_format:
     """The memory format a training of `model` keeps its weights and batches in: channels_last on
     a GPU (every network, as NVIDIA's guidance for tensor cores has it) and where
-    inference_memory_format picks it on the CPU. One thread, a whole SGD step, channels_last
-    against the default format: small_cnn at 8 px (the digits) 1.25x, at 224 px 1.5x;
-    efficientnet_b0 at 64 px 1.55x; resnet18 at 224 px 1.13x; convnext_tiny at 64 px 1.0x
-    (docs/training.md)."""
+    inference_memory_format picks it on the CPU. train_classifier, one thread, against the default
+    format: 1.23x on the default digits, 1.70x small_cnn width 4 at 224 px, 1.08x resnet18 at
+    128 px (docs/results/train_step.md)."""
     if torch.device(device).type == "cuda":
         return torch.channels_last
     return inference_memory_format(model, device)

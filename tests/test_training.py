@@ -287,7 +287,7 @@ def test_convolutional_networks_read_channels_last_on_the_cpu_and_others_keep_th
     )
     # On a GPU it has not been measured: the default format.
     assert inference_memory_format(build_model(photos), "cuda") == torch.contiguous_format
-    # Most weights in Linear layers (a transformer's shape: vit_b_16 read 0.92x in channels_last).
+    # Most weights in Linear layers (a transformer's shape: vit_b_16 read 1.00x in channels_last).
     patches_then_mlp = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(), nn.Linear(8 * 16 * 16, 512))
     assert inference_memory_format(patches_then_mlp, "cpu") == torch.contiguous_format
     assert inference_memory_format(nn.Flatten(), "cpu") == torch.contiguous_format  # no weights at all

@@ -232,9 +232,10 @@ def torchvision_backbone(spec: ModelSpec) -> nn.Module:
 def inference_memory_format(model: nn.Module, device: str | torch.device) -> torch.memory_format:
     """The memory format a forward pass of `model` reads its batches and weights in: channels_last
     for a convolutional network (most of its weights in Conv2d) on the CPU, where oneDNN's
-    convolutions run faster on it (one thread, 224 px: small_cnn 2.1x, resnet18 1.14x,
-    mobilenet_v3_large 1.2x, efficientnet_b0 1.08x); the default format elsewhere (vit_b_16 read
-    0.92x; on a GPU it has not been measured)."""
+    convolutions run faster on it (one thread, 224 px: small_cnn 1.89x, resnet18 1.22x, resnet50
+    1.38x, mobilenet_v3_large 1.51x, efficientnet_b0 1.50x); the default format elsewhere
+    (convnext_tiny, most of its weights in Linear layers, read 0.98x, vit_b_16 1.00x:
+    docs/results/inference_speed.md; on a GPU it has not been measured)."""
     if torch.device(device).type != "cpu":
         return torch.contiguous_format
     total = conv = 0
@@ -262,10 +263,10 @@ def prepare_for_inference(model: ImageClassifier, device: str | torch.device) ->
     nothing else folded into that convolution (torch.nn.utils.fusion.fuse_conv_bn_eval), and its
     weights laid out in inference_memory_format. A folded BatchNorm becomes an Identity and every
     other module stays where it was, so hooks on them (MC dropout's on the head) still fire. One
-    thread, 224 px, the forward pass: small_cnn 1.21x, resnet18 1.09x, resnet50 1.14x,
-    efficientnet_b0 1.38x, mobilenet_v3_large 1.57x (docs/training.md). Its logits differ from the
-    unfolded network's in the last bits, so every logit the flow records and the served model's come
-    from networks prepared here. It cannot train afterwards."""
+    thread, 224 px, against channels_last alone: small_cnn 2.45x against 1.89x, resnet50 1.65x
+    against 1.38x, mobilenet_v3_large 2.22x against 1.51x (docs/results/inference_speed.md). Its
+    logits differ from the unfolded network's in the last bits, so every logit the flow records and
+    the served model's come from networks prepared here. It cannot train afterwards."""
     model.eval()
     for conv_name, norm_name in _conv_norm_pairs(model.backbone):
         conv, norm = model.backbone.get_submodule(conv_name), model.backbone.get_submodule(norm_name)

@@ -246,11 +246,15 @@ def test_split_check(repo: Path, client, run_id: str, data_path: str, temperatur
     from PIL import Image
 
     from calibflow.metrics import accuracy, expected_calibration_error
+    from calibflow.training.loop import collect_logits
     from calibflow.training.models import load_checkpoint
 
     where = scratch / run_id
     where.mkdir(parents=True, exist_ok=True)
-    checkpoint = load_checkpoint(client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(where)))
+    # prepared as the flow reads its logits (BatchNorm folded, laid out), so its numbers come back
+    checkpoint = load_checkpoint(
+        client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(where)), for_inference=True
+    )
     splits = json.loads(Path(client.download_artifacts(run_id, "data/splits.json", str(where))).read_text())
     with open(client.download_artifacts(run_id, "data/manifest.csv", str(where)), newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -262,9 +266,7 @@ def test_split_check(repo: Path, client, run_id: str, data_path: str, temperatur
             array = np.asarray(image.convert(checkpoint.image_mode))
         pixels.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     images = torch.from_numpy(np.stack(pixels))
-    model = checkpoint.model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(batch) for batch in images.split(256)]).double()
+    logits = collect_logits(checkpoint.model, images, 256).double()
     before, after = logits.softmax(dim=1), (logits / temperature).softmax(dim=1)
     return {
         "train_images": len(splits["indices"]["train"]),

@@ -158,16 +158,19 @@ def test_split(repo: Path, client, run_id: str, data_path: str, temperature: flo
 
     from calibflow.calibrators.temperature import fit_temperature
     from calibflow.metrics import mean_entropy
+    from calibflow.training.loop import collect_logits
     from calibflow.training.models import load_checkpoint
 
     where = scratch / run_id
     where.mkdir(parents=True, exist_ok=True)
-    checkpoint = load_checkpoint(client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(where)))
+    # prepared as the flow reads its logits (BatchNorm folded, laid out), so its numbers come back
+    checkpoint = load_checkpoint(
+        client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(where)), for_inference=True
+    )
     splits = json.loads(Path(client.download_artifacts(run_id, "data/splits.json", str(where))).read_text())
     with open(client.download_artifacts(run_id, "data/manifest.csv", str(where)), newline="") as handle:
         rows = list(csv.DictReader(handle))
     soft = soft_rows(repo / data_path / "soft_labels.csv")
-    model = checkpoint.model.eval()
 
     def split_of(name: str):
         """(rows, labels, soft targets, logits) of one split, from its files."""
@@ -177,8 +180,7 @@ def test_split(repo: Path, client, run_id: str, data_path: str, temperature: flo
             with Image.open(repo / data_path / row["path"]) as image:
                 array = np.asarray(image.convert(checkpoint.image_mode))
             pixels.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-        with torch.no_grad():
-            logits = torch.cat([model(batch) for batch in torch.from_numpy(np.stack(pixels)).split(512)]).double()
+        logits = collect_logits(checkpoint.model, torch.from_numpy(np.stack(pixels)), 512).double()
         labels = torch.tensor([int(row["label_index"]) for row in chosen])
         return chosen, labels, torch.tensor([soft[row["path"]] for row in chosen], dtype=torch.float64), logits
 

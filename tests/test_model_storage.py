@@ -91,6 +91,63 @@ def test_served_model_loads_from_a_state_dict_and_json_and_answers_an_empty_batc
     assert empty.shape == (0, 3) and empty.dtype == np.float64
 
 
+def test_loading_a_served_model_never_traces_so_requests_on_other_threads_keep_running(tmp_path, monkeypatch):
+    """torch.fx swaps nn.Module.__call__ for the whole process while it traces: a load that traced
+    would break a forward pass another thread runs meanwhile (a server loading a new version while
+    it answers requests). The folds are recorded in the checkpoint and network.json instead, and
+    loading reads them."""
+    import threading
+
+    import torch.fx
+
+    from calibflow.training.models import batch_norm_folds
+
+    model = untrained_model(tmp_path)
+    files = served_model.write_model_files(model.checkpoint, model.calibration_state, tmp_path / "served")
+    folds = json.loads(Path(files["network"]).read_text())["folds"]
+    assert folds and folds == batch_norm_folds(model.network)
+    serving = served_model.CalibratedImageClassifier()
+    serving.load(files)
+    batch = model.images.permute(0, 2, 3, 1).numpy()
+    expected = serving.predict(None, batch)
+    stop, errors, answered = threading.Event(), [], []
+
+    def answer_requests() -> None:
+        while not stop.is_set():
+            try:
+                answered.append(np.array_equal(serving.predict(None, batch), expected))
+            except Exception as error:  # noqa: BLE001 - any failure of a request is what this test counts
+                errors.append(repr(error))
+
+    traced, trace = [], torch.fx.symbolic_trace
+
+    def counted_trace(*args, **kwargs):
+        traced.append(1)
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.fx, "symbolic_trace", counted_trace)
+    requests = threading.Thread(target=answer_requests)
+    requests.start()
+    try:
+        for _ in range(20):  # another version loaded meanwhile, as a server swapping versions does
+            served_model.CalibratedImageClassifier().load(files)
+    finally:
+        stop.set()
+        requests.join()
+    assert not traced and not errors and answered and all(answered)
+
+
+def test_a_model_file_whose_recorded_folds_do_not_fit_its_network_is_refused(tmp_path):
+    model = untrained_model(tmp_path)
+    files = served_model.write_model_files(model.checkpoint, model.calibration_state, tmp_path / "served")
+    network = json.loads(Path(files["network"]).read_text())
+    conv, norm = network["folds"][0]
+    network["folds"][0] = [norm, conv]
+    Path(files["network"]).write_text(json.dumps(network))
+    with pytest.raises(ValueError, match="is not a Conv2d and a BatchNorm2d of this network"):
+        served_model.CalibratedImageClassifier().load(files)
+
+
 # ---------------------------------------------------------------------------------------------
 # On a real registry
 

@@ -422,6 +422,34 @@ def test_folding_leaves_a_batch_norm_whose_convolution_feeds_another_layer_too_a
         assert left == kept
 
 
+def test_a_checkpoint_records_its_folds_and_one_from_before_them_is_traced_at_load(tmp_path, monkeypatch):
+    import torch.fx
+
+    from calibflow.training.models import batch_norm_folds
+
+    x, y = blobs()
+    model, _ = train_classifier(TrainingInputs(SPEC, x, y, x, y, FAST, seed=0), progress=False)
+    path = save_checkpoint(tmp_path / "c.pt", model, SPEC, ["a", "b", "c"], "L")
+    record = torch.load(path, weights_only=True)
+    assert record["folds"] == batch_norm_folds(model) and len(record["folds"]) == 5  # small_cnn's 5 conv-BN pairs
+    expected = collect_logits(load_checkpoint(path, for_inference=True).model, x)
+    del record["folds"]  # a checkpoint saved before folds were recorded
+    torch.save(record, tmp_path / "old.pt")
+    assert torch.equal(collect_logits(load_checkpoint(tmp_path / "old.pt", for_inference=True).model, x), expected)
+
+    traced, trace = [], torch.fx.symbolic_trace
+
+    def counted_trace(*args, **kwargs):
+        traced.append(1)
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.fx, "symbolic_trace", counted_trace)
+    assert torch.equal(collect_logits(load_checkpoint(path, for_inference=True).model, x), expected)
+    assert not traced  # the recorded folds: no trace at load
+    load_checkpoint(tmp_path / "old.pt", for_inference=True)
+    assert traced
+
+
 def test_mc_dropout_reads_a_network_prepared_for_inference_through_its_head():
     import copy
 

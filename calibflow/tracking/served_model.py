@@ -96,7 +96,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
             member.load_state_dict(state)
             # Prepared once as the flow read its logits (folded, laid out): concurrent requests
             # never move weights, and T reads the numbers it was fitted on.
-            self.members.append(prepare_for_inference(member, "cpu"))
+            self.members.append(prepare_for_inference(member, "cpu", network.get("folds")))
         self.model = self.members[0]
         self.mc_samples, self.mc_seed = int(network.get("mc_samples", 1)), int(network.get("mc_seed", 0))
         self.image_mode = network["image_mode"]
@@ -237,9 +237,12 @@ def write_model_files(
     policy (calibflow.gates.decisions; none: the label only): name -> path."""
     import torch
 
-    from calibflow.training.models import load_checkpoint
+    from calibflow.training.models import batch_norm_folds, load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
+    # the BatchNorms the served model folds at load: the checkpoint's, or traced now for one saved
+    # before checkpoints recorded them, so that loading never traces (prepare_for_inference)
+    folds = checkpoint.folds if checkpoint.folds is not None else batch_norm_folds(checkpoint.model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -262,6 +265,7 @@ def write_model_files(
                 "members": len(states),
                 "mc_samples": checkpoint.mc_samples,
                 "mc_seed": checkpoint.mc_seed,
+                "folds": folds,
             }
         )
     )

@@ -257,7 +257,9 @@ def training_memory_format(model: nn.Module, device: str | torch.device) -> torc
     return inference_memory_format(model, device)
 
 
-def prepare_for_inference(model: ImageClassifier, device: str | torch.device) -> ImageClassifier:
+def prepare_for_inference(
+    model: ImageClassifier, device: str | torch.device, folds: list[list[str]] | None = None
+) -> ImageClassifier:
     """`model`, in place, as a network loaded only to read images (a checkpoint's members in the
     flow, the served model's): in eval(), each BatchNorm2d whose input is a Conv2d's output and
     nothing else folded into that convolution (torch.nn.utils.fusion.fuse_conv_bn_eval), and its
@@ -266,22 +268,36 @@ def prepare_for_inference(model: ImageClassifier, device: str | torch.device) ->
     thread, 224 px, against channels_last alone: small_cnn 2.45x against 1.89x, resnet50 1.65x
     against 1.38x, mobilenet_v3_large 2.22x against 1.51x (docs/results/inference_speed.md). Its
     logits differ from the unfolded network's in the last bits, so every logit the flow records and
-    the served model's come from networks prepared here. It cannot train afterwards."""
+    the served model's come from networks prepared here. It cannot train afterwards.
+
+    `folds`: the (conv, norm) pairs batch_norm_folds found when the checkpoint was saved (what
+    checkpoints and network.json record). Only a file written before they were recorded is traced
+    here: torch.fx swaps nn.Module.__call__ for the whole process while it traces, so a trace at
+    load would break forward passes that other threads run meanwhile (a server answering requests
+    while it loads another version)."""
     model.eval()
-    for conv_name, norm_name in _conv_norm_pairs(model.backbone):
-        conv, norm = model.backbone.get_submodule(conv_name), model.backbone.get_submodule(norm_name)
-        _set_module(model.backbone, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm))
-        _set_module(model.backbone, norm_name, nn.Identity())
+    backbone = model.backbone
+    for conv_name, norm_name in batch_norm_folds(model) if folds is None else folds:
+        conv, norm = backbone.get_submodule(conv_name), backbone.get_submodule(norm_name)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(norm, nn.BatchNorm2d):
+            raise ValueError(
+                f"the recorded fold {conv_name} -> {norm_name} is not a Conv2d and a BatchNorm2d of this "
+                f"network ({type(conv).__name__}, {type(norm).__name__}): the file does not belong to it"
+            )
+        _set_module(backbone, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm))
+        _set_module(backbone, norm_name, nn.Identity())
     model.to(memory_format=inference_memory_format(model, device))
     return model
 
 
-def _conv_norm_pairs(backbone: nn.Module) -> list[tuple[str, str]]:
-    """(conv, norm) module names where a BatchNorm2d with running statistics reads a Conv2d's output
-    and nothing else reads it, each module called once, found in torch.fx's trace of the forward
-    pass; none for a backbone fx cannot trace (its forward branches on its input's values)."""
+def batch_norm_folds(model: ImageClassifier) -> list[list[str]]:
+    """[conv, norm] module names (under model.backbone) where a BatchNorm2d with running statistics
+    reads a Conv2d's output and nothing else reads it, each module called once, found in torch.fx's
+    trace of the forward pass; none for a backbone fx cannot trace (its forward branches on its
+    input's values). A function of the architecture alone, not of the weights."""
     from torch import fx
 
+    backbone = model.backbone
     try:
         graph = fx.symbolic_trace(backbone).graph
     except Exception:  # fx raises several kinds for code it cannot trace; such a network stays unfolded
@@ -304,7 +320,7 @@ def _conv_norm_pairs(backbone: nn.Module) -> list[tuple[str, str]]:
             and len(source.users) == 1
             and calls[source.target] == calls[node.target] == 1
         ):
-            pairs.append((source.target, node.target))
+            pairs.append([source.target, node.target])
     return pairs
 
 
@@ -528,6 +544,8 @@ def save_checkpoint(
             "more_members": [state_dict_of(m) for m in more_members],
             "mc_samples": mc_samples,
             "mc_seed": mc_seed,
+            # traced here, after training, so that loading for inference never traces (prepare_for_inference)
+            "folds": batch_norm_folds(model),
         },
         path,
     )
@@ -544,6 +562,7 @@ class Checkpoint:
     mc_samples: int = 1
     mc_seed: int = 0
     framing: Framing | None = None  # data.image_size's Resize + CenterCrop; None: read whole
+    folds: list[list[str]] | None = None  # batch_norm_folds at save; None: a checkpoint from before them
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, for_inference: bool = False) -> Checkpoint:
@@ -556,7 +575,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, for
         model = build_model(spec)
         model.load_state_dict(state)
         model.to(device).eval()
-        members.append(prepare_for_inference(model, device) if for_inference else model)
+        members.append(prepare_for_inference(model, device, record.get("folds")) if for_inference else model)
     return Checkpoint(
         model=members[0],
         spec=spec,
@@ -566,4 +585,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, for
         mc_samples=int(record.get("mc_samples", 1)),
         mc_seed=int(record.get("mc_seed", 0)),
         framing=Framing.from_record(record["framing"]) if record.get("framing") else None,
+        folds=record.get("folds"),
     )

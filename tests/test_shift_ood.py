@@ -58,6 +58,17 @@ def test_contrast_and_brightness_follow_their_formulas():
     assert (black == round(0.05 * 255)).all()  # black turns gray, not NaN
 
 
+@pytest.mark.parametrize("images", [GRAY, RGB], ids=["gray-8x8", "rgb-32x32"])
+def test_contrast_by_lookup_is_the_pixelwise_formula_to_the_byte(images):
+    """contrast looks each pixel up in a per-channel table: the same bytes as the float64 formula
+    computed pixel by pixel, so the suites of versions registered before it rebuild unchanged."""
+    for severity, c in enumerate(corruptions.SEVERITY_PARAMETERS["contrast"], start=1):
+        x = images / 255.0
+        means = x.mean(axis=(1, 2), keepdims=True)
+        expected = (np.clip((x - means) * c + means, 0, 1) * 255 + 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(corruptions.corrupt_batch(images, "contrast", severity), expected)
+
+
 def test_bad_inputs_to_a_corruption_are_refused():
     with pytest.raises(ValueError, match="unknown corruption"):
         corruptions.corrupt_image(GRAY[0], "fog", 1)

@@ -68,11 +68,18 @@ def image_seed(image: np.ndarray, corruption: str, severity: int, seed: int) -> 
 
 
 def _unit(image: np.ndarray) -> np.ndarray:
-    return image.astype(np.float64) / 255.0
+    x = image.astype(np.float64)
+    x /= 255.0
+    return x
 
 
 def _uint8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)  # round half up, as PIL does
+    """[0, 1] floats to uint8, rounding half up as PIL does; `x` is overwritten (the in-place steps
+    are the same float64 operations in the same order as clip(x) * 255 + 0.5, without their copies)."""
+    np.clip(x, 0.0, 1.0, out=x)
+    x *= 255.0
+    x += 0.5
+    return x.astype(np.uint8)
 
 
 def gaussian_noise(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
@@ -100,9 +107,18 @@ def gaussian_blur(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarr
     return gaussian_filter(x, sigma=(c, c, 0), mode="nearest")
 
 
-def contrast(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
-    means = x.mean(axis=(0, 1), keepdims=True)
-    return (x - means) * c + means
+def contrast(image: np.ndarray, c: float) -> np.ndarray:
+    """Each channel pulled towards its mean: (x - mean) * c + mean on the [0, 1] scale. The result
+    of a pixel depends only on its own value and its channel's mean, so it is looked up in a
+    256-entry table per channel, made by the same float64 operations: the same bytes as computing
+    it pixel by pixel, at a fraction of the cost on photos."""
+    values = _unit(np.arange(256, dtype=np.uint8))
+    means = _unit(image).mean(axis=(0, 1))
+    out = np.empty_like(image)
+    for channel, mean in enumerate(means):
+        table = _uint8((values - mean) * c + mean)
+        out[:, :, channel] = table[image[:, :, channel]]
+    return out
 
 
 def brightness(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
@@ -138,20 +154,22 @@ def jpeg_compression(image: np.ndarray, c: int) -> np.ndarray:
         return _array(decoded.convert("L" if image.shape[2] == 1 else "RGB"), image.shape[2])
 
 
-# Functions on [0, 1] floats (H, W, C) with a generator; the others work on uint8 images directly.
+# Functions on [0, 1] floats (H, W, C) with a generator (None for those in no _RANDOM); the others
+# work on uint8 images directly.
 _FLOAT_CORRUPTIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
     "gaussian_noise": gaussian_noise,
     "shot_noise": shot_noise,
     "impulse_noise": impulse_noise,
     "speckle_noise": speckle_noise,
     "gaussian_blur": gaussian_blur,
-    "contrast": contrast,
     "brightness": brightness,
 }
 _UINT8_CORRUPTIONS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "contrast": contrast,
     "pixelate": pixelate,
     "jpeg_compression": jpeg_compression,
 }
+_RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"}  # those that draw from `rng`
 assert set(_FLOAT_CORRUPTIONS) | set(_UINT8_CORRUPTIONS) == set(CORRUPTION_NAMES) == set(SEVERITY_PARAMETERS)
 
 
@@ -167,7 +185,8 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int =
     c = SEVERITY_PARAMETERS[corruption][severity - 1]
     if corruption in _UINT8_CORRUPTIONS:
         return _UINT8_CORRUPTIONS[corruption](image, c)
-    rng = np.random.default_rng(image_seed(image, corruption, severity, seed))
+    # only the noises draw: the others skip hashing the image
+    rng = np.random.default_rng(image_seed(image, corruption, severity, seed)) if corruption in _RANDOM else None
     return _uint8(_FLOAT_CORRUPTIONS[corruption](_unit(image), c, rng))
 
 

@@ -379,7 +379,9 @@ def test_a_network_prepared_for_inference_folds_every_batch_norm_into_its_convol
     assert norms > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
     assert sum(isinstance(m, torch.nn.Identity) for m in prepared.modules()) >= norms
     assert in_memory_format(prepared, torch.channels_last) and not prepared.training
+    sent = x.clone()
     folded = collect_logits(prepared, x)
+    assert torch.equal(x, sent)  # normalized in place on its own float copy, never the caller's batch
     assert not torch.equal(folded, plain)  # the last bits move
     torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
 

@@ -681,8 +681,9 @@ def _bar_postfix(stats: EpochStats) -> dict[str, str]:
 INFERENCE_VALUES = 1 << 24
 CPU_INFERENCE_VALUES = 1 << 22
 # Part of the key of every cached logit: bump when how collect_logits computes them changes their
-# last bits (memory format, batch cap), so that no cache mixes them.
-LOGITS_VERSION = "3"
+# last bits (memory format, batch cap, BatchNorm folding, input normalization), so that no cache
+# mixes them.
+LOGITS_VERSION = "4"
 
 
 def inference_batch(batch_size: int, images: ImageSource, device: str | torch.device = "cpu") -> int:

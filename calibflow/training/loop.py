@@ -13,7 +13,10 @@ into a `Training` (model, optimiser, schedule, random streams, the data on the d
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import random
 import math
 import time
@@ -772,11 +775,37 @@ def collect_logits(
         on_cuda = torch.device(device).type == "cuda"
         batch_size = inference_batch(batch_size, images, device)
         batches = read_batches(images, in_order(len(images), batch_size), workers=workers, pin_memory=on_cuda)
-        for batch in batches:  # one whole pass: its workers are stopped below
+        for step, batch in enumerate(batches, start=1):  # one whole pass: its workers are stopped below
             batch = batch.to(device).contiguous(memory_format=memory_format)
             outputs.append(model(batch).float().cpu())
             bar.update(len(batch))
+            if step % TRIM_EVERY_BATCHES == 0:
+                release_freed_memory()
+    release_freed_memory()
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
+# Batches between two malloc_trim calls in an inference pass. glibc's malloc keeps the blocks a
+# forward pass frees in its arenas rather than give them back, and with batches from a DataLoader
+# worker a prepared small_cnn at 224 px grew by 1.3 GB over 6,000 photos (one trim at the end gave
+# it all back); trimming every 16 batches kept it flat at the same speed.
+TRIM_EVERY_BATCHES = 16
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory glibc's malloc holds free back to the system (malloc_trim(0)); nothing where
+    the C library has no malloc_trim."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager

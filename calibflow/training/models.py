@@ -83,8 +83,8 @@ class ImageClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalize_in_one_pass and images.dtype == torch.uint8:
-            x = images.float()  # a new tensor, so the in-place steps leave the caller's batch alone
-            return self.backbone(x.mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std))
+            # .float() is a new tensor, so the in-place steps leave the caller's batch alone
+            return self.backbone(images.float().mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std))
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         return self.backbone((x - self.mean) / self.std)
 

@@ -146,7 +146,7 @@ KNOWN_CORRUPTIONS = Each(Rule(lambda name: name in CORRUPTION_NAMES, _known_corr
 # numpy, or a run that never ends, instead of a message naming the key.
 MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 65_536  # a batch is held on the device whole: beyond this it is one bigger than memory
-MAX_IMAGES = 10_000_000  # decoded into memory as one tensor
+MAX_IMAGES = 10_000_000  # images a setting may ask to read: past any real folder
 MAX_RAPS_K_REG = 100_000  # a rank past every class count a dataset of folders has
 
 

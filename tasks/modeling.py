@@ -397,6 +397,7 @@ def evaluate_ood(
         batch_size=config.evaluation.batch_size,
         device=config.train.device,
         threads=config.train.threads,
+        loading=data_steps.image_loading(config.data),
     )
     store.log_metrics(run_id, ood.metrics)
     store.set_tags(run_id, {"ood_data_hash": ood.dvc_hash, "ood_path": config.ood.path})

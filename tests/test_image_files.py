@@ -182,3 +182,59 @@ def test_collecting_logits_stops_the_workers_it_started(folder):
     files = _files(folder)
     collect_logits(model, files, batch_size=16, workers=2)
     assert files._loaders == {}  # the persistent workers of that one pass are gone with it
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_same_numbers(folder, tmp_path, workers):
+    """ood.path's folder is read a batch at a time above data.in_memory_max_mb: the same scores and
+    detection metrics as the folder decoded into memory; a file gone mid-stream is one line."""
+    import json
+
+    from calibflow.calibrators import fit_calibrator
+    from calibflow.pipeline.evaluation_steps import CalibrationRecord, evaluate_ood
+    from calibflow.training.models import build_model, save_checkpoint
+
+    root, paths, _ = folder
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=4)
+    network = build_model(spec).eval()
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", network, spec, ["0", "1", "2"], "RGB")
+    inside = torch.randint(0, 256, (30, 3, SIZE, SIZE), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = network(inside)
+    np.savez(tmp_path / "test.npz", logits=logits.numpy(), labels=np.zeros(30), indices=np.arange(30))
+    labels = torch.where(torch.arange(30) % 4 == 0, torch.arange(30) % CLASSES, logits.argmax(dim=1))
+    (tmp_path / "calibration.json").write_text(json.dumps(fit_calibrator("temperature", logits, labels).to_state()))
+    record = CalibrationRecord("temperature", str(tmp_path / "calibration.json"), None, 1.0, 1.0)
+    ood = {"local_dir": str(root), "files": paths, "dvc_hash": "x", "path": "ood"}
+    (tmp_path / "ood.json").write_text(json.dumps(ood))
+
+    def scored(loading: ImageLoading, name: str):
+        out = tmp_path / name
+        out.mkdir()
+        result = evaluate_ood(
+            str(checkpoint),
+            str(tmp_path / "ood.json"),
+            str(tmp_path / "test.npz"),
+            record,
+            "energy",
+            str(out),
+            loading=loading,
+            device="cpu",
+        )
+        with np.load(result.scores_path) as saved:
+            return result.metrics, {key: saved[key] for key in saved.files}
+
+    kept_metrics, kept = scored(ImageLoading(in_memory_max_bytes=10**9, workers=workers), "kept")
+    streamed_metrics, streamed = scored(ImageLoading(in_memory_max_bytes=0, workers=workers), "streamed")
+    assert streamed_metrics == kept_metrics and set(streamed) == set(kept)
+    assert all(np.array_equal(streamed[key], kept[key]) for key in kept)
+    assert len(kept["outside_energy"]) == len(paths)
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / "a.png").write_bytes((root / paths[1]).read_bytes())
+    (gone / "b.png").write_bytes(b"not a png")  # passed its check, then was overwritten
+    (tmp_path / "ood.json").write_text(json.dumps({**ood, "local_dir": str(gone), "files": ["a.png", "b.png"]}))
+    with pytest.raises(ManifestError, match="b.png"):
+        scored(ImageLoading(in_memory_max_bytes=0, workers=workers), "gone")

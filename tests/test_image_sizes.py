@@ -221,6 +221,80 @@ def test_commands_that_read_a_whole_split_decode_it_a_chunk_at_a_time(photos, mo
     assert max(seen) == 7 and sum(seen) == len(paths)
 
 
+def test_the_corruption_suite_reads_a_split_a_chunk_at_a_time_with_the_same_logits(photos, tmp_path, monkeypatch):
+    """The flow's suite (and the shift-aware fit, which reads the whole calibration split) and
+    evaluate/gate's hold DECODED_AT_A_TIME images and their corrupted copies at once, whatever the
+    split's size, and give the logits and probabilities a single pass over all images gives, in
+    the split's order."""
+    from types import SimpleNamespace
+
+    from calibflow.data import images as image_module
+    from calibflow.data.manifest import build_manifest, save_manifest
+    from calibflow.data.splits import Split
+    from calibflow.evaluation.corruptions import corrupt_batch
+    from calibflow.evaluation.shift import Suite
+    from calibflow.lifecycle import reproduce
+    from calibflow.pipeline import model_steps
+    from calibflow.training.models import build_model, save_checkpoint
+
+    root, _, _ = photos
+    manifest = build_manifest(root)
+    save_manifest(manifest, tmp_path / "manifest.csv")
+    order = np.random.default_rng(4).permutation(len(manifest))  # not the manifest's order
+    Split(
+        indices={"train": order[:0], "val": order[:0], "calibration": order[:0], "test": order},
+        seed=0,
+        fractions={},
+        manifest_fingerprint="",
+    ).save(tmp_path / "split.json")
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=4)
+    checkpoint = save_checkpoint(
+        tmp_path / "checkpoint.pt", build_model(spec).eval(), spec, ["0", "1", "2"], "RGB", framing=EVALUATION
+    )
+    suite = Suite(("gaussian_noise", "contrast"), (1, 5), 10**9, seed=3)
+    decoded = []
+    real_load_images = model_steps.load_images
+    monkeypatch.setattr(
+        model_steps, "load_images", lambda *a, **k: decoded.append(len(a[1])) or real_load_images(*a, **k)
+    )
+
+    def suite_logits(chunk: int, limit: int | None = None):
+        monkeypatch.setattr(model_steps, "DECODED_AT_A_TIME", chunk)
+        decoded.clear()
+        args = (str(checkpoint), str(root), str(tmp_path / "manifest.csv"), str(tmp_path / "split.json"), "test", suite)
+        return model_steps._suite_logits_of_split(
+            *args, batch_size=5, device="cpu", threads=1, cache_dir=None, limit=limit
+        )
+
+    whole, labels, rows = suite_logits(10**6)
+    assert decoded == [len(order)] and np.array_equal(rows, order)
+    chunked, chunked_labels, chunked_rows = suite_logits(7)
+    assert max(decoded) == 7 and sum(decoded) == len(order)
+    assert torch.equal(labels, chunked_labels) and np.array_equal(rows, chunked_rows)
+    assert set(chunked) == set(suite.keys) and all(np.array_equal(chunked[k], whole[k]) for k in suite.keys)
+    limited, _, _ = suite_logits(7, limit=10)
+    assert decoded == [7, 3] and all(np.array_equal(limited[k], whole[k][:10]) for k in suite.keys)
+
+    # evaluate and gate: the served model's probabilities on the same corrupted pixels
+    seen = []
+
+    def predict(images, params=None):
+        seen.append(len(images))
+        return images.reshape(len(images), -1)[:, :3].astype(float)
+
+    meta = {"image_mode": "RGB", "image_size": [SIZE, SIZE], "framing": EVALUATION.to_record(), "classes": ["a"]}
+    model = SimpleNamespace(metadata=SimpleNamespace(metadata=meta), predict=predict)
+    monkeypatch.setattr(reproduce, "DECODED_AT_A_TIME", 7)
+    got = reproduce.shift_predictions(model, str(root), manifest, order, suite)
+    clean = image_module.load_images(root, manifest["path"].iloc[order].tolist(), "RGB", EVALUATION)
+    clean = clean.permute(0, 2, 3, 1).contiguous().numpy()
+    for corruption, severity in suite.cells:
+        expected = corrupt_batch(clean, corruption, severity, suite.seed).reshape(len(order), -1)[:, :3]
+        assert np.array_equal(got[suite.key(corruption, severity)], expected.astype(float))
+    assert max(seen) == 7 and sum(seen) == len(order) * len(suite.cells)
+
+
 def test_a_cameras_exif_rotation_is_applied_when_decoding_and_in_the_manifest(tmp_path):
     from calibflow.data.manifest import build_manifest
 

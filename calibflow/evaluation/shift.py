@@ -16,7 +16,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -139,6 +139,47 @@ def cell_logits(
     forward pass, so with train.threads 1 a second core corrupts while the first convolves. At
     most two corrupted copies are held at once (at 224 px, 150 MB for cells of 500 RGB images),
     not one per cell (675 MB for nine)."""
+    return chunked_cell_logits([images_nhwc], len(images_nhwc), suite, logits_of, model_digest, cache_dir, progress)
+
+
+def chunked_cell_logits(
+    chunks: Iterable[np.ndarray],
+    n_images: int,
+    suite: Suite,
+    logits_of: Callable[[np.ndarray], np.ndarray],
+    model_digest: str,
+    cache_dir: str | Path | None = None,
+    progress: str | None = None,
+) -> dict[str, np.ndarray]:
+    """cell_logits over images that arrive as chunks of uint8 (n, H, W, C), `n_images` in all: each
+    chunk's cells are made, read and let go before the next chunk is taken, so memory is bounded by
+    the chunk, not by the number of images; the logits are concatenated in chunk order and cached
+    per chunk (a chunk's logits do not depend on the others: each image is corrupted by its own
+    seed and read in eval mode)."""
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in suite.keys}
+    with (
+        progress_bar(n_images * len(suite.cells), progress or "", enabled=progress is not None) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="corrupt") as corrupting,
+    ):
+        for chunk in chunks:
+            for key, logits in _chunk_cell_logits(
+                chunk, suite, logits_of, model_digest, cache_dir, bar, corrupting
+            ).items():
+                parts[key].append(logits)
+    return {key: np.concatenate(found) for key, found in parts.items()}
+
+
+def _chunk_cell_logits(
+    images_nhwc: np.ndarray,
+    suite: Suite,
+    logits_of: Callable[[np.ndarray], np.ndarray],
+    model_digest: str,
+    cache_dir: str | Path | None,
+    bar,
+    corrupting: ThreadPoolExecutor,
+) -> dict[str, np.ndarray]:
+    """The logits of one chunk per cell: cached cells read back, the others made a
+    cell at a time, the next one corrupted on `corrupting` while the network reads this one."""
     images = np.ascontiguousarray(images_nhwc)
     content = _digest(str(images.shape), images.tobytes())
 
@@ -153,21 +194,17 @@ def cell_logits(
 
     out = {key: load_array(cache_path(key)) for key in suite.keys}
     missing = [(c, s) for c, s in suite.cells if out[suite.key(c, s)] is None]
-    with (
-        progress_bar(len(images) * len(suite.cells), progress or "", enabled=progress is not None) as bar,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="corrupt") as corrupting,
-    ):
-        bar.update(len(images) * (len(suite.cells) - len(missing)))
-        upcoming = [corrupting.submit(corrupt_batch, images, c, s, suite.seed) for c, s in missing[:1]]
-        for i, (corruption, severity) in enumerate(missing):
-            corrupted = upcoming.pop().result()
-            if i + 1 < len(missing):
-                upcoming.append(corrupting.submit(corrupt_batch, images, *missing[i + 1], suite.seed))
-            key = suite.key(corruption, severity)
-            out[key] = np.asarray(logits_of(corrupted))
-            del corrupted
-            store_array(cache_path(key), out[key])
-            bar.update(len(images))
+    bar.update(len(images) * (len(suite.cells) - len(missing)))
+    upcoming = [corrupting.submit(corrupt_batch, images, c, s, suite.seed) for c, s in missing[:1]]
+    for i, (corruption, severity) in enumerate(missing):
+        corrupted = upcoming.pop().result()
+        if i + 1 < len(missing):
+            upcoming.append(corrupting.submit(corrupt_batch, images, *missing[i + 1], suite.seed))
+        key = suite.key(corruption, severity)
+        out[key] = np.asarray(logits_of(corrupted))
+        del corrupted
+        store_array(cache_path(key), out[key])
+        bar.update(len(images))
     return out
 
 

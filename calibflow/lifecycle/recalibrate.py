@@ -33,13 +33,12 @@ from calibflow.tracking import store
 from calibflow.config import Config
 from calibflow.gates.checks import GateVerdict, Predictions, evaluate_gates
 from calibflow.errors import GateInputError
-from calibflow.data.images import load_images
+from calibflow.data.images import DECODED_AT_A_TIME, load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
 from calibflow.lifecycle.promotion import champion_for, seen_by
 from calibflow.lifecycle.reproduce import (
-    DECODED_AT_A_TIME,
     decode_rows,
     predict_rows,
     served_classes,
@@ -100,28 +99,39 @@ def _shift_inputs(served, calibrator, new: NewImages, config: Config, champion, 
         return None, None, {}, None
     suite = suite_of(config.shift, config.seed)
     rows = new.test_rows[: suite.max_images]
-    clean, labels = new.images(rows), new.labels[rows]
-    champion_model = champion_clean = None
+    labels = new.labels[rows]
+    champion_model = champion_loaded = None
     if champion is not None and gates.max_shift_ece_increase is not None:
         if champion.version == source.version:
-            champion_model, champion_clean = served, clean
+            champion_model = served
         else:
-            loaded = registration.load_model(f"models:/{source.name}/{champion.version}")
-            champion_model = loaded.unwrap_python_model()
-            champion_clean = (
-                clean
-                if champion_model.framing == served.framing
-                else decode_rows(loaded, new.data.local_dir, new.manifest, rows)
-            )
-    logits, theirs = {}, {}
-    for corruption, severity in suite.cells:
-        key = suite.key(corruption, severity)
-        cell = corrupt_batch(clean, corruption, severity, suite.seed)
-        logits[key] = served.logits(cell, framed=True)
-        if champion_model is not None:
-            if champion_clean is not clean:
-                cell = corrupt_batch(champion_clean, corruption, severity, suite.seed)
-            theirs[key] = Predictions(champion_model.probabilities(cell, framed=True), labels)
+            champion_loaded = registration.load_model(f"models:/{source.name}/{champion.version}")
+            champion_model = champion_loaded.unwrap_python_model()
+    ours: dict[str, list[np.ndarray]] = {key: [] for key in suite.keys}
+    theirs_parts: dict[str, list[np.ndarray]] = {key: [] for key in suite.keys}
+    # DECODED_AT_A_TIME rows at a time, each chunk's cells made and read before the next is decoded
+    for start in range(0, len(rows), DECODED_AT_A_TIME):
+        chunk = rows[start : start + DECODED_AT_A_TIME]
+        clean = new.images(chunk)
+        champion_clean = (
+            decode_rows(champion_loaded, new.data.local_dir, new.manifest, chunk)
+            if champion_loaded is not None and champion_model.framing != served.framing
+            else clean
+        )
+        for corruption, severity in suite.cells:
+            key = suite.key(corruption, severity)
+            cell = corrupt_batch(clean, corruption, severity, suite.seed)
+            ours[key].append(served.logits(cell, framed=True))
+            if champion_model is not None:
+                if champion_clean is not clean:
+                    cell = corrupt_batch(champion_clean, corruption, severity, suite.seed)
+                theirs_parts[key].append(champion_model.probabilities(cell, framed=True))
+    logits = {key: np.concatenate(parts) for key, parts in ours.items()}
+    theirs = (
+        {key: Predictions(np.concatenate(parts), labels) for key, parts in theirs_parts.items()}
+        if champion_model is not None
+        else {}
+    )
     shift = {key: Predictions(calibrator.transform(z).numpy(), labels) for key, z in logits.items()}
     n_bins = config.evaluation.n_bins
     # what `calibflow evaluate` reproduces (reproduce.reproduce_shift), as the run's shift/shift_metrics.json

@@ -20,7 +20,7 @@ from calibflow.tracking import store
 from calibflow.config import DEFAULT_N_BINS
 from calibflow.errors import is_store_error
 from calibflow.gates.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
-from calibflow.data.images import decode_image, load_images
+from calibflow.data.images import DECODED_AT_A_TIME, decode_image, load_images
 from calibflow.data.manifest import build_manifest, manifest_fingerprint
 from calibflow.data.soft_labels import recorded_targets
 from calibflow.metrics import probability_report, soft_report
@@ -141,11 +141,6 @@ def served_policy(model) -> DecisionPolicy | None:
     return getattr(model.unwrap_python_model(), "decision_policy", None)
 
 
-# Images decoded at a time by the commands that read a whole split (evaluate, gate, monitor): 111
-# MB of RGB at 224 px, whatever the split's size.
-DECODED_AT_A_TIME = 740
-
-
 def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
     """A loaded model's (registration.load_model) calibrated probabilities on manifest rows, decoded
     its own way, DECODED_AT_A_TIME at a time. Columns in the model's class order (served_classes)."""
@@ -177,18 +172,18 @@ def decode_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) 
 def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray, suite) -> dict[str, np.ndarray]:
     """A loaded model's calibrated probabilities on every cell of a corruption suite, on the
     manifest rows (corrupted as in the run: seeded by each image's bytes, so the same pixels), a
-    cell at a time, as the run made them."""
+    cell at a time, as the run made them, decoded DECODED_AT_A_TIME rows at a time."""
     from calibflow.evaluation.corruptions import corrupt_batch
 
     if len(rows) == 0:
         return {key: np.zeros((0, len(served_classes(model)))) for key in suite.keys}
-    images = decode_rows(model, data_dir, manifest, rows)
-    return {
-        suite.key(corruption, severity): predict_in_batches(
-            model, corrupt_batch(images, corruption, severity, suite.seed)
-        )
-        for corruption, severity in suite.cells
-    }
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in suite.keys}
+    for start in range(0, len(rows), DECODED_AT_A_TIME):
+        images = decode_rows(model, data_dir, manifest, rows[start : start + DECODED_AT_A_TIME])
+        for corruption, severity in suite.cells:
+            cell = corrupt_batch(images, corruption, severity, suite.seed)
+            parts[suite.key(corruption, severity)].append(predict_in_batches(model, cell))
+    return {key: np.concatenate(found) for key, found in parts.items()}
 
 
 def ood_scores_of(model, images_nhwc: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:

@@ -379,6 +379,18 @@ def image_loading(data: DataConfig) -> ImageLoading:
     return ImageLoading(in_memory_max_bytes=data.in_memory_max_mb * 2**20, workers=workers)
 
 
+def split_files(
+    manifest_path: str, split_path: str, split_name: str, limit: int | None = None
+) -> tuple[list[str], torch.Tensor, np.ndarray]:
+    """Paths (relative to the data folder), labels and manifest row indices of one split (its first
+    `limit`), in the split's order."""
+    manifest = load_manifest(manifest_path)
+    indices = Split.load(split_path).indices[split_name][:limit]
+    rows = manifest.iloc[indices]
+    labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
+    return rows["path"].tolist(), labels, indices
+
+
 def load_split_images(
     data_dir: str,
     manifest_path: str,
@@ -394,15 +406,24 @@ def load_split_images(
     `framing` (fmt.framing without). The images: a uint8 tensor (N, C, H, W) when `loading` keeps
     them in memory (without `loading`, always), else an ImageFiles that decodes them a batch at a
     time; always one for a training framing, whose crops change every epoch."""
+    paths, labels, indices = split_files(manifest_path, split_path, split_name, limit)
+    return image_source(data_dir, paths, fmt, loading=loading, framing=framing), labels, indices
+
+
+def image_source(
+    data_dir: str,
+    paths: list[str],
+    fmt: ImageFormat,
+    *,
+    loading: ImageLoading | None = None,
+    framing: Framing | None = None,
+) -> ImageSource:
+    """Files under `data_dir`, framed by `framing` (fmt.framing without): a uint8 tensor (N, C, H,
+    W) when `loading` keeps them in memory (without `loading`, always), else an ImageFiles that
+    decodes them a batch at a time; always one for a training framing, whose crops change every
+    epoch."""
     framing = framing or fmt.framing
-    manifest = load_manifest(manifest_path)
-    indices = Split.load(split_path).indices[split_name][:limit]
-    rows = manifest.iloc[indices]
-    paths = rows["path"].tolist()
-    labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
     in_memory = loading is None or loading.keeps_in_memory(len(paths), fmt.channels, fmt.width, fmt.height)
     if in_memory and not framing.random:
-        images = load_images(data_dir, paths, fmt.mode, framing)
-    else:
-        images = ImageFiles(data_dir, paths, fmt.mode, framing)
-    return images, labels, indices
+        return load_images(data_dir, paths, fmt.mode, framing)
+    return ImageFiles(data_dir, paths, fmt.mode, framing)

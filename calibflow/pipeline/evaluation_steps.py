@@ -27,7 +27,7 @@ from calibflow.training.ensembles import (
     uncalibrated_probabilities,
 )
 from calibflow.gates.checks import OODScores, Predictions, ShiftedPredictions
-from calibflow.data.images import load_images
+from calibflow.data.image_files import ImageLoading, closing
 from calibflow.data.manifest import (
     load_manifest,
 )
@@ -46,7 +46,7 @@ from calibflow.evaluation.plots import (
 from calibflow.evaluation.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.evaluation.shift import evaluate_suite
 from calibflow.training.loop import intra_op_threads, resolve_runtime
-from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, soft_targets_of_rows
+from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_loading, image_source, soft_targets_of_rows
 from calibflow.pipeline.model_steps import load_logits, load_shift_logits
 
 
@@ -157,19 +157,28 @@ def evaluate_ood(
     batch_size: int = 512,
     device: str = "auto",
     threads: int | str | None = None,
+    loading: ImageLoading | None = None,
 ) -> OODEvaluation:
     """MSP and energy on the test split and on the OOD images (decoded in the model's mode and
-    size), AUROC, AUPR and FPR95 of each, and their histograms."""
+    size), AUROC, AUPR and FPR95 of each, and their histograms. `loading` (data.in_memory_max_mb,
+    data.workers): a large folder is read from its files, a batch at a time."""
     from calibflow.evaluation.ood import detection_metrics, in_distribution_score, ood_scores
     from calibflow.evaluation.plots import ood_score_histograms
 
     ood = json.loads(Path(ood_data_path).read_text())
     loaded = load_checkpoint(checkpoint, for_inference=True)
-    images = load_images(ood["local_dir"], ood["files"], loaded.image_mode, ImageFormat.of_checkpoint(loaded).framing)
+    loading = loading or image_loading(DataConfig())
+    images = image_source(ood["local_dir"], list(ood["files"]), ImageFormat.of_checkpoint(loaded), loading=loading)
     calibrator = load_calibrator(calibration.state_path)
-    with intra_op_threads(threads):
+    with intra_op_threads(threads), closing(images):
         outside_logits = predictive_logits(
-            loaded.members, images, loaded.mc_samples, loaded.mc_seed, batch_size, resolve_runtime(device).device
+            loaded.members,
+            images,
+            loaded.mc_samples,
+            loaded.mc_seed,
+            batch_size,
+            resolve_runtime(device).device,
+            workers=loading.workers,
         ).numpy()
     outside = ood_scores(outside_logits, calibrator)
     test_logits, _ = load_logits(test_logits_path)

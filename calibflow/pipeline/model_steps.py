@@ -19,11 +19,11 @@ from calibflow.training.ensembles import (
     member_seeds,
     predictive_logits,
 )
-from calibflow.data.images import load_images
+from calibflow.data.images import DECODED_AT_A_TIME, load_images
 from calibflow.training.models import ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
 from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
-from calibflow.evaluation.shift import Suite, cell_logits
+from calibflow.evaluation.shift import Suite, chunked_cell_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
 from calibflow.training.loop import (
     LOGITS_VERSION,
@@ -40,6 +40,7 @@ from calibflow.pipeline.data_steps import (
     image_format,
     image_loading,
     load_split_images,
+    split_files,
     split_soft_targets,
 )
 
@@ -286,11 +287,16 @@ def _suite_logits_of_split(
     limit: int | None = None,
 ):
     """The network's logits on every cell of `suite` applied to a split's images (the first
-    `limit`), with the images' labels and manifest rows, a cell at a time (shift.cell_logits); the logits cached by
-    content in `cache_dir`, the network run on `threads` as write_split_logits does."""
+    `limit`), with the images' labels and manifest rows. The images are decoded DECODED_AT_A_TIME
+    at a time and each such chunk's cells made and read before the next is decoded
+    (shift.chunked_cell_logits), so memory is bounded whatever `limit` or the split's size (the
+    shift-aware fit reads the whole calibration split); the logits cached by content in
+    `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint, for_inference=True)
     fmt = ImageFormat.of_checkpoint(loaded)
-    images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, limit=limit)
+    paths, labels, indices = split_files(manifest_path, split_path, split_name, limit)
+    if not paths:
+        raise ValueError(f"the {split_name} split holds no images to corrupt")
     run_on = resolve_runtime(device).device
 
     def logits_of(batch: np.ndarray) -> np.ndarray:
@@ -303,9 +309,17 @@ def _suite_logits_of_split(
             run_on,
         ).numpy()
 
+    chunks = (
+        load_images(data_dir, paths[start : start + DECODED_AT_A_TIME], fmt.mode, fmt.framing)
+        .permute(0, 2, 3, 1)
+        .contiguous()
+        .numpy()
+        for start in range(0, len(paths), DECODED_AT_A_TIME)
+    )
     with intra_op_threads(threads):
-        logits = cell_logits(
-            images.permute(0, 2, 3, 1).contiguous().numpy(),
+        logits = chunked_cell_logits(
+            chunks,
+            len(paths),
             suite,
             logits_of,
             f"{file_sha256(checkpoint)} logits {LOGITS_VERSION}",

@@ -185,7 +185,9 @@ def test_collecting_logits_stops_the_workers_it_started(folder):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_same_numbers(folder, tmp_path, workers):
+def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_same_numbers(
+    folder, tmp_path, workers, monkeypatch
+):
     """ood.path's folder is read a batch at a time above data.in_memory_max_mb: the same scores and
     detection metrics as the folder decoded into memory; a file gone mid-stream is one line."""
     import json
@@ -225,8 +227,20 @@ def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_sa
         with np.load(result.scores_path) as saved:
             return result.metrics, {key: saved[key] for key in saved.files}
 
+    from calibflow.pipeline import evaluation_steps
+
+    read_as = []
+    real_source = evaluation_steps.image_source
+
+    def spied_source(*args, **kwargs):
+        source = real_source(*args, **kwargs)
+        read_as.append(type(source))
+        return source
+
+    monkeypatch.setattr(evaluation_steps, "image_source", spied_source)
     kept_metrics, kept = scored(ImageLoading(in_memory_max_bytes=10**9, workers=workers), "kept")
     streamed_metrics, streamed = scored(ImageLoading(in_memory_max_bytes=0, workers=workers), "streamed")
+    assert read_as == [torch.Tensor, ImageFiles]
     assert streamed_metrics == kept_metrics and set(streamed) == set(kept)
     assert all(np.array_equal(streamed[key], kept[key]) for key in kept)
     assert len(kept["outside_energy"]) == len(paths)
@@ -237,4 +251,4 @@ def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_sa
     (gone / "b.png").write_bytes(b"not a png")  # passed its check, then was overwritten
     (tmp_path / "ood.json").write_text(json.dumps({**ood, "local_dir": str(gone), "files": ["a.png", "b.png"]}))
     with pytest.raises(ManifestError, match="b.png"):
-        scored(ImageLoading(in_memory_max_bytes=0, workers=workers), "gone")
+        scored(ImageLoading(in_memory_max_bytes=0, workers=workers), "gone-scores")

@@ -379,9 +379,13 @@ def test_a_network_prepared_for_inference_folds_every_batch_norm_into_its_convol
     assert norms > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
     assert sum(isinstance(m, torch.nn.Identity) for m in prepared.modules()) >= norms
     assert in_memory_format(prepared, torch.channels_last) and not prepared.training
-    sent = x.clone()
+    batch = x.contiguous(memory_format=torch.channels_last)  # as collect_logits hands it to the network
+    sent = batch.clone()
+    with torch.no_grad():
+        direct = prepared(batch)
+    assert torch.equal(batch, sent)  # normalized on a float copy, never in the caller's batch
     folded = collect_logits(prepared, x)
-    assert torch.equal(x, sent)  # normalized in place on its own float copy, never the caller's batch
+    assert torch.equal(folded, direct)
     assert not torch.equal(folded, plain)  # the last bits move
     torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
 
@@ -477,3 +481,25 @@ def test_inference_layout_gives_the_weights_back_in_the_format_they_came_in():
     with inference_layout(model, "cuda") as memory_format:
         assert memory_format == torch.contiguous_format and all(p.is_contiguous() for p in model.parameters())
     assert in_memory_format(model, torch.channels_last) and not all(p.is_contiguous() for p in model.parameters())
+
+
+def test_a_long_inference_pass_gives_freed_memory_back_and_a_short_one_does_not(tmp_path, monkeypatch):
+    """collect_logits calls malloc_trim every TRIM_EVERY_BATCHES batches (glibc keeps what forward
+    passes free), never in a pass shorter than that (a served request, a cell of the suite)."""
+    import platform
+
+    from calibflow.training import loop
+    from tests.conftest import untrained_model
+
+    model = untrained_model(tmp_path)
+    trims = []
+    real_release = loop.release_freed_memory
+    monkeypatch.setattr(loop, "release_freed_memory", lambda: trims.append(1) or real_release())
+    monkeypatch.setattr(loop, "TRIM_EVERY_BATCHES", 4)
+    long_pass = loop.collect_logits(model.network, model.images[:18], batch_size=2)  # 9 batches
+    assert len(trims) == 2
+    trims.clear()
+    short_pass = loop.collect_logits(model.network, model.images[:6], batch_size=2)  # 3 batches
+    assert trims == [] and torch.equal(short_pass, long_pass[:6])
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert loop._malloc_trim() is not None  # the real trim ran above

@@ -14,7 +14,6 @@ into a `Training` (model, optimiser, schedule, random streams, the data on the d
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import random
@@ -781,23 +780,26 @@ def collect_logits(
             bar.update(len(batch))
             if step % TRIM_EVERY_BATCHES == 0:
                 release_freed_memory()
-    release_freed_memory()
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 
-# Batches between two malloc_trim calls in an inference pass. glibc's malloc keeps the blocks a
-# forward pass frees in its arenas rather than give them back, and with batches from a DataLoader
-# worker a prepared small_cnn at 224 px grew by 1.3 GB over 6,000 photos (one trim at the end gave
-# it all back); trimming every 16 batches kept it flat at the same speed.
+# Batches between two malloc_trim calls in a long inference pass. glibc's malloc keeps the blocks
+# a forward pass frees in its arenas rather than give them back, and with batches from a
+# DataLoader worker a prepared small_cnn at 224 px grew by 1.3 GB over 6,000 photos (one trim
+# gave it all back); trimming every 16 batches kept it flat at the same speed. A shorter pass (a
+# served request, a cell of the corruption suite) never trims: a trim locks every arena while it
+# runs, and what it gives back the next batch faults in again.
 TRIM_EVERY_BATCHES = 16
 
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process runs on
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release_freed_memory() -> None:

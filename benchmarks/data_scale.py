@@ -250,6 +250,8 @@ def calibflow_run(repo: Path, streamed: bool, api_url: str, workers: int) -> dic
     # first's corruption-suite logits (and gate-power simulation) back instead of computing them
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=repo.parent))
     env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(_common.REPO), "CALIBFLOW_CACHE_DIR": str(cache)}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # the project's own store, emptied below
+        env.pop(name, None)
     shutil.rmtree(repo / ".calibflow" / "cache", ignore_errors=True)
     # an empty registry each run: a champion left by an earlier run would add its comparison (the
     # champion's predictions on the shared test images) to some runs and not others

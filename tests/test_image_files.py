@@ -189,7 +189,7 @@ def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_sa
     folder, tmp_path, workers, monkeypatch
 ):
     """ood.path's folder is read a batch at a time above data.in_memory_max_mb: the same scores and
-    detection metrics as the folder decoded into memory; a file gone mid-stream is one line."""
+    detection metrics as the folder decoded into memory; a file broken mid-stream is an error naming it."""
     import json
 
     from calibflow.calibrators import fit_calibrator

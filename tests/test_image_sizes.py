@@ -253,15 +253,25 @@ def test_the_corruption_suite_reads_a_split_a_chunk_at_a_time_with_the_same_logi
         tmp_path / "checkpoint.pt", build_model(spec).eval(), spec, ["0", "1", "2"], "RGB", framing=EVALUATION
     )
     suite = Suite(("gaussian_noise", "contrast"), (1, 5), 10**9, seed=3)
-    decoded = []
-    real_load_images = model_steps.load_images
-    monkeypatch.setattr(
-        model_steps, "load_images", lambda *a, **k: decoded.append(len(a[1])) or real_load_images(*a, **k)
-    )
+    decoded, events = [], []
+    real_decode, real_logits = model_steps.load_images_nhwc, model_steps.predictive_logits
+
+    def decode(*args, **kwargs):
+        decoded.append(len(args[1]))
+        events.append("decode")
+        return real_decode(*args, **kwargs)
+
+    def logits(*args, **kwargs):
+        events.append("read")
+        return real_logits(*args, **kwargs)
+
+    monkeypatch.setattr(model_steps, "load_images_nhwc", decode)
+    monkeypatch.setattr(model_steps, "predictive_logits", logits)
 
     def suite_logits(chunk: int, limit: int | None = None):
         monkeypatch.setattr(model_steps, "DECODED_AT_A_TIME", chunk)
         decoded.clear()
+        events.clear()
         args = (str(checkpoint), str(root), str(tmp_path / "manifest.csv"), str(tmp_path / "split.json"), "test", suite)
         return model_steps._suite_logits_of_split(
             *args, batch_size=5, device="cpu", threads=1, cache_dir=None, limit=limit
@@ -271,6 +281,8 @@ def test_the_corruption_suite_reads_a_split_a_chunk_at_a_time_with_the_same_logi
     assert decoded == [len(order)] and np.array_equal(rows, order)
     chunked, chunked_labels, chunked_rows = suite_logits(7)
     assert max(decoded) == 7 and sum(decoded) == len(order)
+    # every cell of a chunk is read before the next chunk is decoded: one chunk held at a time
+    assert events == (["decode"] + ["read"] * len(suite.cells)) * len(decoded)
     assert torch.equal(labels, chunked_labels) and np.array_equal(rows, chunked_rows)
     assert set(chunked) == set(suite.keys) and all(np.array_equal(chunked[k], whole[k]) for k in suite.keys)
     limited, _, _ = suite_logits(7, limit=10)

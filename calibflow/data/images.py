@@ -342,6 +342,21 @@ def load_images(
 ) -> torch.Tensor:
     """Decode many files (PIL releases the GIL while decoding, so threads help); `seeds`, one per
     file, for a training framing's crops."""
+    stacked = load_images_nhwc(root, relative_paths, mode, size, workers, seeds=seeds)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+def load_images_nhwc(
+    root: str | Path,
+    relative_paths: Sequence[str],
+    mode: str,
+    size: Size = None,
+    workers: int = 8,
+    *,
+    seeds: Sequence[int] | None = None,
+) -> np.ndarray:
+    """load_images' pixels as one uint8 array (N, H, W, C), as the corruption suite and the served
+    model take them, without the (N, C, H, W) copy."""
     root = Path(root)
     each = [None] * len(relative_paths) if seeds is None else [int(seed) for seed in seeds]
     with _no_bomb_warning(), ThreadPoolExecutor(max_workers=workers) as pool:
@@ -350,8 +365,7 @@ def load_images(
         )
     if not arrays:
         raise ValueError("no images to load")
-    stacked = np.stack(arrays)  # (N, H, W, C)
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+    return np.stack(arrays)
 
 
 # Images decoded at a time wherever a whole split or a corruption suite is read (evaluate, gate,

@@ -156,7 +156,7 @@ def jpeg_compression(image: np.ndarray, c: int) -> np.ndarray:
 
 # Functions on [0, 1] floats (H, W, C) with a generator (None for those in no _RANDOM); the others
 # work on uint8 images directly.
-_FLOAT_CORRUPTIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
+_FLOAT_CORRUPTIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator | None], np.ndarray]] = {
     "gaussian_noise": gaussian_noise,
     "shot_noise": shot_noise,
     "impulse_noise": impulse_noise,

@@ -1,8 +1,9 @@
 """The corruption suite: the calibrated model on corrupted copies of the test split.
 
 A suite is `shift.corruptions` x `shift.severities` (calibflow.evaluation.corruptions), each a cell, on the
-first `shift.max_images` test images. A run makes the suite a cell at a time (cell_logits), and
-caches the network's logits by content under `.calibflow/cache/shift/` (the test images' bytes, the
+first `shift.max_images` test images. A run makes the suite a chunk of images and a cell at a time
+(chunked_cell_logits), and caches the network's logits by content under `.calibflow/cache/shift/`
+(a chunk's test images' bytes, the
 cell, the seed and the checkpoint's bytes), so a rerun on the same data and weights computes
 nothing twice. What is measured per cell, before and after calibration: accuracy, ECE
 (15 bins) and NLL, and their means over the cells (Ovadia et al. 2019 report the mean over
@@ -166,6 +167,7 @@ def chunked_cell_logits(
                 chunk, suite, logits_of, model_digest, cache_dir, bar, corrupting
             ).items():
                 parts[key].append(logits)
+            del chunk  # let it go before the next one is decoded
     return {key: np.concatenate(found) for key, found in parts.items()}
 
 

@@ -19,7 +19,7 @@ from calibflow.training.ensembles import (
     member_seeds,
     predictive_logits,
 )
-from calibflow.data.images import DECODED_AT_A_TIME, load_images
+from calibflow.data.images import DECODED_AT_A_TIME, load_images, load_images_nhwc
 from calibflow.training.models import ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
 from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
@@ -310,10 +310,7 @@ def _suite_logits_of_split(
         ).numpy()
 
     chunks = (
-        load_images(data_dir, paths[start : start + DECODED_AT_A_TIME], fmt.mode, fmt.framing)
-        .permute(0, 2, 3, 1)
-        .contiguous()
-        .numpy()
+        load_images_nhwc(data_dir, paths[start : start + DECODED_AT_A_TIME], fmt.mode, fmt.framing)
         for start in range(0, len(paths), DECODED_AT_A_TIME)
     )
     with intra_op_threads(threads):

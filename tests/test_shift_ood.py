@@ -101,19 +101,21 @@ def test_suite_logits_are_made_a_cell_at_a_time_and_cached_without_storing_corru
     suite = shift.Suite(("gaussian_noise", "contrast"), (1, 5), 100, 0)
     calls = []
     logits_of = lambda images: calls.append(images.copy()) or images.reshape(len(images), -1)[:, :3].astype(float)  # noqa: E731
-    first = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    first = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
     corrupted = shift.corrupted_images(GRAY, suite)
     assert len(calls) == 4 and all(np.array_equal(c, corrupted[k]) for c, k in zip(calls, suite.keys))
     assert all(np.array_equal(first[k], corrupted[k].reshape(len(GRAY), -1)[:, :3]) for k in suite.keys)
     assert not (tmp_path / "images").exists()  # the logits are cached, never the corrupted copies
 
     monkeypatch.setattr(shift, "corrupt_batch", lambda *a, **k: pytest.fail("corrupted again"))
-    again = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    again = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
     assert len(calls) == 4 and all(np.array_equal(first[k], again[k]) for k in suite.keys)
     with pytest.raises(pytest.fail.Exception):
-        shift.cell_logits(GRAY, suite, logits_of, "model-b", tmp_path)  # other weights: not in the cache
+        shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-b", tmp_path)  # other weights: not in the cache
     with pytest.raises(pytest.fail.Exception):
-        shift.cell_logits(GRAY[:3], suite, logits_of, "model-a", tmp_path)  # other images: not in the cache
+        shift.cell_logits(
+            [GRAY[:3]], len(GRAY[:3]), suite, logits_of, "model-a", tmp_path
+        )  # other images: not in the cache
 
 
 @pytest.mark.parametrize(
@@ -492,7 +494,7 @@ def test_the_next_cell_is_corrupted_while_the_network_reads_this_one_and_cached_
         return images.reshape(len(images), -1)[:, :3].astype(float)
 
     monkeypatch.setattr(shift, "corrupt_batch", corrupt)
-    first = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    first = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
     assert made == suite.keys and list(first) == suite.keys and len(read) == 4
 
     # One cell's cache entry lost: only that cell is made and read again, and the order holds.
@@ -501,6 +503,6 @@ def test_the_next_cell_is_corrupted_while_the_network_reads_this_one_and_cached_
     made.clear()
     read.clear()
     second_started.set()
-    again = shift.cell_logits(GRAY, suite, logits_of, "model-a", tmp_path)
+    again = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
     assert len(made) == 1 and len(read) == 1 and list(again) == suite.keys
     assert all(np.array_equal(first[k], again[k]) for k in suite.keys)

@@ -2,7 +2,7 @@
 
 A suite is `shift.corruptions` x `shift.severities` (calibflow.evaluation.corruptions), each a cell, on the
 first `shift.max_images` test images. A run makes the suite a chunk of images and a cell at a time
-(chunked_cell_logits), and caches the network's logits by content under `.calibflow/cache/shift/`
+(cell_logits), and caches the network's logits by content under `.calibflow/cache/shift/`
 (a chunk's test images' bytes, the
 cell, the seed and the checkpoint's bytes), so a rerun on the same data and weights computes
 nothing twice. What is measured per cell, before and after calibration: accuracy, ECE
@@ -123,27 +123,6 @@ def suite_logits(
 
 
 def cell_logits(
-    images_nhwc: np.ndarray,
-    suite: Suite,
-    logits_of: Callable[[np.ndarray], np.ndarray],
-    model_digest: str,
-    cache_dir: str | Path | None = None,
-    progress: str | None = None,
-) -> dict[str, np.ndarray]:
-    """The network's logits on each cell's corrupted copy of uint8 images (N, H, W, C), one cell
-    at a time, in suite order. The logits are cached by the clean images' bytes, the cell, the
-    seed, CORRUPTION_VERSION and `model_digest`: a rerun on the same images and weights corrupts
-    nothing. The corrupted images themselves are not stored (cheap to make again, and large).
-
-    The next cell's images are made on a second thread while the network reads the current
-    cell's: numpy, scipy, Pillow and hashlib release the GIL in their loops, as torch does in its
-    forward pass, so with train.threads 1 a second core corrupts while the first convolves. At
-    most two corrupted copies are held at once (at 224 px, 150 MB for cells of 500 RGB images),
-    not one per cell (675 MB for nine)."""
-    return chunked_cell_logits([images_nhwc], len(images_nhwc), suite, logits_of, model_digest, cache_dir, progress)
-
-
-def chunked_cell_logits(
     chunks: Iterable[np.ndarray],
     n_images: int,
     suite: Suite,
@@ -152,11 +131,20 @@ def chunked_cell_logits(
     cache_dir: str | Path | None = None,
     progress: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """cell_logits over images that arrive as chunks of uint8 (n, H, W, C), `n_images` in all: each
-    chunk's cells are made, read and let go before the next chunk is taken, so memory is bounded by
-    the chunk, not by the number of images; the logits are concatenated in chunk order and cached
-    per chunk (a chunk's logits do not depend on the others: each image is corrupted by its own
-    seed and read in eval mode)."""
+    """The network's logits on each cell's corrupted copy of uint8 images that arrive as chunks
+    (n, H, W, C), `n_images` in all, concatenated in chunk order. Each chunk's cells are made, read
+    and let go before the next chunk is taken, so memory is bounded by the chunk, not by the number
+    of images (a chunk's logits do not depend on the others: each image is corrupted by its own
+    seed and read in eval mode). The logits are cached per chunk by its images' bytes, the cell,
+    the seed, CORRUPTION_VERSION and `model_digest`: a rerun on the same images and weights
+    corrupts nothing. The corrupted images themselves are not stored (cheap to make again, and
+    large).
+
+    The next cell's images are made on a second thread while the network reads the current
+    cell's: numpy, scipy, Pillow and hashlib release the GIL in their loops, as torch does in its
+    forward pass, so with train.threads 1 a second core corrupts while the first convolves. At
+    most two corrupted copies of a chunk are held at once (at 224 px, 150 MB for cells of 500 RGB
+    images), not one per cell (675 MB for nine)."""
     parts: dict[str, list[np.ndarray]] = {key: [] for key in suite.keys}
     with (
         progress_bar(n_images * len(suite.cells), progress or "", enabled=progress is not None) as bar,

@@ -23,7 +23,6 @@ from calibflow.gates.decisions import (
 from calibflow.training.ensembles import (
     fit_model_calibrator,
     model_calibrator_from_state,
-    predictive_logits,
     uncalibrated_probabilities,
 )
 from calibflow.gates.checks import OODScores, Predictions, ShiftedPredictions
@@ -45,9 +44,9 @@ from calibflow.evaluation.plots import (
 )
 from calibflow.evaluation.plots import risk_coverage_curve as plot_risk_coverage
 from calibflow.evaluation.shift import evaluate_suite
-from calibflow.training.loop import intra_op_threads, resolve_runtime
+from calibflow.training.loop import intra_op_threads
 from calibflow.pipeline.data_steps import ImageFormat, ManifestRecord, image_loading, image_source, soft_targets_of_rows
-from calibflow.pipeline.model_steps import load_logits, load_shift_logits
+from calibflow.pipeline.model_steps import checkpoint_logits, load_logits, load_shift_logits
 
 
 @dataclass(frozen=True)
@@ -171,14 +170,8 @@ def evaluate_ood(
     images = image_source(ood["local_dir"], list(ood["files"]), ImageFormat.of_checkpoint(loaded), loading=loading)
     calibrator = load_calibrator(calibration.state_path)
     with intra_op_threads(threads), closing(images):
-        outside_logits = predictive_logits(
-            loaded.members,
-            images,
-            loaded.mc_samples,
-            loaded.mc_seed,
-            batch_size,
-            resolve_runtime(device).device,
-            workers=loading.workers,
+        outside_logits = checkpoint_logits(
+            loaded, images, batch_size=batch_size, device=device, workers=loading.workers
         ).numpy()
     outside = ood_scores(outside_logits, calibrator)
     test_logits, _ = load_logits(test_logits_path)

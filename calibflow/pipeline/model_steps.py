@@ -20,10 +20,10 @@ from calibflow.training.ensembles import (
     predictive_logits,
 )
 from calibflow.data.images import DECODED_AT_A_TIME, load_images, load_images_nhwc
-from calibflow.training.models import ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
+from calibflow.training.models import Checkpoint, ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
 from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
-from calibflow.evaluation.shift import Suite, chunked_cell_logits
+from calibflow.evaluation.shift import Suite, cell_logits
 from calibflow.training.distributed import resolve_nproc, train_distributed
 from calibflow.training.loop import (
     LOGITS_VERSION,
@@ -33,7 +33,7 @@ from calibflow.training.loop import (
     resolve_runtime,
     train_classifier,
 )
-from calibflow.data.image_files import ImageLoading, closing
+from calibflow.data.image_files import ImageLoading, ImageSource, closing
 from calibflow.pipeline.data_steps import (
     ImageFormat,
     ManifestRecord,
@@ -235,6 +235,29 @@ def train_model(
     )
 
 
+def checkpoint_logits(
+    loaded: Checkpoint,
+    images: ImageSource,
+    *,
+    batch_size: int,
+    device: str,
+    progress: str | None = None,
+    workers: int = 0,
+) -> torch.Tensor:
+    """A checkpoint's logits on `images` (loaded for inference): (N, K), or (N, members, K) for an
+    ensemble; MC dropout's are log mean probabilities."""
+    return predictive_logits(
+        loaded.members,
+        images,
+        loaded.mc_samples,
+        loaded.mc_seed,
+        batch_size,
+        resolve_runtime(device).device,
+        progress=progress,
+        workers=workers,
+    )
+
+
 def write_split_logits(
     checkpoint: str,
     data_dir: str,
@@ -256,15 +279,12 @@ def write_split_logits(
     fmt = ImageFormat.of_checkpoint(loaded)
     loading = loading or image_loading(DataConfig())
     images, labels, indices = load_split_images(data_dir, manifest_path, split_path, split_name, fmt, loading=loading)
-    # (N, K), or (N, members, K) for an ensemble; MC dropout's are log mean probabilities.
     with intra_op_threads(threads), closing(images):
-        logits = predictive_logits(
-            loaded.members,
+        logits = checkpoint_logits(
+            loaded,
             images,
-            loaded.mc_samples,
-            loaded.mc_seed,
-            batch_size,
-            resolve_runtime(device).device,
+            batch_size=batch_size,
+            device=device,
             progress=f"logits {split_name}",
             workers=loading.workers,
         )
@@ -289,7 +309,7 @@ def _suite_logits_of_split(
     """The network's logits on every cell of `suite` applied to a split's images (the first
     `limit`), with the images' labels and manifest rows. The images are decoded DECODED_AT_A_TIME
     at a time and each such chunk's cells made and read before the next is decoded
-    (shift.chunked_cell_logits), so memory is bounded whatever `limit` or the split's size (the
+    (shift.cell_logits), so memory is bounded whatever `limit` or the split's size (the
     shift-aware fit reads the whole calibration split); the logits cached by content in
     `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint, for_inference=True)
@@ -297,16 +317,11 @@ def _suite_logits_of_split(
     paths, labels, indices = split_files(manifest_path, split_path, split_name, limit)
     if not paths:
         raise ValueError(f"the {split_name} split holds no images to corrupt")
-    run_on = resolve_runtime(device).device
 
     def logits_of(batch: np.ndarray) -> np.ndarray:
-        return predictive_logits(
-            loaded.members,
-            torch.from_numpy(batch).permute(0, 3, 1, 2),  # a view: collect_logits lays out each batch
-            loaded.mc_samples,
-            loaded.mc_seed,
-            batch_size,
-            run_on,
+        # a view: collect_logits lays out each batch
+        return checkpoint_logits(
+            loaded, torch.from_numpy(batch).permute(0, 3, 1, 2), batch_size=batch_size, device=device
         ).numpy()
 
     chunks = (
@@ -314,7 +329,7 @@ def _suite_logits_of_split(
         for start in range(0, len(paths), DECODED_AT_A_TIME)
     )
     with intra_op_threads(threads):
-        logits = chunked_cell_logits(
+        logits = cell_logits(
             chunks,
             len(paths),
             suite,

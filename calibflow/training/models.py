@@ -79,10 +79,10 @@ class ImageClassifier(nn.Module):
         self.register_buffer("std", std.reshape(1, -1, 1, 1).float())
         # Set by prepare_for_inference: uint8 batches are scaled into a new float tensor and
         # shifted in place (x * 1/(255 std) - mean/std), two passes instead of training's four.
-        self.normalize_in_one_pass = False
+        self.normalize_fused = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.normalize_in_one_pass and images.dtype == torch.uint8:
+        if self.normalize_fused and images.dtype == torch.uint8:
             # uint8 * float is a new float tensor (the same bits as .float() then mul_), so the
             # in-place step leaves the caller's batch alone
             return self.backbone((images * (1.0 / (255.0 * self.std))).sub_(self.mean / self.std))
@@ -271,7 +271,7 @@ def prepare_for_inference(
     flow, the served model's): in eval(), each BatchNorm2d whose input is a Conv2d's output and
     nothing else folded into that convolution (torch.nn.utils.fusion.fuse_conv_bn_eval), and its
     weights laid out in inference_memory_format, and uint8 batches normalized in two passes
-    (ImageClassifier.normalize_in_one_pass). A folded BatchNorm becomes an Identity and every
+    (ImageClassifier.normalize_fused). A folded BatchNorm becomes an Identity and every
     other module stays where it was, so hooks on them (MC dropout's on the head) still fire. One
     thread, 224 px, against channels_last alone: small_cnn 2.45x against 1.89x, resnet50 1.65x
     against 1.38x, mobilenet_v3_large 2.22x against 1.51x (docs/results/inference_speed.md). Its
@@ -294,7 +294,7 @@ def prepare_for_inference(
             )
         _set_module(backbone, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm))
         _set_module(backbone, norm_name, nn.Identity())
-    model.normalize_in_one_pass = True
+    model.normalize_fused = True
     model.to(memory_format=inference_memory_format(model, device))
     return model
 

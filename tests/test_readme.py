@@ -10,6 +10,7 @@ run`), and compares.
 from __future__ import annotations
 
 import ast
+import csv
 import importlib.util
 import json
 import os
@@ -158,6 +159,12 @@ def test_the_readme_headline_is_the_default_run_record():
     assert len(_readme_headline()) == len(bench.HEADLINE)
 
 
+def _curve(path: Path) -> list[dict[str, str]]:
+    """A training curve's rows without its speed (a timing, different on every run)."""
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k != "images_per_second"} for row in csv.DictReader(f)]
+
+
 @pytest.mark.e2e
 def test_the_default_run_produces_the_readme_numbers_and_figure(tmp_path, monkeypatch):
     """`make run` on a fresh clone: the default data from `dvc repro prepare`, then `calibflow run`
@@ -203,6 +210,14 @@ def test_the_default_run_produces_the_readme_numbers_and_figure(tmp_path, monkey
         expected = f"{read(as_recorded):.{digits}f}"
         assert shown_value == expected, f"README.md shows {label} {shown_value}; the run gives {expected}"
         assert f"{read(headline):.{digits}f}" == expected, f"docs/results/default_run.json: {label}"
+
+    # reports/ is tracked for `dvc metrics diff` and `dvc plots diff`: what main's default run writes
+    tracked = REPO / "reports"
+    assert json.loads((tracked / "metrics.json").read_text()) == metrics, (
+        "reports/metrics.json is not what this commit's default run writes: commit the fresh run's reports/"
+    )
+    for curve in ("train.csv", "val.csv"):
+        assert _curve(tracked / "plots" / curve) == _curve(repo / "reports" / "plots" / curve), curve
 
     figure = Image.open(REPO / "docs" / "images" / bench.IMAGE_NAME).convert("RGB")
     diagram = Image.open(repo / "reports" / "plots" / "reliability_diagram.png").convert("RGB")

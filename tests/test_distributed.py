@@ -520,3 +520,24 @@ def test_several_nodes_with_a_split_read_from_files_are_refused_before_launch(tm
     config = dataclasses.replace(DDP, nnodes=2, nproc=1)
     with pytest.raises(ConfigError, match="data.in_memory_max_mb"):
         train_distributed(TrainingInputs(SPEC, files, train[1][:20], val[0], val[1], config, 0), work_dir=tmp_path)
+
+
+def test_outliers_read_from_files_travel_as_their_file_list_and_several_nodes_refuse_them(tmp_path):
+    """train.outlier_exposure's folder read from its files goes to the torchrun workers as a file
+    list, as a split does; other nodes have no copy of the files, so several are refused."""
+    from calibflow.data.image_files import ImageFiles
+
+    (train, val, _) = digits()
+    outliers = _streamed_digits(tmp_path, train[0][:20], "outliers")
+    inputs = TrainingInputs(SPEC, train[0], train[1], val[0], val[1], DDP, 0, outlier_images=outliers)
+    bundle = distributed._bundle(inputs, 2, None)
+    assert isinstance(bundle["outliers"], dict)
+    arrived = distributed._inputs_of(bundle, rank=1).outlier_images
+    assert isinstance(arrived, ImageFiles) and torch.equal(arrived.decode(range(20)), outliers.decode(range(20)))
+    in_memory = distributed._inputs_of(
+        distributed._bundle(dataclasses.replace(inputs, outlier_images=train[0][:5]), 2, None), 1
+    )
+    assert torch.equal(in_memory.outlier_images, train[0][:5])
+    several = dataclasses.replace(inputs, config=dataclasses.replace(DDP, nnodes=2, nproc=1))
+    with pytest.raises(ConfigError, match="outlier_exposure"):
+        train_distributed(several, work_dir=tmp_path)

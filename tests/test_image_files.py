@@ -113,6 +113,32 @@ def test_training_from_the_files_equals_training_in_memory_bit_for_bit(folder, w
     assert torch.equal(logits, collect_logits(in_memory, _files(folder), batch_size=10, workers=workers))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_outlier_exposure_from_the_files_equals_outlier_exposure_in_memory_bit_for_bit(folder, workers):
+    """train.outlier_exposure's folder above data.in_memory_max_mb is read from its files, each
+    epoch's draws decoded ahead by its own workers: the same outliers, so the same weights."""
+    root, paths, labels = folder
+    decoded = load_images(root, paths, "RGB", (SIZE, SIZE))
+    inside, outside = labels < 2, (labels == 2).nonzero().flatten().tolist()
+    train, train_labels = decoded[inside], labels[inside]
+    outlier_files = ImageFiles(root, [paths[i] for i in outside], "RGB", (SIZE, SIZE))
+
+    def trained(outliers, workers=0):
+        spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=2, image_height=SIZE, image_width=SIZE, width=8)
+        config = TrainConfig(epochs=2, batch_size=16, lr=0.05, val_every=1)
+        inputs = TrainingInputs(
+            spec, train, train_labels, train, train_labels, config, seed=3, outlier_images=outliers, workers=workers
+        )
+        model, history = train_classifier(inputs, progress=False)
+        return list(model.state_dict().values()), [h.train_loss for h in history]
+
+    in_memory = trained(decoded[labels == 2])
+    streamed = trained(outlier_files, workers)
+    assert all(torch.equal(a, b) for a, b in zip(in_memory[0], streamed[0])) and in_memory[1] == streamed[1]
+    without = trained(None)  # the outliers took part: equal weights would prove nothing otherwise
+    assert not all(torch.equal(a, b) for a, b in zip(in_memory[0], without[0]))
+
+
 def test_a_split_is_read_from_its_files_above_the_memory_limit(folder, tmp_path):
     from calibflow.data.manifest import build_manifest, save_manifest
     from calibflow.data.splits import Split

@@ -281,11 +281,15 @@ def test_shift_aware_calibration_fits_on_corrupted_copies_and_is_served(tiny_rep
 
 
 def test_outlier_exposure_trains_on_its_folder_and_never_on_the_ood_one(tiny_repo, capsys):
+    """Every folder read from its files (data.in_memory_max_mb 0): the splits, the OOD folder and
+    the outlier-exposure folder, whose draws its own DataLoader worker decodes."""
     ood = add_ood_folder(tiny_repo, "ood", classes=(8, 9))
     exposure = add_ood_folder(tiny_repo, "oe", flat=False, classes=(5, 6, 7))
+    streamed = ["--set", "data.in_memory_max_mb=0", "--set", "data.workers=1"]
     assert (
         calibflow(
             ["run", "--repo", str(tiny_repo), "--set", f"ood.path={ood}", "--set", f"train.outlier_exposure={exposure}"]
+            + streamed
         )
         == 0
     )

@@ -19,7 +19,7 @@ from calibflow.training.ensembles import (
     member_seeds,
     predictive_logits,
 )
-from calibflow.data.images import DECODED_AT_A_TIME, load_images, load_images_nhwc
+from calibflow.data.images import DECODED_AT_A_TIME, load_images_nhwc
 from calibflow.training.models import Checkpoint, ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
 from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
@@ -39,6 +39,7 @@ from calibflow.pipeline.data_steps import (
     ManifestRecord,
     image_format,
     image_loading,
+    image_source,
     load_split_images,
     split_files,
     split_soft_targets,
@@ -156,7 +157,8 @@ def train_model(
     outliers = None
     if outliers_path:
         record = json.loads(Path(outliers_path).read_text())
-        outliers = load_images(record["local_dir"], record["files"], fmt.mode, fmt.framing)
+        # in memory below data.in_memory_max_mb, as a split is; else its workers decode each step's draw ahead
+        outliers = image_source(record["local_dir"], record["files"], fmt, loading=loading)
     spec = ModelSpec(
         arch=config.model.arch,
         in_channels=fmt.channels,

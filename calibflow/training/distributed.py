@@ -112,11 +112,13 @@ def train_distributed(
     and epoch statistics."""
     config = inputs.config
     nproc = resolve_nproc(config)
-    if config.nnodes > 1 and not all(isinstance(s, torch.Tensor) for s in (inputs.train_images, inputs.val_images)):
+    sources = (inputs.train_images, inputs.val_images, inputs.outlier_images)
+    if config.nnodes > 1 and not all(isinstance(s, torch.Tensor) for s in sources if s is not None):
         raise ConfigError(
-            f"train.nnodes = {config.nnodes} with splits read from their files (larger than data.in_memory_max_mb): "
+            f"train.nnodes = {config.nnodes} with images read from their files (larger than data.in_memory_max_mb): "
             f"the other nodes get the pixels in the launch bundle and have no copy of the files; raise "
-            f"data.in_memory_max_mb to hold the train and val splits in memory, or train on one node"
+            f"data.in_memory_max_mb to hold the train and val splits (and train.outlier_exposure's folder) in "
+            f"memory, or train on one node"
         )
     if inputs.weights_path and not Path(inputs.weights_path).is_file():
         raise FileNotFoundError(
@@ -155,7 +157,7 @@ def _bundle(inputs: TrainingInputs, world_size: int, checkpoints: EpochCheckpoin
         "train": (_plain(inputs.train_images), inputs.train_labels),
         "train_targets": inputs.train_targets,  # train.targets soft or sampled: (N, K), else None
         "val": (_plain(inputs.val_images), inputs.val_labels),
-        "outliers": inputs.outlier_images,
+        "outliers": _plain(inputs.outlier_images) if inputs.outlier_images is not None else None,
         "workers": inputs.workers,
         "weights_path": inputs.weights_path,  # read by rank 0, on this node
         "checkpoints": str(checkpoints.directory) if checkpoints is not None else None,
@@ -175,7 +177,7 @@ def _inputs_of(bundle: dict, rank: int) -> TrainingInputs:
         bundle["seed"],
         # DDP hands rank 0's initial weights to the others: only rank 0 reads model.weights_path
         weights_path=bundle["weights_path"] if rank == 0 else None,
-        outlier_images=bundle["outliers"],
+        outlier_images=_source(bundle["outliers"]) if bundle["outliers"] is not None else None,
         workers=bundle["workers"],
         train_targets=bundle["train_targets"],
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import itertools
 import random
 import math
 import time
@@ -219,7 +220,8 @@ class ProcessGroup:
 class TrainingInputs:
     """What a training computes its weights from: the same inputs (and train.threads) give the same
     weights, bit for bit on the CPU. `weights_path`: a state_dict to start from instead of the
-    seeded initialisation (model.weights_path); `outlier_images`: train.outlier_exposure's images.
+    seeded initialisation (model.weights_path); `outlier_images`: train.outlier_exposure's images,
+    in memory or read from their files as a split is.
     eq=False: tensors have no single truth value, so two records are equal only if they are one."""
 
     spec: ModelSpec
@@ -230,7 +232,7 @@ class TrainingInputs:
     config: TrainConfig
     seed: int
     weights_path: str | None = None
-    outlier_images: torch.Tensor | None = None
+    outlier_images: ImageSource | None = None
     workers: int = 0  # DataLoader processes for a split read from its files (ImageFiles)
     # train.targets soft or sampled: each train image's distribution over the classes (N, K)
     train_targets: torch.Tensor | None = None
@@ -245,7 +247,7 @@ class DeviceData:
     train_labels: torch.Tensor
     val_images: ImageSource
     val_labels: torch.Tensor
-    outliers: torch.Tensor | None
+    outliers: ImageSource | None
     workers: int
     val_share: ImageSource  # this process's share of the val split (all of it in one process)
     train_targets: torch.Tensor | None = None  # (N, K) float32, with train.targets soft or sampled
@@ -297,8 +299,8 @@ def train_classifier(
     `config.val_every` epochs and after the last. Under a torch.distributed process group
     (calibflow.training.distributed) each process trains through DDP on its share of every batch.
 
-    With `inputs.outlier_images` (train.outlier_exposure), each step also draws as many outliers as
-    the batch holds, forwards them in the same pass (one set of BatchNorm statistics, as Hendrycks
+    With `inputs.outlier_images` (train.outlier_exposure), each step also reads as many outliers as
+    the batch holds, drawn at random (outlier_batches), forwards them in the same pass (one set of BatchNorm statistics, as Hendrycks
     et al. 2019 do) and adds OUTLIER_EXPOSURE_WEIGHT times their cross-entropy to the uniform.
 
     With `checkpoints` (calibflow.training.resume), each completed epoch's full state is saved
@@ -307,7 +309,8 @@ def train_classifier(
     epoch's stays (an ensemble member done before a kill is not trained again); the caller clears
     them when the whole training is done."""
     config = inputs.config
-    with intra_op_threads(config.threads), closing(inputs.train_images, inputs.val_images) as also_close:
+    sources = (inputs.train_images, inputs.val_images, inputs.outlier_images)
+    with intra_op_threads(config.threads), closing(*(s for s in sources if s is not None)) as also_close:
         training = set_up_training(inputs, runtime or resolve_runtime(config.device, config.precision))
         also_close.append(training.data.val_share)
         history = resume_from_checkpoint(training, checkpoints, on_epoch_end)
@@ -444,7 +447,7 @@ def move_to_device(inputs: TrainingInputs, runtime: Runtime, group: ProcessGroup
         # taken once: a streamed share is an ImageFiles of its own, whose workers serve every pass
         val_share=val_images if group.world_size == 1 else every_nth(val_images, group.rank, group.world_size),
         val_labels=to_device(inputs.val_labels.long(), runtime),
-        outliers=to_device(outliers, runtime) if outliers is not None and len(outliers) else None,
+        outliers=_to_device(outliers, runtime) if outliers is not None and len(outliers) else None,
         workers=inputs.workers,
         train_targets=to_device(inputs.train_targets.float(), runtime) if inputs.train_targets is not None else None,
     )
@@ -475,11 +478,13 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
         pin_memory=training.runtime.on_cuda,
         seeds=_crop_seeds(training, global_batches) if crops_when_read(source) else None,
     )
-    for step, (global_batch, batch_index, batch_images) in enumerate(zip(global_batches, shares, images), start=1):
+    outliers = outlier_batches(training, shares)
+    batches = zip(global_batches, shares, images, outliers)
+    for step, (global_batch, batch_index, batch_images, batch_outliers) in enumerate(batches, start=1):
         bar.set_description_str(
             f"train epoch {epoch}/{config.epochs} batch {step}/{training.steps_per_epoch}", refresh=False
         )
-        loss = training_step(training, batch_index, batch_images, labels)
+        loss = training_step(training, batch_index, batch_images, labels, batch_outliers)
         loss_sum += loss.detach() * len(batch_index)
         seen += len(batch_index)
         bar.update(len(global_batch))  # no host sync: on a GPU the bar runs ahead of its queue
@@ -489,6 +494,24 @@ def train_one_epoch(training: Training, epoch: int, bar) -> tuple[float, float]:
     train_loss = (loss_sum / max(seen, 1)).item()
     train_seconds = time.perf_counter() - started
     return train_loss, seen / max(train_seconds, 1e-9)
+
+
+def outlier_batches(training: Training, shares: list[torch.Tensor]) -> Iterator[torch.Tensor | None]:
+    """Under outlier exposure, each step's outliers: as many as this process's share of the batch,
+    drawn with replacement for the whole epoch at its start from the augmentation stream, so that
+    a folder read from its files is decoded ahead by its own DataLoader workers while the steps
+    run (a draw per step would wait for its decoding); None for every step without."""
+    source = training.data.outliers
+    if source is None:
+        return itertools.repeat(None)
+    counts = [len(share) for share in shares]
+    drawn = torch.randint(len(source), (sum(counts),), device=training.runtime.device, generator=training.draws)
+    return read_batches(
+        source,
+        _indices_for(source, list(drawn.split(counts))),
+        workers=training.data.workers,
+        pin_memory=training.runtime.on_cuda,
+    )
 
 
 def crops_when_read(source: ImageSource) -> bool:
@@ -535,12 +558,17 @@ def sample_labels(distributions: torch.Tensor, generator: torch.Generator) -> to
 
 
 def training_step(
-    training: Training, batch_index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None
+    training: Training,
+    batch_index: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    outliers: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimiser step on the train `images` at `batch_index`, against `labels` (epoch_labels;
-    the folders' classes without); returns the step's loss."""
+    the folders' classes without), with the step's `outliers` under outlier exposure; returns the
+    step's loss."""
     config = training.config
-    images, targets, n_in = training_batch(training, batch_index, images, labels)
+    images, targets, n_in = training_batch(training, batch_index, images, labels, outliers)
     with training.runtime.autocast():
         logits = training.forward(images)
     loss = training_loss(
@@ -562,10 +590,14 @@ def training_step(
 
 
 def training_batch(
-    training: Training, batch_index: torch.Tensor, images: torch.Tensor, labels: torch.Tensor | None = None
+    training: Training,
+    batch_index: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    outliers: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """What one step forwards: the train `images` at `batch_index` on the device, augmented and
-    mixed (train.augment, train.mix), then as many outliers under outlier exposure; their
+    mixed (train.augment, train.mix), then the step's `outliers` under outlier exposure; their
     targets; and how many of the images are the batch's own (the rest are outliers)."""
     config, data = training.config, training.data
     labels = data.train_labels if labels is None else labels
@@ -577,17 +609,17 @@ def training_batch(
         images, targets = training.mixer(images.float().div_(255.0), targets)
     n_in = len(images)
     if data.outliers is not None:
-        images = torch.cat([images, draw_outliers(training, n_in, images.dtype)])
+        if outliers is None or len(outliers) != n_in:
+            raise ValueError(f"outlier exposure needs {n_in} outliers for this step, as many as its own images")
+        images = torch.cat([images, augmented_outliers(training, outliers, images.dtype)])
     if training.runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets, n_in
 
 
-def draw_outliers(training: Training, count: int, dtype: torch.dtype) -> torch.Tensor:
-    """`count` outlier images drawn at random, augmented as the batch is, as `dtype`."""
-    outliers = training.data.outliers
-    drawn = torch.randint(len(outliers), (count,), device=training.runtime.device, generator=training.draws)
-    outliers = outliers[drawn]
+def augmented_outliers(training: Training, outliers: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A step's outlier images on the device, augmented as the batch is, as `dtype`."""
+    outliers = outliers.to(training.runtime.device, non_blocking=True)
     if training.config.augment:
         outliers = random_translate(outliers, training.max_shift, training.config.hflip, training.draws)
     # after mixing the batch is float on [0, 1]; the model reads uint8 or that scale

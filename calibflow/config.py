@@ -609,7 +609,8 @@ class ShiftConfig:
     severities: tuple[int, ...] = bounded(
         (1, 3, 5), ONCE_EACH, Each(Range(1, 5, message="{key}: {value} is not a severity; use integers from 1 to 5"))
     )
-    # The first N test images (all of them when fewer).
+    # At most N test images (all of them when fewer), each class its share, in the split's seeded
+    # content-hash order within a class (calibflow.data.splits.stratified_subset).
     max_images: int = bounded(500, POSITIVE, _at_most(MAX_IMAGES, "the number of test images"))
 
     def validate(self) -> None:

@@ -268,14 +268,12 @@ def test_the_corruption_suite_reads_a_split_a_chunk_at_a_time_with_the_same_logi
     monkeypatch.setattr(model_steps, "load_images_nhwc", decode)
     monkeypatch.setattr(model_steps, "predictive_logits", logits)
 
-    def suite_logits(chunk: int, limit: int | None = None):
+    def suite_logits(chunk: int, of: Suite = suite):
         monkeypatch.setattr(model_steps, "DECODED_AT_A_TIME", chunk)
         decoded.clear()
         events.clear()
-        args = (str(checkpoint), str(root), str(tmp_path / "manifest.csv"), str(tmp_path / "split.json"), "test", suite)
-        return model_steps._suite_logits_of_split(
-            *args, batch_size=5, device="cpu", threads=1, cache_dir=None, limit=limit
-        )
+        args = (str(checkpoint), str(root), str(tmp_path / "manifest.csv"), str(tmp_path / "split.json"), "test", of)
+        return model_steps._suite_logits_of_split(*args, batch_size=5, device="cpu", threads=1, cache_dir=None)
 
     whole, labels, rows = suite_logits(10**6)
     assert decoded == [len(order)] and np.array_equal(rows, order)
@@ -285,7 +283,7 @@ def test_the_corruption_suite_reads_a_split_a_chunk_at_a_time_with_the_same_logi
     assert events == (["decode"] + ["read"] * len(suite.cells)) * len(decoded)
     assert torch.equal(labels, chunked_labels) and np.array_equal(rows, chunked_rows)
     assert set(chunked) == set(suite.keys) and all(np.array_equal(chunked[k], whole[k]) for k in suite.keys)
-    limited, _, _ = suite_logits(7, limit=10)
+    limited, _, _ = suite_logits(7, dataclasses.replace(suite, max_images=10, selection="first"))
     assert decoded == [7, 3] and all(np.array_equal(limited[k], whole[k][:10]) for k in suite.keys)
 
     # evaluate and gate: the served model's probabilities on the same corrupted pixels

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -506,3 +509,41 @@ def test_the_next_cell_is_corrupted_while_the_network_reads_this_one_and_cached_
     again = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
     assert len(made) == 1 and len(read) == 1 and list(again) == suite.keys
     assert all(np.array_equal(first[k], again[k]) for k in suite.keys)
+
+
+def test_the_suite_corrupts_every_class_of_a_larger_test_split_and_old_records_their_first_rows():
+    import pandas as pd
+
+    from calibflow.evaluation.shift import Suite, suite_of
+
+    labels = np.repeat(np.arange(10), 100)  # a manifest in its order: class by class
+    manifest = pd.DataFrame({"label_index": labels, "sha256": [f"{i:064x}" for i in range(1000)]})
+    test_rows = np.flatnonzero(np.arange(1000) % 10 < 7)  # 70 per class, ascending as a Split holds them
+    suite = suite_of(load_config(None, []).shift, seed=0)
+    rows = suite.images(test_rows, manifest)
+    assert suite.max_images == 500 and len(rows) == 500 and np.isin(rows, test_rows).all()
+    assert np.bincount(labels[rows]).tolist() == [50] * 10
+    assert np.array_equal(Suite.from_json(suite.to_json()).images(test_rows, manifest), rows)
+
+    # a version registered before the suite recorded its selection was measured on the first rows
+    old = json.loads(suite.to_json())
+    del old["selection"]
+    first = Suite.from_json(json.dumps(old)).images(test_rows, manifest)
+    assert np.array_equal(first, test_rows[:500]) and np.bincount(labels[first], minlength=10).tolist()[7:] == [
+        10,
+        0,
+        0,
+    ]
+    assert np.array_equal(suite.images(test_rows[:300], manifest), test_rows[:300])  # fewer: every one
+
+
+def test_an_ood_folder_larger_than_max_images_is_sampled_from_every_sub_folder():
+    from calibflow.evaluation.ood import _used
+
+    files = [f"{folder}/{i:03d}.png" for folder in ("a", "b", "c", "d") for i in range(100)]
+    digests = {name: hashlib.sha256(name.encode()).hexdigest() for name in files}
+    used = _used(files, digests, 100)
+    assert len(used) == 100 and list(used) == sorted(used)
+    per_folder = [sum(name.startswith(f"{folder}/") for name in used) for folder in "abcd"]
+    assert min(per_folder) >= 10, per_folder  # the first 100 by path: [100, 0, 0, 0]
+    assert _used(files[:50], digests, 100) == tuple(files[:50])

@@ -137,3 +137,26 @@ def test_calibflow_run_refuses_a_single_class_test_split_with_exit_2_before_trai
     assert "the test split of data/tiny holds images of one class only" in said, err[-3000:]
     assert "Traceback" not in err
     assert not any((tiny_repo / ".calibflow" / "runs").glob("*/checkpoint.pt"))  # refused before training
+
+
+def test_a_stratified_subset_gives_each_class_its_share_and_keeps_its_images_as_data_grows():
+    """What the corruption suite reads of a larger test split: rows in manifest order are class by
+    class, so the first 500 of the default 720 test images held no 7, 8 or 9."""
+    from calibflow.data.splits import stratified_subset
+
+    labels = make_labels([72] * 10)
+    groups = np.array([f"h{i}" for i in range(len(labels))])
+    picked = stratified_subset(labels, groups, 500, seed=0)
+    assert len(picked) == 500 and np.all(np.diff(picked) > 0)
+    assert sorted(np.bincount(labels[picked]).tolist()) == [50] * 10
+    uneven = make_labels([300, 100, 10])
+    counts = np.bincount(uneven[stratified_subset(uneven, np.arange(410).astype(str), 41, seed=0)])
+    assert counts.tolist() == [30, 10, 1]
+    assert np.array_equal(stratified_subset(labels, groups, 720, seed=0), np.arange(720))
+    assert not np.array_equal(picked, stratified_subset(labels, groups, 500, seed=1))
+
+    grown_labels = np.concatenate([labels, make_labels([8] * 10)])
+    grown_groups = np.concatenate([groups, [f"new{i}" for i in range(80)]])
+    grown = stratified_subset(grown_labels, grown_groups, 500, seed=0)
+    kept = len(np.intersect1d(groups[picked], grown_groups[grown])) / 500
+    assert kept > 0.8, kept  # a fresh random 500 of 800 would keep about 500/800 = 62%

@@ -111,6 +111,23 @@ def stratified_split(
     )
 
 
+def stratified_subset(labels: np.ndarray, groups: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Positions of at most `limit` of the rows whose `labels` and `groups` (content hashes) are
+    given, ascending: each class keeps its share of the rows (largest remainder), and within a
+    class the rows come in the split's seeded content-hash order, so a subset of grown data keeps
+    most of the images it had. Every row when there are `limit` or fewer."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    take = _largest_remainder(limit, counts.astype(np.float64))
+    chosen = []
+    for label, n in zip(classes, take):
+        members = np.flatnonzero(labels == label)
+        chosen.append(members[np.argsort(_keyed_hashes(groups[members], seed), kind="stable")[:n]])
+    return np.sort(np.concatenate(chosen))
+
+
 def _keyed_hashes(group_ids: np.ndarray, seed: int) -> np.ndarray:
     """A seeded pseudo-random sort key per group that depends on nothing else (not on the other
     images), which is what makes the split stable as data is added."""

@@ -32,7 +32,7 @@ class OODData:
     path: str  # ood.path, relative to the repository root
     local_dir: str
     dvc_hash: str
-    files: tuple[str, ...]  # relative paths of the images used (the first ood.max_images, sorted)
+    files: tuple[str, ...]  # relative paths of the images used (at most ood.max_images: _used), sorted
     rev: str = "workspace"  # the git commit the folder was read at, or "workspace" (versioning.DataVersion.rev)
 
 
@@ -82,8 +82,9 @@ def check_ood_folder(
         raise OODDataError(str(error).replace("data.path", key)) from error
     root = Path(version.local_dir)
     not_images, unreadable, overlapping, shared = [], [], [], []
+    digests = {}
     for relative in files:
-        digest = hashlib.sha256((root / relative).read_bytes()).hexdigest()
+        digest = digests[relative] = hashlib.sha256((root / relative).read_bytes()).hexdigest()
         if digest in training_hashes:
             overlapping.append(relative)
         if digest in other_hashes:
@@ -127,9 +128,18 @@ def check_ood_folder(
         path=version.path,
         local_dir=str(root),
         dvc_hash=version.dvc_hash,
-        files=tuple(files[:max_images]),
+        files=_used(files, digests, max_images),
         rev=version.rev,
     )
+
+
+def _used(files: list[str], digests: dict[str, str], max_images: int) -> tuple[str, ...]:
+    """At most `max_images` of a folder's files (sorted), taken in the order of their content
+    hashes: a sample spread over every sub-folder alike (the first by path would take the first
+    sub-folders whole and none of the last), that keeps most of its images as the folder grows."""
+    if len(files) <= max_images:
+        return tuple(files)
+    return tuple(sorted(sorted(files, key=lambda relative: digests[relative])[:max_images]))
 
 
 def folder_hashes(data: OODData) -> set[str]:

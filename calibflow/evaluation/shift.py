@@ -1,7 +1,7 @@
 """The corruption suite: the calibrated model on corrupted copies of the test split.
 
-A suite is `shift.corruptions` x `shift.severities` (calibflow.evaluation.corruptions), each a cell, on the
-first `shift.max_images` test images. A run makes the suite a chunk of images and a cell at a time
+A suite is `shift.corruptions` x `shift.severities` (calibflow.evaluation.corruptions), each a cell, on at
+most `shift.max_images` test images, each class its share of them (Suite.images). A run makes the suite a chunk of images and a cell at a time
 (cell_logits), and caches the network's logits by content under `.calibflow/cache/shift/`
 (a chunk's test images' bytes, the
 cell, the seed and the checkpoint's bytes), so a rerun on the same data and weights computes
@@ -17,7 +17,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import numpy as np
 
@@ -36,6 +36,11 @@ class Suite:
     severities: tuple[int, ...]
     max_images: int
     seed: int
+    # Which max_images test images a larger test split lends the suite: "stratified" (each class
+    # its share, calibflow.data.splits.stratified_subset); "first" (the split's first rows, which
+    # are in manifest order and so class by class) is how versions whose record names no
+    # selection were measured, kept so `calibflow evaluate` reproduces them.
+    selection: Literal["stratified", "first"] = "stratified"
 
     @property
     def cells(self) -> list[tuple[str, int]]:
@@ -60,7 +65,23 @@ class Suite:
             tuple(int(s) for s in raw["severities"]),
             int(raw["max_images"]),
             int(raw["seed"]),
+            raw.get("selection", "first"),
         )
+
+    def images(self, rows: np.ndarray, manifest) -> np.ndarray:
+        """The manifest rows (of `rows`, a split's, ascending) whose images the suite corrupts:
+        all of them up to max_images, else a subset chosen by `selection`. `manifest`: a
+        DataFrame with calibflow.data.manifest's columns."""
+        rows = np.asarray(rows)
+        if self.selection == "first":
+            return rows[: self.max_images]
+        from calibflow.data.splits import stratified_subset
+
+        chosen = manifest.iloc[rows]
+        picked = stratified_subset(
+            chosen["label_index"].to_numpy(), chosen["sha256"].to_numpy(), self.max_images, self.seed
+        )
+        return rows[picked]
 
 
 def suite_of(shift, seed: int) -> Suite | None:

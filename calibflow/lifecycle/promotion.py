@@ -300,7 +300,7 @@ def evaluation_set(
                 f"gates.max_shift_ece_increase, or retrain with a shift: suite"
             )
         suite = Suite.from_json(candidate.tags[SUITE_TAG])
-        rows = test_rows[: suite.max_images]
+        rows = suite.images(test_rows, manifest)
         shifted = ShiftedPredictions(
             suite, rows, shift_predictions(candidate_model, data.local_dir, manifest, rows, suite)
         )

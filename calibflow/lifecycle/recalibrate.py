@@ -98,7 +98,7 @@ def _shift_inputs(served, calibrator, new: NewImages, config: Config, champion, 
     if gates.max_shift_ece is None and gates.max_shift_ece_increase is None:
         return None, None, {}, None
     suite = suite_of(config.shift, config.seed)
-    rows = new.test_rows[: suite.max_images]
+    rows = suite.images(new.test_rows, new.manifest)
     labels = new.labels[rows]
     champion_model = champion_loaded = None
     if champion is not None and gates.max_shift_ece_increase is not None:

@@ -243,7 +243,7 @@ def reproduce_shift(model, record: registration.VersionRecord, rebuilt: RebuiltT
     suite = Suite.from_json(record.tags[SUITE_TAG])
     with tempfile.TemporaryDirectory() as tmp:
         logged_result = json.loads(verified_run_artifact(record, "shift/shift_metrics.json", tmp).read_text())
-    rows = rebuilt.split.indices["test"][: suite.max_images]
+    rows = suite.images(rebuilt.split.indices["test"], rebuilt.manifest)
     labels = rebuilt.manifest["label_index"].to_numpy()[rows]
     n_bins = int(record.tags.get("n_bins", DEFAULT_N_BINS))
     recomputed, logged = {}, {}

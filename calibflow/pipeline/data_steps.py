@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from calibflow.data.splits import Split, stratified_split
 from calibflow.training.distributed import resolve_nproc
 from calibflow.training.models import Checkpoint
 from calibflow.data.validation import ValidationReport, validate_manifest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -380,12 +384,19 @@ def image_loading(data: DataConfig) -> ImageLoading:
 
 
 def split_files(
-    manifest_path: str, split_path: str, split_name: str, limit: int | None = None
+    manifest_path: str,
+    split_path: str,
+    split_name: str,
+    limit: int | None = None,
+    *,
+    choose: Callable[[np.ndarray, pd.DataFrame], np.ndarray] | None = None,
 ) -> tuple[list[str], torch.Tensor, np.ndarray]:
     """Paths (relative to the data folder), labels and manifest row indices of one split (its first
-    `limit`), in the split's order."""
+    `limit`, or the rows `choose` picks from the split's and the manifest), in the split's order."""
     manifest = load_manifest(manifest_path)
     indices = Split.load(split_path).indices[split_name][:limit]
+    if choose is not None:
+        indices = choose(indices, manifest)
     rows = manifest.iloc[indices]
     labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
     return rows["path"].tolist(), labels, indices

@@ -306,17 +306,19 @@ def _suite_logits_of_split(
     device: str,
     threads: int | str | None,
     cache_dir: str | None,
-    limit: int | None = None,
+    whole_split: bool = False,
 ):
-    """The network's logits on every cell of `suite` applied to a split's images (the first
-    `limit`), with the images' labels and manifest rows. The images are decoded DECODED_AT_A_TIME
-    at a time and each such chunk's cells made and read before the next is decoded
-    (shift.cell_logits), so memory is bounded whatever `limit` or the split's size (the
-    shift-aware fit reads the whole calibration split); the logits cached by content in
+    """The network's logits on every cell of `suite` applied to a split's images (those the suite
+    picks, Suite.images; every one with `whole_split`), with the images' labels and manifest rows.
+    The images are decoded DECODED_AT_A_TIME at a time and each such chunk's cells made and read
+    before the next is decoded (shift.cell_logits), so memory is bounded whatever the split's size
+    (the shift-aware fit reads the whole calibration split); the logits cached by content in
     `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint, for_inference=True)
     fmt = ImageFormat.of_checkpoint(loaded)
-    paths, labels, indices = split_files(manifest_path, split_path, split_name, limit)
+    paths, labels, indices = split_files(
+        manifest_path, split_path, split_name, choose=None if whole_split else suite.images
+    )
     if not paths:
         raise ValueError(f"the {split_name} split holds no images to corrupt")
 
@@ -356,8 +358,8 @@ def write_shift_logits(
     cache_dir: str | None = None,
     threads: int | str | None = None,
 ) -> str:
-    """The network's logits on every cell of the corruption suite (the first suite.max_images test
-    images, corrupted), saved with their labels and manifest rows."""
+    """The network's logits on every cell of the corruption suite (on the test images it picks,
+    Suite.images), saved with their labels and manifest rows."""
     logits, labels, indices = _suite_logits_of_split(
         checkpoint,
         data_dir,
@@ -369,7 +371,6 @@ def write_shift_logits(
         device=device,
         threads=threads,
         cache_dir=cache_dir,
-        limit=suite.max_images,
     )
     np.savez(
         out_path,
@@ -412,6 +413,7 @@ def write_shift_aware_logits(
         device=device,
         threads=threads,
         cache_dir=cache_dir,
+        whole_split=True,
     )
     with np.load(calibration_logits_path) as saved:
         clean, labels, rows = saved["logits"], saved["labels"], saved["indices"]

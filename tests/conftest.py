@@ -139,18 +139,28 @@ class ServedModel:
 
     def predict(self, images):
         """The server's predictions for uint8 `images`, as float64."""
-        import json
-        import urllib.request
-
         import numpy as np
+
+        status, answer = self.answer(images)
+        assert status == 200, answer
+        return np.asarray(answer["predictions"], dtype=np.float64)
+
+    def answer(self, images) -> tuple[int, dict]:
+        """The HTTP status and JSON body the server answers for `images`."""
+        import json
+        import urllib.error
+        import urllib.request
 
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/invocations",
             data=json.dumps({"inputs": images.tolist()}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return np.asarray(json.loads(answer.read())["predictions"], dtype=np.float64)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read())
 
     def stop(self) -> None:
         try:
@@ -164,15 +174,21 @@ class ServedModel:
             self.process.wait()
 
 
-def mlflow_serve_predict(repo: Path, model_uri: str, images, work: Path):
-    """The predictions `mlflow models serve -m model_uri` answers for `images` over the repo's SQLite
-    store, as float64; the server is stopped before this returns. Its log: work/serve.log."""
+def mlflow_server(repo: Path, model_uri: str, work: Path) -> ServedModel:
+    """`mlflow models serve -m model_uri` over the repo's SQLite store, answering; the caller stops
+    it. Its log: work/serve.log."""
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo.resolve() / 'mlflow.db'}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    server = ServedModel(model_uri, env, work / "serve.log")
+    return ServedModel(model_uri, env, work / "serve.log")
+
+
+def mlflow_serve_predict(repo: Path, model_uri: str, images, work: Path):
+    """The predictions `mlflow models serve -m model_uri` answers for `images`, as float64; the
+    server is stopped before this returns."""
+    server = mlflow_server(repo, model_uri, work)
     try:
         return server.predict(images)
     finally:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from calibflow.tracking import registration, store
 from cli.main import main as calibflow
-from tests.conftest import TINY_PARAMS, dvc, mlflow_serve_predict, run
+from tests.conftest import TINY_PARAMS, dvc, mlflow_server, run
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-digits"
@@ -86,7 +86,15 @@ def test_photos_of_mixed_sizes_train_register_reproduce_and_serve_at_any_size(
     with Image.open(photo_path) as image:
         photo = np.asarray(image.convert("RGB"))[None]
     assert photo.shape[1:3] != (SIDE, SIDE)
-    served = mlflow_serve_predict(photo_repo, f"models:/{MODEL}/1", photo, tmp_path)
+    server = mlflow_server(photo_repo, f"models:/{MODEL}/1", tmp_path)
+    try:
+        served = server.predict(photo)
+        # an image the model cannot read: a 400 that says why, not MLflow's "unexpected error"
+        status, refused = server.answer(np.zeros((1, 5, 40, 3), dtype=np.uint8))
+    finally:
+        server.stop()
+    assert status == 400 and refused["error_code"] == "INVALID_PARAMETER_VALUE", refused
+    assert "image 0 of the request: 40x5 pixels" in refused["message"] and "send a larger image" in refused["message"]
     in_process = model.predict(photo)
     np.testing.assert_allclose(served, in_process, rtol=0, atol=1e-6)
     capsys.readouterr()

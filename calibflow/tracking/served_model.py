@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Mapping
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import Schema, TensorSpec
 
 from calibflow.disk_cache import file_sha256
@@ -56,6 +58,16 @@ OUTPUTS = ("probabilities", "decisions", "ood")
 # of framed images, and files they framed themselves).
 INPUT_PARAM = "input"
 INPUTS = ("photos", "framed")
+
+
+class RequestError(MlflowException, ValueError):
+    """A request the served model cannot answer, said in words. An MlflowException with
+    INVALID_PARAMETER_VALUE, so that `mlflow models serve` answers 400 with this message (any other
+    exception becomes its generic "unexpected error" with the message buried in a stack trace);
+    a ValueError, for callers in this process."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
@@ -126,17 +138,17 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         and evaluation. ValueError naming the image for one below the model's smallest side."""
         from PIL import Image
 
-        from calibflow.errors import ManifestError
-
         if images.shape[1:3] == (self.image_size[1], self.image_size[0]) and self.framing.resize is None:
             return images  # already the one size, which a stretch leaves as it is
         out = []
         for index, image in enumerate(images):
             picture = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, mode=self.image_mode)
-            try:
-                self.framing.check_size(f"image {index} of the request", picture.size)
-            except ManifestError as error:
-                raise ValueError(str(error)) from None
+            if min(picture.size) < self.framing.min_side:
+                raise RequestError(
+                    f"image {index} of the request: {picture.size[0]}x{picture.size[1]} pixels, smaller than "
+                    f"the {self.framing.min_side} pixels on its shorter side this model was trained to read "
+                    f"(data.min_side): send a larger image"
+                )
             array = np.asarray(self.framing.apply(picture), dtype=np.uint8)
             out.append(array[:, :, None] if array.ndim == 2 else array)
         return np.stack(out)
@@ -152,7 +164,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         images = np.asarray(images, dtype=np.uint8)
         channels = len(self.image_mode)
         if images.ndim != 4 or images.shape[3] != channels:
-            raise ValueError(
+            raise RequestError(
                 f"expected a batch of {self.image_mode} images shaped (N, H, W, {channels}), got shape {images.shape}"
             )
         if len(images) == 0:  # an empty batch has an empty answer, not an error
@@ -160,7 +172,7 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         if not framed:
             images = self.framed(images)
         elif images.shape[1:3] != (self.image_size[1], self.image_size[0]):
-            raise ValueError(
+            raise RequestError(
                 f"params {{'{INPUT_PARAM}': 'framed'}} reads images at the network's {self.image_size[0]}x"
                 f"{self.image_size[1]}, got {images.shape[2]}x{images.shape[1]}: send them with the default "
                 f"'{INPUTS[0]}' for the model to frame them"
@@ -181,10 +193,10 @@ class CalibratedImageClassifier(mlflow.pyfunc.PythonModel):
         params = params or {}
         output = params.get(OUTPUT_PARAM, OUTPUTS[0])
         if output not in OUTPUTS:
-            raise ValueError(f"params {{'{OUTPUT_PARAM}': {output!r}}}: use one of {', '.join(OUTPUTS)}")
+            raise RequestError(f"params {{'{OUTPUT_PARAM}': {output!r}}}: use one of {', '.join(OUTPUTS)}")
         given = params.get(INPUT_PARAM, INPUTS[0])
         if given not in INPUTS:
-            raise ValueError(f"params {{'{INPUT_PARAM}': {given!r}}}: use one of {', '.join(INPUTS)}")
+            raise RequestError(f"params {{'{INPUT_PARAM}': {given!r}}}: use one of {', '.join(INPUTS)}")
         framed = given == "framed"
         if output == "ood":
             return self.ood(model_input, framed=framed)

@@ -112,6 +112,7 @@ def test_a_transparent_file_fails_validation_by_name_before_anything_trains(tmp_
     assert not report.success and [f.check for f in report.failures] == ["every file decodes as an image"]
     text = report.failures[0].describe()
     assert "1 of 8 files" in text and "b/see-through.png" in text and "transparent pixels" in text
+    assert "save it without alpha, or remove it from the folder" in text  # the fix, not cut off
 
 
 @pytest.mark.parametrize("mode", ["I", "F"])

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("path", "label", "size", "mode", "sha256", "decodable", "error", "split")
 EXAMPLES = 5  # offending examples named per failed check
+EXAMPLE_CHARS = 240  # of each example's reason
 _PARTIAL = 20  # GX partial_unexpected_count: examples GX returns per expectation
 
 # Check keys, in report order. The key travels in each expectation's meta.
@@ -162,7 +163,8 @@ def _example(row: dict[str, Any], keys: Sequence[str]) -> str:
     parts = [str(row.get(k, "")) for k in keys]
     head, rest = parts[0], [p for p in parts[1:] if p]
     if rest:
-        extra = "; ".join(p if len(p) <= 80 else p[:77] + "..." for p in rest)
+        # long enough for a decoder's reason and its fix, which a shorter cut lost
+        extra = "; ".join(p if len(p) <= EXAMPLE_CHARS else p[: EXAMPLE_CHARS - 3] + "..." for p in rest)
         return f"{head} ({extra})"
     return head
 

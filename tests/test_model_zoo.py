@@ -5,6 +5,7 @@ one here: nothing is downloaded), and the fine-tuning knobs. docs/models.md desc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -366,3 +367,34 @@ def test_a_weights_file_torch_cannot_read_as_a_state_dict_is_a_config_error(tmp_
     with pytest.raises(ConfigError, match=str(path)) as refused:
         load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4)), path, "small_cnn")
     assert errors.policy_of(refused.value).exit_code == 2
+
+
+def test_a_relative_weights_path_is_read_from_the_repository_and_a_missing_one_refused(tmp_path, monkeypatch):
+    from calibflow.pipeline.model_steps import initial_weights
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (repo / "weights").mkdir(parents=True)
+    elsewhere.mkdir()
+    torch.save(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4)).state_dict(), repo / "weights" / "init.pt")
+    monkeypatch.chdir(elsewhere)  # the repository, not the current directory
+    config = load_config(None, ["model.weights_path=weights/init.pt"])
+    found = initial_weights(config, repo)
+    assert found.path == str((repo / "weights" / "init.pt").resolve())
+    assert found.sha256 == hashlib.sha256((repo / "weights" / "init.pt").read_bytes()).hexdigest()
+    assert initial_weights(load_config(None, []), repo) is None  # the seeded initialisation: no file
+
+    with pytest.raises(ConfigError) as refused:
+        initial_weights(load_config(None, ["model.weights_path=weights/missing.pt"]), repo)
+    assert str(repo / "weights" / "missing.pt") in str(refused.value) and "does not exist" in str(refused.value)
+    assert errors.policy_of(refused.value).exit_code == 2
+
+
+def test_a_pretrained_files_digest_is_of_its_bytes(hub):
+    from calibflow.pipeline.model_steps import initial_weights
+
+    fake_hub_file("mobilenet_v3_small", "DEFAULT", seed=1)
+    config = load_config(None, ["model.arch=mobilenet_v3_small", "model.pretrained=DEFAULT"])
+    before = initial_weights(config, ".")
+    fake_hub_file("mobilenet_v3_small", "DEFAULT", seed=2)  # the same name, other weights
+    after = initial_weights(config, ".")
+    assert before.path == after.path and before.sha256 != after.sha256

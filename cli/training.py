@@ -23,7 +23,7 @@ def add_parsers(commands) -> None:
     run_parser.add_argument(
         "--force",
         action="store_true",
-        help="retrain even when a registered version was built from the same data, params and code",
+        help="retrain even when a registered version was built from the same data, params, initial weights and code",
     )
     add_json(run_parser, "the result")
 

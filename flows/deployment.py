@@ -29,7 +29,7 @@ from flows.train_calibrate import train_calibrate_register
 
 DESCRIPTION = (
     "Retrain, calibrate, gate and register on a schedule (calibflow). Skips when @champion was built "
-    "from the same data, params and code; run with force=true to retrain anyway."
+    "from the same data, params, initial weights and code; run with force=true to retrain anyway."
 )
 
 

@@ -56,6 +56,7 @@ from tasks.modeling import (
     fit_calibration,
     find_same_build,
     fit_decisions,
+    hash_initial_weights,
     record_version_lineage,
     regate_version,
     train_model,
@@ -118,15 +119,16 @@ def record_failure(run, error: Exception, evaluation, fit, verdict, final=None) 
         )
 
 
-def unchanged_inputs(run, config, same, data, repo_root: str) -> dict:
-    """The run's end when a registered version was built from this data, params and code: nothing
-    is trained or registered. When only gates.* differ from what that version was gated under, it
-    is gated again under the new thresholds (the verdict recorded on this run, no alias moved):
-    a refusal carrying GatesFailed (exit 1) when it fails them; otherwise the run is skipped, saying
-    which version."""
+def unchanged_inputs(run, config, same, data, initial, repo_root: str) -> dict:
+    """The run's end when a registered version was built from this data, params, initial weights
+    and code: nothing is trained or registered. When only gates.* differ from what that version was
+    gated under, it is gated again under the new thresholds (the verdict recorded on this run, no
+    alias moved): a refusal carrying GatesFailed (exit 1) when it fails them; otherwise the run is
+    skipped, saying which version."""
+    weights = f"initial weights ({initial.sha256[:12]}) " if initial else ""
     built = (
         f"{same.describe()} of {same.name} was built from the same data ({data.dvc_hash}), params "
-        f"({config.params_hash}) and code ({run.git_commit[:12]})"
+        f"({config.params_hash}), {weights}and code ({run.git_commit[:12]})"
     )
     if not same.changed_gates:
         return _skipped(run, same, f"{built}; nothing to retrain (use --force)")
@@ -203,13 +205,14 @@ def train_calibrate_register(
     evaluation = fit = verdict = final = report = None
     try:
         data = pin_data_version(repo_root, config.data.path, data_rev, run.run_id)
-        same = None if force else find_same_build(run, data, config)
+        initial = hash_initial_weights(run, config, repo_root)  # part of the build: its bytes, not its name
+        same = None if force else find_same_build(run, data, config, initial)
         if same is not None:
-            return unchanged_inputs(run, config, same, data, repo_root)
+            return unchanged_inputs(run, config, same, data, initial, repo_root)
         manifest = build_manifest(data, run.work_dir, run.run_id)
         split = split_dataset(manifest, config, run.work_dir, run.run_id)
         validate_data(manifest, split, config, run.work_dir, run.run_id, repo_root, data_dir=data.local_dir)
-        check_run_settings(manifest, split, config, data.local_dir)
+        check_run_settings(manifest, split, config, data.local_dir, initial)
         check_decision_settings(manifest, split, config)
         ood_data = check_ood_data(repo_root, manifest, config, run.work_dir, run.run_id)
         outliers = check_outlier_data(repo_root, manifest, ood_data, config, run.work_dir, run.run_id)
@@ -226,6 +229,7 @@ def train_calibrate_register(
                 split=split,
                 outliers=outliers,
                 checkpoint_dir=str(checkpoint_root(repo_root)),
+                initial=initial,
             )
         finally:
             gate_power.wait()  # its tag lands before a failed run is closed, too
@@ -287,6 +291,7 @@ def train_calibrate_register(
             decided=decided,
             shifted=shifted,
             ood=ood,
+            initial=initial,
         )
         # Registered, then promoted, the run closed and the report published; or all taken back.
         with registration_transaction(registered, undo=undo_registration) as version:

@@ -49,13 +49,30 @@ def check_gate_power(
     return warning
 
 
+@task(name="hash-initial-weights", cache_policy=NO_CACHE)
+def hash_initial_weights(run: RunContext, config: Config, repo_root: str) -> model_steps.InitialWeights | None:
+    """Before anything else: the file the network starts from (model.weights_path or
+    model.pretrained), found and hashed once; its digest is part of the build and tags the run."""
+    initial = model_steps.initial_weights(config, repo_root)
+    if initial is not None:
+        store.set_tags(run.run_id, initial.tags())
+        get_run_logger().info("initial weights %s (sha256 %s)", initial.path, initial.sha256)
+    return initial
+
+
 @task(name="check-run-settings", cache_policy=NO_CACHE)
 def check_run_settings(
-    manifest: data_steps.ManifestRecord, split: data_steps.SplitRecord, config: Config, data_dir: str
+    manifest: data_steps.ManifestRecord,
+    split: data_steps.SplitRecord,
+    config: Config,
+    data_dir: str,
+    initial: model_steps.InitialWeights | None = None,
 ) -> None:
-    """Before training: a calibrator, split sizes or gates that cannot work on this data."""
+    """Before training: a calibrator, split sizes or gates that cannot work on this data, and
+    initial weights that do not fit the network."""
     data_steps.check_run_settings(config, manifest.classes, split.sizes)
     data_steps.check_soft_gates(config, data_dir, manifest, split.path)
+    model_steps.check_initial_weights(initial, manifest, config)
 
 
 @task(name="check-decision-settings", cache_policy=NO_CACHE)
@@ -128,6 +145,7 @@ def train_model(
     split: data_steps.SplitRecord,
     outliers: str | None = None,
     checkpoint_dir: str | None = None,
+    initial: model_steps.InitialWeights | None = None,
 ) -> model_steps.TrainedModel:
     history: list[EpochStats] = []
 
@@ -151,6 +169,7 @@ def train_model(
         on_epoch_end=log_epoch,
         outliers_path=outliers,
         checkpoint_dir=checkpoint_dir,
+        initial=initial,
     )
     store.log_artifact(run.run_id, trained.checkpoint, "checkpoint")
     store.set_tags(
@@ -514,9 +533,11 @@ def apply_gates(
 
 
 @task(name="find-same-build", **STORE_RETRIES)
-def find_same_build(run: RunContext, data: DataVersion, config: Config) -> registration.SameBuild | None:
-    """The registered version this run would rebuild (same data, params and code), and whether
-    only gates.* differ from what it was gated under; None when there is none."""
+def find_same_build(
+    run: RunContext, data: DataVersion, config: Config, initial: model_steps.InitialWeights | None = None
+) -> registration.SameBuild | None:
+    """The registered version this run would rebuild (same data, params, initial weights and code),
+    and whether only gates.* differ from what it was gated under; None when there is none."""
     return registration.same_build(
         config.registry.model_name,
         data_hash=data.dvc_hash,
@@ -524,6 +545,7 @@ def find_same_build(run: RunContext, data: DataVersion, config: Config) -> regis
         git_commit=run.git_commit,
         git_dirty=run.git_dirty,
         code_tree=run.code_tree,
+        init_weights_sha256=initial.sha256 if initial else None,
         gate_params={key: value for key, value in config.hyperparameters().items() if key.startswith("gates.")},
     )
 

@@ -199,6 +199,7 @@ def register_model(
     decided: evaluation_steps.DecisionEvaluation | None = None,
     shifted: evaluation_steps.ShiftEvaluation | None = None,
     ood: evaluation_steps.OODEvaluation | None = None,
+    initial: model_steps.InitialWeights | None = None,
 ) -> registration.RegisteredVersion:
     """Retried safely: a failure within register_version deletes the version it created first."""
     example = model_steps.input_example(data.local_dir, manifest.path, split.path, trained.checkpoint)
@@ -214,6 +215,7 @@ def register_model(
         decided=decided,
         shifted=shifted,
         ood=ood,
+        initial=initial,
         run_artifacts={
             f"data/{Path(manifest.path).name}": manifest.path,
             f"data/{Path(split.path).name}": split.path,

@@ -337,7 +337,7 @@ def test_a_worker_that_fails_is_an_error_with_the_workers_log(tmp_path):
 
 def test_what_the_launcher_can_check_is_refused_before_torchrun_starts(tmp_path):
     (train, val, _) = digits()
-    with pytest.raises(FileNotFoundError, match="model.weights_path .* does not exist"):
+    with pytest.raises(ConfigError, match="model.weights_path .* does not exist"):
         train_distributed(
             TrainingInputs(SPEC, *train, *val, DDP, 0, weights_path=str(tmp_path / "missing.pt")), work_dir=tmp_path
         )

@@ -5,6 +5,7 @@ one here: nothing is downloaded), and the fine-tuning knobs. docs/models.md desc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -158,7 +159,7 @@ def test_pretrained_by_name_loads_the_hub_file_and_replaces_the_head(hub):
     path = pretrained_weights_file(config.model.arch, config.model.pretrained)
     assert path.parent == hub and path.name.startswith("mobilenet_v3_small-")
     model = build_model(ModelSpec("mobilenet_v3_small", 3, 5, 64, 64))
-    load_pretrained_weights(model, path)
+    load_pretrained_weights(model, path, "mobilenet_v3_small")
     loaded = model.backbone.state_dict()
     head = {"classifier.3.weight", "classifier.3.bias"}
     assert loaded["classifier.3.weight"].shape == (5, 1024)  # the head, for 5 classes, at its initial values
@@ -171,9 +172,9 @@ def test_weights_of_another_width_are_refused_naming_the_mismatch_not_half_loade
     path = tmp_path / "narrow.pt"
     torch.save(build_model(narrow).state_dict(), path)
     with pytest.raises(ConfigError, match=r"size mismatch for \d+ tensors outside the classifier head and the stem"):
-        load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=8)), path)
+        load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=8)), path, "small_cnn")
     # another class count differs in the head alone: loaded, the head left at its initial values
-    load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 5, 8, 8, width=4)), path)
+    load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 5, 8, 8, width=4)), path, "small_cnn")
 
 
 def test_calibflows_own_rgb_weights_on_gray_images_average_their_channel_statistics(tmp_path):
@@ -185,7 +186,7 @@ def test_calibflows_own_rgb_weights_on_gray_images_average_their_channel_statist
     path = tmp_path / "rgb.pt"
     torch.save(rgb.state_dict(), path)
     gray = build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4))
-    load_pretrained_weights(gray, path)
+    load_pretrained_weights(gray, path, "small_cnn")
     assert gray.mean.flatten().tolist() == pytest.approx([0.5]) and gray.std.flatten().tolist() == pytest.approx([0.2])
     first = next(k for k, v in rgb.backbone.state_dict().items() if v.dim() == 4)
     torch.testing.assert_close(gray.backbone.state_dict()[first], rgb.backbone.state_dict()[first].sum(1, keepdim=True))
@@ -194,7 +195,7 @@ def test_calibflows_own_rgb_weights_on_gray_images_average_their_channel_statist
 def test_pretrained_rgb_kernels_are_summed_for_one_channel_images(hub):
     state = fake_hub_file("resnet50", "IMAGENET1K_V2")
     model = build_model(ModelSpec("resnet50", 1, 3, 64, 64))
-    load_pretrained_weights(model, pretrained_weights_file("resnet50", "IMAGENET1K_V2"))
+    load_pretrained_weights(model, pretrained_weights_file("resnet50", "IMAGENET1K_V2"), "resnet50")
     torch.testing.assert_close(model.backbone.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
     assert torch.equal(model.backbone.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
 
@@ -202,7 +203,7 @@ def test_pretrained_rgb_kernels_are_summed_for_one_channel_images(hub):
 def test_vit_position_embeddings_are_interpolated_to_the_image_size(hub):
     state = fake_hub_file("vit_b_16", "IMAGENET1K_V1")  # 224 px: 14 x 14 patches
     model = build_model(ModelSpec("vit_b_16", 3, 3, 64, 64))
-    load_pretrained_weights(model, pretrained_weights_file("vit_b_16", "IMAGENET1K_V1"))
+    load_pretrained_weights(model, pretrained_weights_file("vit_b_16", "IMAGENET1K_V1"), "vit_b_16")
     assert model.backbone.encoder.pos_embedding.shape == (1, 1 + 4 * 4, 768)
     assert torch.equal(model.backbone.conv_proj.weight, state["conv_proj.weight"])
 
@@ -331,3 +332,69 @@ def test_an_absent_hub_file_is_refused_before_training_by_the_run_s_settings_che
     )
     with pytest.raises(ConfigError, match="resnet50-11ad3fa6.pth"):
         check_run_settings(config, tuple("0123456789"), {"train": 500, "val": 100, "calibration": 200, "test": 720})
+
+
+def test_a_registered_ensembles_weights_start_from_its_first_member(tmp_path):
+    """docs/models.md: a registered version's weights.pt is used as it is; an ensemble's holds
+    {"members": [state dict, ...]}, and the network starts from the first."""
+    spec = ModelSpec("small_cnn", 1, 3, 8, 8, width=4)
+    torch.manual_seed(0)
+    first, second = build_model(spec), build_model(spec)
+    path = tmp_path / "weights.pt"
+    torch.save({"members": [first.state_dict(), second.state_dict()]}, path)
+    model = build_model(spec)
+    load_pretrained_weights(model, path, "small_cnn")
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_another_architectures_file_is_refused_naming_model_arch(tmp_path):
+    import torchvision.models
+
+    path = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.get_model("resnet18", weights=None).state_dict(), path)
+    with pytest.raises(ConfigError) as refused:
+        load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4)), path, "small_cnn")
+    assert "model.arch small_cnn" in str(refused.value) and "Sequential" not in str(refused.value)
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", None])
+def test_a_weights_file_torch_cannot_read_as_a_state_dict_is_a_config_error(tmp_path, content):
+    path = tmp_path / "odd.pt"
+    if content is None:
+        torch.save([1, 2, 3], path)  # read, but no state dict
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=str(path)) as refused:
+        load_pretrained_weights(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4)), path, "small_cnn")
+    assert errors.policy_of(refused.value).exit_code == 2
+
+
+def test_a_relative_weights_path_is_read_from_the_repository_and_a_missing_one_refused(tmp_path, monkeypatch):
+    from calibflow.pipeline.model_steps import initial_weights
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (repo / "weights").mkdir(parents=True)
+    elsewhere.mkdir()
+    torch.save(build_model(ModelSpec("small_cnn", 1, 3, 8, 8, width=4)).state_dict(), repo / "weights" / "init.pt")
+    monkeypatch.chdir(elsewhere)  # the repository, not the current directory
+    config = load_config(None, ["model.weights_path=weights/init.pt"])
+    found = initial_weights(config, repo)
+    assert found.path == str((repo / "weights" / "init.pt").resolve())
+    assert found.sha256 == hashlib.sha256((repo / "weights" / "init.pt").read_bytes()).hexdigest()
+    assert initial_weights(load_config(None, []), repo) is None  # the seeded initialisation: no file
+
+    with pytest.raises(ConfigError) as refused:
+        initial_weights(load_config(None, ["model.weights_path=weights/missing.pt"]), repo)
+    assert str(repo / "weights" / "missing.pt") in str(refused.value) and "does not exist" in str(refused.value)
+    assert errors.policy_of(refused.value).exit_code == 2
+
+
+def test_a_pretrained_files_digest_is_of_its_bytes(hub):
+    from calibflow.pipeline.model_steps import initial_weights
+
+    fake_hub_file("mobilenet_v3_small", "DEFAULT", seed=1)
+    config = load_config(None, ["model.arch=mobilenet_v3_small", "model.pretrained=DEFAULT"])
+    before = initial_weights(config, ".")
+    fake_hub_file("mobilenet_v3_small", "DEFAULT", seed=2)  # the same name, other weights
+    after = initial_weights(config, ".")
+    assert before.path == after.path and before.sha256 != after.sha256

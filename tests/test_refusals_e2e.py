@@ -87,3 +87,27 @@ def test_an_unexpected_error_in_a_task_still_shows_its_traceback(tiny_repo, monk
     assert calibflow(["run", "--repo", str(tiny_repo)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "a bug nobody anticipated" in err
+
+
+def test_initial_weights_that_cannot_start_the_network_are_refused_before_training(tiny_repo):
+    """model.weights_path is read from the repository root (as data.path is): a missing file is exit
+    2 naming it, before the data steps; one of another architecture is exit 2 before training."""
+    result = run_cli(tiny_repo, "--set", "model.weights_path=weights/missing.pt")
+    shown = result.stdout + result.stderr
+    assert result.returncode == 2, shown
+    assert "Traceback" not in shown and "store failed" not in shown, shown
+    [said] = [line for line in result.stderr.splitlines() if line.startswith("calibflow run:")]
+    assert f"{tiny_repo / 'weights' / 'missing.pt'} does not exist" in said and "set model.weights_path to null" in said
+    assert not trained_anything(tiny_repo)
+
+    import torch
+    import torchvision.models
+
+    (tiny_repo / "weights").mkdir()
+    torch.save(torchvision.models.get_model("resnet18", weights=None).state_dict(), tiny_repo / "weights" / "r18.pt")
+    result = run_cli(tiny_repo, "--set", "model.weights_path=weights/r18.pt")
+    shown = result.stdout + result.stderr
+    assert result.returncode == 2, shown
+    assert "Traceback" not in shown, shown
+    assert "r18.pt: unexpected keys" in result.stderr and "model.arch small_cnn" in result.stderr
+    assert not trained_anything(tiny_repo)

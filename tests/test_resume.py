@@ -286,3 +286,39 @@ def test_every_random_stream_survives_a_weights_only_round_trip_exactly(tmp_path
     buffer.seek(0)
     restore_random_states(generator, torch.load(buffer, weights_only=True))
     assert draws() == expected
+
+
+def test_a_changed_initial_weights_file_does_not_resume_the_epochs_trained_from_the_old_one(tmp_path):
+    """model.weights_path names a file: its bytes key the checkpoints, so a run started again after
+    the file was replaced trains from its first epoch, while the same file resumes."""
+    from calibflow.config import load_config
+    from calibflow.pipeline.data_steps import ManifestRecord
+    from calibflow.pipeline.model_steps import initial_weights, training_checkpoints
+    from calibflow.training.models import build_model
+
+    x, y = blobs()
+    weights = tmp_path / "init.pt"
+    torch.manual_seed(0)
+    torch.save(build_model(SPEC).state_dict(), weights)
+    config = load_config(None, [f"model.weights_path={weights}"])
+    split = tmp_path / "split.json"
+    split.write_text("{}")
+    manifest = ManifestRecord(path="m.csv", fingerprint="f", n_images=len(y), classes=("a", "b", "c"))
+
+    def checkpoints() -> EpochCheckpoints:
+        initial = initial_weights(config, tmp_path)
+        return training_checkpoints(
+            str(tmp_path / "ckpt"), str(tmp_path), manifest, str(split), config, 4, None, initial
+        )
+
+    with pytest.raises(Killed):
+        train_classifier(
+            TrainingInputs(SPEC, x, y, x, y, CONFIGS["plain"], seed=4, weights_path=str(weights)),
+            progress=False,
+            checkpoints=checkpoints(),
+            on_epoch_end=killer(2),
+        )
+    assert checkpoints().completed_epoch() == 2  # the same file: resumed after epoch 2
+    torch.manual_seed(1)
+    torch.save(build_model(SPEC).state_dict(), weights)  # the same path, other weights
+    assert checkpoints().completed_epoch() == 0

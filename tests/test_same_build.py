@@ -51,6 +51,7 @@ def find(model: str, **changes):
         git_dirty=build["git_dirty"],
         gate_params=build.get("gate_params", GATES),
         code_tree=build.get("code_tree"),
+        init_weights_sha256=build.get("init_weights_sha256"),
     )
 
 
@@ -102,3 +103,19 @@ def test_changed_gates_are_those_that_differ_from_the_versions_run_as_it_logged_
     same = find(model, gate_params={**GATES, "gates.max_ece": 0.02, "gates.max_nll": 1.5})
     assert same.changed_gates == {"gates.max_ece": ("0.05", "0.02"), "gates.max_nll": (None, "1.5")}
     assert same.describe_changes() == "gates.max_ece 0.05 -> 0.02, gates.max_nll None -> 1.5"
+
+
+def test_the_initial_weights_are_part_of_the_build_by_their_bytes(registry, model):
+    """model.weights_path or model.pretrained: the same path (params hash) with other bytes is another build."""
+    add_version(registry, model, {**BUILD, "init_weights_sha256": "a" * 64}, alias="champion")
+    assert find(model, init_weights_sha256="a" * 64).version == "1"
+    assert find(model, init_weights_sha256="b" * 64) is None
+    assert find(model) is None  # no weights file now: not the build of one that started from a file
+
+
+def test_a_version_without_the_weights_digest_is_the_build_of_runs_that_name_no_weights_file(registry, model):
+    """Versions registered before the digest was recorded have no tag: the same build as a seeded
+    run, and never as one naming a weights file (which may have changed since)."""
+    add_version(registry, model, BUILD, alias="champion")
+    assert find(model).version == "1"
+    assert find(model, init_weights_sha256="a" * 64) is None

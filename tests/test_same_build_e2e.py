@@ -151,3 +151,42 @@ def test_a_run_that_reads_its_splits_from_the_files_is_the_in_memory_build(tiny_
 
     assert calibflow(repo) == 0
     assert "calibflow run: skipped" in capsys.readouterr().out and versions(client) == ["1"]
+
+
+def test_a_weights_file_is_part_of_the_build_by_its_bytes_not_its_name(tiny_repo, capsys, monkeypatch, tmp_path):
+    """model.weights_path, relative to --repo (not to the current directory): the same path with
+    other bytes is another build, retrained and registered under its own digest; the same bytes
+    are skipped, naming them."""
+    import hashlib
+
+    import torch
+
+    from calibflow.training.models import ModelSpec, build_model
+
+    weights = tiny_repo / "weights" / "init.pt"  # untracked: the working tree stays clean
+    weights.parent.mkdir()
+
+    def save_weights(seed: int) -> str:
+        torch.manual_seed(seed)
+        torch.save(build_model(ModelSpec("small_cnn", 1, 5, 8, 8, width=8)).backbone.state_dict(), weights)
+        return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    monkeypatch.chdir(tmp_path)  # a relative weights_path is read from the repository root
+    repo = ["run", "--repo", str(tiny_repo), "--set", "model.weights_path=weights/init.pt"]
+    first = save_weights(1)
+    assert calibflow(repo) == 0
+    client = client_of(tiny_repo)
+    assert client.get_model_version(MODEL, "1").tags["init_weights_sha256"] == first
+
+    second = save_weights(2)  # the same path and params: only the file's bytes differ
+    capsys.readouterr()
+    assert calibflow(repo) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert versions(client) == ["1", "2"]
+    assert client.get_model_version(MODEL, "2").tags["init_weights_sha256"] == second
+    assert latest_run(client).data.tags["init_weights_sha256"] == second
+
+    assert calibflow(repo) == 0  # the same bytes again: version 2's build
+    out = capsys.readouterr().out
+    assert "calibflow run: skipped" in out and f"initial weights ({second[:12]})" in out and "version 2" in out
+    assert versions(client) == ["1", "2"]

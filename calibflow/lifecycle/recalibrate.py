@@ -58,6 +58,7 @@ LINEAGE_TAGS = (
     "git_commit",
     "code_tree",
     "params_hash",
+    "init_weights_sha256",
     "seed",
     "split_digest",
     "manifest_fingerprint",

@@ -20,7 +20,16 @@ from calibflow.training.ensembles import (
     predictive_logits,
 )
 from calibflow.data.images import DECODED_AT_A_TIME, load_images_nhwc
-from calibflow.training.models import Checkpoint, ModelSpec, load_checkpoint, pretrained_weights_file, save_checkpoint
+from calibflow.errors import ConfigError
+from calibflow.training.models import (
+    Checkpoint,
+    ModelSpec,
+    build_model,
+    load_checkpoint,
+    load_pretrained_weights,
+    pretrained_weights_file,
+    save_checkpoint,
+)
 from calibflow.disk_cache import file_sha256
 from calibflow.training.resume import EpochCheckpoints
 from calibflow.evaluation.shift import Suite, cell_logits
@@ -60,6 +69,71 @@ class TrainedModel:
     processes: int = 1  # training processes, all nodes together (train.distributed: ddp)
 
 
+# The version and run tag of the initial weights' digest. A version without it started from the
+# seeded initialisation, or was registered before the digest was recorded.
+INIT_WEIGHTS_TAG = "init_weights_sha256"
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """The file a run's network starts from (model.weights_path, or model.pretrained's file in
+    torch hub's cache) and its SHA-256, read once before training: the file's bytes, not its name,
+    are part of the build (the same-build skip), of the resume key and of the version's tags."""
+
+    path: str
+    sha256: str
+
+    def tags(self) -> dict[str, str]:
+        return {INIT_WEIGHTS_TAG: self.sha256}
+
+
+def initial_weights(config: Config, repo_root: str | Path) -> InitialWeights | None:
+    """model.weights_path (a relative one in the repository, as data.path is) or model.pretrained's
+    hub file, hashed; None when the network starts from the seeded initialisation. A file that is
+    missing or unreadable is a ConfigError (exit 2) naming it, before anything trains."""
+    if config.model.weights_path:
+        path = Path(repo_root) / config.model.weights_path  # an absolute path stays as it is
+        if not path.is_file():
+            raise ConfigError(
+                f"model.weights_path {config.model.weights_path}: {path} does not exist (a relative path is "
+                f"read from the repository root): put the state_dict there or set model.weights_path to null"
+            )
+    else:
+        # model.pretrained: its file in torch hub's cache, which must be there (a ConfigError names the path)
+        path = pretrained_weights_file(config.model.arch, config.model.pretrained)
+        if path is None:
+            return None
+    try:
+        return InitialWeights(str(path.resolve()), file_sha256(path))
+    except OSError as error:
+        raise ConfigError(
+            f"the initial weights {path} cannot be read ({error.strerror or error}): make the file readable "
+            f"or set model.weights_path and model.pretrained to null"
+        ) from None
+
+
+def model_spec(config: Config, fmt: ImageFormat, n_classes: int) -> ModelSpec:
+    """The network model.* and the images' format describe."""
+    return ModelSpec(
+        arch=config.model.arch,
+        in_channels=fmt.channels,
+        num_classes=n_classes,
+        image_height=fmt.height,
+        image_width=fmt.width,
+        width=config.model.width,
+        dropout=config.model.dropout,
+    )
+
+
+def check_initial_weights(initial: InitialWeights | None, manifest: ManifestRecord, config: Config) -> None:
+    """Before training: the initial weights loaded onto the network this run builds, so that keys
+    or shapes of another architecture are a ConfigError now rather than after the data steps."""
+    if initial is None:
+        return
+    spec = model_spec(config, image_format(manifest.path, config.data), len(manifest.classes))
+    load_pretrained_weights(build_model(spec), initial.path, config.model.arch)
+
+
 def training_checkpoints(
     checkpoint_dir: str,
     data_dir: str,
@@ -68,8 +142,10 @@ def training_checkpoints(
     config: Config,
     member_seed: int,
     outliers_path: str | None,
+    initial: InitialWeights | None = None,
 ) -> EpochCheckpoints:
-    """Where one member's per-epoch checkpoints live, keyed by what its weights depend on."""
+    """Where one member's per-epoch checkpoints live, keyed by what its weights depend on:
+    `initial`'s bytes among them, so a run started again with another file trains from its first epoch."""
     from calibflow.training.resume import training_code_digest, training_key
 
     outliers = json.loads(Path(outliers_path).read_text())["dvc_hash"] if outliers_path else None
@@ -87,6 +163,7 @@ def training_checkpoints(
         split=file_sha256(split_path),
         data=data,
         model=dataclasses.asdict(config.model),
+        initial_weights=initial.sha256 if initial else None,
         train=train,
         seed=member_seed,
         outliers=outliers,
@@ -139,10 +216,14 @@ def train_model(
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     outliers_path: str | None = None,
     checkpoint_dir: str | None = None,
+    initial: InitialWeights | None = None,
 ) -> TrainedModel:
-    """`outliers_path`: check_ood_data's record of train.outlier_exposure's folder. With
+    """`initial`: initial_weights' record of the file the network starts from, which a config that
+    names one needs. `outliers_path`: check_ood_data's record of train.outlier_exposure's folder. With
     `checkpoint_dir`, each member checkpoints every epoch there and a killed run started again with
     the same inputs resumes from its last complete epoch (calibflow.training.resume)."""
+    if (config.model.weights_path or config.model.pretrained) and initial is None:
+        raise ValueError("model.weights_path or model.pretrained is set: pass initial=initial_weights(config, repo)")
     fmt = image_format(manifest.path, config.data)
     loading = image_loading(config.data)
     train_x, train_y, _ = load_split_images(
@@ -159,17 +240,7 @@ def train_model(
         record = json.loads(Path(outliers_path).read_text())
         # in memory below data.in_memory_max_mb, as a split is; else its workers decode each step's draw ahead
         outliers = image_source(record["local_dir"], record["files"], fmt, loading=loading)
-    spec = ModelSpec(
-        arch=config.model.arch,
-        in_channels=fmt.channels,
-        num_classes=len(manifest.classes),
-        image_height=fmt.height,
-        image_width=fmt.width,
-        width=config.model.width,
-        dropout=config.model.dropout,
-    )
-    # model.pretrained: its file in torch hub's cache, which must be there (a ConfigError, exit 2, names the path).
-    weights_path = config.model.weights_path or pretrained_weights_file(config.model.arch, config.model.pretrained)
+    spec = model_spec(config, fmt, len(manifest.classes))
     runtime = resolve_runtime(config.train.device, config.train.precision)
     # The same training, in this process or under torchrun (train.distributed: ddp).
     if config.train.distributed == "ddp":
@@ -179,7 +250,7 @@ def train_model(
     members, history, done, resumed_from = [], [], [], 0
     for index, seed in enumerate(member_seeds(config.seed, config.model.ensemble)):
         checkpoints = (
-            training_checkpoints(checkpoint_dir, data_dir, manifest, split_path, config, seed, outliers_path)
+            training_checkpoints(checkpoint_dir, data_dir, manifest, split_path, config, seed, outliers_path, initial)
             if checkpoint_dir
             else None
         )
@@ -201,7 +272,7 @@ def train_model(
             val_labels=val_y,
             config=config.train,
             seed=seed,
-            weights_path=str(weights_path) if weights_path else None,
+            weights_path=initial.path if initial else None,
             outlier_images=outliers,
             workers=loading.workers,
             train_targets=train_targets,

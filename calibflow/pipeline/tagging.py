@@ -39,6 +39,7 @@ from calibflow.names import (
     shift_metric,
 )
 from calibflow.pipeline.data_steps import ManifestRecord, SplitRecord
+from calibflow.pipeline.model_steps import INIT_WEIGHTS_TAG, InitialWeights
 from calibflow.pipeline.evaluation_steps import (
     CalibrationRecord,
     DecisionEvaluation,
@@ -56,12 +57,16 @@ def unchanged_build(
     git_commit: str,
     git_dirty: bool,
     code_tree: str | None = None,
+    init_weights_sha256: str | None = None,
 ) -> bool:
-    """True when the version was built from exactly this data, these params and this code, so
-    retraining would spend compute to reproduce it (a dirty working tree never counts as the same
-    code). The code is the same when the code runs read is (`code_tree`: a commit of reports or
-    docs alone changes nothing a run reads), or, for a version registered without that digest,
-    when the commit is."""
+    """True when the version was built from exactly this data, these params, these initial weights
+    and this code, so retraining would spend compute to reproduce it (a dirty working tree never
+    counts as the same code). The code is the same when the code runs read is (`code_tree`: a
+    commit of reports or docs alone changes nothing a run reads), or, for a version registered
+    without that digest, when the commit is. The initial weights are the same when the SHA-256 of
+    the file the network started from is (`init_weights_sha256`, None: the seeded initialisation);
+    a version without the tag started from none, or was registered before the digest was recorded,
+    so a run that names a weights file never counts as its build: the file may have changed since."""
     recorded_tree = version_tags.get("code_tree")
     same_code = (
         recorded_tree == code_tree if recorded_tree and code_tree else version_tags.get("git_commit") == git_commit
@@ -70,6 +75,7 @@ def unchanged_build(
         not git_dirty
         and version_tags.get("data_hash") == data_hash
         and version_tags.get("params_hash") == params_hash
+        and version_tags.get(INIT_WEIGHTS_TAG) == init_weights_sha256
         and same_code
     )
 
@@ -137,11 +143,14 @@ def version_tags(
     shifted: ShiftEvaluation | None = None,
     ood: OODEvaluation | None = None,
     run_artifacts: Mapping[str, str] | None = None,
+    initial: InitialWeights | None = None,
 ) -> dict[str, str]:
-    """What a registered version carries: its lineage, the numbers its gate read (floats as repr,
-    so they survive the round trip through a string tag exactly) and the digests of `run_artifacts`
-    ({artifact path: local file}), the run's files that later commands read back."""
+    """What a registered version carries: its lineage (with `initial`, the digest of the weights
+    file the network started from), the numbers its gate read (floats as repr, so they survive the
+    round trip through a string tag exactly) and the digests of `run_artifacts` ({artifact path:
+    local file}), the run's files that later commands read back."""
     return {
+        **(initial.tags() if initial else {}),
         **run_artifact_tags(run_artifacts or {}),
         **decision_tags(decided, config.gates.confidence),
         **shift_tags(shifted),

@@ -672,8 +672,10 @@ def same_build(
     git_dirty: bool,
     gate_params: Mapping[str, Any],
     code_tree: str | None = None,
+    init_weights_sha256: str | None = None,
 ) -> SameBuild | None:
-    """The registered version that retraining on this data, params and code would reproduce:
+    """The registered version that retraining on this data, params, initial weights (the SHA-256
+    of the file the network starts from; None: the seeded initialisation) and code would reproduce:
     @champion when it is one, else the newest such version (a @challenger that failed the champion
     comparison, or one no alias points at any more); None when none is. A recalibrated version is
     not one (its calibrator was fitted on other images); the version it came from is.
@@ -700,6 +702,7 @@ def same_build(
             git_commit=git_commit,
             git_dirty=git_dirty,
             code_tree=code_tree,
+            init_weights_sha256=init_weights_sha256,
         )
     ]
     if not matches:

@@ -121,7 +121,7 @@ def train_distributed(
             f"memory, or train on one node"
         )
     if inputs.weights_path and not Path(inputs.weights_path).is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"model.weights_path {inputs.weights_path} does not exist: put the state_dict there or set it to null"
         )
     if checkpoints is not None:

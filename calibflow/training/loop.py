@@ -423,7 +423,7 @@ def build_network(
             mean, std = channel_stats(read_batches(whole, in_order(len(whole), 256), workers=inputs.workers))
     model = build_model(inputs.spec, mean, std)
     if inputs.weights_path:
-        load_pretrained_weights(model, inputs.weights_path)
+        load_pretrained_weights(model, inputs.weights_path, inputs.spec.arch)
     model.to(runtime.device)
     model.to(memory_format=training_memory_format(model, runtime.device))
     if group.world_size == 1:

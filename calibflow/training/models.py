@@ -441,16 +441,31 @@ def pretrained_weights_file(arch: str, name: str | None) -> Path | None:
     return path
 
 
-def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
+def load_pretrained_weights(model: ImageClassifier, path: str | Path, arch: str) -> None:
     """Load a state_dict from disk (model.weights_path, or model.pretrained's file in the hub
-    cache; nothing is downloaded), read with weights_only=True. Tensors of another shape are left
-    at their initial values, the classifier head of another class count and the small-image stem's
-    conv, except a 3-channel first conv on 1-channel images: its kernels summed over RGB."""
+    cache; nothing is downloaded), read with weights_only=True, into `model`, a network of
+    model.arch `arch`. Tensors of another shape are left at their initial values, the classifier
+    head of another class count and the small-image stem's conv, except a 3-channel first conv on
+    1-channel images: its kernels summed over RGB. A registered ensemble's weights.pt ({"members":
+    [state dict, ...]}) starts from its first member."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.weights_path {path} does not exist: put the state_dict there or set it to null")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+        raise ConfigError(f"model.weights_path {path} does not exist: put the state_dict there or set it to null")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  not a file torch writes, or one that needs unpickling
+        raise ConfigError(
+            f"{path} is not a state dict torch.load(weights_only=True) reads ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}): point model.weights_path at a torch.save'd state_dict"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("members"), list) and state["members"]:
+        members = len(state["members"])
+        print(f"weights from {path}: an ensemble of {members} members; starting from the first")
+        state = state["members"][0]
+    if isinstance(state, dict):
+        state = state.get("state_dict", state)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path} holds no state dict (names to tensors): point model.weights_path at one")
     whole = any(k.startswith("backbone.") for k in state)
     target = model if whole else model.backbone
     state = {k: v for k, v in state.items() if not k.startswith(AUX_KEY_PREFIXES)}
@@ -459,7 +474,7 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
     state = _fit_vit_positions(model.backbone, state, prefix)
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise ConfigError(f"{path}: unexpected keys {unexpected[:5]}; is it a {type(model.backbone).__name__}?")
+        raise ConfigError(f"{path}: unexpected keys {unexpected[:5]}; are these weights of model.arch {arch}?")
     may_differ = _head_and_stem_keys(model.backbone, prefix)
     fitted, mismatched = {}, []
     for key, tensor in state.items():
@@ -479,11 +494,11 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path) -> None:
         # other shape means weights of another architecture or width, which would train from a mix.
         raise ConfigError(
             f"{path}: size mismatch for {len(mismatched)} tensors outside the classifier head and the stem "
-            f"(e.g. {'; '.join(mismatched[:3])}): are these weights of model.arch {type(model.backbone).__name__} "
-            f"at this model.width?"
+            f"(e.g. {'; '.join(mismatched[:3])}): are these weights of model.arch {arch} at this "
+            f"model.width?"
         )
     if not fitted:
-        raise ConfigError(f"{path}: no tensor fits {type(model.backbone).__name__}; is it the weights of model.arch?")
+        raise ConfigError(f"{path}: no tensor fits model.arch {arch}; are these weights of another architecture?")
     target.load_state_dict(fitted, strict=False)
     left = [k for k in own if k not in fitted and not k.endswith("num_batches_tracked") and k not in ("mean", "std")]
     if left:

@@ -6,6 +6,8 @@ line naming it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +88,87 @@ def test_a_file_that_fails_mid_stream_is_one_line_naming_it(folder, tmp_path, wo
             pass
     message = str(caught.value)
     assert str(victim) in message and "\n" not in message and "Traceback" not in message
+
+
+def _copied(folder, into):
+    root, paths, _ = folder
+    for name in paths:
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        (into / name).write_bytes((root / name).read_bytes())
+    return into
+
+
+def _digests(root, paths) -> list[str]:
+    return [hashlib.sha256((root / name).read_bytes()).hexdigest() for name in paths]
+
+
+def _replace_with_another_class(copy, paths, index: int) -> Path:
+    """paths[index] overwritten with a whole, valid image of another class (in the same format), as
+    a `git checkout` + `dvc checkout` of another data version in the same working tree would: it
+    decodes fine, only its bytes say it is not the file the run pinned."""
+    victim = copy / paths[index]
+    other = next(
+        copy / p for p in reversed(paths) if p.split("/")[0] != paths[index].split("/")[0] and p.endswith(victim.suffix)
+    )
+    assert victim.read_bytes() != other.read_bytes()
+    victim.write_bytes(other.read_bytes())
+    return victim
+
+
+def _assert_refused_naming(caught, victim) -> None:
+    message = str(caught.value)
+    assert str(victim) in message and "changed since this run pinned the data version" in message, message
+    assert "dvc checkout" in message and "\n" not in message and "Traceback" not in message, message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_replaced_by_another_valid_image_mid_stream_is_refused_naming_it(folder, tmp_path, workers):
+    """The source was built with the bytes the run pinned (the manifest's SHA-256 of each file);
+    then one file becomes another image, whole and decodable: a read of it is refused, on one line
+    naming it, by a DataLoader worker or by the thread pool alike."""
+    root, paths, _ = folder
+    copy = _copied(folder, tmp_path / "copy")
+    files = ImageFiles(copy, paths, "RGB", (SIZE, SIZE), _digests(root, paths))
+    unchanged = list(read_batches(files, in_order(len(paths), 8), workers=workers))  # every file as recorded
+    victim = _replace_with_another_class(copy, paths, 5)
+    with pytest.raises(ManifestError) as caught:
+        for _ in read_batches(files, in_order(len(paths), 8), workers=workers):
+            pass
+    _assert_refused_naming(caught, victim)
+    files.close()
+    assert len(unchanged) == -(-len(paths) // 8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_checked_files_give_the_same_batches_bit_for_bit(folder, workers):
+    """Checking the bytes changes no pixel: the batches equal those decoded without digests."""
+    root, paths, _ = folder
+    order = list(torch.randperm(len(paths), generator=torch.Generator().manual_seed(2)).split(10))
+    plain = list(read_batches(_files(folder), order, workers=workers))
+    checked_files = ImageFiles(root, paths, "RGB", (SIZE, SIZE), _digests(root, paths))
+    checked = list(read_batches(checked_files, order, workers=workers))
+    checked_files.close()
+    assert all(torch.equal(a, b) for a, b in zip(plain, checked)) and len(plain) == len(checked) == len(order)
+    assert torch.equal(
+        load_images(root, paths, "RGB", (SIZE, SIZE), digests=_digests(root, paths)),
+        torch.cat(plain)[torch.argsort(torch.cat(order))],
+    )
+
+
+def test_the_digests_travel_with_the_files(folder):
+    """A subset, the evaluation framing, a DDP bundle's record and a worker's pickled copy keep each
+    file's digest beside its path."""
+    import pickle
+
+    root, paths, _ = folder
+    files = ImageFiles(root, paths, "RGB", (SIZE, SIZE), _digests(root, paths))
+    taken = files.take([4, 1])
+    assert taken.paths == (paths[4], paths[1]) and taken.digests == tuple(_digests(root, [paths[4], paths[1]]))
+    assert files.evaluated().digests == files.digests == ImageFiles.from_record(files.to_record()).digests
+    assert pickle.loads(pickle.dumps(files)).digests == files.digests
+    assert ImageFiles.from_record(_files(folder).to_record()).digests is None  # no digest: nothing to check
+    with pytest.raises(ValueError, match="one per file"):
+        ImageFiles(root, paths, "RGB", (SIZE, SIZE), _digests(root, paths)[1:])
 
 
 def _train(images, labels, workers=0, **changes):

@@ -258,6 +258,82 @@ def test_a_split_is_read_from_its_files_above_the_memory_limit(folder, tmp_path)
     assert image_loading(load_config(None, ["data.in_memory_max_mb=0", "data.workers=3"]).data) == ImageLoading(0, 3)
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_split_file_changed_after_the_manifest_is_refused_naming_it(folder, tmp_path, in_memory):
+    """load_split_images checks every file against the manifest's SHA-256, decoded into memory or
+    streamed: one overwritten with another class's valid image after the manifest was built (after
+    the run pinned the data) is refused by name, never decoded as if it were the pinned one."""
+    from calibflow.data.manifest import build_manifest, save_manifest
+    from calibflow.data.splits import Split
+    from calibflow.pipeline.data_steps import ImageFormat, load_split_images
+
+    _, paths, _ = folder
+    copy = _copied(folder, tmp_path / "copy")
+    manifest = build_manifest(copy)
+    save_manifest(manifest, tmp_path / "manifest.csv")
+    everything = np.arange(len(manifest))
+    indices = {
+        name: everything if name == "train" else everything[:0] for name in ("train", "val", "calibration", "test")
+    }
+    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    victim = _replace_with_another_class(copy, list(manifest["path"]), 5)
+    loading = ImageLoading(in_memory_max_bytes=10**9 if in_memory else 0, workers=0)
+
+    def load():
+        images, _, _ = load_split_images(
+            str(copy),
+            str(tmp_path / "manifest.csv"),
+            str(tmp_path / "split.json"),
+            "train",
+            ImageFormat("RGB", SIZE, SIZE),
+            loading=loading,
+        )
+        return images if in_memory else images.decode(range(len(images)))
+
+    with pytest.raises(ManifestError) as caught:
+        load()
+    _assert_refused_naming(caught, victim)
+    victim.write_bytes((folder[0] / victim.relative_to(copy)).read_bytes())  # restored, as `dvc checkout` would
+    assert torch.equal(load(), load_images(copy, list(manifest["path"]), "RGB", (SIZE, SIZE)))
+
+
+def test_the_corruption_suite_checks_each_chunk_against_the_manifest(folder, tmp_path, monkeypatch):
+    """The suite's chunks (load_images_nhwc, DECODED_AT_A_TIME at a time) are checked as a split's
+    images are: the changed file is named, on one line."""
+    from calibflow.data.manifest import build_manifest, save_manifest
+    from calibflow.data.splits import Split
+    from calibflow.evaluation.shift import Suite
+    from calibflow.pipeline import model_steps
+    from calibflow.training.models import build_model, save_checkpoint
+
+    copy = _copied(folder, tmp_path / "copy")
+    manifest = build_manifest(copy)
+    save_manifest(manifest, tmp_path / "manifest.csv")
+    everything = np.arange(len(manifest))
+    indices = {
+        name: everything if name == "test" else everything[:0] for name in ("train", "val", "calibration", "test")
+    }
+    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=4)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", build_model(spec).eval(), spec, ["0", "1", "2"], "RGB")
+    monkeypatch.setattr(model_steps, "DECODED_AT_A_TIME", 16)  # the change lands in a later chunk than the first
+    victim = _replace_with_another_class(copy, list(manifest["path"]), 40)
+    with pytest.raises(ManifestError) as caught:
+        model_steps._suite_logits_of_split(
+            str(checkpoint),
+            str(copy),
+            str(tmp_path / "manifest.csv"),
+            str(tmp_path / "split.json"),
+            "test",
+            Suite(("contrast",), (1,), 10**9, seed=0),
+            batch_size=16,
+            device="cpu",
+            threads=None,
+            cache_dir=None,
+        )
+    _assert_refused_naming(caught, victim)
+
+
 def test_how_a_split_is_read_is_not_part_of_the_build():
     """Reading from the files changes no pixel, so it registers no new build (params_hash)."""
     base = Config().params_hash

@@ -316,7 +316,7 @@ def _suite_logits_of_split(
     `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint, for_inference=True)
     fmt = ImageFormat.of_checkpoint(loaded)
-    paths, labels, indices = split_files(manifest_path, split_path, split_name, limit)
+    paths, labels, indices, digests = split_files(manifest_path, split_path, split_name, limit)
     if not paths:
         raise ValueError(f"the {split_name} split holds no images to corrupt")
 
@@ -327,7 +327,13 @@ def _suite_logits_of_split(
         ).numpy()
 
     chunks = (
-        load_images_nhwc(data_dir, paths[start : start + DECODED_AT_A_TIME], fmt.mode, fmt.framing)
+        load_images_nhwc(
+            data_dir,
+            paths[start : start + DECODED_AT_A_TIME],
+            fmt.mode,
+            fmt.framing,
+            digests=digests[start : start + DECODED_AT_A_TIME],  # each file's bytes as the run pinned them
+        )
         for start in range(0, len(paths), DECODED_AT_A_TIME)
     )
     with intra_op_threads(threads):

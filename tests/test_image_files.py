@@ -437,3 +437,32 @@ def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_sa
     (tmp_path / "ood.json").write_text(json.dumps({**ood, "local_dir": str(gone), "files": ["a.png", "b.png"]}))
     with pytest.raises(ManifestError, match="b.png"):
         scored(ImageLoading(in_memory_max_bytes=0, workers=workers), "gone-scores")
+
+    # check_ood_data's record keeps each file's SHA-256: a file overwritten afterwards with another
+    # valid image is refused by name, the folder in memory or streamed
+    checked = _copied(folder, tmp_path / "checked")
+    (tmp_path / "ood.json").write_text(
+        json.dumps({**ood, "local_dir": str(checked), "sha256": _digests(checked, paths)})
+    )
+    victim = _replace_with_another_class(checked, paths, 7)
+    for limit in (10**9, 0):
+        with pytest.raises(ManifestError) as caught:
+            scored(ImageLoading(in_memory_max_bytes=limit, workers=workers), f"changed-{limit}")
+        _assert_refused_naming(caught, victim)
+
+
+def test_an_ood_folder_check_records_the_digests_its_readers_check(folder, tmp_path, monkeypatch):
+    """check_ood_folder hashes each file once (the bytes it also decodes and compares with the
+    training data) and keeps the digests of the files it records, which save/load carry and the
+    other folder's overlap check reuses."""
+    from calibflow.data import versioning
+    from calibflow.evaluation.ood import check_ood_folder, folder_hashes, load_ood_data, save_ood_data
+
+    _, paths, _ = folder
+    copy = _copied(folder, tmp_path / "ood")
+    pinned = versioning.DataVersion("ood", str(copy), "x.dir", versioning.WORKSPACE, None)
+    monkeypatch.setattr(versioning, "resolve_data", lambda *args, **kwargs: pinned)
+    record = check_ood_folder(tmp_path, "ood", set(), max_images=10)
+    assert len(record.files) == len(record.sha256) == 10 and record.sha256 == tuple(_digests(copy, record.files))
+    again = load_ood_data(save_ood_data(record, tmp_path / "ood.json"))
+    assert again == record and folder_hashes(again) == set(record.sha256)

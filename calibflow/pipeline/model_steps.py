@@ -158,7 +158,9 @@ def train_model(
     if outliers_path:
         record = json.loads(Path(outliers_path).read_text())
         # in memory below data.in_memory_max_mb, as a split is; else its workers decode each step's draw ahead
-        outliers = image_source(record["local_dir"], record["files"], fmt, loading=loading)
+        outliers = image_source(
+            record["local_dir"], record["files"], fmt, loading=loading, digests=record.get("sha256") or None
+        )
     spec = ModelSpec(
         arch=config.model.arch,
         in_channels=fmt.channels,

@@ -6,6 +6,8 @@ line naming it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +88,87 @@ def test_a_file_that_fails_mid_stream_is_one_line_naming_it(folder, tmp_path, wo
             pass
     message = str(caught.value)
     assert str(victim) in message and "\n" not in message and "Traceback" not in message
+
+
+def _copied(folder, into):
+    root, paths, _ = folder
+    for name in paths:
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        (into / name).write_bytes((root / name).read_bytes())
+    return into
+
+
+def _digests(root, paths) -> list[str]:
+    return [hashlib.sha256((root / name).read_bytes()).hexdigest() for name in paths]
+
+
+def _replace_with_another_class(copy, paths, index: int) -> Path:
+    """paths[index] overwritten with a whole, valid image of another class (in the same format), as
+    a `git checkout` + `dvc checkout` of another data version in the same working tree would: it
+    decodes fine, only its bytes say it is not the file the run pinned."""
+    victim = copy / paths[index]
+    other = next(
+        copy / p for p in reversed(paths) if p.split("/")[0] != paths[index].split("/")[0] and p.endswith(victim.suffix)
+    )
+    assert victim.read_bytes() != other.read_bytes()
+    victim.write_bytes(other.read_bytes())
+    return victim
+
+
+def _assert_refused_naming(caught, victim) -> None:
+    message = str(caught.value)
+    assert str(victim) in message and "changed since this run pinned the data version" in message, message
+    assert "dvc checkout" in message and "\n" not in message and "Traceback" not in message, message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_replaced_by_another_valid_image_mid_stream_is_refused_naming_it(folder, tmp_path, workers):
+    """The source was built with the bytes the run pinned (the manifest's SHA-256 of each file);
+    then one file becomes another image, whole and decodable: a read of it is refused, on one line
+    naming it, by a DataLoader worker or by the thread pool alike."""
+    root, paths, _ = folder
+    copy = _copied(folder, tmp_path / "copy")
+    files = ImageFiles(copy, paths, "RGB", (SIZE, SIZE), _digests(root, paths))
+    unchanged = list(read_batches(files, in_order(len(paths), 8), workers=workers))  # every file as recorded
+    victim = _replace_with_another_class(copy, paths, 5)
+    with pytest.raises(ManifestError) as caught:
+        for _ in read_batches(files, in_order(len(paths), 8), workers=workers):
+            pass
+    _assert_refused_naming(caught, victim)
+    files.close()
+    assert len(unchanged) == -(-len(paths) // 8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_checked_files_give_the_same_batches_bit_for_bit(folder, workers):
+    """Checking the bytes changes no pixel: the batches equal those decoded without digests."""
+    root, paths, _ = folder
+    order = list(torch.randperm(len(paths), generator=torch.Generator().manual_seed(2)).split(10))
+    plain = list(read_batches(_files(folder), order, workers=workers))
+    checked_files = ImageFiles(root, paths, "RGB", (SIZE, SIZE), _digests(root, paths))
+    checked = list(read_batches(checked_files, order, workers=workers))
+    checked_files.close()
+    assert all(torch.equal(a, b) for a, b in zip(plain, checked)) and len(plain) == len(checked) == len(order)
+    assert torch.equal(
+        load_images(root, paths, "RGB", (SIZE, SIZE), digests=_digests(root, paths)),
+        torch.cat(plain)[torch.argsort(torch.cat(order))],
+    )
+
+
+def test_the_digests_travel_with_the_files(folder):
+    """A subset, the evaluation framing, a DDP bundle's record and a worker's pickled copy keep each
+    file's digest beside its path."""
+    import pickle
+
+    root, paths, _ = folder
+    files = ImageFiles(root, paths, "RGB", (SIZE, SIZE), _digests(root, paths))
+    taken = files.take([4, 1])
+    assert taken.paths == (paths[4], paths[1]) and taken.digests == tuple(_digests(root, [paths[4], paths[1]]))
+    assert files.evaluated().digests == files.digests == ImageFiles.from_record(files.to_record()).digests
+    assert pickle.loads(pickle.dumps(files)).digests == files.digests
+    assert ImageFiles.from_record(_files(folder).to_record()).digests is None  # no digest: nothing to check
+    with pytest.raises(ValueError, match="one per file"):
+        ImageFiles(root, paths, "RGB", (SIZE, SIZE), _digests(root, paths)[1:])
 
 
 def _train(images, labels, workers=0, **changes):
@@ -173,6 +256,82 @@ def test_a_split_is_read_from_its_files_above_the_memory_limit(folder, tmp_path)
     assert isinstance(kept, torch.Tensor) and isinstance(streamed, ImageFiles)
     assert torch.equal(streamed.decode(range(len(streamed))), kept) and len(labels) == len(rows) == len(kept)
     assert image_loading(load_config(None, ["data.in_memory_max_mb=0", "data.workers=3"]).data) == ImageLoading(0, 3)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_split_file_changed_after_the_manifest_is_refused_naming_it(folder, tmp_path, in_memory):
+    """load_split_images checks every file against the manifest's SHA-256, decoded into memory or
+    streamed: one overwritten with another class's valid image after the manifest was built (after
+    the run pinned the data) is refused by name, never decoded as if it were the pinned one."""
+    from calibflow.data.manifest import build_manifest, save_manifest
+    from calibflow.data.splits import Split
+    from calibflow.pipeline.data_steps import ImageFormat, load_split_images
+
+    _, paths, _ = folder
+    copy = _copied(folder, tmp_path / "copy")
+    manifest = build_manifest(copy)
+    save_manifest(manifest, tmp_path / "manifest.csv")
+    everything = np.arange(len(manifest))
+    indices = {
+        name: everything if name == "train" else everything[:0] for name in ("train", "val", "calibration", "test")
+    }
+    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    victim = _replace_with_another_class(copy, list(manifest["path"]), 5)
+    loading = ImageLoading(in_memory_max_bytes=10**9 if in_memory else 0, workers=0)
+
+    def load():
+        images, _, _ = load_split_images(
+            str(copy),
+            str(tmp_path / "manifest.csv"),
+            str(tmp_path / "split.json"),
+            "train",
+            ImageFormat("RGB", SIZE, SIZE),
+            loading=loading,
+        )
+        return images if in_memory else images.decode(range(len(images)))
+
+    with pytest.raises(ManifestError) as caught:
+        load()
+    _assert_refused_naming(caught, victim)
+    victim.write_bytes((folder[0] / victim.relative_to(copy)).read_bytes())  # restored, as `dvc checkout` would
+    assert torch.equal(load(), load_images(copy, list(manifest["path"]), "RGB", (SIZE, SIZE)))
+
+
+def test_the_corruption_suite_checks_each_chunk_against_the_manifest(folder, tmp_path, monkeypatch):
+    """The suite's chunks (load_images_nhwc, DECODED_AT_A_TIME at a time) are checked as a split's
+    images are: the changed file is named, on one line."""
+    from calibflow.data.manifest import build_manifest, save_manifest
+    from calibflow.data.splits import Split
+    from calibflow.evaluation.shift import Suite
+    from calibflow.pipeline import model_steps
+    from calibflow.training.models import build_model, save_checkpoint
+
+    copy = _copied(folder, tmp_path / "copy")
+    manifest = build_manifest(copy)
+    save_manifest(manifest, tmp_path / "manifest.csv")
+    everything = np.arange(len(manifest))
+    indices = {
+        name: everything if name == "test" else everything[:0] for name in ("train", "val", "calibration", "test")
+    }
+    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=4)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", build_model(spec).eval(), spec, ["0", "1", "2"], "RGB")
+    monkeypatch.setattr(model_steps, "DECODED_AT_A_TIME", 16)  # the change lands in a later chunk than the first
+    victim = _replace_with_another_class(copy, list(manifest["path"]), 40)
+    with pytest.raises(ManifestError) as caught:
+        model_steps._suite_logits_of_split(
+            str(checkpoint),
+            str(copy),
+            str(tmp_path / "manifest.csv"),
+            str(tmp_path / "split.json"),
+            "test",
+            Suite(("contrast",), (1,), 10**9, seed=0),
+            batch_size=16,
+            device="cpu",
+            threads=None,
+            cache_dir=None,
+        )
+    _assert_refused_naming(caught, victim)
 
 
 def test_how_a_split_is_read_is_not_part_of_the_build():
@@ -278,3 +437,32 @@ def test_an_ood_folder_above_the_memory_limit_is_scored_from_its_files_to_the_sa
     (tmp_path / "ood.json").write_text(json.dumps({**ood, "local_dir": str(gone), "files": ["a.png", "b.png"]}))
     with pytest.raises(ManifestError, match="b.png"):
         scored(ImageLoading(in_memory_max_bytes=0, workers=workers), "gone-scores")
+
+    # check_ood_data's record keeps each file's SHA-256: a file overwritten afterwards with another
+    # valid image is refused by name, the folder in memory or streamed
+    checked = _copied(folder, tmp_path / "checked")
+    (tmp_path / "ood.json").write_text(
+        json.dumps({**ood, "local_dir": str(checked), "sha256": _digests(checked, paths)})
+    )
+    victim = _replace_with_another_class(checked, paths, 7)
+    for limit in (10**9, 0):
+        with pytest.raises(ManifestError) as caught:
+            scored(ImageLoading(in_memory_max_bytes=limit, workers=workers), f"changed-{limit}")
+        _assert_refused_naming(caught, victim)
+
+
+def test_an_ood_folder_check_records_the_digests_its_readers_check(folder, tmp_path, monkeypatch):
+    """check_ood_folder hashes each file once (the bytes it also decodes and compares with the
+    training data) and keeps the digests of the files it records, which save/load carry and the
+    other folder's overlap check reuses."""
+    from calibflow.data import versioning
+    from calibflow.evaluation.ood import check_ood_folder, folder_hashes, load_ood_data, save_ood_data
+
+    _, paths, _ = folder
+    copy = _copied(folder, tmp_path / "ood")
+    pinned = versioning.DataVersion("ood", str(copy), "x.dir", versioning.WORKSPACE, None)
+    monkeypatch.setattr(versioning, "resolve_data", lambda *args, **kwargs: pinned)
+    record = check_ood_folder(tmp_path, "ood", set(), max_images=10)
+    assert len(record.files) == len(record.sha256) == 10 and record.sha256 == tuple(_digests(copy, record.files))
+    again = load_ood_data(save_ood_data(record, tmp_path / "ood.json"))
+    assert again == record and folder_hashes(again) == set(record.sha256)

@@ -10,7 +10,9 @@ and the logit collectors read either kind.
 
 A file that fails to decode mid-stream is a ManifestError naming it, on one line: the worker's
 failure is passed back as a value, not as DataLoader's re-raised exception (whose message holds
-the worker's traceback).
+the worker's traceback). So is a file whose bytes are no longer those the run pinned: with the
+digests the manifest recorded, each file is read once, its SHA-256 checked, and those bytes decoded
+(images.checked_bytes).
 """
 
 from __future__ import annotations
@@ -57,11 +59,18 @@ class ImageFiles(torch.utils.data.Dataset):
     """The files `root/<path>` of a split, decoded to uint8 (C, H, W) in `mode`, framed by `size`
     (a Framing, or (W, H)) when read. len() and shape as a decoded tensor of them would have;
     `take` a subset, without decoding. A training framing (Framing.random) crops each image by
-    the seed read with it: an item is then an (index, seed) pair."""
+    the seed read with it: an item is then an (index, seed) pair. `digests`: each file's SHA-256
+    as the run recorded it (the manifest's), checked against the bytes read before they are
+    decoded; they travel with the paths (take, to_record, a worker's copy)."""
 
-    def __init__(self, root: str | Path, paths: Sequence[str], mode: str, size: Size):
+    def __init__(
+        self, root: str | Path, paths: Sequence[str], mode: str, size: Size, digests: Sequence[str] | None = None
+    ):
         self.root = str(root)
         self.paths = tuple(str(p) for p in paths)
+        self.digests = None if digests is None else tuple(str(d) for d in digests)
+        if self.digests is not None and len(self.digests) != len(self.paths):
+            raise ValueError(f"{len(self.digests)} digests for {len(self.paths)} files: one per file")
         self.mode = mode
         self.framing: Framing = as_framing(size)
         self._loaders: dict[tuple[int, bool], tuple[torch.utils.data.DataLoader, _Batches]] = {}
@@ -105,15 +114,17 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def evaluated(self) -> ImageFiles:
         """The same files, framed as evaluation frames them: no random crop."""
-        return ImageFiles(self.root, self.paths, self.mode, self.framing.for_evaluation())
+        return ImageFiles(self.root, self.paths, self.mode, self.framing.for_evaluation(), self.digests)
 
     def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor | str:
-        """One image as uint8 (C, H, W), or, for a file that fails to decode, the refusal's message:
-        read_batches raises it, on one line, wherever the decoding ran. `item`: an index, or an
-        (index, seed) pair for a training framing."""
+        """One image as uint8 (C, H, W), or, for a file that fails to decode or whose bytes are not
+        those recorded, the refusal's message: read_batches raises it, on one line, wherever the
+        decoding ran. `item`: an index, or an (index, seed) pair for a training framing."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         try:
-            array = decode_image(Path(self.root) / self.paths[index], self.mode, self.framing, seed=seed)
+            array = decode_image(
+                Path(self.root) / self.paths[index], self.mode, self.framing, seed=seed, sha256=self._digest(index)
+            )
         except ManifestError as error:
             return str(error)
         return torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy: decode's may be read-only
@@ -127,20 +138,46 @@ class ImageFiles(torch.utils.data.Dataset):
                 iterator._shutdown_workers()
         self._loaders.clear()
 
+    def _digest(self, index: int) -> str | None:
+        return self.digests[index] if self.digests is not None else None
+
     def take(self, indices: Iterable[int]) -> ImageFiles:
-        return ImageFiles(self.root, [self.paths[i] for i in indices], self.mode, self.framing)
+        indices = list(indices)
+        return ImageFiles(
+            self.root,
+            [self.paths[i] for i in indices],
+            self.mode,
+            self.framing,
+            None if self.digests is None else [self.digests[i] for i in indices],
+        )
 
     def decode(self, indices: Iterable[int], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """The images at `indices` as one uint8 tensor (N, C, H, W), decoded here by a thread pool."""
-        return load_images(self.root, [self.paths[i] for i in indices], self.mode, self.framing, seeds=seeds)
+        indices = list(indices)
+        return load_images(
+            self.root,
+            [self.paths[i] for i in indices],
+            self.mode,
+            self.framing,
+            seeds=seeds,
+            digests=None if self.digests is None else [self.digests[i] for i in indices],
+        )
 
     def to_record(self) -> dict:
         """Plain values (for a torchrun worker's bundle, which torch.load reads with weights_only)."""
-        return {"root": self.root, "paths": list(self.paths), "mode": self.mode, "framing": self.framing.to_record()}
+        return {
+            "root": self.root,
+            "paths": list(self.paths),
+            "mode": self.mode,
+            "framing": self.framing.to_record(),
+            "digests": None if self.digests is None else list(self.digests),
+        }
 
     @classmethod
     def from_record(cls, record: dict) -> ImageFiles:
-        return cls(record["root"], record["paths"], record["mode"], Framing.from_record(record["framing"]))
+        return cls(
+            record["root"], record["paths"], record["mode"], Framing.from_record(record["framing"]), record.get("digests")
+        )
 
 
 ImageSource = Union[torch.Tensor, ImageFiles]

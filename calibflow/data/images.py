@@ -7,6 +7,8 @@ epoch is index arithmetic, with no DataLoader workers to feed.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -29,18 +31,26 @@ _UNDECODABLE = (OSError, SyntaxError, struct.error, EOFError, ValueError)
 
 
 def decode_image(
-    path: str | Path | BinaryIO, mode: str, size: Size = None, *, seed: int | None = None, name: str | Path | None = None
+    path: str | Path | BinaryIO,
+    mode: str,
+    size: Size = None,
+    *,
+    seed: int | None = None,
+    name: str | Path | None = None,
+    sha256: str | None = None,
 ) -> np.ndarray:
     """One image as an (H, W, C) uint8 array in `mode`, framed by `size`: a Framing, or (W, H) to
     stretch it to when it differs (what a dataset of one size has always done). `path` may be an
     open binary file (a served request's bytes), named in errors by `name`. `seed`: a training
-    framing's random crop and flip for this image (Framing.crop).
+    framing's random crop and flip for this image (Framing.crop). `sha256`: the digest recorded
+    for the file when the run pinned its data (the manifest's): its bytes are read once, checked
+    against it (checked_bytes) and decoded from memory; without one the file is decoded as it is.
 
     A file that cannot be decoded is a ManifestError naming the file and what is wrong with it (a
     refusal: exit 2 with one line on the CLI, wherever the file came from), never Pillow's own
     error, whose message may not name the file and which the CLI would read as a store failure."""
     with _no_bomb_warning():
-        return _decode(path, mode, size, seed=seed, name=name)
+        return _decode(path, mode, size, seed=seed, name=name, sha256=sha256)
 
 
 @contextmanager
@@ -270,13 +280,41 @@ def transparency_problem(image: Image.Image) -> str | None:
     )
 
 
+def checked_bytes(path: str | Path, sha256: str, name: str | Path | None = None) -> bytes:
+    """The bytes of `path`, read once, when their SHA-256 is `sha256` (the digest recorded when the
+    run pinned its data); else a ManifestError naming the file (`name`, else `path`), on one line.
+    DVC checks every file once, when a run pins the data version; a file overwritten after that (by
+    hand, or by a `git checkout` + `dvc checkout` in the same working tree mid-run) would otherwise
+    be trained on or measured under the version the run names. The bytes checked are the bytes
+    decoded: there is no second read for the file to change in between."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise ManifestError(
+            f"{name if name is not None else path}: its bytes changed since this run pinned the data version "
+            f"(sha256 {found[:12]}, recorded {sha256[:12]}), so the run would use data other than the version it "
+            f"names: restore the file (`dvc checkout`), or start the run again so that it pins the new version"
+        )
+    return data
+
+
 def _decode(
-    path: str | Path | BinaryIO, mode: str, size: Size, *, seed: int | None = None, name: str | Path | None = None
+    path: str | Path | BinaryIO,
+    mode: str,
+    size: Size,
+    *,
+    seed: int | None = None,
+    name: str | Path | None = None,
+    sha256: str | None = None,
 ) -> np.ndarray:
     label = name if name is not None else path
     framing = as_framing(size)
     try:
-        with Image.open(path) as image:
+        # with a recorded digest: read once, checked, and decoded from those bytes (a read that
+        # fails, a removed file say, is an OSError handled below as an unopenable file always was)
+        source = io.BytesIO(checked_bytes(path, sha256, label)) if sha256 else path
+        with Image.open(source) as image:
             _refuse_bomb(label, image)  # before decoding: the header alone says how big it is
             image = upright(image)
             if framing is not None:
@@ -339,10 +377,12 @@ def load_images(
     workers: int = 8,
     *,
     seeds: Sequence[int] | None = None,
+    digests: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Decode many files (PIL releases the GIL while decoding, so threads help); `seeds`, one per
-    file, for a training framing's crops."""
-    stacked = load_images_nhwc(root, relative_paths, mode, size, workers, seeds=seeds)
+    file, for a training framing's crops; `digests`, one SHA-256 per file (the manifest's), to
+    check each file's bytes against before decoding them (checked_bytes)."""
+    stacked = load_images_nhwc(root, relative_paths, mode, size, workers, seeds=seeds, digests=digests)
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
@@ -354,14 +394,24 @@ def load_images_nhwc(
     workers: int = 8,
     *,
     seeds: Sequence[int] | None = None,
+    digests: Sequence[str] | None = None,
 ) -> np.ndarray:
     """load_images' pixels as one uint8 array (N, H, W, C), as the corruption suite and the served
     model take them, without the (N, C, H, W) copy."""
     root = Path(root)
     each = [None] * len(relative_paths) if seeds is None else [int(seed) for seed in seeds]
+    if digests is not None and len(digests) != len(relative_paths):
+        raise ValueError(f"{len(digests)} digests for {len(relative_paths)} files: one per file")
+    checks = [None] * len(relative_paths) if digests is None else list(digests)
     with _no_bomb_warning(), ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = list(
-            pool.map(lambda p, seed: _decode(root / p, mode, size, seed=seed), relative_paths, each, chunksize=64)
+            pool.map(
+                lambda p, seed, sha256: _decode(root / p, mode, size, seed=seed, sha256=sha256),
+                relative_paths,
+                each,
+                checks,
+                chunksize=64,
+            )
         )
     if not arrays:
         raise ValueError("no images to load")

@@ -16,6 +16,7 @@ empty, holds files that are not images, or holds images of the training data (sa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ class OODData:
     dvc_hash: str
     files: tuple[str, ...]  # relative paths of the images used (at most ood.max_images: _used), sorted
     rev: str = "workspace"  # the git commit the folder was read at, or "workspace" (versioning.DataVersion.rev)
+    # each file's SHA-256 when the folder was checked, which its bytes must still have when a run
+    # reads it (images.checked_bytes); empty in a record written before they were kept
+    sha256: tuple[str, ...] = ()
 
 
 def _listed(root: Path) -> list[str]:
@@ -82,15 +86,16 @@ def check_ood_folder(
         raise OODDataError(str(error).replace("data.path", key)) from error
     root = Path(version.local_dir)
     not_images, unreadable, overlapping, shared = [], [], [], []
-    digests = {}
+    digests: dict[str, str] = {}
     for relative in files:
-        digest = digests[relative] = hashlib.sha256((root / relative).read_bytes()).hexdigest()
+        data = (root / relative).read_bytes()  # hashed and checked as one read: the digest is of what was checked
+        digest = digests[relative] = hashlib.sha256(data).hexdigest()
         if digest in training_hashes:
             overlapping.append(relative)
         if digest in other_hashes:
             shared.append(relative)
         try:
-            with Image.open(root / relative) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 # what reading it later would refuse, refused now, before anything trains
                 problem = transparency_problem(image)
@@ -124,12 +129,14 @@ def check_ood_folder(
             f"({shown}), so they are not out of distribution: remove them from {path} and "
             f"`dvc add {path}`"
         )
+    used = _used(files, digests, max_images)
     return OODData(
         path=version.path,
         local_dir=str(root),
         dvc_hash=version.dvc_hash,
-        files=_used(files, digests, max_images),
+        files=used,
         rev=version.rev,
+        sha256=tuple(digests[relative] for relative in used),
     )
 
 
@@ -143,12 +150,21 @@ def _used(files: list[str], digests: dict[str, str], max_images: int) -> tuple[s
 
 
 def folder_hashes(data: OODData) -> set[str]:
+    if data.sha256:
+        return set(data.sha256)
     return {hashlib.sha256((Path(data.local_dir) / r).read_bytes()).hexdigest() for r in data.files}
 
 
 def load_ood_data(path: str | Path) -> OODData:
     raw = json.loads(Path(path).read_text())
-    return OODData(raw["path"], raw["local_dir"], raw["dvc_hash"], tuple(raw["files"]), raw.get("rev", "workspace"))
+    return OODData(
+        raw["path"],
+        raw["local_dir"],
+        raw["dvc_hash"],
+        tuple(raw["files"]),
+        raw.get("rev", "workspace"),
+        tuple(raw.get("sha256") or ()),
+    )
 
 
 def save_ood_data(data: OODData, out_path: str | Path) -> str:
@@ -160,6 +176,7 @@ def save_ood_data(data: OODData, out_path: str | Path) -> str:
                 "dvc_hash": data.dvc_hash,
                 "rev": data.rev,
                 "files": list(data.files),
+                "sha256": list(data.sha256),
             },
             indent=1,
         )

@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -383,6 +383,17 @@ def image_loading(data: DataConfig) -> ImageLoading:
     return ImageLoading(in_memory_max_bytes=data.in_memory_max_mb * 2**20, workers=workers)
 
 
+class SplitFiles(NamedTuple):
+    """One split's files, in the split's order: paths (relative to the data folder), labels,
+    manifest row indices, and each file's SHA-256 as the manifest recorded it (what every read of
+    the file is checked against: images.checked_bytes)."""
+
+    paths: list[str]
+    labels: torch.Tensor
+    indices: np.ndarray
+    digests: list[str]
+
+
 def split_files(
     manifest_path: str,
     split_path: str,
@@ -390,16 +401,16 @@ def split_files(
     limit: int | None = None,
     *,
     choose: Callable[[np.ndarray, pd.DataFrame], np.ndarray] | None = None,
-) -> tuple[list[str], torch.Tensor, np.ndarray]:
-    """Paths (relative to the data folder), labels and manifest row indices of one split (its first
-    `limit`, or the rows `choose` picks from the split's and the manifest), in the split's order."""
+) -> SplitFiles:
+    """The files of one split (its first `limit`, or the rows `choose` picks from the split's and
+    the manifest), in the split's order."""
     manifest = load_manifest(manifest_path)
     indices = Split.load(split_path).indices[split_name][:limit]
     if choose is not None:
         indices = choose(indices, manifest)
     rows = manifest.iloc[indices]
     labels = torch.tensor(rows["label_index"].to_numpy(), dtype=torch.long)  # a copy: pandas' arrays are read-only
-    return rows["path"].tolist(), labels, indices
+    return SplitFiles(rows["path"].tolist(), labels, indices, rows["sha256"].tolist())
 
 
 def load_split_images(
@@ -416,9 +427,12 @@ def load_split_images(
     """Images, labels and manifest row indices of one split (its first `limit`), framed by
     `framing` (fmt.framing without). The images: a uint8 tensor (N, C, H, W) when `loading` keeps
     them in memory (without `loading`, always), else an ImageFiles that decodes them a batch at a
-    time; always one for a training framing, whose crops change every epoch."""
-    paths, labels, indices = split_files(manifest_path, split_path, split_name, limit)
-    return image_source(data_dir, paths, fmt, loading=loading, framing=framing), labels, indices
+    time; always one for a training framing, whose crops change every epoch. Every file's bytes
+    are checked against the manifest's SHA-256 of them as they are read: a file changed since the
+    run pinned its data is a ManifestError naming it."""
+    files = split_files(manifest_path, split_path, split_name, limit)
+    source = image_source(data_dir, files.paths, fmt, loading=loading, framing=framing, digests=files.digests)
+    return source, files.labels, files.indices
 
 
 def image_source(
@@ -428,13 +442,14 @@ def image_source(
     *,
     loading: ImageLoading | None = None,
     framing: Framing | None = None,
+    digests: list[str] | None = None,
 ) -> ImageSource:
     """Files under `data_dir`, framed by `framing` (fmt.framing without): a uint8 tensor (N, C, H,
     W) when `loading` keeps them in memory (without `loading`, always), else an ImageFiles that
     decodes them a batch at a time; always one for a training framing, whose crops change every
-    epoch."""
+    epoch. `digests`: each file's recorded SHA-256, which its bytes must still have when read."""
     framing = framing or fmt.framing
     in_memory = loading is None or loading.keeps_in_memory(len(paths), fmt.channels, fmt.width, fmt.height)
     if in_memory and not framing.random:
-        return load_images(data_dir, paths, fmt.mode, framing)
-    return ImageFiles(data_dir, paths, fmt.mode, framing)
+        return load_images(data_dir, paths, fmt.mode, framing, digests=digests)
+    return ImageFiles(data_dir, paths, fmt.mode, framing, digests)

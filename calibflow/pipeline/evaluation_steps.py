@@ -167,7 +167,13 @@ def evaluate_ood(
     ood = json.loads(Path(ood_data_path).read_text())
     loaded = load_checkpoint(checkpoint, for_inference=True)
     loading = loading or image_loading(DataConfig())
-    images = image_source(ood["local_dir"], list(ood["files"]), ImageFormat.of_checkpoint(loaded), loading=loading)
+    images = image_source(
+        ood["local_dir"],
+        list(ood["files"]),
+        ImageFormat.of_checkpoint(loaded),
+        loading=loading,
+        digests=ood.get("sha256") or None,  # each file's bytes as check_ood_data read them
+    )
     calibrator = load_calibrator(calibration.state_path)
     with intra_op_threads(threads), closing(images):
         outside_logits = checkpoint_logits(

@@ -239,7 +239,9 @@ def train_model(
     if outliers_path:
         record = json.loads(Path(outliers_path).read_text())
         # in memory below data.in_memory_max_mb, as a split is; else its workers decode each step's draw ahead
-        outliers = image_source(record["local_dir"], record["files"], fmt, loading=loading)
+        outliers = image_source(
+            record["local_dir"], record["files"], fmt, loading=loading, digests=record.get("sha256") or None
+        )
     spec = model_spec(config, fmt, len(manifest.classes))
     runtime = resolve_runtime(config.train.device, config.train.precision)
     # The same training, in this process or under torchrun (train.distributed: ddp).
@@ -387,7 +389,7 @@ def _suite_logits_of_split(
     `cache_dir`, the network run on `threads` as write_split_logits does."""
     loaded = load_checkpoint(checkpoint, for_inference=True)
     fmt = ImageFormat.of_checkpoint(loaded)
-    paths, labels, indices = split_files(
+    paths, labels, indices, digests = split_files(
         manifest_path, split_path, split_name, choose=None if whole_split else suite.images
     )
     if not paths:
@@ -400,7 +402,13 @@ def _suite_logits_of_split(
         ).numpy()
 
     chunks = (
-        load_images_nhwc(data_dir, paths[start : start + DECODED_AT_A_TIME], fmt.mode, fmt.framing)
+        load_images_nhwc(
+            data_dir,
+            paths[start : start + DECODED_AT_A_TIME],
+            fmt.mode,
+            fmt.framing,
+            digests=digests[start : start + DECODED_AT_A_TIME],  # each file's bytes as the run pinned them
+        )
         for start in range(0, len(paths), DECODED_AT_A_TIME)
     )
     with intra_op_threads(threads):

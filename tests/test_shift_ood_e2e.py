@@ -62,6 +62,8 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
                 "gates.max_ood_fpr95=1.0",
                 "--set",
                 "gates.max_shift_ece=1.0",
+                "--set",
+                "shift.max_images=25",  # of 60 test images: a stratified subset, 5 of each class
             ]
         )
         == 0
@@ -90,7 +92,13 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
     report = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
     assert report["ood"]["energy"]["auroc"] == metrics["ood/energy/auroc"]
     assert report["shift"]["calibrated"]["mean_ece"] == metrics["shift/calibrated/mean_ece"]
-    assert json.loads(version.tags["shift_suite"])["corruptions"] == ["gaussian_noise", "gaussian_blur", "contrast"]
+    suite = json.loads(version.tags["shift_suite"])
+    assert suite["corruptions"] == ["gaussian_noise", "gaussian_blur", "contrast"]
+    assert suite["max_images"] == 25 and suite["selection"] == "stratified"
+    shifted = json.loads(
+        Path(store.download_run_artifact(version.run_id, "shift/shift_metrics.json", tmp_path)).read_text()
+    )
+    assert shifted["n_images"] == 25
 
     # `calibflow evaluate` in a fresh process: every cell of the suite from the served pyfunc
     out = tmp_path / "evaluate.json"

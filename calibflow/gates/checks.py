@@ -61,7 +61,7 @@ class Predictions:
 @dataclass(frozen=True)
 class ShiftedPredictions:
     """A candidate's calibrated probabilities on each cell of its corruption suite (shift.Suite),
-    on the first test images (manifest `rows`)."""
+    on the test images it picks (manifest `rows`, Suite.images)."""
 
     suite: object  # calibflow.evaluation.shift.Suite
     rows: np.ndarray

@@ -66,10 +66,12 @@ def evaluate_shift(
     suite, cells, labels, rows = load_shift_logits(shift_logits_path)
     with np.load(test_logits_path) as saved:
         clean_logits, test_rows = saved["logits"], saved["indices"]
-    if not np.array_equal(test_rows[: len(rows)], rows):
-        raise ValueError("the corruption suite's images are not the first test images")  # a bug, not a user error
+    # the suite's images are test images (Suite.images), in the test split's order
+    position = {row: i for i, row in enumerate(test_rows.tolist())}
+    if not all(row in position for row in rows.tolist()):
+        raise ValueError("the corruption suite's images are not test images")  # a bug, not a user error
     calibrator = load_calibrator(calibration.state_path)
-    clean = clean_logits[: len(rows)]
+    clean = clean_logits[[position[row] for row in rows.tolist()]]
     result = evaluate_suite(
         suite,
         {k: uncalibrated_probabilities(z) for k, z in cells.items()},

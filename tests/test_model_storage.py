@@ -314,7 +314,7 @@ def test_a_stored_model_pinned_to_other_versions_is_named_in_a_warning_when_load
     shutil.copytree(stored_files(repo), local)
     assert registration.requirement_mismatches(local) == []  # registered here: every pin matches
     pins = (local / "requirements.txt").read_text()
-    assert "torch==" in pins and "numpy==" in pins
+    assert "torch==" in pins and "numpy==" in pins and "pillow==" in pins  # pillow frames the photos
     (local / "requirements.txt").write_text(pins.replace("numpy==", "numpy==0.0.1+").replace("mlflow==", "mlflow==0."))
     mismatches = registration.requirement_mismatches(local)
     assert len(mismatches) == 2 and any(m.startswith("numpy==0.0.1") and "(here " in m for m in mismatches)

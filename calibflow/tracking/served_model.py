@@ -333,7 +333,9 @@ def log_calibrated_model(
                     f"torchvision=={version(installed('torchvision'))}",
                     f"numpy=={np.__version__}",
                     f"mlflow=={mlflow.__version__}",
-                    "pillow",
+                    # the served model frames each photo with Pillow's decoder and resize: another
+                    # version could give other pixels than training read
+                    f"pillow=={installed('pillow')}",
                 ],
                 metadata={
                     "classes": model.classes,

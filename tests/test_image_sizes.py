@@ -221,6 +221,39 @@ def test_commands_that_read_a_whole_split_decode_it_a_chunk_at_a_time(photos, mo
     assert max(seen) == 7 and sum(seen) == len(paths)
 
 
+def test_calibflow_predict_decodes_its_files_a_chunk_at_a_time_in_their_order(photos, monkeypatch):
+    from types import SimpleNamespace
+
+    from calibflow.lifecycle import reproduce
+
+    root, paths, _ = photos
+    seen = []
+
+    def predict(images, params=None):
+        seen.append(len(images))
+        scores = images.reshape(len(images), -1)[:, :3].astype(float) + 1.0
+        return scores / scores.sum(axis=1, keepdims=True)
+
+    meta = {
+        "image_mode": "RGB",
+        "image_size": [SIZE, SIZE],
+        "framing": EVALUATION.to_record(),
+        "classes": ["a", "b", "c"],
+    }
+    model = SimpleNamespace(
+        metadata=SimpleNamespace(metadata=meta), predict=predict, unwrap_python_model=lambda: SimpleNamespace()
+    )
+    monkeypatch.setattr(reproduce.registration, "load_model", lambda uri: model)
+    monkeypatch.setattr(reproduce, "DECODED_AT_A_TIME", 7)
+    files = [str(root / p) for p in paths]
+    got = reproduce.predict_files("models:/m/1", files)
+    assert max(seen) == 7 and sum(seen) == len(paths) and [g.path for g in got] == files
+    whole = predict(load_images(root, paths, "RGB", EVALUATION).permute(0, 2, 3, 1).numpy())
+    assert [g.probability for g in got] == pytest.approx(whole.max(axis=1).tolist())
+    assert [g.label for g in got] == [["a", "b", "c"][k] for k in whole.argmax(axis=1)]
+    assert reproduce.predict_files("models:/m/1", []) == []
+
+
 def test_the_corruption_suite_reads_a_split_a_chunk_at_a_time_with_the_same_logits(photos, tmp_path, monkeypatch):
     """The flow's suite (and the shift-aware fit, which reads the whole calibration split) and
     evaluate/gate's hold DECODED_AT_A_TIME images and their corrupted copies at once, whatever the

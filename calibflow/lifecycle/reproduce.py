@@ -323,10 +323,20 @@ class Prediction:
 
 
 def predict_files(model_uri: str, paths: list[str]) -> list[Prediction]:
+    """Each file's calibrated answer, the files decoded DECODED_AT_A_TIME at a time: memory bounded
+    whatever their number."""
+    if not paths:
+        return []
     model = registration.load_model(model_uri)
     meta = model.metadata.metadata
-    images = np.stack([decode_image(p, meta["image_mode"], served_model.framing_of(meta)) for p in paths])
-    probabilities = predict_in_batches(model, images)
+    framing = served_model.framing_of(meta)
+    chunks = (paths[start : start + DECODED_AT_A_TIME] for start in range(0, len(paths), DECODED_AT_A_TIME))
+    probabilities = np.concatenate(
+        [
+            predict_in_batches(model, np.stack([decode_image(p, meta["image_mode"], framing) for p in chunk]))
+            for chunk in chunks
+        ]
+    )
     policy = served_policy(model) or DecisionPolicy(tuple(served_classes(model)))
     decided = policy.decide(probabilities)
     extra = [name for name in ("positive", "prediction_set") if name in decided]

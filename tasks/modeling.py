@@ -68,11 +68,11 @@ def check_run_settings(
     data_dir: str,
     initial: model_steps.InitialWeights | None = None,
 ) -> None:
-    """Before training: a calibrator, split sizes or gates that cannot work on this data, and
-    initial weights that do not fit the network."""
+    """Before training: a calibrator, split sizes or gates that cannot work on this data, a network
+    that cannot read images of this size, and initial weights that do not fit it."""
     data_steps.check_run_settings(config, manifest.classes, split.sizes)
     data_steps.check_soft_gates(config, data_dir, manifest, split.path)
-    model_steps.check_initial_weights(initial, manifest, config)
+    model_steps.check_network(initial, manifest, config)
 
 
 @task(name="check-decision-settings", cache_policy=NO_CACHE)

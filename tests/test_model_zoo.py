@@ -94,8 +94,27 @@ def test_a_record_from_before_stems_rebuilds_resnet18_with_the_small_stem_at_any
     ],
 )
 def test_a_size_an_arch_cannot_take_is_refused_with_what_it_needs(arch, size, needs):
-    with pytest.raises(ConfigError, match=needs):
+    with pytest.raises(ConfigError, match=needs) as refused:
         build_model(ModelSpec(arch, 3, 3, size, size))
+    assert "data.image_size" in str(refused.value)  # what sets the size
+
+
+def test_an_arch_that_cannot_read_the_images_is_refused_by_the_run_s_settings_check(tmp_path):
+    """Before training (and the gate-power simulation), not when train-model builds the network."""
+    from PIL import Image
+
+    from calibflow.pipeline.data_steps import write_manifest
+    from calibflow.pipeline.model_steps import check_network
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (48, 48), (40 * i, 90, 30)).save(tmp_path / "data" / label / f"{i}.png")
+    manifest = write_manifest(str(tmp_path / "data"), str(tmp_path / "manifest.csv"))
+    with pytest.raises(ConfigError, match="vit_b_16 needs images of at least 64x64 px") as refused:
+        check_network(None, manifest, load_config(None, ["model.arch=vit_b_16"]))
+    assert "these are 48x48" in str(refused.value) and "data.image_size" in str(refused.value)
+    check_network(None, manifest, load_config(None, ["model.arch=vit_b_16", "data.image_size=64"]))
 
 
 @pytest.mark.parametrize("arch, size", [("resnet50", 16), ("efficientnet_b0", 64), ("vit_b_16", 64)])

@@ -25,6 +25,7 @@ from calibflow.training.models import (
     Checkpoint,
     ModelSpec,
     build_model,
+    check_image_size,
     load_checkpoint,
     load_pretrained_weights,
     pretrained_weights_file,
@@ -125,13 +126,14 @@ def model_spec(config: Config, fmt: ImageFormat, n_classes: int) -> ModelSpec:
     )
 
 
-def check_initial_weights(initial: InitialWeights | None, manifest: ManifestRecord, config: Config) -> None:
-    """Before training: the initial weights loaded onto the network this run builds, so that keys
-    or shapes of another architecture are a ConfigError now rather than after the data steps."""
-    if initial is None:
-        return
+def check_network(initial: InitialWeights | None, manifest: ManifestRecord, config: Config) -> None:
+    """Before training: model.arch takes images of this run's size (check_image_size), and the
+    initial weights load onto the network it builds, so that an architecture that cannot read them,
+    or keys and shapes of another one, are a ConfigError now rather than after the data steps."""
     spec = model_spec(config, image_format(manifest.path, config.data), len(manifest.classes))
-    load_pretrained_weights(build_model(spec), initial.path, config.model.arch)
+    check_image_size(spec)
+    if initial is not None:
+        load_pretrained_weights(build_model(spec), initial.path, config.model.arch)
 
 
 def training_checkpoints(

@@ -170,8 +170,13 @@ def _family(arch: str) -> str:
     return arch
 
 
+# What sets the size a network reads, for the refusals below: data.image_size, else the images' own.
+_SIZE_FIX = "set data.image_size to a size it takes"
+
+
 def check_image_size(spec: ModelSpec) -> None:
-    """ConfigError when `spec.arch` cannot take images of `spec`'s size with `spec.stem`, saying what it needs."""
+    """ConfigError when `spec.arch` cannot take images of `spec`'s size with `spec.stem`, saying what it
+    needs and that data.image_size sets that size."""
     arch, height, width = spec.arch, spec.image_height, spec.image_width
     family = _family(arch)
     if spec.stem not in ("small", "imagenet"):
@@ -180,23 +185,25 @@ def check_image_size(spec: ModelSpec) -> None:
         raise ConfigError(
             f"model.arch = {arch} needs images of at least {SMALL_IMAGE}x{SMALL_IMAGE} px (these are "
             f"{width}x{height}): it has no small-image stem here (resnet*, resnext*, wide_resnet*, "
-            f"mobilenet* and efficientnet* do, as does small_cnn): pick one of those, or use larger "
-            f"images (docs/models.md)"
+            f"mobilenet* and efficientnet* do, as does small_cnn): pick one of those, or {_SIZE_FIX} "
+            f"(at least {SMALL_IMAGE}; docs/models.md)"
         )
     if family == "vit":
         patch = int(arch.rsplit("_", 1)[1])
         if height != width or height % patch:
             raise ConfigError(
                 f"model.arch = {arch} needs square images whose side is a multiple of {patch} px (these are "
-                f"{width}x{height}), at least {SMALL_IMAGE}: e.g. 64, 96, 224"
+                f"{width}x{height}), at least {SMALL_IMAGE}: {_SIZE_FIX}, e.g. 64, 96, 224"
             )
     if family == "maxvit" and (height % 224 or width % 224):
         raise ConfigError(
             f"model.arch = {arch} needs images whose sides are multiples of 224 px (its 7x7 attention "
-            f"windows at 1/32 of the image); these are {width}x{height}"
+            f"windows at 1/32 of the image); these are {width}x{height}: {_SIZE_FIX}, e.g. 224"
         )
     if family == "inception" and min(height, width) < 75:
-        raise ConfigError(f"model.arch = {arch} needs images of at least 75x75 px; these are {width}x{height}")
+        raise ConfigError(
+            f"model.arch = {arch} needs images of at least 75x75 px; these are {width}x{height}: {_SIZE_FIX}"
+        )
 
 
 def torchvision_backbone(spec: ModelSpec) -> nn.Module:

@@ -547,3 +547,27 @@ def test_an_ood_folder_larger_than_max_images_is_sampled_from_every_sub_folder()
     per_folder = [sum(name.startswith(f"{folder}/") for name in used) for folder in "abcd"]
     assert min(per_folder) >= 10, per_folder  # the first 100 by path: [100, 0, 0, 0]
     assert _used(files[:50], digests, 100) == tuple(files[:50])
+
+
+def test_the_gate_scores_again_the_ood_images_the_run_scored(tmp_path, monkeypatch):
+    """calibflow gate reads the version's OOD tag: a folder above ood.max_images gives the run's
+    content-hash sample again, and a tag written before the sample (no "selection") its first files."""
+    from types import SimpleNamespace
+
+    from calibflow.data import versioning
+    from calibflow.evaluation import ood
+    from calibflow.pipeline.tagging import ood_tags
+
+    for folder in "abcd":
+        (tmp_path / folder).mkdir()
+        for i in range(30):
+            (tmp_path / folder / f"{i:02d}.png").write_bytes(f"{folder}{i}".encode())
+    monkeypatch.setattr(versioning, "resolve_recorded_data", lambda *args: SimpleNamespace(local_dir=str(tmp_path)))
+    files = ood._listed(tmp_path)
+    digests = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in files}
+    run_scored = ood._used(files, digests, 40)
+    evaluation = SimpleNamespace(path="data/ood", rev="workspace", dvc_hash="h", n_images=40, score="energy")
+    recorded = json.loads(ood_tags(evaluation)[ood.OOD_TAG])
+    assert ood.recorded_ood_files(tmp_path, recorded) == (str(tmp_path), list(run_scored))
+    del recorded["selection"]
+    assert ood.recorded_ood_files(tmp_path, recorded)[1] == files[:40]

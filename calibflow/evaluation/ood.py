@@ -185,17 +185,25 @@ def save_ood_data(data: OODData, out_path: str | Path) -> str:
 
 
 # The version tag that names the OOD folder a version was measured on, so `calibflow gate` can
-# score the same images again: {"path", "rev", "dvc_hash", "n_images", "score"}.
+# score the same images again: {"path", "rev", "dvc_hash", "n_images", "score", "selection"}.
 OOD_TAG = "ood_data"
+# How a folder larger than ood.max_images was sampled (_used); a tag without "selection" was
+# written when the run scored the first n_images files by path.
+OOD_SELECTION = "content_hash"
 
 
 def recorded_ood_files(repo_root: str | Path, recorded: dict) -> tuple[str, list[str]]:
     """(local_dir, files) of the OOD folder a version recorded (OOD_TAG), checked byte for byte
-    against its DVC hash: the same first `n_images` files, sorted, that the run scored."""
+    against its DVC hash: the same `n_images` files, sorted, that the run scored."""
     from calibflow.data.versioning import resolve_recorded_data
 
     version = resolve_recorded_data(repo_root, recorded["path"], recorded["rev"], recorded["dvc_hash"])
-    return version.local_dir, _listed(Path(version.local_dir))[: int(recorded["n_images"])]
+    root, n_images = Path(version.local_dir), int(recorded["n_images"])
+    files = _listed(root)
+    if recorded.get("selection") != OOD_SELECTION or len(files) <= n_images:
+        return version.local_dir, files[:n_images]
+    digests = {relative: hashlib.sha256((root / relative).read_bytes()).hexdigest() for relative in files}
+    return version.local_dir, list(_used(files, digests, n_images))
 
 
 def _temperature(calibrator) -> float:

@@ -109,15 +109,12 @@ def shift_tags(shifted: ShiftEvaluation | None) -> dict[str, str]:
 
 def ood_tags(ood: OODEvaluation | None) -> dict[str, str]:
     """The OOD folder a version was measured on, for `calibflow gate` to score again."""
-    from calibflow.evaluation.ood import OOD_TAG
+    from calibflow.evaluation.ood import OOD_SELECTION, OOD_TAG
 
     if ood is None:
         return {}
-    return {
-        OOD_TAG: json.dumps(
-            {"path": ood.path, "rev": ood.rev, "dvc_hash": ood.dvc_hash, "n_images": ood.n_images, "score": ood.score}
-        )
-    }
+    recorded = {"path": ood.path, "rev": ood.rev, "dvc_hash": ood.dvc_hash, "n_images": ood.n_images}
+    return {OOD_TAG: json.dumps({**recorded, "score": ood.score, "selection": OOD_SELECTION})}
 
 
 def soft_label_tags(config: Config) -> dict[str, str]:

@@ -147,6 +147,12 @@ class MonitorDataError(ValueError):
     """The monitoring folder cannot be read as new images for this model; the message says why."""
 
 
+class ServedModelRefusal(ValueError):
+    """A request the served model cannot answer (tracking.served_model.RequestError, which is also
+    an MlflowException so that MLflow's scoring server answers 400 with it): a refusal, never a
+    tracking-store failure."""
+
+
 class RecalibrationError(ValueError):
     """The version or the data cannot be recalibrated as asked; the message says why and the fix."""
 
@@ -199,6 +205,7 @@ POLICIES: tuple[tuple[tuple[type[BaseException], ...], ErrorPolicy], ...] = (
             CheckpointError,
             MonitorDataError,
             RecalibrationError,
+            ServedModelRefusal,
         ),
         REFUSED,
     ),

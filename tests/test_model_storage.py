@@ -473,3 +473,46 @@ def test_serving_a_version_with_mlflows_own_server_does_not_count_as_tampering(r
         meta.write_text(content)
         assert calibflow(["evaluate", "--model", f"models:/{MODEL}/1", "--repo", str(repo)]) == 2, content
         assert CHANGED in capsys.readouterr().err, content
+
+
+def test_a_request_the_served_model_refuses_is_a_refusal_here_and_a_400_in_mlflow():
+    """RequestError is an MlflowException for MLflow's scoring server (a 400 with its message);
+    calibflow's own error policy must not read that as the tracking store failing (retried, and
+    reported as 'the MLflow store failed')."""
+    import pickle
+
+    from calibflow import errors
+
+    refusal = served_model.RequestError("image 0 of the request: 5x40 pixels, smaller than ...")
+    assert refusal.get_http_status_code() == 400 and isinstance(refusal, ValueError)
+    assert errors.policy_of(refusal) is errors.REFUSED and errors.policy_of(refusal).exit_code == 2
+    assert str(pickle.loads(pickle.dumps(refusal))) == str(refusal)
+
+
+@pytest.mark.e2e
+def test_a_model_reading_fewer_pixels_than_min_side_registers_and_serves_photos(tmp_path, monkeypatch, caplog):
+    """data.image_size 8 with data.min_side 16: photos of 16 px and more, framed to 8 x 8. Logging
+    (and MLflow's check of the input example) reads the framed 8 x 8 example as framed, not as a
+    photo below min_side."""
+    import mlflow
+
+    from calibflow.data.images import Framing, reference_resize
+    from calibflow.training.models import ModelSpec, save_checkpoint
+    from tests.conftest import untrained_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model = untrained_model(tmp_path / "untrained")
+    spec = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
+    framing = Framing(8, 8, reference_resize(8), min_side=16)
+    checkpoint = save_checkpoint(tmp_path / "framed.pt", model.network, spec, ["a", "b", "c"], "L", framing=framing)
+    store.configure_tracking(tmp_path)
+    run_id = store.start_run("min-side", repo_root=tmp_path)
+    with caplog.at_level("WARNING"):
+        uri = served_model.log_calibrated_model(
+            run_id, checkpoint, model.calibration_state, model.images[:2].permute(0, 2, 3, 1).numpy()
+        )
+    assert "smaller than" not in caplog.text  # MLflow's own check of the example passed
+    loaded = mlflow.pyfunc.load_model(uri)
+    assert loaded.predict(np.full((1, 20, 30, 1), 128, dtype=np.uint8)).shape == (1, 3)
+    with pytest.raises(ValueError, match="smaller than the 16 pixels"):
+        loaded.predict(np.full((1, 12, 30, 1), 128, dtype=np.uint8))

@@ -26,6 +26,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import Schema, TensorSpec
 
 from calibflow.disk_cache import file_sha256
+from calibflow.errors import ServedModelRefusal
 from calibflow.tracking.store import store_wait
 
 if TYPE_CHECKING:
@@ -60,11 +61,12 @@ INPUT_PARAM = "input"
 INPUTS = ("photos", "framed")
 
 
-class RequestError(MlflowException, ValueError):
+class RequestError(MlflowException, ServedModelRefusal):
     """A request the served model cannot answer, said in words. An MlflowException with
     INVALID_PARAMETER_VALUE, so that `mlflow models serve` answers 400 with this message (any other
-    exception becomes its generic "unexpected error" with the message buried in a stack trace);
-    a ValueError, for callers in this process."""
+    exception becomes its generic "unexpected error" with the message buried in a stack trace); a
+    ServedModelRefusal (a ValueError) for callers in this process, whose error policy refuses it
+    rather than blaming the store."""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
@@ -312,9 +314,10 @@ def log_calibrated_model(
         model.load(artifacts)
         # Build the signature from a real prediction so input and output specs are exact; the
         # output param is declared so MLflow accepts it, with the probabilities as its default.
+        # the example is framed already (input_example): read as it is, as calibflow's commands send it
         signature = infer_signature(
             input_example,
-            model.predict(None, input_example),
+            model.predict(None, input_example, params={INPUT_PARAM: "framed"}),
             params={OUTPUT_PARAM: OUTPUTS[0], INPUT_PARAM: INPUTS[0]},
         )
         if model.framing.resize is not None:
@@ -327,7 +330,8 @@ def log_calibrated_model(
                 artifacts=artifacts,
                 code_paths=[str(Path(calibflow.__file__).parent)],
                 signature=signature,
-                input_example=input_example,
+                # with its params: MLflow checks the example by predicting it, and it is framed already
+                input_example=(input_example, {INPUT_PARAM: "framed"}),
                 pip_requirements=[
                     f"torch=={version(torch.__version__)}",
                     f"torchvision=={version(installed('torchvision'))}",

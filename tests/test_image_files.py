@@ -102,6 +102,17 @@ def _digests(root, paths) -> list[str]:
     return [hashlib.sha256((root / name).read_bytes()).hexdigest() for name in paths]
 
 
+def _one_split(manifest, tmp_path, name: str) -> None:
+    """tmp_path/manifest.csv and tmp_path/split.json: every row of `manifest` in the split `name`."""
+    from calibflow.data.manifest import save_manifest
+    from calibflow.data.splits import SPLIT_NAMES, Split
+
+    save_manifest(manifest, tmp_path / "manifest.csv")
+    everything = np.arange(len(manifest))
+    indices = {split: everything if split == name else everything[:0] for split in SPLIT_NAMES}
+    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+
+
 def _replace_with_another_class(copy, paths, index: int) -> Path:
     """paths[index] overwritten with a whole, valid image of another class (in the same format), as
     a `git checkout` + `dvc checkout` of another data version in the same working tree would: it
@@ -223,18 +234,12 @@ def test_outlier_exposure_from_the_files_equals_outlier_exposure_in_memory_bit_f
 
 
 def test_a_split_is_read_from_its_files_above_the_memory_limit(folder, tmp_path):
-    from calibflow.data.manifest import build_manifest, save_manifest
-    from calibflow.data.splits import Split
+    from calibflow.data.manifest import build_manifest
     from calibflow.pipeline.data_steps import ImageFormat, image_loading, load_split_images
 
     root, paths, _ = folder
     manifest = build_manifest(root)
-    save_manifest(manifest, tmp_path / "manifest.csv")
-    everything = np.arange(len(manifest))
-    indices = {
-        name: everything if name == "test" else everything[:0] for name in ("train", "val", "calibration", "test")
-    }
-    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    _one_split(manifest, tmp_path, "test")
     fmt = ImageFormat("RGB", SIZE, SIZE)
     decoded_bytes = len(manifest) * 3 * SIZE * SIZE
     kept, _, _ = load_split_images(
@@ -263,19 +268,13 @@ def test_a_split_file_changed_after_the_manifest_is_refused_naming_it(folder, tm
     """load_split_images checks every file against the manifest's SHA-256, decoded into memory or
     streamed: one overwritten with another class's valid image after the manifest was built (after
     the run pinned the data) is refused by name, never decoded as if it were the pinned one."""
-    from calibflow.data.manifest import build_manifest, save_manifest
-    from calibflow.data.splits import Split
+    from calibflow.data.manifest import build_manifest
     from calibflow.pipeline.data_steps import ImageFormat, load_split_images
 
     _, paths, _ = folder
     copy = _copied(folder, tmp_path / "copy")
     manifest = build_manifest(copy)
-    save_manifest(manifest, tmp_path / "manifest.csv")
-    everything = np.arange(len(manifest))
-    indices = {
-        name: everything if name == "train" else everything[:0] for name in ("train", "val", "calibration", "test")
-    }
-    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    _one_split(manifest, tmp_path, "train")
     victim = _replace_with_another_class(copy, list(manifest["path"]), 5)
     loading = ImageLoading(in_memory_max_bytes=10**9 if in_memory else 0, workers=0)
 
@@ -300,20 +299,14 @@ def test_a_split_file_changed_after_the_manifest_is_refused_naming_it(folder, tm
 def test_the_corruption_suite_checks_each_chunk_against_the_manifest(folder, tmp_path, monkeypatch):
     """The suite's chunks (load_images_nhwc, DECODED_AT_A_TIME at a time) are checked as a split's
     images are: the changed file is named, on one line."""
-    from calibflow.data.manifest import build_manifest, save_manifest
-    from calibflow.data.splits import Split
+    from calibflow.data.manifest import build_manifest
     from calibflow.evaluation.shift import Suite
     from calibflow.pipeline import model_steps
     from calibflow.training.models import build_model, save_checkpoint
 
     copy = _copied(folder, tmp_path / "copy")
     manifest = build_manifest(copy)
-    save_manifest(manifest, tmp_path / "manifest.csv")
-    everything = np.arange(len(manifest))
-    indices = {
-        name: everything if name == "test" else everything[:0] for name in ("train", "val", "calibration", "test")
-    }
-    Split(indices=indices, seed=0, fractions={}, manifest_fingerprint="").save(tmp_path / "split.json")
+    _one_split(manifest, tmp_path, "test")
     spec = ModelSpec(arch="small_cnn", in_channels=3, num_classes=CLASSES, image_height=SIZE, image_width=SIZE, width=4)
     checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", build_model(spec).eval(), spec, ["0", "1", "2"], "RGB")
     monkeypatch.setattr(model_steps, "DECODED_AT_A_TIME", 16)  # the change lands in a later chunk than the first

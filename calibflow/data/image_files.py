@@ -141,27 +141,20 @@ class ImageFiles(torch.utils.data.Dataset):
     def _digest(self, index: int) -> str | None:
         return self.digests[index] if self.digests is not None else None
 
-    def take(self, indices: Iterable[int]) -> ImageFiles:
+    def _at(self, indices: Iterable[int]) -> tuple[list[str], list[str] | None]:
+        """The paths and recorded digests (None without) of the files at `indices`."""
         indices = list(indices)
-        return ImageFiles(
-            self.root,
-            [self.paths[i] for i in indices],
-            self.mode,
-            self.framing,
-            None if self.digests is None else [self.digests[i] for i in indices],
-        )
+        digests = None if self.digests is None else [self.digests[i] for i in indices]
+        return [self.paths[i] for i in indices], digests
+
+    def take(self, indices: Iterable[int]) -> ImageFiles:
+        paths, digests = self._at(indices)
+        return ImageFiles(self.root, paths, self.mode, self.framing, digests)
 
     def decode(self, indices: Iterable[int], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """The images at `indices` as one uint8 tensor (N, C, H, W), decoded here by a thread pool."""
-        indices = list(indices)
-        return load_images(
-            self.root,
-            [self.paths[i] for i in indices],
-            self.mode,
-            self.framing,
-            seeds=seeds,
-            digests=None if self.digests is None else [self.digests[i] for i in indices],
-        )
+        paths, digests = self._at(indices)
+        return load_images(self.root, paths, self.mode, self.framing, seeds=seeds, digests=digests)
 
     def to_record(self) -> dict:
         """Plain values (for a torchrun worker's bundle, which torch.load reads with weights_only)."""
@@ -176,7 +169,11 @@ class ImageFiles(torch.utils.data.Dataset):
     @classmethod
     def from_record(cls, record: dict) -> ImageFiles:
         return cls(
-            record["root"], record["paths"], record["mode"], Framing.from_record(record["framing"]), record.get("digests")
+            record["root"],
+            record["paths"],
+            record["mode"],
+            Framing.from_record(record["framing"]),
+            record.get("digests"),
         )
 
 

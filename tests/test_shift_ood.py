@@ -106,7 +106,8 @@ def test_suite_logits_are_made_a_cell_at_a_time_and_cached_without_storing_corru
     logits_of = lambda images: calls.append(images.copy()) or images.reshape(len(images), -1)[:, :3].astype(float)  # noqa: E731
     first = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
     corrupted = shift.corrupted_images(GRAY, suite)
-    assert len(calls) == 4 and all(np.array_equal(c, corrupted[k]) for c, k in zip(calls, suite.keys))
+    assert len(calls) == 4
+    assert all(any(np.array_equal(c, corrupted[k]) for c in calls) for k in suite.keys)  # in any order
     assert all(np.array_equal(first[k], corrupted[k].reshape(len(GRAY), -1)[:, :3]) for k in suite.keys)
     assert not (tmp_path / "images").exists()  # the logits are cached, never the corrupted copies
 
@@ -471,44 +472,86 @@ def test_the_benchmarks_jigsaw_outliers_are_permuted_patches_of_the_image():
     assert torch.equal(jigsaw(images, seed=0), shuffled)
 
 
-def test_the_next_cell_is_corrupted_while_the_network_reads_this_one_and_cached_cells_are_skipped(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize("cells_at_once", [1, 2])
+def test_cells_are_corrupted_while_the_network_reads_others_holding_few_copies_and_cached_cells_are_skipped(
+    tmp_path, monkeypatch, cells_at_once
 ):
     import threading
 
-    suite = shift.Suite(("gaussian_noise", "contrast"), (1, 5), 100, 0)
-    made: list[str] = []
-    second_started = threading.Event()
+    suite = shift.Suite(("gaussian_noise", "contrast", "pixelate"), (1, 5), 100, 0)
     real_corrupt = shift.corrupt_batch
+    lock = threading.Lock()
+    made: list[str] = []
+    state = {"held": 0, "most_held": 0, "reading": 0, "most_reading": 0}
+    # what the first read waits for, which a serial suite would never give it: a second cell made
+    # (one at once), or a second cell in the network beside it (two at once)
+    overlapped = threading.Event()
 
     def corrupt(images, corruption, severity, seed):
-        made.append(shift.Suite.key(corruption, severity))
-        if len(made) == 2:
-            second_started.set()
-        return real_corrupt(images, corruption, severity, seed)
-
-    read: list[int] = []
+        out = real_corrupt(images, corruption, severity, seed)
+        with lock:
+            made.append(shift.Suite.key(corruption, severity))
+            state["held"] += 1
+            state["most_held"] = max(state["most_held"], state["held"])
+            if cells_at_once == 1 and len(made) == 2:
+                overlapped.set()
+        return out
 
     def logits_of(images):
-        if not read:  # the first cell's logits wait until the second cell is being made, on another thread
-            assert second_started.wait(timeout=30), "the second cell was not made while the first was read"
-        assert len(made) <= len(read) + 2  # never more than one cell ahead: at most two copies held
-        read.append(len(images))
-        return images.reshape(len(images), -1)[:, :3].astype(float)
+        with lock:
+            state["reading"] += 1
+            state["most_reading"] = max(state["most_reading"], state["reading"])
+            if state["reading"] == cells_at_once == 2:
+                overlapped.set()
+        assert overlapped.wait(timeout=30), "the cells were made and read one after another"
+        out = images.reshape(len(images), -1)[:, :3].astype(float)
+        with lock:
+            state["reading"] -= 1
+            state["held"] -= 1
+        return out
 
     monkeypatch.setattr(shift, "corrupt_batch", corrupt)
-    first = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
-    assert made == suite.keys and list(first) == suite.keys and len(read) == 4
+    first = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path, cells_at_once=cells_at_once)
+    assert sorted(made) == sorted(suite.keys) and list(first) == suite.keys
+    assert state["most_reading"] == cells_at_once  # as many in the network as allowed, never more
+    assert state["most_held"] <= cells_at_once + 1  # copies held: one per thread
+    expected = shift.corrupted_images(GRAY, suite)
+    assert all(np.array_equal(first[k], expected[k].reshape(len(GRAY), -1)[:, :3]) for k in suite.keys)
 
     # One cell's cache entry lost: only that cell is made and read again, and the order holds.
     lost = next((tmp_path / "cell_logits").iterdir())
     lost.unlink()
     made.clear()
-    read.clear()
-    second_started.set()
-    again = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path)
-    assert len(made) == 1 and len(read) == 1 and list(again) == suite.keys
+    overlapped.set()
+    again = shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path, cells_at_once=cells_at_once)
+    assert len(made) == 1 and list(again) == suite.keys
     assert all(np.array_equal(first[k], again[k]) for k in suite.keys)
+
+
+def test_a_cell_that_fails_fails_the_suite_and_cells_not_begun_are_not_made(tmp_path, monkeypatch):
+    import time
+
+    suite = shift.Suite(("gaussian_noise", "contrast", "pixelate"), (1, 3, 5), 100, 0)
+    made: list[str] = []
+    real_corrupt = shift.corrupt_batch
+
+    def corrupt(images, corruption, severity, seed):
+        made.append(shift.Suite.key(corruption, severity))
+        return real_corrupt(images, corruption, severity, seed)
+
+    failures = []
+
+    def logits_of(images):
+        failures.append(1)
+        if len(failures) > 1:
+            time.sleep(0.2)  # the others fail slowly: the suite gives up before it reaches them all
+        raise RuntimeError("the network failed")
+
+    monkeypatch.setattr(shift, "corrupt_batch", corrupt)
+    with pytest.raises(RuntimeError, match="the network failed"):
+        shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path, cells_at_once=1)
+    assert len(made) < len(suite.keys)  # the pool stopped taking cells
+    assert not (tmp_path / "cell_logits").exists()  # nothing cached from a failed read
 
 
 def test_the_suite_corrupts_every_class_of_a_larger_test_split_and_old_records_their_first_rows():
@@ -571,3 +614,17 @@ def test_the_gate_scores_again_the_ood_images_the_run_scored(tmp_path, monkeypat
     assert ood.recorded_ood_files(tmp_path, recorded) == (str(tmp_path), list(run_scored))
     del recorded["selection"]
     assert ood.recorded_ood_files(tmp_path, recorded)[1] == files[:40]
+
+
+@pytest.mark.parametrize(
+    "cores, threads, expected", [(1, 1, 1), (2, 1, 2), (2, 2, 1), (3, 2, 1), (8, 2, 4), (64, 1, 4)]
+)
+def test_the_suite_reads_as_many_cells_at_once_as_the_cores_hold_one_thread_passes_and_no_more_than_four(
+    monkeypatch, cores, threads, expected
+):
+    from calibflow.pipeline import model_steps
+    from calibflow.training.loop import intra_op_threads
+
+    monkeypatch.setattr(model_steps, "cpu_cores", lambda: cores)
+    with intra_op_threads(threads):
+        assert model_steps.suite_cells_at_once("cpu") == expected

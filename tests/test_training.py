@@ -390,6 +390,25 @@ def test_a_network_prepared_for_inference_folds_every_batch_norm_into_its_convol
     torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_prepared_network_normalizes_uint8_batches_to_the_bits_registered_versions_were_read_with(layout):
+    """The served model and `calibflow evaluate` reproduce a version's recorded logits only if the
+    network's input is the same bits: a uint8 batch times the float 1/(255 std), minus mean/std."""
+    from calibflow.training.models import prepare_for_inference
+
+    spec = ModelSpec("small_cnn", 3, 4, 32, 32, width=4)
+    mean, std = torch.tensor([120.0, 101.5, 77.25]), torch.tensor([61.0, 55.5, 70.125])
+    prepared = prepare_for_inference(build_model(spec, mean, std), "cpu")
+    seen = []
+    prepared.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8))
+    with torch.no_grad():
+        prepared(x.contiguous(memory_format=layout))
+    expected = (x * (1.0 / (255.0 * prepared.std))).sub_(prepared.mean / prepared.std)
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], expected)
+    assert seen[0].is_contiguous(memory_format=layout)
+
+
 def test_folding_leaves_a_batch_norm_whose_convolution_feeds_another_layer_too_and_an_untraceable_network():
     from torch import nn
 

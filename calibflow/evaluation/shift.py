@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,6 +152,8 @@ def cell_logits(
     model_digest: str,
     cache_dir: str | Path | None = None,
     progress: str | None = None,
+    *,
+    cells_at_once: int = 1,
 ) -> dict[str, np.ndarray]:
     """The network's logits on each cell's corrupted copy of uint8 images that arrive as chunks
     (n, H, W, C), `n_images` in all, concatenated in chunk order. Each chunk's cells are made, read
@@ -161,19 +164,24 @@ def cell_logits(
     corrupts nothing. The corrupted images themselves are not stored (cheap to make again, and
     large).
 
-    The next cell's images are made on a second thread while the network reads the current
-    cell's: numpy, scipy, Pillow and hashlib release the GIL in their loops, as torch does in its
-    forward pass, so with train.threads 1 a second core corrupts while the first convolves. At
-    most two corrupted copies of a chunk are held at once (at 224 px, 150 MB for cells of 500 RGB
-    images), not one per cell (675 MB for nine)."""
+    Cells are made and read on `cells_at_once` + 1 threads, each cell corrupted and then read by
+    the network on one thread, at most `cells_at_once` of them in the network at a time: numpy,
+    scipy, Pillow and hashlib release the GIL in their loops, as torch does in its forward pass,
+    so the cores the forward passes leave free corrupt the next cells. `logits_of` must be safe to
+    call from several threads (a network in eval mode is). At most `cells_at_once` + 1 corrupted
+    copies of a chunk are held at once (at 224 px, 75 MB each for cells of 500 RGB images), not
+    one per cell."""
+    if cells_at_once < 1:
+        raise ValueError(f"cells_at_once = {cells_at_once}: must be 1 or more")
     parts: dict[str, list[np.ndarray]] = {key: [] for key in suite.keys}
     with (
         progress_bar(n_images * len(suite.cells), progress or "", enabled=progress is not None) as bar,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="corrupt") as corrupting,
+        ThreadPoolExecutor(max_workers=cells_at_once + 1, thread_name_prefix="suite-cell") as cells,
     ):
+        reading = threading.Semaphore(cells_at_once)
         for chunk in chunks:
             for key, logits in _chunk_cell_logits(
-                chunk, suite, logits_of, model_digest, cache_dir, bar, corrupting
+                chunk, suite, logits_of, model_digest, cache_dir, bar, cells, reading
             ).items():
                 parts[key].append(logits)
             del chunk  # let it go before the next one is decoded
@@ -187,10 +195,11 @@ def _chunk_cell_logits(
     model_digest: str,
     cache_dir: str | Path | None,
     bar,
-    corrupting: ThreadPoolExecutor,
+    cells: ThreadPoolExecutor,
+    reading: threading.Semaphore,
 ) -> dict[str, np.ndarray]:
-    """The logits of one chunk per cell: cached cells read back, the others made a
-    cell at a time, the next one corrupted on `corrupting` while the network reads this one."""
+    """The logits of one chunk per cell: cached cells read back, the others each corrupted and
+    read on a thread of `cells`, the network reading at most as many at once as `reading` lets."""
     images = np.ascontiguousarray(images_nhwc)
     content = _digest(str(images.shape), images.tobytes())
 
@@ -203,19 +212,25 @@ def _chunk_cell_logits(
             / f"{_digest(model_digest, content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
         )
 
+    def made_and_read(corruption: str, severity: int) -> np.ndarray:
+        corrupted = corrupt_batch(images, corruption, severity, suite.seed)
+        with reading:
+            logits = np.asarray(logits_of(corrupted))
+        del corrupted
+        store_array(cache_path(suite.key(corruption, severity)), logits)
+        return logits
+
     out = {key: load_array(cache_path(key)) for key in suite.keys}
     missing = [(c, s) for c, s in suite.cells if out[suite.key(c, s)] is None]
     bar.update(len(images) * (len(suite.cells) - len(missing)))
-    upcoming = [corrupting.submit(corrupt_batch, images, c, s, suite.seed) for c, s in missing[:1]]
-    for i, (corruption, severity) in enumerate(missing):
-        corrupted = upcoming.pop().result()
-        if i + 1 < len(missing):
-            upcoming.append(corrupting.submit(corrupt_batch, images, *missing[i + 1], suite.seed))
-        key = suite.key(corruption, severity)
-        out[key] = np.asarray(logits_of(corrupted))
-        del corrupted
-        store_array(cache_path(key), out[key])
-        bar.update(len(images))
+    pending = {suite.key(c, s): cells.submit(made_and_read, c, s) for c, s in missing}
+    try:
+        for key, cell in pending.items():
+            out[key] = cell.result()
+            bar.update(len(images))
+    finally:
+        for cell in pending.values():  # after a failure, no cell not yet begun is made
+            cell.cancel()
     return out
 
 

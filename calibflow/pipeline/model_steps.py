@@ -21,6 +21,7 @@ from calibflow.training.ensembles import (
 )
 from calibflow.data.images import DECODED_AT_A_TIME, load_images_nhwc
 from calibflow.errors import ConfigError
+from calibflow.environment import cpu_cores
 from calibflow.training.models import (
     Checkpoint,
     ModelSpec,
@@ -422,8 +423,24 @@ def _suite_logits_of_split(
             f"{file_sha256(checkpoint)} logits {LOGITS_VERSION}",
             cache_dir,
             progress=f"logits {split_name}, {len(suite.cells)} corrupted copies",
+            cells_at_once=suite_cells_at_once(device),
         )
     return logits, labels, indices
+
+
+# Most suite cells read by the network at once: each holds a corrupted copy of a chunk (111 MB at
+# 224 px for DECODED_AT_A_TIME RGB images), so many cores do not multiply the suite's memory.
+MAX_SUITE_CELLS_AT_ONCE = 4
+
+
+def suite_cells_at_once(device: str) -> int:
+    """How many cells of the corruption suite the network reads at once: on the CPU, as many as
+    the cores hold forward passes of torch's current intra-op threads (train.threads; two cores
+    and one thread: two), each a separate pass with no barrier between them, unlike one pass on
+    more threads (docs/training.md, Threads); on a GPU one, the card being the limit."""
+    if resolve_runtime(device).device.type != "cpu":
+        return 1
+    return max(1, min(MAX_SUITE_CELLS_AT_ONCE, cpu_cores() // torch.get_num_threads()))
 
 
 def write_shift_logits(

@@ -20,6 +20,11 @@ Photos are stood in for by CIFAR-10's training JPEGs from ../shared/datasets, up
    starts from a cold cache (`CALIBFLOW_CACHE_DIR`) and an empty registry (no champion). Targets:
    the streamed run's peak memory grows by under 1 GB from the smallest to the largest N; the suite
    and OOD take at most 20% of the wall time.
+3. **The corruption suite alone**, on the smallest run size's streamed run (its checkpoint and test
+   split): `write_shift_logits` as the flow calls it, in a fresh process each, interleaved, once
+   with one cell in the network at a time and once with as many as the cores hold
+   (`model_steps.suite_cells_at_once`): the seconds each (median) and whether both wrote the same
+   logits to the bit.
 
     python benchmarks/data_scale.py [--sizes 1000 5000 20000] [--run-sizes 1000 5000] [--workers N] \\
         [--in-memory-sizes 1000]     # the in-memory run only at these sizes
@@ -259,7 +264,8 @@ def calibflow_run(repo: Path, streamed: bool, api_url: str, workers: int) -> dic
     for store in ("mlruns", "mlartifacts"):
         shutil.rmtree(repo / store, ignore_errors=True)
     peak, wall, _ = measured(command, repo, env)
-    flow_run_id = json.loads(result.read_text())["prefect_flow_run_id"]
+    recorded = json.loads(result.read_text())
+    flow_run_id = recorded["prefect_flow_run_id"]
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -274,13 +280,81 @@ def calibflow_run(repo: Path, streamed: bool, api_url: str, workers: int) -> dic
         "suite_share": suite / wall,
         "train_s": per_task.get("train-model", 0.0),
         "task_seconds": per_task,  # every task's, to see where the rest of the wall went
+        "run_dir": str(repo / ".calibflow" / "runs" / recorded["run_id"]),
+    }
+
+
+# ------------------------------------------------------------------ 3. the suite alone
+
+SUITE_ARMS = ("one cell at a time", "cells at once")
+
+
+def suite_pass(arm: str, repo: str, run_dir: str, out: str) -> dict:
+    """One `write_shift_logits` of the default suite on a run's test split, as the flow calls it
+    (train.threads 1, no cache), in this process: its seconds and the cells it read at once."""
+    from unittest import mock
+
+    from calibflow.config import Config
+    from calibflow.evaluation.shift import suite_of
+    from calibflow.pipeline import model_steps
+
+    os.chdir(repo)
+    config = Config()
+    suite = suite_of(config.shift, seed=0)
+    from calibflow.training.loop import intra_op_threads
+
+    with intra_op_threads(config.train.threads):  # as write_shift_logits reads it
+        at_once = 1 if arm == SUITE_ARMS[0] else model_steps.suite_cells_at_once("cpu")
+    with mock.patch.object(model_steps, "suite_cells_at_once", lambda device: at_once):
+        started = time.perf_counter()
+        model_steps.write_shift_logits(
+            f"{run_dir}/checkpoint.pt",
+            "data/photos",
+            f"{run_dir}/manifest.csv",
+            f"{run_dir}/splits.json",
+            suite,
+            out,
+            device="cpu",
+            cache_dir=None,
+            threads=config.train.threads,
+        )
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "cells_at_once": at_once, "cells": len(suite.cells)}
+
+
+def suite_alone(repo: Path, run_dir: str, repeats: int) -> dict:
+    passes: dict[str, list[dict]] = {arm: [] for arm in SUITE_ARMS}
+    outs = {arm: str(repo.parent / f"suite-{i}.npz") for i, arm in enumerate(SUITE_ARMS)}
+    env = {**os.environ, "PYTHONPATH": str(_common.REPO)}
+    for repeat in range(repeats):
+        for arm in SUITE_ARMS if repeat % 2 == 0 else SUITE_ARMS[::-1]:
+            command = [sys.executable, __file__, "--suite-child", arm, str(repo), run_dir, outs[arm]]
+            done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+            passes[arm].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    import numpy as np
+
+    first, second = (np.load(outs[arm]) for arm in SUITE_ARMS)
+    same = sorted(first.files) == sorted(second.files) and all(np.array_equal(first[k], second[k]) for k in first.files)
+    seconds = {arm: statistics.median(p["seconds"] for p in passes[arm]) for arm in SUITE_ARMS}
+    with np.load(outs[SUITE_ARMS[0]]) as logits:
+        images = len(logits["labels"])
+    return {
+        "passes": passes,
+        "seconds": seconds,
+        "speedup": seconds[SUITE_ARMS[0]] / seconds[SUITE_ARMS[1]],
+        "cells_at_once": passes[SUITE_ARMS[1]][0]["cells_at_once"],
+        "cells": passes[SUITE_ARMS[1]][0]["cells"],
+        "images": images,
+        "same_logits": same,
     }
 
 
 # ------------------------------------------------------------------ the table
 
 
-def render(inputs: dict[int, dict], runs: dict[int, list[dict]], workers: int, side: int) -> str:
+def render(
+    inputs: dict[int, dict], runs: dict[int, list[dict]], workers: int, side: int, suite: dict | None = None
+) -> str:
     lines = [
         f"Photos: CIFAR-10 training JPEGs upscaled to {side}x{side}. Input path: one pass in a seeded random "
         f"order, batches of {BATCH}, {workers} DataLoader worker(s), median of the interleaved repeats; "
@@ -322,11 +396,24 @@ def render(inputs: dict[int, dict], runs: dict[int, list[dict]], workers: int, s
             f"Streamed peak memory from {smallest:,} to {largest:,} images: {growth:+.2f} GB "
             f"(target: under {MEMORY_TARGET_GB:.0f} GB from 1,000 to 20,000 images: {met} over these sizes).",
         ]
+    if suite:
+        one, many = (suite["seconds"][arm] for arm in SUITE_ARMS)
+        lines += [
+            "",
+            f"The corruption suite alone ({suite['cells']} cells of the {suite['n']:,}-photo run's "
+            f"{suite['images']:,} test images, `write_shift_logits` in a fresh process each, train.threads 1, "
+            f"median of {len(suite['passes'][SUITE_ARMS[0]])} interleaved): one cell in the network at a time "
+            f"{one:.1f} s, {suite['cells_at_once']} at once {many:.1f} s ({suite['speedup']:.2f}x); "
+            f"the same logits to the bit: {'yes' if suite['same_logits'] else 'NO'}.",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["--suite-child"]:
+        print(json.dumps(suite_pass(*arguments[1:5])))
+        return {}
     if arguments[:1] == ["--child"]:
         kind, root, workers, side = arguments[1:5]
         print(json.dumps(read_pass(kind, root, int(workers), int(side))))
@@ -381,9 +468,16 @@ def main(argv: list[str] | None = None) -> dict:
                 modes = (True, False) if args.in_memory_sizes is None or n in args.in_memory_sizes else (True,)
                 runs[n] = [calibflow_run(repo, streamed, api_url, workers) for streamed in modes]
                 print(f"calibflow run, {n} images: done", file=sys.stderr, flush=True)
-    text = render(inputs, runs, workers, side)
+    suite = None
+    if runs:
+        n = min(runs)
+        streamed = next(r for r in runs[n] if r["streamed"])
+        repo = work / f"project-{side}-{n}"
+        suite = {"n": n, **suite_alone(repo, streamed["run_dir"], repeats)}
+        print(f"the suite alone: {suite['speedup']:.2f}x", file=sys.stderr, flush=True)
+    text = render(inputs, runs, workers, side, suite)
     print(text)
-    data = {"inputs": inputs, "runs": runs, "workers": workers, "side": side}
+    data = {"inputs": inputs, "runs": runs, "workers": workers, "side": side, "suite_alone": suite}
     _common.publish("data_scale", "Data scale: the input path at photo size", text, args, out, argv, data)
     if not args.smoke:  # every pass and every task's seconds, beside the table they make
         (out / "data_scale.json").write_text(json.dumps(_common.jsonable(data), indent=1))

@@ -199,6 +199,9 @@ def check_data_scale(data: dict, markdown: str) -> None:
         assert [r["streamed"] for r in pair] == [True, False]
         assert all(r["peak_memory_mb"] > 0 and 0 <= r["suite_share"] <= 1 and r["train_s"] > 0 for r in pair)
     assert "| target |" in markdown and "Streamed peak memory" in markdown
+    suite = data["suite_alone"]  # both ways of reading the cells write the same logits
+    assert suite["same_logits"] and suite["cells"] == 9 and suite["images"] > 0
+    assert suite["cells_at_once"] >= 1 and all(len(p) == 1 for p in suite["passes"].values())
 
 
 def check_finetune_own_weights(data: dict, markdown: str) -> None:

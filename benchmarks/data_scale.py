@@ -294,13 +294,13 @@ def suite_pass(arm: str, repo: str, run_dir: str, out: str) -> dict:
     (train.threads 1, no cache), in this process: its seconds and the cells it read at once."""
     from unittest import mock
 
-    from calibflow.config import Config
+    from calibflow.config import load_config
     from calibflow.evaluation.shift import suite_of
     from calibflow.pipeline import model_steps
 
     os.chdir(repo)
-    config = Config()
-    suite = suite_of(config.shift, seed=0)
+    config = load_config("params.yaml")  # the project's, as its run read them
+    suite = suite_of(config.shift, seed=config.seed)
     from calibflow.training.loop import intra_op_threads
 
     with intra_op_threads(config.train.threads):  # as write_shift_logits reads it
@@ -329,7 +329,9 @@ def suite_alone(repo: Path, run_dir: str, repeats: int) -> dict:
     for repeat in range(repeats):
         for arm in SUITE_ARMS if repeat % 2 == 0 else SUITE_ARMS[::-1]:
             command = [sys.executable, __file__, "--suite-child", arm, str(repo), run_dir, outs[arm]]
-            done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"the suite pass ({arm}) exited {done.returncode}:\n{done.stderr[-3000:]}")
             passes[arm].append(json.loads(done.stdout.strip().splitlines()[-1]))
     import numpy as np
 

@@ -100,7 +100,7 @@ def test_suite_images_and_logits_are_cached_by_content(tmp_path, monkeypatch):
         shift.corrupted_images(GRAY[:3], suite, tmp_path)  # other images: not in the cache
 
 
-def test_suite_logits_are_made_a_cell_at_a_time_and_cached_without_storing_corrupted_images(tmp_path, monkeypatch):
+def test_suite_logits_are_made_per_cell_and_cached_without_storing_corrupted_images(tmp_path, monkeypatch):
     suite = shift.Suite(("gaussian_noise", "contrast"), (1, 5), 100, 0)
     calls = []
     logits_of = lambda images: calls.append(images.copy()) or images.reshape(len(images), -1)[:, :3].astype(float)  # noqa: E731
@@ -528,30 +528,38 @@ def test_cells_are_corrupted_while_the_network_reads_others_holding_few_copies_a
     assert all(np.array_equal(first[k], again[k]) for k in suite.keys)
 
 
-def test_a_cell_that_fails_fails_the_suite_and_cells_not_begun_are_not_made(tmp_path, monkeypatch):
-    import time
+@pytest.mark.parametrize("cells_at_once", [1, 2])
+def test_a_cell_that_fails_fails_the_suite_at_once_and_no_other_cell_is_read_after_it(
+    tmp_path, monkeypatch, cells_at_once
+):
+    import threading
 
     suite = shift.Suite(("gaussian_noise", "contrast", "pixelate"), (1, 3, 5), 100, 0)
     made: list[str] = []
     real_corrupt = shift.corrupt_batch
+    all_made = threading.Event()
 
     def corrupt(images, corruption, severity, seed):
         made.append(shift.Suite.key(corruption, severity))
+        if len(made) == cells_at_once + 1:
+            all_made.set()  # every thread holds a cell: the others wait for the network
         return real_corrupt(images, corruption, severity, seed)
 
-    failures = []
+    reads = []
 
     def logits_of(images):
-        failures.append(1)
-        if len(failures) > 1:
-            time.sleep(0.2)  # the others fail slowly: the suite gives up before it reaches them all
-        raise RuntimeError("the network failed")
+        first = not reads  # the network reads at most `cells_at_once` at once: list.append is atomic
+        reads.append(len(images))
+        assert all_made.wait(timeout=30)
+        if first:
+            raise RuntimeError("the network failed")
+        return images.reshape(len(images), -1)[:, :3].astype(float)
 
     monkeypatch.setattr(shift, "corrupt_batch", corrupt)
     with pytest.raises(RuntimeError, match="the network failed"):
-        shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path, cells_at_once=1)
-    assert len(made) < len(suite.keys)  # the pool stopped taking cells
-    assert not (tmp_path / "cell_logits").exists()  # nothing cached from a failed read
+        shift.cell_logits([GRAY], len(GRAY), suite, logits_of, "model-a", tmp_path, cells_at_once=cells_at_once)
+    # the cells already in the network beside the failed one finish; the one waiting is let go unread
+    assert len(reads) <= cells_at_once and len(made) <= cells_at_once + 2 < len(suite.keys)
 
 
 def test_the_suite_corrupts_every_class_of_a_larger_test_split_and_old_records_their_first_rows():

@@ -1,9 +1,9 @@
 """The corruption suite: the calibrated model on corrupted copies of the test split.
 
-A suite is `shift.corruptions` x `shift.severities` (calibflow.evaluation.corruptions), each a cell, on at
-most `shift.max_images` test images, each class its share of them (Suite.images). A run makes the suite a chunk of images and a cell at a time
-(cell_logits), and caches the network's logits by content under `.calibflow/cache/shift/`
-(a chunk's test images' bytes, the
+A suite is `shift.corruptions` x `shift.severities` (calibflow.evaluation.corruptions), each a cell, on
+at most `shift.max_images` test images, each class its share of them (Suite.images). A run makes
+the suite a chunk of images at a time, a few cells of it at once (cell_logits), and caches the
+network's logits by content under `.calibflow/cache/shift/` (a chunk's test images' bytes, the
 cell, the seed and the checkpoint's bytes), so a rerun on the same data and weights computes
 nothing twice. What is measured per cell, before and after calibration: accuracy, ECE
 (15 bins) and NLL, and their means over the cells (Ovadia et al. 2019 report the mean over
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping
@@ -168,7 +168,9 @@ def cell_logits(
     the network on one thread, at most `cells_at_once` of them in the network at a time: numpy,
     scipy, Pillow and hashlib release the GIL in their loops, as torch does in its forward pass,
     so the cores the forward passes leave free corrupt the next cells. `logits_of` must be safe to
-    call from several threads (a network in eval mode is). At most `cells_at_once` + 1 corrupted
+    call from several threads at once: a network prepared for inference is (its weights already in
+    the layout collect_logits reads with, so no call moves them; models.prepare_for_inference). The
+    first cell that fails stops the others: a cell waiting for the network is let go unread. At most `cells_at_once` + 1 corrupted
     copies of a chunk are held at once (at 224 px, 75 MB each for cells of 500 RGB images), not
     one per cell."""
     if cells_at_once < 1:
@@ -212,10 +214,20 @@ def _chunk_cell_logits(
             / f"{_digest(model_digest, content, key, str(suite.seed), CORRUPTION_VERSION)}.npz"
         )
 
-    def made_and_read(corruption: str, severity: int) -> np.ndarray:
-        corrupted = corrupt_batch(images, corruption, severity, suite.seed)
-        with reading:
-            logits = np.asarray(logits_of(corrupted))
+    stop = threading.Event()  # set once a cell failed (or the caller was interrupted): the rest are not read
+
+    def made_and_read(corruption: str, severity: int) -> np.ndarray | None:
+        try:
+            if stop.is_set():
+                return None
+            corrupted = corrupt_batch(images, corruption, severity, suite.seed)
+            with reading:
+                if stop.is_set():
+                    return None
+                logits = np.asarray(logits_of(corrupted))
+        except BaseException:
+            stop.set()  # before this thread lets the network go: no cell waiting for it is read after
+            raise
         del corrupted
         store_array(cache_path(suite.key(corruption, severity)), logits)
         return logits
@@ -223,13 +235,14 @@ def _chunk_cell_logits(
     out = {key: load_array(cache_path(key)) for key in suite.keys}
     missing = [(c, s) for c, s in suite.cells if out[suite.key(c, s)] is None]
     bar.update(len(images) * (len(suite.cells) - len(missing)))
-    pending = {suite.key(c, s): cells.submit(made_and_read, c, s) for c, s in missing}
+    pending = {cells.submit(made_and_read, c, s): suite.key(c, s) for c, s in missing}
     try:
-        for key, cell in pending.items():
-            out[key] = cell.result()
+        for cell in as_completed(pending):  # the first failure as soon as it happens
+            out[pending[cell]] = cell.result()
             bar.update(len(images))
     finally:
-        for cell in pending.values():  # after a failure, no cell not yet begun is made
+        stop.set()  # after a failure, a cell waiting for the network is not read, and none not begun is made
+        for cell in pending:
             cell.cancel()
     return out
 

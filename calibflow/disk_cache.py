@@ -60,15 +60,22 @@ def signing_key() -> bytes | None:
         pass
     except OSError:
         return None
+    # Written whole under another name and linked into place, so that a process or thread that
+    # finds the key file never reads it half written (an empty key would sign every entry alike).
+    made = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        handle, made = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(handle, "wb") as out:
             out.write(secrets.token_hex(32).encode())
+        os.link(made, path)
     except FileExistsError:
-        pass  # another process made it first: read theirs
+        pass  # another process or thread made it first: read theirs
     except OSError:
         return None
+    finally:
+        if made is not None:
+            Path(made).unlink(missing_ok=True)
     try:
         return path.read_bytes()
     except OSError:

@@ -88,6 +88,30 @@ def test_without_a_key_nothing_is_cached(tmp_path, monkeypatch):
     disk_cache.signing_key.cache_clear()
 
 
+def test_threads_and_processes_making_the_key_at_once_all_read_one_whole_key(tmp_path, monkeypatch):
+    """The suite's threads write their first cache entries at once: each must find either no key
+    file or a whole one, never one another thread has created but not yet written."""
+    import threading
+
+    monkeypatch.delenv(disk_cache.KEY_VARIABLE, raising=False)
+    monkeypatch.setattr(disk_cache, "KEY_FILE", tmp_path / "keys" / "key")
+    make_key = disk_cache.signing_key.__wrapped__  # the uncached function: each thread makes or reads it
+    start, keys = threading.Barrier(8), []
+
+    def one() -> None:
+        start.wait()
+        keys.append(make_key())
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(keys) == 8 and len(set(keys)) == 1 and len(keys[0]) == 64
+    assert [p.name for p in (tmp_path / "keys").iterdir()] == ["key"]  # no leftovers beside it
+    assert ((tmp_path / "keys" / "key").stat().st_mode & 0o777) == 0o600
+
+
 def test_the_cache_folder_is_the_checkout_s_unless_calibflow_cache_dir_names_a_shared_one(tmp_path, monkeypatch):
     monkeypatch.delenv(disk_cache.DIR_VARIABLE, raising=False)
     assert disk_cache.cache_dir(tmp_path / "repo") == tmp_path / "repo" / ".calibflow" / "cache"

@@ -326,13 +326,35 @@ def test_a_killed_ddp_training_resumes_to_the_uninterrupted_weights(two_process_
 @pytest.mark.slow
 def test_a_worker_that_fails_is_an_error_with_the_workers_log(tmp_path):
     (train, val, _) = digits()
+    soft = dataclasses.replace(DDP, targets="soft")
+    wrong = torch.full(
+        (len(train[1]), SPEC.num_classes + 2), 1.0 / (SPEC.num_classes + 2)
+    )  # another K than the network's
+    with pytest.raises(DistributedTrainingError, match=r"exited with code [1-9](.|\n)*Traceback"):
+        train_distributed(TrainingInputs(SPEC, *train, *val, soft, 0, train_targets=wrong), work_dir=tmp_path)
+    assert not list(tmp_path.glob("ddp-*/bundle.pt"))  # the copy of the training data is gone
+
+
+def test_weights_a_worker_refuses_are_the_flow_s_refusal_in_one_line(tmp_path):
+    """What rank 0 refuses while it reads model.weights_path (weights of another network, or a file
+    changed since the run hashed it) reaches the launcher as the same ConfigError, exit 2."""
+    (train, val, _) = digits()
     other = ModelSpec(arch="small_cnn", in_channels=1, num_classes=3, image_height=8, image_width=8, width=4)
     torch.save(build_model(other).state_dict(), tmp_path / "other-model.pt")  # shapes that do not fit SPEC
-    with pytest.raises(DistributedTrainingError, match=r"exited with code [1-9](.|\n)*size mismatch"):
+    with pytest.raises(ConfigError, match="size mismatch") as refused:
         train_distributed(
             TrainingInputs(SPEC, *train, *val, DDP, 0, weights_path=str(tmp_path / "other-model.pt")), work_dir=tmp_path
         )
-    assert not list(tmp_path.glob("ddp-*/bundle.pt"))  # the copy of the training data is gone
+    assert "Traceback" not in str(refused.value) and str(tmp_path / "other-model.pt") in str(refused.value)
+    torch.save(build_model(SPEC).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ConfigError, match="changed while the run used them"):
+        train_distributed(
+            TrainingInputs(
+                SPEC, *train, *val, DDP, 0, weights_path=str(tmp_path / "model.pt"), weights_sha256="0" * 64
+            ),
+            work_dir=tmp_path,
+        )
+    assert not list(tmp_path.glob("ddp-*/bundle.pt"))
 
 
 def test_what_the_launcher_can_check_is_refused_before_torchrun_starts(tmp_path):

@@ -417,3 +417,40 @@ def test_a_pretrained_files_digest_is_of_its_bytes(hub):
     fake_hub_file("mobilenet_v3_small", "DEFAULT", seed=2)  # the same name, other weights
     after = initial_weights(config, ".")
     assert before.path == after.path and before.sha256 != after.sha256
+
+
+def test_weights_replaced_after_the_run_hashed_them_are_refused_not_trained_from(tmp_path, capsys):
+    """The run records the initial weights' sha256 (its tags, the same-build skip, the resume key):
+    the settings check and the training read the file once each and refuse other bytes, naming it,
+    rather than train from weights the records do not name."""
+    from PIL import Image
+
+    from calibflow.pipeline.data_steps import write_manifest
+    from calibflow.pipeline.model_steps import check_network, initial_weights
+
+    for label in ("a", "b", "c"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (16, 16), 40 * i).save(tmp_path / "data" / label / f"{i}.png")
+    manifest = write_manifest(str(tmp_path / "data"), str(tmp_path / "manifest.csv"))
+    config = load_config(None, ["model.arch=mobilenet_v3_small", "model.weights_path=init.pt"])
+    torch.manual_seed(1)
+    torch.save(build_model(SMALL_MOBILENET).state_dict(), tmp_path / "init.pt")
+    initial = initial_weights(config, tmp_path)
+    check_network(initial, manifest, config)
+    assert capsys.readouterr().out == ""  # what the file leaves at its initial values is told once, by the training
+    inputs = dataclasses.replace(
+        tiny_inputs(SMALL_MOBILENET, FEW_STEPS), weights_path=initial.path, weights_sha256=initial.sha256
+    )
+    started = set_up_training(inputs, resolve_runtime("cpu")).model.state_dict()
+    saved = torch.load(tmp_path / "init.pt", weights_only=True)
+    assert torch.equal(
+        started["backbone.features.0.0.weight"], saved["backbone.features.0.0.weight"]
+    )  # the file's bytes
+    torch.manual_seed(2)
+    torch.save(build_model(SMALL_MOBILENET).state_dict(), tmp_path / "init.pt")  # replaced mid-run
+    with pytest.raises(ConfigError, match="changed while the run used them") as refused:
+        check_network(initial, manifest, config)
+    assert initial.path in str(refused.value) and errors.policy_of(refused.value).exit_code == 2
+    with pytest.raises(ConfigError, match=initial.sha256[:12]):
+        train_classifier(inputs, progress=False)

@@ -134,7 +134,8 @@ def check_network(initial: InitialWeights | None, manifest: ManifestRecord, conf
     spec = model_spec(config, image_format(manifest.path, config.data), len(manifest.classes))
     check_image_size(spec)
     if initial is not None:
-        load_pretrained_weights(build_model(spec), initial.path, config.model.arch)
+        # what the training prints about the file, it prints once, there
+        load_pretrained_weights(build_model(spec), initial.path, config.model.arch, sha256=initial.sha256, report=False)
 
 
 def training_checkpoints(
@@ -278,6 +279,7 @@ def train_model(
             config=config.train,
             seed=seed,
             weights_path=initial.path if initial else None,
+            weights_sha256=initial.sha256 if initial else None,
             outlier_images=outliers,
             workers=loading.workers,
             train_targets=train_targets,
@@ -428,8 +430,9 @@ def _suite_logits_of_split(
     return logits, labels, indices
 
 
-# Most suite cells read by the network at once: each holds a corrupted copy of a chunk (111 MB at
-# 224 px for DECODED_AT_A_TIME RGB images), so many cores do not multiply the suite's memory.
+# Most suite cells read by the network at once. Each thread holds a corrupted copy of a chunk (111 MB
+# at 224 px for DECODED_AT_A_TIME RGB images) and a forward pass's activations: this bounds the
+# suite at five copies however many cores the machine has.
 MAX_SUITE_CELLS_AT_ONCE = 4
 
 

@@ -54,7 +54,10 @@ from calibflow.training.loop import (
 from calibflow.errors import DistributedTrainingError
 
 BUNDLE, RESULT, EPOCHS, LOG = "bundle.pt", "result.pt", "epochs.jsonl", "workers.log"
-REFUSED = "refused.txt"  # a worker's refusal of a file (ManifestError), for the flow to raise as its own
+# A worker's refusal of a file, for the flow to raise as its own: "ManifestError: <message>" (a file
+# of a streamed split that does not decode) or "ConfigError: <message>" (initial weights that changed).
+REFUSED = "refused.txt"
+REFUSALS = {error.__name__: error for error in (ManifestError, ConfigError)}
 DEVICE_ENV = "CALIBFLOW_DDP_DEVICE"
 # How long a process waits for the others (a follower node still starting, a peer that died):
 # NCCL and gloo otherwise wait 10-30 minutes before they say anything.
@@ -133,7 +136,8 @@ def train_distributed(
     finally:
         (work / BUNDLE).unlink(missing_ok=True)  # a copy of the training data
     if returncode != 0 and (work / REFUSED).is_file():
-        raise ManifestError((work / REFUSED).read_text())
+        kind, _, message = (work / REFUSED).read_text().partition(": ")
+        raise REFUSALS.get(kind, ManifestError)(message)
     if returncode != 0 or not (work / RESULT).is_file():
         tail = (work / LOG).read_text(errors="replace")[-3000:]
         raise DistributedTrainingError(
@@ -160,6 +164,7 @@ def _bundle(inputs: TrainingInputs, world_size: int, checkpoints: EpochCheckpoin
         "outliers": _plain(inputs.outlier_images) if inputs.outlier_images is not None else None,
         "workers": inputs.workers,
         "weights_path": inputs.weights_path,  # read by rank 0, on this node
+        "weights_sha256": inputs.weights_sha256,
         "checkpoints": str(checkpoints.directory) if checkpoints is not None else None,
     }
 
@@ -177,6 +182,7 @@ def _inputs_of(bundle: dict, rank: int) -> TrainingInputs:
         bundle["seed"],
         # DDP hands rank 0's initial weights to the others: only rank 0 reads model.weights_path
         weights_path=bundle["weights_path"] if rank == 0 else None,
+        weights_sha256=bundle["weights_sha256"] if rank == 0 else None,
         outlier_images=_source(bundle["outliers"]) if bundle["outliers"] is not None else None,
         workers=bundle["workers"],
         train_targets=bundle["train_targets"],
@@ -350,9 +356,10 @@ def _worker(work_dir: str | None) -> None:
                 progress=False,
                 checkpoints=checkpoints,
             )
-        except ManifestError as error:  # a file of a streamed split that does not decode
+        except tuple(REFUSALS.values()) as error:
             if work is not None:  # the launching node's ranks tell the flow which file, in one line
-                (work / REFUSED).write_text(str(error))
+                kind = next(name for name, refusal in REFUSALS.items() if isinstance(error, refusal))
+                (work / REFUSED).write_text(f"{kind}: {error}")
             raise
         if group.is_rank0:
             partial = work / f".{RESULT}.partial"

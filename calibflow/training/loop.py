@@ -232,6 +232,7 @@ class TrainingInputs:
     config: TrainConfig
     seed: int
     weights_path: str | None = None
+    weights_sha256: str | None = None  # the digest the run recorded for weights_path: read only if it still holds
     outlier_images: ImageSource | None = None
     workers: int = 0  # DataLoader processes for a split read from its files (ImageFiles)
     # train.targets soft or sampled: each train image's distribution over the classes (N, K)
@@ -423,7 +424,7 @@ def build_network(
             mean, std = channel_stats(read_batches(whole, in_order(len(whole), 256), workers=inputs.workers))
     model = build_model(inputs.spec, mean, std)
     if inputs.weights_path:
-        load_pretrained_weights(model, inputs.weights_path, inputs.spec.arch)
+        load_pretrained_weights(model, inputs.weights_path, inputs.spec.arch, sha256=inputs.weights_sha256)
     model.to(runtime.device)
     model.to(memory_format=training_memory_format(model, runtime.device))
     if group.world_size == 1:

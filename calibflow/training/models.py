@@ -13,6 +13,8 @@ before the head, and loading weights of another class count or channel count.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import io
 import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -280,8 +282,8 @@ def prepare_for_inference(
     """`model`, in place, as a network loaded only to read images (a checkpoint's members in the
     flow, the served model's): in eval(), each BatchNorm2d whose input is a Conv2d's output and
     nothing else folded into that convolution (torch.nn.utils.fusion.fuse_conv_bn_eval), and its
-    weights laid out in inference_memory_format, and uint8 batches normalized in two passes
-    (ImageClassifier.normalize_fused). A folded BatchNorm becomes an Identity and every
+    weights laid out in inference_memory_format, and uint8 batches converted once and normalized in
+    place (ImageClassifier.normalize_fused). A folded BatchNorm becomes an Identity and every
     other module stays where it was, so hooks on them (MC dropout's on the head) still fire. One
     thread, 224 px, against channels_last alone: small_cnn 2.45x against 1.89x, resnet50 1.65x
     against 1.38x, mobilenet_v3_large 2.22x against 1.51x (docs/results/inference_speed.md). Its
@@ -451,18 +453,32 @@ def pretrained_weights_file(arch: str, name: str | None) -> Path | None:
     return path
 
 
-def load_pretrained_weights(model: ImageClassifier, path: str | Path, arch: str) -> None:
+def load_pretrained_weights(
+    model: ImageClassifier, path: str | Path, arch: str, *, sha256: str | None = None, report: bool = True
+) -> None:
     """Load a state_dict from disk (model.weights_path, or model.pretrained's file in the hub
     cache; nothing is downloaded), read with weights_only=True, into `model`, a network of
     model.arch `arch`. Tensors of another shape are left at their initial values, the classifier
     head of another class count and the small-image stem's conv, except a 3-channel first conv on
     1-channel images: its kernels summed over RGB. A registered ensemble's weights.pt ({"members":
-    [state dict, ...]}) starts from its first member."""
+    [state dict, ...]}) starts from its first member.
+
+    `sha256`: the digest the run recorded for the file (its tags, the same-build skip and the
+    resume key name those bytes): the file is read once, and bytes that no longer have that digest
+    are a ConfigError rather than weights other than the recorded ones. `report`: print what was
+    left at its initial values (False for a check before the training that prints it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.weights_path {path} does not exist: put the state_dict there or set it to null")
+    data = path.read_bytes()
+    if sha256 is not None and (now := hashlib.sha256(data).hexdigest()) != sha256:
+        raise ConfigError(
+            f"the initial weights {path} changed while the run used them (sha256 {sha256[:12]}... when the run "
+            f"started, {now[:12]}... now): the run records the bytes it hashed; leave the file alone until the "
+            f"run ends and start it again"
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  not a file torch writes, or one that needs unpickling
         raise ConfigError(
             f"{path} is not a state dict torch.load(weights_only=True) reads ({type(error).__name__}: "
@@ -470,7 +486,8 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path, arch: str)
         ) from None
     if isinstance(state, dict) and isinstance(state.get("members"), list) and state["members"]:
         members = len(state["members"])
-        print(f"weights from {path}: an ensemble of {members} members; starting from the first")
+        if report:
+            print(f"weights from {path}: an ensemble of {members} members; starting from the first")
         state = state["members"][0]
     if isinstance(state, dict):
         state = state.get("state_dict", state)
@@ -511,7 +528,7 @@ def load_pretrained_weights(model: ImageClassifier, path: str | Path, arch: str)
         raise ConfigError(f"{path}: no tensor fits model.arch {arch}; are these weights of another architecture?")
     target.load_state_dict(fitted, strict=False)
     left = [k for k in own if k not in fitted and not k.endswith("num_batches_tracked") and k not in ("mean", "std")]
-    if left:
+    if left and report:
         # The classifier head and stem are expected to differ (other classes, small-image stem).
         print(f"weights from {path}: left {len(left)} tensors at their initial values (e.g. {left[:3]})")
 

@@ -46,7 +46,7 @@ def test_a_training_image_replaced_after_the_pin_ends_the_run_with_one_line_and_
     [victim] = replaced
     # the CLI's own last word: one line (Prefect's task log above it says the same)
     [line] = [line for line in err.splitlines() if line.startswith("calibflow run:")]
-    assert "changed since this run pinned the data version" in line, err
+    assert "changed since the data version was pinned" in line, err
     assert victim.relative_to(tiny_repo).as_posix() in line and "dvc checkout" in line, err
     assert "Traceback" not in err, err
 

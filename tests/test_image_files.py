@@ -128,7 +128,7 @@ def _replace_with_another_class(copy, paths, index: int) -> Path:
 
 def _assert_refused_naming(caught, victim) -> None:
     message = str(caught.value)
-    assert str(victim) in message and "changed since this run pinned the data version" in message, message
+    assert str(victim) in message and "changed since the data version was pinned" in message, message
     assert "dvc checkout" in message and "\n" not in message and "Traceback" not in message, message
 
 
@@ -324,6 +324,25 @@ def test_the_corruption_suite_checks_each_chunk_against_the_manifest(folder, tmp
             threads=None,
             cache_dir=None,
         )
+    _assert_refused_naming(caught, victim)
+
+
+@pytest.mark.parametrize("read", ["predict_rows", "decode_rows"])
+def test_evaluate_gate_monitor_and_recalibrate_check_each_file_against_the_manifest(folder, tmp_path, read):
+    """The lifecycle commands rebuild the version's manifest at its pinned revision and read its
+    rows again to score them: a file changed in between is refused by name, not scored. The refusal
+    comes before the model is called, so a registered model's metadata is all this needs."""
+    from types import SimpleNamespace
+
+    from calibflow.data.manifest import build_manifest
+    from calibflow.lifecycle import reproduce
+
+    copy = _copied(folder, tmp_path / "copy")
+    manifest = build_manifest(copy)
+    loaded = SimpleNamespace(metadata=SimpleNamespace(metadata={"image_mode": "RGB", "image_size": [SIZE, SIZE]}))
+    victim = _replace_with_another_class(copy, list(manifest["path"]), 7)
+    with pytest.raises(ManifestError) as caught:
+        getattr(reproduce, read)(loaded, str(copy), manifest, np.arange(len(manifest)))
     _assert_refused_naming(caught, victim)
 
 

@@ -292,9 +292,9 @@ def checked_bytes(path: str | Path, sha256: str, name: str | Path | None = None)
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
         raise ManifestError(
-            f"{name if name is not None else path}: its bytes changed since this run pinned the data version "
-            f"(sha256 {found[:12]}, recorded {sha256[:12]}), so the run would use data other than the version it "
-            f"names: restore the file (`dvc checkout`), or start the run again so that it pins the new version"
+            f"{name if name is not None else path}: its bytes changed since the data version was pinned "
+            f"(sha256 {found[:12]}, recorded {sha256[:12]}), so what is read would not be the version named: "
+            f"restore the file (`dvc checkout`), or start again so that the new version is pinned"
         )
     return data
 

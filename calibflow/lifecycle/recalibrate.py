@@ -176,8 +176,9 @@ class NewImages:
         """uint8 (len(rows), H, W, C) of manifest rows, decoded as the served model takes them: a
         few rows at a time (the suite's, an input example), never the whole folder."""
         paths = self.manifest["path"].iloc[rows].tolist()
+        digests = self.manifest["sha256"].iloc[rows].tolist()  # the bytes the manifest hashed, or a refusal
         return (
-            load_images(self.data.local_dir, paths, self.image_mode, self.framing)
+            load_images(self.data.local_dir, paths, self.image_mode, self.framing, digests=digests)
             .permute(0, 2, 3, 1)
             .contiguous()
             .numpy()

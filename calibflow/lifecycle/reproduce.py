@@ -8,6 +8,7 @@ probabilities. Matching the logged numbers shows the gate read what the registry
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,26 +146,43 @@ def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray)
     """A loaded model's (registration.load_model) calibrated probabilities on manifest rows, decoded
     its own way, DECODED_AT_A_TIME at a time. Columns in the model's class order (served_classes)."""
     paths = manifest["path"].iloc[rows].tolist()
-    return predict_files_of(model, data_dir, paths) if paths else np.zeros((0, len(served_classes(model))))
+    if not paths:
+        return np.zeros((0, len(served_classes(model))))
+    return predict_files_of(model, data_dir, paths, digests=manifest["sha256"].iloc[rows].tolist())
 
 
-def predict_files_of(model, data_dir: str | Path, paths: list[str]) -> np.ndarray:
+def predict_files_of(
+    model, data_dir: str | Path, paths: list[str], *, digests: Sequence[str] | None = None
+) -> np.ndarray:
     """A loaded model's calibrated probabilities on files under data_dir, framed as the model
-    frames them, decoded DECODED_AT_A_TIME at a time: memory bounded whatever their number."""
+    frames them, decoded DECODED_AT_A_TIME at a time: memory bounded whatever their number.
+    `digests`: each file's SHA-256 as its manifest recorded it, checked against the bytes decoded
+    (images.checked_bytes), so that a file changed since is refused, not measured."""
     meta = model.metadata.metadata
     framing = served_model.framing_of(meta)
     chunks = []
     for start in range(0, len(paths), DECODED_AT_A_TIME):
-        images = load_images(data_dir, paths[start : start + DECODED_AT_A_TIME], meta["image_mode"], framing)
+        images = load_images(
+            data_dir,
+            paths[start : start + DECODED_AT_A_TIME],
+            meta["image_mode"],
+            framing,
+            digests=None if digests is None else digests[start : start + DECODED_AT_A_TIME],
+        )
         chunks.append(predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy()))
     return np.concatenate(chunks)
 
 
 def decode_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    """uint8 images (N, H, W, C) of manifest rows, decoded as a loaded model takes them."""
+    """uint8 images (N, H, W, C) of manifest rows, decoded as a loaded model takes them, each
+    file's bytes checked against the manifest's SHA-256."""
     meta = model.metadata.metadata
     images = load_images(
-        data_dir, manifest["path"].iloc[rows].tolist(), meta["image_mode"], served_model.framing_of(meta)
+        data_dir,
+        manifest["path"].iloc[rows].tolist(),
+        meta["image_mode"],
+        served_model.framing_of(meta),
+        digests=manifest["sha256"].iloc[rows].tolist(),
     )
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -209,20 +227,34 @@ def recorded_ood_scores(
 
     recorded = json.loads(record.tags[OOD_TAG])
     local_dir, files = recorded_ood_files(repo_root, recorded)
-    inside_paths = rebuilt.manifest["path"].iloc[rebuilt.split.indices["test"]].tolist()
+    test = rebuilt.split.indices["test"]
     outside = ood_scores_of_files(model, local_dir, list(files))
-    inside = ood_scores_of_files(model, rebuilt.data.local_dir, inside_paths)
+    inside = ood_scores_of_files(
+        model,
+        rebuilt.data.local_dir,
+        rebuilt.manifest["path"].iloc[test].tolist(),
+        digests=rebuilt.manifest["sha256"].iloc[test].tolist(),
+    )
     return recorded["score"], inside, outside
 
 
-def ood_scores_of_files(model, data_dir: str | Path, paths: list[str]) -> dict[str, np.ndarray]:
-    """ood_scores_of on files, framed as the model frames them, DECODED_AT_A_TIME at a time."""
+def ood_scores_of_files(
+    model, data_dir: str | Path, paths: list[str], *, digests: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """ood_scores_of on files, framed as the model frames them, DECODED_AT_A_TIME at a time;
+    `digests` as predict_files_of's."""
     meta = model.metadata.metadata
     framing = served_model.framing_of(meta)
     chunks = [
         ood_scores_of(
             model,
-            load_images(data_dir, paths[start : start + DECODED_AT_A_TIME], meta["image_mode"], framing)
+            load_images(
+                data_dir,
+                paths[start : start + DECODED_AT_A_TIME],
+                meta["image_mode"],
+                framing,
+                digests=None if digests is None else digests[start : start + DECODED_AT_A_TIME],
+            )
             .permute(0, 2, 3, 1)
             .contiguous()
             .numpy(),

@@ -55,7 +55,9 @@ def signing_key() -> bytes | None:
         return from_environment.encode()
     path = KEY_FILE.expanduser()
     try:
-        return path.read_bytes()
+        key = path.read_bytes()
+        if key:
+            return key
     except FileNotFoundError:
         pass
     except OSError:
@@ -68,16 +70,26 @@ def signing_key() -> bytes | None:
         handle, made = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(handle, "wb") as out:
             out.write(secrets.token_hex(32).encode())
-        os.link(made, path)
-    except FileExistsError:
-        pass  # another process or thread made it first: read theirs
+        try:
+            os.link(made, path)
+        except FileExistsError:
+            # another process or thread made it first: read theirs, unless it is an empty file a
+            # process killed while writing it left behind (before keys were linked into place)
+            if path.stat().st_size == 0:
+                os.replace(made, path)
+                made = None
+        except OSError:
+            # a file system without hard links: replaced whole; two processes racing here may each
+            # keep their own key, which costs the other's entries a miss, never a wrong hit
+            os.replace(made, path)
+            made = None
     except OSError:
         return None
     finally:
         if made is not None:
             Path(made).unlink(missing_ok=True)
     try:
-        return path.read_bytes()
+        return path.read_bytes() or None
     except OSError:
         return None
 

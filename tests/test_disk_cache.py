@@ -112,6 +112,27 @@ def test_threads_and_processes_making_the_key_at_once_all_read_one_whole_key(tmp
     assert ((tmp_path / "keys" / "key").stat().st_mode & 0o777) == 0o600
 
 
+def test_an_empty_key_file_is_replaced_and_a_file_system_without_hard_links_still_gets_a_key(tmp_path, monkeypatch):
+    monkeypatch.delenv(disk_cache.KEY_VARIABLE, raising=False)
+    key_file = tmp_path / "keys" / "key"
+    monkeypatch.setattr(disk_cache, "KEY_FILE", key_file)
+    make_key = disk_cache.signing_key.__wrapped__
+    key_file.parent.mkdir()
+    key_file.write_bytes(b"")  # left by a process killed between creating the file and writing it
+    key = make_key()
+    assert len(key) == 64 and key_file.read_bytes() == key and make_key() == key
+
+    key_file.unlink()
+
+    def no_hard_links(source, target):
+        raise PermissionError(1, "Operation not permitted")  # as vfat, exFAT or a CIFS mount answer
+
+    monkeypatch.setattr(disk_cache.os, "link", no_hard_links)
+    key = make_key()
+    assert len(key) == 64 and key_file.read_bytes() == key
+    assert [p.name for p in key_file.parent.iterdir()] == ["key"]
+
+
 def test_the_cache_folder_is_the_checkout_s_unless_calibflow_cache_dir_names_a_shared_one(tmp_path, monkeypatch):
     monkeypatch.delenv(disk_cache.DIR_VARIABLE, raising=False)
     assert disk_cache.cache_dir(tmp_path / "repo") == tmp_path / "repo" / ".calibflow" / "cache"

@@ -224,9 +224,13 @@ def _chunk_cell_logits(
             with reading:
                 if stop.is_set():
                     return None
-                logits = np.asarray(logits_of(corrupted))
+                try:
+                    logits = np.asarray(logits_of(corrupted))
+                except BaseException:
+                    stop.set()  # before this thread lets the network go: no cell waiting for it is read after
+                    raise
         except BaseException:
-            stop.set()  # before this thread lets the network go: no cell waiting for it is read after
+            stop.set()  # a cell that failed to be made stops the others too
             raise
         del corrupted
         store_array(cache_path(suite.key(corruption, severity)), logits)

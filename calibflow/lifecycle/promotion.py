@@ -247,7 +247,10 @@ def _ood_gate_scores(candidate: registration.VersionRecord, model, rebuilt, repo
     try:
         score, inside, outside = recorded_ood_scores(model, candidate, rebuilt, repo_root)
     except Exception as error:  # DataVersionError, a DVC error reading the revision, an unreadable image
-        raise GateUndecided(f"candidate {candidate.version}'s OOD folder cannot be read back: {error}") from error
+        raise GateUndecided(
+            f"candidate {candidate.version}'s OOD scores cannot be recomputed (its OOD folder or test split "
+            f"read back): {error}"
+        ) from error
     return OODScores(
         in_distribution_score(score, inside),
         in_distribution_score(score, outside),

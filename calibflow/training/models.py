@@ -251,9 +251,9 @@ def torchvision_backbone(spec: ModelSpec) -> nn.Module:
 def inference_memory_format(model: nn.Module, device: str | torch.device) -> torch.memory_format:
     """The memory format a forward pass of `model` reads its batches and weights in: channels_last
     for a convolutional network (most of its weights in Conv2d) on the CPU, where oneDNN's
-    convolutions run faster on it (one thread, 224 px: small_cnn 1.89x, resnet18 1.22x, resnet50
-    1.38x, mobilenet_v3_large 1.51x, efficientnet_b0 1.50x); the default format elsewhere
-    (convnext_tiny, most of its weights in Linear layers, read 0.98x, vit_b_16 1.00x:
+    convolutions run faster on it (one thread, 224 px: small_cnn 1.93x, resnet18 1.21x, resnet50
+    1.41x, mobilenet_v3_large 1.44x, efficientnet_b0 1.56x); the default format elsewhere
+    (convnext_tiny, most of its weights in Linear layers, read 1.00x, vit_b_16 0.98x:
     docs/results/inference_speed.md; on a GPU it has not been measured)."""
     if torch.device(device).type != "cpu":
         return torch.contiguous_format
@@ -285,8 +285,8 @@ def prepare_for_inference(
     weights laid out in inference_memory_format, and uint8 batches converted once and normalized in
     place (ImageClassifier.normalize_fused). A folded BatchNorm becomes an Identity and every
     other module stays where it was, so hooks on them (MC dropout's on the head) still fire. One
-    thread, 224 px, against channels_last alone: small_cnn 2.45x against 1.89x, resnet50 1.65x
-    against 1.38x, mobilenet_v3_large 2.22x against 1.51x (docs/results/inference_speed.md). Its
+    thread, 224 px, against channels_last alone: small_cnn 3.24x against 1.93x, resnet50 1.68x
+    against 1.41x, mobilenet_v3_large 2.16x against 1.44x (docs/results/inference_speed.md). Its
     logits differ from the unfolded network's in the last bits, so every logit the flow records and
     the served model's come from networks prepared here. It cannot train afterwards.
 
@@ -484,6 +484,8 @@ def load_pretrained_weights(
             f"{path} is not a state dict torch.load(weights_only=True) reads ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}): point model.weights_path at a torch.save'd state_dict"
         ) from None
+    finally:
+        del data  # the file's bytes, as large as the weights: not held while they load into the model
     if isinstance(state, dict) and isinstance(state.get("members"), list) and state["members"]:
         members = len(state["members"])
         if report:

@@ -819,9 +819,9 @@ def collect_logits(
 # Batches between two malloc_trim calls in a long inference pass. glibc's malloc keeps the blocks
 # a forward pass frees in its arenas rather than give them back, and with batches from a
 # DataLoader worker a prepared small_cnn at 224 px grew by 1.3 GB over 6,000 photos (one trim
-# gave it all back); trimming every 16 batches kept it flat at the same speed. A shorter pass (a
-# served request, a cell of the corruption suite) never trims: a trim locks every arena while it
-# runs, and what it gives back the next batch faults in again.
+# gave it all back); trimming every 16 batches kept it flat at the same speed. A pass of fewer
+# batches (a served request; a suite cell of fewer than 432 photos at 224 px) never trims: a trim
+# locks every arena while it runs, and what it gives back the next batch faults in again.
 TRIM_EVERY_BATCHES = 16
 
 

@@ -170,9 +170,9 @@ def cell_logits(
     so the cores the forward passes leave free corrupt the next cells. `logits_of` must be safe to
     call from several threads at once: a network prepared for inference is (its weights already in
     the layout collect_logits reads with, so no call moves them; models.prepare_for_inference). The
-    first cell that fails stops the others: a cell waiting for the network is let go unread. At most `cells_at_once` + 1 corrupted
-    copies of a chunk are held at once (at 224 px, 75 MB each for cells of 500 RGB images), not
-    one per cell."""
+    first cell that fails stops the others: a cell waiting for the network is let go unread. At
+    most `cells_at_once` + 1 corrupted copies of a chunk are held at once (at 224 px, 75 MB each for
+    cells of 500 RGB images), not one per cell."""
     if cells_at_once < 1:
         raise ValueError(f"cells_at_once = {cells_at_once}: must be 1 or more")
     parts: dict[str, list[np.ndarray]] = {key: [] for key in suite.keys}
@@ -217,21 +217,21 @@ def _chunk_cell_logits(
     stop = threading.Event()  # set once a cell failed (or the caller was interrupted): the rest are not read
 
     def made_and_read(corruption: str, severity: int) -> np.ndarray | None:
+        in_network = False
         try:
             if stop.is_set():
                 return None
             corrupted = corrupt_batch(images, corruption, severity, suite.seed)
-            with reading:
-                if stop.is_set():
-                    return None
-                try:
-                    logits = np.asarray(logits_of(corrupted))
-                except BaseException:
-                    stop.set()  # before this thread lets the network go: no cell waiting for it is read after
-                    raise
+            in_network = reading.acquire()
+            if stop.is_set():
+                return None
+            logits = np.asarray(logits_of(corrupted))
         except BaseException:
-            stop.set()  # a cell that failed to be made stops the others too
+            stop.set()  # before this thread lets the network go (below): no cell waiting for it is read after
             raise
+        finally:
+            if in_network:
+                reading.release()
         del corrupted
         store_array(cache_path(suite.key(corruption, severity)), logits)
         return logits

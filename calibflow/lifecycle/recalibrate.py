@@ -33,7 +33,7 @@ from calibflow.tracking import store
 from calibflow.config import Config
 from calibflow.gates.checks import GateVerdict, Predictions, evaluate_gates
 from calibflow.errors import GateInputError
-from calibflow.data.images import DECODED_AT_A_TIME, load_images
+from calibflow.data.images import DECODED_AT_A_TIME, load_images_nhwc
 from calibflow.data.manifest import build_manifest, manifest_fingerprint, save_manifest
 from calibflow.metrics import probability_report
 from calibflow.names import CALIBRATED, CALIBRATION_METHOD, TEMPERATURE, UNCALIBRATED, on_test
@@ -177,12 +177,7 @@ class NewImages:
         few rows at a time (the suite's, an input example), never the whole folder."""
         paths = self.manifest["path"].iloc[rows].tolist()
         digests = self.manifest["sha256"].iloc[rows].tolist()  # the bytes the manifest hashed, or a refusal
-        return (
-            load_images(self.data.local_dir, paths, self.image_mode, self.framing, digests=digests)
-            .permute(0, 2, 3, 1)
-            .contiguous()
-            .numpy()
-        )
+        return load_images_nhwc(self.data.local_dir, paths, self.image_mode, self.framing, digests=digests)
 
 
 @dataclass(frozen=True)

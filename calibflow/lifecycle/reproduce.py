@@ -8,7 +8,7 @@ probabilities. Matching the logged numbers shows the gate read what the registry
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from calibflow.tracking import store
 from calibflow.config import DEFAULT_N_BINS
 from calibflow.errors import is_store_error
 from calibflow.gates.decisions import DECISION_TAG_PREFIX, DecisionPolicy, evaluate_policy
-from calibflow.data.images import DECODED_AT_A_TIME, decode_image, load_images
+from calibflow.data.images import DECODED_AT_A_TIME, decode_image, load_images_nhwc
 from calibflow.data.manifest import build_manifest, manifest_fingerprint
 from calibflow.data.soft_labels import recorded_targets
 from calibflow.metrics import probability_report, soft_report
@@ -151,40 +151,47 @@ def predict_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray)
     return predict_files_of(model, data_dir, paths, digests=manifest["sha256"].iloc[rows].tolist())
 
 
+def _framed_chunks(
+    model, data_dir: str | Path, paths: list[str], digests: Sequence[str] | None = None
+) -> Iterator[np.ndarray]:
+    """uint8 (n, H, W, C) chunks of files under data_dir, framed as a loaded model frames them,
+    DECODED_AT_A_TIME at a time. `digests`: each file's SHA-256 as its manifest recorded it, checked
+    against the bytes decoded (images.checked_bytes), so that a file changed since is refused, not
+    measured."""
+    meta = model.metadata.metadata
+    framing = served_model.framing_of(meta)
+    for start in range(0, len(paths), DECODED_AT_A_TIME):
+        end = start + DECODED_AT_A_TIME
+        yield load_images_nhwc(
+            data_dir,
+            paths[start:end],
+            meta["image_mode"],
+            framing,
+            digests=None if digests is None else digests[start:end],
+        )
+
+
 def predict_files_of(
     model, data_dir: str | Path, paths: list[str], *, digests: Sequence[str] | None = None
 ) -> np.ndarray:
-    """A loaded model's calibrated probabilities on files under data_dir, framed as the model
-    frames them, decoded DECODED_AT_A_TIME at a time: memory bounded whatever their number.
-    `digests`: each file's SHA-256 as its manifest recorded it, checked against the bytes decoded
-    (images.checked_bytes), so that a file changed since is refused, not measured."""
-    meta = model.metadata.metadata
-    framing = served_model.framing_of(meta)
-    chunks = []
-    for start in range(0, len(paths), DECODED_AT_A_TIME):
-        images = load_images(
-            data_dir,
-            paths[start : start + DECODED_AT_A_TIME],
-            meta["image_mode"],
-            framing,
-            digests=None if digests is None else digests[start : start + DECODED_AT_A_TIME],
-        )
-        chunks.append(predict_in_batches(model, images.permute(0, 2, 3, 1).contiguous().numpy()))
-    return np.concatenate(chunks)
+    """A loaded model's calibrated probabilities on files under data_dir (_framed_chunks): memory
+    bounded whatever their number."""
+    return np.concatenate(
+        [predict_in_batches(model, chunk) for chunk in _framed_chunks(model, data_dir, paths, digests)]
+    )
 
 
 def decode_rows(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
     """uint8 images (N, H, W, C) of manifest rows, decoded as a loaded model takes them, each
     file's bytes checked against the manifest's SHA-256."""
     meta = model.metadata.metadata
-    images = load_images(
+    return load_images_nhwc(
         data_dir,
         manifest["path"].iloc[rows].tolist(),
         meta["image_mode"],
         served_model.framing_of(meta),
         digests=manifest["sha256"].iloc[rows].tolist(),
     )
-    return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def shift_predictions(model, data_dir: str, manifest: pd.DataFrame, rows: np.ndarray, suite) -> dict[str, np.ndarray]:
@@ -241,26 +248,8 @@ def recorded_ood_scores(
 def ood_scores_of_files(
     model, data_dir: str | Path, paths: list[str], *, digests: Sequence[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """ood_scores_of on files, framed as the model frames them, DECODED_AT_A_TIME at a time;
-    `digests` as predict_files_of's."""
-    meta = model.metadata.metadata
-    framing = served_model.framing_of(meta)
-    chunks = [
-        ood_scores_of(
-            model,
-            load_images(
-                data_dir,
-                paths[start : start + DECODED_AT_A_TIME],
-                meta["image_mode"],
-                framing,
-                digests=None if digests is None else digests[start : start + DECODED_AT_A_TIME],
-            )
-            .permute(0, 2, 3, 1)
-            .contiguous()
-            .numpy(),
-        )
-        for start in range(0, len(paths), DECODED_AT_A_TIME)
-    ]
+    """ood_scores_of on files (_framed_chunks)."""
+    chunks = [ood_scores_of(model, chunk) for chunk in _framed_chunks(model, data_dir, paths, digests)]
     return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in ("msp", "energy")}
 
 

@@ -15,7 +15,7 @@ from calibflow.config import CORRUPTION_NAMES, GatesConfig, load_config
 from calibflow.errors import ConfigError
 from calibflow.gates.statistics import fpr_at_tpr_upper_bound
 from calibflow.gates.checks import OODScores, Predictions, evaluate_gates
-from calibflow.errors import GateInputError
+from calibflow.errors import GateInputError, OODDataError
 from calibflow.evaluation.ood import detection_metrics, energy, ood_scores
 
 GRAY = (np.random.default_rng(1).random((6, 8, 8, 1)) * 255).astype(np.uint8)
@@ -617,11 +617,31 @@ def test_the_gate_scores_again_the_ood_images_the_run_scored(tmp_path, monkeypat
     files = ood._listed(tmp_path)
     digests = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in files}
     run_scored = ood._used(files, digests, 40)
-    evaluation = SimpleNamespace(path="data/ood", rev="workspace", dvc_hash="h", n_images=40, score="energy")
+    evaluation = SimpleNamespace(
+        path="data/ood",
+        rev="workspace",
+        dvc_hash="h",
+        n_images=40,
+        score="energy",
+        files_digest=ood.files_digest([digests[name] for name in run_scored]),
+    )
     recorded = json.loads(ood_tags(evaluation)[ood.OOD_TAG])
-    assert ood.recorded_ood_files(tmp_path, recorded) == (str(tmp_path), list(run_scored))
-    del recorded["selection"]
-    assert ood.recorded_ood_files(tmp_path, recorded)[1] == files[:40]
+    found = ood.recorded_ood_files(tmp_path, recorded)
+    assert (found.local_dir, found.files) == (str(tmp_path), list(run_scored))
+    assert found.sha256 == [digests[name] for name in run_scored]  # what the scoring read is checked against
+
+    # one scored file's bytes changed: refused by the recorded digest, naming the folder
+    changed = tmp_path / run_scored[3]
+    original = changed.read_bytes()
+    changed.write_bytes(b"changed")
+    with pytest.raises(OODDataError, match=r"ood.path 'data/ood' at workspace: the 40 images .* not the bytes"):
+        ood.recorded_ood_files(tmp_path, recorded)
+    changed.write_bytes(original)
+    assert ood.recorded_ood_files(tmp_path, recorded).files == list(run_scored)
+
+    # a tag written before the sample (no "selection") and before the digest: the first files
+    del recorded["selection"], recorded["files_digest"]
+    assert ood.recorded_ood_files(tmp_path, recorded).files == files[:40]
 
 
 @pytest.mark.parametrize(

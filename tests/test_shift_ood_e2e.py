@@ -3,7 +3,9 @@ the registry in a fresh process, and a bad ood.path refused before training."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from calibflow.evaluation.ood import files_digest
 from calibflow.tracking import store
 from cli.main import main as calibflow
 from tests.conftest import dvc, run
@@ -118,7 +121,8 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
         import json, sys
         import numpy as np
         from calibflow.tracking import registration
-        from calibflow.tracking import store
+        from calibflow.evaluation.ood import files_digest
+from calibflow.tracking import store
         from calibflow.data.images import decode_image
         store.configure_tracking({str(tiny_repo)!r})
         model = registration.load_model("models:/{MODEL}@champion")
@@ -377,7 +381,8 @@ def last_run_gate(client: MlflowClient, out: Path) -> dict:
 def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_registry(tmp_path, monkeypatch):
     """A real model (750 digits, 15 epochs): the gate refuses it against an OOD folder it cannot
     tell from its own classes and passes it against noise frames; `calibflow gate` re-reads the
-    recorded folder from the registry and finds the same bound."""
+    recorded folder from the registry and finds the same bound, also when an OOD image of the
+    working tree changed since (same size, same mtime)."""
     from tests.conftest import make_repo
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -416,7 +421,10 @@ def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_regist
     passed = last_run_gate(client, tmp_path / "passed")
     assert passed["passed"] and passed["value"] <= passed["bound"] <= 0.7
     version = client.get_model_version_by_alias(MODEL, "champion")
-    assert json.loads(version.tags["ood_data"])["path"] == noise
+    recorded = json.loads(version.tags["ood_data"])
+    assert recorded["path"] == noise
+    scored = sorted((repo / noise).glob("*.png"))  # all 300 (ood.max_images = 300)
+    assert recorded["files_digest"] == files_digest([hashlib.sha256(p.read_bytes()).hexdigest() for p in scored])
 
     # `calibflow gate` scores the recorded folder again with the served pyfunc: the same bound
     gate_json = tmp_path / "gate.json"
@@ -426,6 +434,18 @@ def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_regist
     assert regated["bound"] == pytest.approx(passed["bound"], abs=1e-9) and regated["passed"]
     assert calibflow([*gate, "--set", "gates.max_ood_fpr95=0.0", "--json", str(gate_json)]) == 1
     assert not ood_check(gate_json)["passed"]
+
+    # one frame's bytes replaced in the working tree, its size and mtime kept: the gate reads the
+    # version's own bytes at its revision, and finds the same bound
+    by_size: dict[int, list[Path]] = {}
+    for path in sorted((repo / noise).glob("*.png")):
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    frame, twin = next(paths for paths in by_size.values() if len(paths) > 1)[:2]
+    stat = frame.stat()
+    frame.write_bytes(twin.read_bytes())
+    os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert calibflow([*gate, "--set", "gates.max_ood_fpr95=0.7", "--json", str(gate_json)]) == 0
+    assert ood_check(gate_json)["bound"] == pytest.approx(passed["bound"], abs=1e-9)
 
     # a version measured on no OOD folder cannot be gated on one: undecided, exit 2
     assert (

@@ -185,25 +185,50 @@ def save_ood_data(data: OODData, out_path: str | Path) -> str:
 
 
 # The version tag that names the OOD folder a version was measured on, so `calibflow gate` can
-# score the same images again: {"path", "rev", "dvc_hash", "n_images", "score", "selection"}.
+# score the same images again: {"path", "rev", "dvc_hash", "n_images", "score", "selection",
+# "files_digest"}.
 OOD_TAG = "ood_data"
 # How a folder larger than ood.max_images was sampled (_used); a tag without "selection" was
 # written when the run scored the first n_images files by path.
 OOD_SELECTION = "content_hash"
 
 
-def recorded_ood_files(repo_root: str | Path, recorded: dict) -> tuple[str, list[str]]:
-    """(local_dir, files) of the OOD folder a version recorded (OOD_TAG), checked byte for byte
-    against its DVC hash: the same `n_images` files, sorted, that the run scored."""
+def files_digest(sha256s) -> str:
+    """One SHA-256 over the scored files' SHA-256s, in their order: what a version's OOD tag
+    records of the bytes it was measured on (a tag without it was written before it was kept)."""
+    return hashlib.sha256("\n".join(sha256s).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RecordedOODFiles:
+    local_dir: str
+    files: list[str]  # relative paths, sorted: the files the run scored
+    sha256: list[str]  # each file's SHA-256 as hashed here, which the read that scores it must find
+
+
+def recorded_ood_files(repo_root: str | Path, recorded: dict) -> RecordedOODFiles:
+    """The OOD folder a version recorded (OOD_TAG) at its DVC hash: the same `n_images` files,
+    sorted, that the run scored, each hashed once, their digests checked against the tag's
+    files_digest (OODDataError when the bytes differ from what the version was measured on)."""
     from calibflow.data.versioning import resolve_recorded_data
 
     version = resolve_recorded_data(repo_root, recorded["path"], recorded["rev"], recorded["dvc_hash"])
     root, n_images = Path(version.local_dir), int(recorded["n_images"])
     files = _listed(root)
-    if recorded.get("selection") != OOD_SELECTION or len(files) <= n_images:
-        return version.local_dir, files[:n_images]
-    digests = {relative: hashlib.sha256((root / relative).read_bytes()).hexdigest() for relative in files}
-    return version.local_dir, list(_used(files, digests, n_images))
+    sampled = recorded.get("selection") == OOD_SELECTION and len(files) > n_images
+    used = files if sampled else files[:n_images]
+    digests = {relative: hashlib.sha256((root / relative).read_bytes()).hexdigest() for relative in used}
+    if sampled:
+        used = list(_used(files, digests, n_images))
+    sha256 = [digests[relative] for relative in used]
+    expected = recorded.get("files_digest")
+    if expected and files_digest(sha256) != expected:
+        raise OODDataError(
+            f"ood.path {recorded['path']!r} at {recorded['rev']}: the {len(used)} images it reads are not the bytes "
+            f"the version was measured on (their digest {files_digest(sha256)[:12]}, recorded {expected[:12]}): "
+            f"restore the folder (`dvc checkout {recorded['path']}`) and gate again"
+        )
+    return RecordedOODFiles(version.local_dir, used, sha256)
 
 
 def _temperature(calibrator) -> float:

@@ -226,16 +226,17 @@ def recorded_ood_scores(
 ) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(score name, scores on the test split, scores on the OOD images) of a version registered
     with an OOD folder (ood.OOD_TAG): the folder re-read at its recorded revision and checked
-    against its DVC hash, both sets scored by the served pyfunc. KeyError when the version has no
-    OOD folder."""
+    against its DVC hash and the digest of the files the version scored, both sets scored by the
+    served pyfunc, each file checked against its digest as it is decoded. KeyError when the version
+    has no OOD folder."""
     import json
 
     from calibflow.evaluation.ood import OOD_TAG, recorded_ood_files
 
     recorded = json.loads(record.tags[OOD_TAG])
-    local_dir, files = recorded_ood_files(repo_root, recorded)
+    folder = recorded_ood_files(repo_root, recorded)
     test = rebuilt.split.indices["test"]
-    outside = ood_scores_of_files(model, local_dir, list(files))
+    outside = ood_scores_of_files(model, folder.local_dir, folder.files, digests=folder.sha256)
     inside = ood_scores_of_files(
         model,
         rebuilt.data.local_dir,

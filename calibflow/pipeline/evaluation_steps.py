@@ -111,6 +111,8 @@ class OODEvaluation:
     plots: tuple[str, ...]
     path: str = ""  # ood.path
     rev: str = "workspace"  # where DVC read it (versioning.DataVersion.rev)
+    # ood.files_digest of the scored files' SHA-256s, so `calibflow gate` scores the same bytes
+    files_digest: str = ""
 
 
 def check_ood_data(
@@ -163,7 +165,7 @@ def evaluate_ood(
     """MSP and energy on the test split and on the OOD images (decoded in the model's mode and
     size), AUROC, AUPR and FPR95 of each, and their histograms. `loading` (data.in_memory_max_mb,
     data.workers): a large folder is read from its files, a batch at a time."""
-    from calibflow.evaluation.ood import detection_metrics, in_distribution_score, ood_scores
+    from calibflow.evaluation.ood import detection_metrics, files_digest, in_distribution_score, ood_scores
     from calibflow.evaluation.plots import ood_score_histograms
 
     ood = json.loads(Path(ood_data_path).read_text())
@@ -212,6 +214,7 @@ def evaluate_ood(
         plots=(str(plot),),
         path=ood["path"],
         rev=ood.get("rev", "workspace"),
+        files_digest=files_digest(ood["sha256"]) if ood.get("sha256") else "",
     )
 
 

@@ -114,6 +114,8 @@ def ood_tags(ood: OODEvaluation | None) -> dict[str, str]:
     if ood is None:
         return {}
     recorded = {"path": ood.path, "rev": ood.rev, "dvc_hash": ood.dvc_hash, "n_images": ood.n_images}
+    if ood.files_digest:
+        recorded["files_digest"] = ood.files_digest
     return {OOD_TAG: json.dumps({**recorded, "score": ood.score, "selection": OOD_SELECTION})}
 
 

@@ -19,12 +19,14 @@ import importlib
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -45,7 +47,14 @@ E2E = {
 }
 # over about 5 s on 2 busy cores (calibration_speed: importing netcal and torchmetrics), or needing
 # the git history (gate_soundness_baseline reads the old gates from commit 345bcd0)
-SLOW = {"calibration_speed", "ddp_accuracy", "gate_soundness_baseline", "shift_and_ood", "train_time_calibration"}
+SLOW = {
+    "calibration_speed",
+    "ddp_accuracy",
+    "gate_soundness_baseline",
+    "gpu_train",
+    "shift_and_ood",
+    "train_time_calibration",
+}
 # These read a project with a registered model: they read the one run_timing's smoke run makes and
 # trains (each would otherwise train its own, a `calibflow run` apiece).
 ON_PROJECT = {"accuracy_estimation", "command_latency"}
@@ -202,6 +211,20 @@ def check_data_scale(data: dict, markdown: str) -> None:
     suite = data["suite_alone"]  # both ways of reading the cells write the same logits
     assert suite["same_logits"] and suite["cells"] == 9 and suite["images"] > 0
     assert suite["cells_at_once"] >= 1 and all(len(p) == 1 for p in suite["passes"].values())
+
+
+def check_gpu_train(data: dict, markdown: str) -> None:
+    """Both arms trained every epoch on the same train split; the table's ratio is calibflow's
+    median of the timed epoch over the reference's."""
+    settings, passes = data["settings"], data["passes"]
+    assert set(passes) == {"reference", "calibflow"} and data["train_images"] > 0
+    for runs in passes.values():
+        assert len(runs) == settings["repeats"]
+        assert all(len(r["images_per_second"]) == settings["epochs"] and min(r["images_per_second"]) > 0 for r in runs)
+    timed = {arm: statistics.median(r["images_per_second"][1] for r in runs) for arm, runs in passes.items()}
+    rows = {row[0]: row for row in tables(markdown)[0][2:]}
+    assert rows["calibflow"][-1] == f"{timed['calibflow'] / timed['reference']:.2f}x", rows
+    assert rows["reference"][-1] == "1.00x" and f"{data['train_images']:,} photos" in markdown
 
 
 def check_finetune_own_weights(data: dict, markdown: str) -> None:
@@ -420,6 +443,7 @@ CHECKS: dict[str, Callable] = {
     "data_scale": check_data_scale,
     "default_run": check_default_run,
     "finetune_own_weights": check_finetune_own_weights,
+    "gpu_train": check_gpu_train,
     "inference_speed": check_inference_speed,
     "gate_plan_power": lambda data, markdown: importlib.import_module("gate_plan_power").check_smoke(data, markdown),
     "gate_soundness": check_gate_soundness,
@@ -471,6 +495,13 @@ def test_a_smoke_run_refuses_to_write_into_docs(capsys) -> None:
     with pytest.raises(SystemExit) as refused:
         importlib.import_module("threshold_stability").main(["--smoke", "--out", str(REPO / "docs" / "results")])
     assert refused.value.code == 2 and "writes nothing under docs/" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures the GPU there")
+def test_a_full_gpu_benchmark_without_a_gpu_says_so_and_exits_2(capsys) -> None:
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module("gpu_train").main([])
+    assert refused.value.code == 2 and "no CUDA device here" in capsys.readouterr().err
 
 
 def test_the_header_names_the_command_date_and_commit(tmp_path: Path) -> None:

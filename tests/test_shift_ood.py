@@ -639,6 +639,16 @@ def test_the_gate_scores_again_the_ood_images_the_run_scored(tmp_path, monkeypat
     changed.write_bytes(original)
     assert ood.recorded_ood_files(tmp_path, recorded).files == list(run_scored)
 
+    # a folder the run scored whole (no sample): one file's bytes changed, its size kept
+    whole = {**recorded, "n_images": 120, "files_digest": ood.files_digest([digests[name] for name in files])}
+    assert ood.recorded_ood_files(tmp_path, whole).sha256 == [digests[name] for name in files]
+    changed = tmp_path / files[7]
+    original = changed.read_bytes()
+    changed.write_bytes(original[::-1])
+    with pytest.raises(OODDataError, match=r"the 120 images read back are not the bytes"):
+        ood.recorded_ood_files(tmp_path, whole)
+    changed.write_bytes(original)
+
     # a tag written before the sample (no "selection") and before the digest: the first files
     del recorded["selection"], recorded["files_digest"]
     assert ood.recorded_ood_files(tmp_path, recorded).files == files[:40]

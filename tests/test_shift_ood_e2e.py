@@ -3,6 +3,7 @@ the registry in a fresh process, and a bad ood.path refused before training."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -121,8 +122,7 @@ def test_suite_and_ood_are_logged_reproduced_and_served_in_a_fresh_process(tiny_
         import json, sys
         import numpy as np
         from calibflow.tracking import registration
-        from calibflow.evaluation.ood import files_digest
-from calibflow.tracking import store
+        from calibflow.tracking import store
         from calibflow.data.images import decode_image
         store.configure_tracking({str(tiny_repo)!r})
         model = registration.load_model("models:/{MODEL}@champion")
@@ -378,11 +378,12 @@ def last_run_gate(client: MlflowClient, out: Path) -> dict:
     return ood_check(store.download_run_artifact(latest.info.run_id, "gates/gates.json", out))
 
 
-def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_registry(tmp_path, monkeypatch):
+def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_registry(tmp_path, monkeypatch, capsys):
     """A real model (750 digits, 15 epochs): the gate refuses it against an OOD folder it cannot
     tell from its own classes and passes it against noise frames; `calibflow gate` re-reads the
     recorded folder from the registry and finds the same bound, also when an OOD image of the
-    working tree changed since (same size, same mtime)."""
+    working tree changed since (same size, same mtime), and refuses to decide on a file whose bytes
+    change between being hashed and being decoded."""
     from tests.conftest import make_repo
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -446,6 +447,26 @@ def test_ood_gate_on_a_trained_model_and_calibflow_gate_reads_it_from_the_regist
     os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert calibflow([*gate, "--set", "gates.max_ood_fpr95=0.7", "--json", str(gate_json)]) == 0
     assert ood_check(gate_json)["bound"] == pytest.approx(passed["bound"], abs=1e-9)
+
+    # a file that changes after the gate hashed it, before it is decoded, is refused by name: the
+    # folder handed to the scoring read is a copy with one file replaced
+    from calibflow.evaluation import ood
+
+    hashed_then_changed = tmp_path / "hashed-then-changed"
+
+    def read_from_a_changed_copy(repo_root, recorded):
+        folder = real_recorded_ood_files(repo_root, recorded)
+        shutil.copytree(folder.local_dir, hashed_then_changed)
+        (hashed_then_changed / folder.files[0]).write_bytes((hashed_then_changed / folder.files[1]).read_bytes())
+        return dataclasses.replace(folder, local_dir=str(hashed_then_changed))
+
+    real_recorded_ood_files = ood.recorded_ood_files
+    capsys.readouterr()
+    with monkeypatch.context() as patched:
+        patched.setattr(ood, "recorded_ood_files", read_from_a_changed_copy)
+        assert calibflow([*gate, "--set", "gates.max_ood_fpr95=0.7"]) == 2
+    err = capsys.readouterr().err
+    assert "could not decide" in err and "000.png: its bytes changed since the data version was pinned" in err
 
     # a version measured on no OOD folder cannot be gated on one: undecided, exit 2
     assert (

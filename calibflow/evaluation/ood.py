@@ -224,9 +224,10 @@ def recorded_ood_files(repo_root: str | Path, recorded: dict) -> RecordedOODFile
     expected = recorded.get("files_digest")
     if expected and files_digest(sha256) != expected:
         raise OODDataError(
-            f"ood.path {recorded['path']!r} at {recorded['rev']}: the {len(used)} images it reads are not the bytes "
-            f"the version was measured on (their digest {files_digest(sha256)[:12]}, recorded {expected[:12]}): "
-            f"restore the folder (`dvc checkout {recorded['path']}`) and gate again"
+            f"ood.path {recorded['path']!r} at {recorded['rev']}: the {len(used)} images read back are not the bytes "
+            f"the version was measured on (their digest {files_digest(sha256)[:12]}, recorded {expected[:12]}), though "
+            f"they match the DVC hash the version names: a file changed while they were read; gate again once nothing "
+            f"writes to {recorded['path']}, and if this repeats, the version's record does not match its folder"
         )
     return RecordedOODFiles(version.local_dir, used, sha256)
 

@@ -90,16 +90,20 @@ def photos(folder: Path, n: int, side: int, source: Path | None) -> Path:
             label = member.name.split("/")[1]
             if len(chosen[label]) < per_class:
                 chosen[label].append(member)
-        written = 0
+        written, wanted = 0, set()
         for label in classes:
             (folder / label).mkdir(parents=True, exist_ok=True)
             for member in chosen[label]:
                 if written == n:
                     break
-                with tar.extractfile(member) as handle, Image.open(handle) as image:
-                    big = image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
-                    big.save(folder / label / f"{Path(member.name).stem}.jpg", quality=QUALITY)
+                wanted.add(member.name)
                 written += 1
+        for member in members:  # in the archive's order: a gzip stream read backwards starts over
+            if member.name not in wanted:
+                continue
+            with tar.extractfile(member) as handle, Image.open(handle) as image:
+                big = image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+                big.save(folder / member.name.split("/")[1] / f"{Path(member.name).stem}.jpg", quality=QUALITY)
     (folder / ".done").write_text(str(n))
     return folder
 

@@ -3,29 +3,35 @@ per second on the same card, the same photos, the same transforms and as many Da
 (issue 26, item 5).
 
 Photos: CIFAR-10's training JPEGs (../shared/datasets, or --archive), upscaled to 224x224
-(bilinear, JPEG quality 90; data_scale's photos, made here on every core), --images of them
-(default 10,000), the ten classes balanced. Both arms train on the same files: the train split of
-a seeded calibflow split (90% of them).
+(bilinear, JPEG quality 90, as data_scale's photos; made here on every core), --images of them
+(default 10,000), the ten classes balanced. Both arms train on the same files: the train split
+(90%, 9,000 of the default) of a seeded calibflow split.
 
-Arms, each in a fresh process, interleaved (reference, calibflow, reference, ...), --repeats each:
+Arms, each in a fresh process, interleaved (reference, calibflow, calibflow, reference, ...),
+--repeats each:
 
 - **reference**: the training step and data path of torchvision's
   `references/classification/train.py`, retyped here (the references are not part of the
   torchvision package, and nothing may be downloaded): `ImageFolder` with ClassificationPresetTrain's
   transforms (RandomResizedCrop(224), RandomHorizontalFlip, PILToTensor, ConvertImageDtype,
-  Normalize with ImageNet's mean and std), a DataLoader over a RandomSampler with pin_memory and W
-  workers, `torchvision.models.resnet18(num_classes=10)`, SGD (momentum 0.9, weight decay 1e-4),
+  Normalize with ImageNet's mean and std) in the workers, a DataLoader over a RandomSampler with
+  pin_memory and W workers (not persistent: they start again every epoch, as there),
+  `torchvision.models.resnet18(num_classes=10)`, SGD (momentum 0.9, weight decay 1e-4),
   `cudnn.benchmark`, its `--amp` (fp16 autocast and a GradScaler; on the CPU, fp32), and its metric
-  logging (the loss and top-1 accuracy read back every step).
+  logging (the loss, top-1 and top-5 accuracy read back every step).
 - **calibflow**: the flow's own `train_model` task on the same split (`data.image_size: 224`:
-  RandomResizedCrop at the reference's scale and flips; every split read from its files by W
-  DataLoader workers; resnet18 with the ImageNet stem), with what it does on a GPU: bf16 autocast,
-  channels_last, pinned memory and non-blocking copies, persistent workers, one host sync per epoch.
+  the same RandomResizedCrop, at the same scales and ratios, and flips, in the workers; every split
+  read from its files by W DataLoader workers; resnet18 with the ImageNet stem), with what it does
+  on a GPU: uint8 batches normalized on the device, bf16 autocast, channels_last, pinned memory and
+  non-blocking copies, persistent workers, one host sync per epoch; cuDNN's default algorithm
+  choice (no `cudnn.benchmark`).
 
-Both: batch --batch-size (default 128), W = data.workers' auto value unless --workers, three
-epochs. Timed: the second epoch alone, images trained / seconds, ended by a sync with the GPU (the
-first epoch pays cuDNN's autotuning and the workers' start, the last calibflow's validation).
-Reported: each arm's median img/s and calibflow's ratio to the reference, the card's name.
+So the augmentation is the same and the rest is each pipeline as it is: the comparison is of the
+two ways to train, not of one kernel. Both: batch --batch-size (default 128), W = data.workers'
+auto value unless --workers, three epochs. Timed: the second epoch alone, images trained /
+seconds, ended by a sync with the GPU (the first pays cuDNN's autotuning and calibflow's workers'
+start, the last calibflow's validation). Reported: each arm's median img/s and calibflow's ratio
+to the reference, the card's name.
 
     python benchmarks/gpu_train.py [--images 10000] [--repeats 3] [--workers W] [--batch-size 128]
     python benchmarks/gpu_train.py --smoke    # 60 digit images of 64 px on the CPU: about a minute
@@ -80,18 +86,21 @@ def photos(folder: Path, n: int, side: int, archive: Path) -> Path:
         return folder
     jobs = []
     with tarfile.open(archive) as tar:
-        members = sorted(
-            (m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")), key=lambda m: m.name
-        )
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")]
         classes = sorted({m.name.split("/")[1] for m in members})
         per_class = -(-n // len(classes))
         taken = dict.fromkeys(classes, 0)
-        for member in members:
+        chosen = set()
+        for member in sorted(members, key=lambda m: m.name):
             label = member.name.split("/")[1]
-            if taken[label] < per_class and len(jobs) < n:
+            if taken[label] < per_class and len(chosen) < n:
                 taken[label] += 1
-                (folder / label).mkdir(parents=True, exist_ok=True)
-                out = folder / label / f"{Path(member.name).stem}.jpg"
+                chosen.add(member.name)
+        for label in classes:
+            (folder / label).mkdir(parents=True, exist_ok=True)
+        for member in members:  # in the archive's order: a gzip stream read backwards starts over
+            if member.name in chosen:
+                out = folder / member.name.split("/")[1] / f"{Path(member.name).stem}.jpg"
                 jobs.append((tar.extractfile(member).read(), str(out), side))
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(_upscaled, jobs, chunksize=64))
@@ -175,7 +184,7 @@ def reference_arm(photos_dir: str, setup: dict, batch_size: int, workers: int, e
         model.parameters(), lr=REFERENCE_LR, momentum=REFERENCE_MOMENTUM, weight_decay=REFERENCE_WEIGHT_DECAY
     )
     scaler = torch.amp.GradScaler("cuda") if device == "cuda" else None  # train.py --amp
-    per_epoch = []
+    per_epoch, images = [], []
     for _ in range(epochs):
         model.train()
         started, seen = time.perf_counter(), 0
@@ -192,13 +201,15 @@ def reference_arm(photos_dir: str, setup: dict, batch_size: int, workers: int, e
             else:
                 loss.backward()
                 optimizer.step()
-            # train.py's MetricLogger: the loss and top-1 accuracy read back every step
+            # train.py's MetricLogger: the loss, top-1 and top-5 accuracy read back every step
             loss.item()
-            (output.argmax(1) == target).float().mean().item()
+            top = output.topk(min(5, output.shape[1]), dim=1).indices == target[:, None]
+            top[:, :1].any(1).float().mean().item(), top.any(1).float().mean().item()
             seen += len(target)
         _sync(device)
         per_epoch.append(seen / (time.perf_counter() - started))
-    return {"images_per_second": per_epoch, "device": device}
+        images.append(seen)
+    return {"images_per_second": per_epoch, "images": images, "device": device}
 
 
 def calibflow_arm(photos_dir: str, setup: dict, batch_size: int, workers: int, epochs: int, side: int) -> dict:
@@ -331,8 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_path = work / f"setup-{side}-{n}" / "setup.json"
     setup_path.write_text(json.dumps(setup))
     passes: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    for _ in range(repeats):
-        for arm in ARMS:
+    for repeat in range(repeats):
+        for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
             passes[arm].append(measure(arm, photos_dir, setup_path, batch_size, workers, EPOCHS, side))
             print(f"{arm}: {passes[arm][-1]['images_per_second']}", file=sys.stderr, flush=True)
     settings = {

@@ -23,8 +23,8 @@ Arms, each in a fresh process, interleaved (reference, calibflow, calibflow, ref
   the same RandomResizedCrop, at the same scales and ratios, and flips, in the workers; every split
   read from its files by W DataLoader workers; resnet18 with the ImageNet stem), with what it does
   on a GPU: uint8 batches normalized on the device, bf16 autocast, channels_last, pinned memory and
-  non-blocking copies, persistent workers, one host sync per epoch; cuDNN's default algorithm
-  choice (no `cudnn.benchmark`).
+  non-blocking copies, persistent workers, one host sync per epoch, `cudnn.benchmark` while it
+  trains.
 
 So the augmentation is the same and the rest is each pipeline as it is: the comparison is of the
 two ways to train, not of one kernel. Both: batch --batch-size (default 128), W = data.workers'

@@ -243,6 +243,38 @@ def test_training_runs_on_train_threads_and_restores_the_callers_count():
         torch.set_num_threads(before)
 
 
+def test_training_autotunes_cudnn_on_a_gpu_only_and_restores_the_setting(monkeypatch):
+    """torch.backends.cudnn.benchmark is process-wide: on for a training on CUDA (the fastest
+    convolution algorithm for its one batch shape, as torchvision's reference trains), left as it
+    was on the CPU, and back to its previous value after either, an interrupted one too."""
+    from calibflow.training.loop import cudnn_autotune
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with cudnn_autotune(True):
+        assert torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.benchmark
+    with pytest.raises(KeyboardInterrupt), cudnn_autotune(True):
+        raise KeyboardInterrupt
+    assert not torch.backends.cudnn.benchmark
+    with cudnn_autotune(False):
+        assert not torch.backends.cudnn.benchmark
+
+    x, y = blobs()
+    during = []
+    inputs = TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=1), seed=0)
+    train_classifier(inputs, progress=False, on_epoch_end=lambda _: during.append(torch.backends.cudnn.benchmark))
+    assert during == [False] and not torch.backends.cudnn.benchmark
+    if torch.cuda.is_available():
+        during.clear()
+        train_classifier(
+            inputs,
+            runtime=resolve_runtime("cuda"),
+            progress=False,
+            on_epoch_end=lambda _: during.append(torch.backends.cudnn.benchmark),
+        )
+        assert during == [True] and not torch.backends.cudnn.benchmark
+
+
 def test_logits_do_not_depend_on_the_thread_count():
     """write_split_logits collects on train.threads while the served model, in `calibflow evaluate`,
     runs on torch's default: the logged numbers are reproduced exactly only if a forward pass gives

@@ -87,6 +87,22 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 
 
 @contextmanager
+def cudnn_autotune(enabled: bool) -> Iterator[None]:
+    """Run the block with cuDNN timing its convolution algorithms for each new input shape and
+    keeping the fastest (torch.backends.cudnn.benchmark), as torchvision's reference training
+    does, and restore the previous setting after it. A training's batches share one shape (one
+    image size, one batch size but the last), so the search runs once or twice. Disabled, the
+    setting is left as it is; on the CPU it changes nothing."""
+    previous = torch.backends.cudnn.benchmark
+    if enabled:
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@contextmanager
 def intra_op_threads(threads: int | Literal["auto"] | None) -> Iterator[None]:
     """Run the block with torch's intra-op thread count at `threads` and restore the previous
     count after it, even on an error: the pipeline, `calibflow` commands and the tests are
@@ -311,8 +327,13 @@ def train_classifier(
     them when the whole training is done."""
     config = inputs.config
     sources = (inputs.train_images, inputs.val_images, inputs.outlier_images)
-    with intra_op_threads(config.threads), closing(*(s for s in sources if s is not None)) as also_close:
-        training = set_up_training(inputs, runtime or resolve_runtime(config.device, config.precision))
+    runtime = runtime or resolve_runtime(config.device, config.precision)
+    with (
+        intra_op_threads(config.threads),
+        cudnn_autotune(runtime.on_cuda),
+        closing(*(s for s in sources if s is not None)) as also_close,
+    ):
+        training = set_up_training(inputs, runtime)
         also_close.append(training.data.val_share)
         history = resume_from_checkpoint(training, checkpoints, on_epoch_end)
         progress = progress and training.group.is_rank0

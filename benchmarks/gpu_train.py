@@ -3,7 +3,7 @@ per second on the same card, the same photos, the same transforms and as many Da
 (issue 26, item 5).
 
 Photos: CIFAR-10's training JPEGs (../shared/datasets, or --archive), upscaled to 224x224
-(bilinear, JPEG quality 90, as data_scale's photos; made here on every core), --images of them
+(bilinear, JPEG quality 90: data_scale's photos, made on every core), --images of them
 (default 10,000), the ten classes balanced. Both arms train on the same files: the train split
 (90%, 9,000 of the default) of a seeded calibflow split.
 
@@ -43,25 +43,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+import data_scale  # noqa: E402
 
-CIFAR = _common.REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
-IMAGES, SIDE, QUALITY, BATCH, REPEATS, EPOCHS, TIMED_EPOCH = 10_000, 224, 90, 128, 3, 3, 2
+CIFAR = data_scale.CIFAR
+IMAGES, SIDE, BATCH, REPEATS, EPOCHS, TIMED_EPOCH = 10_000, 224, 128, 3, 3, 2
 TRAIN_SHARE = 0.9
 # torchvision's reference: ImageNet's statistics, SGD's momentum and weight decay (train.py's defaults)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -69,43 +67,7 @@ REFERENCE_LR, REFERENCE_MOMENTUM, REFERENCE_WEIGHT_DECAY = 0.1, 0.9, 1e-4
 ARMS = ("reference", "calibflow")
 
 
-# ------------------------------------------------------------------ the photos
-
-
-def _upscaled(job: tuple[bytes, str, int]) -> None:
-    from PIL import Image
-
-    data, out, side = job
-    with Image.open(io.BytesIO(data)) as image:
-        image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR).save(out, quality=QUALITY)
-
-
-def photos(folder: Path, n: int, side: int, archive: Path) -> Path:
-    """N photos of side x side in folder/<class>/, classes balanced, upscaled on every core."""
-    if (folder / ".done").is_file():
-        return folder
-    jobs = []
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")]
-        classes = sorted({m.name.split("/")[1] for m in members})
-        per_class = -(-n // len(classes))
-        taken = dict.fromkeys(classes, 0)
-        chosen = set()
-        for member in sorted(members, key=lambda m: m.name):
-            label = member.name.split("/")[1]
-            if taken[label] < per_class and len(chosen) < n:
-                taken[label] += 1
-                chosen.add(member.name)
-        for label in classes:
-            (folder / label).mkdir(parents=True, exist_ok=True)
-        for member in members:  # in the archive's order: a gzip stream read backwards starts over
-            if member.name in chosen:
-                out = folder / member.name.split("/")[1] / f"{Path(member.name).stem}.jpg"
-                jobs.append((tar.extractfile(member).read(), str(out), side))
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(_upscaled, jobs, chunksize=64))
-    (folder / ".done").write_text(str(n))
-    return folder
+# ------------------------------------------------------------------ the split both arms train on
 
 
 def prepared(root: Path, photos_dir: Path, seed: int = 0) -> dict:
@@ -203,8 +165,9 @@ def reference_arm(photos_dir: str, setup: dict, batch_size: int, workers: int, e
                 optimizer.step()
             # train.py's MetricLogger: the loss, top-1 and top-5 accuracy read back every step
             loss.item()
-            top = output.topk(min(5, output.shape[1]), dim=1).indices == target[:, None]
-            top[:, :1].any(1).float().mean().item(), top.any(1).float().mean().item()
+            hits = output.topk(min(5, output.shape[1]), dim=1).indices == target[:, None]
+            hits[:, 0].float().mean().item()  # top-1
+            hits.any(1).float().mean().item()  # top-5
             seen += len(target)
         _sync(device)
         per_epoch.append(seen / (time.perf_counter() - started))
@@ -337,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         archive = _common.image_archive(work / "digits.tar.gz", [str(k) for k in range(3)], 20, 0, size=16)
     elif not archive.is_file():
         parser.error(f"{archive} not found: pass --archive PATH to CIFAR-10's JPEG archive")
-    photos_dir = photos(work / f"photos-{side}-{n}", n, side, archive)
+    photos_dir = data_scale.photos(work / f"photos-{side}-{n}", n, side, archive)
     setup = prepared(work / f"setup-{side}-{n}", photos_dir)
     setup_path = work / f"setup-{side}-{n}" / "setup.json"
     setup_path.write_text(json.dumps(setup))

@@ -245,8 +245,10 @@ def test_training_runs_on_train_threads_and_restores_the_callers_count():
 
 def test_training_autotunes_cudnn_on_a_gpu_only_and_restores_the_setting(monkeypatch):
     """torch.backends.cudnn.benchmark is process-wide: on for a training on CUDA (the fastest
-    convolution algorithm for its one batch shape, as torchvision's reference trains), left as it
-    was on the CPU, and back to its previous value after either, an interrupted one too."""
+    convolution algorithm for each batch shape, as torchvision's reference trains), left as it was
+    on the CPU or where the process asked for deterministic algorithms, and back to its previous
+    value after a training, an interrupted one too."""
+    from calibflow.training import loop
     from calibflow.training.loop import cudnn_autotune
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -258,12 +260,35 @@ def test_training_autotunes_cudnn_on_a_gpu_only_and_restores_the_setting(monkeyp
     assert not torch.backends.cudnn.benchmark
     with cudnn_autotune(False):
         assert not torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    with cudnn_autotune(True):
+        assert not torch.backends.cudnn.benchmark  # a search picks by timing: not deterministic
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # the caller's own choice, kept
+    with cudnn_autotune(False):
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     x, y = blobs()
     during = []
-    inputs = TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=1), seed=0)
+    inputs = TrainingInputs(SPEC, x, y, x, y, dataclasses.replace(FAST, epochs=1, device="cpu"), seed=0)
     train_classifier(inputs, progress=False, on_epoch_end=lambda _: during.append(torch.backends.cudnn.benchmark))
     assert during == [False] and not torch.backends.cudnn.benchmark
+
+    # A training on CUDA, on any machine: the setting its set-up finds, then a stop before it
+    # touches the device (the setting is restored on the way out).
+    def stop_at_set_up(inputs, runtime):
+        during.append(torch.backends.cudnn.benchmark)
+        raise KeyboardInterrupt
+
+    during.clear()
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "set_up_training", stop_at_set_up)
+        cuda = Runtime(device=torch.device("cuda"), autocast_dtype=torch.bfloat16, channels_last=True)
+        with pytest.raises(KeyboardInterrupt):
+            train_classifier(inputs, runtime=cuda, progress=False)
+    assert during == [True] and not torch.backends.cudnn.benchmark
     if torch.cuda.is_available():
         during.clear()
         train_classifier(

@@ -90,16 +90,22 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 def cudnn_autotune(enabled: bool) -> Iterator[None]:
     """Run the block with cuDNN timing its convolution algorithms for each new input shape and
     keeping the fastest (torch.backends.cudnn.benchmark), as torchvision's reference training
-    does, and restore the previous setting after it. A training's batches share one shape (one
-    image size, one batch size but the last), so the search runs once or twice. Disabled, the
-    setting is left as it is; on the CPU it changes nothing."""
+    does, and restore the previous setting after it. Training's batches share one shape but the
+    last (validation's and outlier exposure's add a few more), so each search runs a handful of
+    times in a whole training. Left off where the process asked for deterministic results
+    (cudnn.deterministic or torch.use_deterministic_algorithms): timing picks an algorithm by
+    chance, as torchvision's reference turns it off under --use-deterministic-algorithms.
+    Disabled, the setting is not touched; on the CPU it changes nothing."""
+    deterministic = torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled()
     previous = torch.backends.cudnn.benchmark
-    if enabled:
+    switch = enabled and not deterministic and not previous
+    if switch:
         torch.backends.cudnn.benchmark = True
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = previous
+        if switch:
+            torch.backends.cudnn.benchmark = previous
 
 
 @contextmanager

@@ -75,25 +75,36 @@ registry: {{model_name: scale-photos, experiment: data-scale}}
 # ------------------------------------------------------------------ the photos
 
 
-def _upscaled(job: tuple[bytes, str, int]) -> None:
-    from PIL import Image
+def _upscaled(job: tuple[bytes, str, str, int]) -> None:
+    from PIL import Image, UnidentifiedImageError
 
-    data, out, side = job
-    with Image.open(io.BytesIO(data)) as image:
-        image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR).save(out, quality=QUALITY)
+    data, name, out, side = job
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR).save(out, quality=QUALITY)
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{name} in the archive cannot be read as an image ({error})") from None
 
 
 def photos(folder: Path, n: int, side: int, source: Path | None) -> Path:
     """N images of side x side in folder/<class>/, classes balanced (the first files of each class
     by name, class by class), upscaled on every core: CIFAR-10's training JPEGs, or, without the
-    archive (--smoke), the tiny digit archive of _common."""
-    if (folder / ".done").is_file():
+    archive (--smoke), the tiny digit archive of _common. A folder built from the same archive is
+    reused; one built from another (its .done says which) is built again."""
+    archive = Path(source or CIFAR)
+    if not archive.is_file():
+        raise SystemExit(f"{archive}: no such archive; ../shared/datasets/README.md says where CIFAR-10's is")
+    stamp = f"{n} images of {side} px from {archive.resolve()} ({archive.stat().st_size} bytes)"
+    done = folder / ".done"
+    if done.is_file() and done.read_text() == stamp:
         return folder
-    archive = source or CIFAR
+    shutil.rmtree(folder, ignore_errors=True)
     jobs = []
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")]
         classes = sorted({m.name.split("/")[1] for m in members})
+        if not classes:
+            raise SystemExit(f"{archive}: no train/<class>/<image> files; an ImageFolder archive has them")
         per_class = -(-n // len(classes))
         chosen: dict[str, list[str]] = {k: [] for k in classes}
         for member in sorted(members, key=lambda m: m.name):
@@ -106,10 +117,12 @@ def photos(folder: Path, n: int, side: int, source: Path | None) -> Path:
         for member in members:  # in the archive's order: a gzip stream read backwards starts over
             if member.name in wanted:
                 out = folder / member.name.split("/")[1] / f"{Path(member.name).stem}.jpg"
-                jobs.append((tar.extractfile(member).read(), str(out), side))
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(_upscaled, jobs, chunksize=64))
-    (folder / ".done").write_text(str(n))
+                jobs.append((tar.extractfile(member).read(), member.name, str(out), side))
+    chunk = 64
+    workers = max(1, min(len(os.sched_getaffinity(0)), -(-len(jobs) // chunk)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_upscaled, jobs, chunksize=chunk))
+    done.write_text(stamp)
     return folder
 
 

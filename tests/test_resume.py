@@ -32,8 +32,8 @@ def killer(after_epoch: int):
 # Every random stream the loop reads: augmentation (the loop's generator), mixup (torch's global
 # one), dropout; momentum and the one-cycle schedule carry state across epochs too.
 CONFIGS = {
-    "plain": TrainConfig(epochs=5, batch_size=16, lr=0.05, threads=1),
-    "mixup+augment": TrainConfig(epochs=5, batch_size=16, lr=0.05, threads=1, mix="mixup", augment=True),
+    "plain": TrainConfig(epochs=5, batch_size=16, lr=0.05, threads=1, device="cpu"),
+    "mixup+augment": TrainConfig(epochs=5, batch_size=16, lr=0.05, threads=1, device="cpu", mix="mixup", augment=True),
 }
 
 

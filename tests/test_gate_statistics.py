@@ -188,6 +188,34 @@ def test_smooth_kernel_is_relplots_smooth_ece_and_its_adjoint_is_exact():
     assert np.dot(kernel.project(conf, x), signs) == pytest.approx(np.dot(x, kernel.adjoint(conf, signs)), rel=1e-10)
 
 
+def test_smooth_ece_of_arrays_seen_just_before_is_relplots_answer_without_a_second_search(monkeypatch):
+    """One gate evaluation asks for the same arrays' smooth ECE up to three times (the gate-power
+    simulation hundreds of times over): the same bytes get relplot's answer once, anything else,
+    a changed value, another length or the labels swapped in, gets its own search."""
+    import relplot
+
+    calls = []
+
+    def counted(conf, correct, **kwargs):
+        calls.append(conf.size)
+        return smec(conf, correct, **kwargs)
+
+    smec = relplot.smECE
+    monkeypatch.setattr(relplot, "smECE", counted)
+    monkeypatch.setattr(gs, "_SMOOTH_ECE_MEMO", type(gs._SMOOTH_ECE_MEMO)())
+    conf, correct = spread_binary(500, 0.05, np.random.default_rng(11))
+    first = gs.smooth_ece(conf, correct)
+    assert first == tuple(float(x) for x in smec(conf, correct.astype(float), return_width=True))
+    assert gs.smooth_ece(conf.copy(), correct.astype(np.float32)) == first and len(calls) == 1
+    nudged = conf.copy()
+    nudged[7] = np.nextafter(nudged[7], 0.0)
+    for other_conf, other_correct in ((nudged, correct), (conf[:-1], correct[:-1]), (conf, 1 - correct)):
+        assert gs.smooth_ece(other_conf, other_correct) == tuple(
+            float(x) for x in smec(other_conf, np.asarray(other_correct, float), return_width=True)
+        )
+    assert len(calls) == 4
+
+
 @pytest.mark.parametrize("profile", [gs.EqualWidthBins(15), gs.SmoothKernel(0.05)], ids=["bins", "smooth"])
 def test_weights_reproduce_the_estimate(profile):
     conf, correct = spread_binary(1500, 0.04, np.random.default_rng(6))

@@ -27,7 +27,10 @@ The library functions take numpy arrays; nothing here imports torch, so the benc
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -272,13 +275,19 @@ class SmoothKernel(ResidualProfile):
         self.t = np.linspace(0, 1, max(round(10 / self.sigma), relplot_config.smECE_mesh_pts))
         self.grid = max(2000, round(20 / self.sigma)) // 2 + 1  # relplot's GaussianKernel.apply
         self.name = f"smooth ECE (sigma {self.sigma:.4f})"
+        self._masses: dict[bytes, float] = {}
 
     def project(self, conf, values):
         return self.kernel.apply(conf, values, self.t)
 
     def mass(self, conf):
-        eps = 0.0001  # relplot's BaseKernelMixin.smooth adds it to the density
-        return float(np.sum(self.kernel.apply(conf, np.ones_like(conf), self.t) + eps))
+        # a convolution over the whole grid, which the bounds ask of the same confidences once per
+        # weight vector (the champion comparison: once per block): computed once per array
+        key = _digest(conf)
+        if key not in self._masses:
+            eps = 0.0001  # relplot's BaseKernelMixin.smooth adds it to the density
+            self._masses[key] = float(np.sum(self.kernel.apply(conf, np.ones_like(conf), self.t) + eps))
+        return self._masses[key]
 
     def adjoint(self, conf, signs):
         e = self.grid
@@ -303,12 +312,42 @@ class SmoothKernel(ResidualProfile):
         return v[bins] * (1 - frac_c) + v[bins + 1] * frac_c
 
 
+def _digest(*arrays: np.ndarray) -> bytes:
+    """A key for float64 arrays' exact values, lengths included: equal keys, the same numbers."""
+    digest = hashlib.blake2b(digest_size=32)
+    for array in arrays:
+        values = np.ascontiguousarray(array, np.float64)
+        digest.update(f"{values.size};".encode())
+        digest.update(values.tobytes())
+    return digest.digest()
+
+
+# relplot's bandwidth search costs milliseconds a call, and one gate evaluation asks for the same
+# arrays' smooth ECE up to three times (the absolute gate, then the candidate and, for an identical
+# retrain, the champion at the shared bandwidth): the gate-power simulation does that hundreds of
+# times. Keyed by a digest of the arrays' bytes and lengths, so a hit is the same answer.
+_SMOOTH_ECE_MEMO: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+_SMOOTH_ECE_MEMO_SIZE = 4
+_SMOOTH_ECE_LOCK = threading.Lock()
+
+
 def smooth_ece(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
     """relplot's smooth ECE with its automatic bandwidth: (value, sigma)."""
     import relplot
 
-    value, sigma = relplot.smECE(np.asarray(conf, np.float64), np.asarray(correct, np.float64), return_width=True)
-    return float(value), float(sigma)
+    conf, correct = np.asarray(conf, np.float64), np.asarray(correct, np.float64)
+    key = _digest(conf, correct)
+    with _SMOOTH_ECE_LOCK:
+        if key in _SMOOTH_ECE_MEMO:
+            _SMOOTH_ECE_MEMO.move_to_end(key)
+            return _SMOOTH_ECE_MEMO[key]
+    value, sigma = relplot.smECE(conf, correct, return_width=True)
+    answer = float(value), float(sigma)
+    with _SMOOTH_ECE_LOCK:
+        _SMOOTH_ECE_MEMO[key] = answer
+        while len(_SMOOTH_ECE_MEMO) > _SMOOTH_ECE_MEMO_SIZE:
+            _SMOOTH_ECE_MEMO.popitem(last=False)
+    return answer
 
 
 def _signs(profile: np.ndarray) -> np.ndarray:

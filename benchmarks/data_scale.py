@@ -377,10 +377,15 @@ def suite_alone(repo: Path, run_dir: str, repeats: int) -> dict:
 
 
 def render(
-    inputs: dict[int, dict], runs: dict[int, list[dict]], workers: int, side: int, suite: dict | None = None
+    inputs: dict[int, dict],
+    runs: dict[int, list[dict]],
+    workers: int,
+    side: int,
+    suite: dict | None = None,
+    source: str = "CIFAR-10 training JPEGs",
 ) -> str:
     lines = [
-        f"Photos: CIFAR-10 training JPEGs upscaled to {side}x{side}. Input path: one pass in a seeded random "
+        f"Photos: {source} upscaled to {side}x{side}. Input path: one pass in a seeded random "
         f"order, batches of {BATCH}, {workers} DataLoader worker(s), median of the interleaved repeats; "
         f"peak memory: PSS summed over the process tree.",
         "",
@@ -499,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
         repo = work / f"project-{side}-{n}"
         suite = {"n": n, **suite_alone(repo, streamed["run_dir"], repeats)}
         print(f"the suite alone: {suite['speedup']:.2f}x", file=sys.stderr, flush=True)
-    text = render(inputs, runs, workers, side, suite)
+    text = render(inputs, runs, workers, side, suite, "digits" if args.smoke else "CIFAR-10 training JPEGs")
     print(text)
     data = {"inputs": inputs, "runs": runs, "workers": workers, "side": side, "suite_alone": suite}
     _common.publish("data_scale", "Data scale: the input path at photo size", text, args, out, argv, data)

@@ -216,6 +216,42 @@ def test_smooth_ece_of_arrays_seen_just_before_is_relplots_answer_without_a_seco
     assert len(calls) == 4
 
 
+def test_smooth_ece_memo_is_keyed_by_relplots_settings_and_the_arrays_shape(monkeypatch):
+    import relplot
+
+    monkeypatch.setattr(gs, "_SMOOTH_ECE_MEMO", type(gs._SMOOTH_ECE_MEMO)())
+    conf, correct = spread_binary(400, 0.05, np.random.default_rng(12))
+    default = gs.smooth_ece(conf, correct)
+    monkeypatch.setattr(relplot.config, "use_logit_scaling", True)
+    assert gs.smooth_ece(conf, correct) == tuple(
+        float(x) for x in relplot.smECE(conf, correct.astype(float), return_width=True)
+    )
+    assert gs.smooth_ece(conf, correct) != default
+    monkeypatch.setattr(relplot.config, "use_logit_scaling", False)
+    assert gs.smooth_ece(conf, correct) == default
+    with pytest.raises(ValueError):  # what relplot says of a column, not the row's memo
+        gs.smooth_ece(conf[:, None], correct)
+
+
+def test_a_kernel_computes_each_arrays_mass_once_and_never_anothers():
+    """SmoothKernel.mass is a convolution over the whole grid that the champion comparison asks of
+    the same confidences once per block: kept per array, and each array its own."""
+    rng = np.random.default_rng(13)
+    a, b = rng.uniform(0.3, 1.0, 300), rng.uniform(0.3, 1.0, 300)
+    nudged = a.copy()
+    nudged[0] = np.nextafter(nudged[0], 1.0)
+    kernel = gs.SmoothKernel(0.05)
+    for conf in (a, b, a, nudged, a.astype(np.float32), a[:200], a):
+        assert kernel.mass(conf) == gs.SmoothKernel(0.05).mass(conf)
+    assert len(kernel._masses) == 5  # a, b, nudged, float32, the slice: each computed once
+
+    # a champion that is partly a fresh model: its weights use its own mass, as a fresh profile's do
+    correct_a, correct_b = rng.random(300) < a, rng.random(300) < b
+    shared = gs.calibration_error_increase_upper_bound(a, correct_a, b, correct_b, kernel, 0.95, seed=3)
+    fresh = gs.calibration_error_increase_upper_bound(a, correct_a, b, correct_b, gs.SmoothKernel(0.05), 0.95, seed=3)
+    assert shared == fresh
+
+
 @pytest.mark.parametrize("profile", [gs.EqualWidthBins(15), gs.SmoothKernel(0.05)], ids=["bins", "smooth"])
 def test_weights_reproduce_the_estimate(profile):
     conf, correct = spread_binary(1500, 0.04, np.random.default_rng(6))

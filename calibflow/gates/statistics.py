@@ -312,20 +312,24 @@ class SmoothKernel(ResidualProfile):
         return v[bins] * (1 - frac_c) + v[bins + 1] * frac_c
 
 
-def _digest(*arrays: np.ndarray) -> bytes:
-    """A key for float64 arrays' exact values, lengths included: equal keys, the same numbers."""
+def _digest(*parts: np.ndarray | object) -> bytes:
+    """A key for arrays' exact values, dtypes and shapes (and any other parts, by repr): equal
+    keys, the same numbers in the same layout."""
     digest = hashlib.blake2b(digest_size=32)
-    for array in arrays:
-        values = np.ascontiguousarray(array, np.float64)
-        digest.update(f"{values.size};".encode())
-        digest.update(values.tobytes())
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            values = np.ascontiguousarray(part)
+            digest.update(f"{values.dtype.str}{values.shape};".encode())
+            digest.update(memoryview(values).cast("B"))
+        else:
+            digest.update(f"{part!r};".encode())
     return digest.digest()
 
 
 # relplot's bandwidth search costs milliseconds a call, and one gate evaluation asks for the same
 # arrays' smooth ECE up to three times (the absolute gate, then the candidate and, for an identical
 # retrain, the champion at the shared bandwidth): the gate-power simulation does that hundreds of
-# times. Keyed by a digest of the arrays' bytes and lengths, so a hit is the same answer.
+# times. Keyed by a digest of the arrays and relplot's settings, so a hit is the same answer.
 _SMOOTH_ECE_MEMO: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
 _SMOOTH_ECE_MEMO_SIZE = 4
 _SMOOTH_ECE_LOCK = threading.Lock()
@@ -336,7 +340,8 @@ def smooth_ece(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
     import relplot
 
     conf, correct = np.asarray(conf, np.float64), np.asarray(correct, np.float64)
-    key = _digest(conf, correct)
+    # relplot reads its mesh and scaling from its module config on every call
+    key = _digest(conf, correct, relplot.config.smECE_mesh_pts, relplot.config.use_logit_scaling)
     with _SMOOTH_ECE_LOCK:
         if key in _SMOOTH_ECE_MEMO:
             _SMOOTH_ECE_MEMO.move_to_end(key)

@@ -36,8 +36,8 @@ os.environ.setdefault("PREFECT_HOME", str(REPO / ".calibflow" / "prefect-home-te
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # One content-keyed cache for every checkout the tests make (calibflow.disk_cache): each test's
-# fresh copy of the tiny repository would otherwise simulate the same gate power again (about a
-# minute a run on two cores). Tests of the cache itself pass their own folders.
+# fresh copy of the tiny repository would otherwise simulate the same gate power again (about half
+# a minute a run on two cores). Tests of the cache itself pass their own folders.
 if "CALIBFLOW_CACHE_DIR" not in os.environ:
     os.environ["CALIBFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="calibflow-test-cache-")
     atexit.register(shutil.rmtree, os.environ["CALIBFLOW_CACHE_DIR"], ignore_errors=True)

@@ -1,6 +1,7 @@
 import io
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -579,3 +580,26 @@ def test_a_long_inference_pass_gives_freed_memory_back_and_a_short_one_does_not(
     assert trims == [] and torch.equal(short_pass, long_pass[:6])
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert loop._malloc_trim() is not None  # the real trim ran above
+
+
+def test_the_tracked_training_curves_hold_results_only_so_a_rerun_writes_them_again_byte_for_byte(tmp_path):
+    """reports/plots/train.csv and val.csv are committed with the change that produced them: a
+    rerun of the same training, which differs only in how fast it went, must leave git clean."""
+    from calibflow.pipeline.model_steps import write_training_curves
+    from calibflow.training.loop import EpochStats
+
+    def history(speed: float) -> list[EpochStats]:
+        return [
+            EpochStats(1, 2.25, None, 0.01, speed),
+            EpochStats(2, 1.5, 0.75, 0.05, speed * 1.1, val_nll=0.9, val_ece=0.08),
+        ]
+
+    written = []
+    for run, speed in (("first", 3900.7), ("rerun", 4648.5)):
+        (tmp_path / run).mkdir()
+        train, val = write_training_curves(history(speed), tmp_path / run)
+        written.append((Path(train).read_bytes(), Path(val).read_bytes()))
+    assert written[0] == written[1]
+    train_csv, val_csv = (text.decode().splitlines() for text in written[0])
+    assert train_csv == ["epoch,loss,learning_rate", "1,2.25,0.01", "2,1.5,0.05"]
+    assert val_csv == ["epoch,accuracy,nll,ece", "2,0.75,0.9,0.08"]
